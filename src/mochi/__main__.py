@@ -1,0 +1,3 @@
+from mochi.cli import main
+
+raise SystemExit(main())

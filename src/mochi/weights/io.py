@@ -1,0 +1,135 @@
+"""Reading and writing tensor files, and strict loading into modules built on the meta device.
+
+Only safetensors is read directly; ``.pt``/``.bin``/``.pth`` go through ``torch.load(weights_only=True)``,
+which never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mochi.files import atomic_path
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not fit the model: names the keys, the shapes and the detected format."""
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """The files a checkpoint path stands for: one file, an index's shards, or a folder's shards."""
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            return _shard_files(indexes[0])
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise WeightsError(f"no .safetensors files in folder {str(path)!r}")
+        return files
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        names = sorted(set(index["weight_map"].values()))
+        return [path.parent / n for n in names]
+    return [path]
+
+
+def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: safetensors file, sharded index, folder, or weights-only torch file.
+
+    Tensors keep the dtype they were stored in (fp8 included).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix in TORCH_SUFFIXES:
+        sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise WeightsError(f"{str(path)!r} does not hold a flat mapping of tensor names to tensors")
+        return dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    for file in _shard_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (the first shard's, for a sharded checkpoint)."""
+    path = Path(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return {}
+    with safe_open(_shard_files(path)[0], framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_keys(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key → (dtype name, shape) without reading tensor data (safetensors only)."""
+    out = {}
+    for file in _shard_files(Path(path)):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                sl = f.get_slice(key)
+                out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+    return out
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (temporary file, then rename). Tensors are made contiguous."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def _listing(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor], fmt: str
+) -> None:
+    """Raise WeightsError unless ``state_dict`` has exactly the expected keys and shapes."""
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:8]))
+    if problems:
+        raise WeightsError(
+            f"checkpoint (detected format: {fmt}) does not fit the model: " + " | ".join(problems)
+        )
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], fmt: str) -> torch.nn.Module:
+    """Load ``state_dict`` into ``module`` (typically built on the meta device) without a second copy.
+
+    Every key must be present with the right shape. Tensors are assigned, not copied, so they keep their
+    stored dtype; callers cast afterwards where they need to.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    check_state_dict(expected, state_dict, fmt)
+    module.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return module

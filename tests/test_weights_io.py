@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from mochi.weights.io import (
+    WeightsError,
+    load_strict,
+    read_keys,
+    read_metadata,
+    read_state_dict,
+    save_state_dict,
+)
+
+
+def _model():
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    sd = {k: v.clone() for k, v in _model().state_dict().items()}
+    save_state_dict(sd, tmp_path / "m.safetensors", metadata={"config": "{}"})
+    back = read_state_dict(tmp_path / "m.safetensors")
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert read_metadata(tmp_path / "m.safetensors") == {"config": "{}"}
+    assert read_keys(tmp_path / "m.safetensors")["0.weight"] == ("F32", (4, 3))
+
+
+def test_sharded_index(tmp_path):
+    import json
+
+    sd = _model().state_dict()
+    keys = sorted(sd)
+    save_state_dict({k: sd[k] for k in keys[:2]}, tmp_path / "a-00001.safetensors")
+    save_state_dict({k: sd[k] for k in keys[2:]}, tmp_path / "a-00002.safetensors")
+    wm = {k: "a-00001.safetensors" if k in keys[:2] else "a-00002.safetensors" for k in keys}
+    (tmp_path / "a.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    assert read_state_dict(tmp_path).keys() == sd.keys()
+    assert read_state_dict(tmp_path / "a.safetensors.index.json").keys() == sd.keys()
+
+
+def test_torch_files_are_weights_only(tmp_path):
+    sd = _model().state_dict()
+    torch.save(sd, tmp_path / "m.pt")
+    assert read_state_dict(tmp_path / "m.pt").keys() == sd.keys()
+    torch.save({"sd": sd, "fn": print}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        read_state_dict(tmp_path / "evil.pt")
+
+
+def test_load_strict_assigns_without_copy():
+    src = _model().state_dict()
+    with torch.device("meta"):
+        m = _model()
+    load_strict(m, src, fmt="test")
+    assert m[0].weight.data_ptr() == src["0.weight"].data_ptr()
+
+
+def test_load_strict_names_every_problem():
+    sd = dict(_model().state_dict())
+    sd.pop("1.bias")
+    sd["extra"] = torch.zeros(1)
+    sd["0.weight"] = torch.zeros(5, 3)
+    with torch.device("meta"):
+        m = _model()
+    with pytest.raises(WeightsError) as e:
+        load_strict(m, sd, fmt="genmo")
+    msg = str(e.value)
+    assert "detected format: genmo" in msg
+    assert "1 missing: 1.bias" in msg
+    assert "1 unexpected: extra" in msg
+    assert "0.weight: checkpoint (5, 3) vs model (4, 3)" in msg
+
+
+def test_missing_checkpoint():
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_state_dict("/nonexistent/x.safetensors")
