@@ -1,0 +1,123 @@
+"""What a user asks for: one generation request, validated at the boundary.
+
+Every rule is checked here, before any model is loaded, and a broken rule is a ``ValueError`` that names the
+value, the rule and the nearest valid choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass, field
+
+# The VAE compresses time 6× causally and space 8×; the DiT patchifies 2×2 latents, hence 16 pixels.
+TEMPORAL_COMPRESSION = 6
+SPATIAL_MULTIPLE = 16
+MAX_SEED = 2**63 - 1
+
+
+def nearest_frame_counts(frames: int) -> tuple[int, int]:
+    """The valid frame counts (6k+1) just below and just above ``frames``."""
+    k = max(0, (frames - 1) // TEMPORAL_COMPRESSION)
+    return TEMPORAL_COMPRESSION * k + 1, TEMPORAL_COMPRESSION * (k + 1) + 1
+
+
+def check_frames(frames: int, name: str = "frames") -> int:
+    """Return the latent frame count for ``frames`` pixel frames, which must be 6k+1."""
+    if frames < 1 or (frames - 1) % TEMPORAL_COMPRESSION:
+        lo, hi = nearest_frame_counts(frames)
+        nearest = f"{lo} or {hi}" if frames >= 1 else f"{lo}"
+        raise ValueError(
+            f"{name}={frames} is not of the form 6k+1 (the VAE's causal 6× time compression); "
+            f"nearest valid: {nearest}"
+        )
+    return (frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def check_multiple(value: int, multiple: int, name: str) -> int:
+    """``value`` must be a positive multiple of ``multiple``; the error names the two nearest that are."""
+    if value < multiple or value % multiple:
+        lo = max(multiple, value // multiple * multiple)
+        nearest = f"{lo}" if value < multiple else f"{lo} or {lo + multiple}"
+        raise ValueError(
+            f"{name}={value} must be a positive multiple of {multiple}; nearest valid: {nearest}"
+        )
+    return value
+
+
+@dataclass
+class GenerationRequest:
+    """One call of the pipeline. ``None`` for frames/size/steps/guidance means the model's own default.
+
+    ``guidance`` is a scalar or one value per step (classifier-free guidance; 1.0 skips the unconditional
+    pass). ``sigmas``, when given, replaces the linear-quadratic schedule and must fall from 1.0 (or below,
+    for video-to-video) to 0.0. ``seed=None`` draws a fresh seed; the one used is reported back.
+    """
+
+    prompt: str | list[str]
+    negative_prompt: str = ""
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | list[float] | None = None
+    seed: int | None = None
+    threshold_noise: float = 0.025
+    linear_steps: int | None = None
+    sigmas: list[float] | None = None
+    init_video: str | None = None
+    strength: float = 0.7
+    batch_cfg: bool = True
+    loras: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def resolved(self, defaults: dict) -> GenerationRequest:
+        """A copy with every ``None`` default filled from ``defaults`` and a seed drawn, then validated."""
+        values = {k: defaults[k] for k in ("frames", "height", "width", "steps", "guidance")}
+        values = {k: v for k, v in values.items() if getattr(self, k) is None}
+        if self.seed is None:
+            values["seed"] = secrets.randbelow(2**32)
+        out = dataclasses.replace(self, **values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        prompts = self.prompts
+        if not prompts:
+            raise ValueError("prompt list is empty; give at least one prompt")
+        for p in [*prompts, self.negative_prompt]:
+            if not isinstance(p, str):
+                raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+        if self.frames is not None:
+            check_frames(self.frames)
+        if self.height is not None:
+            check_multiple(self.height, SPATIAL_MULTIPLE, "height")
+        if self.width is not None:
+            check_multiple(self.width, SPATIAL_MULTIPLE, "width")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be at least 1; nearest valid: 1")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**63-1]")
+        if not 0.0 < self.threshold_noise < 1.0:
+            raise ValueError(
+                f"threshold_noise={self.threshold_noise} must be in (0, 1); the default is 0.025"
+            )
+        guidance = self.guidance if isinstance(self.guidance, list) else [self.guidance]
+        for g in guidance:
+            if g is not None and (not math.isfinite(g) or g < 0):
+                raise ValueError(f"guidance={g} must be a finite number ≥ 0 (1.0 disables guidance)")
+        if isinstance(self.guidance, list) and self.steps is not None and len(self.guidance) != self.steps:
+            raise ValueError(
+                f"a per-step guidance list has {len(self.guidance)} values for steps={self.steps}; "
+                "give one value per step"
+            )
+        if not 0.0 < self.strength <= 1.0:
+            nearest = min(max(self.strength, 0.01), 1.0)
+            raise ValueError(f"strength={self.strength} must be in (0, 1]; nearest valid: {nearest}")
+        for path, scale in self.loras:
+            if not math.isfinite(scale):
+                raise ValueError(f"LoRA scale {scale} for {path!r} must be finite")

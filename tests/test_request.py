@@ -1,0 +1,64 @@
+import pytest
+
+from mochi.request import GenerationRequest, check_frames, check_multiple, nearest_frame_counts
+
+DEFAULTS = {"frames": 25, "height": 64, "width": 64, "steps": 8, "guidance": 4.0}
+
+
+@pytest.mark.parametrize(("frames", "latents"), [(1, 1), (7, 2), (25, 5), (163, 28)])
+def test_valid_frame_counts(frames, latents):
+    assert check_frames(frames) == latents
+
+
+@pytest.mark.parametrize(("frames", "nearest"), [(30, "25 or 31"), (26, "25 or 31"), (2, "1 or 7"), (0, "1")])
+def test_invalid_frame_counts_name_the_nearest(frames, nearest):
+    with pytest.raises(
+        ValueError, match=rf"frames={frames} is not of the form 6k\+1.*nearest valid: {nearest}$"
+    ):
+        check_frames(frames)
+
+
+def test_nearest_frame_counts():
+    assert nearest_frame_counts(162) == (157, 163)
+
+
+@pytest.mark.parametrize(
+    ("value", "nearest"), [(100, "96 or 112"), (8, "16"), (0, "16"), (481, "480 or 496")]
+)
+def test_multiple_of_16(value, nearest):
+    with pytest.raises(
+        ValueError, match=rf"height={value} must be a positive multiple of 16; nearest valid: {nearest}"
+    ):
+        check_multiple(value, 16, "height")
+    assert check_multiple(480, 16, "height") == 480
+
+
+def test_resolved_fills_defaults_and_draws_a_seed():
+    r = GenerationRequest("a red circle moving right", steps=4).resolved(DEFAULTS)
+    assert (r.frames, r.height, r.width, r.steps, r.guidance) == (25, 64, 64, 4, 4.0)
+    assert isinstance(r.seed, int) and 0 <= r.seed < 2**32
+    assert GenerationRequest("x", seed=7).resolved(DEFAULTS).seed == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": []}, "prompt list is empty"),
+        ({"steps": 0}, r"steps=0 must be at least 1"),
+        ({"seed": -1}, r"seed=-1 must be in"),
+        ({"guidance": -2.0}, r"guidance=-2.0 must be a finite number"),
+        ({"guidance": [1.0, 2.0], "steps": 3}, "has 2 values for steps=3"),
+        ({"strength": 1.5}, r"strength=1.5 must be in \(0, 1\]; nearest valid: 1.0"),
+        ({"width": 850}, r"width=850 must be a positive multiple of 16; nearest valid: 848 or 864"),
+        ({"threshold_noise": 0.0}, r"threshold_noise=0.0 must be in \(0, 1\)"),
+    ],
+)
+def test_bad_requests(kwargs, message):
+    kwargs = {"prompt": "p", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**kwargs).resolved(DEFAULTS)
+
+
+def test_prompts_list():
+    assert GenerationRequest(["a", "b"]).prompts == ["a", "b"]
+    assert GenerationRequest("a").prompts == ["a"]
