@@ -1,0 +1,67 @@
+"""Device and dtype choices, and the memory available for a stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """``None`` or "auto" → the first CUDA device if there is one, else the CPU."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA; use --device cpu")
+    return device
+
+
+def default_dit_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (what the reference computes in); fp32 on the CPU, where bf16 buys little."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device`` right now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def placed(module: torch.nn.Module, device: torch.device, offload: bool) -> Iterator[torch.nn.Module]:
+    """Run a stage with ``module`` on ``device``; with ``offload``, send it back to the CPU afterwards."""
+    if not offload:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
