@@ -134,3 +134,8 @@ def test_errors():
         sample(ConstantModel(), z, [0.5, 1.0], text(1.0), guidance=1.0)
     with pytest.raises(ValueError, match="noise shape"):
         noise_to(z, 0.5, torch.zeros(1))
+
+
+@pytest.mark.gpu
+def test_same_seed_same_noise_on_cuda():
+    assert torch.equal(initial_noise(SHAPE, seed=5, device="cuda").cpu(), initial_noise(SHAPE, seed=5))

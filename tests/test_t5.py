@@ -210,3 +210,14 @@ def test_errors(hf_model, tmp_path):
         load_t5(tmp_path / "bad.safetensors", dtype=torch.float64)
     with pytest.raises(ValueError, match="feed_forward_proj='relu'"):
         T5Config.from_hf({"feed_forward_proj": "relu"})
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(hf_folder, hf_model):
+    ids, mask = inputs(length=256)
+    want = reference(hf_model, ids, mask)
+    with torch.no_grad():
+        fp32 = load_t5(hf_folder, device="cuda")(ids.cuda(), mask.cuda()).cpu()
+        bf16 = load_t5(hf_folder, dtype=torch.bfloat16, device="cuda")(ids.cuda(), mask.cuda()).float().cpu()
+    torch.testing.assert_close(fp32, want, rtol=0, atol=1e-4)
+    assert (bf16 - want).norm() / want.norm() < 2e-2

@@ -59,7 +59,7 @@ class T5Config:
 T5_PRESETS: dict[str, T5Config] = {
     # google/t5-v1_1-xxl, the encoder Genmo uses: 4.76 B parameters.
     "t5-v1_1-xxl": T5Config(),
-    # A test size: every code path (bucketing beyond max_exact, several heads, d_kv != d_model / heads).
+    # A test size with the byte tokenizer's 259-token vocabulary; d_kv · heads = d_model as in XXL.
     "t5-tiny": T5Config(vocab_size=259, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2),
 }
 

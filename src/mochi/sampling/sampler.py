@@ -80,6 +80,7 @@ def _batch_text(
     )
 
 
+@torch.no_grad()
 def sample(
     model: Denoiser,
     z: torch.Tensor,
