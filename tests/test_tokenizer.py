@@ -160,3 +160,78 @@ def test_encode_prompts_zeroes_empty_prompts():
 
     half = T5Encoder(T5_PRESETS["t5-tiny"]).to(torch.bfloat16)
     assert encode_prompts(["x"], tok, half, max_length=16)[0].dtype == torch.float32
+
+
+def _without_dummy_prefix(proto: bytes) -> bytes:
+    """The model proto with normalizer_spec.add_dummy_prefix = False, as HF's legacy=False loads it.
+
+    Protobuf wire format by hand (no protobuf package needed): field 3 of ModelProto is normalizer_spec, and
+    appending field 3 (varint 0) to it overrides add_dummy_prefix, since the last value read wins.
+    """
+
+    def varint(data, i):
+        shift = value = 0
+        while True:
+            byte = data[i]
+            value |= (byte & 0x7F) << shift
+            i += 1
+            if byte < 0x80:
+                return value, i
+            shift += 7
+
+    def encode_varint(value):
+        out = bytearray()
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                return bytes(out)
+
+    out, i = bytearray(), 0
+    while i < len(proto):
+        start = i
+        tag, i = varint(proto, i)
+        wire = tag & 7
+        if wire == 0:
+            _, i = varint(proto, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            length, j = varint(proto, i)
+            i = j + length
+            if tag >> 3 == 3:
+                body = proto[j:i] + b"\x18\x00"
+                out += encode_varint(tag) + encode_varint(len(body)) + body
+                continue
+        out += proto[start:i]
+    return bytes(out)
+
+
+def test_sentencepiece_matches_hf_legacy_false_algorithm(spiece):
+    """HF's T5Tokenizer(legacy=False): '▁' + text, encoded as '<unk>' + that on a model without the dummy
+    prefix, the '<unk>' pieces dropped (transformers' SentencePieceBackend._tokenize)."""
+    import sentencepiece
+
+    nodummy = sentencepiece.SentencePieceProcessor()
+    nodummy.LoadFromSerializedProto(_without_dummy_prefix((spiece / "spiece.model").read_bytes()))
+    assert nodummy.encode("A cat") != SentencePieceTokenizer(spiece / "spiece.model").sp.encode("A cat")
+
+    def hf_legacy_false(text):
+        text = "▁" + text.replace("▁", " ")
+        return nodummy.encode("<unk>" + text)[len(nodummy.encode("<unk>")) :]
+
+    tok = SentencePieceTokenizer(spiece / "spiece.model")
+    for text in [
+        *TEXTS,
+        " A cat",
+        "  two  spaces  ",
+        "▁lead",
+        "a▁b",
+        "trailing ",
+        "\tTab\nnewline",
+        "!?",
+        "x",
+    ]:
+        assert tok.encode(text) == hf_legacy_false(text), text
