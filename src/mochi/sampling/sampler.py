@@ -1,0 +1,134 @@
+"""The rectified-flow Euler sampler with classifier-free guidance (genmo-mochi.md §3.2–3.4).
+
+The denoiser is any callable ``model(x, sigma, text, text_mask) -> v``:
+x (B, C, T, H, W), sigma (B,) float32, text (B, L, D), text_mask (B, L) bool → v (B, C, T, H, W), where
+v estimates x0 − ε (Genmo's sign). The sampler knows nothing of the DiT: timestep scaling, autocast and
+attention are the model's business. Latents stay float32 throughout, as in Genmo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mochi.sampling.schedules import validate_sigmas
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ProgressCallback = Callable[[int, int, float], None]
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance in fp32: uncond + scale·(cond − uncond) (genmo-mochi.md §3.3)."""
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + scale * (cond - uncond)
+
+
+def euler_step(z: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step from σ to σ_next < σ: z + (σ − σ_next)·v, with v = x0 − ε."""
+    return z + (sigma - sigma_next) * v
+
+
+def initial_noise(
+    shape: Sequence[int], seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn from a CPU generator seeded with ``seed``, then moved.
+
+    Drawing on the CPU makes one seed give one video on every device (CUDA's Philox stream differs from the
+    CPU's, so this does not reproduce Genmo's CUDA-seeded noise bit for bit; genmo-mochi.md §3.4).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def noise_to(z0: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """The latent at noise level σ on the straight path from ``z0`` to ``noise``: (1 − σ)·z0 + σ·noise."""
+    if not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"sigma must lie in [0, 1], got {sigma}")
+    if noise.shape != z0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(z0.shape)}")
+    return (1.0 - sigma) * z0.float() + sigma * noise.float()
+
+
+def guidance_schedule(guidance: float | Sequence[float], num_steps: int) -> list[float]:
+    """A guidance scale per step from a constant or a list of ``num_steps`` values."""
+    if isinstance(guidance, int | float):
+        return [float(guidance)] * num_steps
+    values = [float(g) for g in guidance]
+    if len(values) != num_steps:
+        raise ValueError(
+            f"guidance schedule has {len(values)} values but the sigma schedule has {num_steps} steps; "
+            f"give one value per step or a single number"
+        )
+    return values
+
+
+def _batch_text(
+    text: torch.Tensor, mask: torch.Tensor, batch: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if text.ndim != 3 or mask.shape != text.shape[:2]:
+        raise ValueError(
+            f"{name} must be features (B, L, D) and mask (B, L), got {tuple(text.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    if text.shape[0] == batch:
+        return text, mask.bool()
+    if text.shape[0] == 1:
+        return text.expand(batch, -1, -1), mask.bool().expand(batch, -1)
+    raise ValueError(
+        f"{name} has batch {text.shape[0]} but the latents have batch {batch}; give {batch} or 1"
+    )
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    z: torch.Tensor,
+    sigmas: Sequence[float],
+    text: tuple[torch.Tensor, torch.Tensor],
+    null_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    guidance: float | Sequence[float] = 6.0,
+    batch_cfg: bool = True,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Integrate z from ``sigmas[0]`` to ``sigmas[-1]``; returns the final latent (B, C, T, H, W) float32.
+
+    z: the starting latent at ``sigmas[0]`` (``initial_noise`` for text-to-video; ``noise_to(z0, σ0, noise)``
+    with a ``truncate_schedule`` for video-to-video). text, null_text: (features (B or 1, L, D), mask (B or 1,
+    L)) for the prompt and the negative prompt. guidance: one scale, or one per step; at a step whose scale
+    is 1.0 the unconditional pass is skipped. batch_cfg: cond and uncond in one forward of batch 2B, ordered
+    [cond, uncond] as Genmo's batched mode; False runs two forwards (cond, then uncond) as Genmo's CLI.
+    callback(step, total, sigma) runs after each step with the count of steps done and the σ reached.
+    """
+    sigmas = validate_sigmas(sigmas)
+    steps = len(sigmas) - 1
+    scales = guidance_schedule(guidance, steps)
+    batch = z.shape[0]
+    cond = _batch_text(*text, batch, "text")
+    if null_text is None:
+        if any(s != 1.0 for s in scales):
+            raise ValueError(
+                "guidance other than 1.0 needs null_text (the negative prompt's features and mask)"
+            )
+        uncond = None
+    else:
+        uncond = _batch_text(*null_text, batch, "null_text")
+    if uncond is not None and batch_cfg:
+        both = (torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
+
+    z = z.float()
+    for i in range(steps):
+        sigma = sigmas[i]
+        sigma_batch = torch.full((batch,), sigma, dtype=torch.float32, device=z.device)
+        if uncond is None or scales[i] == 1.0:
+            v = model(z, sigma_batch, *cond).float()
+        elif batch_cfg:
+            out = model(torch.cat([z, z]), torch.cat([sigma_batch, sigma_batch]), *both)
+            v = apply_guidance(out[:batch], out[batch:], scales[i])
+        else:
+            v = apply_guidance(model(z, sigma_batch, *cond), model(z, sigma_batch, *uncond), scales[i])
+        z = euler_step(z, v, sigma, sigmas[i + 1])
+        if callback is not None:
+            callback(i + 1, steps, sigmas[i + 1])
+    return z

@@ -1,0 +1,115 @@
+"""Reading and writing video files through PyAV, which brings its own FFmpeg (no system ffmpeg needed).
+
+Written files are H.264 in yuv420p, playable everywhere, and appear atomically: a temporary file beside the
+target is renamed onto it only once complete, so an interrupted run leaves no partial video.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mochi.files import atomic_path
+
+CONTAINERS = (".mp4", ".mov", ".mkv")
+
+
+class VideoError(ValueError):
+    """A video file cannot be read, or frames cannot be written as asked."""
+
+
+def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Frames (T, H, W, 3) → uint8 array (T, H, W, 3), contiguous.
+
+    uint8 input is returned unchanged. Float input is mapped from ``value_range`` ((0, 1) for pipeline
+    frames, (−1, 1) for raw VAE output) to [0, 255], clipped, and *rounded* to nearest (ties to even), not
+    truncated: truncation darkens every pixel by half a level on average.
+    """
+    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise VideoError(f"frames must have shape (T, H, W, 3), got {tuple(array.shape)}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise VideoError(f"frames must be uint8 or floating point, got {array.dtype}")
+    low, high = value_range
+    if not high > low:
+        raise VideoError(f"value_range must be (low, high) with high > low, got {value_range}")
+    scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def write_video(
+    frames: torch.Tensor | np.ndarray,
+    path: str | os.PathLike,
+    fps: float = 30,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    crf: int = 18,
+) -> Path:
+    """Write frames (T, H, W, 3) as H.264/yuv420p at ``fps`` (Genmo writes 30). Returns the path written.
+
+    frames: uint8, or float in ``value_range`` (see ``to_uint8``). H and W must be even (yuv420p halves the
+    colour planes). crf: x264 constant rate factor, 0 = lossless luma … 51; 18 is visually near-lossless.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in CONTAINERS:
+        raise VideoError(f"video path {str(path)!r} must end in one of {', '.join(CONTAINERS)} (e.g. .mp4)")
+    if not fps > 0:
+        raise VideoError(f"fps must be positive, got {fps}; Mochi's videos are 30 fps")
+    if not 0 <= crf <= 51:
+        raise VideoError(f"crf must be between 0 and 51, got {crf}; 18 is near-lossless, 23 x264's default")
+    pixels = to_uint8(frames, value_range)
+    t, h, w, _ = pixels.shape
+    if t == 0:
+        raise VideoError("cannot write a video with no frames")
+    if h % 2 or w % 2:
+        raise VideoError(
+            f"frame size {w}x{h} must be even in both dimensions for yuv420p; crop to {w - w % 2}x{h - h % 2}"
+        )
+    import av
+
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video's first stream to (frames uint8 (T, H, W, 3) RGB, fps); at most ``max_frames`` frames.
+
+    Raises VideoError for a missing, unreadable or empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"video file {str(path)!r} does not exist")
+    if max_frames is not None and max_frames < 1:
+        raise VideoError(f"max_frames must be at least 1 or None (all frames), got {max_frames}")
+    import av
+
+    images: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{str(path)!r} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            for frame in container.decode(stream):
+                images.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(images) >= max_frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise VideoError(f"cannot read video {str(path)!r}: {e}") from None
+    if not images:
+        raise VideoError(f"video {str(path)!r} has no frames")
+    return np.stack(images), float(rate) if rate else 0.0

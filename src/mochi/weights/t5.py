@@ -1,0 +1,199 @@
+"""Loading the T5 v1.1 encoder from the formats people actually have on disk.
+
+* A Hugging Face folder: ``config.json`` plus ``model.safetensors`` or sharded
+  ``model-0000N-of-0000M.safetensors`` with ``model.safetensors.index.json``
+  (``genmo/mochi-1-preview/text_encoder``), or ``pytorch_model.bin`` (``google/t5-v1_1-xxl``, a full
+  encoder-decoder checkpoint whose ``decoder.*``/``lm_head`` keys are ignored, as HF's ``T5EncoderModel``
+  ignores them). A diffusers pipeline root with a ``text_encoder/`` subfolder works too.
+* ComfyUI single files: ``t5xxl_fp16.safetensors`` (HF key names, no prefix) and
+  ``t5xxl_fp8_e4m3fn_scaled.safetensors`` (ecosystem.md §1.3): a ``scaled_fp8`` marker tensor, Linear weights
+  in float8_e4m3fn with a per-tensor ``<layer>.scale_weight``; newer ComfyUI writes ``<layer>.weight_scale``
+  and ``<layer>.comfy_quant`` instead. Weights are dequantized here, at load, to the requested dtype. Keys
+  under a prefix (``text_encoders.t5xxl.transformer.`` in all-in-one files) are found and stripped.
+
+Without a ``config.json`` the config is inferred from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from mochi.models.t5 import T5Config, T5Encoder
+from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict
+
+_ANCHOR = "encoder.final_layer_norm.weight"
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# Keys holding no encoder weights: decoder halves of full T5 checkpoints, ComfyUI's quantization markers.
+_IGNORED = re.compile(
+    r"^(decoder\..*|lm_head\.weight|scaled_fp8|.*\.comfy_quant|.*\.scale_input|.*\.input_scale)$"
+)
+_SUPPORTED_QUANT = {"float8_e4m3fn", "float8_e5m2"}
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder, preferring the unsuffixed (non-variant) checkpoint."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).exists():
+            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            return [folder / n for n in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return [folder / single]
+    indexes = sorted(folder.glob("*.index*.json"))
+    if len(indexes) == 1:
+        names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    raise WeightsError(
+        f"found no T5 weights in folder {str(folder)!r}: looked for model.safetensors(.index.json), "
+        f"pytorch_model.bin(.index.json), a single *.index*.json or a single *.safetensors file "
+        f"(found {', '.join(p.name for p in sorted(folder.iterdir())) or 'nothing'})"
+    )
+
+
+def _locate(path: Path) -> tuple[list[Path], dict | None]:
+    """Weight files and the HF config dict (None for single files) that ``path`` stands for."""
+    if not path.exists():
+        raise WeightsError(
+            f"T5 checkpoint {str(path)!r} does not exist; give a Hugging Face folder (config.json + "
+            "safetensors), a diffusers pipeline folder with text_encoder/, or a ComfyUI t5xxl .safetensors "
+            "file"
+        )
+    if path.is_dir():
+        if not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
+            path = path / "text_encoder"
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        return _folder_files(path), config
+    return [path], None
+
+
+def _keep_raw(key: str, value: torch.Tensor) -> bool:
+    return value.dtype in _FP8 or not value.is_floating_point() or key.endswith(_SCALE_SUFFIXES)
+
+
+def _find_prefix(keys: list[str]) -> str:
+    prefixes = sorted({k[: -len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR)})
+    prefixes = [p for p in prefixes if p == "" or p.endswith(".")]
+    if not prefixes:
+        raise WeightsError(f"checkpoint holds no T5 encoder: no key ends in {_ANCHOR!r} ({len(keys)} keys)")
+    if len(prefixes) > 1:
+        raise WeightsError(
+            f"checkpoint holds several T5 encoders (prefixes {prefixes}); pass a file with one"
+        )
+    return prefixes[0]
+
+
+def _check_quantization(metadata: dict[str, str]) -> None:
+    if "_quantization_metadata" not in metadata:
+        return
+    layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+    formats = {(conf.get("format") if isinstance(conf, dict) else conf) for conf in layers.values()}
+    unsupported = formats - _SUPPORTED_QUANT
+    if unsupported:
+        raise WeightsError(
+            f"T5 checkpoint uses quantization format(s) {sorted(unsupported)}; mochi reads "
+            f"{sorted(_SUPPORTED_QUANT)} (ComfyUI scaled fp8) or unquantized 16/32-bit files"
+        )
+
+
+def convert_t5_state_dict(
+    state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Any supported T5 layout → (our keys dequantized to ``dtype``, a name for the detected format)."""
+    prefix = _find_prefix(list(state_dict))
+    marker = state_dict.get(f"{prefix}scaled_fp8")
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    scaled = marker is not None or any(k.endswith(_SCALE_SUFFIXES) for k in sd)
+    fmt = "ComfyUI scaled fp8" if scaled else "16/32-bit"
+    if prefix:
+        fmt += f", keys under {prefix!r}"
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if _IGNORED.match(key) or key.endswith(_SCALE_SUFFIXES):
+            continue
+        layer = key.removesuffix(".weight")
+        scale = sd.get(f"{layer}.scale_weight", sd.get(f"{layer}.weight_scale"))
+        if scale is not None:
+            # Per-tensor (0-d) scale in practice; a per-output-row scale broadcasts the same way.
+            scale = (
+                scale.float().reshape(-1, *([1] * (value.dim() - 1))) if scale.numel() > 1 else scale.float()
+            )
+            value = value.float() * scale
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
+        out["shared.weight"] = out["encoder.embed_tokens.weight"]
+    out.pop("encoder.embed_tokens.weight", None)  # HF's tied alias of shared.weight
+    return out, fmt
+
+
+def infer_t5_config(state_dict: dict[str, torch.Tensor]) -> T5Config:
+    """Config from tensor shapes (our key names). ``relative_attention_max_distance`` cannot be seen: 128."""
+    if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in state_dict:
+        raise WeightsError(
+            "checkpoint is an original T5 (v1.0, ReLU feed-forward 'wi'); Mochi uses T5 v1.1 (gated GELU "
+            "'wi_0'/'wi_1'), e.g. google/t5-v1_1-xxl"
+        )
+    try:
+        vocab, d_model = state_dict["shared.weight"].shape
+        buckets, heads = state_dict[
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        ].shape
+        inner = state_dict["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        d_ff = state_dict["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
+    except KeyError as e:
+        raise WeightsError(f"cannot infer the T5 config: checkpoint lacks {e.args[0]!r}") from None
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        num_heads=heads,
+        d_ff=d_ff,
+        num_layers=max(layers) + 1,
+        relative_attention_num_buckets=buckets,
+    )
+
+
+def load_t5(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> T5Encoder:
+    """Build a ``T5Encoder`` and load it strictly from a HF folder or a ComfyUI single file (see module doc).
+
+    fp32 is Genmo's choice (genmo-mochi.md §4). In float16 the ``wo`` projections are kept in fp32, as HF
+    does, because T5 v1.1's feed-forward overflows float16. Returns the model in eval mode, gradients off.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"T5 dtype {dtype} is not supported; use torch.float32 (Genmo's choice) or torch.bfloat16"
+        )
+    files, hf_config = _locate(Path(path))
+    raw: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            _check_quantization(read_metadata(file))
+        part = read_state_dict(file)
+        # Cast shard by shard to bound peak memory; fp8 tensors and their scales wait for dequantization.
+        raw.update({k: v if _keep_raw(k, v) else v.to(dtype) for k, v in part.items()})
+        del part
+    sd, fmt = convert_t5_state_dict(raw, dtype)
+    del raw
+    config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config(sd)
+    if dtype == torch.float16:
+        sd = {k: v.float() if k.endswith("DenseReluDense.wo.weight") else v for k, v in sd.items()}
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    source = "T5 folder" if Path(path).is_dir() else "T5 single file"
+    load_strict(model, sd, f"{source}, {fmt}")
+    return model.to(device).eval().requires_grad_(False)

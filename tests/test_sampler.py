@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from mochi.sampling.sampler import apply_guidance, euler_step, initial_noise, noise_to, sample
+from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
+
+SHAPE = (2, 3, 2, 4, 4)
+
+
+def text(value: float, batch: int = 2, length: int = 5, dim: int = 6):
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, :3] = True
+    return torch.full((batch, length, dim), value), mask
+
+
+class ConstantModel:
+    """v = the mean of the valid text features, broadcast; records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, feats, mask):
+        self.calls.append((x.shape[0], sigma.clone(), feats[:, 0, 0].clone()))
+        v = (feats * mask[..., None]).sum((1, 2)) / (mask.sum(1) * feats.shape[2])
+        return v.view(-1, 1, 1, 1, 1).expand_as(x).clone()
+
+
+def test_hand_computed_constant_velocity():
+    z0 = torch.randn(SHAPE)
+    model = ConstantModel()
+    # cond v = 2, uncond v = 1: guided v = 1 + 3·(2 − 1) = 4 at step 0; guidance 1.0 at step 1 gives v = 2.
+    out = sample(model, z0, [1.0, 0.75, 0.0], text(2.0), text(1.0), guidance=[3.0, 1.0])
+    torch.testing.assert_close(out, z0 + 0.25 * 4 + 0.75 * 2, rtol=0, atol=1e-6)
+    assert [c[0] for c in model.calls] == [4, 2]  # one batched forward, then the cond pass alone
+    assert model.calls[0][2].tolist() == [2.0, 2.0, 1.0, 1.0]  # [cond, uncond] order, as Genmo
+
+
+def test_sigma_argument_and_separate_passes():
+    model = ConstantModel()
+    sample(model, torch.zeros(SHAPE), [1.0, 0.5, 0.0], text(2.0), text(1.0), guidance=6.0, batch_cfg=False)
+    assert [c[0] for c in model.calls] == [2, 2, 2, 2]
+    assert [c[2].tolist() for c in model.calls] == [[2.0, 2.0], [1.0, 1.0]] * 2  # cond, then uncond
+    sigma = model.calls[2][1]
+    assert sigma.dtype == torch.float32 and sigma.tolist() == [0.5, 0.5]
+
+
+class ExactFlowModel:
+    """The exact velocity for data concentrated at one point x*: v = x* − ε = (x* − z)/σ."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, x, sigma, feats, mask):
+        return (self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1, 1) - x) / sigma.view(
+            -1, 1, 1, 1, 1
+        )
+
+
+def test_euler_on_straight_paths_lands_on_the_data():
+    target = torch.randn(SHAPE)
+    noise = initial_noise(SHAPE, seed=3)
+    for sigmas in (linear_quadratic_schedule(7), [1.0, 0.0], linear_quadratic_schedule(64)):
+        out = sample(ExactFlowModel(target), noise, sigmas, text(1.0), guidance=1.0)
+        torch.testing.assert_close(out, target, rtol=0, atol=1e-5)
+
+
+def test_video_to_video_start_sigma():
+    target, z0 = torch.randn(SHAPE), torch.randn(SHAPE)
+    noise = initial_noise(SHAPE, seed=0)
+    sigmas = truncate_schedule(linear_quadratic_schedule(16), 0.6)
+    start = noise_to(z0, sigmas[0], noise)
+    torch.testing.assert_close(start, 0.4 * z0 + 0.6 * noise)
+    steps = []
+    out = sample(
+        ExactFlowModel(target), start, sigmas, text(1.0), guidance=1.0, callback=lambda *a: steps.append(a)
+    )
+    torch.testing.assert_close(out, target, rtol=0, atol=1e-5)
+    assert steps[0] == (1, len(sigmas) - 1, sigmas[1]) and steps[-1] == (
+        len(sigmas) - 1,
+        len(sigmas) - 1,
+        0.0,
+    )
+
+
+class NonlinearModel:
+    def __call__(self, x, sigma, feats, mask):
+        t = (feats * mask[..., None]).sum((1, 2)).view(-1, 1, 1, 1, 1)
+        return torch.tanh(x * t) - sigma.view(-1, 1, 1, 1, 1) * x
+
+
+def test_batched_and_separate_cfg_agree():
+    z = initial_noise(SHAPE, seed=1)
+    cond = (torch.randn(2, 5, 6), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool))
+    null = (torch.zeros(1, 5, 6), torch.zeros(1, 5, dtype=torch.bool))  # batch 1 broadcasts
+    sigmas = linear_quadratic_schedule(6)
+    a = sample(NonlinearModel(), z, sigmas, cond, null, guidance=4.5, batch_cfg=True)
+    b = sample(NonlinearModel(), z, sigmas, cond, null, guidance=4.5, batch_cfg=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # Against a hand-written loop of the reference update.
+    ref = z.clone()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        sig = torch.full((2,), s)
+        c = NonlinearModel()(ref, sig, *cond)
+        u = NonlinearModel()(ref, sig, null[0].expand(2, -1, -1), null[1].expand(2, -1))
+        ref = ref + (s - s_next) * (u + 4.5 * (c - u))
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-6)
+
+
+def test_pure_functions():
+    c, u = torch.tensor([3.0]), torch.tensor([1.0])
+    assert apply_guidance(c, u, 6.0).item() == 13.0
+    assert apply_guidance(c.bfloat16(), u.bfloat16(), 1.5).dtype == torch.float32
+    assert euler_step(torch.tensor([1.0]), torch.tensor([2.0]), 0.75, 0.25).item() == 2.0
+
+
+def test_initial_noise_is_seeded_on_cpu():
+    a = initial_noise((1, 12, 2, 3, 4), seed=1710977262)
+    b = initial_noise((1, 12, 2, 3, 4), seed=1710977262, device="meta")
+    want = torch.randn((1, 12, 2, 3, 4), generator=torch.Generator().manual_seed(1710977262))
+    assert torch.equal(a, want) and a.dtype == torch.float32
+    assert b.device.type == "meta" and b.shape == a.shape
+    assert not torch.equal(a, initial_noise((1, 12, 2, 3, 4), seed=1))
+
+
+def test_errors():
+    z = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="guidance schedule has 3 values but the sigma schedule has 2 steps"):
+        sample(ConstantModel(), z, [1.0, 0.5, 0.0], text(1.0), text(0.0), guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="needs null_text"):
+        sample(ConstantModel(), z, [1.0, 0.0], text(1.0), guidance=6.0)
+    with pytest.raises(ValueError, match="text has batch 3 but the latents have batch 2"):
+        sample(ConstantModel(), z, [1.0, 0.0], text(1.0, batch=3), guidance=1.0)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(ConstantModel(), z, [0.5, 1.0], text(1.0), guidance=1.0)
+    with pytest.raises(ValueError, match="noise shape"):
+        noise_to(z, 0.5, torch.zeros(1))
+
+
+@pytest.mark.gpu
+def test_same_seed_same_noise_on_cuda():
+    assert torch.equal(initial_noise(SHAPE, seed=5, device="cuda").cpu(), initial_noise(SHAPE, seed=5))

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from mochi.video import VideoError, read_video, to_uint8, write_video
+
+
+def smooth_frames(t=13, h=48, w=64):
+    """Soft moving colour gradients in [0, 1]: easy for H.264, so the round trip should be close."""
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    frames = [
+        np.stack([0.3 + 0.4 * x, 0.3 + 0.4 * y, 0.5 + 0.2 * np.sin(2 * np.pi * (x + i / t))], -1)
+        for i in range(t)
+    ]
+    return np.stack(frames).astype(np.float32)
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / mse)
+
+
+def test_to_uint8_rounds_exactly():
+    values = np.array([0.4, 0.6, 0.9, 1.5, 2.5, 254.49, 254.5, 254.51, 300.0, -3.0])
+    frames = np.broadcast_to(values[:, None, None, None], (10, 2, 2, 3))
+    got = to_uint8(frames, value_range=(0.0, 255.0))[:, 0, 0, 0]
+    # Round to nearest, ties to even; clipped. Truncation would give 0 for 0.6 and 0.9.
+    assert got.tolist() == [0, 1, 1, 2, 2, 254, 254, 255, 255, 0]
+    unit = torch.tensor([0.0, 0.49 / 255, 0.7 / 255, 1.0, 128.4 / 255]).view(5, 1, 1, 1).expand(5, 2, 2, 3)
+    assert to_uint8(unit)[:, 0, 0, 0].tolist() == [0, 0, 1, 255, 128]
+    signed = torch.tensor([-1.0, 1.0, 0.0]).view(3, 1, 1, 1).expand(3, 2, 2, 3)
+    assert to_uint8(signed, value_range=(-1.0, 1.0))[:, 0, 0, 0].tolist() == [0, 255, 128]
+    raw = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
+    assert np.array_equal(to_uint8(raw), raw)
+
+
+def test_round_trip(tmp_path):
+    frames = smooth_frames()
+    path = write_video(torch.from_numpy(frames), tmp_path / "clip.mp4")
+    assert path == tmp_path / "clip.mp4"
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temporary file left behind
+    back, fps = read_video(path)
+    assert back.shape == (13, 48, 64, 3) and back.dtype == np.uint8
+    assert fps == 30.0
+    assert psnr(back, to_uint8(frames)) > 35.0
+
+    signed = write_video(frames * 2 - 1, tmp_path / "signed.mp4", fps=24, value_range=(-1.0, 1.0))
+    back, fps = read_video(signed, max_frames=5)
+    assert back.shape == (5, 48, 64, 3) and fps == 24.0
+    assert psnr(back, to_uint8(frames[:5])) > 35.0
+
+
+def test_stream_is_h264_yuv420p(tmp_path):
+    import av
+
+    write_video(np.zeros((7, 16, 32, 3), np.uint8), tmp_path / "a.mp4")
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert stream.frames == 7
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import av
+
+    calls = []
+    original = av.VideoFrame.from_ndarray
+
+    def flaky(array, format):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(array, format=format)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        write_video(smooth_frames(), tmp_path / "out.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_errors(tmp_path):
+    with pytest.raises(VideoError, match="must be even in both dimensions for yuv420p; crop to 62x48"):
+        write_video(np.zeros((2, 48, 63, 3), np.uint8), tmp_path / "a.mp4")
+    with pytest.raises(VideoError, match=r"must end in one of .mp4, .mov, .mkv"):
+        write_video(np.zeros((2, 48, 64, 3), np.uint8), tmp_path / "a.gif")
+    with pytest.raises(VideoError, match="no frames"):
+        write_video(np.zeros((0, 48, 64, 3), np.uint8), tmp_path / "a.mp4")
+    with pytest.raises(VideoError, match=r"shape \(T, H, W, 3\)"):
+        write_video(np.zeros((48, 64, 3), np.uint8), tmp_path / "a.mp4")
+    with pytest.raises(ValueError, match="does not exist"):
+        write_video(np.zeros((2, 48, 64, 3), np.uint8), tmp_path / "missing" / "a.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(VideoError, match="does not exist"):
+        read_video(tmp_path / "none.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="cannot read video"):
+        read_video(tmp_path / "empty.mp4")
+    (tmp_path / "text.mp4").write_text("not a video at all " * 20)
+    with pytest.raises(VideoError, match="cannot read video"):
+        read_video(tmp_path / "text.mp4")
+    with pytest.raises(VideoError, match="max_frames must be at least 1"):
+        read_video(tmp_path / "text.mp4", max_frames=0)
