@@ -81,6 +81,8 @@ class GenerationRequest:
         values = {k: v for k, v in values.items() if getattr(self, k) is None}
         if self.seed is None:
             values["seed"] = secrets.randbelow(2**32)
+        if self.sigmas is not None and self.steps is None:
+            values["steps"] = len(self.sigmas) - 1
         out = dataclasses.replace(self, **values)
         out.validate()
         return out
@@ -100,6 +102,11 @@ class GenerationRequest:
             check_multiple(self.width, SPATIAL_MULTIPLE, "width")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be at least 1; nearest valid: 1")
+        if self.sigmas is not None and self.steps is not None and self.steps != len(self.sigmas) - 1:
+            raise ValueError(
+                f"steps={self.steps} disagrees with the {len(self.sigmas)} sigmas given "
+                f"({len(self.sigmas) - 1} steps); leave steps out or make them agree"
+            )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed={self.seed} must be in [0, 2**63-1]")
         if not 0.0 < self.threshold_noise < 1.0:

@@ -1,0 +1,207 @@
+"""Text in, frames out: T5 → AsymmDiT with the rectified-flow sampler → AsymmVAE decoder.
+
+The pipeline writes nothing by itself (``mochi.video.write_video`` does); it returns uint8 frames. Each
+component has its own device placement and dtype: T5 in fp32, the DiT in bf16 on accelerators, the VAE
+decoder as configured. With ``offload`` each component is on the accelerator only for its stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype, placed
+from mochi.models.latents import dit_to_vae, vae_to_dit
+from mochi.models.prompts import encode_prompts
+from mochi.models.vae_tiling import decode, encode
+from mochi.request import GenerationRequest, check_frames
+from mochi.sampling.sampler import guidance_schedule, initial_noise, noise_to, sample
+from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule, validate_sigmas
+from mochi.weights.components import Components, load_components
+
+# progress(stage, done, total): stage is "text", "denoise", "decode" or "encode".
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Generation:
+    """The result of one request: frames (B, T, H, W, 3) uint8, final DiT-space latents (B, 12, t, h, w)."""
+
+    frames: torch.Tensor
+    latents: torch.Tensor
+    request: GenerationRequest
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class MochiPipeline:
+    """Holds the components and runs requests; see ``from_pretrained`` for loading.
+
+    device: where computation happens (default: CUDA if present). dit_dtype: the DiT's compute dtype
+    (default bf16 on CUDA, fp32 on CPU). vae_dtype: the decoder's (default fp32, as Genmo's CLI decodes).
+    offload: keep components on the CPU between their stages. max_memory: bytes the VAE decode may use
+    (default: what the device has free).
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        *,
+        device: str | torch.device | None = None,
+        dit_dtype: str | torch.dtype | None = None,
+        vae_dtype: str | torch.dtype | None = None,
+        offload: bool = False,
+        attention: str | None = None,
+        max_memory: int | None = None,
+    ) -> None:
+        self.components = components
+        self.device = parse_device(device)
+        self.dit_dtype = parse_dtype(dit_dtype) or default_dit_dtype(self.device)
+        self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
+        self.offload = offload and self.device.type != "cpu"
+        self.attention = attention
+        self.max_memory = max_memory
+        c = components
+        c.text_encoder.to(dtype=torch.float32)
+        c.dit.to(dtype=self.dit_dtype)
+        c.decoder.to(dtype=self.vae_dtype)
+        if c.encoder is not None:
+            c.encoder.to(dtype=self.vae_dtype)
+        if not self.offload:
+            for module in c.modules():
+                module.to(self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        t5: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        vae_dtype: str | torch.dtype | None = None,
+        offload: bool = False,
+        attention: str | None = None,
+        max_memory: int | None = None,
+        fp8: str = "keep",
+    ) -> MochiPipeline:
+        """Load from a checkpoint path in any supported layout, or the embedded default when ``model`` is None."""
+        components = load_components(model, t5=t5, fp8=fp8)
+        return cls(
+            components,
+            device=device,
+            dit_dtype=dtype,
+            vae_dtype=vae_dtype,
+            offload=offload,
+            attention=attention,
+            max_memory=max_memory,
+        )
+
+    # -- stages -------------------------------------------------------------------------------------------
+
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, 256, D) float32 and mask (B, 256) bool on the pipeline device."""
+        c = self.components
+        with placed(c.text_encoder, self.device, self.offload):
+            feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder)
+        return feats.to(self.device), mask.to(self.device)
+
+    def _denoiser(self) -> Callable[..., torch.Tensor]:
+        dit, dtype, attention = self.components.dit, self.dit_dtype, self.attention
+
+        def model(
+            x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+        ) -> torch.Tensor:
+            return dit(x.to(dtype), sigma, text.to(dtype), mask, attention=attention).float()
+
+        return model
+
+    def _decode_budget(self) -> int:
+        return self.max_memory or int(available_memory(self.device) * 0.8)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """DiT-space latents (B, 12, t, h, w) → frames (B, 6t−5, 8h, 8w, 3) uint8."""
+        decoder = self.components.decoder
+        with placed(decoder, self.device, self.offload):
+            z = dit_to_vae(latents.float()).to(self.device, self.vae_dtype)
+            frames = decode(decoder, z, max_memory=self._decode_budget())
+        frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return frames.permute(0, 2, 3, 4, 1).cpu()  # B C T H W -> B T H W C
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames (B, T, H, W, 3) uint8 → DiT-space latent means (B, 12, t, h, w) float32."""
+        encoder = self.components.encoder
+        if encoder is None:
+            raise ValueError("video-to-video needs the VAE encoder, and this model has none")
+        with placed(encoder, self.device, self.offload):
+            x = frames.permute(0, 4, 1, 2, 3).to(self.device, self.vae_dtype) / 127.5 - 1.0
+            mean, _ = encode(encoder, x, max_memory=self._decode_budget())
+        return vae_to_dit(mean.float())
+
+    # -- the whole request ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        init_frames: torch.Tensor | None = None,
+    ) -> Generation:
+        """Run one request. ``init_frames`` (T, H, W, 3) uint8 at the requested size enables video-to-video."""
+        req = request.resolved(self.components.defaults)
+        report = progress or (lambda stage, done, total: None)
+        seconds: dict[str, float] = {}
+        prompts = req.prompts
+        batch = len(prompts)
+
+        t0 = time.perf_counter()
+        report("text", 0, 1)
+        sigmas = self._sigmas(req)
+        guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))
+        texts = prompts + ([req.negative_prompt] if guided else [])
+        feats, mask = self.encode_text(texts)
+        cond = feats[:batch], mask[:batch]
+        null = (feats[batch:], mask[batch:]) if guided else None
+        report("text", 1, 1)
+        seconds["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        shape = (batch, 12, check_frames(req.frames), req.height // 8, req.width // 8)
+        noise = initial_noise(shape, req.seed, device=self.device)
+        if init_frames is not None:
+            report("encode", 0, 1)
+            z0 = self.encode_frames(init_frames.unsqueeze(0)).expand(batch, -1, -1, -1, -1)
+            sigmas = truncate_schedule(sigmas, req.strength)
+            z = noise_to(z0, sigmas[0], noise)
+            report("encode", 1, 1)
+        else:
+            z = noise
+        steps = len(sigmas) - 1
+        guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
+        with placed(self.components.dit, self.device, self.offload):
+            latents = sample(
+                self._denoiser(),
+                z,
+                sigmas,
+                cond,
+                null,
+                guidance=guidance,
+                batch_cfg=req.batch_cfg,
+                callback=lambda done, total, sigma: report("denoise", done, total),
+            )
+        seconds["denoise"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        report("decode", 0, 1)
+        frames = self.decode_latents(latents)
+        report("decode", 1, 1)
+        seconds["decode"] = time.perf_counter() - t0
+        return Generation(frames=frames, latents=latents.cpu(), request=req, seconds=seconds)
+
+    @staticmethod
+    def _sigmas(req: GenerationRequest) -> list[float]:
+        if req.sigmas is not None:
+            return validate_sigmas(req.sigmas)
+        return linear_quadratic_schedule(req.steps, req.threshold_noise, req.linear_steps)
