@@ -37,6 +37,18 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def parse_size(text: str) -> int:
+    """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"size {text!r} is not understood; write it like 10GB, 500MB or 20000")
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -90,8 +102,6 @@ def save_diffusers(
     _check_free(folder, overwrite)
     facts = shape_facts({k: tuple(v.shape) for k, v in genmo_sd.items()})
     sd = genmo_to_diffusers(genmo_sd)
-    # The key map splits qkv into views of one tensor; safetensors refuses tensors that share storage.
-    sd = _unshare(sd)
     shards = _shard(sd, max_shard_bytes)
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -134,16 +144,6 @@ def diffusers_config(facts: dict) -> dict:
         "activation_fn": "swiglu",
         "max_sequence_length": 256,
     }
-
-
-def _unshare(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: set[int] = set()
-    out = {}
-    for k, t in sd.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen or not t.is_contiguous() else t
-        seen.add(ptr)
-    return out
 
 
 def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

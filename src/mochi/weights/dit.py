@@ -173,7 +173,10 @@ def read_dit(
 
         if scales:
             raise WeightsError(f"fp8 weights in diffusers' naming are not supported ({det.describe()})")
-        sd = diffusers_to_genmo(sd)
+        try:
+            sd = diffusers_to_genmo(sd)
+        except WeightsError as e:
+            raise WeightsError(f"checkpoint (detected format: {det.describe()}): {e}") from None
     return sd, scales
 
 
