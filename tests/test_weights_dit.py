@@ -181,3 +181,15 @@ def test_loads_straight_to_cuda(tmp_path, model, reference):
     loaded = load_dit(write_genmo(tmp_path, model), device="cuda")
     assert all(p.is_cuda for p in loaded.parameters())
     torch.testing.assert_close(loaded(*(t.cuda() for t in x)).cpu(), out, atol=1e-4, rtol=1e-4)
+
+
+def test_key_map_reads_each_tensor_once(model):
+    """Loading diffusers checkpoints frees each source tensor as soon as it is converted (`Consumed`)."""
+    from mochi.weights.dit import Consumed
+    from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo, genmo_to_diffusers
+
+    theirs = genmo_to_diffusers(state_dict(model))
+    source = dict(theirs)
+    ours = diffusers_to_genmo(Consumed(source))
+    assert source == {} and ours.keys() == model.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())

@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from mochi.files import atomic_write_text
-from mochi.weights.dit import read_dit, shape_facts
+from mochi.weights.dit import Consumed, read_dit, shape_facts
 from mochi.weights.formats import detect, iter_component
 from mochi.weights.io import save_state_dict
 
@@ -80,11 +81,13 @@ def convert(
         if out.name == "dit.safetensors":
             _copy_genmo_vae(det, out.parent, overwrite)
         return out
-    return save_diffusers(sd, dst / "transformer", overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    return save_diffusers(
+        Consumed(sd), dst / "transformer", overwrite=overwrite, max_shard_bytes=max_shard_bytes
+    )
 
 
 def save_diffusers(
-    genmo_sd: dict[str, torch.Tensor],
+    genmo_sd: Mapping[str, torch.Tensor],
     folder: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -95,13 +98,15 @@ def save_diffusers(
 
     Shards hold at most ``max_shard_bytes`` each (one tensor may exceed it alone) and are named as
     diffusers names them; the folder is assembled beside ``folder`` and renamed into place at the end.
+    Pass ``Consumed(sd)`` to hand the tensors over, so that each is freed once converted.
     """
     from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
 
     folder = Path(folder)
     _check_free(folder, overwrite)
-    facts = shape_facts({k: tuple(v.shape) for k, v in genmo_sd.items()})
-    sd = genmo_to_diffusers(genmo_sd)
+    owned = dict(genmo_sd)  # takes the tensors out of a `Consumed` view; copies only references otherwise
+    facts = shape_facts({k: tuple(v.shape) for k, v in owned.items()})
+    sd = genmo_to_diffusers(Consumed(owned))
     shards = _shard(sd, max_shard_bytes)
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -174,10 +174,33 @@ def read_dit(
         if scales:
             raise WeightsError(f"fp8 weights in diffusers' naming are not supported ({det.describe()})")
         try:
-            sd = diffusers_to_genmo(sd)
+            sd = diffusers_to_genmo(Consumed(sd))
         except WeightsError as e:
             raise WeightsError(f"checkpoint (detected format: {det.describe()}): {e}") from None
     return sd, scales
+
+
+class Consumed(Mapping[str, torch.Tensor]):
+    """A read-once view of a state dict: reading a key removes it from the dict underneath.
+
+    Handed to a key map, it lets each source tensor be freed as soon as its converted form exists, so
+    converting a whole model (fused qkv, swapped halves) holds one layer twice at most, not the model.
+    """
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        self._sd = sd
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._sd.pop(key)
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[str]
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd
 
 
 def load_dit(
