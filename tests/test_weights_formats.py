@@ -182,3 +182,15 @@ def test_torch_files_are_read_weights_only(tmp_path, model):
     det = detect(tmp_path / "dit.pt")
     assert det.format == "comfyui" and det.prefixes == {"dit": COMFY}
     assert set(read_component(det, "dit")) == set(model.state_dict())
+
+
+def test_quantization_metadata_is_attributed_to_its_component(tmp_path, model):
+    """An all-in-one file whose header lists only T5 layers as fp8: the DiT is not quantized."""
+    from dit_checkpoints import state_dict
+
+    tensors = {COMFY + k: v for k, v in state_dict(model, torch.bfloat16).items()}
+    tensors.update({k: torch.zeros(s) for k, s in T5_KEYS.items()})
+    layer = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    meta = {"_quantization_metadata": json.dumps({"layers": {layer: {"format": "float8_e4m3fn"}}})}
+    save_file(tensors, tmp_path / "aio.safetensors", metadata=meta)
+    assert detect(tmp_path / "aio.safetensors").quant == {"t5": "comfy_quant"}

@@ -169,3 +169,17 @@ def test_every_linear_is_quantized_in_the_test_file(tmp_path, model):
     fp8 = {k for k, (d, _) in keys.items() if d == "F8_E4M3" and k != "scaled_fp8"}
     assert fp8 == set(linear_weights(model))
     assert keys["x_embedder.proj.weight"][0] == "BF16" and keys["pos_frequencies"][0] == "BF16"
+
+
+def test_plain_fp8_file_without_scales(tmp_path, model, x):
+    """Unscaled fp8 files (weights cast straight to e4m3fn): scale 1, same numbers kept or dequantized."""
+    from mochi.weights.formats import detect
+
+    sd = state_dict(model)
+    sd.update({k: sd[k].to(torch.float8_e4m3fn) for k in linear_weights(model)})
+    save_file(sd, tmp_path / "dit.safetensors")
+    assert detect(tmp_path).quant == {"dit": "fp8"}
+    kept = load_dit(tmp_path, dtype=torch.float32)
+    assert kept.blocks[1].mlp_x.w2.weight.dtype == torch.float8_e4m3fn
+    assert kept.blocks[1].mlp_x.w2.weight_scale.item() == 1.0
+    assert torch.equal(kept(*x), load_dit(tmp_path, dtype=torch.float32, fp8="dequantize")(*x))

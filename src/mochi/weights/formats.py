@@ -198,7 +198,13 @@ def _quant(
     if prefix + "scaled_fp8" in header:
         return "scaled_fp8"
     mine = [k for k in header if k.startswith(prefix)]
-    if "_quantization_metadata" in meta or any(k.endswith((".comfy_quant", ".weight_scale")) for k in mine):
+    if any(k.endswith((".comfy_quant", ".weight_scale")) for k in mine):
+        return "comfy_quant"
+    # The header entry lists layers of every component in the file, with or without their prefix.
+    layers = json.loads(meta.get("_quantization_metadata", "{}")).get("layers", {})
+    if any(
+        n.startswith(prefix) and n + ".weight" in header or prefix + n + ".weight" in header for n in layers
+    ):
         return "comfy_quant"
     if any(header[k][0] in FP8_HEADER_DTYPES for k in mine):
         return "fp8"
@@ -266,7 +272,7 @@ def _classify(
         sample = ", ".join(sorted(header)[:5]) or "no tensors"
         raise WeightsError(f"no Mochi component recognised in {str(path)!r} (keys: {sample}); {LOOKED_FOR}")
     meta = _metadata(files[0])
-    quant = {c: q for c in prefixes if (q := _quant(header, prefixes[c], meta if c == "dit" else {}))}
+    quant = {c: q for c in prefixes if (q := _quant(header, prefixes[c], meta))}
     # Unprefixed keys are Genmo's or diffusers' own files; a prefix is ComfyUI's repackaging.
     main = "dit" if "dit" in prefixes else next(iter(prefixes))
     prefix = prefixes[main]
@@ -390,7 +396,7 @@ def _genmo_folder(path: Path) -> Detected:
             )
         files[comp] = (file,)
         prefixes[comp], layouts[comp] = found_prefixes[comp], found_layouts[comp]
-        q = _quant(header, prefixes[comp], _metadata(file) if comp == "dit" else {})
+        q = _quant(header, prefixes[comp], _metadata(file))
         if q:
             quant[comp] = q
     return Detected(

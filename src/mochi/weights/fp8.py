@@ -61,7 +61,10 @@ def split_scales(
             scales[key.rsplit(".", 1)[0]] = t.to(torch.float32)
         elif not key.endswith(_INPUT_SCALE_SUFFIXES):
             out[key] = t
-    bad = {layer: fmt for layer, fmt in formats.items() if fmt not in QUANT_FORMATS}
+    # The header entry may list other components' layers too: only this component's weights count.
+    bad = {
+        layer: fmt for layer, fmt in formats.items() if fmt not in QUANT_FORMATS and layer + ".weight" in out
+    }
     if bad:
         layer, fmt = next(iter(sorted(bad.items())))
         raise WeightsError(
