@@ -39,6 +39,15 @@ def test_genmo_folder_with_vae(tmp_path, model):
     assert det.layouts == {"dit": "genmo", "vae_decoder": "genmo", "vae_encoder": "genmo"}
     assert det.quant == {}
     assert detect(tmp_path / "dit.safetensors").format == "genmo"  # the bare file too
+    # A snapshot of the Hugging Face repo also has diffusers folders: Genmo's files win, T5 comes along.
+    (tmp_path / "text_encoder").mkdir()
+    save_file(
+        {k.split("transformer.")[1]: torch.zeros(1) for k in T5_KEYS},
+        tmp_path / "text_encoder/model.safetensors",
+    )
+    det = detect(tmp_path)
+    assert det.format == "genmo" and det.files["t5"] == (tmp_path / "text_encoder" / "model.safetensors",)
+    assert det.prefixes["t5"] == "" and det.layouts["t5"] == "transformers"
 
 
 def test_diffusers_pipeline_with_variants(tmp_path, model):

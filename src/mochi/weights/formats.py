@@ -17,6 +17,7 @@ Formats recognised (genmo-mochi.md §9, diffusers-mochi.md §2, ecosystem.md §1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -74,7 +75,7 @@ class Detected:
     extras: dict[str, Path] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """One line, e.g. ``comfyui single file (dit fp8 scaled_fp8, vae_decoder, vae_encoder, t5)``."""
+        """One line, e.g. ``comfyui (dit [genmo] fp8 scaled_fp8, vae_decoder [genmo], t5 [transformers])``."""
         parts = []
         for c in COMPONENTS:
             if c in self.files:
@@ -155,6 +156,13 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
     except Exception as e:  # safetensors raises its own error types for a damaged or foreign file
         raise WeightsError(f"{str(file)!r} is not a readable safetensors file ({e}); {LOOKED_FOR}") from None
+    return out
+
+
+def _headers(files: tuple[Path, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        out.update(_header(f))
     return out
 
 
@@ -258,10 +266,7 @@ def _detect_file(path: Path) -> Detected:
         files = (path,)
     else:
         raise WeightsError(f"{str(path)!r} is not a .safetensors, index .json or .pt/.bin file; {LOOKED_FOR}")
-    header: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for f in files:
-        header.update(_header(f))
-    return _classify(path, files, header)
+    return _classify(path, files, _headers(files))
 
 
 def _classify(
@@ -355,13 +360,10 @@ def _detect_folder(path: Path, variant: str | None) -> Detected:
         return _diffusers_pipeline(path, variant)
     if _weight_sets(path) and (path / "config.json").is_file():
         files, chosen = _pick(path, variant)
-        header: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for f in files:
-            header.update(_header(f))
-        det = _classify(path, files, header)
+        det = _classify(path, files, _headers(files))
         if "dit" not in det.files:
             raise WeightsError(f"no Mochi DiT keys in {str(path)!r}; {LOOKED_FOR}")
-        return _with(det, format="diffusers", variant=chosen)
+        return dataclasses.replace(det, format="diffusers", variant=chosen)
     sets = list(path.glob("*.safetensors"))
     if len(sets) == 1:
         return _detect_file(sets[0])
@@ -369,10 +371,6 @@ def _detect_folder(path: Path, variant: str | None) -> Detected:
     raise WeightsError(
         f"folder {str(path)!r} holds no recognised checkpoint (it holds: {listing}); {LOOKED_FOR}"
     )
-
-
-def _with(det: Detected, **changes: object) -> Detected:
-    return Detected(**{**det.__dict__, **changes})
 
 
 def _genmo_folder(path: Path) -> Detected:
@@ -399,9 +397,20 @@ def _genmo_folder(path: Path) -> Detected:
         q = _quant(header, prefixes[comp], _metadata(file))
         if q:
             quant[comp] = q
-    return Detected(
-        "genmo", path, files, prefixes, layouts, quant, metadata=_metadata(path / "dit.safetensors")
-    )
+    # The Hugging Face repo holds Genmo's files beside a diffusers layout: its text encoder is the T5.
+    _add_text_encoder(path, None, files, prefixes, layouts)
+    extras = {name: path / name for name in ("tokenizer",) if (path / name).is_dir()}
+    meta = _metadata(path / "dit.safetensors")
+    return Detected("genmo", path, files, prefixes, layouts, quant, metadata=meta, extras=extras)
+
+
+def _add_text_encoder(
+    path: Path, variant: str | None, files: dict, prefixes: dict[str, str], layouts: dict[str, str]
+) -> None:
+    folder = path / "text_encoder"
+    if folder.is_dir() and (sets := _weight_sets(folder)):
+        files["t5"], _ = _pick(folder, variant if variant in sets else None)
+        prefixes["t5"], layouts["t5"] = "", "transformers"
 
 
 def _diffusers_pipeline(path: Path, variant: str | None) -> Detected:
@@ -409,14 +418,10 @@ def _diffusers_pipeline(path: Path, variant: str | None) -> Detected:
     files: dict[str, tuple[Path, ...]] = {"dit": dit_files}
     prefixes = {"dit": ""}
     layouts = {"dit": "diffusers"}
-    if (path / "vae").is_dir() and _weight_sets(path / "vae"):
-        vae_files, _ = _pick(path / "vae", chosen if chosen in _weight_sets(path / "vae") else None)
+    if (path / "vae").is_dir() and (sets := _weight_sets(path / "vae")):
+        vae_files, _ = _pick(path / "vae", chosen if chosen in sets else None)
         for comp, sub in (("vae_decoder", "decoder."), ("vae_encoder", "encoder.")):
             files[comp], prefixes[comp], layouts[comp] = vae_files, sub, "diffusers"
-    if (path / "text_encoder").is_dir() and _weight_sets(path / "text_encoder"):
-        t5_files, _ = _pick(
-            path / "text_encoder", chosen if chosen in _weight_sets(path / "text_encoder") else None
-        )
-        files["t5"], prefixes["t5"], layouts["t5"] = t5_files, "", "transformers"
+    _add_text_encoder(path, chosen, files, prefixes, layouts)
     extras = {name: path / name for name in ("tokenizer", "scheduler") if (path / name).is_dir()}
     return Detected("diffusers", path, files, prefixes, layouts, {}, chosen, _metadata(dit_files[0]), extras)
