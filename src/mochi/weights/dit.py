@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from mochi.weights.formats import Detected, component_keys, detect, iter_component
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
@@ -245,17 +244,6 @@ def load_dit(
     for layer, scale in scales.items():
         sd[layer + ".weight_scale"] = scale.to(sd[layer + ".weight"].device)
     model.load_state_dict(sd, strict=True, assign=True)
-    _materialize_buffers(model, device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
     return model.eval().requires_grad_(False)
-
-
-def _materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Non-persistent buffers are not in checkpoints; have the model build them on ``device``."""
-    if any(b.device.type == "meta" for b in model.buffers()):
-        init = getattr(model, "init_buffers", None)
-        if init is None:
-            names = [n for n, b in model.named_buffers() if b.device.type == "meta"]
-            raise WeightsError(
-                f"buffers {', '.join(names[:5])} are not in the checkpoint and cannot be built"
-            )
-        init(device)
