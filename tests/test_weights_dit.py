@@ -193,3 +193,14 @@ def test_key_map_reads_each_tensor_once(model):
     ours = diffusers_to_genmo(Consumed(source))
     assert source == {} and ours.keys() == model.state_dict().keys()
     assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())
+
+
+def test_config_inference_failure_names_format(tmp_path, model):
+    sd = state_dict(model)
+    del sd["x_embedder.proj.weight"]
+    save_file(sd, tmp_path / "dit.safetensors")
+    match = (
+        r"format: genmo \(dit \[genmo\]\)\): cannot read the DiT's architecture: .*'x_embedder.proj.weight'"
+    )
+    with pytest.raises(WeightsError, match=match):
+        load_dit(tmp_path)

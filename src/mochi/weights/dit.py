@@ -230,7 +230,10 @@ def load_dit(
     sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8)
     fmt = det.describe()
     if config is None:
-        config = infer_config({k: tuple(v.shape) for k, v in sd.items()})
+        try:
+            config = infer_config({k: tuple(v.shape) for k, v in sd.items()})
+        except WeightsError as e:
+            raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
     with torch.device("meta"):
         model = AsymmDiT(config)
     check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, fmt)
