@@ -59,7 +59,8 @@ def _add_info(sub: Subparsers) -> None:
         description=(
             "Detect a checkpoint's format (Genmo folder, diffusers folder or file, ComfyUI single file, "
             "all-in-one, fp8_scaled) and print its components, dtypes, parameter counts and the DiT "
-            "config inferred from its shapes. Reads file headers only, never tensor data."
+            "config inferred from its shapes. Reads safetensors headers only, never tensor data "
+            "(weights-only .pt/.bin files are memory-mapped instead)."
         ),
     )
     p.add_argument(
