@@ -1,0 +1,252 @@
+"""Load the DiT from any released weight format into `AsymmDiT`, strictly, with one copy of the weights.
+
+The model is built on the meta device; the checkpoint is read one tensor at a time (each cast as it
+arrives), renamed to Genmo's keys when it is in diffusers' naming, checked key by key and shape by shape,
+and assigned into the model. fp8 Linear weights either stay fp8 (`Fp8Linear`) or are dequantized here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from mochi.weights.formats import Detected, component_keys, detect, iter_component
+from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
+from mochi.weights.io import WeightsError, check_state_dict
+
+FP8_MODES = ("keep", "dequantize")
+_HEADER_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def keeps_fp32(key: str) -> bool:
+    """Tensors that stay fp32 whatever the model dtype (genmo-mochi.md §1.4): RoPE frequencies, norm weights.
+
+    Holds for Genmo's names (``AsymmDiT.is_fp32_param``) and diffusers' (``…attn1.norm_q.weight``).
+    """
+    parts = key.split(".")
+    return key == "pos_frequencies" or (len(parts) >= 2 and "norm" in parts[-2])
+
+
+def genmo_shapes(det: Detected) -> dict[str, tuple[int, ...]]:
+    """The DiT's tensor shapes under Genmo's names, from headers only (fp8 bookkeeping left out)."""
+    shapes = {k: v[1] for k, v in component_keys(det, "dit").items()}
+    shapes = {k: s for k, s in shapes.items() if k != "scaled_fp8" and not k.endswith(QUANT_SUFFIXES)}
+    if det.layouts["dit"] == "diffusers":
+        from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo
+
+        fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        shapes = {k: tuple(v.shape) for k, v in diffusers_to_genmo(fake).items()}
+    return shapes
+
+
+def shape_facts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int | bool]:
+    """The architecture a Genmo-named DiT state dict was made for, read from its shapes.
+
+    Keys: depth, patch_size, in_channels, out_channels, hidden_size_x, hidden_size_y, num_heads, head_dim,
+    t5_feat_dim, timestep_embed_dim, mlp_hidden_x, mlp_hidden_y (0 for a one-block model), qkv_bias,
+    out_bias.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise WeightsError(f"cannot read the DiT's architecture: the checkpoint has no {key!r}")
+        return tuple(shapes[key])
+
+    blocks = {int(m[1]) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise WeightsError("cannot read the DiT's architecture: the checkpoint has no blocks.N.* keys")
+    width_x, in_channels, patch, _ = shape("x_embedder.proj.weight")
+    width_y, text_dim = shape("t5_yproj.weight")
+    _, heads, half_head = shape("pos_frequencies")
+    return {
+        "depth": max(blocks) + 1,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": shape("final_layer.linear.weight")[0] // (patch * patch),
+        "hidden_size_x": width_x,
+        "hidden_size_y": width_y,
+        "num_heads": heads,
+        "head_dim": 2 * half_head,
+        "t5_feat_dim": text_dim,
+        "timestep_embed_dim": shape("t_embedder.mlp.0.weight")[1],
+        "mlp_hidden_x": shape("blocks.0.mlp_x.w2.weight")[1],
+        "mlp_hidden_y": tuple(shapes.get("blocks.0.mlp_y.w2.weight", (0, 0)))[1],
+        "qkv_bias": "blocks.0.attn.qkv_x.bias" in shapes,
+        "out_bias": "blocks.0.attn.proj_x.bias" in shapes,
+    }
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]]):  # noqa: ANN201 - DiTConfig is imported lazily
+    """The `DiTConfig` a checkpoint was made for, from its Genmo-named shapes (depth, widths, heads).
+
+    The SwiGLU widths are matched by Genmo's rule (ratio 4, rounded up to 256) when it fits, else by
+    diffusers' rule (no rounding), else by a fitted ratio. ``pool_heads`` cannot be read from shapes and
+    keeps its default (8, the released value).
+    """
+    from mochi.models.dit import DiTConfig
+
+    f = shape_facts(shapes)
+    base = DiTConfig(
+        depth=f["depth"],
+        patch_size=f["patch_size"],
+        num_heads=f["num_heads"],
+        hidden_size_x=f["hidden_size_x"],
+        hidden_size_y=f["hidden_size_y"],
+        in_channels=f["in_channels"],
+        t5_feat_dim=f["t5_feat_dim"],
+        timestep_embed_dim=f["timestep_embed_dim"],
+    )
+    wanted = [(f["hidden_size_x"], f["mlp_hidden_x"]), (f["hidden_size_y"], f["mlp_hidden_y"])]
+    if f["depth"] == 1:
+        wanted = wanted[:1]  # the only block is the last one, which has no text MLP
+    for multiple in (256, 1):
+        cfg = dataclasses.replace(base, mlp_multiple_of=multiple)
+        if all(cfg.mlp_hidden(w, 4.0) == h for w, h in wanted):
+            return cfg
+
+    def ratio(width: int, hidden: int) -> float:
+        # int(2·int(width·r)/3) == hidden for int(width·r) = ceil(3·hidden/2); +0.5 survives float rounding.
+        return (math.ceil(3 * hidden / 2) + 0.5) / width
+
+    (wx, hx), (wy, hy) = wanted[0], wanted[-1]
+    return dataclasses.replace(base, mlp_multiple_of=1, mlp_ratio_x=ratio(wx, hx), mlp_ratio_y=ratio(wy, hy))
+
+
+def _target_dtype(det: Detected, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype non-fp8 tensors are cast to: ``dtype``; for fp8 files by default the dtype of the rest."""
+    if dtype is not None or "dit" not in det.quant:
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for key, (name, shp) in component_keys(det, "dit").items():
+        if name in _HEADER_DTYPES and not key.endswith(QUANT_SUFFIXES):
+            d = _HEADER_DTYPES[name]
+            counts[d] = counts.get(d, 0) + torch.Size(shp).numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.bfloat16
+
+
+def read_dit(
+    det: Detected,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8: str = "dequantize",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The DiT's tensors under Genmo's names, each cast as it is read.
+
+    Returns (state dict, fp8 scales). With ``fp8="dequantize"`` the scales are empty and every weight is
+    in ``dtype`` (default: the stored dtype; for fp8 files, the dtype of their other tensors). With
+    ``fp8="keep"`` fp8 weights stay fp8 and the scales map each such layer ("blocks.0.attn.qkv_x") to its
+    fp32 scale. fp32 islands (`keeps_fp32`) are always fp32.
+    """
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
+    if "dit" not in det.files:
+        raise WeightsError(
+            f"{str(det.path)!r} (detected format: {det.describe()}) holds no DiT; "
+            f"it holds: {', '.join(det.files) or 'nothing'}"
+        )
+    target = _target_dtype(det, dtype)
+    sd: dict[str, torch.Tensor] = {}
+    for key, t in iter_component(det, "dit", device):
+        if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES):
+            pass  # fp8 bookkeeping, handled by split_scales
+        elif keeps_fp32(key):
+            t = t.to(torch.float32)
+        elif target is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
+            t = t.to(target)
+        sd[key] = t
+    scales: dict[str, torch.Tensor] = {}
+    if "dit" in det.quant:
+        sd, scales = split_scales(sd, det.metadata, det.prefixes["dit"])
+        for layer in list(scales):
+            w = sd[layer + ".weight"]
+            if fp8 == "dequantize" or w.dtype not in FP8_DTYPES:
+                sd[layer + ".weight"] = dequantize(w, scales.pop(layer), target or torch.bfloat16)
+    if det.layouts["dit"] == "diffusers":
+        from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo
+
+        if scales:
+            raise WeightsError(f"fp8 weights in diffusers' naming are not supported ({det.describe()})")
+        try:
+            sd = diffusers_to_genmo(Consumed(sd))
+        except WeightsError as e:
+            raise WeightsError(f"checkpoint (detected format: {det.describe()}): {e}") from None
+    return sd, scales
+
+
+class Consumed(Mapping[str, torch.Tensor]):
+    """A read-once view of a state dict: reading a key removes it from the dict underneath.
+
+    Handed to a key map, it lets each source tensor be freed as soon as its converted form exists, so
+    converting a whole model (fused qkv, swapped halves) holds one layer twice at most, not the model.
+    """
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        self._sd = sd
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._sd.pop(key)
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[str]
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sd
+
+
+def load_dit(
+    path: str | os.PathLike | Detected,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8: str = "keep",
+    config=None,  # noqa: ANN001 - DiTConfig | None; the model module is imported lazily
+    variant: str | None = None,
+):  # noqa: ANN201 - returns AsymmDiT
+    """Load the DiT from a checkpoint of any supported format (see `mochi.weights.formats`).
+
+    dtype:   dtype of the weights (fp32 islands excepted); None keeps the stored dtype (for fp8 files,
+             the dtype of their unquantized tensors).
+    device:  where the weights are read to; the model is built on the meta device, so the weights exist
+             once, on this device.
+    fp8:     "keep": fp8 Linear weights stay fp8 (`Fp8Linear`, scaled and cast per call); "dequantize":
+             they become ``dtype`` weights at load.
+    config:  a `DiTConfig`; by default inferred from the checkpoint's shapes.
+    variant: the diffusers weight variant to read ("bf16") when a folder holds several.
+    Returns the model in eval mode without gradients. Raises WeightsError naming every missing,
+    unexpected or mis-shaped key and the detected format.
+    """
+    from mochi.models.dit import AsymmDiT
+
+    det = path if isinstance(path, Detected) else detect(path, variant=variant)
+    sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8)
+    fmt = det.describe()
+    if config is None:
+        try:
+            config = infer_config({k: tuple(v.shape) for k, v in sd.items()})
+        except WeightsError as e:
+            raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
+    with torch.device("meta"):
+        model = AsymmDiT(config)
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, fmt)
+    # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read
+    # a weight's dtype as the compute dtype (the timestep embedder does), so those few layers are dequantized.
+    in_blocks = [layer for layer in scales if layer.startswith("blocks.")]
+    swapped = swap_in_fp8(model, in_blocks, {layer: sd[layer + ".weight"].dtype for layer in in_blocks})
+    for layer in set(scales) - set(swapped):
+        w = sd[layer + ".weight"]
+        sd[layer + ".weight"] = dequantize(w, scales.pop(layer), _target_dtype(det, dtype) or torch.bfloat16)
+    for layer, scale in scales.items():
+        sd[layer + ".weight_scale"] = scale.to(sd[layer + ".weight"].device)
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+    return model.eval().requires_grad_(False)

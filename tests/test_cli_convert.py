@@ -1,0 +1,164 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dit_checkpoints import (
+    inputs,
+    tiny_model,
+    write_comfyui,
+    write_fp8_scaled,
+    write_genmo,
+)
+from mochi.cli import main
+from mochi.models.dit import AsymmDiT
+from mochi.weights.dit import load_dit
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_genmo_diffusers_genmo_round_trip_is_bit_exact(tmp_path, model, capsys):
+    write_genmo(tmp_path / "g", model)
+    code, out, _ = _run(
+        capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers", "--max-shard-size", "20KB"
+    )
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'd' / 'transformer'}"
+    folder = tmp_path / "d" / "transformer"
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"diffusion_pytorch_model-00001-of-{len(shards):05d}.safetensors"
+    assert not list(tmp_path.glob("d/.*"))  # no temporary leftovers
+
+    code, _, _ = _run(capsys, "convert", tmp_path / "d", tmp_path / "back", "--to", "genmo")
+    assert code == 0
+    a, b = load_file(tmp_path / "g" / "dit.safetensors"), load_file(tmp_path / "back" / "dit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_diffusers_output_loads_in_diffusers(tmp_path, model, capsys):
+    from diffusers import MochiTransformer3DModel
+
+    write_genmo(tmp_path / "g", model)
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
+    assert [p.name for p in sorted((tmp_path / "d" / "transformer").iterdir())] == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    theirs = MochiTransformer3DModel.from_pretrained(tmp_path / "d" / "transformer")
+    assert theirs.config.num_layers == model.config.depth
+    assert theirs.config.pooled_projection_dim == model.config.hidden_size_y
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_dtype_option(tmp_path, model, capsys):
+    write_genmo(tmp_path / "g", model)
+    assert (
+        _run(
+            capsys, "convert", tmp_path / "g", tmp_path / "o.safetensors", "--to", "genmo", "--dtype", "bf16"
+        )[0]
+        == 0
+    )
+    sd = load_file(tmp_path / "o.safetensors")
+    for k, v in sd.items():
+        assert v.dtype == (torch.float32 if AsymmDiT.is_fp32_param(k) else torch.bfloat16), k
+    assert torch.equal(sd["pos_frequencies"], model.pos_frequencies)
+
+
+def test_fp8_and_all_in_one_to_genmo(tmp_path, model, capsys):
+    src = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new", rest=torch.float32)
+    code, _, _ = _run(capsys, "convert", src, tmp_path / "out", "--to", "genmo")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "decoder.safetensors",
+        "dit.safetensors",
+        "encoder.safetensors",
+    ]
+    assert set(load_file(tmp_path / "out" / "decoder.safetensors")) == {
+        "blocks.0.0.weight",
+        "output_proj.weight",
+    }
+    x = inputs(model)
+    converted = load_dit(tmp_path / "out")
+    assert converted.dtype == torch.float32  # fp8 became the dtype of the file's other tensors
+    assert torch.equal(converted(*x), load_dit(src, fp8="dequantize")(*x))
+
+
+def test_existing_output_needs_overwrite(tmp_path, model, capsys):
+    src = write_comfyui(tmp_path / "c.safetensors", model)
+    assert _run(capsys, "convert", src, tmp_path / "o", "--to", "diffusers")[0] == 0
+    code, _, err = _run(capsys, "convert", src, tmp_path / "o", "--to", "diffusers")
+    assert code == 2
+    target = str(tmp_path / "o" / "transformer")
+    assert err == f"mochi: error: {target!r} already exists; remove it or pass --overwrite\n"
+    assert _run(capsys, "convert", src, tmp_path / "o", "--to", "diffusers", "--overwrite")[0] == 0
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    code, out, err = _run(capsys, "convert", tmp_path / "nope", tmp_path / "o", "--to", "genmo")
+    assert code == 2 and out == ""
+    assert err.startswith(
+        f"mochi: error: checkpoint {str(tmp_path / 'nope')!r} does not exist; looked for: a Genmo"
+    )
+    assert err.count("\n") == 1
+    code, _, err = _run(capsys, "info", tmp_path)
+    assert code == 2 and err.startswith(
+        f"mochi: error: folder {str(tmp_path)!r} holds no recognised checkpoint"
+    )
+    assert err.count("\n") == 1
+    code, _, err = _run(
+        capsys, "convert", tmp_path, tmp_path / "o", "--to", "genmo", "--max-shard-size", "big"
+    )
+    assert (
+        code == 2
+        and err == "mochi: error: size 'big' is not understood; write it like 10GB, 500MB or 20000\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path), str(tmp_path / "o"), "--to", "onnx"])
+    assert e.value.code == 2
+    assert "argument --to: invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_info(tmp_path, model, capsys):
+    path = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="legacy")
+    code, out, _ = _run(capsys, "info", path)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1] == (
+        "format      comfyui (dit [genmo] fp8 scaled_fp8, vae_decoder [genmo], vae_encoder [genmo], "
+        "t5 [transformers])"
+    )
+    n = sum(p.numel() for p in model.parameters())
+    assert lines[2].startswith(f"dit         {n:,} parameters in {len(model.state_dict())} tensors")
+    assert "F8_E4M3" in lines[2] and "prefix 'model.diffusion_model.'" in lines[2]
+    assert lines[-1].startswith("dit config  (tiny) depth=2, patch_size=2, num_heads=2, hidden_size_x=32")
+    code, out, _ = _run(capsys, "info", path, "--json")
+    info = json.loads(out)
+    assert info["format"] == "comfyui" and info["dit_preset"] == "tiny"
+    assert info["components"]["dit"]["parameters"] == n
+    assert info["components"]["t5"]["prefix"] == "text_encoders.t5xxl.transformer."
+
+
+def test_help_texts(capsys):
+    for cmd in ("convert", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--to {genmo,diffusers}",
+        "--dtype {fp32,bf16,fp16}",
+        "--max-shard-size SIZE",
+        "--overwrite",
+        "--json",
+    ):
+        assert flag in out
