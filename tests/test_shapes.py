@@ -168,6 +168,9 @@ def test_heldout_prompts_cover_every_line():
         assert fields["shape"] in S.DEFAULT_VOCAB.shapes
     directions = {S.parse_caption(p)["direction"] for p in prompts if "red triangle" in S.heldout_lines(p)}
     assert directions == set(S.DIRECTIONS)
+    assert len(S.heldout_prompts(per_line=1)) == len(S.HELDOUT)
+    with pytest.raises(ValueError, match="per_line must be 1 to 4"):
+        S.heldout_prompts(per_line=5)
 
 
 @pytest.mark.parametrize("vocab", [S.DEFAULT_VOCAB, S.FULL_VOCAB])

@@ -207,27 +207,30 @@ def is_heldout(text: str) -> bool:
 def sample_spec(
     rng: np.random.Generator, vocab: Vocab = DEFAULT_VOCAB, allow_heldout: bool = False
 ) -> ClipSpec:
-    """Draw a random clip; training draws (the default) never produce a held-out composition.
+    """Draw a random clip; training draws (the default) never have a held-out caption.
 
-    The object stays wholly inside the frame for the whole clip and travels 40-55% of the frame.
+    The object stays wholly inside the frame for the whole clip and travels 40-55% of the frame. Held-out
+    draws are rejected and drawn again, so training clips are uniform over the allowed compositions.
     """
     for _ in range(1000):
-        color = vocab.colors[rng.integers(len(vocab.colors))]
-        shape = vocab.shapes[rng.integers(len(vocab.shapes))]
-        direction = vocab.directions[rng.integers(len(vocab.directions))]
-        if allow_heldout or not is_heldout(f"a {color} {shape} moving {direction}"):
-            break
-    else:
-        raise ValueError(f"every composition of {vocab} is held out; add colors, shapes or directions")
+        spec = _draw(rng, vocab)
+        if allow_heldout or not is_heldout(caption(spec)):
+            return spec
+    raise ValueError(f"every composition of {vocab} is held out; add colors, shapes or directions")
+
+
+def _draw(rng: np.random.Generator, vocab: Vocab) -> ClipSpec:
+    color = vocab.colors[rng.integers(len(vocab.colors))]
+    shape = vocab.shapes[rng.integers(len(vocab.shapes))]
+    direction = vocab.directions[rng.integers(len(vocab.directions))]
     background = vocab.backgrounds[rng.integers(len(vocab.backgrounds))]
     # An unnamed background means black, so only black may go unnamed.
     named = background != DEFAULT_BACKGROUND or bool(rng.random() < NAMED_BLACK_PROBABILITY)
     size = float(rng.uniform(*SIZE_RANGE))
     travel = float(rng.uniform(TRAVEL_RANGE[0], min(TRAVEL_RANGE[1], 1.0 - size)))
-    dx, dy = DIRECTIONS[direction]
     half = size / 2  # a fraction of the shorter side is at most that fraction of either axis
     start = []
-    for step in (dx, dy):
+    for step in DIRECTIONS[direction]:
         lo, hi = half, 1.0 - half
         if step > 0:
             hi -= travel
@@ -308,8 +311,10 @@ def heldout_prompts(per_line: int = 4) -> list[str]:
 
     The words a line leaves open are filled in turn from the default vocabulary (all four directions for
     a colour-shape line, spread colours for a shape-direction line); every other prompt names the gray
-    background.
+    background. ``per_line`` is 1 to 4, as a colour-shape line has only four directions.
     """
+    if not 1 <= per_line <= 4:
+        raise ValueError(f"per_line must be 1 to 4 (one prompt per direction at most), got {per_line}")
     prompts = []
     for i, line in enumerate(HELDOUT):
         words = line.split()
