@@ -14,7 +14,7 @@ from mochi.models.vae import (
     num_latents_for_frames,
 )
 from mochi.models.vae_memory import estimate_decode_memory
-from mochi.models.vae_tiling import _ramps, decode, encode, plan_decode, tile_starts
+from mochi.models.vae_tiling import _ramps, decode, encode, plan_decode, tile_layout
 
 
 def _rb(prefix: str, c: int, attention: bool = False) -> dict[str, tuple[int, ...]]:
@@ -180,8 +180,10 @@ def test_chunked_encode_is_exact(models, chunk):
 
 def test_blend_weights_are_a_partition_of_unity():
     for size, tile, overlap in [(60, 32, 4), (106, 32, 8), (13, 5, 2), (7, 7, 2)]:
-        starts = tile_starts(size, tile, overlap)
-        assert starts[0] == 0 and starts[-1] + tile >= size
+        starts, length = tile_layout(size, tile, overlap)
+        assert length <= tile and starts[0] == 0 and starts[-1] + length == size
+        assert len(starts) == (1 if tile >= size else -(-(size - overlap) // (tile - overlap)))
+        tile = length
         assert all(a + tile - b >= overlap for a, b in zip(starts, starts[1:]))
         total = torch.zeros(size * 8)
         for s, w in zip(starts, _ramps(starts, tile, size, 8)):

@@ -131,7 +131,9 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor, ctx: CausalContext | None = None) -> Tensor:
         """z: (B, 12, t, h, w) → (B, 3, T, 8h, 8w); T = 6t−5 for the first chunk, 6t for later ones."""
         ctx = ctx or CausalContext(carry=False)
-        x = z.to(self.output_proj.weight.dtype)
+        # Channels-last keeps oneDNN/cuDNN from reordering every conv's input and output (less memory,
+        # faster); every block preserves the layout.
+        x = z.to(self.output_proj.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
         for block in self.blocks:
             if isinstance(block, CausalUpsampleBlock):
                 x = block(x, ctx)
@@ -173,6 +175,7 @@ class Encoder(nn.Module):
         """x: (B, 3, T, H, W) in [−1, 1] → (mean, logvar), each (B, 12, t, H/8, W/8)."""
         ctx = ctx or CausalContext(carry=False)
         h = fourier_features(x).to(self.output_proj.weight.dtype)
+        h = h.contiguous(memory_format=torch.channels_last_3d)
         for layer in self.layers:
             h = layer(h) if isinstance(layer, Conv1x1) else layer(h, ctx)
         h = self.output_proj(torch.nn.functional.silu(self.output_norm(h), inplace=True))

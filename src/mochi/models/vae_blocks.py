@@ -42,11 +42,22 @@ class CausalContext:
         return total
 
 
+def empty_like_layout(x: Tensor, *shape: int) -> Tensor:
+    """An uninitialised tensor of `shape` in x's memory format (channels-last 3-D or contiguous)."""
+    fmt = torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
 class GroupNormSpatial(nn.GroupNorm):
     """GroupNorm(32 groups, eps 1e-5) applied to each frame on its own: (B, C, T, H, W) → same shape.
 
-    Statistics are taken per (sample, group, frame) without moving the time axis, so no permuted copy is
-    made; low-precision inputs get fp32 statistics and are normalised in fp32 a few frames at a time.
+    Statistics are taken per (sample, group, frame) in place of the input's layout (channels-last or
+    not), so no permuted copy is made; low-precision inputs get fp32 statistics and are normalised in
+    fp32 a few frames at a time. The output keeps the input's memory format.
     """
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5) -> None:
@@ -55,21 +66,32 @@ class GroupNormSpatial(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         b, c, t, h, w = x.shape
         g = self.num_groups
-        xv = x.contiguous().view(b, g, c // g, t, h * w)
-        weight = self.weight.view(1, g, c // g, 1, 1).float()
-        bias = self.bias.view(1, g, c // g, 1, 1).float()
+        if is_channels_last(x):
+            xv = x.permute(0, 2, 3, 4, 1).view(b, t, h * w, g, c // g)
+            tdim, pshape = 1, (1, 1, 1, g, c // g)
+
+            def back(y: Tensor) -> Tensor:
+                return y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        else:
+            xv = x.contiguous().view(b, g, c // g, t, h * w)
+            tdim, pshape = 3, (1, g, c // g, 1, 1)
+
+            def back(y: Tensor) -> Tensor:
+                return y.view(b, c, t, h, w)
+
+        dims = (2, 4)
+        weight, bias = self.weight.float().view(pshape), self.bias.float().view(pshape)
         if x.dtype == torch.float32:
-            var, mean = torch.var_mean(xv, dim=(2, 4), keepdim=True, correction=0)
+            var, mean = torch.var_mean(xv, dim=dims, keepdim=True, correction=0)
             scale = torch.rsqrt(var + self.eps) * weight
-            return torch.addcmul(bias - mean * scale, xv, scale).view(b, c, t, h, w)
-        out = torch.empty_like(x)
-        ov = out.view(b, g, c // g, t, h * w)
+            return back(torch.addcmul(bias - mean * scale, xv, scale))
+        out = torch.empty_like(xv)
         for t0 in range(0, t, 8):
-            xs = xv[:, :, :, t0 : t0 + 8].float()
-            var, mean = torch.var_mean(xs, dim=(2, 4), keepdim=True, correction=0)
+            xs = xv.narrow(tdim, t0, min(8, t - t0)).float()
+            var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)
             scale = torch.rsqrt(var + self.eps) * weight
-            ov[:, :, :, t0 : t0 + 8] = torch.addcmul(bias - mean * scale, xs, scale)
-        return out
+            out.narrow(tdim, t0, xs.shape[tdim]).copy_(torch.addcmul(bias - mean * scale, xs, scale))
+        return back(out)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -99,7 +121,7 @@ class CausalConv3d(nn.Conv3d):
         if n_pre == 0 and ph == 0 and pw == 0:
             return x
         b, c, t, h, w = x.shape
-        buf = x.new_empty(b, c, n_pre + t, h + 2 * ph, w + 2 * pw)
+        buf = empty_like_layout(x, b, c, n_pre + t, h + 2 * ph, w + 2 * pw)
         body = buf[:, :, n_pre:]
         body[:, :, :, ph : ph + h, pw : pw + w] = x
         if ph:
@@ -134,7 +156,7 @@ class CausalConv3d(nn.Conv3d):
         kt = self.kernel_size[0]
         parts = int(buf.numel() * 2 / _CONV_SPLIT_BYTES) + 1
         first = F.conv3d(buf[:, :, :kt], self.weight, self.bias)
-        out = first.new_empty(first.shape[0], first.shape[1], n_out, first.shape[3], first.shape[4])
+        out = empty_like_layout(first, first.shape[0], first.shape[1], n_out, first.shape[3], first.shape[4])
         for idx in torch.arange(n_out).chunk(parts):
             a, e = int(idx[0]), int(idx[-1]) + 1
             out[:, :, a:e] = F.conv3d(buf[:, :, a : e + kt - 1], self.weight, self.bias)
@@ -279,7 +301,7 @@ class CausalUpsampleBlock(nn.Module):
         b, _, t, h, w = x.shape
         cout = self.proj.out_features // (te * se * se)
         drop = 0 if ctx.started else te - 1
-        out = x.new_empty(b, cout, t * te - drop, h * se, w * se)
+        out = empty_like_layout(x, b, cout, t * te - drop, h * se, w * se)
         step = max(1, -(-t // 8))
         for t0 in range(0, t, step):
             n = min(step, t - t0)

@@ -46,12 +46,17 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length `tile` covering [0, size), adjacent ones overlapping ≥ `overlap`."""
+def tile_layout(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(start offsets, tile length) covering [0, size) with adjacent tiles overlapping ≥ `overlap`.
+
+    `tile` is the largest tile allowed: the fewest tiles that fit are used, each shrunk evenly to the
+    smallest length that still covers, so no work is spent on surplus overlap.
+    """
     if tile >= size:
-        return [0]
+        return [0], size
     n = math.ceil((size - overlap) / (tile - overlap))
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    length = math.ceil((size + (n - 1) * overlap) / n)
+    return [round(i * (size - length) / (n - 1)) for i in range(n)], length
 
 
 def _ramps(starts: list[int], tile: int, size: int, scale: int) -> list[Tensor]:
@@ -236,13 +241,14 @@ def _run_tiled(fn, x: Tensor, outs: tuple[Tensor, ...], plan: Plan, s: int, fram
     in_s, out_s = (1, s) if frame_out else (s, 1)
     t = x.shape[2] if frame_out else outs[0].shape[2]
     h, w = outs[0].shape[3] // out_s, outs[0].shape[4] // out_s
-    ys, xs = tile_starts(h, plan.tile[0], plan.overlap), tile_starts(w, plan.tile[1], plan.overlap)
-    wy, wx = _ramps(ys, plan.tile[0], h, out_s), _ramps(xs, plan.tile[1], w, out_s)
+    ys, th = tile_layout(h, plan.tile[0], plan.overlap)
+    xs, tw = tile_layout(w, plan.tile[1], plan.overlap)
+    wy, wx = _ramps(ys, th, h, out_s), _ramps(xs, tw, w, out_s)
     single = len(ys) == 1 and len(xs) == 1
     wsum = torch.zeros(h * out_s, w * out_s, device=x.device)
     for iy, y0 in enumerate(ys):
         for ix, x0 in enumerate(xs):
-            y1, x1 = min(y0 + plan.tile[0], h), min(x0 + plan.tile[1], w)
+            y1, x1 = min(y0 + th, h), min(x0 + tw, w)
             weight = (wy[iy][:, None] * wx[ix][None, :]).to(x.device)
             oy, ox = slice(y0 * out_s, y1 * out_s), slice(x0 * out_s, x1 * out_s)
             wsum[oy, ox] += weight
