@@ -61,9 +61,10 @@ class MochiPipeline:
         self.dit_dtype = parse_dtype(dit_dtype) or default_dit_dtype(self.device)
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
         self.offload = offload and self.device.type != "cpu"
-        self.attention = attention
         self.max_memory = max_memory
         c = components
+        if attention is not None:
+            c.dit.attention_backend = attention
         c.text_encoder.to(dtype=torch.float32)
         c.dit.to(dtype=self.dit_dtype)
         c.decoder.to(dtype=self.vae_dtype)
@@ -78,26 +79,18 @@ class MochiPipeline:
         cls,
         model: str | None = None,
         *,
+        vae: str | None = None,
         t5: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        vae_dtype: str | torch.dtype | None = None,
-        offload: bool = False,
-        attention: str | None = None,
-        max_memory: int | None = None,
+        tokenizer: str | None = None,
         fp8: str = "keep",
+        **options: object,
     ) -> MochiPipeline:
-        """Load from a checkpoint path in any supported layout, or the embedded default when ``model`` is None."""
-        components = load_components(model, t5=t5, fp8=fp8)
-        return cls(
-            components,
-            device=device,
-            dit_dtype=dtype,
-            vae_dtype=vae_dtype,
-            offload=offload,
-            attention=attention,
-            max_memory=max_memory,
-        )
+        """Load a checkpoint in any supported layout (the embedded default when ``model`` is None).
+
+        vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
+        """
+        components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
+        return cls(components, **options)
 
     # -- stages -------------------------------------------------------------------------------------------
 
@@ -108,15 +101,10 @@ class MochiPipeline:
             feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder)
         return feats.to(self.device), mask.to(self.device)
 
-    def _denoiser(self) -> Callable[..., torch.Tensor]:
-        dit, dtype, attention = self.components.dit, self.dit_dtype, self.attention
-
-        def model(
-            x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
-        ) -> torch.Tensor:
-            return dit(x.to(dtype), sigma, text.to(dtype), mask, attention=attention).float()
-
-        return model
+    @property
+    def _latent_stats(self) -> tuple | None:
+        c = self.components
+        return None if c.latent_mean is None else (c.latent_mean, c.latent_std)
 
     def _decode_budget(self) -> int:
         return self.max_memory or int(available_memory(self.device) * 0.8)
@@ -125,7 +113,7 @@ class MochiPipeline:
         """DiT-space latents (B, 12, t, h, w) → frames (B, 6t−5, 8h, 8w, 3) uint8."""
         decoder = self.components.decoder
         with placed(decoder, self.device, self.offload):
-            z = dit_to_vae(latents.float()).to(self.device, self.vae_dtype)
+            z = dit_to_vae(latents.float(), self._latent_stats).to(self.device, self.vae_dtype)
             frames = decode(decoder, z, max_memory=self._decode_budget())
         frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(0, 2, 3, 4, 1).cpu()  # B C T H W -> B T H W C
@@ -138,7 +126,7 @@ class MochiPipeline:
         with placed(encoder, self.device, self.offload):
             x = frames.permute(0, 4, 1, 2, 3).to(self.device, self.vae_dtype) / 127.5 - 1.0
             mean, _ = encode(encoder, x, max_memory=self._decode_budget())
-        return vae_to_dit(mean.float())
+        return vae_to_dit(mean.float(), self._latent_stats)
 
     # -- the whole request ----------------------------------------------------------------------------------
 
@@ -149,7 +137,7 @@ class MochiPipeline:
         progress: Progress | None = None,
         init_frames: torch.Tensor | None = None,
     ) -> Generation:
-        """Run one request. ``init_frames`` (T, H, W, 3) uint8 at the requested size enables video-to-video."""
+        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video."""
         req = request.resolved(self.components.defaults)
         report = progress or (lambda stage, done, total: None)
         seconds: dict[str, float] = {}
@@ -182,7 +170,7 @@ class MochiPipeline:
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
         with placed(self.components.dit, self.device, self.offload):
             latents = sample(
-                self._denoiser(),
+                self.components.dit,
                 z,
                 sigmas,
                 cond,

@@ -7,6 +7,8 @@ to the latent's dtype, as Genmo does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,23 +42,28 @@ LATENT_STD: tuple[float, ...] = (
 )
 
 
-def _stats(z: Tensor) -> tuple[Tensor, Tensor]:
-    if z.ndim != 5 or z.shape[1] != len(LATENT_MEAN):
-        raise ValueError(
-            f"latent shape {tuple(z.shape)} is invalid: expected (B, {len(LATENT_MEAN)}, t, h, w)"
-        )
-    mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(LATENT_STD, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-    return mean.to(z.dtype), std.to(z.dtype)
+Stats = tuple[Sequence[float], Sequence[float]]
 
 
-def dit_to_vae(z: Tensor) -> Tensor:
-    """Normalised (DiT) latents (B, 12, t, h, w) → raw VAE latents, same shape and dtype."""
-    mean, std = _stats(z)
+def _stats(z: Tensor, stats: Stats | None) -> tuple[Tensor, Tensor]:
+    mean, std = stats if stats is not None else (LATENT_MEAN, LATENT_STD)
+    if z.ndim != 5 or z.shape[1] != len(mean):
+        raise ValueError(f"latent shape {tuple(z.shape)} is invalid: expected (B, {len(mean)}, t, h, w)")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+    return mean_t.to(z.dtype), std_t.to(z.dtype)
+
+
+def dit_to_vae(z: Tensor, stats: Stats | None = None) -> Tensor:
+    """Normalised (DiT) latents (B, 12, t, h, w) → raw VAE latents, same shape and dtype.
+
+    stats: (mean, std) per channel of the VAE in use; None means the released AsymmVAE's.
+    """
+    mean, std = _stats(z, stats)
     return z * std + mean
 
 
-def vae_to_dit(z: Tensor) -> Tensor:
+def vae_to_dit(z: Tensor, stats: Stats | None = None) -> Tensor:
     """Raw VAE latents (B, 12, t, h, w), e.g. the encoder's mean → normalised (DiT) latents."""
-    mean, std = _stats(z)
+    mean, std = _stats(z, stats)
     return (z - mean) / std

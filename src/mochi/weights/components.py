@@ -1,0 +1,126 @@
+"""The set of models a pipeline needs, loaded from a checkpoint in any supported layout.
+
+A checkpoint may hold every component (a diffusers pipeline folder, a ComfyUI all-in-one file, the embedded
+bundle) or only the DiT (a Genmo folder has no T5; a ComfyUI DiT file has neither VAE nor T5). What the
+checkpoint lacks comes from the ``vae``/``t5``/``tokenizer`` paths, and a missing piece is a one-line error
+that says which option supplies it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mochi.models.dit import AsymmDiT
+from mochi.models.t5 import T5Encoder
+from mochi.models.tokenizer import Tokenizer, load_tokenizer
+from mochi.models.vae import Decoder, Encoder
+from mochi.weights.dit import load_dit
+from mochi.weights.formats import Detected, detect
+from mochi.weights.io import WeightsError
+from mochi.weights.t5 import load_t5
+from mochi.weights.vae import load_vae_decoder, load_vae_encoder
+
+# Genmo's CLI defaults for the released model (genmo-mochi.md §7).
+RELEASED_DEFAULTS = {"frames": 163, "height": 480, "width": 848, "steps": 64, "guidance": 6.0}
+
+
+@dataclass
+class Components:
+    """Everything a pipeline runs. ``defaults`` fill a request's unset frames/height/width/steps/guidance.
+
+    ``latent_mean``/``latent_std`` (12 values each) map VAE latents to the DiT's normalised space; None means
+    the released AsymmVAE's statistics.
+    """
+
+    tokenizer: Tokenizer
+    text_encoder: T5Encoder
+    dit: AsymmDiT
+    decoder: Decoder
+    encoder: Encoder | None = None
+    defaults: dict = field(default_factory=lambda: dict(RELEASED_DEFAULTS))
+    name: str = "custom"
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
+
+    def modules(self) -> list[nn.Module]:
+        found = [self.text_encoder, self.dit, self.decoder, self.encoder]
+        return [m for m in found if m is not None]
+
+
+def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) -> Tokenizer:
+    candidates = [tokenizer, t5]
+    if det is not None:
+        candidates += [det.extras.get("tokenizer"), det.path]
+    for candidate in candidates:
+        if candidate is None or not Path(candidate).is_dir():
+            continue
+        try:
+            return load_tokenizer(candidate)
+        except (ValueError, FileNotFoundError):
+            continue
+    raise ValueError(
+        "no T5 tokenizer found (spiece.model or tokenizer.json); pass --tokenizer PATH or a --t5 folder "
+        "that holds one (e.g. google/t5-v1_1-xxl)"
+    )
+
+
+def load_components(
+    model: str | os.PathLike | None = None,
+    *,
+    vae: str | os.PathLike | None = None,
+    t5: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    fp8: str = "keep",
+    encoder: bool = True,
+) -> Components:
+    """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
+
+    fp8: "keep" leaves fp8 DiT weights fp8 in memory (scaled per layer at matmul time), "dequantize" widens
+    them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
+    """
+    if model is None:
+        from mochi.weights.bundle import load_embedded
+
+        return load_embedded()
+    det = detect(model)
+    if det.format == "mochi-bundle":
+        from mochi.weights.bundle import load_bundle
+
+        return load_bundle(det.path)
+    if "dit" not in det.files:
+        raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
+    dit = load_dit(det, fp8=fp8)
+
+    vae_source = (
+        vae if vae is not None else (det.files["vae_decoder"][0] if "vae_decoder" in det.files else None)
+    )
+    if vae_source is None:
+        raise ValueError(
+            f"{str(model)!r} holds no VAE decoder ({det.describe()}); pass --vae PATH (Genmo "
+            "decoder.safetensors, a diffusers vae/ folder or a ComfyUI VAE file)"
+        )
+    decoder = load_vae_decoder(vae_source)
+    vae_encoder = None
+    enc_source = (
+        vae if vae is not None else (det.files["vae_encoder"][0] if "vae_encoder" in det.files else None)
+    )
+    if encoder and enc_source is not None:
+        try:
+            vae_encoder = load_vae_encoder(enc_source)
+        except WeightsError:
+            vae_encoder = None  # a decoder-only VAE file: video-to-video will say the encoder is missing
+
+    t5_source = t5 if t5 is not None else (det.files["t5"][0] if "t5" in det.files else None)
+    if t5_source is None:
+        raise ValueError(
+            f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass --t5 PATH (a "
+            "google/t5-v1_1-xxl folder or a ComfyUI t5xxl file)"
+        )
+    text_encoder = load_t5(t5_source, dtype=torch.float32)
+    tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
+    return Components(tok, text_encoder, dit, decoder, vae_encoder, name=Path(model).name)

@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from mochi.models.dit import DIT_PRESETS, AsymmDiT
+from mochi.models.t5 import T5_PRESETS, T5Encoder
+from mochi.models.tokenizer import ByteTokenizer
+from mochi.models.vae import DECODER_PRESETS, ENCODER_PRESETS, Decoder, Encoder
+from mochi.pipeline import MochiPipeline
+from mochi.request import GenerationRequest
+from mochi.sampling.sampler import initial_noise
+from mochi.weights.components import Components
+
+DEFAULTS = {"frames": 7, "height": 32, "width": 32, "steps": 3, "guidance": 4.0}
+
+
+def tiny_components(seed: int = 0) -> Components:
+    torch.manual_seed(seed)
+    t5 = T5Encoder(T5_PRESETS["t5-tiny"])
+    t5.initialize_weights()
+    parts = [
+        t5,
+        AsymmDiT(DIT_PRESETS["tiny"]),
+        Decoder(DECODER_PRESETS["tiny"]),
+        Encoder(ENCODER_PRESETS["tiny"]),
+    ]
+    for m in parts:
+        m.eval().requires_grad_(False)
+    return Components(ByteTokenizer(), *parts, defaults=dict(DEFAULTS), name="test-tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MochiPipeline(tiny_components(), device="cpu")
+
+
+def test_generate_shapes_dtype_and_seed(pipe):
+    out = pipe.generate(GenerationRequest("a red circle moving right", seed=3))
+    assert out.frames.shape == (1, 7, 32, 32, 3) and out.frames.dtype == torch.uint8
+    assert out.latents.shape == (1, 12, 2, 4, 4)
+    assert out.request.seed == 3 and out.request.steps == 3
+    again = pipe.generate(GenerationRequest("a red circle moving right", seed=3))
+    assert torch.equal(out.frames, again.frames)
+    other = pipe.generate(GenerationRequest("a red circle moving right", seed=4))
+    assert not torch.equal(out.latents, other.latents)
+
+
+def test_several_prompts_equal_separate_calls(pipe):
+    both = pipe.generate(GenerationRequest(["a red circle", "a blue square moving up"], seed=5))
+    one = pipe.generate(GenerationRequest("a red circle", seed=5))
+    assert both.frames.shape[0] == 2
+    # One seed draws one noise tensor for the whole batch; the first sample sees the same noise as B=1.
+    torch.testing.assert_close(both.latents[:1], one.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_and_separate_guidance_agree(pipe):
+    a = pipe.generate(GenerationRequest("a cyan square", seed=1, batch_cfg=True))
+    b = pipe.generate(GenerationRequest("a cyan square", seed=1, batch_cfg=False))
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_one_skips_the_unconditional_pass(pipe, monkeypatch):
+    batches = []
+    dit = pipe.components.dit
+    original = dit.forward
+
+    def spy(x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(dit, "forward", spy)
+    pipe.generate(GenerationRequest("x", seed=0, guidance=1.0))
+    assert batches == [1, 1, 1]
+    batches.clear()
+    pipe.generate(GenerationRequest("x", seed=0, guidance=[1.0, 3.0, 1.0]))
+    assert batches == [1, 2, 1]
+
+
+def test_progress_reports_every_stage(pipe):
+    seen = []
+    pipe.generate(
+        GenerationRequest("x", seed=0), progress=lambda stage, done, total: seen.append((stage, done))
+    )
+    assert [s for s in seen if s[0] == "denoise"] == [("denoise", 1), ("denoise", 2), ("denoise", 3)]
+    assert seen[0] == ("text", 0) and seen[-1] == ("decode", 1)
+
+
+def test_video_to_video_starts_from_the_clip(pipe):
+    frames = torch.randint(0, 256, (7, 32, 32, 3), dtype=torch.uint8)
+    steps_seen = []
+    req = GenerationRequest("x", seed=0, steps=8, strength=0.5)
+    out = pipe.generate(req, progress=lambda s, d, t: steps_seen.append(t) if s == "denoise" else None)
+    v2v = pipe.generate(
+        req, init_frames=frames, progress=lambda s, d, t: steps_seen.append(-t) if s == "denoise" else None
+    )
+    assert out.frames.shape == v2v.frames.shape
+    full = max(steps_seen)
+    partial = -min(steps_seen)
+    assert full == 8 and 0 < partial < 8
+
+
+def test_bad_request_fails_before_any_work(pipe):
+    with pytest.raises(ValueError, match="frames=8 is not of the form 6k"):
+        pipe.generate(GenerationRequest("x", frames=8))
+
+
+@pytest.mark.parametrize("negative", ["a gray blur", ""])
+def test_latents_match_diffusers_mochi_pipeline(pipe, negative):
+    """Identical weights, sigmas, noise and text embeddings → the same latents as diffusers (fp32).
+
+    The empty negative prompt is Genmo's zero-token prompt; diffusers encodes "" as one end token, so it is
+    given our embeddings and mask rather than its own (diffusers-mochi.md §4.5).
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        MochiTransformer3DModel,
+    )
+    from diffusers import (
+        MochiPipeline as DiffusersMochi,
+    )
+
+    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+
+    dit = pipe.components.dit
+    cfg = dit.config
+    theirs = MochiTransformer3DModel(
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        num_layers=cfg.depth,
+        pooled_projection_dim=cfg.hidden_size_y,
+        in_channels=cfg.in_channels,
+        text_embed_dim=cfg.t5_feat_dim,
+        time_embed_dim=cfg.timestep_embed_dim,
+    )
+    theirs.load_state_dict(genmo_to_diffusers(dit.state_dict()), strict=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+    peer = DiffusersMochi(
+        scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=theirs
+    )
+
+    prompt = "a yellow triangle moving down"
+    ours = pipe.generate(GenerationRequest(prompt, negative_prompt=negative, seed=11, steps=4, guidance=4.5))
+    feats, mask = pipe.encode_text([prompt, negative])
+    noise = initial_noise(ours.latents.shape, 11)
+    out = peer(
+        prompt_embeds=feats[:1],
+        prompt_attention_mask=mask[:1],
+        negative_prompt_embeds=feats[1:],
+        negative_prompt_attention_mask=mask[1:],
+        latents=noise,
+        height=32,
+        width=32,
+        num_frames=7,
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        output_type="latent",
+    ).frames
+    scale = ours.latents.abs().max()
+    assert (out - ours.latents).abs().max() <= 1e-4 * scale
