@@ -104,3 +104,17 @@ def test_read_errors(tmp_path):
         read_video(tmp_path / "text.mp4")
     with pytest.raises(VideoError, match="max_frames must be at least 1"):
         read_video(tmp_path / "text.mp4", max_frames=0)
+
+
+def test_fit_frames_crops_centre_and_resizes():
+    from mochi.video import fit_frames
+
+    video = np.zeros((9, 40, 100, 3), np.uint8)
+    video[:, :, 30:70] = 200  # a centre band 40 wide: the 40×40 centre crop is all 200
+    out = fit_frames(video, 7, 16, 16)
+    assert out.shape == (7, 16, 16, 3) and out.dtype == np.uint8
+    assert (out == 200).all()
+    tall = np.zeros((7, 64, 32, 3), np.uint8)
+    assert fit_frames(tall, 7, 32, 32).shape == (7, 32, 32, 3)
+    with pytest.raises(VideoError, match="has 7 frames, fewer than the 13 asked for"):
+        fit_frames(tall, 13, 32, 32)

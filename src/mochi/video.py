@@ -113,3 +113,26 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not images:
         raise VideoError(f"video {str(path)!r} has no frames")
     return np.stack(images), float(rate) if rate else 0.0
+
+
+def fit_frames(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+    """The first ``frames`` frames of ``video`` (T, H, W, 3) uint8, centre-cropped to the aspect of
+    ``width``×``height`` and resized to it (antialiased area resampling). Raises VideoError if too short.
+    """
+    if video.shape[0] < frames:
+        raise VideoError(f"video has {video.shape[0]} frames, fewer than the {frames} asked for")
+    clip = torch.from_numpy(np.ascontiguousarray(video[:frames])).permute(0, 3, 1, 2).float()  # T C H W
+    h, w = clip.shape[-2:]
+    if h * width > w * height:  # too tall: crop rows
+        keep = round(w * height / width)
+        top = (h - keep) // 2
+        clip = clip[:, :, top : top + keep]
+    else:  # too wide: crop columns
+        keep = round(h * width / height)
+        left = (w - keep) // 2
+        clip = clip[:, :, :, left : left + keep]
+    if clip.shape[-2:] != (height, width):
+        clip = torch.nn.functional.interpolate(
+            clip, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
+    return clip.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mochi.pipeline
+from mochi.cli import main
+from mochi.video import read_video, write_video
+
+from .test_pipeline import tiny_components
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+
+
+def test_generate_writes_video_and_sidecar(tiny, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", "a red circle moving right", "--seed", "9", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (7, 32, 32, 3) and fps == 30
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["seed"] == 9 and meta["steps"] == 2 and meta["prompt"] == "a red circle moving right"
+    assert meta["frames"] == 7 and meta["guidance"] == 4.0 and meta["model"] == "embedded:test-tiny"
+    assert set(meta["seconds"]) == {"load", "text", "denoise", "decode"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.mp4"]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_generate_draws_and_records_a_seed(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "A Blue Square!", "--steps", "1"]) == 0
+    (video,) = tmp_path.glob("*.mp4")
+    meta = json.loads(video.with_suffix(".json").read_text())
+    assert video.name == f"a-blue-square-{meta['seed']}.mp4"
+
+
+def test_video_to_video(tiny, tmp_path):
+    src = tmp_path / "in.mp4"
+    write_video(np.full((13, 48, 64, 3), 128, np.uint8), src)
+    out = tmp_path / "out.mp4"
+    assert (
+        main(
+            [
+                "generate",
+                "x",
+                "--init-video",
+                str(src),
+                "--strength",
+                "0.5",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert read_video(out)[0].shape == (7, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--frames", "30"],
+            "frames=30 is not of the form 6k+1 (the VAE's causal 6× time compression); "
+            "nearest valid: 25 or 31",
+        ),
+        (["--width", "100"], "width=100 must be a positive multiple of 16; nearest valid: 96 or 112"),
+        (
+            ["--out", "/nonexistent/dir/a.mp4"],
+            "cannot write '/nonexistent/dir/a.mp4': folder '/nonexistent/dir' does not exist",
+        ),
+        (["--out", "a.gif"], "output 'a.gif' must end in one of .mp4, .mov, .mkv; e.g. a.mp4"),
+        (["--init-video", "/nonexistent.mp4"], "video file '/nonexistent.mp4' does not exist"),
+        (["--strength", "0"], "strength=0.0 must be in (0, 1]; nearest valid: 0.01"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny, argv, message, capsys):
+    assert main(["generate", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err == f"mochi: error: {message}\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_cuda(tiny, capsys):
+    assert main(["generate", "x", "--device", "cuda"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "mochi: error: device 'cuda' asked for, but this machine has no CUDA; use --device cpu\n"
+    )
+
+
+def test_empty_init_video(tiny, tmp_path, capsys):
+    bad = tmp_path / "empty.mp4"
+    bad.write_bytes(b"")
+    assert main(["generate", "x", "--init-video", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mochi: error: cannot read video") and err.count("\n") == 1
+
+
+def test_interrupt_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mochi.pipeline.MochiPipeline, "generate", boom)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "x", "--out", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag in [
+        "--negative-prompt",
+        "--frames",
+        "--width",
+        "--height",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--model",
+        "--device",
+        "--dtype",
+        "--offload",
+        "--out",
+        "--init-video",
+        "--strength",
+    ]:
+        assert flag in text
