@@ -9,6 +9,9 @@ block updates only the visual stream. Module attribute names are Genmo's checkpo
 
 Text is carried packed: only valid tokens exist, laid end to end over the batch (``(L_total, D)``), so padding
 never enters the text projection, the pooler, the text MLPs or attention, and a batch equals separate calls.
+Packing was chosen over masking because a mask still pays for every padding token in the text stream and the
+pooler (the empty guidance prompt would cost a full 256-token text stream); here the guidance batch costs
+exactly its valid tokens, and attention runs one fused, unmasked kernel per sample (``mochi.ops.attention``).
 
 dtype: the model computes in the dtype of its weights (fp32, bf16 or fp16; no autocast needed), with the
 reference's fp32 islands (norms, RoPE, final LayerNorm). ``pos_frequencies`` and the q/k norm weights stay
@@ -286,13 +289,7 @@ class AsymmDiT(nn.Module):
     then load weights with ``load_state_dict(..., assign=True)``.
     """
 
-    FP32_PARAMS = (
-        "pos_frequencies",
-        "q_norm_x.weight",
-        "k_norm_x.weight",
-        "q_norm_y.weight",
-        "k_norm_y.weight",
-    )
+    FP32_PARAMS = ("pos_frequencies", *(f"{qk}_norm_{s}.weight" for qk in "qk" for s in "xy"))
 
     def __init__(self, config: DiTConfig, attention_backend: str = "sdpa") -> None:
         super().__init__()
