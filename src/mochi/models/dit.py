@@ -107,7 +107,8 @@ class PatchEmbed(nn.Module):
         """(B, C, T, H, W) latents → (B, T·H/p·W/p, D) tokens, frame-major then row then column."""
         B = x.shape[0]
         x = self.proj(rearrange(x, "B C T H W -> (B T) C H W"))
-        return rearrange(x, "(B T) D hp wp -> B (T hp wp) D", B=B)
+        # Contiguous: every block reads and writes the residual stream, and strided passes are slow.
+        return rearrange(x, "(B T) D hp wp -> B (T hp wp) D", B=B).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
