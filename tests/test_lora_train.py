@@ -109,6 +109,31 @@ def test_schedule_sigmas_and_data_order():
 CFG = LoraTrainConfig(rank=2, alpha=4, lr=1e-2, steps=4, warmup=1, checkpoint_every=2, sample_every=0, seed=3)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(data):
+    examples = list(LatentDataset(data[0]).examples)
+    grads = []
+    for checkpointing in (False, True):
+        dit = tiny_components().dit
+        torch.manual_seed(0)
+        lora_train.add_trainable_lora(dit, rank=2)
+        with torch.no_grad():
+            for name, p in dit.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_()
+        calls = []
+        inner = dit.blocks[0].attn.forward
+        dit.blocks[0].attn.forward = lambda *a, _f=inner, _c=calls: _c.append(1) or _f(*a)
+        if checkpointing:
+            lora_train.checkpoint_blocks(dit)
+        loss = lora_train.flow_matching_loss(dit, examples[:2], None, CFG, torch.Generator().manual_seed(1))
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad for n, p in dit.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 14
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_resumed_run_is_bit_identical_to_uninterrupted(data, tmp_path, monkeypatch):
     out, _ = data
     whole = read_lora(train_lora(pipe(), out, tmp_path / "whole", CFG, progress=False))

@@ -128,8 +128,10 @@ def prepare_data(
             }
             save_state_dict(tensors, target, {**settings, "caption": caption, "source": video.name})
             report.encoded.append(video.name)
-        except (ValueError, OSError, UnicodeDecodeError) as e:
+        except (ValueError, OSError) as e:  # VideoError and UnicodeDecodeError are ValueErrors
             report.skipped.append((video.name, str(e)))
+        except Exception as e:  # noqa: BLE001 - one clip must never stop the run; the report names it
+            report.skipped.append((video.name, f"{type(e).__name__}: {e}"))
         finally:
             if progress is not None:
                 progress(done, len(videos), video.name)
