@@ -2,7 +2,8 @@
 
 Runs the documented commands end to end, timing each:
 
-1. render ``--clips`` star clips of the shapes world (``shapes.render``, a star-only vocabulary) as mp4 + txt;
+1. render ``--clips`` star clips of the shapes world (``shapes.render``, a star-only vocabulary) and
+   ``--base-clips`` clips of the shapes the model knows (prior preservation) as mp4 + txt;
 2. ``mochi prepare-data VIDEOS DATA --frames 25 --width 64 --height 64``;
 3. ``mochi train-lora DATA --out RUN …``;
 4. judge (``mochi.train.judge``) videos generated with the LoRA for star prompts (shape accuracy and all of
@@ -48,11 +49,11 @@ def run_mochi(*args: str) -> float:
     return time.perf_counter() - started
 
 
-def render_clips(folder: Path, n: int, seed: int) -> None:
+def render_clips(folder: Path, n: int, seed: int, vocab: shapes.Vocab, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (caption, video) in enumerate(shapes.clips(seed, n, frames=25, height=64, width=64, vocab=STAR)):
-        write_video(video, folder / f"star{i:03d}.mp4", crf=10)
-        (folder / f"star{i:03d}.txt").write_text(caption + "\n")
+    for i, (caption, video) in enumerate(shapes.clips(seed, n, frames=25, height=64, width=64, vocab=vocab)):
+        write_video(video, folder / f"{name}{i:03d}.mp4", crf=10)
+        (folder / f"{name}{i:03d}.txt").write_text(caption + "\n")
 
 
 def random_components():  # noqa: ANN201 - Components
@@ -119,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for videos, data and the run")
     parser.add_argument("--model", help="base checkpoint (default: the embedded model)")
-    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--clips", type=int, default=48, help="star clips")
+    parser.add_argument("--base-clips", type=int, default=24, help="clips of the known shapes, mixed in")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -137,7 +139,9 @@ def main() -> None:
         print("no embedded model in this checkout: random components (mechanics only)", flush=True)
         mochi.pipeline.load_components = lambda *a, **k: random_components()
     videos, data, run = args.work / "videos", args.work / "data", args.work / "run"
-    render_clips(videos, args.clips, seed=1000 + args.seed)
+    render_clips(videos, args.clips, 1000 + args.seed, STAR, "star")
+    # Prior preservation: clips of the shapes the model knows keep the LoRA from drawing stars everywhere.
+    render_clips(videos, args.base_clips, 2000 + args.seed, shapes.DEFAULT_VOCAB, "base")
     seconds = {"prepare": run_mochi("prepare-data", str(videos), str(data), "--frames", "25", "--width", "64",
                                 "--height", "64", *model)}  # fmt: skip
     seconds["train"] = run_mochi(
@@ -166,6 +170,7 @@ def main() -> None:
     result = {
         "base_model": args.model or ("embedded" if real else "random tiny components (mechanics only)"),
         "clips": args.clips,
+        "base_clips": args.base_clips,
         "steps": args.steps,
         "rank": args.rank,
         "lr": args.lr,

@@ -258,3 +258,19 @@ def test_diffusers_peft_loading_gives_our_outputs(tmp_path):
             m2(x, sigma, text, mask), theirs(x, text, (1 - sigma) * 1000, mask, return_dict=False)[0],
             rtol=1e-4, atol=1e-4,
         )  # fmt: skip
+
+
+def test_released_size_lora_keys_match_genmo():
+    """§6.1: rank 16 on qkv_x, qkv_y, proj_x, proj_y of the 48 blocks (no proj_y in block 47): 25.9 M."""
+    from mochi.models.dit import DIT_PRESETS
+
+    with torch.device("meta"):
+        m = AsymmDiT(DIT_PRESETS["mochi-1-preview"])
+    add_trainable_lora(m, rank=16, alpha=16)
+    sd = trainable_lora_state_dict(m)
+    assert len(sd) == 2 * (48 * 3 + 47)
+    assert sum(v.numel() for v in sd.values()) == 25_878_528
+    assert sd["blocks.46.attn.proj_y.lora_A"].shape == (16, 3072)
+    assert sd["blocks.46.attn.proj_y.lora_B"].shape == (1536, 16)
+    assert sd["blocks.47.attn.qkv_y.lora_B"].shape == (9216, 16)
+    assert "blocks.47.attn.proj_y.lora_A" not in sd
