@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +168,60 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(data, tmp_path, monkeypat
     assert (tmp_path / "cut" / "lora-step-000004.safetensors").is_file()
 
 
+def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(data, tmp_path, monkeypatch):
+    out, _ = data
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "checkpoint_every": 0})  # only the final and Ctrl-C ones
+    whole = read_lora(train_lora(pipe(), out, tmp_path / "whole", cfg, progress=False))
+    calls = {"n": 0}
+    real = lora_train.flow_matching_loss
+
+    def ctrl_c_in_step_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)  # arrives mid-step: the step still completes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "flow_matching_loss", ctrl_c_in_step_two)
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 2"):
+        train_lora(pipe(), out, tmp_path / "cut", cfg, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert [p.name for p in list_states(tmp_path / "cut")] == ["step-000002.pt"]
+    monkeypatch.setattr(lora_train, "flow_matching_loss", real)
+    resumed = read_lora(train_lora(pipe(), out, tmp_path / "cut", cfg, progress=False))
+    for name, layer in whole.layers.items():
+        assert resumed.layers[name].B.equal(layer.B), name
+
+
+TRAIN_FOREVER = """
+import sys
+from tests.test_lora_train import CFG, LoraTrainConfig, pipe, train_lora
+cfg = LoraTrainConfig(**{**CFG.__dict__, "steps": 10_000, "checkpoint_every": 1})
+train_lora(pipe(), sys.argv[1], sys.argv[2], cfg, progress=False)
+"""
+
+
+def test_sigkill_at_any_moment_loses_nothing_saved(data, tmp_path):
+    """A real kill -9 during training: every checkpoint left is whole and the run resumes from the last."""
+    out, _ = data
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+    cmd = [sys.executable, "-c", TRAIN_FOREVER, str(out), str(tmp_path / "run")]
+    child = subprocess.Popen(cmd, env=env, cwd=root)
+    deadline = time.monotonic() + 120
+    while len(list_states(tmp_path / "run")) < 2 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    states = list_states(tmp_path / "run")
+    assert len(states) >= 2
+    state = load_latest_state(tmp_path / "run")  # loads: never half-written
+    assert state["path"] == str(states[-1]) and state["step"] >= 2
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "steps": state["step"] + 1, "checkpoint_every": 1})
+    train_lora(pipe(), out, tmp_path / "run", cfg, progress=False)
+    assert load_latest_state(tmp_path / "run")["step"] == state["step"] + 1
+    assert all(p.name.startswith("step-") for p in (tmp_path / "run" / "state").iterdir())
+
+
 def test_resume_refuses_other_settings(data, tmp_path):
     out, _ = data
     train_lora(pipe(), out, tmp_path / "run", CFG, progress=False)
@@ -220,6 +280,8 @@ def test_pipeline_applies_request_loras_merged_or_not(tmp_path):
     p.lora_merge = True
     merged = p.generate(GenerationRequest(**{**req.__dict__, "loras": loras})).latents
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    p.unload_loras()
+    torch.testing.assert_close(p.generate(req).latents, base, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_generate_with_lora_and_convert_lora(tmp_path, monkeypatch, capsys):

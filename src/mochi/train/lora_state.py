@@ -56,7 +56,13 @@ def list_states(out: Path) -> list[Path]:
 
 
 def load_latest_state(out: Path) -> dict | None:
-    """The newest readable state of a run (``config`` parsed back to a dict), or None for a fresh run."""
+    """The newest readable state of a run (``config`` parsed back to a dict), or None for a fresh run.
+
+    Temporary files that a killed write left behind (``.step-….partial.pt``) are removed.
+    """
+    folder = state_dir(out)
+    for leftover in folder.glob(".step-*.partial.pt") if folder.is_dir() else []:
+        leftover.unlink(missing_ok=True)
     for path in reversed(list_states(out)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
