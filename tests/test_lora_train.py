@@ -313,3 +313,14 @@ def test_cli_prepare_data_and_train_lora(videos, tmp_path, monkeypatch, capsys):
     assert lora.targets == ("qkv_x", "proj_x") and lora.ranks == {2}
     assert main([*run, "--targets", "qkv_x,bogus"]) == 2
     assert "unknown LoRA target 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_uses_bf16_base_and_fp32_lora(data, tmp_path):
+    out, _ = data
+    p = MochiPipeline(tiny_components(), device="cuda")
+    assert p.components.dit.dtype == torch.bfloat16
+    lora = read_lora(train_lora(p, out, tmp_path / "run", CFG, progress=False))
+    assert {layer.A.dtype for layer in lora.layers.values()} == {torch.float32}
+    assert all(torch.isfinite(layer.B).all() for layer in lora.layers.values())
+    assert p.components.dit.blocks[0].attn.qkv_x.lora_A.device.type == "cuda"

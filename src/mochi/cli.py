@@ -362,8 +362,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _load_pipeline(args: argparse.Namespace):  # noqa: ANN202 - MochiPipeline
     from mochi.pipeline import MochiPipeline
 
+    # Offload (a no-op on CPU): T5 and the VAE visit the GPU only when used; training keeps the DiT there.
     return MochiPipeline.from_pretrained(
-        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device
+        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device, offload=True
     )
 
 

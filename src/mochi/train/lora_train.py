@@ -209,6 +209,7 @@ def train_lora(
         _check_resumable(state["config"], cfg, out)
     atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
 
+    dit.to(pipe.device)  # an offloading pipeline keeps it elsewhere between stages; training needs it here
     torch.manual_seed(cfg.seed)
     add_trainable_lora(dit, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout)
     if cfg.gradient_checkpointing:
@@ -265,7 +266,7 @@ def train_lora(
                 checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
                 _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done)
-                dit.train()
+                dit.to(pipe.device).train()
             if stop.requested:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after step {done}; rerun the same command to resume")
