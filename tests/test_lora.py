@@ -16,7 +16,7 @@ from mochi.models.lora import (
     target_modules,
     trainable_lora_state_dict,
 )
-from mochi.weights.io import WeightsError
+from mochi.weights.io import WeightsError, read_metadata
 from mochi.weights.lora import convert_lora, from_diffusers, read_lora, save_lora, to_diffusers
 
 CFG = DiTConfig(depth=3, num_heads=2, hidden_size_x=32, hidden_size_y=16, t5_feat_dim=24, mlp_multiple_of=1)
@@ -155,6 +155,20 @@ def test_genmo_file_round_trip_and_metadata(tmp_path):
         assert back.layers[name].alpha == 8.0
 
 
+def test_genmo_file_folds_alphas_that_differ_within_a_group(tmp_path):
+    m = model()
+    layers = random_lora(m, rank=4, alpha=8)
+    layers["blocks.1.attn.qkv_y"] = LoraLayer(
+        layers["blocks.1.attn.qkv_y"].A, layers["blocks.1.attn.qkv_y"].B, 2.0
+    )
+    save_lora(layers, tmp_path / "l.safetensors")
+    back = read_lora(tmp_path / "l.safetensors").layers
+    assert json.loads(read_metadata(tmp_path / "l.safetensors")["kwargs"])["qkv_proj_lora_alpha"] == 8.0
+    assert back["blocks.1.attn.qkv_y"].alpha == 8.0
+    for name, layer in layers.items():
+        torch.testing.assert_close(back[name].delta_weight(), layer.delta_weight(), rtol=1e-6, atol=1e-6)
+
+
 def test_genmo_file_without_metadata_has_scaling_one(tmp_path):
     layers = random_lora(model(), rank=4)
     save_file({f"{n}.lora_{ab}": getattr(v, ab) for n, v in layers.items() for ab in "AB"}, tmp_path / "x.st")
@@ -274,3 +288,26 @@ def test_released_size_lora_keys_match_genmo():
     assert sd["blocks.46.attn.proj_y.lora_B"].shape == (1536, 16)
     assert sd["blocks.47.attn.qkv_y.lora_B"].shape == (9216, 16)
     assert "blocks.47.attn.proj_y.lora_A" not in sd
+
+
+def test_peft_alpha_sources(tmp_path):
+    """Alpha of a diffusers/PEFT file: .alpha keys, adapter_config.json, diffusers' header metadata."""
+    a, b = torch.randn(4, 32), torch.randn(32, 4)
+    sd = {
+        f"base_model.model.transformer_blocks.0.attn1.to_out.0.lora_{k}.weight": v
+        for k, v in (("A", a), ("B", b))
+    }
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(sd, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    layer = read_lora(folder).layers["blocks.0.attn.proj_x"]
+    assert layer.alpha == 2.0 and layer.A.equal(a) and layer.B.equal(b)
+    kohya = {**sd, "transformer_blocks.0.attn1.to_out.0.alpha": torch.tensor(1.0)}
+    save_file(kohya, tmp_path / "k.safetensors")
+    assert read_lora(tmp_path / "k.safetensors").layers["blocks.0.attn.proj_x"].alpha == 1.0
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})}
+    save_file(sd, tmp_path / "d.safetensors", metadata=meta)
+    assert read_lora(tmp_path / "d.safetensors").layers["blocks.0.attn.proj_x"].alpha == 8.0
+    save_file(sd, tmp_path / "plain.safetensors")
+    assert read_lora(tmp_path / "plain.safetensors").layers["blocks.0.attn.proj_x"].alpha == 4.0

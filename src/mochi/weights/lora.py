@@ -256,6 +256,10 @@ def _genmo_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
 # -- writing ---------------------------------------------------------------------------------------------
 
 
+def _group(target: str) -> str:
+    return next((g for g, targets in GENMO_GROUPS.items() if target in targets), target)
+
+
 def genmo_metadata(layers: Mapping[str, LoraLayer], dropout: float = 0.0, extra: dict | None = None) -> dict:
     """Genmo's ``kwargs`` (group rank/alpha/dropout) and our ``mochi_lora`` entry: safetensors metadata."""
     per_target: dict[str, tuple[int, float]] = {}
@@ -294,12 +298,13 @@ def save_lora(
     if format == "diffusers":
         save_state_dict(to_diffusers(layers), path, {"format": "pt"})
         return path
-    # Genmo's loader uses one alpha per target (scaling = alpha/r of each layer); a layer with another
-    # alpha (only in files converted from elsewhere) gets the ratio folded into its B.
+    # Genmo's loader uses one alpha per group (qkv_x and qkv_y; proj_x and proj_y), ours one per target; a
+    # layer with another alpha than its group's first (files converted from elsewhere, or trained with
+    # per-target alphas) gets the ratio folded into its B, so both loaders compute the same delta.
     alpha: dict[str, float] = {}
     fixed: dict[str, LoraLayer] = {}
     for name, layer in layers.items():
-        want = alpha.setdefault(target_of(name) or name, layer.alpha)
+        want = alpha.setdefault(_group(target_of(name) or name), layer.alpha)
         if layer.alpha != want:
             b = (layer.B.float() * (layer.alpha / want)).to(layer.B.dtype)
             layer = LoraLayer(layer.A, b, want)
