@@ -142,14 +142,16 @@ class AttentionPool(nn.Module):
         self.to_out = nn.Linear(d, cfg.hidden_size_x)
 
     def forward(self, tokens: torch.Tensor, text: PackedText) -> torch.Tensor:
-        """tokens: (L_total, d) packed valid T5 features → (B, hidden_size_x).
+        """tokens: (L_total, d) packed valid T5 features, any dtype → (B, hidden_size_x).
 
-        An empty prompt pools to zeros and attends only to itself: to_out(to_kv's value bias) (§1.3.5).
+        The mean is taken in fp32 (as the reference pools its fp32 T5 features), the rest in the weights'
+        dtype. An empty prompt pools to zeros and attends only to itself: to_out(to_kv's value bias) (§1.3.5).
         """
-        B = len(text.lengths)
+        B, dtype = len(text.lengths), self.to_kv.weight.dtype
         counts = torch.tensor(text.lengths, device=tokens.device).clamp(min=1)
-        pooled = torch.zeros(B, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-        pooled = pooled.index_add(0, text.sample, tokens) / counts[:, None].to(tokens.dtype)  # (B, d)
+        pooled = torch.zeros(B, tokens.shape[1], device=tokens.device)
+        pooled = (pooled.index_add(0, text.sample, tokens.float()) / counts[:, None]).to(dtype)  # (B, d)
+        tokens = tokens.to(dtype)
         kv = rearrange(
             self.to_kv(torch.cat([pooled, tokens])), "S (two h e) -> two h S e", two=2, h=self.heads
         )
@@ -182,7 +184,7 @@ class AsymmetricAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, update_y: bool) -> None:
         super().__init__()
         dx, dy, hd = cfg.hidden_size_x, cfg.hidden_size_y, cfg.head_dim
-        self.heads = cfg.num_heads
+        self.heads, self.update_y = cfg.num_heads, update_y
         self.qkv_x = nn.Linear(dx, 3 * dx, bias=False)
         self.qkv_y = nn.Linear(dy, 3 * dx, bias=False)
         self.q_norm_x, self.k_norm_x = RMSNorm(hd), RMSNorm(hd)
@@ -226,7 +228,7 @@ class AsymmetricAttention(nn.Module):
         parts = rearrange(out, "S h e -> S (h e)").split([n for s in text.lengths for n in (N, s)])
         out_x = parts[0][None] if B == 1 else torch.stack(parts[0::2])  # (B, N, dx)
         out_y = parts[1] if B == 1 else torch.cat(parts[1::2])  # (L_total, dx)
-        return self.proj_x(out_x), (self.proj_y(out_y) if isinstance(self.proj_y, nn.Linear) else None)
+        return self.proj_x(out_x), (self.proj_y(out_y) if self.update_y else None)
 
 
 class AsymmetricJointBlock(nn.Module):
@@ -408,10 +410,10 @@ class AsymmDiT(nn.Module):
         p, dtype = self.config.patch_size, self.dtype
         packed = PackedText.from_mask(text_mask.bool())
 
-        tokens = text.flatten(0, 1)[packed.index].to(dtype)  # (L_total, 4096), valid tokens only
+        tokens = text.flatten(0, 1)[packed.index]  # (L_total, 4096), valid tokens only
         c = self.t_embedder(sigma) + self.t5_y_embedder(tokens, packed)  # (B, dx)
         c = F.silu(c)  # every consumer of c takes SiLU(c) first
-        y = self.t5_yproj(tokens)  # (L_total, dy)
+        y = self.t5_yproj(tokens.to(dtype))  # (L_total, dy)
         h = self.x_embedder(x.to(dtype))  # (B, N, dx)
         rope = rope_table(self.pos_frequencies, rope_positions(T, H // p, W // p, device=x.device))
 
