@@ -390,8 +390,8 @@ class AsymmDiT(nn.Module):
         if len(set(sizes.values())) != 1:
             raise ValueError(f"batch sizes must match, got {sizes}")
         lo, hi = sigma.min().item(), sigma.max().item()
-        if lo < 0.0 or hi > 1.0:
-            bad = lo if lo < 0 else hi
+        if not (lo >= 0.0 and hi <= 1.0):  # written so that NaN fails too
+            bad = lo if not lo >= 0.0 else hi
             raise ValueError(
                 f"sigma must lie in [0, 1] (1 = pure noise), got {bad}; nearest valid: {min(max(bad, 0), 1)}"
             )
