@@ -118,8 +118,8 @@ class TimestepEmbedder(nn.Module):
         d = cfg.hidden_size_x
         self.mlp = nn.Sequential(nn.Linear(cfg.timestep_embed_dim, d), nn.SiLU(), nn.Linear(d, d))
 
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        """sigma (B,) in [0, 1] → (B, D). The sinusoid [cos, sin] of t = 1000·(1 − σ) is built in fp32."""
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sigma (B,) in [0, 1] → (B, D) in ``dtype``; the sinusoid [cos, sin] of t = 1000·(1 − σ) is fp32."""
         t = (1 - sigma.float()) * 1000.0
         half = self.freq_dim // 2
         freqs = torch.exp(
@@ -127,7 +127,7 @@ class TimestepEmbedder(nn.Module):
         )
         args = t[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(dtype))
 
 
 class AttentionPool(nn.Module):
@@ -141,13 +141,13 @@ class AttentionPool(nn.Module):
         self.to_q = nn.Linear(d, d)
         self.to_out = nn.Linear(d, cfg.hidden_size_x)
 
-    def forward(self, tokens: torch.Tensor, text: PackedText) -> torch.Tensor:
-        """tokens: (L_total, d) packed valid T5 features, any dtype → (B, hidden_size_x).
+    def forward(self, tokens: torch.Tensor, text: PackedText, dtype: torch.dtype) -> torch.Tensor:
+        """tokens: (L_total, d) packed valid T5 features, any dtype → (B, hidden_size_x) in ``dtype``.
 
-        The mean is taken in fp32 (as the reference pools its fp32 T5 features), the rest in the weights'
-        dtype. An empty prompt pools to zeros and attends only to itself: to_out(to_kv's value bias) (§1.3.5).
+        The mean is taken in fp32 (as the reference pools its fp32 T5 features), the rest in ``dtype``.
+        An empty prompt pools to zeros and attends only to itself: to_out(to_kv's value bias) (§1.3.5).
         """
-        B, dtype = len(text.lengths), self.to_kv.weight.dtype
+        B = len(text.lengths)
         counts = torch.tensor(text.lengths, device=tokens.device).clamp(min=1)
         pooled = torch.zeros(B, tokens.shape[1], device=tokens.device)
         pooled = (pooled.index_add(0, text.sample, tokens.float()) / counts[:, None]).to(dtype)  # (B, d)
@@ -319,7 +319,10 @@ class AsymmDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: that of the patch embedding. Inputs are cast to it, the output back."""
+        """The compute dtype: that of the patch embedding's weight (a Conv2d, never fp8-quantized).
+
+        Inputs are cast to it and the output back to x's dtype; fp8 Linear layers compute in it.
+        """
         return self.x_embedder.proj.weight.dtype
 
     def initialize_weights(self) -> None:
@@ -411,7 +414,7 @@ class AsymmDiT(nn.Module):
         packed = PackedText.from_mask(text_mask.bool())
 
         tokens = text.flatten(0, 1)[packed.index]  # (L_total, 4096), valid tokens only
-        c = self.t_embedder(sigma) + self.t5_y_embedder(tokens, packed)  # (B, dx)
+        c = self.t_embedder(sigma, dtype) + self.t5_y_embedder(tokens, packed, dtype)  # (B, dx)
         c = F.silu(c)  # every consumer of c takes SiLU(c) first
         y = self.t5_yproj(tokens.to(dtype))  # (L_total, dy)
         h = self.x_embedder(x.to(dtype))  # (B, N, dx)
