@@ -187,6 +187,7 @@ def test_meta_build_then_assign_load_gives_the_same_model():
         (lambda a: a | {"text": a["text"][..., :16]}, r"feature width must equal t5_feat_dim=32"),
         (lambda a: a | {"sigma": torch.tensor([0.5, 1.5])}, r"sigma must lie in \[0, 1\].*got 1.5"),
         (lambda a: a | {"sigma": torch.tensor([-0.1, 0.5])}, r"sigma must lie in \[0, 1\].*got -0.1"),
+        (lambda a: a | {"sigma": torch.tensor([0.5, float("nan")])}, r"sigma must lie in \[0, 1\].*got nan"),
         (lambda a: a | {"sigma": a["sigma"][:1]}, r"batch sizes must match.*'sigma': 1"),
         (lambda a: a | {"text": a["text"][:1], "text_mask": a["text_mask"][:1]}, r"batch sizes must match"),
         (

@@ -118,8 +118,8 @@ class TimestepEmbedder(nn.Module):
         d = cfg.hidden_size_x
         self.mlp = nn.Sequential(nn.Linear(cfg.timestep_embed_dim, d), nn.SiLU(), nn.Linear(d, d))
 
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        """sigma (B,) in [0, 1] → (B, D). The sinusoid [cos, sin] of t = 1000·(1 − σ) is built in fp32."""
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sigma (B,) in [0, 1] → (B, D) in ``dtype``; the sinusoid [cos, sin] of t = 1000·(1 − σ) is fp32."""
         t = (1 - sigma.float()) * 1000.0
         half = self.freq_dim // 2
         freqs = torch.exp(
@@ -127,7 +127,7 @@ class TimestepEmbedder(nn.Module):
         )
         args = t[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(dtype))
 
 
 class AttentionPool(nn.Module):
@@ -141,15 +141,17 @@ class AttentionPool(nn.Module):
         self.to_q = nn.Linear(d, d)
         self.to_out = nn.Linear(d, cfg.hidden_size_x)
 
-    def forward(self, tokens: torch.Tensor, text: PackedText) -> torch.Tensor:
-        """tokens: (L_total, d) packed valid T5 features → (B, hidden_size_x).
+    def forward(self, tokens: torch.Tensor, text: PackedText, dtype: torch.dtype) -> torch.Tensor:
+        """tokens: (L_total, d) packed valid T5 features, any dtype → (B, hidden_size_x) in ``dtype``.
 
+        The mean is taken in fp32 (as the reference pools its fp32 T5 features), the rest in ``dtype``.
         An empty prompt pools to zeros and attends only to itself: to_out(to_kv's value bias) (§1.3.5).
         """
         B = len(text.lengths)
         counts = torch.tensor(text.lengths, device=tokens.device).clamp(min=1)
-        pooled = torch.zeros(B, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-        pooled = pooled.index_add(0, text.sample, tokens) / counts[:, None].to(tokens.dtype)  # (B, d)
+        pooled = torch.zeros(B, tokens.shape[1], device=tokens.device)
+        pooled = (pooled.index_add(0, text.sample, tokens.float()) / counts[:, None]).to(dtype)  # (B, d)
+        tokens = tokens.to(dtype)
         kv = rearrange(
             self.to_kv(torch.cat([pooled, tokens])), "S (two h e) -> two h S e", two=2, h=self.heads
         )
@@ -182,7 +184,7 @@ class AsymmetricAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, update_y: bool) -> None:
         super().__init__()
         dx, dy, hd = cfg.hidden_size_x, cfg.hidden_size_y, cfg.head_dim
-        self.heads = cfg.num_heads
+        self.heads, self.update_y = cfg.num_heads, update_y
         self.qkv_x = nn.Linear(dx, 3 * dx, bias=False)
         self.qkv_y = nn.Linear(dy, 3 * dx, bias=False)
         self.q_norm_x, self.k_norm_x = RMSNorm(hd), RMSNorm(hd)
@@ -226,7 +228,7 @@ class AsymmetricAttention(nn.Module):
         parts = rearrange(out, "S h e -> S (h e)").split([n for s in text.lengths for n in (N, s)])
         out_x = parts[0][None] if B == 1 else torch.stack(parts[0::2])  # (B, N, dx)
         out_y = parts[1] if B == 1 else torch.cat(parts[1::2])  # (L_total, dx)
-        return self.proj_x(out_x), (self.proj_y(out_y) if isinstance(self.proj_y, nn.Linear) else None)
+        return self.proj_x(out_x), (self.proj_y(out_y) if self.update_y else None)
 
 
 class AsymmetricJointBlock(nn.Module):
@@ -317,7 +319,10 @@ class AsymmDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: that of the patch embedding. Inputs are cast to it, the output back."""
+        """The compute dtype: that of the patch embedding's weight (a Conv2d, never fp8-quantized).
+
+        Inputs are cast to it and the output back to x's dtype; fp8 Linear layers compute in it.
+        """
         return self.x_embedder.proj.weight.dtype
 
     def initialize_weights(self) -> None:
@@ -388,8 +393,8 @@ class AsymmDiT(nn.Module):
         if len(set(sizes.values())) != 1:
             raise ValueError(f"batch sizes must match, got {sizes}")
         lo, hi = sigma.min().item(), sigma.max().item()
-        if lo < 0.0 or hi > 1.0:
-            bad = lo if lo < 0 else hi
+        if not (lo >= 0.0 and hi <= 1.0):  # written so that NaN fails too
+            bad = lo if not lo >= 0.0 else hi
             raise ValueError(
                 f"sigma must lie in [0, 1] (1 = pure noise), got {bad}; nearest valid: {min(max(bad, 0), 1)}"
             )
@@ -408,10 +413,10 @@ class AsymmDiT(nn.Module):
         p, dtype = self.config.patch_size, self.dtype
         packed = PackedText.from_mask(text_mask.bool())
 
-        tokens = text.flatten(0, 1)[packed.index].to(dtype)  # (L_total, 4096), valid tokens only
-        c = self.t_embedder(sigma) + self.t5_y_embedder(tokens, packed)  # (B, dx)
+        tokens = text.flatten(0, 1)[packed.index]  # (L_total, 4096), valid tokens only
+        c = self.t_embedder(sigma, dtype) + self.t5_y_embedder(tokens, packed, dtype)  # (B, dx)
         c = F.silu(c)  # every consumer of c takes SiLU(c) first
-        y = self.t5_yproj(tokens)  # (L_total, dy)
+        y = self.t5_yproj(tokens.to(dtype))  # (L_total, dy)
         h = self.x_embedder(x.to(dtype))  # (B, N, dx)
         rope = rope_table(self.pos_frequencies, rope_positions(T, H // p, W // p, device=x.device))
 
