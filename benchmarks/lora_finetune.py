@@ -129,7 +129,16 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=24, help="prompts per group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (on a CPU shared with other jobs, 1 avoids oversubscription)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     model = ["--model", args.model] if args.model else []
     real = args.model is not None or embedded_available()
@@ -175,6 +184,7 @@ def main() -> None:
         "rank": args.rank,
         "lr": args.lr,
         "batch_size": args.batch_size,
+        "threads": args.threads,
         "eval_prompts_per_group": args.eval_prompts,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "figures": figures,

@@ -403,7 +403,8 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
     with tqdm(unit="video", dynamic_ncols=True) as bar:
 
         def progress(done: int, total: int, name: str) -> None:
-            bar.total = total
+            if bar.total != total:
+                bar.reset(total=total)
             bar.set_postfix_str(name)
             bar.update(done - bar.n)
 

@@ -88,7 +88,8 @@ def prepare_data(
 
     Each file holds ``mean`` and ``logvar`` (12, t, h/8, w/8) float32 in raw VAE space and ``text``
     (n, D) float32, the caption's n valid T5 tokens (an empty caption has none); its metadata holds the
-    caption, source name and settings. ``progress(done, total, name)`` is called after each video.
+    caption, source name and settings. ``progress(done, total, name)`` is called once before the first
+    video (done = 0) and after each. Frames are taken as decoded, without resampling the frame rate.
     """
     from mochi.models.prompts import encode_prompts
     from mochi.models.vae_tiling import encode
@@ -106,6 +107,8 @@ def prepare_data(
     settings = _settings(frames, width, height)
     report = PrepareReport()
     encoder, text_encoder = components.encoder, components.text_encoder
+    if progress is not None:
+        progress(0, len(videos), "")
     for done, video in enumerate(videos, 1):
         target = out / f"{video.stem}.safetensors"
         try:
