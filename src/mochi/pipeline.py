@@ -152,10 +152,10 @@ class MochiPipeline:
 
     def _use_loras(self, loras: list[tuple[str, float]]) -> None:
         """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded)."""
-        wanted = [(str(p), float(s)) for p, s in loras]
-        if wanted and wanted != [(p, s) for p, s, _ in self.loras]:
+        wanted = [(str(p), float(s), self.lora_merge) for p, s in loras]
+        if wanted and wanted != [(p, s, h.merged) for p, s, h in self.loras]:
             self.unload_loras()
-            for path, scale in wanted:
+            for path, scale, _ in wanted:
                 self.load_lora(path, scale)
 
     # -- the whole request ----------------------------------------------------------------------------------
