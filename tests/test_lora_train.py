@@ -347,3 +347,16 @@ def test_training_lowers_the_loss(data, tmp_path):
     train_lora(p, out, tmp_path / "run", cfg, progress=False)
     after = loss()
     assert after < 0.95 * before  # 9.84 → 8.93 here
+
+
+def test_cli_parser_stays_light_and_matches_default_targets():
+    code = "import sys; from mochi.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
+    from mochi.cli import build_parser
+    from mochi.models.lora import DEFAULT_TARGETS
+
+    args = build_parser().parse_args(["train-lora", "d", "--out", "o"])
+    assert tuple(args.targets.split(",")) == DEFAULT_TARGETS

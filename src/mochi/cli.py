@@ -424,8 +424,6 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
 
 @command
 def _add_train_lora(sub: Subparsers) -> None:
-    from mochi.models.lora import DEFAULT_TARGETS
-
     p = sub.add_parser(
         "train-lora",
         help="fine-tune a LoRA on data made by prepare-data (resumable)",
@@ -441,7 +439,9 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (16)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha/rank (16)")
     p.add_argument(
-        "--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layers per block (%(default)s)"
+        "--targets",
+        default="qkv_x,qkv_y,proj_x,proj_y",  # = models.lora.DEFAULT_TARGETS (no import: fast --help)
+        help="comma-separated layers per block (%(default)s)",
     )
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (2e-4)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
