@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,18 +259,20 @@ def train_lora(
             avg = total if avg is None else 0.95 * avg + 0.05 * total
             bar.update(1)
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if (
-                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                or done == cfg.steps
-                or stop.requested
-            ):
+            saved = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+            if saved:
                 checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
                 _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done)
                 dit.to(pipe.device).train()
-            if stop.requested:
+            if stop.requested:  # checked last: a stop during sampling is honoured too
+                if not saved:
+                    checkpoint(done)
                 bar.close()
-                raise KeyboardInterrupt(f"stopped after step {done}; rerun the same command to resume")
+                message = f"stopped after step {done} (checkpoint saved); rerun the same command to resume"
+                if progress:
+                    tqdm.write(message, file=sys.stderr)
+                raise KeyboardInterrupt(message)
     bar.close()
     final = out / "lora.safetensors"
     save_lora(read_layers(trainable_lora_state_dict(dit)), final, extra={"step": max(start, cfg.steps)})
