@@ -1,0 +1,133 @@
+"""Peak-memory estimates for tiled, chunked VAE decoding and encoding.
+
+The estimate walks the model's layers with the shapes one (tile, chunk) step sees and takes the largest
+set of tensors that are alive together in our implementation (`vae_blocks`): in a ResBlock the input, a
+padded stream and a conv output; in an upsampling block its input, its output and one projected group.
+To that it adds what lives across steps: the causal context carried between chunks, the float32 output
+accumulators and the blend-weight map. Weights are not counted. `BACKEND_FACTOR` covers the temporary
+buffers a convolution backend may allocate on top (measured on CPU/oneDNN; see
+benchmarks/vae_vs_diffusers.py, which checks the estimate against a measured case).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mochi.models.vae import SPATIAL_FACTOR, DecoderConfig, EncoderConfig, num_frames_for_latents
+
+BACKEND_FACTOR = 1.25
+
+
+def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
+    """(peak elements inside one ResBlock, elements of the context its two convs carry)."""
+    n = c * t * h * w
+    padded = c * (t + 2) * (h + 2) * (w + 2)
+    return 2 * n + padded, 2 * c * 2 * (h + 2) * (w + 2)
+
+
+def _decoder_step(cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool) -> tuple[int, int]:
+    """(peak activation elements, carried-context elements) for one chunk of n latents on an h×w tile."""
+    ch, nrb = cfg.channels, cfg.num_res_blocks
+    peak, carried = b * cfg.latent_dim * n * h * w + b * ch[-1] * n * h * w, 0
+    t = n
+
+    def resblocks(c: int, count: int) -> None:
+        nonlocal peak, carried
+        for _ in range(count):
+            p, k = _resblock(c, t, h, w)
+            peak, carried = max(peak, b * p), carried + b * k
+
+    resblocks(ch[-1], nrb[-1])
+    for i in range(len(ch) - 1):
+        cin, cout = ch[-i - 1], ch[-i - 2]
+        te, se = cfg.temporal_expansions[-i - 1], cfg.spatial_expansions[-i - 1]
+        resblocks(cin, nrb[-i - 2])
+        t_out = t * te - (te - 1 if first else 0)
+        n_in, n_out = cin * t * h * w, cout * t_out * h * w * se * se
+        group = 2 * cout * te * se * se * -(-t // 8) * h * w
+        peak = max(peak, b * (n_in + n_out + group))
+        t, h, w = t_out, h * se, w * se
+    resblocks(ch[0], nrb[0])
+    peak = max(peak, b * (ch[0] + cfg.out_channels) * t * h * w)
+    return peak, carried
+
+
+def estimate_decode_memory(
+    cfg: DecoderConfig,
+    latent_shape: tuple[int, int, int, int],
+    tile: tuple[int, int],
+    chunk: int,
+    overlap: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes of peak memory, weights excluded, to decode a (B, t, h, w) latent with this split.
+
+    Includes the float32 output (B, 3, 6t−5, 8h, 8w) and the blend-weight map.
+    """
+    b, t, h, w = latent_shape
+    th, tw = min(tile[0], h), min(tile[1], w)
+    chunk = min(chunk, t)
+    size = torch.tensor([], dtype=dtype).element_size()
+    first, carried = _decoder_step(cfg, b, chunk, th, tw, True)
+    later = _decoder_step(cfg, b, chunk, th, tw, False)[0] if chunk < t else 0
+    step = max(first, later) + (carried if chunk < t else 0)
+    s = SPATIAL_FACTOR
+    output = 4 * (b * cfg.out_channels * num_frames_for_latents(t) * h * w * s * s + h * w * s * s)
+    return int(BACKEND_FACTOR * step * size) + output
+
+
+def _encoder_step(
+    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool
+) -> tuple[int, int]:
+    """(peak activation elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames)."""
+    ch, nrb, att = cfg.channels, cfg.num_res_blocks, cfg.has_attentions
+    s = SPATIAL_FACTOR
+    t = 6 * n - 5 if first else 6 * n
+    t_all = 6 * t_all - 5
+    hh, ww = h * s, w * s
+    # Fourier features: input, the interleaved copy, its sines, cosines and the 15-channel concatenation.
+    peak, carried = b * t * hh * ww * (3 + 6 + 6 + 6 + 15), 0
+
+    def resblocks(c: int, count: int, attention: bool) -> None:
+        nonlocal peak, carried
+        for _ in range(count):
+            p, k = _resblock(c, t, hh, ww)
+            peak, carried = max(peak, b * p), carried + b * k
+            if attention:
+                n_el = c * t * hh * ww
+                peak = max(peak, b * 8 * n_el)
+                carried += b * 2 * c * t_all * hh * ww
+
+    resblocks(ch[0], nrb[0], att[0])
+    for i in range(len(ch) - 1):
+        te, se = cfg.temporal_reductions[i], cfg.spatial_reductions[i]
+        t_in = t + (te - 1 if first else 0)
+        peak = max(peak, b * (2 * ch[i] * t_in * hh * ww + ch[i + 1] * t * hh * ww // (te * se * se)))
+        t, t_all, hh, ww = t_in // te, (t_all + te - 1) // te, hh // se, ww // se
+        resblocks(ch[i + 1], nrb[i + 1], att[i + 1])
+    resblocks(ch[-1], nrb[-1], att[-1])
+    return peak, carried
+
+
+def estimate_encode_memory(
+    cfg: EncoderConfig,
+    latent_shape: tuple[int, int, int, int],
+    tile: tuple[int, int],
+    chunk: int,
+    overlap: int = 4,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes of peak memory, weights and the input video excluded, to encode to a (B, t, h, w) latent.
+
+    Includes the carried attention keys and values of the whole video (per tile) and the float32 mean
+    and log-variance outputs.
+    """
+    b, t, h, w = latent_shape
+    th, tw = min(tile[0], h), min(tile[1], w)
+    chunk = min(chunk, t)
+    size = torch.tensor([], dtype=dtype).element_size()
+    first, carried = _encoder_step(cfg, b, chunk, t, th, tw, True)
+    later = _encoder_step(cfg, b, chunk, t, th, tw, False)[0] if chunk < t else 0
+    step = max(first, later) + (carried if chunk < t else 0)
+    output = 4 * (2 * b * cfg.latent_dim * t * h * w + h * w)
+    return int(BACKEND_FACTOR * step * size) + output
