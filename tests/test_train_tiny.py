@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,15 @@ from mochi.weights.bundle import load_bundle
 
 PRESET = model_preset("test-micro")
 VAE = VAERecipe(
-    steps=2, batch=1, frames=7, clip_frames=9, height=16, width=16, log_every=1, checkpoint_every=1
+    steps=2,
+    batch=1,
+    frames=7,
+    clip_frames=9,
+    height=16,
+    width=16,
+    log_every=1,
+    checkpoint_every=1,
+    encoder_steps=1,
 )
 DIT = DiTRecipe(
     steps=2,
@@ -95,9 +104,22 @@ def test_vae_resumes_exactly(vae_run, tmp_path):
     assert uninterrupted["step"] == 2 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
     with pytest.raises(Interrupted):
         train_vae(tmp_path, PRESET, VAE, log=_interrupt_at("vae step 2/"))
-    assert load_checkpoint(tmp_path / VAE_CHECKPOINT)["step"] == 1
+    at_freeze = load_checkpoint(tmp_path / VAE_CHECKPOINT)
+    assert at_freeze["step"] == 1
     resumed = train_vae(tmp_path, PRESET, VAE, log=lambda line: None)
     _assert_same(uninterrupted, resumed)
+    # After encoder_steps only the decoder trains: the latent space is final.
+    _assert_same(at_freeze["encoder"], resumed["encoder"])
+    assert not torch.equal(
+        at_freeze["decoder"]["output_proj.weight"], resumed["decoder"]["output_proj.weight"]
+    )
+
+
+def test_dit_waits_for_the_final_encoder(tmp_path):
+    with pytest.raises(Interrupted):
+        train_vae(tmp_path, PRESET, replace(VAE, encoder_steps=2), log=_interrupt_at("vae step 2/"))
+    with pytest.raises(ValueError, match="at step 1, but its encoder trains until step 2"):
+        train_dit(tmp_path, PRESET, DIT, log=lambda line: None)
 
 
 def test_dit_resumes_exactly_and_exports(vae_run, tmp_path):

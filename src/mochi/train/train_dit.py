@@ -43,7 +43,7 @@ CACHE_DIR = "latents"
 
 @dataclass(frozen=True)
 class DiTRecipe:
-    steps: int = 3000
+    steps: int = 2500
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
@@ -74,6 +74,11 @@ def build_latent_cache(out: Path, preset: ModelPreset, recipe: DiTRecipe, log=pr
     state = load_checkpoint(out / VAE_CHECKPOINT)
     if state is None:
         raise ValueError(f"no VAE checkpoint in {str(out)!r}: run `python -m mochi.train.tiny vae` first")
+    if state["step"] < state["encoder_steps"]:
+        raise ValueError(
+            f"the VAE checkpoint in {str(out)!r} is at step {state['step']}, but its encoder trains until "
+            f"step {state['encoder_steps']}: let `python -m mochi.train.tiny vae` get there first"
+        )
     encoder = Encoder(preset.encoder)
     encoder.load_state_dict(state["encoder"])
     encoder.eval()

@@ -7,7 +7,8 @@ of six frames) train them for any length; they decode 25 frames at inference.
 
 Batch ``b`` of step ``s`` holds clips ``s·b … s·b + b − 1`` of dataset ``seed`` (``shapes.spec_at``),
 each rendered at 25 frames and cut to a window whose start comes from a generator seeded with (seed, s):
-resuming at step s replays the same data and noise.
+resuming at step s replays the same data and noise. After ``encoder_steps`` the encoder is frozen and
+only the decoder trains on; the DiT stage needs only the (final) encoder, so it can run meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class VAERecipe:
     lr: float = 1e-3
     warmup: int = 100
     kl_weight: float = 1e-3
+    # From this step on the encoder is frozen and only the decoder trains: the latent space is then final,
+    # so the DiT stage may start (its latent cache needs only the encoder) while the decoder keeps improving.
+    encoder_steps: int = 1000
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
@@ -109,6 +113,7 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
             "optimizer": opt.state_dict(),
             "step": step,
             "loss": last,
+            "encoder_steps": recipe.encoder_steps,
         }
 
     last = float(state["loss"]) if state is not None else float("nan")
@@ -118,7 +123,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
         noise_gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
-        mean, logvar = encoder(x)
+        frozen = step >= recipe.encoder_steps
+        with torch.set_grad_enabled(not frozen):
+            mean, logvar = encoder(x)
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=noise_gen)
         y = decoder(z)
