@@ -4,8 +4,8 @@
 
 Both decoders hold the same tensors (random init, fp32) and decode the same latent, untiled and tiled
 at equal tile sizes (diffusers: tile 8·tile px, stride 8·(tile−overlap) px; ours: tile ≤ `tile`
-latents, overlap `overlap` latents (the same blend width) and `overlap`+2, `chunk` latent frames per
-temporal step).
+latents, overlap `overlap` latents (the same blend width) and `overlap`+2), plus an untiled decode in
+temporal chunks of `chunk` latent frames (exact).
 
 How peak memory is measured on CPU: PyTorch has no CPU allocator statistics, so the script re-runs
 itself with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB, so that every tensor buffer is its own
@@ -67,7 +67,8 @@ def main() -> None:
     p.add_argument("--latent", type=int, nargs=3, default=(3, 16, 16), metavar=("T", "H", "W"))
     p.add_argument("--tile", type=int, default=12, help="tile in latent cells (diffusers: 8× in px)")
     p.add_argument("--overlap", type=int, default=4, help="tile overlap in latent cells")
-    p.add_argument("--chunk", type=int, default=2, help="latent frames per temporal step (ours)")
+    p.add_argument("--chunk", type=int, default=1, help="latent frames per step, untiled chunked run")
+    p.add_argument("--tile-chunk", type=int, default=0, help="latent frames per step in tiled runs (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="mochi-1-preview", choices=sorted(DECODER_PRESETS))
     args = p.parse_args()
@@ -97,7 +98,7 @@ def main() -> None:
     print(f"latent (1, 12, {t}, {h}, {w}) → video (1, 3, {6 * t - 5}, {8 * h}, {8 * w})")
     print(
         f"tiles: diffusers {tile_px}px / stride {stride_px}px; ours ≤{args.tile} latents, overlap "
-        f"{args.overlap}, chunk {args.chunk} latent frame(s)\n"
+        f"{args.overlap} or {args.overlap + 2}; chunked run: {args.chunk} latent frame(s) per step\n"
     )
 
     runs = {}
@@ -115,7 +116,7 @@ def main() -> None:
         runs["diffusers tiled"] = measure(lambda: ref.decode(z).sample)
         for ov in overlaps:
             runs[f"mochi tiled (overlap {ov})"] = measure(
-                lambda ov=ov: decode(ours, z, tile=args.tile, overlap=ov, chunk=args.chunk)
+                lambda ov=ov: decode(ours, z, tile=args.tile, overlap=ov, chunk=args.tile_chunk or None)
             )
 
     print(f"{'run':26s} {'time s':>8s} {'peak act MB':>12s} {'time ×':>7s} {'mem ×':>7s}")
@@ -147,7 +148,7 @@ def main() -> None:
     }
     for ov in overlaps:
         tile = (tile_layout(h, args.tile, ov)[1], tile_layout(w, args.tile, ov)[1])
-        checks[f"mochi tiled (overlap {ov})"] = (tile, args.chunk)
+        checks[f"mochi tiled (overlap {ov})"] = (tile, args.tile_chunk or t)
     for name, (tile, chunk) in checks.items():
         est = estimate_decode_memory(cfg, shape, tile, chunk)
         got = runs[name][2]
@@ -157,12 +158,13 @@ def main() -> None:
     print("\n163 frames × 480×848 (latent 28×60×106), estimated peak (weights excluded, output included):")
     th, tw = tile_layout(60, args.tile, args.overlap)[1], tile_layout(106, args.tile, args.overlap)[1]
     whole = estimate_decode_memory(cfg, big, (60, 106), 28)
-    tiled = estimate_decode_memory(cfg, big, (th, tw), args.chunk)
     print(f"  untiled, one pass (fp32):        {whole / GIB:7.2f} GiB")
-    print(f"  this benchmark's tiling (fp32):  {tiled / GIB:7.2f} GiB  (tile {th}×{tw}, chunk {args.chunk})")
+    for chunk in (28, 2, 1):
+        tiled = estimate_decode_memory(cfg, big, (th, tw), chunk)
+        print(f"  tile {th}×{tw}, overlap {args.overlap}, chunk {chunk:2d}:  {tiled / GIB:7.2f} GiB")
     for budget_gib in (4, 8, 16):
         plan = plan_decode(ours, big, budget_gib * GIB)
-        est = estimate_decode_memory(cfg, big, plan.tile, plan.chunk, plan.overlap)
+        est = estimate_decode_memory(cfg, big, plan.tile, plan.chunk)
         print(f"  max_memory {budget_gib:2d} GiB → tile {plan.tile}, chunk {plan.chunk}: {est / GIB:.2f} GiB")
 
 

@@ -232,6 +232,12 @@ def test_max_memory_chooses_a_split(models):
     assert small.chunk < 6 or small.tile != (8, 12)
     with pytest.raises(ValueError, match="max_memory 1000 bytes is too small.*needs about"):
         plan_decode(dec, shape, 1000)
+    fixed = plan_decode(dec, shape, whole // 3, tile=(4, 6), overlap=2)
+    assert fixed.tile == (4, 6) and fixed.overlap == 2
+    assert estimate_decode_memory(dec.cfg, shape, (4, 6), fixed.chunk) <= whole // 3
+    assert fixed.chunk == 6 or estimate_decode_memory(dec.cfg, shape, (4, 6), fixed.chunk + 1) > whole // 3
+    with pytest.raises(ValueError, match="tile height 2 is invalid.*larger than the overlap"):
+        plan_decode(dec, shape, whole, tile=2, overlap=2)
     z = torch.randn(1, 12, 6, 8, 12)
     out = decode(dec, z, max_memory=whole // 3)
     assert out.shape == (1, 3, 31, 64, 96)

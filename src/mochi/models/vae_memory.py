@@ -3,10 +3,11 @@
 The estimate walks the model's layers with the shapes one (tile, chunk) step sees and takes the largest
 set of tensors that are alive together in our implementation (`vae_blocks`): in a ResBlock the input, a
 padded stream and a conv output; in an upsampling block its input, its output and one projected group.
-To that it adds what lives across steps: the causal context carried between chunks, the float32 output
-accumulators and the blend-weight map. Weights are not counted. `BACKEND_FACTOR` covers the temporary
-buffers a convolution backend may allocate on top (measured on CPU/oneDNN; see
-benchmarks/vae_vs_diffusers.py, which checks the estimate against a measured case).
+To that it adds the causal context carried between chunks (in the first chunk only what earlier layers
+have stored so far, in later chunks all of it), the float32 output accumulators and the blend-weight
+map. Weights are not counted, nor backend workspaces: with channels-last activations and weights,
+oneDNN allocates none of note on CPU (benchmarks/vae_vs_diffusers.py checks the estimate against
+measured runs); cuDNN's workspace on GPU is not included.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import torch
 
 from mochi.models.vae import SPATIAL_FACTOR, DecoderConfig, EncoderConfig, num_frames_for_latents
-
-BACKEND_FACTOR = 1.25
 
 
 def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
@@ -25,17 +24,29 @@ def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
     return 2 * n + padded, 2 * c * 2 * (h + 2) * (w + 2)
 
 
-def _decoder_step(cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool) -> tuple[int, int]:
-    """(peak activation elements, carried-context elements) for one chunk of n latents on an h×w tile."""
+def _decoder_step(
+    cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool, carry: bool, total: int
+) -> tuple[int, int]:
+    """(peak elements, carried-context elements) for one chunk of n latents on an h×w tile.
+
+    `total` is the context all layers carry; it is alive throughout a later chunk, while in the first
+    chunk only the part stored by layers already run is.
+    """
     ch, nrb = cfg.channels, cfg.num_res_blocks
-    peak, carried = b * cfg.latent_dim * n * h * w + b * ch[-1] * n * h * w, 0
+    carried = 0
+
+    def alive() -> int:
+        return 0 if not carry else carried if first else total
+
+    peak = b * (cfg.latent_dim + ch[-1]) * n * h * w
     t = n
 
     def resblocks(c: int, count: int) -> None:
         nonlocal peak, carried
         for _ in range(count):
             p, k = _resblock(c, t, h, w)
-            peak, carried = max(peak, b * p), carried + b * k
+            peak = max(peak, b * p + alive())
+            carried += b * k
 
     resblocks(ch[-1], nrb[-1])
     for i in range(len(ch) - 1):
@@ -45,10 +56,10 @@ def _decoder_step(cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: boo
         t_out = t * te - (te - 1 if first else 0)
         n_in, n_out = cin * t * h * w, cout * t_out * h * w * se * se
         group = 2 * cout * te * se * se * -(-t // 8) * h * w
-        peak = max(peak, b * (n_in + n_out + group))
+        peak = max(peak, b * (n_in + n_out + group) + alive())
         t, h, w = t_out, h * se, w * se
     resblocks(ch[0], nrb[0])
-    peak = max(peak, b * (ch[0] + cfg.out_channels) * t * h * w)
+    peak = max(peak, b * (ch[0] + cfg.out_channels) * t * h * w + alive())
     return peak, carried
 
 
@@ -57,7 +68,6 @@ def estimate_decode_memory(
     latent_shape: tuple[int, int, int, int],
     tile: tuple[int, int],
     chunk: int,
-    overlap: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> int:
     """Bytes of peak memory, weights excluded, to decode a (B, t, h, w) latent with this split.
@@ -68,12 +78,14 @@ def estimate_decode_memory(
     th, tw = min(tile[0], h), min(tile[1], w)
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
-    first, carried = _decoder_step(cfg, b, chunk, th, tw, True)
-    later = _decoder_step(cfg, b, chunk, th, tw, False)[0] if chunk < t else 0
-    step = max(first, later) + (carried if chunk < t else 0)
+    carry = chunk < t
+    total = _decoder_step(cfg, b, 1, th, tw, True, False, 0)[1]
+    step = _decoder_step(cfg, b, chunk, th, tw, True, carry, total)[0]
+    if carry:
+        step = max(step, _decoder_step(cfg, b, chunk, th, tw, False, True, total)[0])
     s = SPATIAL_FACTOR
     output = 4 * (b * cfg.out_channels * num_frames_for_latents(t) * h * w * s * s + h * w * s * s)
-    return int(BACKEND_FACTOR * step * size) + output
+    return step * size + output
 
 
 def _encoder_step(
@@ -114,7 +126,6 @@ def estimate_encode_memory(
     latent_shape: tuple[int, int, int, int],
     tile: tuple[int, int],
     chunk: int,
-    overlap: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> int:
     """Bytes of peak memory, weights and the input video excluded, to encode to a (B, t, h, w) latent.
@@ -130,4 +141,4 @@ def estimate_encode_memory(
     later = _encoder_step(cfg, b, chunk, t, th, tw, False)[0] if chunk < t else 0
     step = max(first, later) + (carried if chunk < t else 0)
     output = 4 * (2 * b * cfg.latent_dim * t * h * w + h * w)
-    return int(BACKEND_FACTOR * step * size) + output
+    return step * size + output
