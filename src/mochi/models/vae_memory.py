@@ -21,7 +21,9 @@ def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
     """(peak elements inside one ResBlock, elements of the context its two convs carry)."""
     n = c * t * h * w
     padded = c * (t + 2) * (h + 2) * (w + 2)
-    return 2 * n + padded, 2 * c * 2 * (h + 2) * (w + 2)
+    # Measured on CPU: below 128 channels oneDNN copies the conv input into its blocked layout.
+    reorder = padded if c < 128 else 0
+    return 2 * n + padded + reorder, 2 * c * 2 * (h + 2) * (w + 2)
 
 
 def _decoder_step(
@@ -89,32 +91,45 @@ def estimate_decode_memory(
 
 
 def _encoder_step(
-    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool
+    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool, carry: bool, total: int
 ) -> tuple[int, int]:
-    """(peak activation elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames)."""
+    """(peak elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames).
+
+    The carried context includes every attention layer's keys and values for all frames seen (counted
+    at the whole video's length, which the last chunk reaches); `total` is as in `_decoder_step`.
+    """
     ch, nrb, att = cfg.channels, cfg.num_res_blocks, cfg.has_attentions
     s = SPATIAL_FACTOR
     t = 6 * n - 5 if first else 6 * n
     t_all = 6 * t_all - 5
     hh, ww = h * s, w * s
-    # Fourier features: input, the interleaved copy, its sines, cosines and the 15-channel concatenation.
-    peak, carried = b * t * hh * ww * (3 + 6 + 6 + 6 + 15), 0
+    carried = 0
+
+    def alive() -> int:
+        return 0 if not carry else carried if first else total
+
+    # Fourier features: input, the interleaved copy, its scaled copy, sines, cosines, the 15 channels.
+    peak = b * t * hh * ww * (3 + 6 + 6 + 6 + 6 + 15)
 
     def resblocks(c: int, count: int, attention: bool) -> None:
         nonlocal peak, carried
         for _ in range(count):
             p, k = _resblock(c, t, hh, ww)
-            peak, carried = max(peak, b * p), carried + b * k
+            peak = max(peak, b * p + alive())
+            carried += b * k
             if attention:
-                n_el = c * t * hh * ww
-                peak = max(peak, b * 8 * n_el)
+                # Input, its norm and the output whole; projections, scores and copies for one slab.
+                n_el = b * c * t * hh * ww
+                slab = min(-(-hh // 8), max(1, 2**15 // (b * ww))) / hh
+                peak = max(peak, int(3 * n_el + 10 * n_el * slab) + alive())
                 carried += b * 2 * c * t_all * hh * ww
 
     resblocks(ch[0], nrb[0], att[0])
     for i in range(len(ch) - 1):
         te, se = cfg.temporal_reductions[i], cfg.spatial_reductions[i]
         t_in = t + (te - 1 if first else 0)
-        peak = max(peak, b * (2 * ch[i] * t_in * hh * ww + ch[i + 1] * t * hh * ww // (te * se * se)))
+        conv = 2 * ch[i] * t_in * hh * ww + ch[i + 1] * t * hh * ww // (te * se * se)
+        peak = max(peak, b * conv + alive())
         t, t_all, hh, ww = t_in // te, (t_all + te - 1) // te, hh // se, ww // se
         resblocks(ch[i + 1], nrb[i + 1], att[i + 1])
     resblocks(ch[-1], nrb[-1], att[-1])
@@ -137,8 +152,10 @@ def estimate_encode_memory(
     th, tw = min(tile[0], h), min(tile[1], w)
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
-    first, carried = _encoder_step(cfg, b, chunk, t, th, tw, True)
-    later = _encoder_step(cfg, b, chunk, t, th, tw, False)[0] if chunk < t else 0
-    step = max(first, later) + (carried if chunk < t else 0)
+    carry = chunk < t
+    total = _encoder_step(cfg, b, 1, t, th, tw, True, False, 0)[1]
+    step = _encoder_step(cfg, b, chunk, t, th, tw, True, carry, total)[0]
+    if carry:
+        step = max(step, _encoder_step(cfg, b, chunk, t, th, tw, False, True, total)[0])
     output = 4 * (2 * b * cfg.latent_dim * t * h * w + h * w)
     return step * size + output

@@ -30,7 +30,7 @@ from mochi.models.vae import (
 from mochi.models.vae_blocks import CausalContext
 from mochi.models.vae_memory import estimate_decode_memory, estimate_encode_memory
 
-# Latent cells (48 px): wide enough that tile-edge errors fade out (Genmo's CLI and diffusers' defaults use 8).
+# Latent cells (48 px): wide enough that tile-edge errors fade out (Genmo's CLI and diffusers use 8).
 DEFAULT_OVERLAP = 6
 
 
