@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
-from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+from mochi.weights.keymaps.dit_diffusers import diffusers_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -108,19 +108,7 @@ def build(cfg: DiTConfig) -> tuple[AsymmDiT, torch.nn.Module]:
     """Ours with random weights, and diffusers' model holding the same weights through the key map."""
     torch.manual_seed(0)
     ours = AsymmDiT(cfg).eval()
-    with torch.device("meta"):
-        ref = diffusers.MochiTransformer3DModel(
-            patch_size=cfg.patch_size,
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim,
-            num_layers=cfg.depth,
-            pooled_projection_dim=cfg.hidden_size_y,
-            in_channels=cfg.in_channels,
-            text_embed_dim=cfg.t5_feat_dim,
-            time_embed_dim=cfg.timestep_embed_dim,
-        ).eval()
-    ref.load_state_dict(genmo_to_diffusers(ours.state_dict()), strict=True, assign=True)
-    return ours, ref
+    return ours, diffusers_model(ours)
 
 
 def run_size(name: str, cfg: DiTConfig, shape: tuple[int, int, int], args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ from mochi.pipeline import MochiPipeline  # noqa: E402
 from mochi.request import GenerationRequest  # noqa: E402
 from mochi.sampling.sampler import initial_noise  # noqa: E402
 from mochi.weights.components import Components  # noqa: E402
-from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers  # noqa: E402
+from mochi.weights.keymaps.dit_diffusers import diffusers_model  # noqa: E402
 from mochi.weights.keymaps.vae_diffusers import decoder_pairs, encoder_pairs, to_diffusers  # noqa: E402
 
 PROMPT = "a red circle moving right on a gray background"
@@ -48,7 +48,7 @@ def tokenizer_file(folder: Path) -> Path:
 
 
 def build(args: argparse.Namespace, folder: Path):
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler
     from diffusers import MochiPipeline as DiffusersMochi
     from transformers import PreTrainedTokenizerFast, T5EncoderModel
     from transformers import T5Config as HFT5Config
@@ -68,17 +68,7 @@ def build(args: argparse.Namespace, folder: Path):
         m.eval().requires_grad_(False)
     ours = MochiPipeline(comps, device="cpu", dit_dtype=torch.float32)
 
-    transformer = MochiTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.depth,
-        pooled_projection_dim=cfg.hidden_size_y,
-        in_channels=cfg.in_channels,
-        text_embed_dim=cfg.t5_feat_dim,
-        time_embed_dim=cfg.timestep_embed_dim,
-    )
-    transformer.load_state_dict(genmo_to_diffusers(dit.state_dict()), strict=True)
+    transformer = diffusers_model(dit)
     vae = AutoencoderKLMochi(
         encoder_block_out_channels=tuple(enc.cfg.channels),
         decoder_block_out_channels=tuple(dec.cfg.channels),

@@ -59,22 +59,9 @@ def write_genmo(folder: Path, model: nn.Module) -> Path:
 
 def write_diffusers(folder: Path, model: AsymmDiT, variant: str | None = None, shard: str = "20KB") -> Path:
     """A diffusers pipeline folder written by diffusers itself (``save_pretrained``, sharded)."""
-    from diffusers import MochiTransformer3DModel
+    from mochi.weights.keymaps.dit_diffusers import diffusers_model
 
-    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
-
-    cfg = model.config
-    theirs = MochiTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.depth,
-        pooled_projection_dim=cfg.hidden_size_y,
-        in_channels=cfg.in_channels,
-        text_embed_dim=cfg.t5_feat_dim,
-        time_embed_dim=cfg.timestep_embed_dim,
-    )
-    theirs.load_state_dict(genmo_to_diffusers(state_dict(model)), strict=True)
+    theirs = diffusers_model(model)
     if variant == "bf16":
         theirs = theirs.to(torch.bfloat16)
     theirs.save_pretrained(folder / "transformer", variant=variant, max_shard_size=shard)

@@ -6,7 +6,12 @@ import torch
 from mochi.models.dit import DIT_PRESETS, AsymmDiT, AsymmetricJointBlock, DiTConfig, PackedText
 from mochi.ops.rope import rope_positions, rope_table
 from mochi.weights.io import WeightsError
-from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo, genmo_to_diffusers, rules
+from mochi.weights.keymaps.dit_diffusers import (
+    diffusers_kwargs,
+    diffusers_to_genmo,
+    genmo_to_diffusers,
+    rules,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")
@@ -16,16 +21,7 @@ TINY = DIT_PRESETS["tiny"]
 
 def diffusers_model(cfg: DiTConfig, device: str = "cpu"):
     with torch.device(device):
-        return diffusers.MochiTransformer3DModel(
-            patch_size=cfg.patch_size,
-            num_attention_heads=cfg.num_heads,
-            attention_head_dim=cfg.head_dim,
-            num_layers=cfg.depth,
-            pooled_projection_dim=cfg.hidden_size_y,
-            in_channels=cfg.in_channels,
-            text_embed_dim=cfg.t5_feat_dim,
-            time_embed_dim=cfg.timestep_embed_dim,
-        ).eval()
+        return diffusers.MochiTransformer3DModel(**diffusers_kwargs(cfg)).eval()
 
 
 def assert_close_to_scale(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:

@@ -235,22 +235,12 @@ def test_read_lora_rejects_foreign_files(tmp_path):
 
 def test_diffusers_peft_loading_gives_our_outputs(tmp_path):
     """Our Genmo-format LoRA, converted, loaded by diffusers (peft) into MochiTransformer3DModel."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+    from mochi.weights.keymaps.dit_diffusers import diffusers_model
 
     m = model()
-    theirs = diffusers.MochiTransformer3DModel(
-        patch_size=CFG.patch_size,
-        num_attention_heads=CFG.num_heads,
-        attention_head_dim=CFG.head_dim,
-        num_layers=CFG.depth,
-        pooled_projection_dim=CFG.hidden_size_y,
-        in_channels=CFG.in_channels,
-        text_embed_dim=CFG.t5_feat_dim,
-        time_embed_dim=CFG.timestep_embed_dim,
-    ).eval()
-    theirs.load_state_dict(genmo_to_diffusers(m.state_dict()), strict=True)
+    theirs = diffusers_model(m)
     layers = random_lora(m, rank=4, alpha=8)
     save_lora(layers, tmp_path / "genmo.safetensors")
     dst, _ = convert_lora(tmp_path / "genmo.safetensors", tmp_path / "peft.safetensors", "diffusers")

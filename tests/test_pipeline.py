@@ -110,29 +110,12 @@ def test_latents_match_diffusers_mochi_pipeline(pipe, negative):
     The empty negative prompt is Genmo's zero-token prompt; diffusers encodes "" as one end token, so it is
     given our embeddings and mask rather than its own (diffusers-mochi.md §4.5).
     """
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        MochiTransformer3DModel,
-    )
-    from diffusers import (
-        MochiPipeline as DiffusersMochi,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import MochiPipeline as DiffusersMochi
 
-    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+    from mochi.weights.keymaps.dit_diffusers import diffusers_model
 
-    dit = pipe.components.dit
-    cfg = dit.config
-    theirs = MochiTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        num_layers=cfg.depth,
-        pooled_projection_dim=cfg.hidden_size_y,
-        in_channels=cfg.in_channels,
-        text_embed_dim=cfg.t5_feat_dim,
-        time_embed_dim=cfg.timestep_embed_dim,
-    )
-    theirs.load_state_dict(genmo_to_diffusers(dit.state_dict()), strict=True)
+    theirs = diffusers_model(pipe.components.dit)
     scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
     peer = DiffusersMochi(
         scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=theirs

@@ -18,10 +18,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mochi.weights.io import WeightsError
+
+if TYPE_CHECKING:
+    from mochi.models.dit import AsymmDiT, DiTConfig
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,29 @@ def diffusers_to_genmo(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     """``diffusers.MochiTransformer3DModel`` keys → Genmo keys (``AsymmDiT``'s). Raises WeightsError on any
     missing or unexpected key."""
     return _convert(sd, to_diffusers=False)
+
+
+def diffusers_kwargs(cfg: DiTConfig) -> dict[str, int]:
+    """Constructor arguments of diffusers' ``MochiTransformer3DModel`` for a DiT of this config."""
+    return {
+        "patch_size": cfg.patch_size,
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "num_layers": cfg.depth,
+        "pooled_projection_dim": cfg.hidden_size_y,
+        "in_channels": cfg.in_channels,
+        "text_embed_dim": cfg.t5_feat_dim,
+        "time_embed_dim": cfg.timestep_embed_dim,
+    }
+
+
+def diffusers_model(model: AsymmDiT) -> torch.nn.Module:
+    """diffusers' ``MochiTransformer3DModel`` holding ``model``'s weights, in eval mode (parity checks;
+    needs diffusers, a test-only dependency)."""
+    from diffusers import MochiTransformer3DModel
+
+    with torch.device("meta"):
+        theirs = MochiTransformer3DModel(**diffusers_kwargs(model.config))
+    # assign: diffusers' tensors are ours (or splits of them), so no second copy of the model is made.
+    theirs.load_state_dict(genmo_to_diffusers(model.state_dict()), strict=True, assign=True)
+    return theirs.eval()
