@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)"
 from mochi.cli import main  # noqa: E402
 from mochi.pipeline import MochiPipeline  # noqa: E402
 from mochi.request import GenerationRequest  # noqa: E402
-from mochi.serve.server import check_binding, is_loopback  # noqa: E402
+from mochi.serve.server import check_binding, check_port, is_loopback  # noqa: E402
 from mochi.video import read_video, write_video  # noqa: E402
 from tests.serve_harness import FAIL_PROMPT, AppServer, GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
 from tests.test_pipeline import tiny_components  # noqa: E402
@@ -290,6 +290,7 @@ def test_cli_serve_wires_its_options_into_the_server(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(MochiPipeline, "from_pretrained", staticmethod(from_pretrained))
     monkeypatch.setattr(mochi.serve.server, "run", run)
+    monkeypatch.setattr(mochi.serve.server, "check_port", lambda h, p: seen.update(checked=(h, p)))
     monkeypatch.setenv("MOCHI_SERVE_TOKEN", TOKEN)
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "a.safetensors").write_bytes(b"")
@@ -298,8 +299,18 @@ def test_cli_serve_wires_its_options_into_the_server(monkeypatch, tmp_path, caps
     argv += ["--lora-dir", str(tmp_path / "loras"), "--device", "cpu", "--model", "some/path", "--fps", "24"]
     assert main(argv) == 0
     assert loaded["model"] == "some/path" and loaded["device"] == "cpu" and loaded["offload"] is False
+    assert seen["checked"] == ("0.0.0.0", 8123)
     assert seen["host"] == "0.0.0.0" and seen["port"] == 8123 and seen["unauthorised"] == 401
     assert seen["job"]["status"] == "done" and seen["info"]["queue_size"] == 3
     assert seen["info"]["loras"] == ["a.safetensors"]
     assert read_video(out / f"{seen['job']['id']}.mp4")[1] == 24
     assert "open http://0.0.0.0:8123/" in capsys.readouterr().out
+
+
+def test_a_taken_port_is_refused_with_a_clear_error():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on 127.0.0.1:{port}: .*pick another --port"):
+            check_port("127.0.0.1", port)
+    with pytest.raises(ValueError, match="--port 70000 must be in 0..65535"):
+        check_port("127.0.0.1", 70000)

@@ -302,12 +302,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         from mochi.serve.api import create_app
         from mochi.serve.jobs import JobManager
-        from mochi.serve.server import check_binding, run
+        from mochi.serve.server import check_binding, check_port, run
     except ImportError as e:
         raise ValueError(
             f"mochi serve needs the serve extra ({e.name} is missing): pip install 'mochi-video[serve]'"
         ) from None
     check_binding(args.host, args.token)
+    check_port(args.host, args.port)
     if args.lora_dir and not os.path.isdir(args.lora_dir):
         raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")
 

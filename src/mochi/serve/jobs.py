@@ -239,8 +239,9 @@ class JobManager:
             if job.cancel_requested:
                 raise JobCancelled(job.id)
             lo, hi = _STAGE_SPAN.get(stage, (0.0, 1.0))
-            job.stage, job.step, job.total = stage, done, total
-            job.fraction = round(lo + (hi - lo) * (done / total if total else 1.0), 4)
+            with self._cond:  # readers see stage, step and fraction of one report, never a mix
+                job.stage, job.step, job.total = stage, done, total
+                job.fraction = round(lo + (hi - lo) * (done / total if total else 1.0), 4)
 
         return report
 

@@ -34,10 +34,8 @@ def check_binding(host: str, token: str | None) -> None:
         )
 
 
-def run(app: object, host: str, port: int, *, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted; the caller checked the binding with ``check_binding``."""
-    import uvicorn
-
+def check_port(host: str, port: int) -> None:
+    """Refuse (ValueError) a port out of range or already taken, before any model is loaded."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} must be in 0..65535 (7860 is the default)")
     try:
@@ -45,6 +43,12 @@ def run(app: object, host: str, port: int, *, log_level: str = "info") -> None:
             pass
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from e
+
+
+def run(app: object, host: str, port: int, *, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted (the caller ran ``check_binding`` and ``check_port``)."""
+    import uvicorn
+
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
