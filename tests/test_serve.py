@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
 
@@ -314,3 +315,10 @@ def test_a_taken_port_is_refused_with_a_clear_error():
             check_port("127.0.0.1", port)
     with pytest.raises(ValueError, match="--port 70000 must be in 0..65535"):
         check_port("127.0.0.1", 70000)
+
+
+def test_one_lock_per_device():
+    from mochi.serve.jobs import device_lock
+
+    assert device_lock("cpu") is device_lock(torch.device("cpu"))
+    assert device_lock("meta") is not device_lock("cpu")

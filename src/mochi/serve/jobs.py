@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from mochi.files import atomic_write_text
 from mochi.request import GenerationRequest
 from mochi.video import write_video
@@ -41,8 +43,11 @@ _DEVICE_LOCKS: dict[str, threading.Lock] = collections.defaultdict(threading.Loc
 _DEVICE_LOCKS_GUARD = threading.Lock()
 
 
-def device_lock(device: object) -> threading.Lock:
+def device_lock(device: str | torch.device) -> threading.Lock:
     """The lock that serialises generations on ``device`` across every manager in this process."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:N" name one GPU: one lock
+        device = torch.device("cuda", torch.cuda.current_device())
     with _DEVICE_LOCKS_GUARD:
         return _DEVICE_LOCKS[str(device)]
 
