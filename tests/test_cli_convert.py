@@ -4,16 +4,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_checkpoints import (
+from mochi.cli import main
+from mochi.models.dit import AsymmDiT
+from mochi.weights.dit import load_dit
+
+from .dit_checkpoints import (
     inputs,
     tiny_model,
     write_comfyui,
     write_fp8_scaled,
     write_genmo,
 )
-from mochi.cli import main
-from mochi.models.dit import AsymmDiT
-from mochi.weights.dit import load_dit
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,7 @@ def test_meta_build_then_assign_load_gives_the_same_model():
         (lambda a: a | {"text": a["text"][..., :16]}, r"feature width must equal t5_feat_dim=32"),
         (lambda a: a | {"sigma": torch.tensor([0.5, 1.5])}, r"sigma must lie in \[0, 1\].*got 1.5"),
         (lambda a: a | {"sigma": torch.tensor([-0.1, 0.5])}, r"sigma must lie in \[0, 1\].*got -0.1"),
+        (lambda a: a | {"sigma": torch.tensor([0.5, float("nan")])}, r"sigma must lie in \[0, 1\].*got nan"),
         (lambda a: a | {"sigma": a["sigma"][:1]}, r"batch sizes must match.*'sigma': 1"),
         (lambda a: a | {"text": a["text"][:1], "text_mask": a["text_mask"][:1]}, r"batch sizes must match"),
         (
@@ -219,3 +220,34 @@ def test_packed_attention_equals_separate_sdpa():
     for a, b in ((0, 4), (4, 11)):
         ref = torch.nn.functional.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)))
         torch.testing.assert_close(out[a:b], ref.transpose(0, 1))
+
+
+def test_autograd_path_matches_inference_path_and_trains():
+    # Without autograd the norms and SwiGLU work in place; with it they must not; both give the same output.
+    model = AsymmDiT(TINY)
+    x, sigma, text, mask = inputs(2, [3, 0])
+    with torch.no_grad():
+        ref = model(x, sigma, text, mask)
+    out = model(x, sigma, text, mask)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.pos_frequencies.grad.abs().sum() > 0
+    assert model.blocks[0].mlp_y.w1.weight.grad.abs().sum() > 0  # the text stream is trained too
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "sage"])
+@torch.no_grad()
+def test_cuda_low_precision_matches_cpu_fp32(backend):
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    model = AsymmDiT(TINY).eval()
+    x, sigma, text, mask = inputs(2, [3, 0])
+    ref = model(x, sigma, text, mask)
+    model.to("cuda", torch.bfloat16).attention_backend = backend
+    assert model.pos_frequencies.dtype == torch.float32
+    out = model(*(t.cuda() for t in (x, sigma, text, mask)))
+    assert out.dtype == torch.float32 and out.device.type == "cuda"
+    assert (out.cpu() - ref).norm() / ref.norm() < 3e-2

@@ -124,9 +124,9 @@ def test_one_full_width_block_matches_diffusers():
     y = torch.randn(1, L, 1536)
     mask = torch.arange(L)[None] < 5
     c = torch.randn(1, 3072)
-    rope = rope_table(torch.randn(3, 24, 64) * 0.05, rope_positions(T, pH, pW))
+    rope = rope_table(torch.randn(3, 24, 64) * 0.05, rope_positions(T, pH, pW))  # (N, 24, 64) complex
     packed = PackedText.from_mask(mask)
     x_ours, y_ours = ours(x, y[mask], torch.nn.functional.silu(c), rope, packed, "sdpa")
-    x_ref, y_ref = ref(x, y, c, mask, image_rotary_emb=rope)
+    x_ref, y_ref = ref(x, y, c, mask, image_rotary_emb=(rope.real, rope.imag))
     assert_close_to_scale(x_ours, x_ref)
     assert_close_to_scale(y_ours, y_ref[mask])

@@ -5,7 +5,11 @@ import torch
 from safetensors.torch import save_file
 
 import mochi.weights.dit as dit_loader
-from dit_checkpoints import (
+from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
+from mochi.weights.dit import infer_config, keeps_fp32, load_dit, shape_facts
+from mochi.weights.io import WeightsError
+
+from .dit_checkpoints import (
     COMFY,
     inputs,
     state_dict,
@@ -14,9 +18,6 @@ from dit_checkpoints import (
     write_diffusers,
     write_genmo,
 )
-from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
-from mochi.weights.dit import infer_config, keeps_fp32, load_dit, shape_facts
-from mochi.weights.io import WeightsError
 
 
 @pytest.fixture(scope="module")

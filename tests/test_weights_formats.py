@@ -5,7 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import mochi.weights.formats as formats
-from dit_checkpoints import (
+from mochi.weights.formats import LOOKED_FOR, component_keys, detect, read_component
+from mochi.weights.io import WeightsError
+
+from .dit_checkpoints import (
     COMFY,
     T5_KEYS,
     VAE_KEYS,
@@ -15,8 +18,6 @@ from dit_checkpoints import (
     write_fp8_scaled,
     write_genmo,
 )
-from mochi.weights.formats import LOOKED_FOR, component_keys, detect, read_component
-from mochi.weights.io import WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit_checkpoints import (
+from mochi.models.dit import DIT_PRESETS, AsymmDiT
+from mochi.weights.dit import load_dit
+from mochi.weights.fp8 import Fp8Linear, dequantize, parameter_bytes, quantize, split_scales, swap_in_fp8
+from mochi.weights.io import WeightsError
+
+from .dit_checkpoints import (
     COMFY,
     dequantized_model,
     inputs,
@@ -22,10 +27,6 @@ from dit_checkpoints import (
     tiny_model,
     write_fp8_scaled,
 )
-from mochi.models.dit import DIT_PRESETS, AsymmDiT
-from mochi.weights.dit import load_dit
-from mochi.weights.fp8 import Fp8Linear, dequantize, parameter_bytes, quantize, split_scales, swap_in_fp8
-from mochi.weights.io import WeightsError
 
 
 @pytest.fixture(scope="module")

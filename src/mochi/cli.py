@@ -179,6 +179,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: how much to change (0-1]")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
     p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
+    _add_lora_options(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -209,6 +210,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         linear_steps=args.linear_steps,
         init_video=args.init_video,
         strength=args.strength,
+        loras=_lora_pairs(args.lora, args.lora_scale),
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
@@ -233,6 +235,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         attention=args.attention,
         max_memory=budget,
     )
+    pipe.lora_merge = args.lora_merge
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None
@@ -244,7 +247,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         result = pipe.generate(resolved, progress=bar, init_frames=init_frames)
     write_video(result.frames[0], out, fps=args.fps)
     sidecar = {
-        **{k: v for k, v in vars(result.request).items() if k != "loras"},
+        **vars(result.request),
         "model": args.model or f"embedded:{pipe.components.name}",
         "device": str(pipe.device),
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
@@ -392,3 +395,205 @@ class _ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
+
+
+# -- LoRA: options of `generate`, and the prepare-data / train-lora / convert-lora commands ----------------
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="apply a LoRA (Genmo or diffusers/PEFT format); repeat for several",
+    )
+    p.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="strength of each --lora in order (default 1.0 each)",
+    )
+    p.add_argument(
+        "--lora-merge", action="store_true", help="merge LoRAs into the weights instead of hooking them in"
+    )
+
+
+def _lora_pairs(files: list[str], scales: list[float]) -> list[tuple[str, float]]:
+    if len(scales) > len(files):
+        raise ValueError(
+            f"{len(scales)} --lora-scale values for {len(files)} --lora files; "
+            "give at most one scale per LoRA"
+        )
+    return [(f, scales[i] if i < len(scales) else 1.0) for i, f in enumerate(files)]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="checkpoint to use (default: the embedded model)")
+    p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
+    p.add_argument("--t5", metavar="PATH", help="T5 encoder weights, when --model has none")
+    p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
+
+
+def _load_pipeline(args: argparse.Namespace):  # noqa: ANN202 - MochiPipeline
+    from mochi.pipeline import MochiPipeline
+
+    # Offload (a no-op on CPU): T5 and the VAE visit the GPU only when used; training keeps the DiT there.
+    return MochiPipeline.from_pretrained(
+        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device, offload=True
+    )
+
+
+@command
+def _add_prepare_data(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "prepare-data",
+        help="encode captioned videos into latents for train-lora",
+        description=(
+            "For every video in VIDEOS_DIR with a same-stem .txt caption: take the first --frames frames, "
+            "centre-crop to the aspect of --width x --height, resize, and cache the VAE encoder's mean and "
+            "log-variance and the caption's T5 features as OUT_DIR/<stem>.safetensors. Bad files "
+            "(unreadable, too short, too small, no caption) are skipped and listed at the end; a re-run "
+            "skips clips already cached with the same settings."
+        ),
+    )
+    p.add_argument("videos", metavar="VIDEOS_DIR", help="folder of videos and their .txt captions")
+    p.add_argument("out", metavar="OUT_DIR", help="folder for the cached clips")
+    p.add_argument("--frames", type=int, required=True, help="frames per clip, 6k+1 (e.g. 25, 37)")
+    p.add_argument("--width", type=int, required=True, help="width in pixels, a multiple of 16")
+    p.add_argument("--height", type=int, required=True, help="height in pixels, a multiple of 16")
+    _add_model_options(p)
+    p.set_defaults(run=_run_prepare_data)
+
+
+def _run_prepare_data(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
+    from mochi.train.data import prepare_data
+
+    check_frames(args.frames)
+    check_multiple(args.width, SPATIAL_MULTIPLE, "width")
+    check_multiple(args.height, SPATIAL_MULTIPLE, "height")
+    pipe = _load_pipeline(args)
+    with tqdm(unit="video", dynamic_ncols=True) as bar:
+
+        def progress(done: int, total: int, name: str) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.set_postfix_str(name)
+            bar.update(done - bar.n)
+
+        report = prepare_data(
+            args.videos,
+            args.out,
+            pipe.components,
+            args.frames,
+            args.width,
+            args.height,
+            pipe.device,
+            progress,
+        )
+    print(report.summary())
+    return 0
+
+
+@command
+def _add_train_lora(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "train-lora",
+        help="fine-tune a LoRA on data made by prepare-data (resumable)",
+        description=(
+            "Train a LoRA on the DiT with the rectified-flow loss in the DiT's latent space. Writes "
+            "checkpoints (state/ and lora-step-N.safetensors) and sample videos into --out, and "
+            "--out/lora.safetensors at the end. Interrupt it at any moment and run the same command again "
+            "to continue from the last checkpoint (Ctrl-C saves one first)."
+        ),
+    )
+    p.add_argument("data", metavar="DATA_DIR", help="folder written by `mochi prepare-data`")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (created; resumed if it exists)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (16)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha/rank (16)")
+    p.add_argument(
+        "--targets",
+        default="qkv_x,qkv_y,proj_x,proj_y",  # = models.lora.DEFAULT_TARGETS (no import: fast --help)
+        help="comma-separated layers per block (%(default)s)",
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (2e-4)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
+    p.add_argument("--batch-size", type=int, default=1, help="clips per micro-batch (1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
+    p.add_argument("--sigma-sampling", choices=("uniform", "shifted"), default="uniform", help="(uniform)")
+    p.add_argument("--sigma-shift", type=float, default=3.0, help="shift of --sigma-sampling shifted (3)")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (0.1)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps, then cosine (200)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (200)")
+    p.add_argument("--sample-every", type=int, default=200, help="steps between sample videos; 0: none")
+    p.add_argument(
+        "--sample-prompt", action="append", default=[], help="prompt for samples (repeatable; default: data)"
+    )
+    p.add_argument("--sample-steps", type=int, help="sampling steps of samples (default: the model's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and noise (0)")
+    _add_model_options(p)
+    p.set_defaults(run=_run_train_lora)
+
+
+def _run_train_lora(args: argparse.Namespace) -> int:
+    from mochi.train.lora_train import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        sigma_sampling=args.sigma_sampling,
+        sigma_shift=args.sigma_shift,
+        caption_dropout=args.caption_dropout,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+        sample_prompts=tuple(args.sample_prompt),
+        sample_steps=args.sample_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+    )
+    cfg.validate()
+    path = train_lora(_load_pipeline(args), args.data, args.out, cfg)
+    print(f"wrote {path}")
+    return 0
+
+
+@command
+def _add_convert_lora(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "convert-lora",
+        help="convert a LoRA between Genmo's and the diffusers/PEFT format",
+        description=(
+            "Read a DiT LoRA in Genmo's format (blocks.N.attn.qkv_x.lora_A, kwargs metadata) or the "
+            "diffusers/PEFT format (transformer_blocks.N.attn1.to_q.lora_A.weight; detected from the keys) "
+            "and write it in the format --to names. Genmo's fused qkv LoRA becomes three diffusers LoRAs "
+            "sharing A; back, equal A fuse again, otherwise a LoRA of three times the rank computes the same."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="LoRA .safetensors file (or a PEFT/diffusers folder)")
+    p.add_argument("dst", metavar="DST", help="output .safetensors file (or folder)")
+    p.add_argument("--to", required=True, choices=("genmo", "diffusers"), help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(run=_run_convert_lora)
+
+
+def _run_convert_lora(args: argparse.Namespace) -> int:
+    from mochi.weights.lora import convert_lora
+
+    dst, lora = convert_lora(args.src, args.dst, to=args.to, overwrite=args.overwrite)
+    print(f"wrote {dst} ({lora.format} → {args.to}, {len(lora.layers)} layers, ranks {sorted(lora.ranks)})")
+    return 0

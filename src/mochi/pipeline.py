@@ -62,6 +62,8 @@ class MochiPipeline:
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
         self.offload = offload and self.device.type != "cpu"
         self.max_memory = max_memory
+        self.lora_merge = False  # how generate() applies a request's LoRAs
+        self.loras: list = []  # (path, scale, LoraHandle) in the order applied
         c = components
         if attention is not None:
             c.dit.attention_backend = attention
@@ -128,6 +130,34 @@ class MochiPipeline:
             mean, _ = encode(encoder, x, max_memory=self._decode_budget())
         return vae_to_dit(mean.float(), self._latent_stats)
 
+    # -- LoRAs (mochi.models.lora, docs/lora.md) ------------------------------------------------------------
+
+    def load_lora(self, path: str, scale: float = 1.0, merge: bool | None = None):  # noqa: ANN201
+        """Apply a LoRA file (Genmo or diffusers/PEFT format) to the DiT at ``scale``; several may stack.
+
+        merge: add it into the weights (default ``self.lora_merge``) or hook it in unmerged.
+        """
+        from mochi.models.lora import apply_lora
+        from mochi.weights.lora import read_lora
+
+        merge = self.lora_merge if merge is None else merge
+        handle = apply_lora(self.components.dit, read_lora(path).layers, scale, merge)
+        self.loras.append((str(path), scale, handle))
+        return handle
+
+    def unload_loras(self) -> None:
+        """Take every applied LoRA off again, newest first (merged ones are subtracted)."""
+        while self.loras:
+            self.loras.pop()[2].remove()
+
+    def _use_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded)."""
+        wanted = [(str(p), float(s), self.lora_merge) for p, s in loras]
+        if wanted and wanted != [(p, s, h.merged) for p, s, h in self.loras]:
+            self.unload_loras()
+            for path, scale, _ in wanted:
+                self.load_lora(path, scale)
+
     # -- the whole request ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -139,6 +169,7 @@ class MochiPipeline:
     ) -> Generation:
         """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video."""
         req = request.resolved(self.components.defaults)
+        self._use_loras(req.loras)
         report = progress or (lambda stage, done, total: None)
         seconds: dict[str, float] = {}
         prompts = req.prompts

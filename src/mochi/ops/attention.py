@@ -77,7 +77,7 @@ def attention(
     """softmax(q kᵀ / √D) v within each packed sequence, with no mask, no dropout and no causality.
 
     q, k, v: (total, H, D), sequences laid end to end. cu_seqlens: the B+1 sequence boundaries as Python ints
-    (0, len₀, len₀+len₁, …, total). Returns (total, H, D) in q's dtype.
+    (0, len₀, len₀+len₁, …, total). Returns a new contiguous (total, H, D) tensor in q's dtype.
     """
     bounds = list(cu_seqlens)
     if backend == "flash":
@@ -100,9 +100,9 @@ def attention(
             return F.scaled_dot_product_attention(qs, ks, vs)
     else:
         check_backend(backend)
-    outs = []
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     for a, b in zip(bounds[:-1], bounds[1:]):
         # (S, H, D) → (1, H, S, D): strided views, no copy.
         qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
-        outs.append(run(qs, ks, vs)[0].transpose(0, 1))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        out[a:b] = run(qs, ks, vs)[0].transpose(0, 1)
+    return out

@@ -1,0 +1,83 @@
+"""Generate and judge videos of the shapes world with a set of components (used by benchmarks/adherence.py).
+
+``generate`` drives the components directly with the pipeline's math (encode_prompts → Euler sampler with
+classifier-free guidance on Genmo's linear-quadratic schedule → latent de-normalisation → VAE decode), so
+it works on branches that predate ``mochi.pipeline.MochiPipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mochi.models.latents import LATENT_MEAN, LATENT_STD
+from mochi.models.prompts import encode_prompts
+from mochi.models.vae import SPATIAL_FACTOR, num_latents_for_frames
+from mochi.models.vae_tiling import decode, encode
+from mochi.sampling.sampler import initial_noise, sample
+from mochi.sampling.schedules import linear_quadratic_schedule
+from mochi.train import shapes
+from mochi.train.judge import psnr
+from mochi.train.train_vae import from_pixels, to_pixels
+
+
+def _stats(components) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = components.latent_mean if components.latent_mean is not None else LATENT_MEAN
+    std = components.latent_std if components.latent_std is not None else LATENT_STD
+    return (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1) for v in (mean, std))
+
+
+@torch.no_grad()
+def generate(
+    components,
+    prompts: Sequence[str],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    frames: int | None = None,
+    batch: int = 8,
+) -> np.ndarray:
+    """uint8 videos (len(prompts), T, H, W, 3); prompt i uses noise seed ``seed + i``.
+
+    steps, guidance, frames default to the components' defaults; height and width always do.
+    """
+    d = components.defaults
+    steps, guidance, frames = steps or d["steps"], guidance or d["guidance"], frames or d["frames"]
+    t = num_latents_for_frames(frames)
+    h, w = d["height"] // SPATIAL_FACTOR, d["width"] // SPATIAL_FACTOR
+    mean, std = _stats(components)
+    null = encode_prompts([""], components.tokenizer, components.text_encoder)
+    sigmas = linear_quadratic_schedule(steps)
+    videos = []
+    for lo in range(0, len(prompts), batch):
+        chunk = list(prompts[lo : lo + batch])
+        text = encode_prompts(chunk, components.tokenizer, components.text_encoder)
+        z = torch.cat([initial_noise((1, 12, t, h, w), seed + lo + i) for i in range(len(chunk))])
+        z = sample(components.dit, z, sigmas, text, null, guidance=guidance)
+        videos.append(from_pixels(decode(components.decoder, z * std + mean)))
+    return np.concatenate(videos)
+
+
+@torch.no_grad()
+def reconstruction_psnr(components, n: int = 16, seed: int = 12345, frames: int = 25) -> list[float]:
+    """PSNR in dB of encode → decode (posterior mean) on ``n`` fresh clips of dataset ``seed``."""
+    d = components.defaults
+    out = []
+    for _, video in shapes.clips(seed, n, frames, d["height"], d["width"]):
+        mean, _ = encode(components.encoder, to_pixels(video[None]))
+        out.append(psnr(video, from_pixels(decode(components.decoder, mean))[0]))
+    return out
+
+
+def frame_strip(videos: np.ndarray, frames: Sequence[int] | None = None, gap: int = 2) -> np.ndarray:
+    """One row per video of the chosen frames (default first, middle, last): uint8 (rows·H, cols·W, 3)."""
+    n, t, h, w, _ = videos.shape
+    frames = list(frames) if frames is not None else [0, t // 2, t - 1]
+    strip = np.full((n * (h + gap) - gap, len(frames) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, video in enumerate(videos):
+        for j, f in enumerate(frames):
+            strip[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = video[f]
+    return strip

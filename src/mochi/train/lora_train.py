@@ -1,0 +1,299 @@
+"""LoRA fine-tuning of the DiT with the rectified-flow loss, resumable at any moment (genmo-mochi.md §6.3).
+
+Per sample: z = vae_to_dit(mean + exp(logvar/2)·n) (a draw from the cached VAE posterior, mapped to the
+DiT's normalised space), ε ~ N(0, I), σ uniform on [0, 1) or shifted towards noise; the DiT sees
+z_σ = (1−σ)·z + σ·ε and is trained to predict v = z − ε, all in the *same* normalised space that sampling
+uses. Genmo's fine-tuner builds z_σ from raw VAE latents and normalises only the target (§6.3): its inputs
+then differ from what the model meets at inference, and subtracting the latent mean from a velocity has
+no meaning. docs/lora.md explains the choice.
+
+Caption dropout replaces a caption by the empty prompt (zero tokens, as at inference). AdamW with linear
+warmup then cosine decay to zero. bf16 autocast on CUDA only; fp32 on CPU. Gradient checkpointing wraps
+every DiT block from outside (``checkpoint_blocks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mochi.models.latents import vae_to_dit
+from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
+from mochi.train.data import LatentDataset
+from mochi.train.lora_state import load_latest_state, save_state
+
+SIGMA_SAMPLING = ("uniform", "shifted")
+# Settings a resumed run may change; any other difference means another run and is refused.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompts", "sample_steps", "keep")
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Hyper-parameters of a run; defaults are Genmo's lora.yaml (§6.3), except a 0.1 warmup share."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    steps: int = 2000
+    warmup: int = 200
+    batch_size: int = 1
+    grad_accum: int = 1
+    sigma_sampling: str = "uniform"
+    sigma_shift: float = 3.0  # "shifted": σ' = sσ/(1+(s−1)σ), more steps at high noise (SD3's shift)
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    sample_every: int = 200  # 0 disables samples
+    sample_prompts: tuple[str, ...] = ()  # default: the first two captions of the data
+    sample_steps: int | None = None  # default: the model's
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    keep: int = 2  # state files kept
+
+    def validate(self) -> None:
+        check_targets(self.targets)
+        for name in ("rank", "steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("warmup", "checkpoint_every", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive; Genmo uses 2e-4")
+        if self.sigma_sampling not in SIGMA_SAMPLING:
+            raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
+        if not self.sigma_shift > 0:
+            raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]; Genmo uses 0.1")
+
+    def as_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """LR multiplier of step ``step`` (0-based): linear warmup to 1, then cosine down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def sample_sigmas(n: int, mode: str, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) noise levels in [0, 1): uniform, or uniform then shifted towards 1 by ``shift``."""
+    u = torch.rand(n, generator=generator)
+    return u if mode == "uniform" else shift * u / (1 + (shift - 1) * u)
+
+
+def _generator(seed: int, *keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, *keys)) % 2**63)
+
+
+def micro_batches(step: int, n: int, cfg: LoraTrainConfig) -> list[list[int]]:
+    """Dataset indices of each micro-batch of ``step``: a fresh permutation of the data every epoch, drawn
+    from (seed, epoch), so the order at any step is known without replaying the run."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    positions = range(step * per_step, (step + 1) * per_step)
+    perms: dict[int, list[int]] = {}
+    picked = []
+    for p in positions:
+        epoch = p // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=_generator(cfg.seed, 1, epoch)).tolist()
+        picked.append(perms[epoch][p % n])
+    return [picked[i : i + cfg.batch_size] for i in range(0, per_step, cfg.batch_size)]
+
+
+def checkpoint_blocks(dit: nn.Module) -> None:
+    """Gradient checkpointing from outside the model: each block's forward is recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in dit.blocks:
+        inner = block.forward
+        block.forward = lambda *args, _f=inner: checkpoint(_f, *args, use_reentrant=False)
+
+
+def flow_matching_loss(
+    dit: nn.Module, batch: list, stats: tuple | None, cfg: LoraTrainConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Mean-squared velocity error of one micro-batch of ``Example``s, everything in DiT space (fp32)."""
+    device = next(dit.parameters()).device
+    mean = torch.stack([e.mean for e in batch])
+    logvar = torch.stack([e.logvar for e in batch])
+    b = mean.shape[0]
+    z = vae_to_dit(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator), stats)
+    eps = torch.randn(z.shape, generator=generator)
+    sigma = sample_sigmas(b, cfg.sigma_sampling, cfg.sigma_shift, generator)
+    drop = torch.rand(b, generator=generator) < cfg.caption_dropout
+    s = sigma.view(-1, 1, 1, 1, 1)
+    z_sigma, target = (1 - s) * z + s * eps, z - eps
+
+    width = batch[0].text.shape[1]
+    lengths = [0 if d else e.text.shape[0] for e, d in zip(batch, drop.tolist())]
+    text = torch.zeros(b, max(max(lengths), 1), width)
+    mask = torch.zeros(b, text.shape[1], dtype=torch.bool)
+    for i, (e, n) in enumerate(zip(batch, lengths)):
+        text[i, :n], mask[i, :n] = e.text[:n], True
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pred = dit(z_sigma.to(device), sigma.to(device), text.to(device), mask.to(device))
+    return F.mse_loss(pred.float(), target.to(device))
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C/SIGTERM into a flag checked between steps (a second one interrupts at once)."""
+
+    def __enter__(self) -> _StopRequest:
+        self.requested, self._old = False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_resumable(saved: dict, cfg: LoraTrainConfig, out: Path) -> None:
+    now = cfg.as_json()
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+            raise ValueError(
+                f"{str(out)!r} holds a run with {key}={saved.get(key)!r}, not {now.get(key)!r}; "
+                f"rerun with the same settings to resume it, or choose another --out for a new run"
+            )
+
+
+def train_lora(
+    pipe,  # noqa: ANN001 - mochi.pipeline.MochiPipeline
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: LoraTrainConfig,
+    progress: bool = True,
+) -> Path:
+    """Train a LoRA on ``pipe``'s DiT from a ``prepare_data`` folder; returns ``out_dir/lora.safetensors``.
+
+    Resumes from the newest state in ``out_dir`` when there is one (same settings required). Writes
+    checkpoints every ``checkpoint_every`` steps, samples every ``sample_every`` steps, and a checkpoint on
+    Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt.
+    """
+    from mochi.files import atomic_write_text
+    from mochi.weights.lora import save_lora
+
+    cfg.validate()
+    data = LatentDataset(data_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = pipe.components
+    dit = c.dit
+    stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
+    state = load_latest_state(out)
+    if state is not None:
+        _check_resumable(state["config"], cfg, out)
+    atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
+
+    dit.to(pipe.device)  # an offloading pipeline keeps it elsewhere between stages; training needs it here
+    torch.manual_seed(cfg.seed)
+    add_trainable_lora(dit, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        checkpoint_blocks(dit)
+    params = [p for _, p in sorted((n, p) for n, p in dit.named_parameters() if p.requires_grad)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state is not None:
+        with torch.no_grad():
+            for name, t in state["lora"].items():
+                dit.get_parameter(name).copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+
+    def checkpoint(step: int) -> None:
+        lora = trainable_lora_state_dict(dit)
+        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep)
+        save_lora(read_layers(lora), out / f"lora-step-{step:06d}.safetensors", extra={"step": step})
+
+    def read_layers(lora: dict) -> dict:
+        from mochi.models.lora import LoraLayer
+
+        names = {k.rsplit(".", 1)[0] for k in lora}
+        return {n: LoraLayer(lora[f"{n}.lora_A"], lora[f"{n}.lora_B"], cfg.alpha) for n in sorted(names)}
+
+    prompts = list(cfg.sample_prompts) or list(dict.fromkeys(e.caption for e in data.examples))[:2]
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    avg = None
+    dit.train()
+    with _StopRequest() as stop:
+        for step in range(start, cfg.steps):
+            gen = _generator(cfg.seed, 2, step)
+            torch.manual_seed(hash((cfg.seed, 3, step)) % 2**63)  # LoRA dropout, if any
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps)
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for indices in micro_batches(step, len(data), cfg):
+                loss = flow_matching_loss(dit, [data[i] for i in indices], stats, cfg, gen)
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            optimizer.step()
+            done = step + 1
+            avg = total if avg is None else 0.95 * avg + 0.05 * total
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            saved = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps
+            if saved:
+                checkpoint(done)
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done)
+                dit.to(pipe.device).train()
+            if stop.requested:  # checked last: a stop during sampling is honoured too
+                if not saved:
+                    checkpoint(done)
+                bar.close()
+                message = f"stopped after step {done} (checkpoint saved); rerun the same command to resume"
+                if progress:
+                    tqdm.write(message, file=sys.stderr)
+                raise KeyboardInterrupt(message)
+    bar.close()
+    final = out / "lora.safetensors"
+    save_lora(read_layers(trainable_lora_state_dict(dit)), final, extra={"step": max(start, cfg.steps)})
+    return final
+
+
+def _write_samples(  # noqa: PLR0913
+    pipe,  # noqa: ANN001 - mochi.pipeline.MochiPipeline
+    prompts: list[str],
+    cfg: LoraTrainConfig,
+    size: dict,
+    folder: Path,
+    step: int,
+) -> None:
+    """Render the sample prompts with the LoRA as it is now (seed ``cfg.seed + i``)."""
+    from mochi.request import GenerationRequest
+    from mochi.video import write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.components.dit.eval()
+    for i, prompt in enumerate(prompts):
+        req = GenerationRequest(prompt, seed=cfg.seed + i, steps=cfg.sample_steps, **size)
+        result = pipe.generate(req)
+        write_video(result.frames[0], folder / f"step-{step:06d}-{i}.mp4")

@@ -1,0 +1,68 @@
+"""Train the embedded ``mochi-tiny`` model from scratch, one command per stage (docs/embedded-model.md).
+
+    python -m mochi.train.tiny vae    --out runs/tiny   # AsymmVAE encoder + decoder
+    python -m mochi.train.tiny dit    --out runs/tiny   # latent cache, then T5 + AsymmDiT jointly
+    python -m mochi.train.tiny export --out runs/tiny   # → src/mochi/assets/mochi-tiny.safetensors
+
+Every stage is seeded and resumable: run the same command again after an interruption and it continues
+from its last checkpoint in ``--out`` as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mochi.presets import model_preset
+
+DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "mochi-tiny.safetensors"
+
+
+def _log_to(path: Path):
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mochi.train.tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=("vae", "dit", "export"))
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
+    parser.add_argument(
+        "--steps", type=int, help="total optimizer steps of the stage (default: the recipe's)"
+    )
+    parser.add_argument("--batch", type=int, help="clips per step (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--preset", default="mochi-tiny", help="model preset to train")
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_ASSET, help="export: where the bundle goes")
+    parser.add_argument("--dtype", default="float16", help="export: storage dtype (float32, float16)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = model_preset(args.preset)
+    args.out.mkdir(parents=True, exist_ok=True)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
+    if args.stage == "vae":
+        from mochi.train.train_vae import VAERecipe, train_vae
+
+        train_vae(args.out, preset, replace(VAERecipe(), **overrides), log=_log_to(args.out / "vae.log"))
+    elif args.stage == "dit":
+        from mochi.train.train_dit import DiTRecipe, train_dit
+
+        train_dit(args.out, preset, replace(DiTRecipe(), **overrides), log=_log_to(args.out / "dit.log"))
+    else:
+        from mochi.train.export import export_bundle
+
+        path = export_bundle(args.out, preset, args.bundle, dtype=getattr(torch, args.dtype))
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Stage 1 of the tiny model: train the AsymmVAE encoder and decoder on clips of the shapes world.
+
+A KL-VAE as Genmo's: the encoder gives a mean and log-variance per latent element, the decoder sees a
+sample ``mean + exp(logvar/2)·ε``. Loss = L1 + MSE on pixels in [−1, 1] + ``kl_weight``·mean KL to N(0, 1).
+Both models are causal and convolutional, so short clips (``frames`` = 7: one causal latent frame and one
+of six frames) train them for any length; they decode 25 frames at inference.
+
+Batch ``b`` of step ``s`` holds clips ``s·b … s·b + b − 1`` of dataset ``seed`` (``shapes.spec_at``),
+each rendered at 25 frames and cut to a window whose start comes from a generator seeded with (seed, s):
+resuming at step s replays the same data and noise. After ``encoder_steps`` the encoder is frozen and
+only the decoder trains on; the DiT stage needs only the (final) encoder, so it can run meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mochi.models.vae import Decoder, Encoder
+from mochi.presets import ModelPreset
+from mochi.train import shapes
+from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+
+VAE_CHECKPOINT = "vae.ckpt"
+
+
+@dataclass(frozen=True)
+class VAERecipe:
+    steps: int = 2400
+    batch: int = 4
+    frames: int = 7  # frames per training window: 6k+1
+    clip_frames: int = 25  # frames each clip is rendered with (sets the motion per frame)
+    height: int = 64
+    width: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    kl_weight: float = 1e-3
+    # From this step on the encoder is frozen and only the decoder trains: the latent space is then final,
+    # so the DiT stage may start (its latent cache needs only the encoder) while the decoder keeps improving.
+    encoder_steps: int = 1000
+    seed: int = 1
+    log_every: int = 25
+    checkpoint_every: int = 100
+
+
+def to_pixels(video: np.ndarray) -> torch.Tensor:
+    """uint8 (..., T, H, W, 3) → float32 (..., 3, T, H, W) in [−1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(video)).float() / 127.5 - 1.0
+    return x.movedim(-1, -4)
+
+
+def from_pixels(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, T, H, W) in about [−1, 1] → uint8 (B, T, H, W, 3)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(1, -1).numpy()
+
+
+def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
+    """The pixels of training step ``step``: (batch, 3, frames, H, W) in [−1, 1]."""
+    gen = np.random.default_rng([recipe.seed, step, 7])
+    videos = []
+    for i in range(recipe.batch):
+        spec = shapes.spec_at(recipe.seed, step * recipe.batch + i)
+        video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
+        start = int(gen.integers(0, recipe.clip_frames - recipe.frames + 1))
+        videos.append(video[start : start + recipe.frames])
+    return to_pixels(np.stack(videos))
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of KL(N(mean, exp(logvar)) ‖ N(0, 1))."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+
+
+def build_vae(preset: ModelPreset, seed: int) -> tuple[Encoder, Decoder]:
+    torch.manual_seed(seed)
+    return Encoder(preset.encoder), Decoder(preset.decoder)
+
+
+def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecipe(), log=print) -> dict:
+    """Train (or resume) to ``recipe.steps``; checkpoints to ``out/vae.ckpt``. Returns the final state."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder, decoder = build_vae(preset, recipe.seed)
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0
+    state = load_checkpoint(out / VAE_CHECKPOINT)
+    if state is not None:
+        encoder.load_state_dict(state["encoder"])
+        decoder.load_state_dict(state["decoder"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log(f"vae: resumed at step {step} from {out / VAE_CHECKPOINT}")
+
+    def snapshot() -> dict:
+        return {
+            "encoder": encoder.state_dict(),
+            "decoder": decoder.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "loss": last,
+            "encoder_steps": recipe.encoder_steps,
+        }
+
+    last = float(state["loss"]) if state is not None else float("nan")
+    totals, t0 = np.zeros(4), time.time()
+    while step < recipe.steps:
+        x = vae_batch(recipe, step)
+        noise_gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+        frozen = step >= recipe.encoder_steps
+        with torch.set_grad_enabled(not frozen):
+            mean, logvar = encoder(x)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=noise_gen)
+        y = decoder(z)
+        l1, mse, kl = (y - x).abs().mean(), (y - x).square().mean(), kl_divergence(mean, logvar)
+        loss = l1 + mse + recipe.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        last = float(loss.detach())
+        totals += (last, float(l1.detach()), float(mse.detach()), float(kl.detach()))
+        if step % recipe.log_every == 0 or step == recipe.steps:
+            n = (step - 1) % recipe.log_every + 1
+            avg = totals / n
+            psnr = 10 * math.log10(4.0 / max(avg[2], 1e-12))  # MSE on a [−1, 1] range
+            log(
+                f"vae step {step}/{recipe.steps} loss {avg[0]:.5f} l1 {avg[1]:.5f} mse {avg[2]:.6f} "
+                f"(~{psnr:.1f} dB) kl {avg[3]:.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(time.time() - t0) / n:.2f} s/step"
+            )
+            totals, t0 = np.zeros(4), time.time()
+        if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+            save_checkpoint(snapshot(), out / VAE_CHECKPOINT)
+    return snapshot()

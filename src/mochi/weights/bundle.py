@@ -1,0 +1,229 @@
+"""The mochi bundle: one safetensors file holding a whole text-to-video model.
+
+Keys are each component's own state-dict keys under a prefix (``dit.``, ``decoder.``, ``encoder.``,
+``text_encoder.``); the file metadata holds ``format = "mochi-bundle"`` and ``config``, a JSON object with
+every component config (``dit``, ``decoder``, ``encoder``, ``text_encoder``), the ``tokenizer`` ("byte"),
+the request ``defaults`` (frames, height, width, steps, guidance), the ``latent_mean``/``latent_std`` that map
+this VAE's latents to the DiT's normalised space, and the model ``name``. The embedded default model
+(``mochi/assets/mochi-tiny.safetensors``) is a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.t5 import T5Config, T5Encoder
+from mochi.models.tokenizer import ByteTokenizer
+from mochi.models.vae import Decoder, DecoderConfig, Encoder, EncoderConfig
+from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict, save_state_dict
+
+FORMAT = "mochi-bundle"
+EMBEDDED = "mochi-tiny.safetensors"
+PARTS: dict[str, tuple[type, type]] = {
+    "dit": (AsymmDiT, DiTConfig),
+    "decoder": (Decoder, DecoderConfig),
+    "encoder": (Encoder, EncoderConfig),
+    "text_encoder": (T5Encoder, T5Config),
+}
+TOKENIZERS = {"byte": ByteTokenizer}
+
+
+class EmbeddedWeightsMissingWarning(UserWarning):
+    """The package was installed without its trained tiny model; random weights stand in."""
+
+
+@dataclass
+class _Components:
+    """Stand-in with the fields of ``mochi.weights.components.Components``, used only where that module is
+    not present (a branch that predates it)."""
+
+    tokenizer: object
+    text_encoder: T5Encoder
+    dit: AsymmDiT
+    decoder: Decoder
+    encoder: Encoder | None = None
+    defaults: dict = field(default_factory=dict)
+    name: str = "custom"
+    latent_mean: tuple[float, ...] | None = None
+    latent_std: tuple[float, ...] | None = None
+
+
+def _components_class() -> type:
+    # mochi.weights.components imports this module lazily (load_components(None) → load_embedded), so this
+    # module imports it lazily too: no import cycle.
+    try:
+        from mochi.weights.components import Components
+    except ImportError:
+        return _Components
+    return Components
+
+
+def _config_of(module: torch.nn.Module):
+    return module.config if hasattr(module, "config") else module.cfg
+
+
+def _config_from_json(cls: type, values: Mapping):
+    """A config dataclass from its JSON form (lists back to tuples); unknown keys are a WeightsError."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise WeightsError(f"bundle config for {cls.__name__} has unknown fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _parts_of(components) -> dict:
+    if isinstance(components, Mapping):
+        return dict(components)
+    return {
+        "dit": components.dit,
+        "decoder": components.decoder,
+        "encoder": components.encoder,
+        "text_encoder": components.text_encoder,
+        "defaults": components.defaults,
+        "name": components.name,
+        "latent_mean": components.latent_mean,
+        "latent_std": components.latent_std,
+        "tokenizer": components.tokenizer,
+    }
+
+
+def save_bundle(components, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write every component to one safetensors file at ``path`` (atomically).
+
+    components: a ``Components`` or a mapping with the keys ``dit``, ``decoder``, ``encoder``,
+    ``text_encoder`` (modules), ``defaults`` (dict), ``latent_mean``, ``latent_std`` (12 floats each) and
+    optionally ``name``. dtype: store floating tensors in this dtype (e.g. float16), except the DiT's fp32
+    islands (``AsymmDiT.FP32_PARAMS``), which stay float32.
+    """
+    parts = _parts_of(components)
+    tokenizer = parts.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str) and not isinstance(tokenizer, ByteTokenizer):
+        raise ValueError(f"a bundle stores the byte tokenizer only, got {type(tokenizer).__name__}")
+    for key in ("latent_mean", "latent_std"):
+        if parts.get(key) is None or len(parts[key]) != 12:
+            raise ValueError(f"{key} must be 12 floats (one per latent channel), got {parts.get(key)!r}")
+    tensors, config = {}, {}
+    for prefix in PARTS:
+        module = parts.get(prefix)
+        if module is None:
+            raise ValueError(f"a bundle needs every component; {prefix!r} is missing")
+        config[prefix] = asdict(_config_of(module))
+        for key, value in module.state_dict().items():
+            keep = prefix == "dit" and AsymmDiT.is_fp32_param(key)
+            if dtype is not None and value.is_floating_point() and not keep:
+                value = value.to(dtype)
+            tensors[f"{prefix}.{key}"] = value
+    config.update(
+        tokenizer="byte",
+        defaults=dict(parts["defaults"]),
+        latent_mean=[float(v) for v in parts["latent_mean"]],
+        latent_std=[float(v) for v in parts["latent_std"]],
+        name=parts.get("name") or "custom",
+    )
+    save_state_dict(tensors, path, {"format": FORMAT, "config": json.dumps(config)})
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose metadata marks a mochi bundle (header only)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any unreadable header means "not a bundle"
+        return False
+
+
+def bundle_config(path: str | os.PathLike) -> dict:
+    """The decoded ``config`` metadata of a bundle; WeightsError when ``path`` is not one."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{str(path)!r} is not a mochi bundle (metadata format={meta.get('format')!r})")
+    return json.loads(meta["config"])
+
+
+def load_bundle(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Every component of the bundle at ``path``, built on the meta device and loaded strictly.
+
+    Weights are cast to ``dtype`` (float32 by default: the tiny model computes in fp32 on any CPU).
+    Returns ``mochi.weights.components.Components``.
+    """
+    config = bundle_config(path)
+    if config.get("tokenizer") not in TOKENIZERS:
+        raise WeightsError(f"bundle {str(path)!r} names tokenizer {config.get('tokenizer')!r}; known: byte")
+    state = read_state_dict(path)
+    modules = {}
+    for prefix, (model_cls, config_cls) in PARTS.items():
+        cfg = _config_from_json(config_cls, config[prefix])
+        with torch.device("meta"):
+            module = model_cls(cfg)
+        sd = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        load_strict(module, sd, f"{FORMAT} ({prefix})")
+        modules[prefix] = module.to(dtype).eval()
+    return _components_class()(
+        tokenizer=TOKENIZERS[config["tokenizer"]](),
+        text_encoder=modules["text_encoder"],
+        dit=modules["dit"],
+        decoder=modules["decoder"],
+        encoder=modules["encoder"],
+        defaults=dict(config["defaults"]),
+        name=config.get("name", "custom"),
+        latent_mean=tuple(config["latent_mean"]),
+        latent_std=tuple(config["latent_std"]),
+    )
+
+
+def embedded_path() -> Path:
+    """Where the packaged tiny model lives (it may be absent in a source checkout without the asset)."""
+    return Path(str(resources.files("mochi") / "assets" / EMBEDDED))
+
+
+def random_tiny(seed: int = 0):
+    """The ``mochi-tiny`` preset with seeded random weights (what ``load_embedded`` falls back to)."""
+    from mochi.presets import model_preset
+
+    preset = model_preset("mochi-tiny")
+    torch.manual_seed(seed)
+    text_encoder = T5Encoder(preset.text_encoder)
+    text_encoder.initialize_weights(torch.Generator().manual_seed(seed))
+    return _components_class()(
+        tokenizer=ByteTokenizer(),
+        text_encoder=text_encoder.eval(),
+        dit=AsymmDiT(preset.dit).eval(),
+        decoder=Decoder(preset.decoder).eval(),
+        encoder=Encoder(preset.encoder).eval(),
+        defaults=dict(preset.defaults),
+        name="mochi-tiny (random weights)",
+        latent_mean=(0.0,) * 12,
+        latent_std=(1.0,) * 12,
+    )
+
+
+def load_embedded():
+    """The embedded default model, ``mochi/assets/mochi-tiny.safetensors``, as ``Components``.
+
+    When the file is absent (a source checkout without the asset), the ``mochi-tiny`` preset is built with
+    seeded random weights and an ``EmbeddedWeightsMissingWarning`` says so: the videos will be noise.
+    """
+    path = embedded_path()
+    if path.is_file():
+        return load_bundle(path)
+    warnings.warn(
+        f"the embedded model weights {str(path)!r} are not present: using the mochi-tiny preset with RANDOM "
+        "weights, so videos will be noise. Reinstall mochi-video, or train them with "
+        "`python -m mochi.train.tiny vae|dit|export` (docs/embedded-model.md)",
+        EmbeddedWeightsMissingWarning,
+        stacklevel=2,
+    )
+    return random_tiny()

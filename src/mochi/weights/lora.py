@@ -1,0 +1,334 @@
+"""LoRA files: Genmo's format and the diffusers/PEFT format, read with auto-detection, written in either.
+
+**Genmo** (genmo-mochi.md §6.3): keys ``blocks.{i}.attn.qkv_x.lora_A`` (r, in) and ``….lora_B`` (out, r);
+safetensors metadata ``{"kwargs": json}`` with ``qkv_proj_lora_{rank,alpha,dropout}`` (qkv_x, qkv_y) and
+``out_proj_lora_{rank,alpha,dropout}`` (proj_x, proj_y), which Genmo's loader merges into the model args. We
+add ``mochi_lora`` (rank, alpha per target, targets) so other targets keep their alpha.
+
+**diffusers/PEFT**: keys ``transformer.transformer_blocks.{i}.attn1.to_q.lora_A.weight`` … (the
+``transformer.`` prefix optional; ``base_model.model.``, ``lora_down/lora_up`` and kohya ``.alpha`` keys are
+read too). Alpha comes from ``.alpha`` keys, diffusers' ``lora_adapter_metadata`` header or a PEFT
+``adapter_config.json`` beside the file, and defaults to the rank (scaling 1), as diffusers assumes. We write
+with the scaling folded into B and no alpha, which every loader reads the same way.
+
+Layer names follow ``mochi.weights.keymaps.dit_diffusers``: Genmo's fused ``qkv_x`` is diffusers'
+``to_q``/``to_k``/``to_v``. One Genmo qkv LoRA (A (r, in), B (3D, r)) becomes three PEFT LoRAs that share A,
+each with a third of B's rows. Back: three LoRAs with equal A fuse into one of rank r; otherwise into one of
+rank r_q+r_k+r_v with A stacked and B block-diagonal, which computes exactly the sum of the three. ``swap``
+rules (SwiGLU w1, final mod) exchange B's two row halves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mochi.models.lora import BLOCK_LINEARS, LoraLayer, target_of
+from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
+from mochi.weights.keymaps.dit_diffusers import BLOCK_RULES, TOP_RULES
+
+FORMATS = ("genmo", "diffusers")
+GENMO_GROUPS = {"qkv_proj": ("qkv_x", "qkv_y"), "out_proj": ("proj_x", "proj_y")}
+_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "dit.")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?(?:\.weight)?$")
+_BLOCK = re.compile(r"^(?P<prefix>blocks|transformer_blocks)\.(?P<i>\d+)\.(?P<rel>.+)$")
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from disk: factors by Genmo module path (``blocks.0.attn.qkv_x``), the detected format."""
+
+    layers: dict[str, LoraLayer]
+    format: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        found = {target_of(n) or n for n in self.layers}
+        return tuple(t for t in BLOCK_LINEARS if t in found) + tuple(sorted(found - set(BLOCK_LINEARS)))
+
+    @property
+    def ranks(self) -> set[int]:
+        return {layer.rank for layer in self.layers.values()}
+
+
+# -- the key map, derived from the DiT's Genmo ⇄ diffusers table -------------------------------------------
+
+
+def _module_rules() -> list[tuple[str, tuple[str, ...], str, str, bool]]:
+    """(genmo module, diffusers modules, op, blocks, is_block_rule) for every rule on a ``.weight``."""
+    out = []
+    for is_block, table in ((False, TOP_RULES), (True, BLOCK_RULES)):
+        for r in table:
+            if r.genmo.endswith(".weight"):
+                mods = tuple(d.removesuffix(".weight") for d in r.diffusers)
+                out.append((r.genmo.removesuffix(".weight"), mods, r.op, r.blocks, is_block))
+    return out
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def _folded(layer: LoraLayer) -> torch.Tensor:
+    """B with the scaling alpha/r multiplied in (computed in fp32, stored in B's dtype)."""
+    if layer.scaling == 1.0:
+        return layer.B
+    return (layer.B.float() * layer.scaling).to(layer.B.dtype)
+
+
+def to_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, torch.Tensor]:
+    """Genmo module paths → diffusers PEFT keys (``transformer.`` prefix), scaling folded into B.
+
+    The last block (for ``mod_y``, whose diffusers name differs there) is the highest block index present.
+    """
+    blocks = [int(m.group("i")) for n in layers if (m := _BLOCK.match(n))]
+    last = max(blocks, default=-1)
+    rules = _module_rules()
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        m = _BLOCK.match(name)
+        rel, head = (m.group("rel"), f"transformer_blocks.{m.group('i')}.") if m else (name, "")
+        kind = "last" if m and int(m.group("i")) == last else "update_y"
+        rule = next(
+            (r for r in rules if r[0] == rel and r[4] == bool(m) and r[3] in ("all", kind)),
+            None,
+        )
+        if rule is None:
+            raise WeightsError(f"LoRA layer {name!r} has no diffusers equivalent in the DiT key map")
+        _, mods, op, _, _ = rule
+        b = _folded(layer)
+        if op == "split":
+            parts = list(zip(mods, b.chunk(3, dim=0)))
+        else:
+            parts = [(mods[0], _swap(b) if op == "swap" else b)]
+        for mod, b_part in parts:
+            out[f"transformer.{head}{mod}.lora_A.weight"] = layer.A.clone()
+            out[f"transformer.{head}{mod}.lora_B.weight"] = b_part.clone()
+    return out
+
+
+def _fuse(parts: list[LoraLayer]) -> LoraLayer:
+    """Fuse the q, k, v LoRAs into one on the concatenated output, each scaling folded into its B."""
+    bs = [_folded(p).float() for p in parts]
+    if all(torch.equal(p.A, parts[0].A) for p in parts):
+        a, b = parts[0].A, torch.cat(bs)
+    else:  # rank r_q + r_k + r_v: A stacked, B block-diagonal, so B·A is the three deltas stacked
+        a, b = torch.cat([p.A for p in parts]), torch.block_diag(*bs)
+    return LoraLayer(a, b.to(parts[0].B.dtype), float(a.shape[0]))
+
+
+def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
+    """diffusers module paths (no prefix) → Genmo module paths; q/k/v fused as the module docstring says."""
+    rules = _module_rules()
+    out: dict[str, LoraLayer] = {}
+    pending: dict[str, tuple[tuple[str, ...], dict[str, LoraLayer]]] = {}
+    for name, layer in layers.items():
+        m = _BLOCK.match(name)
+        rel, head = (m.group("rel"), f"blocks.{m.group('i')}.") if m else (name, "")
+        rule = next((r for r in rules if rel in r[1] and r[4] == bool(m)), None)
+        if rule is None:
+            raise WeightsError(f"LoRA layer {name!r} has no Genmo equivalent in the DiT key map")
+        genmo, mods, op, _, _ = rule
+        if op == "split":
+            pending.setdefault(head + genmo, (mods, {}))[1][rel] = layer
+        else:
+            b = _swap(layer.B) if op == "swap" else layer.B
+            out[head + genmo] = LoraLayer(layer.A, b, layer.alpha)
+    for name, (mods, parts) in pending.items():
+        if len(parts) != len(mods):
+            raise WeightsError(
+                f"LoRA for {name!r} covers only {sorted(parts)} of {list(mods)}; a fused Genmo layer needs "
+                "all three (a missing one is not representable without knowing its width)"
+            )
+        out[name] = _fuse([parts[mod] for mod in mods])
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+def _lora_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        if (path / name).is_file():
+            return path / name
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise WeightsError(f"folder {str(path)!r} holds {len(files)} .safetensors files; name the LoRA file")
+    return files[0]
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None, dict[str, float]]:
+    """(global alpha, per-module alpha pattern) from diffusers' header metadata or adapter_config.json."""
+    conf: dict = {}
+    if "lora_adapter_metadata" in metadata:
+        raw = json.loads(metadata["lora_adapter_metadata"])
+        conf = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in raw.items()}
+    elif (file.parent / "adapter_config.json").is_file():
+        conf = json.loads((file.parent / "adapter_config.json").read_text())
+    alpha = conf.get("lora_alpha")
+    pattern = {k.lstrip("^"): float(v) for k, v in (conf.get("alpha_pattern") or {}).items()}
+    return (float(alpha) if alpha is not None else None), pattern
+
+
+def read_lora(path: str | os.PathLike) -> LoraFile:
+    """Read a LoRA in Genmo's or the diffusers/PEFT format (detected from its keys) as Genmo-named layers."""
+    file = _lora_file(Path(path))
+    sd = read_state_dict(file)
+    metadata = read_metadata(file)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    unknown = []
+    for key, t in sd.items():
+        k = _strip(key)
+        if k.endswith(".alpha"):
+            alphas[k.removesuffix(".alpha")] = float(t.float().item())
+        elif m := _KEY.match(k):
+            kind = "A" if m.group("kind") in ("lora_A", "lora_down") else "B"
+            factors.setdefault(m.group("module"), {})[kind] = t
+        else:
+            unknown.append(key)
+    if unknown or not factors:
+        raise WeightsError(
+            f"{str(file)!r} is not a Mochi DiT LoRA: {len(unknown)} keys that are not LoRA factors "
+            f"({', '.join(sorted(unknown)[:5])}) and {len(factors)} LoRA layers"
+        )
+    names = list(factors)
+    fmt = "diffusers" if any(n.startswith("transformer_blocks.") for n in names) else "genmo"
+    incomplete = sorted(n for n, f in factors.items() if len(f) != 2)
+    if incomplete:
+        raise WeightsError(f"{str(file)!r}: LoRA layers without both A and B: {incomplete[:5]}")
+    if fmt == "genmo":
+        group_alpha = _genmo_alphas(metadata)
+    else:
+        peft_alpha, pattern = _peft_alphas(file, metadata)
+    layers: dict[str, LoraLayer] = {}
+    for name, f in factors.items():
+        a, b = f["A"], f["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise WeightsError(
+                f"{str(file)!r}: LoRA layer {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                "need A (r, in) and B (out, r)"
+            )
+        if name in alphas:
+            alpha = alphas[name]
+        elif fmt == "genmo":
+            alpha = group_alpha.get(target_of(name) or name, float(a.shape[0]))
+        else:
+            alpha = next((v for k, v in pattern.items() if name.endswith(k)), peft_alpha or float(a.shape[0]))
+        layers[name] = LoraLayer(a, b, alpha)
+    if fmt == "diffusers":
+        layers = from_diffusers(layers)
+    return LoraFile(layers, fmt, dict(metadata))
+
+
+def _genmo_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
+    """Alpha per target from our ``mochi_lora`` entry, else from Genmo's group kwargs."""
+    out: dict[str, float] = {}
+    kwargs = json.loads(metadata.get("kwargs", "{}") or "{}")
+    for group, targets in GENMO_GROUPS.items():
+        if kwargs.get(f"{group}_lora_alpha") is not None:
+            out.update(dict.fromkeys(targets, float(kwargs[f"{group}_lora_alpha"])))
+    ours = json.loads(metadata.get("mochi_lora", "{}") or "{}")
+    out.update({t: float(a) for t, a in (ours.get("alpha") or {}).items()})
+    return out
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+def _group(target: str) -> str:
+    return next((g for g, targets in GENMO_GROUPS.items() if target in targets), target)
+
+
+def genmo_metadata(layers: Mapping[str, LoraLayer], dropout: float = 0.0, extra: dict | None = None) -> dict:
+    """Genmo's ``kwargs`` (group rank/alpha/dropout) and our ``mochi_lora`` entry: safetensors metadata."""
+    per_target: dict[str, tuple[int, float]] = {}
+    for name, layer in layers.items():
+        per_target.setdefault(target_of(name) or name, (layer.rank, layer.alpha))
+    kwargs = {}
+    for group, targets in GENMO_GROUPS.items():
+        found = [per_target[t] for t in targets if t in per_target]
+        if found:
+            kwargs[f"{group}_lora_rank"], kwargs[f"{group}_lora_alpha"] = found[0]
+            kwargs[f"{group}_lora_dropout"] = dropout
+    ranks = sorted({layer.rank for layer in layers.values()})
+    ours = {
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "alpha": {t: a for t, (_, a) in per_target.items()},
+        "targets": list(per_target),
+        **(extra or {}),
+    }
+    return {"kwargs": json.dumps(kwargs), "mochi_lora": json.dumps(ours)}
+
+
+def save_lora(
+    layers: Mapping[str, LoraLayer],
+    path: str | os.PathLike,
+    format: str = "genmo",
+    dropout: float = 0.0,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``layers`` (Genmo module paths) as one safetensors file, atomically, in ``format``.
+
+    Genmo's format holds one alpha per target in the metadata; diffusers' holds none (scaling folded into B).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"LoRA format {format!r} is unknown; choose one of {list(FORMATS)}")
+    path = Path(path)
+    if format == "diffusers":
+        save_state_dict(to_diffusers(layers), path, {"format": "pt"})
+        return path
+    # Genmo's loader uses one alpha per group (qkv_x and qkv_y; proj_x and proj_y), ours one per target; a
+    # layer with another alpha than its group's first (files converted from elsewhere, or trained with
+    # per-target alphas) gets the ratio folded into its B, so both loaders compute the same delta.
+    alpha: dict[str, float] = {}
+    fixed: dict[str, LoraLayer] = {}
+    for name, layer in layers.items():
+        want = alpha.setdefault(_group(target_of(name) or name), layer.alpha)
+        if layer.alpha != want:
+            b = (layer.B.float() * (layer.alpha / want)).to(layer.B.dtype)
+            layer = LoraLayer(layer.A, b, want)
+        fixed[name] = layer
+    sd = {}
+    for name, layer in fixed.items():
+        sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = layer.A, layer.B
+    save_state_dict(sd, path, genmo_metadata(fixed, dropout, extra))
+    return path
+
+
+def convert_lora(
+    src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False
+) -> tuple[Path, LoraFile]:
+    """Read a LoRA in either format and write it in ``to``; returns the path written and what was read."""
+    if to not in FORMATS:
+        raise ValueError(f"LoRA format {to!r} is unknown; choose one of {list(FORMATS)}")
+    dst = Path(dst)
+    if dst.is_dir():
+        dst = dst / ("pytorch_lora_weights.safetensors" if to == "diffusers" else "lora.safetensors")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"LoRA output {str(dst)!r} must end in .safetensors, e.g. {dst.stem}.safetensors")
+    if dst.exists() and not overwrite:
+        raise ValueError(f"{str(dst)!r} exists; pass --overwrite to replace it")
+    lora = read_lora(src)
+    save_lora(lora.layers, dst, to)
+    return dst, lora

@@ -1,0 +1,313 @@
+"""LoRA layers, merging, files in Genmo's and the diffusers/PEFT format, parity with peft in diffusers."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.lora import (
+    LoraLayer,
+    add_trainable_lora,
+    apply_lora,
+    remove_trainable_lora,
+    target_modules,
+    trainable_lora_state_dict,
+)
+from mochi.weights.io import WeightsError, read_metadata
+from mochi.weights.lora import convert_lora, from_diffusers, read_lora, save_lora, to_diffusers
+
+CFG = DiTConfig(depth=3, num_heads=2, hidden_size_x=32, hidden_size_y=16, t5_feat_dim=24, mlp_multiple_of=1)
+
+
+def model(seed: int = 0) -> AsymmDiT:
+    torch.manual_seed(seed)
+    return AsymmDiT(CFG).eval().requires_grad_(False)
+
+
+def inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 12, 2, 4, 4, generator=g)
+    text = torch.randn(2, 5, CFG.t5_feat_dim, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    return x, torch.tensor([0.3, 0.8]), text, mask
+
+
+def random_lora(m: AsymmDiT, rank: int = 4, alpha: float = 8.0, seed: int = 2, targets=None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, lin in target_modules(m, targets or ("qkv_x", "qkv_y", "proj_x", "proj_y")).items():
+        a = torch.randn(rank, lin.in_features, generator=g) * 0.3
+        b = torch.randn(lin.out_features, rank, generator=g) * 0.3
+        layers[name] = LoraLayer(a, b, alpha)
+    return layers
+
+
+def test_trainable_lora_has_genmo_keys_shapes_and_init():
+    m = model()
+    names = add_trainable_lora(m, rank=4, alpha=4)
+    # 3 blocks × (qkv_x, qkv_y, proj_x) + proj_y in the 2 blocks that update text; none in the last.
+    assert len(names) == 11 and "blocks.2.attn.proj_y" not in names
+    sd = trainable_lora_state_dict(m)
+    assert sd["blocks.0.attn.qkv_x.lora_A"].shape == (4, 32)
+    assert sd["blocks.0.attn.qkv_x.lora_B"].shape == (96, 4)
+    assert sd["blocks.1.attn.proj_y.lora_B"].shape == (16, 4)
+    assert set(sd) == {f"{n}.{ab}" for n in names for ab in ("lora_A", "lora_B")}
+    assert all(not v.any() for k, v in sd.items() if k.endswith("lora_B"))
+    bound = 1 / 32**0.5  # kaiming_uniform(a=√5) on fan_in 32
+    a = sd["blocks.0.attn.qkv_x.lora_A"]
+    assert a.abs().max() <= bound and a.std() > bound / 3
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(sd)
+
+
+def test_zero_b_leaves_outputs_unchanged_and_removal_restores():
+    m = model()
+    ref = m(*inputs())
+    add_trainable_lora(m, rank=4, alpha=16)
+    torch.testing.assert_close(m(*inputs()), ref, rtol=0, atol=0)
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            if k.endswith("lora_B"):
+                p.normal_()
+    assert not torch.allclose(m(*inputs()), ref)
+    remove_trainable_lora(m)
+    assert m(*inputs()).equal(ref) and not trainable_lora_state_dict(m)
+
+
+def test_trainable_lora_matches_applied_lora():
+    m = model()
+    add_trainable_lora(m, rank=4, alpha=8)
+    layers = random_lora(m)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            m.get_submodule(name).lora_A.copy_(layer.A)
+            m.get_submodule(name).lora_B.copy_(layer.B)
+    trained = m(*inputs())
+    remove_trainable_lora(m)
+    apply_lora(m, layers)
+    torch.testing.assert_close(m(*inputs()), trained, rtol=0, atol=0)
+
+
+def test_merged_equals_unmerged_and_unmerge_restores():
+    m = model()
+    ref = m(*inputs())
+    w0 = m.blocks[0].attn.qkv_x.weight.clone()
+    first, second = random_lora(m, seed=2), random_lora(m, rank=2, alpha=1, seed=3)
+    h1, h2 = apply_lora(m, first, scale=0.7), apply_lora(m, second, scale=-1.3)
+    unmerged = m(*inputs())
+    assert (unmerged - ref).abs().max() > 1e-2
+    h1.remove(), h2.remove()
+    assert m(*inputs()).equal(ref)
+    h1 = apply_lora(m, first, scale=0.7, merge=True)
+    h2 = apply_lora(m, second, scale=-1.3, merge=True, keep_original=True)
+    torch.testing.assert_close(m(*inputs()), unmerged, rtol=1e-5, atol=1e-5)
+    h2.remove(), h1.remove()
+    torch.testing.assert_close(m.blocks[0].attn.qkv_x.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(*inputs()), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_original_restores_bf16_weights_bit_exactly():
+    m = model().to(torch.bfloat16)
+    w0 = m.blocks[1].attn.qkv_y.weight.clone()
+    apply_lora(m, random_lora(m), merge=True, keep_original=True).remove()
+    assert m.blocks[1].attn.qkv_y.weight.equal(w0)
+
+
+def test_merge_refuses_fp8_and_lora_must_fit():
+    from mochi.weights.fp8 import Fp8Linear
+
+    m = model()
+    layers = random_lora(m)
+    lin = m.blocks[0].attn.qkv_x
+    fp8 = Fp8Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+    m.blocks[0].attn.qkv_x = fp8
+    with pytest.raises(ValueError, match="cannot merge a LoRA into fp8 weights.*--fp8 dequantize"):
+        apply_lora(m, layers, merge=True)
+    other = DiTConfig(depth=3, num_heads=2, hidden_size_x=64, hidden_size_y=16, t5_feat_dim=24)
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv_x.*trained for another model"):
+        apply_lora(AsymmDiT(other), layers)
+    with pytest.raises(ValueError, match="not a Linear layer"):
+        apply_lora(model(), {"blocks.7.attn.qkv_x": layers["blocks.0.attn.qkv_x"]})
+
+
+def test_genmo_file_round_trip_and_metadata(tmp_path):
+    m = model()
+    layers = random_lora(m, rank=4, alpha=8)
+    path = save_lora(layers, tmp_path / "l.safetensors")
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "blocks.0.attn.qkv_x.lora_A" in keys and "blocks.1.attn.proj_y.lora_B" in keys
+    kwargs = json.loads(meta["kwargs"])
+    assert kwargs == {
+        "qkv_proj_lora_rank": 4,
+        "qkv_proj_lora_alpha": 8.0,
+        "qkv_proj_lora_dropout": 0.0,
+        "out_proj_lora_rank": 4,
+        "out_proj_lora_alpha": 8.0,
+        "out_proj_lora_dropout": 0.0,
+    }
+    back = read_lora(path)
+    assert back.format == "genmo" and back.targets == ("qkv_x", "qkv_y", "proj_x", "proj_y")
+    for name, layer in layers.items():
+        assert back.layers[name].A.equal(layer.A) and back.layers[name].B.equal(layer.B)
+        assert back.layers[name].alpha == 8.0
+
+
+def test_genmo_file_folds_alphas_that_differ_within_a_group(tmp_path):
+    m = model()
+    layers = random_lora(m, rank=4, alpha=8)
+    layers["blocks.1.attn.qkv_y"] = LoraLayer(
+        layers["blocks.1.attn.qkv_y"].A, layers["blocks.1.attn.qkv_y"].B, 2.0
+    )
+    save_lora(layers, tmp_path / "l.safetensors")
+    back = read_lora(tmp_path / "l.safetensors").layers
+    assert json.loads(read_metadata(tmp_path / "l.safetensors")["kwargs"])["qkv_proj_lora_alpha"] == 8.0
+    assert back["blocks.1.attn.qkv_y"].alpha == 8.0
+    for name, layer in layers.items():
+        torch.testing.assert_close(back[name].delta_weight(), layer.delta_weight(), rtol=1e-6, atol=1e-6)
+
+
+def test_genmo_file_without_metadata_has_scaling_one(tmp_path):
+    layers = random_lora(model(), rank=4)
+    save_file({f"{n}.lora_{ab}": getattr(v, ab) for n, v in layers.items() for ab in "AB"}, tmp_path / "x.st")
+    (tmp_path / "x.st").rename(tmp_path / "x.safetensors")
+    assert {v.alpha for v in read_lora(tmp_path / "x.safetensors").layers.values()} == {4.0}
+
+
+def test_diffusers_keys_split_qkv_and_fold_scaling():
+    m = model()
+    layers = random_lora(m, rank=4, alpha=8)
+    sd = to_diffusers(layers)
+    a = sd["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"]
+    assert a.equal(sd["transformer.transformer_blocks.0.attn1.to_v.lora_A.weight"])
+    b = layers["blocks.0.attn.qkv_x"].B
+    torch.testing.assert_close(sd["transformer.transformer_blocks.0.attn1.to_k.lora_B.weight"], 2 * b[32:64])
+    assert "transformer.transformer_blocks.1.attn1.to_add_out.lora_B.weight" in sd
+    assert "transformer.transformer_blocks.1.attn1.add_v_proj.lora_A.weight" in sd
+    assert not any("transformer_blocks.2.attn1.to_add_out" in k for k in sd)
+    assert len(sd) == 2 * (3 * 3 * 2 + 3 + 2)
+
+
+def test_unequal_qkv_factors_fuse_to_triple_rank():
+    g = torch.Generator().manual_seed(0)
+    parts = {
+        f"transformer_blocks.0.attn1.to_{n}": LoraLayer(
+            torch.randn(r, 32, generator=g), torch.randn(32, r, generator=g), alpha
+        )
+        for n, r, alpha in (("q", 2, 4.0), ("k", 3, 3.0), ("v", 1, 0.5))
+    }
+    fused = from_diffusers(parts)["blocks.0.attn.qkv_x"]
+    assert fused.rank == 6 and fused.scaling == 1.0
+    expected = torch.cat([p.delta_weight() for p in parts.values()])
+    torch.testing.assert_close(fused.delta_weight(), expected, rtol=1e-5, atol=1e-5)
+    shared = torch.randn(2, 32, generator=g)
+    same_a = {k: LoraLayer(shared, torch.randn(32, 2, generator=g), 2.0) for k in parts}
+    fused = from_diffusers(same_a)["blocks.0.attn.qkv_x"]
+    assert fused.rank == 2 and fused.A.equal(shared)
+    assert fused.B.equal(torch.cat([v.B for v in same_a.values()]))
+    with pytest.raises(WeightsError, match="covers only"):
+        from_diffusers({"transformer_blocks.0.attn1.to_q": parts["transformer_blocks.0.attn1.to_q"]})
+
+
+def test_convert_round_trip_and_unequal_a_file(tmp_path):
+    m = model()
+    layers = random_lora(m, rank=4, alpha=4)
+    save_lora(layers, tmp_path / "g.safetensors")
+    dst, read = convert_lora(tmp_path / "g.safetensors", tmp_path / "d.safetensors", "diffusers")
+    assert read.format == "genmo" and read_lora(dst).format == "diffusers"
+    back, _ = convert_lora(dst, tmp_path / "g2.safetensors", "genmo")
+    again = read_lora(back)
+    for name, layer in layers.items():
+        assert again.layers[name].A.equal(layer.A) and again.layers[name].B.equal(layer.B)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        convert_lora(dst, tmp_path / "g2.safetensors", "genmo")
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        convert_lora(dst, tmp_path / "g2.pt", "genmo")
+
+
+def test_read_lora_rejects_foreign_files(tmp_path):
+    save_file({"blocks.0.attn.qkv_x.weight": torch.zeros(2, 2)}, tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match="not a Mochi DiT LoRA"):
+        read_lora(tmp_path / "w.safetensors")
+
+
+def test_diffusers_peft_loading_gives_our_outputs(tmp_path):
+    """Our Genmo-format LoRA, converted, loaded by diffusers (peft) into MochiTransformer3DModel."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+
+    m = model()
+    theirs = diffusers.MochiTransformer3DModel(
+        patch_size=CFG.patch_size,
+        num_attention_heads=CFG.num_heads,
+        attention_head_dim=CFG.head_dim,
+        num_layers=CFG.depth,
+        pooled_projection_dim=CFG.hidden_size_y,
+        in_channels=CFG.in_channels,
+        text_embed_dim=CFG.t5_feat_dim,
+        time_embed_dim=CFG.timestep_embed_dim,
+    ).eval()
+    theirs.load_state_dict(genmo_to_diffusers(m.state_dict()), strict=True)
+    layers = random_lora(m, rank=4, alpha=8)
+    save_lora(layers, tmp_path / "genmo.safetensors")
+    dst, _ = convert_lora(tmp_path / "genmo.safetensors", tmp_path / "peft.safetensors", "diffusers")
+    theirs.load_lora_adapter(str(dst), prefix="transformer", adapter_name="star")
+    apply_lora(m, read_lora(tmp_path / "genmo.safetensors").layers)
+    x, sigma, text, mask = inputs()
+    with torch.no_grad():
+        ours = m(x, sigma, text, mask)
+        ref = theirs(x, text, (1 - sigma) * 1000, mask, return_dict=False)[0]
+        base = model()(x, sigma, text, mask)
+    assert (ours - base).abs().max() > 0.1 * ours.abs().max()  # the LoRA matters
+    assert (ours - ref).abs().max() <= 1e-4 * ours.abs().max()
+    # A weaker LoRA scale in diffusers matches our scale.
+    theirs.set_adapters(["star"], weights=[0.5])
+    m2 = model()
+    apply_lora(m2, read_lora(tmp_path / "genmo.safetensors").layers, scale=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            m2(x, sigma, text, mask), theirs(x, text, (1 - sigma) * 1000, mask, return_dict=False)[0],
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+
+
+def test_released_size_lora_keys_match_genmo():
+    """§6.1: rank 16 on qkv_x, qkv_y, proj_x, proj_y of the 48 blocks (no proj_y in block 47): 25.9 M."""
+    from mochi.models.dit import DIT_PRESETS
+
+    with torch.device("meta"):
+        m = AsymmDiT(DIT_PRESETS["mochi-1-preview"])
+    add_trainable_lora(m, rank=16, alpha=16)
+    sd = trainable_lora_state_dict(m)
+    assert len(sd) == 2 * (48 * 3 + 47)
+    assert sum(v.numel() for v in sd.values()) == 25_878_528
+    assert sd["blocks.46.attn.proj_y.lora_A"].shape == (16, 3072)
+    assert sd["blocks.46.attn.proj_y.lora_B"].shape == (1536, 16)
+    assert sd["blocks.47.attn.qkv_y.lora_B"].shape == (9216, 16)
+    assert "blocks.47.attn.proj_y.lora_A" not in sd
+
+
+def test_peft_alpha_sources(tmp_path):
+    """Alpha of a diffusers/PEFT file: .alpha keys, adapter_config.json, diffusers' header metadata."""
+    a, b = torch.randn(4, 32), torch.randn(32, 4)
+    sd = {
+        f"base_model.model.transformer_blocks.0.attn1.to_out.0.lora_{k}.weight": v
+        for k, v in (("A", a), ("B", b))
+    }
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(sd, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    layer = read_lora(folder).layers["blocks.0.attn.proj_x"]
+    assert layer.alpha == 2.0 and layer.A.equal(a) and layer.B.equal(b)
+    kohya = {**sd, "transformer_blocks.0.attn1.to_out.0.alpha": torch.tensor(1.0)}
+    save_file(kohya, tmp_path / "k.safetensors")
+    assert read_lora(tmp_path / "k.safetensors").layers["blocks.0.attn.proj_x"].alpha == 1.0
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})}
+    save_file(sd, tmp_path / "d.safetensors", metadata=meta)
+    assert read_lora(tmp_path / "d.safetensors").layers["blocks.0.attn.proj_x"].alpha == 8.0
+    save_file(sd, tmp_path / "plain.safetensors")
+    assert read_lora(tmp_path / "plain.safetensors").layers["blocks.0.attn.proj_x"].alpha == 4.0

@@ -1,0 +1,146 @@
+"""Training the tiny model: every stage runs on a micro config, and an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mochi.presets import MODEL_PRESETS, model_preset
+from mochi.train.checkpoint import load_checkpoint
+from mochi.train.export import export_bundle
+from mochi.train.train_dit import DIT_CHECKPOINT, DiTRecipe, load_latent_cache, sample_sigmas, train_dit
+from mochi.train.train_vae import VAE_CHECKPOINT, VAERecipe, lr_at, train_vae
+from mochi.weights.bundle import load_bundle
+
+PRESET = model_preset("test-micro")
+VAE = VAERecipe(
+    steps=2,
+    batch=1,
+    frames=7,
+    clip_frames=9,
+    height=16,
+    width=16,
+    log_every=1,
+    checkpoint_every=1,
+    encoder_steps=1,
+)
+DIT = DiTRecipe(
+    steps=2,
+    batch=2,
+    cache_clips=3,
+    cache_chunk=2,
+    frames=7,
+    height=16,
+    width=16,
+    log_every=1,
+    checkpoint_every=1,
+)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(prefix: str):
+    """A log callback that kills the run when it logs ``prefix``: the step before is saved, this not."""
+
+    def log(line: str) -> None:
+        if line.startswith(prefix):
+            raise Interrupted(line)
+
+    return log
+
+
+def _assert_same(a, b, path: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), path  # NaN == NaN for an unset loss
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    state = train_vae(out, PRESET, VAE, log=lambda line: None)
+    return out, state
+
+
+def test_presets_name_every_component():
+    tiny = MODEL_PRESETS["mochi-tiny"]
+    assert tiny.tokenizer == "byte" and tiny.text_encoder.vocab_size == 259
+    assert tiny.dit.t5_feat_dim == tiny.text_encoder.d_model
+    assert tiny.defaults == {"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0}
+    released = MODEL_PRESETS["mochi-1-preview"]
+    assert (released.dit.depth, released.dit.hidden_size_x, released.text_encoder.d_model) == (48, 3072, 4096)
+    with pytest.raises(ValueError, match="mochi-tiny"):
+        model_preset("mochi-tiyn")
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_sigmas_lie_in_the_open_interval():
+    s = sample_sigmas(1000, DiTRecipe(), torch.Generator().manual_seed(0))
+    assert s.shape == (1000,) and s.min() > 0 and s.max() < 1
+    assert 0.5 < float(s.mean()) < 0.7  # shifted towards high noise (logit mean 0.5)
+
+
+def test_vae_resumes_exactly(vae_run, tmp_path):
+    out, uninterrupted = vae_run
+    assert uninterrupted["step"] == 2 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
+    with pytest.raises(Interrupted):
+        train_vae(tmp_path, PRESET, VAE, log=_interrupt_at("vae step 2/"))
+    at_freeze = load_checkpoint(tmp_path / VAE_CHECKPOINT)
+    assert at_freeze["step"] == 1
+    resumed = train_vae(tmp_path, PRESET, VAE, log=lambda line: None)
+    _assert_same(uninterrupted, resumed)
+    # After encoder_steps only the decoder trains: the latent space is final.
+    _assert_same(at_freeze["encoder"], resumed["encoder"])
+    assert not torch.equal(
+        at_freeze["decoder"]["output_proj.weight"], resumed["decoder"]["output_proj.weight"]
+    )
+
+
+def test_dit_waits_for_the_final_encoder(tmp_path):
+    with pytest.raises(Interrupted):
+        train_vae(tmp_path, PRESET, replace(VAE, encoder_steps=2), log=_interrupt_at("vae step 2/"))
+    with pytest.raises(ValueError, match="at step 1, but its encoder trains until step 2"):
+        train_dit(tmp_path, PRESET, DIT, log=lambda line: None)
+
+
+def test_dit_resumes_exactly_and_exports(vae_run, tmp_path):
+    vae_out, _ = vae_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(vae_out / VAE_CHECKPOINT, d / VAE_CHECKPOINT)
+    uninterrupted = train_dit(a, PRESET, DIT, log=lambda line: None)
+    mean, logvar, captions = load_latent_cache(a, DIT)
+    assert mean.shape == logvar.shape == (3, 12, 2, 2, 2) and len(captions) == 3
+    with pytest.raises(Interrupted):
+        train_dit(b, PRESET, DIT, log=_interrupt_at("dit step 2/"))
+    assert load_checkpoint(b / DIT_CHECKPOINT)["step"] == 1
+    resumed = train_dit(b, PRESET, DIT, log=lambda line: None)
+    _assert_same(uninterrupted, resumed)
+    assert not torch.equal(uninterrupted["ema"]["dit.final_layer.linear.weight"], torch.zeros(1))
+
+    path = export_bundle(a, PRESET, tmp_path / "micro.safetensors", dtype=torch.float32)
+    components = load_bundle(path)
+    assert components.latent_mean == pytest.approx(uninterrupted["latent_mean"])
+    assert torch.equal(
+        components.dit.final_layer.linear.weight, uninterrupted["ema"]["dit.final_layer.linear.weight"]
+    )
