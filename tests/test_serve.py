@@ -17,8 +17,11 @@ from mochi.pipeline import MochiPipeline  # noqa: E402
 from mochi.request import GenerationRequest  # noqa: E402
 from mochi.serve.server import check_binding, check_port, is_loopback  # noqa: E402
 from mochi.video import read_video, write_video  # noqa: E402
-from tests.serve_harness import FAIL_PROMPT, AppServer, GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
-from tests.test_pipeline import tiny_components  # noqa: E402
+from mochi.weights.lora import save_lora  # noqa: E402
+
+from .serve_harness import FAIL_PROMPT, AppServer, GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
+from .test_lora import random_lora  # noqa: E402
+from .test_pipeline import tiny_components  # noqa: E402
 
 TOKEN = "s3cret-test-token"
 
@@ -31,7 +34,8 @@ def pipe():
 @pytest.fixture(scope="module")
 def live(pipe, tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("loras")
-    (lora_dir / "style.safetensors").write_bytes(b"")
+    save_lora(random_lora(pipe.components.dit), lora_dir / "style.safetensors")
+    (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
     with LiveServer(pipe, tmp_path_factory.mktemp("out"), queue_size=2, lora_dir=lora_dir) as server:
         yield server
 
@@ -165,11 +169,53 @@ def test_body_that_is_not_json_is_422(url):
     assert status == 422 and "JSON decode error" in json.loads(data)["detail"]
 
 
-def test_lora_choice_without_lora_support_is_a_clear_error(url):
+def video_of(url: str, body: dict, tmp_path) -> np.ndarray:
+    status, job = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 202, job
+    job = wait_for(url, job["id"], ("done", "failed"))
+    assert job["status"] == "done", job["error"]
+    (tmp_path / f"{job['id']}.mp4").write_bytes(call("GET", f"{url}/api/jobs/{job['id']}/video")[2])
+    return read_video(tmp_path / f"{job['id']}.mp4")[0].astype(float)
+
+
+def test_lora_applies_to_its_job_only(url, pipe, live, tmp_path):
     status, info = call_json("GET", f"{url}/api/info")
-    assert info["loras"] == ["style.safetensors"] and info["lora_supported"] is False
-    status, reply = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "lora": "style.safetensors"})
-    assert status == 501 and reply["detail"].startswith("LoRA support not available")
+    assert info["loras"] == ["broken.safetensors", "style.safetensors"] and info["lora_supported"] is True
+    plain = {"prompt": "a red circle", "seed": 3}
+    before = video_of(url, plain, tmp_path)
+    styled = video_of(url, {**plain, "lora": "style.safetensors", "lora_scale": 0.8}, tmp_path)
+    assert [(p.rsplit("/", 1)[-1], s) for p, s, _ in pipe.pipe.loras] == [("style.safetensors", 0.8)]
+    (job,) = [j for j in live.jobs.jobs() if j.lora][:1]
+    assert job.parameters()["lora"] == "style.safetensors" and job.parameters()["lora_scale"] == 0.8
+    sidecar = json.loads((live.jobs.out_dir / f"{job.id}.json").read_text())
+    assert (sidecar["lora"], sidecar["lora_scale"]) == ("style.safetensors", 0.8)
+    after = video_of(url, plain, tmp_path)  # the next job without a LoRA must not inherit it
+    assert pipe.pipe.loras == []
+    assert np.abs(after - before).mean() < 4 < np.abs(styled - before).mean()
+
+
+def test_broken_lora_fails_its_job_only(url):
+    status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "lora": "broken.safetensors"})
+    job = wait_for(url, job["id"], ("done", "failed"))
+    assert job["status"] == "failed"
+    assert job["error"].startswith("ValueError: LoRA 'broken.safetensors' cannot be applied: SafetensorError")
+    status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "steps": 1})
+    assert wait_for(url, job["id"], ("done", "failed"))["status"] == "done"
+
+
+def test_lora_choice_without_lora_support_is_a_clear_error(pipe, tmp_path):
+    class NoLora(GatedPipeline):
+        load_lora = None  # a pipeline that cannot apply LoRAs
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(b"")
+    with LiveServer(NoLora(pipe.pipe), tmp_path, lora_dir=tmp_path / "loras") as server:
+        status, info = call_json("GET", f"{server.url}/api/info")
+        assert info["loras"] == ["style.safetensors"] and info["lora_supported"] is False
+        body = {"prompt": "x", "lora": "style.safetensors"}
+        status, reply = call_json("POST", f"{server.url}/api/jobs", body)
+        assert status == 501 and reply["detail"].startswith("LoRA support not available")
+        assert server.jobs.jobs() == []
 
 
 def test_failing_job_is_reported_and_the_server_keeps_serving(url):

@@ -15,8 +15,11 @@ pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)"
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
 
 from mochi.pipeline import MochiPipeline  # noqa: E402
-from tests.serve_harness import LiveServer  # noqa: E402
-from tests.test_pipeline import tiny_components  # noqa: E402
+from mochi.weights.lora import save_lora  # noqa: E402
+
+from .serve_harness import LiveServer  # noqa: E402
+from .test_lora import random_lora  # noqa: E402
+from .test_pipeline import tiny_components  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 FLAGS = [
@@ -38,8 +41,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("loras")
-    (lora_dir / "watercolour.safetensors").write_bytes(b"")
     pipe = MochiPipeline(tiny_components(), device="cpu")
+    save_lora(random_lora(pipe.components.dit), lora_dir / "watercolour.safetensors")
+    (lora_dir / "broken.safetensors").write_bytes(b"")
     with LiveServer(pipe, tmp_path_factory.mktemp("out"), lora_dir=lora_dir) as live:
         yield live
 
@@ -89,13 +93,29 @@ def test_generate_shows_progress_then_a_playing_video(page, server):
         page.screenshot(path=path, full_page=True)
 
 
-def test_lora_picker_lists_files_and_reports_missing_support(page):
-    options = page.locator("#lora option").all_text_contents()
-    assert options == ["none", "watercolour.safetensors (LoRA support not available)"]
-    page.select_option("#lora", "watercolour.safetensors")
+def generate_and_wait(page) -> None:
     page.click("#generate")
-    page.wait_for_function("document.getElementById('error').textContent !== ''")
-    assert page.locator("#error").text_content().startswith("501: LoRA support not available")
+    page.wait_for_function("document.getElementById('generate').disabled")
+    page.wait_for_function("!document.getElementById('generate').disabled")
+
+
+def test_lora_picker_runs_a_lora_and_shows_a_failing_one(page, server):
+    options = page.locator("#lora option").all_text_contents()
+    assert options == ["none", "broken.safetensors", "watercolour.safetensors"]
+    page.fill("#prompt", "a blue square")
+    page.select_option("#lora", "watercolour.safetensors")
+    page.fill("#lora-scale", "0.5")
+    generate_and_wait(page)
+    assert page.locator("#status").text_content().startswith("done")
+    page.wait_for_function("document.querySelector('#history tr td:nth-child(2)')?.textContent === 'done'")
+    lora_cell = page.locator("#history tr").first.locator("td").nth(8)
+    assert lora_cell.text_content() == "watercolour.safetensors ×0.5"
+    assert server.jobs.jobs()[0].request.loras[0][1] == 0.5
+
+    page.select_option("#lora", "broken.safetensors")
+    generate_and_wait(page)
+    assert page.locator("#status").text_content() == "failed"
+    assert page.locator("#error").text_content().startswith("ValueError: LoRA 'broken.safetensors' cannot")
     page.select_option("#lora", "")
 
 

@@ -60,8 +60,8 @@ class JobRequest(BaseModel):
 
 
 def lora_supported(pipeline: object) -> bool:
-    """Whether the pipeline applies ``GenerationRequest.loras`` (LoRA inference, issue 7)."""
-    return bool(getattr(pipeline, "supports_loras", False))
+    """Whether the pipeline applies ``GenerationRequest.loras`` (``MochiPipeline.load_lora``)."""
+    return callable(getattr(pipeline, "load_lora", None))
 
 
 def list_loras(lora_dir: Path | None) -> list[str]:
@@ -149,7 +149,7 @@ def create_app(
             if not lora_supported(jobs.pipeline):
                 raise HTTPException(
                     501,
-                    "LoRA support not available: this mochi build cannot apply LoRAs yet; leave lora unset",
+                    "LoRA support not available: this server's pipeline cannot apply LoRAs; leave lora unset",
                 )
             loras = [(str(lora_path / body.lora), body.lora_scale)]
         values = body.model_dump(exclude={"lora", "lora_scale"})

@@ -254,6 +254,7 @@ class JobManager:
         with device_lock(self.pipeline.device):
             if job.cancel_requested:
                 raise JobCancelled(job.id)
+            self._apply_loras(job)
             result = self.pipeline.generate(job.request, progress=self._progress(job))
         video = self.out_dir / f"{job.id}.mp4"
         write_video(result.frames[0], video, fps=self.fps)
@@ -263,6 +264,25 @@ class JobManager:
         sidecar["model"] = getattr(self.pipeline.components, "name", None)
         atomic_write_text(self.out_dir / f"{job.id}.json", json.dumps(sidecar, indent=2) + "\n")
         self._finish(job, DONE, None)
+
+    def _apply_loras(self, job: Job) -> None:
+        """Make the pipeline's LoRAs exactly the job's (none included), naming the file that fails to load.
+
+        The pipeline itself keeps the last request's LoRAs when a request names none; a server's next job
+        must not inherit another client's choice.
+        """
+        loaded = getattr(self.pipeline, "loras", None)
+        wanted = [(str(p), float(s)) for p, s in job.request.loras]
+        if loaded is None or [(p, s) for p, s, _ in loaded] == wanted:
+            return
+        self.pipeline.unload_loras()
+        for path, scale in wanted:
+            try:
+                self.pipeline.load_lora(path, scale)
+            except Exception as e:
+                self.pipeline.unload_loras()
+                name = Path(path).name
+                raise ValueError(f"LoRA {name!r} cannot be applied: {type(e).__name__}: {e}") from e
 
     def _finish(self, job: Job, status: str, error: str | None) -> None:
         with self._cond:
