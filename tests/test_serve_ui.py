@@ -94,9 +94,14 @@ def test_generate_shows_progress_then_a_playing_video(page, server):
 
 
 def generate_and_wait(page) -> None:
+    """Click Generate and wait for this job's final status (the status line is blanked first, so that a
+    job that ends before the first check is still seen)."""
+    page.evaluate("document.getElementById('status').textContent = ''")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('generate').disabled")
-    page.wait_for_function("!document.getElementById('generate').disabled")
+    page.wait_for_function(
+        "(() => /^(done|failed|cancelled)/.test(document.getElementById('status').textContent)"
+        " && !document.getElementById('generate').disabled)()"
+    )
 
 
 def test_lora_picker_runs_a_lora_and_shows_a_failing_one(page, server):
