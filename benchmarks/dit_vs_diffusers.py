@@ -18,7 +18,7 @@ Printed per case:
   plain ``--gemm-n``³ GEMM in the same dtype. "FLOP x" is diffusers' FLOPs over ours (it runs the text stream
   and the pooler over all padded tokens): the speed-up both would have at equal efficiency.
 
-Example (about 3 minutes on 2 cores): ``PYTHONPATH=src python benchmarks/dit_vs_diffusers.py``
+Example (about 4 minutes on 2 shared cores): ``PYTHONPATH=src python benchmarks/dit_vs_diffusers.py``
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 
 Both decoders hold the same tensors (random init, fp32) and decode the same latent, untiled and tiled
 at equal tile sizes (diffusers: tile 8·tile px, stride 8·(tile−overlap) px; ours: tile ≤ `tile`
-latents, overlap `overlap` latents, `chunk` latent frames per temporal step).
+latents, overlap `overlap` latents (the same blend width) and `overlap`+2), plus an untiled decode in
+temporal chunks of `chunk` latent frames (exact).
 
 How peak memory is measured on CPU: PyTorch has no CPU allocator statistics, so the script re-runs
 itself with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB, so that every tensor buffer is its own
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--latent", type=int, nargs=3, default=(3, 16, 16), metavar=("T", "H", "W"))
     p.add_argument("--tile", type=int, default=12, help="tile in latent cells (diffusers: 8× in px)")
     p.add_argument("--overlap", type=int, default=4, help="tile overlap in latent cells")
-    p.add_argument("--chunk", type=int, default=1, help="latent frames per temporal step (ours)")
+    p.add_argument("--chunk", type=int, default=1, help="latent frames per step, untiled chunked run")
+    p.add_argument("--tile-chunk", type=int, default=0, help="latent frames per step in tiled runs (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default="mochi-1-preview", choices=sorted(DECODER_PRESETS))
     args = p.parse_args()
@@ -84,8 +86,10 @@ def main() -> None:
     sd = {k: v for k, v in ref.state_dict().items() if k.startswith("decoder.")}
     with torch.device("meta"):
         ours = Decoder(cfg)
-    load_strict(ours, from_diffusers(sd, decoder_pairs(cfg)), "diffusers")  # shares the same tensors
-    ours.eval()
+    load_strict(ours, from_diffusers(sd, decoder_pairs(cfg)), "diffusers")
+    # As load_vae_decoder does: conv weights in channels-last (a copy of the same values).
+    ours.to(memory_format=torch.channels_last_3d).eval()
+    overlaps = (args.overlap, args.overlap + 2)
     t, h, w = args.latent
     z = torch.randn(1, 12, t, h, w)
     tile_px, stride_px = 8 * args.tile, 8 * (args.tile - args.overlap)
@@ -94,7 +98,7 @@ def main() -> None:
     print(f"latent (1, 12, {t}, {h}, {w}) → video (1, 3, {6 * t - 5}, {8 * h}, {8 * w})")
     print(
         f"tiles: diffusers {tile_px}px / stride {stride_px}px; ours ≤{args.tile} latents, overlap "
-        f"{args.overlap}, chunk {args.chunk} latent frame(s)\n"
+        f"{args.overlap} or {args.overlap + 2}; chunked run: {args.chunk} latent frame(s) per step\n"
     )
 
     runs = {}
@@ -110,27 +114,25 @@ def main() -> None:
             tile_sample_stride_width=stride_px,
         )
         runs["diffusers tiled"] = measure(lambda: ref.decode(z).sample)
-        runs["mochi tiled"] = measure(
-            lambda: decode(ours, z, tile=args.tile, overlap=args.overlap, chunk=args.chunk)
-        )
+        for ov in overlaps:
+            runs[f"mochi tiled (overlap {ov})"] = measure(
+                lambda ov=ov: decode(ours, z, tile=args.tile, overlap=ov, chunk=args.tile_chunk or None)
+            )
 
-    print(f"{'run':24s} {'time s':>8s} {'peak act MB':>12s} {'time ×':>7s} {'mem ×':>7s}")
+    print(f"{'run':26s} {'time s':>8s} {'peak act MB':>12s} {'time ×':>7s} {'mem ×':>7s}")
     for name, (_, dt, peak) in runs.items():
         base = runs["diffusers tiled" if "tiled" in name and "untiled" not in name else "diffusers untiled"]
-        print(f"{name:24s} {dt:8.2f} {peak / MB:12.0f} {dt / base[1]:7.2f} {peak / base[2]:7.2f}")
+        print(f"{name:26s} {dt:8.2f} {peak / MB:12.0f} {dt / base[1]:7.2f} {peak / base[2]:7.2f}")
 
     ref_full, ours_full = runs["diffusers untiled"][0], runs["mochi untiled"][0]
     print(
         "\nquality (random weights; mean |untiled| "
         f"diffusers {ref_full.abs().mean():.3f}, mochi {ours_full.abs().mean():.3f}):"
     )
-    for name, full in (
-        ("diffusers tiled", ref_full),
-        ("mochi tiled", ours_full),
-        ("mochi chunked (exact)", ours_full),
-    ):
+    for name in [n for n in runs if "untiled" not in n]:
+        full = ref_full if name.startswith("diffusers") else ours_full
         d = (runs[name][0] - full).abs()
-        print(f"  {name:24s} vs own untiled: max abs {d.max():.4f}, mean abs {d.mean():.5f}")
+        print(f"  {name:26s} vs own untiled: max abs {d.max():.4f}, mean abs {d.mean():.5f}")
     agree = 8 * cfg.num_res_blocks[-3] - 1 + 4 * (cfg.num_res_blocks[-4] + cfg.num_res_blocks[0])
     if ours_full.shape[2] > agree:
         d = (ours_full - ref_full)[:, :, agree:].abs().max()
@@ -143,26 +145,26 @@ def main() -> None:
     checks = {
         "mochi untiled": ((h, w), t),
         "mochi chunked (exact)": ((h, w), args.chunk),
-        "mochi tiled": (
-            (tile_layout(h, args.tile, args.overlap)[1], tile_layout(w, args.tile, args.overlap)[1]),
-            args.chunk,
-        ),
     }
+    for ov in overlaps:
+        tile = (tile_layout(h, args.tile, ov)[1], tile_layout(w, args.tile, ov)[1])
+        checks[f"mochi tiled (overlap {ov})"] = (tile, args.tile_chunk or t)
     for name, (tile, chunk) in checks.items():
-        est = estimate_decode_memory(cfg, shape, tile, chunk, args.overlap)
+        est = estimate_decode_memory(cfg, shape, tile, chunk)
         got = runs[name][2]
-        print(f"  {name:24s} estimate {est / MB:8.0f} MB, measured {got / MB:8.0f} MB, ratio {est / got:.2f}")
+        print(f"  {name:26s} estimate {est / MB:8.0f} MB, measured {got / MB:8.0f} MB, ratio {est / got:.2f}")
 
     big = (1, 28, 60, 106)
     print("\n163 frames × 480×848 (latent 28×60×106), estimated peak (weights excluded, output included):")
     th, tw = tile_layout(60, args.tile, args.overlap)[1], tile_layout(106, args.tile, args.overlap)[1]
     whole = estimate_decode_memory(cfg, big, (60, 106), 28)
-    tiled = estimate_decode_memory(cfg, big, (th, tw), args.chunk)
     print(f"  untiled, one pass (fp32):        {whole / GIB:7.2f} GiB")
-    print(f"  this benchmark's tiling (fp32):  {tiled / GIB:7.2f} GiB  (tile {th}×{tw}, chunk {args.chunk})")
+    for chunk in (28, 2, 1):
+        tiled = estimate_decode_memory(cfg, big, (th, tw), chunk)
+        print(f"  tile {th}×{tw}, overlap {args.overlap}, chunk {chunk:2d}:  {tiled / GIB:7.2f} GiB")
     for budget_gib in (4, 8, 16):
         plan = plan_decode(ours, big, budget_gib * GIB)
-        est = estimate_decode_memory(cfg, big, plan.tile, plan.chunk, plan.overlap)
+        est = estimate_decode_memory(cfg, big, plan.tile, plan.chunk)
         print(f"  max_memory {budget_gib:2d} GiB → tile {plan.tile}, chunk {plan.chunk}: {est / GIB:.2f} GiB")
 
 

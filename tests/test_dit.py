@@ -165,6 +165,17 @@ def test_low_precision_runs_without_autocast_and_keeps_fp32_islands(dtype):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in islands.items())
 
 
+def test_islands_loaded_in_bf16_are_upcast_exactly_by_any_cast():
+    model = AsymmDiT(TINY)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.load_state_dict(bf16, assign=True)
+    assert model.pos_frequencies.dtype == torch.bfloat16
+    model.to(torch.bfloat16)
+    for k, v in model.state_dict().items():
+        assert v.dtype == (torch.float32 if AsymmDiT.is_fp32_param(k) else torch.bfloat16), k
+        assert torch.equal(v.float(), bf16[k].float()), k
+
+
 @torch.no_grad()
 def test_meta_build_then_assign_load_gives_the_same_model():
     src = AsymmDiT(TINY).eval()

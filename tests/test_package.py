@@ -40,6 +40,9 @@ def test_atomic_path_renames_on_success(tmp_path):
         assert not target.exists()
     assert target.read_bytes() == b"x"
     assert list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):

@@ -232,6 +232,12 @@ def test_max_memory_chooses_a_split(models):
     assert small.chunk < 6 or small.tile != (8, 12)
     with pytest.raises(ValueError, match="max_memory 1000 bytes is too small.*needs about"):
         plan_decode(dec, shape, 1000)
+    fixed = plan_decode(dec, shape, whole // 3, tile=(4, 6), overlap=2)
+    assert fixed.tile == (4, 6) and fixed.overlap == 2
+    assert estimate_decode_memory(dec.cfg, shape, (4, 6), fixed.chunk) <= whole // 3
+    assert fixed.chunk == 6 or estimate_decode_memory(dec.cfg, shape, (4, 6), fixed.chunk + 1) > whole // 3
+    with pytest.raises(ValueError, match="tile height 2 is invalid.*larger than the overlap"):
+        plan_decode(dec, shape, whole, tile=2, overlap=2)
     z = torch.randn(1, 12, 6, 8, 12)
     out = decode(dec, z, max_memory=whole // 3)
     assert out.shape == (1, 3, 31, 64, 96)
@@ -247,3 +253,18 @@ def test_latent_normalisation():
     assert vae_to_dit(torch.zeros(1, 12, 1, 1, 1, dtype=torch.bfloat16)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="expected \\(B, 12, t, h, w\\)"):
         vae_to_dit(torch.zeros(1, 4, 1, 1, 1))
+
+
+def test_bfloat16_runs_close_to_float32(models):
+    dec, enc = models
+    z = torch.randn(1, 12, 2, 2, 3)
+    x = torch.rand(1, 3, 7, 16, 24) * 2 - 1
+    ref_frames, (ref_mean, _) = decode(dec, z), encode(enc, x)
+    dec16 = Decoder(dec.cfg).to(torch.bfloat16).eval()
+    dec16.load_state_dict(dec.state_dict())
+    enc16 = Encoder(enc.cfg).to(torch.bfloat16).eval()
+    enc16.load_state_dict(enc.state_dict())
+    frames, (mean, _) = decode(dec16, z, chunk=1), encode(enc16, x, chunk=1)
+    assert frames.dtype == mean.dtype == torch.float32
+    assert (frames - ref_frames).abs().mean() < 0.02 * ref_frames.abs().mean() + 1e-3
+    assert (mean - ref_mean).abs().mean() < 0.05 * ref_mean.abs().mean() + 1e-3

@@ -196,7 +196,7 @@ def test_torch_files_are_read_weights_only(tmp_path, model):
 
 def test_quantization_metadata_is_attributed_to_its_component(tmp_path, model):
     """An all-in-one file whose header lists only T5 layers as fp8: the DiT is not quantized."""
-    from dit_checkpoints import state_dict
+    from .dit_checkpoints import state_dict
 
     tensors = {COMFY + k: v for k, v in state_dict(model, torch.bfloat16).items()}
     tensors.update({k: torch.zeros(s) for k, s in T5_KEYS.items()})

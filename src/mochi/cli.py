@@ -372,29 +372,32 @@ def _parse_size(text: str) -> int:
 
 
 class _ProgressBar:
-    """A tqdm bar over the denoising steps with the other stages named in its description."""
+    """One tqdm bar per stage; the denoising bar shows steps, rate and ETA."""
+
+    NAMES = {
+        "text": "text encoding",
+        "encode": "encoding video",
+        "denoise": "denoising",
+        "decode": "decoding",
+    }
 
     def __enter__(self) -> _ProgressBar:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=1, unit="step", desc="text encoding", dynamic_ncols=True, leave=False)
+        self.stage, self.bar = None, None
         return self
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        names = {
-            "text": "text encoding",
-            "encode": "encoding video",
-            "denoise": "denoising",
-            "decode": "decoding",
-        }
-        if self.bar.desc != names[stage]:
-            self.bar.set_description(names[stage])
-            self.bar.reset(total=total)
-        self.bar.n = done
-        self.bar.refresh()
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, unit="step", desc=self.NAMES[stage], dynamic_ncols=True, leave=False)
+        self.bar.update(done - self.bar.n)
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- LoRA: options of `generate`, and the prepare-data / train-lora / convert-lora commands ----------------

@@ -346,17 +346,16 @@ class AsymmDiT(nn.Module):
         return name.endswith(cls.FP32_PARAMS)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        """Cast/move like nn.Module, but fp32 islands only move: a dtype cast leaves them fp32, unrounded."""
-        keep = {
-            n: p.data
-            for n, p in self.named_parameters()
-            if self.is_fp32_param(n) and p.dtype == torch.float32
-        }
+        """Cast/move like nn.Module, but fp32 islands end up fp32: never rounded by a cast, and upcast
+        (exactly) if they were loaded in lower precision, e.g. from a bf16 checkpoint with ``assign=True``.
+        """
+        keep = {n: p.data for n, p in self.named_parameters() if self.is_fp32_param(n)}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self.get_parameter(name)
             if new.dtype != torch.float32:
-                new.data = old.to(new.device)
+                src = new if old.is_meta and not new.is_meta else old  # to_empty(): nothing to keep
+                new.data = src.to(device=new.device, dtype=torch.float32)
         return self
 
     def _check_inputs(self, x, sigma, text, text_mask) -> None:  # noqa: ANN001 - shapes are in forward's doc

@@ -181,7 +181,9 @@ class Conv1x1(nn.Linear):
 class Attention(nn.Module):
     """Causal temporal self-attention at each spatial position, head_dim 32, L2-normalised q and k.
 
-    (B, C, T, H, W) → (B, C, T, H, W). Keys and values of earlier chunks come from the context.
+    (B, C, T, H, W) → (B, C, T, H, W). Positions are independent, so the image is processed in slabs
+    of rows: projections, scores and outputs exist for one slab at a time (≤ 1/8 of the frame and ≤ 2^15
+    positions, Genmo's CUDA limit). Keys and values of earlier chunks come from the context, per slab.
     """
 
     def __init__(self, dim: int, head_dim: int = 32) -> None:
@@ -194,39 +196,48 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: CausalContext) -> Tensor:
         b, c, t, h, w = x.shape
         past = ctx.tails.get(self) if ctx.started else None
-        rows = rearrange(x, "b c t h w -> (b h w) t c")
-        if t == 1 and past is None and not ctx.carry:
+        out = empty_like_layout(x, b, c, t, h, w)
+        slab = max(1, min(-(-h // 8), _ATTN_ROWS // (b * w)))
+        stored = []
+        for i, h0 in enumerate(range(0, h, slab)):
+            xs = x[:, :, :, h0 : h0 + slab]
+            hs = xs.shape[3]
+            rows = rearrange(xs, "b c t h w -> (b h w) t c")
+            y, kv = self._rows(rows, past[i] if past is not None else None, ctx.carry)
+            stored.append(kv)
+            out[:, :, :, h0 : h0 + hs] = rearrange(y, "(b h w) t c -> b c t h w", b=b, h=hs, w=w)
+        if ctx.carry:
+            ctx.tails[self] = stored
+        return out
+
+    def _rows(
+        self, rows: Tensor, past: tuple[Tensor, Tensor] | None, carry: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(rows, t, C) → (rows, t, C), and the keys and values to carry (rows, heads, T_seen, 32)."""
+        c, t = rows.shape[2], rows.shape[1]
+        if t == 1 and past is None and not carry:
             # A single frame attends only to itself: the output is its value (Genmo's T == 1 branch).
-            v = F.linear(rows, self.qkv.weight[2 * c :])
-            return rearrange(self.out(v), "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+            return self.out(F.linear(rows, self.qkv.weight[2 * c :])), None
         qkv = self.qkv(rows).unflatten(2, (3, self.heads, self.head_dim))
-        del rows
         q, k, v = (u.transpose(1, 2) for u in qkv.unbind(2))  # (rows, heads, t, head_dim)
         q = F.normalize(q, p=2, dim=-1).to(qkv.dtype)
         k = F.normalize(k, p=2, dim=-1).to(qkv.dtype)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        if ctx.carry:
-            ctx.tails[self] = (k, v.contiguous())
+        kept = (k, v.contiguous()) if carry else None
         n_past = k.shape[2] - t
         if k.shape[2] == 1:
-            out = self.out(v.transpose(1, 2).flatten(2))
-            return rearrange(out, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+            return self.out(v.transpose(1, 2).flatten(2)), kept
         mask = None
         if n_past:
             # Query i (absolute position n_past + i) sees keys 0 .. n_past + i.
-            pos = torch.arange(k.shape[2], device=x.device)
-            mask = pos[None, :] <= (pos[n_past:, None])
-        out = q.new_empty(q.shape)
-        for r0 in range(0, q.shape[0], _ATTN_ROWS):
-            sl = slice(r0, r0 + _ATTN_ROWS)
-            out[sl] = F.scaled_dot_product_attention(
-                q[sl], k[sl], v[sl], attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5
-            )
-        del q, k, v, qkv
-        out = self.out(out.transpose(1, 2).flatten(2))
-        return rearrange(out, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+            pos = torch.arange(k.shape[2], device=rows.device)
+            mask = pos[None, :] <= pos[n_past:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5
+        )
+        return self.out(y.transpose(1, 2).flatten(2)), kept
 
 
 class AttentionBlock(nn.Module):
@@ -238,7 +249,9 @@ class AttentionBlock(nn.Module):
         self.attn = Attention(dim)
 
     def forward(self, x: Tensor, ctx: CausalContext) -> Tensor:
-        return x + self.attn(self.norm(x), ctx)
+        y = self.attn(self.norm(x), ctx)
+        y += x
+        return y
 
 
 class ResBlock(nn.Module):

@@ -3,10 +3,11 @@
 The estimate walks the model's layers with the shapes one (tile, chunk) step sees and takes the largest
 set of tensors that are alive together in our implementation (`vae_blocks`): in a ResBlock the input, a
 padded stream and a conv output; in an upsampling block its input, its output and one projected group.
-To that it adds what lives across steps: the causal context carried between chunks, the float32 output
-accumulators and the blend-weight map. Weights are not counted. `BACKEND_FACTOR` covers the temporary
-buffers a convolution backend may allocate on top (measured on CPU/oneDNN; see
-benchmarks/vae_vs_diffusers.py, which checks the estimate against a measured case).
+To that it adds the causal context carried between chunks (in the first chunk only what earlier layers
+have stored so far, in later chunks all of it), the float32 output accumulators and the blend-weight
+map. Weights are not counted, nor backend workspaces: with channels-last activations and weights,
+oneDNN allocates none of note on CPU (benchmarks/vae_vs_diffusers.py checks the estimate against
+measured runs); cuDNN's workspace on GPU is not included.
 """
 
 from __future__ import annotations
@@ -15,27 +16,39 @@ import torch
 
 from mochi.models.vae import SPATIAL_FACTOR, DecoderConfig, EncoderConfig, num_frames_for_latents
 
-BACKEND_FACTOR = 1.25
-
 
 def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
     """(peak elements inside one ResBlock, elements of the context its two convs carry)."""
     n = c * t * h * w
     padded = c * (t + 2) * (h + 2) * (w + 2)
-    return 2 * n + padded, 2 * c * 2 * (h + 2) * (w + 2)
+    # Measured on CPU: below 128 channels oneDNN copies the conv input into its blocked layout.
+    reorder = padded if c < 128 else 0
+    return 2 * n + padded + reorder, 2 * c * 2 * (h + 2) * (w + 2)
 
 
-def _decoder_step(cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool) -> tuple[int, int]:
-    """(peak activation elements, carried-context elements) for one chunk of n latents on an h×w tile."""
+def _decoder_step(
+    cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool, carry: bool, total: int
+) -> tuple[int, int]:
+    """(peak elements, carried-context elements) for one chunk of n latents on an h×w tile.
+
+    `total` is the context all layers carry; it is alive throughout a later chunk, while in the first
+    chunk only the part stored by layers already run is.
+    """
     ch, nrb = cfg.channels, cfg.num_res_blocks
-    peak, carried = b * cfg.latent_dim * n * h * w + b * ch[-1] * n * h * w, 0
+    carried = 0
+
+    def alive() -> int:
+        return 0 if not carry else carried if first else total
+
+    peak = b * (cfg.latent_dim + ch[-1]) * n * h * w
     t = n
 
     def resblocks(c: int, count: int) -> None:
         nonlocal peak, carried
         for _ in range(count):
             p, k = _resblock(c, t, h, w)
-            peak, carried = max(peak, b * p), carried + b * k
+            peak = max(peak, b * p + alive())
+            carried += b * k
 
     resblocks(ch[-1], nrb[-1])
     for i in range(len(ch) - 1):
@@ -45,10 +58,10 @@ def _decoder_step(cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: boo
         t_out = t * te - (te - 1 if first else 0)
         n_in, n_out = cin * t * h * w, cout * t_out * h * w * se * se
         group = 2 * cout * te * se * se * -(-t // 8) * h * w
-        peak = max(peak, b * (n_in + n_out + group))
+        peak = max(peak, b * (n_in + n_out + group) + alive())
         t, h, w = t_out, h * se, w * se
     resblocks(ch[0], nrb[0])
-    peak = max(peak, b * (ch[0] + cfg.out_channels) * t * h * w)
+    peak = max(peak, b * (ch[0] + cfg.out_channels) * t * h * w + alive())
     return peak, carried
 
 
@@ -57,7 +70,6 @@ def estimate_decode_memory(
     latent_shape: tuple[int, int, int, int],
     tile: tuple[int, int],
     chunk: int,
-    overlap: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> int:
     """Bytes of peak memory, weights excluded, to decode a (B, t, h, w) latent with this split.
@@ -68,41 +80,56 @@ def estimate_decode_memory(
     th, tw = min(tile[0], h), min(tile[1], w)
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
-    first, carried = _decoder_step(cfg, b, chunk, th, tw, True)
-    later = _decoder_step(cfg, b, chunk, th, tw, False)[0] if chunk < t else 0
-    step = max(first, later) + (carried if chunk < t else 0)
+    carry = chunk < t
+    total = _decoder_step(cfg, b, 1, th, tw, True, False, 0)[1]
+    step = _decoder_step(cfg, b, chunk, th, tw, True, carry, total)[0]
+    if carry:
+        step = max(step, _decoder_step(cfg, b, chunk, th, tw, False, True, total)[0])
     s = SPATIAL_FACTOR
     output = 4 * (b * cfg.out_channels * num_frames_for_latents(t) * h * w * s * s + h * w * s * s)
-    return int(BACKEND_FACTOR * step * size) + output
+    return step * size + output
 
 
 def _encoder_step(
-    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool
+    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool, carry: bool, total: int
 ) -> tuple[int, int]:
-    """(peak activation elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames)."""
+    """(peak elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames).
+
+    The carried context includes every attention layer's keys and values for all frames seen (counted
+    at the whole video's length, which the last chunk reaches); `total` is as in `_decoder_step`.
+    """
     ch, nrb, att = cfg.channels, cfg.num_res_blocks, cfg.has_attentions
     s = SPATIAL_FACTOR
     t = 6 * n - 5 if first else 6 * n
     t_all = 6 * t_all - 5
     hh, ww = h * s, w * s
-    # Fourier features: input, the interleaved copy, its sines, cosines and the 15-channel concatenation.
-    peak, carried = b * t * hh * ww * (3 + 6 + 6 + 6 + 15), 0
+    carried = 0
+
+    def alive() -> int:
+        return 0 if not carry else carried if first else total
+
+    # Fourier features: input, the interleaved copy, its scaled copy, sines, cosines, the 15 channels.
+    peak = b * t * hh * ww * (3 + 6 + 6 + 6 + 6 + 15)
 
     def resblocks(c: int, count: int, attention: bool) -> None:
         nonlocal peak, carried
         for _ in range(count):
             p, k = _resblock(c, t, hh, ww)
-            peak, carried = max(peak, b * p), carried + b * k
+            peak = max(peak, b * p + alive())
+            carried += b * k
             if attention:
-                n_el = c * t * hh * ww
-                peak = max(peak, b * 8 * n_el)
+                # Input, its norm and the output whole; projections, scores and copies for one slab.
+                n_el = b * c * t * hh * ww
+                slab = min(-(-hh // 8), max(1, 2**15 // (b * ww))) / hh
+                peak = max(peak, int(3 * n_el + 10 * n_el * slab) + alive())
                 carried += b * 2 * c * t_all * hh * ww
 
     resblocks(ch[0], nrb[0], att[0])
     for i in range(len(ch) - 1):
         te, se = cfg.temporal_reductions[i], cfg.spatial_reductions[i]
         t_in = t + (te - 1 if first else 0)
-        peak = max(peak, b * (2 * ch[i] * t_in * hh * ww + ch[i + 1] * t * hh * ww // (te * se * se)))
+        conv = 2 * ch[i] * t_in * hh * ww + ch[i + 1] * t * hh * ww // (te * se * se)
+        peak = max(peak, b * conv + alive())
         t, t_all, hh, ww = t_in // te, (t_all + te - 1) // te, hh // se, ww // se
         resblocks(ch[i + 1], nrb[i + 1], att[i + 1])
     resblocks(ch[-1], nrb[-1], att[-1])
@@ -114,7 +141,6 @@ def estimate_encode_memory(
     latent_shape: tuple[int, int, int, int],
     tile: tuple[int, int],
     chunk: int,
-    overlap: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> int:
     """Bytes of peak memory, weights and the input video excluded, to encode to a (B, t, h, w) latent.
@@ -126,8 +152,10 @@ def estimate_encode_memory(
     th, tw = min(tile[0], h), min(tile[1], w)
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
-    first, carried = _encoder_step(cfg, b, chunk, t, th, tw, True)
-    later = _encoder_step(cfg, b, chunk, t, th, tw, False)[0] if chunk < t else 0
-    step = max(first, later) + (carried if chunk < t else 0)
+    carry = chunk < t
+    total = _encoder_step(cfg, b, 1, t, th, tw, True, False, 0)[1]
+    step = _encoder_step(cfg, b, chunk, t, th, tw, True, carry, total)[0]
+    if carry:
+        step = max(step, _encoder_step(cfg, b, chunk, t, th, tw, False, True, total)[0])
     output = 4 * (2 * b * cfg.latent_dim * t * h * w + h * w)
-    return int(BACKEND_FACTOR * step * size) + output
+    return step * size + output

@@ -30,7 +30,8 @@ from mochi.models.vae import (
 from mochi.models.vae_blocks import CausalContext
 from mochi.models.vae_memory import estimate_decode_memory, estimate_encode_memory
 
-DEFAULT_OVERLAP = 4
+# Latent cells (48 px): wide enough that tile-edge errors fade out (Genmo's CLI and diffusers use 8).
+DEFAULT_OVERLAP = 6
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,20 @@ def plan_decode(
     *,
     overlap: int = DEFAULT_OVERLAP,
     dtype: torch.dtype | None = None,
+    tile: int | tuple[int, int] | None = None,
 ) -> Plan:
     """The cheapest split of a (B, t, h, w) latent whose estimated peak fits `max_memory` bytes.
 
-    Chunking is exact and nearly free, so the largest tile is chosen first, then the longest chunk.
+    Chunking is exact and cheap, so the largest tile is chosen first, then the longest chunk. With
+    `tile` given, only the chunk is chosen. ValueError names the bytes needed when nothing fits.
     """
     dtype = dtype or decoder.output_proj.weight.dtype
     return _plan(
-        lambda tile, chunk: estimate_decode_memory(decoder.cfg, latent_shape, tile, chunk, overlap, dtype),
+        lambda tile, chunk: estimate_decode_memory(decoder.cfg, latent_shape, tile, chunk, dtype),
         latent_shape,
         max_memory,
         overlap,
+        tile,
     )
 
 
@@ -118,19 +122,34 @@ def plan_encode(
     *,
     overlap: int = DEFAULT_OVERLAP,
     dtype: torch.dtype | None = None,
+    tile: int | tuple[int, int] | None = None,
 ) -> Plan:
     """As `plan_decode`, for encoding a video whose latent is (B, t, h, w)."""
     dtype = dtype or encoder.output_proj.weight.dtype
     return _plan(
-        lambda tile, chunk: estimate_encode_memory(encoder.cfg, latent_shape, tile, chunk, overlap, dtype),
+        lambda tile, chunk: estimate_encode_memory(encoder.cfg, latent_shape, tile, chunk, dtype),
         latent_shape,
         max_memory,
         overlap,
+        tile,
     )
 
 
-def _plan(estimate, latent_shape, max_memory: int, overlap: int) -> Plan:
+def _plan(estimate, latent_shape, max_memory: int, overlap: int, tile) -> Plan:
     _, t, h, w = latent_shape
+    if tile is not None:
+        th, tw = _pair(tile)
+        _check_plan((th, tw), overlap, 1, h, w)
+        fixed = tile_layout(h, th, overlap)[1], tile_layout(w, tw, overlap)[1]
+        if estimate(fixed, 1) > max_memory:
+            need = estimate(fixed, 1)
+            raise ValueError(
+                f"max_memory {max_memory} bytes is too small for tile {fixed}: chunk 1 needs about "
+                f"{need} bytes; nearest: {need}"
+            )
+        return Plan(
+            fixed, overlap, max(c for c in range(1, t + 1) if c == 1 or estimate(fixed, c) <= max_memory)
+        )
     options = []
     for ny in range(1, h + 1):
         for nx in range(1, w + 1):
@@ -193,7 +212,8 @@ def decode(
     num_frames_for_latents(t)
     planned = None
     if max_memory is not None and (tile is None or chunk is None):
-        planned = plan_decode(decoder, (b, t, h, w), max_memory, overlap=overlap or DEFAULT_OVERLAP)
+        ov = DEFAULT_OVERLAP if overlap is None else overlap
+        planned = plan_decode(decoder, (b, t, h, w), max_memory, overlap=ov, tile=tile)
     plan = _resolve(tile, overlap, chunk, t, h, w, planned)
     s = SPATIAL_FACTOR
     out = torch.zeros(b, decoder.cfg.out_channels, num_frames_for_latents(t), h * s, w * s, device=z.device)
@@ -223,7 +243,8 @@ def encode(
     h, w = hp // SPATIAL_FACTOR, wp // SPATIAL_FACTOR
     planned = None
     if max_memory is not None and (tile is None or chunk is None):
-        planned = plan_encode(encoder, (b, t, h, w), max_memory, overlap=overlap or DEFAULT_OVERLAP)
+        ov = DEFAULT_OVERLAP if overlap is None else overlap
+        planned = plan_encode(encoder, (b, t, h, w), max_memory, overlap=ov, tile=tile)
     plan = _resolve(tile, overlap, chunk, t, h, w, planned)
     c = encoder.cfg.latent_dim
     mean = torch.zeros(b, c, t, h, w, device=frames.device)
