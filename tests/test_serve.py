@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -164,9 +166,18 @@ def test_bad_input_is_422_naming_the_field_and_rule(url, body, message):
     assert status == 422 and message in reply["detail"], reply
 
 
-def test_body_that_is_not_json_is_422(url):
+def test_body_that_is_not_json_is_422(url, live):
     status, _, data = call("POST", f"{url}/api/jobs", raw=b"{not json")
     assert status == 422 and "JSON decode error" in json.loads(data)["detail"]
+    # What a cross-site form can send without a CORS preflight is not accepted as a job.
+    known = len(live.jobs.jobs())
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        request = urllib.request.Request(f"{url}/api/jobs", data=b'{"prompt": "x"}', method="POST")
+        request.add_header("Content-Type", kind)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 422
+    assert len(live.jobs.jobs()) == known
 
 
 def video_of(url: str, body: dict, tmp_path) -> np.ndarray:
@@ -368,3 +379,17 @@ def test_one_lock_per_device():
 
     assert device_lock("cpu") is device_lock(torch.device("cpu"))
     assert device_lock("meta") is not device_lock("cpu")
+
+
+def test_without_a_token_only_loopback_host_names_are_served(url):
+    host, port = url.removeprefix("http://").split(":")
+    replies = {}
+    for name in ("evil.example", f"evil.example:{port}", "192.168.1.5", "localhost", f"[::1]:{port}", ""):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"GET /api/health HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            replies[name] = b"".join(iter(lambda: s.recv(4096), b""))
+    for name in ("evil.example", f"evil.example:{port}", "192.168.1.5", ""):
+        assert replies[name].startswith(b"HTTP/1.1 400"), replies[name]
+    assert b"host 'evil.example' is not this machine" in replies["evil.example"]
+    assert replies["localhost"].startswith(b"HTTP/1.1 200")
+    assert replies[f"[::1]:{port}"].startswith(b"HTTP/1.1 200")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mochi.request import GenerationRequest
 from mochi.serve.jobs import DONE, JobManager, QueueFull
+from mochi.serve.server import is_loopback
 
 # Upper bounds that keep one request from exhausting the server; the released model's defaults
 # (163 frames, 848x480, 64 steps) sit well inside them.
@@ -81,10 +82,36 @@ def _field_errors(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+class LoopbackHostOnly:
+    """ASGI middleware: answer 400 to requests whose Host header is not a loopback name.
+
+    A server without a token trusts whoever can reach it, which on loopback means this machine. A web page
+    elsewhere can still reach it through DNS rebinding (its own name resolving to 127.0.0.1), so such a
+    request is recognised by its foreign Host header and refused.
+    """
+
+    def __init__(self, app: object) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+            if not is_loopback(name):
+                reply = JSONResponse(
+                    {"detail": f"host {name!r} is not this machine; without a token only loopback is served"},
+                    status_code=400,
+                )
+                await reply(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     jobs: JobManager, *, token: str | None = None, lora_dir: str | Path | None = None, title: str = "mochi"
 ) -> FastAPI:
-    """The FastAPI app serving ``jobs``. With ``token``, every /api route but /api/health requires it."""
+    """The FastAPI app serving ``jobs``. With ``token``, every /api route but /api/health requires it;
+    without one, only requests addressed to a loopback name are served (see ``LoopbackHostOnly``)."""
     lora_path = Path(lora_dir) if lora_dir is not None else None
     app = FastAPI(
         title=f"{title} serve",
@@ -92,6 +119,8 @@ def create_app(
         version="1",
     )
     app.state.jobs = jobs
+    if token is None:
+        app.add_middleware(LoopbackHostOnly)
 
     def authorised(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if token is None:

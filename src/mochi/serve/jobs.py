@@ -15,7 +15,6 @@ never from a client-given name.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import secrets
@@ -38,6 +37,9 @@ FINAL = (DONE, FAILED, CANCELLED)
 
 # Share of the whole job each stage stands for in the overall fraction: denoising dominates the run time.
 _STAGE_SPAN = {"text": (0.0, 0.05), "encode": (0.05, 0.1), "denoise": (0.1, 0.9), "decode": (0.9, 1.0)}
+
+# What a job reports of its request: the fields the API accepts, resolved.
+PARAMETERS = ("prompt", "negative_prompt", "frames", "height", "width", "steps", "guidance", "seed")
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _DEVICE_LOCKS_GUARD = threading.Lock()
@@ -90,8 +92,8 @@ class Job:
     cancel_requested: bool = False
 
     def parameters(self) -> dict:
-        """The request as JSON-ready values (seed included: it is drawn at submission)."""
-        values = {k: v for k, v in dataclasses.asdict(self.request).items() if k != "loras"}
+        """The request's API fields as JSON-ready values (seed included: it is drawn at submission)."""
+        values = {k: getattr(self.request, k) for k in PARAMETERS}
         values["lora"] = self.lora
         values["lora_scale"] = self.request.loras[0][1] if self.request.loras else None
         return values
