@@ -11,11 +11,13 @@ Routes (all under /api need ``Authorization: Bearer TOKEN`` when the server has 
   GET  /                      the web UI
   GET  /api/health            {"status": "ok", "auth_required": bool}
   GET  /api/info              model, device, defaults, limits, LoRA files
-  POST /api/jobs              submit a job (JSON) → 202 with the job; 422 bad values, 429 queue full
+  POST /api/jobs              submit a job (JSON) → 202 with the job; 422 bad values, 429 queue full,
+                              501 a LoRA named on a pipeline without LoRA support
   GET  /api/jobs              this server's jobs, newest first
   GET  /api/jobs/{id}         one job: status, progress {stage, step, total, fraction}, parameters, error
   GET  /api/jobs/{id}/video   the mp4 (?download=1 for an attachment); 409 until the job is done
   DELETE /api/jobs/{id}       cancel (also POST /api/jobs/{id}/cancel)
+Without a token, requests whose Host is not a loopback name get 400 (``LoopbackHostOnly``).
 """
 
 from __future__ import annotations
