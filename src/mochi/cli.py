@@ -8,6 +8,7 @@ and exit 2, never a traceback; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -258,6 +259,84 @@ def _run_generate(args: argparse.Namespace) -> int:
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     total = time.perf_counter() - started
     print(f"wrote {out} ({result.frames.shape[1]} frames, {total:.1f} s; seed {result.request.seed})")
+    return 0
+
+
+@command
+def _add_serve(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the web UI and HTTP API",
+        description=(
+            "Serve a web UI and an HTTP API (OpenAPI at /docs) on one port. Jobs run one at a time per "
+            "device; others wait in a bounded queue. Videos and their JSON parameters go to --out-dir. "
+            "Binding to anything other than loopback needs a bearer token (--token or MOCHI_SERVE_TOKEN). "
+            "Needs the serve extra: pip install 'mochi-video[serve]'."
+        ),
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("MOCHI_SERVE_TOKEN"),
+        help="bearer token every API call must carry (default: $MOCHI_SERVE_TOKEN); required off loopback",
+    )
+    p.add_argument("--out-dir", default="mochi-serve-out", metavar="DIR", help="where videos are written")
+    p.add_argument("--queue-size", type=int, default=8, metavar="N", help="jobs that may wait (default: 8)")
+    p.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA .safetensors files offered in the UI")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written videos (30)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint (default: the embedded model)")
+    p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
+    p.add_argument("--t5", metavar="PATH", help="T5 encoder weights")
+    p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="DiT dtype (default: bf16 on GPU)")
+    p.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE dtype (fp32)")
+    p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints")
+    p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (sdpa)")
+    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        from mochi.serve.api import create_app
+        from mochi.serve.jobs import JobManager
+        from mochi.serve.server import check_binding, check_port, run
+    except ImportError as e:
+        raise ValueError(
+            f"mochi serve needs the serve extra ({e.name} is missing): pip install 'mochi-video[serve]'"
+        ) from None
+    check_binding(args.host, args.token)
+    check_port(args.host, args.port)
+    if args.lora_dir and not os.path.isdir(args.lora_dir):
+        raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")
+
+    from mochi.pipeline import MochiPipeline
+
+    pipe = MochiPipeline.from_pretrained(
+        args.model,
+        vae=args.vae,
+        t5=args.t5,
+        tokenizer=args.tokenizer,
+        fp8=args.fp8,
+        device=args.device,
+        dit_dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
+        offload=args.offload,
+        attention=args.attention,
+        max_memory=_parse_size(args.max_memory) if args.max_memory else None,
+    )
+    jobs = JobManager(pipe, args.out_dir, queue_size=args.queue_size, fps=args.fps)
+    app = create_app(jobs, token=args.token, lora_dir=args.lora_dir)
+    print(f"mochi serve: model {pipe.components.name} on {pipe.device}; open http://{args.host}:{args.port}/")
+    try:
+        run(app, args.host, args.port)
+    finally:
+        jobs.close()
     return 0
 
 
