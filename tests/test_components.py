@@ -90,3 +90,31 @@ def test_genmo_folder_with_separate_t5(tmp_path):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         MochiPipeline.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_comfyui_all_in_one_file(tmp_path):
+    c = tiny_components(seed=1)
+    parts = {
+        "model.diffusion_model.": c.dit,
+        "vae.decoder.": c.decoder,
+        "vae.encoder.": c.encoder,
+        "text_encoders.t5xxl.transformer.": c.text_encoder,
+    }
+    sd = {prefix + k: v for prefix, m in parts.items() for k, v in m.state_dict().items()}
+    save_state_dict(sd, tmp_path / "mochi_aio.safetensors")
+    _write_tokenizer(tmp_path / "tok", WORDS)
+    with pytest.raises(ValueError, match="no T5 tokenizer found"):
+        MochiPipeline.from_pretrained(str(tmp_path / "mochi_aio.safetensors"), device="cpu")
+    pipe = MochiPipeline.from_pretrained(
+        str(tmp_path / "mochi_aio.safetensors"), tokenizer=str(tmp_path / "tok"), device="cpu"
+    )
+    assert pipe.components.encoder is not None
+    _same_video(pipe)
+
+
+def test_comfyui_dit_file_names_what_is_missing(tmp_path):
+    c = tiny_components(seed=1)
+    sd = {"model.diffusion_model." + k: v for k, v in c.dit.state_dict().items()}
+    save_state_dict(sd, tmp_path / "mochi_dit.safetensors")
+    with pytest.raises(ValueError, match=r"holds no VAE decoder .*pass --vae PATH"):
+        MochiPipeline.from_pretrained(str(tmp_path / "mochi_dit.safetensors"), device="cpu")
