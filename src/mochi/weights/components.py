@@ -9,6 +9,7 @@ that says which option supplies it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def load_components(
     if encoder and enc_source is not None:
         try:
             vae_encoder = load_vae_encoder(enc_source)
-        except WeightsError:
-            vae_encoder = None  # a decoder-only VAE file: video-to-video will say the encoder is missing
+        except WeightsError as e:  # e.g. a decoder-only VAE file: only video-to-video needs the encoder
+            warnings.warn(f"VAE encoder not loaded, so video-to-video is unavailable: {e}", stacklevel=2)
 
     t5_source = t5 if t5 is not None else (det.files["t5"][0] if "t5" in det.files else None)
     if t5_source is None:
