@@ -1,0 +1,264 @@
+"""Multi-process parity on CPU: two gloo ranks started here must match one process (fp32, ≤ 1e-5).
+
+One 2-rank job (``_job``) runs every parallel case and saves its results; the tests compare them with the
+same computations run in this process. The ranks are plain subprocesses given torchrun's environment
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free 127.0.0.1 port), one thread each.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.lora import add_trainable_lora
+from mochi.models.vae_tiling import decode
+from mochi.parallel.fsdp import parameter_bytes
+from mochi.parallel.sequence import check_heads
+from mochi.pipeline import MochiPipeline
+from mochi.request import GenerationRequest
+
+from .test_pipeline import tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 heads: 2 per rank over 2 ranks; 18 and 3 visual tokens test an even and a padded split.
+DIT4 = DiTConfig(
+    depth=2,
+    num_heads=4,
+    hidden_size_x=32,
+    hidden_size_y=16,
+    t5_feat_dim=32,
+    timestep_embed_dim=16,
+    mlp_multiple_of=1,
+)
+REQUEST = {"prompt": "a red circle moving right", "seed": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(job: str, out: Path, nproc: int = 2, timeout: float = 120.0) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+            "MOCHI_DIST_TIMEOUT": "20",
+        }
+        code = f"from tests.test_parallel import {job}; {job}({str(out)!r})"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        )
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int | None, str]]:
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            results.append((None, err.decode(errors="replace")))
+            continue
+        results.append((p.returncode, err.decode(errors="replace")))
+    return results
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 3, 4, 6, generator=g)  # 3·2·3 = 18 tokens
+    x_odd = torch.randn(1, 12, 1, 2, 6, generator=g)  # 3 tokens: padded to 4 over 2 ranks
+    sigma = torch.tensor([0.3, 0.7])
+    text = torch.randn(2, 5, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()  # second sample: the empty prompt
+    return x, x_odd, sigma, text, mask
+
+
+def _dit4(lora: bool = False) -> AsymmDiT:
+    torch.manual_seed(0)
+    dit = AsymmDiT(DIT4)
+    if lora:
+        dit.requires_grad_(False)
+        add_trainable_lora(dit, 2, 2.0, ("qkv_x", "qkv_y", "proj_x", "proj_y"), 0.0)
+        with torch.no_grad():  # live B matrices, so every LoRA path has a gradient
+            for n, p in dit.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(std=0.1)
+    return dit
+
+
+def _lora_grads(dit: AsymmDiT) -> dict[str, torch.Tensor]:
+    x, _, sigma, text, mask = _dit_inputs()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    torch.nn.functional.mse_loss(dit(x, sigma, text, mask), target).backward()
+    return {n: p.grad.clone() for n, p in dit.named_parameters() if p.requires_grad}
+
+
+def _tiles(decoder, z):
+    return decode(decoder, z, tile=(2, 3), overlap=1)
+
+
+def _job(out: str) -> None:
+    """Every parallel case on this rank; rank 0 saves the results to ``out``/results.pt."""
+    torch.set_num_threads(1)
+    from mochi.parallel import comm
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.sequence import enable_sequence_parallel
+    from mochi.parallel.vae import parallel_decode
+
+    world = init_world("cpu")
+    res: dict = {}
+    for mode in ("replicate", "shard"):
+        pipe = MochiPipeline(tiny_components(), device="cpu")
+        before = parameter_bytes(pipe.components.dit), parameter_bytes(pipe.components.text_encoder)
+        parallelize(pipe, world, weights=mode)
+        comm.reset_traffic()
+        gen = pipe.generate(GenerationRequest(**REQUEST))
+        res[mode] = {
+            "latents": gen.latents,
+            "frames": gen.frames,
+            "traffic": dict(comm.traffic),
+            "bytes_before": before,
+            "bytes_after": (
+                parameter_bytes(pipe.components.dit),
+                parameter_bytes(pipe.components.text_encoder),
+            ),
+        }
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    parallelize(pipe, world, weights="replicate", guidance=True)
+    res["guidance"] = pipe.generate(GenerationRequest(**REQUEST)).latents
+
+    x, x_odd, sigma, text, mask = _dit_inputs()
+    dit = _dit4()
+    enable_sequence_parallel(dit)
+    with torch.no_grad():
+        res["dit"] = dit(x, sigma, text, mask)
+        res["dit_odd"] = dit(x_odd, sigma[:1], text[:1], mask[:1])
+    dit = _dit4(lora=True)
+    enable_sequence_parallel(dit)
+    grads = _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])
+    res["grads"] = {n: p.grad for n, p in dit.named_parameters() if p.requires_grad}
+
+    decoder = tiny_components().decoder
+    z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
+    res["vae_tiles"] = parallel_decode(decoder, z, tile=(2, 3), overlap=1)
+    res["vae_whole"] = parallel_decode(decoder, z)
+    del grads
+    if world.is_main:
+        torch.save(res, Path(out) / "results.pt")
+    close_world()
+
+
+def _job_dies(out: str) -> None:
+    """Rank 1 is killed mid-job; rank 0, inside a collective, must fail instead of hanging."""
+    import torch.distributed as dist
+
+    from mochi.parallel.context import init_world
+
+    world = init_world("cpu")
+    dist.barrier()
+    if world.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(4)
+    for _ in range(10_000):
+        dist.all_reduce(t)
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    outcome = _wait(_launch("_job", out), timeout=150)
+    for rank, (code, err) in enumerate(outcome):
+        assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single():
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    return pipe.generate(GenerationRequest(**REQUEST))
+
+
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_sampled_latents_and_frames_match_one_process(results, single, mode):
+    got = results[mode]
+    torch.testing.assert_close(got["latents"], single.latents, atol=1e-5, rtol=0)
+    assert (got["frames"].int() - single.frames.int()).abs().max() <= 1  # uint8 rounding of ≤1e-5 floats
+    assert got["traffic"]["all_to_all"] > 0 and got["traffic"]["all_gather"] > 0
+
+
+def test_guidance_parallel_matches_one_process(results, single):
+    torch.testing.assert_close(results["guidance"], single.latents, atol=1e-5, rtol=0)
+
+
+def test_sequence_split_dit_output_even_and_padded(results):
+    x, x_odd, sigma, text, mask = _dit_inputs()
+    dit = _dit4()
+    with torch.no_grad():
+        torch.testing.assert_close(results["dit"], dit(x, sigma, text, mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            results["dit_odd"], dit(x_odd, sigma[:1], text[:1], mask[:1]), atol=1e-5, rtol=0
+        )
+
+
+def test_lora_training_step_gradients_match(results):
+    want = _lora_grads(_dit4(lora=True))
+    assert set(results["grads"]) == set(want) and len(want) == 4 * 2 * 2 - 2  # last block: no proj_y
+    for name, g in want.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(results["grads"][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+def test_sharded_parameter_memory_per_rank(results):
+    for i in range(2):  # DiT, T5
+        before, after = results["shard"]["bytes_before"][i], results["shard"]["bytes_after"][i]
+        assert after <= 0.55 * before, (i, before, after)
+        assert results["replicate"]["bytes_after"][i] == before
+
+
+def test_parallel_vae_decode_matches_one_process(results):
+    decoder = tiny_components().decoder
+    z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(results["vae_tiles"], _tiles(decoder, z), atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["vae_whole"], decode(decoder, z), atol=1e-5, rtol=0)
+
+
+def test_heads_that_do_not_split_are_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"size 3 cannot split the DiT's 4 attention heads.*valid sizes: \[1, 2, 4\]"
+    ):
+        check_heads(4, 3)
+    check_heads(24, 8)
+
+
+def test_a_dead_rank_makes_the_other_exit_in_bounded_time(tmp_path):
+    started = time.monotonic()
+    outcome = _wait(_launch("_job_dies", tmp_path), timeout=60)
+    elapsed = time.monotonic() - started
+    assert outcome[1][0] == -signal.SIGKILL
+    assert outcome[0][0] not in (None, 0), outcome[0][1][-2000:]
+    assert elapsed < 45
