@@ -7,6 +7,7 @@ variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free 127.0.0.1 po
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -25,6 +26,11 @@ from mochi.parallel.fsdp import parameter_bytes
 from mochi.parallel.sequence import check_heads
 from mochi.pipeline import MochiPipeline
 from mochi.request import GenerationRequest
+from mochi.train import shapes
+from mochi.train.data import prepare_data
+from mochi.train.lora_train import LoraTrainConfig, train_lora
+from mochi.video import write_video
+from mochi.weights.io import read_state_dict
 
 from .test_pipeline import tiny_components
 
@@ -40,6 +46,7 @@ DIT4 = DiTConfig(
     mlp_multiple_of=1,
 )
 REQUEST = {"prompt": "a red circle moving right", "seed": 3}
+TRAIN = LoraTrainConfig(rank=2, steps=2, warmup=1, sample_every=2, checkpoint_every=1, caption_dropout=0.5)
 
 
 def _free_port() -> int:
@@ -167,6 +174,16 @@ def _job(out: str) -> None:
     res["vae_tiles"] = parallel_decode(decoder, z, tile=(2, 3), overlap=1)
     res["vae_whole"] = parallel_decode(decoder, z)
     del grads
+
+    from mochi.parallel.context import broadcast_int
+    from mochi.parallel.train import parallelize_training
+    from mochi.train.lora_train import train_lora
+
+    res["seed"] = broadcast_int(100 + world.rank, world)
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    run = Path(out) / f"run{world.rank}"
+    cfg = dataclasses.replace(TRAIN, gradient_checkpointing=True)  # recomputation under the split too
+    train_lora(pipe, Path(out) / "data", run, cfg, progress=False, parallel=parallelize_training(pipe, world))
     if world.is_main:
         torch.save(res, Path(out) / "results.pt")
     close_world()
@@ -188,13 +205,28 @@ def _job_dies(out: str) -> None:
         time.sleep(0.01)
 
 
+def _prepare(out: Path) -> Path:
+    videos = out / "videos"
+    videos.mkdir()
+    vocab = shapes.Vocab(
+        colors=("red", "blue"), shapes=("star",), directions=("left",), backgrounds=("black",)
+    )
+    for i, (cap, video) in enumerate(shapes.clips(seed=0, n=2, frames=7, height=32, width=32, vocab=vocab)):
+        write_video(video, videos / f"clip{i}.mp4")
+        (videos / f"clip{i}.txt").write_text(cap + "\n")
+    prepare_data(videos, out / "data", tiny_components(), frames=7, width=32, height=32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel")
+    out = _prepare(tmp_path_factory.mktemp("parallel"))
     outcome = _wait(_launch("_job", out), timeout=150)
     for rank, (code, err) in enumerate(outcome):
         assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
-    return torch.load(out / "results.pt", weights_only=False)
+    res = torch.load(out / "results.pt", weights_only=False)
+    res["out"] = out
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +294,19 @@ def test_a_dead_rank_makes_the_other_exit_in_bounded_time(tmp_path):
     assert outcome[1][0] == -signal.SIGKILL
     assert outcome[0][0] not in (None, 0), outcome[0][1][-2000:]
     assert elapsed < 45
+
+
+def test_train_lora_over_two_ranks_equals_one_process(results, tmp_path):
+    out = results["out"]
+    assert results["seed"] == 100  # every rank took rank 0's seed
+    assert not (out / "run1").exists()  # only rank 0 writes
+    written = sorted(p.name for p in (out / "run0").iterdir())
+    assert (
+        "lora.safetensors" in written and "samples" in written and "lora-step-000001.safetensors" in written
+    )
+    single = train_lora(MochiPipeline(tiny_components(), device="cpu"), out / "data", tmp_path, TRAIN, False)
+    want, got = read_state_dict(single), read_state_dict(out / "run0" / "lora.safetensors")
+    assert want.keys() == got.keys() and len(want) > 0
+    assert all(t.abs().max() > 0 for t in want.values())  # B moved off its zero init: training happened
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, atol=1e-5, rtol=0, msg=name)

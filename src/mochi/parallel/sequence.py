@@ -130,9 +130,12 @@ class SequenceParallel:
         attention_ops.context_parallel = _sp_attention
 
     def _end(self, module, args, output):  # noqa: ANN001, ANN202
+        # With autograd on, backward may recompute blocks (gradient checkpointing) after this forward has
+        # returned: the split then stays in place until the next forward begins.
         global _active
-        _active = None
-        attention_ops.context_parallel = None
+        if not torch.is_grad_enabled():
+            _active = None
+            attention_ops.context_parallel = None
 
     def _shard_tokens(self, module, args, output):  # noqa: ANN001, ANN202
         return _local_slice(output, 1, _active)  # (B, N, D) → (B, M, D)
