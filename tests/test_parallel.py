@@ -132,6 +132,7 @@ def _job(out: str) -> None:
     from mochi.parallel import comm
     from mochi.parallel.apply import parallelize
     from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.fsdp import shard_dit
     from mochi.parallel.sequence import enable_sequence_parallel
     from mochi.parallel.vae import parallel_decode
 
@@ -168,6 +169,12 @@ def _job(out: str) -> None:
     grads = _lora_grads(dit)
     comm.average_grads([p for p in dit.parameters() if p.requires_grad])
     res["grads"] = {n: p.grad for n, p in dit.named_parameters() if p.requires_grad}
+    dit = _dit4(lora=True)  # the same step with FSDP2-sharded weights: FSDP averages the LoRA gradients
+    enable_sequence_parallel(dit)
+    shard_dit(dit, world)
+    _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])  # skips FSDP's DTensor gradients
+    res["grads_sharded"] = {n: p.grad.full_tensor() for n, p in dit.named_parameters() if p.requires_grad}
 
     decoder = tiny_components().decoder
     z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
@@ -257,12 +264,13 @@ def test_sequence_split_dit_output_even_and_padded(results):
         )
 
 
-def test_lora_training_step_gradients_match(results):
+@pytest.mark.parametrize("weights", ["grads", "grads_sharded"])
+def test_lora_training_step_gradients_match(results, weights):
     want = _lora_grads(_dit4(lora=True))
-    assert set(results["grads"]) == set(want) and len(want) == 4 * 2 * 2 - 2  # last block: no proj_y
+    assert set(results[weights]) == set(want) and len(want) == 4 * 2 * 2 - 2  # last block: no proj_y
     for name, g in want.items():
         assert g.abs().max() > 0, name
-        torch.testing.assert_close(results["grads"][name], g, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(results[weights][name], g, atol=1e-5, rtol=0, msg=name)
 
 
 def test_sharded_parameter_memory_per_rank(results):
@@ -310,3 +318,16 @@ def test_train_lora_over_two_ranks_equals_one_process(results, tmp_path):
     assert all(t.abs().max() > 0 for t in want.values())  # B moved off its zero init: training happened
     for name, t in want.items():
         torch.testing.assert_close(got[name], t, atol=1e-5, rtol=0, msg=name)
+
+
+def test_parallelize_refuses_a_world_that_cannot_split_the_heads_before_any_work():
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import World
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")  # the tiny DiT has 2 heads
+    world = World(rank=0, size=3, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ValueError, match=r"size 3 cannot split the DiT's 2 attention heads: .*\[1, 2\]"):
+        parallelize(pipe, world)  # no process group exists: it must fail before any collective
+    with pytest.raises(ValueError, match="needs an even number of ranks, got world size 3"):
+        parallelize(pipe, world, guidance=True)
+    assert pipe.parallel is None

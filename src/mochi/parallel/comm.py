@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 # Bytes this rank sent through each kind of collective since the last ``reset_traffic``.
 traffic: Counter[str] = Counter()
@@ -94,8 +95,12 @@ def all_gather(x: torch.Tensor, group=None) -> torch.Tensor:  # noqa: ANN001
 
 
 def average_grads(params, group=None) -> None:  # noqa: ANN001 - iterable of Parameters
-    """Average ``.grad`` over ranks in one flat all-reduce (the loss was replicated: each rank has it all)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """Average ``.grad`` over ranks in one flat all-reduce (the loss was replicated: each rank has it all).
+
+    Gradients of FSDP-sharded parameters (DTensors) are skipped: FSDP already reduce-scattered and averaged
+    them in backward.
+    """
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     if not grads or _size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

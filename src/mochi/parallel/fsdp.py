@@ -8,6 +8,7 @@ Replicated, every rank holds everything and no weight traffic happens at all; it
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -47,6 +48,9 @@ def shard_blocks(module: nn.Module, blocks: Iterable[nn.Module], world: World) -
     Every rank must hold the same weights before the call (same checkpoint or same seed): each keeps its
     slice of each parameter. The module keeps its class and forward; FSDP adds the gathers around them.
     """
+    # The DiT's last block passes the text stream through untouched, which FSDP2 flags as "returned a view";
+    # nothing modifies it in place, so the warning is noise.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(world.device.type, (world.size,))
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
