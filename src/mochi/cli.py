@@ -229,24 +229,25 @@ def _run_generate(args: argparse.Namespace) -> int:
     from mochi.video import fit_frames, write_video
 
     started = time.perf_counter()
-    pipe = MochiPipeline.from_pretrained(
-        args.model,
-        vae=args.vae,
-        t5=args.t5,
-        tokenizer=args.tokenizer,
-        fp8=args.fp8,
-        device=args.device if world is None else world.device,
-        dit_dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        offload=args.offload,
-        attention=args.attention,
-        max_memory=budget,
-    )
-    pipe.lora_merge = args.lora_merge
-    if world is not None:
-        from mochi.parallel.apply import parallelize
+    options = {
+        "vae": args.vae,
+        "t5": args.t5,
+        "tokenizer": args.tokenizer,
+        "fp8": args.fp8,
+        "dit_dtype": args.dtype,
+        "vae_dtype": args.vae_dtype,
+        "offload": args.offload,
+        "attention": args.attention,
+        "max_memory": budget,
+    }
+    if world is None:
+        pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **options)
+    else:
+        from mochi.parallel.apply import load_pipeline
 
-        parallelize(pipe, world, weights=args.parallel_weights, guidance=args.guidance_parallel)
+        weights, guidance = args.parallel_weights, args.guidance_parallel
+        pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
+    pipe.lora_merge = args.lora_merge
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None

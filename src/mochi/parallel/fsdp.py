@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mochi.devices import available_memory
@@ -47,7 +47,11 @@ def shard_blocks(module: nn.Module, blocks: Iterable[nn.Module], world: World) -
 
     Every rank must hold the same weights before the call (same checkpoint or same seed): each keeps its
     slice of each parameter. The module keeps its class and forward; FSDP adds the gathers around them.
+    A module sharded already is returned as it is. Parameters on the CPU move to the mesh's device (each
+    rank's slice only), so sharding before moving to the GPU never needs the whole model there.
     """
+    if isinstance(module, FSDPModule):
+        return module
     # The DiT's last block passes the text stream through untouched, which FSDP2 flags as "returned a view";
     # nothing modifies it in place, so the warning is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
