@@ -563,7 +563,7 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
         choices=("auto", "shard", "replicate"),
         default="auto",
         help="under torchrun: FSDP2-shard the DiT and T5 over the ranks, or replicate them "
-        "(auto: replicate when they fit in half the free memory)",
+        "(auto: replicate when they fit in 60%% of the free memory)",
     )
     p.add_argument(
         "--guidance-parallel",

@@ -41,10 +41,10 @@ class PipelineParallel:
         return parallel_decode(decoder, z, **options)
 
 
-def agreed_weights(weights: str, modules: list, world: World) -> str:
+def agreed_weights(weights: str, modules: list, world: World, need: int | None = None) -> str:
     """``choose_weights`` made the same on every rank (free memory differs a little between ranks): shard
     when any rank would."""
-    mode = choose_weights(weights, modules, world.device)
+    mode = choose_weights(weights, modules, world.device, need)
     if world.size > 1 and dist.is_initialized():
         flag = torch.tensor([int(mode == "shard")], device=world.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -82,9 +82,13 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
 
     c = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
     _check_split(c.dit.config.num_heads, world, guidance)
-    mode = agreed_weights(weights, [c.dit, c.text_encoder], world)
+    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
+    # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.
+    need = sum(p.numel() for p in c.dit.parameters()) * dit_dtype.itemsize
+    need += sum(p.numel() for p in c.text_encoder.parameters()) * 4
+    mode = agreed_weights(weights, [c.dit, c.text_encoder], world, need)
     if mode == "shard":
-        c.dit.to(dtype=parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device))
+        c.dit.to(dtype=dit_dtype)
         c.text_encoder.to(dtype=torch.float32)
         shard_dit(c.dit, world)
         shard_t5(c.text_encoder, world)
@@ -96,7 +100,7 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
 def parallelize(pipe, world: World, weights: str = "auto", guidance: bool = False) -> PipelineParallel:  # noqa: ANN001
     """Spread ``pipe`` (a ``MochiPipeline`` with the same weights on every rank) over ``world``.
 
-    weights: "shard" (FSDP2 over all ranks), "replicate", or "auto" (replicate when it fits in half the
+    weights: "shard" (FSDP2 over all ranks), "replicate", or "auto" (replicate when it fits in 60% of the
     free memory); prefer ``load_pipeline``, which shards before the weights reach the device. guidance:
     put cond and uncond on the two halves of the ranks (even world size). Raises ValueError before any
     work when the (per-half) sequence split cannot divide the DiT's heads.

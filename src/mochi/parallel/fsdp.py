@@ -3,7 +3,9 @@
 Sharded, each rank stores 1/G of every block's parameters and all-gathers one block at a time just before
 using it (freed again after its forward), so per-rank parameter memory falls to about 1/G plus one block.
 Replicated, every rank holds everything and no weight traffic happens at all; it is faster whenever it fits.
-``choose_weights("auto", …)`` replicates when the weights take at most half of the free memory.
+``choose_weights("auto", …)`` replicates when the weights take at most 60% of the free memory (the rest is
+ample for the activations of a 1/G share of the tokens and for the VAE decode, which plans within what is
+left).
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ def parameter_bytes(module: nn.Module) -> int:
     return total
 
 
-def choose_weights(mode: str, modules: Iterable[nn.Module], device: torch.device) -> str:
-    """The weight placement for ``mode``: "auto" replicates when the weights take ≤ half the free memory."""
+def choose_weights(
+    mode: str, modules: Iterable[nn.Module], device: torch.device, need: int | None = None
+) -> str:
+    """The weight placement for ``mode``: "auto" replicates when the weights (``need`` bytes, default their
+    size now) take ≤ 60% of the free memory."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"--parallel-weights {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
     if mode != "auto":
         return mode
-    need = sum(parameter_bytes(m) for m in modules)
-    return "replicate" if need <= available_memory(device) // 2 else "shard"
+    need = sum(parameter_bytes(m) for m in modules) if need is None else need
+    return "replicate" if need <= 0.6 * available_memory(device) else "shard"
 
 
 def shard_blocks(module: nn.Module, blocks: Iterable[nn.Module], world: World) -> nn.Module:
