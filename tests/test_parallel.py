@@ -226,6 +226,19 @@ def _prepare(out: Path) -> Path:
     return out
 
 
+def _job_hangs(out: str) -> None:
+    """Rank 1 stays alive but never joins the next collective; rank 0 must time out instead of hanging."""
+    import torch.distributed as dist
+
+    from mochi.parallel.context import init_world
+
+    world = init_world("cpu", timeout_s=4)
+    dist.barrier()
+    if world.rank == 1:
+        time.sleep(120)
+    dist.all_reduce(torch.ones(4))
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = _prepare(tmp_path_factory.mktemp("parallel"))
@@ -358,3 +371,14 @@ def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {videos[0].name, videos[0].with_suffix(".json").name}
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert videos[0].name == f"a-red-ball-{sidecar['seed']}.mp4" and sidecar["device"] == "2 x cpu"
+
+
+def test_a_hung_rank_makes_the_other_fail_at_the_timeout(tmp_path):
+    procs = _launch("_job_hangs", tmp_path)
+    started = time.monotonic()
+    code, err = _wait(procs[:1], timeout=40)[0]
+    elapsed = time.monotonic() - started
+    procs[1].kill()
+    procs[1].communicate()
+    assert code not in (None, 0), err[-2000:]
+    assert elapsed < 30
