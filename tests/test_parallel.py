@@ -103,9 +103,11 @@ def _dit_inputs():
     return x, x_odd, sigma, text, mask
 
 
-def _dit4(lora: bool = False) -> AsymmDiT:
+def _dit4(lora: bool = False, before_lora=None) -> AsymmDiT:  # noqa: ANN001 - fn(dit)
     torch.manual_seed(0)
     dit = AsymmDiT(DIT4)
+    if before_lora is not None:
+        before_lora(dit)
     if lora:
         dit.requires_grad_(False)
         add_trainable_lora(dit, 2, 2.0, ("qkv_x", "qkv_y", "proj_x", "proj_y"), 0.0)
@@ -176,6 +178,12 @@ def _job(out: str) -> None:
     _lora_grads(dit)
     comm.average_grads([p for p in dit.parameters() if p.requires_grad])  # skips FSDP's DTensor gradients
     res["grads_sharded"] = {n: p.grad.full_tensor() for n, p in dit.named_parameters() if p.requires_grad}
+    dit = _dit4(lora=True, before_lora=lambda d: shard_dit(d, world))  # as train-lora: LoRA added after
+    enable_sequence_parallel(dit)
+    assert enable_sequence_parallel(dit) is enable_sequence_parallel(dit)  # enabling twice changes nothing
+    _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])  # plain tensors: averaged here
+    res["grads_lora_after_shard"] = {n: p.grad for n, p in dit.named_parameters() if p.requires_grad}
 
     decoder = tiny_components().decoder
     z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
@@ -278,7 +286,7 @@ def test_sequence_split_dit_output_even_and_padded(results):
         )
 
 
-@pytest.mark.parametrize("weights", ["grads", "grads_sharded"])
+@pytest.mark.parametrize("weights", ["grads", "grads_sharded", "grads_lora_after_shard"])
 def test_lora_training_step_gradients_match(results, weights):
     want = _lora_grads(_dit4(lora=True))
     assert set(results[weights]) == set(want) and len(want) == 4 * 2 * 2 - 2  # last block: no proj_y

@@ -479,6 +479,7 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and noise (0)")
     _add_model_options(p)
+    _add_parallel_options(p, guidance=False)
     p.set_defaults(run=_run_train_lora)
 
 
@@ -512,14 +513,13 @@ def _run_train_lora(args: argparse.Namespace) -> int:
     else:  # under torchrun the ranks split each batch's tokens; base weights are replicated
         import dataclasses
 
+        from mochi.parallel.apply import load_pipeline
         from mochi.parallel.context import broadcast_int
         from mochi.parallel.train import parallelize_training
-        from mochi.pipeline import MochiPipeline
 
         cfg = dataclasses.replace(cfg, seed=broadcast_int(cfg.seed, world))
-        pipe = MochiPipeline.from_pretrained(
-            args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=world.device
-        )
+        files = {"vae": args.vae, "t5": args.t5, "tokenizer": args.tokenizer}
+        pipe = load_pipeline(world, args.model, weights=args.parallel_weights, **files)
         path = train_lora(pipe, args.data, args.out, cfg, parallel=parallelize_training(pipe, world))
         if not world.is_main:
             return 0
@@ -557,7 +557,7 @@ def _run_convert_lora(args: argparse.Namespace) -> int:
 # -- torchrun: several processes cooperate on one video or one batch (docs/parallel.md) --------------------
 
 
-def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+def _add_parallel_options(p: argparse.ArgumentParser, guidance: bool = True) -> None:
     p.add_argument(
         "--parallel-weights",
         choices=("auto", "shard", "replicate"),
@@ -565,6 +565,8 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
         help="under torchrun: FSDP2-shard the DiT and T5 over the ranks, or replicate them "
         "(auto: replicate when they fit in 60%% of the free memory)",
     )
+    if not guidance:
+        return
     p.add_argument(
         "--guidance-parallel",
         action="store_true",

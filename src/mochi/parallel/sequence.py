@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +153,18 @@ class SequenceParallel:
         return full.transpose(0, 1).reshape(output.shape[0], s.size * s.local, -1)[:, : s.tokens]
 
 
+_enabled: weakref.WeakKeyDictionary[nn.Module, SequenceParallel] = weakref.WeakKeyDictionary()
+
+
 def enable_sequence_parallel(dit: nn.Module, group=None) -> SequenceParallel:  # noqa: ANN001
     """Split every forward of ``dit`` over the ranks of ``group`` (default: all). Raises ValueError at once
-    when the group's size does not divide the number of heads. Returns the handle (``.remove()``)."""
-    return SequenceParallel(dit, group)
+    when the group's size does not divide the number of heads. Returns the handle (``.remove()``); a DiT
+    already split over the same group keeps its hooks (splitting twice would slice the tokens twice)."""
+    current = _enabled.get(dit)
+    if current is not None and current._handles:
+        if current.group is not group:
+            raise ValueError("this DiT is already sequence-parallel over another group; remove() that first")
+        return current
+    handle = SequenceParallel(dit, group)
+    _enabled[dit] = handle
+    return handle
