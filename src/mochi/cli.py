@@ -180,6 +180,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
     p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
     _add_lora_options(p)
+    _add_parallel_options(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -197,6 +198,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     from mochi.request import GenerationRequest
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    world = _start_parallel(args)  # None unless launched by torchrun
+    if world is not None:
+        from mochi.parallel.context import broadcast_int
+
+        seed = broadcast_int(seed, world)  # rank 0's seed, so every rank denoises the same noise
+    main = world is None or world.is_main
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -214,7 +221,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
-    _check_output(out)
+    if main:
+        _check_output(out)
     init = _read_init_video(args.init_video) if args.init_video else None
     budget = _parse_size(args.max_memory) if args.max_memory else None
 
@@ -222,19 +230,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     from mochi.video import fit_frames, write_video
 
     started = time.perf_counter()
-    pipe = MochiPipeline.from_pretrained(
-        args.model,
-        vae=args.vae,
-        t5=args.t5,
-        tokenizer=args.tokenizer,
-        fp8=args.fp8,
-        device=args.device,
-        dit_dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        offload=args.offload,
-        attention=args.attention,
-        max_memory=budget,
-    )
+    options = {
+        "vae": args.vae,
+        "t5": args.t5,
+        "tokenizer": args.tokenizer,
+        "fp8": args.fp8,
+        "dit_dtype": args.dtype,
+        "vae_dtype": args.vae_dtype,
+        "offload": args.offload,
+        "attention": args.attention,
+        "max_memory": budget,
+    }
+    if world is None:
+        pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **options)
+    else:
+        from mochi.parallel.apply import load_pipeline
+
+        weights, guidance = args.parallel_weights, args.guidance_parallel
+        pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
     pipe.lora_merge = args.lora_merge
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
@@ -244,12 +257,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
         init_frames = torch.from_numpy(fit_frames(init, resolved.frames, resolved.height, resolved.width))
     with _ProgressBar() as bar:
-        result = pipe.generate(resolved, progress=bar, init_frames=init_frames)
+        result = pipe.generate(resolved, progress=bar if main else None, init_frames=init_frames)
+    if not main:
+        return 0
     write_video(result.frames[0], out, fps=args.fps)
     sidecar = {
         **vars(result.request),
         "model": args.model or f"embedded:{pipe.components.name}",
-        "device": str(pipe.device),
+        "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
         "fps": args.fps,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
@@ -543,6 +558,7 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and noise (0)")
     _add_model_options(p)
+    _add_parallel_options(p, guidance=False)
     p.set_defaults(run=_run_train_lora)
 
 
@@ -570,7 +586,22 @@ def _run_train_lora(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     cfg.validate()
-    path = train_lora(_load_pipeline(args), args.data, args.out, cfg)
+    world = _start_parallel(args)
+    if world is None:
+        path = train_lora(_load_pipeline(args), args.data, args.out, cfg)
+    else:  # under torchrun the ranks split each batch's tokens; base weights are replicated
+        import dataclasses
+
+        from mochi.parallel.apply import load_pipeline
+        from mochi.parallel.context import broadcast_int
+        from mochi.parallel.train import parallelize_training
+
+        cfg = dataclasses.replace(cfg, seed=broadcast_int(cfg.seed, world))
+        files = {"vae": args.vae, "t5": args.t5, "tokenizer": args.tokenizer}
+        pipe = load_pipeline(world, args.model, weights=args.parallel_weights, **files)
+        path = train_lora(pipe, args.data, args.out, cfg, parallel=parallelize_training(pipe, world))
+        if not world.is_main:
+            return 0
     print(f"wrote {path}")
     return 0
 
@@ -600,3 +631,38 @@ def _run_convert_lora(args: argparse.Namespace) -> int:
     dst, lora = convert_lora(args.src, args.dst, to=args.to, overwrite=args.overwrite)
     print(f"wrote {dst} ({lora.format} → {args.to}, {len(lora.layers)} layers, ranks {sorted(lora.ranks)})")
     return 0
+
+
+# -- torchrun: several processes cooperate on one video or one batch (docs/parallel.md) --------------------
+
+
+def _add_parallel_options(p: argparse.ArgumentParser, guidance: bool = True) -> None:
+    p.add_argument(
+        "--parallel-weights",
+        choices=("auto", "shard", "replicate"),
+        default="auto",
+        help="under torchrun: FSDP2-shard the DiT and T5 over the ranks, or replicate them "
+        "(auto: replicate when they fit in 60%% of the free memory)",
+    )
+    if not guidance:
+        return
+    p.add_argument(
+        "--guidance-parallel",
+        action="store_true",
+        help="under torchrun: cond and uncond on the two halves of the ranks (even world size)",
+    )
+
+
+def _start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.context.World | None
+    """Join torchrun's process group when launched by it (WORLD_SIZE/RANK/LOCAL_RANK set), else None."""
+    from mochi.parallel.context import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return None
+    import atexit
+
+    from mochi.parallel.context import close_world, init_world
+
+    world = init_world(args.device)
+    atexit.register(close_world)
+    return world

@@ -64,6 +64,8 @@ class MochiPipeline:
         self.max_memory = max_memory
         self.lora_merge = False  # how generate() applies a request's LoRAs
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
+        # Set by mochi.parallel.parallelize under torchrun: .denoiser(dit) and .decode(decoder, z, …).
+        self.parallel = None
         c = components
         if attention is not None:
             c.dit.attention_backend = attention
@@ -116,7 +118,8 @@ class MochiPipeline:
         decoder = self.components.decoder
         with placed(decoder, self.device, self.offload):
             z = dit_to_vae(latents.float(), self._latent_stats).to(self.device, self.vae_dtype)
-            frames = decode(decoder, z, max_memory=self._decode_budget())
+            run = decode if self.parallel is None else self.parallel.decode
+            frames = run(decoder, z, max_memory=self._decode_budget())
         frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(0, 2, 3, 4, 1).cpu()  # B C T H W -> B T H W C
 
@@ -200,8 +203,9 @@ class MochiPipeline:
         steps = len(sigmas) - 1
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
         with placed(self.components.dit, self.device, self.offload):
+            dit = self.components.dit
             latents = sample(
-                self.components.dit,
+                dit if self.parallel is None else self.parallel.denoiser(dit),
                 z,
                 sigmas,
                 cond,

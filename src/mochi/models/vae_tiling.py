@@ -14,6 +14,7 @@ range [max(0, 6a−5), 6b−5).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,19 @@ class Plan:
     tile: tuple[int, int]
     overlap: int
     chunk: int
+
+
+@dataclass(frozen=True)
+class TileShare:
+    """One process's share of a decode split over cooperating processes (set by ``mochi.parallel.vae``).
+
+    owns(i): whether this process decodes tile i (row-major over the tile grid; every chunk of it);
+    combine(out): sums the partial outputs of all processes into ``out`` in place, before normalisation.
+    Tiles are independent, so the result equals one process's decode with the same plan.
+    """
+
+    owns: Callable[[int], bool]
+    combine: Callable[[Tensor], None]
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -197,12 +211,14 @@ def decode(
     overlap: int | None = None,
     chunk: int | None = None,
     max_memory: int | None = None,
+    share: TileShare | None = None,
 ) -> Tensor:
     """VAE-space latents (B, 12, t, h, w) → frames (B, 3, 6t−5, 8h, 8w), float32, about [−1, 1].
 
     Not clamped (Genmo clamps only when converting to pixels). `tile`/`overlap` in latent cells, `chunk`
     in latent frames; those not given are chosen from `max_memory` (bytes of peak activations and output,
-    excluding weights) when it is given, else the whole latent is one tile and one chunk.
+    excluding weights) when it is given, else the whole latent is one tile and one chunk. ``share``: decode
+    only this process's tiles and combine with the others' (see ``TileShare``).
     """
     if z.ndim != 5 or z.shape[1] != decoder.cfg.latent_dim:
         raise ValueError(
@@ -217,7 +233,7 @@ def decode(
     plan = _resolve(tile, overlap, chunk, t, h, w, planned)
     s = SPATIAL_FACTOR
     out = torch.zeros(b, decoder.cfg.out_channels, num_frames_for_latents(t), h * s, w * s, device=z.device)
-    _run_tiled(lambda x, ctx: (decoder(x, ctx),), z, (out,), plan, s, frame_out=True)
+    _run_tiled(lambda x, ctx: (decoder(x, ctx),), z, (out,), plan, s, frame_out=True, share=share)
     return out
 
 
@@ -253,7 +269,15 @@ def encode(
     return mean, logvar
 
 
-def _run_tiled(fn, x: Tensor, outs: tuple[Tensor, ...], plan: Plan, s: int, frame_out: bool) -> None:
+def _run_tiled(  # noqa: PLR0913
+    fn,
+    x: Tensor,
+    outs: tuple[Tensor, ...],
+    plan: Plan,
+    s: int,
+    frame_out: bool,
+    share: TileShare | None = None,
+) -> None:
     """Run `fn` tile by tile (each over all its chunks with one context) and blend into `outs`.
 
     For decoding x is the latent and outputs are s× larger; for encoding x is the video (s× larger than
@@ -273,6 +297,8 @@ def _run_tiled(fn, x: Tensor, outs: tuple[Tensor, ...], plan: Plan, s: int, fram
             weight = (wy[iy][:, None] * wx[ix][None, :]).to(x.device)
             oy, ox = slice(y0 * out_s, y1 * out_s), slice(x0 * out_s, x1 * out_s)
             wsum[oy, ox] += weight
+            if share is not None and not share.owns(iy * len(xs) + ix):
+                continue
             ctx = CausalContext(carry=plan.chunk < t)
             for a in range(0, t, plan.chunk):
                 e = min(a + plan.chunk, t)
@@ -288,6 +314,9 @@ def _run_tiled(fn, x: Tensor, outs: tuple[Tensor, ...], plan: Plan, s: int, fram
                     else:
                         out[:, :, oa:ob, oy, ox].addcmul_(res, weight)
                 del piece
+    if share is not None:
+        for out in outs:
+            share.combine(out)
     if not single:
         for out in outs:
             out /= wsum

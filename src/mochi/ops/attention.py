@@ -14,7 +14,10 @@ Backends:
 * ``"flash"``: ``flash_attn_varlen_func`` in one call for the whole batch (CUDA, fp16/bf16).
 * ``"sage"``: SageAttention's ``sageattn``, one call per sequence (CUDA, fp16/bf16).
 
-Optional kernels are imported only when asked for. Context parallelism plugs in here, around the kernel call.
+Optional kernels are imported only when asked for. Context parallelism plugs in here, around the kernel call:
+while ``context_parallel`` holds a function (set only by ``mochi.parallel.sequence`` for the duration of one
+DiT forward), ``attention`` hands it the call together with ``local_attention``, which it runs on its
+share of heads after exchanging tokens between ranks. This module itself never imports torch.distributed.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def available_backends() -> list[str]:
     return out
 
 
+# Set by mochi.parallel.sequence during a sequence-parallel forward: fn(q, k, v, cu_seqlens, backend,
+# local_attention) -> out, with the same contract as ``attention``. None (always, in one process): no hook.
+context_parallel = None
+
+
 def _needs_cuda_half(backend: str, q: torch.Tensor) -> None:
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
@@ -79,6 +87,20 @@ def attention(
     q, k, v: (total, H, D), sequences laid end to end. cu_seqlens: the B+1 sequence boundaries as Python ints
     (0, len₀, len₀+len₁, …, total). Returns a new contiguous (total, H, D) tensor in q's dtype.
     """
+    if context_parallel is not None:
+        return context_parallel(q, k, v, cu_seqlens, backend, local_attention)
+    return local_attention(q, k, v, cu_seqlens, backend=backend)
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: Sequence[int],
+    *,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """``attention`` on this process's tensors only (the kernel call, never the context-parallel hook)."""
     bounds = list(cu_seqlens)
     if backend == "flash":
         _needs_cuda_half(backend, q)

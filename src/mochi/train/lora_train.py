@@ -188,12 +188,15 @@ def train_lora(
     out_dir: str | os.PathLike,
     cfg: LoraTrainConfig,
     progress: bool = True,
+    parallel=None,  # noqa: ANN001 - mochi.parallel.train.TrainParallel under torchrun
 ) -> Path:
     """Train a LoRA on ``pipe``'s DiT from a ``prepare_data`` folder; returns ``out_dir/lora.safetensors``.
 
     Resumes from the newest state in ``out_dir`` when there is one (same settings required). Writes
     checkpoints every ``checkpoint_every`` steps, samples every ``sample_every`` steps, and a checkpoint on
-    Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt.
+    Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt. ``parallel`` (set up by
+    ``mochi.parallel.train.parallelize_training``): all ranks train one batch together; gradients are
+    combined over ranks before each optimizer step, and only its main rank writes files.
     """
     from mochi.files import atomic_write_text
     from mochi.weights.lora import save_lora
@@ -201,14 +204,17 @@ def train_lora(
     cfg.validate()
     data = LatentDataset(data_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writes = parallel is None or parallel.is_main
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
     c = pipe.components
     dit = c.dit
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     state = load_latest_state(out)
     if state is not None:
         _check_resumable(state["config"], cfg, out)
-    atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
+    if writes:
+        atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
 
     dit.to(pipe.device)  # an offloading pipeline keeps it elsewhere between stages; training needs it here
     torch.manual_seed(cfg.seed)
@@ -226,6 +232,8 @@ def train_lora(
         start = state["step"]
 
     def checkpoint(step: int) -> None:
+        if not writes:
+            return
         lora = trainable_lora_state_dict(dit)
         save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep)
         save_lora(read_layers(lora), out / f"lora-step-{step:06d}.safetensors", extra={"step": step})
@@ -239,7 +247,9 @@ def train_lora(
     prompts = list(cfg.sample_prompts) or list(dict.fromkeys(e.caption for e in data.examples))[:2]
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(
+        total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and writes)
+    )
     avg = None
     dit.train()
     with _StopRequest() as stop:
@@ -254,6 +264,8 @@ def train_lora(
                 loss = flow_matching_loss(dit, [data[i] for i in indices], stats, cfg, gen)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
+            if parallel is not None:
+                parallel.sync_grads(params)
             optimizer.step()
             done = step + 1
             avg = total if avg is None else 0.95 * avg + 0.05 * total
@@ -263,19 +275,20 @@ def train_lora(
             if saved:
                 checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
-                _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done)
+                _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done, writes)
                 dit.to(pipe.device).train()
             if stop.requested:  # checked last: a stop during sampling is honoured too
                 if not saved:
                     checkpoint(done)
                 bar.close()
                 message = f"stopped after step {done} (checkpoint saved); rerun the same command to resume"
-                if progress:
+                if progress and writes:
                     tqdm.write(message, file=sys.stderr)
                 raise KeyboardInterrupt(message)
     bar.close()
     final = out / "lora.safetensors"
-    save_lora(read_layers(trainable_lora_state_dict(dit)), final, extra={"step": max(start, cfg.steps)})
+    if writes:
+        save_lora(read_layers(trainable_lora_state_dict(dit)), final, extra={"step": max(start, cfg.steps)})
     return final
 
 
@@ -286,14 +299,18 @@ def _write_samples(  # noqa: PLR0913
     size: dict,
     folder: Path,
     step: int,
+    writes: bool = True,
 ) -> None:
-    """Render the sample prompts with the LoRA as it is now (seed ``cfg.seed + i``)."""
+    """Render the sample prompts with the LoRA as it is now (seed ``cfg.seed + i``); ``writes``: this
+    process writes the videos (under torchrun every rank renders, rank 0 writes)."""
     from mochi.request import GenerationRequest
     from mochi.video import write_video
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if writes:
+        folder.mkdir(parents=True, exist_ok=True)
     pipe.components.dit.eval()
     for i, prompt in enumerate(prompts):
         req = GenerationRequest(prompt, seed=cfg.seed + i, steps=cfg.sample_steps, **size)
         result = pipe.generate(req)
-        write_video(result.frames[0], folder / f"step-{step:06d}-{i}.mp4")
+        if writes:
+            write_video(result.frames[0], folder / f"step-{step:06d}-{i}.mp4")

@@ -1,0 +1,122 @@
+"""Make a ``MochiPipeline`` cooperate over the ranks of a torchrun job (``parallelize``).
+
+What it sets up, all from outside the models: weights sharded (FSDP2) or replicated, the DiT's sequence
+split (Ulysses) over all ranks or over each half under guidance parallelism, and the tile-parallel VAE
+decode. The pipeline then runs exactly as in one process on every rank and returns the same frames on
+every rank; callers write outputs on rank 0 only (``World.is_main``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mochi.parallel.context import World
+from mochi.parallel.fsdp import choose_weights, shard_dit, shard_t5
+from mochi.parallel.guidance import GuidanceParallel, guidance_groups
+from mochi.parallel.sequence import check_heads, enable_sequence_parallel
+from mochi.parallel.vae import parallel_decode
+
+
+@dataclass
+class PipelineParallel:
+    """The pipeline's hooks (``MochiPipeline.parallel``): how to denoise and decode over the ranks."""
+
+    world: World
+    weights: str  # "shard" or "replicate", as chosen
+    guidance: bool
+    groups: object = None  # GuidanceGroups under guidance parallelism
+
+    def denoiser(self, dit):  # noqa: ANN001, ANN201 - the DiT → a denoiser callable
+        return GuidanceParallel(dit, self.groups) if self.guidance else dit
+
+    def decode(self, decoder, z: torch.Tensor, **options) -> torch.Tensor:  # noqa: ANN001
+        # Every rank must follow the same tile plan: plan for the smallest memory budget of any rank.
+        if options.get("max_memory") is not None:
+            budget = torch.tensor([int(options["max_memory"])], dtype=torch.int64, device=self.world.device)
+            dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+            options["max_memory"] = int(budget.item())
+        return parallel_decode(decoder, z, **options)
+
+
+def agreed_weights(weights: str, modules: list, world: World, need: int | None = None) -> str:
+    """``choose_weights`` made the same on every rank (free memory differs a little between ranks): shard
+    when any rank would."""
+    mode = choose_weights(weights, modules, world.device, need)
+    if world.size > 1 and dist.is_initialized():
+        flag = torch.tensor([int(mode == "shard")], device=world.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        mode = "shard" if flag.item() else "replicate"
+    return mode
+
+
+def _check_split(heads: int, world: World, guidance: bool) -> None:
+    if guidance and world.size % 2:
+        raise ValueError(
+            f"--guidance-parallel needs an even number of ranks, got world size {world.size}; "
+            f"nearest valid: {world.size - 1 if world.size > 1 else 2}"
+        )
+    check_heads(heads, world.size // 2 if guidance else world.size)
+
+
+def load_pipeline(  # noqa: ANN201 - a MochiPipeline
+    world: World,
+    model: str | None = None,
+    *,
+    weights: str = "auto",
+    guidance: bool = False,
+    vae: str | None = None,
+    t5: str | None = None,
+    tokenizer: str | None = None,
+    fp8: str = "keep",
+    **options: object,
+):
+    """``MochiPipeline.from_pretrained`` for a torchrun job: load on the CPU, shard the DiT and T5 there
+    when sharding (so each GPU only ever receives its slice), then build the pipeline on this rank's
+    device and ``parallelize`` it. ``options`` go to the pipeline constructor (not ``device``)."""
+    from mochi.devices import default_dit_dtype, parse_dtype
+    from mochi.pipeline import MochiPipeline
+    from mochi.weights.components import load_components
+
+    c = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
+    _check_split(c.dit.config.num_heads, world, guidance)
+    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
+    # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.
+    need = sum(p.numel() for p in c.dit.parameters()) * dit_dtype.itemsize
+    need += sum(p.numel() for p in c.text_encoder.parameters()) * 4
+    mode = agreed_weights(weights, [c.dit, c.text_encoder], world, need)
+    if mode == "shard":
+        c.dit.to(dtype=dit_dtype)
+        c.text_encoder.to(dtype=torch.float32)
+        shard_dit(c.dit, world)
+        shard_t5(c.text_encoder, world)
+    pipe = MochiPipeline(c, device=world.device, **options)
+    parallelize(pipe, world, weights=mode, guidance=guidance)
+    return pipe
+
+
+def parallelize(pipe, world: World, weights: str = "auto", guidance: bool = False) -> PipelineParallel:  # noqa: ANN001
+    """Spread ``pipe`` (a ``MochiPipeline`` with the same weights on every rank) over ``world``.
+
+    weights: "shard" (FSDP2 over all ranks), "replicate", or "auto" (replicate when it fits in 60% of the
+    free memory); prefer ``load_pipeline``, which shards before the weights reach the device. guidance:
+    put cond and uncond on the two halves of the ranks (even world size). Raises ValueError before any
+    work when the (per-half) sequence split cannot divide the DiT's heads.
+    """
+    c = pipe.components
+    _check_split(c.dit.config.num_heads, world, guidance)
+    sp_size = world.size // 2 if guidance else world.size
+    if pipe.offload:
+        raise ValueError("offload cannot be combined with a torchrun launch; drop --offload")
+    mode = agreed_weights(weights, [c.dit, c.text_encoder], world)
+    groups = guidance_groups(world.size, world.rank) if guidance else None
+    if sp_size > 1:
+        enable_sequence_parallel(c.dit, groups.half if groups else None)
+    if mode == "shard":
+        shard_dit(c.dit, world)
+        shard_t5(c.text_encoder, world)
+    plan = PipelineParallel(world, mode, guidance, groups)
+    pipe.parallel = plan
+    return plan

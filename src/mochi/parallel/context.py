@@ -1,0 +1,88 @@
+"""The process world of a torchrun launch: setup from the environment, rank-0 outputs, bounded failures.
+
+torchrun (``torchrun --nproc-per-node N -m mochi …``, or multi-node with ``--nnodes``/``--rdzv-endpoint``)
+sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every process; ``init_world`` reads them.
+Without them (a plain ``python -m mochi …``) it returns None and nothing changes.
+
+Failure handling: every collective has a timeout (``MOCHI_DIST_TIMEOUT`` seconds, default 60) set on the
+process group, so a rank that dies or hangs turns into an exception on the others instead of a hang; gloo
+usually notices a dead peer at once (its socket closes). torchrun then tears the job down.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job. ``group`` None means the default (WORLD) group."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes outputs (videos, sidecars, checkpoints, logs)."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's variables are set (even for a world of one)."""
+    return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+
+
+def init_world(device: str | torch.device | None = None, timeout_s: float | None = None) -> World | None:
+    """Join the process group torchrun describes; None when not launched by torchrun.
+
+    device: "cpu" forces gloo; otherwise CUDA (NCCL, the device LOCAL_RANK) when present, else CPU (gloo).
+    timeout_s: bound on any collective (default ``MOCHI_DIST_TIMEOUT`` or 60 s).
+    """
+    if not launched_by_torchrun():
+        return None
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+    timeout = float(
+        timeout_s if timeout_s is not None else os.environ.get("MOCHI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    )
+    wanted = None if device in (None, "auto") else torch.device(device)
+    if (wanted is None or wanted.type == "cuda") and torch.cuda.is_available():
+        dev = torch.device("cuda", local if wanted is None or wanted.index is None else wanted.index)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+    return World(rank, size, local, dev, backend)
+
+
+def close_world() -> None:
+    """Leave the process group (idempotent)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_int(value: int | None, world: World | None) -> int:
+    """Rank 0's ``value`` on every rank (e.g. a seed drawn on rank 0). ``value`` may be None off rank 0."""
+    if world is None or world.size == 1:
+        return int(value)  # type: ignore[arg-type]
+    t = torch.tensor([0 if value is None else int(value)], dtype=torch.int64, device=world.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def barrier(world: World | None) -> None:
+    if world is not None and world.size > 1:
+        dist.barrier()

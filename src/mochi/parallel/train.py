@@ -1,0 +1,46 @@
+"""LoRA training over the ranks of a torchrun job: one batch, its tokens split over all ranks.
+
+Every rank draws the same batch, noise and σ (the loop's generators are seeded from the run's seed, which
+the CLI broadcasts), the DiT runs sequence-parallel (``mochi.parallel.sequence``) and returns the full
+prediction on every rank, so every rank computes the same loss; after backward the LoRA gradients are
+averaged in one all-reduce, giving each rank the one-process gradient. The frozen base weights are
+replicated or FSDP2-sharded (``load_pipeline``); the LoRA weights, added after sharding, are plain
+replicated tensors either way. Only rank 0 writes checkpoints and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mochi.parallel.apply import PipelineParallel
+from mochi.parallel.comm import average_grads
+from mochi.parallel.context import World
+from mochi.parallel.sequence import check_heads, enable_sequence_parallel
+
+
+@dataclass
+class TrainParallel:
+    """What ``train_lora`` needs to know: whether this rank writes, and how to combine gradients."""
+
+    world: World
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.is_main
+
+    def sync_grads(self, params: list) -> None:
+        average_grads(params)
+
+
+def parallelize_training(pipe, world: World) -> TrainParallel:  # noqa: ANN001 - a MochiPipeline
+    """Split ``pipe``'s DiT over ``world`` for training (and its samples), unless ``load_pipeline`` did
+    already (it also shards weights: ``--parallel-weights``). ValueError before any work when the world size
+    does not divide the DiT's heads."""
+    check_heads(pipe.components.dit.config.num_heads, world.size)
+    if pipe.parallel is None:
+        if world.size > 1:
+            enable_sequence_parallel(pipe.components.dit)
+        pipe.parallel = PipelineParallel(world, "replicate", guidance=False)
+    elif pipe.parallel.guidance:
+        raise ValueError("guidance parallelism is for sampling; train without --guidance-parallel")
+    return TrainParallel(world)

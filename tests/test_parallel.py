@@ -1,0 +1,392 @@
+"""Multi-process parity on CPU: two gloo ranks started here must match one process (fp32, ≤ 1e-5).
+
+One 2-rank job (``_job``) runs every parallel case and saves its results; the tests compare them with the
+same computations run in this process. The ranks are plain subprocesses given torchrun's environment
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free 127.0.0.1 port), one thread each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.lora import add_trainable_lora
+from mochi.models.vae_tiling import decode
+from mochi.parallel.fsdp import parameter_bytes
+from mochi.parallel.sequence import check_heads
+from mochi.pipeline import MochiPipeline
+from mochi.request import GenerationRequest
+from mochi.train import shapes
+from mochi.train.data import prepare_data
+from mochi.train.lora_train import LoraTrainConfig, train_lora
+from mochi.video import write_video
+from mochi.weights.io import read_state_dict
+
+from .test_pipeline import tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 heads: 2 per rank over 2 ranks; 18 and 3 visual tokens test an even and a padded split.
+DIT4 = DiTConfig(
+    depth=2,
+    num_heads=4,
+    hidden_size_x=32,
+    hidden_size_y=16,
+    t5_feat_dim=32,
+    timestep_embed_dim=16,
+    mlp_multiple_of=1,
+)
+REQUEST = {"prompt": "a red circle moving right", "seed": 3}
+TRAIN = LoraTrainConfig(rank=2, steps=2, warmup=1, sample_every=2, checkpoint_every=1, caption_dropout=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(job: str, out: Path, nproc: int = 2, timeout: float = 120.0) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+            "MOCHI_DIST_TIMEOUT": "20",
+        }
+        code = f"from tests.test_parallel import {job}; {job}({str(out)!r})"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        )
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int | None, str]]:
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            results.append((None, err.decode(errors="replace")))
+            continue
+        results.append((p.returncode, err.decode(errors="replace")))
+    return results
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 3, 4, 6, generator=g)  # 3·2·3 = 18 tokens
+    x_odd = torch.randn(1, 12, 1, 2, 6, generator=g)  # 3 tokens: padded to 4 over 2 ranks
+    sigma = torch.tensor([0.3, 0.7])
+    text = torch.randn(2, 5, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()  # second sample: the empty prompt
+    return x, x_odd, sigma, text, mask
+
+
+def _dit4(lora: bool = False, before_lora=None) -> AsymmDiT:  # noqa: ANN001 - fn(dit)
+    torch.manual_seed(0)
+    dit = AsymmDiT(DIT4)
+    if before_lora is not None:
+        before_lora(dit)
+    if lora:
+        dit.requires_grad_(False)
+        add_trainable_lora(dit, 2, 2.0, ("qkv_x", "qkv_y", "proj_x", "proj_y"), 0.0)
+        with torch.no_grad():  # live B matrices, so every LoRA path has a gradient
+            for n, p in dit.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(std=0.1)
+    return dit
+
+
+def _lora_grads(dit: AsymmDiT) -> dict[str, torch.Tensor]:
+    x, _, sigma, text, mask = _dit_inputs()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    torch.nn.functional.mse_loss(dit(x, sigma, text, mask), target).backward()
+    return {n: p.grad.clone() for n, p in dit.named_parameters() if p.requires_grad}
+
+
+def _tiles(decoder, z):
+    return decode(decoder, z, tile=(2, 3), overlap=1)
+
+
+def _job(out: str) -> None:
+    """Every parallel case on this rank; rank 0 saves the results to ``out``/results.pt."""
+    torch.set_num_threads(1)
+    from mochi.parallel import comm
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.fsdp import shard_dit
+    from mochi.parallel.sequence import enable_sequence_parallel
+    from mochi.parallel.vae import parallel_decode
+
+    world = init_world("cpu")
+    res: dict = {}
+    for mode in ("replicate", "shard"):
+        pipe = MochiPipeline(tiny_components(), device="cpu")
+        before = parameter_bytes(pipe.components.dit), parameter_bytes(pipe.components.text_encoder)
+        parallelize(pipe, world, weights=mode)
+        comm.reset_traffic()
+        gen = pipe.generate(GenerationRequest(**REQUEST))
+        res[mode] = {
+            "latents": gen.latents,
+            "frames": gen.frames,
+            "traffic": dict(comm.traffic),
+            "bytes_before": before,
+            "bytes_after": (
+                parameter_bytes(pipe.components.dit),
+                parameter_bytes(pipe.components.text_encoder),
+            ),
+        }
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    parallelize(pipe, world, weights="replicate", guidance=True)
+    res["guidance"] = pipe.generate(GenerationRequest(**REQUEST)).latents
+
+    x, x_odd, sigma, text, mask = _dit_inputs()
+    dit = _dit4()
+    enable_sequence_parallel(dit)
+    with torch.no_grad():
+        res["dit"] = dit(x, sigma, text, mask)
+        res["dit_odd"] = dit(x_odd, sigma[:1], text[:1], mask[:1])
+    dit = _dit4(lora=True)
+    enable_sequence_parallel(dit)
+    grads = _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])
+    res["grads"] = {n: p.grad for n, p in dit.named_parameters() if p.requires_grad}
+    dit = _dit4(lora=True)  # the same step with FSDP2-sharded weights: FSDP averages the LoRA gradients
+    enable_sequence_parallel(dit)
+    shard_dit(dit, world)
+    _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])  # skips FSDP's DTensor gradients
+    res["grads_sharded"] = {n: p.grad.full_tensor() for n, p in dit.named_parameters() if p.requires_grad}
+    dit = _dit4(lora=True, before_lora=lambda d: shard_dit(d, world))  # as train-lora: LoRA added after
+    enable_sequence_parallel(dit)
+    assert enable_sequence_parallel(dit) is enable_sequence_parallel(dit)  # enabling twice changes nothing
+    _lora_grads(dit)
+    comm.average_grads([p for p in dit.parameters() if p.requires_grad])  # plain tensors: averaged here
+    res["grads_lora_after_shard"] = {n: p.grad for n, p in dit.named_parameters() if p.requires_grad}
+
+    decoder = tiny_components().decoder
+    z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
+    res["vae_tiles"] = parallel_decode(decoder, z, tile=(2, 3), overlap=1)
+    res["vae_whole"] = parallel_decode(decoder, z)
+    del grads
+
+    from mochi.parallel.context import broadcast_int
+    from mochi.parallel.train import parallelize_training
+    from mochi.train.lora_train import train_lora
+
+    res["seed"] = broadcast_int(100 + world.rank, world)
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    run = Path(out) / f"run{world.rank}"
+    cfg = dataclasses.replace(TRAIN, gradient_checkpointing=True)  # recomputation under the split too
+    train_lora(pipe, Path(out) / "data", run, cfg, progress=False, parallel=parallelize_training(pipe, world))
+    if world.is_main:
+        torch.save(res, Path(out) / "results.pt")
+    close_world()
+
+
+def _job_dies(out: str) -> None:
+    """Rank 1 is killed mid-job; rank 0, inside a collective, must fail instead of hanging."""
+    import torch.distributed as dist
+
+    from mochi.parallel.context import init_world
+
+    world = init_world("cpu")
+    dist.barrier()
+    if world.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(4)
+    for _ in range(10_000):
+        dist.all_reduce(t)
+        time.sleep(0.01)
+
+
+def _prepare(out: Path) -> Path:
+    videos = out / "videos"
+    videos.mkdir()
+    vocab = shapes.Vocab(
+        colors=("red", "blue"), shapes=("star",), directions=("left",), backgrounds=("black",)
+    )
+    for i, (cap, video) in enumerate(shapes.clips(seed=0, n=2, frames=7, height=32, width=32, vocab=vocab)):
+        write_video(video, videos / f"clip{i}.mp4")
+        (videos / f"clip{i}.txt").write_text(cap + "\n")
+    prepare_data(videos, out / "data", tiny_components(), frames=7, width=32, height=32)
+    return out
+
+
+def _job_hangs(out: str) -> None:
+    """Rank 1 stays alive but never joins the next collective; rank 0 must time out instead of hanging."""
+    import torch.distributed as dist
+
+    from mochi.parallel.context import init_world
+
+    world = init_world("cpu", timeout_s=4)
+    dist.barrier()
+    if world.rank == 1:
+        time.sleep(120)
+    dist.all_reduce(torch.ones(4))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = _prepare(tmp_path_factory.mktemp("parallel"))
+    outcome = _wait(_launch("_job", out), timeout=150)
+    for rank, (code, err) in enumerate(outcome):
+        assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
+    res = torch.load(out / "results.pt", weights_only=False)
+    res["out"] = out
+    return res
+
+
+@pytest.fixture(scope="module")
+def single():
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    return pipe.generate(GenerationRequest(**REQUEST))
+
+
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_sampled_latents_and_frames_match_one_process(results, single, mode):
+    got = results[mode]
+    torch.testing.assert_close(got["latents"], single.latents, atol=1e-5, rtol=0)
+    assert (got["frames"].int() - single.frames.int()).abs().max() <= 1  # uint8 rounding of ≤1e-5 floats
+    assert got["traffic"]["all_to_all"] > 0 and got["traffic"]["all_gather"] > 0
+
+
+def test_guidance_parallel_matches_one_process(results, single):
+    torch.testing.assert_close(results["guidance"], single.latents, atol=1e-5, rtol=0)
+
+
+def test_sequence_split_dit_output_even_and_padded(results):
+    x, x_odd, sigma, text, mask = _dit_inputs()
+    dit = _dit4()
+    with torch.no_grad():
+        torch.testing.assert_close(results["dit"], dit(x, sigma, text, mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            results["dit_odd"], dit(x_odd, sigma[:1], text[:1], mask[:1]), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("weights", ["grads", "grads_sharded", "grads_lora_after_shard"])
+def test_lora_training_step_gradients_match(results, weights):
+    want = _lora_grads(_dit4(lora=True))
+    assert set(results[weights]) == set(want) and len(want) == 4 * 2 * 2 - 2  # last block: no proj_y
+    for name, g in want.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(results[weights][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+def test_sharded_parameter_memory_per_rank(results):
+    for i in range(2):  # DiT, T5
+        before, after = results["shard"]["bytes_before"][i], results["shard"]["bytes_after"][i]
+        assert after <= 0.55 * before, (i, before, after)
+        assert results["replicate"]["bytes_after"][i] == before
+
+
+def test_parallel_vae_decode_matches_one_process(results):
+    decoder = tiny_components().decoder
+    z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(results["vae_tiles"], _tiles(decoder, z), atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["vae_whole"], decode(decoder, z), atol=1e-5, rtol=0)
+
+
+def test_heads_that_do_not_split_are_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"size 3 cannot split the DiT's 4 attention heads.*valid sizes: \[1, 2, 4\]"
+    ):
+        check_heads(4, 3)
+    check_heads(24, 8)
+
+
+def test_a_dead_rank_makes_the_other_exit_in_bounded_time(tmp_path):
+    started = time.monotonic()
+    outcome = _wait(_launch("_job_dies", tmp_path), timeout=60)
+    elapsed = time.monotonic() - started
+    assert outcome[1][0] == -signal.SIGKILL
+    assert outcome[0][0] not in (None, 0), outcome[0][1][-2000:]
+    assert elapsed < 45
+
+
+def test_train_lora_over_two_ranks_equals_one_process(results, tmp_path):
+    out = results["out"]
+    assert results["seed"] == 100  # every rank took rank 0's seed
+    assert not (out / "run1").exists()  # only rank 0 writes
+    written = sorted(p.name for p in (out / "run0").iterdir())
+    assert (
+        "lora.safetensors" in written and "samples" in written and "lora-step-000001.safetensors" in written
+    )
+    single = train_lora(MochiPipeline(tiny_components(), device="cpu"), out / "data", tmp_path, TRAIN, False)
+    want, got = read_state_dict(single), read_state_dict(out / "run0" / "lora.safetensors")
+    assert want.keys() == got.keys() and len(want) > 0
+    assert all(t.abs().max() > 0 for t in want.values())  # B moved off its zero init: training happened
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, atol=1e-5, rtol=0, msg=name)
+
+
+def test_parallelize_refuses_a_world_that_cannot_split_the_heads_before_any_work():
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import World
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")  # the tiny DiT has 2 heads
+    world = World(rank=0, size=3, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ValueError, match=r"size 3 cannot split the DiT's 2 attention heads: .*\[1, 2\]"):
+        parallelize(pipe, world)  # no process group exists: it must fail before any collective
+    with pytest.raises(ValueError, match="needs an even number of ranks, got world size 3"):
+        parallelize(pipe, world, guidance=True)
+    assert pipe.parallel is None
+
+
+def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
+    """The real launcher: 2 ranks, sharded weights, guidance split, no --seed (rank 0 draws it)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+    ]
+    args = ["-m", "mochi", "generate", "a red ball", "--device", "cpu", "--steps", "2", "--frames", "7"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MOCHI_DIST_TIMEOUT": "20"}
+    done = subprocess.run(
+        [*cmd, *args, "--parallel-weights", "shard", "--guidance-parallel"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # rank 1 prints and writes nothing
+    videos = sorted(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1
+    assert {p.name for p in tmp_path.iterdir()} == {videos[0].name, videos[0].with_suffix(".json").name}
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert videos[0].name == f"a-red-ball-{sidecar['seed']}.mp4" and sidecar["device"] == "2 x cpu"
+
+
+def test_a_hung_rank_makes_the_other_fail_at_the_timeout(tmp_path):
+    procs = _launch("_job_hangs", tmp_path)
+    started = time.monotonic()
+    code, err = _wait(procs[:1], timeout=40)[0]
+    elapsed = time.monotonic() - started
+    procs[1].kill()
+    procs[1].communicate()
+    assert code not in (None, 0), err[-2000:]
+    assert elapsed < 30
