@@ -117,7 +117,8 @@ def _add_convert(sub: Subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from mochi.weights.convert import convert, parse_dtype, parse_size
+    from mochi.devices import parse_dtype, parse_size
+    from mochi.weights.convert import convert
 
     out = convert(
         args.src,
@@ -154,27 +155,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
     p.add_argument("--threshold-noise", type=float, default=0.025, help="schedule's linear-part end (0.025)")
     p.add_argument("--linear-steps", type=int, help="steps in the schedule's linear part (default: half)")
-    p.add_argument(
-        "--model",
-        metavar="PATH",
-        help="Genmo folder, diffusers folder, ComfyUI file or mochi bundle (default: the embedded model)",
-    )
-    p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
-    p.add_argument(
-        "--t5", metavar="PATH", help="T5 encoder weights (google/t5-v1_1-xxl folder or ComfyUI file)"
-    )
-    p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
-    p.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), help="DiT dtype (default: bf16 on GPU, fp32 on CPU)"
-    )
-    p.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE dtype (fp32)")
-    p.add_argument(
-        "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
-    )
-    p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
-    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    _add_model_options(p, runtime=True)
     p.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this clip")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: how much to change (0-1]")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
@@ -224,23 +205,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     if main:
         _check_output(out)
     init = _read_init_video(args.init_video) if args.init_video else None
-    budget = _parse_size(args.max_memory) if args.max_memory else None
 
     from mochi.pipeline import MochiPipeline
     from mochi.video import fit_frames, write_video
 
     started = time.perf_counter()
-    options = {
-        "vae": args.vae,
-        "t5": args.t5,
-        "tokenizer": args.tokenizer,
-        "fp8": args.fp8,
-        "dit_dtype": args.dtype,
-        "vae_dtype": args.vae_dtype,
-        "offload": args.offload,
-        "attention": args.attention,
-        "max_memory": budget,
-    }
+    options = _pipeline_options(args)
     if world is None:
         pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **options)
     else:
@@ -302,17 +272,7 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument("--queue-size", type=int, default=8, metavar="N", help="jobs that may wait (default: 8)")
     p.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA .safetensors files offered in the UI")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written videos (30)")
-    p.add_argument("--model", metavar="PATH", help="checkpoint (default: the embedded model)")
-    p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
-    p.add_argument("--t5", metavar="PATH", help="T5 encoder weights")
-    p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="DiT dtype (default: bf16 on GPU)")
-    p.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE dtype (fp32)")
-    p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints")
-    p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (sdpa)")
-    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    _add_model_options(p, runtime=True)
     p.set_defaults(run=_run_serve)
 
 
@@ -332,19 +292,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from mochi.pipeline import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(
-        args.model,
-        vae=args.vae,
-        t5=args.t5,
-        tokenizer=args.tokenizer,
-        fp8=args.fp8,
-        device=args.device,
-        dit_dtype=args.dtype,
-        vae_dtype=args.vae_dtype,
-        offload=args.offload,
-        attention=args.attention,
-        max_memory=_parse_size(args.max_memory) if args.max_memory else None,
-    )
+    pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **_pipeline_options(args))
     jobs = JobManager(pipe, args.out_dir, queue_size=args.queue_size, fps=args.fps)
     app = create_app(jobs, token=args.token, lora_dir=args.lora_dir)
     print(f"mochi serve: model {pipe.components.name} on {pipe.device}; open http://{args.host}:{args.port}/")
@@ -378,12 +326,6 @@ def _read_init_video(path: str):  # noqa: ANN202 - numpy array
 
     frames, _ = read_video(path)
     return frames
-
-
-def _parse_size(text: str) -> int:
-    from mochi.weights.convert import parse_size
-
-    return parse_size(text)
 
 
 class _ProgressBar:
@@ -448,12 +390,47 @@ def _lora_pairs(files: list[str], scales: list[float]) -> list[tuple[str, float]
     return [(f, scales[i] if i < len(scales) else 1.0) for i, f in enumerate(files)]
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", help="checkpoint to use (default: the embedded model)")
+def _add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None:
+    """Where the model comes from and where it runs; ``runtime`` adds the inference-only choices."""
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="Genmo folder, diffusers folder, ComfyUI file or mochi bundle (default: the embedded model)",
+    )
     p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
-    p.add_argument("--t5", metavar="PATH", help="T5 encoder weights, when --model has none")
+    p.add_argument(
+        "--t5", metavar="PATH", help="T5 encoder weights (google/t5-v1_1-xxl folder or ComfyUI file)"
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
+    if not runtime:
+        return
+    dtypes = ("fp32", "bf16", "fp16")
+    p.add_argument("--dtype", choices=dtypes, help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--vae-dtype", choices=dtypes, default="fp32", help="VAE dtype (fp32)")
+    p.add_argument(
+        "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
+    )
+    p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
+    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+
+
+def _pipeline_options(args: argparse.Namespace) -> dict:
+    """``MochiPipeline.from_pretrained`` keyword arguments (all but model and device) from the options."""
+    from mochi.devices import parse_size
+
+    return {
+        "vae": args.vae,
+        "t5": args.t5,
+        "tokenizer": args.tokenizer,
+        "fp8": args.fp8,
+        "dit_dtype": args.dtype,
+        "vae_dtype": args.vae_dtype,
+        "offload": args.offload,
+        "attention": args.attention,
+        "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+    }
 
 
 def _load_pipeline(args: argparse.Namespace):  # noqa: ANN202 - MochiPipeline

@@ -21,6 +21,18 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
+def parse_size(text: str) -> int:
+    """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"size {text!r} is not understood; write it like 10GB, 500MB or 20000")
+
+
 def parse_device(name: str | torch.device | None) -> torch.device:
     """``None`` or "auto" → the first CUDA device if there is one, else the CPU."""
     if name is None or name == "auto":

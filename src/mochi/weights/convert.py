@@ -24,30 +24,8 @@ from mochi.weights.formats import detect, iter_component
 from mochi.weights.io import save_state_dict
 
 TARGETS = ("genmo", "diffusers")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
 _WEIGHTS = "diffusion_pytorch_model"
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """ "fp32" | "bf16" | "fp16" → torch dtype; None stays None (keep the stored dtype)."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def parse_size(text: str) -> int:
-    """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    t = text.strip().upper()
-    for unit, scale in units.items():
-        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * scale)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"size {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 
 def convert(
