@@ -26,6 +26,8 @@ VAE = VAERecipe(
     log_every=1,
     checkpoint_every=1,
     encoder_steps=1,
+    decoder_steps=1,
+    decoder_frames=7,
 )
 DIT = DiTRecipe(
     steps=2,
@@ -101,7 +103,7 @@ def test_sigmas_lie_in_the_open_interval():
 
 def test_vae_resumes_exactly(vae_run, tmp_path):
     out, uninterrupted = vae_run
-    assert uninterrupted["step"] == 2 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
+    assert uninterrupted["step"] == 3 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
     with pytest.raises(Interrupted):
         train_vae(tmp_path, PRESET, VAE, log=_interrupt_at("vae step 2/"))
     at_freeze = load_checkpoint(tmp_path / VAE_CHECKPOINT)
