@@ -26,6 +26,8 @@ VAE = VAERecipe(
     log_every=1,
     checkpoint_every=1,
     encoder_steps=1,
+    decoder_steps=1,
+    decoder_frames=7,
 )
 DIT = DiTRecipe(
     steps=2,
@@ -80,7 +82,7 @@ def test_presets_name_every_component():
     tiny = MODEL_PRESETS["mochi-tiny"]
     assert tiny.tokenizer == "byte" and tiny.text_encoder.vocab_size == 259
     assert tiny.dit.t5_feat_dim == tiny.text_encoder.d_model
-    assert tiny.defaults == {"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0}
+    assert tiny.defaults == {"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 7.0}
     released = MODEL_PRESETS["mochi-1-preview"]
     assert (released.dit.depth, released.dit.hidden_size_x, released.text_encoder.d_model) == (48, 3072, 4096)
     with pytest.raises(ValueError, match="mochi-tiny"):
@@ -101,7 +103,7 @@ def test_sigmas_lie_in_the_open_interval():
 
 def test_vae_resumes_exactly(vae_run, tmp_path):
     out, uninterrupted = vae_run
-    assert uninterrupted["step"] == 2 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
+    assert uninterrupted["step"] == 3 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
     with pytest.raises(Interrupted):
         train_vae(tmp_path, PRESET, VAE, log=_interrupt_at("vae step 2/"))
     at_freeze = load_checkpoint(tmp_path / VAE_CHECKPOINT)

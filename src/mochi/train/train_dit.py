@@ -43,7 +43,7 @@ CACHE_DIR = "latents"
 
 @dataclass(frozen=True)
 class DiTRecipe:
-    steps: int = 2500
+    steps: int = 4000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
@@ -52,7 +52,7 @@ class DiTRecipe:
     logit_mean: float = 0.5
     ema_decay: float = 0.999
     text_length: int = 64  # byte tokens per caption: the longest caption is 52 with its end token
-    cache_clips: int = 3000
+    cache_clips: int = 2000
     cache_chunk: int = 500
     frames: int = 25
     height: int = 64
