@@ -71,7 +71,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         encoder=TINY_ENCODER,
         text_encoder=TINY_T5,
         tokenizer="byte",
-        defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 7.0},
+        defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0},
     ),
     # Test size: every component at its smallest test preset.
     "test-micro": ModelPreset(

@@ -43,7 +43,7 @@ CACHE_DIR = "latents"
 
 @dataclass(frozen=True)
 class DiTRecipe:
-    steps: int = 4000
+    steps: int = 6000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
