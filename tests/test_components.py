@@ -118,3 +118,15 @@ def test_comfyui_dit_file_names_what_is_missing(tmp_path):
     save_state_dict(sd, tmp_path / "mochi_dit.safetensors")
     with pytest.raises(ValueError, match=r"holds no VAE decoder .*pass --vae PATH"):
         MochiPipeline.from_pretrained(str(tmp_path / "mochi_dit.safetensors"), device="cpu")
+
+
+def test_a_bundle_file_loads_by_path(tmp_path):
+    from mochi.weights.bundle import save_bundle
+
+    c = tiny_components(seed=1)
+    save_bundle(c, tmp_path / "mine.safetensors")
+    pipe = MochiPipeline.from_pretrained(str(tmp_path / "mine.safetensors"), device="cpu")
+    pipe.components.defaults = dict(DEFAULTS)
+    request = GenerationRequest("a red circle", seed=2, steps=2)
+    expected = MochiPipeline(tiny_components(seed=1), device="cpu").generate(request)
+    assert torch.equal(pipe.generate(request).frames, expected.frames)

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.latents import LATENT_MEAN, LATENT_STD
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.models.tokenizer import ByteTokenizer
 from mochi.models.vae import Decoder, DecoderConfig, Encoder, EncoderConfig
@@ -109,8 +110,11 @@ def save_bundle(components, path: str | os.PathLike, dtype: torch.dtype | None =
     tokenizer = parts.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str) and not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(f"a bundle stores the byte tokenizer only, got {type(tokenizer).__name__}")
+    released = {"latent_mean": LATENT_MEAN, "latent_std": LATENT_STD}
     for key in ("latent_mean", "latent_std"):
-        if parts.get(key) is None or len(parts[key]) != 12:
+        if parts.get(key) is None:  # Components' None: the released AsymmVAE's statistics
+            parts[key] = released[key]
+        if len(parts[key]) != 12:
             raise ValueError(f"{key} must be 12 floats (one per latent channel), got {parts.get(key)!r}")
     tensors, config = {}, {}
     for prefix in PARTS:

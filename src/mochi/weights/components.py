@@ -88,11 +88,11 @@ def load_components(
         from mochi.weights.bundle import load_embedded
 
         return load_embedded()
-    det = detect(model)
-    if det.format == "mochi-bundle":
-        from mochi.weights.bundle import load_bundle
+    from mochi.weights.bundle import is_bundle, load_bundle
 
-        return load_bundle(det.path)
+    if is_bundle(model):
+        return load_bundle(model)
+    det = detect(model)
     if "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
     dit = load_dit(det, fp8=fp8)
