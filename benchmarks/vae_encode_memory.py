@@ -9,38 +9,16 @@ reset before each run; weights and the input video are resident before the run a
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import re
-import sys
-import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from measure import MB, measure, reexec_with_mmap_malloc  # noqa: E402 - a sibling script module
+
+reexec_with_mmap_malloc()
 
 import torch  # noqa: E402
 
 from mochi.models.vae import ENCODER_PRESETS, Encoder, num_latents_for_frames  # noqa: E402
 from mochi.models.vae_memory import estimate_encode_memory  # noqa: E402
 from mochi.models.vae_tiling import encode, tile_layout  # noqa: E402
-
-MB = 1024**2
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def measure(fn):
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0, _status("VmHWM") - base
 
 
 def main() -> None:

@@ -21,15 +21,10 @@ and the estimate against the measured runs of this script.
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import re
-import sys
-import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from measure import MB, measure, reexec_with_mmap_malloc  # noqa: E402 - a sibling script module
+
+reexec_with_mmap_malloc()
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKLMochi  # noqa: E402
@@ -40,26 +35,7 @@ from mochi.models.vae_tiling import decode, plan_decode, tile_layout  # noqa: E4
 from mochi.weights.io import load_strict  # noqa: E402
 from mochi.weights.keymaps.vae_diffusers import decoder_pairs, from_diffusers  # noqa: E402
 
-MB = 1024**2
 GIB = 1024**3
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        text = f.read()
-    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
-
-
-def measure(fn):
-    """(result, seconds, peak bytes above the resident set before the call)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    return out, dt, _status("VmHWM") - base
 
 
 def main() -> None:
