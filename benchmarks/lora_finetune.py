@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--base-clips", type=int, default=24, help="clips of the known shapes, mixed in")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="qkv_x,qkv_y,proj_x,proj_y", help="LoRA target layers")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=24, help="prompts per group")
@@ -157,7 +158,7 @@ def main() -> None:
         "train-lora", str(data), "--out", str(run), "--rank", str(args.rank), "--alpha", str(args.rank),
         "--lr", str(args.lr), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--warmup", str(args.steps // 20), "--checkpoint-every", str(max(args.steps // 10, 1)),
-        "--sample-every", "0", "--seed", str(args.seed), *model,
+        "--sample-every", "0", "--seed", str(args.seed), "--targets", args.targets, *model,
     )  # fmt: skip
 
     pipe = load_pipeline(args.model)
@@ -182,6 +183,7 @@ def main() -> None:
         "base_clips": args.base_clips,
         "steps": args.steps,
         "rank": args.rank,
+        "targets": args.targets,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "threads": args.threads,
