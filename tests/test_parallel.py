@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mochi.models.dit import AsymmDiT, DiTConfig
+from mochi.models.dit import DIT_PRESETS, AsymmDiT
 from mochi.models.lora import add_trainable_lora
 from mochi.models.vae_tiling import decode
 from mochi.parallel.fsdp import parameter_bytes
@@ -37,15 +37,7 @@ from .test_pipeline import tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 heads: 2 per rank over 2 ranks; 18 and 3 visual tokens test an even and a padded split.
-DIT4 = DiTConfig(
-    depth=2,
-    num_heads=4,
-    hidden_size_x=32,
-    hidden_size_y=16,
-    t5_feat_dim=32,
-    timestep_embed_dim=16,
-    mlp_multiple_of=1,
-)
+DIT4 = dataclasses.replace(DIT_PRESETS["tiny"], num_heads=4)
 REQUEST = {"prompt": "a red circle moving right", "seed": 3}
 TRAIN = LoraTrainConfig(rank=2, steps=2, warmup=1, sample_every=2, checkpoint_every=1, caption_dropout=0.0)
 

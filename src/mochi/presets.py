@@ -7,7 +7,7 @@ request defaults it was made for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mochi.models.dit import DIT_PRESETS, DiTConfig
 from mochi.models.t5 import T5_PRESETS, T5Config
@@ -75,16 +75,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     ),
     # Test size: every component at its smallest test preset.
     "test-micro": ModelPreset(
-        dit=DiTConfig(
-            depth=2,
-            num_heads=2,
-            hidden_size_x=32,
-            hidden_size_y=16,
-            t5_feat_dim=32,
-            timestep_embed_dim=16,
-            mlp_multiple_of=1,
-            pool_heads=2,
-        ),
+        dit=replace(DIT_PRESETS["tiny"], pool_heads=2),
         decoder=DECODER_PRESETS["tiny"],
         encoder=EncoderConfig(
             base_channels=32,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from mochi.models.latents import vae_to_dit
 from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
 from mochi.train.data import LatentDataset
 from mochi.train.lora_state import load_latest_state, save_state
+from mochi.train.lr import warmup_cosine
 
 SIGMA_SAMPLING = ("uniform", "shifted")
 # Settings a resumed run may change; any other difference means another run and is refused.
@@ -86,10 +86,7 @@ class LoraTrainConfig:
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """LR multiplier of step ``step`` (0-based): linear warmup to 1, then cosine down to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+    return warmup_cosine(step, warmup, total)
 
 
 def sample_sigmas(n: int, mode: str, shift: float, generator: torch.Generator) -> torch.Tensor:

@@ -25,6 +25,7 @@ from mochi.models.vae import Decoder, Encoder
 from mochi.presets import ModelPreset
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.lr import warmup_cosine
 
 VAE_CHECKPOINT = "vae.ckpt"
 
@@ -80,10 +81,7 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warmup, then cosine decay to a tenth of ``lr`` at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * warmup_cosine(step, warmup, steps, floor=0.1)
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
