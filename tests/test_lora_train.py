@@ -140,6 +140,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
 
 
+def test_latents_mean_trains_on_posterior_means(data):
+    import dataclasses
+
+    examples = list(LatentDataset(data[0]).examples)[:2]
+    louder = [dataclasses.replace(e, logvar=e.logvar + 3.0) for e in examples]
+    dit = tiny_components().dit
+
+    def loss(cfg, batch):
+        return float(lora_train.flow_matching_loss(dit, batch, None, cfg, torch.Generator().manual_seed(1)))
+
+    mean_cfg = dataclasses.replace(CFG, latents="mean")
+    # Means ignore the posterior's variance; samples depend on it.
+    assert loss(mean_cfg, examples) == loss(mean_cfg, louder)
+    assert loss(CFG, examples) != loss(CFG, louder)
+    with pytest.raises(ValueError, match=r"latents='median' must be one of \['sample', 'mean'\]"):
+        dataclasses.replace(CFG, latents="median").validate()
+
+
 def test_resumed_run_is_bit_identical_to_uninterrupted(data, tmp_path, monkeypatch):
     out, _ = data
     whole = read_lora(train_lora(pipe(), out, tmp_path / "whole", CFG, progress=False))

@@ -126,6 +126,13 @@ def test_render_colours_area_and_anti_aliasing():
     assert cover.sum() == pytest.approx(math.pi * (0.2 * 64) ** 2, rel=0.01)
 
 
+def test_render_paints_an_rgb_override():
+    spec = S.ClipSpec("red", "square", "right", start=(0.5, 0.5), size=0.4, travel=0.3)
+    video = S.render(spec, frames=3, height=32, width=32, rgb=(255, 110, 180))
+    assert tuple(video[1, 16, 16]) == (255, 110, 180) and tuple(video[1, 0, 0]) == S.BACKGROUNDS["black"]
+    assert np.array_equal(S.render(spec, 3, 32, 32), S.render(spec, 3, 32, 32, rgb=S.COLORS["red"]))
+
+
 def test_star_is_upright_with_five_points():
     video = S.render(S.ClipSpec("white", "star", "right", start=(0.5, 0.5), size=0.6, travel=0.4), frames=1)
     mask = video[0, ..., 0] > 128

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from mochi.presets import MODEL_PRESETS, model_preset
+from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.export import export_bundle
-from mochi.train.train_dit import DIT_CHECKPOINT, DiTRecipe, load_latent_cache, sample_sigmas, train_dit
-from mochi.train.train_vae import VAE_CHECKPOINT, VAERecipe, lr_at, train_vae
+from mochi.train.train_dit import (
+    DIT_CHECKPOINT,
+    DiTRecipe,
+    latent_stats,
+    load_latent_cache,
+    sample_sigmas,
+    train_dit,
+)
+from mochi.train.train_vae import VAE_CHECKPOINT, VAERecipe, foreground_weights, lr_at, train_vae, vae_batch
 from mochi.weights.bundle import load_bundle
 
 PRESET = model_preset("test-micro")
@@ -20,7 +28,7 @@ VAE = VAERecipe(
     steps=2,
     batch=1,
     frames=7,
-    clip_frames=9,
+    clip_frames=13,
     height=16,
     width=16,
     log_every=1,
@@ -28,6 +36,7 @@ VAE = VAERecipe(
     encoder_steps=1,
     decoder_steps=1,
     decoder_frames=7,
+    tune_steps=1,
 )
 DIT = DiTRecipe(
     steps=2,
@@ -101,9 +110,50 @@ def test_sigmas_lie_in_the_open_interval():
     assert 0.5 < float(s.mean()) < 0.7  # shifted towards high noise (logit mean 0.5)
 
 
+def test_foreground_weights_mark_the_object_and_its_rim():
+    def px(rgb):
+        return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1.0
+
+    pixels = [(15, 15, 15), (17, 14, 15), (100, 100, 100), (21, 15, 15), (220, 40, 40), (60, 60, 60)]
+    w = foreground_weights(torch.cat([px(p) for p in pixels], dim=2), 10.0)
+    assert w.shape == (1, 1, 6, 1, 1)
+    # Within 4/255 of a background colour (black, gray) → 1; the object and blended rim pixels → 11.
+    assert w.flatten().tolist() == [1.0, 1.0, 1.0, 11.0, 11.0, 11.0]
+
+
+def test_decoder_tuning_batches_are_whole_clips_some_in_new_colours():
+    recipe = VAERecipe()
+    tune = recipe.steps + recipe.decoder_steps
+    assert vae_batch(recipe, 0).shape[2] == recipe.frames
+    assert vae_batch(recipe, tune - 1).shape[2] == recipe.decoder_frames
+    palette = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32)
+
+    def off_palette(x):  # clips whose most distant-from-background pixel is no palette colour
+        rgb = ((x + 1) * 127.5).round().movedim(1, -1).reshape(x.shape[0], -1, 3)
+        bg = rgb[:, :1]  # the corner pixel: the object never covers it in these clips
+        far = rgb[torch.arange(len(rgb)), (rgb - bg).abs().sum(-1).argmax(1)]
+        return int(((far[:, None] - palette).abs().amax(-1).amin(-1) > 2).sum())
+
+    assert sum(off_palette(vae_batch(recipe, s)) for s in range(5)) == 0
+    tuned = [vae_batch(recipe, tune + s) for s in range(5)]
+    assert all(x.shape[2] == recipe.clip_frames for x in tuned)
+    assert 3 <= sum(off_palette(x) for x in tuned) <= 17  # half of 20 clips, give or take
+
+
+def test_latent_stats_of_means_or_samples():
+    mean = torch.randn(6, 12, 2, 3, 3) * 2 + 1
+    logvar = torch.full_like(mean, 2.0)
+    m, s = latent_stats(mean, logvar, seed=0, sample=False)
+    flat = mean.double().transpose(0, 1).flatten(1)
+    torch.testing.assert_close(m, flat.mean(1))
+    torch.testing.assert_close(s, flat.std(1))
+    _, s_sampled = latent_stats(mean, logvar, seed=0)
+    assert bool((s_sampled > s).all())  # the posterior's own noise (std e) adds to the spread
+
+
 def test_vae_resumes_exactly(vae_run, tmp_path):
     out, uninterrupted = vae_run
-    assert uninterrupted["step"] == 3 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
+    assert uninterrupted["step"] == 4 and uninterrupted["loss"] == uninterrupted["loss"]  # finite, set
     with pytest.raises(Interrupted):
         train_vae(tmp_path, PRESET, VAE, log=_interrupt_at("vae step 2/"))
     at_freeze = load_checkpoint(tmp_path / VAE_CHECKPOINT)

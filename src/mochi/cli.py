@@ -524,6 +524,12 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument("--sigma-sampling", choices=("uniform", "shifted"), default="uniform", help="(uniform)")
     p.add_argument("--sigma-shift", type=float, default=3.0, help="shift of --sigma-sampling shifted (3)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (0.1)")
+    p.add_argument(
+        "--latents",
+        choices=("sample", "mean"),
+        default="sample",
+        help="train on posterior samples (Genmo) or means (the embedded model was trained on means)",
+    )
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps, then cosine (200)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (200)")
@@ -555,6 +561,7 @@ def _run_train_lora(args: argparse.Namespace) -> int:
         sigma_sampling=args.sigma_sampling,
         sigma_shift=args.sigma_shift,
         caption_dropout=args.caption_dropout,
+        latents=args.latents,
         checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt),

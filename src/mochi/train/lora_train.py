@@ -1,7 +1,8 @@
 """LoRA fine-tuning of the DiT with the rectified-flow loss, resumable at any moment (genmo-mochi.md §6.3).
 
 Per sample: z = vae_to_dit(mean + exp(logvar/2)·n) (a draw from the cached VAE posterior, mapped to the
-DiT's normalised space), ε ~ N(0, I), σ uniform on [0, 1) or shifted towards noise; the DiT sees
+DiT's normalised space; ``latents="mean"`` takes the posterior mean instead, for a base model trained on
+means such as the embedded one), ε ~ N(0, I), σ uniform on [0, 1) or shifted towards noise; the DiT sees
 z_σ = (1−σ)·z + σ·ε and is trained to predict v = z − ε, all in the *same* normalised space that sampling
 uses. Genmo's fine-tuner builds z_σ from raw VAE latents and normalises only the target (§6.3): its inputs
 then differ from what the model meets at inference, and subtracting the latent mean from a velocity has
@@ -34,6 +35,7 @@ from mochi.train.lora_state import load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
 
 SIGMA_SAMPLING = ("uniform", "shifted")
+LATENTS = ("sample", "mean")
 # Settings a resumed run may change; any other difference means another run and is refused.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompts", "sample_steps", "keep")
 
@@ -55,6 +57,7 @@ class LoraTrainConfig:
     sigma_sampling: str = "uniform"
     sigma_shift: float = 3.0  # "shifted": σ' = sσ/(1+(s−1)σ), more steps at high noise (SD3's shift)
     caption_dropout: float = 0.1
+    latents: str = "sample"  # "mean": train on posterior means (what the embedded model was trained on)
     checkpoint_every: int = 200
     sample_every: int = 200  # 0 disables samples
     sample_prompts: tuple[str, ...] = ()  # default: the first two captions of the data
@@ -77,6 +80,8 @@ class LoraTrainConfig:
             raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
         if not self.sigma_shift > 0:
             raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
+        if self.latents not in LATENTS:
+            raise ValueError(f"latents={self.latents!r} must be one of {list(LATENTS)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]; Genmo uses 0.1")
 
@@ -131,7 +136,8 @@ def flow_matching_loss(
     mean = torch.stack([e.mean for e in batch])
     logvar = torch.stack([e.logvar for e in batch])
     b = mean.shape[0]
-    z = vae_to_dit(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator), stats)
+    noise = torch.randn(mean.shape, generator=generator)  # drawn either way: one random stream for both
+    z = vae_to_dit(mean + torch.exp(0.5 * logvar) * noise if cfg.latents == "sample" else mean, stats)
     eps = torch.randn(z.shape, generator=generator)
     sigma = sample_sigmas(b, cfg.sigma_sampling, cfg.sigma_shift, generator)
     drop = torch.rand(b, generator=generator) < cfg.caption_dropout

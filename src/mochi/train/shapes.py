@@ -253,12 +253,18 @@ def centers(spec: ClipSpec, frames: int) -> np.ndarray:
 
 
 def render(
-    spec: ClipSpec, frames: int = 25, height: int = 64, width: int = 64, supersample: int = 4
+    spec: ClipSpec,
+    frames: int = 25,
+    height: int = 64,
+    width: int = 64,
+    supersample: int = 4,
+    rgb: RGB | None = None,
 ) -> np.ndarray:
     """Render a clip as uint8 (frames, height, width, 3).
 
     Edges are anti-aliased by averaging ``supersample``² point samples per pixel, evaluated only inside
-    the shape's box.
+    the shape's box. ``rgb`` paints the shape in that colour instead of ``spec.color``'s (the VAE learns
+    to code colours outside the palette from such clips).
     """
     for name, table, kind in (
         (spec.color, COLORS, "color"),
@@ -283,7 +289,7 @@ def render(
         hit = inside((xs[None, :] - cx) / half, (ys[:, None] - cy) / half)
         alpha[f, y0:y1, x0:x1] = hit.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))
     background = np.array(BACKGROUNDS[spec.background], dtype=np.float32)
-    color = np.array(COLORS[spec.color], dtype=np.float32)
+    color = np.array(COLORS[spec.color] if rgb is None else rgb, dtype=np.float32)
     video = background + alpha[..., None] * (color - background)
     return np.clip(np.rint(video), 0, 255).astype(np.uint8)
 

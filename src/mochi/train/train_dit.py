@@ -2,14 +2,15 @@
 
 First the trained VAE encoder turns ``cache_clips`` clips of dataset ``seed`` into a latent cache (mean and
 log-variance, in chunks so that an interruption loses at most one chunk); the per-channel statistics of
-posterior samples become the model's ``latent_mean``/``latent_std``, and the DiT works in the normalised
-space ``(z − mean)/std``, as the released model does.
+the latents it learns (posterior means by default, see ``DiTRecipe.sample_posterior``) become the model's
+``latent_mean``/``latent_std``, and the DiT works in the normalised space ``(z − mean)/std``, as the
+released model does.
 
-Rectified flow, Genmo's sign: x0 a normalised posterior sample, ε ~ N(0, I), z_σ = (1 − σ)·x0 + σ·ε, and
-the DiT regresses v = x0 − ε (MSE). σ is drawn from a mixture: with probability ``uniform_share`` uniform
-on [0, 1], else logit-normal sigmoid(N(``logit_mean``, 1)) with a positive mean, which weights the high
-noise levels where Genmo's schedule spends half of its steps and where layout and motion are decided.
-A ``caption_dropout`` share of captions become the empty prompt (zero text tokens, all-zero features, as
+Rectified flow, Genmo's sign: x0 a normalised posterior mean (or sample), ε ~ N(0, I), z_σ = (1 − σ)·x0 + σ·ε,
+and the DiT regresses v = x0 − ε (MSE). σ is drawn from a mixture: with probability ``uniform_share`` uniform
+on [0, 1], else logit-normal sigmoid(N(``logit_mean``, 1)) with a positive mean, which weights the high noise
+levels where Genmo's schedule spends half of its steps and where layout and motion are decided. A
+``caption_dropout`` share of captions become the empty prompt (zero text tokens, all-zero features, as
 ``encode_prompts`` gives for ""), so classifier-free guidance works. An EMA of both models is kept and
 exported.
 
@@ -43,7 +44,7 @@ CACHE_DIR = "latents"
 
 @dataclass(frozen=True)
 class DiTRecipe:
-    steps: int = 6000
+    steps: int = 20000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
@@ -51,8 +52,13 @@ class DiTRecipe:
     uniform_share: float = 0.2
     logit_mean: float = 0.5
     ema_decay: float = 0.999
+    # Train on the posterior means (False) or on posterior samples (True, as Genmo's trainer does). The
+    # tiny VAE's posterior noise is as large as the distance between some colours' latents (yellow and
+    # orange), so a DiT trained on samples learns latents the decoder can only decode as a blend of the
+    # two; on means it learns the encoder's deterministic codes, which the tuned decoder decodes exactly.
+    sample_posterior: bool = False
     text_length: int = 64  # byte tokens per caption: the longest caption is 52 with its end token
-    cache_clips: int = 2000
+    cache_clips: int = 4000
     cache_chunk: int = 500
     frames: int = 25
     height: int = 64
@@ -114,10 +120,15 @@ def load_latent_cache(out: Path, recipe: DiTRecipe) -> tuple[torch.Tensor, torch
     return torch.cat(means), torch.cat(logvars), captions
 
 
-def latent_stats(mean: torch.Tensor, logvar: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (12,) of one posterior sample of every cached clip, in float64."""
-    gen = torch.Generator().manual_seed(seed)
-    z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)).double()
+def latent_stats(
+    mean: torch.Tensor, logvar: torch.Tensor, seed: int, sample: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (12,), in float64, of the latents the DiT learns: one posterior sample of
+    every cached clip (``sample``) or the posterior means."""
+    z = mean.double()
+    if sample:
+        gen = torch.Generator().manual_seed(seed)
+        z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)).double()
     z = z.transpose(0, 1).flatten(1)
     return z.mean(1), z.std(1)
 
@@ -155,7 +166,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
     out = Path(out)
     build_latent_cache(out, preset, recipe, log)
     cache_mean, cache_logvar, captions = load_latent_cache(out, recipe)
-    stats = latent_stats(cache_mean, cache_logvar, recipe.seed)
+    stats = latent_stats(cache_mean, cache_logvar, recipe.seed, recipe.sample_posterior)
     mu, sd = (s.float().view(1, -1, 1, 1, 1) for s in stats)
 
     text_encoder, dit = build_text_and_dit(preset, recipe.seed)
@@ -189,7 +200,8 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         index = torch.randint(n_cache, (recipe.batch,), generator=gen)
         mean, logvar = cache_mean[index], cache_logvar[index]
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
+        noise = torch.randn(mean.shape, generator=gen)  # drawn either way: the same stream for both
+        z = mean + (0.5 * logvar).exp() * noise if recipe.sample_posterior else mean
         x0 = (z - mu) / sd
         eps = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(recipe.batch, recipe, gen)
