@@ -1,20 +1,24 @@
-"""Teach the embedded model a shape it has never seen (the star) with a LoRA, then measure it (issue 7).
+"""Teach the embedded model a concept it has never seen with a LoRA, then measure it (issue 7).
 
-Runs the documented commands end to end, timing each:
+``--concept pink`` (a new colour, the default) or ``--concept star`` (a new shape): both are rows of the
+shapes world's tables (``shapes.COLORS``, ``shapes.SHAPES``) left out of the vocabulary the embedded model
+was trained on. Runs the documented commands end to end, timing each:
 
-1. render ``--clips`` star clips of the shapes world (``shapes.render``, a star-only vocabulary) and
-   ``--base-clips`` clips of the shapes the model knows (prior preservation) as mp4 + txt;
+1. render ``--clips`` clips of the concept (``shapes.render``; the concept's vocabulary: every other
+   field drawn from the default vocabulary) and ``--base-clips`` clips of the default vocabulary (prior
+   preservation) as mp4 + txt;
 2. ``mochi prepare-data VIDEOS DATA --frames 25 --width 64 --height 64``;
 3. ``mochi train-lora DATA --out RUN …``;
-4. judge (``mochi.train.judge``) videos generated with the LoRA for star prompts (shape accuracy and all of
-   colour/shape/direction) and for the base vocabulary's prompts (all three right), and the same prompts
-   without the LoRA for reference.
+4. judge (``mochi.train.judge``) videos generated with the LoRA for concept prompts and for the default
+   vocabulary's prompts, and the same prompts without the LoRA for reference: per field (colour, shape,
+   direction) and all three right.
 
-Targets: star shape right in ≥ 80% of star prompts, base prompts ≥ 85% with the LoRA, training ≤ 20 min on
-the 2-core CPU. ``--model`` picks another checkpoint; without one the embedded model is used, or, when this
-checkout has no embedded weights, random tiny components (mechanics only: the figures then mean nothing).
+Targets: the concept's field right in ≥ 80% of concept prompts; base prompts ≥ 85% with the LoRA;
+training ≤ 20 min on the 2-core CPU. ``--model`` picks another checkpoint; without one the embedded model
+is used, or, when this checkout has no embedded weights, random tiny components (mechanics only: the
+figures then mean nothing).
 
-    PYTHONPATH=src python benchmarks/lora_finetune.py --work /tmp/star [--steps 1500] [--json out.json]
+    PYTHONPATH=src python benchmarks/lora_finetune.py --work /tmp/pink [--concept pink] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,12 +34,21 @@ import numpy as np
 from mochi.train import judge, shapes
 from mochi.video import write_video
 
-STAR = shapes.Vocab(
-    colors=shapes.DEFAULT_VOCAB.colors,
-    shapes=("star",),
-    directions=shapes.DEFAULT_VOCAB.directions,
-    backgrounds=shapes.DEFAULT_VOCAB.backgrounds,
-)
+# A new concept: (the caption field it fills, the table that defines it).
+CONCEPTS = {"pink": ("color", shapes.COLORS), "star": ("shape", shapes.SHAPES)}
+
+
+def concept_vocab(concept: str) -> tuple[str, shapes.Vocab]:
+    """The caption field of ``concept`` and a vocabulary where that field is always ``concept``."""
+    field, _ = CONCEPTS[concept]
+    names = {
+        "colors": shapes.DEFAULT_VOCAB.colors,
+        "shapes": shapes.DEFAULT_VOCAB.shapes,
+        "directions": shapes.DEFAULT_VOCAB.directions,
+        "backgrounds": shapes.DEFAULT_VOCAB.backgrounds,
+    }
+    names[field + "s"] = (concept,)
+    return field, shapes.Vocab(**names)
 
 
 def run_mochi(*args: str) -> float:
@@ -120,8 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for videos, data and the run")
     parser.add_argument("--model", help="base checkpoint (default: the embedded model)")
-    parser.add_argument("--clips", type=int, default=48, help="star clips")
-    parser.add_argument("--base-clips", type=int, default=24, help="clips of the known shapes, mixed in")
+    parser.add_argument("--concept", choices=sorted(CONCEPTS), default="pink", help="what to teach (pink)")
+    parser.add_argument("--clips", type=int, default=48, help="clips of the concept")
+    parser.add_argument("--base-clips", type=int, default=24, help="clips of the known vocabulary, mixed in")
+    parser.add_argument(
+        "--latents", choices=("sample", "mean"), default="mean", help="train-lora --latents (mean)"
+    )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="qkv_x,qkv_y,proj_x,proj_y", help="LoRA target layers")
@@ -149,8 +166,9 @@ def main() -> None:
         print("no embedded model in this checkout: random components (mechanics only)", flush=True)
         mochi.pipeline.load_components = lambda *a, **k: random_components()
     videos, data, run = args.work / "videos", args.work / "data", args.work / "run"
-    render_clips(videos, args.clips, 1000 + args.seed, STAR, "star")
-    # Prior preservation: clips of the shapes the model knows keep the LoRA from drawing stars everywhere.
+    field, vocab = concept_vocab(args.concept)
+    render_clips(videos, args.clips, 1000 + args.seed, vocab, args.concept)
+    # Prior preservation: clips of what the model knows keep the LoRA from using the concept everywhere.
     render_clips(videos, args.base_clips, 2000 + args.seed, shapes.DEFAULT_VOCAB, "base")
     seconds = {"prepare": run_mochi("prepare-data", str(videos), str(data), "--frames", "25", "--width", "64",
                                 "--height", "64", *model)}  # fmt: skip
@@ -158,26 +176,28 @@ def main() -> None:
         "train-lora", str(data), "--out", str(run), "--rank", str(args.rank), "--alpha", str(args.rank),
         "--lr", str(args.lr), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--warmup", str(args.steps // 20), "--checkpoint-every", str(max(args.steps // 10, 1)),
-        "--sample-every", "0", "--seed", str(args.seed), "--targets", args.targets, *model,
+        "--sample-every", "0", "--seed", str(args.seed), "--targets", args.targets, "--latents", args.latents,
+        *model,
     )  # fmt: skip
 
     pipe = load_pipeline(args.model)
-    star_prompts = shapes.eval_prompts(STAR, n=args.eval_prompts)
+    concept_prompts = shapes.eval_prompts(vocab, n=args.eval_prompts)
     base_prompts = shapes.eval_prompts(shapes.DEFAULT_VOCAB, n=args.eval_prompts)
     started = time.perf_counter()
     figures = {
         "without_lora": {
-            "star": accuracy(star_prompts, evaluate(pipe, star_prompts, 7)),
+            "concept": accuracy(concept_prompts, evaluate(pipe, concept_prompts, 7)),
             "base": accuracy(base_prompts, evaluate(pipe, base_prompts, 7)),
         }
     }
     pipe.load_lora(str(run / "lora.safetensors"))
     figures["with_lora"] = {
-        "star": accuracy(star_prompts, evaluate(pipe, star_prompts, 7)),
+        "concept": accuracy(concept_prompts, evaluate(pipe, concept_prompts, 7)),
         "base": accuracy(base_prompts, evaluate(pipe, base_prompts, 7)),
     }
     seconds["evaluate"] = time.perf_counter() - started
     result = {
+        "concept": args.concept,
         "base_model": args.model or ("embedded" if real else "random tiny components (mechanics only)"),
         "clips": args.clips,
         "base_clips": args.base_clips,
@@ -185,12 +205,17 @@ def main() -> None:
         "rank": args.rank,
         "targets": args.targets,
         "lr": args.lr,
+        "latents": args.latents,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "eval_prompts_per_group": args.eval_prompts,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "figures": figures,
-        "targets_met": figures["with_lora"]["star"]["shape"] >= 0.8
+        # The issue's base criterion read two ways: every field right in ≥ 85% of base prompts, and the
+        # stricter all three right at once in ≥ 85%.
+        "targets_met_per_field": figures["with_lora"]["concept"][field] >= 0.8
+        and all(figures["with_lora"]["base"][k] >= 0.85 for k in ("color", "shape", "direction")),
+        "targets_met_all_three": figures["with_lora"]["concept"][field] >= 0.8
         and figures["with_lora"]["base"]["all"] >= 0.85,
     }
     print(json.dumps(result, indent=2))

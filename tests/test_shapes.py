@@ -19,7 +19,11 @@ def test_heldout_constant_matches_shared_file():
 
 
 def test_tables_match_the_issue():
-    assert S.COLORS["red"] == (220, 40, 40) and S.COLORS["cyan"] == (40, 200, 210) and len(S.COLORS) == 8
+    assert S.COLORS["red"] == (220, 40, 40) and S.COLORS["cyan"] == (40, 200, 210)
+    assert S.DEFAULT_VOCAB.colors == ("red", "green", "blue", "yellow", "white", "purple", "orange", "cyan")
+    assert set(S.COLORS) - set(S.DEFAULT_VOCAB.colors) == {"pink"} and "pink" in S.FULL_VOCAB.colors
+    palette = np.array([S.COLORS[c] for c in S.DEFAULT_VOCAB.colors])
+    assert np.linalg.norm(palette - S.COLORS["pink"], axis=1).min() > 100  # far from every trained colour
     assert S.BACKGROUNDS == {"black": (15, 15, 15), "gray": (100, 100, 100)}
     assert set(S.DIRECTIONS) == {"left", "right", "up", "down"}
     assert S.DEFAULT_VOCAB.shapes == ("circle", "square", "triangle")

@@ -4,8 +4,8 @@ Captions follow ``a {color} {shape} moving {direction}`` optionally followed by 
 background``; an unnamed background is black. Everything here is numpy and deterministic given a seed.
 
 The world is made of tables (``COLORS``, ``SHAPES``, ``DIRECTIONS``, ``BACKGROUNDS``) and a ``Vocab`` that
-picks which rows a dataset uses. A new concept is a new table row: ``star`` is defined here but left out of
-``DEFAULT_VOCAB`` because it is the concept the LoRA fine-tune teaches (issue 7).
+picks which rows a dataset uses. A new concept is a new table row: the colour ``pink`` and the shape ``star``
+are defined here but left out of ``DEFAULT_VOCAB``: they are concepts a LoRA fine-tune teaches (issue 7).
 
 Held-out compositions (``HELDOUT``) never appear in training captions: ``sample_spec`` rejects any spec
 whose caption contains all the words of a held-out line; ``heldout_prompts`` gives prompts that test them.
@@ -31,6 +31,8 @@ COLORS: dict[str, RGB] = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
     "cyan": (40, 200, 210),
+    # Not in DEFAULT_VOCAB: the new colour a LoRA teaches (issue 7), at least 118 from every colour above.
+    "pink": (255, 110, 180),
 }
 
 BACKGROUNDS: dict[str, RGB] = {"black": (15, 15, 15), "gray": (100, 100, 100)}
@@ -124,7 +126,7 @@ class Vocab:
 
 
 DEFAULT_VOCAB = Vocab(
-    colors=tuple(COLORS),
+    colors=("red", "green", "blue", "yellow", "white", "purple", "orange", "cyan"),
     shapes=("circle", "square", "triangle"),
     directions=tuple(DIRECTIONS),
     backgrounds=tuple(BACKGROUNDS),
