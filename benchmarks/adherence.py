@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mochi.train import shapes
-from mochi.train.evaluate import frame_strip, generate, reconstruction_psnr
+from mochi.train.evaluate import frame_strip, generate, reconstruction_psnr, reconstructions
 from mochi.train.judge import judge, score
 from mochi.weights.bundle import load_bundle, load_embedded
 
@@ -72,6 +72,13 @@ def main() -> None:
             for k in ("color", "shape", "direction", "all")
         )
         print(f"{group:8s} (n={r['n']:3d}): {line}")
+    truth = score(prompts, reconstructions(components, prompts, seed=args.seed))
+    for group in ("overall", "heldout"):
+        r = truth[group]
+        print(
+            f"judge on VAE reconstructions of true clips, {group} (n={r['n']}): "
+            + "  ".join(f"{k} {100 * r[k]:5.1f}%" for k in ("color", "shape", "direction", "all"))
+        )
     values = reconstruction_psnr(components, args.psnr_clips)
     print(
         f"VAE reconstruction PSNR on {len(values)} fresh clips: mean {np.mean(values):.2f} dB, "

@@ -44,7 +44,7 @@ CACHE_DIR = "latents"
 
 @dataclass(frozen=True)
 class DiTRecipe:
-    steps: int = 20000
+    steps: int = 24000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
