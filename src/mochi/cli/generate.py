@@ -1,0 +1,186 @@
+"""`mochi generate`: one prompt to one video file and its JSON sidecar."""
+
+from __future__ import annotations
+
+import argparse
+
+from mochi.cli.options import (
+    Subparsers,
+    add_lora_options,
+    add_model_options,
+    add_parallel_options,
+    lora_pairs,
+    pipeline_options,
+    start_parallel,
+)
+
+
+def _add_generate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a video from a text prompt",
+        description=(
+            "Generate a video from PROMPT and write it as an H.264 mp4, with a JSON sidecar holding every "
+            "parameter (including the seed used). Without --model the embedded tiny model runs, on any CPU. "
+            "Unset sizes, steps and guidance take the model's defaults (the released model: 163 frames, "
+            "848x480, 64 steps, guidance 6.0)."
+        ),
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="what the video shows")
+    p.add_argument("--negative-prompt", default="", help='what to steer away from (default "": no text)')
+    p.add_argument("--frames", type=int, help="frame count, 6k+1 (e.g. 25, 31, 163)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 16")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 16")
+    p.add_argument("--steps", type=int, help="sampling steps of the linear-quadratic schedule")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1.0 turns it off")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
+    p.add_argument("--threshold-noise", type=float, default=0.025, help="schedule's linear-part end (0.025)")
+    p.add_argument("--linear-steps", type=int, help="steps in the schedule's linear part (default: half)")
+    add_model_options(p, runtime=True)
+    p.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this clip")
+    p.add_argument("--strength", type=float, default=0.7, help="video-to-video: how much to change (0-1]")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
+    p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
+    add_lora_options(p)
+    add_parallel_options(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    words = "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+    return "-".join(words)[:limit].rstrip("-") or "video"
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+    import secrets
+    import time
+    from pathlib import Path
+
+    from mochi.request import GenerationRequest
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    world = start_parallel(args)  # None unless launched by torchrun
+    if world is not None:
+        from mochi.parallel.context import broadcast_int
+
+        seed = broadcast_int(seed, world)  # rank 0's seed, so every rank denoises the same noise
+    main = world is None or world.is_main
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=seed,
+        threshold_noise=args.threshold_noise,
+        linear_steps=args.linear_steps,
+        init_video=args.init_video,
+        strength=args.strength,
+        loras=lora_pairs(args.lora, args.lora_scale),
+    )
+    request.validate()
+    out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
+    if main:
+        _check_output(out)
+    init = _read_init_video(args.init_video) if args.init_video else None
+
+    from mochi.pipeline import MochiPipeline
+    from mochi.video import fit_frames, write_video
+
+    started = time.perf_counter()
+    options = pipeline_options(args)
+    if world is None:
+        pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **options)
+    else:
+        from mochi.parallel.apply import load_pipeline
+
+        weights, guidance = args.parallel_weights, args.guidance_parallel
+        pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
+    pipe.lora_merge = args.lora_merge
+    loaded = time.perf_counter() - started
+    resolved = request.resolved(pipe.components.defaults)
+    init_frames = None
+    if init is not None:
+        import torch
+
+        init_frames = torch.from_numpy(fit_frames(init, resolved.frames, resolved.height, resolved.width))
+    with _ProgressBar() as bar:
+        result = pipe.generate(resolved, progress=bar if main else None, init_frames=init_frames)
+    if not main:
+        return 0
+    write_video(result.frames[0], out, fps=args.fps)
+    sidecar = {
+        **vars(result.request),
+        "model": args.model or f"embedded:{pipe.components.name}",
+        "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
+        "dtype": str(pipe.dit_dtype).removeprefix("torch."),
+        "fps": args.fps,
+        "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
+    }
+    from mochi.files import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    total = time.perf_counter() - started
+    print(f"wrote {out} ({result.frames.shape[1]} frames, {total:.1f} s; seed {result.request.seed})")
+    return 0
+
+
+def _check_output(out) -> None:  # noqa: ANN001 - a Path
+    import os
+
+    from mochi.video import CONTAINERS
+
+    if out.suffix.lower() not in CONTAINERS:
+        raise ValueError(
+            f"output {str(out)!r} must end in one of {', '.join(CONTAINERS)}; e.g. {out.stem}.mp4"
+        )
+    if out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
+    folder = out.parent if str(out.parent) else "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} is not writable")
+
+
+def _read_init_video(path: str):  # noqa: ANN202 - numpy array
+    from mochi.video import read_video
+
+    frames, _ = read_video(path)
+    return frames
+
+
+class _ProgressBar:
+    """One tqdm bar per stage; the denoising bar shows steps, rate and ETA."""
+
+    NAMES = {
+        "text": "text encoding",
+        "encode": "encoding video",
+        "denoise": "denoising",
+        "decode": "decoding",
+    }
+
+    def __enter__(self) -> _ProgressBar:
+        self.stage, self.bar = None, None
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, unit="step", desc=self.NAMES[stage], dynamic_ncols=True, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# The registrars of this module's sub-commands, in the order `mochi --help` lists them.
+COMMANDS = (_add_generate,)

@@ -1,0 +1,127 @@
+"""Options several commands share: where the model comes from and where it runs, LoRAs, torchrun."""
+
+from __future__ import annotations
+
+import argparse
+
+Subparsers = argparse._SubParsersAction
+
+
+def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None:
+    """Where the model comes from and where it runs; ``runtime`` adds the inference-only choices."""
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="Genmo folder, diffusers folder, ComfyUI file or mochi bundle (default: the embedded model)",
+    )
+    p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
+    p.add_argument(
+        "--t5", metavar="PATH", help="T5 encoder weights (google/t5-v1_1-xxl folder or ComfyUI file)"
+    )
+    p.add_argument("--tokenizer", metavar="PATH", help="folder with spiece.model or tokenizer.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
+    if not runtime:
+        return
+    dtypes = ("fp32", "bf16", "fp16")
+    p.add_argument("--dtype", choices=dtypes, help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--vae-dtype", choices=dtypes, default="fp32", help="VAE dtype (fp32)")
+    p.add_argument(
+        "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
+    )
+    p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
+    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """``MochiPipeline.from_pretrained`` keyword arguments (all but model and device) from the options."""
+    from mochi.devices import parse_size
+
+    return {
+        "vae": args.vae,
+        "t5": args.t5,
+        "tokenizer": args.tokenizer,
+        "fp8": args.fp8,
+        "dit_dtype": args.dtype,
+        "vae_dtype": args.vae_dtype,
+        "offload": args.offload,
+        "attention": args.attention,
+        "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+    }
+
+
+def pipeline_from_args(args: argparse.Namespace):  # noqa: ANN202 - MochiPipeline
+    from mochi.pipeline import MochiPipeline
+
+    # Offload (a no-op on CPU): T5 and the VAE visit the GPU only when used; training keeps the DiT there.
+    return MochiPipeline.from_pretrained(
+        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device, offload=True
+    )
+
+
+# -- LoRAs applied by generate --------------------------------------------------------------------------
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="apply a LoRA (Genmo or diffusers/PEFT format); repeat for several",
+    )
+    p.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="strength of each --lora in order (default 1.0 each)",
+    )
+    p.add_argument(
+        "--lora-merge", action="store_true", help="merge LoRAs into the weights instead of hooking them in"
+    )
+
+
+def lora_pairs(files: list[str], scales: list[float]) -> list[tuple[str, float]]:
+    if len(scales) > len(files):
+        raise ValueError(
+            f"{len(scales)} --lora-scale values for {len(files)} --lora files; "
+            "give at most one scale per LoRA"
+        )
+    return [(f, scales[i] if i < len(scales) else 1.0) for i, f in enumerate(files)]
+
+
+# -- torchrun: several processes cooperate on one video or one batch (docs/parallel.md) --------------------
+
+
+def add_parallel_options(p: argparse.ArgumentParser, guidance: bool = True) -> None:
+    p.add_argument(
+        "--parallel-weights",
+        choices=("auto", "shard", "replicate"),
+        default="auto",
+        help="under torchrun: FSDP2-shard the DiT and T5 over the ranks, or replicate them "
+        "(auto: replicate when they fit in 60%% of the free memory)",
+    )
+    if not guidance:
+        return
+    p.add_argument(
+        "--guidance-parallel",
+        action="store_true",
+        help="under torchrun: cond and uncond on the two halves of the ranks (even world size)",
+    )
+
+
+def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.context.World | None
+    """Join torchrun's process group when launched by it (WORLD_SIZE/RANK/LOCAL_RANK set), else None."""
+    from mochi.parallel.context import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return None
+    import atexit
+
+    from mochi.parallel.context import close_world, init_world
+
+    world = init_world(args.device)
+    atexit.register(close_world)
+    return world

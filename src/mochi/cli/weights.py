@@ -1,0 +1,93 @@
+"""`mochi info` and `mochi convert`: inspect and convert checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from mochi.cli.options import Subparsers
+
+
+def _add_info(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show what a checkpoint holds: format, dtypes, parameter counts, DiT config",
+        description=(
+            "Detect a checkpoint's format (Genmo folder, diffusers folder or file, ComfyUI single file, "
+            "all-in-one, fp8_scaled) and print its components, dtypes, parameter counts and the DiT "
+            "config inferred from its shapes. Reads safetensors headers only, never tensor data "
+            "(weights-only .pt/.bin files are memory-mapped instead)."
+        ),
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a folder, a .safetensors file or an *.index.json"
+    )
+    p.add_argument("--variant", help="diffusers weight variant to inspect when several exist (e.g. bf16)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from mochi.weights.info import checkpoint_info, format_info
+
+    info = checkpoint_info(args.checkpoint, variant=args.variant)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _add_convert(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a DiT checkpoint to Genmo's or diffusers' layout",
+        description=(
+            "Convert the DiT of any supported checkpoint (Genmo, diffusers, ComfyUI bf16, all-in-one "
+            "or fp8_scaled; detected automatically). --to genmo writes DST/dit.safetensors (or DST itself "
+            "if it ends in .safetensors) and copies the VAE parts of all-in-one files as decoder/encoder"
+            ".safetensors; --to diffusers writes DST/transformer/ with config.json and safetensors, "
+            "sharded with an index when large. fp8 weights are dequantized. Files are written "
+            "atomically; converting and converting back is bit-exact."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint to read (folder, .safetensors file or index)")
+    p.add_argument("dst", metavar="DST", help="output folder (or .safetensors file with --to genmo)")
+    p.add_argument("--to", required=True, choices=("genmo", "diffusers"), help="output layout")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="dtype of the written DiT weights (RoPE frequencies and norm weights stay fp32); "
+        "default: as stored (fp8 becomes the dtype of the file's other tensors)",
+    )
+    p.add_argument("--variant", help="diffusers weight variant to read when SRC holds several (e.g. bf16)")
+    p.add_argument(
+        "--max-shard-size",
+        default="10GB",
+        metavar="SIZE",
+        help="largest diffusers shard, e.g. 5GB or 500MB (default: 10GB)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from mochi.devices import parse_dtype, parse_size
+    from mochi.weights.convert import convert
+
+    out = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=parse_dtype(args.dtype),
+        variant=args.variant,
+        overwrite=args.overwrite,
+        max_shard_bytes=parse_size(args.max_shard_size),
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+# The registrars of this module's sub-commands, in the order `mochi --help` lists them.
+COMMANDS = (
+    _add_info,
+    _add_convert,
+)
