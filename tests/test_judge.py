@@ -22,7 +22,7 @@ def _lossy(video: np.ndarray, sigma: float, noise: float, rng: np.random.Generat
 
 
 def _grid(seed: int):
-    """One random clip for every colour, shape (pink and star included), direction and background: 288."""
+    """One random clip for every colour, shape (star, wedge included), direction and background: 320."""
     rng = np.random.default_rng(seed)
     for combo in itertools.product(S.COLORS, S.SHAPES, S.DIRECTIONS, S.BACKGROUNDS):
         vocab = S.Vocab(*((name,) for name in combo))
@@ -42,7 +42,7 @@ def _accuracy(specs, distort=None) -> dict[str, float]:
 
 def test_judge_is_right_on_clean_renders():
     specs = list(_grid(seed=0))
-    assert len(specs) == 288
+    assert len(specs) == 320
     accuracy = _accuracy(specs)
     assert min(accuracy.values()) >= 0.98, accuracy
 
@@ -66,6 +66,9 @@ def test_prototype_fill_ratios_and_moment_signatures():
     assert abs(moments["square"][1]) > 0.015 and abs(moments["square"][[0, 2]]).max() < 1e-3
     assert abs(moments["triangle"][0]) > 0.06
     assert abs(moments["star"][2]) > 0.04 and abs(moments["star"][:2]).max() < 3e-3
+    # The wedge is the triangle upside down: the same fill, c3 of the opposite sign.
+    assert fill["wedge"] == pytest.approx(fill["triangle"], abs=0.01)
+    assert moments["wedge"][0] == pytest.approx(-moments["triangle"][0], rel=0.05)
 
 
 def test_verdict_measures_travel_and_straightness():

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mochi.presets import MODEL_PRESETS, model_preset
-from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.export import export_bundle
 from mochi.train.train_dit import (
@@ -121,23 +120,12 @@ def test_foreground_weights_mark_the_object_and_its_rim():
     assert w.flatten().tolist() == [1.0, 1.0, 1.0, 11.0, 11.0, 11.0]
 
 
-def test_decoder_tuning_batches_are_whole_clips_some_in_new_colours():
+def test_decoder_tuning_batches_are_whole_clips():
     recipe = VAERecipe()
     tune = recipe.steps + recipe.decoder_steps
     assert vae_batch(recipe, 0).shape[2] == recipe.frames
     assert vae_batch(recipe, tune - 1).shape[2] == recipe.decoder_frames
-    palette = torch.tensor(list(shapes.COLORS.values()), dtype=torch.float32)
-
-    def off_palette(x):  # clips whose most distant-from-background pixel is no palette colour
-        rgb = ((x + 1) * 127.5).round().movedim(1, -1).reshape(x.shape[0], -1, 3)
-        bg = rgb[:, :1]  # the corner pixel: the object never covers it in these clips
-        far = rgb[torch.arange(len(rgb)), (rgb - bg).abs().sum(-1).argmax(1)]
-        return int(((far[:, None] - palette).abs().amax(-1).amin(-1) > 2).sum())
-
-    assert sum(off_palette(vae_batch(recipe, s)) for s in range(5)) == 0
-    tuned = [vae_batch(recipe, tune + s) for s in range(5)]
-    assert all(x.shape[2] == recipe.clip_frames for x in tuned)
-    assert 3 <= sum(off_palette(x) for x in tuned) <= 17  # half of 20 clips, give or take
+    assert vae_batch(recipe, tune).shape[2] == recipe.clip_frames
 
 
 def test_latent_stats_of_means_or_samples():

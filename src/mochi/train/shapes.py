@@ -4,8 +4,9 @@ Captions follow ``a {color} {shape} moving {direction}`` optionally followed by 
 background``; an unnamed background is black. Everything here is numpy and deterministic given a seed.
 
 The world is made of tables (``COLORS``, ``SHAPES``, ``DIRECTIONS``, ``BACKGROUNDS``) and a ``Vocab`` that
-picks which rows a dataset uses. A new concept is a new table row: the colour ``pink`` and the shape ``star``
-are defined here but left out of ``DEFAULT_VOCAB``: they are concepts a LoRA fine-tune teaches (issue 7).
+picks which rows a dataset uses. A new concept is a new table row: the shapes ``wedge`` (a triangle pointing
+down) and ``star`` are defined here but left out of ``DEFAULT_VOCAB``: they are concepts a LoRA fine-tune
+teaches (issue 7).
 
 Held-out compositions (``HELDOUT``) never appear in training captions: ``sample_spec`` rejects any spec
 whose caption contains all the words of a held-out line; ``heldout_prompts`` gives prompts that test them.
@@ -31,8 +32,6 @@ COLORS: dict[str, RGB] = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
     "cyan": (40, 200, 210),
-    # Not in DEFAULT_VOCAB: the new colour a LoRA teaches (issue 7), at least 118 from every colour above.
-    "pink": (255, 110, 180),
 }
 
 BACKGROUNDS: dict[str, RGB] = {"black": (15, 15, 15), "gray": (100, 100, 100)}
@@ -80,6 +79,8 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "square": lambda u, v: (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0),
     "triangle": _polygon([(0.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]),
     "star": _polygon(_star_vertices()),
+    # The upright triangle turned upside down: a new shape that the embedded model's VAE still reconstructs.
+    "wedge": _polygon([(-1.0, -1.0), (1.0, -1.0), (0.0, 1.0)]),
 }
 
 HELDOUT: tuple[str, ...] = (
@@ -126,7 +127,7 @@ class Vocab:
 
 
 DEFAULT_VOCAB = Vocab(
-    colors=("red", "green", "blue", "yellow", "white", "purple", "orange", "cyan"),
+    colors=tuple(COLORS),
     shapes=("circle", "square", "triangle"),
     directions=tuple(DIRECTIONS),
     backgrounds=tuple(BACKGROUNDS),
@@ -255,18 +256,12 @@ def centers(spec: ClipSpec, frames: int) -> np.ndarray:
 
 
 def render(
-    spec: ClipSpec,
-    frames: int = 25,
-    height: int = 64,
-    width: int = 64,
-    supersample: int = 4,
-    rgb: RGB | None = None,
+    spec: ClipSpec, frames: int = 25, height: int = 64, width: int = 64, supersample: int = 4
 ) -> np.ndarray:
     """Render a clip as uint8 (frames, height, width, 3).
 
     Edges are anti-aliased by averaging ``supersample``² point samples per pixel, evaluated only inside
-    the shape's box. ``rgb`` paints the shape in that colour instead of ``spec.color``'s (the VAE learns
-    to code colours outside the palette from such clips).
+    the shape's box.
     """
     for name, table, kind in (
         (spec.color, COLORS, "color"),
@@ -291,7 +286,7 @@ def render(
         hit = inside((xs[None, :] - cx) / half, (ys[:, None] - cy) / half)
         alpha[f, y0:y1, x0:x1] = hit.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))
     background = np.array(BACKGROUNDS[spec.background], dtype=np.float32)
-    color = np.array(COLORS[spec.color] if rgb is None else rgb, dtype=np.float32)
+    color = np.array(COLORS[spec.color], dtype=np.float32)
     video = background + alpha[..., None] * (color - background)
     return np.clip(np.rint(video), 0, 255).astype(np.uint8)
 

@@ -53,13 +53,10 @@ class VAERecipe:
     # model decodes at inference), decoding posterior means (what the DiT learns, see
     # ``DiTRecipe.sample_posterior``) with the object's pixels weighted ``foreground_weight`` times: the
     # object covers 3-16% of a frame, so an unweighted loss tolerates a 40/255 colour shift of it (yellow
-    # decoded as orange). ``random_color_share`` of these clips paint the shape in a uniformly random
-    # colour, so that the decoder codes any colour the encoder separates, not just the palette's (a LoRA
-    # can then teach a new colour). None of this touches the latent space.
+    # decoded as orange). None of this touches the latent space.
     tune_steps: int = 600
     tune_lr: float = 2e-4
     foreground_weight: float = 10.0
-    random_color_share: float = 0.5
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
@@ -86,28 +83,13 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
     else:
         frames = recipe.clip_frames
     gen = np.random.default_rng([recipe.seed, step, 7])
-    tuning = step >= recipe.steps + recipe.decoder_steps
     videos = []
     for i in range(recipe.batch):
         spec = shapes.spec_at(recipe.seed, step * recipe.batch + i)
-        rgb = (
-            random_color(gen, spec.background)
-            if tuning and gen.random() < recipe.random_color_share
-            else None
-        )
-        video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width, rgb=rgb)
+        video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
         start = int(gen.integers(0, recipe.clip_frames - frames + 1))
         videos.append(video[start : start + frames])
     return to_pixels(np.stack(videos))
-
-
-def random_color(gen: np.random.Generator, background: str) -> tuple[int, int, int]:
-    """A uniformly random RGB colour at least 60 away from the background's (so the shape stays visible)."""
-    bg = np.array(shapes.BACKGROUNDS[background])
-    while True:
-        rgb = gen.integers(0, 256, 3)
-        if np.linalg.norm(rgb - bg) >= 60:
-            return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
 
 
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
