@@ -3,7 +3,9 @@
 ``--concept wedge`` (a triangle pointing down, the default) or ``--concept star``: shapes of the shapes
 world's table (``shapes.SHAPES``) left out of the vocabulary the embedded model was trained on. Only the
 wedge can be learnt by the embedded model: its VAE reconstructs a wedge but not a star (nor colours outside
-its palette), and a LoRA of the DiT cannot change that (docs/lora.md). Runs the documented commands end to end, timing each:
+its palette), and a LoRA of the DiT cannot change that (docs/lora.md).
+
+Runs the documented commands end to end, timing each:
 
 1. render ``--clips`` clips of the concept (``shapes.render``; the concept's vocabulary: every other
    field drawn from the default vocabulary) and ``--base-clips`` clips of the default vocabulary (prior
