@@ -139,9 +139,7 @@ def main() -> None:
     parser.add_argument("--concept", choices=sorted(CONCEPTS), default="wedge", help="what to teach (wedge)")
     parser.add_argument("--clips", type=int, default=48, help="clips of the concept")
     parser.add_argument("--base-clips", type=int, default=24, help="clips of the known vocabulary, mixed in")
-    parser.add_argument(
-        "--latents", choices=("sample", "mean"), default="mean", help="train-lora --latents (mean)"
-    )
+    parser.add_argument("--latents", choices=("sample", "mean"), help="train-lora --latents (the model's)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="qkv_x,qkv_y,proj_x,proj_y", help="LoRA target layers")
@@ -179,8 +177,8 @@ def main() -> None:
         "train-lora", str(data), "--out", str(run), "--rank", str(args.rank), "--alpha", str(args.rank),
         "--lr", str(args.lr), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--warmup", str(args.steps // 20), "--checkpoint-every", str(max(args.steps // 10, 1)),
-        "--sample-every", "0", "--seed", str(args.seed), "--targets", args.targets, "--latents", args.latents,
-        *model,
+        "--sample-every", "0", "--seed", str(args.seed), "--targets", args.targets,
+        *(["--latents", args.latents] if args.latents else []), *model,
     )  # fmt: skip
 
     pipe = load_pipeline(args.model)

@@ -158,6 +158,17 @@ def test_latents_mean_trains_on_posterior_means(data):
         dataclasses.replace(CFG, latents="median").validate()
 
 
+def test_latents_default_to_what_the_base_model_learnt(data, tmp_path):
+    out, _ = data
+    one_step = LoraTrainConfig(**{**CFG.__dict__, "steps": 1})
+    train_lora(pipe(), out, tmp_path / "a", one_step, progress=False)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["latents"] == "sample"
+    on_means = pipe()
+    on_means.components.defaults["latents"] = "mean"  # as the embedded model's bundle says
+    train_lora(on_means, out, tmp_path / "b", one_step, progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["latents"] == "mean"
+
+
 def test_resumed_run_is_bit_identical_to_uninterrupted(data, tmp_path, monkeypatch):
     out, _ = data
     whole = read_lora(train_lora(pipe(), out, tmp_path / "whole", CFG, progress=False))

@@ -90,7 +90,14 @@ def test_presets_name_every_component():
     tiny = MODEL_PRESETS["mochi-tiny"]
     assert tiny.tokenizer == "byte" and tiny.text_encoder.vocab_size == 259
     assert tiny.dit.t5_feat_dim == tiny.text_encoder.d_model
-    assert tiny.defaults == {"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0}
+    assert tiny.defaults == {
+        "frames": 25,
+        "height": 64,
+        "width": 64,
+        "steps": 24,
+        "guidance": 4.0,
+        "latents": "mean",
+    }
     released = MODEL_PRESETS["mochi-1-preview"]
     assert (released.dit.depth, released.dit.hidden_size_x, released.text_encoder.d_model) == (48, 3072, 4096)
     with pytest.raises(ValueError, match="mochi-tiny"):

@@ -96,8 +96,8 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument(
         "--latents",
         choices=("sample", "mean"),
-        default="sample",
-        help="train on posterior samples (Genmo) or means (the embedded model was trained on means)",
+        help="train on posterior samples (Genmo) or means (default: what the model was trained on; "
+        "sample unless its defaults say otherwise, mean for the embedded model)",
     )
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps, then cosine (200)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")

@@ -57,7 +57,9 @@ class LoraTrainConfig:
     sigma_sampling: str = "uniform"
     sigma_shift: float = 3.0  # "shifted": σ' = sσ/(1+(s−1)σ), more steps at high noise (SD3's shift)
     caption_dropout: float = 0.1
-    latents: str = "sample"  # "mean": train on posterior means (what the embedded model was trained on)
+    # "sample" (Genmo) or "mean": posterior samples or means. None: what the base model was trained on, as
+    # its defaults say ("latents"; the embedded model: "mean"), else "sample".
+    latents: str | None = None
     checkpoint_every: int = 200
     sample_every: int = 200  # 0 disables samples
     sample_prompts: tuple[str, ...] = ()  # default: the first two captions of the data
@@ -80,7 +82,7 @@ class LoraTrainConfig:
             raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
         if not self.sigma_shift > 0:
             raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
-        if self.latents not in LATENTS:
+        if self.latents is not None and self.latents not in LATENTS:
             raise ValueError(f"latents={self.latents!r} must be one of {list(LATENTS)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]; Genmo uses 0.1")
@@ -137,7 +139,7 @@ def flow_matching_loss(
     logvar = torch.stack([e.logvar for e in batch])
     b = mean.shape[0]
     noise = torch.randn(mean.shape, generator=generator)  # drawn either way: one random stream for both
-    z = vae_to_dit(mean + torch.exp(0.5 * logvar) * noise if cfg.latents == "sample" else mean, stats)
+    z = vae_to_dit(mean if cfg.latents == "mean" else mean + torch.exp(0.5 * logvar) * noise, stats)
     eps = torch.randn(z.shape, generator=generator)
     sigma = sample_sigmas(b, cfg.sigma_sampling, cfg.sigma_shift, generator)
     drop = torch.rand(b, generator=generator) < cfg.caption_dropout
@@ -205,12 +207,15 @@ def train_lora(
     from mochi.weights.lora import save_lora
 
     cfg.validate()
+    c = pipe.components
+    if cfg.latents is None:
+        cfg = dataclasses.replace(cfg, latents=c.defaults.get("latents", "sample"))
+        cfg.validate()
     data = LatentDataset(data_dir)
     out = Path(out_dir)
     writes = parallel is None or parallel.is_main
     if writes:
         out.mkdir(parents=True, exist_ok=True)
-    c = pipe.components
     dit = c.dit
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     state = load_latest_state(out)
