@@ -51,12 +51,13 @@ class VAERecipe:
     decoder_lr: float = 3e-4
     # Last, ``tune_steps`` of the decoder alone on whole clips (``clip_frames``: every latent frame the
     # model decodes at inference), decoding posterior means (what the DiT learns, see
-    # ``DiTRecipe.sample_posterior``) with the object's pixels weighted ``foreground_weight`` times: the
+    # ``DiTRecipe.sample_posterior``) with the object's pixels weighted 1 + ``foreground_weight`` times: the
     # object covers 3-16% of a frame, so an unweighted loss tolerates a 40/255 colour shift of it (yellow
-    # decoded as orange). None of this touches the latent space.
+    # decoded as orange); a weight of 10 did worse than 3 on both colour and PSNR (docs/embedded-model.md).
+    # None of this touches the latent space.
     tune_steps: int = 600
     tune_lr: float = 2e-4
-    foreground_weight: float = 10.0
+    foreground_weight: float = 3.0
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
