@@ -68,7 +68,8 @@ def run_mochi(*args: str) -> float:
 def render_clips(folder: Path, n: int, seed: int, vocab: shapes.Vocab, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (caption, video) in enumerate(shapes.clips(seed, n, frames=25, height=64, width=64, vocab=vocab)):
-        write_video(video, folder / f"{name}{i:03d}.mp4", crf=10)
+        # Lossless: from yuv420p clips (even at crf 10) the tiny VAE's latents change colour (docs/lora.md).
+        write_video(video, folder / f"{name}{i:03d}.mp4", lossless=True)
         (folder / f"{name}{i:03d}.txt").write_text(caption + "\n")
 
 

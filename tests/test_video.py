@@ -50,6 +50,19 @@ def test_round_trip(tmp_path):
     assert psnr(back, to_uint8(frames[:5])) > 35.0
 
 
+def test_lossless_round_trip_is_bit_exact(tmp_path):
+    import av
+
+    frames = np.random.default_rng(0).integers(0, 256, (7, 15, 33, 3), dtype=np.uint8)  # odd sizes too
+    path = write_video(frames, tmp_path / "clip.mp4", lossless=True)
+    back, fps = read_video(path)
+    assert np.array_equal(back, frames) and fps == 30.0
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt in ("rgb24", "bgr24", "gbrp")
+    with pytest.raises(VideoError, match="must be even in both dimensions for yuv420p"):
+        write_video(frames, tmp_path / "lossy.mp4")
+
+
 def test_stream_is_h264_yuv420p(tmp_path):
     import av
 

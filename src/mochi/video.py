@@ -50,11 +50,14 @@ def write_video(
     *,
     value_range: tuple[float, float] = (0.0, 1.0),
     crf: int = 18,
+    lossless: bool = False,
 ) -> Path:
     """Write frames (T, H, W, 3) as H.264/yuv420p at ``fps`` (Genmo writes 30). Returns the path written.
 
     frames: uint8, or float in ``value_range`` (see ``to_uint8``). H and W must be even (yuv420p halves the
     colour planes). crf: x264 constant rate factor, 0 = lossless luma … 51; 18 is visually near-lossless.
+    ``lossless``: H.264 in RGB (libx264rgb, crf 0) instead, read back bit for bit — for training clips:
+    the embedded model's tiny VAE encodes yuv420p's colour fringes into visibly different latents.
     """
     path = Path(path)
     if path.suffix.lower() not in CONTAINERS:
@@ -67,16 +70,17 @@ def write_video(
     t, h, w, _ = pixels.shape
     if t == 0:
         raise VideoError("cannot write a video with no frames")
-    if h % 2 or w % 2:
+    if (h % 2 or w % 2) and not lossless:
         raise VideoError(
             f"frame size {w}x{h} must be even in both dimensions for yuv420p; crop to {w - w % 2}x{h - h % 2}"
         )
     import av
 
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        codec, pix_fmt = ("libx264rgb", "rgb24") if lossless else ("libx264", "yuv420p")
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.options = {"crf": "0" if lossless else str(crf)}
         for image in pixels:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
