@@ -1,7 +1,7 @@
 """`mochi serve`'s web UI in headless Chromium (Debian's package) driven by Playwright, on a loopback server.
 
-Set MOCHI_SERVE_SCREENSHOT=PATH to also save the page after a generation there (docs/serve-ui.png is made
-this way).
+Set MOCHI_SERVE_SCREENSHOT=PATH to also save the page after a generation there (with the random test model;
+docs/serve-ui.png, with the embedded model, comes from docs/make_serve_screenshot.py).
 """
 
 from __future__ import annotations
