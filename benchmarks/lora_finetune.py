@@ -7,16 +7,16 @@ its palette), and a LoRA of the DiT cannot change that (docs/lora.md).
 
 Runs the documented commands end to end, timing each:
 
-1. render ``--clips`` clips of the concept (``shapes.render``; the concept's vocabulary: every other
-   field drawn from the default vocabulary) and ``--base-clips`` clips of the default vocabulary (prior
-   preservation) as mp4 + txt;
+1. render ``--clips`` clips of the concept (``shapes.render``; the default vocabulary with the concept as
+   its only shape) and ``--base-clips`` clips of the default vocabulary (prior preservation) as lossless
+   mp4 + txt;
 2. ``mochi prepare-data VIDEOS DATA --frames 25 --width 64 --height 64``;
 3. ``mochi train-lora DATA --out RUN …``;
 4. judge (``mochi.train.judge``) videos generated with the LoRA for concept prompts and for the default
    vocabulary's prompts, and the same prompts without the LoRA for reference: per field (colour, shape,
    direction) and all three right.
 
-Targets: the concept's field right in ≥ 80% of concept prompts; base prompts ≥ 85% with the LoRA;
+Targets: the concept's shape right in ≥ 80% of concept prompts; base prompts ≥ 85% with the LoRA;
 training ≤ 20 min on the 2-core CPU. ``--model`` picks another checkpoint; without one the embedded model
 is used, or, when this checkout has no embedded weights, random tiny components (mechanics only: the
 figures then mean nothing).
@@ -27,6 +27,7 @@ figures then mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,21 +38,8 @@ import numpy as np
 from mochi.train import judge, shapes
 from mochi.video import write_video
 
-# A new concept and the caption field it fills.
-CONCEPTS = {"wedge": "shape", "star": "shape"}
-
-
-def concept_vocab(concept: str) -> tuple[str, shapes.Vocab]:
-    """The caption field of ``concept`` and a vocabulary where that field is always ``concept``."""
-    field = CONCEPTS[concept]
-    names = {
-        "colors": shapes.DEFAULT_VOCAB.colors,
-        "shapes": shapes.DEFAULT_VOCAB.shapes,
-        "directions": shapes.DEFAULT_VOCAB.directions,
-        "backgrounds": shapes.DEFAULT_VOCAB.backgrounds,
-    }
-    names[field + "s"] = (concept,)
-    return field, shapes.Vocab(**names)
+# The new concepts: shapes of the world's table that the embedded model was not trained on.
+CONCEPTS = tuple(sorted(set(shapes.SHAPES) - set(shapes.DEFAULT_VOCAB.shapes)))
 
 
 def run_mochi(*args: str) -> float:
@@ -137,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for videos, data and the run")
     parser.add_argument("--model", help="base checkpoint (default: the embedded model)")
-    parser.add_argument("--concept", choices=sorted(CONCEPTS), default="wedge", help="what to teach (wedge)")
+    parser.add_argument("--concept", choices=CONCEPTS, default="wedge", help="what to teach (wedge)")
     parser.add_argument("--clips", type=int, default=48, help="clips of the concept")
     parser.add_argument("--base-clips", type=int, default=24, help="clips of the known vocabulary, mixed in")
     parser.add_argument("--latents", choices=("sample", "mean"), help="train-lora --latents (the model's)")
@@ -168,7 +156,7 @@ def main() -> None:
         print("no embedded model in this checkout: random components (mechanics only)", flush=True)
         mochi.pipeline.load_components = lambda *a, **k: random_components()
     videos, data, run = args.work / "videos", args.work / "data", args.work / "run"
-    field, vocab = concept_vocab(args.concept)
+    vocab = dataclasses.replace(shapes.DEFAULT_VOCAB, shapes=(args.concept,))
     render_clips(videos, args.clips, 1000 + args.seed, vocab, args.concept)
     # Prior preservation: clips of what the model knows keep the LoRA from using the concept everywhere.
     render_clips(videos, args.base_clips, 2000 + args.seed, shapes.DEFAULT_VOCAB, "base")
@@ -198,6 +186,7 @@ def main() -> None:
         "base": accuracy(base_prompts, evaluate(pipe, base_prompts, 7)),
     }
     seconds["evaluate"] = time.perf_counter() - started
+    concept_met = figures["with_lora"]["concept"]["shape"] >= 0.8
     result = {
         "concept": args.concept,
         "base_model": args.model or ("embedded" if real else "random tiny components (mechanics only)"),
@@ -215,10 +204,9 @@ def main() -> None:
         "figures": figures,
         # The issue's base criterion read two ways: every field right in ≥ 85% of base prompts, and the
         # stricter all three right at once in ≥ 85%.
-        "targets_met_per_field": figures["with_lora"]["concept"][field] >= 0.8
+        "targets_met_per_field": concept_met
         and all(figures["with_lora"]["base"][k] >= 0.85 for k in ("color", "shape", "direction")),
-        "targets_met_all_three": figures["with_lora"]["concept"][field] >= 0.8
-        and figures["with_lora"]["base"]["all"] >= 0.85,
+        "targets_met_all_three": concept_met and figures["with_lora"]["base"]["all"] >= 0.85,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -125,10 +125,10 @@ def latent_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (12,), in float64, of the latents the DiT learns: one posterior sample of
     every cached clip (``sample``) or the posterior means."""
-    z = mean.double()
     if sample:
         gen = torch.Generator().manual_seed(seed)
-        z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)).double()
+        mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
+    z = mean.double()
     z = z.transpose(0, 1).flatten(1)
     return z.mean(1), z.std(1)
 

@@ -167,11 +167,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
         noise = torch.randn(mean.shape, generator=noise_gen)
         z = mean if step >= tune_from else mean + (0.5 * logvar).exp() * noise
         y = decoder(z)
-        if step < tune_from:
-            l1, mse = (y - x).abs().mean(), (y - x).square().mean()
-        else:
-            w = foreground_weights(x, recipe.foreground_weight)
-            l1, mse = ((y - x).abs() * w).mean() / w.mean(), ((y - x).square() * w).mean() / w.mean()
+        # Weighted means; a weight of one (before tuning) gives the plain means bit for bit.
+        w = foreground_weights(x, recipe.foreground_weight) if step >= tune_from else torch.ones(())
+        l1, mse = ((y - x).abs() * w).mean() / w.mean(), ((y - x).square() * w).mean() / w.mean()
         kl = kl_divergence(mean, logvar)
         loss = l1 + mse + recipe.kl_weight * kl
         opt.zero_grad(set_to_none=True)
