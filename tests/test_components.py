@@ -22,12 +22,12 @@ def _write_tokenizer(folder, words):
     tok.save(str(folder / "tokenizer.json"))
 
 
-def _write_t5(folder, t5):
+def _write_t5(folder, t5, max_shard_size="5GB"):
     from transformers import T5Config, T5EncoderModel
 
     theirs = T5EncoderModel(T5Config(**t5.config.to_hf()))
     theirs.load_state_dict(t5.state_dict(), strict=False)
-    theirs.save_pretrained(folder)
+    theirs.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
 def _write_diffusers(root, c):
@@ -47,8 +47,11 @@ def _write_diffusers(root, c):
     sd = to_diffusers(c.decoder.state_dict(), decoder_pairs(c.decoder.cfg))
     sd |= to_diffusers(c.encoder.state_dict(), encoder_pairs(c.encoder.cfg))
     vae.load_state_dict(sd, strict=True)
-    vae.save_pretrained(root / "vae")
-    _write_t5(root / "text_encoder", c.text_encoder)
+    # Sharded, as the released text encoder is (two files and an index): every shard must be read.
+    vae.save_pretrained(root / "vae", max_shard_size="100KB")
+    _write_t5(root / "text_encoder", c.text_encoder, max_shard_size="20KB")
+    assert len(list((root / "text_encoder").glob("*.safetensors"))) > 1
+    assert len(list((root / "vae").glob("*.safetensors"))) > 1
 
 
 WORDS = ["a", "red", "circle", "moving", "right"]

@@ -6,9 +6,10 @@ from diffusers import AutoencoderKLMochi
 
 from mochi.models.vae import DECODER_PRESETS, ENCODER_PRESETS, Decoder, Encoder
 from mochi.models.vae_tiling import decode, encode
+from mochi.weights.formats import detect
 from mochi.weights.io import WeightsError, save_state_dict
 from mochi.weights.keymaps.vae_diffusers import decoder_pairs, encoder_pairs, from_diffusers, to_diffusers
-from mochi.weights.vae import detect_vae_format, load_vae_decoder, load_vae_encoder
+from mochi.weights.vae import load_vae_decoder, load_vae_encoder
 
 TINY = {
     "encoder_block_out_channels": (32, 32, 32, 32),
@@ -146,7 +147,7 @@ def test_encoder_loads_from_every_layout(checkpoints, reference, rel):
 
 def test_load_errors_name_the_problem(checkpoints, tmp_path, reference):
     _, dec, _ = reference
-    with pytest.raises(WeightsError, match="holds no VAE decoder; it looks like a encoder only"):
+    with pytest.raises(WeightsError, match="holds no VAE decoder; it looks like a VAE encoder only"):
         load_vae_decoder(checkpoints / "genmo" / "encoder.safetensors")
     sd = dec.state_dict()
     sd.pop("blocks.2.proj.bias")
@@ -154,14 +155,51 @@ def test_load_errors_name_the_problem(checkpoints, tmp_path, reference):
     with pytest.raises(WeightsError, match="detected format: genmo.*1 missing: blocks.2.proj.bias"):
         load_vae_decoder(tmp_path / "decoder.safetensors", config=DECODER_PRESETS["tiny"])
     save_state_dict({"foo.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(WeightsError, match="not a Mochi VAE"):
+    with pytest.raises(WeightsError, match="no Mochi component recognised in .*other.safetensors"):
         load_vae_decoder(tmp_path / "other.safetensors")
+    save_state_dict({"t5_yproj.weight": torch.zeros(1)}, tmp_path / "dit.safetensors")
+    with pytest.raises(
+        WeightsError,
+        match=r"dit.safetensors' \(detected format: genmo \(dit \[genmo\]\)\) "
+        "holds no VAE decoder; it is not a Mochi VAE",
+    ):
+        load_vae_decoder(tmp_path / "dit.safetensors")
     with pytest.raises(WeightsError, match="does not exist"):
         load_vae_decoder(tmp_path / "missing.safetensors")
 
 
-def test_detect_format_anchors():
-    assert detect_vae_format(["blocks.0.0.weight"]) == ("genmo", "")
-    assert detect_vae_format(["decoder.blocks.0.0.weight"]) == ("comfy", "")
-    assert detect_vae_format(["vae.encoder.layers.0.weight"]) == ("comfy-all-in-one", "vae.")
-    assert detect_vae_format(["decoder.conv_in.weight"]) == ("diffusers", "")
+@pytest.mark.parametrize(
+    ("rel", "fmt", "prefixes"),
+    [
+        ("genmo", "genmo", {"vae_decoder": "", "vae_encoder": ""}),
+        ("genmo/encoder.safetensors", "genmo", {"vae_encoder": ""}),
+        ("mochi_vae.safetensors", "genmo", {"vae_decoder": "decoder.", "vae_encoder": "encoder."}),
+        ("all_in_one.safetensors", "comfyui", {"dit": "model.diffusion_model.", "vae_decoder": "vae.decoder.",
+                                               "vae_encoder": "vae.encoder."}),
+        ("hub", "diffusers", {"vae_decoder": "decoder.", "vae_encoder": "encoder."}),
+        ("hub/vae", "diffusers", {"vae_decoder": "decoder.", "vae_encoder": "encoder."}),
+    ],
+)  # fmt: skip
+def test_vae_layouts_are_detected_once_for_every_loader(checkpoints, rel, fmt, prefixes):
+    det = detect(checkpoints / rel)
+    assert (det.format, det.prefixes) == (fmt, prefixes)
+    diffusers = fmt == "diffusers"
+    assert {det.layouts[c] for c in prefixes if c != "dit"} == {"diffusers" if diffusers else "genmo"}
+
+
+def test_vae_from_sharded_files_and_older_prefixes(checkpoints, reference, tmp_path):
+    ref, dec, enc = reference
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    loaded = load_vae_decoder(tmp_path / "sharded")
+    for k, v in dec.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # Older single-file checkpoints keep the VAE under first_stage_model.
+    old = {f"first_stage_model.encoder.{k}": v for k, v in enc.state_dict().items()}
+    save_state_dict(old, tmp_path / "old.safetensors")
+    key = "layers.4.layers.1.attn_block.attn.qkv.weight"
+    assert torch.equal(
+        load_vae_encoder(tmp_path / "old.safetensors").state_dict()[key], enc.state_dict()[key]
+    )
+    with pytest.raises(WeightsError, match="holds no VAE decoder; it looks like a VAE encoder only"):
+        load_vae_decoder(tmp_path / "old.safetensors")

@@ -77,7 +77,7 @@ def test_diffusers_pipeline_with_variants(tmp_path, model):
         "vae_encoder": "diffusers",
         "t5": "transformers",
     }
-    assert det.extras == {"tokenizer": tmp_path / "tokenizer"}
+    assert det.extras == {"tokenizer": tmp_path / "tokenizer", "text_encoder": tmp_path / "text_encoder"}
 
     bf16 = detect(tmp_path, variant="bf16")
     assert bf16.variant == "bf16" and all(".bf16-" in f.name for f in bf16.files["dit"])

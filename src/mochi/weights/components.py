@@ -97,9 +97,9 @@ def load_components(
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
     dit = load_dit(det, fp8=fp8)
 
-    vae_source = (
-        vae if vae is not None else (det.files["vae_decoder"][0] if "vae_decoder" in det.files else None)
-    )
+    # The VAE comes from --vae when given, else from what detection found in the model checkpoint (read
+    # there, shards and all, without detecting it again).
+    vae_source = vae if vae is not None else (det if "vae_decoder" in det.files else None)
     if vae_source is None:
         raise ValueError(
             f"{str(model)!r} holds no VAE decoder ({det.describe()}); pass --vae PATH (Genmo "
@@ -107,16 +107,14 @@ def load_components(
         )
     decoder = load_vae_decoder(vae_source)
     vae_encoder = None
-    enc_source = (
-        vae if vae is not None else (det.files["vae_encoder"][0] if "vae_encoder" in det.files else None)
-    )
+    enc_source = vae if vae is not None else (det if "vae_encoder" in det.files else None)
     if encoder and enc_source is not None:
         try:
             vae_encoder = load_vae_encoder(enc_source)
         except WeightsError as e:  # e.g. a decoder-only VAE file: only video-to-video needs the encoder
             warnings.warn(f"VAE encoder not loaded, so video-to-video is unavailable: {e}", stacklevel=2)
 
-    t5_source = t5 if t5 is not None else (det.files["t5"][0] if "t5" in det.files else None)
+    t5_source = t5 if t5 is not None else (det if "t5" in det.files else None)
     if t5_source is None:
         raise ValueError(
             f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass --t5 PATH (a "

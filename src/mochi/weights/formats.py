@@ -6,10 +6,11 @@ prefix, in which key naming ("layout") and with which quantization, so that an a
 read once per component without touching the other components' tensors.
 
 Formats recognised (genmo-mochi.md §9, diffusers-mochi.md §2, ecosystem.md §1.2-1.3):
-  genmo      a folder with ``dit.safetensors`` (+ ``decoder.safetensors``, ``encoder.safetensors``), or a
-             bare file with Genmo's unprefixed keys;
-  diffusers  a pipeline folder (``transformer/``, ``vae/``, ``text_encoder/``), a ``transformer`` folder,
-             or a file / index with diffusers' names; sharded (``*.index.json``) and ``bf16`` variants;
+  genmo      a folder with any of ``dit.safetensors``, ``decoder.safetensors``, ``encoder.safetensors``, or
+             a bare file with Genmo's unprefixed keys (ComfyUI's VAE file: Genmo's under decoder./encoder.);
+  diffusers  a pipeline folder (``transformer/`` and/or ``vae/``, ``text_encoder/``), one model folder
+             of it, or a file / index with diffusers' names; sharded (``*.index.json``) and ``bf16``
+             variants;
   comfyui    a single file whose DiT keys carry a prefix (``model.diffusion_model.``), optionally all-in-one
              (``vae.``, ``text_encoders.`` tensors) and optionally fp8 (``scaled_fp8`` marker with
              ``scale_weight``, or the newer ``weight_scale`` + ``comfy_quant`` layout).
@@ -34,8 +35,9 @@ COMPONENTS = ("dit", "vae_decoder", "vae_encoder", "t5")
 FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 LOOKED_FOR = (
-    "looked for: a Genmo folder (dit.safetensors [+ decoder.safetensors, encoder.safetensors]); a diffusers "
-    "folder (transformer/ with diffusion_pytorch_model*.safetensors [+ *.index.json, bf16 variant]); a "
+    "looked for: a Genmo folder (dit.safetensors, decoder.safetensors, encoder.safetensors: any of them); a "
+    "diffusers folder (transformer/ and/or vae/ with diffusion_pytorch_model*.safetensors [+ *.index.json, "
+    "bf16 variant]); a "
     ".safetensors file or *.index.json with Genmo, diffusers or ComfyUI keys (model.diffusion_model. prefix, "
     "all-in-one with vae./text_encoders., fp8_scaled); or a weights-only .pt/.bin file"
 )
@@ -44,6 +46,13 @@ LOOKED_FOR = (
 _DIT_GENMO = "t5_yproj.weight"
 _DIT_DIFFUSERS = "time_embed.caption_proj.weight"
 _T5 = "encoder.block.0.layer.0.SelfAttention.q.weight"
+VAE_GROUPS = ("vae.", "first_stage_model.")
+# Genmo's own file names, one component each.
+GENMO_FILES = {
+    "dit": "dit.safetensors",
+    "vae_decoder": "decoder.safetensors",
+    "vae_encoder": "encoder.safetensors",
+}
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -61,7 +70,8 @@ class Detected:
               tensors without scales); absent when the component is not quantized.
     variant:  the diffusers weight variant that was picked ("bf16"), or None.
     metadata: the safetensors header metadata of the first file holding the DiT (or of the file).
-    extras:   other useful folders of a diffusers pipeline ("tokenizer", "scheduler").
+    extras:   other useful folders of a diffusers pipeline ("tokenizer", "scheduler", and "text_encoder"
+              when the T5 comes from one: its config.json).
     """
 
     format: str
@@ -233,8 +243,9 @@ def _components_in(
         if p is not None:
             prefixes["dit"], layouts["dit"] = p, "diffusers"
     dit_prefix = prefixes.get("dit")
-    # VAE: ComfyUI all-in-one files put it under "vae.", split files have it bare or under decoder./encoder.
-    for group in ("vae.", ""):
+    # VAE: ComfyUI all-in-one files put it under "vae." (older single files "first_stage_model."), VAE
+    # files have it bare or under decoder./encoder.
+    for group in (*VAE_GROUPS, ""):
         if group and not _has_prefix(header, group):
             continue
         for comp, sub, genmo_mark, diffusers_mark in (
@@ -283,7 +294,7 @@ def _classify(
     prefix = prefixes[main]
     fmt = (
         "comfyui"
-        if (prefix and main == "dit") or prefix.startswith(("vae.", "text_encoders."))
+        if (prefix and main == "dit") or prefix.startswith((*VAE_GROUPS, "text_encoders."))
         else layouts[main]
     )
     return Detected(
@@ -354,15 +365,14 @@ def _pick(folder: Path, variant: str | None) -> tuple[tuple[Path, ...], str | No
 
 
 def _detect_folder(path: Path, variant: str | None) -> Detected:
-    if (path / "dit.safetensors").is_file():
+    if any((path / name).is_file() for name in GENMO_FILES.values()):
         return _genmo_folder(path)
-    if (path / "transformer").is_dir():
+    if (path / "transformer").is_dir() or (path / "vae").is_dir():
         return _diffusers_pipeline(path, variant)
     if _weight_sets(path) and (path / "config.json").is_file():
+        # One model folder of a diffusers pipeline (transformer/, vae/ or text_encoder/).
         files, chosen = _pick(path, variant)
         det = _classify(path, files, _headers(files))
-        if "dit" not in det.files:
-            raise WeightsError(f"no Mochi DiT keys in {str(path)!r}; {LOOKED_FOR}")
         return dataclasses.replace(det, format="diffusers", variant=chosen)
     sets = list(path.glob("*.safetensors"))
     if len(sets) == 1:
@@ -378,11 +388,7 @@ def _genmo_folder(path: Path) -> Detected:
     prefixes: dict[str, str] = {}
     layouts: dict[str, str] = {}
     quant: dict[str, str] = {}
-    for comp, name in (
-        ("dit", "dit.safetensors"),
-        ("vae_decoder", "decoder.safetensors"),
-        ("vae_encoder", "encoder.safetensors"),
-    ):
+    for comp, name in GENMO_FILES.items():
         file = path / name
         if not file.is_file():
             continue
@@ -400,7 +406,9 @@ def _genmo_folder(path: Path) -> Detected:
     # The Hugging Face repo holds Genmo's files beside a diffusers layout: its text encoder is the T5.
     _add_text_encoder(path, None, files, prefixes, layouts)
     extras = {name: path / name for name in ("tokenizer",) if (path / name).is_dir()}
-    meta = _metadata(path / "dit.safetensors")
+    if "t5" in files:
+        extras["text_encoder"] = path / "text_encoder"
+    meta = _metadata(files["dit"][0]) if "dit" in files else {}
     return Detected("genmo", path, files, prefixes, layouts, quant, metadata=meta, extras=extras)
 
 
@@ -414,14 +422,25 @@ def _add_text_encoder(
 
 
 def _diffusers_pipeline(path: Path, variant: str | None) -> Detected:
-    dit_files, chosen = _pick(path / "transformer", variant)
-    files: dict[str, tuple[Path, ...]] = {"dit": dit_files}
-    prefixes = {"dit": ""}
-    layouts = {"dit": "diffusers"}
+    """A pipeline folder: transformer/ (the DiT) and/or vae/, with text_encoder/ when present."""
+    files: dict[str, tuple[Path, ...]] = {}
+    prefixes: dict[str, str] = {}
+    layouts: dict[str, str] = {}
+    chosen = variant
+    if (path / "transformer").is_dir():
+        files["dit"], chosen = _pick(path / "transformer", variant)
+        prefixes["dit"], layouts["dit"] = "", "diffusers"
     if (path / "vae").is_dir() and (sets := _weight_sets(path / "vae")):
         vae_files, _ = _pick(path / "vae", chosen if chosen in sets else None)
         for comp, sub in (("vae_decoder", "decoder."), ("vae_encoder", "encoder.")):
             files[comp], prefixes[comp], layouts[comp] = vae_files, sub, "diffusers"
     _add_text_encoder(path, chosen, files, prefixes, layouts)
+    if not files:
+        raise WeightsError(
+            f"pipeline folder {str(path)!r} holds no weights in transformer/ or vae/; {LOOKED_FOR}"
+        )
     extras = {name: path / name for name in ("tokenizer", "scheduler") if (path / name).is_dir()}
-    return Detected("diffusers", path, files, prefixes, layouts, {}, chosen, _metadata(dit_files[0]), extras)
+    if "t5" in files:
+        extras["text_encoder"] = path / "text_encoder"
+    meta = _metadata(files["dit"][0]) if "dit" in files else {}
+    return Detected("diffusers", path, files, prefixes, layouts, {}, chosen, meta, extras)

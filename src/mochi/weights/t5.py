@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mochi.models.t5 import T5Config, T5Encoder
+from mochi.weights.formats import Detected, iter_component
 from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict
 
 _ANCHOR = "encoder.final_layer_norm.weight"
@@ -163,13 +164,23 @@ def infer_t5_config(state_dict: dict[str, torch.Tensor]) -> T5Config:
     )
 
 
+def _detected_files(det: Detected) -> tuple[list[Path], dict | None]:
+    """The T5 files (every shard) and HF config of what ``formats.detect`` found."""
+    if "t5" not in det.files:
+        raise WeightsError(f"{str(det.path)!r} (detected format: {det.describe()}) holds no T5 encoder")
+    folder = det.extras.get("text_encoder")
+    config = folder / "config.json" if folder is not None else None
+    return list(det.files["t5"]), json.loads(config.read_text()) if config and config.exists() else None
+
+
 def load_t5(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Detected,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> T5Encoder:
-    """Build a ``T5Encoder`` and load it strictly from a HF folder or a ComfyUI single file (see module doc).
+    """Build a ``T5Encoder`` and load it strictly from a HF folder or a ComfyUI single file (see module doc),
+    or from what ``formats.detect`` found in a model checkpoint (its text_encoder/ folder or its T5 part).
 
     fp32 is Genmo's choice (genmo-mochi.md §4). In float16 the ``wo`` projections are kept in fp32, as HF
     does, because T5 v1.1's feed-forward overflows float16. Returns the model in eval mode, gradients off.
@@ -178,15 +189,17 @@ def load_t5(
         raise ValueError(
             f"T5 dtype {dtype} is not supported; use torch.float32 (Genmo's choice) or torch.bfloat16"
         )
-    files, hf_config = _locate(Path(path))
-    raw: dict[str, torch.Tensor] = {}
+    if isinstance(path, Detected):
+        files, hf_config = _detected_files(path)
+        tensors = iter_component(path, "t5")  # only the T5's tensors, not the rest of an all-in-one file
+    else:
+        files, hf_config = _locate(Path(path))
+        tensors = (item for file in files for item in read_state_dict(file).items())
     for file in files:
         if file.suffix == ".safetensors":
             _check_quantization(read_metadata(file))
-        part = read_state_dict(file)
-        # Cast shard by shard to bound peak memory; fp8 tensors and their scales wait for dequantization.
-        raw.update({k: v if _keep_raw(k, v) else v.to(dtype) for k, v in part.items()})
-        del part
+    # Cast tensor by tensor to bound peak memory; fp8 tensors and their scales wait for dequantization.
+    raw = {k: v if _keep_raw(k, v) else v.to(dtype) for k, v in tensors}
     sd, fmt = convert_t5_state_dict(raw, dtype)
     del raw
     config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config(sd)
@@ -194,6 +207,6 @@ def load_t5(
         sd = {k: v.float() if k.endswith("DenseReluDense.wo.weight") else v for k, v in sd.items()}
     with torch.device("meta"):
         model = T5Encoder(config)
-    source = "T5 folder" if Path(path).is_dir() else "T5 single file"
+    source = "T5 folder" if hf_config is not None else "T5 single file"
     load_strict(model, sd, f"{source}, {fmt}")
     return model.to(device).eval().requires_grad_(False)
