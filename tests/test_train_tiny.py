@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from mochi.presets import MODEL_PRESETS, model_preset
+from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.export import export_bundle
 from mochi.train.train_dit import (
     DIT_CHECKPOINT,
+    TUNE_CACHE_DIR,
     DiTRecipe,
+    allowed_caption,
+    cache_specs,
+    drop_words,
     latent_stats,
     load_latent_cache,
     sample_sigmas,
@@ -47,6 +52,9 @@ DIT = DiTRecipe(
     width=16,
     log_every=1,
     checkpoint_every=1,
+    tune_steps=1,
+    word_dropout=0.5,
+    tune_clips=2,
 )
 
 
@@ -162,6 +170,48 @@ def test_vae_resumes_exactly(vae_run, tmp_path):
     )
 
 
+def test_drop_words_leaves_out_the_chosen_attributes():
+    text = "a red circle moving up on a gray background"
+    assert drop_words(text, (False, False, False)) == text
+    assert drop_words(text, (True, False, False)) == "a circle moving up on a gray background"
+    assert drop_words(text, (False, True, False)) == "a red moving up on a gray background"
+    assert drop_words("a red circle moving up", (False, False, True)) == "a red circle"
+    assert drop_words("a red circle moving up", (True, True, True)) == "a"
+    assert drop_words("", (True, True, True)) == ""
+
+
+def test_allowed_caption_leaves_out_a_held_out_word():
+    keep = (False, False, False)
+    assert allowed_caption("a red circle moving up", keep, 0.0) == "a red circle moving up"
+    # Two held-out lines (green triangle, triangle moving up): only leaving the shape out breaks both.
+    assert allowed_caption("a green triangle moving up", keep, 0.9) == "a green moving up"
+    # One line (triangle moving up): the shape or the direction goes, as ``pick`` says.
+    assert allowed_caption("a cyan triangle moving up", keep, 0.0) == "a cyan moving up"
+    assert allowed_caption("a cyan triangle moving up", keep, 0.6) == "a cyan triangle"
+    # Word dropout first; a still held-out rest loses one more word.
+    text = "a green triangle moving left on a gray background"
+    assert allowed_caption(text, (False, False, True), 0.0) == "a triangle on a gray background"
+    assert allowed_caption(text, (False, False, True), 0.7) == "a green on a gray background"
+    assert allowed_caption("", (True, True, True), 0.5) == ""
+
+
+def test_tuning_clips_cover_every_composition():
+    recipe = replace(DiTRecipe(), tune_steps=10, tune_clips=50)
+    main, tune = cache_specs(recipe)
+    assert (main.clips, main.seed, main.allow_heldout) == (recipe.cache_clips, recipe.seed, False)
+    assert (tune.folder, tune.clips, tune.seed, tune.allow_heldout) == (
+        TUNE_CACHE_DIR,
+        50,
+        recipe.seed + 1,
+        True,
+    )
+    assert cache_specs(replace(recipe, tune_steps=0)) == (main,)  # no tuning phase, no extra clips
+    specs = [shapes.spec_at(tune.seed, i, allow_heldout=True) for i in range(200)]
+    held = sum(shapes.is_heldout(shapes.caption(s)) for s in specs)
+    assert 40 <= held <= 100  # about 36% of all compositions hold a held-out line
+    assert not any(shapes.is_heldout(shapes.caption(shapes.spec_at(tune.seed, i))) for i in range(200))
+
+
 def test_dit_waits_for_the_final_encoder(tmp_path):
     with pytest.raises(Interrupted):
         train_vae(tmp_path, PRESET, replace(VAE, encoder_steps=2), log=_interrupt_at("vae step 2/"))
@@ -178,9 +228,22 @@ def test_dit_resumes_exactly_and_exports(vae_run, tmp_path):
     uninterrupted = train_dit(a, PRESET, DIT, log=lambda line: None)
     mean, logvar, captions = load_latent_cache(a, DIT)
     assert mean.shape == logvar.shape == (3, 12, 2, 2, 2) and len(captions) == 3
+    mean, _, captions = load_latent_cache(a, DIT, cache_specs(DIT)[1])
+    assert mean.shape == (2, 12, 2, 2, 2) and len(captions) == 2
+    assert uninterrupted["step"] == 3
+    # The last step is the tuning phase's first: its own warm-up from tune_lr, not the first phase's lr.
+    assert uninterrupted["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        lr_at(0, DIT.tune_steps, DIT.tune_lr, DIT.warmup)
+    )
     with pytest.raises(Interrupted):
-        train_dit(b, PRESET, DIT, log=_interrupt_at("dit step 2/"))
-    assert load_checkpoint(b / DIT_CHECKPOINT)["step"] == 1
+        train_dit(b, PRESET, DIT, log=_interrupt_at("dit step 3/"))
+    before_tuning = load_checkpoint(b / DIT_CHECKPOINT)
+    assert before_tuning["step"] == 2
+    # The tuning phase leaves the first phase as it was: a run without one stops in the same state.
+    c = tmp_path / "c"
+    c.mkdir()
+    shutil.copy(vae_out / VAE_CHECKPOINT, c / VAE_CHECKPOINT)
+    _assert_same(before_tuning, train_dit(c, PRESET, replace(DIT, tune_steps=0), log=lambda line: None))
     resumed = train_dit(b, PRESET, DIT, log=lambda line: None)
     _assert_same(uninterrupted, resumed)
     assert not torch.equal(uninterrupted["ema"]["dit.final_layer.linear.weight"], torch.zeros(1))
@@ -191,3 +254,23 @@ def test_dit_resumes_exactly_and_exports(vae_run, tmp_path):
     assert torch.equal(
         components.dit.final_layer.linear.weight, uninterrupted["ema"]["dit.final_layer.linear.weight"]
     )
+
+
+def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatch, capsys):
+    import mochi.train.train_dit as train_dit_module
+    from mochi.train.tiny import main
+
+    seen = {}
+    monkeypatch.setattr(train_dit_module, "train_dit", lambda out, preset, recipe, log: seen.update(r=recipe))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the rest of the suite keeps its threads
+    argv = ["dit", "--out", str(tmp_path), "--threads", "1", "--steps", "5"]
+    main(argv + ["--tune-steps", "7", "--tune-lr", "1e-4", "--word-dropout", "0.1", "--tune-clips", "9"])
+    assert seen["r"] == replace(
+        DiTRecipe(), steps=5, tune_steps=7, tune_lr=1e-4, word_dropout=0.1, tune_clips=9
+    )
+    with pytest.raises(SystemExit):
+        main(argv + ["--word-dropout", "1.5"])
+    assert "--word-dropout must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--tune-steps", "3"])
+    assert "--tune-steps is an option of the dit stage" in capsys.readouterr().err

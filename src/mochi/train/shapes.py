@@ -243,9 +243,9 @@ def _draw(rng: np.random.Generator, vocab: Vocab) -> ClipSpec:
     return ClipSpec(color, shape, direction, background, named, (start[0], start[1]), size, travel)
 
 
-def spec_at(seed: int, index: int, vocab: Vocab = DEFAULT_VOCAB) -> ClipSpec:
+def spec_at(seed: int, index: int, vocab: Vocab = DEFAULT_VOCAB, allow_heldout: bool = False) -> ClipSpec:
     """The ``index``-th training clip of dataset ``seed``: random access, so training can resume anywhere."""
-    return sample_spec(np.random.default_rng([seed, index]), vocab)
+    return sample_spec(np.random.default_rng([seed, index]), vocab, allow_heldout)
 
 
 def centers(spec: ClipSpec, frames: int) -> np.ndarray:
@@ -299,13 +299,16 @@ def clips(
     width: int = 64,
     vocab: Vocab = DEFAULT_VOCAB,
     start: int = 0,
+    allow_heldout: bool = False,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(caption, video)`` for training clips ``start .. start + n - 1`` of dataset ``seed``.
 
     Videos are uint8 (frames, height, width, 3); clip i is the same whatever ``start`` and ``n`` are.
+    ``allow_heldout`` draws from every composition: the caption is then the full one, held-out or not,
+    and whoever trains on it must leave words out first (``train_dit.allowed_caption``).
     """
     for index in range(start, start + n):
-        spec = spec_at(seed, index, vocab)
+        spec = spec_at(seed, index, vocab, allow_heldout)
         yield caption(spec), render(spec, frames, height, width)
 
 

@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, help="total optimizer steps of the stage (default: the recipe's)"
     )
     parser.add_argument("--batch", type=int, help="clips per step (default: the recipe's)")
+    tune = parser.add_argument_group(
+        "dit tuning phase (off in the shipped recipe; the experiments in docs/embedded-model.md)"
+    )
+    tune.add_argument("--tune-steps", type=int, help="steps after --steps, with a fresh cosine schedule")
+    tune.add_argument("--tune-lr", type=float, help="peak learning rate of the tuning phase")
+    tune.add_argument("--word-dropout", type=float, help="chance to leave out each caption word (0 to 1)")
+    tune.add_argument(
+        "--tune-clips", type=int, help="extra clips of every composition (held-out captions lose a word)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--preset", default="mochi-tiny", help="model preset to train")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_ASSET, help="export: where the bundle goes")
@@ -48,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     preset = model_preset(args.preset)
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
+    tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    if tuning and args.stage != "dit":
+        parser.error(f"--{next(iter(tuning)).replace('_', '-')} is an option of the dit stage")
+    if not 0.0 <= tuning.get("word_dropout", 0.0) <= 1.0:
+        parser.error(f"--word-dropout must lie in [0, 1], got {tuning['word_dropout']}")
+    for k in ("tune_steps", "tune_clips"):
+        if tuning.get(k, 0) < 0:
+            parser.error(f"--{k.replace('_', '-')} must be 0 or more, got {tuning[k]}")
     if args.stage == "vae":
         from mochi.train.train_vae import VAERecipe, train_vae
 
@@ -55,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "dit":
         from mochi.train.train_dit import DiTRecipe, train_dit
 
-        train_dit(args.out, preset, replace(DiTRecipe(), **overrides), log=_log_to(args.out / "dit.log"))
+        recipe = replace(DiTRecipe(), **overrides, **tuning)
+        train_dit(args.out, preset, recipe, log=_log_to(args.out / "dit.log"))
     else:
         from mochi.train.export import export_bundle
 

@@ -14,6 +14,10 @@ levels where Genmo's schedule spends half of its steps and where layout and moti
 ``encode_prompts`` gives for ""), so classifier-free guidance works. An EMA of both models is kept and
 exported.
 
+An optional second phase (``tune_steps``; off in the shipped recipe, see docs/embedded-model.md for what it
+measured) restarts the schedule, can leave caption words out (``word_dropout``) and can add clips of every
+composition whose captions still obey the held-out rule (``tune_clips``).
+
 Step ``s`` draws its clips, posterior noise, σ, ε and dropout from a generator seeded with (seed, s), so
 resuming at step s replays exactly what an uninterrupted run does.
 """
@@ -40,6 +44,25 @@ from mochi.weights.io import read_metadata, read_state_dict, save_state_dict
 
 DIT_CHECKPOINT = "dit.ckpt"
 CACHE_DIR = "latents"
+TUNE_CACHE_DIR = "latents-tune"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Which clips a latent cache holds: clips ``0 … clips − 1`` of dataset ``seed``."""
+
+    folder: str
+    clips: int
+    seed: int
+    allow_heldout: bool = False
+
+
+def cache_specs(recipe: DiTRecipe) -> tuple[CacheSpec, ...]:
+    """The caches a recipe trains on: the first phase's, then the tuning phase's extra clips if any."""
+    main = CacheSpec(CACHE_DIR, recipe.cache_clips, recipe.seed)
+    if recipe.tune_steps and recipe.tune_clips:
+        return main, CacheSpec(TUNE_CACHE_DIR, recipe.tune_clips, recipe.seed + 1, allow_heldout=True)
+    return (main,)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,19 @@ class DiTRecipe:
     uniform_share: float = 0.2
     logit_mean: float = 0.5
     ema_decay: float = 0.999
+    # Then ``tune_steps`` more steps with a fresh cosine schedule from ``tune_lr``, in which each of a
+    # caption's colour, shape and direction words is left out with probability ``word_dropout`` (see
+    # ``drop_words``): every word must then carry its attribute whatever the words around it are, which
+    # is what a held-out composition asks of the model.
+    tune_steps: int = 0
+    tune_lr: float = 2e-4
+    word_dropout: float = 0.0
+    # The tuning phase also draws from ``tune_clips`` more clips (dataset ``seed + 1``) of *every*
+    # composition, held-out ones included. Their captions obey the held-out rule all the same: a caption
+    # that would hold every word of a held-out line loses one of those words (``allowed_caption``), so the
+    # model sees, say, a green triangle only as "a green moving left" or "a triangle moving left", and
+    # never reads "green" and "triangle" together.
+    tune_clips: int = 0
     # Train on the posterior means (False) or on posterior samples (True, as Genmo's trainer does). The
     # tiny VAE's posterior noise is as large as the distance between some colours' latents (yellow and
     # orange), so a DiT trained on samples learns latents the decoder can only decode as a blend of the
@@ -68,13 +104,17 @@ class DiTRecipe:
     checkpoint_every: int = 200
 
 
-def _chunk_path(out: Path, k: int) -> Path:
-    return out / CACHE_DIR / f"chunk-{k:04d}.safetensors"
+def _chunk_path(out: Path, k: int, folder: str = CACHE_DIR) -> Path:
+    return out / folder / f"chunk-{k:04d}.safetensors"
 
 
 @torch.no_grad()
-def build_latent_cache(out: Path, preset: ModelPreset, recipe: DiTRecipe, log=print) -> None:
-    """Encode clips ``0 … cache_clips − 1`` of dataset ``recipe.seed`` with the trained VAE encoder."""
+def build_latent_cache(
+    out: Path, preset: ModelPreset, recipe: DiTRecipe, log=print, spec: CacheSpec | None = None
+) -> None:
+    """Encode the clips of ``spec`` (default: clips ``0 … cache_clips − 1`` of dataset ``recipe.seed``)
+    with the trained VAE encoder."""
+    spec = spec or cache_specs(recipe)[0]
     from mochi.models.vae import Encoder
 
     state = load_checkpoint(out / VAE_CHECKPOINT)
@@ -88,35 +128,41 @@ def build_latent_cache(out: Path, preset: ModelPreset, recipe: DiTRecipe, log=pr
     encoder = Encoder(preset.encoder)
     encoder.load_state_dict(state["encoder"])
     encoder.eval()
-    (out / CACHE_DIR).mkdir(exist_ok=True)
-    n_chunks = math.ceil(recipe.cache_clips / recipe.cache_chunk)
+    (out / spec.folder).mkdir(exist_ok=True)
+    n_chunks = math.ceil(spec.clips / recipe.cache_chunk)
     for k in range(n_chunks):
-        path = _chunk_path(out, k)
+        path = _chunk_path(out, k, spec.folder)
         if path.exists():
             continue
         t0 = time.time()
-        lo, hi = k * recipe.cache_chunk, min((k + 1) * recipe.cache_chunk, recipe.cache_clips)
+        lo, hi = k * recipe.cache_chunk, min((k + 1) * recipe.cache_chunk, spec.clips)
         captions, means, logvars = [], [], []
         for start in range(lo, hi, 16):
-            clips = list(shapes.clips(recipe.seed, min(16, hi - start), recipe.frames, recipe.height,
-                                      recipe.width, start=start))  # fmt: skip
+            n = min(16, hi - start)
+            size = (recipe.frames, recipe.height, recipe.width)
+            clips = list(shapes.clips(spec.seed, n, *size, start=start, allow_heldout=spec.allow_heldout))
             captions += [c for c, _ in clips]
             mean, logvar = encoder(to_pixels(np.stack([v for _, v in clips])))
             means.append(mean)
             logvars.append(logvar.clamp(-30.0, 20.0))
         tensors = {"mean": torch.cat(means), "logvar": torch.cat(logvars)}
         save_state_dict(tensors, path, {"captions": json.dumps(captions), "vae_step": str(state["step"])})
-        log(f"latent cache: chunk {k + 1}/{n_chunks} ({hi - lo} clips) in {time.time() - t0:.0f} s")
+        took = time.time() - t0
+        log(f"latent cache {spec.folder}: chunk {k + 1}/{n_chunks} ({hi - lo} clips) in {took:.0f} s")
 
 
-def load_latent_cache(out: Path, recipe: DiTRecipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(mean, logvar) each (N, 12, t, h, w) and the N captions."""
+def load_latent_cache(
+    out: Path, recipe: DiTRecipe, spec: CacheSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(mean, logvar) each (N, 12, t, h, w) and the N captions of a cache (default: the first phase's)."""
+    spec = spec or cache_specs(recipe)[0]
     means, logvars, captions = [], [], []
-    for k in range(math.ceil(recipe.cache_clips / recipe.cache_chunk)):
-        sd = read_state_dict(_chunk_path(out, k))
+    for k in range(math.ceil(spec.clips / recipe.cache_chunk)):
+        path = _chunk_path(out, k, spec.folder)
+        sd = read_state_dict(path)
         means.append(sd["mean"])
         logvars.append(sd["logvar"])
-        captions += json.loads(read_metadata(_chunk_path(out, k))["captions"])
+        captions += json.loads(read_metadata(path)["captions"])
     return torch.cat(means), torch.cat(logvars), captions
 
 
@@ -161,12 +207,52 @@ def sample_sigmas(n: int, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tens
     return torch.where(pick, uniform, logit).clamp(1e-4, 1 - 1e-4)
 
 
+def drop_words(text: str, drop: tuple[bool, bool, bool]) -> str:
+    """``text`` without its colour, shape and/or direction (``drop`` in that order), e.g. ``a red circle
+    moving up`` with (False, True, False) → ``a red moving up``; without a direction ``moving`` goes too.
+    The empty prompt stays empty."""
+    if not text:
+        return text
+    fields = shapes.parse_caption(text)
+    words = ["a"]
+    words += [] if drop[0] else [str(fields["color"])]
+    words += [] if drop[1] else [str(fields["shape"])]
+    words += [] if drop[2] else ["moving", str(fields["direction"])]
+    if fields["named_background"]:
+        words += ["on", "a", str(fields["background"]), "background"]
+    return " ".join(words)
+
+
+def allowed_caption(text: str, drop: tuple[bool, bool, bool], pick: float) -> str:
+    """``drop_words(text, drop)``, with one more of the words left out if that caption would still hold
+    every word of a held-out line: the one at ``pick`` ∈ [0, 1) among those whose removal is enough (every
+    line names a shape, so leaving the shape out always is)."""
+    out = drop_words(text, drop)
+    if not shapes.is_heldout(out):
+        return out
+    enough = [k for k in range(3) if not drop[k] and not shapes.is_heldout(drop_words(text, _with(drop, k)))]
+    return drop_words(text, _with(drop, enough[int(pick * len(enough))]))
+
+
+def _with(drop: tuple[bool, bool, bool], k: int) -> tuple[bool, bool, bool]:
+    return tuple(d or i == k for i, d in enumerate(drop))  # type: ignore[return-value]
+
+
 def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecipe(), log=print) -> dict:
-    """Build the latent cache if needed, then train (or resume) to ``recipe.steps`` into ``out/dit.ckpt``."""
+    """Build the latent cache if needed, then train (or resume) to ``steps + tune_steps`` into
+    ``out/dit.ckpt``."""
     out = Path(out)
-    build_latent_cache(out, preset, recipe, log)
+    specs = cache_specs(recipe)
+    for spec in specs:
+        build_latent_cache(out, preset, recipe, log, spec)
     cache_mean, cache_logvar, captions = load_latent_cache(out, recipe)
+    # The latent statistics are the first phase's: the tuning phase's clips must not move the latent space.
     stats = latent_stats(cache_mean, cache_logvar, recipe.seed, recipe.sample_posterior)
+    n_cache = cache_mean.shape[0]
+    for spec in specs[1:]:
+        extra = load_latent_cache(out, recipe, spec)
+        cache_mean, cache_logvar = torch.cat([cache_mean, extra[0]]), torch.cat([cache_logvar, extra[1]])
+        captions = captions + extra[2]
     mu, sd = (s.float().view(1, -1, 1, 1, 1) for s in stats)
 
     text_encoder, dit = build_text_and_dit(preset, recipe.seed)
@@ -195,10 +281,12 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         }
 
     total, t0 = 0.0, time.time()
-    n_cache = cache_mean.shape[0]
-    while step < recipe.steps:
+    end = recipe.steps + recipe.tune_steps
+    while step < end:
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        index = torch.randint(n_cache, (recipe.batch,), generator=gen)
+        tuning = step >= recipe.steps
+        # The first phase draws from its own cache; the tuning phase from every cache.
+        index = torch.randint(cache_mean.shape[0] if tuning else n_cache, (recipe.batch,), generator=gen)
         mean, logvar = cache_mean[index], cache_logvar[index]
         noise = torch.randn(mean.shape, generator=gen)  # drawn either way: the same stream for both
         z = mean + (0.5 * logvar).exp() * noise if recipe.sample_posterior else mean
@@ -207,10 +295,23 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         sigma = sample_sigmas(recipe.batch, recipe, gen)
         drop = torch.rand(recipe.batch, generator=gen) < recipe.caption_dropout
         batch_captions = ["" if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
+        if tuning:  # drawn last, so the first phase's stream is unchanged
+            words = (torch.rand(recipe.batch, 3, generator=gen) < recipe.word_dropout).tolist()
+            picks = torch.rand(recipe.batch, generator=gen).tolist()
+            batch_captions = [
+                allowed_caption(c, tuple(w), p) for c, w, p in zip(batch_captions, words, picks)
+            ]
+        held = [c for c in batch_captions if shapes.is_heldout(c)]
+        if held:  # the rule of issue 6, checked on every caption the model reads
+            raise AssertionError(f"training caption {held[0]!r} holds a held-out composition")
         s = sigma.view(-1, 1, 1, 1, 1)
         z_sigma = (1 - s) * x0 + s * eps
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+            group["lr"] = (
+                lr_at(step - recipe.steps, recipe.tune_steps, recipe.tune_lr, recipe.warmup)
+                if tuning
+                else lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+            )
         features, mask = text_features(text_encoder, batch_captions, recipe.text_length)
         v = dit(z_sigma, sigma, features, mask)
         loss = (v - (x0 - eps)).square().mean()
@@ -222,13 +323,13 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         step += 1
         last = float(loss.detach())
         total += last
-        if step % recipe.log_every == 0 or step == recipe.steps:
+        if step % recipe.log_every == 0 or step in (recipe.steps, end):
             n = (step - 1) % recipe.log_every + 1
             log(
-                f"dit step {step}/{recipe.steps} loss {total / n:.5f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"dit step {step}/{end} loss {total / n:.5f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{(time.time() - t0) / n:.2f} s/step"
             )
             total, t0 = 0.0, time.time()
-        if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+        if step % recipe.checkpoint_every == 0 or step in (recipe.steps, end):
             save_checkpoint(snapshot(), out / DIT_CHECKPOINT)
     return snapshot()
