@@ -404,21 +404,26 @@ def _genmo_folder(path: Path) -> Detected:
         if q:
             quant[comp] = q
     # The Hugging Face repo holds Genmo's files beside a diffusers layout: its text encoder is the T5.
-    _add_text_encoder(path, None, files, prefixes, layouts)
     extras = {name: path / name for name in ("tokenizer",) if (path / name).is_dir()}
-    if "t5" in files:
-        extras["text_encoder"] = path / "text_encoder"
+    _add_text_encoder(path, None, files, prefixes, layouts, extras)
     meta = _metadata(files["dit"][0]) if "dit" in files else {}
     return Detected("genmo", path, files, prefixes, layouts, quant, metadata=meta, extras=extras)
 
 
 def _add_text_encoder(
-    path: Path, variant: str | None, files: dict, prefixes: dict[str, str], layouts: dict[str, str]
+    path: Path,
+    variant: str | None,
+    files: dict,
+    prefixes: dict[str, str],
+    layouts: dict[str, str],
+    extras: dict[str, Path],
 ) -> None:
+    """The T5 of a text_encoder/ folder, if any: every shard, and the folder (its config.json) in extras."""
     folder = path / "text_encoder"
     if folder.is_dir() and (sets := _weight_sets(folder)):
         files["t5"], _ = _pick(folder, variant if variant in sets else None)
         prefixes["t5"], layouts["t5"] = "", "transformers"
+        extras["text_encoder"] = folder
 
 
 def _diffusers_pipeline(path: Path, variant: str | None) -> Detected:
@@ -434,13 +439,11 @@ def _diffusers_pipeline(path: Path, variant: str | None) -> Detected:
         vae_files, _ = _pick(path / "vae", chosen if chosen in sets else None)
         for comp, sub in (("vae_decoder", "decoder."), ("vae_encoder", "encoder.")):
             files[comp], prefixes[comp], layouts[comp] = vae_files, sub, "diffusers"
-    _add_text_encoder(path, chosen, files, prefixes, layouts)
+    extras = {name: path / name for name in ("tokenizer", "scheduler") if (path / name).is_dir()}
+    _add_text_encoder(path, chosen, files, prefixes, layouts, extras)
     if not files:
         raise WeightsError(
             f"pipeline folder {str(path)!r} holds no weights in transformer/ or vae/; {LOOKED_FOR}"
         )
-    extras = {name: path / name for name in ("tokenizer", "scheduler") if (path / name).is_dir()}
-    if "t5" in files:
-        extras["text_encoder"] = path / "text_encoder"
     meta = _metadata(files["dit"][0]) if "dit" in files else {}
     return Detected("diffusers", path, files, prefixes, layouts, {}, chosen, meta, extras)
