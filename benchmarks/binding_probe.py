@@ -6,9 +6,12 @@ generates them from hybrid text features: the positions of the longest common pr
 OTHER (byte tokens: one per character) take OTHER's features. For "a green triangle moving left" with
 context "a green circle moving left", "a green " is then encoded as T5 encodes it beside "circle", a
 composition it was trained on; if the colour comes back, the T5's context mixing was the cause.
+``--suffix-context OTHER`` does the same for the longest common suffix (" triangle moving left" from "a blue
+triangle moving left"); with both, every token is encoded as in some trained caption.
 
     PYTHONPATH=src python benchmarks/binding_probe.py "a green triangle moving left" \\
-        --context "a green circle moving left" [--model BUNDLE] [--seeds 8]
+        --context "a green circle moving left" [--suffix-context "a blue triangle moving left"]
+        [--model BUNDLE] [--seeds 8]
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("prompts", nargs="+")
     parser.add_argument("--context", help="take the features of the common prefix from this prompt")
+    parser.add_argument("--suffix-context", help="take the features of the common suffix from this prompt")
     parser.add_argument("--model", help="a mochi bundle (default: the embedded model)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -66,12 +70,22 @@ def main() -> None:
     for prompt in args.prompts:
         features, mask = encode_prompts([prompt], c.tokenizer, c.text_encoder)
         print(f"{prompt!r}\n  as is:        {counts(verdicts(c, (features, mask), args.seeds))}")
+        hybrid, taken = features.clone(), []
         if args.context:
             other, _ = encode_prompts([args.context], c.tokenizer, c.text_encoder)
             n = next((i for i, (a, b) in enumerate(zip(prompt, args.context)) if a != b), len(prompt))
-            hybrid = features.clone()
             hybrid[:, :n] = other[:, :n]
-            print(f"  {prompt[:n]!r} from the context: {counts(verdicts(c, (hybrid, mask), args.seeds))}")
+            taken.append(repr(prompt[:n]))
+        if args.suffix_context:
+            other, _ = encode_prompts([args.suffix_context], c.tokenizer, c.text_encoder)
+            pairs = zip(reversed(prompt), reversed(args.suffix_context))
+            n = next((i for i, (a, b) in enumerate(pairs) if a != b), len(prompt))
+            lo, lo_other = len(prompt) - n, len(args.suffix_context) - n
+            hybrid[:, lo : len(prompt)] = other[:, lo_other : len(args.suffix_context)]
+            taken.append(repr(prompt[lo:]))
+        if taken:
+            label = " and ".join(taken) + " from the contexts"
+            print(f"  {label}: {counts(verdicts(c, (hybrid, mask), args.seeds))}")
 
 
 if __name__ == "__main__":
