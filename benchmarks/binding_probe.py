@@ -23,28 +23,16 @@ import torch
 
 from mochi.models.prompts import encode_prompts
 from mochi.models.tokenizer import ByteTokenizer
-from mochi.models.vae_tiling import decode
-from mochi.sampling.sampler import initial_noise, sample
-from mochi.sampling.schedules import linear_quadratic_schedule
+from mochi.train.evaluate import generate_from_text
 from mochi.train.judge import judge
-from mochi.train.train_vae import from_pixels
 from mochi.weights.bundle import load_bundle, load_embedded
 
 
-@torch.no_grad()
 def verdicts(components, text: tuple[torch.Tensor, torch.Tensor], seeds: int) -> list:
-    d = components.defaults
-    null = encode_prompts([""], components.tokenizer, components.text_encoder)
-    sigmas = linear_quadratic_schedule(d["steps"])
-    mean, std = (
-        torch.tensor(v).view(1, -1, 1, 1, 1) for v in (components.latent_mean, components.latent_std)
-    )
-    shape = (1, 12, (d["frames"] - 1) // 6 + 1, d["height"] // 8, d["width"] // 8)
-    out = []
-    for i in range(seeds):
-        z = sample(components.dit, initial_noise(shape, 1000 + i), sigmas, text, null, guidance=d["guidance"])
-        out.append(judge(from_pixels(decode(components.decoder, z * std + mean))[0]))
-    return out
+    features, mask = text
+    repeated = (features.expand(seeds, -1, -1), mask.expand(seeds, -1))
+    videos = generate_from_text(components, repeated, [1000 + i for i in range(seeds)])
+    return [judge(video) for video in videos]
 
 
 def counts(vs: list) -> str:

@@ -269,7 +269,13 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
         DiTRecipe(), steps=5, tune_steps=7, tune_lr=1e-4, word_dropout=0.1, tune_clips=9
     )
     with pytest.raises(SystemExit):
-        main(argv + ["--word-dropout", "1.5"])
+        main(argv + ["--word-dropout", "0.1"])
+    assert "--word-dropout needs --tune-steps N (N > 0): it acts in that phase" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--tune-steps", "3", "--tune-lr", "0"])
+    assert "--tune-lr must be above 0, got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--tune-steps", "3", "--word-dropout", "1.5"])
     assert "--word-dropout must lie in [0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--tune-steps", "3"])

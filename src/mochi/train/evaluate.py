@@ -44,21 +44,38 @@ def generate(
 
     steps, guidance, frames default to the components' defaults; height and width always do.
     """
+    videos = []
+    for lo in range(0, len(prompts), batch):
+        chunk = list(prompts[lo : lo + batch])
+        text = encode_prompts(chunk, components.tokenizer, components.text_encoder)
+        seeds = [seed + lo + i for i in range(len(chunk))]
+        videos.append(
+            generate_from_text(components, text, seeds, steps=steps, guidance=guidance, frames=frames)
+        )
+    return np.concatenate(videos)
+
+
+@torch.no_grad()
+def generate_from_text(
+    components,
+    text: tuple[torch.Tensor, torch.Tensor],
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    frames: int | None = None,
+) -> np.ndarray:
+    """``generate`` from encoded text (features (B, L, d), mask (B, L)): video b uses noise seed
+    ``seeds[b]``. For probes that edit the features (benchmarks/binding_probe.py)."""
     d = components.defaults
     steps, guidance, frames = steps or d["steps"], guidance or d["guidance"], frames or d["frames"]
     t = num_latents_for_frames(frames)
     h, w = d["height"] // SPATIAL_FACTOR, d["width"] // SPATIAL_FACTOR
     mean, std = _stats(components)
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
-    sigmas = linear_quadratic_schedule(steps)
-    videos = []
-    for lo in range(0, len(prompts), batch):
-        chunk = list(prompts[lo : lo + batch])
-        text = encode_prompts(chunk, components.tokenizer, components.text_encoder)
-        z = torch.cat([initial_noise((1, 12, t, h, w), seed + lo + i) for i in range(len(chunk))])
-        z = sample(components.dit, z, sigmas, text, null, guidance=guidance)
-        videos.append(from_pixels(decode(components.decoder, z * std + mean)))
-    return np.concatenate(videos)
+    z = torch.cat([initial_noise((1, 12, t, h, w), s) for s in seeds])
+    z = sample(components.dit, z, linear_quadratic_schedule(steps), text, null, guidance=guidance)
+    return from_pixels(decode(components.decoder, z * std + mean))
 
 
 @torch.no_grad()

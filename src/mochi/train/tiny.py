@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     tuning = {k: v for k, v in tuning.items() if v is not None}
     if tuning and args.stage != "dit":
         parser.error(f"--{next(iter(tuning)).replace('_', '-')} is an option of the dit stage")
+    if tuning and not tuning.get("tune_steps"):
+        parser.error(
+            f"--{next(iter(tuning)).replace('_', '-')} needs --tune-steps N (N > 0): it acts in that phase"
+        )
+    if tuning.get("tune_lr", 1.0) <= 0:
+        parser.error(f"--tune-lr must be above 0, got {tuning['tune_lr']}")
     if not 0.0 <= tuning.get("word_dropout", 0.0) <= 1.0:
         parser.error(f"--word-dropout must lie in [0, 1], got {tuning['word_dropout']}")
     for k in ("tune_steps", "tune_clips"):
