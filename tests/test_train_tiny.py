@@ -21,8 +21,10 @@ from mochi.train.train_dit import (
     drop_words,
     latent_stats,
     load_latent_cache,
+    partner_caption,
     sample_sigmas,
     train_dit,
+    word_consistency_loss,
 )
 from mochi.train.train_vae import VAE_CHECKPOINT, VAERecipe, foreground_weights, lr_at, train_vae, vae_batch
 from mochi.weights.bundle import load_bundle
@@ -55,6 +57,7 @@ DIT = DiTRecipe(
     tune_steps=1,
     word_dropout=0.5,
     tune_clips=2,
+    word_consistency=0.5,
 )
 
 
@@ -268,6 +271,16 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     assert seen["r"] == replace(
         DiTRecipe(), steps=5, tune_steps=7, tune_lr=1e-4, word_dropout=0.1, tune_clips=9
     )
+    main(argv + ["--no-pooled-caption"])
+    assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=False)
+    main(argv + ["--pooled-caption", "--word-consistency", "0.5"])
+    assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=True, word_consistency=0.5)
+    with pytest.raises(SystemExit):
+        main(argv + ["--word-consistency", "-1"])
+    assert "--word-consistency must be 0 or more, got -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--out", str(tmp_path), "--no-pooled-caption"])
+    assert "--pooled-caption/--no-pooled-caption is an option of the dit stage" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(argv + ["--word-dropout", "0.1"])
     assert "--word-dropout needs --tune-steps N (N > 0): it acts in that phase" in capsys.readouterr().err
@@ -280,3 +293,69 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--tune-steps", "3"])
     assert "--tune-steps is an option of the dit stage" in capsys.readouterr().err
+
+
+def test_pooled_caption_held_at_zero(vae_run, tmp_path):
+    """Without the pooled caption vector its weights are zero in the model and the EMA, from a fresh start
+    and when a run that trained them resumes, while everything else trains."""
+    vae_out, _ = vae_run
+    fresh = tmp_path / "fresh"
+    for d in (tmp_path, fresh):
+        d.mkdir(exist_ok=True)
+        shutil.copy(vae_out / VAE_CHECKPOINT, d / VAE_CHECKPOINT)
+    on = replace(DIT, tune_steps=0, steps=1)
+    first = train_dit(tmp_path, PRESET, on, log=lambda line: None)
+    pool = [k for k in first["model"] if k.startswith("dit.t5_y_embedder.")]
+    assert len(pool) == 6 and all(torch.count_nonzero(first["model"][k]) > 0 for k in pool)
+    off = train_dit(tmp_path, PRESET, replace(on, steps=2, pooled_caption=False), log=lambda line: None)
+    assert off["step"] == 2
+    for k in pool:
+        assert torch.count_nonzero(off["model"][k]) == 0 and torch.count_nonzero(off["ema"][k]) == 0, k
+    moved = "dit.final_layer.linear.weight"
+    assert not torch.equal(off["model"][moved], first["model"][moved])
+    state = train_dit(fresh, PRESET, replace(on, pooled_caption=False), log=lambda line: None)
+    assert all(torch.count_nonzero(state["ema"][k]) == 0 for k in pool)
+
+
+def test_partner_captions_share_words_and_obey_the_held_out_rule():
+    gen = torch.Generator().manual_seed(0)
+    texts = ["a blue triangle moving left", "a green circle moving down on a gray background"]
+    changed = set()
+    for _ in range(200):
+        for text in texts:
+            partner, shared = partner_caption(text, gen)
+            assert partner != text and not shapes.is_heldout(partner)
+            assert shapes.parse_caption(partner)["named_background"] == text.endswith("background")
+            words, other = text.split(), partner.split()
+            same = [k for k in range(len(words)) if words[k] == other[k]]
+            assert [text[a : a + n] for a, _, n in shared] == [words[k] for k in same]
+            assert [partner[b : b + n] for _, b, n in shared] == [words[k] for k in same]
+            changed |= {(text, k) for k in (1, 2, 4) if k not in same}
+    assert changed == {(t, k) for t in texts for k in (1, 2, 4)}  # every attribute gets redrawn
+    assert partner_caption("", gen) is None and partner_caption("a red moving up", gen) is None
+
+
+def test_word_consistency_loss():
+    f = torch.randn(2, 6, 4)
+    g = f.clone()
+    pairs = [(0, 1, 2, 3), (1, 0, 0, 2)]  # row 0: tokens 1-3 against 2-4; row 1: tokens 0-1 against 0-1
+    g[0, 2:5] = f[0, 1:4]
+    assert word_consistency_loss(f, g, pairs) == 0
+    g[1, 0] = -f[1, 0]  # |f − g|² = 4|f|² against |f|² + |g|² = 2|f|²: 2 on one of the 5 tokens
+    assert word_consistency_loss(f, g, pairs) == pytest.approx(2 / 5)
+
+
+def test_word_consistency_trains_the_text_encoder(vae_run, tmp_path):
+    vae_out, _ = vae_run
+    runs = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / str(weight)
+        out.mkdir()
+        shutil.copy(vae_out / VAE_CHECKPOINT, out / VAE_CHECKPOINT)
+        lines = []
+        recipe = replace(DIT, steps=1, tune_steps=0, word_consistency=weight)
+        runs[weight] = train_dit(out, PRESET, recipe, log=lines.append)
+        assert ("word consistency" in lines[-1]) == bool(weight), lines[-1]
+    key = "text_encoder.shared.weight"
+    assert not torch.equal(runs[0.0]["model"][key], runs[1.0]["model"][key])
+    assert runs[0.0]["loss"] == runs[1.0]["loss"]  # the logged loss is the flow loss alone

@@ -169,6 +169,15 @@ def caption(spec: ClipSpec) -> str:
     return text
 
 
+def caption_words(color: str, shape: str, direction: str, fields: dict[str, str | bool]) -> list[str]:
+    """The words of the caption with this colour, shape and direction and the background of ``fields``
+    (as ``parse_caption`` gives them)."""
+    words = ["a", color, shape, "moving", direction]
+    return words + (
+        ["on", "a", str(fields["background"]), "background"] if fields["named_background"] else []
+    )
+
+
 def parse_caption(text: str) -> dict[str, str | bool]:
     """Read color, shape, direction, background and named_background back from a caption.
 

@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, help="total optimizer steps of the stage (default: the recipe's)"
     )
     parser.add_argument("--batch", type=int, help="clips per step (default: the recipe's)")
+    parser.add_argument(
+        "--pooled-caption",
+        action=argparse.BooleanOptionalAction,
+        help="dit: train the DiT's pooled caption vector, or hold it at zero (default: the recipe's)",
+    )
+    parser.add_argument(
+        "--word-consistency", type=float, help="dit: weight of the T5 word-consistency loss (0 = off)"
+    )
     tune = parser.add_argument_group(
         "dit tuning phase (off in the shipped recipe; the experiments in docs/embedded-model.md)"
     )
@@ -57,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     preset = model_preset(args.preset)
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
+    for flag, key in (
+        ("--pooled-caption/--no-pooled-caption", "pooled_caption"),
+        ("--word-consistency", "word_consistency"),
+    ):
+        if getattr(args, key) is not None:
+            if args.stage != "dit":
+                parser.error(f"{flag} is an option of the dit stage")
+            overrides[key] = getattr(args, key)
+    if overrides.get("word_consistency", 0.0) < 0:
+        parser.error(f"--word-consistency must be 0 or more, got {overrides['word_consistency']}")
     tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}
     tuning = {k: v for k, v in tuning.items() if v is not None}
     if tuning and args.stage != "dit":

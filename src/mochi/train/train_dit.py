@@ -93,6 +93,18 @@ class DiTRecipe:
     # orange), so a DiT trained on samples learns latents the decoder can only decode as a blend of the
     # two; on means it learns the encoder's deterministic codes, which the tuned decoder decodes exactly.
     sample_posterior: bool = False
+    # Whether the DiT's attention-pooled caption vector (``t5_y_embedder``, added to the timestep embedding
+    # that modulates every block) is trained. When False its weights are zeroed when training starts or
+    # resumes and never updated, so the model reads the caption only through joint attention over its
+    # tokens: a tiny model otherwise learns each whole caption as one class through that vector, and a
+    # held-out composition then gets the vector of its nearest trained caption (docs/embedded-model.md).
+    pooled_caption: bool = True
+    # Weight of a loss that makes the T5 encode each word the same whatever the words around it are: each
+    # full caption of the batch gets a partner caption with some of its colour, shape and direction redrawn
+    # (an allowed caption), and the features of every word the two share are pulled together (squared
+    # difference relative to their squared norms; ``word_consistency_loss``). A held-out composition's words
+    # then reach the DiT as they do in trained captions. 0 = off.
+    word_consistency: float = 0.0
     text_length: int = 64  # byte tokens per caption: the longest caption is 52 with its end token
     cache_clips: int = 4000
     cache_chunk: int = 500
@@ -199,6 +211,16 @@ def text_features(
     return features, mask
 
 
+def hold_pooled_caption_at_zero(dit: AsymmDiT, ema: dict[str, torch.Tensor]) -> None:
+    """Zero the caption pooling's weights (and their EMA) and stop their updates: c is then the timestep
+    embedding alone (AdamW skips parameters without a gradient, weight decay included)."""
+    with torch.no_grad():
+        for name, p in dit.t5_y_embedder.named_parameters():
+            p.zero_()
+            p.requires_grad_(False)
+            ema[f"dit.t5_y_embedder.{name}"].zero_()
+
+
 def sample_sigmas(n: int, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tensor:
     """(n,) noise levels in (0, 1): the uniform / shifted logit-normal mixture described above."""
     logit = torch.sigmoid(recipe.logit_mean + torch.randn(n, generator=gen))
@@ -232,6 +254,50 @@ def allowed_caption(text: str, drop: tuple[bool, bool, bool], pick: float) -> st
         return out
     enough = [k for k in range(3) if not drop[k] and not shapes.is_heldout(drop_words(text, _with(drop, k)))]
     return drop_words(text, _with(drop, enough[int(pick * len(enough))]))
+
+
+def partner_caption(text: str, gen: torch.Generator) -> tuple[str, list[tuple[int, int, int]]] | None:
+    """A caption like ``text`` (a full caption of the grammar) with each of its colour, shape and direction
+    redrawn with chance 1/2 (at least one word changes), never a held-out one, and the words the two share as
+    (start in text, start in partner, length) in characters, which are byte tokens. None for the empty
+    prompt or a caption with words left out."""
+    try:
+        fields = shapes.parse_caption(text)
+    except ValueError:
+        return None
+    vocab = shapes.DEFAULT_VOCAB
+    tables = (vocab.colors, vocab.shapes, vocab.directions)
+    keys = ("color", "shape", "direction")
+    for _ in range(100):
+        redraw = (torch.rand(3, generator=gen) < 0.5).tolist()
+        if not any(redraw):
+            redraw[int(torch.randint(3, (1,), generator=gen))] = True
+        picks = [int(torch.randint(len(t), (1,), generator=gen)) for t in tables]
+        new = {k: (t[i] if r else fields[k]) for k, t, i, r in zip(keys, tables, picks, redraw)}
+        spec = shapes.caption_words(new["color"], new["shape"], new["direction"], fields)
+        partner = " ".join(spec)
+        if partner != text and not shapes.is_heldout(partner):
+            break
+    else:  # pragma: no cover - every draw held out cannot happen with the default vocabulary
+        return None
+    shared, i, j = [], 0, 0
+    for a, b in zip(text.split(" "), spec):
+        if a == b:
+            shared.append((i, j, len(a)))
+        i, j = i + len(a) + 1, j + len(b) + 1
+    return partner, shared
+
+
+def word_consistency_loss(
+    features: torch.Tensor, partner_features: torch.Tensor, pairs: list[tuple[int, int, int, int]]
+) -> torch.Tensor:
+    """Mean over shared tokens of |f − g|² / (|f|² + |g|²): ``pairs`` holds (row, start, partner start,
+    length) for every shared word; row indexes both (B, L, d) feature tensors."""
+    rows = torch.tensor([r for r, _, _, n in pairs for _ in range(n)])
+    here = torch.tensor([a + k for _, a, _, n in pairs for k in range(n)])
+    there = torch.tensor([b + k for _, _, b, n in pairs for k in range(n)])
+    f, g = features[rows, here], partner_features[rows, there]
+    return ((f - g).square().sum(-1) / (f.square().sum(-1) + g.square().sum(-1)).clamp(min=1e-8)).mean()
 
 
 def _with(drop: tuple[bool, bool, bool], k: int) -> tuple[bool, bool, bool]:
@@ -268,6 +334,8 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         opt.load_state_dict(state["optimizer"])
         step, last = int(state["step"]), float(state["loss"])
         log(f"dit: resumed at step {step} from {out / DIT_CHECKPOINT}")
+    if not recipe.pooled_caption:
+        hold_pooled_caption_at_zero(dit, ema)
 
     def snapshot() -> dict:
         return {
@@ -280,7 +348,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
             "latent_std": stats[1].tolist(),
         }
 
-    total, t0 = 0.0, time.time()
+    total, total_consistency, t0 = 0.0, 0.0, time.time()
     end = recipe.steps + recipe.tune_steps
     while step < end:
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
@@ -315,8 +383,21 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         features, mask = text_features(text_encoder, batch_captions, recipe.text_length)
         v = dit(z_sigma, sigma, features, mask)
         loss = (v - (x0 - eps)).square().mean()
+        objective = loss
+        if recipe.word_consistency:  # drawn last, so the rest of the step's stream is unchanged
+            partners, pairs = [], []
+            for row, text in enumerate(batch_captions):
+                found = partner_caption(text, gen)
+                partners.append(found[0] if found else "")
+                pairs += [(row, *shared) for shared in found[1]] if found else []
+            assert not any(shapes.is_heldout(c) for c in partners)
+            if pairs:
+                partner_features, _ = text_features(text_encoder, partners, recipe.text_length)
+                consistency = word_consistency_loss(features, partner_features, pairs)
+                objective = loss + recipe.word_consistency * consistency
+                total_consistency += float(consistency.detach())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_update(ema, models, min(recipe.ema_decay, (1 + step) / (10 + step)))
@@ -325,11 +406,12 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         total += last
         if step % recipe.log_every == 0 or step in (recipe.steps, end):
             n = (step - 1) % recipe.log_every + 1
+            words = f" word consistency {total_consistency / n:.4f}" if recipe.word_consistency else ""
             log(
-                f"dit step {step}/{end} loss {total / n:.5f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"dit step {step}/{end} loss {total / n:.5f}{words} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{(time.time() - t0) / n:.2f} s/step"
             )
-            total, t0 = 0.0, time.time()
+            total, total_consistency, t0 = 0.0, 0.0, time.time()
         if step % recipe.checkpoint_every == 0 or step in (recipe.steps, end):
             save_checkpoint(snapshot(), out / DIT_CHECKPOINT)
     return snapshot()
