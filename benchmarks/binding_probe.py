@@ -9,18 +9,27 @@ composition it was trained on; if the colour comes back, the T5's context mixing
 ``--suffix-context OTHER`` does the same for the longest common suffix (" triangle moving left" from "a blue
 triangle moving left"); with both, every token is encoded as in some trained caption.
 
+``--pooled "A + B - C"`` replaces only the DiT's pooled caption vector (``t5_y_embedder``, added to the
+timestep embedding that modulates every block) by the sum and difference of the trained captions' vectors,
+the tokens staying the prompt's: "a green circle moving left + a blue triangle moving left - a blue circle
+moving left" asks whether a vector composed from trained captions brings the colour back; a single
+caption, or "" (the empty prompt's vector), shows what the tokens alone carry.
+
     PYTHONPATH=src python benchmarks/binding_probe.py "a green triangle moving left" \\
         --context "a green circle moving left" [--suffix-context "a blue triangle moving left"]
+        [--pooled "a green circle moving left + a blue triangle moving left - a blue circle moving left"]
         [--model BUNDLE] [--seeds 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections import Counter
 
 import torch
 
+from mochi.models.dit import PackedText
 from mochi.models.prompts import encode_prompts
 from mochi.models.tokenizer import ByteTokenizer
 from mochi.train.evaluate import generate_from_text
@@ -35,6 +44,35 @@ def verdicts(components, text: tuple[torch.Tensor, torch.Tensor], seeds: int) ->
     return [judge(video) for video in videos]
 
 
+def pooled_vector(components, caption: str) -> torch.Tensor:
+    """The DiT's pooled caption vector (hidden_size_x,) for ``caption``."""
+    features, mask = encode_prompts([caption], components.tokenizer, components.text_encoder)
+    packed = PackedText.from_mask(mask.bool())
+    dit = components.dit
+    return dit.t5_y_embedder(features.flatten(0, 1)[packed.index], packed, dit.dtype)[0].detach()
+
+
+def composed_vector(components, expression: str) -> torch.Tensor:
+    """``"A + B - C"``: the sum of those captions' pooled vectors ("" alone: the empty prompt's)."""
+    terms = re.split(r"\s+([+-])\s+", " + " + expression.strip()) if expression.strip() else ["", "+", ""]
+    total = 0
+    for sign, caption in zip(terms[1::2], terms[2::2]):
+        total = total + (1 if sign == "+" else -1) * pooled_vector(components, caption)
+    return total
+
+
+def with_pooled(components, prompt: str, vector: torch.Tensor):
+    """A forward hook on the pooling that puts ``vector`` in every row that holds ``prompt``'s own vector
+    (the conditional half of classifier-free guidance), leaving the empty prompt's rows alone."""
+    own = pooled_vector(components, prompt)
+
+    def hook(module, inputs, out):
+        rows = (out - own).abs().amax(dim=-1) < 1e-5
+        return torch.where(rows[:, None], vector.to(out.dtype), out)
+
+    return components.dit.t5_y_embedder.register_forward_hook(hook)
+
+
 def counts(vs: list) -> str:
     return "  ".join(
         f"{field}: " + ", ".join(f"{k} {n}" for k, n in Counter(getattr(v, field) for v in vs).most_common())
@@ -47,6 +85,9 @@ def main() -> None:
     parser.add_argument("prompts", nargs="+")
     parser.add_argument("--context", help="take the features of the common prefix from this prompt")
     parser.add_argument("--suffix-context", help="take the features of the common suffix from this prompt")
+    parser.add_argument(
+        "--pooled", help='replace the pooled caption vector by "A + B - C" of trained captions\' vectors'
+    )
     parser.add_argument("--model", help="a mochi bundle (default: the embedded model)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -74,6 +115,12 @@ def main() -> None:
         if taken:
             label = " and ".join(taken) + " from the contexts"
             print(f"  {label}: {counts(verdicts(c, (hybrid, mask), args.seeds))}")
+        if args.pooled is not None:
+            handle = with_pooled(c, prompt, composed_vector(c, args.pooled))
+            try:
+                print(f"  pooled vector {args.pooled!r}: {counts(verdicts(c, (features, mask), args.seeds))}")
+            finally:
+                handle.remove()
 
 
 if __name__ == "__main__":
