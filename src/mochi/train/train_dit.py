@@ -16,7 +16,9 @@ exported.
 
 An optional second phase (``tune_steps``; off in the shipped recipe, see docs/embedded-model.md for what it
 measured) restarts the schedule, can leave caption words out (``word_dropout``) and can add clips of every
-composition whose captions still obey the held-out rule (``tune_clips``).
+composition whose captions still obey the held-out rule (``tune_clips``). Two more options, also off in
+the shipped recipe, hold the DiT's pooled caption vector at zero (``pooled_caption``) and make the T5 encode
+each word independently of its neighbours (``word_consistency``).
 
 Step ``s`` draws its clips, posterior noise, σ, ε and dropout from a generator seeded with (seed, s), so
 resuming at step s replays exactly what an uninterrupted run does.
@@ -300,6 +302,13 @@ def word_consistency_loss(
     return ((f - g).square().sum(-1) / (f.square().sum(-1) + g.square().sum(-1)).clamp(min=1e-8)).mean()
 
 
+def _check_heldout_rule(captions: list[str]) -> None:
+    """The rule of issue 6, checked on every caption the models read."""
+    held = [c for c in captions if shapes.is_heldout(c)]
+    if held:
+        raise AssertionError(f"training caption {held[0]!r} holds a held-out composition")
+
+
 def _with(drop: tuple[bool, bool, bool], k: int) -> tuple[bool, bool, bool]:
     return tuple(d or i == k for i, d in enumerate(drop))  # type: ignore[return-value]
 
@@ -369,9 +378,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
             batch_captions = [
                 allowed_caption(c, tuple(w), p) for c, w, p in zip(batch_captions, words, picks)
             ]
-        held = [c for c in batch_captions if shapes.is_heldout(c)]
-        if held:  # the rule of issue 6, checked on every caption the model reads
-            raise AssertionError(f"training caption {held[0]!r} holds a held-out composition")
+        _check_heldout_rule(batch_captions)
         s = sigma.view(-1, 1, 1, 1, 1)
         z_sigma = (1 - s) * x0 + s * eps
         for group in opt.param_groups:
@@ -390,7 +397,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
                 found = partner_caption(text, gen)
                 partners.append(found[0] if found else "")
                 pairs += [(row, *shared) for shared in found[1]] if found else []
-            assert not any(shapes.is_heldout(c) for c in partners)
+            _check_heldout_rule(partners)
             if pairs:
                 partner_features, _ = text_features(text_encoder, partners, recipe.text_length)
                 consistency = word_consistency_loss(features, partner_features, pairs)
