@@ -359,3 +359,16 @@ def test_word_consistency_trains_the_text_encoder(vae_run, tmp_path):
     key = "text_encoder.shared.weight"
     assert not torch.equal(runs[0.0]["model"][key], runs[1.0]["model"][key])
     assert runs[0.0]["loss"] == runs[1.0]["loss"]  # the logged loss is the flow loss alone
+
+
+def test_training_refuses_a_held_out_partner_caption(vae_run, tmp_path, monkeypatch):
+    import mochi.train.train_dit as train_dit_module
+
+    vae_out, _ = vae_run
+    shutil.copy(vae_out / VAE_CHECKPOINT, tmp_path / VAE_CHECKPOINT)
+    held_out = "a green triangle moving left"
+    monkeypatch.setattr(train_dit_module, "partner_caption", lambda text, gen: (held_out, [(0, 0, 1)]))
+    with pytest.raises(AssertionError, match=f"training caption '{held_out}' holds a held-out composition"):
+        train_dit(
+            tmp_path, PRESET, replace(DIT, steps=1, tune_steps=0, caption_dropout=0.0), log=lambda line: None
+        )
