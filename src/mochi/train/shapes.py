@@ -163,19 +163,20 @@ class ClipSpec:
 
 def caption(spec: ClipSpec) -> str:
     """The caption of a clip, e.g. ``a red circle moving right on a gray background``."""
-    text = f"a {spec.color} {spec.shape} moving {spec.direction}"
-    if spec.named_background:
-        text += f" on a {spec.background} background"
-    return text
+    words = caption_words(spec.color, spec.shape, spec.direction, spec.background, spec.named_background)
+    return " ".join(words)
 
 
-def caption_words(color: str, shape: str, direction: str, fields: dict[str, str | bool]) -> list[str]:
-    """The words of the caption with this colour, shape and direction and the background of ``fields``
-    (as ``parse_caption`` gives them)."""
+def caption_words(
+    color: str,
+    shape: str,
+    direction: str,
+    background: str = DEFAULT_BACKGROUND,
+    named_background: bool = False,
+) -> list[str]:
+    """The words of the caption of the grammar with these fields (the background only when named)."""
     words = ["a", color, shape, "moving", direction]
-    return words + (
-        ["on", "a", str(fields["background"]), "background"] if fields["named_background"] else []
-    )
+    return words + (["on", "a", background, "background"] if named_background else [])
 
 
 def parse_caption(text: str) -> dict[str, str | bool]:

@@ -276,7 +276,13 @@ def partner_caption(text: str, gen: torch.Generator) -> tuple[str, list[tuple[in
             redraw[int(torch.randint(3, (1,), generator=gen))] = True
         picks = [int(torch.randint(len(t), (1,), generator=gen)) for t in tables]
         new = {k: (t[i] if r else fields[k]) for k, t, i, r in zip(keys, tables, picks, redraw)}
-        spec = shapes.caption_words(new["color"], new["shape"], new["direction"], fields)
+        spec = shapes.caption_words(
+            new["color"],
+            new["shape"],
+            new["direction"],
+            str(fields["background"]),
+            bool(fields["named_background"]),
+        )
         partner = " ".join(spec)
         if partner != text and not shapes.is_heldout(partner):
             break
