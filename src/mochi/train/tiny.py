@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "--word-consistency", type=float, help="dit: weight of the T5 word-consistency loss (0 = off)"
     )
     tune = parser.add_argument_group(
-        "dit tuning phase (off in the shipped recipe; the experiments in docs/embedded-model.md)"
+        "dit tuning phase (off by default; stage 2b and the experiments of docs/embedded-model.md)"
     )
     tune.add_argument("--tune-steps", type=int, help="steps after --steps, with a fresh cosine schedule")
     tune.add_argument("--tune-lr", type=float, help="peak learning rate of the tuning phase")
