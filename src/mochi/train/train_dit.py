@@ -14,12 +14,11 @@ levels where Genmo's schedule spends half of its steps and where layout and moti
 ``encode_prompts`` gives for ""), so classifier-free guidance works. An EMA of both models is kept and
 exported.
 
-An optional second phase (``tune_steps``; off by default and in the shipped model; stage 2b of
-docs/embedded-model.md is the best such run) restarts the schedule, can leave caption words out
-(``word_dropout``) and can add clips of every composition whose captions still obey the held-out rule
-(``tune_clips``). Two more options hold the DiT's pooled caption vector at zero (``pooled_caption``; an
-experiment) and make the T5 encode each word independently of its neighbours (``word_consistency``; used by
-stage 2b).
+An optional second phase (``tune_steps``; off by default, the shipped model runs it as stage 2b of
+docs/embedded-model.md) restarts the schedule, can leave caption words out (``word_dropout``) and can add
+clips of every composition whose captions still obey the held-out rule (``tune_clips``). Two more options
+hold the DiT's pooled caption vector at zero (``pooled_caption``; an experiment) and make the T5 encode each
+word independently of its neighbours (``word_consistency``; stage 2b uses it).
 
 Step ``s`` draws its clips, posterior noise, σ, ε and dropout from a generator seeded with (seed, s), so
 resuming at step s replays exactly what an uninterrupted run does.
