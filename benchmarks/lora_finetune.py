@@ -151,6 +151,10 @@ def main() -> None:
         help="torch CPU threads (on a CPU shared with other jobs, 1 avoids oversubscription)",
     )
     args = parser.parse_args()
+    for name, least in (("clips", 1), ("base_clips", 0), ("steps", 1), ("rank", 1), ("batch_size", 1),
+                        ("eval_prompts", 1), ("eval_repeats", 1)):  # fmt: skip
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.threads:
         import torch
 
