@@ -33,6 +33,11 @@ def parse_size(text: str) -> int:
     raise ValueError(f"size {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 
+# Device types mochi runs on. Others that torch names (meta, mps, xla, ...) are refused up front: mps
+# lacks ops and dtypes the models use, and meta holds no values at all.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def parse_device(name: str | torch.device | None) -> torch.device:
     """``None`` or "auto" → the first CUDA device if there is one, else the CPU."""
     if name is None or name == "auto":
@@ -41,8 +46,15 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from e
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {name!r} is not supported: mochi runs on cpu or cuda (cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but this machine has no CUDA; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 

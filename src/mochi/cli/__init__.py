@@ -3,13 +3,18 @@
 One module per command family (``weights``: info, convert; ``generate``; ``serve``; ``lora``: prepare-data,
 train-lora, convert-lora), ``options`` for what several share. Each sub-command is a pair: ``_add_<name>``
 registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
-library lazily, so `mochi --help` is instant. User errors (ValueError, missing files) print one line and exit
-2, never a traceback; Ctrl-C exits 130.
+library lazily, so `mochi --help` is instant. `main` is the error boundary: user errors (`mochi.errors.MochiError`,
+ValueError, OSError: see `mochi.errors.user_message`) print one line and exit 2, never a traceback; Ctrl-C exits
+130; a reader that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit 141, as for SIGPIPE);
+anything else is a bug and keeps its traceback. Every float option must be finite (`finite_float`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         for add in module.COMMANDS:
             add(sub)
+    for command in sub.choices.values():
+        for action in command._actions:
+            if action.type is float:  # inf and nan parse as floats, but no option of mochi means them
+                action.type = finite_float
     return parser
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither infinite nor NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,11 +55,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from mochi.errors import user_message
+
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the boundary, not at exit
+        return code
     except KeyboardInterrupt:
         print("mochi: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"mochi: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader of stdout has gone: nothing more can be shown, and Python's flush at exit must not fail.
+        with contextlib.suppress(OSError, ValueError):  # stdout may not be a file (a test's capture)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"mochi: error: {message}", file=sys.stderr)
         return 2

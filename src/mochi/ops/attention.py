@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mochi.errors import MissingPackageError
+
 BACKENDS = ("sdpa", "flash", "sage")
 _INSTALL = {
     "flash": ("flash_attn", "pip install flash-attn  (or: pip install 'mochi-video[flash]')"),
@@ -39,7 +41,8 @@ _INSTALL = {
 def check_backend(backend: str) -> str:
     """Validate a backend name and that its kernel is installed; returns the name.
 
-    Raises ValueError for an unknown name and ImportError (saying how to install it) for a missing kernel.
+    Raises ValueError for an unknown name and MissingPackageError (an ImportError saying how to install it)
+    for a missing kernel.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
@@ -48,7 +51,7 @@ def check_backend(backend: str) -> str:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ImportError(f"attention backend {backend!r} needs the {module!r} package: {how}") from e
+            raise MissingPackageError(f"attention backend {backend!r} needs the {module!r} package: {how}") from e
     return backend
 
 

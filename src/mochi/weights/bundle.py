@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from mochi.models.latents import LATENT_MEAN, LATENT_STD
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.models.tokenizer import ByteTokenizer
 from mochi.models.vae import Decoder, DecoderConfig, Encoder, EncoderConfig
+from mochi.weights.bundle_config import parse_config, part_config
 from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict, save_state_dict
 
 FORMAT = "mochi-bundle"
@@ -71,15 +72,6 @@ def _components_class() -> type:
 
 def _config_of(module: torch.nn.Module):
     return module.config if hasattr(module, "config") else module.cfg
-
-
-def _config_from_json(cls: type, values: Mapping):
-    """A config dataclass from its JSON form (lists back to tuples); unknown keys are a WeightsError."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise WeightsError(f"bundle config for {cls.__name__} has unknown fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _parts_of(components) -> dict:
@@ -150,11 +142,22 @@ def is_bundle(path: str | os.PathLike) -> bool:
 
 
 def bundle_config(path: str | os.PathLike) -> dict:
-    """The decoded ``config`` metadata of a bundle; WeightsError when ``path`` is not one."""
+    """The decoded ``config`` metadata of a bundle, checked (`bundle_config.parse_config`); WeightsError when
+    ``path`` is not a bundle or its config is malformed."""
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{str(path)!r} is not a mochi bundle (metadata format={meta.get('format')!r})")
-    return json.loads(meta["config"])
+    return parse_config(meta.get("config"), path, PARTS)
+
+
+def part_configs(path: str | os.PathLike, config: dict, keys: Iterable[str]) -> dict:
+    """Part → its config dataclass, checked against the bundle's tensor ``keys`` (names with prefixes)."""
+    keys = list(keys)
+    where = f"bundle {os.fspath(path)!r}"
+    return {
+        prefix: part_config(config_cls, config[prefix], where, sum(k.startswith(prefix + ".") for k in keys))
+        for prefix, (_, config_cls) in PARTS.items()
+    }
 
 
 def load_bundle(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -167,11 +170,16 @@ def load_bundle(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     if config.get("tokenizer") not in TOKENIZERS:
         raise WeightsError(f"bundle {str(path)!r} names tokenizer {config.get('tokenizer')!r}; known: byte")
     state = read_state_dict(path)
+    configs = part_configs(path, config, state)
     modules = {}
-    for prefix, (model_cls, config_cls) in PARTS.items():
-        cfg = _config_from_json(config_cls, config[prefix])
-        with torch.device("meta"):
-            module = model_cls(cfg)
+    for prefix, (model_cls, _) in PARTS.items():
+        cfg = configs[prefix]
+        try:
+            with torch.device("meta"):
+                module = model_cls(cfg)
+        except (ArithmeticError, AssertionError, IndexError, RuntimeError, TypeError, ValueError) as e:
+            # The config came from the file: a combination the model cannot take is the file's fault.
+            raise WeightsError(f"bundle {str(path)!r}: its {prefix} config builds no model ({e})") from None
         sd = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         load_strict(module, sd, f"{FORMAT} ({prefix})")
         modules[prefix] = module.to(dtype).eval()

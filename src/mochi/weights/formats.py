@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mochi.weights.io import TORCH_SUFFIXES, WeightsError, read_state_dict
+from mochi.weights.io import TORCH_SUFFIXES, WeightsError, open_safetensors, read_state_dict
 
 COMPONENTS = ("dit", "vae_decoder", "vae_encoder", "t5")
 FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -136,7 +136,7 @@ def iter_component(
                 if key.startswith(prefix):
                     yield key[len(prefix) :], t
             continue
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_safetensors(file, device) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 if key.startswith(prefix):
                     yield key[len(prefix) :], f.get_tensor(key)
@@ -179,7 +179,7 @@ def _headers(files: tuple[Path, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
 def _metadata(file: Path) -> dict[str, str]:
     if file.suffix in TORCH_SUFFIXES:
         return {}
-    with safe_open(file, framework="pt") as f:
+    with open_safetensors(file) as f:
         return dict(f.metadata() or {})
 
 

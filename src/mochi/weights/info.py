@@ -18,11 +18,19 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
     """A JSON-ready summary of a checkpoint, read from headers only.
 
     Keys: path, format, description, components (name → prefix, layout, quant, files, tensors,
-    parameters, bytes, dtypes {dtype: parameters}), and for a DiT: dit_config (the inferred `DiTConfig`
-    as a dict), dit_preset (the name of the preset it equals, or None).
+    parameters, bytes, dtypes {dtype: parameters}), and for a DiT: dit_config (the `DiTConfig` as a dict:
+    a bundle's own, otherwise inferred from shapes), dit_preset (the name of the preset it equals, or
+    None). A mochi bundle has format "mochi-bundle" and a ``bundle`` entry: name, tokenizer, defaults and
+    the config of every part, as the bundle's metadata states them.
     """
+    from mochi.weights.bundle import is_bundle
+
     det = detect(path, variant=variant)
     out: dict[str, Any] = {"path": str(path), "format": det.format, "description": det.describe()}
+    bundle = _bundle_info(path) if is_bundle(path) else None
+    if bundle is not None:
+        parts = ", ".join(c for c in COMPONENTS if c in det.files)
+        out.update(format="mochi-bundle", description=f"mochi-bundle {bundle['name']!r} ({parts})")
     components = {}
     for comp in COMPONENTS:
         if comp not in det.files:
@@ -44,13 +52,31 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
         }
     out["components"] = components
     if "dit" in det.files:
-        from mochi.models.dit import DIT_PRESETS
+        from mochi.models.dit import DIT_PRESETS, DiTConfig
         from mochi.weights.dit import genmo_shapes, infer_config
 
-        config = infer_config(genmo_shapes(det))
+        # Shapes cannot tell pool_heads (nor mlp_multiple_of from an equivalent ratio): a bundle says them.
+        config = DiTConfig(**bundle["parts"]["dit"]) if bundle else infer_config(genmo_shapes(det))
         out["dit_config"] = dataclasses.asdict(config)
         out["dit_preset"] = next((name for name, c in DIT_PRESETS.items() if c == config), None)
+    if bundle is not None:
+        out["bundle"] = bundle
     return out
+
+
+def _bundle_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a bundle's metadata states: name, tokenizer, request defaults and every part's config."""
+    from mochi.weights.bundle import bundle_config, part_configs
+    from mochi.weights.io import read_keys
+
+    config = bundle_config(path)
+    parts = part_configs(path, config, read_keys(path))
+    return {
+        "name": config.get("name", "custom"),
+        "tokenizer": config.get("tokenizer"),
+        "defaults": config["defaults"],
+        "parts": {name: dataclasses.asdict(c) for name, c in parts.items()},
+    }
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -68,8 +94,20 @@ def format_info(info: dict[str, Any]) -> str:
     if "dit_config" in info:
         preset = info["dit_preset"] or "no preset"
         fields = ", ".join(f"{k}={v}" for k, v in info["dit_config"].items())
-        lines.append(f"dit config  ({preset}) {fields}")
+        source = "" if "bundle" in info else ", inferred from shapes"
+        lines.append(f"dit config  ({preset}{source}) {fields}")
+    if "bundle" in info:
+        b = info["bundle"]
+        for part, config in b["parts"].items():
+            if part != "dit":
+                lines.append(f"{part:<11} config " + ", ".join(f"{k}={_plain(v)}" for k, v in config.items()))
+        defaults = ", ".join(f"{k}={v}" for k, v in b["defaults"].items())
+        lines.append(f"bundle      tokenizer {b['tokenizer']}; defaults {defaults}")
     return "\n".join(lines)
+
+
+def _plain(value: object) -> str:
+    return "/".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _size(n: int) -> str:

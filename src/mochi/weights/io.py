@@ -8,20 +8,62 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mochi.errors import MochiError, one_line
 from mochi.files import atomic_path
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class WeightsError(ValueError):
-    """A checkpoint does not fit the model: names the keys, the shapes and the detected format."""
+class WeightsError(MochiError, ValueError):
+    """A checkpoint does not fit the model or cannot be read: names the file, keys, shapes or format."""
+
+
+def open_safetensors(file: str | os.PathLike, device: str | torch.device = "cpu"):  # noqa: ANN201 - safe_open
+    """``safe_open`` with a damaged, truncated or foreign file reported as a WeightsError naming it."""
+    try:
+        return safe_open(os.fspath(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise WeightsError(
+            f"{os.fspath(file)!r} is not a readable safetensors file ({one_line(e)}): it is damaged, "
+            "truncated or of another format; write or download it again"
+        ) from None
+
+
+def torch_load(path: str | os.PathLike, device: str | torch.device = "cpu", mmap: bool = True):  # noqa: ANN201
+    """``torch.load(weights_only=True)`` of a zip-format PyTorch file; anything else is a WeightsError.
+
+    Never unpickles arbitrary objects: a file that needs that is refused, with no advice to allow it.
+    """
+    name = os.fspath(path)
+    if not zipfile.is_zipfile(name):
+        raise WeightsError(
+            f"{name!r} is not a zip-format PyTorch file: it is truncated, in the legacy torch.save format "
+            "(before PyTorch 1.6, not supported) or not a PyTorch file at all. Convert a legacy file you trust to safetensors with "
+            "`python -c \"import torch, safetensors.torch as st; "
+            f"st.save_file(torch.load('{name}', weights_only=True), 'converted.safetensors')\"`"
+        )
+    try:
+        return torch.load(name, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}" if found else one_line(str(e).split("\n\n")[0])[:120]
+        raise WeightsError(
+            f"{name!r} holds Python objects other than tensors and plain values ({what}); mochi loads "
+            "weights only, never arbitrary pickles. Save its tensors as safetensors (or a plain state dict) "
+            "where the file's origin is trusted"
+        ) from None
+    except (RuntimeError, EOFError) as e:  # a truncated or damaged zip archive
+        raise WeightsError(f"{name!r} is damaged or truncated ({one_line(e)[:200]})") from None
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -50,7 +92,7 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not path.exists():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix in TORCH_SUFFIXES:
-        sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        sd = torch_load(path, device)
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -58,7 +100,7 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     for file in _shard_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_safetensors(file, device) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 out[key] = f.get_tensor(key)
     return out
@@ -69,7 +111,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if path.suffix in TORCH_SUFFIXES:
         return {}
-    with safe_open(_shard_files(path)[0], framework="pt") as f:
+    with open_safetensors(_shard_files(path)[0]) as f:
         return dict(f.metadata() or {})
 
 
@@ -77,7 +119,7 @@ def read_keys(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]
     """Key → (dtype name, shape) without reading tensor data (safetensors only)."""
     out = {}
     for file in _shard_files(Path(path)):
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118
                 sl = f.get_slice(key)
                 out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
