@@ -3,10 +3,11 @@
 One module per command family (``weights``: info, convert; ``generate``; ``serve``; ``lora``: prepare-data,
 train-lora, convert-lora), ``options`` for what several share. Each sub-command is a pair: ``_add_<name>``
 registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
-library lazily, so `mochi --help` is instant. `main` is the error boundary: user errors (`mochi.errors.MochiError`,
-ValueError, OSError: see `mochi.errors.user_message`) print one line and exit 2, never a traceback; Ctrl-C exits
-130; a reader that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit 141, as for SIGPIPE);
-anything else is a bug and keeps its traceback. Every float option must be finite (`finite_float`).
+library lazily, so `mochi --help` is instant. `main` is the error boundary: user errors
+(`mochi.errors.MochiError`, ValueError, OSError: see `mochi.errors.user_message`) print one line and exit 2,
+never a traceback; Ctrl-C exits 130; a reader that closes the pipe early (`mochi info X | head -1`) ends it
+quietly (exit 141, as for SIGPIPE); anything else is a bug and keeps its traceback. Every float option must
+be finite (`finite_float`).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ def _add_prepare_data(sub: Subparsers) -> None:
             "For every video in VIDEOS_DIR with a same-stem .txt caption: take the first --frames frames, "
             "centre-crop to the aspect of --width x --height, resize, and cache the VAE encoder's mean and "
             "log-variance and the caption's T5 features as OUT_DIR/<stem>.safetensors. Bad files "
-            "(unreadable, too short, too small, no caption) are skipped and listed at the end; a re-run "
-            "skips clips already cached with the same settings."
+            "(unreadable, too short, too small, no caption, two videos of one stem) are skipped and listed "
+            "at the end; a re-run reuses a cached clip only if its video bytes, caption, settings and model "
+            "are unchanged, and removes cache files of videos gone or skipped. A full disk stops the run."
         ),
     )
     p.add_argument("videos", metavar="VIDEOS_DIR", help="folder of videos and their .txt captions")
@@ -63,6 +64,8 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
             progress,
         )
     print(report.summary())
+    if not report.encoded and not report.cached:
+        raise ValueError(f"no clip of {args.videos!r} could be prepared (reasons above)")
     return 0
 
 
@@ -109,6 +112,12 @@ def _add_train_lora(sub: Subparsers) -> None:
     p.add_argument("--sample-steps", type=int, help="sampling steps of samples (default: the model's)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and noise (0)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoints of an earlier run in --out and train from step 0 "
+        "(needed when they are unreadable or were made from other data)",
+    )
     add_model_options(p)
     add_parallel_options(p, guidance=False)
     p.set_defaults(run=_run_train_lora)
@@ -141,7 +150,7 @@ def _run_train_lora(args: argparse.Namespace) -> int:
     cfg.validate()
     world = start_parallel(args)
     if world is None:
-        path = train_lora(pipeline_from_args(args), args.data, args.out, cfg)
+        path = train_lora(pipeline_from_args(args), args.data, args.out, cfg, restart=args.restart)
     else:  # under torchrun the ranks split each batch's tokens; base weights are replicated
         import dataclasses
 
@@ -152,7 +161,8 @@ def _run_train_lora(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, seed=broadcast_int(cfg.seed, world))
         files = {"vae": args.vae, "t5": args.t5, "tokenizer": args.tokenizer}
         pipe = load_pipeline(world, args.model, weights=args.parallel_weights, **files)
-        path = train_lora(pipe, args.data, args.out, cfg, parallel=parallelize_training(pipe, world))
+        parallel = parallelize_training(pipe, world)
+        path = train_lora(pipe, args.data, args.out, cfg, parallel=parallel, restart=args.restart)
         if not world.is_main:
             return 0
     print(f"wrote {path}")

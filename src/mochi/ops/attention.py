@@ -51,7 +51,8 @@ def check_backend(backend: str) -> str:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise MissingPackageError(f"attention backend {backend!r} needs the {module!r} package: {how}") from e
+            message = f"attention backend {backend!r} needs the {module!r} package: {how}"
+            raise MissingPackageError(message) from e
     return backend
 
 

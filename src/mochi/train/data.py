@@ -4,14 +4,20 @@
 frames, centre-crops them to the target aspect, resizes them (never up: a clip whose crop is smaller than
 the target is skipped), and encodes them with the VAE encoder (mean and log-variance, raw VAE space, as
 Genmo caches them) and the caption with T5. Each clip becomes one safetensors file, written atomically, so
-an interrupted run leaves only whole files, and a re-run skips clips already cached at the same settings.
+an interrupted run leaves only whole files. A cached clip is reused only when its content key matches: a
+hash of the video's bytes, the caption, the settings and the model's weights (a changed caption or video is
+encoded again); cache files of videos that are gone or now skipped are removed, so training never sees
+stale data.
 
-A bad input never stops the run: it is listed, with the reason, in the report returned (and written as
-``prepare_report.json``). ``LatentDataset`` reads the cache back for training.
+A bad clip never stops the run: it is listed, with the reason, in the report returned (and written as
+``prepare_report.json``); so are videos whose names differ only in the suffix (``dup.mp4``, ``dup.mkv``:
+one cache file each cannot hold both). A full or read-only disk stops the run at once, and a folder without
+videos is an error naming what it holds. ``LatentDataset`` reads the cache back for training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.errors import DISK_ERRNOS, OutputError
 from mochi.files import atomic_write_text
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
@@ -35,12 +42,15 @@ class PrepareReport:
     encoded: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # stale cache files of videos now gone or skipped
 
     def summary(self) -> str:
         lines = [
             f"{len(self.encoded)} encoded, {len(self.cached)} already cached, {len(self.skipped)} skipped"
+            + (f", {len(self.removed)} stale cache file(s) removed" if self.removed else "")
         ]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        lines += [f"  removed {name}: its video is gone or was skipped" for name in self.removed]
         return "\n".join(lines)
 
 
@@ -48,14 +58,78 @@ def _settings(frames: int, width: int, height: int) -> dict[str, str]:
     return {"frames": str(frames), "width": str(width), "height": str(height)}
 
 
-def _is_cached(path: Path, settings: dict[str, str]) -> bool:
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(components) -> str:  # noqa: ANN001 - Components
+    """A short hash of the VAE encoder's and T5's weights (their shapes and first values): latents cached
+    with another model are not reused."""
+    digest = hashlib.sha256()
+    for module in (components.encoder, components.text_encoder):
+        for name, t in sorted(module.state_dict().items()):
+            head = t.detach().flatten()[:64].float().cpu().numpy().tobytes()
+            digest.update(f"{name}{tuple(t.shape)}".encode() + head)
+    return digest.hexdigest()[:16]
+
+
+def content_key(video: Path, caption: str, settings: dict[str, str], model: str) -> str:
+    """What a cached clip depends on: the video's bytes, the caption, the settings and the model."""
+    parts = [_file_hash(video), caption, json.dumps(settings, sort_keys=True), model]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _cached_key(path: Path) -> str | None:
+    """The content key a cache file was written for; None when there is no readable one."""
     if not path.is_file():
-        return False
+        return None
     try:
-        meta = read_metadata(path)
-    except Exception:  # noqa: BLE001 - a foreign or damaged file is simply redone
-        return False
-    return all(meta.get(k) == v for k, v in settings.items())
+        return read_metadata(path).get("key")
+    except (WeightsError, OSError):  # a foreign or damaged file is simply redone
+        return None
+
+
+def _remove_stale(path: Path) -> bool:
+    """Remove a cache file a previous run wrote (its metadata names a source); True when one was removed."""
+    try:
+        ours = path.is_file() and "source" in read_metadata(path)
+    except (WeightsError, OSError):
+        ours = False
+    if ours:
+        path.unlink()
+    return ours
+
+
+def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The videos of ``src`` and, for each video sharing its stem with another, why it is skipped.
+
+    Raises ValueError when there is no video at all, naming what the folder holds instead.
+    """
+    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    if not videos:
+        captions = sorted(p.name for p in src.glob("*.txt"))
+        held = (
+            f"it holds {len(captions)} caption(s) ({', '.join(captions[:5])}) but not their videos"
+            if captions
+            else "it is empty of videos"
+        )
+        raise ValueError(
+            f"videos folder {str(src)!r} holds no video ({', '.join(VIDEO_SUFFIXES)}): {held}; put each "
+            "video beside a same-stem .txt caption"
+        )
+    by_stem: dict[str, list[Path]] = {}
+    for v in videos:
+        by_stem.setdefault(v.stem, []).append(v)
+    clashes = {}
+    for group in by_stem.values():
+        for v in group if len(group) > 1 else ():
+            others = ", ".join(o.name for o in group if o != v)
+            clashes[v] = f"same name as {others}: both would be cached as {v.stem}.safetensors; rename one"
+    return videos, clashes
 
 
 def _clip(video: Path, frames: int, width: int, height: int) -> torch.Tensor:
@@ -102,23 +176,28 @@ def prepare_data(
         raise ValueError(f"videos folder {str(src)!r} does not exist")
     if components.encoder is None:
         raise ValueError("this model has no VAE encoder; prepare-data needs one (pass --vae PATH)")
+    videos, clashes = _inputs(src)
     out.mkdir(parents=True, exist_ok=True)
-    videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     settings = _settings(frames, width, height)
+    model = model_fingerprint(components)
     report = PrepareReport()
+    report.skipped += [(v.name, why) for v, why in clashes.items()]
     encoder, text_encoder = components.encoder, components.text_encoder
     if progress is not None:
         progress(0, len(videos), "")
     for done, video in enumerate(videos, 1):
         target = out / f"{video.stem}.safetensors"
         try:
-            if _is_cached(target, settings):
-                report.cached.append(video.name)
+            if video in clashes:
                 continue
             caption_file = video.with_suffix(".txt")
             if not caption_file.is_file():
                 raise ValueError(f"no caption: {caption_file.name} is missing")
             caption = caption_file.read_text(encoding="utf-8").strip()
+            key = content_key(video, caption, settings, model)
+            if _cached_key(target) == key:
+                report.cached.append(video.name)
+                continue
             clip = _clip(video, frames, width, height)
             x = clip.permute(3, 0, 1, 2)[None].to(device, torch.float32) / 127.5 - 1.0  # (1, 3, T, H, W)
             with torch.no_grad():
@@ -129,15 +208,27 @@ def prepare_data(
                 "logvar": logvar[0].float().cpu(),
                 "text": feats[0][mask[0]].float().cpu(),
             }
-            save_state_dict(tensors, target, {**settings, "caption": caption, "source": video.name})
+            meta = {**settings, "caption": caption, "source": video.name, "key": key, "model": model}
+            save_state_dict(tensors, target, meta)
             report.encoded.append(video.name)
-        except (ValueError, OSError) as e:  # VideoError and UnicodeDecodeError are ValueErrors
+        except OutputError:
+            raise  # a full or read-only disk fails every clip alike: stop now, not at the end
+        except OSError as e:
+            if e.errno in DISK_ERRNOS:
+                raise
+            report.skipped.append((video.name, str(e)))
+        except ValueError as e:  # VideoError and UnicodeDecodeError are ValueErrors
             report.skipped.append((video.name, str(e)))
         except Exception as e:  # noqa: BLE001 - one clip must never stop the run; the report names it
             report.skipped.append((video.name, f"{type(e).__name__}: {e}"))
         finally:
             if progress is not None:
                 progress(done, len(videos), video.name)
+    # A clip cached by an earlier run whose video is now skipped, gone or renamed must not be trained on.
+    current = {out / f"{v.stem}.safetensors" for v in videos if v.name not in dict(report.skipped)}
+    for old in sorted(out.glob("*.safetensors")):
+        if old not in current and _remove_stale(old):
+            report.removed.append(old.name)
     atomic_write_text(out / REPORT_NAME, json.dumps(asdict(report), indent=2) + "\n")
     return report
 
@@ -164,8 +255,10 @@ class LatentDataset:
         if not files:
             raise ValueError(f"data folder {str(folder)!r} holds no clips; run `mochi prepare-data` first")
         self.examples: list[Example] = []
+        digest = hashlib.sha256()
         for f in files:
             sd, meta = read_state_dict(f), read_metadata(f)
+            digest.update(f"{f.name}\0{meta.get('key') or _file_hash(f)}\0".encode())
             if not {"mean", "logvar", "text"} <= sd.keys():
                 raise WeightsError(f"{str(f)!r} is not a prepared clip (needs mean, logvar and text)")
             self.examples.append(
@@ -177,6 +270,9 @@ class LatentDataset:
                 f"data folder {str(folder)!r} mixes latent shapes {sorted(shapes)}; prepare every clip "
                 "with the same --frames/--width/--height"
             )
+        # Which clips, with which content: a resumed run checks that its data did not change under it.
+        self.fingerprint = f"{len(files)} clips, sha256 {digest.hexdigest()[:16]}"
+        self.names = [f.name for f in files]
         self.settings = {
             k: int(v) for k, v in read_metadata(files[0]).items() if k in ("frames", "width", "height")
         }

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from mochi.errors import MochiError, one_line
 from mochi.files import atomic_path
+from mochi.weights.io import WeightsError, torch_load
 
 _STATE = re.compile(r"^step-(\d{6,})\.pt$")
 
@@ -28,8 +30,10 @@ def state_dir(out: Path) -> Path:
 
 
 def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: dict, config: dict,
-               keep: int = 2) -> Path:  # fmt: skip
-    """Write the state after ``step`` completed steps; keep only the newest ``keep`` state files."""
+               keep: int = 2, data: str = "") -> Path:  # fmt: skip
+    """Write the state after ``step`` completed steps; keep only the newest ``keep`` state files.
+
+    data: the fingerprint of the training data (``LatentDataset.fingerprint``), compared on resume."""
     folder = state_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
@@ -38,6 +42,7 @@ def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: d
         "lora": {k: v.detach().cpu().clone() for k, v in lora.items()},
         "optimizer": optimizer,
         "config": json.dumps(config, sort_keys=True),
+        "data": data,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -55,20 +60,47 @@ def list_states(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class ResumeError(MochiError):
+    """A run folder's training states cannot be resumed (all unreadable, or made from other data)."""
+
+
 def load_latest_state(out: Path) -> dict | None:
     """The newest readable state of a run (``config`` parsed back to a dict), or None for a fresh run.
 
-    Temporary files that a killed write left behind (``.step-….partial.pt``) are removed.
+    Besides the saved entries the state holds ``path`` (the file read) and ``unreadable``: (file name,
+    reason) of each newer state that could not be read, which the caller must report. When states exist
+    but none is readable, raises ResumeError naming them. Temporary files that a killed write left behind
+    (``.step-….partial.pt``) are removed.
     """
     folder = state_dir(out)
     for leftover in folder.glob(".step-*.partial.pt") if folder.is_dir() else []:
         leftover.unlink(missing_ok=True)
+    unreadable: list[tuple[str, str]] = []
     for path in reversed(list_states(out)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError):
-            continue  # cannot happen with atomic writes, unless the disk itself failed: try an older one
-        state["config"] = json.loads(state["config"])
+            state = torch_load(path, mmap=False)
+            state["config"] = json.loads(state["config"])
+            if not isinstance(state["step"], int):
+                raise ValueError(f"step is {state['step']!r}")
+        except (WeightsError, KeyError, TypeError, ValueError) as e:
+            # Atomic writes rule out half-written files, but not a failing disk or a hand-copied folder.
+            unreadable.append((path.name, one_line(str(e))[:200]))
+            continue
         state["path"] = os.fspath(path)
+        state["unreadable"] = unreadable
         return state
+    if unreadable:
+        names = "; ".join(f"{name}: {why}" for name, why in unreadable)
+        raise ResumeError(
+            f"{str(out)!r} holds training states but none is readable ({names}); pass --restart to discard "
+            "them and train from step 0, or restore them from a backup"
+        )
     return None
+
+
+def clear_states(out: Path) -> list[Path]:
+    """Remove a run's states and per-checkpoint LoRAs (``--restart``); returns the files removed."""
+    removed = [*list_states(out), *sorted(out.glob("lora-step-*.safetensors"))]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

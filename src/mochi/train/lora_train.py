@@ -31,7 +31,7 @@ from torch import nn
 from mochi.models.latents import vae_to_dit
 from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
 from mochi.train.data import LatentDataset
-from mochi.train.lora_state import load_latest_state, save_state
+from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
 
 SIGMA_SAMPLING = ("uniform", "shifted")
@@ -183,8 +183,43 @@ def _check_resumable(saved: dict, cfg: LoraTrainConfig, out: Path) -> None:
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise ValueError(
                 f"{str(out)!r} holds a run with {key}={saved.get(key)!r}, not {now.get(key)!r}; "
-                f"rerun with the same settings to resume it, or choose another --out for a new run"
+                f"rerun with the same settings to resume it, choose another --out for a new run, or pass "
+                "--restart to replace it"
             )
+
+
+def _say(message: str, show: bool) -> None:
+    if show:
+        print(f"mochi: {message}", file=sys.stderr)
+
+
+def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, restart: bool, show: bool):  # noqa: ANN202
+    """The state to resume from (None: step 0), every decision said on stderr when ``show``.
+
+    Unreadable newer states are named and skipped; states of another run (other settings or other data)
+    or none readable at all are refused unless ``restart``, which removes them.
+    """
+    if restart:
+        removed = clear_states(out)
+        if removed:
+            _say(f"--restart: removed {len(removed)} checkpoint file(s) of the earlier run in {out}", show)
+        return None
+    state = load_latest_state(out)  # ResumeError when states exist and none is readable
+    if state is None:
+        return None
+    for name, why in state["unreadable"]:
+        _say(f"warning: training state {name} is unreadable ({why}); ignoring it", show)
+    _check_resumable(state["config"], cfg, out)
+    saved = state.get("data") or ""
+    if saved and saved != data.fingerprint:
+        raise ResumeError(
+            f"{str(out)!r} holds a run trained on other data ({saved}; the data folder now holds "
+            f"{data.fingerprint}); rerun with that data to resume, or pass --restart to train from step 0"
+        )
+    if not saved:
+        _say("warning: the saved state does not record its data, so a change in it cannot be seen", show)
+    _say(f"resuming from {Path(state['path']).name} (step {state['step']} of {cfg.steps})", show)
+    return state
 
 
 def train_lora(
@@ -194,10 +229,13 @@ def train_lora(
     cfg: LoraTrainConfig,
     progress: bool = True,
     parallel=None,  # noqa: ANN001 - mochi.parallel.train.TrainParallel under torchrun
+    restart: bool = False,
 ) -> Path:
     """Train a LoRA on ``pipe``'s DiT from a ``prepare_data`` folder; returns ``out_dir/lora.safetensors``.
 
-    Resumes from the newest state in ``out_dir`` when there is one (same settings required). Writes
+    Resumes from the newest readable state in ``out_dir`` when there is one (same settings and data
+    required; see `_resume_decision`, which says what it decided on stderr); ``restart`` discards the
+    states of an earlier run instead and trains from step 0. Writes
     checkpoints every ``checkpoint_every`` steps, samples every ``sample_every`` steps, and a checkpoint on
     Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt. ``parallel`` (set up by
     ``mochi.parallel.train.parallelize_training``): all ranks train one batch together; gradients are
@@ -218,9 +256,7 @@ def train_lora(
         out.mkdir(parents=True, exist_ok=True)
     dit = c.dit
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
-    state = load_latest_state(out)
-    if state is not None:
-        _check_resumable(state["config"], cfg, out)
+    state = _resume_decision(out, cfg, data, restart, writes and progress)
     if writes:
         atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
 
@@ -243,7 +279,7 @@ def train_lora(
         if not writes:
             return
         lora = trainable_lora_state_dict(dit)
-        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep)
+        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep, data.fingerprint)
         save_lora(read_layers(lora), out / f"lora-step-{step:06d}.safetensors", extra={"step": step})
 
     def read_layers(lora: dict) -> dict:

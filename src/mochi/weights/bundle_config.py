@@ -36,7 +36,8 @@ def parse_config(text: str | None, path: str | os.PathLike, parts: Mapping[str, 
     except ValueError as e:
         raise WeightsError(f"{where}: its 'config' metadata is not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise WeightsError(f"{where}: its 'config' metadata must be a JSON object, not {type(config).__name__}")
+        kind = type(config).__name__
+        raise WeightsError(f"{where}: its 'config' metadata must be a JSON object, not {kind}")
     for part in parts:
         if not isinstance(config.get(part), dict):
             raise WeightsError(f"{where}: config[{part!r}] must be a JSON object of {part} settings")
@@ -108,7 +109,7 @@ def _check_defaults(defaults: object, where: str) -> None:
 
 
 def _type_name(annotation: object) -> str:
-    """"int", "tuple[int, ...]": the annotation as written, whether or not annotations are postponed."""
+    """ "int", "tuple[int, ...]": the annotation as written, whether or not annotations are postponed."""
     if isinstance(annotation, str) or hasattr(annotation, "__origin__"):
         return str(annotation)
     return getattr(annotation, "__name__", str(annotation))

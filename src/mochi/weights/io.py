@@ -48,8 +48,9 @@ def torch_load(path: str | os.PathLike, device: str | torch.device = "cpu", mmap
     if not zipfile.is_zipfile(name):
         raise WeightsError(
             f"{name!r} is not a zip-format PyTorch file: it is truncated, in the legacy torch.save format "
-            "(before PyTorch 1.6, not supported) or not a PyTorch file at all. Convert a legacy file you trust to safetensors with "
-            "`python -c \"import torch, safetensors.torch as st; "
+            "(before PyTorch 1.6, not supported) or not a PyTorch file at all. Convert a legacy file you "
+            "trust to safetensors with "
+            '`python -c "import torch, safetensors.torch as st; '
             f"st.save_file(torch.load('{name}', weights_only=True), 'converted.safetensors')\"`"
         )
     try:
