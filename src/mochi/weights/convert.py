@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from mochi.files import atomic_write_text
+from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
 from mochi.weights.dit import Consumed, read_dit, shape_facts
-from mochi.weights.formats import detect, iter_component
-from mochi.weights.io import save_state_dict
+from mochi.weights.formats import GENMO_FILES, Detected, detect
+from mochi.weights.io import WeightsError, save_state_dict
 
 TARGETS = ("genmo", "diffusers")
 DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
@@ -38,29 +39,108 @@ def convert(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Convert the DiT at ``src`` (any format `mochi.weights.formats.detect` knows) to ``to`` at ``dst``.
+    """Convert the DiT and VAE at ``src`` (any format `formats.detect` knows) to layout ``to`` at ``dst``.
 
     dtype: the output dtype of the DiT's weights (fp32 islands stay fp32); None keeps the stored dtype,
-    except that fp8 weights are always dequantized (to the dtype of the file's other tensors).
-    variant: the diffusers variant to read when ``src`` holds several. Returns the path written (the
-    ``dit.safetensors`` file or the ``transformer`` folder). Converting and converting back is bit-exact
-    when no dtype change is asked for.
+    except that fp8 weights are always dequantized (to the dtype of the file's other tensors). The VAE
+    keeps its stored dtype. variant: the diffusers variant to read when ``src`` holds several. Returns the
+    main path written (``dit.safetensors`` or ``transformer``; for a VAE-only source the folder, or the
+    file). Converting and converting back is bit-exact when no dtype change is asked for.
+
+    Every output path is checked before the first is written: none may exist (unless ``overwrite``) and
+    none may be, or hold, a file of ``src``. A mochi bundle is refused: see `_refuse_bundle`.
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is not a supported layout; choose one of {', '.join(TARGETS)}")
-    det = detect(src, variant=variant)
-    sd, _ = read_dit(det, dtype=dtype, fp8="dequantize")
     dst = Path(dst)
+    if to == "diffusers" and dst.suffix == ".safetensors":
+        raise ValueError(
+            f"--to diffusers writes a folder (DST/transformer/, DST/vae/), but {str(dst)!r} names a "
+            f".safetensors file; give a folder such as {str(dst.with_suffix(''))!r}, or use --to genmo "
+            "for a single file"
+        )
+    _refuse_bundle(src)
+    det = detect(src, variant=variant)
+    parts = vae_parts(det)
+    if "dit" not in det.files and not parts:
+        raise WeightsError(
+            f"{str(src)!r} (detected format: {det.describe()}) holds no DiT and no VAE: nothing to convert"
+        )
+    outputs = _outputs(det, dst, to, parts)
+    _check_outputs(outputs, det, overwrite)
     if to == "genmo":
-        out = dst if dst.suffix == ".safetensors" else dst / "dit.safetensors"
-        _check_free(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_state_dict(sd, out, metadata={"format": "pt"})
-        if out.name == "dit.safetensors":
-            _copy_genmo_vae(det, out.parent, overwrite)
-        return out
-    return save_diffusers(
-        Consumed(sd), dst / "transformer", overwrite=overwrite, max_shard_bytes=max_shard_bytes
+        return _to_genmo(det, outputs, dtype)
+    written = [
+        save_diffusers(
+            Consumed(read_dit(det, dtype=dtype, fp8="dequantize")[0]),
+            path,
+            overwrite=True,
+            max_shard_bytes=max_shard_bytes,
+        )  # fmt: skip
+        for kind, path in outputs
+        if kind == "dit"
+    ]
+    if parts:
+        tensors, config = diffusers_vae([read_vae_part(det, p, need_config=True) for p in parts])
+        written.append(_write_folder({_WEIGHTS + ".safetensors": tensors}, config, dst / "vae"))
+    return written[0]
+
+
+def _outputs(det: Detected, dst: Path, to: str, parts: list[str]) -> list[tuple[str, Path]]:
+    """(what, path) of every file or folder the conversion writes, in writing order."""
+    if to == "diffusers":
+        out = [("dit", dst / "transformer")] if "dit" in det.files else []
+        return out + ([("vae", dst / "vae")] if parts else [])
+    if dst.suffix == ".safetensors":
+        # One file: the DiT alone, or for a VAE-only source both parts under decoder./encoder. (ComfyUI's
+        # VAE file layout).
+        return [("dit" if "dit" in det.files else "vae", dst)]
+    out = [("dit", dst / GENMO_FILES["dit"])] if "dit" in det.files else []
+    return out + [(p, dst / GENMO_FILES[f"vae_{p}"]) for p in parts]
+
+
+def _check_outputs(outputs: list[tuple[str, Path]], det: Detected, overwrite: bool) -> None:
+    sources = {f.resolve() for files in det.files.values() for f in files} | {det.path.resolve()}
+    for _, path in outputs:
+        target = path.resolve()
+        clash = next((s for s in sorted(sources) if s == target or target in s.parents), None)
+        if clash is not None:
+            raise ValueError(
+                f"output {str(path)!r} would replace the source {str(clash)!r} while reading it; "
+                "choose another DST (--overwrite does not allow this)"
+            )
+        _check_free(path, overwrite)
+
+
+def _to_genmo(det: Detected, outputs: list[tuple[str, Path]], dtype: torch.dtype | None) -> Path:
+    for kind, path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "dit":
+            sd, _ = read_dit(det, dtype=dtype, fp8="dequantize")
+            save_state_dict(sd, path, metadata={"format": "pt"})
+        elif kind == "vae":  # a VAE-only source into one file
+            tensors = {
+                f"{p}.{k}": v for p in vae_parts(det) for k, v in read_vae_part(det, p, False).genmo.items()
+            }
+            save_state_dict(tensors, path, metadata={"format": "pt"})
+        else:
+            save_state_dict(read_vae_part(det, kind, False).genmo, path, metadata={"format": "pt"})
+    return outputs[0][1] if outputs[0][0] == "dit" or len(outputs) == 1 else outputs[0][1].parent
+
+
+def _refuse_bundle(src: str | os.PathLike) -> None:
+    """A mochi bundle (the embedded model is one) converts to nothing that computes the same."""
+    from mochi.weights.bundle import FORMAT, bundle_config, is_bundle
+
+    if not is_bundle(src):
+        return
+    config = bundle_config(src)
+    pool_heads = config["dit"].get("pool_heads")
+    raise ValueError(
+        f"{str(src)!r} is a {FORMAT} ({config.get('name', 'custom')!r}): a whole model whose byte "
+        f"tokenizer, small T5, latent statistics and DiT settings (pool_heads={pool_heads}) "
+        "Genmo's and diffusers' layouts cannot record, so its converted parts would load as a different "
+        f"model; use the file itself: mochi generate --model {str(src)!r}"
     )
 
 
@@ -87,22 +167,28 @@ def save_diffusers(
     sd = genmo_to_diffusers(Consumed(owned))
     shards = _shard(sd, max_shard_bytes)
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
+    if len(shards) == 1:
+        return _write_folder({f"{stem}.safetensors": shards[0]}, diffusers_config(facts), folder)
+    files = {f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards, 1)}
+    weight_map = {k: name for name, shard in files.items() for k in shard}
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index_name = f"{_WEIGHTS}.safetensors.index" + (f".{variant}" if variant else "") + ".json"
+    return _write_folder(files, diffusers_config(facts), folder, {index_name: index})
+
+
+def _write_folder(
+    files: dict[str, dict[str, torch.Tensor]], config: dict, folder: Path, extra: dict | None = None
+) -> Path:
+    """A diffusers model folder (safetensors ``files``, ``config.json``, ``extra`` JSON files) assembled
+    beside ``folder`` and renamed into place once complete."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     try:
-        if len(shards) == 1:
-            save_state_dict(shards[0], tmp / f"{stem}.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_state_dict(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            index_name = f"{_WEIGHTS}.safetensors.index" + (f".{variant}" if variant else "") + ".json"
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            atomic_write_text(tmp / index_name, json.dumps(index, indent=2) + "\n")
-        atomic_write_text(tmp / "config.json", json.dumps(diffusers_config(facts), indent=2) + "\n")
+        for name, tensors in files.items():
+            save_state_dict(tensors, tmp / name, metadata={"format": "pt"})
+        for name, value in {**(extra or {}), "config.json": config}.items():
+            atomic_write_text(tmp / name, json.dumps(value, indent=2) + "\n")
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,13 +241,3 @@ def _replace_folder(new: Path, folder: Path) -> None:
     os.replace(new, folder)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _copy_genmo_vae(det, folder: Path, overwrite: bool) -> None:  # noqa: ANN001 - Detected
-    """Copy VAE parts held in Genmo's naming (ComfyUI all-in-one files) as Genmo's decoder/encoder files."""
-    for comp, name in (("vae_decoder", "decoder.safetensors"), ("vae_encoder", "encoder.safetensors")):
-        if det.layouts.get(comp) != "genmo" or det.files[comp][0].parent == folder:
-            continue
-        out = folder / name
-        _check_free(out, overwrite)
-        save_state_dict(dict(iter_component(det, comp)), out, metadata={"format": "pt"})

@@ -57,32 +57,47 @@ def _part_state_dict(source: VAESource, part: str) -> tuple[dict[str, torch.Tens
     return sd, det.describe(), False
 
 
-def _load(path, part: str, presets: dict, build, pairs_fn, config, dtype, device):
-    sd, fmt, diffusers = _part_state_dict(path, part)
+_PARTS = {
+    "decoder": (DECODER_PRESETS, Decoder, decoder_pairs),
+    "encoder": (ENCODER_PRESETS, Encoder, encoder_pairs),
+}
+
+
+def match_config(
+    sd: dict[str, torch.Tensor],
+    part: str,
+    diffusers: bool,
+    config: DecoderConfig | EncoderConfig | None = None,
+    fmt: str = "",
+) -> DecoderConfig | EncoderConfig:
+    """The config (``config``, else the preset) whose key→shape set ``sd`` matches exactly.
+
+    sd: the ``part`` ("decoder" or "encoder") tensors, in Genmo's names or (``diffusers``) diffusers'
+    names with the part's prefix. Raises WeightsError naming the mismatch otherwise.
+    """
+    presets, build, pairs_fn = _PARTS[part]
+
+    def expected(cfg: DecoderConfig | EncoderConfig) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            shapes = _meta_shapes(build(cfg))
+        if not diffusers:
+            return shapes
+        return {k: tuple(v.shape) for k, v in to_diffusers(_meta_tensors(shapes), pairs_fn(cfg)).items()}
+
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     candidates = [config] if config is not None else list(presets.values())
-    chosen = None
     for cfg in candidates:
-        with torch.device("meta"):
-            expected = _meta_shapes(build(cfg))
-        if diffusers:
-            expected = {
-                k: tuple(v.shape) for k, v in to_diffusers(_meta_tensors(expected), pairs_fn(cfg)).items()
-            }
-        if expected == shapes:
-            chosen = cfg
-            break
-    if chosen is None:
-        # Name the problem against the requested (or released) configuration.
-        cfg = candidates[0]
-        with torch.device("meta"):
-            expected = _meta_shapes(build(cfg))
-        if diffusers:
-            expected = {
-                k: tuple(v.shape) for k, v in to_diffusers(_meta_tensors(expected), pairs_fn(cfg)).items()
-            }
-        check_state_dict(expected, sd, fmt)
-        raise WeightsError(f"checkpoint (detected format: {fmt}) fits no VAE {part} configuration")
+        if expected(cfg) == shapes:
+            return cfg
+    # Name the problem against the requested (or released) configuration.
+    check_state_dict(expected(candidates[0]), sd, fmt)
+    raise WeightsError(f"checkpoint (detected format: {fmt}) fits no VAE {part} configuration")
+
+
+def _load(path, part: str, config, dtype, device):
+    _, build, pairs_fn = _PARTS[part]
+    sd, fmt, diffusers = _part_state_dict(path, part)
+    chosen = match_config(sd, part, diffusers, config, fmt)
     if diffusers:
         sd = from_diffusers(sd, pairs_fn(chosen))
     with torch.device("meta"):
@@ -107,7 +122,7 @@ def load_vae_decoder(
 ) -> Decoder:
     """The VAE decoder from a Genmo, ComfyUI (VAE or all-in-one) or diffusers checkpoint (a path, or what
     ``formats.detect`` found in one), strictly."""
-    return _load(path, "decoder", DECODER_PRESETS, Decoder, decoder_pairs, config, dtype, device)
+    return _load(path, "decoder", config, dtype, device)
 
 
 def load_vae_encoder(
@@ -119,4 +134,4 @@ def load_vae_encoder(
 ) -> Encoder:
     """The VAE encoder from a Genmo, ComfyUI (VAE or all-in-one) or diffusers checkpoint (a path, or what
     ``formats.detect`` found in one), strictly."""
-    return _load(path, "encoder", ENCODER_PRESETS, Encoder, encoder_pairs, config, dtype, device)
+    return _load(path, "encoder", config, dtype, device)
