@@ -73,8 +73,9 @@ def part_config(cls: type, values: Mapping, where: str, tensors: int):  # noqa: 
             if len(value) > MAX_INT:
                 raise WeightsError(f"{label} is too long")
             value = tuple(value)
-        elif not _of_type(value, kind):
-            raise WeightsError(f"{label} must be {'an' if kind == 'int' else 'a'} {kind}")
+        elif not _of_type(value, kind) or (kind == "int" and value < 1):
+            # Every scalar count or width is at least 1; only list items (res blocks per stage) may be 0.
+            raise WeightsError(f"{label} must be {'a positive int' if kind == 'int' else 'a ' + kind}")
         if name in DEPTH_FIELDS:
             count = sum(value) if isinstance(value, tuple) else value
             if count > tensors:

@@ -1,0 +1,464 @@
+"""One line, never a traceback: junk inputs, malformed bundles, impossible options, full disks, closed pipes.
+
+Table-driven over junk files for every command that reads weights, and over malformed bundle configs. A full
+disk is simulated for real: a child process runs each command under a file-size limit (RLIMIT_FSIZE), so
+the actual writers (safetensors' Rust code, torch.save's C++ code, PyAV) meet a real EFBIG from the kernel.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mochi.errors
+import mochi.pipeline
+from mochi.cli import main
+from mochi.errors import OutputError, write_errors
+from mochi.files import atomic_write_bytes
+from mochi.train import shapes
+from mochi.train.data import prepare_data
+from mochi.video import write_video
+from mochi.weights.bundle import embedded_path
+
+from .dit_checkpoints import tiny_model, write_genmo
+from .test_lora_train import _lora_file
+from .test_pipeline import tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Obj:
+    """A class torch's weights-only unpickler refuses."""
+
+
+def _junk(folder: Path, lora: Path) -> dict[str, Path]:
+    """Every kind of unreadable weights file, by name."""
+    folder.mkdir(exist_ok=True)
+    good = lora.read_bytes()
+    files = {
+        "truncated.safetensors": good[: len(good) // 2],
+        "header-cut.safetensors": good[:20],
+        "text.safetensors": b"this is not a safetensors file\n",
+        "empty.safetensors": b"",
+        "junk.pt": b"junk",
+    }
+    out = {name: folder / name for name in files}
+    for name, data in files.items():
+        out[name].write_bytes(data)
+    torch.save({"a": torch.zeros(2)}, folder / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"a": _Obj()}, folder / "pickle.bin")
+    torch.save({"a": torch.zeros(1000)}, folder / "full.ckpt")
+    (folder / "cut.ckpt").write_bytes((folder / "full.ckpt").read_bytes()[:400])
+    return out | {n: folder / n for n in ("legacy.pt", "pickle.bin", "cut.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def junk(tmp_path_factory):
+    root = tmp_path_factory.mktemp("junk")
+    return _junk(root / "junk", _lora_file(root / "good.safetensors"))
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+
+
+def _one_line(capsys, code, *names):
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    # Progress bars (lines ending in carriage returns) may come first; the error is one whole last line.
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("mochi: error: ") and err.count("mochi: error:") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    err = last
+    for name in names:
+        assert name in err
+    return err
+
+
+JUNK = [
+    "truncated.safetensors",
+    "header-cut.safetensors",
+    "text.safetensors",
+    "empty.safetensors",
+    "junk.pt",
+    "legacy.pt",
+    "pickle.bin",
+    "cut.ckpt",
+]
+
+
+@pytest.mark.parametrize("name", JUNK)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", "{f}"],
+        ["convert", "{f}", "{tmp}/out", "--to", "genmo"],
+        ["convert", "{f}", "{tmp}/out", "--to", "diffusers"],
+        ["convert-lora", "{f}", "{tmp}/out.safetensors", "--to", "diffusers"],
+        ["generate", "x", "--model", "{f}", "--out", "{tmp}/v.mp4"],
+        ["generate", "x", "--lora", "{f}", "--steps", "1", "--out", "{tmp}/v.mp4"],
+    ],
+    ids=["info", "convert-genmo", "convert-diffusers", "convert-lora", "generate-model", "generate-lora"],
+)
+def test_junk_weights_are_one_line_for_every_command(junk, request, tmp_path, capsys, argv, name):
+    if "--lora" in argv:  # the LoRA is the junk: a tiny random model stands in for the embedded one
+        request.getfixturevalue("tiny")
+    args = [a.format(f=junk[name], tmp=tmp_path) for a in argv]
+    err = _one_line(capsys, main(args), name)
+    if name in ("legacy.pt", "junk.pt", "cut.ckpt"):
+        assert "not a zip-format PyTorch file" in err and "weights_only=True" in err
+    if name == "pickle.bin":
+        assert "never arbitrary pickles" in err and "_Obj" in err
+    if name.endswith(".safetensors"):
+        assert "not a readable safetensors file" in err or "holds no" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("name", [n for n in JUNK if n.endswith(".safetensors")])
+def test_junk_prepared_clip_is_one_line_in_train_lora(junk, tiny, tmp_path, capsys, name):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "clip.safetensors").write_bytes(junk[name].read_bytes())
+    code = main(["train-lora", str(data), "--out", str(tmp_path / "run"), "--steps", "1"])
+    _one_line(capsys, code, "clip.safetensors")
+
+
+# -- malformed bundles ------------------------------------------------------------------------------------
+
+
+def _bundle_with(path: Path, edit) -> Path:
+    """The embedded bundle with its config (a dict) or its whole metadata edited by ``edit``."""
+    with safe_open(str(embedded_path()), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    result = edit(config)
+    if isinstance(result, dict) and "format" in result:  # edits the metadata itself
+        meta = result
+    else:
+        meta["config"] = result if isinstance(result, str) else json.dumps(config)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _set(path: list, value):
+    def edit(config):
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+
+    return edit
+
+
+_DELETE = object()
+
+BAD_BUNDLES = {
+    "config not json": lambda c: "{not json",
+    "config a list": lambda c: "[]",
+    "config null": lambda c: "null",
+    "no config": lambda c: {"format": "mochi-bundle"},
+    "no dit": _set(["dit"], _DELETE),
+    "dit a list": _set(["dit"], [1, 2]),
+    "depth a string": _set(["dit", "depth"], "4"),
+    "huge depth": _set(["dit", "depth"], 10**9),  # built as is, this ran for hours
+    "huge depth within bounds": _set(["dit", "depth"], 1000),
+    "negative depth": _set(["dit", "depth"], -1),
+    "zero heads": _set(["dit", "num_heads"], 0),
+    "float width": _set(["dit", "hidden_size_x"], 128.5),
+    "unknown field": _set(["dit", "wings"], 2),
+    "huge t5": _set(["text_encoder", "num_layers"], 10**6),
+    "huge res blocks": _set(["decoder", "num_res_blocks"], [0, 1, 1, 1, 10**8]),
+    "res blocks not a list": _set(["decoder", "num_res_blocks"], 3),
+    "nan epsilon": lambda c: json.dumps(c).replace(
+        '"layer_norm_epsilon": 1e-06', '"layer_norm_epsilon": NaN'
+    ),
+    "short latent mean": _set(["latent_mean"], [0.0] * 3),
+    "zero latent std": _set(["latent_std"], [0.0] * 12),
+    "no defaults": _set(["defaults"], _DELETE),
+    "frames a string": _set(["defaults", "frames"], "25"),
+    "bad latents": _set(["defaults", "latents"], "both"),
+    "name a number": _set(["name"], 3),
+    "other tokenizer": _set(["tokenizer"], "sentencepiece"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BUNDLES))
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_malformed_bundle_metadata_is_one_line(tmp_path, capsys, case, command):
+    bundle = _bundle_with(tmp_path / "bad.safetensors", BAD_BUNDLES[case])
+    argv = ["info", str(bundle)] if command == "info" else ["generate", "x", "--model", str(bundle)]
+    code = main([*argv, "--out", str(tmp_path / "v.mp4")] if command == "generate" else argv)
+    if command == "info" and case == "other tokenizer":
+        assert code == 0  # info reports what the bundle says; generate refuses to run it
+        capsys.readouterr()
+        return
+    _one_line(capsys, code, "bad.safetensors")
+    assert not (tmp_path / "v.mp4").exists()
+
+
+# -- options no command can honour --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        (["generate", "x"], "--fps", "inf"),
+        (["generate", "x"], "--fps", "nan"),
+        (["generate", "x"], "--guidance", "-inf"),
+        (["generate", "x"], "--strength", "nan"),
+        (["train-lora", "d", "--out", "r"], "--lr", "inf"),
+        (["train-lora", "d", "--out", "r"], "--alpha", "nan"),
+    ],
+)
+def test_non_finite_float_options_are_refused_by_the_parser(capsys, command, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main([*command, f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value!r} is not a finite number" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla", "cuda:99"])
+def test_unsupported_devices_are_one_line(tiny, tmp_path, capsys, device):
+    code = main(["generate", "x", "--device", device, "--out", str(tmp_path / "v.mp4")])
+    err = _one_line(capsys, code, repr(device))
+    assert "cpu" in err
+
+
+@pytest.mark.parametrize(("backend", "package"), [("flash", "flash_attn"), ("sage", "sageattention")])
+def test_missing_attention_kernel_is_one_line(tiny, tmp_path, capsys, backend, package):
+    pytest.importorskip("torch")
+    try:
+        __import__(package)
+        pytest.skip(f"{package} is installed here")
+    except ImportError:
+        pass
+    code = main(["generate", "x", "--attention", backend, "--steps", "1", "--out", str(tmp_path / "v.mp4")])
+    _one_line(capsys, code, f"needs the {package!r} package", "pip install")
+
+
+def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("in the way")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(np.zeros((7, 32, 32, 3), np.uint8), videos / "a.mp4")
+    (videos / "a.txt").write_text("a clip")
+    size = ["--frames", "7", "--width", "32", "--height", "32"]
+    _one_line(capsys, main(["prepare-data", str(videos), str(blocker), *size]), "already exists")
+    lora = _lora_file(tmp_path / "l.safetensors")
+    _one_line(capsys, main(["convert-lora", str(lora), str(blocker / "x.safetensors"), "--to", "genmo"]))
+    write_genmo(tmp_path / "g", tiny_model())
+    _one_line(capsys, main(["convert", str(tmp_path / "g"), str(blocker / "o"), "--to", "genmo"]), "afile")
+    data = tmp_path / "data"
+    prepare_data(videos, data, tiny_components(), frames=7, width=32, height=32)
+    code = main(["train-lora", str(data), "--out", str(blocker), "--steps", "1", "--sample-every", "0"])
+    _one_line(capsys, code, "afile")
+    assert blocker.read_text() == "in the way"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise RuntimeError("a genuine bug")
+
+    import mochi.cli.weights
+
+    monkeypatch.setattr(mochi.cli.weights, "_run_info", broken)
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        main(["info", "x"])
+
+
+# -- closed pipes and full disks (real, in a child process) -------------------------------------------------
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line, as `mochi info X | head -0` would be
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mochi", "info", str(embedded_path())],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 141
+
+
+LIMIT = 512  # bytes: smaller than every output below
+
+
+def _under_file_size_limit(cases: list[list[str]]) -> list[tuple[object, str]]:
+    """Run each argv through ``mochi.cli.main`` in one child process whose file-size limit is ``LIMIT``."""
+    driver = f"""
+import contextlib, io, json, resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+import mochi.pipeline
+from tests.test_pipeline import tiny_components
+mochi.pipeline.load_components = lambda *a, **k: tiny_components()
+from mochi.cli import main
+resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except BaseException as e:
+            code = f"raised {{type(e).__name__}}"
+            err.write(repr(e))
+    results.append((code, err.getvalue()))
+print(json.dumps(results))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_a_full_disk_is_one_line_for_every_command_and_leaves_no_partial_files(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, (cap, video) in enumerate(shapes.clips(seed=0, n=2, frames=7, height=32, width=32)):
+        write_video(video, videos / f"c{i}.mp4")
+        (videos / f"c{i}.txt").write_text(cap)
+    data = tmp_path / "data"
+    prepare_data(videos, data, tiny_components(), frames=7, width=32, height=32)
+    write_genmo(tmp_path / "g", tiny_model())
+    lora = _lora_file(tmp_path / "l.safetensors")
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    size = ["--frames", "7", "--width", "32", "--height", "32"]
+    cases = {
+        "generate": ["generate", "x", "--steps", "1", "--out", str(outs / "v.mp4")],
+        "convert": ["convert", str(tmp_path / "g"), str(outs / "g"), "--to", "genmo"],
+        "convert-diffusers": ["convert", str(tmp_path / "g"), str(outs / "d"), "--to", "diffusers"],
+        "convert-lora": ["convert-lora", str(lora), str(outs / "l.safetensors"), "--to", "diffusers"],
+        "prepare-data": ["prepare-data", str(videos), str(outs / "data"), *size],
+        "train-lora": ["train-lora", str(data), "--out", str(outs / "run"), "--steps", "1", "--rank", "2"],
+    }
+    results = dict(zip(cases, _under_file_size_limit(list(cases.values()))))
+    for name, (code, err) in results.items():
+        errors = [line for line in err.splitlines() if "mochi: error:" in line]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, (name, code, err)
+        assert "cannot write" in errors[0] and "file-size limit" in errors[0], (name, errors)
+    assert "0 encoded" not in results["prepare-data"][1]  # stopped at the first clip, not "skipped"
+    leftovers = [
+        p for p in outs.rglob("*") if p.is_file() and (p.name.startswith(".") or "partial" in p.name)
+    ]
+    assert leftovers == []
+    assert not list(outs.rglob("*.mp4")) and not list(outs.rglob("*.safetensors"))
+
+
+def test_save_state_on_a_full_disk_names_the_cause(tmp_path):
+    # torch.save's C++ writer reports a failed write as a bare RuntimeError: the cause is found on the disk.
+    driver = f"""
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+import torch
+from mochi.train.lora_state import save_state
+resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_state(Path({str(tmp_path)!r}), 1, {{"a": torch.zeros(1000)}}, {{}}, {{}})
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+    proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("OutputError cannot write ") and "file-size limit" in proc.stdout
+    assert [p.name for p in (tmp_path / "state").iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "free", "reason"),
+    [
+        (os.ST_RDONLY, 10**9, "the file system is read-only"),
+        (0, 4096, "no space left on the device (4,096 bytes free)"),
+    ],
+)
+def test_a_failed_write_on_a_full_or_read_only_disk_is_named(tmp_path, monkeypatch, flag, free, reason):
+    class Stat:
+        f_flag, f_bavail, f_frsize = flag, free, 1
+
+    def writer_fails(path):
+        raise RuntimeError("file write failed")  # as torch.save reports it, with no errno
+
+    monkeypatch.setattr(mochi.errors.os, "statvfs", lambda p: Stat())
+    with pytest.raises(OutputError) as e, write_errors(tmp_path / "x.pt"):
+        writer_fails(tmp_path / "x.pt")
+    assert str(e.value) == f"cannot write {str(tmp_path / 'x.pt')!r}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+        (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+        (RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"), "no space"),
+    ],
+)
+def test_disk_errnos_are_named_whatever_the_writer(tmp_path, exc, reason):
+    with (
+        pytest.raises(OutputError, match=f"cannot write .*x.bin.*: {reason}"),
+        write_errors(tmp_path / "x.bin"),
+    ):
+        raise exc
+
+
+def test_other_write_failures_pass_unchanged(tmp_path):
+    with pytest.raises(KeyError), write_errors(tmp_path / "x"):
+        raise KeyError("a bug in the writer")
+    with pytest.raises(OSError) as e, write_errors(tmp_path / "x"):
+        raise OSError(errno.EIO, "Input/output error")
+    assert not isinstance(e.value, OutputError)
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "o.json"
+    target.write_text("old")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OutputError, match="no space left"):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["o.json"]
+
+
+def test_main_reports_output_errors_in_one_line(monkeypatch, capsys):
+    import mochi.cli.weights
+
+    def full(args):
+        with write_errors("/x/y.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mochi.cli.weights, "_run_info", full)
+    assert main(["info", "x"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "mochi: error: cannot write '/x/y.safetensors': no space left on the device\n"
+    )

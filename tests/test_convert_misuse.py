@@ -1,0 +1,133 @@
+"""`mochi convert` misuse is refused before anything is written; VAE-only checkpoints convert both ways."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLMochi
+from safetensors.torch import load_file
+
+from mochi.cli import main
+from mochi.weights.bundle import embedded_path
+from mochi.weights.vae import load_vae_decoder, load_vae_encoder
+
+from .dit_checkpoints import tiny_model, write_fp8_scaled, write_genmo
+from .test_vae_weights import TINY
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize(
+    ("src", "dst", "to"),
+    [
+        ("g", "g", "genmo"),  # the folder onto itself: dit.safetensors would replace itself
+        ("g/dit.safetensors", "g/dit.safetensors", "genmo"),
+        ("aio.safetensors", "aio.safetensors", "genmo"),  # an all-in-one file replaced by its DiT alone
+        ("d", "d", "diffusers"),  # d/transformer would be replaced while being read
+        ("d/transformer", "d", "diffusers"),
+    ],
+)
+def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, model, capsys, src, dst, to, overwrite):
+    write_genmo(tmp_path / "g", model)
+    write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, out, err = _run(capsys, "convert", tmp_path / src, tmp_path / dst, "--to", to, *overwrite)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "would replace the source" in err and "--overwrite does not allow this" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_every_output_is_checked_before_the_first_is_written(tmp_path, model, capsys):
+    src = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "decoder.safetensors").write_bytes(b"mine")  # the second output of three
+    code, _, err = _run(capsys, "convert", src, out, "--to", "genmo")
+    assert code == 2
+    existing = str(out / "decoder.safetensors")
+    assert err == f"mochi: error: {existing!r} already exists; remove it or pass --overwrite\n"
+    assert _files(out) == ["decoder.safetensors"]  # no dit.safetensors written before the refusal
+    assert (out / "decoder.safetensors").read_bytes() == b"mine"
+
+
+def test_diffusers_into_a_safetensors_name_is_refused(tmp_path, model, capsys):
+    write_genmo(tmp_path / "g", model)
+    code, _, err = _run(capsys, "convert", tmp_path / "g", tmp_path / "x.safetensors", "--to", "diffusers")
+    assert code == 2 and "--to diffusers writes a folder" in err and "names a .safetensors file" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("to", ["genmo", "diffusers"])
+def test_the_embedded_bundle_is_refused_with_the_reason(tmp_path, capsys, to):
+    code, _, err = _run(capsys, "convert", embedded_path(), tmp_path / "o", "--to", to)
+    assert code == 2 and err.count("\n") == 1
+    assert "is a mochi-bundle ('mochi-tiny')" in err and "pool_heads=4" in err
+    assert f"mochi generate --model {str(embedded_path())!r}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    """A tiny diffusers VAE saved as diffusers' vae/ folder alone (no transformer/)."""
+    torch.manual_seed(0)
+    ref = AutoencoderKLMochi(**TINY).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    root = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(root / "hub" / "vae")
+    return ref, root
+
+
+@pytest.mark.parametrize("src", ["hub", "hub/vae"])
+def test_a_vae_only_folder_converts_both_ways_bit_exact(vae, tmp_path, capsys, src):
+    ref, root = vae
+    code, out, _ = _run(capsys, "convert", root / src, tmp_path / "genmo", "--to", "genmo")
+    assert code == 0 and out == f"wrote {tmp_path / 'genmo'}\n"
+    assert _files(tmp_path / "genmo") == ["decoder.safetensors", "encoder.safetensors"]
+    dec, enc = load_vae_decoder(tmp_path / "genmo"), load_vae_encoder(tmp_path / "genmo")
+    assert dec.state_dict()["blocks.0.0.weight"].equal(ref.decoder.conv_in.weight)
+    # Genmo decoder + encoder files → diffusers vae/ that diffusers itself loads, equal to the original.
+    code, out, _ = _run(capsys, "convert", tmp_path / "genmo", tmp_path / "back", "--to", "diffusers")
+    assert code == 0 and out == f"wrote {tmp_path / 'back' / 'vae'}\n"
+    assert _files(tmp_path / "back") == ["vae", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    theirs = AutoencoderKLMochi.from_pretrained(tmp_path / "back" / "vae")
+    a, b = ref.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    written = load_file(tmp_path / "back" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert written.keys() == load_file(root / "hub" / "vae" / "diffusion_pytorch_model.safetensors").keys()
+    assert enc.state_dict().keys() == load_vae_encoder(tmp_path / "back").state_dict().keys()
+
+
+def test_a_vae_only_source_into_one_file(vae, tmp_path, capsys):
+    _, root = vae
+    code, _, _ = _run(capsys, "convert", root / "hub", tmp_path / "vae.safetensors", "--to", "genmo")
+    assert code == 0
+    keys = load_file(tmp_path / "vae.safetensors").keys()
+    assert {k.split(".")[0] for k in keys} == {"decoder", "encoder"} and "decoder.blocks.0.0.weight" in keys
+    ref = load_vae_decoder(root / "hub")
+    loaded = load_vae_decoder(tmp_path / "vae.safetensors")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in ref.state_dict().items())
+
+
+def test_nothing_to_convert_is_one_line(tmp_path, capsys):
+    from mochi.weights.io import save_state_dict
+
+    save_state_dict(
+        {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, tmp_path / "t5.safetensors"
+    )
+    code, _, err = _run(capsys, "convert", tmp_path / "t5.safetensors", tmp_path / "o", "--to", "genmo")
+    assert code == 2 and "holds no DiT and no VAE: nothing to convert" in err
