@@ -1,0 +1,199 @@
+"""prepare-data never trains on stale data; train-lora says every resume decision out loud."""
+
+import errno
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mochi.pipeline
+import mochi.train.data as data_module
+from mochi.cli import main
+from mochi.errors import OutputError
+from mochi.pipeline import MochiPipeline
+from mochi.train import shapes
+from mochi.train.data import LatentDataset, prepare_data
+from mochi.train.lora_state import ResumeError, list_states
+from mochi.train.lora_train import LoraTrainConfig, train_lora
+from mochi.video import write_video
+from mochi.weights.io import read_metadata, read_state_dict
+
+from .test_pipeline import tiny_components
+
+SIZE = {"frames": 7, "width": 32, "height": 32}
+
+
+def _videos(folder, n=2, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (cap, video) in enumerate(shapes.clips(seed=seed, n=n, frames=7, height=32, width=32)):
+        write_video(video, folder / f"c{i}.mp4")
+        (folder / f"c{i}.txt").write_text(cap)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return tiny_components()
+
+
+def test_a_changed_caption_or_video_is_encoded_again(tmp_path, comps):
+    videos, out = _videos(tmp_path / "v"), tmp_path / "d"
+    first = prepare_data(videos, out, comps, **SIZE)
+    assert first.encoded == ["c0.mp4", "c1.mp4"]
+    assert prepare_data(videos, out, comps, **SIZE).cached == ["c0.mp4", "c1.mp4"]
+    (videos / "c0.txt").write_text("a blue star moving right")
+    other = next(shapes.clips(seed=5, n=1, frames=7, height=32, width=32))[1]
+    write_video(other, videos / "c1.mp4")
+    again = prepare_data(videos, out, comps, **SIZE)
+    assert again.encoded == ["c0.mp4", "c1.mp4"] and again.cached == []  # before: both "already cached"
+    assert read_metadata(out / "c0.safetensors")["caption"] == "a blue star moving right"
+    # Another model's latents are not reused either.
+    assert prepare_data(videos, out, tiny_components(seed=1), **SIZE).encoded == ["c0.mp4", "c1.mp4"]
+
+
+def test_two_videos_of_one_stem_are_reported_not_mixed(tmp_path, comps):
+    videos = _videos(tmp_path / "v", n=1)
+    shutil.copy(videos / "c0.mp4", videos / "c0.mkv")
+    report = prepare_data(videos, tmp_path / "d", comps, **SIZE)
+    assert report.encoded == [] and dict(report.skipped) == {
+        "c0.mkv": "same name as c0.mp4: both would be cached as c0.safetensors; rename one",
+        "c0.mp4": "same name as c0.mkv: both would be cached as c0.safetensors; rename one",
+    }
+    assert not (tmp_path / "d" / "c0.safetensors").exists()
+
+
+def test_cache_of_a_video_gone_or_now_skipped_is_removed(tmp_path, comps):
+    videos, out = _videos(tmp_path / "v", n=3), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    (videos / "c0.mp4").unlink()
+    write_video(np.zeros((4, 32, 32, 3), np.uint8), videos / "c1.mp4")  # now too short
+    (out / "notes.safetensors").write_bytes(b"not ours: kept")
+    report = prepare_data(videos, out, comps, **SIZE)
+    assert report.removed == ["c0.safetensors", "c1.safetensors"] and report.cached == ["c2.mp4"]
+    assert "2 stale cache file(s) removed" in report.summary()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["c2.safetensors", "notes.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, "holds no video (.mp4, .mov, .mkv, .webm, .avi, .m4v): it is empty of videos"),
+        ({"a.txt": "x", "b.txt": "y"}, "it holds 2 caption(s) (a.txt, b.txt) but not their videos"),
+        ({"a.gif": "x"}, "it is empty of videos"),
+    ],
+)
+def test_a_folder_without_videos_is_an_error_naming_what_it_holds(tmp_path, comps, files, expected):
+    (tmp_path / "v").mkdir()
+    for name, text in files.items():
+        (tmp_path / "v" / name).write_text(text)
+    with pytest.raises(ValueError, match="videos folder .* holds no video") as e:
+        prepare_data(tmp_path / "v", tmp_path / "d", comps, **SIZE)
+    assert expected in str(e.value)
+
+
+def test_cli_fails_when_no_clip_could_be_prepared(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.mp4").write_bytes(b"not a video")
+    (tmp_path / "v" / "a.txt").write_text("a clip")
+    args = ["prepare-data", str(tmp_path / "v"), str(tmp_path / "d"), "--frames", "7", "--width", "32"]
+    assert main([*args, "--height", "32"]) == 2
+    out, err = capsys.readouterr()
+    assert "0 encoded, 0 already cached, 1 skipped" in out
+    assert err.endswith(
+        f"mochi: error: no clip of {str(tmp_path / 'v')!r} could be prepared (reasons above)\n"
+    )
+
+
+def test_a_disk_error_stops_the_run_at_once(tmp_path, comps, monkeypatch):
+    videos = _videos(tmp_path / "v", n=3)
+    calls = []
+
+    def full(tensors, path, metadata=None):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(data_module, "save_state_dict", full)
+    with pytest.raises(OSError, match="No space left"):  # before: three "skipped" clips and exit 0
+        prepare_data(videos, tmp_path / "d", comps, **SIZE)
+    assert len(calls) == 1
+
+    def full_atomic(tensors, path, metadata=None):
+        calls.append(path)
+        raise OutputError(f"cannot write {str(path)!r}: no space left on the device")
+
+    monkeypatch.setattr(data_module, "save_state_dict", full_atomic)
+    with pytest.raises(OutputError):
+        prepare_data(videos, tmp_path / "d", comps, **SIZE)
+    assert len(calls) == 2
+
+
+# -- resume decisions -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, comps):
+    root = tmp_path_factory.mktemp("resume")
+    prepare_data(_videos(root / "v"), root / "d", comps, **SIZE)
+    return root / "d"
+
+
+CFG = LoraTrainConfig(rank=2, steps=2, warmup=0, checkpoint_every=1, sample_every=0, targets=("qkv_x",))
+
+
+def _train(data, out, steps=2, **kwargs):
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    return train_lora(pipe, data, out, LoraTrainConfig(**{**CFG.__dict__, "steps": steps}), **kwargs)
+
+
+def test_an_unreadable_latest_state_is_named_and_an_older_one_resumed(data, tmp_path, capsys):
+    _train(data, tmp_path / "run")
+    newest = list_states(tmp_path / "run")[-1]
+    assert newest.name == "step-000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a failing disk
+    capsys.readouterr()
+    _train(data, tmp_path / "run", steps=3)
+    err = capsys.readouterr().err
+    assert "mochi: warning: training state step-000002.pt is unreadable (" in err  # before: silent
+    assert "mochi: resuming from step-000001.pt (step 1 of 3)" in err
+
+
+def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys, monkeypatch):
+    _train(data, tmp_path / "run")
+    for state in list_states(tmp_path / "run"):
+        state.write_bytes(b"garbage")
+    with pytest.raises(ResumeError, match="none is readable .*step-000002.pt.*step-000001.pt.*--restart"):
+        _train(data, tmp_path / "run")  # before: silently trained from step 0
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    run = ["train-lora", str(data), "--out", str(tmp_path / "run"), "--rank", "2", "--steps", "2"]
+    run += ["--warmup", "0", "--checkpoint-every", "1", "--sample-every", "0", "--targets", "qkv_x"]
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "none is readable" in capsys.readouterr().err
+    assert main([*run, "--restart"]) == 0
+    err = capsys.readouterr().err
+    assert "--restart: removed 4 checkpoint file(s) of the earlier run" in err
+    assert [p.name for p in list_states(tmp_path / "run")] == ["step-000001.pt", "step-000002.pt"]
+
+
+def test_changed_data_is_refused_without_restart(data, tmp_path, capsys):
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    _train(mine, tmp_path / "run")
+    before = LatentDataset(mine).fingerprint
+    clip = read_state_dict(mine / "c0.safetensors")
+    meta = read_metadata(mine / "c0.safetensors")
+    from mochi.weights.io import save_state_dict
+
+    save_state_dict({**clip, "mean": clip["mean"] + 1}, mine / "c0.safetensors", {**meta, "key": "other"})
+    assert LatentDataset(mine).fingerprint != before
+    with pytest.raises(ResumeError, match="trained on other data .*--restart"):  # before: resumed silently
+        _train(mine, tmp_path / "run", steps=3)
+    capsys.readouterr()
+    _train(mine, tmp_path / "run", steps=1, restart=True)
+    assert "--restart: removed" in capsys.readouterr().err
+    assert (
+        torch.load(list_states(tmp_path / "run")[-1], weights_only=True)["data"]
+        == LatentDataset(mine).fingerprint
+    )
