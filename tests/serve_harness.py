@@ -92,7 +92,7 @@ def call(
     """One HTTP request → (status, headers, body bytes); error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
+    if data is not None or method in ("POST", "PUT", "PATCH"):  # the server refuses them otherwise (415)
         request.add_header("Content-Type", "application/json")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
