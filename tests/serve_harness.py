@@ -50,11 +50,12 @@ class GatedPipeline:
 class AppServer:
     """uvicorn serving ``app`` on a free loopback port, in a thread, for the life of a ``with`` block."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, **config: object) -> None:
         self.app = app
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        options = {"log_level": "warning", "lifespan": "off", "timeout_graceful_shutdown": 2, **config}
+        config = uvicorn.Config(app, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -113,7 +113,7 @@ def create_app(
     auth = [Depends(authorised)]
     # What each route may answer besides success (the guard's 400 applies to every route without a token).
     read = documented(400, 401) if token is None else documented(401)
-    one = {**read, **documented(404)}
+    one = {**read, **documented(404, 422)}  # 422: a query parameter of the wrong type
     change = {**one, **documented(413, 415)}
 
     def found(job_id: str):  # noqa: ANN202 - a Job
@@ -127,7 +127,7 @@ def create_app(
         html = resources.files("mochi.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/health")
+    @app.get("/api/health", responses=documented(400) if token is None else None)
     def health() -> dict:
         return {"status": "ok", "auth_required": token is not None}
 
