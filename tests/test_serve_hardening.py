@@ -17,6 +17,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="needs jsonschema (the dev
 
 from mochi.cli import main  # noqa: E402
 from mochi.pipeline import MochiPipeline  # noqa: E402
+from mochi.serve.jobs import JobManager  # noqa: E402
 from mochi.serve.redact import redact_paths  # noqa: E402
 from mochi.serve.server import slow_request_protocol  # noqa: E402
 
@@ -294,10 +295,16 @@ def test_work_above_the_cap_is_422(live, body, message):
     assert status == 422 and reply["detail"] == message
 
 
-def test_the_cap_is_published(live):
+def test_the_cap_is_published(live, pipe, tmp_path):
     limits = call_json("GET", f"{live.url}/api/info")[1]["limits"]
     assert (limits["pixels"], limits["pixel_steps"]) == (7168, 21504)
     assert limits["frames"] == 511  # the per-field bounds are still there
+    # Unset, the caps follow the device: a CPU gets smaller ones (its attention calls are slower).
+    jobs = JobManager(pipe, tmp_path)
+    try:
+        assert jobs.work_limits == {"pixels": 49 * 256 * 256, "pixel_steps": 49 * 256 * 256 * 64}
+    finally:
+        jobs.close()
 
 
 # -- 6. One error schema, documented and sent ------------------------------------------------------
@@ -485,7 +492,6 @@ def test_head_of_a_video_and_delete_of_a_finished_job(live):
 def test_a_request_that_stops_arriving_is_408_and_closed(pipe, tmp_path, sent):
     """Before, uvicorn waited for the rest for ever (the socket's 20 s timeout would fail this test)."""
     from mochi.serve.api import create_app
-    from mochi.serve.jobs import JobManager
 
     jobs = JobManager(pipe, tmp_path)
     try:

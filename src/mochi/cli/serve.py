@@ -6,7 +6,7 @@ import argparse
 import os
 
 from mochi.cli.options import Subparsers, add_model_options, pipeline_options
-from mochi.serve.limits import MAX_PIXEL_STEPS, MAX_PIXELS
+from mochi.serve.limits import CPU_MAX_PIXELS, MAX_PIXELS
 
 
 def _add_serve(sub: Subparsers) -> None:
@@ -37,16 +37,15 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=MAX_PIXELS,
         metavar="N",
-        help=f"most frames x height x width per job, more is refused (default {MAX_PIXELS}: 163x720x1280)",
+        help=f"most frames x height x width per job; more is refused (default: {MAX_PIXELS} = 163x720x1280 "
+        f"on a GPU, {CPU_MAX_PIXELS} = 49x256x256 on a CPU)",
     )
     p.add_argument(
         "--max-pixel-steps",
         type=int,
-        default=MAX_PIXEL_STEPS,
         metavar="N",
-        help=f"most frames x height x width x steps per job (default {MAX_PIXEL_STEPS}: that at 64 steps)",
+        help="most frames x height x width x steps per job (default: the above at 64 steps)",
     )
     add_model_options(p, runtime=True)
     p.set_defaults(run=_run_serve)
@@ -64,7 +63,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, args.token)
     check_port(args.host, args.port)
     check_options(args.out_dir, args.queue_size, args.fps)
-    if min(args.max_pixels, args.max_pixel_steps) < 1:
+    if any(v is not None and v < 1 for v in (args.max_pixels, args.max_pixel_steps)):
         raise ValueError("--max-pixels and --max-pixel-steps must be positive")
     if args.lora_dir and not os.path.isdir(args.lora_dir):
         raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")

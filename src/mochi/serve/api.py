@@ -112,7 +112,7 @@ def create_app(
 
     auth = [Depends(authorised)]
     # What each route may answer besides success (the guard's 400 applies to every route without a token).
-    read = documented(400, 401) if token is None else documented(401)
+    read = documented(400) if token is None else documented(401)
     one = {**read, **documented(404, 422)}  # 422: a query parameter of the wrong type
     change = {**one, **documented(413, 415)}
 

@@ -82,6 +82,9 @@ class RequestGuard:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.token is None and host_refusal(dict(scope["headers"])):
+            await send({"type": "websocket.close", "code": 1008})  # policy violation: the same rule as HTTP
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

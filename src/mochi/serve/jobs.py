@@ -34,7 +34,7 @@ import torch
 from mochi.files import atomic_write_text
 from mochi.interrupt import Interrupted, stop_checks
 from mochi.request import GenerationRequest
-from mochi.serve.limits import MAX_PIXEL_STEPS, MAX_PIXELS, check_work
+from mochi.serve.limits import check_work, default_caps
 from mochi.serve.redact import redact_paths
 from mochi.video import write_video
 
@@ -131,7 +131,8 @@ class JobManager:
 
     queue_size: how many jobs may wait behind the running one. fps: frame rate of the written videos.
     history: how many finished jobs (and their files' entries) the table keeps; older ones are forgotten,
-    their files stay on disk. max_pixels, max_pixel_steps: the work caps (``check_work``).
+    their files stay on disk. max_pixels, max_pixel_steps: the work caps (``check_work``; default: by
+    the pipeline's device, ``limits.default_caps``).
     """
 
     def __init__(
@@ -142,8 +143,8 @@ class JobManager:
         queue_size: int = 8,
         fps: float = 30.0,
         history: int = 200,
-        max_pixels: int = MAX_PIXELS,
-        max_pixel_steps: int = MAX_PIXEL_STEPS,
+        max_pixels: int | None = None,
+        max_pixel_steps: int | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
@@ -153,7 +154,11 @@ class JobManager:
         self.queue_size = queue_size
         self.fps = fps
         self.history = history
-        self.work_limits = {"pixels": max_pixels, "pixel_steps": max_pixel_steps}
+        pixels, pixel_steps = default_caps(torch.device(pipeline.device).type)
+        self.work_limits = {
+            "pixels": pixels if max_pixels is None else max_pixels,
+            "pixel_steps": pixel_steps if max_pixel_steps is None else max_pixel_steps,
+        }
         self._jobs: dict[str, Job] = {}
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()

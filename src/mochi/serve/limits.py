@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from mochi.request import GenerationRequest
 
-# The released model's 163 frames at 720x1280 (its own default is 163 x 480 x 848), at 64 steps.
+# On a GPU: the released model's 163 frames at 720x1280 (its own default is 163 x 480 x 848), at 64 steps.
 MAX_PIXELS = 163 * 720 * 1280
 MAX_PIXEL_STEPS = MAX_PIXELS * 64
+# On a CPU, where one attention call of the embedded model at 97 x 256 x 256 took 3.9 s on one thread
+# (benchmarks/serve_cancel_latency.py): 49 x 256 x 256, whose longest call stays under a second, at 64 steps.
+CPU_MAX_PIXELS = 49 * 256 * 256
+CPU_MAX_PIXEL_STEPS = CPU_MAX_PIXELS * 64
+
+
+def default_caps(device_type: str) -> tuple[int, int]:
+    """(max pixels, max pixel-steps) per job by default on a device of ``device_type`` ("cpu", "cuda"...)."""
+    if device_type == "cpu":
+        return CPU_MAX_PIXELS, CPU_MAX_PIXEL_STEPS
+    return MAX_PIXELS, MAX_PIXEL_STEPS
 
 
 def check_work(request: GenerationRequest, max_pixels: int, max_pixel_steps: int) -> None:
