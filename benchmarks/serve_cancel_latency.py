@@ -1,9 +1,10 @@
 """How long a cancel takes to stop a `mochi serve` job in each stage (issue 19, item 4).
 
-Runs one generation per stage with ``mochi.interrupt.stop_checks`` (what the server's worker uses), raises
-the stop flag ``--after`` seconds into that stage, and prints the seconds from the flag to the
-``Interrupted`` exception, beside the time one denoising step takes at that size (the granularity cancels
-had before: between steps).
+First runs one whole generation under ``mochi.interrupt.stop_checks`` (what the server's worker uses) with
+a check that never stops but records when it is called, and prints per stage the longest gap between two
+checks: the worst case of how long a cancel can take, beside one denoising step (the granularity cancels had
+before: between steps). Then, per stage, raises the stop flag ``--after`` seconds into it and prints the
+seconds from the flag to the ``Interrupted`` exception.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/serve_cancel_latency.py [--model BUNDLE]
         [--frames 97] [--size 512] [--device cpu] [--after 1.0]
@@ -46,6 +47,24 @@ def cancel_latency(pipe: MochiPipeline, request: GenerationRequest, stage: str, 
     raise RuntimeError(f"the {stage} stage ended before the flag was raised; lower --after")
 
 
+def longest_gaps(pipe: MochiPipeline, request: GenerationRequest) -> tuple[dict[str, float], dict]:
+    """Per stage, the longest time between two stop checks over one whole generation; and its seconds."""
+    stage, last, gaps = ["text"], [time.perf_counter()], {}
+
+    def check() -> bool:
+        now = time.perf_counter()
+        gaps[stage[0]] = max(gaps.get(stage[0], 0.0), now - last[0])
+        last[0] = now
+        return False
+
+    def progress(name: str, done: int, total: int) -> None:
+        stage[0], last[0] = name, time.perf_counter()
+
+    with stop_checks(pipe.components.modules(), check):
+        seconds = pipe.generate(request, progress=progress).seconds
+    return gaps, seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
@@ -66,11 +85,12 @@ def main() -> None:
         seed=0,
     )
     t0 = time.perf_counter()
-    seconds = pipe.generate(request).seconds
+    gaps, seconds = longest_gaps(pipe, request)
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
     size = f"{args.frames}x{args.size}x{args.size}, {args.steps} steps"
     print(f"{pipe.components.name} on {args.device}, {size}: whole job {time.perf_counter() - t0:.1f} s")
     print(f"stages: {stages}; one denoising step {seconds['denoise'] / args.steps:.1f} s")
+    print("longest time between two stop checks: " + ", ".join(f"{k} {v:.3f} s" for k, v in gaps.items()))
     for stage in ("denoise", "decode"):
         latency = cancel_latency(pipe, request, stage, args.after)
         print(f"cancel {args.after:g} s into {stage}: stopped {latency:.3f} s after the flag")

@@ -17,6 +17,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="needs jsonschema (the dev
 
 from mochi.cli import main  # noqa: E402
 from mochi.pipeline import MochiPipeline  # noqa: E402
+from mochi.serve.guards import RequestGuard  # noqa: E402
 from mochi.serve.jobs import JobManager  # noqa: E402
 from mochi.serve.redact import redact_paths  # noqa: E402
 from mochi.serve.server import slow_request_protocol  # noqa: E402
@@ -209,6 +210,39 @@ def test_a_chunked_body_under_the_cap_is_a_job(live):
     assert wait_for(live.url, body_of(reply)["id"], FINAL)["status"] == "done"
 
 
+def test_an_upload_route_takes_its_own_type_and_size_but_never_a_form():
+    async def echo(scope, receive, send) -> None:  # noqa: ANN001
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        reply = b"%d" % len(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"%d" % len(reply))],
+            }
+        )
+        await send({"type": "http.response.body", "body": reply})
+
+    uploads = {"/up": (("video/mp4", "multipart/form-data"), 100)}
+    with AppServer(RequestGuard(echo, token=None, max_body=10, uploads=uploads)) as server:
+
+        def post(path: str, kind: str, size: int) -> bytes:
+            head = (
+                f"POST {path} HTTP/1.1\r\nConnection: close\r\nContent-Type: {kind}\r\nContent-Length: {size}"
+            )
+            return raw(server.url, head, b"x" * size)
+
+        assert post("/up/1", "video/mp4", 100).endswith(b"\r\n\r\n100")
+        assert status_of(post("/up/1", "video/mp4", 101)) == 413
+        assert status_of(post("/up/1", "multipart/form-data; boundary=b", 5)) == 415  # a form: never
+        assert status_of(post("/other", "video/mp4", 5)) == 415
+        assert status_of(post("/other", "application/json", 11)) == 413
+        assert post("/other", "application/json", 10).endswith(b"\r\n\r\n10")
+
+
 # -- 4. Cancel inside a stage; the cap on work -----------------------------------------------------
 
 
@@ -302,7 +336,7 @@ def test_the_cap_is_published(live, pipe, tmp_path):
     # Unset, the caps follow the device: a CPU gets smaller ones (its attention calls are slower).
     jobs = JobManager(pipe, tmp_path)
     try:
-        assert jobs.work_limits == {"pixels": 49 * 256 * 256, "pixel_steps": 49 * 256 * 256 * 64}
+        assert jobs.work_limits == {"pixels": 49 * 128 * 128, "pixel_steps": 49 * 128 * 128 * 64}
     finally:
         jobs.close()
 

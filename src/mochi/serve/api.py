@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mochi.request import GenerationRequest
 from mochi.serve.errors import documented, install_error_handlers, quote
-from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard
+from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard, Uploads
 from mochi.serve.jobs import DONE, FINAL, JobManager, QueueFull
 
 # Upper bounds that keep one request from exhausting the server; the released model's defaults
@@ -84,10 +84,11 @@ def create_app(
     lora_dir: str | Path | None = None,
     title: str = "mochi",
     max_body: int = DEFAULT_MAX_BODY,
+    uploads: Uploads | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``jobs``. With ``token``, every /api route but /api/health requires it;
-    without one, only requests addressed to a loopback name are served. ``max_body``: the largest request
-    body accepted, bytes (see ``guards.RequestGuard``)."""
+    without one, only requests addressed to a loopback name are served. ``max_body``: the largest JSON body
+    accepted, bytes; ``uploads``: routes taking other bodies (see ``guards.RequestGuard``)."""
     lora_path = Path(lora_dir) if lora_dir is not None else None
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN and fonts from Google, which
     # is third-party script on the API's origin and a blank page offline. /openapi.json stays.
@@ -99,7 +100,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.jobs = jobs
-    app.add_middleware(RequestGuard, token=token, max_body=max_body)
+    app.add_middleware(RequestGuard, token=token, max_body=max_body, uploads=uploads)
     install_error_handlers(app)
 
     def authorised(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:

@@ -10,6 +10,9 @@
        as JSON, so this check, not FastAPI's, is what stops a page elsewhere from starting jobs;
   413  a body larger than ``max_body`` bytes: a declared Content-Length at once, a chunked body as soon as
        it passes the limit (at most ``max_body`` bytes are ever held).
+A route taking another type (a video upload) is named in ``uploads``: path prefix → (accepted media types,
+largest body). The types browsers send cross-site without a preflight (``CORS_SAFELISTED``) are never
+accepted, whatever ``uploads`` says.
 It adds to every response ``X-Frame-Options: DENY`` and ``Content-Security-Policy: frame-ancestors 'none'``
 (no other site may frame the page and trick clicks on it), and ``X-Content-Type-Options: nosniff``.
 Replies are ``ErrorBody`` JSON (``mochi.serve.errors``).
@@ -30,12 +33,15 @@ Send = Callable[[dict], Awaitable[None]]
 # A job request is a few kilobytes (two 4000-character prompts, \u-escaped, are under 50 kB).
 DEFAULT_MAX_BODY = 1 << 20
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# What a <form> or a no-cors fetch can send cross-site without a CORS preflight (the Fetch standard).
+CORS_SAFELISTED = ("", "text/plain", "multipart/form-data", "application/x-www-form-urlencoded")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"content-security-policy", b"frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
 ]
+Uploads = dict[str, tuple[tuple[str, ...], int]]
 AUTH_CHALLENGE = [(b"www-authenticate", b'Bearer realm="mochi"')]
 
 
@@ -74,12 +80,21 @@ async def reply(send: Send, status: int, detail: str, headers: list | None = Non
 
 class RequestGuard:
     """ASGI middleware: the checks of this module's docstring. ``token``: the server's bearer token, or None
-    (then only loopback Host names are served). ``max_body``: the largest request body accepted, bytes."""
+    (then only loopback Host names are served). ``max_body``: the largest JSON body accepted, bytes.
+    ``uploads``: path prefix → (media types, largest body in bytes) for routes taking other bodies."""
 
-    def __init__(self, app: Callable, *, token: str | None, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: Callable,
+        *,
+        token: str | None,
+        max_body: int = DEFAULT_MAX_BODY,
+        uploads: Uploads | None = None,
+    ) -> None:
         self.app = app
         self.token = token
         self.max_body = max_body
+        self.uploads = dict(uploads or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.token is None and host_refusal(dict(scope["headers"])):
@@ -112,31 +127,42 @@ class RequestGuard:
         length = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
-        if (method in BODY_METHODS or has_body) and media_type(headers) != "application/json":
-            given = media_type(headers) or "none"
-            return (415, f"Content-Type {given[:100]!r} refused: send the body as application/json"), receive
-        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
-            return (413, self._too_large(f"{int(length)} bytes")), receive
+        path = scope["path"]
+        accepted, limit = next(
+            (rule for prefix, rule in self.uploads.items() if path.startswith(prefix)),
+            (("application/json",), self.max_body),
+        )
+        given = media_type(headers)
+        if (method in BODY_METHODS or has_body) and (given not in accepted or given in CORS_SAFELISTED):
+            wanted = " or ".join(accepted)
+            return (
+                415,
+                f"Content-Type {given[:100] or 'none'!r} refused: send the body as {wanted}",
+            ), receive
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            return (413, _too_large(f"{int(length)} bytes", limit)), receive
         if chunked:
-            return await self._buffered(receive)
+            return await _buffered(receive, limit)
         return None, receive
 
-    def _too_large(self, size: str) -> str:
-        return f"request body of {size} refused: at most {self.max_body} bytes are accepted"
 
-    async def _buffered(self, receive: Receive) -> tuple[tuple | None, Receive]:
-        """Read a chunked body up to ``max_body`` bytes (413 beyond), then hand it on as one message."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left; let the app see it
-                return None, _replay([message], receive)
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                return (413, self._too_large(f"more than {self.max_body} bytes")), receive
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return None, _replay([{"type": "http.request", "body": b"".join(chunks)}], receive)
+def _too_large(size: str, limit: int) -> str:
+    return f"request body of {size} refused: at most {limit} bytes are accepted"
+
+
+async def _buffered(receive: Receive, limit: int) -> tuple[tuple | None, Receive]:
+    """Read a chunked body up to ``limit`` bytes (413 beyond), then hand it on as one message."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left; let the app see it
+            return None, _replay([message], receive)
+        size += len(message.get("body", b""))
+        if size > limit:
+            return (413, _too_large(f"more than {limit} bytes", limit)), receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return None, _replay([{"type": "http.request", "body": b"".join(chunks)}], receive)
 
 
 def _replay(messages: list[dict], receive: Receive) -> Receive:

@@ -8,9 +8,9 @@ with ``QueueFull``. A running job is cancelled at its next module call (``mochi.
 between DiT blocks and layers, inside the text encoder and the VAE decode), or at its next progress report:
 the exception unwinds the pipeline and frees its memory.
 
-Work per job is capped (``WorkLimits``): frames × height × width (which bounds one module call, hence how
-long a cancel can take, and the decode's size) and that times the steps (the whole job); a request above
-either is a ValueError (422) naming the nearest size that fits.
+Work per job is capped (``mochi.serve.limits``): frames × height × width (which bounds one module call,
+hence how long a cancel can take, and the decode's size) and that times the steps (the whole job); a
+request above either is a ValueError (422) naming the nearest size that fits.
 
 Each finished job leaves ``<id>.mp4`` and ``<id>.json`` (its parameters) in the output folder, both written
 atomically. Job ids are ``secrets.token_urlsafe`` strings, and files are found only through the job table,
