@@ -336,7 +336,7 @@ def test_the_cap_is_published(live, pipe, tmp_path):
     # Unset, the caps follow the device: a CPU gets smaller ones (its attention calls are slower).
     jobs = JobManager(pipe, tmp_path)
     try:
-        assert jobs.work_limits == {"pixels": 49 * 128 * 128, "pixel_steps": 49 * 128 * 128 * 64}
+        assert jobs.work_limits == {"pixels": 25 * 128 * 128, "pixel_steps": 25 * 128 * 128 * 64}
     finally:
         jobs.close()
 

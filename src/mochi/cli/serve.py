@@ -39,7 +39,7 @@ def _add_serve(sub: Subparsers) -> None:
         type=int,
         metavar="N",
         help=f"most frames x height x width per job; more is refused (default: {MAX_PIXELS} = 163x720x1280 "
-        f"on a GPU, {CPU_MAX_PIXELS} = 49x128x128 on a CPU)",
+        f"on a GPU, {CPU_MAX_PIXELS} = 25x128x128 on a CPU)",
     )
     p.add_argument(
         "--max-pixel-steps",

@@ -12,9 +12,10 @@ from mochi.request import GenerationRequest
 # On a GPU: the released model's 163 frames at 720x1280 (its own default is 163 x 480 x 848), at 64 steps.
 MAX_PIXELS = 163 * 720 * 1280
 MAX_PIXEL_STEPS = MAX_PIXELS * 64
-# On a CPU, where one VAE convolution of the embedded model takes seconds at 49 x 256 x 256 on one thread
-# (benchmarks/serve_cancel_latency.py): 49 x 128 x 128, which also admits 163 frames at its own 64 x 64.
-CPU_MAX_PIXELS = 49 * 128 * 128
+# On a CPU, where the VAE decode runs as one chunk and its longest call (one convolution over the whole clip
+# at full resolution) grows with the pixels: 25 x 128 x 128 (or 97 frames at the embedded model's 64 x 64)
+# keeps it near a second on one busy thread (benchmarks/serve_cancel_latency.py; docs/serve.md).
+CPU_MAX_PIXELS = 25 * 128 * 128
 CPU_MAX_PIXEL_STEPS = CPU_MAX_PIXELS * 64
 
 
