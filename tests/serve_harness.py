@@ -50,11 +50,12 @@ class GatedPipeline:
 class AppServer:
     """uvicorn serving ``app`` on a free loopback port, in a thread, for the life of a ``with`` block."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, **config: object) -> None:
         self.app = app
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        options = {"log_level": "warning", "lifespan": "off", "timeout_graceful_shutdown": 2, **config}
+        config = uvicorn.Config(app, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -92,7 +93,7 @@ def call(
     """One HTTP request → (status, headers, body bytes); error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
+    if data is not None or method in ("POST", "PUT", "PATCH"):  # the server refuses them otherwise (415)
         request.add_header("Content-Type", "application/json")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")

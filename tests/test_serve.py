@@ -166,7 +166,7 @@ def test_bad_input_is_422_naming_the_field_and_rule(url, body, message):
     assert status == 422 and message in reply["detail"], reply
 
 
-def test_body_that_is_not_json_is_422(url, live):
+def test_body_that_is_not_json_is_422_and_not_sent_as_json_415(url, live):
     status, _, data = call("POST", f"{url}/api/jobs", raw=b"{not json")
     assert status == 422 and "JSON decode error" in json.loads(data)["detail"]
     # What a cross-site form can send without a CORS preflight is not accepted as a job.
@@ -176,7 +176,7 @@ def test_body_that_is_not_json_is_422(url, live):
         request.add_header("Content-Type", kind)
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
-        assert e.value.code == 422
+        assert e.value.code == 415
     assert len(live.jobs.jobs()) == known
 
 
@@ -288,7 +288,7 @@ def test_openapi_description_and_page_are_served(url):
     assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/video", "/api/info"} <= set(spec["paths"])
     assert {"post", "get"} == set(spec["paths"]["/api/jobs"])
     assert "prompt" in spec["components"]["schemas"]["JobRequest"]["required"]
-    assert call("GET", f"{url}/docs")[0] == 200
+    assert call("GET", f"{url}/docs")[0] == 404  # it would load Swagger UI from a CDN
     status, _, page = call("GET", f"{url}/")
     assert status == 200 and b'id="generate"' in page and b'id="video"' in page
 
@@ -317,7 +317,7 @@ def test_binding_beyond_loopback_needs_a_token(capsys, monkeypatch):
         check_binding("0.0.0.0", None)
     check_binding("0.0.0.0", TOKEN)
     check_binding("127.0.0.1", None)
-    with pytest.raises(ValueError, match="--token is empty"):
+    with pytest.raises(ValueError, match="--token has 0 characters; a bearer token needs at least 16"):
         check_binding("0.0.0.0", " ")
     # The command refuses before loading any model.
     assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--model", "/nonexistent"]) == 2

@@ -15,9 +15,12 @@ Routes (all under /api need ``Authorization: Bearer TOKEN`` when the server has 
                               501 a LoRA named on a pipeline without LoRA support
   GET  /api/jobs              this server's jobs, newest first
   GET  /api/jobs/{id}         one job: status, progress {stage, step, total, fraction}, parameters, error
-  GET  /api/jobs/{id}/video   the mp4 (?download=1 for an attachment); 409 until the job is done
-  DELETE /api/jobs/{id}       cancel (also POST /api/jobs/{id}/cancel)
-Without a token, requests whose Host is not a loopback name get 400 (``LoopbackHostOnly``).
+  GET  /api/jobs/{id}/video   the mp4 (?download=1 for an attachment; HEAD too); 409 until the job is done
+  DELETE /api/jobs/{id}       cancel a queued or running job; forget a finished one and delete its files
+  POST /api/jobs/{id}/cancel  cancel only
+  GET  /openapi.json          the OpenAPI description (no /docs or /redoc: they load scripts from a CDN)
+Every error is ``ErrorBody`` (``errors``); ``guards.RequestGuard`` checks host, token, Content-Type and body
+size before any body is read.
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from mochi.request import GenerationRequest
-from mochi.serve.jobs import DONE, JobManager, QueueFull
-from mochi.serve.server import is_loopback
+from mochi.serve.errors import documented, install_error_handlers, quote
+from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard, Uploads
+from mochi.serve.jobs import DONE, FINAL, JobManager, QueueFull
 
 # Upper bounds that keep one request from exhausting the server; the released model's defaults
 # (163 frames, 848x480, 64 steps) sit well inside them.
@@ -48,7 +50,8 @@ BEARER = HTTPBearer(auto_error=False)
 class JobRequest(BaseModel):
     """A generation request. Unset numbers take the model's defaults; an unset seed is drawn at random."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: NaN, Infinity and 1e999 (which JSON parsers read as inf) are invalid numbers, not 500s.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=LIMITS["prompt_chars"], description="what the video shows")
     negative_prompt: str = Field("", max_length=LIMITS["prompt_chars"], description="what to steer away from")
@@ -58,7 +61,7 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=LIMITS["steps"], description="sampling steps")
     guidance: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 1.0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed; unset draws one")
-    lora: str | None = Field(None, description="a file name from GET /api/info's loras; unset = none")
+    lora: str | None = Field(None, max_length=255, description="a file name from GET /api/info's loras")
     lora_scale: float = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
 
 
@@ -74,55 +77,31 @@ def list_loras(lora_dir: Path | None) -> list[str]:
     return sorted(p.name for p in lora_dir.iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
-def _field_errors(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        name = ".".join(loc) or "body"
-        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        parts.append(f"{name}: {err.get('msg', 'invalid')}{given}")
-    return "; ".join(parts)
-
-
-class LoopbackHostOnly:
-    """ASGI middleware: answer 400 to requests whose Host header is not a loopback name.
-
-    A server without a token trusts whoever can reach it, which on loopback means this machine. A web page
-    elsewhere can still reach it through DNS rebinding (its own name resolving to 127.0.0.1), so such a
-    request is recognised by its foreign Host header and refused.
-    """
-
-    def __init__(self, app: object) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: object, send: object) -> None:
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
-            if not is_loopback(name):
-                reply = JSONResponse(
-                    {"detail": f"host {name!r} is not this machine; without a token only loopback is served"},
-                    status_code=400,
-                )
-                await reply(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(
-    jobs: JobManager, *, token: str | None = None, lora_dir: str | Path | None = None, title: str = "mochi"
+    jobs: JobManager,
+    *,
+    token: str | None = None,
+    lora_dir: str | Path | None = None,
+    title: str = "mochi",
+    max_body: int = DEFAULT_MAX_BODY,
+    uploads: Uploads | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``jobs``. With ``token``, every /api route but /api/health requires it;
-    without one, only requests addressed to a loopback name are served (see ``LoopbackHostOnly``)."""
+    without one, only requests addressed to a loopback name are served. ``max_body``: the largest JSON body
+    accepted, bytes; ``uploads``: routes taking other bodies (see ``guards.RequestGuard``)."""
     lora_path = Path(lora_dir) if lora_dir is not None else None
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN and fonts from Google, which
+    # is third-party script on the API's origin and a blank page offline. /openapi.json stays.
     app = FastAPI(
         title=f"{title} serve",
         description="Text-to-video generation with Mochi 1: submit jobs, follow their progress, fetch mp4s.",
         version="1",
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.jobs = jobs
-    if token is None:
-        app.add_middleware(LoopbackHostOnly)
+    app.add_middleware(RequestGuard, token=token, max_body=max_body, uploads=uploads)
+    install_error_handlers(app)
 
     def authorised(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if token is None:
@@ -133,16 +112,15 @@ def create_app(
             )
 
     auth = [Depends(authorised)]
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
-        return JSONResponse({"detail": _field_errors(exc), "errors": errors}, status_code=422)
+    # What each route may answer besides success (the guard's 400 applies to every route without a token).
+    read = documented(400) if token is None else documented(401)
+    one = {**read, **documented(404, 422)}  # 422: a query parameter of the wrong type
+    change = {**one, **documented(413, 415)}
 
     def found(job_id: str):  # noqa: ANN202 - a Job
         job = jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} on this server")
+            raise HTTPException(404, f"no job {quote(job_id)} on this server")
         return job
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -150,24 +128,29 @@ def create_app(
         html = resources.files("mochi.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/health")
+    @app.get("/api/health", responses=documented(400) if token is None else None)
     def health() -> dict:
         return {"status": "ok", "auth_required": token is not None}
 
-    @app.get("/api/info", dependencies=auth)
+    @app.get("/api/info", dependencies=auth, responses=read)
     def info() -> dict:
         pipe = jobs.pipeline
         return {
             "model": getattr(pipe.components, "name", None),
             "device": str(pipe.device),
             "defaults": dict(jobs.defaults),
-            "limits": LIMITS,
+            "limits": {**LIMITS, **jobs.work_limits},
             "queue_size": jobs.queue_size,
             "loras": list_loras(lora_path),
             "lora_supported": lora_supported(pipe),
         }
 
-    @app.post("/api/jobs", status_code=202, dependencies=auth)
+    @app.post(
+        "/api/jobs",
+        status_code=202,
+        dependencies=auth,
+        responses={**read, **documented(413, 415, 422, 429, 501)},
+    )
     def submit(body: JobRequest) -> dict:
         loras: list[tuple[str, float]] = []
         if body.lora:
@@ -175,7 +158,7 @@ def create_app(
             if body.lora not in available:
                 choices = ", ".join(available) or "none (start the server with --lora-dir DIR)"
                 raise HTTPException(
-                    422, f"lora={body.lora!r} is not a file in the LoRA folder; choose: {choices}"
+                    422, f"lora={quote(body.lora)} is not a file in the LoRA folder; choose: {choices}"
                 )
             if not lora_supported(jobs.pipeline):
                 raise HTTPException(
@@ -192,15 +175,19 @@ def create_app(
             raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from e
         return jobs.summary(job)
 
-    @app.get("/api/jobs", dependencies=auth)
+    @app.get("/api/jobs", dependencies=auth, responses=read)
     def history() -> list[dict]:
         return [jobs.summary(job) for job in jobs.jobs()]
 
-    @app.get("/api/jobs/{job_id}", dependencies=auth)
+    @app.get("/api/jobs/{job_id}", dependencies=auth, responses=one)
     def status(job_id: str) -> dict:
         return jobs.summary(found(job_id))
 
-    @app.get("/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse)
+    video_responses = {**one, **documented(409), 200: {"content": {"video/mp4": {}}}}
+
+    @app.get(
+        "/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse, responses=video_responses
+    )
     def video(job_id: str, download: bool = False) -> FileResponse:
         job = found(job_id)
         if job.status != DONE or job.video is None:
@@ -210,13 +197,26 @@ def create_app(
         name = f"mochi-{job.request.seed}-{job_id}.mp4" if download else None
         return FileResponse(job.video, media_type="video/mp4", filename=name)
 
-    @app.delete("/api/jobs/{job_id}", dependencies=auth)
+    # Players and download managers ask HEAD first (size, type, ranges); Starlette sends headers only.
+    @app.head(
+        "/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse, responses=video_responses
+    )
+    def video_head(job_id: str, download: bool = False) -> FileResponse:
+        return video(job_id, download)
+
+    @app.delete("/api/jobs/{job_id}", dependencies=auth, responses=one)
+    def cancel_or_delete(job_id: str) -> dict:
+        """Cancel a queued or running job; forget a finished one and delete its video and parameters."""
+        job = found(job_id)
+        if job.status in FINAL:
+            summary = jobs.summary(job)
+            jobs.remove(job_id)
+            return summary
+        return jobs.summary(jobs.cancel(job_id))
+
+    @app.post("/api/jobs/{job_id}/cancel", dependencies=auth, responses=change)
     def cancel(job_id: str) -> dict:
         found(job_id)
         return jobs.summary(jobs.cancel(job_id))
-
-    @app.post("/api/jobs/{job_id}/cancel", dependencies=auth)
-    def cancel_post(job_id: str) -> dict:
-        return cancel(job_id)
 
     return app

@@ -4,8 +4,13 @@ The worker, not the HTTP handlers, runs the pipeline, so a client that disconnec
 generation, and a job that raises is marked "failed" with its message while the worker goes on to the next.
 One generation runs at a time per device (a lock per device, shared by every manager in the process);
 other jobs wait in a queue of at most ``queue_size`` entries, and a submission to a full queue is refused
-with ``QueueFull``. A running job is cancelled at its next progress report (every denoising step): the
-callback raises ``JobCancelled`` inside the pipeline, which unwinds it and frees its memory.
+with ``QueueFull``. A running job is cancelled at its next module call (``mochi.interrupt.stop_checks``:
+between DiT blocks and layers, inside the text encoder and the VAE decode), or at its next progress report:
+the exception unwinds the pipeline and frees its memory.
+
+Work per job is capped (``mochi.serve.limits``): frames × height × width (which bounds one module call,
+hence how long a cancel can take, and the decode's size) and that times the steps (the whole job); a
+request above either is a ValueError (422) naming the nearest size that fits.
 
 Each finished job leaves ``<id>.mp4`` and ``<id>.json`` (its parameters) in the output folder, both written
 atomically. Job ids are ``secrets.token_urlsafe`` strings, and files are found only through the job table,
@@ -27,7 +32,10 @@ from typing import Any, Protocol
 import torch
 
 from mochi.files import atomic_write_text
+from mochi.interrupt import Interrupted, stop_checks
 from mochi.request import GenerationRequest
+from mochi.serve.limits import check_work, default_caps
+from mochi.serve.redact import redact_paths
 from mochi.video import write_video
 
 log = logging.getLogger("mochi.serve")
@@ -123,7 +131,8 @@ class JobManager:
 
     queue_size: how many jobs may wait behind the running one. fps: frame rate of the written videos.
     history: how many finished jobs (and their files' entries) the table keeps; older ones are forgotten,
-    their files stay on disk.
+    their files stay on disk. max_pixels, max_pixel_steps: the work caps (``check_work``; default: by
+    the pipeline's device, ``limits.default_caps``).
     """
 
     def __init__(
@@ -134,6 +143,8 @@ class JobManager:
         queue_size: int = 8,
         fps: float = 30.0,
         history: int = 200,
+        max_pixels: int | None = None,
+        max_pixel_steps: int | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
@@ -143,6 +154,11 @@ class JobManager:
         self.queue_size = queue_size
         self.fps = fps
         self.history = history
+        pixels, pixel_steps = default_caps(torch.device(pipeline.device).type)
+        self.work_limits = {
+            "pixels": pixels if max_pixels is None else max_pixels,
+            "pixel_steps": pixel_steps if max_pixel_steps is None else max_pixel_steps,
+        }
         self._jobs: dict[str, Job] = {}
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -162,6 +178,7 @@ class JobManager:
         Raises ValueError for an invalid request and QueueFull when ``queue_size`` jobs already wait.
         """
         resolved = request.resolved(self.defaults)
+        check_work(resolved, self.work_limits["pixels"], self.work_limits["pixel_steps"])
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -201,6 +218,17 @@ class JobManager:
                 job.error = "cancelled before it started"
             return job
 
+    def remove(self, job_id: str) -> bool:
+        """Forget a finished job and delete its video and parameters; False if it is not finished."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status not in FINAL:
+                return False
+            del self._jobs[job_id]
+        for path in (self.out_dir / f"{job_id}.mp4", self.out_dir / f"{job_id}.json"):
+            path.unlink(missing_ok=True)
+        return True
+
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything and stop the worker (waiting up to ``timeout`` seconds for the running job)."""
         with self._cond:
@@ -235,11 +263,11 @@ class JobManager:
         while (job := self._next()) is not None:
             try:
                 self._run(job)
-            except JobCancelled:
+            except (JobCancelled, Interrupted):
                 self._finish(job, CANCELLED, "cancelled while running")
             except Exception as e:  # one job's failure must not stop the server
-                log.exception("job %s failed", job.id)
-                self._finish(job, FAILED, f"{type(e).__name__}: {e}")
+                log.exception("job %s failed", job.id)  # the log, for the operator, keeps the full paths
+                self._finish(job, FAILED, redact_paths(f"{type(e).__name__}: {e}"))
 
     def _progress(self, job: Job):  # noqa: ANN202 - the pipeline's progress callback
         def report(stage: str, done: int, total: int) -> None:
@@ -257,7 +285,10 @@ class JobManager:
             if job.cancel_requested:
                 raise JobCancelled(job.id)
             self._apply_loras(job)
-            result = self.pipeline.generate(job.request, progress=self._progress(job))
+            with stop_checks(self.pipeline.components.modules(), lambda: job.cancel_requested):
+                result = self.pipeline.generate(job.request, progress=self._progress(job))
+        if job.cancel_requested:
+            raise JobCancelled(job.id)
         video = self.out_dir / f"{job.id}.mp4"
         write_video(result.frames[0], video, fps=self.fps)
         job.seconds = {k: round(v, 3) for k, v in result.seconds.items()}

@@ -2,15 +2,26 @@
 
 A server reachable from other machines runs generations (and so spends the GPU) for anyone who can reach
 it, so binding to any address other than loopback needs a bearer token; without one the server refuses
-to start.
+to start. ``check_options`` refuses the other bad values of `mochi serve` before any model is loaded.
+
+uvicorn (0.54) times out idle kept-alive connections but never a request that is still arriving: a client
+sending its headers or body a byte at a time holds a connection (and a task) for ever.
+``slow_request_protocol`` gives each request ``REQUEST_TIMEOUT`` seconds to arrive whole, then answers 408
+and closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import math
 import socket
+from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+MIN_TOKEN_CHARS = 16
+# Seconds a request (line, headers and body: a job request is a few kB) may take to arrive.
+REQUEST_TIMEOUT = 30.0
 
 
 def is_loopback(host: str) -> bool:
@@ -25,8 +36,11 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(host: str, token: str | None) -> None:
     """Refuse (ValueError) to serve on a non-loopback ``host`` without a token."""
-    if token is not None and not token.strip():
-        raise ValueError("--token is empty; give a long random string, e.g. from `openssl rand -hex 24`")
+    if token is not None and len(token.strip()) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"--token has {len(token.strip())} characters; a bearer token needs at least {MIN_TOKEN_CHARS} "
+            "(a long random string, e.g. from `openssl rand -hex 24`)"
+        )
     if not is_loopback(host) and token is None:
         raise ValueError(
             f"--host {host} exposes the server beyond this machine, which needs a bearer token: pass "
@@ -45,11 +59,84 @@ def check_port(host: str, port: int) -> None:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from e
 
 
+def check_options(out_dir: str, queue_size: int, fps: float) -> None:
+    """Refuse (ValueError) values of `mochi serve` that would fail only later (every job, or after loading
+    the model); create ``out_dir`` so that an unwritable one is found now."""
+    if queue_size < 1:
+        raise ValueError(
+            f"--queue-size {queue_size} must be at least 1 (jobs that may wait; 8 is the default)"
+        )
+    if not (math.isfinite(fps) and 0 < fps <= 240):
+        raise ValueError(f"--fps {fps} must be a number in (0, 240]; Mochi's videos are 30 fps")
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out-dir {out_dir!r} is a file, not a folder; name a folder (it is created)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir!r} cannot be created: {e.strerror or e}") from None
+
+
+def slow_request_protocol(timeout: float = REQUEST_TIMEOUT) -> type:
+    """uvicorn's h11 protocol, answering 408 and closing when a request has not fully arrived ``timeout``
+    seconds after its connection opened (or after the previous response on a kept-alive connection)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from mochi.serve.errors import error_json
+
+    body = error_json(f"the request did not arrive within {timeout:g} s")
+    timed_out = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    timed_out += b"content-length: %d\r\n\r\n%s" % (len(body), body)
+
+    class SlowRequestTimeout(H11Protocol):
+        _request_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+            self._request_timer = self.loop.call_later(timeout, self._expire)
+
+        def _expire(self) -> None:
+            if self.transport.is_closing() or self.conn.their_state is h11.DONE:
+                return  # arrived whole (a slow response is not the client's fault)
+            if self.conn.their_state is h11.IDLE:
+                answer = bool(self.conn.trailing_data[0])  # none: nothing sent, closed without a word
+            else:  # the body is still arriving; answer unless the app already has
+                answer = self.cycle is None or not self.cycle.response_started
+            if answer:
+                self.transport.write(timed_out)
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+            super().connection_lost(exc)
+
+    return SlowRequestTimeout
+
+
 def run(app: object, host: str, port: int, *, log_level: str = "info") -> None:
     """Serve ``app`` with uvicorn until interrupted (the caller ran ``check_binding`` and ``check_port``)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=slow_request_protocol(),
+        timeout_keep_alive=5,
+    )
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -1,0 +1,97 @@
+"""One error body for every refusal of the API, documented in its OpenAPI description.
+
+Every 4xx/5xx reply of ``mochi serve`` — whether raised by a route (``HTTPException``), by FastAPI's body
+validation, or by the guard in front of the app (401, 413, 415, 400) — is ``ErrorBody``:
+``{"detail": one line, "errors": [{"field": ..., "message": ...}]}``, ``errors`` listing the fields at fault
+(empty when no field is). Replies never echo unbounded input: quoted values are cut to ``QUOTE_CHARS``
+characters, and bodies are rendered as ASCII JSON, so nothing a client sends (a lone surrogate, a NaN) can
+make the error reply itself fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+QUOTE_CHARS = 60
+
+# Statuses the API documents (with ErrorBody) and why each is sent.
+STATUS_MEANING = {
+    400: "the Host header is not a loopback name on a server without a token",
+    401: "missing or wrong bearer token",
+    404: "no such job (or its video was removed)",
+    408: "the request was not received in time",
+    409: "the job's video does not exist yet",
+    413: "the request body is larger than the server accepts",
+    415: "a request with a body must be sent as Content-Type: application/json",
+    422: "invalid values: detail names each field, the rule and the nearest valid choice",
+    429: "the queue is full; retry after Retry-After seconds",
+    501: "the feature asked for is not supported by this server's pipeline",
+}
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field at fault, dotted for nested ones; 'body' for the whole body")
+    message: str = Field(description="the rule it breaks")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error reply."""
+
+    detail: str = Field(description="one line: what was refused, why, and what would be accepted")
+    errors: list[FieldError] = Field(default_factory=list, description="the fields at fault (may be empty)")
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a route: each status documented with ``ErrorBody``."""
+    return {s: {"model": ErrorBody, "description": STATUS_MEANING[s]} for s in statuses}
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters (with the full length said), for quoting input safely."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}…{size}"
+
+
+def error_json(detail: str, errors: list[dict] | None = None) -> bytes:
+    """The ErrorBody JSON, ASCII-only (so any text encodes) and without NaN (which JSON cannot hold)."""
+    return json.dumps({"detail": detail, "errors": errors or []}, ensure_ascii=True, allow_nan=False).encode()
+
+
+class ErrorResponse(JSONResponse):
+    def render(self, content: object) -> bytes:
+        return error_json(content["detail"], content.get("errors"))
+
+
+def _validation_errors(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    parts, fields = [], []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        name = ".".join(loc) or "body"
+        message = str(err.get("msg", "invalid"))
+        got = err.get("input")
+        shown = f" (got {quote(got)})" if "input" in err and not isinstance(got, dict | list) else ""
+        parts.append(f"{name}: {message}{shown}")
+        fields.append({"field": name, "message": message})
+    return "; ".join(parts), fields
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every HTTPException and validation failure reply with ``ErrorBody``."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> ErrorResponse:
+        detail, fields = _validation_errors(exc)
+        return ErrorResponse({"detail": detail, "errors": fields}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> ErrorResponse:
+        return ErrorResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
