@@ -130,7 +130,8 @@ def dit_activations(
 ) -> int:
     """Peak bytes a DiT forward allocates (weights and inputs excluded), traced on the meta device.
 
-    latent: (t, h, w) latent frames, rows, columns; batch: B; text_tokens: valid T5 tokens per sample (a tuple).
+    latent: (t, h, w) latent frames, rows, columns; batch: B; text_tokens: valid T5 tokens per sample
+    (a tuple).
     The inputs are fp32 as the sampler passes them; attention as the fused kernels allocate
     (``meta_attention``).
     """

@@ -12,7 +12,8 @@ from mochi.request import GenerationRequest
 
 def format_table(options: list[Option], budget: int) -> str:
     """A fixed-width table: setting, the peak of each stage (decode with its tile), the peak, fits."""
-    head = f"{'setting':<28} {'text':>7} {'denoise':>8} {'decode':>8} {'(tile)':>9} {'peak':>7}  fits {budget / GB:.1f} GB"
+    head = f"{'setting':<28} {'text':>7} {'denoise':>8} {'decode':>8} {'(tile)':>9} {'peak':>7}"
+    head += f"  fits {budget / GB:.1f} GB"
     rows = [head, "-" * len(head)]
     for o in options:
         tile = f"{o.decode_tile[0]}x{o.decode_tile[1]}" if o.decode_tile else "none"
@@ -53,7 +54,8 @@ def plan_command(args: argparse.Namespace) -> str:
         all_blocks=args.all_blocks,
     )  # fmt: skip
     lines = [
-        f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; budget {budget / GB:.1f} GB "
+        f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; "
+        f"budget {budget / GB:.1f} GB "
         f"({where}); each stage includes {CUDA_RESERVE / GB:.1f} GB for the CUDA context and allocator",
         "",
         format_table(options, budget),
