@@ -101,3 +101,16 @@ def test_plan_command(capsys):
     if not torch.cuda.is_available():
         assert main(["plan"]) == 2
         assert "give the budget, e.g. --gpu-memory 24GB" in capsys.readouterr().err
+
+
+def test_generate_memory_auto_on_cpu_says_so(tmp_path, capsys, monkeypatch):
+    from .test_pipeline import tiny_components
+
+    monkeypatch.setattr("mochi.weights.components.load_components", lambda *a, **k: tiny_components())
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "a red circle", "--steps", "1", "--memory", "auto", "--out", str(out)]) == 0
+    assert (
+        "--memory auto: running on cpu, where there is no accelerator memory to plan"
+        in capsys.readouterr().out
+    )
+    assert out.exists()

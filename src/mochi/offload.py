@@ -236,8 +236,8 @@ def offloaded(
     resident: blocks kept on the device under ``blocks`` mode (default: ``mode.resident`` for the DiT, 1 for
     T5).
     """
-    if not mode.active:
-        yield module
+    if not mode.active or getattr(module, "_mochi_spread", None) is not None:
+        yield module  # a DiT spread over several devices (mochi.memory.placement) stays where it is
         return
     blocks, fixed = stream_blocks_of(module)
     if mode.kind == "model" or blocks is None:

@@ -38,7 +38,11 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
         help="model (the default when given alone: each model on the GPU only for its stage), blocks or "
         "blocks:N (stream DiT blocks and T5 layers from pinned host memory, N DiT blocks resident), none",
     )
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for VAE decoding, e.g. 8GB; with --devices, each device's budget (20GB,24GB)",
+    )
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
@@ -54,7 +58,9 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "vae_dtype": args.vae_dtype,
         "offload": args.offload,
         "attention": args.attention,
-        "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+        "max_memory": parse_size(args.max_memory)
+        if args.max_memory and not getattr(args, "devices", None)
+        else None,
     }
 
 
