@@ -78,11 +78,13 @@ def load_components(
     tokenizer: str | os.PathLike | None = None,
     fp8: str = "keep",
     encoder: bool = True,
+    dit: AsymmDiT | None = None,
 ) -> Components:
     """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
 
     fp8: "keep" leaves fp8 DiT weights fp8 in memory (scaled per layer at matmul time), "dequantize" widens
     them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
+    dit: a DiT loaded already (e.g. in shards under torchrun), used instead of reading the checkpoint's.
     """
     if model is None:
         from mochi.weights.bundle import load_embedded
@@ -95,7 +97,7 @@ def load_components(
     det = detect(model)
     if "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
-    dit = load_dit(det, fp8=fp8)
+    dit = load_dit(det, fp8=fp8) if dit is None else dit
 
     # The VAE comes from --vae when given, else from what detection found in the model checkpoint (read
     # there, shards and all, without detecting it again).

@@ -1,0 +1,109 @@
+"""Host memory per rank when loading the DiT under torchrun: each rank reads its shard vs the whole file.
+
+    PYTHONPATH=src python benchmarks/parallel_host_memory.py [--depth 8] [--ranks 2]
+
+Writes a Genmo-named bf16 DiT file (random weights; ``--depth`` blocks at width 1024), then measures the
+peak resident memory (VmHWM) each process adds while loading it, above its resident set after imports:
+one process loading it whole (``load_dit``, what every rank did before), and ``--ranks`` gloo ranks each
+loading its FSDP2 shard (``load_dit_sharded``). One thread per process. Resident memory includes the pages
+of the memory-mapped file a process touched, so it counts what was read as well as what is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _child(path: str, sharded: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.sharded_load import load_dit_sharded
+    from mochi.weights.dit import load_dit
+    from mochi.weights.formats import detect
+
+    world = init_world("cpu") if sharded else None
+    det = detect(path)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS")
+    if sharded:
+        dit, read = load_dit_sharded(det, world, torch.bfloat16)
+    else:
+        dit, read = load_dit(det, dtype=torch.bfloat16), Path(path).stat().st_size
+    print(json.dumps({"peak": _status("VmHWM") - base, "read": read}))
+    if world is not None:
+        close_world()
+
+
+def _run(path: Path, ranks: int) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(ranks):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}"}
+        if ranks > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
+            env["MASTER_PORT"] = str(port)
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import parallel_host_memory as m; "
+        code += f"m._child({str(path)!r}, {ranks > 1})"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE))
+    return [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args()
+    import torch
+
+    from mochi.memory.estimate import dit_weights
+    from mochi.models.dit import AsymmDiT, DiTConfig
+    from mochi.weights.io import save_state_dict
+
+    cfg = DiTConfig(depth=args.depth, num_heads=8, hidden_size_x=1024, hidden_size_y=512, mlp_multiple_of=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dit.safetensors"
+        torch.manual_seed(0)
+        save_state_dict(AsymmDiT(cfg).to(torch.bfloat16).state_dict(), path)
+        size = path.stat().st_size
+        print(f"DiT file: depth {args.depth}, width 1024, bf16, {size / MB:.0f} MB")
+        (whole,) = _run(path, 1)
+        shards = _run(path, args.ranks)
+    print(
+        f"one process, whole file:   peak +{whole['peak'] / MB:7.0f} MB  ({whole['peak'] / size:.2f} x file)"
+    )
+    for r, s in enumerate(shards):
+        print(
+            f"rank {r} of {args.ranks}, its shard:  peak +{s['peak'] / MB:7.0f} MB  ({s['peak'] / size:.2f} x file), "
+            f"read {s['read'] / MB:.0f} MB; ratio to whole {s['peak'] / whole['peak']:.2f}"
+        )
+    full = dit_weights(DiTConfig(), torch.bfloat16)
+    big = max(full.blocks)
+    print(
+        f"released DiT, bf16, 8 ranks: {full.total / 8 / 1e9:.2f} GB per rank (1/8 of {full.total / 1e9:.2f} GB) "
+        f"instead of {full.total / 1e9:.2f} GB; the largest block is {big / 1e9:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    main()
