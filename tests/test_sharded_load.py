@@ -1,8 +1,8 @@
-"""Under torchrun each rank reads only its shard of the DiT (mochi.parallel.sharded_load).
+"""Under torchrun each rank reads only its shard of the DiT and T5 (mochi.parallel.sharded_load).
 
 Two gloo ranks (plain subprocesses with torchrun's variables, one thread each) load a Genmo-named DiT
-file in shards: each must read about half of the bytes, and the sharded model must give the output of
-the model loaded whole in one process.
+file and a T5 file in shards: each must read about half of the bytes, and the sharded models must give
+the outputs of the models loaded whole in one process.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from mochi.models.dit import DIT_PRESETS, AsymmDiT
+from mochi.models.t5 import T5_PRESETS, T5Encoder
 from mochi.weights.dit import load_dit
 from mochi.weights.io import save_state_dict
+from mochi.weights.t5 import load_t5
 
 from .test_parallel import _free_port
 
@@ -33,19 +35,25 @@ def _inputs():
     return x, torch.tensor([0.4]), torch.randn(1, 5, 32, generator=g), torch.ones(1, 5, dtype=torch.bool)
 
 
+def _t5_inputs():
+    ids = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(2))
+    return ids, torch.tensor([[1] * 7, [1] * 3 + [0] * 4]).bool()
+
+
 def rank_job(folder: str) -> None:
-    """One rank: load the DiT in shards, run it, write its output and the bytes it read."""
+    """One rank: load the DiT and T5 in shards, run them, write their outputs and the bytes read."""
     from mochi.parallel.context import close_world, init_world
-    from mochi.parallel.sharded_load import load_dit_sharded
+    from mochi.parallel.sharded_load import load_dit_sharded, load_t5_sharded, t5_sources
     from mochi.weights.formats import detect
 
     torch.set_num_threads(1)
     world = init_world("cpu")
     dit, read = load_dit_sharded(detect(Path(folder) / "dit.safetensors"), world, torch.float32)
+    t5, read_t5 = load_t5_sharded(*t5_sources(str(Path(folder) / "t5.safetensors"), None), world)
     with torch.inference_mode():
-        out = dit(*_inputs())
+        out = dit(*_inputs()), t5(*_t5_inputs())
     torch.save(out, Path(folder) / f"out{world.rank}.pt")
-    (Path(folder) / f"read{world.rank}.json").write_text(json.dumps(read))
+    (Path(folder) / f"read{world.rank}.json").write_text(json.dumps([read, read_t5]))
     close_world()
 
 
@@ -53,7 +61,10 @@ def test_each_rank_reads_its_shard_and_the_model_matches(tmp_path):
     torch.manual_seed(0)
     sd = AsymmDiT(DIT).state_dict()
     save_state_dict(sd, tmp_path / "dit.safetensors")
-    total = sum(t.numel() * t.element_size() for t in sd.values())
+    t5 = T5Encoder(T5_PRESETS["t5-tiny"])
+    t5.initialize_weights()
+    save_state_dict(t5.state_dict(), tmp_path / "t5.safetensors")  # HF's key names, as a ComfyUI fp16 file
+    totals = [sum(t.numel() * t.element_size() for t in d.values()) for d in (sd, t5.state_dict())]
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -68,10 +79,15 @@ def test_each_rank_reads_its_shard_and_the_model_matches(tmp_path):
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-3000:]
     reads = [json.loads((tmp_path / f"read{r}.json").read_text()) for r in range(2)]
-    assert sum(reads) == total  # every byte read once, by one rank
-    assert all(0.4 * total < r < 0.6 * total for r in reads)
-    whole = load_dit(tmp_path / "dit.safetensors", dtype=torch.float32)
+    for model, total in enumerate(totals):
+        assert sum(r[model] for r in reads) == total  # every byte read once, by one rank
+        assert all(0.4 * total < r[model] < 0.6 * total for r in reads)
     with torch.inference_mode():
-        expected = whole(*_inputs())
+        expected = (
+            load_dit(tmp_path / "dit.safetensors", dtype=torch.float32)(*_inputs()),
+            load_t5(tmp_path / "t5.safetensors")(*_t5_inputs()),
+        )
     for r in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"out{r}.pt"), expected, atol=1e-5, rtol=1e-5)
+        got = torch.load(tmp_path / f"out{r}.pt")
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)

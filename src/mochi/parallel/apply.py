@@ -86,6 +86,19 @@ def _read_dit_in_shards(model: str | None, world: World, weights: str, dtype: to
     return load_dit_sharded(det, world, dtype)[0]
 
 
+def _read_t5_in_shards(model: str, t5: str | None, world: World):  # noqa: ANN202
+    """T5 read rank by rank when the DiT was (the weights are sharded) and its files allow it, else None."""
+    from mochi.parallel.sharded_load import load_t5_sharded, t5_sources
+    from mochi.weights.formats import detect
+
+    det = detect(model) if t5 is None else None
+    found = t5_sources(t5, det)
+    if found is None:
+        return None
+    prefix = det.prefixes["t5"] if det is not None else ""
+    return load_t5_sharded(*found, world, prefix)[0]
+
+
 def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     world: World,
     model: str | None = None,
@@ -107,7 +120,10 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
 
     dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
     sharded = _read_dit_in_shards(model, world, weights, dit_dtype)
-    c = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded)
+    text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
+    c = load_components(
+        model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded, text_encoder=text_encoder
+    )
     _check_split(c.dit.config.num_heads, world, guidance)
     # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.
     need = sum(p.numel() for p in c.dit.parameters()) * dit_dtype.itemsize
@@ -116,7 +132,8 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     if mode == "shard":
         if sharded is None:
             c.dit.to(dtype=dit_dtype)
-        c.text_encoder.to(dtype=torch.float32)
+        if text_encoder is None:
+            c.text_encoder.to(dtype=torch.float32)
         shard_dit(c.dit, world)
         shard_t5(c.text_encoder, world)
     pipe = MochiPipeline(c, device=world.device, **options)

@@ -9,11 +9,13 @@ per-rank peak is its shard plus one tensor's slice in flight. Before, every rank
 
 Covered: the DiT in Genmo's naming without fp8 scales (Genmo folders, ComfyUI bf16 files, mochi
 bundles' DiT); other layouts (diffusers' split q/k/v, fp8) are renamed or dequantized across tensors and
-keep the whole read (``can_read_sharded`` says which). T5 is read whole as before.
+keep the whole read (``can_read_sharded`` says which). T5 the same way (``load_t5_sharded``), from
+unquantized safetensors files (HF folders, ComfyUI fp16 files); fp8 T5 files are read whole.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
 from mochi.models.dit import AsymmDiT
+from mochi.models.t5 import T5Config, T5Encoder
 from mochi.parallel.context import World
 from mochi.parallel.fsdp import shard_dit
 from mochi.weights.dit import genmo_shapes, infer_config, keeps_fp32
@@ -61,28 +64,94 @@ def load_dit_sharded(det: Detected, world: World, dtype: torch.dtype) -> tuple[A
     model.to(dtype=dtype)
     shard_dit(model, world)
     prefix = det.prefixes["dit"]
-    handles = {f: safe_open(f, framework="pt", device="cpu") for f in det.files["dit"]}
-    where = {k[len(prefix) :]: h for h in handles.values() for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    handles = [safe_open(f, framework="pt", device="cpu") for f in det.files["dit"]]
+    where = {k[len(prefix) :]: (h, k) for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    read = _fill(model, where, world, lambda name: torch.float32 if keeps_fp32(name) else dtype)
+    return model.eval().requires_grad_(False), read
+
+
+def _fill(model: torch.nn.Module, where: dict, world: World, dtype_of) -> int:  # noqa: ANN001
+    """Load the FSDP2-sharded meta ``model`` with this rank's rows of each tensor; returns the bytes read.
+
+    where: parameter name → (safe_open handle, key in its file); dtype_of(name): the dtype to keep it in.
+    """
     local: dict[str, torch.Tensor] = {}
     read = 0
-    try:
-        for name, param in model.state_dict().items():
-            start, end = _rows(param.shape[0], world.rank, world.size) if param.ndim else (0, 0)
-            piece = where[name].get_slice(prefix + name)
-            t = piece[start:end] if param.ndim else piece[:]
-            read += t.numel() * t.element_size()
-            t = t.to(device=world.device, dtype=torch.float32 if keeps_fp32(name) else dtype)
-            if isinstance(param, DTensor):
-                t = DTensor.from_local(
-                    t,
-                    param.device_mesh,
-                    param.placements,
-                    run_check=False,
-                    shape=param.shape,
-                    stride=param.stride(),
-                )
-            local[name] = t
-    finally:
-        handles.clear()
+    for name, param in model.state_dict().items():
+        handle, key = where[name]
+        start, end = _rows(param.shape[0], world.rank, world.size) if param.ndim else (0, 0)
+        piece = handle.get_slice(key)
+        t = piece[start:end] if param.ndim else piece[:]
+        read += t.numel() * t.element_size()
+        t = t.to(device=world.device, dtype=dtype_of(name))
+        if isinstance(param, DTensor):
+            t = DTensor.from_local(
+                t,
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+        local[name] = t
     model.load_state_dict(local, strict=True, assign=True)
+    return read
+
+
+def t5_sources(t5: str | None, det: Detected | None) -> tuple[list, dict | None] | None:
+    """(the T5's safetensors files, its HF config or None) when it can be read in shards, else None:
+    unquantized safetensors only (fp8 files are dequantized with their scales at load)."""
+    from mochi.weights.t5 import _detected_files, _locate
+
+    if t5 is not None:
+        files, config = _locate(Path(t5))
+    elif det is not None and "t5" in det.files:
+        files, config = _detected_files(det)
+    else:
+        return None
+    if not all(f.suffix == ".safetensors" for f in files):
+        return None
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            if "_quantization_metadata" in (h.metadata() or {}):
+                return None
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if h.get_slice(k).get_dtype().startswith("F8") or k.endswith(
+                    ("scale_weight", "weight_scale")
+                ):
+                    return None
+    return files, config
+
+
+def load_t5_sharded(
+    files: list, config: dict | None, world: World, prefix: str = ""
+) -> tuple[T5Encoder, int]:
+    """(T5 in fp32, FSDP2-sharded over ``world`` as ``shard_t5`` shards it, with only this rank's rows
+    read; the bytes read). ``files``/``config`` from ``t5_sources``; ``prefix``: the component's prefix in
+    an all-in-one file."""
+    from mochi.parallel.fsdp import shard_t5
+    from mochi.weights.t5 import _find_prefix, infer_t5_config
+
+    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    keys = {k: h for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    inner = prefix + _find_prefix([k[len(prefix) :] for k in keys])
+    where = {k[len(inner) :]: (h, k) for k, h in keys.items() if k.startswith(inner)}
+    if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
+        where["shared.weight"] = where["encoder.embed_tokens.weight"]
+    if config is not None:
+        cfg = T5Config.from_hf(config)
+    else:
+        shapes = {n: torch.empty(h.get_slice(k).get_shape(), device="meta") for n, (h, k) in where.items()}
+        cfg = infer_t5_config(shapes)
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {
+        n: torch.empty(h.get_slice(k).get_shape(), device="meta")
+        for n, (h, k) in where.items()
+        if n in expected
+    }
+    check_state_dict(expected, found, "T5 read in shards")
+    shard_t5(model, world)
+    read = _fill(model, where, world, lambda name: torch.float32)
     return model.eval().requires_grad_(False), read
