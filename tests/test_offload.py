@@ -128,7 +128,11 @@ def test_cuda_streaming_overlaps_copies_with_compute():
     cuda = [t.cuda() for t in inputs]
     expected = model.cuda()(*cuda).cpu()
     model.cpu()
-    block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+
+    def size(m: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    block, rest = size(model.blocks[0]), size(model) - size(model.blocks)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -139,15 +143,17 @@ def test_cuda_streaming_overlaps_copies_with_compute():
     ):
         got = model(*cuda).cpu()
     assert torch.equal(got, expected)
-    weights = torch.cuda.max_memory_allocated() - base
-    # The blocks resident at once: 1 kept + 2 streamed, never all 6 (activations are small here).
-    assert weights < 5 * block_bytes
+    # On the device at once: the non-block layers, 1 resident block and at most 2 streamed (of 6), plus
+    # activations (a few MB here).
+    assert torch.cuda.max_memory_allocated() - base < rest + 4.5 * block
     assert all(p.device.type == "cpu" and p.is_pinned() for p in model.blocks.parameters())
     streams = {"copy": set(), "compute": set()}
     for e in prof.profiler.kineto_results.events():  # device_resource_id: the CUDA stream of a kernel
+        if e.device_type() != torch.autograd.DeviceType.CUDA:
+            continue
         name = e.name()
-        kind = "copy" if "HtoD" in name else "compute" if "gemm" in name.lower() else None
+        kind = "copy" if "HtoD" in name else None if "Memcpy" in name or "Memset" in name else "compute"
         if kind is not None:
             streams[kind].add(e.device_resource_id())
-    # The copies run on the side stream, not the one the matmuls run on.
-    assert streams["copy"] and streams["compute"] and not streams["copy"] & streams["compute"]
+    # Block copies run on a side stream, one no kernel of the forward runs on.
+    assert streams["compute"] and streams["copy"] - streams["compute"]

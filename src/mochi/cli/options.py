@@ -33,7 +33,7 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
         "--offload",
         nargs="?",
         const="model",
-        default="none",
+        default=False,
         metavar="MODE",
         help="model (the default when given alone: each model on the GPU only for its stage), blocks or "
         "blocks:N (stream DiT blocks and T5 layers from pinned host memory, N DiT blocks resident), none",
