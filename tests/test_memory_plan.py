@@ -114,3 +114,26 @@ def test_generate_memory_auto_on_cpu_says_so(tmp_path, capsys, monkeypatch):
         in capsys.readouterr().out
     )
     assert out.exists()
+
+
+def test_memory_auto_chooses_for_a_cuda_budget(monkeypatch):
+    """The choice itself, with the CUDA device and its free memory faked (this test runs on the CPU)."""
+    import mochi.memory.auto as auto
+    from mochi.request import GenerationRequest
+
+    from .test_pipeline import tiny_components
+
+    c = tiny_components()
+    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
+    monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
+    chosen, note = auto.choose_setting(c, request, "cuda")
+    assert chosen.offload == Offload() and note.startswith(
+        "--memory auto: bf16, offload none (estimated peak"
+    )
+    assert "8.0 GB free on cuda" in note
+    monkeypatch.setattr(auto, "available_memory", lambda d: 10**6)
+    with pytest.raises(
+        ValueError, match=r"--memory auto: no setting fits 0\.0 GB: the closest, bf16, offload"
+    ):
+        auto.choose_setting(c, request, "cuda")
