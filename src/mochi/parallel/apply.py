@@ -62,14 +62,17 @@ def _check_split(heads: int, world: World, guidance: bool) -> None:
     check_heads(heads, world.size // 2 if guidance else world.size)
 
 
-def _read_dit_in_shards(model: str | None, world: World, weights: str, dtype: torch.dtype):  # noqa: ANN202
+def _read_dit_in_shards(  # noqa: ANN202
+    model: str | None, t5: str | None, world: World, weights: str, dtype: torch.dtype
+):
     """The DiT read rank by rank (``mochi.parallel.sharded_load``) when its weights will be sharded and the
-    checkpoint allows it, else None. "auto" decides from the DiT's size in ``dtype``, read from the headers
-    (with T5's fp32 size added as the pipeline holds it), as ``agreed_weights`` would after a whole read."""
+    checkpoint allows it, else None. "auto" decides from the DiT's size in ``dtype`` and T5's in fp32, read
+    from the headers (T5-XXL's when its files cannot be read), as ``agreed_weights`` would after a whole
+    read."""
     if model is None or world.size == 1 or weights == "replicate":
         return None
     from mochi.memory.estimate import dit_weights, t5_weights
-    from mochi.parallel.sharded_load import can_read_sharded, load_dit_sharded
+    from mochi.parallel.sharded_load import can_read_sharded, load_dit_sharded, t5_fp32_bytes
     from mochi.weights.bundle import is_bundle
     from mochi.weights.dit import genmo_shapes, infer_config
     from mochi.weights.formats import detect
@@ -80,7 +83,8 @@ def _read_dit_in_shards(model: str | None, world: World, weights: str, dtype: to
     if not can_read_sharded(det):
         return None
     if weights == "auto":
-        need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + t5_weights(T5Config()).total
+        text = t5_fp32_bytes(t5, det) or t5_weights(T5Config()).total
+        need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
         if agreed_weights("auto", [], world, need) != "shard":
             return None
     return load_dit_sharded(det, world, dtype)[0]
@@ -119,7 +123,7 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     from mochi.weights.components import load_components
 
     dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
-    sharded = _read_dit_in_shards(model, world, weights, dit_dtype)
+    sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype)
     text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
     c = load_components(
         model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded, text_encoder=text_encoder

@@ -15,6 +15,7 @@ unquantized safetensors files (HF folders, ComfyUI fp16 files); fp8 T5 files are
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from unittest import mock
 
@@ -155,3 +156,18 @@ def load_t5_sharded(
     shard_t5(model, world)
     read = _fill(model, where, world, lambda name: torch.float32)
     return model.eval().requires_grad_(False), read
+
+
+def t5_fp32_bytes(t5: str | None, det: Detected | None) -> int | None:
+    """Bytes of the T5 encoder in fp32 from its files' headers (decoder halves left out), or None when
+    its files cannot be read in shards (see ``t5_sources``)."""
+    found = t5_sources(t5, det)
+    if found is None:
+        return None
+    total = 0
+    for f in found[0]:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if "decoder." not in k and "lm_head" not in k:
+                    total += 4 * math.prod(h.get_slice(k).get_shape())
+    return total
