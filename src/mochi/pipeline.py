@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype, placed
+from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype
 from mochi.models.latents import dit_to_vae, vae_to_dit
 from mochi.models.prompts import encode_prompts
 from mochi.models.vae_tiling import decode, encode
+from mochi.offload import Offload, offloaded, parse_offload
 from mochi.request import GenerationRequest, check_frames
 from mochi.sampling.sampler import guidance_schedule, initial_noise, noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule, validate_sigmas
@@ -41,8 +42,9 @@ class MochiPipeline:
 
     device: where computation happens (default: CUDA if present). dit_dtype: the DiT's compute dtype
     (default bf16 on CUDA, fp32 on CPU). vae_dtype: the decoder's (default fp32, as Genmo's CLI decodes).
-    offload: keep components on the CPU between their stages. max_memory: bytes the VAE decode may use
-    (default: what the device has free).
+    offload: keep components on the CPU between their stages: True or "model" (whole models), "blocks[:N]"
+    (stream DiT blocks and T5 layers, N DiT blocks resident; ``mochi.offload``). max_memory: bytes the VAE
+    decode may use (default: what the device has free).
     """
 
     def __init__(
@@ -52,7 +54,7 @@ class MochiPipeline:
         device: str | torch.device | None = None,
         dit_dtype: str | torch.dtype | None = None,
         vae_dtype: str | torch.dtype | None = None,
-        offload: bool = False,
+        offload: bool | str | Offload = False,
         attention: str | None = None,
         max_memory: int | None = None,
     ) -> None:
@@ -60,7 +62,9 @@ class MochiPipeline:
         self.device = parse_device(device)
         self.dit_dtype = parse_dtype(dit_dtype) or default_dit_dtype(self.device)
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
-        self.offload = offload and self.device.type != "cpu"
+        mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
+        self.offload_mode = mode if self.device.type != "cpu" else Offload()
+        self.offload = self.offload_mode.active
         self.max_memory = max_memory
         self.lora_merge = False  # how generate() applies a request's LoRAs
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
@@ -101,7 +105,7 @@ class MochiPipeline:
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, 256, D) float32 and mask (B, 256) bool on the pipeline device."""
         c = self.components
-        with placed(c.text_encoder, self.device, self.offload):
+        with offloaded(c.text_encoder, self.device, self.offload_mode):
             feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder)
         return feats.to(self.device), mask.to(self.device)
 
@@ -116,7 +120,7 @@ class MochiPipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT-space latents (B, 12, t, h, w) → frames (B, 6t−5, 8h, 8w, 3) uint8."""
         decoder = self.components.decoder
-        with placed(decoder, self.device, self.offload):
+        with offloaded(decoder, self.device, self.offload_mode):
             z = dit_to_vae(latents.float(), self._latent_stats).to(self.device, self.vae_dtype)
             run = decode if self.parallel is None else self.parallel.decode
             frames = run(decoder, z, max_memory=self._decode_budget())
@@ -128,7 +132,7 @@ class MochiPipeline:
         encoder = self.components.encoder
         if encoder is None:
             raise ValueError("video-to-video needs the VAE encoder, and this model has none")
-        with placed(encoder, self.device, self.offload):
+        with offloaded(encoder, self.device, self.offload_mode):
             x = frames.permute(0, 4, 1, 2, 3).to(self.device, self.vae_dtype) / 127.5 - 1.0
             mean, _ = encode(encoder, x, max_memory=self._decode_budget())
         return vae_to_dit(mean.float(), self._latent_stats)
@@ -202,7 +206,7 @@ class MochiPipeline:
             z = noise
         steps = len(sigmas) - 1
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
-        with placed(self.components.dit, self.device, self.offload):
+        with offloaded(self.components.dit, self.device, self.offload_mode):
             dit = self.components.dit
             latents = sample(
                 dit if self.parallel is None else self.parallel.denoiser(dit),

@@ -20,10 +20,10 @@ import sys
 from collections.abc import Sequence
 
 from mochi import __version__
-from mochi.cli import generate, lora, serve, weights
+from mochi.cli import generate, lora, plan, serve, weights
 
 # Command modules in the order `mochi --help` lists them.
-COMMAND_MODULES = (generate, serve, lora, weights)
+COMMAND_MODULES = (generate, plan, serve, lora, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

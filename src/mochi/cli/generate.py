@@ -37,6 +37,16 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--threshold-noise", type=float, default=0.025, help="schedule's linear-part end (0.025)")
     p.add_argument("--linear-steps", type=int, help="steps in the schedule's linear part (default: half)")
     add_model_options(p, runtime=True)
+    p.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="spread the DiT's blocks over these devices, e.g. cuda:0,cuda:1 (T5 and VAE use the first)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("auto",),
+        help="auto: on CUDA, pick the fastest offload that fits the free memory (mochi plan) and say which",
+    )
     p.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this clip")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video: how much to change (0-1]")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
@@ -92,7 +102,17 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     options = pipeline_options(args)
-    if world is None:
+    if world is None and args.devices:
+        from mochi.memory.placement import spread_pipeline
+
+        pipe, note = spread_pipeline(args.model, args.devices, args.max_memory, request, options)
+        print(note)
+    elif world is None and args.memory == "auto":
+        from mochi.memory.auto import auto_pipeline
+
+        pipe, note = auto_pipeline(args.model, args.device, request, options)
+        print(note)
+    elif world is None:
         pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **options)
     else:
         from mochi.parallel.apply import load_pipeline

@@ -29,8 +29,20 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
         "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
     )
     p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
-    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
-    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    p.add_argument(
+        "--offload",
+        nargs="?",
+        const="model",
+        default=False,
+        metavar="MODE",
+        help="model (the default when given alone: each model on the GPU only for its stage), blocks or "
+        "blocks:N (stream DiT blocks and T5 layers from pinned host memory, N DiT blocks resident), none",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for VAE decoding, e.g. 8GB; with --devices, each device's budget (20GB,24GB)",
+    )
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
@@ -46,7 +58,9 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "vae_dtype": args.vae_dtype,
         "offload": args.offload,
         "attention": args.attention,
-        "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+        "max_memory": parse_size(args.max_memory)
+        if args.max_memory and not getattr(args, "devices", None)
+        else None,
     }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mochi.models.t5 import T5Config
 from mochi.parallel.context import World
 from mochi.parallel.fsdp import choose_weights, shard_dit, shard_t5
 from mochi.parallel.guidance import GuidanceParallel, guidance_groups
@@ -61,6 +62,47 @@ def _check_split(heads: int, world: World, guidance: bool) -> None:
     check_heads(heads, world.size // 2 if guidance else world.size)
 
 
+def _read_dit_in_shards(  # noqa: ANN202
+    model: str | None, t5: str | None, world: World, weights: str, dtype: torch.dtype
+):
+    """The DiT read rank by rank (``mochi.parallel.sharded_load``) when its weights will be sharded and the
+    checkpoint allows it, else None. "auto" decides from the DiT's size in ``dtype`` and T5's in fp32, read
+    from the headers (T5-XXL's when its files cannot be read), as ``agreed_weights`` would after a whole
+    read."""
+    if model is None or world.size == 1 or weights == "replicate":
+        return None
+    from mochi.memory.estimate import dit_weights, t5_weights
+    from mochi.parallel.sharded_load import can_read_sharded, load_dit_sharded, t5_fp32_bytes
+    from mochi.weights.bundle import is_bundle
+    from mochi.weights.dit import genmo_shapes, infer_config
+    from mochi.weights.formats import detect
+
+    if is_bundle(model):
+        return None
+    det = detect(model)
+    if not can_read_sharded(det):
+        return None
+    if weights == "auto":
+        text = t5_fp32_bytes(t5, det) or t5_weights(T5Config()).total
+        need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
+        if agreed_weights("auto", [], world, need) != "shard":
+            return None
+    return load_dit_sharded(det, world, dtype)[0]
+
+
+def _read_t5_in_shards(model: str, t5: str | None, world: World):  # noqa: ANN202
+    """T5 read rank by rank when the DiT was (the weights are sharded) and its files allow it, else None."""
+    from mochi.parallel.sharded_load import load_t5_sharded, t5_sources
+    from mochi.weights.formats import detect
+
+    det = detect(model) if t5 is None else None
+    found = t5_sources(t5, det)
+    if found is None:
+        return None
+    prefix = det.prefixes["t5"] if det is not None else ""
+    return load_t5_sharded(*found, world, prefix)[0]
+
+
 def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     world: World,
     model: str | None = None,
@@ -80,16 +122,22 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     from mochi.pipeline import MochiPipeline
     from mochi.weights.components import load_components
 
-    c = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
-    _check_split(c.dit.config.num_heads, world, guidance)
     dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
+    sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype)
+    text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
+    c = load_components(
+        model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded, text_encoder=text_encoder
+    )
+    _check_split(c.dit.config.num_heads, world, guidance)
     # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.
     need = sum(p.numel() for p in c.dit.parameters()) * dit_dtype.itemsize
     need += sum(p.numel() for p in c.text_encoder.parameters()) * 4
-    mode = agreed_weights(weights, [c.dit, c.text_encoder], world, need)
+    mode = "shard" if sharded is not None else agreed_weights(weights, [c.dit, c.text_encoder], world, need)
     if mode == "shard":
-        c.dit.to(dtype=dit_dtype)
-        c.text_encoder.to(dtype=torch.float32)
+        if sharded is None:
+            c.dit.to(dtype=dit_dtype)
+        if text_encoder is None:
+            c.text_encoder.to(dtype=torch.float32)
         shard_dit(c.dit, world)
         shard_t5(c.text_encoder, world)
     pipe = MochiPipeline(c, device=world.device, **options)

@@ -78,11 +78,14 @@ def load_components(
     tokenizer: str | os.PathLike | None = None,
     fp8: str = "keep",
     encoder: bool = True,
+    dit: AsymmDiT | None = None,
+    text_encoder: T5Encoder | None = None,
 ) -> Components:
     """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
 
     fp8: "keep" leaves fp8 DiT weights fp8 in memory (scaled per layer at matmul time), "dequantize" widens
     them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
+    dit, text_encoder: models loaded already (e.g. in shards under torchrun), used instead of reading them.
     """
     if model is None:
         from mochi.weights.bundle import load_embedded
@@ -95,7 +98,7 @@ def load_components(
     det = detect(model)
     if "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
-    dit = load_dit(det, fp8=fp8)
+    dit = load_dit(det, fp8=fp8) if dit is None else dit
 
     # The VAE comes from --vae when given, else from what detection found in the model checkpoint (read
     # there, shards and all, without detecting it again).
@@ -115,11 +118,12 @@ def load_components(
             warnings.warn(f"VAE encoder not loaded, so video-to-video is unavailable: {e}", stacklevel=2)
 
     t5_source = t5 if t5 is not None else (det if "t5" in det.files else None)
-    if t5_source is None:
+    if t5_source is None and text_encoder is None:
         raise ValueError(
             f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass --t5 PATH (a "
             "google/t5-v1_1-xxl folder or a ComfyUI t5xxl file)"
         )
-    text_encoder = load_t5(t5_source, dtype=torch.float32)
+    if text_encoder is None:
+        text_encoder = load_t5(t5_source, dtype=torch.float32)
     tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
     return Components(tok, text_encoder, dit, decoder, vae_encoder, name=Path(model).name)

@@ -1,0 +1,136 @@
+"""Host memory per rank when loading the DiT under torchrun: each rank reads its shard vs the whole file.
+
+    PYTHONPATH=src python benchmarks/parallel_host_memory.py [--depth 8] [--ranks 2]
+
+Writes a Genmo-named bf16 DiT file (random weights; ``--depth`` blocks at width 1024), then measures what
+each process adds while loading it, above its state after imports: one process loading it whole
+(``load_dit``, what every rank did before), and ``--ranks`` gloo ranks each loading its FSDP2 shard
+(``load_dit_sharded``), as bf16 (the file's dtype) and as fp32 (a cast, as CPU ranks compute in fp32).
+One thread per process. Two figures, sampled every 2 ms by a thread: the peak of private memory (RssAnon:
+tensors the process owns) and the peak of all resident memory (VmRSS, which adds the pages of the
+memory-mapped file the process touched: page cache, shared by the ranks of a node and reclaimable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+class _Peaks:
+    """Polls RssAnon and VmRSS of this process in a thread; ``stop()`` returns their peaks above the start."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.base = {k: _status(k) for k in ("RssAnon", "VmRSS")}
+        self.peak = dict(self.base)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.002):
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], _status(k))
+
+    def stop(self) -> dict[str, int]:
+        self.done.set()
+        self.thread.join()
+        return {k: max(self.peak[k], _status(k)) - self.base[k] for k in self.peak}
+
+
+def _child(path: str, sharded: bool, dtype_name: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.sharded_load import load_dit_sharded
+    from mochi.weights.dit import load_dit
+    from mochi.weights.formats import detect
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    world = init_world("cpu") if sharded else None
+    det = detect(path)
+    peaks = _Peaks()
+    if sharded:
+        dit, read = load_dit_sharded(det, world, dtype)
+    else:
+        dit, read = load_dit(det, dtype=dtype), Path(path).stat().st_size
+    # Tensors may still be lazy views of the memory-mapped file: touch every byte kept, as a forward would.
+    for t in dit.state_dict().values():
+        (t.to_local() if hasattr(t, "to_local") else t).max()
+    print(json.dumps({**peaks.stop(), "read": read}))
+    if world is not None:
+        close_world()
+
+
+def _run(path: Path, ranks: int, dtype: str) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(ranks):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}"}
+        if ranks > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1")
+            env["MASTER_PORT"] = str(port)
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+        code += f"import parallel_host_memory as m; m._child({str(path)!r}, {ranks > 1}, {dtype!r})"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE))
+    return [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args()
+    import torch
+
+    from mochi.memory.estimate import dit_weights
+    from mochi.models.dit import AsymmDiT, DiTConfig
+    from mochi.weights.io import save_state_dict
+
+    cfg = DiTConfig(depth=args.depth, num_heads=8, hidden_size_x=1024, hidden_size_y=512, mlp_multiple_of=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dit.safetensors"
+        torch.manual_seed(0)
+        save_state_dict(AsymmDiT(cfg).to(torch.bfloat16).state_dict(), path)
+        size = path.stat().st_size
+        print(
+            f"DiT file: depth {args.depth}, width 1024, bf16, {size / MB:.0f} MB; peaks above the start, MB"
+        )
+        print(f"{'load':34s} {'private':>8s} {'resident':>9s} {'read':>6s}")
+        for dtype in ("bf16", "fp32"):
+            runs = {f"{dtype} whole, one process": _run(path, 1, dtype)[0]}
+            for r, rank in enumerate(_run(path, args.ranks, dtype)):
+                runs[f"{dtype} shard, rank {r} of {args.ranks}"] = rank
+            for name, m in runs.items():
+                print(f"{name:34s} {m['RssAnon'] / MB:8.0f} {m['VmRSS'] / MB:9.0f} {m['read'] / MB:6.0f}")
+    full = dit_weights(DiTConfig(), torch.bfloat16)
+    big = max(full.blocks)
+    print(
+        f"released DiT, bf16, 8 ranks: {full.total / 8 / 1e9:.2f} GB per rank "
+        f"(1/8 of {full.total / 1e9:.2f} GB) instead of {full.total / 1e9:.2f} GB; "
+        f"the largest block is {big / 1e9:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""``generate --memory auto``: plan the loaded models for the device's free memory and pick a setting."""
+
+from __future__ import annotations
+
+import torch
+
+from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype
+from mochi.memory.estimate import QUANT_MODES
+from mochi.memory.planner import CUDA_RESERVE, GB, Job, Models, Option, choose, plan
+from mochi.request import GenerationRequest
+from mochi.weights.components import Components
+
+
+def models_of(c: Components) -> Models:
+    return Models(c.dit.config, c.text_encoder.config, c.decoder.cfg)
+
+
+def quantization_of(dit: torch.nn.Module) -> str:
+    """The weight mode the loaded DiT is in: "fp8" when it kept fp8 Linears, else "none"."""
+    from mochi.weights.fp8 import Fp8Linear
+
+    return "fp8" if any(isinstance(m, Fp8Linear) for m in dit.modules()) else "none"
+
+
+def job_of(request: GenerationRequest) -> Job:
+    """The planner's job for a resolved request (batched guidance unless guidance is off)."""
+    guided = request.guidance != 1.0 if not isinstance(request.guidance, list) else True
+    return Job.from_request(request.frames, request.height, request.width, guidance=guided)
+
+
+def choose_setting(
+    c: Components, request: GenerationRequest, device: str | torch.device | None, dtype: str | None = None
+) -> tuple[Option | None, str]:
+    """(the fastest setting that fits the device's free memory, a sentence saying what was chosen).
+
+    None on the CPU (nothing to plan: weights and activations share host memory). ValueError when nothing
+    fits, naming the closest setting and, when one exists, a quantization that would fit.
+    """
+    dev = parse_device(device)
+    if dev.type != "cuda":
+        return None, f"--memory auto: running on {dev.type}, where there is no accelerator memory to plan"
+    dit_dtype = parse_dtype(dtype) or default_dit_dtype(dev)
+    budget = available_memory(dev)
+    models, job = models_of(c), job_of(request)
+    quant = quantization_of(c.dit)
+    options = plan(models, job, budget, dtypes=(dit_dtype,), quants=(quant,), reserve=CUDA_RESERVE)
+    try:
+        chosen = choose(options, budget)
+    except ValueError as e:
+        others = plan(models, job, budget, dtypes=(dit_dtype,), quants=QUANT_MODES[1:], reserve=CUDA_RESERVE)
+        fitting = [o for o in others if o.fits]
+        hint = f"; {fitting[0].describe()} would fit (--quantize {fitting[0].quant})" if fitting else ""
+        raise ValueError(f"--memory auto: {e}{hint}") from None
+    stage = max(chosen.peaks, key=chosen.peaks.__getitem__)
+    note = (
+        f"--memory auto: {chosen.describe()} (estimated peak {chosen.peak / GB:.1f} GB in the {stage} stage, "
+        f"{budget / GB:.1f} GB free on {dev})"
+    )
+    return chosen, note
+
+
+def auto_pipeline(model: str | None, device: str, request: GenerationRequest, options: dict):  # noqa: ANN201
+    """Load the components, choose the offload that fits (``choose_setting``), build the pipeline.
+
+    options: ``MochiPipeline.from_pretrained`` keywords; their "offload" must be unset ("none").
+    Returns (MochiPipeline, the note saying what was chosen).
+    """
+    from mochi.pipeline import MochiPipeline
+    from mochi.weights.components import load_components
+
+    options = dict(options)
+    if options.get("offload") not in (None, "none", False):
+        raise ValueError(f"--memory auto chooses the offload itself; drop --offload {options['offload']}")
+    loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
+    c = load_components(model, **loading)
+    chosen, note = choose_setting(c, request.resolved(c.defaults), device, options.get("dit_dtype"))
+    options["offload"] = chosen.offload if chosen is not None else "none"
+    return MochiPipeline(c, device=device, **options), note

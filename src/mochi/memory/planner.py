@@ -1,0 +1,175 @@
+"""Which settings fit a memory budget: the peak of each stage for every dtype × quantization × offload.
+
+Stages: ``text`` (T5 over the prompt and the negative prompt), ``denoise`` (one DiT forward at the request's
+size; under batched guidance the batch is 2), ``decode`` (the VAE decoder with the tile plan chosen within
+what the budget leaves, as the pipeline plans it: 80% of the free memory). What is on the device in each:
+
+* offload ``none``: all three models all the time, plus the stage's activations;
+* ``model``: only the stage's model;
+* ``blocks:N``: in the text stage T5's embedding and norms, its first layer and two streamed layers; in the
+  denoise stage the DiT's non-block layers, N resident blocks and two streamed ones; the decode as ``model``.
+
+Every stage adds ``reserve`` bytes (on CUDA, the context, cuBLAS workspace and allocator slack: 1 GB by
+default). Speed order, used to pick the "fastest that fits": no quantization before any (they dequantize at
+every call), then no offload, model offload, and block offload with as many resident blocks as fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mochi.devices import DTYPE_NAMES
+from mochi.memory.estimate import (
+    QUANT_MODES,
+    decode_plan,
+    decoder_weights,
+    dit_activations,
+    dit_weights,
+    t5_activations,
+    t5_weights,
+)
+from mochi.models.dit import DiTConfig
+from mochi.models.t5 import T5Config
+from mochi.models.vae import DecoderConfig
+from mochi.offload import Offload
+
+GB = 10**9
+CUDA_RESERVE = 1 * GB
+STAGES = ("text", "denoise", "decode")
+
+
+@dataclass(frozen=True)
+class Models:
+    """The architectures to plan for (default: the released Mochi 1 preview and T5-XXL)."""
+
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    t5: T5Config = field(default_factory=T5Config)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one request asks of the models: latent (t, h, w), DiT batch, valid text tokens per prompt."""
+
+    latent: tuple[int, int, int]
+    batch: int = 2  # cond and uncond in one forward (batched guidance)
+    text_tokens: tuple[int, ...] = (256, 0)  # a full-length prompt, the empty negative prompt
+
+    @classmethod
+    def from_request(cls, frames: int, height: int, width: int, guidance: bool = True) -> Job:
+        from mochi.models.vae import num_latents_for_frames
+
+        latent = (num_latents_for_frames(frames), height // 8, width // 8)
+        return cls(latent, 2, (256, 0)) if guidance else cls(latent, 1, (256,))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting and its estimated peak bytes per stage; ``fits`` the budget it was planned for."""
+
+    dtype: torch.dtype
+    quant: str
+    offload: Offload
+    peaks: dict[str, int]
+    fits: bool
+    decode_tile: tuple[int, int] | None  # None: no decode split fits
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values())
+
+    def describe(self) -> str:
+        q = "" if self.quant == "none" else f" {self.quant}"
+        return f"{DTYPE_NAMES[self.dtype]}{q}, offload {self.offload}"
+
+
+def stage_peaks(
+    models: Models,
+    job: Job,
+    dtype: torch.dtype,
+    quant: str,
+    offload: Offload,
+    budget: int,
+    reserve: int = 0,
+    vae_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, int], tuple[int, int] | None]:
+    """({stage: peak bytes}, the decode tile) for one setting within ``budget`` bytes (see the module doc)."""
+    dit, t5 = dit_weights(models.dit, dtype, quant), t5_weights(models.t5, quant)
+    vae = decoder_weights(models.decoder, vae_dtype)
+    dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)
+    t5_act = t5_activations(models.t5, len(job.text_tokens))
+    if offload.kind == "none":
+        resident = {s: dit.total + t5.total + vae for s in STAGES}
+    elif offload.kind == "model":
+        resident = {"text": t5.total, "denoise": dit.total, "decode": vae}
+    else:
+        streamed_t5 = t5.blocks[0] + 2 * max(t5.blocks[1:], default=0)
+        n = min(offload.resident, len(dit.blocks))
+        streamed = sum(dit.blocks[:n]) + 2 * max(dit.blocks[n:], default=0)
+        resident = {"text": t5.rest + streamed_t5, "denoise": dit.rest + streamed, "decode": vae}
+    latent = (1, *job.latent)  # the pipeline decodes one video at a time per request sample
+    # The pipeline plans the decode within 80% of what is free once the decoder is there.
+    plan, decode_act = decode_plan(
+        models.decoder, latent, int(0.8 * (budget - reserve - resident["decode"])), vae_dtype
+    )
+    peaks = {
+        "text": resident["text"] + t5_act + reserve,
+        "denoise": resident["denoise"] + dit_act + reserve,
+        "decode": resident["decode"] + decode_act + reserve,
+    }
+    return peaks, (plan.tile if plan is not None else None)
+
+
+def offload_modes(depth: int) -> list[Offload]:
+    """Offload settings in speed order: none, model, then blocks:N from all but two resident down to 0."""
+    return [Offload(), Offload("model"), *(Offload("blocks", n) for n in range(depth - 2, -1, -1))]
+
+
+def plan(
+    models: Models,
+    job: Job,
+    budget: int,
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
+    quants: tuple[str, ...] = QUANT_MODES,
+    reserve: int = 0,
+    all_blocks: bool = False,
+) -> list[Option]:
+    """Every setting, in speed order (fastest first), each with its peaks and whether it fits ``budget``.
+
+    Block offload appears once per dtype × quantization: with the most resident blocks that fit (or 0 when
+    none does); ``all_blocks`` lists every N instead.
+    """
+    out = []
+    for dtype in dtypes:
+        for quant in quants:
+            blocks: list[Option] = []
+            for mode in offload_modes(models.dit.depth):
+                peaks, tile = stage_peaks(models, job, dtype, quant, mode, budget, reserve)
+                fits = tile is not None and max(peaks.values()) <= budget
+                option = Option(dtype, quant, mode, peaks, fits, tile)
+                if mode.kind != "blocks" or all_blocks:
+                    out.append(option)
+                else:
+                    blocks.append(option)
+                    if fits:
+                        break
+            if blocks and not all_blocks:
+                out.append(blocks[-1])
+    return out
+
+
+def choose(options: list[Option], budget: int) -> Option:
+    """The fastest option that fits; ValueError naming the closest one and by how much it misses."""
+    for option in options:
+        if option.fits:
+            return option
+    closest = min(options, key=lambda o: o.peak)
+    stage = max(closest.peaks, key=closest.peaks.__getitem__)
+    return_closest = closest.describe()
+    raise ValueError(
+        f"no setting fits {budget / GB:.1f} GB: the closest, {return_closest}, needs about "
+        f"{closest.peak / GB:.1f} GB in its {stage} stage, {(closest.peak - budget) / GB:.1f} GB more"
+    )

@@ -1,0 +1,69 @@
+"""The text `mochi plan` prints: one row per setting, the fastest that fits, or the closest miss."""
+
+from __future__ import annotations
+
+import argparse
+
+from mochi.devices import DTYPES, available_memory, parse_device, parse_size
+from mochi.memory.estimate import QUANT_MODES
+from mochi.memory.planner import CUDA_RESERVE, GB, Job, Models, Option, choose, plan
+from mochi.request import GenerationRequest
+
+
+def format_table(options: list[Option], budget: int) -> str:
+    """A fixed-width table: setting, the peak of each stage (decode with its tile), the peak, fits."""
+    head = f"{'setting':<28} {'text':>7} {'denoise':>8} {'decode':>8} {'(tile)':>9} {'peak':>7}"
+    head += f"  fits {budget / GB:.1f} GB"
+    rows = [head, "-" * len(head)]
+    for o in options:
+        tile = f"{o.decode_tile[0]}x{o.decode_tile[1]}" if o.decode_tile else "none"
+        p = {k: f"{v / GB:.1f}" for k, v in o.peaks.items()}
+        rows.append(
+            f"{o.describe():<28} {p['text']:>7} {p['denoise']:>8} {p['decode']:>8} {tile:>9} "
+            f"{o.peak / GB:>7.1f}  {'yes' if o.fits else 'no'}"
+        )
+    return "\n".join(rows)
+
+
+def _models(path: str | None) -> Models:
+    if path is None:
+        return Models()
+    from mochi.weights.dit import genmo_shapes, infer_config
+    from mochi.weights.formats import detect
+
+    return Models(dit=infer_config(genmo_shapes(detect(path))))
+
+
+def plan_command(args: argparse.Namespace) -> str:
+    """Validate the request options, plan, and render the table with the verdict (GB = 10⁹ bytes)."""
+    GenerationRequest("plan", frames=args.frames, height=args.height, width=args.width).validate()
+    if args.gpu_memory is not None:
+        budget, where = parse_size(args.gpu_memory), "the given budget"
+    else:
+        device = parse_device(args.device)
+        if device.type != "cuda":
+            raise ValueError(
+                "no CUDA device to read the free memory of; give the budget, e.g. --gpu-memory 24GB"
+            )
+        budget, where = available_memory(device), f"free on {device}"
+    dtypes = tuple(DTYPES[d] for d in (("bf16", "fp32") if args.dtype == "all" else (args.dtype,)))
+    quants = QUANT_MODES if args.quantize == "all" else (args.quantize,)
+    job = Job.from_request(args.frames, args.height, args.width, guidance=args.guidance != 1.0)
+    options = plan(
+        _models(args.model), job, budget, dtypes=dtypes, quants=quants, reserve=CUDA_RESERVE,
+        all_blocks=args.all_blocks,
+    )  # fmt: skip
+    lines = [
+        f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; "
+        f"budget {budget / GB:.1f} GB "
+        f"({where}); each stage includes {CUDA_RESERVE / GB:.1f} GB for the CUDA context and allocator",
+        "",
+        format_table(options, budget),
+        "",
+    ]
+    try:
+        best = choose(options, budget)
+        lines.append(f"fastest that fits: {best.describe()} (peak {best.peak / GB:.1f} GB)")
+    except ValueError as e:
+        lines.append(str(e))
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Under torchrun, each rank reads only its FSDP2 shard of the DiT: host memory ≈ 1/world of the weights.
+
+The DiT is built on the meta device and sharded there (``fully_shard`` splits every parameter along its
+first axis into ``world`` row ranges); then each rank reads from the safetensors files only the rows of
+each tensor it keeps (``safe_open(...).get_slice(key)[start:end]``, which touches just those bytes of the
+memory-mapped file) and hands them to FSDP as its local shards. No rank ever holds a whole tensor, so the
+per-rank peak is its shard plus one tensor's slice in flight. Before, every rank read the whole checkpoint
+(8 ranks × 20 GB of bf16 DiT on one node) and then kept 1/8 of it.
+
+Covered: the DiT in Genmo's naming without fp8 scales (Genmo folders, ComfyUI bf16 files, mochi
+bundles' DiT); other layouts (diffusers' split q/k/v, fp8) are renamed or dequantized across tensors and
+keep the whole read (``can_read_sharded`` says which). T5 the same way (``load_t5_sharded``), from
+unquantized safetensors files (HF folders, ComfyUI fp16 files); fp8 T5 files are read whole.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from unittest import mock
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+
+from mochi.models.dit import AsymmDiT
+from mochi.models.t5 import T5Config, T5Encoder
+from mochi.parallel.context import World
+from mochi.parallel.fsdp import shard_dit
+from mochi.weights.dit import genmo_shapes, infer_config, keeps_fp32
+from mochi.weights.formats import Detected
+from mochi.weights.io import WeightsError, check_state_dict
+
+
+def can_read_sharded(det: Detected) -> bool:
+    """Whether the DiT of ``det`` can be read rank by rank: Genmo naming, safetensors, not quantized."""
+    return (
+        "dit" in det.files
+        and det.layouts.get("dit") == "genmo"
+        and "dit" not in det.quant
+        and all(f.suffix == ".safetensors" for f in det.files["dit"])
+    )
+
+
+def _rows(total: int, rank: int, world: int) -> tuple[int, int]:
+    """FSDP2's row range of ``rank``: torch.chunk's split of ``total`` rows into ``world`` parts."""
+    size = -(-total // world) if total else 0
+    start = min(rank * size, total)
+    return start, min(start + size, total)
+
+
+def load_dit_sharded(det: Detected, world: World, dtype: torch.dtype) -> tuple[AsymmDiT, int]:
+    """(the DiT FSDP2-sharded over ``world`` with only this rank's rows read, the bytes read).
+
+    dtype: the weights' dtype (fp32 islands stay fp32). Raises WeightsError on missing, unexpected or
+    mis-shaped keys, as the whole-model loader does.
+    """
+    if not can_read_sharded(det):
+        raise WeightsError(f"the DiT of {det.describe()} cannot be read in shards; load it whole")
+    shapes = genmo_shapes(det)
+    with torch.device("meta"), mock.patch.object(AsymmDiT, "initialize_weights", lambda self: None):
+        model = AsymmDiT(infer_config(shapes))
+    fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, fake, det.describe())
+    model.to(dtype=dtype)
+    shard_dit(model, world)
+    prefix = det.prefixes["dit"]
+    handles = [safe_open(f, framework="pt", device="cpu") for f in det.files["dit"]]
+    where = {k[len(prefix) :]: (h, k) for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    read = _fill(model, where, world, lambda name: torch.float32 if keeps_fp32(name) else dtype)
+    return model.eval().requires_grad_(False), read
+
+
+def _fill(model: torch.nn.Module, where: dict, world: World, dtype_of) -> int:  # noqa: ANN001
+    """Load the FSDP2-sharded meta ``model`` with this rank's rows of each tensor; returns the bytes read.
+
+    where: parameter name → (safe_open handle, key in its file); dtype_of(name): the dtype to keep it in.
+    """
+    local: dict[str, torch.Tensor] = {}
+    read = 0
+    for name, param in model.state_dict().items():
+        handle, key = where[name]
+        start, end = _rows(param.shape[0], world.rank, world.size) if param.ndim else (0, 0)
+        piece = handle.get_slice(key)
+        t = piece[start:end] if param.ndim else piece[:]
+        read += t.numel() * t.element_size()
+        t = t.to(device=world.device, dtype=dtype_of(name))
+        if isinstance(param, DTensor):
+            t = DTensor.from_local(
+                t,
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+        local[name] = t
+    model.load_state_dict(local, strict=True, assign=True)
+    return read
+
+
+def t5_sources(t5: str | None, det: Detected | None) -> tuple[list, dict | None] | None:
+    """(the T5's safetensors files, its HF config or None) when it can be read in shards, else None:
+    unquantized safetensors only (fp8 files are dequantized with their scales at load)."""
+    from mochi.weights.t5 import _detected_files, _locate
+
+    if t5 is not None:
+        files, config = _locate(Path(t5))
+    elif det is not None and "t5" in det.files:
+        files, config = _detected_files(det)
+    else:
+        return None
+    if not all(f.suffix == ".safetensors" for f in files):
+        return None
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            if "_quantization_metadata" in (h.metadata() or {}):
+                return None
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if h.get_slice(k).get_dtype().startswith("F8") or k.endswith(
+                    ("scale_weight", "weight_scale")
+                ):
+                    return None
+    return files, config
+
+
+def load_t5_sharded(
+    files: list, config: dict | None, world: World, prefix: str = ""
+) -> tuple[T5Encoder, int]:
+    """(T5 in fp32, FSDP2-sharded over ``world`` as ``shard_t5`` shards it, with only this rank's rows
+    read; the bytes read). ``files``/``config`` from ``t5_sources``; ``prefix``: the component's prefix in
+    an all-in-one file."""
+    from mochi.parallel.fsdp import shard_t5
+    from mochi.weights.t5 import _find_prefix, infer_t5_config
+
+    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    keys = {k: h for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    inner = prefix + _find_prefix([k[len(prefix) :] for k in keys])
+    where = {k[len(inner) :]: (h, k) for k, h in keys.items() if k.startswith(inner)}
+    if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
+        where["shared.weight"] = where["encoder.embed_tokens.weight"]
+    if config is not None:
+        cfg = T5Config.from_hf(config)
+    else:
+        shapes = {n: torch.empty(h.get_slice(k).get_shape(), device="meta") for n, (h, k) in where.items()}
+        cfg = infer_t5_config(shapes)
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {
+        n: torch.empty(h.get_slice(k).get_shape(), device="meta")
+        for n, (h, k) in where.items()
+        if n in expected
+    }
+    check_state_dict(expected, found, "T5 read in shards")
+    shard_t5(model, world)
+    read = _fill(model, where, world, lambda name: torch.float32)
+    return model.eval().requires_grad_(False), read
+
+
+def t5_fp32_bytes(t5: str | None, det: Detected | None) -> int | None:
+    """Bytes of the T5 encoder in fp32 from its files' headers (decoder halves left out), or None when
+    its files cannot be read in shards (see ``t5_sources``)."""
+    found = t5_sources(t5, det)
+    if found is None:
+        return None
+    total = 0
+    for f in found[0]:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if "decoder." not in k and "lm_head" not in k:
+                    total += 4 * math.prod(h.get_slice(k).get_shape())
+    return total

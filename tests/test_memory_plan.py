@@ -1,0 +1,139 @@
+"""The memory planner (mochi.memory): weight bytes, traced activations against measured CPU peaks, plans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mochi.cli import main
+from mochi.memory.estimate import QUANT_MODES, dit_weights, quantized_linear_bytes, t5_weights
+from mochi.memory.planner import GB, Job, Models, choose, plan, stage_peaks
+from mochi.models.dit import DiTConfig
+from mochi.models.t5 import T5_PRESETS
+from mochi.offload import Offload
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASED_PARAMS = 10_027_677_744
+# fp32 islands of the released DiT: RoPE frequencies (3·24·64) and the q/k norms (4·128 per block).
+ISLANDS = 3 * 24 * 64 + 48 * 4 * 128
+
+
+def test_bytes_per_weight_of_each_quantization():
+    assert quantized_linear_bytes("none", 64, 320, torch.bfloat16) == 2 * 64 * 320
+    assert quantized_linear_bytes("fp8", 64, 320, torch.bfloat16) == 64 * 320 + 4 * 64  # + fp32 scale per row
+    assert quantized_linear_bytes("int8", 64, 320, torch.bfloat16) == 64 * 320 + 4 * 64
+    assert quantized_linear_bytes("q8_0", 64, 320, torch.bfloat16) == 64 * 320 * 34 // 32
+    assert quantized_linear_bytes("q4_0", 64, 320, torch.bfloat16) == 64 * 320 * 18 // 32
+    with pytest.raises(ValueError, match="quantization 'q3_k' is not one of none, fp8, int8, q8_0, q4_0"):
+        quantized_linear_bytes("q3_k", 1, 32, torch.float32)
+
+
+def test_released_weights_from_the_meta_device():
+    bf16 = dit_weights(DiTConfig(), torch.bfloat16)
+    assert bf16.total == 2 * RELEASED_PARAMS + 2 * ISLANDS  # 20.06 GB, diffusers' published figure
+    assert len(bf16.blocks) == 48 and bf16.blocks[0] > bf16.blocks[-1]  # the last block has no text MLP
+    assert dit_weights(DiTConfig(), torch.float32).total == 4 * RELEASED_PARAMS
+    sizes = [dit_weights(DiTConfig(), torch.bfloat16, q).total for q in QUANT_MODES]
+    # Quantized: about half (fp8, int8, q8_0) and a quarter (q4_0) of bf16; the rest stays bf16.
+    assert [round(s / sizes[0], 2) for s in sizes] == [1.0, 0.51, 0.51, 0.54, 0.29]
+    assert t5_weights(T5_PRESETS["t5-v1_1-xxl"]).total == 4 * 4_762_310_656  # T5-XXL encoder in fp32
+
+
+def test_traced_activations_match_measured_cpu_peaks_within_10_percent():
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{ROOT}"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.memory_probe"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    assert set(results) == {"dit fp32", "dit bf16", "t5"}
+    for name, (measured, estimated) in results.items():
+        assert measured > 4 * 2**20, name  # large enough that page-level noise is small
+        assert abs(estimated / measured - 1) <= 0.10, (name, measured, estimated)
+
+
+def test_plan_for_the_released_model():
+    job = Job.from_request(163, 480, 848)
+    assert job.latent == (28, 60, 106) and job.batch == 2
+    options = plan(Models(), job, 24 * GB, quants=("none",), reserve=GB)
+    kinds = [o.offload.kind for o in options]
+    assert kinds == ["none", "model", "blocks"]
+    none, model, blocks = options
+    # No offload holds T5 (19 GB fp32), the DiT (20 GB) and the decoder at once: no decode budget is left.
+    assert none.peaks["text"] > 40 * GB and not none.fits and none.decode_tile is None
+    assert model.peaks["text"] < none.peaks["text"] and not model.fits  # 20 GB DiT + 7 GB activations
+    assert blocks.fits and 24 < blocks.offload.resident < 46 and blocks.peak <= 24 * GB
+    # One more resident block would not fit: the planner keeps as many as the budget allows.
+    more = Offload("blocks", blocks.offload.resident + 1)
+    peaks, _ = stage_peaks(Models(), job, torch.bfloat16, "none", more, 24 * GB, GB)
+    assert max(peaks.values()) > 24 * GB
+    assert choose(options, 24 * GB) is blocks
+    assert choose(plan(Models(), job, 80 * GB, quants=("none",), reserve=GB), 80 * GB).offload == Offload()
+
+
+def test_nothing_fits_names_the_closest_and_the_gap():
+    job = Job.from_request(163, 480, 848)
+    options = plan(Models(), job, 6 * GB, quants=("none",), reserve=GB)
+    closest = r"the closest, bf16, offload blocks:0, needs about 9\.1 GB in its denoise stage, 3\.1 GB more"
+    with pytest.raises(ValueError, match=r"no setting fits 6\.0 GB: " + closest):
+        choose(options, 6 * GB)
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "--gpu-memory", "16GB", "--frames", "31", "--quantize", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "31 frames at 848x480, DiT batch 2; budget 16.0 GB" in out
+    assert "bf16 fp8, offload model" in out and "fastest that fits: bf16 fp8, offload model" in out
+    assert main(["plan", "--gpu-memory", "16GB", "--frames", "30"]) == 2
+    assert "frames" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["plan"]) == 2
+        assert "give the budget, e.g. --gpu-memory 24GB" in capsys.readouterr().err
+
+
+def test_generate_memory_auto_on_cpu_says_so(tmp_path, capsys, monkeypatch):
+    from .test_pipeline import tiny_components
+
+    monkeypatch.setattr("mochi.weights.components.load_components", lambda *a, **k: tiny_components())
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "a red circle", "--steps", "1", "--memory", "auto", "--out", str(out)]) == 0
+    assert (
+        "--memory auto: running on cpu, where there is no accelerator memory to plan"
+        in capsys.readouterr().out
+    )
+    assert out.exists()
+
+
+def test_memory_auto_chooses_for_a_cuda_budget(monkeypatch):
+    """The choice itself, with the CUDA device and its free memory faked (this test runs on the CPU)."""
+    import mochi.memory.auto as auto
+    from mochi.request import GenerationRequest
+
+    from .test_pipeline import tiny_components
+
+    c = tiny_components()
+    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
+    monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
+    chosen, note = auto.choose_setting(c, request, "cuda")
+    assert chosen.offload == Offload() and note.startswith(
+        "--memory auto: bf16, offload none (estimated peak"
+    )
+    assert "8.0 GB free on cuda" in note
+    monkeypatch.setattr(auto, "available_memory", lambda d: 10**6)
+    with pytest.raises(
+        ValueError, match=r"--memory auto: no setting fits 0\.0 GB: the closest, bf16, offload"
+    ):
+        auto.choose_setting(c, request, "cuda")

@@ -1,0 +1,93 @@
+"""One DiT over several devices (mochi.memory.placement): placement by budgets, output equal to one device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mochi.cli import main
+from mochi.memory.placement import parse_budgets, parse_devices, place_blocks, spread_dit
+from mochi.models.dit import DIT_PRESETS, AsymmDiT
+from mochi.video import read_video
+
+from .test_cli_generate import tiny  # noqa: F401 - the fixture
+from .test_pipeline import tiny_components
+
+DIT6 = dataclasses.replace(DIT_PRESETS["tiny"], depth=6)
+
+
+def test_place_blocks_fills_devices_in_order():
+    # Device 0: 100 − 20 activations − 10 non-block weights = 70 → 7 blocks; device 1: 80 → the other 3.
+    assert place_blocks([10] * 10, [100, 100], rest=10, activations=20) == [0] * 7 + [1] * 3
+    assert place_blocks([10] * 4, [30, 30, 100], rest=0, activations=10) == [0, 0, 1, 1]
+    # A block that does not fit the rest of a device starts the next one (blocks stay consecutive).
+    assert place_blocks([30, 30, 50, 10], [100, 100], rest=0, activations=0) == [0, 0, 1, 1]
+    gb = 10**9
+    message = r"budgets \(5\.0 GB, 5\.0 GB\): blocks 8-9 are left over, about 2\.0 GB more is needed"
+    with pytest.raises(ValueError, match=message):
+        place_blocks([gb] * 10, [5 * gb, 5 * gb], rest=0, activations=gb)
+
+
+def test_parse_devices_and_budgets():
+    assert parse_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    devices = [torch.device("cpu")] * 2
+    assert parse_budgets("20GB,24GB", devices, 0) == [20 * 10**9, 24 * 10**9]
+    assert parse_budgets("8GB", devices, 0) == [8 * 10**9] * 2
+    with pytest.raises(ValueError, match="3 sizes for 2 devices"):
+        parse_budgets("1GB,2GB,3GB", devices, 0)
+    with pytest.raises(ValueError, match="names no device"):
+        parse_devices(" , ")
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 2, 4, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()
+    return x, torch.tensor([0.3, 0.8]), torch.randn(2, 5, 32, generator=g), mask
+
+
+@torch.inference_mode()
+def test_spread_dit_on_cpu_devices_equals_one_device():
+    torch.manual_seed(0)
+    dit = AsymmDiT(DIT6).eval().requires_grad_(False)
+    expected = dit(*_inputs())
+    block = sum(p.numel() * 4 for p in dit.blocks[0].parameters())
+    rest = sum(p.numel() * 4 for p in dit.parameters()) - sum(p.numel() * 4 for p in dit.blocks.parameters())
+    # Three "devices": room for 2, 3 and the remaining blocks.
+    budgets = [rest + 2 * block + 100, 3 * block + 100, 10 * block]
+    spread = spread_dit(dit, ["cpu", "cpu", "cpu"], budgets, activations=100)
+    assert spread.placement == [0, 0, 1, 1, 1, 2]
+    assert torch.equal(dit(*_inputs()), expected)
+    assert spread.moves == 3  # into device 1, into device 2, and back to device 0 for the final layer
+    spread.remove()
+
+
+def test_generate_with_devices_matches_one_device(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("mochi.weights.components.load_components", lambda *a, **k: tiny_components())
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    args = ["generate", "a red circle moving right", "--seed", "4", "--steps", "2"]
+    assert main([*args, "--out", str(one)]) == 0
+    assert main([*args, "--out", str(two), "--devices", "cpu,cpu", "--max-memory", "1GB,1GB"]) == 0
+    assert "DiT blocks per device: cpu 2, cpu 0" in capsys.readouterr().out
+    assert (read_video(one)[0] == read_video(two)[0]).all()
+    assert main([*args, "--devices", "cpu", "--offload", "blocks"]) == 2
+    assert "drop --offload blocks" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_spread_over_two_gpus_equals_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.manual_seed(0)
+    dit = AsymmDiT(DIT6).eval().requires_grad_(False)
+    inputs = [t.cuda() for t in _inputs()]
+    expected = dit.cuda()(*inputs)
+    dit.cpu()
+    block = sum(p.numel() * 4 for p in dit.blocks[0].parameters())
+    spread = spread_dit(dit, ["cuda:0", "cuda:1"], [3 * block + 10**6, 10**9], activations=10**5)
+    assert {p.device.index for p in dit.blocks[-1].parameters()} == {1}
+    assert torch.equal(dit(*inputs), expected)
+    spread.remove()
