@@ -4,12 +4,14 @@ One module per command family (``weights``: info, convert; ``generate``; ``serve
 train-lora, convert-lora), ``options`` for what several share. Each sub-command is a pair: ``_add_<name>``
 registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
 library lazily, so `mochi --help` is instant. User errors (ValueError, missing files) print one line and exit
-2, never a traceback; Ctrl-C exits 130.
+2, never a traceback; Ctrl-C exits 130, SIGTERM 143, both after the same cleanup (temporaries removed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -32,17 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.run(args) or 0)
+    except Terminated:
+        print("mochi: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("mochi: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"mochi: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
