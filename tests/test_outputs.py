@@ -95,8 +95,9 @@ def test_vae_split_comes_from_the_request_not_free_memory(monkeypatch):
     monkeypatch.setattr(mochi.pipeline, "available_memory", lambda device: need)  # 80%: too little
     with pytest.warns(UserWarning, match=r"the default split \(tile \(8, 8\), chunk 1\) needs about"):
         pipe.decode_latents(latents)
-    assert pipe.vae_plans["decode"]["default"] == plans[0]
-    assert pipe.vae_plans["decode"]["tile"] == [7, 7] and pipe.vae_plans["decode"]["budget"] == int(0.8 * need)
+    fallback = pipe.vae_plans["decode"]
+    assert fallback["default"] == plans[0] and fallback["tile"] == [7, 7]
+    assert fallback["budget"] == int(0.8 * need)
 
 
 # -- 2. non-finite values are errors ----------------------------------------------------------------------
@@ -250,8 +251,10 @@ def test_junk_generate_arguments_fail_before_loading(never_load, tmp_path, capsy
         (["--vae", missing], f"--vae {missing!r} does not exist"),
         (["--t5", missing, "--model", str(bundle)], f"--t5 {missing!r} does not exist"),
         (["--vae", str(short)], "--vae cannot be used with the embedded model, which carries its own VAE"),
-        (["--model", str(bundle), "--t5", str(short), "--tokenizer", str(tmp_path)],
-         f"--t5 and --tokenizer cannot be used with the mochi bundle {str(bundle)!r}"),  # fmt: skip
+        (
+            ["--model", str(bundle), "--t5", str(short), "--tokenizer", str(tmp_path)],
+            f"--t5 and --tokenizer cannot be used with the mochi bundle {str(bundle)!r}",
+        ),  # fmt: skip
         (["--strength", "0.5"], "--strength applies only to video-to-video; give --init-video FILE"),
         (["--max-memory", "0"], "--max-memory '0' must be a positive size such as 8GB"),
         (["--fps", "0.0001"], "fps=0.0001 must be a number from 0.1 to 1000; nearest valid: 0.1"),
