@@ -28,6 +28,7 @@ from mochi.pipeline import MochiPipeline
 from mochi.request import GenerationRequest
 from mochi.video import read_video, write_video
 from mochi.weights.bundle import save_bundle
+from mochi.weights.convert import save_diffusers
 from mochi.weights.io import save_state_dict
 
 from .test_lora_train import _lora_file
@@ -320,7 +321,9 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         write_video(np.zeros((1, 16, 16, 3), np.uint8), tmp_path / "v.mp4")
         with atomic_path(tmp_path / "t.txt") as tmp:
             tmp.write_text("x")
+        save_diffusers(tiny_components().dit.state_dict(), tmp_path / "transformer")
     finally:
         os.umask(old)
-    for name in ("w.safetensors", "v.mp4", "t.txt"):
+    for name in ("w.safetensors", "v.mp4", "t.txt", "transformer/config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "transformer").stat().st_mode & 0o777 == 0o777 & ~umask

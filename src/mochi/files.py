@@ -56,10 +56,11 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a moment)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -94,7 +95,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
             os.close(fd)
             tmps.append(Path(tmp))
         yield tuple(tmps)
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~umask()
         for tmp in tmps:
             # After the writer ran: mkstemp makes files private (0600), and writers that replace the file
             # themselves (safetensors writes its own temporary and renames it) undo an earlier chmod.

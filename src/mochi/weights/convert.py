@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mochi.files import atomic_write_text
+from mochi.files import atomic_write_text, umask
 from mochi.weights.dit import Consumed, read_dit, shape_facts
 from mochi.weights.formats import detect, iter_component
 from mochi.weights.io import save_state_dict
@@ -89,6 +89,7 @@ def save_diffusers(
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); the output follows the umask
     try:
         if len(shards) == 1:
             save_state_dict(shards[0], tmp / f"{stem}.safetensors", metadata={"format": "pt"})
