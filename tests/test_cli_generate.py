@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mochi.pipeline
+import mochi.weights.components
 from mochi.cli import main
 from mochi.video import read_video, write_video
 
@@ -14,6 +15,8 @@ from .test_pipeline import tiny_components
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    # The checks made before loading read the (stand-in) model's request defaults.
+    monkeypatch.setattr(mochi.weights.components, "model_defaults", lambda model: tiny_components().defaults)
 
 
 def test_generate_writes_video_and_sidecar(tiny, tmp_path, capsys):

@@ -80,7 +80,8 @@ def test_progress_reports_every_stage(pipe):
     pipe.generate(
         GenerationRequest("x", seed=0), progress=lambda stage, done, total: seen.append((stage, done))
     )
-    assert [s for s in seen if s[0] == "denoise"] == [("denoise", 1), ("denoise", 2), ("denoise", 3)]
+    denoise = [s for s in seen if s[0] == "denoise"]
+    assert denoise == [("denoise", 0), ("denoise", 1), ("denoise", 2), ("denoise", 3)]  # shown from the start
     assert seen[0] == ("text", 0) and seen[-1] == ("decode", 1)
 
 

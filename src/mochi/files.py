@@ -1,14 +1,68 @@
-"""Atomic file writing: nothing mochi writes is ever half-written."""
+"""Atomic file writing: nothing mochi writes is ever half-written.
+
+A file is written to a temporary name beside its target, ``.<stem>.<pid>.<random>.partial<suffix>``, and
+renamed onto the target only when complete. The process id in the name lets a later run into the same
+folder recognise the leftovers of a killed one (SIGKILL, power loss: no cleanup code ran) and remove them,
+without touching the temporaries of a run still writing there.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mochi.errors import write_errors
+
+# .<stem>.<pid>.<random>.partial<suffix>; stems may hold dots, so the pid is found from the right.
+_PARTIAL = re.compile(r"^\..*\.(\d+)\.[^.]+\.partial(\.[^.]+)?$")
+
+
+def _check_folder(path: Path) -> Path:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} is not writable")
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed mochi processes left in ``directory``; returns those removed.
+
+    Only names of the form ``atomic_path`` makes whose process is gone are touched.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            m = _PARTIAL.match(entry.name)
+            if m and entry.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a moment)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -16,28 +70,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file keeps the final suffix (``.mp4``, ``.safetensors``) so that writers which pick a
-    format from the name still work. On any exception, including KeyboardInterrupt, it is removed.
+    format from the name still work. On any exception, including KeyboardInterrupt, it is removed. The
+    result gets the permissions a plain ``open()`` would give (0666 less the umask).
     """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=directory)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp_path = Path(tmp)
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...]]:
+    """``atomic_path`` for several files published together, in the order given.
+
+    Before the renames, any existing target but the first is removed, so that a reader never sees the new
+    first file beside an old second one (a new sidecar beside an old video): if the process dies between
+    the renames, a later file is missing rather than stale.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
     try:
-        with write_errors(path, tmp_path):  # a full or read-only disk is reported as such, in one line
-            yield tmp_path
-            os.replace(tmp_path, path)
+        for path in targets:
+            directory = _check_folder(path)
+            remove_stale_partials(directory)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{path.stem}.{os.getpid()}.", suffix=f".partial{path.suffix}", dir=directory
+            )
+            os.close(fd)
+            tmps.append(Path(tmp))
+        # A full or read-only disk is reported as such, in one line (the targets share a folder, as a rule).
+        with write_errors(targets[0], tmps[0]):
+            yield tuple(tmps)
+            mode = 0o666 & ~umask()
+            for tmp in tmps:
+                # After the writer ran: mkstemp makes files private (0600), and writers that replace the file
+                # themselves (safetensors writes its own temporary and renames it) undo an earlier chmod.
+                os.chmod(tmp, mode)
+            for path in targets[1:]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            for tmp, path in zip(tmps, targets):
+                os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype
+from mochi.finite import NonFiniteError, all_finite
 from mochi.models.latents import dit_to_vae, vae_to_dit
 from mochi.models.prompts import encode_prompts
+from mochi.models.vae_plan import choose_plan, split_options
 from mochi.models.vae_tiling import decode, encode
 from mochi.offload import Offload, offloaded, parse_offload
 from mochi.request import GenerationRequest, check_frames
@@ -29,12 +31,16 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class Generation:
-    """The result of one request: frames (B, T, H, W, 3) uint8, final DiT-space latents (B, 12, t, h, w)."""
+    """The result of one request: frames (B, T, H, W, 3) uint8, final DiT-space latents (B, 12, t, h, w).
+
+    ``vae_plans``: the VAE splits used ("decode", and "encode" for video-to-video; see ``vae_plan``).
+    """
 
     frames: torch.Tensor
     latents: torch.Tensor
     request: GenerationRequest
     seconds: dict[str, float] = field(default_factory=dict)
+    vae_plans: dict[str, dict] = field(default_factory=dict)
 
 
 class MochiPipeline:
@@ -44,7 +50,8 @@ class MochiPipeline:
     (default bf16 on CUDA, fp32 on CPU). vae_dtype: the decoder's (default fp32, as Genmo's CLI decodes).
     offload: keep components on the CPU between their stages: True or "model" (whole models), "blocks[:N]"
     (stream DiT blocks and T5 layers, N DiT blocks resident; ``mochi.offload``). max_memory: bytes the VAE
-    decode may use (default: what the device has free).
+    decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
+    free memory).
     """
 
     def __init__(
@@ -65,7 +72,10 @@ class MochiPipeline:
         mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
         self.offload_mode = mode if self.device.type != "cpu" else Offload()
         self.offload = self.offload_mode.active
+        if max_memory is not None and max_memory <= 0:
+            raise ValueError(f"max_memory={max_memory} bytes must be positive, or None for the default")
         self.max_memory = max_memory
+        self.vae_plans: dict[str, dict] = {}  # the VAE splits of the latest request
         self.lora_merge = False  # how generate() applies a request's LoRAs
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
         # Set by mochi.parallel.parallelize under torchrun: .denoiser(dit) and .decode(decoder, z, …).
@@ -114,8 +124,11 @@ class MochiPipeline:
         c = self.components
         return None if c.latent_mean is None else (c.latent_mean, c.latent_std)
 
-    def _decode_budget(self) -> int:
-        return self.max_memory or int(available_memory(self.device) * 0.8)
+    def _vae_split(self, module: torch.nn.Module, latent_shape: tuple, kind: str) -> dict:
+        # Free memory may only shrink the split in one process: ranks must agree on their tiles.
+        free = int(available_memory(self.device) * 0.8) if self.parallel is None else None
+        plan, self.vae_plans[kind] = choose_plan(module, latent_shape, self.max_memory, free)
+        return split_options(plan)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT-space latents (B, 12, t, h, w) → frames (B, 6t−5, 8h, 8w, 3) uint8."""
@@ -123,7 +136,10 @@ class MochiPipeline:
         with offloaded(decoder, self.device, self.offload_mode):
             z = dit_to_vae(latents.float(), self._latent_stats).to(self.device, self.vae_dtype)
             run = decode if self.parallel is None else self.parallel.decode
-            frames = run(decoder, z, max_memory=self._decode_budget())
+            b, _, t, h, w = z.shape
+            frames = run(decoder, z, **self._vae_split(decoder, (b, t, h, w), "decode"))
+        if not all_finite(frames):
+            raise NonFiniteError("the VAE decoder produced NaN or infinite pixels; no video written")
         frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(0, 2, 3, 4, 1).cpu()  # B C T H W -> B T H W C
 
@@ -134,7 +150,9 @@ class MochiPipeline:
             raise ValueError("video-to-video needs the VAE encoder, and this model has none")
         with offloaded(encoder, self.device, self.offload_mode):
             x = frames.permute(0, 4, 1, 2, 3).to(self.device, self.vae_dtype) / 127.5 - 1.0
-            mean, _ = encode(encoder, x, max_memory=self._decode_budget())
+            b, _, f, hp, wp = x.shape
+            shape = (b, check_frames(f, "init video frames"), hp // 8, wp // 8)
+            mean, _ = encode(encoder, x, **self._vae_split(encoder, shape, "encode"))
         return vae_to_dit(mean.float(), self._latent_stats)
 
     # -- LoRAs (mochi.models.lora, docs/lora.md) ------------------------------------------------------------
@@ -177,6 +195,7 @@ class MochiPipeline:
         """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video."""
         req = request.resolved(self.components.defaults)
         self._use_loras(req.loras)
+        self.vae_plans = {}
         report = progress or (lambda stage, done, total: None)
         seconds: dict[str, float] = {}
         prompts = req.prompts
@@ -206,6 +225,7 @@ class MochiPipeline:
             z = noise
         steps = len(sigmas) - 1
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
+        report("denoise", 0, steps)  # the bar shows before the first step, which may take long
         with offloaded(self.components.dit, self.device, self.offload_mode):
             dit = self.components.dit
             latents = sample(
@@ -219,13 +239,18 @@ class MochiPipeline:
                 callback=lambda done, total, sigma: report("denoise", done, total),
             )
         seconds["denoise"] = time.perf_counter() - t0
+        if not all_finite(latents):
+            raise NonFiniteError(
+                "sampling produced NaN or infinite latents (the model, a LoRA or the guidance scale "
+                f"{req.guidance} made them diverge); no video written"
+            )
 
         t0 = time.perf_counter()
         report("decode", 0, 1)
         frames = self.decode_latents(latents)
         report("decode", 1, 1)
         seconds["decode"] = time.perf_counter() - t0
-        return Generation(frames=frames, latents=latents.cpu(), request=req, seconds=seconds)
+        return Generation(frames, latents.cpu(), req, seconds, dict(self.vae_plans))
 
     @staticmethod
     def _sigmas(req: GenerationRequest) -> list[float]:

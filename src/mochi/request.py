@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 TEMPORAL_COMPRESSION = 6
 SPATIAL_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
+# Mochi samples at 4.5-6; far above, velocities overflow into NaN (ComfyUI's samplers stop at 100 as well).
+MAX_GUIDANCE = 100.0
 
 
 def nearest_frame_counts(frames: int) -> tuple[int, int]:
@@ -115,8 +117,12 @@ class GenerationRequest:
             )
         guidance = self.guidance if isinstance(self.guidance, list) else [self.guidance]
         for g in guidance:
-            if g is not None and (not math.isfinite(g) or g < 0):
-                raise ValueError(f"guidance={g} must be a finite number ≥ 0 (1.0 disables guidance)")
+            if g is not None and not 0 <= g <= MAX_GUIDANCE:
+                nearest = MAX_GUIDANCE if g > MAX_GUIDANCE else 0.0
+                raise ValueError(
+                    f"guidance={g} must be in [0, {MAX_GUIDANCE:g}] (1.0 disables guidance; Mochi uses 6); "
+                    f"nearest valid: {nearest:g}"
+                )
         if isinstance(self.guidance, list) and self.steps is not None and len(self.guidance) != self.steps:
             raise ValueError(
                 f"a per-step guidance list has {len(self.guidance)} values for steps={self.steps}; "

@@ -6,6 +6,7 @@ target is renamed onto it only once complete, so an interrupted run leaves no pa
 
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +17,12 @@ import torch
 from mochi.files import atomic_path
 
 CONTAINERS = (".mp4", ".mov", ".mkv")
+# Frame rates a written file may have; the rate is stored as a fraction with a denominator ≤ 1001.
+MIN_FPS, MAX_FPS = 0.1, 1000.0
+# x264 settings beyond the CRF. mb-tree rate control made repeated encodes of the same frames differ
+# (10 distinct files in 12 encodes on a many-core machine, decoded pixels up to 38/255 apart); without it
+# x264 is reproducible. At CRF 18 the file grows and PSNR rises slightly (docs/pipeline.md, "Output files").
+X264_PARAMS = "no-mbtree=1"
 
 
 class VideoError(ValueError):
@@ -43,6 +50,16 @@ def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float]
     return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
+def video_rate(fps: float) -> Fraction:
+    """The frame rate a video written at ``fps`` really has; ValueError names the valid range."""
+    if not (isinstance(fps, int | float) and math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+        nearest = MAX_FPS if isinstance(fps, int | float) and fps > MAX_FPS else MIN_FPS
+        raise VideoError(
+            f"fps={fps} must be a number from {MIN_FPS:g} to {MAX_FPS:g}; nearest valid: {nearest:g}"
+        )
+    return Fraction(fps).limit_denominator(1001)
+
+
 def write_video(
     frames: torch.Tensor | np.ndarray,
     path: str | os.PathLike,
@@ -51,6 +68,7 @@ def write_video(
     value_range: tuple[float, float] = (0.0, 1.0),
     crf: int = 18,
     lossless: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write frames (T, H, W, 3) as H.264/yuv420p at ``fps`` (Genmo writes 30). Returns the path written.
 
@@ -58,12 +76,13 @@ def write_video(
     colour planes). crf: x264 constant rate factor, 0 = lossless luma … 51; 18 is visually near-lossless.
     ``lossless``: H.264 in RGB (libx264rgb, crf 0) instead, read back bit for bit — for training clips:
     the embedded model's tiny VAE encodes yuv420p's colour fringes into visibly different latents.
+    ``metadata``: container tags (e.g. ``comment``), stored in the file itself. The same frames, rate and
+    metadata give the same bytes on every run. ``fps`` must lie within [MIN_FPS, MAX_FPS] (``video_rate``).
     """
     path = Path(path)
     if path.suffix.lower() not in CONTAINERS:
         raise VideoError(f"video path {str(path)!r} must end in one of {', '.join(CONTAINERS)} (e.g. .mp4)")
-    if not fps > 0:
-        raise VideoError(f"fps must be positive, got {fps}; Mochi's videos are 30 fps")
+    rate = video_rate(fps)
     if not 0 <= crf <= 51:
         raise VideoError(f"crf must be between 0 and 51, got {crf}; 18 is near-lossless, 23 x264's default")
     pixels = to_uint8(frames, value_range)
@@ -74,19 +93,35 @@ def write_video(
         raise VideoError(
             f"frame size {w}x{h} must be even in both dimensions for yuv420p; crop to {w - w % 2}x{h - h % 2}"
         )
+    with atomic_path(path) as tmp:
+        encode_video(pixels, tmp, rate, crf=crf, lossless=lossless, metadata=metadata)
+    return path
+
+
+def encode_video(
+    pixels: np.ndarray,
+    path: str | os.PathLike,
+    rate: Fraction,
+    *,
+    crf: int = 18,
+    lossless: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Encode uint8 frames (T, H, W, 3) to ``path`` directly (no temporary; see ``write_video``)."""
     import av
 
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+    _, h, w, _ = pixels.shape
+    with av.open(str(path), mode="w") as container:
+        container.metadata.update(metadata or {})
         codec, pix_fmt = ("libx264rgb", "rgb24") if lossless else ("libx264", "yuv420p")
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        stream.options = {"crf": "0" if lossless else str(crf)}
+        stream.options = {"crf": "0" if lossless else str(crf), "x264-params": X264_PARAMS}
         for image in pixels:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path
 
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:

@@ -5,9 +5,9 @@ train-lora, convert-lora), ``options`` for what several share. Each sub-command 
 registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
 library lazily, so `mochi --help` is instant. `main` is the error boundary: user errors
 (`mochi.errors.MochiError`, ValueError, OSError: see `mochi.errors.user_message`) print one line and exit 2,
-never a traceback; Ctrl-C exits 130; a reader that closes the pipe early (`mochi info X | head -1`) ends it
-quietly (exit 141, as for SIGPIPE); anything else is a bug and keeps its traceback. Every float option must
-be finite (`finite_float`).
+never a traceback; Ctrl-C exits 130, SIGTERM 143, both after the same cleanup (temporaries removed); a reader
+that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit 141, as for SIGPIPE); anything
+else is a bug and keeps its traceback. Every float option must be finite (`finite_float`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +51,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,10 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from mochi.errors import user_message
 
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the boundary, not at exit
         return code
+    except Terminated:
+        print("mochi: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("mochi: interrupted", file=sys.stderr)
         return 130
@@ -76,3 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mochi: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mochi.cli.checks import check_generate, check_output, read_init_video
 from mochi.cli.options import (
     Subparsers,
     add_lora_options,
@@ -48,8 +49,8 @@ def _add_generate(sub: Subparsers) -> None:
         help="auto: on CUDA, pick the fastest offload that fits the free memory (mochi plan) and say which",
     )
     p.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this clip")
-    p.add_argument("--strength", type=float, default=0.7, help="video-to-video: how much to change (0-1]")
-    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
+    p.add_argument("--strength", type=float, help="video-to-video: how much to change, (0-1] (0.7)")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video, 0.1-1000 (30)")
     p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
     add_lora_options(p)
     add_parallel_options(p)
@@ -62,7 +63,6 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    import json
     import secrets
     import time
     from pathlib import Path
@@ -88,17 +88,18 @@ def _run_generate(args: argparse.Namespace) -> int:
         threshold_noise=args.threshold_noise,
         linear_steps=args.linear_steps,
         init_video=args.init_video,
-        strength=args.strength,
+        strength=0.7 if args.strength is None else args.strength,
         loras=lora_pairs(args.lora, args.lora_scale),
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
     if main:
-        _check_output(out)
-    init = _read_init_video(args.init_video) if args.init_video else None
+        check_output(out)
+    init = check_generate(args, request)["init"]  # every option and file, before the model loads
 
+    from mochi.outputs import write_video_and_sidecar
     from mochi.pipeline import MochiPipeline
-    from mochi.video import fit_frames, write_video
+    from mochi.video import fit_frames
 
     started = time.perf_counter()
     options = pipeline_options(args)
@@ -126,51 +127,26 @@ def _run_generate(args: argparse.Namespace) -> int:
     if init is not None:
         import torch
 
+        if init.shape[0] < resolved.frames:  # the model's defaults asked for more than foreseen
+            init = read_init_video(args.init_video, resolved.frames)
         init_frames = torch.from_numpy(fit_frames(init, resolved.frames, resolved.height, resolved.width))
     with _ProgressBar() as bar:
         result = pipe.generate(resolved, progress=bar if main else None, init_frames=init_frames)
     if not main:
         return 0
-    write_video(result.frames[0], out, fps=args.fps)
     sidecar = {
         **vars(result.request),
+        "strength": result.request.strength if result.request.init_video else None,
         "model": args.model or f"embedded:{pipe.components.name}",
         "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
-        "fps": args.fps,
+        "vae_plans": result.vae_plans,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
     }
-    from mochi.files import atomic_write_text
-
-    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    write_video_and_sidecar(result.frames[0], out, args.fps, sidecar)  # sets "fps" to the rate written
     total = time.perf_counter() - started
     print(f"wrote {out} ({result.frames.shape[1]} frames, {total:.1f} s; seed {result.request.seed})")
     return 0
-
-
-def _check_output(out) -> None:  # noqa: ANN001 - a Path
-    import os
-
-    from mochi.video import CONTAINERS
-
-    if out.suffix.lower() not in CONTAINERS:
-        raise ValueError(
-            f"output {str(out)!r} must end in one of {', '.join(CONTAINERS)}; e.g. {out.stem}.mp4"
-        )
-    if out.is_dir():
-        raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
-    folder = out.parent if str(out.parent) else "."
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} is not writable")
-
-
-def _read_init_video(path: str):  # noqa: ANN202 - numpy array
-    from mochi.video import read_video
-
-    frames, _ = read_video(path)
-    return frames
 
 
 class _ProgressBar:

@@ -148,6 +148,9 @@ def _run_train_lora(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     cfg.validate()
+    from mochi.cli.checks import check_train_lora
+
+    check_train_lora(args)  # data folder, run folder, model paths: before the model loads
     world = start_parallel(args)
     if world is None:
         path = train_lora(pipeline_from_args(args), args.data, args.out, cfg, restart=args.restart)

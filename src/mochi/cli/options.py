@@ -47,7 +47,7 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
 
 def pipeline_options(args: argparse.Namespace) -> dict:
     """``MochiPipeline.from_pretrained`` keyword arguments (all but model and device) from the options."""
-    from mochi.devices import parse_size
+    from mochi.cli.checks import parse_max_memory
 
     return {
         "vae": args.vae,
@@ -58,9 +58,8 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "vae_dtype": args.vae_dtype,
         "offload": args.offload,
         "attention": args.attention,
-        "max_memory": parse_size(args.max_memory)
-        if args.max_memory and not getattr(args, "devices", None)
-        else None,
+        # With --devices, --max-memory is a per-device list that the block placement reads.
+        "max_memory": None if getattr(args, "devices", None) else parse_max_memory(args.max_memory),
     }
 
 

@@ -20,7 +20,6 @@ never from a client-given name.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import secrets
 import threading
@@ -31,12 +30,11 @@ from typing import Any, Protocol
 
 import torch
 
-from mochi.files import atomic_write_text
 from mochi.interrupt import Interrupted, stop_checks
+from mochi.outputs import write_video_and_sidecar
 from mochi.request import GenerationRequest
 from mochi.serve.limits import check_work, default_caps
 from mochi.serve.redact import redact_paths
-from mochi.video import write_video
 
 log = logging.getLogger("mochi.serve")
 
@@ -290,12 +288,11 @@ class JobManager:
         if job.cancel_requested:
             raise JobCancelled(job.id)
         video = self.out_dir / f"{job.id}.mp4"
-        write_video(result.frames[0], video, fps=self.fps)
         job.seconds = {k: round(v, 3) for k, v in result.seconds.items()}
-        job.video = video
-        sidecar = {**job.parameters(), "id": job.id, "fps": self.fps, "seconds": job.seconds}
+        sidecar = {**job.parameters(), "id": job.id, "seconds": job.seconds}
         sidecar["model"] = getattr(self.pipeline.components, "name", None)
-        atomic_write_text(self.out_dir / f"{job.id}.json", json.dumps(sidecar, indent=2) + "\n")
+        write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first
+        job.video = video
         self._finish(job, DONE, None)
 
     def _apply_loras(self, job: Job) -> None:

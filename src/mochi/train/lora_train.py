@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mochi.finite import NonFiniteError, all_finite, check_finite
 from mochi.models.latents import vae_to_dit
 from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
 from mochi.train.data import LatentDataset
@@ -35,6 +37,9 @@ from mochi.train.lora_state import ResumeError, clear_states, load_latest_state,
 from mochi.train.lr import warmup_cosine
 
 SIGMA_SAMPLING = ("uniform", "shifted")
+# Sanity bounds: AdamW moves each weight by about lr per step, so lr > 1 cannot train; alpha/rank scales
+# the LoRA's output, and beyond 64 the first steps already overflow.
+MAX_LR, MAX_SCALING = 1.0, 64
 LATENTS = ("sample", "mean")
 # Settings a resumed run may change; any other difference means another run and is refused.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompts", "sample_steps", "keep")
@@ -76,11 +81,20 @@ class LoraTrainConfig:
         for name in ("warmup", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive; Genmo uses 2e-4")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"lr={self.lr} must be in (0, {MAX_LR:g}]; Genmo uses 2e-4")
+        if not 0 < self.alpha <= MAX_SCALING * self.rank:
+            raise ValueError(
+                f"alpha={self.alpha} must be in (0, {MAX_SCALING}·rank] = (0, {MAX_SCALING * self.rank:g}] "
+                f"(the LoRA is scaled by alpha/rank); Genmo uses alpha = rank = 16"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number ≥ 0; Genmo uses 0.01")
+        if self.sample_steps is not None and self.sample_steps < 1:
+            raise ValueError(f"sample_steps={self.sample_steps} must be at least 1 (or unset: the model's)")
         if self.sigma_sampling not in SIGMA_SAMPLING:
             raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
-        if not self.sigma_shift > 0:
+        if not 0 < self.sigma_shift < math.inf:
             raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
         if self.latents is not None and self.latents not in LATENTS:
             raise ValueError(f"latents={self.latents!r} must be one of {list(LATENTS)}")
@@ -269,6 +283,7 @@ def train_lora(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
+        check_finite(state["lora"], f"training state {state['path']!r}")
         with torch.no_grad():
             for name, t in state["lora"].items():
                 dit.get_parameter(name).copy_(t)
@@ -310,6 +325,9 @@ def train_lora(
                 total += loss.item() / cfg.grad_accum
             if parallel is not None:
                 parallel.sync_grads(params)
+            if not (math.isfinite(total) and all(all_finite(p.grad) for p in params if p.grad is not None)):
+                bar.close()
+                raise NonFiniteError(_diverged(step + 1, total, out))  # before the step: weights stay good
             optimizer.step()
             done = step + 1
             avg = total if avg is None else 0.95 * avg + 0.05 * total
@@ -334,6 +352,21 @@ def train_lora(
     if writes:
         save_lora(read_layers(trainable_lora_state_dict(dit)), final, extra={"step": max(start, cfg.steps)})
     return final
+
+
+def _diverged(step: int, loss: float, out: Path) -> str:
+    from mochi.train.lora_state import list_states
+
+    states = list_states(out)
+    kept = (
+        f"the last good checkpoint, {states[-1].name} (and its lora-step-*.safetensors), is kept"
+        if states
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"training diverged: the loss at step {step} is {loss} (or its gradients are not finite); stopped "
+        f"without saving it, {kept}. Lower --lr or --alpha and train into a new --out"
+    )
 
 
 def _write_samples(  # noqa: PLR0913

@@ -70,6 +70,46 @@ def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) 
     )
 
 
+def model_defaults(model: str | os.PathLike | None) -> dict:
+    """The request defaults of ``model`` without loading it: a bundle's own (the embedded model's when
+    None), else the released model's."""
+    from mochi.weights.bundle import bundle_config, embedded_path, is_bundle
+
+    if model is None:
+        model = embedded_path()
+        if not model.is_file():
+            from mochi.presets import model_preset
+
+            return dict(model_preset("mochi-tiny").defaults)
+    if is_bundle(model):
+        return dict(bundle_config(model)["defaults"])
+    return dict(RELEASED_DEFAULTS)
+
+
+def check_model_paths(
+    model: str | os.PathLike | None,
+    vae: str | os.PathLike | None = None,
+    t5: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> None:
+    """Every path given must exist, and the embedded model or a bundle (which carry all their parts)
+    takes no ``vae``/``t5``/``tokenizer``: ValueError rather than silently not using them."""
+    for flag, value in (("--model", model), ("--vae", vae), ("--t5", t5), ("--tokenizer", tokenizer)):
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"{flag} {str(value)!r} does not exist")
+    extras = (("--vae", vae), ("--t5", t5), ("--tokenizer", tokenizer))
+    given = [flag for flag, value in extras if value is not None]
+    if given:
+        from mochi.weights.bundle import is_bundle
+
+        if model is None or is_bundle(model):
+            what = "the embedded model" if model is None else f"the mochi bundle {str(model)!r}"
+            raise ValueError(
+                f"{' and '.join(given)} cannot be used with {what}, which carries its own VAE, T5 and "
+                f"tokenizer; leave {'them' if len(given) > 1 else 'it'} out, or use a --model that lacks them"
+            )
+
+
 def load_components(
     model: str | os.PathLike | None = None,
     *,
@@ -87,6 +127,7 @@ def load_components(
     them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
     dit, text_encoder: models loaded already (e.g. in shards under torchrun), used instead of reading them.
     """
+    check_model_paths(model, vae, t5, tokenizer)
     if model is None:
         from mochi.weights.bundle import load_embedded
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mochi.files import atomic_write_text
+from mochi.files import atomic_write_text, umask
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
 from mochi.weights.dit import Consumed, read_dit, shape_facts
 from mochi.weights.formats import GENMO_FILES, Detected, detect
@@ -184,6 +184,7 @@ def _write_folder(
     beside ``folder`` and renamed into place once complete."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private (0700); the output follows the umask
     try:
         for name, tensors in files.items():
             save_state_dict(tensors, tmp / name, metadata={"format": "pt"})

@@ -224,6 +224,7 @@ def load_dit(
     Returns the model in eval mode without gradients. Raises WeightsError naming every missing,
     unexpected or mis-shaped key and the detected format.
     """
+    from mochi.finite import check_finite
     from mochi.models.dit import AsymmDiT
 
     det = path if isinstance(path, Detected) else detect(path, variant=variant)
@@ -237,6 +238,7 @@ def load_dit(
     with torch.device("meta"):
         model = AsymmDiT(config)
     check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, fmt)
+    check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
     # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read
     # a weight's dtype as the compute dtype (the timestep embedder does), so those few layers are dequantized.
     in_blocks = [layer for layer in scales if layer.startswith("blocks.")]

@@ -169,10 +169,13 @@ def check_state_dict(
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], fmt: str) -> torch.nn.Module:
     """Load ``state_dict`` into ``module`` (typically built on the meta device) without a second copy.
 
-    Every key must be present with the right shape. Tensors are assigned, not copied, so they keep their
-    stored dtype; callers cast afterwards where they need to.
+    Every key must be present with the right shape, and every value finite (NonFiniteError). Tensors are
+    assigned, not copied, so they keep their stored dtype; callers cast afterwards where they need to.
     """
+    from mochi.finite import check_finite
+
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
     check_state_dict(expected, state_dict, fmt)
+    check_finite(state_dict, f"checkpoint (detected format: {fmt})")
     module.load_state_dict(dict(state_dict), strict=True, assign=True)
     return module

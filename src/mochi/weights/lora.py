@@ -21,6 +21,7 @@ rules (SwiGLU w1, final mod) exchange B's two row halves.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.finite import NonFiniteError, check_finite
 from mochi.models.lora import BLOCK_LINEARS, LoraLayer, target_of
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
 from mochi.weights.keymaps.dit_diffusers import BLOCK_RULES, TOP_RULES
@@ -194,6 +196,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA in Genmo's or the diffusers/PEFT format (detected from its keys) as Genmo-named layers."""
     file = _lora_file(Path(path))
     sd = read_state_dict(file)
+    check_finite(sd, f"LoRA {str(file)!r}")
     metadata = read_metadata(file)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
@@ -235,6 +238,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             alpha = group_alpha.get(target_of(name) or name, float(a.shape[0]))
         else:
             alpha = next((v for k, v in pattern.items() if name.endswith(k)), peft_alpha or float(a.shape[0]))
+        if not math.isfinite(alpha):
+            raise NonFiniteError(f"LoRA {str(file)!r}: layer {name!r} has alpha {alpha}; it must be finite")
         layers[name] = LoraLayer(a, b, alpha)
     if fmt == "diffusers":
         layers = from_diffusers(layers)

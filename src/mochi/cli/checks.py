@@ -1,0 +1,105 @@
+"""What the commands check before any heavy work: every option a user gave, and every file named.
+
+Loading a model (seconds to minutes) and sampling (minutes) must not come before a mistake that a look at
+the arguments or a file header reveals; each check raises a one-line ValueError.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def check_output(out: Path) -> None:
+    """``out`` can take a video, and its sidecar (``out`` with ``.json``) can be written beside it."""
+    import os
+
+    from mochi.outputs import sidecar_path
+    from mochi.video import CONTAINERS
+
+    if out.suffix.lower() not in CONTAINERS:
+        raise ValueError(
+            f"output {str(out)!r} must end in one of {', '.join(CONTAINERS)}; e.g. {out.stem}.mp4"
+        )
+    if out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
+    folder = out.parent if str(out.parent) else "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} is not writable")
+    sidecar = sidecar_path(out)
+    if sidecar.is_dir():
+        raise ValueError(f"cannot write the sidecar {str(sidecar)!r}: it is a folder; choose another --out")
+
+
+def parse_max_memory(text: str | None) -> int | None:
+    """``--max-memory`` in bytes; zero or less is an error, not "unset"."""
+    from mochi.devices import parse_size
+
+    if text is None:
+        return None
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError(
+            f"--max-memory {text!r} must be a positive size such as 8GB; leave it out for the default"
+        )
+    return size
+
+
+def check_loras(files: list[str]) -> None:
+    """Each ``--lora`` exists and reads as a LoRA with finite values (small files: read whole)."""
+    from mochi.weights.lora import read_lora
+
+    for file in files:
+        if not Path(file).exists():
+            raise ValueError(f"--lora {file!r} does not exist")
+        read_lora(file)
+
+
+def read_init_video(path: str, frames: int) -> np.ndarray:
+    """The first ``frames`` frames of ``path``, uint8 (T, H, W, 3), decoding no more; ValueError if short."""
+    from mochi.video import read_video
+
+    video, _ = read_video(path, max_frames=frames)
+    if video.shape[0] < frames:
+        raise ValueError(
+            f"--init-video {path!r} has {video.shape[0]} frames, fewer than the {frames} to generate; "
+            f"pass --frames {6 * ((video.shape[0] - 1) // 6) + 1} or a longer clip"
+        )
+    return video
+
+
+def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 - GenerationRequest
+    """Check every generate option before loading; returns what was read: ``max_memory`` (bytes or None)
+    and ``init`` (the init video's needed frames, or None)."""
+    from mochi.video import video_rate
+    from mochi.weights.components import check_model_paths, model_defaults
+
+    video_rate(args.fps)
+    if args.strength is not None and not args.init_video:
+        raise ValueError("--strength applies only to video-to-video; give --init-video FILE or leave it out")
+    max_memory = parse_max_memory(args.max_memory)
+    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    check_loras(args.lora)
+    init = None
+    if args.init_video:
+        frames = request.frames or model_defaults(args.model)["frames"]
+        init = read_init_video(args.init_video, frames)
+    return {"max_memory": max_memory, "init": init}
+
+
+def check_train_lora(args: argparse.Namespace) -> None:
+    """The data folder holds clips and the run folder is a folder, before the model loads."""
+    from mochi.weights.components import check_model_paths
+
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_dir():
+        raise ValueError(f"data folder {str(data)!r} does not exist; make it with `mochi prepare-data`")
+    if not any(data.glob("*.safetensors")):
+        raise ValueError(f"data folder {str(data)!r} holds no clips; run `mochi prepare-data` first")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder for the run")
+    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)

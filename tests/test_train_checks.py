@@ -1,0 +1,89 @@
+"""Issue 18 for train-lora: junk settings fail before loading, a non-finite loss stops the run honestly."""
+
+import pytest
+import torch
+
+import mochi.cli.lora
+import mochi.pipeline
+import mochi.train.lora_train as lora_train
+from mochi.cli import main
+from mochi.train.lora_state import list_states
+from mochi.weights.io import save_state_dict
+
+from .test_pipeline import tiny_components
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Three prepared clips of the tiny model's shapes (7 frames of 32x32), written directly."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, caption in enumerate(["a red star moving left", "a blue star moving right", "a red star"]):
+        tensors = {
+            "mean": torch.randn(12, 2, 4, 4, generator=g),
+            "logvar": torch.full((12, 2, 4, 4), -4.0),
+            "text": torch.randn(len(caption) + 1, 32, generator=g),
+        }
+        meta = {"frames": "7", "width": "32", "height": "32", "caption": caption, "source": f"{i}.mp4"}
+        save_state_dict(tensors, folder / f"clip{i}.safetensors", meta)
+    return folder
+
+
+def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypatch, capsys):
+    def load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(mochi.cli.lora, "pipeline_from_args", load)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    run = ["train-lora", str(data), "--out", str(tmp_path / "run")]
+    cases = [
+        (["--lr", "inf"], "lr=inf must be in (0, 1]"),
+        (["--lr", "1e10"], "lr=10000000000.0 must be in (0, 1]"),
+        (["--lr", "nan"], "lr=nan must be in (0, 1]"),
+        (["--alpha", "nan"], "alpha=nan must be in (0, 64·rank] = (0, 1024]"),
+        (["--alpha", "0"], "alpha=0.0 must be in (0, 64·rank]"),
+        (["--alpha", "1e10", "--rank", "4"], "alpha=10000000000.0 must be in (0, 64·rank] = (0, 256]"),
+        (["--sample-steps", "0"], "sample_steps=0 must be at least 1"),
+        (["--weight-decay", "nan"], "weight_decay=nan must be a finite number ≥ 0"),
+        (["--sigma-shift", "inf"], "sigma_shift=inf must be positive"),
+        (["--vae", str(tmp_path / "file")], "--vae cannot be used with the embedded model"),
+        (["--t5", str(tmp_path / "nope")], f"--t5 {str(tmp_path / 'nope')!r} does not exist"),
+    ]
+    for argv, message in cases:
+        assert main([*run, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("mochi: error: ") and message in err and err.count("\n") == 1, (argv, err)
+    for argv, message in [
+        (["train-lora", str(tmp_path / "nope"), "--out", "r"], "data folder"),
+        (["train-lora", str(tmp_path / "empty"), "--out", "r"], "holds no clips"),
+        (["train-lora", str(data), "--out", str(tmp_path / "file")], "is a file; give a folder"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    real, calls = lora_train.flow_matching_loss, []
+
+    def diverges_in_step_three(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(lora_train, "flow_matching_loss", diverges_in_step_three)
+    out = tmp_path / "run"
+    argv = ["train-lora", str(data), "--out", str(out), "--rank", "2", "--steps", "4", "--warmup", "1"]
+    assert main([*argv, "--checkpoint-every", "2", "--sample-every", "0"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        "mochi: error: training diverged: the loss at step 3 is nan (or its gradients are not finite); "
+        "stopped without saving it, the last good checkpoint, step-000002.pt (and its "
+        "lora-step-*.safetensors), is kept. Lower --lr or --alpha and train into a new --out"
+    )
+    assert [p.name for p in list_states(out)] == ["step-000002.pt"]
+    assert not (out / "lora.safetensors").exists() and (out / "lora-step-000002.safetensors").is_file()
