@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from mochi.train.evaluate import (
     reconstruction_psnr,
     reconstructions,
 )
-from mochi.train.judge import judge, score
+from mochi.train.judge import BLOB, judge, score
 from mochi.weights.bundle import load_bundle, load_embedded
 
 # Issue 20's targets, pooled over >= 8 seeds on seeds not used for tuning (issue 6's were 0.9 / 0.8 / 0.9).
@@ -118,7 +119,10 @@ def main() -> None:
     if args.verbose:
         for prompt, video in zip(prompts, videos):
             v = judge(video)
-            print(f"  {prompt:55s} → {v.color} {v.shape} {v.direction} (found={v.found})")
+            print(
+                f"  {prompt:55s} → {v.color} {v.shape} {v.direction} (found={v.found}) "
+                f"{'; '.join(v.outline_faults)}"
+            )
     result = score(prompts, videos)
     for group in ("overall", "heldout"):
         r = result[group]
@@ -127,6 +131,19 @@ def main() -> None:
             for k in ("color", "shape", "direction", "all")
         )
         print(f"{group:8s} (n={r['n']:3d}): {line}")
+    loose = score(prompts, videos, strict=False)
+    print(
+        "moments-only judge (the figures of earlier sessions), shape: "
+        + ", ".join(f"{g} {100 * loose[g]['shape']:5.1f}%" for g in ("overall", "heldout"))
+    )
+    misses = Counter()
+    for prompt, video in zip(prompts, videos):
+        asked, seen = shapes.parse_caption(prompt)["shape"], judge(video)
+        if seen.shape != asked:
+            misses[(asked, seen.shape if seen.shape != BLOB else f"blob near a {seen.nearest_shape}")] += 1
+    print(
+        "shape misses (asked → seen): " + ", ".join(f"{a} → {b}: {n}" for (a, b), n in misses.most_common())
+    )
     truth = score(prompts[:n], reconstructions(components, prompts[:n], seed=args.seed))
     for group in ("overall", "heldout"):
         r = truth[group]
