@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mochi.pipeline import MochiPipeline
 from mochi.request import GenerationRequest
-from mochi.train.evaluate import frame_strip, generate, reconstruction_psnr, reconstructions
+from mochi.train.evaluate import color_drift, frame_strip, generate, reconstruction_psnr, reconstructions
 
 from .test_pipeline import tiny_components
 
@@ -39,3 +40,18 @@ def test_frame_strip_lays_out_first_middle_last():
     assert strip.shape == (2 * 4 + 1, 3 * 6 + 2, 3)
     assert np.array_equal(strip[5:9, 14:20], videos[1, 4])  # row 2, column 3: last frame of video 2
     assert np.array_equal(strip[0:4, 7:13], videos[0, 2]) and (strip[4] == 255).all()
+
+
+def test_color_drift_is_the_decoded_objects_colour_minus_the_palette(monkeypatch):
+    """With an encoder that passes pixels through and a decoder that adds a fixed offset, the drift of
+    every clip is exactly that offset, in levels: the measure reads the object's fully covered pixels."""
+    from mochi.train import evaluate, shapes
+
+    offset = torch.tensor([12.0, -25.0, 3.0]) / 127.5
+    monkeypatch.setattr(evaluate, "encode", lambda encoder, x: (x, None))
+    monkeypatch.setattr(evaluate, "decode", lambda decoder, z: z + offset.view(1, 3, 1, 1, 1))
+    drifts = color_drift(tiny_components(), n=3, frames=7)
+    assert [name for name, _ in drifts] == [shapes.spec_at(12345, i).color for i in range(3)]
+    for name, drift in drifts:
+        expected = np.clip(np.array(shapes.COLORS[name]) + [12, -25, 3], 0, 255) - shapes.COLORS[name]
+        assert np.allclose(drift, expected, atol=0.51), (name, drift)

@@ -372,3 +372,37 @@ def test_training_refuses_a_held_out_partner_caption(vae_run, tmp_path, monkeypa
         train_dit(
             tmp_path, PRESET, replace(DIT, steps=1, tune_steps=0, caption_dropout=0.0), log=lambda line: None
         )
+
+
+def test_early_foreground_weight_changes_the_joint_phase_only_when_set(vae_run, tmp_path):
+    """Weight 0 is the shipped recipe bit for bit (vae_run); weight 3 trains a different encoder from the
+    first step, and resumes exactly all the same."""
+    out, plain = vae_run
+    recipe = replace(VAE, early_foreground_weight=3.0)
+    weighted = train_vae(tmp_path / "a", PRESET, recipe, log=lambda line: None)
+    assert not torch.equal(plain["encoder"]["layers.0.weight"], weighted["encoder"]["layers.0.weight"])
+    with pytest.raises(Interrupted):
+        train_vae(tmp_path / "b", PRESET, recipe, log=_interrupt_at("vae step 2/"))
+    _assert_same(weighted, train_vae(tmp_path / "b", PRESET, recipe, log=lambda line: None))
+
+
+def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path, monkeypatch, capsys):
+    import mochi.train.train_vae as train_vae_module
+    from mochi.train.tiny import main
+
+    seen = {}
+    monkeypatch.setattr(
+        train_vae_module, "train_vae", lambda out, preset, recipe, log: seen.update(r=recipe, p=preset)
+    )
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "3", "--preset", "mochi-tiny-wide-vae"])
+    assert seen["r"] == replace(VAERecipe(), early_foreground_weight=3.0)
+    assert (
+        seen["p"].encoder.channels == [32, 64, 96, 128] and seen["p"].dit == MODEL_PRESETS["mochi-tiny"].dit
+    )
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "-1"])
+    assert "--early-foreground-weight must be 0 or more, got -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dit", "--out", str(tmp_path), "--early-foreground-weight", "3"])
+    assert "--early-foreground-weight is an option of the vae stage" in capsys.readouterr().err

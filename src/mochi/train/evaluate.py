@@ -89,6 +89,34 @@ def reconstruction_psnr(components, n: int = 16, seed: int = 12345, frames: int 
     return out
 
 
+# Issue 20's VAE targets: PSNR on fresh clips, and the decoded object's mean colour within this many levels of
+# its palette colour on every channel.
+PSNR_TARGET = 34.0
+DRIFT_TARGET = 20.0
+
+
+@torch.no_grad()
+def color_drift(components, n: int = 16, seed: int = 12345, frames: int = 25) -> list[tuple[str, np.ndarray]]:
+    """How far the VAE moves the object's colour: for ``n`` fresh clips of dataset ``seed`` (the clips of
+    ``reconstruction_psnr``), the clip's colour name and the decoded object's mean colour minus the palette
+    colour, float (3,) in levels (0-255) per channel.
+
+    The object is where the true render shows the palette colour exactly (its fully covered pixels, not the
+    anti-aliased rim), so the figure measures the decoder's colour, not the judge's segmentation.
+    """
+    d = components.defaults
+    out = []
+    for index in range(n):
+        spec = shapes.spec_at(seed, index)
+        video = shapes.render(spec, frames, d["height"], d["width"])
+        mean, _ = encode(components.encoder, to_pixels(video[None]))
+        decoded = from_pixels(decode(components.decoder, mean))[0]
+        color = np.array(shapes.COLORS[spec.color], dtype=np.float64)
+        inside = np.all(video == color.astype(np.uint8), axis=-1)
+        out.append((spec.color, decoded[inside].astype(np.float64).mean(axis=0) - color))
+    return out
+
+
 @torch.no_grad()
 def reconstructions(components, prompts: Sequence[str], seed: int = 0) -> np.ndarray:
     """uint8 VAE reconstructions (encode → posterior mean → decode) of one true clip per prompt

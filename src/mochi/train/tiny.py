@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--word-consistency", type=float, help="dit: weight of the T5 word-consistency loss (0 = off)"
     )
+    parser.add_argument(
+        "--early-foreground-weight",
+        type=float,
+        help="vae: weight the object's pixels 1 + W times in the joint and decoder-only phases too (0 = off)",
+    )
     tune = parser.add_argument_group(
         "dit tuning phase (off by default; stage 2b and the experiments of docs/embedded-model.md)"
     )
@@ -73,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage != "dit":
                 parser.error(f"{flag} is an option of the dit stage")
             overrides[key] = getattr(args, key)
+    if args.early_foreground_weight is not None:
+        if args.stage != "vae":
+            parser.error("--early-foreground-weight is an option of the vae stage")
+        if args.early_foreground_weight < 0:
+            parser.error(f"--early-foreground-weight must be 0 or more, got {args.early_foreground_weight}")
+        overrides["early_foreground_weight"] = args.early_foreground_weight
     if overrides.get("word_consistency", 0.0) < 0:
         parser.error(f"--word-consistency must be 0 or more, got {overrides['word_consistency']}")
     tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}

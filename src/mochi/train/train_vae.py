@@ -58,6 +58,10 @@ class VAERecipe:
     tune_steps: int = 600
     tune_lr: float = 2e-4
     foreground_weight: float = 3.0
+    # The same object weighting in the joint and decoder-only phases too (0 = off, the shipped recipe): the
+    # encoder then shapes its latent space around the object, not the background (issue 20: the shipped VAE
+    # rounds small objects and drifts green, cyan and orange by more than 20 levels; docs/embedded-model.md).
+    early_foreground_weight: float = 0.0
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
@@ -167,8 +171,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
         noise = torch.randn(mean.shape, generator=noise_gen)
         z = mean if step >= tune_from else mean + (0.5 * logvar).exp() * noise
         y = decoder(z)
-        # Weighted means; a weight of one (before tuning) gives the plain means bit for bit.
-        w = foreground_weights(x, recipe.foreground_weight) if step >= tune_from else torch.ones(())
+        # Weighted means; a weight of one gives the plain means bit for bit.
+        weight = recipe.foreground_weight if step >= tune_from else recipe.early_foreground_weight
+        w = foreground_weights(x, weight) if weight else torch.ones(())
         l1, mse = ((y - x).abs() * w).mean() / w.mean(), ((y - x).square() * w).mean() / w.mean()
         kl = kl_divergence(mean, logvar)
         loss = l1 + mse + recipe.kl_weight * kl
