@@ -34,7 +34,7 @@ class GatedPipeline:
     def __getattr__(self, name: str) -> object:
         return getattr(self.pipe, name)
 
-    def generate(self, request, progress=None, init_frames=None):  # noqa: ANN001, ANN201
+    def generate(self, request, progress=None, init_frames=None, denoised=None):  # noqa: ANN001, ANN201
         if request.prompt == FAIL_PROMPT:
             raise RuntimeError("synthetic failure for the test")
 
@@ -44,7 +44,7 @@ class GatedPipeline:
                 self.entered.set()
                 self.gate.wait(20)
 
-        return self.pipe.generate(request, progress=report, init_frames=init_frames)
+        return self.pipe.generate(request, progress=report, init_frames=init_frames, denoised=denoised)
 
 
 class AppServer:

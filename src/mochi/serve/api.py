@@ -17,6 +17,11 @@ Routes (all under /api need ``Authorization: Bearer TOKEN`` when the server has 
   GET  /api/jobs/{id}         one job: status, progress {stage, step, total, fraction}, parameters, error
   GET  /api/jobs/{id}/video   the mp4 (?download=1 for an attachment); 409 until the job is done
   DELETE /api/jobs/{id}       cancel (also POST /api/jobs/{id}/cancel)
+  GET  /api/jobs/{id}/preview the latest latent preview PNG while sampling (mochi.serve.preview)
+  GET  /api/queue, /api/events  the live queue of every job, once or as Server-Sent Events (serve.events)
+  GET  /api/history           every job, live and from earlier runs' sidecars, paged (mochi.serve.history)
+  POST /api/batches           several seeds of one request; POST /api/tokens: a prompt's token count
+                              (mochi.serve.submit); POST /api/uploads: a video for video-to-video
 Without a token, requests whose Host is not a loopback name get 400 (``LoopbackHostOnly``).
 """
 
@@ -32,9 +37,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from mochi.request import GenerationRequest
+from mochi.serve import events, preview, uploads
+from mochi.serve import history as job_history
+from mochi.serve import submit as extras
 from mochi.serve.jobs import DONE, JobManager, QueueFull
 from mochi.serve.server import is_loopback
 
@@ -45,7 +52,7 @@ LIMITS = {"frames": 511, "height": 1280, "width": 1280, "steps": 500, "prompt_ch
 BEARER = HTTPBearer(auto_error=False)
 
 
-class JobRequest(BaseModel):
+class JobRequest(extras.JobExtras):
     """A generation request. Unset numbers take the model's defaults; an unset seed is drawn at random."""
 
     model_config = ConfigDict(extra="forbid")
@@ -165,27 +172,17 @@ def create_app(
             "queue_size": jobs.queue_size,
             "loras": list_loras(lora_path),
             "lora_supported": lora_supported(pipe),
+            "video_to_video": getattr(pipe.components, "encoder", None) is not None,
+            "text_tokens": extras.TEXT_TOKENS,
+            "max_batch": extras.MAX_BATCH,
+            "preview": jobs.rgb_map.source,
         }
 
     @app.post("/api/jobs", status_code=202, dependencies=auth)
     def submit(body: JobRequest) -> dict:
-        loras: list[tuple[str, float]] = []
-        if body.lora:
-            available = list_loras(lora_path)
-            if body.lora not in available:
-                choices = ", ".join(available) or "none (start the server with --lora-dir DIR)"
-                raise HTTPException(
-                    422, f"lora={body.lora!r} is not a file in the LoRA folder; choose: {choices}"
-                )
-            if not lora_supported(jobs.pipeline):
-                raise HTTPException(
-                    501,
-                    "LoRA support not available: this server's pipeline cannot apply LoRAs; leave lora unset",
-                )
-            loras = [(str(lora_path / body.lora), body.lora_scale)]
-        values = body.model_dump(exclude={"lora", "lora_scale"})
+        request, details = extras.build_request(body, jobs, lora_path)
         try:
-            job = jobs.submit(GenerationRequest(**values, loras=loras), lora=body.lora)
+            job = jobs.submit(request, **details)
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
         except QueueFull as e:
@@ -219,4 +216,7 @@ def create_app(
     def cancel_post(job_id: str) -> dict:
         return cancel(job_id)
 
+    for module in (events, job_history, preview, uploads):
+        module.add_routes(app, jobs, auth)
+    extras.add_routes(app, jobs, auth, JobRequest, lora_path)
     return app
