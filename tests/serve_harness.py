@@ -87,13 +87,19 @@ class LiveServer(AppServer):
 
 
 def call(
-    method: str, url: str, body: object = None, *, token: str | None = None, raw: bytes | None = None
+    method: str,
+    url: str,
+    body: object = None,
+    *,
+    token: str | None = None,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
 ) -> tuple[int, dict, bytes]:
     """One HTTP request → (status, headers, body bytes); error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
-        request.add_header("Content-Type", "application/json")
+        request.add_header("Content-Type", content_type)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:

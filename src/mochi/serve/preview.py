@@ -151,6 +151,7 @@ def fit_factors(
 
 def add_routes(app: Any, jobs: Any, auth: list) -> None:
     """``GET /api/jobs/{id}/preview``: the latest preview PNG of a job (404 before its first)."""
+
     @app.get(
         "/api/jobs/{job_id}/preview",
         dependencies=auth,
