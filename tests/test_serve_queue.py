@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
-import urllib.request
 
 import pytest
 import torch
@@ -61,27 +61,36 @@ def hold(pipe, url, **body):
 
 
 class Events:
-    """A client of GET /api/events in a thread, keeping every ``queue`` event it receives."""
+    """A client of GET /api/events on a raw socket, in a thread, keeping every ``queue`` event it receives.
+
+    A raw socket because ``close`` must end the blocked read at once (shutting the socket down does), where
+    ``http.client`` would wait for the next keep-alive. Each event is one chunk of the chunked reply, so the
+    chunk-size lines between them are simply skipped.
+    """
 
     def __init__(self, url: str) -> None:
-        self.response = urllib.request.urlopen(url + "/api/events", timeout=30)
-        assert self.response.headers["Content-Type"].startswith("text/event-stream")
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
         self.events: list[dict] = []
+        self.head = ""
         self.changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        kind = None
+        buffer = b""
         try:
-            for raw in self.response:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: ") and kind == "queue":
-                    with self.changed:
-                        self.events.append(json.loads(line[6:]))
-                        self.changed.notify_all()
-        except (OSError, ValueError, AttributeError):  # closed by the test (http.client drops its file)
+            while data := self.sock.recv(65536):
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in (raw.decode().rstrip("\r") for raw in lines):
+                    if line.startswith("data: "):
+                        with self.changed:
+                            self.events.append(json.loads(line[6:]))
+                            self.changed.notify_all()
+                    elif not self.events:
+                        self.head += line + "\n"
+        except OSError:  # shut down by close()
             pass
 
     def wait(self, predicate, timeout: float = 30) -> dict:
@@ -91,10 +100,11 @@ class Events:
                 lambda: next((e for e in self.events if predicate(e)), None), timeout
             )
         assert found, f"no event matched; last: {self.events[-1:] if self.events else None}"
-        return found
+        return found[0]
 
     def close(self) -> None:
-        self.response.close()
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 def status_of(event: dict, job_id: str) -> str | None:
@@ -105,6 +115,9 @@ def test_two_clients_see_one_queue_with_positions_progress_and_eta(url, pipe):
     first, second = Events(url), Events(url)
     try:
         first.wait(lambda e: "jobs" in e)  # the snapshot comes at once
+        assert (
+            first.head.startswith("HTTP/1.1 200") and "content-type: text/event-stream" in first.head.lower()
+        )
         done = call_json("POST", f"{url}/api/jobs", {"prompt": "warm-up", "seed": 2})[1]
         wait_for(url, done["id"], FINAL)
         held = hold(pipe, url)
