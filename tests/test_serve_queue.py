@@ -96,9 +96,7 @@ class Events:
     def wait(self, predicate, timeout: float = 30) -> dict:
         """The first event (old or new) whose snapshot satisfies ``predicate``."""
         with self.changed:
-            found = self.changed.wait_for(
-                lambda: next((e for e in self.events if predicate(e)), None), timeout
-            )
+            found = self.changed.wait_for(lambda: [e for e in self.events if predicate(e)], timeout)
         assert found, f"no event matched; last: {self.events[-1:] if self.events else None}"
         return found[0]
 
