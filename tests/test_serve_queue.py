@@ -245,7 +245,12 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
     status, _, body = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
     upload = json.loads(body)
     assert status == 201, upload
-    assert {k: upload[k] for k in ("frames", "width", "height")} == {"frames": 9, "width": 48, "height": 32}
+    assert {k: upload[k] for k in ("frames", "width", "height", "fps")} == {
+        "frames": 9,
+        "width": 48,
+        "height": 32,
+        "fps": 30,
+    }
     assert upload["bytes"] == len(data) and (live.jobs.out_dir / "uploads" / upload["id"]).is_file()
     body = {"prompt": "restyle", "seed": 1, "init_video": upload["id"], "strength": 0.5}
     status, job = call_json("POST", f"{url}/api/jobs", body)

@@ -75,11 +75,12 @@ def probe(path: Path) -> dict:
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            # Read while the container is open: the stream's fields point into it.
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
             frames = sum(1 for packet in container.demux(stream) if packet.size)
         with av.open(str(path)) as container:
             first = next(container.decode(video=0))
-        rate = stream.average_rate or stream.guessed_rate
-        return {"frames": frames, "width": first.width, "height": first.height, "fps": float(rate or 0)}
+        return {"frames": frames, "width": first.width, "height": first.height, "fps": rate}
     except (av.error.FFmpegError, IndexError, StopIteration, ValueError):
         raise HTTPException(
             422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)"
