@@ -34,7 +34,7 @@ class GatedPipeline:
     def __getattr__(self, name: str) -> object:
         return getattr(self.pipe, name)
 
-    def generate(self, request, progress=None, init_frames=None):  # noqa: ANN001, ANN201
+    def generate(self, request, progress=None, init_frames=None, denoised=None):  # noqa: ANN001, ANN201
         if request.prompt == FAIL_PROMPT:
             raise RuntimeError("synthetic failure for the test")
 
@@ -44,7 +44,7 @@ class GatedPipeline:
                 self.entered.set()
                 self.gate.wait(20)
 
-        return self.pipe.generate(request, progress=report, init_frames=init_frames)
+        return self.pipe.generate(request, progress=report, init_frames=init_frames, denoised=denoised)
 
 
 class AppServer:
@@ -88,13 +88,19 @@ class LiveServer(AppServer):
 
 
 def call(
-    method: str, url: str, body: object = None, *, token: str | None = None, raw: bytes | None = None
+    method: str,
+    url: str,
+    body: object = None,
+    *,
+    token: str | None = None,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
 ) -> tuple[int, dict, bytes]:
     """One HTTP request → (status, headers, body bytes); error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None or method in ("POST", "PUT", "PATCH"):  # the server refuses them otherwise (415)
-        request.add_header("Content-Type", "application/json")
+        request.add_header("Content-Type", content_type)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:

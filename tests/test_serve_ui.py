@@ -10,14 +10,16 @@ import os
 import shutil
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
 
 from mochi.pipeline import MochiPipeline  # noqa: E402
+from mochi.video import write_video  # noqa: E402
 from mochi.weights.lora import save_lora  # noqa: E402
 
-from .serve_harness import LiveServer  # noqa: E402
+from .serve_harness import GatedPipeline, LiveServer  # noqa: E402
 from .test_lora import random_lora  # noqa: E402
 from .test_pipeline import tiny_components  # noqa: E402
 
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("loras")
-    pipe = MochiPipeline(tiny_components(), device="cpu")
+    pipe = GatedPipeline(MochiPipeline(tiny_components(), device="cpu"))
     save_lora(random_lora(pipe.components.dit), lora_dir / "watercolour.safetensors")
     (lora_dir / "broken.safetensors").write_bytes(b"")
     with LiveServer(pipe, tmp_path_factory.mktemp("out"), lora_dir=lora_dir) as live:
@@ -50,18 +52,43 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def context(server):
     # Playwright gives the browser a fresh temporary profile; it never downloads a browser of its own here.
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
-            page.set_default_timeout(30_000)
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('frames').placeholder !== ''")
-            yield page
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+            yield context
         finally:
             browser.close()
+
+
+def open_tab(context, server):
+    """A new tab on the page, once it has loaded the server's info and opened its event stream."""
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('frames').placeholder !== ''")
+    page.wait_for_function("document.getElementById('live').textContent.includes('live')")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(context, server):
+    return open_tab(context, server)
+
+
+@pytest.fixture
+def tab(context, server):
+    """A fresh tab for one test (its own session storage), with no job of another test left running."""
+    server.jobs.pipeline.gate.set()
+    page = open_tab(context, server)
+    yield page
+    page.close()
+    server.jobs.pipeline.gate.set()
+    for job in server.jobs.jobs():
+        server.jobs.cancel(job.id)
 
 
 def test_generate_shows_progress_then_a_playing_video(page, server):
@@ -131,3 +158,172 @@ def test_bad_input_shows_the_servers_message(page):
     page.wait_for_function("document.getElementById('error').textContent.includes('6k+1')")
     assert page.locator("#error").text_content().startswith("422: frames=8 is not of the form 6k+1")
     page.fill("#frames", "")
+
+
+def status(page) -> str:
+    return page.locator("#status").text_content()
+
+
+def wait_status(page, start: str) -> None:
+    page.wait_for_function(f"document.getElementById('status').textContent.startsWith({start!r})")
+
+
+def until(page, condition, seconds: float = 20) -> None:
+    """Wait (polling every 50 ms, at most ``seconds``) until ``condition()`` holds on the server's side."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("the condition never held")
+
+
+def hold(server, page, prompt: str) -> None:
+    """Generate from ``page`` with the worker held after the first denoising step."""
+    server.jobs.pipeline.gate.clear()
+    server.jobs.pipeline.entered.clear()
+    page.fill("#prompt", prompt)
+    page.click("#generate")
+    assert server.jobs.pipeline.entered.wait(20)
+
+
+def test_reload_mid_job_reattaches_and_shows_the_preview(tab, server):
+    hold(server, tab, "a job to come back to")
+    wait_status(tab, "denoising 1/3")
+    # The preview of step 1: two latent frames of 4×4 side by side.
+    tab.wait_for_function(
+        "(() => { const i = document.getElementById('preview'); return !i.hidden && i.naturalWidth; })()"
+    )
+    assert tab.eval_on_selector("#preview", "i => [i.naturalWidth, i.naturalHeight]") == [9, 4]
+    assert tab.locator("#shown").text_content().startswith("preview, step 1:")
+    tab.reload()
+    tab.wait_for_function("document.getElementById('frames').placeholder !== ''")
+    wait_status(tab, "denoising 1/3")  # the page took its running job up again
+    assert not tab.locator("#cancel").is_disabled()
+    tab.wait_for_function(
+        "(() => { const i = document.getElementById('preview'); return !i.hidden && i.naturalWidth; })()"
+    )
+    server.jobs.pipeline.gate.set()
+    wait_status(tab, "done")
+    tab.wait_for_function(
+        "(() => { const v = document.getElementById('video'); return !v.hidden && v.readyState >= 2; })()"
+    )
+    assert tab.locator("#preview").is_hidden()
+
+
+def test_two_tabs_see_one_queue_and_either_cancels(tab, context, server):
+    hold(server, tab, "a job both tabs see")
+    other = open_tab(context, server)
+    try:
+        (job,) = [j for j in server.jobs.jobs() if j.status == "running"]
+        row = f"#queue tr[data-id='{job.id}']"
+        for page in (tab, other):
+            page.wait_for_selector(row)
+            page.wait_for_function(f"document.querySelector(\"{row} td\").textContent === 'running'")
+            assert page.locator(f"{row} td.prompt").text_content() == "a job both tabs see"
+        other.click(f"{row} button:text('cancel')")
+        server.jobs.pipeline.gate.set()  # the held job then stops at its next step
+        wait_status(tab, "cancelled")
+        tab.wait_for_function(f"document.querySelector(\"{row} td\").textContent === 'cancelled'")
+        # The history refreshes itself and shows the job as it ended.
+        cell = f"#history tr[data-id='{job.id}'] td:nth-child(2)"
+        tab.wait_for_function(f"document.querySelector(\"{cell}\")?.textContent === 'cancelled'")
+    finally:
+        other.close()
+
+
+def test_double_click_starts_one_job_and_cancel_stops_the_one_shown(tab, server):
+    before = len(server.jobs.jobs())
+    hold(server, tab, "first")
+    tab.fill("#prompt", "second")
+    tab.dblclick("#generate")
+    wait_status(tab, "queued (position 1")
+    jobs = server.jobs.jobs()
+    assert len(jobs) == before + 2 and [j.request.prompt for j in jobs[:2]] == ["second", "first"]
+    tab.click("#cancel")
+    row = f"#queue tr[data-id='{jobs[0].id}'] td"
+    tab.wait_for_function(f"document.querySelector(\"{row}\").textContent === 'cancelled'")
+    assert jobs[0].status == "cancelled" and jobs[1].status == "running"
+    wait_status(tab, "denoising 1/3")  # the page goes on to follow this tab's other job
+
+
+@pytest.mark.parametrize(
+    "field, text", [("frames", "16.5"), ("seed", "1.9"), ("seed", "1e3"), ("steps", "2.0"), ("count", "2.5")]
+)
+def test_numbers_that_are_not_whole_are_refused(tab, server, field, text):
+    before = len(server.jobs.jobs())
+    tab.fill("#prompt", "anything")
+    tab.fill(f"#{field}", text)
+    tab.click("#generate")
+    name = "videos" if field == "count" else field
+    tab.wait_for_function(
+        f"document.getElementById('error').textContent.startsWith('{name}: {text} is not a whole')"
+    )
+    assert len(server.jobs.jobs()) == before
+
+
+def test_long_prompt_warns_while_typing_and_ctrl_enter_generates(tab, server):
+    tab.fill("#prompt", "a red circle")
+    tab.wait_for_function("document.getElementById('tokens').textContent === '13 / 256 tokens'")
+    tab.fill("#prompt", "a red circle moving right " * 12)
+    tab.wait_for_function("document.getElementById('tokens').className === 'over'")
+    assert (
+        tab.locator("#tokens").text_content()
+        == "313 tokens: the text encoder reads 256, the last 57 are ignored"
+    )
+    tab.fill("#seed", "8")
+    tab.focus("#prompt")
+    tab.keyboard.press("Control+Enter")
+    wait_status(tab, "done")
+    assert "the last 57 tokens are ignored" in tab.locator("#error").text_content()
+    assert server.jobs.jobs()[0].request.seed == 8
+
+
+def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
+    tab.fill("#prompt", "a green square moving up")
+    tab.fill("#seed", "20")
+    tab.fill("#steps", "2")
+    tab.fill("#count", "2")
+    before = len(server.jobs.jobs())
+    tab.click("#generate")
+    until(tab, lambda: len(server.jobs.jobs()) == before + 2)
+    jobs = server.jobs.jobs()[:2]
+    assert [j.request.seed for j in jobs] == [21, 20] and {j.request.steps for j in jobs} == {2}
+    # The page follows the batch to its end: the second job after the first.
+    tab.wait_for_function("document.getElementById('status').textContent.endsWith('(seed 21)')")
+    tab.wait_for_function("document.querySelectorAll('#history tr').length >= 2")
+    first = tab.locator(f"#history tr[data-id='{jobs[1].id}']")
+    for field in ("prompt", "seed", "steps"):
+        tab.fill(f"#{field}", "")
+    tab.fill("#count", "1")
+    first.locator("button:text('reuse')").click()
+    assert tab.input_value("#prompt") == "a green square moving up"
+    assert tab.input_value("#seed") == "20" and tab.input_value("#steps") == "2"
+    first.locator("button:text('seed')").click()
+    wait_status(tab, "seed 20 copied")
+    assert tab.evaluate("navigator.clipboard.readText()") == "20"
+
+
+def test_two_loras_and_video_to_video_from_the_page(tab, server, tmp_path):
+    clip = torch.randint(
+        0, 256, (9, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    tab.set_input_files("#init-video", str(write_video(clip, tmp_path / "source.mp4")))
+    tab.wait_for_function("document.getElementById('upload').textContent === 'source clip: 9 frames, 32×32'")
+    tab.fill("#strength", "0.6")
+    tab.fill("#prompt", "restyled")
+    tab.select_option("#lora", "watercolour.safetensors")
+    tab.fill("#lora-scale", "0.5")
+    tab.click("#add-lora")
+    tab.select_option("#lora-1", "watercolour.safetensors")
+    tab.fill("#lora-scale-1", "0.25")
+    tab.click("#generate")
+    wait_status(tab, "done")
+    job = server.jobs.jobs()[0]
+    assert job.lora_names == ("watercolour.safetensors",) * 2 and [s for _, s in job.request.loras] == [
+        0.5,
+        0.25,
+    ]
+    assert job.request.strength == 0.6 and job.init_video is not None
+    row = tab.locator(f"#history tr[data-id='{job.id}'] td").nth(8)
+    tab.wait_for_function(f"document.querySelector(\"#history tr[data-id='{job.id}']\") !== null")
+    assert row.text_content() == "watercolour.safetensors ×0.5, watercolour.safetensors ×0.25, v2v 0.6"

@@ -191,8 +191,13 @@ class MochiPipeline:
         request: GenerationRequest,
         progress: Progress | None = None,
         init_frames: torch.Tensor | None = None,
+        denoised: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Generation:
-        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video."""
+        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video.
+
+        denoised(step, total, x0): called after each denoising step with the current estimate of the clean
+        DiT-space latents (B, 12, t, h, w) float32 (previews, ``mochi.serve.preview``).
+        """
         req = request.resolved(self.components.defaults)
         self._use_loras(req.loras)
         self.vae_plans = {}
@@ -237,6 +242,7 @@ class MochiPipeline:
                 guidance=guidance,
                 batch_cfg=req.batch_cfg,
                 callback=lambda done, total, sigma: report("denoise", done, total),
+                denoised=denoised,
             )
         seconds["denoise"] = time.perf_counter() - t0
         if not all_finite(latents):

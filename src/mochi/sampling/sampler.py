@@ -91,6 +91,7 @@ def sample(
     guidance: float | Sequence[float] = 6.0,
     batch_cfg: bool = True,
     callback: ProgressCallback | None = None,
+    denoised: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrate z from ``sigmas[0]`` to ``sigmas[-1]``; returns the final latent (B, C, T, H, W) float32.
 
@@ -100,6 +101,8 @@ def sample(
     is 1.0 the unconditional pass is skipped. batch_cfg: cond and uncond in one forward of batch 2B, ordered
     [cond, uncond] as Genmo's batched mode; False runs two forwards (cond, then uncond) as Genmo's CLI.
     callback(step, total, sigma) runs after each step with the count of steps done and the σ reached.
+    denoised(step, total, x0) runs after each step with the step's estimate of the clean latent,
+    x0 = z + σ·v (B, C, T, H, W) float32, a new tensor (previews; the result does not depend on it).
     """
     sigmas = validate_sigmas(sigmas)
     steps = len(sigmas) - 1
@@ -128,6 +131,8 @@ def sample(
             v = apply_guidance(out[:batch], out[batch:], scales[i])
         else:
             v = apply_guidance(model(z, sigma_batch, *cond), model(z, sigma_batch, *uncond), scales[i])
+        if denoised is not None:
+            denoised(i + 1, steps, z + sigma * v)
         z = euler_step(z, v, sigma, sigmas[i + 1])
         if callback is not None:
             callback(i + 1, steps, sigmas[i + 1])

@@ -18,6 +18,11 @@ Routes (all under /api need ``Authorization: Bearer TOKEN`` when the server has 
   GET  /api/jobs/{id}/video   the mp4 (?download=1 for an attachment; HEAD too); 409 until the job is done
   DELETE /api/jobs/{id}       cancel a queued or running job; forget a finished one and delete its files
   POST /api/jobs/{id}/cancel  cancel only
+  GET  /api/jobs/{id}/preview the latest latent preview PNG while sampling (mochi.serve.preview)
+  GET  /api/queue, /api/events  the live queue of every job, once or as Server-Sent Events (serve.events)
+  GET  /api/history           every job, live and from earlier runs' sidecars, paged (mochi.serve.history)
+  POST /api/batches           several seeds of one request; POST /api/tokens: a prompt's token count
+                              (mochi.serve.submit); POST /api/uploads: a video for video-to-video
   GET  /openapi.json          the OpenAPI description (no /docs or /redoc: they load scripts from a CDN)
 Every error is ``ErrorBody`` (``errors``); ``guards.RequestGuard`` checks host, token, Content-Type and body
 size before any body is read.
@@ -33,9 +38,12 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from mochi.request import GenerationRequest
+from mochi.serve import events, preview
+from mochi.serve import history as job_history
+from mochi.serve import submit as extras
+from mochi.serve import uploads as video_uploads
 from mochi.serve.errors import documented, install_error_handlers, quote
 from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard, Uploads
 from mochi.serve.jobs import DONE, FINAL, JobManager, QueueFull
@@ -47,7 +55,7 @@ LIMITS = {"frames": 511, "height": 1280, "width": 1280, "steps": 500, "prompt_ch
 BEARER = HTTPBearer(auto_error=False)
 
 
-class JobRequest(BaseModel):
+class JobRequest(extras.JobExtras):
     """A generation request. Unset numbers take the model's defaults; an unset seed is drawn at random."""
 
     # allow_inf_nan: NaN, Infinity and 1e999 (which JSON parsers read as inf) are invalid numbers, not 500s.
@@ -100,6 +108,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.jobs = jobs
+    uploads = {**video_uploads.GUARD_RULE, **(uploads or {})}
     app.add_middleware(RequestGuard, token=token, max_body=max_body, uploads=uploads)
     install_error_handlers(app)
 
@@ -143,6 +152,10 @@ def create_app(
             "queue_size": jobs.queue_size,
             "loras": list_loras(lora_path),
             "lora_supported": lora_supported(pipe),
+            "video_to_video": getattr(pipe.components, "encoder", None) is not None,
+            "text_tokens": extras.TEXT_TOKENS,
+            "max_batch": extras.MAX_BATCH,
+            "preview": jobs.rgb_map.source,
         }
 
     @app.post(
@@ -152,23 +165,9 @@ def create_app(
         responses={**read, **documented(413, 415, 422, 429, 501)},
     )
     def submit(body: JobRequest) -> dict:
-        loras: list[tuple[str, float]] = []
-        if body.lora:
-            available = list_loras(lora_path)
-            if body.lora not in available:
-                choices = ", ".join(available) or "none (start the server with --lora-dir DIR)"
-                raise HTTPException(
-                    422, f"lora={quote(body.lora)} is not a file in the LoRA folder; choose: {choices}"
-                )
-            if not lora_supported(jobs.pipeline):
-                raise HTTPException(
-                    501,
-                    "LoRA support not available: this server's pipeline cannot apply LoRAs; leave lora unset",
-                )
-            loras = [(str(lora_path / body.lora), body.lora_scale)]
-        values = body.model_dump(exclude={"lora", "lora_scale"})
+        request, details = extras.build_request(body, jobs, lora_path)
         try:
-            job = jobs.submit(GenerationRequest(**values, loras=loras), lora=body.lora)
+            job = jobs.submit(request, **details)
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
         except QueueFull as e:
@@ -219,4 +218,7 @@ def create_app(
         found(job_id)
         return jobs.summary(jobs.cancel(job_id))
 
+    for module in (events, job_history, preview, video_uploads):
+        module.add_routes(app, jobs, auth)
+    extras.add_routes(app, jobs, auth, JobRequest, lora_path)
     return app

@@ -13,8 +13,12 @@ hence how long a cancel can take, and the decode's size) and that times the step
 request above either is a ValueError (422) naming the nearest size that fits.
 
 Each finished job leaves ``<id>.mp4`` and ``<id>.json`` (its parameters) in the output folder, both written
-atomically. Job ids are ``secrets.token_urlsafe`` strings, and files are found only through the job table,
-never from a client-given name.
+atomically; at start the newest ``history`` of them are read back into the table (``mochi.serve.history``),
+and older ones are found there on demand. Job ids are ``secrets.token_urlsafe`` strings, and files are found
+only through the job table or a checked id, never from a client-given name.
+
+``version`` counts changes to any job (submission, start, progress, preview, end), so that the event stream
+(``mochi.serve.events``) pushes a new snapshot only when something changed.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ import torch
 from mochi.interrupt import Interrupted, stop_checks
 from mochi.outputs import write_video_and_sidecar
 from mochi.request import GenerationRequest
+from mochi.serve import history as sidecars
+from mochi.serve import preview
 from mochi.serve.limits import check_work, default_caps
 from mochi.serve.redact import redact_paths
+from mochi.video import fit_frames, read_video
 
 log = logging.getLogger("mochi.serve")
 
@@ -46,6 +53,8 @@ _STAGE_SPAN = {"text": (0.0, 0.05), "encode": (0.05, 0.1), "denoise": (0.1, 0.9)
 
 # What a job reports of its request: the fields the API accepts, resolved.
 PARAMETERS = ("prompt", "negative_prompt", "frames", "height", "width", "steps", "guidance", "seed")
+# The text encoder reads this many tokens (the end token included); the rest of a prompt is dropped.
+TEXT_TOKENS = 256
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _DEVICE_LOCKS_GUARD = threading.Lock()
@@ -66,7 +75,9 @@ class Pipeline(Protocol):
     components: Any
     device: Any
 
-    def generate(self, request: GenerationRequest, progress: Any = None, init_frames: Any = None) -> Any: ...
+    def generate(
+        self, request: GenerationRequest, progress: Any = None, init_frames: Any = None, denoised: Any = None
+    ) -> Any: ...
 
 
 class QueueFull(RuntimeError):
@@ -85,6 +96,13 @@ class Job:
     request: GenerationRequest
     lora: str | None = None
     status: str = QUEUED
+    lora_names: tuple[str, ...] = ()  # the LoRA files' names, in request.loras' order
+    init_video: str | None = None  # the upload id of a video-to-video job
+    tokens: int | None = None  # the prompt's length in text-encoder tokens, end token included
+    warnings: list[str] = field(default_factory=list)
+    preview: bytes | None = None  # PNG of the latest denoised estimate
+    preview_step: int = 0
+    stage_started: float | None = None
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -100,8 +118,12 @@ class Job:
     def parameters(self) -> dict:
         """The request's API fields as JSON-ready values (seed included: it is drawn at submission)."""
         values = {k: getattr(self.request, k) for k in PARAMETERS}
-        values["lora"] = self.lora
+        names = self.lora_names or ((self.lora,) if self.lora else ())
+        values["lora"] = names[0] if names else None
         values["lora_scale"] = self.request.loras[0][1] if self.request.loras else None
+        values["loras"] = [{"name": n, "scale": s} for n, (_, s) in zip(names, self.request.loras)]
+        values["init_video"] = self.init_video
+        values["strength"] = self.request.strength if self.init_video else None
         return values
 
     def summary(self, position: int | None = None) -> dict:
@@ -121,6 +143,9 @@ class Job:
             "parameters": self.parameters(),
             "error": self.error,
             "seconds": self.seconds,
+            "prompt_tokens": {"count": self.tokens, "limit": TEXT_TOKENS},
+            "warnings": self.warnings,
+            "preview_step": self.preview_step if self.preview is not None else None,
         }
 
 
@@ -161,6 +186,10 @@ class JobManager:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.version = 0
+        self.rgb_map = preview.map_for(pipeline.components)
+        for job in sidecars.restore(self.out_dir, history_size=history):
+            self._jobs[job.id] = job
         self._worker = threading.Thread(target=self._work, name="mochi-serve-worker", daemon=True)
         self._worker.start()
 
@@ -170,28 +199,58 @@ class JobManager:
 
     # -- the client side ------------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, lora: str | None = None) -> Job:
+    def submit(self, request: GenerationRequest, lora: str | None = None, **details: Any) -> Job:
         """Resolve ``request`` against the model's defaults (drawing its seed) and queue it.
 
         Raises ValueError for an invalid request and QueueFull when ``queue_size`` jobs already wait.
+        details: ``lora_names`` and ``init_video`` (see ``Job``).
         """
-        resolved = request.resolved(self.defaults)
-        check_work(resolved, self.work_limits["pixels"], self.work_limits["pixel_steps"])
+        if lora is not None:
+            details.setdefault("lora_names", (lora,))
+        return self.submit_batch([request], **details)[0]
+
+    def submit_batch(self, requests: list[GenerationRequest], **details: Any) -> list[Job]:
+        """Queue every request or none (QueueFull when fewer than ``len(requests)`` places are free)."""
+        resolved = [r.resolved(self.defaults) for r in requests]
+        for r in resolved:
+            check_work(r, self.work_limits["pixels"], self.work_limits["pixel_steps"])
+        tokens = self.count_tokens(resolved[0].prompts[0]) if resolved else None
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.queue_size:
+            free = self.queue_size - len(self._waiting)
+            if free <= 0:
                 raise QueueFull(f"the queue is full ({self.queue_size} jobs waiting); retry later")
-            job = Job(id=secrets.token_urlsafe(12), request=resolved, lora=lora)
-            self._jobs[job.id] = job
-            self._waiting.append(job)
+            if len(resolved) > free:
+                raise QueueFull(
+                    f"the queue has {max(free, 0)} free places of {self.queue_size} and this asks for "
+                    f"{len(resolved)}; retry later"
+                )
+            jobs = []
+            for request in resolved:
+                job = Job(id=secrets.token_urlsafe(12), request=request, tokens=tokens, **details)
+                if tokens is not None and tokens > TEXT_TOKENS:
+                    job.warnings.append(truncation_warning(tokens))
+                job.lora = job.lora_names[0] if job.lora_names else None
+                self._jobs[job.id] = job
+                self._waiting.append(job)
+                jobs.append(job)
             self._forget_old()
-            self._cond.notify_all()
-        return job
+            self._touch()
+        return jobs
+
+    def count_tokens(self, text: str) -> int | None:
+        """The length of ``text`` in the text encoder's tokens, end token included (0 for "")."""
+        tokenizer = getattr(self.pipeline.components, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        return len(tokenizer.encode(text)) + 1 if text else 0
 
     def get(self, job_id: str) -> Job | None:
+        """The job from the table, or else rebuilt from its sidecar in the output folder."""
         with self._cond:
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+        return job if job is not None else sidecars.load(self.out_dir, job_id)
 
     def summary(self, job: Job) -> dict:
         with self._cond:
@@ -214,6 +273,7 @@ class JobManager:
                 self._waiting.remove(job)
                 job.status, job.finished = CANCELLED, time.time()
                 job.error = "cancelled before it started"
+            self._touch()
             return job
 
     def remove(self, job_id: str) -> bool:
@@ -223,6 +283,7 @@ class JobManager:
             if job is None or job.status not in FINAL:
                 return False
             del self._jobs[job_id]
+            self._touch()
         for path in (self.out_dir / f"{job_id}.mp4", self.out_dir / f"{job_id}.json"):
             path.unlink(missing_ok=True)
         return True
@@ -236,8 +297,18 @@ class JobManager:
             self._waiting.clear()
             for job in self._jobs.values():
                 job.cancel_requested = True
-            self._cond.notify_all()
+            self._touch()
         self._worker.join(timeout)
+
+    def _touch(self) -> None:
+        """Record a change (the caller holds ``_cond``) and wake whoever waits on it."""
+        self.version += 1
+        self._cond.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``close`` began (event streams end then)."""
+        return self._stopping
 
     # -- the worker side ------------------------------------------------------------------------------------
 
@@ -255,6 +326,7 @@ class JobManager:
                 return None
             job = self._waiting.popleft()
             job.status, job.started = RUNNING, time.time()
+            self._touch()
             return job
 
     def _work(self) -> None:
@@ -273,27 +345,55 @@ class JobManager:
                 raise JobCancelled(job.id)
             lo, hi = _STAGE_SPAN.get(stage, (0.0, 1.0))
             with self._cond:  # readers see stage, step and fraction of one report, never a mix
+                if job.stage != stage:
+                    job.stage_started = time.time()
                 job.stage, job.step, job.total = stage, done, total
                 job.fraction = round(lo + (hi - lo) * (done / total if total else 1.0), 4)
+                self._touch()
 
         return report
+
+    def _preview(self, job: Job):  # noqa: ANN202 - the pipeline's denoised callback
+        def show(done: int, total: int, x0: torch.Tensor) -> None:
+            if done % preview.every(total) and done != total:
+                return
+            png = preview.encode_png(preview.preview_image(x0, self.rgb_map))
+            with self._cond:
+                job.preview, job.preview_step = png, done
+                self._touch()
+
+        return show
 
     def _run(self, job: Job) -> None:
         with device_lock(self.pipeline.device):
             if job.cancel_requested:
                 raise JobCancelled(job.id)
             self._apply_loras(job)
+            init = self._init_frames(job)
             with stop_checks(self.pipeline.components.modules(), lambda: job.cancel_requested):
-                result = self.pipeline.generate(job.request, progress=self._progress(job))
+                result = self.pipeline.generate(
+                    job.request, progress=self._progress(job), init_frames=init, denoised=self._preview(job)
+                )
         if job.cancel_requested:
             raise JobCancelled(job.id)
         video = self.out_dir / f"{job.id}.mp4"
         job.seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         sidecar = {**job.parameters(), "id": job.id, "seconds": job.seconds}
         sidecar["model"] = getattr(self.pipeline.components, "name", None)
+        sidecar.update(created=job.created, started=job.started, finished=time.time())
+        sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first
         job.video = video
         self._finish(job, DONE, None)
+
+    def _init_frames(self, job: Job) -> torch.Tensor | None:
+        """A video-to-video job's upload, fitted to its frame count and size (T, H, W, 3) uint8."""
+        if job.request.init_video is None:
+            return None
+        r = job.request
+        return torch.from_numpy(
+            fit_frames(read_video(r.init_video, max_frames=r.frames)[0], r.frames, r.height, r.width)
+        )
 
     def _apply_loras(self, job: Job) -> None:
         """Make the pipeline's LoRAs exactly the job's (none included), naming the file that fails to load.
@@ -319,3 +419,12 @@ class JobManager:
             job.status, job.error, job.finished = status, error, time.time()
             if status == DONE:
                 job.stage, job.fraction = "done", 1.0
+            self._touch()
+
+
+def truncation_warning(tokens: int) -> str:
+    """What a job says of a prompt longer than the text encoder reads."""
+    return (
+        f"the prompt is {tokens} tokens long (end token included) but the text encoder reads {TEXT_TOKENS}: "
+        f"the last {tokens - TEXT_TOKENS} tokens are ignored; shorten the prompt"
+    )

@@ -1,0 +1,94 @@
+"""Video uploads for video-to-video: ``POST /api/uploads`` takes the file as the raw body.
+
+The body is the video itself with its own ``Content-Type`` (``video/mp4``, ``video/webm``, ...), not a
+multipart form: a browser sends ``fetch(url, {method: "POST", body: file})`` as it is, no form parser is
+needed, and a cross-site page cannot send a ``video/*`` body without a CORS preflight (which this server
+never grants), whereas ``multipart/form-data`` is a "simple" type that it could. The upload is streamed to
+``<out-dir>/uploads/<id>`` (at most ``MAX_UPLOAD`` bytes, 413 above), decoded once to check it is a video,
+and then named by its id in ``POST /api/jobs``' ``init_video``; its path never reaches the client.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request
+
+from mochi.serve.history import JOB_ID
+
+MAX_UPLOAD = 512 * 1024 * 1024  # bytes
+UPLOAD_TYPES = ("video/", "application/octet-stream")
+# What ``guards.RequestGuard`` lets through to this route before the body is read: exact media types.
+GUARD_RULE = {
+    "/api/uploads": (
+        ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "application/octet-stream"),
+        MAX_UPLOAD,
+    )
+}
+
+
+def upload_dir(out_dir: Path) -> Path:
+    return out_dir / "uploads"
+
+
+def upload_path(out_dir: Path, upload_id: str) -> Path | None:
+    """The file of upload ``upload_id``, or None when there is no such upload (or it is not an id)."""
+    if not isinstance(upload_id, str) or not JOB_ID.fullmatch(upload_id):
+        return None
+    path = upload_dir(out_dir) / upload_id
+    return path if path.is_file() else None
+
+
+def add_routes(app: Any, jobs: Any, auth: list) -> None:
+    @app.post("/api/uploads", status_code=201, dependencies=auth, tags=["uploads"])
+    async def upload(request: Request) -> dict:
+        """Upload a video (the raw file as the body, ``Content-Type: video/...``) for video-to-video:
+        201 with ``{"id", "frames", "width", "height", "fps"}``; give the id as ``init_video`` in
+        ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type, 422 if it is not a video."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not kind.startswith(UPLOAD_TYPES):
+            raise HTTPException(
+                415, f"Content-Type {kind or 'none'!r}: send the video file as video/mp4 (or video/*)"
+            )
+        folder = upload_dir(jobs.out_dir)
+        folder.mkdir(exist_ok=True)
+        upload_id = secrets.token_urlsafe(12)
+        final, partial = folder / upload_id, folder / f"{upload_id}.partial"
+        size = 0
+        try:
+            with open(partial, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD:
+                        raise HTTPException(413, f"the upload exceeds {MAX_UPLOAD // 2**20} MiB")
+                    f.write(chunk)
+            if size == 0:
+                raise HTTPException(422, "the upload is empty; send the video file as the body")
+            info = probe(partial)
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return {"id": upload_id, **info, "bytes": size}
+
+
+def probe(path: Path) -> dict:
+    """Frame count, size and rate of a video, counting packets without decoding all frames (a long
+    upload is not held in memory); its first frame is decoded to prove it is a video. 422 otherwise."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            # Read while the container is open: the stream's fields point into it.
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+        with av.open(str(path)) as container:
+            first = next(container.decode(video=0))
+        return {"frames": frames, "width": first.width, "height": first.height, "fps": rate}
+    except (av.error.FFmpegError, IndexError, StopIteration, ValueError):
+        raise HTTPException(
+            422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)"
+        ) from None

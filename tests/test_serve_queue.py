@@ -1,0 +1,326 @@
+"""`mochi serve`'s daily-use API on a real server: live queue (SSE), previews, history across restarts,
+batches, several LoRAs, video-to-video uploads and prompt token counts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
+
+from mochi.pipeline import MochiPipeline  # noqa: E402
+from mochi.serve.jobs import JobManager  # noqa: E402
+from mochi.video import write_video  # noqa: E402
+from mochi.weights.lora import save_lora  # noqa: E402
+
+from .serve_harness import GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
+from .test_lora import random_lora  # noqa: E402
+from .test_pipeline import tiny_components  # noqa: E402
+from .test_serve_preview import read_png  # noqa: E402
+
+FINAL = ("done", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return GatedPipeline(MochiPipeline(tiny_components(), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def live(pipe, tmp_path_factory):
+    lora_dir = tmp_path_factory.mktemp("loras")
+    save_lora(random_lora(pipe.components.dit, seed=2), lora_dir / "a.safetensors")
+    save_lora(random_lora(pipe.components.dit, seed=3), lora_dir / "b.safetensors")
+    with LiveServer(pipe, tmp_path_factory.mktemp("out"), queue_size=3, lora_dir=lora_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def url(live, pipe):
+    pipe.gate.set()
+    yield live.url
+    pipe.gate.set()
+    for job in live.jobs.jobs():
+        live.jobs.cancel(job.id)
+    for job in live.jobs.jobs():
+        wait_for(live.url, job.id, FINAL)
+
+
+def hold(pipe, url, **body):
+    pipe.gate.clear()
+    pipe.entered.clear()
+    status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "held", "seed": 1, **body})
+    assert status == 202, job
+    assert pipe.entered.wait(20), "the held job never reached its first step"
+    return job["id"]
+
+
+class Events:
+    """A client of GET /api/events on a raw socket, in a thread, keeping every ``queue`` event it receives.
+
+    A raw socket because ``close`` must end the blocked read at once (shutting the socket down does), where
+    ``http.client`` would wait for the next keep-alive. Each event is one chunk of the chunked reply, so the
+    chunk-size lines between them are simply skipped.
+    """
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        self.events: list[dict] = []
+        self.head = ""
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        buffer = b""
+        try:
+            while data := self.sock.recv(65536):
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in (raw.decode().rstrip("\r") for raw in lines):
+                    if line.startswith("data: "):
+                        with self.changed:
+                            self.events.append(json.loads(line[6:]))
+                            self.changed.notify_all()
+                    elif not self.events:
+                        self.head += line + "\n"
+        except OSError:  # shut down by close()
+            pass
+
+    def wait(self, predicate, timeout: float = 30) -> dict:
+        """The first event (old or new) whose snapshot satisfies ``predicate``."""
+        with self.changed:
+            found = self.changed.wait_for(lambda: [e for e in self.events if predicate(e)], timeout)
+        assert found, f"no event matched; last: {self.events[-1:] if self.events else None}"
+        return found[0]
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def status_of(event: dict, job_id: str) -> str | None:
+    return next((j["status"] for j in event["jobs"] if j["id"] == job_id), None)
+
+
+def test_two_clients_see_one_queue_with_positions_progress_and_eta(url, pipe):
+    first, second = Events(url), Events(url)
+    try:
+        first.wait(lambda e: "jobs" in e)  # the snapshot comes at once
+        assert (
+            first.head.startswith("HTTP/1.1 200") and "content-type: text/event-stream" in first.head.lower()
+        )
+        done = call_json("POST", f"{url}/api/jobs", {"prompt": "warm-up", "seed": 2})[1]
+        wait_for(url, done["id"], FINAL)
+        held = hold(pipe, url)
+        waiting = [call_json("POST", f"{url}/api/jobs", {"prompt": f"w{i}"})[1]["id"] for i in range(2)]
+        for client in (first, second):
+            event = client.wait(lambda e: status_of(e, waiting[1]) == "queued")
+            ids = [j["id"] for j in event["jobs"]]
+            assert ids[:3] == [held, *waiting]  # running first, then the queue in order
+            assert [j["queue_position"] for j in event["jobs"][:3]] == [None, 0, 1]
+            running = event["jobs"][0]
+            assert running["status"] == "running" and running["progress"]["stage"] == "denoise"
+            etas = [j["eta"] for j in event["jobs"][:3]]
+            assert all(e is not None and e >= 0 for e in etas) and etas[0] <= etas[1] <= etas[2], etas
+            assert done["id"] in ids[3:]  # the latest finished jobs follow
+        # A cancel from anyone reaches everyone.
+        call("DELETE", f"{url}/api/jobs/{waiting[0]}")
+        for client in (first, second):
+            client.wait(lambda e: status_of(e, waiting[0]) == "cancelled")
+        pipe.gate.set()
+        for client in (first, second):
+            event = client.wait(lambda e: status_of(e, waiting[1]) == "done")
+            assert status_of(event, held) == "done"
+        status, snapshot = call_json("GET", f"{url}/api/queue")
+        assert status == 200 and snapshot["version"] >= event["version"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_preview_appears_while_sampling_and_stays_after(url, pipe):
+    job_id = hold(pipe, url, frames=13, width=48, height=32)
+    status, job = call_json("GET", f"{url}/api/jobs/{job_id}")
+    assert job["status"] == "running" and job["preview_step"] == 1  # every step of a 3-step run
+    status, headers, png = call("GET", f"{url}/api/jobs/{job_id}/preview")
+    assert status == 200 and headers["content-type"] == "image/png"
+    image = read_png(png)
+    assert image.shape == (4, 3 * 6 + 2, 3)  # 3 latent frames of 4×6 side by side
+    behind = call_json("POST", f"{url}/api/jobs", {"prompt": "behind", "steps": 1})[1]["id"]
+    status, error = call_json("GET", f"{url}/api/jobs/{behind}/preview")
+    assert status == 404 and "no preview yet (status queued)" in error["detail"]
+    pipe.gate.set()
+    done = wait_for(url, job_id, FINAL)
+    assert done["preview_step"] == 3
+    status, _, last = call("GET", f"{url}/api/jobs/{job_id}/preview")
+    assert status == 200 and read_png(last).shape == image.shape and last != png
+    wait_for(url, behind, FINAL)
+
+
+def test_long_prompts_are_counted_and_their_truncation_reported(url, live):
+    status, count = call_json("POST", f"{url}/api/tokens", {"prompt": "a red circle"})
+    assert status == 200 and count == {"count": 13, "limit": 256, "truncated": False}  # bytes + end token
+    long_prompt = "a red circle moving right " * 12  # 312 bytes
+    status, count = call_json("POST", f"{url}/api/tokens", {"prompt": long_prompt})
+    assert count == {"count": 313, "limit": 256, "truncated": True}
+    status, job = call_json("POST", f"{url}/api/jobs", {"prompt": long_prompt, "seed": 4})
+    assert job["prompt_tokens"] == {"count": 313, "limit": 256}
+    assert job["warnings"] == [
+        "the prompt is 313 tokens long (end token included) but the text encoder reads 256: "
+        "the last 57 tokens are ignored; shorten the prompt"
+    ]
+    done = wait_for(url, job["id"], FINAL)
+    assert done["status"] == "done" and done["warnings"] == job["warnings"]
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    assert sidecar["warnings"] == job["warnings"] and sidecar["prompt_tokens"] == 313
+    short = call_json("POST", f"{url}/api/jobs", {"prompt": "short", "steps": 1})[1]
+    assert short["warnings"] == [] and short["prompt_tokens"]["count"] == 6
+
+
+def test_batch_queues_consecutive_seeds_all_or_none(url, pipe, live):
+    status, batch = call_json("POST", f"{url}/api/batches", {"prompt": "a batch", "seed": 40, "count": 3})
+    assert status == 202, batch
+    seeds = [j["parameters"]["seed"] for j in batch["jobs"]]
+    assert seeds == [40, 41, 42]
+    for job in batch["jobs"]:
+        assert wait_for(url, job["id"], FINAL)["status"] == "done"
+    status, drawn = call_json("POST", f"{url}/api/batches", {"prompt": "random", "count": 2, "steps": 1})
+    assert status == 202 and len({j["parameters"]["seed"] for j in drawn["jobs"]}) == 2
+    for job in drawn["jobs"]:
+        wait_for(url, job["id"], FINAL)
+
+    hold(pipe, url)
+    before = len(live.jobs.jobs())
+    status, error = call_json("POST", f"{url}/api/batches", {"prompt": "too many", "count": 4})
+    assert status == 429 and "3 free places of 3 and this asks for 4" in error["detail"]
+    assert len(live.jobs.jobs()) == before  # none of the four was queued
+    status, error = call_json("POST", f"{url}/api/batches", {"prompt": "x", "count": 17})
+    assert status == 422
+    status, error = call_json("POST", f"{url}/api/batches", {"prompt": "x", "count": 2, "seed": 2**63 - 1})
+    assert status == 422 and "passes the largest seed" in error["detail"]
+
+
+def test_several_loras_per_job(url, live):
+    body = {
+        "prompt": "styled",
+        "seed": 3,
+        "loras": [{"name": "a.safetensors", "scale": 0.5}, {"name": "b.safetensors"}],
+    }
+    status, job = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 202, job
+    assert job["parameters"]["loras"] == [
+        {"name": "a.safetensors", "scale": 0.5},
+        {"name": "b.safetensors", "scale": 1.0},
+    ]
+    assert job["parameters"]["lora"] == "a.safetensors" and job["parameters"]["lora_scale"] == 0.5
+    assert wait_for(url, job["id"], FINAL)["status"] == "done"
+    (applied,) = [j for j in live.jobs.jobs() if j.id == job["id"]]
+    assert [(p.rsplit("/", 1)[1], s) for p, s in applied.request.loras] == [
+        ("a.safetensors", 0.5),
+        ("b.safetensors", 1.0),
+    ]
+    status, error = call_json(
+        "POST", f"{url}/api/jobs", {"prompt": "x", "loras": [{"name": "../a.safetensors"}]}
+    )
+    assert (
+        status == 422
+        and "not a file in the LoRA folder; choose: a.safetensors, b.safetensors" in error["detail"]
+    )
+    status, _ = call_json(
+        "POST", f"{url}/api/jobs", {"prompt": "x", "loras": [{"name": "a.safetensors"}] * 9}
+    )
+    assert status == 422
+
+
+def test_video_to_video_from_an_upload(url, live, tmp_path):
+    clip = torch.randint(0, 256, (9, 32, 48, 3), dtype=torch.uint8)
+    data = write_video(clip, tmp_path / "init.mp4").read_bytes()
+    status, _, body = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
+    upload = json.loads(body)
+    assert status == 201, upload
+    assert {k: upload[k] for k in ("frames", "width", "height", "fps")} == {
+        "frames": 9,
+        "width": 48,
+        "height": 32,
+        "fps": 30,
+    }
+    assert upload["bytes"] == len(data) and (live.jobs.out_dir / "uploads" / upload["id"]).is_file()
+    body = {"prompt": "restyle", "seed": 1, "init_video": upload["id"], "strength": 0.5}
+    status, job = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 202, job
+    assert job["parameters"]["init_video"] == upload["id"] and job["parameters"]["strength"] == 0.5
+    done = wait_for(url, job["id"], FINAL)
+    assert done["status"] == "done", done["error"]
+    assert set(done["seconds"]) == {"text", "denoise", "decode"}
+    # 13 frames asked of a 9-frame upload: the job fails and says why.
+    short = call_json("POST", f"{url}/api/jobs", {**body, "frames": 13})[1]
+    failed = wait_for(url, short["id"], FINAL)
+    assert failed["status"] == "failed" and "9 frames, fewer than the 13" in failed["error"]
+
+    status, error = call_json("POST", f"{url}/api/jobs", {**body, "init_video": "../../etc/passwd"})
+    assert status == 422 and "is not an upload" in error["detail"]
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=b"not a video at all", content_type="video/mp4")
+    assert status == 422 and "not a video" in json.loads(reply)["detail"]
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="text/plain")
+    assert status == 415
+    assert not [p for p in (live.jobs.out_dir / "uploads").iterdir() if p.name.endswith(".partial")]
+
+
+def test_history_survives_a_restart_and_pages_beyond_the_table(url, live, pipe, tmp_path):
+    job = call_json("POST", f"{url}/api/jobs", {"prompt": "kept", "seed": 9, "negative_prompt": "no"})[1]
+    wait_for(url, job["id"], FINAL)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(live.jobs.out_dir / f"{job['id']}.mp4", out)
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    (out / f"{job['id']}.json").write_text(json.dumps(sidecar))
+    # 250 older jobs, as an earlier run would have left them, and files that are not job sidecars.
+    for i in range(250):
+        old = {**sidecar, "id": f"old-{i:012d}", "seed": i, "created": sidecar["created"] - 1000 + i}
+        (out / f"old-{i:012d}.json").write_text(json.dumps(old))
+    (out / "notes.json").write_text("{}")
+    (out / "AAAAAAAAAAAAAAAA.json").write_text("not json")
+
+    with LiveServer(pipe, out, history=100) as restarted:
+        assert len(restarted.jobs.jobs()) == 100  # the table holds the newest, the rest stay on disk
+        status, page = call_json("GET", f"{restarted.url}/api/history?limit=200")
+        assert status == 200 and page["total"] == 251 and len(page["jobs"]) == 200
+        first = page["jobs"][0]
+        assert first["id"] == job["id"] and first["status"] == "done"
+        assert first["parameters"] == job["parameters"] and first["seconds"] == sidecar["seconds"]
+        assert [j["parameters"]["seed"] for j in page["jobs"][1:4]] == [249, 248, 247]
+        rest = call_json("GET", f"{restarted.url}/api/history?offset=200&limit=200")[1]
+        assert [j["parameters"]["seed"] for j in rest["jobs"]] == list(range(50, -1, -1))
+        # A job older than the table is still found, with its video.
+        status, old = call_json("GET", f"{restarted.url}/api/jobs/old-000000000003")
+        assert status == 200 and old["parameters"]["seed"] == 3
+        status, headers, _ = call("GET", f"{restarted.url}/api/jobs/{job['id']}/video")
+        assert status == 200 and headers["content-type"] == "video/mp4"
+        assert call("GET", f"{restarted.url}/api/jobs/AAAAAAAAAAAAAAAA")[0] == 404
+        # New jobs come first.
+        new = call_json("POST", f"{restarted.url}/api/jobs", {"prompt": "new", "steps": 1})[1]
+        wait_for(restarted.url, new["id"], FINAL)
+        page = call_json("GET", f"{restarted.url}/api/history?limit=2")[1]
+        assert page["total"] == 252 and [j["id"] for j in page["jobs"]] == [new["id"], job["id"]]
+        assert call_json("GET", f"{restarted.url}/api/history?limit=201")[0] == 422
+
+
+def test_info_names_the_preview_factors_and_limits(url):
+    info = call_json("GET", f"{url}/api/info")[1]
+    assert "ComfyUI" in info["preview"]  # the test model has the released VAE's statistics
+    assert info["text_tokens"] == 256 and info["max_batch"] == 16 and info["video_to_video"] is True
+
+
+def test_job_manager_restores_nothing_from_an_empty_folder(tmp_path, pipe):
+    jobs = JobManager(pipe, tmp_path)
+    try:
+        assert jobs.jobs() == [] and jobs.get("AAAAAAAAAAAAAAAA") is None and jobs.get("../x") is None
+    finally:
+        jobs.close()
