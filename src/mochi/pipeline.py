@@ -42,7 +42,9 @@ class MochiPipeline:
     device: where computation happens (default: CUDA if present). dit_dtype: the DiT's compute dtype
     (default bf16 on CUDA, fp32 on CPU). vae_dtype: the decoder's (default fp32, as Genmo's CLI decodes).
     offload: keep components on the CPU between their stages. max_memory: bytes the VAE decode may use
-    (default: what the device has free).
+    (default: what the device has free). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and
+    T5's block Linear weights after the dtype cast, before they reach the device (`mochi.weights.quantize`);
+    ``self.quantization`` then says what was done.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class MochiPipeline:
         offload: bool = False,
         attention: str | None = None,
         max_memory: int | None = None,
+        quantize: str | None = None,
     ) -> None:
         self.components = components
         self.device = parse_device(device)
@@ -74,6 +77,12 @@ class MochiPipeline:
         c.decoder.to(dtype=self.vae_dtype)
         if c.encoder is not None:
             c.encoder.to(dtype=self.vae_dtype)
+        self.quantization: str | None = None
+        if quantize is not None:
+            from mochi.weights.quantize import quantize_components
+
+            parts = [("dit", c.dit), ("t5", c.text_encoder)]
+            self.quantization = quantize_components(parts, quantize, self.device)
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
@@ -93,6 +102,10 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
+        if options.get("quantize") is not None:
+            from mochi.weights.quantize import check_mode
+
+            check_mode(str(options["quantize"]))  # before minutes of loading
         components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
         return cls(components, **options)
 

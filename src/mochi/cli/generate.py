@@ -100,6 +100,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         weights, guidance = args.parallel_weights, args.guidance_parallel
         pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
     pipe.lora_merge = args.lora_merge
+    if pipe.quantization and main:
+        print(f"mochi: note: {pipe.quantization}")
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None
@@ -117,6 +119,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "model": args.model or f"embedded:{pipe.components.name}",
         "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
+        "quantize": args.quantize,
         "fps": args.fps,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
     }

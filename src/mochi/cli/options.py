@@ -28,6 +28,12 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument(
         "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "fp8", "q8_0", "q4_0"),
+        help="weight-only quantization of the DiT's and T5's block Linear layers at load "
+        "(docs/quantization.md)",
+    )
     p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
     p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
@@ -47,6 +53,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "offload": args.offload,
         "attention": args.attention,
         "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+        "quantize": args.quantize,
     }
 
 

@@ -5,6 +5,10 @@ unchanged when the source holds the VAE in Genmo's naming, as ComfyUI all-in-one
 ``DST`` itself when it ends in ``.safetensors``. Diffusers output: ``DST/transformer/`` with
 ``config.json`` and ``diffusion_pytorch_model.safetensors``, sharded with an index when large. Every file
 is written atomically, and the diffusers folder appears only once complete.
+
+``quantize="q8_0"|"q4_0"`` (Genmo output only) writes the block-quantized Linear weights of the DiT's
+blocks as Kijai's GGUF-in-safetensors files do (``<layer>.Q8_0_qweight`` uint8 ggml blocks, every other
+tensor as usual), so that a file made here loads in Kijai's wrapper and vice versa.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from pathlib import Path
 import torch
 
 from mochi.files import atomic_write_text
+from mochi.weights import ggml
 from mochi.weights.dit import Consumed, read_dit, shape_facts
 from mochi.weights.formats import detect, iter_component
 from mochi.weights.io import save_state_dict
 
 TARGETS = ("genmo", "diffusers")
+CONVERT_QUANT = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
 DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
 _WEIGHTS = "diffusion_pytorch_model"
 
@@ -37,6 +43,7 @@ def convert(
     variant: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    quantize: str | None = None,
 ) -> Path:
     """Convert the DiT at ``src`` (any format `mochi.weights.formats.detect` knows) to ``to`` at ``dst``.
 
@@ -44,12 +51,25 @@ def convert(
     except that fp8 weights are always dequantized (to the dtype of the file's other tensors).
     variant: the diffusers variant to read when ``src`` holds several. Returns the path written (the
     ``dit.safetensors`` file or the ``transformer`` folder). Converting and converting back is bit-exact
-    when no dtype change is asked for.
+    when no dtype change is asked for. quantize: "q8_0" or "q4_0" block-quantizes the blocks' Linear
+    weights (Genmo output only); a quantized source (fp8, GGUF) is dequantized first, then quantized again.
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is not a supported layout; choose one of {', '.join(TARGETS)}")
+    if quantize is not None and quantize not in CONVERT_QUANT:
+        raise ValueError(
+            f"--quantize {quantize!r} cannot be written to a file; choose one of {', '.join(CONVERT_QUANT)} "
+            "(int8 and fp8 quantize at load: mochi generate --quantize int8)"
+        )
+    if quantize is not None and to != "genmo":
+        raise ValueError(
+            f"--quantize {quantize} writes Kijai's GGUF-in-safetensors layout, which uses Genmo's names; "
+            "use --to genmo"
+        )
     det = detect(src, variant=variant)
     sd, _ = read_dit(det, dtype=dtype, fp8="dequantize")
+    if quantize is not None:
+        sd = quantize_state_dict(sd, CONVERT_QUANT[quantize])
     dst = Path(dst)
     if to == "genmo":
         out = dst if dst.suffix == ".safetensors" else dst / "dit.safetensors"
@@ -62,6 +82,27 @@ def convert(
     return save_diffusers(
         Consumed(sd), dst / "transformer", overwrite=overwrite, max_shard_bytes=max_shard_bytes
     )
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Genmo-named DiT tensors with the blocks' Linear weights as ``<layer>.<kind>_qweight`` ggml blocks.
+
+    The layers are those `mochi.weights.quantize.quantize_model` quantizes (2-D weights inside the blocks
+    whose input width divides by 32). Each full-width weight is freed as soon as its blocks exist.
+    """
+    out = {}
+    for key in list(sd):
+        t = sd.pop(key)
+        if (
+            key.startswith("blocks.")
+            and key.endswith(".weight")
+            and t.ndim == 2
+            and t.shape[1] % ggml.BLOCK == 0
+        ):
+            out[f"{key.removesuffix('.weight')}.{kind}_qweight"] = ggml.quantize(t, kind)
+        else:
+            out[key] = t
+    return out
 
 
 def save_diffusers(
