@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -229,11 +229,13 @@ def fp8_supported(device: torch.device) -> bool:
     return True
 
 
-def device_mode(mode: str, device: torch.device, supported=fp8_supported) -> tuple[str, str | None]:  # noqa: ANN001
+def device_mode(
+    mode: str, device: torch.device, supported: Callable[[torch.device], bool] | None = None
+) -> tuple[str, str | None]:
     """The mode to use on ``device`` and a note when it differs: fp8 falls back to int8 (same bytes)
-    where the device cannot hold fp8 tensors (e.g. Apple MPS)."""
+    where the device cannot hold fp8 tensors (e.g. Apple MPS). ``supported`` defaults to `fp8_supported`."""
     check_mode(mode)
-    if mode == "fp8" and not supported(device):
+    if mode == "fp8" and not (supported or fp8_supported)(device):
         return "int8", f"{device} cannot hold fp8 tensors; quantizing to int8 instead (same memory)"
     return mode, None
 
