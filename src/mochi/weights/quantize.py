@@ -109,6 +109,17 @@ def weight_bytes(model: nn.Module, mode: str | None, dtype: torch.dtype = torch.
     return {"total": total, "quantized": quantized, "params": params, "quantized_params": qparams}
 
 
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes a module's parameters and buffers actually hold: a torchao tensor counts its int8 data and
+    scales, ggml blocks their uint8 bytes, meta tensors their nominal size."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        names = [*getattr(t, "tensor_data_names", ()), *getattr(t, "optional_tensor_data_names", ())]
+        parts = [p for n in names if isinstance(p := getattr(t, n, None), torch.Tensor)] or [t]
+        total += sum(p.numel() * p.element_size() for p in parts)
+    return total
+
+
 class Int8Linear(Fp8Linear):
     """`Fp8Linear` with an int8 weight: x @ (q·s)ᵀ + b in x's dtype, s an fp32 scale per output row.
 
