@@ -225,3 +225,11 @@ def test_cli_generate_quantize(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_serve_takes_quantize():
+    from mochi.cli import build_parser
+    from mochi.cli.options import pipeline_options
+
+    args = build_parser().parse_args(["serve", "--quantize", "q4_0"])
+    assert pipeline_options(args)["quantize"] == "q4_0"
