@@ -123,7 +123,7 @@ def test_merge_refuses_fp8_and_lora_must_fit():
     lin = m.blocks[0].attn.qkv_x
     fp8 = Fp8Linear(lin.in_features, lin.out_features, bias=False, device="meta")
     m.blocks[0].attn.qkv_x = fp8
-    with pytest.raises(ValueError, match="cannot merge a LoRA into fp8 weights.*--fp8 dequantize"):
+    with pytest.raises(ValueError, match="cannot merge a LoRA into quantized weights.*--fp8 dequantize"):
         apply_lora(m, layers, merge=True)
     other = DiTConfig(depth=3, num_heads=2, hidden_size_x=64, hidden_size_y=16, t5_feat_dim=24)
     with pytest.raises(ValueError, match="blocks.0.attn.qkv_x.*trained for another model"):

@@ -171,7 +171,7 @@ def test_bad_paths_give_one_line_errors(tmp_path):
         detect(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(
-        WeightsError, match=r"is not a \.safetensors, index \.json or \.pt/\.bin file; looked"
+        WeightsError, match=r"is not a \.safetensors, \.gguf, index \.json or \.pt/\.bin file; looked"
     ):
         detect(tmp_path / "notes.txt")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")

@@ -51,7 +51,9 @@ class MochiPipeline:
     offload: keep components on the CPU between their stages: True or "model" (whole models), "blocks[:N]"
     (stream DiT blocks and T5 layers, N DiT blocks resident; ``mochi.offload``). max_memory: bytes the VAE
     decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
-    free memory).
+    free memory). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and T5's block Linear weights
+    after the dtype cast, before they reach the device (`mochi.weights.quantize`); ``self.quantization`` then
+    says what was done.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class MochiPipeline:
         offload: bool | str | Offload = False,
         attention: str | None = None,
         max_memory: int | None = None,
+        quantize: str | None = None,
     ) -> None:
         self.components = components
         self.device = parse_device(device)
@@ -88,6 +91,12 @@ class MochiPipeline:
         c.decoder.to(dtype=self.vae_dtype)
         if c.encoder is not None:
             c.encoder.to(dtype=self.vae_dtype)
+        self.quantization: str | None = None
+        if quantize is not None:
+            from mochi.weights.quantize import quantize_components
+
+            parts = [("dit", c.dit), ("t5", c.text_encoder)]
+            self.quantization = quantize_components(parts, quantize, self.device)
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
@@ -107,6 +116,10 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
+        if options.get("quantize") is not None:
+            from mochi.weights.quantize import check_mode
+
+            check_mode(str(options["quantize"]))  # before minutes of loading
         components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
         return cls(components, **options)
 

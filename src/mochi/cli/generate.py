@@ -121,6 +121,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         weights, guidance = args.parallel_weights, args.guidance_parallel
         pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
     pipe.lora_merge = args.lora_merge
+    if pipe.quantization and main:
+        print(f"mochi: note: {pipe.quantization}")
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None
@@ -141,6 +143,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
         "vae_plans": result.vae_plans,
+        "quantize": args.quantize,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
     }
     write_video_and_sidecar(result.frames[0], out, args.fps, sidecar)  # sets "fps" to the rate written

@@ -28,6 +28,12 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument(
         "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "fp8", "q8_0", "q4_0"),
+        help="weight-only quantization of the DiT's and T5's block Linear layers at load "
+        "(docs/quantization.md)",
+    )
     p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
     p.add_argument(
         "--offload",
@@ -60,6 +66,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "attention": args.attention,
         # With --devices, --max-memory is a per-device list that the block placement reads.
         "max_memory": None if getattr(args, "devices", None) else parse_max_memory(args.max_memory),
+        "quantize": args.quantize,
     }
 
 

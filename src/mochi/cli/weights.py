@@ -65,6 +65,12 @@ def _add_convert(sub: Subparsers) -> None:
         metavar="SIZE",
         help="largest diffusers shard, e.g. 5GB or 500MB (default: 10GB)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("q8_0", "q4_0"),
+        help="with --to genmo: store the blocks' Linear weights as GGUF Q8_0/Q4_0 blocks, in the layout of "
+        "Kijai's mochi_preview_dit_GGUF_*.safetensors files (a quantized source is dequantized first)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(run=_run_convert)
 
@@ -73,6 +79,15 @@ def _run_convert(args: argparse.Namespace) -> int:
     from mochi.devices import parse_dtype, parse_size
     from mochi.weights.convert import convert
 
+    if args.quantize:
+        from mochi.weights.formats import detect, quant_label
+
+        quant = detect(args.src, variant=args.variant).quant.get("dit")
+        if quant:
+            print(
+                f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); its weights are "
+                f"dequantized and quantized again to {args.quantize} (the two roundings add up)"
+            )
     out = convert(
         args.src,
         args.dst,
@@ -81,6 +96,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         variant=args.variant,
         overwrite=args.overwrite,
         max_shard_bytes=parse_size(args.max_shard_size),
+        quantize=args.quantize,
     )
     print(f"wrote {out}")
     return 0

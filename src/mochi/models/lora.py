@@ -12,9 +12,10 @@ Two ways to carry one:
 
 Unmerging (``LoraHandle.remove``) subtracts the same fp32 Δ and rounds again. That restores fp32 weights to
 within fp32 rounding, but a bf16/fp16 weight can end one unit in the last place away from where it started;
-``keep_original=True`` keeps a copy of each touched weight so that removal restores it bit for bit. fp8
-weights (``Fp8Linear``) are never merged into: re-quantizing the sum would lose most of Δ. Apply the LoRA
-unmerged, or load the checkpoint with fp8 dequantized.
+``keep_original=True`` keeps a copy of each touched weight so that removal restores it bit for bit.
+Quantized weights (fp8, int8, GGUF blocks: `mochi.weights.quantize.is_quantized`) are never merged into:
+re-quantizing the sum would lose most of Δ. Apply the LoRA unmerged (its hook adds Δ to the quantized
+layer's output), or load the checkpoint unquantized.
 """
 
 from __future__ import annotations
@@ -227,16 +228,16 @@ def apply_lora(
     merge=False hooks Δ into each layer's output (factors are moved to the layer's device, kept in their
     dtype); merge=True adds it into the weights in fp32 (see the module docstring for unmerging and fp8).
     """
-    from mochi.weights.fp8 import Fp8Linear
+    from mochi.weights.quantize import is_quantized
 
     check_fits(model, layers)
     handle = LoraHandle(model, {}, scale, merge)
     if merge:
-        fp8 = [n for n in layers if isinstance(model.get_submodule(n), Fp8Linear)]
-        if fp8:
+        quantized = [n for n in layers if is_quantized(model.get_submodule(n))]
+        if quantized:
             raise ValueError(
-                f"cannot merge a LoRA into fp8 weights ({fp8[0]} …): re-quantizing would lose it; apply it "
-                "unmerged, or load the model with fp8 dequantized (--fp8 dequantize)"
+                f"cannot merge a LoRA into quantized weights ({quantized[0]} …): re-quantizing would lose "
+                "it; apply it unmerged, or load the model unquantized (no --quantize, --fp8 dequantize)"
             )
     for name, layer in layers.items():
         m = model.get_submodule(name)

@@ -149,7 +149,9 @@ class T5DenseGatedGelu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
-        return self.wo(h.to(self.wo.weight.dtype))
+        w = self.wo.weight
+        # wo may be kept fp32 under fp16 (HF's overflow guard); a quantized wo widens its weight to h's dtype.
+        return self.wo(h.to(w.dtype) if w.is_floating_point() and w.element_size() > 1 else h)
 
 
 class T5LayerFF(nn.Module):

@@ -5,6 +5,10 @@ unchanged when the source holds the VAE in Genmo's naming, as ComfyUI all-in-one
 ``DST`` itself when it ends in ``.safetensors``. Diffusers output: ``DST/transformer/`` with
 ``config.json`` and ``diffusion_pytorch_model.safetensors``, sharded with an index when large. Every file
 is written atomically, and the diffusers folder appears only once complete.
+
+``quantize="q8_0"|"q4_0"`` (Genmo output only) writes the block-quantized Linear weights of the DiT's
+blocks as Kijai's GGUF-in-safetensors files do (``<layer>.Q8_0_qweight`` uint8 ggml blocks, every other
+tensor as usual), so that a file made here loads in Kijai's wrapper and vice versa.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from pathlib import Path
 import torch
 
 from mochi.files import atomic_write_text, umask
+from mochi.weights import ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
 from mochi.weights.dit import Consumed, read_dit, shape_facts
 from mochi.weights.formats import GENMO_FILES, Detected, detect
 from mochi.weights.io import WeightsError, save_state_dict
 
 TARGETS = ("genmo", "diffusers")
+CONVERT_QUANT = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
 DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
 _WEIGHTS = "diffusion_pytorch_model"
 
@@ -38,6 +44,7 @@ def convert(
     variant: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    quantize: str | None = None,
 ) -> Path:
     """Convert the DiT and VAE at ``src`` (any format `formats.detect` knows) to layout ``to`` at ``dst``.
 
@@ -45,13 +52,25 @@ def convert(
     except that fp8 weights are always dequantized (to the dtype of the file's other tensors). The VAE
     keeps its stored dtype. variant: the diffusers variant to read when ``src`` holds several. Returns the
     main path written (``dit.safetensors`` or ``transformer``; for a VAE-only source the folder, or the
-    file). Converting and converting back is bit-exact when no dtype change is asked for.
+    file). Converting and converting back is bit-exact when no dtype change is asked for. quantize: "q8_0"
+    or "q4_0" block-quantizes the blocks' Linear weights (Genmo output only); a quantized source (fp8, GGUF)
+    is dequantized first, then quantized again.
 
     Every output path is checked before the first is written: none may exist (unless ``overwrite``) and
     none may be, or hold, a file of ``src``. A mochi bundle is refused: see `_refuse_bundle`.
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is not a supported layout; choose one of {', '.join(TARGETS)}")
+    if quantize is not None and quantize not in CONVERT_QUANT:
+        raise ValueError(
+            f"--quantize {quantize!r} cannot be written to a file; choose one of {', '.join(CONVERT_QUANT)} "
+            "(int8 and fp8 quantize at load: mochi generate --quantize int8)"
+        )
+    if quantize is not None and to != "genmo":
+        raise ValueError(
+            f"--quantize {quantize} writes Kijai's GGUF-in-safetensors layout, which uses Genmo's names; "
+            "use --to genmo"
+        )
     dst = Path(dst)
     if to == "diffusers" and dst.suffix == ".safetensors":
         raise ValueError(
@@ -66,10 +85,14 @@ def convert(
         raise WeightsError(
             f"{str(src)!r} (detected format: {det.describe()}) holds no DiT and no VAE: nothing to convert"
         )
+    if quantize is not None and "dit" not in det.files:
+        raise ValueError(
+            f"--quantize {quantize} quantizes a DiT, and {str(src)!r} holds only a VAE; leave it out"
+        )
     outputs = _outputs(det, dst, to, parts)
     _check_outputs(outputs, det, overwrite)
     if to == "genmo":
-        return _to_genmo(det, outputs, dtype)
+        return _to_genmo(det, outputs, dtype, quantize)
     written = [
         save_diffusers(
             Consumed(read_dit(det, dtype=dtype, fp8="dequantize")[0]),
@@ -112,11 +135,15 @@ def _check_outputs(outputs: list[tuple[str, Path]], det: Detected, overwrite: bo
         _check_free(path, overwrite)
 
 
-def _to_genmo(det: Detected, outputs: list[tuple[str, Path]], dtype: torch.dtype | None) -> Path:
+def _to_genmo(
+    det: Detected, outputs: list[tuple[str, Path]], dtype: torch.dtype | None, quantize: str | None
+) -> Path:
     for kind, path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "dit":
             sd, _ = read_dit(det, dtype=dtype, fp8="dequantize")
+            if quantize is not None:
+                sd = quantize_state_dict(sd, CONVERT_QUANT[quantize])
             save_state_dict(sd, path, metadata={"format": "pt"})
         elif kind == "vae":  # a VAE-only source into one file
             tensors = {
@@ -142,6 +169,27 @@ def _refuse_bundle(src: str | os.PathLike) -> None:
         "Genmo's and diffusers' layouts cannot record, so its converted parts would load as a different "
         f"model; use the file itself: mochi generate --model {str(src)!r}"
     )
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Genmo-named DiT tensors with the blocks' Linear weights as ``<layer>.<kind>_qweight`` ggml blocks.
+
+    The layers are those `mochi.weights.quantize.quantize_model` quantizes (2-D weights inside the blocks
+    whose input width divides by 32). Each full-width weight is freed as soon as its blocks exist.
+    """
+    out = {}
+    for key in list(sd):
+        t = sd.pop(key)
+        if (
+            key.startswith("blocks.")
+            and key.endswith(".weight")
+            and t.ndim == 2
+            and t.shape[1] % ggml.BLOCK == 0
+        ):
+            out[f"{key.removesuffix('.weight')}.{kind}_qweight"] = ggml.quantize(t, kind)
+        else:
+            out[key] = t
+    return out
 
 
 def save_diffusers(

@@ -2,7 +2,8 @@
 
 The model is built on the meta device; the checkpoint is read one tensor at a time (each cast as it
 arrives), renamed to Genmo's keys when it is in diffusers' naming, checked key by key and shape by shape,
-and assigned into the model. fp8 Linear weights either stay fp8 (`Fp8Linear`) or are dequantized here.
+and assigned into the model. fp8 Linear weights either stay fp8 (`Fp8Linear`) or are dequantized here;
+so do ggml-block weights (GGUF Q8_0/Q4_0: `GgufLinear`, `mochi.weights.ggml`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 
 from mochi.weights.formats import Detected, component_keys, detect, iter_component
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
+from mochi.weights.ggml import QWEIGHT, block_kinds, logical_shapes, swap_in_gguf
+from mochi.weights.ggml import dequantize as dequantize_blocks
 from mochi.weights.io import WeightsError, check_state_dict
 
 FP8_MODES = ("keep", "dequantize")
@@ -36,6 +39,7 @@ def genmo_shapes(det: Detected) -> dict[str, tuple[int, ...]]:
     """The DiT's tensor shapes under Genmo's names, from headers only (fp8 bookkeeping left out)."""
     shapes = {k: v[1] for k, v in component_keys(det, "dit").items()}
     shapes = {k: s for k, s in shapes.items() if k != "scaled_fp8" and not k.endswith(QUANT_SUFFIXES)}
+    shapes = logical_shapes(shapes)
     if det.layouts["dit"] == "diffusers":
         from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo
 
@@ -153,8 +157,8 @@ def read_dit(
     target = _target_dtype(det, dtype)
     sd: dict[str, torch.Tensor] = {}
     for key, t in iter_component(det, "dit", device):
-        if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES):
-            pass  # fp8 bookkeeping, handled by split_scales
+        if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES) or QWEIGHT.match(key):
+            pass  # fp8 bookkeeping, handled by split_scales; ggml blocks, handled below
         elif keeps_fp32(key):
             t = t.to(torch.float32)
         elif target is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
@@ -167,16 +171,41 @@ def read_dit(
             w = sd[layer + ".weight"]
             if fp8 == "dequantize" or w.dtype not in FP8_DTYPES:
                 sd[layer + ".weight"] = dequantize(w, scales.pop(layer), target or torch.bfloat16)
+    kinds = block_kinds(sd)
     if det.layouts["dit"] == "diffusers":
         from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo
 
         if scales:
             raise WeightsError(f"fp8 weights in diffusers' naming are not supported ({det.describe()})")
+        # ggml rows pass through the key map's row operations (fuse q/k/v, swap halves) as bytes.
+        sd = {(f"{m['layer']}.weight" if (m := QWEIGHT.match(k)) else k): v for k, v in sd.items()}
         try:
             sd = diffusers_to_genmo(Consumed(sd))
         except WeightsError as e:
             raise WeightsError(f"checkpoint (detected format: {det.describe()}): {e}") from None
+        kinds = _genmo_kinds(kinds, sd)
+        for layer, kind in kinds.items():
+            sd[f"{layer}.{kind}_qweight"] = sd.pop(f"{layer}.weight")
+    if fp8 == "dequantize":
+        for layer, kind in kinds.items():
+            q = sd.pop(f"{layer}.{kind}_qweight")
+            sd[f"{layer}.weight"] = dequantize_blocks(q, kind, target or torch.bfloat16)
     return sd, scales
+
+
+def _genmo_kinds(kinds: Mapping[str, str], sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Block types of diffusers-named layers → the Genmo layers they become (fused q/k/v must agree)."""
+    from mochi.weights.keymaps.dit_diffusers import rules
+
+    depth = 1 + max((int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    out = {}
+    for rule in rules(depth):
+        found = {kinds.get(d.removesuffix(".weight")) for d in rule.diffusers if d.endswith(".weight")}
+        if found - {None}:
+            if len(found) > 1:
+                raise WeightsError(f"{rule.genmo} fuses tensors stored in different block types {found}")
+            out[rule.genmo.removesuffix(".weight")] = found.pop()
+    return out
 
 
 class Consumed(Mapping[str, torch.Tensor]):
@@ -217,8 +246,8 @@ def load_dit(
              the dtype of their unquantized tensors).
     device:  where the weights are read to; the model is built on the meta device, so the weights exist
              once, on this device.
-    fp8:     "keep": fp8 Linear weights stay fp8 (`Fp8Linear`, scaled and cast per call); "dequantize":
-             they become ``dtype`` weights at load.
+    fp8:     "keep": fp8 Linear weights stay fp8 (`Fp8Linear`, scaled and cast per call) and GGUF blocks
+             stay blocks (`GgufLinear`); "dequantize": both become ``dtype`` weights at load.
     config:  a `DiTConfig`; by default inferred from the checkpoint's shapes.
     variant: the diffusers weight variant to read ("bf16") when a folder holds several.
     Returns the model in eval mode without gradients. Raises WeightsError naming every missing,
@@ -232,11 +261,12 @@ def load_dit(
     fmt = det.describe()
     if config is None:
         try:
-            config = infer_config({k: tuple(v.shape) for k, v in sd.items()})
+            config = infer_config(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}))
         except WeightsError as e:
             raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
     with torch.device("meta"):
         model = AsymmDiT(config)
+    swap_in_gguf(model, block_kinds(sd))  # ggml blocks stay quantized: dequantized per layer at use
     check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, fmt)
     check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
     # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read

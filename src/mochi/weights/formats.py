@@ -13,7 +13,10 @@ Formats recognised (genmo-mochi.md §9, diffusers-mochi.md §2, ecosystem.md §1
              variants;
   comfyui    a single file whose DiT keys carry a prefix (``model.diffusion_model.``), optionally all-in-one
              (``vae.``, ``text_encoders.`` tensors) and optionally fp8 (``scaled_fp8`` marker with
-             ``scale_weight``, or the newer ``weight_scale`` + ``comfy_quant`` layout).
+             ``scale_weight``, or the newer ``weight_scale`` + ``comfy_quant`` layout);
+  gguf       Kijai's GGUF-in-safetensors DiT files (``<layer>.Q8_0_qweight`` / ``.Q4_0_qweight`` uint8 ggml
+             blocks, the rest under Genmo's names; `mochi.weights.ggml`), and ``.gguf`` files whose tensors
+             carry Genmo's or diffusers' names (read with the ``gguf`` package; `mochi.weights.gguf_file`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mochi.weights.ggml import QWEIGHT
 from mochi.weights.io import TORCH_SUFFIXES, WeightsError, open_safetensors, read_state_dict
 
 COMPONENTS = ("dit", "vae_decoder", "vae_encoder", "t5")
@@ -39,7 +43,8 @@ LOOKED_FOR = (
     "diffusers folder (transformer/ and/or vae/ with diffusion_pytorch_model*.safetensors [+ *.index.json, "
     "bf16 variant]); a "
     ".safetensors file or *.index.json with Genmo, diffusers or ComfyUI keys (model.diffusion_model. prefix, "
-    "all-in-one with vae./text_encoders., fp8_scaled); or a weights-only .pt/.bin file"
+    "all-in-one with vae./text_encoders., fp8_scaled, GGUF Q8_0/Q4_0 blocks); a .gguf file; or a "
+    "weights-only .pt/.bin file"
 )
 
 # A key that only this component has, in each naming; the text before it is the component's prefix.
@@ -60,14 +65,15 @@ _SHARD = re.compile(r"^(?P<stem>.+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?-\d{5}-of-\
 class Detected:
     """What a checkpoint path holds.
 
-    format:   "genmo" | "diffusers" | "comfyui" (how the checkpoint is packaged and named).
+    format:   "genmo" | "diffusers" | "comfyui" | "gguf" (how the checkpoint is packaged and named).
     path:     the path that was given.
     files:    component → the files holding its tensors (shards in order). Components: "dit",
               "vae_decoder", "vae_encoder", "t5"; only those present appear.
     prefixes: component → the key prefix its tensors carry in those files ("" for none).
     layouts:  component → key naming: "genmo" or "diffusers" (DiT, VAE), "transformers" (T5).
-    quant:    component → "scaled_fp8" (legacy ComfyUI), "comfy_quant" (newer ComfyUI) or "fp8" (fp8
-              tensors without scales); absent when the component is not quantized.
+    quant:    component → "scaled_fp8" (legacy ComfyUI), "comfy_quant" (newer ComfyUI), "fp8" (fp8
+              tensors without scales) or "gguf Q8_0" (ggml blocks; types joined by "+" when mixed);
+              absent when the component is not quantized.
     variant:  the diffusers weight variant that was picked ("bf16"), or None.
     metadata: the safetensors header metadata of the first file holding the DiT (or of the file).
     extras:   other useful folders of a diffusers pipeline ("tokenizer", "scheduler", and "text_encoder"
@@ -89,10 +95,15 @@ class Detected:
         parts = []
         for c in COMPONENTS:
             if c in self.files:
-                q = f" fp8 {self.quant[c]}" if c in self.quant else ""
+                q = f" {quant_label(self.quant[c])}" if c in self.quant else ""
                 parts.append(f"{c} [{self.layouts[c]}]{q}")
         variant = f", variant {self.variant}" if self.variant else ""
         return f"{self.format} ({', '.join(parts)}{variant})"
+
+
+def quant_label(quant: str) -> str:
+    """How `Detected.quant` reads in a sentence: "fp8 scaled_fp8", "gguf Q8_0"."""
+    return quant if quant.startswith("gguf") else f"fp8 {quant}"
 
 
 def detect(path: str | os.PathLike, *, variant: str | None = None) -> Detected:
@@ -131,6 +142,13 @@ def iter_component(
     """
     prefix = det.prefixes[component]
     for file in det.files[component]:
+        if file.suffix == ".gguf":
+            from mochi.weights.gguf_file import iter_gguf
+
+            for key, t in iter_gguf(file, device):
+                if key.startswith(prefix):
+                    yield key[len(prefix) :], t
+            continue
         if file.suffix in TORCH_SUFFIXES:
             for key, t in read_state_dict(file, device).items():
                 if key.startswith(prefix):
@@ -155,6 +173,10 @@ def read_component(
 
 
 def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if file.suffix == ".gguf":
+        from mochi.weights.gguf_file import gguf_header
+
+        return gguf_header(file)
     if file.suffix in TORCH_SUFFIXES:
         # No header to read: torch files are loaded weights-only (memory-mapped) to see their keys.
         return {k: (_dtype_name(v.dtype), tuple(v.shape)) for k, v in read_state_dict(file).items()}
@@ -177,7 +199,7 @@ def _headers(files: tuple[Path, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _metadata(file: Path) -> dict[str, str]:
-    if file.suffix in TORCH_SUFFIXES:
+    if file.suffix in (*TORCH_SUFFIXES, ".gguf"):
         return {}
     with open_safetensors(file) as f:
         return dict(f.metadata() or {})
@@ -216,6 +238,9 @@ def _quant(
     if prefix + "scaled_fp8" in header:
         return "scaled_fp8"
     mine = [k for k in header if k.startswith(prefix)]
+    kinds = sorted({m["kind"] for k in mine if (m := QWEIGHT.match(k))})
+    if kinds:
+        return "gguf " + "+".join(kinds)
     if any(k.endswith((".comfy_quant", ".weight_scale")) for k in mine):
         return "comfy_quant"
     # The header entry lists layers of every component in the file, with or without their prefix.
@@ -235,6 +260,8 @@ def _components_in(
     """Component → prefix and component → layout, found in one file's keys."""
     prefixes: dict[str, str] = {}
     layouts: dict[str, str] = {}
+    # A block-quantized layer's weight is "<layer>.<TYPE>_qweight": it marks the layer as ".weight" would.
+    header = {**header, **{m["layer"] + ".weight": v for k, v in header.items() if (m := QWEIGHT.match(k))}}
     p = _prefix_of(header, _DIT_GENMO)
     if p is not None:
         prefixes["dit"], layouts["dit"] = p, "genmo"
@@ -273,10 +300,12 @@ def _detect_file(path: Path) -> Detected:
     """A single file or an index: classify by its keys."""
     if path.name.endswith(".json"):
         files = _index_files(path)
-    elif path.suffix in TORCH_SUFFIXES or path.suffix == ".safetensors":
+    elif path.suffix in (*TORCH_SUFFIXES, ".safetensors", ".gguf"):
         files = (path,)
     else:
-        raise WeightsError(f"{str(path)!r} is not a .safetensors, index .json or .pt/.bin file; {LOOKED_FOR}")
+        raise WeightsError(
+            f"{str(path)!r} is not a .safetensors, .gguf, index .json or .pt/.bin file; {LOOKED_FOR}"
+        )
     return _classify(path, files, _headers(files))
 
 
@@ -293,7 +322,9 @@ def _classify(
     main = "dit" if "dit" in prefixes else next(iter(prefixes))
     prefix = prefixes[main]
     fmt = (
-        "comfyui"
+        "gguf"
+        if files[0].suffix == ".gguf"
+        else "comfyui"
         if (prefix and main == "dit") or prefix.startswith((*VAE_GROUPS, "text_encoders."))
         else layouts[main]
     )

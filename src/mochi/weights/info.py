@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from mochi.weights.formats import COMPONENTS, component_keys, detect
+from mochi.weights.formats import COMPONENTS, component_keys, detect, quant_label
 from mochi.weights.fp8 import QUANT_SUFFIXES
+from mochi.weights.ggml import BLOCK_BYTES, QWEIGHT, weight_shape
 
 _ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I64": 8, "I32": 4}
 
@@ -38,7 +39,12 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
         keys = component_keys(det, comp)
         tensors = {k: v for k, v in keys.items() if k != "scaled_fp8" and not k.endswith(QUANT_SUFFIXES)}
         dtypes: dict[str, int] = {}
-        for dtype, shape in tensors.values():
+        for key, (dtype, shape) in tensors.items():
+            if m := QWEIGHT.match(key):  # ggml blocks: count the weights they hold, under their block type
+                dtype, shape = (
+                    m["kind"],
+                    weight_shape(shape, m["kind"]) if m["kind"] in BLOCK_BYTES else shape,
+                )
             dtypes[dtype] = dtypes.get(dtype, 0) + torch.Size(shape).numel()
         components[comp] = {
             "prefix": det.prefixes[comp],
@@ -85,7 +91,7 @@ def format_info(info: dict[str, Any]) -> str:
     for comp, c in info["components"].items():
         dtypes = ", ".join(f"{d} {n:,}" for d, n in c["dtypes"].items())
         prefix = f", prefix {c['prefix']!r}" if c["prefix"] else ""
-        quant = f", fp8 {c['quant']}" if c["quant"] else ""
+        quant = f", {quant_label(c['quant'])}" if c["quant"] else ""
         lines.append(
             f"{comp:<11} {c['parameters']:,} parameters in {c['tensors']} tensors, "
             f"{_size(c['bytes'])} "

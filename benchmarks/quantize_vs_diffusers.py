@@ -1,0 +1,144 @@
+"""int8 weight-only DiT, ours vs diffusers' (torchao through ``TorchAoConfig``): same weights, one process.
+
+A ``full-width-2`` DiT (released block widths, random weights) is written once in bf16 as Genmo's
+``dit.safetensors`` and as a diffusers ``transformer/`` folder. Then, for each side, measured in this process:
+
+* load: reading the bf16 checkpoint and quantizing it to int8 weight-only — ours ``load_dit`` +
+  ``quantize_model(dit, "int8")`` (what ``--quantize int8`` does), diffusers'
+  ``MochiTransformer3DModel.from_pretrained(..., quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))``;
+  time and peak memory above the resident set before it;
+* weights: resident memory the quantized model keeps after loading;
+* forward: time and peak memory above the resident set, for one prompt (40 valid of 256 text tokens);
+* peak: the larger of the load peak and weights + forward peak — what the process needs.
+
+Two diffusers settings: ``matched`` leaves the same layers unquantized as we do (``modules_to_not_convert``:
+time_embed, norm_out, proj_out — the conditioning path and the final layer), ``default`` quantizes every
+Linear. Peak memory is read from the kernel (``benchmarks/measure.py``: the script re-runs itself with
+glibc's mmap threshold at 64 KiB so that RSS follows live tensors).
+
+    PYTHONPATH=src python benchmarks/quantize_vs_diffusers.py [--frames 2 --size 16] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import tempfile
+import warnings
+from pathlib import Path
+
+from measure import MB, _status, measure, reexec_with_mmap_malloc
+
+reexec_with_mmap_malloc()
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from mochi.models.dit import DIT_PRESETS, AsymmDiT  # noqa: E402
+from mochi.weights.dit import load_dit  # noqa: E402
+from mochi.weights.keymaps.dit_diffusers import diffusers_model  # noqa: E402
+from mochi.weights.quantize import quantize_model  # noqa: E402
+
+NOT_CONVERTED = ["time_embed", "norm_out", "proj_out"]
+
+
+def write_checkpoints(folder: Path) -> None:
+    torch.manual_seed(0)
+    model = AsymmDiT(DIT_PRESETS["full-width-2"]).eval().requires_grad_(False).to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "dit.safetensors")
+    diffusers_model(model).save_pretrained(folder / "transformer")
+
+
+def ours_loaded(folder: Path) -> torch.nn.Module:
+    dit = load_dit(folder / "dit.safetensors", dtype=torch.bfloat16)
+    quantize_model(dit, "int8")
+    return dit
+
+
+def theirs_loaded(folder: Path, matched: bool) -> torch.nn.Module:
+    from diffusers import MochiTransformer3DModel, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=NOT_CONVERTED if matched else None)
+    return MochiTransformer3DModel.from_pretrained(
+        folder / "transformer", quantization_config=config, torch_dtype=torch.bfloat16
+    ).eval()
+
+
+def side(name: str, load, forward, repeats: int) -> dict:  # noqa: ANN001
+    gc.collect()
+    before = _status("VmRSS")
+    model, t_load, p_load = measure(load)
+    weights = _status("VmRSS") - before
+    with torch.inference_mode():
+        out, t_fwd, p_fwd = measure(functools.partial(forward, model), repeats)
+    peak = max(p_load, weights + p_fwd)
+    print(
+        f"{name:<18} load {t_load:6.2f} s, peak {p_load / MB:7.1f} MB | weights {weights / MB:7.1f} MB | "
+        f"forward {t_fwd:6.2f} s, peak {p_fwd / MB:6.1f} MB | process peak {peak / MB:7.1f} MB",
+        flush=True,
+    )
+    result = {"t_load": t_load, "t_fwd": t_fwd, "peak": peak, "weights": weights, "out": out.float()}
+    del model
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 12, args.frames, args.size, args.size, generator=g).to(torch.bfloat16)
+    text = torch.randn(1, 256, 4096, generator=g).to(torch.bfloat16)
+    mask = torch.zeros(1, 256, dtype=torch.bool)
+    mask[0, :40] = True
+    sigma = torch.tensor([0.5])
+
+    def ours_forward(m):  # noqa: ANN001, ANN202
+        return m(x, sigma, text, mask)
+
+    def theirs_forward(m):  # noqa: ANN001, ANN202
+        return m(x, text, (1 - sigma) * 1000, mask, return_dict=False)[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_checkpoints(folder)
+        gc.collect()
+        tokens = args.frames * (args.size // 2) ** 2
+        print(
+            f"full-width-2 DiT, bf16 checkpoint → int8 weight-only; {tokens} visual tokens, "
+            f"{args.threads} thread(s)"
+        )
+        ref = load_dit(folder / "dit.safetensors", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            want = ref(x, sigma, text, mask).float()
+        del ref
+        ours = side("ours", lambda: ours_loaded(folder), ours_forward, args.repeats)
+        results = {
+            setting: side(
+                f"diffusers {setting}", lambda m=m: theirs_loaded(folder, m), theirs_forward, args.repeats
+            )
+            for setting, m in (("matched", True), ("default", False))
+        }
+    for setting, theirs in results.items():
+        print(
+            f"ours / diffusers {setting:<8}: process peak {ours['peak'] / theirs['peak']:5.2f}, "
+            f"weights {ours['weights'] / theirs['weights']:5.2f}, "
+            f"load time {ours['t_load'] / theirs['t_load']:5.2f}, "
+            f"forward time {ours['t_fwd'] / theirs['t_fwd']:5.2f}"
+        )
+    for name, r in (("ours", ours), *((f"diffusers {s}", r) for s, r in results.items())):
+        err = ((r["out"] - want).norm() / want.norm()).item()
+        print(f"velocity error vs unquantized bf16, {name:<18}: {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()

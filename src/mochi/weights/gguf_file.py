@@ -1,0 +1,74 @@
+""".gguf files (llama.cpp's container, used by ComfyUI-GGUF) read with the ``gguf`` package.
+
+A DiT in a ``.gguf`` file is recognised when its tensor names are Genmo's (``blocks.0.attn.qkv_x.weight``)
+or diffusers' (``transformer_blocks.0.attn1.to_q.weight``), with or without a prefix. Tensors are presented
+exactly as Kijai's GGUF-in-safetensors files present them, so one code path loads both: a Q8_0/Q4_0
+matrix ``<layer>.weight`` becomes ``<layer>.Q8_0_qweight``, its row-major ggml blocks as a uint8
+(out, in/32·bytes-per-block) tensor (gguf lists shapes fastest axis first; rows here are the weight's
+output rows); F32/F16/BF16 tensors keep their dtype. A block type mochi cannot run (Q5_K, IQ4_XS …)
+appears as ``<layer>.<TYPE>_qweight`` and is refused, naming the type, when the model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mochi.weights import ggml
+from mochi.weights.io import WeightsError
+
+_PLAIN = {"F32": ("F32", torch.float32), "F16": ("F16", torch.float16), "BF16": ("BF16", torch.bfloat16)}
+
+
+def _reader(path: Path):  # noqa: ANN202 - gguf.GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise WeightsError(
+            f"reading {str(path)!r} needs the gguf package: pip install 'mochi-video[gguf]'"
+        ) from None
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors of its own for a damaged file
+        raise WeightsError(f"{str(path)!r} is not a readable .gguf file ({e})") from None
+
+
+def _entries(path: Path) -> Iterator[tuple[str, str, tuple[int, ...], object]]:
+    """(key as presented, dtype name, shape as presented, the reader's tensor) for every tensor."""
+    for t in _reader(path).tensors:
+        kind = t.tensor_type.name
+        logical = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if kind in _PLAIN:
+            yield t.name, _PLAIN[kind][0], logical, t
+        elif len(logical) == 2 and t.name.endswith(".weight"):
+            yield f"{t.name.removesuffix('.weight')}.{kind}_qweight", "U8", tuple(t.data.shape), t
+        elif kind in ggml.BLOCK_BYTES:
+            yield t.name, "F32", logical, t  # a quantized non-matrix: widened to fp32 when read
+        else:
+            yield f"{t.name}.{kind}_qweight", "U8", tuple(t.data.shape), t
+
+
+def gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key → (safetensors-style dtype name, shape) of every tensor, as `iter_gguf` yields them."""
+    return {key: (dtype, shape) for key, dtype, shape, _ in _entries(path)}
+
+
+def iter_gguf(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time, copied out of the memory-mapped file (see the module doc)."""
+    for key, dtype, shape, t in _entries(path):
+        data = np.ascontiguousarray(t.data)
+        if dtype in ("F32", "F16", "BF16") and t.tensor_type.name in _PLAIN:
+            target = _PLAIN[t.tensor_type.name][1]
+            raw = torch.from_numpy(data.copy())
+            # gguf hands BF16 data over as raw 16-bit words: reinterpret them.
+            tensor = raw if raw.dtype == target else raw.view(torch.int16).view(target)
+            tensor = tensor.reshape(shape)
+        elif dtype == "F32":
+            q = torch.from_numpy(data.copy()).reshape(1, -1)
+            tensor = ggml.dequantize(q, t.tensor_type.name).reshape(shape)
+        else:
+            tensor = torch.from_numpy(data.copy()).reshape(shape)
+        yield key, tensor.to(device)

@@ -1,0 +1,260 @@
+"""Weight-only quantization of the DiT's and T5's Linear layers at load: int8, fp8, q8_0, q4_0.
+
+  mode  storage per quantized weight                         computes with
+  int8  int8 + an fp32 scale per output row (absmax/127)     torchao's int8 tensor (or `Int8Linear`)
+  fp8   e4m3fn + an fp32 scale per output row (absmax/448)   `Fp8Linear`, dequantized per call
+  q8_0  ggml blocks of 32: fp16 scale + 32 int8              `GgufLinear`, dequantized per call
+  q4_0  ggml blocks of 32: fp16 scale + 16 bytes of nibbles  `GgufLinear`, dequantized per call
+
+Every quantized layer computes in the model's compute dtype (the activations' dtype): the weight is
+widened to it, one layer at a time, so only that layer's weight ever exists at full width. int8 uses
+torchao when it is installed (the ``quant`` extra; its CPU and CUDA kernels multiply int8 weights directly)
+and the project's `Int8Linear` (same numbers, dequantized per call) otherwise.
+
+What is quantized: the Linear layers inside the DiT's blocks (99.0% of its weights) and the T5 encoder's
+blocks (q, k, v, o, wi_0, wi_1, wo). What is not, and why:
+  * fp32 islands (``pos_frequencies``, the q/k RMSNorm weights): the reference keeps them fp32 (§1.4);
+  * norms and embeddings (the patch-embedding Conv2d, T5's token and relative-position embeddings): not
+    Linear layers, and small;
+  * the DiT's timestep embedder, caption pooler and caption projection (0.7% of the weights): they form
+    the conditioning every block reads, and the timestep embedder's dtype is the model's compute dtype;
+  * the final layer: its output is the velocity itself, with no later layer to average its error out.
+A q8_0/q4_0 layer whose input width is not a multiple of 32 stays unquantized too.
+
+LoRA applies to quantized layers unmerged (forward hooks on the Linear); merging is refused.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mochi.weights import ggml
+from mochi.weights.fp8 import Fp8Linear
+
+MODES = ("int8", "fp8", "q8_0", "q4_0")
+_BLOCK_KINDS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
+# Linear layers quantized: inside the DiT's blocks or the T5 encoder's blocks.
+_TARGET = re.compile(r"^(blocks|encoder\.block)\.\d+\.")
+_FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a known quantization, else a ValueError naming it and the choices."""
+    if mode not in MODES:
+        import difflib
+
+        near = difflib.get_close_matches(str(mode).lower(), MODES, n=1, cutoff=0.0)
+        raise ValueError(
+            f"quantization {mode!r} is not supported; choose one of {', '.join(MODES)} (nearest: {near[0]})"
+        )
+    return mode
+
+
+def bytes_per_param(mode: str | None, dtype: torch.dtype = torch.bfloat16, in_features: int = 3072) -> float:
+    """Bytes one weight of a quantized Linear takes, its scales included (``None``: unquantized ``dtype``).
+
+    int8/fp8 carry one fp32 scale per output row, so 1 + 4/in_features; q8_0/q4_0 carry an fp16 scale per
+    32 weights (34/32 and 18/32). For whole models use `weight_bytes`, which counts every tensor.
+    """
+    if mode is None:
+        return torch.empty((), dtype=dtype).element_size()
+    check_mode(mode)
+    if mode in _BLOCK_KINDS:
+        return ggml.BLOCK_BYTES[_BLOCK_KINDS[mode]] / ggml.BLOCK
+    return 1 + 4 / in_features
+
+
+def quantizable(name: str, module: nn.Module, mode: str) -> bool:
+    """Whether ``quantize_model`` quantizes this submodule (by its path in the DiT or T5 encoder)."""
+    if not isinstance(module, nn.Linear) or is_quantized(module) or not _TARGET.match(name):
+        return False
+    return mode not in _BLOCK_KINDS or module.in_features % ggml.BLOCK == 0
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a Linear's weight is stored quantized (fp8, int8, ggml blocks or a torchao tensor)."""
+    if isinstance(module, Fp8Linear | ggml.GgufLinear):
+        return True
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, nn.Parameter)
+
+
+def weight_bytes(model: nn.Module, mode: str | None, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of ``model``'s weights once cast to ``dtype`` and quantized with ``mode`` (meta models work).
+
+    fp32 islands (`AsymmDiT.is_fp32_param`) count at 4 bytes. Returns {"total", "quantized" (bytes of
+    the quantized layers' weights and scales), "params" (all parameters), "quantized_params"}.
+    ``mode=None`` is the unquantized model in ``dtype``.
+    """
+    item = torch.empty((), dtype=dtype).element_size()
+    fp32 = getattr(model, "is_fp32_param", lambda name: False)
+    layers = {n: m for n, m in model.named_modules() if mode is not None and quantizable(n, m, mode)}
+    total = quantized = params = qparams = 0
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        params += p.numel() if isinstance(p, nn.Parameter) else 0
+        layer = layers.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if layer is not None:
+            n = round(p.numel() * bytes_per_param(mode, dtype, layer.in_features))
+            quantized, qparams, total = quantized + n, qparams + p.numel(), total + n
+        elif p.is_floating_point():
+            total += p.numel() * (4 if fp32(name) else item)
+        else:
+            total += p.numel() * p.element_size()
+    return {"total": total, "quantized": quantized, "params": params, "quantized_params": qparams}
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes a module's parameters and buffers actually hold: a torchao tensor counts its int8 data and
+    scales, ggml blocks their uint8 bytes, meta tensors their nominal size."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        names = [*getattr(t, "tensor_data_names", ()), *getattr(t, "optional_tensor_data_names", ())]
+        parts = [p for n in names if isinstance(p := getattr(t, n, None), torch.Tensor)] or [t]
+        total += sum(p.numel() * p.element_size() for p in parts)
+    return total
+
+
+class Int8Linear(Fp8Linear):
+    """`Fp8Linear` with an int8 weight: x @ (q·s)ᵀ + b in x's dtype, s an fp32 scale per output row.
+
+    weight: (out, in) int8; weight_scale: (out, 1) fp32. Used for int8 when torchao is not installed.
+    """
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _per_row(weight: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (w / s, s) with s = max|row| / qmax of shape (out, 1), clamped away from zero."""
+    w = weight.detach().to(torch.float32)
+    scale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    return w / scale, scale
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Linear:
+    """A quantized copy of ``linear`` (bias kept as is). Weights are read in their current dtype."""
+    if mode in _BLOCK_KINDS:
+        return ggml.GgufLinear.from_linear(linear, _BLOCK_KINDS[mode])
+    if mode == "int8" and torchao_available():
+        return _torchao_int8(linear)
+    if mode == "int8":
+        new = Int8Linear.like(linear, torch.int8)
+        q, scale = _per_row(linear.weight, 127)
+        q = q.round().clamp(-127, 127).to(torch.int8)
+    else:
+        new = Fp8Linear.like(linear, torch.float8_e4m3fn)
+        q, scale = _per_row(linear.weight, _FP8_MAX)
+        q = q.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    new.weight = nn.Parameter(q, requires_grad=False)
+    new.weight_scale = scale
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return new
+
+
+def torchao_available() -> bool:
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torchao_int8(linear: nn.Linear) -> nn.Linear:
+    """torchao's int8 weight-only tensor (per-row symmetric scales) swapped into ``linear`` in place."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    linear.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao's deprecation notices about its own config versions
+        try:
+            config = Int8WeightOnlyConfig(set_inductor_config=False)
+        except TypeError:
+            config = Int8WeightOnlyConfig()
+        quantize_(linear, config)
+    return linear
+
+
+@dataclass
+class Quantized:
+    """What `quantize_model` did: layers quantized now, layers the checkpoint already held quantized
+    (left as stored), and layers that could not take the mode (input width not a multiple of 32)."""
+
+    mode: str
+    layers: list[str]
+    kept: list[str]
+    skipped: list[str]
+
+    def note(self, what: str) -> str:
+        parts = [f"{what}: {len(self.layers)} Linear layers quantized to {self.mode}"]
+        if self.kept:
+            parts.append(f"{len(self.kept)} already quantized in the checkpoint kept as stored")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} left unquantized (input width not a multiple of 32)")
+        return "; ".join(parts)
+
+
+def quantize_model(model: nn.Module, mode: str) -> Quantized:
+    """Quantize ``model``'s eligible Linear layers (see the module docstring) to ``mode``, in place.
+
+    Layers the checkpoint already stores quantized (fp8 kept, GGUF blocks) are left as they are:
+    quantizing them again would add a second rounding to the first. Weights are read in their current
+    dtype, so cast the model to its compute dtype first. Returns what was done (a `Quantized`).
+    """
+    check_mode(mode)
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(
+            "quantization cannot be combined with FSDP-sharded weights; use --parallel-weights replicate"
+        )
+    done: list[str] = []
+    kept = [n for n, m in model.named_modules() if _TARGET.match(n) and is_quantized(m)]
+    skipped = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and _TARGET.match(n)
+        and not is_quantized(m)
+        and not quantizable(n, m, mode)
+    ]
+    for name in [n for n, m in model.named_modules() if quantizable(n, m, mode)]:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, quantize_linear(old, mode))
+        done.append(name)
+    return Quantized(mode, done, kept, skipped)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Whether ``device`` can hold fp8 tensors and widen them (all `Fp8Linear` needs; no fp8 matmul)."""
+    try:
+        torch.ones(2, device=device).to(torch.float8_e4m3fn).to(torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def device_mode(
+    mode: str, device: torch.device, supported: Callable[[torch.device], bool] | None = None
+) -> tuple[str, str | None]:
+    """The mode to use on ``device`` and a note when it differs: fp8 falls back to int8 (same bytes)
+    where the device cannot hold fp8 tensors (e.g. Apple MPS). ``supported`` defaults to `fp8_supported`."""
+    check_mode(mode)
+    if mode == "fp8" and not (supported or fp8_supported)(device):
+        return "int8", f"{device} cannot hold fp8 tensors; quantizing to int8 instead (same memory)"
+    return mode, None
+
+
+def quantize_components(modules: Iterable[tuple[str, nn.Module]], mode: str, device: torch.device) -> str:
+    """Quantize each (name, module) pair for ``device``; returns one line saying what was done."""
+    mode, note = device_mode(mode, device)
+    notes = [note] if note else []
+    for name, module in modules:
+        notes.append(quantize_model(module, mode).note(name))
+    return "; ".join(notes)

@@ -1,0 +1,215 @@
+"""GGUF Q8_0/Q4_0: blocks bit-exact against the gguf package, Kijai's safetensors files, .gguf files,
+`mochi convert --quantize`, `mochi info`, and the errors for block types mochi cannot run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mochi.cli import main
+from mochi.weights import ggml
+from mochi.weights.bundle import load_embedded
+from mochi.weights.dit import load_dit
+from mochi.weights.formats import detect
+from mochi.weights.io import WeightsError
+
+from .gguf_files import block_layers, write_gguf, write_kijai
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import quants  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded()
+
+
+@pytest.fixture(scope="module")
+def sd(embedded):
+    return {k: v.detach().clone().contiguous() for k, v in embedded.dit.state_dict().items()}
+
+
+def _weights() -> torch.Tensor:
+    """(48, 256) bf16-representable values with the edge cases: a zero block, a tie for the largest
+    magnitude (+m and −m), a block whose largest value is positive, tiny and huge scales."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    w[0, :32] = 0
+    w[1, 3], w[1, 7] = -0.5, 0.5
+    w[2, :32] = torch.linspace(-0.1, 0.3, 32)
+    w[3] *= 1e-4
+    w[4] *= 1e3
+    return w.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_blocks_are_bit_exact_against_gguf(kind):
+    w = _weights()
+    ours = ggml.quantize(w, kind)
+    theirs = quants.quantize(w.numpy(), T[kind])
+    assert ours.dtype == torch.uint8 and ours.shape == (48, 256 // 32 * ggml.BLOCK_BYTES[kind])
+    assert np.array_equal(ours.numpy(), theirs)
+    deq = ggml.dequantize(ours, kind)
+    assert deq.dtype == torch.float32 and deq.shape == (48, 256)
+    assert np.array_equal(deq.numpy(), quants.dequantize(theirs, T[kind]))
+    # In a compute dtype: the fp32 value rounded once.
+    assert torch.equal(ggml.dequantize(ours, kind, torch.bfloat16), deq.to(torch.bfloat16))
+    # Error bound: Q8_0 rounds to the nearest step d = max/127, Q4_0 (d = max/8) within a step (the top
+    # value is clamped from +8 to +7); storing d in fp16 moves each value by at most |q|·|d − fp16(d)|.
+    step, top = (127, 0.5) if kind == "Q8_0" else (8, 1.0)
+    d = w.reshape(-1, 32).abs().amax(1, keepdim=True) / step
+    d16 = d.half().float()
+    err = (deq - w).reshape(-1, 32).abs()
+    assert (err <= top * d + step * (d - d16).abs() + 1e-7 * d).all()
+
+
+def test_q4_0_nibble_order():
+    # Weights 0-15 in the low nibbles of bytes 2..17, weights 16-31 in the high nibbles.
+    w = torch.cat([torch.full((16,), -8.0), torch.full((16,), 7.0)]).reshape(1, 32)  # d = 1 exactly
+    q = ggml.quantize(w, "Q4_0")[0]
+    assert q[:2].view(torch.float16).item() == 1.0
+    assert q[2:].tolist() == [0x00 | (15 << 4)] * 16
+    assert ggml.dequantize(q.reshape(1, 18), "Q4_0").tolist() == w.tolist()
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_kijai_file_loads_quantized_and_equals_its_dequantization(tmp_path, embedded, sd, kind):
+    path = write_kijai(tmp_path / f"mochi_preview_dit_GGUF_{kind}.safetensors", sd, kind, torch.float32)
+    det = detect(path)
+    assert det.quant["dit"] == f"gguf {kind}" and det.describe() == f"genmo (dit [genmo] gguf {kind})"
+    stored = load_file(path)
+    kept = load_dit(path, config=embedded.dit.config)
+    widened = load_dit(path, config=embedded.dit.config, fp8="dequantize")
+    layers = block_layers(sd)
+    for name in layers:
+        m = kept.get_submodule(name)
+        assert isinstance(m, ggml.GgufLinear) and m.kind == kind
+        assert torch.equal(m.qweight, stored[f"{name}.{kind}_qweight"])  # kept as stored, no copy in fp32
+        w = widened.get_submodule(name).weight
+        assert type(widened.get_submodule(name)) is torch.nn.Linear and w.dtype == torch.float32
+        assert torch.equal(w, ggml.dequantize(m.qweight, kind))
+    assert kept.final_layer.linear.weight.dtype == torch.float32  # not quantized in the file
+    x = (
+        torch.randn(1, 12, 3, 8, 8),
+        torch.tensor([0.4]),
+        torch.randn(1, 6, 64),
+        torch.ones(1, 6, dtype=torch.bool),
+    )
+    assert torch.equal(kept(*x), widened(*x))
+    ref = embedded.dit(*x)
+    err = ((kept(*x) - ref).norm() / ref.norm()).item()
+    assert 0 < err < (0.02 if kind == "Q8_0" else 0.15)
+
+
+def test_gguf_files_with_genmo_and_diffusers_names(tmp_path, embedded, sd):
+    from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
+
+    cfg = embedded.dit.config
+    kijai = load_dit(write_kijai(tmp_path / "k.safetensors", sd, "Q8_0", torch.float32), config=cfg)
+    genmo = write_gguf(tmp_path / "g.gguf", sd, {f"{n}.weight": "Q8_0" for n in block_layers(sd)})
+    diff_sd = genmo_to_diffusers(sd)
+    quantized = {
+        k: "Q8_0"
+        for k, t in diff_sd.items()
+        if k.startswith("transformer_blocks.")
+        and k.endswith(".weight")
+        and t.ndim == 2
+        and t.shape[1] % 32 == 0
+    }
+    diffusers = write_gguf(tmp_path / "d.gguf", diff_sd, quantized)
+    assert detect(genmo).describe() == "gguf (dit [genmo] gguf Q8_0)"
+    assert detect(diffusers).describe() == "gguf (dit [diffusers] gguf Q8_0)"
+    x = (
+        torch.randn(1, 12, 3, 8, 8),
+        torch.tensor([0.6]),
+        torch.randn(1, 5, 64),
+        torch.ones(1, 5, dtype=torch.bool),
+    )
+    want = kijai(*x)
+    for path in (genmo, diffusers):
+        model = load_dit(path, config=cfg)
+        # q/k/v fused from three quantized diffusers tensors: the blocks' rows, concatenated as bytes.
+        assert isinstance(model.blocks[0].attn.qkv_x, ggml.GgufLinear)
+        assert torch.equal(model.blocks[0].attn.qkv_x.qweight, kijai.blocks[0].attn.qkv_x.qweight)
+        assert torch.equal(model(*x), want)
+
+
+def test_unknown_block_type_is_one_line(tmp_path, sd):
+    bad = dict(sd)
+    w = bad.pop("blocks.0.attn.qkv_x.weight")
+    bad["blocks.0.attn.qkv_x.Q5_K_qweight"] = torch.zeros(w.shape[0], 176, dtype=torch.uint8)
+    save_file(bad, tmp_path / "q5k.safetensors")
+    with pytest.raises(
+        WeightsError,
+        match=r"^GGUF block type 'Q5_K' \(blocks.0.attn.qkv_x.Q5_K_qweight\) is not "
+        r"supported; mochi reads Q8_0, Q4_0",
+    ) as e:
+        load_dit(tmp_path / "q5k.safetensors")
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_block_type_in_cli(tmp_path, sd, capsys):
+    g = write_gguf(tmp_path / "q41.gguf", sd, {"blocks.1.mlp_x.w1.weight": "Q4_1"})
+    assert main(["info", str(g)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mochi: error: GGUF block type 'Q4_1'") and "\n" not in err
+
+
+@pytest.mark.parametrize("mode", ["q8_0", "q4_0"])
+def test_convert_writes_kijai_layout_and_it_generates(tmp_path, embedded, sd, mode, capsys):
+    from mochi.pipeline import MochiPipeline
+    from mochi.request import GenerationRequest
+
+    kind = mode.upper()
+    save_file(sd, tmp_path / "dit.safetensors")
+    dst = tmp_path / f"dit_{mode}.safetensors"
+    assert (
+        main(["convert", str(tmp_path / "dit.safetensors"), str(dst), "--to", "genmo", "--quantize", mode])
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == f"wrote {dst}"
+    written = load_file(dst)
+    layers = block_layers(sd)
+    assert {k for k in written if k.endswith("_qweight")} == {f"{n}.{kind}_qweight" for n in layers}
+    for n in layers:  # the gguf package's quantizer, byte for byte
+        assert np.array_equal(
+            written[f"{n}.{kind}_qweight"].numpy(), quants.quantize(sd[f"{n}.weight"].numpy(), T[kind])
+        )
+    assert all(torch.equal(written[k], sd[k]) for k in written if not k.endswith("_qweight"))
+    info = json.loads(_info_json(capsys, dst))["components"]["dit"]
+    assert info["quant"] == f"gguf {kind}" and info["parameters"] == sum(t.numel() for t in sd.values())
+
+    import copy
+
+    c = copy.copy(embedded)
+    c.dit = load_dit(dst, config=embedded.dit.config)
+    req = GenerationRequest("a red circle moving right", seed=2, steps=3)
+    got = MochiPipeline(c, device="cpu").generate(req)
+    want = MochiPipeline(copy.copy(embedded), device="cpu").generate(req)
+    assert got.frames.shape == want.frames.shape == (1, 25, 64, 64, 3)
+    err = ((got.latents - want.latents).norm() / want.latents.norm()).item()
+    assert 0 < err < (0.05 if mode == "q8_0" else 0.3)
+
+
+def _info_json(capsys, path) -> str:
+    assert main(["info", str(path), "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def test_convert_quantize_bad_input(tmp_path, sd, capsys):
+    save_file(sd, tmp_path / "dit.safetensors")
+    src = str(tmp_path / "dit.safetensors")
+    assert main(["convert", src, str(tmp_path / "d"), "--to", "diffusers", "--quantize", "q8_0"]) == 2
+    assert "uses Genmo's names; use --to genmo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", src, str(tmp_path / "x.safetensors"), "--to", "genmo", "--quantize", "int8"])
+    # An already quantized source: said, dequantized, quantized again.
+    q8 = write_kijai(tmp_path / "q8.safetensors", sd, "Q8_0", torch.float32)
+    out = tmp_path / "q4.safetensors"
+    assert main(["convert", str(q8), str(out), "--to", "genmo", "--quantize", "q4_0"]) == 0
+    text = capsys.readouterr().out
+    assert "is already quantized (gguf Q8_0); its weights are dequantized and quantized again to q4_0" in text
+    assert detect(out).quant["dit"] == "gguf Q4_0"
