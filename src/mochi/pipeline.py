@@ -34,6 +34,8 @@ class Generation:
     latents: torch.Tensor
     request: GenerationRequest
     seconds: dict[str, float] = field(default_factory=dict)
+    # What the denoiser ran (mochi.accel): cache setting, "dit_forwards", skipped steps, compile seconds.
+    stats: dict = field(default_factory=dict)
 
 
 class MochiPipeline:
@@ -42,7 +44,8 @@ class MochiPipeline:
     device: where computation happens (default: CUDA if present). dit_dtype: the DiT's compute dtype
     (default bf16 on CUDA, fp32 on CPU). vae_dtype: the decoder's (default fp32, as Genmo's CLI decodes).
     offload: keep components on the CPU between their stages. max_memory: bytes the VAE decode may use
-    (default: what the device has free).
+    (default: what the device has free). compile: regional torch.compile of the DiT (mochi.accel.compile;
+    falls back to eager with one line where no compiler works).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class MochiPipeline:
         offload: bool = False,
         attention: str | None = None,
         max_memory: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.components = components
         self.device = parse_device(device)
@@ -77,6 +81,13 @@ class MochiPipeline:
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
+        # TeaCache's rescale polynomial; None: found beside the checkpoint (mochi.accel.calibrate).
+        self.cache_coefficients: list[float] | None = None
+        self.compiled = False
+        if compile:
+            from mochi.accel.compile import compile_dit
+
+            self.compiled = compile_dit(c.dit, self.device)
 
     @classmethod
     def from_pretrained(
@@ -203,9 +214,9 @@ class MochiPipeline:
         steps = len(sigmas) - 1
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
         with placed(self.components.dit, self.device, self.offload):
-            dit = self.components.dit
+            denoiser, stats = self._denoiser(req, sigmas)
             latents = sample(
-                dit if self.parallel is None else self.parallel.denoiser(dit),
+                denoiser,
                 z,
                 sigmas,
                 cond,
@@ -215,13 +226,45 @@ class MochiPipeline:
                 callback=lambda done, total, sigma: report("denoise", done, total),
             )
         seconds["denoise"] = time.perf_counter() - t0
+        stats = stats()
 
         t0 = time.perf_counter()
         report("decode", 0, 1)
         frames = self.decode_latents(latents)
         report("decode", 1, 1)
         seconds["decode"] = time.perf_counter() - t0
-        return Generation(frames=frames, latents=latents.cpu(), request=req, seconds=seconds)
+        return Generation(frames=frames, latents=latents.cpu(), request=req, seconds=seconds, stats=stats)
+
+    def _denoiser(self, req: GenerationRequest, sigmas: list[float]):  # noqa: ANN202
+        """The sampler's denoiser for ``req`` (parallel, cached, timed) and a function giving its stats."""
+        from mochi.accel.cache import CacheSetting, StepCache
+        from mochi.accel.compile import CallTimer
+
+        dit = self.components.dit
+        model = dit if self.parallel is None else self.parallel.denoiser(dit)
+        setting = CacheSetting.parse(req.cache, req.cache_threshold)
+        cache = source = None
+        if setting.enabled:
+            coefficients = self.cache_coefficients
+            if setting.kind == "teacache" and coefficients is None:
+                from mochi.accel.calibrate import find_coefficients
+
+                coefficients, source = find_coefficients(self.components.source, dit.config)
+            cache = StepCache(dit, setting, model=model, coefficients=coefficients, sigmas=sigmas)
+            model = cache
+        timer = CallTimer(model, dit if self.compiled else None)
+
+        def stats() -> dict:
+            out = {"cache": str(setting), "dit_forwards": len(timer.seconds), "skipped_steps": []}
+            if cache is not None:
+                out.update(dit_forwards=cache.stats.forwards, skipped_steps=cache.stats.skipped_steps)
+            if source is not None:
+                out["cache_coefficients"] = source
+            if self.compiled:
+                out["compile_seconds"] = timer.compile_seconds
+            return out
+
+        return timer, stats
 
     @staticmethod
     def _sigmas(req: GenerationRequest) -> list[float]:

@@ -1,10 +1,10 @@
 """The `mochi` command: parse arguments, build a request, hand it to the library. No logic lives here.
 
 One module per command family (``weights``: info, convert; ``generate``; ``serve``; ``lora``: prepare-data,
-train-lora, convert-lora), ``options`` for what several share. Each sub-command is a pair: ``_add_<name>``
-registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
-library lazily, so `mochi --help` is instant. User errors (ValueError, missing files) print one line and exit
-2, never a traceback; Ctrl-C exits 130.
+train-lora, convert-lora; ``accel``: calibrate-cache), ``options`` for what several share. Each sub-command
+is a pair: ``_add_<name>`` registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs
+it. Handlers import the library lazily, so `mochi --help` is instant. User errors (ValueError, missing files)
+print one line and exit 2, never a traceback; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from mochi import __version__
-from mochi.cli import generate, lora, serve, weights
+from mochi.cli import accel, generate, lora, serve, weights
 
 # Command modules in the order `mochi --help` lists them.
-COMMAND_MODULES = (generate, serve, lora, weights)
+COMMAND_MODULES = (generate, serve, lora, weights, accel)
 
 
 def build_parser() -> argparse.ArgumentParser:

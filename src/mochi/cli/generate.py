@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mochi.cli.accel import add_cache_options, apply_cache_options
 from mochi.cli.options import (
     Subparsers,
     add_lora_options,
@@ -42,6 +43,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video (30)")
     p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
     add_lora_options(p)
+    add_cache_options(p)
     add_parallel_options(p)
     p.set_defaults(run=_run_generate)
 
@@ -80,6 +82,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         init_video=args.init_video,
         strength=args.strength,
         loras=lora_pairs(args.lora, args.lora_scale),
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
@@ -100,6 +104,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         weights, guidance = args.parallel_weights, args.guidance_parallel
         pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
     pipe.lora_merge = args.lora_merge
+    apply_cache_options(pipe, args)
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None
@@ -119,6 +124,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
         "fps": args.fps,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
+        **result.stats,
     }
     from mochi.files import atomic_write_text
 

@@ -31,6 +31,9 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument("--attention", choices=("sdpa", "flash", "sage"), help="attention backend (default: sdpa)")
     p.add_argument("--offload", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--max-memory", metavar="SIZE", help="memory budget for VAE decoding, e.g. 8GB")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT's block and final layer (regional)"
+    )
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
@@ -47,6 +50,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "offload": args.offload,
         "attention": args.attention,
         "max_memory": parse_size(args.max_memory) if args.max_memory else None,
+        "compile": args.compile,
     }
 
 
