@@ -152,8 +152,9 @@ def quality(args: argparse.Namespace) -> None:
             transformer.enable_cache(config)
         return wrapper
 
-    ratios = magcache_ratios(components, transformer, steps)
-    print(f"MagCache calibration ratios ({len(ratios)} steps): {[round(r, 4) for r in ratios]}")
+    ratios = magcache_ratios(components, transformer, steps) if args.impl != "ours" else []
+    if ratios:
+        print(f"MagCache calibration ratios ({len(ratios)} steps): {[round(r, 4) for r in ratios]}")
     settings = [("ours", "uncached", lambda: ours("none", 0))]
     settings += [("ours", f"TeaCache {t:g}", lambda t=t: ours("teacache", t)) for t in args.teacache]
     settings += [("ours", f"FBCache {t:g}", lambda t=t: ours("fbcache", t)) for t in args.fbcache]
@@ -180,6 +181,7 @@ def quality(args: argparse.Namespace) -> None:
         tensor_format="BCFHW",
     )
     settings += [("diffusers", "FasterCache (docs example)", lambda: theirs(faster))]
+    settings = [s for s in settings if args.impl in ("all", s[0])]
 
     print(
         f"embedded model, {steps} steps, guidance {components.defaults['guidance']}, {len(prompts)} "
@@ -270,7 +272,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=100, help="first seed (the calibration used 0-7)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--limit", type=int, default=0, help="only the first N prompts (smoke runs)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N prompts (e.g. 24: eval_prompts)")
+    p.add_argument(
+        "--impl", choices=("all", "ours", "diffusers"), default="all", help="run one side only (same rows)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="compile: timed forwards per case (best kept)")
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--teacache", type=floats, default=[0.05, 0.1, 0.2])

@@ -270,3 +270,27 @@ def test_compiled_equals_eager_with_caching():
     torch.testing.assert_close(
         _run(StepCache(dit, CacheSetting(*TEA), sigmas=SIGMAS), SIGMAS), cached_want, rtol=1e-4, atol=1e-5
     )
+
+
+# -- the HTTP API -------------------------------------------------------------------------------------
+
+
+def test_api_forwards_the_cache_and_rejects_bad_ones(pipe, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
+    from .serve_harness import LiveServer, call_json, wait_for
+
+    with LiveServer(pipe, tmp_path) as server:
+        body = {"prompt": PROMPT, "seed": 2, "steps": 8, "cache": "teacache", "cache_threshold": TEA[1]}
+        status, job = call_json("POST", f"{server.url}/api/jobs", body)
+        assert status == 202, job
+        done = wait_for(server.url, job["id"], ("done", "failed"), timeout=120)
+        assert done["status"] == "done", done
+        assert done["parameters"]["cache"] == "teacache" and done["parameters"]["cache_threshold"] == 0.5
+        sidecar = json.loads((tmp_path / f"{job['id']}.json").read_text())
+        assert sidecar["cache"] == "teacache" and sidecar["cache_threshold"] == 0.5
+        for bad, message in [
+            ({"cache": "magcache"}, "cache 'magcache' is unknown; choose one of none, teacache, fbcache"),
+            ({"cache": "fbcache", "cache_threshold": 0}, "cache_threshold: Input should be greater than 0"),
+        ]:
+            status, reply = call_json("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, **bad})
+            assert status == 422 and message in reply["detail"], reply

@@ -39,7 +39,18 @@ FINAL = (DONE, FAILED, CANCELLED)
 _STAGE_SPAN = {"text": (0.0, 0.05), "encode": (0.05, 0.1), "denoise": (0.1, 0.9), "decode": (0.9, 1.0)}
 
 # What a job reports of its request: the fields the API accepts, resolved.
-PARAMETERS = ("prompt", "negative_prompt", "frames", "height", "width", "steps", "guidance", "seed")
+PARAMETERS = (
+    "prompt",
+    "negative_prompt",
+    "frames",
+    "height",
+    "width",
+    "steps",
+    "guidance",
+    "seed",
+    "cache",
+    "cache_threshold",
+)
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _DEVICE_LOCKS_GUARD = threading.Lock()
