@@ -41,6 +41,8 @@ class Generation:
     request: GenerationRequest
     seconds: dict[str, float] = field(default_factory=dict)
     vae_plans: dict[str, dict] = field(default_factory=dict)
+    # What the denoiser ran (mochi.accel): cache setting, "dit_forwards", skipped steps, compile seconds.
+    stats: dict = field(default_factory=dict)
 
 
 class MochiPipeline:
@@ -53,7 +55,8 @@ class MochiPipeline:
     decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
     free memory). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and T5's block Linear weights
     after the dtype cast, before they reach the device (`mochi.weights.quantize`); ``self.quantization`` then
-    says what was done.
+    says what was done. compile: regional torch.compile of the DiT (mochi.accel.compile; falls back to eager
+    with one line where no compiler works).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class MochiPipeline:
         attention: str | None = None,
         max_memory: int | None = None,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> None:
         self.components = components
         self.device = parse_device(device)
@@ -100,6 +104,13 @@ class MochiPipeline:
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
+        # TeaCache's rescale polynomial; None: found beside the checkpoint (mochi.accel.calibrate).
+        self.cache_coefficients: list[float] | None = None
+        self.compiled = False
+        if compile:
+            from mochi.accel.compile import compile_dit
+
+            self.compiled = compile_dit(c.dit, self.device)
 
     @classmethod
     def from_pretrained(
@@ -245,9 +256,9 @@ class MochiPipeline:
         guidance = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
         report("denoise", 0, steps)  # the bar shows before the first step, which may take long
         with offloaded(self.components.dit, self.device, self.offload_mode):
-            dit = self.components.dit
+            denoiser, stats = self._denoiser(req, sigmas)
             latents = sample(
-                dit if self.parallel is None else self.parallel.denoiser(dit),
+                denoiser,
                 z,
                 sigmas,
                 cond,
@@ -263,13 +274,52 @@ class MochiPipeline:
                 "sampling produced NaN or infinite latents (the model, a LoRA or the guidance scale "
                 f"{req.guidance} made them diverge); no video written"
             )
+        stats = stats()
 
         t0 = time.perf_counter()
         report("decode", 0, 1)
         frames = self.decode_latents(latents)
         report("decode", 1, 1)
         seconds["decode"] = time.perf_counter() - t0
-        return Generation(frames, latents.cpu(), req, seconds, dict(self.vae_plans))
+        return Generation(
+            frames=frames,
+            latents=latents.cpu(),
+            request=req,
+            seconds=seconds,
+            vae_plans=dict(self.vae_plans),
+            stats=stats,
+        )
+
+    def _denoiser(self, req: GenerationRequest, sigmas: list[float]):  # noqa: ANN202
+        """The sampler's denoiser for ``req`` (parallel, cached, timed) and a function giving its stats."""
+        from mochi.accel.cache import CacheSetting, StepCache
+        from mochi.accel.compile import CallTimer
+
+        dit = self.components.dit
+        model = dit if self.parallel is None else self.parallel.denoiser(dit)
+        setting = CacheSetting.parse(req.cache, req.cache_threshold)
+        cache = source = None
+        if setting.enabled:
+            coefficients = self.cache_coefficients
+            if setting.kind == "teacache" and coefficients is None:
+                from mochi.accel.calibrate import find_coefficients
+
+                coefficients, source = find_coefficients(self.components.source, dit.config)
+            cache = StepCache(dit, setting, model=model, coefficients=coefficients, sigmas=sigmas)
+            model = cache
+        timer = CallTimer(model, dit if self.compiled else None)
+
+        def stats() -> dict:
+            out = {"cache": str(setting), "dit_forwards": len(timer.seconds), "skipped_steps": []}
+            if cache is not None:
+                out.update(dit_forwards=cache.stats.forwards, skipped_steps=cache.stats.skipped_steps)
+            if source is not None:
+                out["cache_coefficients"] = source
+            if self.compiled:
+                out["compile_seconds"] = timer.compile_seconds
+            return out
+
+        return timer, stats
 
     @staticmethod
     def _sigmas(req: GenerationRequest) -> list[float]:

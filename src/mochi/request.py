@@ -72,6 +72,8 @@ class GenerationRequest:
     strength: float = 0.7
     batch_cfg: bool = True
     loras: list[tuple[str, float]] = field(default_factory=list)
+    cache: str = "none"  # step caching: none, teacache, fbcache or a preset (mochi.accel.cache.PRESETS)
+    cache_threshold: float | None = None  # None: the kind's or preset's threshold
 
     @property
     def prompts(self) -> list[str]:
@@ -87,6 +89,10 @@ class GenerationRequest:
             values["steps"] = len(self.sigmas) - 1
         out = dataclasses.replace(self, **values)
         out.validate()
+        from mochi.accel.cache import CacheSetting
+
+        setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset name → kind + threshold
+        out.cache, out.cache_threshold = setting.kind, setting.threshold
         return out
 
     def validate(self) -> None:
@@ -131,6 +137,9 @@ class GenerationRequest:
         if not 0.0 < self.strength <= 1.0:
             nearest = min(max(self.strength, 0.01), 1.0)
             raise ValueError(f"strength={self.strength} must be in (0, 1]; nearest valid: {nearest}")
+        from mochi.accel.cache import CacheSetting
+
+        CacheSetting.parse(self.cache, self.cache_threshold)
         for path, scale in self.loras:
             if not math.isfinite(scale):
                 raise ValueError(f"LoRA scale {scale} for {path!r} must be finite")

@@ -1,13 +1,14 @@
 """The `mochi` command: parse arguments, build a request, hand it to the library. No logic lives here.
 
 One module per command family (``weights``: info, convert; ``generate``; ``serve``; ``lora``: prepare-data,
-train-lora, convert-lora), ``options`` for what several share. Each sub-command is a pair: ``_add_<name>``
-registers its parser (listed in the module's ``COMMANDS``), ``_run_<name>`` runs it. Handlers import the
-library lazily, so `mochi --help` is instant. `main` is the error boundary: user errors
-(`mochi.errors.MochiError`, ValueError, OSError: see `mochi.errors.user_message`) print one line and exit 2,
-never a traceback; Ctrl-C exits 130, SIGTERM 143, both after the same cleanup (temporaries removed); a reader
-that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit 141, as for SIGPIPE); anything
-else is a bug and keeps its traceback. Every float option must be finite (`finite_float`).
+train-lora, convert-lora; ``accel``: calibrate-cache; ``plan``), ``options`` for what several share. Each
+sub-command is a pair: ``_add_<name>`` registers its parser (listed in the module's ``COMMANDS``),
+``_run_<name>`` runs it. Handlers import the library lazily, so `mochi --help` is instant. `main` is the
+error boundary: user errors (`mochi.errors.MochiError`, ValueError, OSError: see `mochi.errors.user_message`)
+print one line and exit 2, never a traceback; Ctrl-C exits 130, SIGTERM 143, both after the same cleanup
+(temporaries removed); a reader that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit
+141, as for SIGPIPE); anything else is a bug and keeps its traceback. Every float option must be finite
+(`finite_float`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from mochi import __version__
-from mochi.cli import generate, lora, plan, serve, weights
+from mochi.cli import accel, generate, lora, plan, serve, weights
 
 # Command modules in the order `mochi --help` lists them.
-COMMAND_MODULES = (generate, plan, serve, lora, weights)
+COMMAND_MODULES = (generate, plan, serve, lora, weights, accel)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mochi.cli.accel import add_cache_options, apply_cache_options
 from mochi.cli.checks import check_generate, check_output, read_init_video
 from mochi.cli.options import (
     Subparsers,
@@ -53,6 +54,7 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video, 0.1-1000 (30)")
     p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
     add_lora_options(p)
+    add_cache_options(p)
     add_parallel_options(p)
     p.set_defaults(run=_run_generate)
 
@@ -90,6 +92,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         init_video=args.init_video,
         strength=0.7 if args.strength is None else args.strength,
         loras=lora_pairs(args.lora, args.lora_scale),
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
@@ -123,6 +127,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     pipe.lora_merge = args.lora_merge
     if pipe.quantization and main:
         print(f"mochi: note: {pipe.quantization}")
+    apply_cache_options(pipe, args)
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
     init_frames = None
@@ -145,6 +150,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "vae_plans": result.vae_plans,
         "quantize": args.quantize,
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
+        **result.stats,
     }
     write_video_and_sidecar(result.frames[0], out, args.fps, sidecar)  # sets "fps" to the rate written
     total = time.perf_counter() - started

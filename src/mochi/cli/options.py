@@ -49,6 +49,9 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
         metavar="SIZE",
         help="memory budget for VAE decoding, e.g. 8GB; with --devices, each device's budget (20GB,24GB)",
     )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT's block and final layer (regional)"
+    )
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
@@ -67,6 +70,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         # With --devices, --max-memory is a per-device list that the block placement reads.
         "max_memory": None if getattr(args, "devices", None) else parse_max_memory(args.max_memory),
         "quantize": args.quantize,
+        "compile": args.compile,
     }
 
 

@@ -298,6 +298,9 @@ class AsymmDiT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.attention_backend = attention_backend
+        # None, or a callable replacing the loop over the blocks for a forward: installed from outside by
+        # ``mochi.accel.cache`` (step caching), so the DiT itself never knows which step it is at.
+        self.block_runner = None
         self.x_embedder = PatchEmbed(cfg)
         self.t_embedder = TimestepEmbedder(cfg)
         self.t5_y_embedder = AttentionPool(cfg)
@@ -398,6 +401,21 @@ class AsymmDiT(nn.Module):
                 f"sigma must lie in [0, 1] (1 = pure noise), got {bad}; nearest valid: {min(max(bad, 0), 1)}"
             )
 
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        c: torch.Tensor,
+        rope: torch.Tensor,
+        text: PackedText,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks ``start``..``stop`` (default all): h (B, N, dx), y (L_total, dy), c (B, dx) = SiLU(cond)."""
+        for block in self.blocks[start:stop]:
+            h, y = block(h, y, c, rope, text, self.attention_backend)
+        return h, y
+
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> torch.Tensor:
@@ -419,8 +437,10 @@ class AsymmDiT(nn.Module):
         h = self.x_embedder(x.to(dtype))  # (B, N, dx)
         rope = rope_table(self.pos_frequencies, rope_positions(T, H // p, W // p, device=x.device))
 
-        for block in self.blocks:
-            h, y = block(h, y, c, rope, packed, self.attention_backend)
+        if self.block_runner is None:
+            h, _ = self.run_blocks(h, y, c, rope, packed)
+        else:
+            h = self.block_runner(self, h, y, c, rope, packed)
         h = self.final_layer(h, c)  # (B, N, p·p·C)
         out = rearrange(h, "B (T hp wp) (p1 p2 c) -> B c T (hp p1) (wp p2)", T=T, hp=H // p, p1=p, p2=p)
         return out.to(x.dtype)

@@ -71,6 +71,13 @@ class JobRequest(extras.JobExtras):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed; unset draws one")
     lora: str | None = Field(None, max_length=255, description="a file name from GET /api/info's loras")
     lora_scale: float = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
+    cache: str = Field(
+        "none",
+        max_length=32,
+        description="step caching: none (exact), teacache, fbcache, or a preset: teacache:quality, "
+        "teacache:fast, fbcache:quality, fbcache:fast",
+    )
+    cache_threshold: float | None = Field(None, gt=0, description="the cache's threshold; unset: its default")
 
 
 def lora_supported(pipeline: object) -> bool:

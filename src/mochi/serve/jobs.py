@@ -52,7 +52,18 @@ FINAL = (DONE, FAILED, CANCELLED)
 _STAGE_SPAN = {"text": (0.0, 0.05), "encode": (0.05, 0.1), "denoise": (0.1, 0.9), "decode": (0.9, 1.0)}
 
 # What a job reports of its request: the fields the API accepts, resolved.
-PARAMETERS = ("prompt", "negative_prompt", "frames", "height", "width", "steps", "guidance", "seed")
+PARAMETERS = (
+    "prompt",
+    "negative_prompt",
+    "frames",
+    "height",
+    "width",
+    "steps",
+    "guidance",
+    "seed",
+    "cache",
+    "cache_threshold",
+)
 # The text encoder reads this many tokens (the end token included); the rest of a prompt is dropped.
 TEXT_TOKENS = 256
 

@@ -230,7 +230,9 @@ def load_embedded():
     """
     path = embedded_path()
     if path.is_file():
-        return load_bundle(path)
+        components = load_bundle(path)
+        components.source = str(path)  # where mochi.accel finds its cache calibration
+        return components
     warnings.warn(
         f"the embedded model weights {str(path)!r} are not present: using the mochi-tiny preset with RANDOM "
         "weights, so videos will be noise. Reinstall mochi-video, or train them with "

@@ -47,6 +47,7 @@ class Components:
     name: str = "custom"
     latent_mean: tuple[float, ...] | None = None
     latent_std: tuple[float, ...] | None = None
+    source: str | None = None  # the checkpoint path loaded (None: the embedded model)
 
     def modules(self) -> list[nn.Module]:
         found = [self.text_encoder, self.dit, self.decoder, self.encoder]
@@ -135,7 +136,9 @@ def load_components(
     from mochi.weights.bundle import is_bundle, load_bundle
 
     if is_bundle(model):
-        return load_bundle(model)
+        bundle = load_bundle(model)
+        bundle.source = str(model)
+        return bundle
     det = detect(model)
     if "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
@@ -167,4 +170,4 @@ def load_components(
     if text_encoder is None:
         text_encoder = load_t5(t5_source, dtype=torch.float32)
     tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
-    return Components(tok, text_encoder, dit, decoder, vae_encoder, name=Path(model).name)
+    return Components(tok, text_encoder, dit, decoder, vae_encoder, name=Path(model).name, source=str(model))

@@ -160,8 +160,21 @@ def diffusers_model(model: AsymmDiT) -> torch.nn.Module:
     needs diffusers, a test-only dependency)."""
     from diffusers import MochiTransformer3DModel
 
+    cfg = model.config
     with torch.device("meta"):
-        theirs = MochiTransformer3DModel(**diffusers_kwargs(model.config))
+        theirs = MochiTransformer3DModel(**diffusers_kwargs(cfg))
+        # diffusers derives the SwiGLU width from the model width as (8·dim)//3, Genmo rounds it up to
+        # mlp_multiple_of (equal for the released model); other widths get layers of our shapes.
+        for i, block in enumerate(theirs.transformer_blocks):
+            pairs = [("ff", cfg.hidden_size_x, cfg.mlp_ratio_x)]
+            pairs += [("ff_context", cfg.hidden_size_y, cfg.mlp_ratio_y)] if i < cfg.depth - 1 else []
+            for name, width, ratio in pairs:
+                ff = getattr(block, name, None)
+                hidden = cfg.mlp_hidden(width, ratio)
+                if ff is not None and ff.net[2].in_features != hidden:
+                    ff.net[0].proj = torch.nn.Linear(width, 2 * hidden, bias=False)
+                    ff.net[2] = torch.nn.Linear(hidden, width, bias=False)
+    theirs.time_embed.pooler.num_attention_heads = cfg.pool_heads  # diffusers fixes 8 (the released value)
     # assign: diffusers' tensors are ours (or splits of them), so no second copy of the model is made.
     theirs.load_state_dict(genmo_to_diffusers(model.state_dict()), strict=True, assign=True)
     return theirs.eval()

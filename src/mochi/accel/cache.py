@@ -1,0 +1,254 @@
+"""Training-free step caching: a denoiser wrapper that skips the DiT's blocks at steps where they would
+change little, reusing the residual of the last full pass (docs/acceleration.md).
+
+Two policies, both wrapped around the DiT from outside (the DiT never learns which step it is at; the
+wrapper installs ``AsymmDiT.block_runner`` for the duration of each call):
+
+* **TeaCache** (Liu et al. 2024, ali-vilab/TeaCache): before the blocks, the first block's *modulated visual
+  input* RMSNorm(h)·(1 + scale_msa) is compared with the previous step's by relative L1 (mean |a − b| /
+  mean |b|), mapped through a per-model rescale polynomial and accumulated; while the sum stays below the
+  threshold the blocks are skipped and the visual residual (blocks' output − input) cached at the last full
+  pass is added. A full pass resets the sum. The first and the last step of a trajectory always run.
+  Difference from the reference: its cached residual ends after the final layer's modulated LayerNorm (it
+  reuses the previous step's timestep modulation); ours ends at the blocks, so the final layer always runs
+  with the current step's conditioning, at the cost of one (B, N, 2·dx) modulation.
+* **First-block cache** (ParaAttention, diffusers' FirstBlockCache): block 0 always runs; its residual is
+  compared by relative L1 with the residual at the last full pass; below the threshold the other blocks
+  are skipped and their cached residual added. First and last step always run (diffusers does not force
+  them; forcing costs two of the forwards and guards the final, detail-setting step).
+
+Batched classifier-free guidance: cond and uncond of one batched forward share one decision, from the
+relative L1 pooled over the whole batch (as the TeaCache reference). Separate forwards (``batch_cfg=False``)
+are separate *streams* with one cache each; streams are told apart by the call's batch size and text, so a
+guidance schedule's cond-only steps are a stream of their own. A call at a σ not below the stream's last
+one starts a new trajectory (the wrapper can serve several ``sample`` calls).
+
+Context/guidance parallelism: the metric's two sums are all-reduced over every rank before the decision, so
+all ranks take the same decision, and padding rows of a sequence split are left out (they are not tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mochi.ops.norms import modulated_rms_norm
+
+KINDS = ("none", "teacache", "fbcache")
+# Rescale polynomial for the released Mochi 1 preview, highest power first (ali-vilab/TeaCache,
+# TeaCache4Mochi/teacache_mochi.py).
+RELEASED_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
+# Named settings: (kind, threshold), measured in docs/acceleration.md. The TeaCache ones are the reference's
+# 1.5× and 2.1× settings for the released model.
+PRESETS: dict[str, tuple[str, float]] = {
+    "teacache:quality": ("teacache", 0.06),
+    "teacache:fast": ("teacache", 0.09),
+    "fbcache:quality": ("fbcache", 0.05),
+    "fbcache:fast": ("fbcache", 0.1),
+}
+DEFAULT_PRESET = {"teacache": "teacache:fast", "fbcache": "fbcache:fast"}
+
+
+@dataclass(frozen=True)
+class CacheSetting:
+    """What to cache: ``kind`` one of ``KINDS`` and its threshold (> 0, finite; None for "none")."""
+
+    kind: str = "none"
+    threshold: float | None = None
+
+    @classmethod
+    def parse(cls, name: str | None, threshold: float | None = None) -> CacheSetting:
+        """From a kind ("teacache") or preset ("teacache:fast") and an optional threshold overriding it.
+
+        ValueError naming the valid choices for an unknown name and the valid range for a bad threshold.
+        """
+        name = (name or "none").strip().lower()
+        if name in PRESETS:
+            kind, preset = PRESETS[name]
+        elif name in KINDS:
+            kind, preset = name, PRESETS[DEFAULT_PRESET[name]][1] if name != "none" else None
+        else:
+            choices = ", ".join([*KINDS, *PRESETS])
+            raise ValueError(f"cache {name!r} is unknown; choose one of {choices}")
+        if kind == "none":
+            if threshold is not None:
+                raise ValueError(
+                    f"cache threshold {threshold} given without a cache; add --cache teacache or fbcache"
+                )
+            return cls()
+        value = preset if threshold is None else check_threshold(threshold)
+        return cls(kind, value)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def __str__(self) -> str:
+        return "none" if not self.enabled else f"{self.kind}:{self.threshold:g}"
+
+
+def check_threshold(threshold: float) -> float:
+    """A cache threshold must be a finite number > 0 (useful values lie around 0.02 to 0.3)."""
+    value = float(threshold)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"cache threshold {threshold} must be a finite number > 0 (useful: 0.02 to 0.3); "
+            "nearest valid: 0.02, or --cache none for exact results"
+        )
+    return value
+
+
+@dataclass
+class _Stream:
+    """One trajectory's cache: the last probe (TeaCache input / FBCache first-block residual), the
+    residual of the blocks at the last full pass, the accumulated change and the last σ seen."""
+
+    sigma: float | None = None
+    probe: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    accumulated: float = 0.0
+    output: torch.Tensor | None = None  # calibration: the previous DiT output
+    calls: int = 0
+
+
+@dataclass
+class CacheStats:
+    """What one or more trajectories ran: full block passes (a batched CFG forward counts once), calls
+    whose blocks were skipped, the step index of each skipped call, and the calibration trace."""
+
+    forwards: int = 0
+    skipped: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
+    # (input change, output change) per call after a stream's first: what ``mochi calibrate-cache`` fits.
+    trace: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _valid_local_tokens() -> int | None:
+    """Under a sequence split: how many of this rank's token rows are real tokens (None: all are)."""
+    from mochi.parallel import sequence
+
+    s = sequence._active
+    if s is None:
+        return None
+    return max(0, min(s.local, s.tokens - s.rank * s.local))
+
+
+class StepCache:
+    """A denoiser ``(x, sigma, text, mask) → v`` running ``dit`` with step caching.
+
+    dit: the ``AsymmDiT`` whose blocks are skipped. model: what to call (default ``dit``; e.g.
+    ``GuidanceParallel(dit)`` under guidance parallelism; it must end up calling ``dit``). setting: the
+    policy; a threshold of 0 computes every step (for checks). coefficients: TeaCache's rescale polynomial,
+    highest power first (default: identity, the raw relative L1). sigmas: the schedule, so the last step is
+    always computed and skipped steps are reported by index. record: compute every step and record
+    (raw input change, output change) pairs in ``stats.trace`` for calibration.
+    """
+
+    def __init__(
+        self,
+        dit: torch.nn.Module,
+        setting: CacheSetting,
+        *,
+        model: Callable | None = None,
+        coefficients: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+        record: bool = False,
+    ) -> None:
+        if setting.kind not in ("teacache", "fbcache"):
+            raise ValueError(f"StepCache needs a teacache or fbcache setting, got {setting}")
+        self.dit, self.setting, self.model = dit, setting, model or dit
+        self.rescale = np.poly1d(list(coefficients) if coefficients is not None else [1.0, 0.0])
+        # As the sampler hands them over: float32 (so that the last step is recognised exactly).
+        self.sigmas = torch.tensor(sigmas, dtype=torch.float32).tolist() if sigmas is not None else None
+        self.record = record
+        self.streams: dict[tuple, _Stream] = {}
+        self.stats = CacheStats()
+        self._stream: _Stream | None = None
+        self._force = False
+        self._change: float | None = None
+
+    def _key(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> tuple:
+        lengths = tuple(mask.bool().sum(1).tolist())
+        return (x.shape[0], tuple(x.shape[2:]), lengths, float(text.double().sum()))
+
+    def __call__(
+        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        stream = self.streams.setdefault(self._key(x, text, mask), _Stream())
+        s = float(sigma.max())
+        if stream.sigma is not None and s >= stream.sigma:
+            self.streams[self._key(x, text, mask)] = stream = _Stream()  # a new trajectory
+        last = self.sigmas is not None and len(self.sigmas) > 1 and s == self.sigmas[-2]
+        self._stream, self._force = stream, stream.sigma is None or last or self.record
+        self._skipped = False
+        self.dit.block_runner = self._run
+        try:
+            out = self.model(x, sigma, text, mask)
+        finally:
+            self.dit.block_runner = None
+        if self._skipped:
+            self.stats.skipped += 1
+            step = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else stream.calls
+            self.stats.skipped_steps.append(step)
+        else:
+            self.stats.forwards += 1
+        if self.record:
+            out_change = self._relative_l1(out, stream.output, local=False)
+            if out_change is not None and self._change is not None:
+                self.stats.trace.append((self._change, out_change))
+            stream.output = out
+        stream.sigma, stream.calls = s, stream.calls + 1
+        return out
+
+    def _relative_l1(self, a: torch.Tensor, b: torch.Tensor | None, local: bool = True) -> float | None:
+        """mean |a − b| / mean |b| over every real token of every rank; None without a previous ``b``."""
+        if b is None:
+            return None
+        n = _valid_local_tokens() if local else None
+        if n is not None:
+            a, b = a[:, :n], b[:, :n]
+        sums = torch.stack([(a - b).abs().sum(dtype=torch.float64), b.abs().sum(dtype=torch.float64)])
+        if local and _distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        num, den = sums.tolist()
+        return num / den if den > 0 else math.inf
+
+    def _run(self, dit, h, y, c, rope, packed) -> torch.Tensor:  # noqa: ANN001 - AsymmDiT.forward's values
+        """The block loop with caching: h (B, N, dx) in, the last block's h out."""
+        stream, threshold = self._stream, self.setting.threshold
+        if self.setting.kind == "teacache":
+            scale = dit.blocks[0].mod_x(c)[:, None].chunk(4, dim=-1)[0]
+            probe = modulated_rms_norm(h, scale)  # block 0's modulated visual input
+            self._change = self._relative_l1(probe, stream.probe)
+            stream.probe = probe
+            if not self._force:
+                stream.accumulated += float(self.rescale(self._change))
+            if self._force or threshold == 0 or stream.accumulated >= threshold:
+                stream.accumulated = 0.0
+                out, _ = dit.run_blocks(h, y, c, rope, packed)
+                stream.residual = out - h
+                return out
+            self._skipped = True
+            return h + stream.residual
+        h1, y1 = dit.run_blocks(h, y, c, rope, packed, 0, 1)
+        first = h1 - h
+        self._change = self._relative_l1(first, stream.probe)
+        if self._force or threshold == 0 or self._change >= threshold:
+            stream.probe = first
+            out, _ = dit.run_blocks(h1, y1, c, rope, packed, 1, None)
+            stream.residual = out - h1
+            return out
+        self._skipped = True
+        return h1 + stream.residual

@@ -1,0 +1,146 @@
+"""TeaCache's rescale polynomial: fitted per model, stored beside its weights, found again at load time.
+
+TeaCache decides from how much the first block's modulated input changed between steps, but what matters
+is how much the model's *output* changes; the relation depends on the model, so a polynomial fitted on
+a few uncached runs maps one to the other (Liu et al. 2024, §3.3). ``calibrate`` records the (input
+change, output change) pair of every step after the first, ``fit`` fits a degree-4 polynomial by least
+squares, and ``save_coefficients`` writes a small JSON:
+
+    {"format": "mochi-teacache", "model": ..., "dit_config": {...}, "coefficients": [highest power first],
+     "fit": {"runs": ..., "points": ..., "r2": ..., "steps": ..., "guidance": ..., "prompts": [...]}}
+
+Where the loader looks (``coefficients_path``): beside the asset for the embedded model
+(``mochi/assets/mochi-tiny.teacache.json``, shipped), ``NAME.teacache.json`` beside a checkpoint file,
+``teacache.json`` inside a checkpoint folder. Without a file, a DiT with the released architecture gets
+TeaCache's published coefficients; any other gets the identity (the raw relative change) and a warning.
+A file fitted for another architecture (``dit_config`` differs) is an error naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mochi.accel.cache import RELEASED_COEFFICIENTS, CacheSetting, StepCache
+from mochi.models.dit import DiTConfig
+
+FORMAT = "mochi-teacache"
+DEGREE = 4
+MIN_RUNS = 2
+DEFAULT_PROMPTS = (
+    "a red circle moving right",
+    "a blue square moving up on a gray background",
+    "a yellow triangle moving left",
+    "a green circle moving down on a gray background",
+)
+
+
+def coefficients_path(model: str | os.PathLike) -> Path:
+    """Where the coefficients of the checkpoint ``model`` live (the embedded bundle's: beside it)."""
+    path = Path(model)
+    return path / "teacache.json" if path.is_dir() else path.with_suffix(".teacache.json")
+
+
+def load_coefficients(path: str | os.PathLike, config: DiTConfig) -> list[float]:
+    """The polynomial in ``path``; ValueError when it was fitted for a DiT of another architecture."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT or not isinstance(data.get("coefficients"), list):
+        raise ValueError(f"{str(path)!r} is not a {FORMAT} coefficient file (no format/coefficients)")
+    theirs, ours = data.get("dit_config", {}), asdict(config)
+    differ = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if differ:
+        shown = ", ".join(f"{k}={a} (model: {b})" for k, (a, b) in sorted(differ.items())[:4])
+        raise ValueError(
+            f"cache coefficients {str(path)!r} were fitted for another model ({shown}); "
+            "run `mochi calibrate-cache` for this one"
+        )
+    return [float(c) for c in data["coefficients"]]
+
+
+def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tuple[list[float], str]:
+    """(coefficients, where they came from) for ``model``'s TeaCache (see the module doc); ``model`` None:
+    components built in memory, which have no file."""
+    path = coefficients_path(model) if model is not None else None
+    if path is not None and path.is_file():
+        return load_coefficients(path, config), str(path)
+    if config == DiTConfig():
+        return list(RELEASED_COEFFICIENTS), "published (TeaCache4Mochi)"
+    if path is not None:
+        warnings.warn(
+            f"no TeaCache calibration for this model ({path} is absent): thresholds apply to the raw input "
+            "change; run `mochi calibrate-cache` for calibrated ones",
+            stacklevel=2,
+        )
+    return [1.0, 0.0], "identity (uncalibrated)"
+
+
+def save_coefficients(
+    path: str | os.PathLike, coefficients: Sequence[float], config: DiTConfig, model: str, fit: dict
+) -> None:
+    from mochi.files import atomic_write_text
+
+    data = {
+        "format": FORMAT,
+        "model": model,
+        "dit_config": asdict(config),
+        "coefficients": [float(c) for c in coefficients],
+        "fit": fit,
+    }
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def fit(trace: Sequence[tuple[float, float]], degree: int = DEGREE) -> tuple[list[float], float]:
+    """Least-squares polynomial output_change ≈ p(input_change); returns (coefficients, R²)."""
+    if len(trace) < degree + 2:
+        raise ValueError(
+            f"calibration has {len(trace)} (input, output) pairs; a degree-{degree} fit needs at least "
+            f"{degree + 2}: use more runs or steps"
+        )
+    x, y = np.array(trace, dtype=np.float64).T
+    coefficients = np.polyfit(x, y, degree)
+    residual = y - np.polyval(coefficients, x)
+    r2 = 1.0 - float(residual @ residual) / max(float(((y - y.mean()) ** 2).sum()), 1e-30)
+    return [float(c) for c in coefficients], r2
+
+
+@torch.inference_mode()
+def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request: object) -> dict:  # noqa: ANN001
+    """Run ``runs`` uncached denoising runs (prompt i mod len, seed ``seed + i``) of ``pipe`` (a
+    ``MochiPipeline``; ``request``: GenerationRequest fields such as steps, guidance, frames), recording
+    every step's (input change, output change); returns the fit as a dict with ``coefficients``, ``r2``,
+    ``points``, ``trace``. ValueError for fewer than ``MIN_RUNS`` runs. Nothing is decoded."""
+    if runs < MIN_RUNS:
+        raise ValueError(
+            f"calibration needs at least {MIN_RUNS} uncached runs (one run gives one noisy curve), got "
+            f"{runs}; nearest valid: {MIN_RUNS}"
+        )
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    from mochi.devices import placed
+    from mochi.request import GenerationRequest, check_frames
+    from mochi.sampling.sampler import guidance_schedule, initial_noise, sample
+
+    trace: list[tuple[float, float]] = []
+    dit = pipe.components.dit
+    for i in range(runs):
+        req = GenerationRequest(prompt=prompts[i % len(prompts)], seed=seed + i, **request)
+        req = req.resolved(pipe.components.defaults)
+        sigmas = pipe._sigmas(req)
+        guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))
+        feats, mask = pipe.encode_text([req.prompt] + ([req.negative_prompt] if guided else []))
+        shape = (1, 12, check_frames(req.frames), req.height // 8, req.width // 8)
+        recorder = StepCache(dit, CacheSetting("teacache", 1.0), sigmas=sigmas, record=True)
+        null = (feats[1:], mask[1:]) if guided else None
+        z = initial_noise(shape, req.seed, device=pipe.device)
+        with placed(dit, pipe.device, pipe.offload):
+            sample(recorder, z, sigmas, (feats[:1], mask[:1]), null, guidance=req.guidance)
+        trace += recorder.stats.trace
+    coefficients, r2 = fit(trace)
+    return {"coefficients": coefficients, "r2": r2, "points": len(trace), "trace": trace}

@@ -1,0 +1,101 @@
+"""Regional ``torch.compile`` of the DiT: the repeated block and the final layer, not the whole model.
+
+Why regional: the 48 joint blocks are one class with one structure (the last, which skips the text
+update, is a second), so dynamo traces one graph and every block reuses it with its own weights as
+inputs (``inline_inbuilt_nn_modules``, on by default since torch 2.5); compile time is that of one block,
+not 48, and the embedding, text packing and step caching around the blocks stay eager Python, free to
+change per call. Graphs are specialised to shapes (``dynamic=False``): a new video size or prompt length
+recompiles once, and nothing else does. Where no compiler works (no C++ toolchain for inductor on CPU, no
+triton on CUDA) ``compile_dit`` prints one line and leaves the model eager.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def compiler_problem(device: str | torch.device = "cpu") -> str | None:
+    """Why torch.compile's default backend cannot run on ``device`` here (one line), or None.
+
+    A cheap check (no compilation): inductor needs a C++ compiler on CPU and triton on CUDA. A failure
+    that only shows when compiling is caught at the first call (``CallTimer``).
+    """
+    kind = torch.device(device).type
+    try:
+        if kind == "cuda":
+            from torch.utils._triton import has_triton
+
+            return None if has_triton() else "triton is not installed"
+        if kind == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+            return None
+    except Exception as e:  # noqa: BLE001 - any failure means "no working compiler"; say which
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"{type(e).__name__}: {first}"
+    return f"no torch.compile backend is known to work on {kind}"
+
+
+def compile_dit(dit: nn.Module, device: str | torch.device = "cpu", mode: str | None = None) -> bool:
+    """Compile ``dit``'s blocks and final layer in place (regionally); True when compiled.
+
+    Returns False, after one line on stderr, where no compiler works; the model then runs eager.
+    """
+    problem = compiler_problem(device)
+    if problem is not None:
+        print(f"mochi: --compile unavailable here ({problem}); running uncompiled", file=sys.stderr)
+        return False
+    for module in [*dit.blocks, dit.final_layer]:
+        module.compile(dynamic=False, mode=mode)
+    return True
+
+
+def uncompile_dit(dit: nn.Module) -> None:
+    """Undo ``compile_dit``: the modules run eager again."""
+    for module in [*dit.blocks, dit.final_layer]:
+        module._compiled_call_impl = None
+
+
+def is_compiled(dit: nn.Module) -> bool:
+    return getattr(dit.final_layer, "_compiled_call_impl", None) is not None
+
+
+class CallTimer:
+    """A denoiser wrapper timing every call; ``compile_seconds`` estimates the compile time as the first
+    call's wall time minus the median of the others (the first call traces and compiles).
+
+    With ``dit`` given (compiled by ``compile_dit``), a first call whose compilation fails prints one line,
+    puts the model back to eager and runs it again, so a missing toolchain never ends a generation.
+    """
+
+    def __init__(self, model: Callable, dit: nn.Module | None = None) -> None:
+        self.model, self.dit, self.seconds = model, dit, []
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            out = self.model(*args)
+        except Exception as e:
+            if self.seconds or self.dit is None or not is_compiled(self.dit):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            print(
+                f"mochi: compiling failed ({type(e).__name__}: {first}); running uncompiled", file=sys.stderr
+            )
+            uncompile_dit(self.dit)
+            out = self.model(*args)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+    @property
+    def compile_seconds(self) -> float | None:
+        if len(self.seconds) < 2:
+            return None
+        return max(0.0, self.seconds[0] - statistics.median(self.seconds[1:]))

@@ -1,0 +1,116 @@
+"""Step caching options of `mochi generate` and the `mochi calibrate-cache` command (docs/acceleration.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mochi.cli.options import Subparsers, add_model_options
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache",
+        default="none",
+        metavar="KIND",
+        help="skip DiT blocks at steps that change little: none (exact, default), teacache, fbcache, or "
+        "a preset: teacache:quality, teacache:fast, fbcache:quality, fbcache:fast",
+    )
+    p.add_argument(
+        "--cache-threshold", type=float, metavar="X", help="the cache's threshold (> 0; larger skips more)"
+    )
+    p.add_argument(
+        "--cache-coefficients",
+        metavar="FILE",
+        help="TeaCache coefficient JSON (default: the one beside the model, see calibrate-cache)",
+    )
+
+
+def apply_cache_options(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001 - a MochiPipeline
+    """Give the pipeline the TeaCache coefficients named by --cache-coefficients (checked against it)."""
+    if getattr(args, "cache_coefficients", None):
+        from mochi.accel.calibrate import load_coefficients
+
+        pipe.cache_coefficients = load_coefficients(args.cache_coefficients, pipe.components.dit.config)
+
+
+def _add_calibrate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "calibrate-cache",
+        help="fit TeaCache's rescale polynomial for a model",
+        description=(
+            "Run a few uncached denoising runs, record how much the first block's modulated input and the "
+            "DiT's output change at every step, fit the degree-4 polynomial TeaCache maps one to the other "
+            "with, print it and store it beside the model (NAME.teacache.json beside a file, teacache.json "
+            "in a folder), where `mochi generate --cache teacache` finds it."
+        ),
+    )
+    add_model_options(p)
+    p.add_argument("--prompt", action="append", default=[], help="a calibration prompt; repeat for several")
+    p.add_argument("--runs", type=int, default=4, help="uncached runs (at least 2; default 4)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--frames", type=int, help="frame count (default: the model's)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="run i uses seed SEED + i (default 0)")
+    p.add_argument("--lora", metavar="FILE", help="calibrate with this LoRA merged in")
+    p.add_argument("--out", metavar="FILE.json", help="where to write (default: beside the model)")
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mochi.accel.calibrate import (
+        DEFAULT_PROMPTS,
+        MIN_RUNS,
+        calibrate,
+        coefficients_path,
+        save_coefficients,
+    )
+
+    if args.runs < MIN_RUNS:
+        raise ValueError(
+            f"--runs {args.runs}: calibration needs at least {MIN_RUNS} uncached runs; "
+            f"nearest valid: {MIN_RUNS}"
+        )
+    from mochi.pipeline import MochiPipeline
+
+    pipe = MochiPipeline.from_pretrained(
+        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device
+    )
+    source = pipe.components.source
+    out = Path(args.out) if args.out else coefficients_path(source) if source else None
+    if out is None:
+        raise ValueError("this model has no file to store the coefficients beside; pass --out FILE.json")
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+    if args.lora:
+        pipe.load_lora(args.lora, merge=True)
+    request = {k: getattr(args, k) for k in ("steps", "guidance", "frames", "width", "height")}
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    result = calibrate(
+        pipe, prompts, args.runs, seed=args.seed, **{k: v for k, v in request.items() if v is not None}
+    )
+    coefficients = result["coefficients"]
+    xs = [x for x, _ in result["trace"]]
+    print(f"fitted on {result['points']} steps of {args.runs} runs: R² {result['r2']:.4f}")
+    print("coefficients (highest power first): [" + ", ".join(f"{c:.8e}" for c in coefficients) + "]")
+    print(f"input change range: {min(xs):.4g} to {max(xs):.4g}")
+    fit = {
+        "runs": args.runs,
+        "points": result["points"],
+        "r2": result["r2"],
+        "seed": args.seed,
+        "prompts": prompts,
+        "lora": args.lora,
+        **{k: v for k, v in request.items() if v is not None},
+    }
+    name = source or "embedded"
+    save_coefficients(out, coefficients, pipe.components.dit.config, name, fit)
+    print(f"wrote {out}")
+    return 0
+
+
+# The registrars of this module's sub-commands, in the order `mochi --help` lists them.
+COMMANDS = (_add_calibrate,)

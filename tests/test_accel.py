@@ -1,0 +1,296 @@
+"""Step caching (TeaCache, first-block cache), its calibration, and regional compile (mochi.accel)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mochi.accel.cache import PRESETS, RELEASED_COEFFICIENTS, CacheSetting, StepCache
+from mochi.accel.calibrate import (
+    calibrate,
+    coefficients_path,
+    find_coefficients,
+    fit,
+    load_coefficients,
+    save_coefficients,
+)
+from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
+from mochi.models.lora import apply_lora
+from mochi.pipeline import MochiPipeline
+from mochi.request import GenerationRequest
+from mochi.sampling.sampler import sample
+from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
+from mochi.weights.lora import LoraLayer
+
+from .test_pipeline import tiny_components
+
+PROMPT = "a red circle moving right"
+# On the tiny random DiT at 8 steps (seed 3) these skip some steps and compute others, each decision far
+# from its threshold (TeaCache sums 0.40 before a compute at 0.72; FBCache changes 0.37-1.03).
+TEA, FB = ("teacache", 0.5), ("fbcache", 0.6)
+
+
+def _dit(seed: int = 0) -> AsymmDiT:
+    torch.manual_seed(seed)
+    return AsymmDiT(DIT_PRESETS["tiny"]).eval().requires_grad_(False)
+
+
+def _inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(batch, 12, 3, 4, 4, generator=g)
+    text = torch.randn(batch, 6, 32, generator=g), torch.tensor([[1, 1, 1, 1, 0, 0]] * batch).bool()
+    null = torch.zeros(1, 6, 32), torch.zeros(1, 6, dtype=torch.bool)
+    return z, text, null
+
+
+def _run(model, sigmas, guidance=3.0, batch_cfg=True, batch=1) -> torch.Tensor:
+    z, text, null = _inputs(batch)
+    return sample(model, z * sigmas[0], sigmas, text, null, guidance=guidance, batch_cfg=batch_cfg)
+
+
+SIGMAS = linear_quadratic_schedule(8)
+CASES = {
+    "batched cfg": {},
+    "separate cfg": {"batch_cfg": False},
+    "guidance schedule": {"guidance": [3.0, 3.0, 1.0, 1.0, 2.0, 3.0, 1.0, 3.0]},
+    "batch of 2": {"batch": 2},
+}
+
+
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_threshold_zero_is_exact(kind, case):
+    dit = _dit()
+    want = _run(dit, SIGMAS, **CASES[case])
+    cache = StepCache(dit, CacheSetting(kind, 0.0), sigmas=SIGMAS)
+    assert torch.equal(_run(cache, SIGMAS, **CASES[case]), want)
+    assert cache.stats.skipped == 0 and dit.block_runner is None
+
+
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_truncated_schedule_exact_at_zero_and_last_step_computed(kind):
+    dit = _dit()
+    sigmas = truncate_schedule(SIGMAS, 0.6)
+    assert torch.equal(
+        _run(StepCache(dit, CacheSetting(kind, 0.0), sigmas=sigmas), sigmas), _run(dit, sigmas)
+    )
+    cache = StepCache(dit, CacheSetting(kind, 1e9), sigmas=sigmas)  # skips whatever may be skipped
+    _run(cache, sigmas)
+    steps = len(sigmas) - 1
+    assert cache.stats.skipped_steps == list(range(1, steps - 1)) and cache.stats.forwards == 2
+
+
+def test_skipping_reuses_the_residual_and_counts():
+    dit = _dit()
+    cache = StepCache(dit, CacheSetting("teacache", 1e9), sigmas=SIGMAS)
+    out = _run(cache, SIGMAS)
+    assert cache.stats.forwards == 2 and cache.stats.skipped_steps == [1, 2, 3, 4, 5, 6]
+    exact = _run(dit, SIGMAS)
+    err = ((out - exact).norm() / exact.norm()).item()
+    assert 1e-4 < err < 0.5  # an approximation: neither exact nor unrelated
+    # A second trajectory through the same wrapper starts over (σ rose): the same decisions again.
+    assert torch.equal(_run(cache, SIGMAS), out) and cache.stats.forwards == 4
+
+
+def test_teacache_follows_the_rescaled_metric():
+    """The metric is the relative L1 of block 0's modulated input, rescaled and accumulated."""
+    dit = _dit()
+    seen = []
+    cache = StepCache(dit, CacheSetting("teacache", 1e9), coefficients=[2.0, 0.0], sigmas=SIGMAS)
+    original = cache._relative_l1
+    cache._relative_l1 = lambda a, b, local=True: seen.append(original(a, b, local)) or seen[-1]
+    _run(cache, SIGMAS)
+    changes = [v for v in seen[1:]]
+    # Steps 1..6 accumulate 2·change (the last step is forced and resets the sum).
+    assert cache.streams and math.isclose(
+        next(iter(cache.streams.values())).accumulated, 0.0
+    )  # reset by the forced last step
+    threshold = 2 * sum(changes[:3]) * 1.0001
+    cache = StepCache(dit, CacheSetting("teacache", threshold), coefficients=[2.0, 0.0], sigmas=SIGMAS)
+    _run(cache, SIGMAS)
+    assert cache.stats.skipped_steps[:3] == [1, 2, 3] and 4 not in cache.stats.skipped_steps
+
+
+def _lora_layers(dit: AsymmDiT) -> dict[str, LoraLayer]:
+    g = torch.Generator().manual_seed(9)
+    layers = {}
+    for name, module in dit.named_modules():
+        if name.endswith(("qkv_x", "proj_x", "mod_x")) and isinstance(module, torch.nn.Linear):
+            a = torch.randn(2, module.in_features, generator=g) * 0.1
+            b = torch.randn(module.out_features, 2, generator=g) * 0.1
+            layers[name] = LoraLayer(a, b, alpha=2.0)
+    return layers
+
+
+@pytest.mark.parametrize("setting", [TEA, FB])
+def test_lora_hooked_and_merged_take_the_same_decisions(setting):
+    results = {}
+    for merge in (False, True):
+        dit = _dit()
+        apply_lora(dit, _lora_layers(dit), 1.0, merge)
+        exact = _run(dit, SIGMAS)
+        assert torch.equal(_run(StepCache(dit, CacheSetting(setting[0], 0.0), sigmas=SIGMAS), SIGMAS), exact)
+        cache = StepCache(dit, CacheSetting(*setting), sigmas=SIGMAS)
+        results[merge] = _run(cache, SIGMAS), cache.stats.skipped_steps
+    assert results[False][1] == results[True][1]
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=1e-4, atol=1e-4)
+
+
+# -- the pipeline, the request and the sidecar ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MochiPipeline(tiny_components(), device="cpu")
+
+
+def test_pipeline_cache_stats_and_exactness(pipe):
+    plain = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8))
+    assert plain.stats == {"cache": "none", "dit_forwards": 8, "skipped_steps": []}
+    tea = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="teacache", cache_threshold=TEA[1]))
+    assert tea.stats["cache"] == "teacache:0.5" and tea.stats["cache_coefficients"].startswith("identity")
+    assert tea.stats["dit_forwards"] == 8 - len(tea.stats["skipped_steps"]) < 8
+    assert tea.request.cache == "teacache" and tea.request.cache_threshold == 0.5
+    fast = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="fbcache:fast"))
+    assert fast.request.cache_threshold == PRESETS["fbcache:fast"][1]
+    assert not torch.equal(tea.latents, plain.latents)
+
+
+@pytest.mark.parametrize(
+    ("cache", "threshold", "message"),
+    [
+        ("tea", None, "cache 'tea' is unknown; choose one of none, teacache, fbcache, teacache:quality"),
+        ("teacache", 0.0, "cache threshold 0.0 must be a finite number > 0"),
+        ("fbcache", -1.0, "cache threshold -1.0 must be a finite number > 0"),
+        ("teacache", float("nan"), "cache threshold nan must be a finite number > 0"),
+        ("fbcache", float("inf"), "cache threshold inf must be a finite number > 0"),
+        ("none", 0.1, "cache threshold 0.1 given without a cache"),
+    ],
+)
+def test_bad_cache_settings(cache, threshold, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        GenerationRequest(PROMPT, cache=cache, cache_threshold=threshold).validate()
+
+
+def test_cli_generate_records_the_cache_in_the_sidecar(tmp_path, capsys):
+    from mochi.cli import main
+
+    out = tmp_path / "v.mp4"
+    assert main(["generate", PROMPT, "--seed", "1", "--cache", "teacache:fast", "--out", str(out)]) == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["cache"] == "teacache:0.09" and side["cache_threshold"] == 0.09
+    assert side["cache_coefficients"].endswith("mochi-tiny.teacache.json")
+    assert side["dit_forwards"] + len(side["skipped_steps"]) == side["steps"] and side["skipped_steps"]
+    bad = tmp_path / "w.mp4"
+    assert main(["generate", PROMPT, "--cache", "fbcache", "--cache-threshold", "0", "--out", str(bad)]) == 2
+    assert "cache threshold 0.0 must be a finite number > 0" in capsys.readouterr().err
+    assert not bad.exists()
+
+
+# -- calibration -------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_a_polynomial_and_needs_points():
+    xs = [0.01 * i for i in range(1, 20)]
+    coefficients, r2 = fit([(x, 3 * x**2 + 0.5 * x + 0.01) for x in xs])
+    assert r2 > 0.999999
+    torch.testing.assert_close(
+        torch.tensor(coefficients), torch.tensor([0.0, 0.0, 3.0, 0.5, 0.01]), atol=1e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="calibration has 5 .input, output. pairs; a degree-4 fit needs"):
+        fit([(x, x) for x in xs[:5]])
+
+
+def test_calibrate_and_the_coefficient_file(pipe, tmp_path):
+    with pytest.raises(
+        ValueError, match="calibration needs at least 2 uncached runs .* got 1; nearest valid: 2"
+    ):
+        calibrate(pipe, [PROMPT], runs=1)
+    result = calibrate(pipe, [PROMPT, "a blue square moving up"], runs=2, steps=6)
+    assert result["points"] == 2 * 5 and len(result["coefficients"]) == 5
+    assert all(x > 0 and y > 0 for x, y in result["trace"])
+    cfg = pipe.components.dit.config
+    path = coefficients_path(tmp_path / "model.safetensors")
+    assert path.name == "model.teacache.json" and coefficients_path(tmp_path) == tmp_path / "teacache.json"
+    save_coefficients(path, result["coefficients"], cfg, "test", {"runs": 2})
+    assert load_coefficients(path, cfg) == result["coefficients"]
+    assert find_coefficients(tmp_path / "model.safetensors", cfg) == (result["coefficients"], str(path))
+    other = DiTConfig(depth=3)
+    with pytest.raises(ValueError, match=r"were fitted for another model \(depth=2 \(model: 3\)"):
+        load_coefficients(path, other)
+    assert find_coefficients(None, DiTConfig()) == (list(RELEASED_COEFFICIENTS), "published (TeaCache4Mochi)")
+
+
+def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys):
+    from mochi.cli import main
+
+    out = tmp_path / "c.json"
+    assert main(["calibrate-cache", "--runs", "1", "--out", str(out)]) == 2
+    assert "--runs 1: calibration needs at least 2 uncached runs; nearest valid: 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_embedded_model_ships_calibrated():
+    from mochi.weights.bundle import embedded_path, load_embedded
+
+    c = load_embedded()
+    coefficients, source = find_coefficients(c.source, c.dit.config)
+    assert source == str(embedded_path().with_suffix(".teacache.json")) and len(coefficients) == 5
+    data = json.loads(embedded_path().with_suffix(".teacache.json").read_text())
+    assert data["fit"]["runs"] >= 2 and data["dit_config"]["depth"] == c.dit.config.depth
+
+
+# -- compile ----------------------------------------------------------------------------------------
+
+
+def test_compile_falls_back_with_one_line_where_no_compiler(monkeypatch, capsys):
+    from mochi.accel import compile as accel_compile
+
+    monkeypatch.setattr(accel_compile, "compiler_problem", lambda device: "no C++ compiler")
+    dit = _dit()
+    assert accel_compile.compile_dit(dit) is False and not accel_compile.is_compiled(dit)
+    assert (
+        capsys.readouterr().err == "mochi: --compile unavailable here (no C++ compiler); running uncompiled\n"
+    )
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_with_caching():
+    """Regional compile: outputs equal eager within fp32 tolerance, cached or not (a few minutes on CPU)."""
+    from mochi.accel.compile import compile_dit, is_compiled
+
+    dit = _dit()
+    want = _run(dit, SIGMAS)
+    cached_want = _run(StepCache(dit, CacheSetting(*TEA), sigmas=SIGMAS), SIGMAS)
+    assert compile_dit(dit) and is_compiled(dit)
+    torch.testing.assert_close(_run(dit, SIGMAS), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _run(StepCache(dit, CacheSetting(*TEA), sigmas=SIGMAS), SIGMAS), cached_want, rtol=1e-4, atol=1e-5
+    )
+
+
+# -- the HTTP API -------------------------------------------------------------------------------------
+
+
+def test_api_forwards_the_cache_and_rejects_bad_ones(pipe, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
+    from .serve_harness import LiveServer, call_json, wait_for
+
+    with LiveServer(pipe, tmp_path) as server:
+        body = {"prompt": PROMPT, "seed": 2, "steps": 8, "cache": "teacache", "cache_threshold": TEA[1]}
+        status, job = call_json("POST", f"{server.url}/api/jobs", body)
+        assert status == 202, job
+        done = wait_for(server.url, job["id"], ("done", "failed"), timeout=120)
+        assert done["status"] == "done", done
+        assert done["parameters"]["cache"] == "teacache" and done["parameters"]["cache_threshold"] == 0.5
+        sidecar = json.loads((tmp_path / f"{job['id']}.json").read_text())
+        assert sidecar["cache"] == "teacache" and sidecar["cache_threshold"] == 0.5
+        for bad, message in [
+            ({"cache": "magcache"}, "cache 'magcache' is unknown; choose one of none, teacache, fbcache"),
+            ({"cache": "fbcache", "cache_threshold": 0}, "cache_threshold: Input should be greater than 0"),
+        ]:
+            status, reply = call_json("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, **bad})
+            assert status == 422 and message in reply["detail"], reply

@@ -1,0 +1,88 @@
+"""Step caching under torchrun parallelism: 2 gloo ranks must take the single process's decisions and match
+its output (sequence split with a padded token, and guidance split), as tests/test_parallel.py does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mochi.pipeline import MochiPipeline
+from mochi.request import GenerationRequest
+
+from .test_accel import FB, PROMPT, TEA
+from .test_parallel import _free_port, _wait
+from .test_pipeline import tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
+# 13 frames at 16×48: 3·1·3 = 9 visual tokens, so one of the 2 ranks holds a padding row.
+SIZE = {"frames": 13, "height": 16, "width": 48, "steps": 8, "seed": 3}
+
+
+def _requests() -> dict[str, GenerationRequest]:
+    return {kind: GenerationRequest(PROMPT, cache=kind, cache_threshold=th, **SIZE) for kind, th in (TEA, FB)}
+
+
+def _cache_job(out: str) -> None:
+    torch.set_num_threads(1)
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import close_world, init_world
+
+    world = init_world("cpu")
+    res = {}
+    for mode in ("sequence", "guidance"):
+        pipe = MochiPipeline(tiny_components(), device="cpu")
+        parallelize(pipe, world, weights="replicate", guidance=mode == "guidance")
+        for kind, request in _requests().items():
+            gen = pipe.generate(request)
+            res[mode, kind] = gen.latents, gen.stats
+    torch.save(res, Path(out) / f"rank{world.rank}.pt")
+    close_world()
+
+
+def test_cached_parallel_equals_cached_single_process(tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+            "MOCHI_DIST_TIMEOUT": "30",
+        }
+        code = f"from tests.test_accel_parallel import _cache_job; _cache_job({str(tmp_path)!r})"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        )
+    for code, err in _wait(procs, timeout=300):
+        assert code == 0, err[-3000:]
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    single = {kind: pipe.generate(request) for kind, request in _requests().items()}
+    for kind, gen in single.items():
+        skipped = gen.stats["skipped_steps"]
+        assert 0 < len(skipped) < SIZE["steps"] - 2, (kind, skipped)  # some steps skipped, some computed
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for (mode, kind), (latents, stats) in res.items():
+            assert stats == single[kind].stats, (rank, mode, kind)
+            torch.testing.assert_close(latents, single[kind].latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_sequence_split_leaves_padding_rows_out_of_the_metric(kind, monkeypatch):
+    """The metric of a padded local shard counts only its real tokens (one process, split emulated)."""
+    from mochi.accel import cache as accel_cache
+    from mochi.parallel import sequence
+
+    split = sequence._Split(group=None, size=2, rank=1, tokens=9, local=5)  # rank 1: 4 real rows + 1 pad
+    monkeypatch.setattr(sequence, "_active", split)
+    c = accel_cache.StepCache(torch.nn.Identity(), accel_cache.CacheSetting(kind, 0.1))
+    a, b = torch.ones(1, 5, 3), torch.full((1, 5, 3), 2.0)
+    a[:, 4], b[:, 4] = 100.0, -100.0  # the padding row differs wildly: it must not count
+    assert c._relative_l1(a, b) == 0.5
