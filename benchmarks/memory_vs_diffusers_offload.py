@@ -2,10 +2,10 @@
 
     PYTHONPATH=src python benchmarks/memory_vs_diffusers_offload.py [--depth 4] [--latent 2 16 16]
 
-Both DiTs hold the same tensors (released block widths, ``--depth`` blocks, random weights; diffusers'
-``MochiTransformer3DModel`` through our key map) in host memory and stream their blocks through the
-device one at a time: ours with ``--offload blocks:0`` (``mochi.offload``: one block per group, the next
-prefetched), diffusers' with ``apply_group_offloading(offload_type="block_level",
+Both DiTs hold the same tensors (``--depth`` blocks of the released widths, or ``--width``; random
+weights; diffusers' ``MochiTransformer3DModel`` through our key map) in host memory and stream their
+blocks through the device one at a time: ours with ``--offload blocks:0`` (``mochi.offload``: one block
+per group, the next prefetched), diffusers' with ``apply_group_offloading(offload_type="block_level",
 num_blocks_per_group=1)``, with ``use_stream=True`` on CUDA (its prefetch). The guidance batch (B=2: a
 prompt and the empty negative prompt) runs one forward after a warm-up; time is the best of ``--repeats``.
 
@@ -63,6 +63,7 @@ def _best(fn, repeats: int, device: torch.device) -> float:  # noqa: ANN001
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=3072, help="visual width (3072, released; text width half)")
     p.add_argument("--latent", type=int, nargs=3, default=(2, 16, 16), metavar=("T", "H", "W"))
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--repeats", type=int, default=3)
@@ -72,7 +73,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    ours = AsymmDiT(DiTConfig(depth=args.depth)).eval().requires_grad_(False).to(dtype)
+    cfg = DiTConfig(depth=args.depth, hidden_size_x=args.width, hidden_size_y=args.width // 2)
+    ours = AsymmDiT(cfg).eval().requires_grad_(False).to(dtype)
     theirs = diffusers_model(ours).to(dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, *args.latent, generator=g).to(device, dtype)

@@ -96,6 +96,22 @@ def test_plan_command(capsys):
     out = capsys.readouterr().out
     assert "31 frames at 848x480, DiT batch 2; budget 16.0 GB" in out
     assert "bf16 fp8, offload model" in out and "fastest that fits: bf16 fp8, offload model" in out
+    bundle = str(ROOT / "src" / "mochi" / "assets" / "mochi-tiny.safetensors")  # every architecture inside
+    args = [
+        "plan",
+        "--gpu-memory",
+        "8GB",
+        "--model",
+        bundle,
+        "--frames",
+        "25",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]
+    assert main(args) == 0
+    assert "fastest that fits: bf16, offload none (peak 1.0 GB)" in capsys.readouterr().out
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "30"]) == 2
     assert "frames" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -28,10 +28,15 @@ def format_table(options: list[Option], budget: int) -> str:
 def _models(path: str | None) -> Models:
     if path is None:
         return Models()
+    from mochi.weights.bundle import is_bundle, load_bundle
     from mochi.weights.dit import genmo_shapes, infer_config
     from mochi.weights.formats import detect
 
-    return Models(dit=infer_config(genmo_shapes(detect(path))))
+    if is_bundle(path):  # a mochi bundle is small and names every model's architecture
+        from mochi.memory.auto import models_of
+
+        return models_of(load_bundle(path))
+    return Models(dit=infer_config(genmo_shapes(detect(path))))  # T5-XXL and the released VAE otherwise
 
 
 def plan_command(args: argparse.Namespace) -> str:
