@@ -101,6 +101,15 @@ def test_vae_split_comes_from_the_request_not_free_memory(monkeypatch):
     assert fallback["budget"] == int(0.8 * need)
 
 
+def test_default_vae_budget_doubles_for_videos_larger_than_it(monkeypatch):
+    decoder = tiny_components().decoder
+    monkeypatch.setattr(mochi.models.vae_plan, "DEFAULT_VAE_BUDGET", 4 * 10**6)  # below any split of 8x8
+    plan, record = mochi.models.vae_plan.choose_plan(decoder, (1, 3, 8, 8))
+    assert record["budget"] == 16 * 10**6 and plan.chunk == 1  # 4 → 8 → 16 MB, the first that fits
+    with pytest.raises(ValueError, match="max_memory 4000000 bytes is too small"):
+        mochi.models.vae_plan.choose_plan(decoder, (1, 3, 8, 8), max_memory=4 * 10**6)  # the user's: kept
+
+
 # -- 2. non-finite values are errors ----------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(mochi.cli.lora, "pipeline_from_args", load)
+    size = ["--frames", "7", "--width", "32", "--height", "32"]
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     run = ["train-lora", str(data), "--out", str(tmp_path / "run")]
@@ -56,6 +57,8 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
         err = capsys.readouterr().err
         assert err.startswith("mochi: error: ") and message in err and err.count("\n") == 1, (argv, err)
     for argv, message in [
+        (["prepare-data", str(tmp_path / "nope"), "d", *size], "videos folder"),
+        (["prepare-data", str(tmp_path), "d", *size, "--tokenizer", str(data)], "--tokenizer cannot be used"),
         (["train-lora", str(tmp_path / "nope"), "--out", "r"], "data folder"),
         (["train-lora", str(tmp_path / "empty"), "--out", "r"], "holds no clips"),
         (["train-lora", str(data), "--out", str(tmp_path / "file")], "is a file; give a folder"),

@@ -19,6 +19,7 @@ from mochi.errors import write_errors
 
 # .<stem>.<pid>.<random>.partial<suffix>; stems may hold dots, so the pid is found from the right.
 _PARTIAL = re.compile(r"^\..*\.(\d+)\.[^.]+\.partial(\.[^.]+)?$")
+_swept: set[str] = set()  # folders this process has cleaned of leftovers
 
 
 def _check_folder(path: Path) -> Path:
@@ -90,7 +91,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
     try:
         for path in targets:
             directory = _check_folder(path)
-            remove_stale_partials(directory)
+            if str(directory.resolve()) not in _swept:  # once per folder and process: leftovers predate it
+                _swept.add(str(directory.resolve()))
+                remove_stale_partials(directory)
             fd, tmp = tempfile.mkstemp(
                 prefix=f".{path.stem}.{os.getpid()}.", suffix=f".partial{path.suffix}", dir=directory
             )

@@ -91,6 +91,15 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     return {"max_memory": max_memory, "init": init}
 
 
+def check_prepare_data(args: argparse.Namespace) -> None:
+    """The videos folder exists and the model paths are usable, before the model loads."""
+    from mochi.weights.components import check_model_paths
+
+    if not Path(args.videos).is_dir():
+        raise ValueError(f"videos folder {args.videos!r} does not exist")
+    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+
+
 def check_train_lora(args: argparse.Namespace) -> None:
     """The data folder holds clips and the run folder is a folder, before the model loads."""
     from mochi.weights.components import check_model_paths

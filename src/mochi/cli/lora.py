@@ -44,6 +44,9 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
     check_frames(args.frames)
     check_multiple(args.width, SPATIAL_MULTIPLE, "width")
     check_multiple(args.height, SPATIAL_MULTIPLE, "height")
+    from mochi.cli.checks import check_prepare_data
+
+    check_prepare_data(args)  # before the model loads
     pipe = pipeline_from_args(args)
     with tqdm(unit="video", dynamic_ncols=True) as bar:
 

@@ -67,6 +67,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-pixels and --max-pixel-steps must be positive")
     if args.lora_dir and not os.path.isdir(args.lora_dir):
         raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")
+    from mochi.video import video_rate
+
+    video_rate(args.fps)  # now, not at the first job
 
     from mochi.pipeline import MochiPipeline
 

@@ -34,7 +34,8 @@ def choose_plan(
 ) -> tuple[Plan, dict]:
     """(split, record) for decoding (``module`` a Decoder) or encoding a (B, t, h, w) latent.
 
-    max_memory: the user's budget in bytes (default ``DEFAULT_VAE_BUDGET``). available: bytes free on the
+    max_memory: the user's budget in bytes (default ``DEFAULT_VAE_BUDGET``, doubled until some split fits,
+    for videos whose output alone exceeds it). available: bytes free on the
     device now; consulted only without ``max_memory``, and only to fall back when the default split would
     not fit: first to shorter chunks over the same tiles, then to smaller tiles (with a warning).
     """
@@ -43,7 +44,16 @@ def choose_plan(
     dtype = module.output_proj.weight.dtype
     estimate = estimate_decode_memory if decoding else estimate_encode_memory
     budget = DEFAULT_VAE_BUDGET if max_memory is None else max_memory
-    plan = planner(module, latent_shape, budget)
+    while True:
+        try:
+            plan = planner(module, latent_shape, budget)
+            break
+        except ValueError:
+            # A video whose output alone exceeds the default budget: double it, still a function of the
+            # request alone. A budget the user gave is theirs to change.
+            if max_memory is not None or budget > 2**50:
+                raise
+            budget *= 2
     record = plan_record(plan, budget)
     need = estimate(module.cfg, latent_shape, plan.tile, plan.chunk, dtype)
     if max_memory is not None or available is None or need <= available:
