@@ -141,7 +141,9 @@ def test_info(tmp_path, model, capsys):
     n = sum(p.numel() for p in model.parameters())
     assert lines[2].startswith(f"dit         {n:,} parameters in {len(model.state_dict())} tensors")
     assert "F8_E4M3" in lines[2] and "prefix 'model.diffusion_model.'" in lines[2]
-    assert lines[-1].startswith("dit config  (tiny, inferred from shapes) depth=2, patch_size=2, num_heads=2, hidden_size_x=32")
+    assert lines[-1].startswith(
+        "dit config  (tiny, inferred from shapes) depth=2, patch_size=2, num_heads=2, hidden_size_x=32"
+    )
     code, out, _ = _run(capsys, "info", path, "--json")
     info = json.loads(out)
     assert info["format"] == "comfyui" and info["dit_preset"] == "tiny"
