@@ -268,6 +268,9 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     code = main(["train-lora", str(data), "--out", str(blocker), "--steps", "1", "--sample-every", "0"])
     _one_line(capsys, code, "afile")
     assert blocker.read_text() == "in the way"
+    (tmp_path / "v.json").mkdir()  # the sidecar's name is taken by a folder
+    code = main(["generate", "x", "--steps", "1", "--out", str(tmp_path / "v.mp4")])
+    _one_line(capsys, code, "v.json")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

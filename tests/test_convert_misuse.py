@@ -1,5 +1,7 @@
 """`mochi convert` misuse is refused before anything is written; VAE-only checkpoints convert both ways."""
 
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKLMochi
@@ -131,3 +133,27 @@ def test_nothing_to_convert_is_one_line(tmp_path, capsys):
     )
     code, _, err = _run(capsys, "convert", tmp_path / "t5.safetensors", tmp_path / "o", "--to", "genmo")
     assert code == 2 and "holds no DiT and no VAE: nothing to convert" in err
+
+
+def test_info_reports_the_embedded_bundle_with_its_own_config(capsys):
+    from mochi.weights.bundle import bundle_config
+
+    config = bundle_config(embedded_path())
+    code, out, _ = _run(capsys, "info", embedded_path())
+    lines = out.splitlines()
+    assert (
+        code == 0 and lines[1] == "format      mochi-bundle 'mochi-tiny' (dit, vae_decoder, vae_encoder, t5)"
+    )
+    fields = ", ".join(f"{k}={v}" for k, v in config["dit"].items())
+    assert f"dit config  (no preset) {fields}" in lines  # before: "comfyui" and pool_heads=8 from shapes
+    assert "pool_heads=4" in fields and "mlp_multiple_of=32" in fields
+    assert lines[-1].startswith("bundle      tokenizer byte; defaults frames=25, height=64, width=64")
+    code, out, _ = _run(capsys, "info", embedded_path(), "--json")
+    info = json.loads(out)
+    assert info["format"] == "mochi-bundle" and info["dit_config"] == config["dit"]
+    parts = {
+        k: {f: list(v) if isinstance(v, tuple) else v for f, v in c.items()}
+        for k, c in info["bundle"]["parts"].items()
+    }
+    assert parts == {k: config[k] for k in ("dit", "decoder", "encoder", "text_encoder")}
+    assert info["bundle"]["defaults"] == config["defaults"] and info["bundle"]["name"] == "mochi-tiny"
