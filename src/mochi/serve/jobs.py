@@ -277,7 +277,9 @@ class JobManager:
         """Cancel a queued job now, or a running one at its next step. Finished jobs are left as they are."""
         with self._cond:
             job = self._jobs.get(job_id)
-            if job is None or job.status in FINAL:
+            if job is None:  # a finished job of an earlier run, or none
+                return sidecars.load(self.out_dir, job_id)
+            if job.status in FINAL:
                 return job
             job.cancel_requested = True
             if job.status == QUEUED:

@@ -190,11 +190,19 @@ def _fit_embedded(out: str, seeds: int) -> None:
     cut = len(latents) * 3 // 4  # a quarter held out to report the error on unseen videos
     weight, bias, rmse = fit_factors(latents[:cut], frames[:cut])
     held = _rmse(weight, bias, latents[cut:], frames[cut:])
+    # Baselines on the held-out videos: every pixel the fitted videos' mean colour; the released factors.
+    mean = torch.cat(
+        [patch_targets(f, *z.shape[1:]).reshape(-1, 3) for z, f in zip(latents[:cut], frames[:cut])]
+    )
+    flat = _rmse(np.zeros((12, 3)), mean.mean(0).double().numpy(), latents[cut:], frames[cut:])
+    released = load_map(RELEASED)
+    comfy = _rmse(np.array(released.weight), np.array(released.bias), latents[cut:], frames[cut:])
     data = {
         "source": (
             f"least squares over {cut} videos of the embedded model (seeds 1000-{999 + cut}, "
             f"`python -m mochi.serve.preview fit`); RMS error {rmse:.3f} fitted, {held:.3f} on "
-            f"{len(latents) - cut} held-out videos, in [-1, 1] units"
+            f"{len(latents) - cut} held-out videos (the mean colour: {flat:.3f}; the released model's "
+            f"factors: {comfy:.3f}), in [-1, 1] units"
         ),
         "weight": [[round(float(v), 5) for v in row] for row in weight],
         "bias": [round(float(v), 5) for v in bias],
