@@ -209,8 +209,8 @@ def test_strict_judge_accepts_every_size_and_position(shape):
 
 def test_outline_faults_name_the_rule():
     assert J.outline_faults("square", J._prototype_outline("square"), J._prototype("square")[1:]) == []
-    faults = J.outline_faults("square", [0.8, 1.0, 0.5, 0.5, 0.5, 0.3], [0.0, -0.01, 0.0])
-    assert faults == ["fill 0.80 < 0.88", "corners 0.45 < 0.68", "a corner 0.30 < 0.45"]
+    faults = J.outline_faults("square", [0.75, 1.0, 0.5, 0.5, 0.5, 0.3], [0.0, -0.01, 0.0])
+    assert faults == ["fill 0.75 < 0.8", "corners 0.45 < 0.68", "a corner 0.30 < 0.45"]
     assert J.outline_faults("circle", [0.78, 0.75, 0.3, 0.3, 0.3, 0.3], [0, 0, 0]) == [
         "aspect 0.75 outside [0.85, 1.18]"
     ]
