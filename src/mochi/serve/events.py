@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from mochi.serve.errors import documented
+
 if TYPE_CHECKING:
     from mochi.serve.jobs import Job, JobManager
 
@@ -83,7 +85,7 @@ def snapshot(jobs: JobManager) -> dict:
 
 
 def add_routes(app: Any, jobs: JobManager, auth: list) -> None:
-    @app.get("/api/queue", dependencies=auth, tags=["queue"])
+    @app.get("/api/queue", dependencies=auth, responses=documented(400, 401), tags=["queue"])
     def queue() -> dict:
         """The live queue once: ``{"version", "time", "jobs": [...]}`` (running, queued in order, then the
         latest finished), each job with ``eta`` in seconds."""
@@ -93,7 +95,7 @@ def add_routes(app: Any, jobs: JobManager, auth: list) -> None:
         "/api/events",
         dependencies=auth,
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={200: {"content": {"text/event-stream": {}}}, **documented(400, 401)},
         tags=["queue"],
     )
     async def events(request: Request) -> StreamingResponse:

@@ -11,7 +11,8 @@
   413  a body larger than ``max_body`` bytes: a declared Content-Length at once, a chunked body as soon as
        it passes the limit (at most ``max_body`` bytes are ever held).
 A route taking another type (a video upload) is named in ``uploads``: path prefix → (accepted media types,
-largest body). The types browsers send cross-site without a preflight (``CORS_SAFELISTED``) are never
+largest body); such a route streams its body and enforces that limit itself for chunked bodies. The
+types browsers send cross-site without a preflight (``CORS_SAFELISTED``) are never
 accepted, whatever ``uploads`` says.
 It adds to every response ``X-Frame-Options: DENY`` and ``Content-Security-Policy: frame-ancestors 'none'``
 (no other site may frame the page and trick clicks on it), and ``X-Content-Type-Options: nosniff``.
@@ -128,10 +129,8 @@ class RequestGuard:
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         path = scope["path"]
-        accepted, limit = next(
-            (rule for prefix, rule in self.uploads.items() if path.startswith(prefix)),
-            (("application/json",), self.max_body),
-        )
+        upload = next((rule for prefix, rule in self.uploads.items() if path.startswith(prefix)), None)
+        accepted, limit = upload or (("application/json",), self.max_body)
         given = media_type(headers)
         if (method in BODY_METHODS or has_body) and (given not in accepted or given in CORS_SAFELISTED):
             wanted = " or ".join(accepted)
@@ -141,8 +140,10 @@ class RequestGuard:
             ), receive
         if length is not None and length.strip().isdigit() and int(length) > limit:
             return (413, _too_large(f"{int(length)} bytes", limit)), receive
-        if chunked:
+        if chunked and upload is None:
             return await _buffered(receive, limit)
+        # An upload route streams its body to disk and stops at its own limit: holding up to that many
+        # bytes in memory here would defeat it.
         return None, receive
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Query
 
 from mochi.request import GenerationRequest
+from mochi.serve.errors import documented
 
 if TYPE_CHECKING:
     from mochi.serve.jobs import Job, JobManager
@@ -117,7 +118,7 @@ def add_routes(app: Any, jobs: JobManager, auth: list) -> None:
     """``GET /api/history``: every job, live and on disk, newest first, a page at a time."""
     archive = Archive(jobs.out_dir)
 
-    @app.get("/api/history", dependencies=auth, tags=["history"])
+    @app.get("/api/history", dependencies=auth, responses=documented(400, 401, 422), tags=["history"])
     def history_page(
         offset: Annotated[int, Query(ge=0, description="jobs to skip, newest first")] = 0,
         limit: Annotated[int, Query(ge=1, le=PAGE_LIMIT, description="jobs to return")] = 50,

@@ -34,6 +34,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from mochi.request import TEMPORAL_COMPRESSION
+from mochi.serve.errors import documented
 
 RELEASED = "mochi-1-preview"
 # The most latent frames a preview shows side by side (evenly spaced through the clip).
@@ -156,7 +157,7 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         "/api/jobs/{job_id}/preview",
         dependencies=auth,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={200: {"content": {"image/png": {}}}, **documented(400, 401, 404, 422)},
         tags=["jobs"],
     )
     def job_preview(job_id: str) -> Response:

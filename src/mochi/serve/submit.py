@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from mochi.request import MAX_SEED, GenerationRequest
-from mochi.serve.errors import quote
+from mochi.serve.errors import documented, quote
 from mochi.serve.jobs import TEXT_TOKENS, QueueFull
 from mochi.serve.uploads import upload_path
 
@@ -120,9 +120,17 @@ def add_routes(app: Any, jobs: Any, auth: list, job_request: type[BaseModel], lo
 
     # The body's model is built above, so FastAPI is handed it as an object, not as a name to resolve.
     submit_batch.__annotations__["body"] = batch_request
-    app.post("/api/batches", status_code=202, dependencies=auth, tags=["jobs"])(submit_batch)
+    app.post(
+        "/api/batches",
+        status_code=202,
+        dependencies=auth,
+        responses=documented(400, 401, 413, 415, 422, 429, 501),
+        tags=["jobs"],
+    )(submit_batch)
 
-    @app.post("/api/tokens", dependencies=auth, tags=["prompts"])
+    @app.post(
+        "/api/tokens", dependencies=auth, responses=documented(400, 401, 413, 415, 422), tags=["prompts"]
+    )
     def tokens(body: TokenQuery) -> dict:
         """A prompt's length in the text encoder's tokens (end token included) and what it reads:
         ``{"count", "limit", "truncated"}``; tokens past ``limit`` are dropped at generation."""

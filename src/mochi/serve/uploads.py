@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
+from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
@@ -43,7 +44,13 @@ def upload_path(out_dir: Path, upload_id: str) -> Path | None:
 
 
 def add_routes(app: Any, jobs: Any, auth: list) -> None:
-    @app.post("/api/uploads", status_code=201, dependencies=auth, tags=["uploads"])
+    @app.post(
+        "/api/uploads",
+        status_code=201,
+        dependencies=auth,
+        responses=documented(400, 401, 413, 415, 422),
+        tags=["uploads"],
+    )
     async def upload(request: Request) -> dict:
         """Upload a video (the raw file as the body, ``Content-Type: video/...``) for video-to-video:
         201 with ``{"id", "frames", "width", "height", "fps"}``; give the id as ``init_video`` in
