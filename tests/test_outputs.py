@@ -119,6 +119,7 @@ def test_all_finite_finds_nan_and_inf(dtype, bad):
     t = torch.linspace(-3, 3, 1000).to(dtype)
     big = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min, 0.0], dtype=dtype)
     assert all_finite(t) and all_finite(big) and all_finite(torch.zeros(0, dtype=dtype))
+    assert all_finite(torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype))  # its sum overflows
     t[517] = bad
     assert not all_finite(t) and not all_finite(t[1::3][172:173])  # strided views too
 
