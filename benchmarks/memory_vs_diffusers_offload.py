@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from diffusers.hooks import apply_group_offloading
@@ -73,7 +74,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    cfg = DiTConfig(depth=args.depth, hidden_size_x=args.width, hidden_size_y=args.width // 2)
+    cfg = DiTConfig(depth=args.depth, num_heads=args.width // 128, hidden_size_x=args.width)
+    if args.width != 3072:  # diffusers' SwiGLU width rule at other widths (DIT_PRESETS["small"])
+        cfg = replace(cfg, hidden_size_y=args.width // 2, mlp_multiple_of=1)
     ours = AsymmDiT(cfg).eval().requires_grad_(False).to(dtype)
     theirs = diffusers_model(ours).to(dtype)
     g = torch.Generator().manual_seed(1)

@@ -1,10 +1,10 @@
 """Peak activation memory of a forward, measured on the meta device: shapes only, nothing allocated.
 
 ``LiveBytes`` is a dispatch mode that sees every operator's outputs. A new storage counts as allocated
-until the last tensor referring to it dies (a weak reference on each tensor; PyTorch keeps a tensor's
-Python object alive while C++ still holds the tensor, so the release is seen when the memory would really
-be freed). Views and in-place results share their input's storage and add nothing; storages that existed
-before the mode (weights, inputs) are never counted. The peak of the live total is the forward's peak
+until it is freed (a weak reference to the storage itself, checked at every operator, so a storage kept
+alive by another tensor, e.g. a parameter whose ``.data`` it became, still counts). Views and in-place
+results share their input's storage and add nothing; storages that existed before the mode (weights,
+inputs) are never counted. The peak of the live total is the forward's peak
 activation memory on any device whose kernels allocate only their outputs, which holds for the matmuls,
 norms and element-wise ops of these models. Attention is the exception (the fused kernels' workspaces,
 the math path's score matrix), so the DiT's attention call is replaced during a trace by ``meta_attention``,
@@ -13,9 +13,8 @@ which allocates what the fused kernels allocate.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -26,36 +25,31 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.now = self.peak = 0
-        self._sizes: dict[int, int] = {}
-        self._refs: dict[int, int] = {}
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
 
-    def _release(self, key: int) -> None:
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.now -= self._sizes.pop(key)
-
-    def _track(self, t: torch.Tensor, known: set[int]) -> None:
-        key = t.untyped_storage()._cdata
-        if key in known and key not in self._sizes:
-            return  # a view of, or an in-place result on, a tensor made outside the mode
-        if key not in self._sizes:
-            self._sizes[key] = t.untyped_storage().nbytes()
-            self._refs[key] = 0
-            self.now += self._sizes[key]
-            self.peak = max(self.peak, self.now)
-        self._refs[key] += 1
-        weakref.finalize(t, self._release, key)
+    def _purge(self) -> None:
+        for key, (ref, size) in list(self._live.items()):
+            if ref.expired():
+                del self._live[key]
+                self.now -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's hook
         kwargs = kwargs or {}
-        known = {
-            a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
-        }
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        known = {t.untyped_storage()._cdata for t in tensors}
+        del tensors
         out = func(*args, **kwargs)
+        self._purge()
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t, known)
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in known or key in self._live:
+                continue  # a view of, or an in-place result on, a tensor seen already or made outside
+            self._live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
         return out
 
 
