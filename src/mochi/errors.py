@@ -65,13 +65,15 @@ def user_message(exc: BaseException) -> str | None:
 def _os_message(exc: OSError) -> str:
     if exc.strerror is None:
         return one_line(str(exc)) or type(exc).__name__
-    names = [repr(os.fspath(n)) for n in (exc.filename, exc.filename2) if n is not None]
+    # A rename names the temporary and the destination: the destination is the path the user chose.
+    named = exc.filename2 if exc.filename2 is not None else exc.filename
+    name = repr(os.fspath(named)) if named is not None else ""
     reason = DISK_ERRNOS.get(exc.errno, exc.strerror)
     if isinstance(exc, FileExistsError):
-        return f"{' → '.join(names) or 'the output'} already exists; remove it or choose another path"
+        return f"{name or 'the output'} already exists; remove it or choose another path"
     if exc.errno in DISK_ERRNOS:
-        return f"cannot write {' → '.join(names) or 'the output'}: {reason}"
-    return f"{reason}: {' → '.join(names)}" if names else reason
+        return f"cannot write {name or 'the output'}: {reason}"
+    return f"{reason}: {name}" if name else reason
 
 
 def disk_trouble(path: str | os.PathLike) -> str | None:
