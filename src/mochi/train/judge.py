@@ -16,6 +16,11 @@ soft foreground coverage ``alpha`` in [0, 1], and the pixels with ``alpha > 0.5`
 
 Prototypes come from the shape table, so a shape added to ``shapes.SHAPES`` is recognised with no change
 here.
+
+The strict judge (the default, issue 20) then holds the nearest shape to its outline rules
+(``outline_faults``), measured on the coverage sharpened around 0.5: the fill ratio of the box, its aspect
+ratio and the occupancy of its four corners. A square must fill its corners, a circle must be round and
+leave them empty, a triangle must keep its points; an object that fails is a ``BLOB``, a wrong shape.
 """
 
 from __future__ import annotations
