@@ -152,7 +152,8 @@ def quality(args: argparse.Namespace) -> None:
             transformer.enable_cache(config)
         return wrapper
 
-    ratios = magcache_ratios(components, transformer, steps) if args.impl != "ours" else []
+    need_ratios = args.impl != "ours" and (not args.only or any("MagCache" in o for o in args.only))
+    ratios = magcache_ratios(components, transformer, steps) if need_ratios else []
     if ratios:
         print(f"MagCache calibration ratios ({len(ratios)} steps): {[round(r, 4) for r in ratios]}")
     settings = [("ours", "uncached", lambda: ours("none", 0))]
@@ -188,32 +189,103 @@ def quality(args: argparse.Namespace) -> None:
         f"prompts x {args.seeds} seeds (SEED {args.seed}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)"
     )
-    print(
-        f"{'impl':<9} {'setting':<27} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
-        f"{'min dB':>7} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
-    )
-    base = {}
+    print(HEADER)
+    rows = {}
     for impl, label, make in settings:
+        if args.only and f"{impl}/{label}" not in args.only:
+            continue
         counter = ours_count if impl == "ours" else theirs_count
         before = counter[0]
         videos, seconds, trajectories = run_setting(components, make(), prompts, args)
-        forwards = (counter[0] - before) / trajectories
-        if label == "uncached":
-            base[impl] = (videos, seconds)
-        ref, ref_seconds = base[impl]
-        values = [psnr(a, b) for a, b in zip(videos, ref)]
+        row = {"videos": videos, "seconds": seconds, "forwards": (counter[0] - before) / trajectories}
+        if args.save:
+            np.savez(f"{args.save}/{impl}--{label}.npz", **row, prompts=np.array(prompts * args.seeds))
+        rows[impl, label] = row
+    print_rows(rows, prompts * args.seeds)
+
+
+def print_rows(rows: dict, prompts: list[str]) -> None:
+    """The table: each row against the uncached row of the same implementation."""
+    for (impl, label), row in rows.items():
+        videos, seconds, forwards = row["videos"], float(row["seconds"]), float(row["forwards"])
+        ref = rows.get((impl, "uncached"))
+        if ref is None:
+            print(f"{impl:<9} {label:<27} (no uncached row of {impl} to compare with)")
+            continue
+        values = [psnr(a, b) for a, b in zip(videos, ref["videos"])]
         finite = [v for v in values if np.isfinite(v)]
         mean_db = statistics.mean(finite) if finite else float("inf")
-        min_db = min(values)
-        r = score(prompts * args.seeds, videos)
+        r = score(prompts, videos)
         o, h = r["overall"], r["heldout"]
         print(
-            f"{impl:<9} {label:<27} {forwards:8.1f} {seconds:7.3f} {ref_seconds / seconds:7.2f}× "
-            f"{mean_db:8.2f} {min_db:7.2f} | {100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
+            f"{impl:<9} {label:<27} {forwards:8.1f} {seconds:7.3f} {float(ref['seconds']) / seconds:7.2f}× "
+            f"{mean_db:8.2f} {min(values):7.2f} | {100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
             f"{100 * o['direction']:5.1f}% {100 * o['all']:5.1f}% | "
-            "/".join(f"{100 * h[k]:.1f}" for k in ("color", "shape", "direction") if k in h),
+            + "/".join(f"{100 * h[k]:.1f}" for k in ("color", "shape", "direction") if k in h),
             flush=True,
         )
+
+
+def report(args: argparse.Namespace) -> None:
+    """The table from the rows that ``quality --save DIR`` runs (possibly several processes) saved."""
+    from pathlib import Path
+
+    rows, prompts = {}, None
+    order = ("ours--uncached", "ours--TeaCache", "ours--FBCache", "diffusers--uncached", "diffusers--")
+    files = sorted(
+        Path(args.save).glob("*.npz"), key=lambda f: ([f.stem.startswith(o) for o in order][::-1], f.stem)
+    )
+    for f in files:
+        data = np.load(f)
+        impl, label = f.stem.split("--", 1)
+        rows[impl, label] = dict(data)
+        prompts = [str(p) for p in data["prompts"]]
+    print(HEADER)
+    print_rows(rows, prompts)
+
+
+HEADER = (
+    f"{'impl':<9} {'setting':<27} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
+    f"{'min dB':>7} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
+)
+
+
+def cfg_sharing(args: argparse.Namespace) -> None:
+    """Batched CFG with one shared decision vs separate cond/uncond forwards with one cache each."""
+    from mochi.models.prompts import encode_prompts
+    from mochi.models.vae_tiling import decode
+    from mochi.sampling.sampler import initial_noise, sample
+    from mochi.train.evaluate import _stats
+    from mochi.train.train_vae import from_pixels
+
+    c = load_embedded()
+    steps = args.steps or c.defaults["steps"]
+    sigmas = linear_quadratic_schedule(steps)
+    coefficients = load_coefficients(coefficients_path(c.source), c.dit.config)
+    prompts = (shapes.eval_prompts() + shapes.heldout_prompts())[: args.limit or None]
+    text = encode_prompts(prompts, c.tokenizer, c.text_encoder)
+    null = encode_prompts([""], c.tokenizer, c.text_encoder)
+    z = torch.cat([initial_noise((1, 12, 5, 8, 8), args.seed + i) for i in range(len(prompts))])
+    mean, std = _stats(c)
+    count = last_block_counter(c.dit.blocks[-1], c.dit.blocks[-1].mlp_x)
+
+    def run(model, batch_cfg: bool):  # noqa: ANN001, ANN202
+        before = count[0]
+        with torch.no_grad():
+            out = sample(model, z, sigmas, text, null, guidance=c.defaults["guidance"], batch_cfg=batch_cfg)
+            return from_pixels(decode(c.decoder, out * std + mean)), count[0] - before
+
+    print(f"{len(prompts)} prompts, seeds {args.seed}+i, {steps} steps; passes = forwards of the blocks")
+    print(f"{'setting':<16} {'CFG':<22} {'passes':>6} {'rows x passes':>13} {'PSNR dB':>8}")
+    for batch_cfg in (True, False):
+        ref, _ = run(c.dit, batch_cfg)
+        for kind, threshold in ((k, float(t)) for k, t in (s.split(":") for s in args.cfg_settings)):
+            cache = StepCache(c.dit, CacheSetting(kind, threshold), coefficients=coefficients, sigmas=sigmas)
+            videos, passes = run(cache, batch_cfg)
+            db = statistics.mean(psnr(a, b) for a, b in zip(videos, ref))
+            mode = "batched, one decision" if batch_cfg else "separate, one cache each"
+            rows = 2 * len(prompts) if batch_cfg else len(prompts)
+            print(f"{kind}:{threshold:<7g} {mode:<22} {passes:6d} {rows * passes:13d} {db:8.2f}", flush=True)
 
 
 def compile_speed(args: argparse.Namespace) -> None:
@@ -267,7 +339,10 @@ def compile_speed(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=("quality", "compile"))
+    p.add_argument("part", choices=("quality", "compile", "report", "cfg"))
+    p.add_argument("--cfg-settings", type=lambda v: v.split(","), default=["teacache:0.08", "fbcache:0.15"])
+    p.add_argument("--only", type=lambda v: v.split(","), default=[], help="rows to run: impl/label,...")
+    p.add_argument("--save", metavar="DIR", help="quality: save each row's videos; report: read them")
     p.add_argument("--seeds", type=int, default=4, help="seeds pooled per prompt (≥ 4 for the issue)")
     p.add_argument("--seed", type=int, default=100, help="first seed (the calibration used 0-7)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -288,7 +363,7 @@ def main() -> None:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    (quality if args.part == "quality" else compile_speed)(args)
+    {"quality": quality, "compile": compile_speed, "report": report, "cfg": cfg_sharing}[args.part](args)
 
 
 if __name__ == "__main__":

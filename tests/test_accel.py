@@ -294,3 +294,25 @@ def test_api_forwards_the_cache_and_rejects_bad_ones(pipe, tmp_path):
         ]:
             status, reply = call_json("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, **bad})
             assert status == 422 and message in reply["detail"], reply
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "sage"])
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_threshold_zero_is_exact_on_every_cuda_backend(backend, kind):
+    from mochi.ops.attention import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"attention backend {backend!r} is not installed")
+    dit = _dit().to("cuda", torch.bfloat16)
+    dit.attention_backend = backend
+    z, text, null = _inputs()
+    move = lambda t: (t[0].cuda(), t[1].cuda())  # noqa: E731
+    args = (z.cuda(), SIGMAS, move(text), move(null))
+    want = sample(dit, *args, guidance=3.0)
+    assert torch.equal(
+        sample(StepCache(dit, CacheSetting(kind, 0.0), sigmas=SIGMAS), *args, guidance=3.0), want
+    )
+    cache = StepCache(dit, CacheSetting(kind, 1e9), sigmas=SIGMAS)
+    sample(cache, *args, guidance=3.0)
+    assert cache.stats.forwards == 2

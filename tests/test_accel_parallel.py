@@ -34,9 +34,10 @@ def _cache_job(out: str) -> None:
 
     world = init_world("cpu")
     res = {}
-    for mode in ("sequence", "guidance"):
+    for mode in ("sequence", "guidance", "sharded"):
         pipe = MochiPipeline(tiny_components(), device="cpu")
-        parallelize(pipe, world, weights="replicate", guidance=mode == "guidance")
+        weights = "shard" if mode == "sharded" else "replicate"
+        parallelize(pipe, world, weights=weights, guidance=mode == "guidance")
         for kind, request in _requests().items():
             gen = pipe.generate(request)
             res[mode, kind] = gen.latents, gen.stats

@@ -143,6 +143,19 @@ def _valid_local_tokens() -> int | None:
     return max(0, min(s.local, s.tokens - s.rank * s.local))
 
 
+def _first_scale(block: torch.nn.Module, c: torch.Tensor) -> torch.Tensor:
+    """Block 0's scale_msa_x (B, 1, dx) from SiLU(conditioning) c (B, dx). Under FSDP2 (``--parallel-weights
+    shard``) the block's weights are gathered for this call as its own forward would, then released."""
+    fsdp = callable(getattr(block, "unshard", None))
+    if fsdp:
+        block.unshard()
+    try:
+        return block.mod_x(c)[:, None].chunk(4, dim=-1)[0]
+    finally:
+        if fsdp:
+            block.reshard()
+
+
 class StepCache:
     """A denoiser ``(x, sigma, text, mask) → v`` running ``dit`` with step caching.
 
@@ -229,8 +242,7 @@ class StepCache:
         """The block loop with caching: h (B, N, dx) in, the last block's h out."""
         stream, threshold = self._stream, self.setting.threshold
         if self.setting.kind == "teacache":
-            scale = dit.blocks[0].mod_x(c)[:, None].chunk(4, dim=-1)[0]
-            probe = modulated_rms_norm(h, scale)  # block 0's modulated visual input
+            probe = modulated_rms_norm(h, _first_scale(dit.blocks[0], c))  # block 0's modulated visual input
             self._change = self._relative_l1(probe, stream.probe)
             stream.probe = probe
             if not self._force:
