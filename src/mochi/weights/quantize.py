@@ -228,7 +228,23 @@ def quantize_model(model: nn.Module, mode: str) -> Quantized:
         old = getattr(parent, child)
         setattr(parent, child, quantize_linear(old, mode))
         done.append(name)
+    if done:
+        _own_host_tensors(model)
     return Quantized(mode, done, kept, skipped)
+
+
+def _own_host_tensors(model: nn.Module) -> None:
+    """Give the unquantized CPU tensors storage of their own.
+
+    safetensors hands tensors out as views of one memory map of the file, which stays mapped while any of
+    them lives: the pages of the weights just quantized would stay resident with it (a quantized bf16 model
+    held ~1.9× the memory of its weights). Copying the few unquantized tensors (1% of the DiT) releases it.
+    """
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            # A torchao tensor (a subclass) owns its int8 data already.
+            if t is not None and t.device.type == "cpu" and type(t) in (torch.Tensor, nn.Parameter):
+                t.data = t.data.clone()
 
 
 def fp8_supported(device: torch.device) -> bool:
