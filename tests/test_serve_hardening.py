@@ -126,6 +126,10 @@ def test_json_with_a_charset_is_accepted_and_cancel_needs_json_too(live):
         ('{"prompt": "x", "guidance": 1e999}', "guidance: Input should be a finite number"),
         ('{"prompt": "x", "lora_scale": NaN}', "lora_scale: Input should be a finite number"),
         (
+            '{"prompt": "x", "loras": [{"name": "a.safetensors", "scale": NaN}]}',
+            "loras.0.scale: Input should be a finite number",
+        ),
+        (
             '{"prompt": "a\\ud800b"}',
             "prompt: Input should be a valid string, unable to parse raw data as a unicode string "
             "(got 'a\\ud800b')",

@@ -25,9 +25,10 @@ MAX_BATCH = 16
 
 
 class LoraChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN, Infinity and 1e999 are invalid scales (422), as in JobRequest.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(description="a file name from GET /api/info's loras")
+    name: str = Field(max_length=255, description="a file name from GET /api/info's loras")
     scale: float = Field(1.0, ge=-10, le=10, description="strength of this LoRA")
 
 
