@@ -26,25 +26,20 @@ from mochi.models.vae import Decoder, DecoderConfig
 from mochi.models.vae_memory import estimate_decode_memory
 from mochi.models.vae_tiling import Plan, plan_decode
 from mochi.ops.rope import rope_positions, rope_table
+from mochi.weights.quantize import bytes_per_param
 
 QUANT_MODES = ("none", "fp8", "int8", "q8_0", "q4_0")
 
 
 def quantized_linear_bytes(quant: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
-    """Bytes of one (out, in) Linear weight: ``dtype`` unquantized; fp8/int8 one byte per weight plus an
-    fp32 scale per output channel; q8_0 34 bytes and q4_0 18 bytes per block of 32 weights (ggml blocks: an
-    fp16 scale and 32 int8 or 32 nibbles)."""
+    """Bytes of one (out, in) Linear weight: ``dtype`` unquantized, otherwise as
+    `mochi.weights.quantize.bytes_per_param` counts them (scales included)."""
     n = out_features * in_features
     if quant == "none":
         return n * dtype.itemsize
-    if quant in ("fp8", "int8"):
-        return n + 4 * out_features
-    blocks = out_features * -(-in_features // 32)
-    if quant == "q8_0":
-        return 34 * blocks
-    if quant == "q4_0":
-        return 18 * blocks
-    raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    return round(n * bytes_per_param(quant, dtype, in_features))
 
 
 def _check_quant(quant: str) -> None:
