@@ -400,6 +400,11 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     assert (
         seen["p"].encoder.channels == [32, 64, 96, 128] and seen["p"].dit == MODEL_PRESETS["mochi-tiny"].dit
     )
+    main(["vae", "--out", str(tmp_path), "--checkpoint-every", "25"])
+    assert seen["r"] == replace(VAERecipe(), checkpoint_every=25)
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--checkpoint-every", "0"])
+    assert "--checkpoint-every must be 1 or more, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "-1"])
     assert "--early-foreground-weight must be 0 or more, got -1.0" in capsys.readouterr().err

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, help="clips per step (default: the recipe's)")
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="steps between checkpoints (default: the recipe's); results do not depend on it",
+    )
+    parser.add_argument(
         "--pooled-caption",
         action=argparse.BooleanOptionalAction,
         help="dit: train the DiT's pooled caption vector, or hold it at zero (default: the recipe's)",
@@ -69,7 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     preset = model_preset(args.preset)
     args.out.mkdir(parents=True, exist_ok=True)
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be 1 or more, got {args.checkpoint_every}")
+    overrides = {
+        k: v
+        for k, v in (
+            ("steps", args.steps),
+            ("batch", args.batch),
+            ("checkpoint_every", args.checkpoint_every),
+        )
+        if v is not None
+    }
     for flag, key in (
         ("--pooled-caption/--no-pooled-caption", "pooled_caption"),
         ("--word-consistency", "word_consistency"),
