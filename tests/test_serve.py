@@ -209,7 +209,7 @@ def test_broken_lora_fails_its_job_only(url):
     status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "lora": "broken.safetensors"})
     job = wait_for(url, job["id"], ("done", "failed"))
     assert job["status"] == "failed"
-    assert job["error"].startswith("ValueError: LoRA 'broken.safetensors' cannot be applied: WeightsError")
+    assert job["error"].startswith("ValueError: LoRA 'broken.safetensors' cannot be applied: WeightsError: ")
     assert "is not a readable safetensors file" in job["error"] and "/tmp/" not in job["error"]
     status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "steps": 1})
     assert wait_for(url, job["id"], ("done", "failed"))["status"] == "done"
