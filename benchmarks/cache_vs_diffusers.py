@@ -231,9 +231,9 @@ def report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     rows, prompts = {}, None
-    order = ("ours--uncached", "ours--TeaCache", "ours--FBCache", "diffusers--uncached", "diffusers--")
     files = sorted(
-        Path(args.save).glob("*.npz"), key=lambda f: ([f.stem.startswith(o) for o in order][::-1], f.stem)
+        Path(args.save).glob("*.npz"),
+        key=lambda f: (f.stem.split("--")[0] != "ours", "uncached" not in f.stem, f.stem),
     )
     for f in files:
         data = np.load(f)

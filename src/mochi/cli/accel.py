@@ -106,7 +106,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "lora": args.lora,
         **{k: v for k, v in request.items() if v is not None},
     }
-    name = source or "embedded"
+    name = Path(source).name if source else "custom"
     save_coefficients(out, coefficients, pipe.components.dit.config, name, fit)
     print(f"wrote {out}")
     return 0
