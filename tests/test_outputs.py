@@ -188,8 +188,7 @@ def test_failed_sidecar_write_keeps_the_old_pair(tiny, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mochi.outputs.Path, "write_text", fail)
-    with pytest.raises(OSError, match="No space"):
-        _run(tmp_path)
+    assert _run(tmp_path) == 2  # the CLI's error boundary: one line (tests/test_cli_errors.py)
     assert (tmp_path / "o.mp4").read_bytes() == old and json.loads((tmp_path / "o.json").read_text())["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json", "o.mp4"]
 
@@ -269,8 +268,7 @@ def test_junk_generate_arguments_fail_before_loading(never_load, tmp_path, capsy
         (["--strength", "0.5"], "--strength applies only to video-to-video; give --init-video FILE"),
         (["--max-memory", "0"], "--max-memory '0' must be a positive size such as 8GB"),
         (["--fps", "0.0001"], "fps=0.0001 must be a number from 0.1 to 1000; nearest valid: 0.1"),
-        (["--fps", "inf"], "fps=inf must be a number from 0.1 to 1000; nearest valid: 1000"),
-        (["--fps", "nan"], "fps=nan must be a number from 0.1 to 1000"),
+        (["--fps", "2000"], "fps=2000.0 must be a number from 0.1 to 1000; nearest valid: 1000"),
         (["--guidance", "1e30"], "guidance=1e+30 must be in [0, 100]"),
         (["--lora", missing], f"--lora {missing!r} does not exist"),
         (["--lora", str(not_lora)], "is not a Mochi DiT LoRA"),

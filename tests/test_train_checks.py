@@ -1,5 +1,8 @@
 """Issue 18 for train-lora: junk settings fail before loading, a non-finite loss stops the run honestly."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -30,6 +33,21 @@ def data(tmp_path):
     return folder
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", math.inf, "lr=inf must be in (0, 1]"),
+        ("lr", math.nan, "lr=nan must be in (0, 1]"),
+        ("alpha", math.nan, "alpha=nan must be in (0, 64·rank] = (0, 1024]"),
+        ("weight_decay", math.nan, "weight_decay=nan must be a finite number ≥ 0"),
+        ("sigma_shift", math.inf, "sigma_shift=inf must be positive"),
+    ],
+)
+def test_non_finite_training_settings_are_refused_by_the_library(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lora_train.LoraTrainConfig(**{field: value}).validate()
+
+
 def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypatch, capsys):
     def load(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -39,16 +57,16 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     run = ["train-lora", str(data), "--out", str(tmp_path / "run")]
+    for argv in (["--lr", "inf"], ["--lr", "nan"], ["--alpha", "nan"], ["--sigma-shift", "inf"]):
+        with pytest.raises(SystemExit) as stop:  # argparse refuses non-finite floats (mochi.cli.finite_float)
+            main([*run, *argv])
+        assert stop.value.code == 2 and "is not a finite number" in capsys.readouterr().err, argv
     cases = [
-        (["--lr", "inf"], "lr=inf must be in (0, 1]"),
         (["--lr", "1e10"], "lr=10000000000.0 must be in (0, 1]"),
-        (["--lr", "nan"], "lr=nan must be in (0, 1]"),
-        (["--alpha", "nan"], "alpha=nan must be in (0, 64·rank] = (0, 1024]"),
         (["--alpha", "0"], "alpha=0.0 must be in (0, 64·rank]"),
         (["--alpha", "1e10", "--rank", "4"], "alpha=10000000000.0 must be in (0, 64·rank] = (0, 256]"),
         (["--sample-steps", "0"], "sample_steps=0 must be at least 1"),
-        (["--weight-decay", "nan"], "weight_decay=nan must be a finite number ≥ 0"),
-        (["--sigma-shift", "inf"], "sigma_shift=inf must be positive"),
+        (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number ≥ 0"),
         (["--vae", str(tmp_path / "file")], "--vae cannot be used with the embedded model"),
         (["--t5", str(tmp_path / "nope")], f"--t5 {str(tmp_path / 'nope')!r} does not exist"),
     ]

@@ -81,7 +81,15 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     video_rate(args.fps)
     if args.strength is not None and not args.init_video:
         raise ValueError("--strength applies only to video-to-video; give --init-video FILE or leave it out")
-    max_memory = parse_max_memory(args.max_memory)
+    if getattr(args, "devices", None):  # then --max-memory is one size per device (mochi.memory.placement)
+        from mochi.memory.placement import parse_budgets, parse_devices
+
+        devices = parse_devices(args.devices)
+        max_memory = None
+        if args.max_memory is not None and min(parse_budgets(args.max_memory, devices, 0)) <= 0:
+            raise ValueError(f"--max-memory {args.max_memory!r}: every device's budget must be positive")
+    else:
+        max_memory = parse_max_memory(args.max_memory)
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
     check_loras(args.lora)
     init = None

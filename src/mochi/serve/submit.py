@@ -83,7 +83,18 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
         if getattr(jobs.pipeline.components, "encoder", None) is None:
             raise HTTPException(422, "video-to-video needs the VAE encoder, and this server's model has none")
     values = body.model_dump(
-        include={"prompt", "negative_prompt", "frames", "height", "width", "steps", "guidance", "seed"}
+        include={
+            "prompt",
+            "negative_prompt",
+            "frames",
+            "height",
+            "width",
+            "steps",
+            "guidance",
+            "seed",
+            "cache",
+            "cache_threshold",
+        }
     )
     request = GenerationRequest(
         **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength
