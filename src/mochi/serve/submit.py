@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from mochi.request import MAX_SEED, GenerationRequest
 from mochi.serve.errors import documented, quote
-from mochi.serve.jobs import TEXT_TOKENS, QueueFull
+from mochi.serve.jobs import PARAMETERS, TEXT_TOKENS, QueueFull
 from mochi.serve.uploads import upload_path
 
 MAX_LORAS = 8
@@ -82,20 +82,7 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
             )
         if getattr(jobs.pipeline.components, "encoder", None) is None:
             raise HTTPException(422, "video-to-video needs the VAE encoder, and this server's model has none")
-    values = body.model_dump(
-        include={
-            "prompt",
-            "negative_prompt",
-            "frames",
-            "height",
-            "width",
-            "steps",
-            "guidance",
-            "seed",
-            "cache",
-            "cache_threshold",
-        }
-    )
+    values = body.model_dump(include=set(PARAMETERS))  # the request fields a job records
     request = GenerationRequest(
         **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength
     )
