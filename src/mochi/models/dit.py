@@ -310,7 +310,10 @@ class AsymmDiT(nn.Module):
             AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(cfg)
-        self.initialize_weights()
+        # On the meta device (built to be loaded) there are no values to draw, and drawing them there goes
+        # through torch's Python decompositions, whose import alone costs seconds.
+        if self.pos_frequencies.device.type != "meta":
+            self.initialize_weights()
 
     @property
     def attention_backend(self) -> str:
