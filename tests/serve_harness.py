@@ -127,3 +127,11 @@ def wait_for(url: str, job_id: str, statuses: tuple[str, ...], *, timeout: float
             break
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s, expected {statuses}")
+
+
+def settle(live: LiveServer) -> None:
+    """Leave no job behind for the next test: cancel what is queued or running, wait for the worker."""
+    for job in live.jobs.jobs():
+        live.jobs.cancel(job.id)
+    for job in live.jobs.jobs():
+        wait_for(live.url, job.id, ("done", "failed", "cancelled"))

@@ -21,7 +21,16 @@ from mochi.serve.server import check_binding, check_port, is_loopback  # noqa: E
 from mochi.video import read_video, write_video  # noqa: E402
 from mochi.weights.lora import save_lora  # noqa: E402
 
-from .serve_harness import FAIL_PROMPT, AppServer, GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
+from .serve_harness import (  # noqa: E402
+    FAIL_PROMPT,
+    AppServer,
+    GatedPipeline,
+    LiveServer,
+    call,
+    call_json,
+    settle,
+    wait_for,
+)
 from .test_lora import random_lora  # noqa: E402
 from .test_pipeline import tiny_components  # noqa: E402
 
@@ -47,11 +56,7 @@ def url(live, pipe):
     pipe.gate.set()
     yield live.url
     pipe.gate.set()
-    # Leave no job behind for the next test: cancel what is queued or running, wait for the worker.
-    for job in live.jobs.jobs():
-        live.jobs.cancel(job.id)
-    for job in live.jobs.jobs():
-        wait_for(live.url, job.id, ("done", "failed", "cancelled"))
+    settle(live)
 
 
 def hold(pipe, url):

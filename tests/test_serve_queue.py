@@ -18,7 +18,7 @@ from mochi.serve.jobs import JobManager  # noqa: E402
 from mochi.video import write_video  # noqa: E402
 from mochi.weights.lora import save_lora  # noqa: E402
 
-from .serve_harness import GatedPipeline, LiveServer, call, call_json, wait_for  # noqa: E402
+from .serve_harness import GatedPipeline, LiveServer, call, call_json, settle, wait_for  # noqa: E402
 from .test_lora import random_lora  # noqa: E402
 from .test_pipeline import tiny_components  # noqa: E402
 from .test_serve_preview import read_png  # noqa: E402
@@ -45,10 +45,7 @@ def url(live, pipe):
     pipe.gate.set()
     yield live.url
     pipe.gate.set()
-    for job in live.jobs.jobs():
-        live.jobs.cancel(job.id)
-    for job in live.jobs.jobs():
-        wait_for(live.url, job.id, FINAL)
+    settle(live)
 
 
 def hold(pipe, url, **body):

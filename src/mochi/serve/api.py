@@ -46,7 +46,7 @@ from mochi.serve import submit as extras
 from mochi.serve import uploads as video_uploads
 from mochi.serve.errors import documented, install_error_handlers, quote
 from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard, Uploads
-from mochi.serve.jobs import DONE, FINAL, JobManager, QueueFull
+from mochi.serve.jobs import DONE, FINAL, JobManager
 
 # Upper bounds that keep one request from exhausting the server; the released model's defaults
 # (163 frames, 848x480, 64 steps) sit well inside them.
@@ -173,12 +173,7 @@ def create_app(
     )
     def submit(body: JobRequest) -> dict:
         request, details = extras.build_request(body, jobs, lora_path)
-        try:
-            job = jobs.submit(request, **details)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from e
-        except QueueFull as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from e
+        (job,) = extras.queue(jobs, [request], details)
         return jobs.summary(job)
 
     @app.get("/api/jobs", dependencies=auth, responses=read)

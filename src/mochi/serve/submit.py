@@ -90,6 +90,17 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
     return request, details
 
 
+def queue(jobs: Any, requests: list[GenerationRequest], details: dict) -> list:
+    """``JobManager.submit_batch`` with its refusals as HTTP errors: 422 an invalid request, 429 a full
+    queue (with ``Retry-After``). Every job route queues through here."""
+    try:
+        return jobs.submit_batch(requests, **details)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from e
+    except QueueFull as e:
+        raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from e
+
+
 def add_routes(app: Any, jobs: Any, auth: list, job_request: type[BaseModel], lora_dir: Path | None) -> None:
     batch_request = create_model(
         "BatchRequest",
@@ -109,13 +120,7 @@ def add_routes(app: Any, jobs: Any, auth: list, job_request: type[BaseModel], lo
         for i in range(body.count):
             seed = None if request.seed is None else request.seed + i
             requests.append(GenerationRequest(**{**vars(request), "seed": seed}))
-        try:
-            queued = jobs.submit_batch(requests, **details)
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from e
-        except QueueFull as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from e
-        return {"jobs": [jobs.summary(job) for job in queued]}
+        return {"jobs": [jobs.summary(job) for job in queue(jobs, requests, details)]}
 
     # The body's model is built above, so FastAPI is handed it as an object, not as a name to resolve.
     submit_batch.__annotations__["body"] = batch_request
