@@ -20,6 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` with its default N(0, 1) initialisation, skipped on the meta device: there
+    are no values to draw there (the model is built to be loaded), and ``normal_`` on meta goes through
+    torch's Python decompositions, whose first import costs about 3 s of ``mochi generate``'s start-up."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 @dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
@@ -116,9 +126,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(
-                config.relative_attention_num_buckets, config.num_heads
-            )
+            self.relative_attention_bias = _embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D); bias: (B or 1, H, L, L) additive (position bias plus padding mask) → (B, L, D)."""
@@ -188,7 +196,7 @@ class T5Encoder(nn.Module):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = _embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
     def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
