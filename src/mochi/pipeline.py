@@ -99,8 +99,13 @@ class MochiPipeline:
         if quantize is not None:
             from mochi.weights.quantize import quantize_components
 
-            parts = [("dit", c.dit), ("t5", c.text_encoder)]
-            self.quantization = quantize_components(parts, quantize, self.device)
+            # A DiT quantized while it was read (from_pretrained) is not quantized again.
+            parts = [("dit", c.dit)] if c.quantized is None else []
+            notes = [
+                c.quantized,
+                quantize_components([*parts, ("t5", c.text_encoder)], quantize, self.device),
+            ]
+            self.quantization = "; ".join(n for n in notes if n)
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
@@ -127,11 +132,16 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
+        at_load = {}
         if options.get("quantize") is not None:
-            from mochi.weights.quantize import check_mode
+            from mochi.weights.quantize import check_mode, device_mode
 
             check_mode(str(options["quantize"]))  # before minutes of loading
-        components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
+            # The DiT is quantized while it is read, in its compute dtype: the full-width model never exists.
+            device = parse_device(options.get("device"))
+            dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(device)
+            at_load = {"quantize": device_mode(str(options["quantize"]), device)[0], "dit_dtype": dtype}
+        components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, **at_load)
         return cls(components, **options)
 
     # -- stages -------------------------------------------------------------------------------------------
