@@ -82,7 +82,7 @@ def test_pipeline_quantizes_the_dit_while_reading_it(tmp_path):
     _write_tokenizer(tmp_path / "tokenizer", WORDS)
     (tmp_path / "model_index.json").write_text('{"_class_name": "MochiPipeline"}')
     pipe = MochiPipeline.from_pretrained(str(tmp_path), device="cpu", quantize="int8")
-    assert pipe.components.quantized is not None  # done by the reader, not after loading
+    assert set(pipe.components.quantized) == {"dit", "t5"}  # done by the readers, not after loading
     c = tiny_components(seed=1)
     c.tokenizer = pipe.components.tokenizer
     after = MochiPipeline(c, device="cpu", quantize="int8")  # quantized after a whole load
@@ -91,3 +91,34 @@ def test_pipeline_quantizes_the_dit_while_reading_it(tmp_path):
     request = GenerationRequest("a red circle", seed=2, steps=2)
     pipe.components.defaults = after.components.defaults = dict(DEFAULTS)
     assert torch.equal(pipe.generate(request).frames, after.generate(request).frames)
+
+
+@pytest.mark.parametrize("layout", ["hf", "comfyui"])
+@torch.inference_mode()
+def test_t5_quantized_while_reading_equals_quantized_after(tmp_path, layout):
+    from mochi.models.t5 import T5_PRESETS, T5Encoder
+    from mochi.weights.io import save_state_dict
+    from mochi.weights.t5 import load_t5, load_t5_quantized
+
+    torch.manual_seed(0)
+    t5 = T5Encoder(dataclasses.replace(T5_PRESETS["t5-tiny"], d_model=64, d_ff=256, num_layers=3))
+    t5.initialize_weights()
+    sd = {k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}
+    if layout == "comfyui":  # all-in-one: the T5 under ComfyUI's prefix, beside other tensors
+        prefix = "text_encoders.t5xxl.transformer."
+        path = tmp_path / "a.safetensors"
+        save_state_dict({"other.weight": torch.ones(3), **{prefix + k: v for k, v in sd.items()}}, path)
+    else:
+        save_state_dict(sd, tmp_path / "t5.safetensors")
+        path = tmp_path / "t5.safetensors"
+    with LiveBytes("cpu") as whole:
+        after = load_t5(path)
+        done_after = quantize_model(after, "int8")
+    with LiveBytes("cpu") as streamed:
+        got, done = load_t5_quantized(path, "int8")
+    assert done.layers == done_after.layers and len(done.layers) == 3 * 7
+    ids = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4]).bool()
+    assert torch.equal(got(ids, mask), after(ids, mask))
+    layer = 4 * max(p.numel() for n, p in t5.named_parameters() if ".block." in n)
+    assert streamed.peak <= stored_bytes(got) + 3 * layer and streamed.peak < 0.6 * whole.peak

@@ -99,12 +99,9 @@ class MochiPipeline:
         if quantize is not None:
             from mochi.weights.quantize import quantize_components
 
-            # A DiT quantized while it was read (from_pretrained) is not quantized again.
-            parts = [("dit", c.dit)] if c.quantized is None else []
-            notes = [
-                c.quantized,
-                quantize_components([*parts, ("t5", c.text_encoder)], quantize, self.device),
-            ]
+            # Models quantized while they were read (from_pretrained) are not quantized again.
+            parts = [(n, m) for n, m in (("dit", c.dit), ("t5", c.text_encoder)) if n not in c.quantized]
+            notes = [*c.quantized.values(), quantize_components(parts, quantize, self.device)]
             self.quantization = "; ".join(n for n in notes if n)
         if not self.offload:
             for module in c.modules():
