@@ -31,7 +31,7 @@ from mochi.models.t5 import T5Config, T5Encoder
 from mochi.parallel.context import World
 from mochi.parallel.fsdp import shard_dit
 from mochi.weights.dit import genmo_shapes, infer_config, keeps_fp32
-from mochi.weights.dit_sources import dit_sources, read_rows, streamable
+from mochi.weights.dit_sources import Part, dit_sources, read_rows, streamable
 from mochi.weights.formats import Detected
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
 from mochi.weights.io import WeightsError, check_state_dict
@@ -174,10 +174,12 @@ def load_t5_sharded(
     from mochi.parallel.fsdp import shard_t5
     from mochi.weights.t5 import _find_prefix, infer_t5_config
 
-    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-    keys = {k: h for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    # Headers only through these handles; the rows are read by ``read_rows``, a file open per read.
+    handles = {f: safe_open(f, framework="pt", device="cpu") for f in files}
+    keys = {k: h for h in handles.values() for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
     inner = prefix + _find_prefix([k[len(prefix) :] for k in keys])
     where = {k[len(inner) :]: (h, k) for k, h in keys.items() if k.startswith(inner)}
+    file_of = {id(h): f for f, h in handles.items()}
     if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
         where["shared.weight"] = where["encoder.embed_tokens.weight"]
     if config is not None:
@@ -200,8 +202,7 @@ def load_t5_sharded(
     def rows(name: str, start: int | None, end: int | None) -> torch.Tensor:
         nonlocal read
         handle, key = where[name]
-        piece = handle.get_slice(key)
-        t = piece[start:end] if start is not None else piece[:]
+        t = read_rows((Part(file_of[id(handle)], key),), start, end)
         read += t.numel() * t.element_size()
         return t.to(torch.float32)
 

@@ -114,7 +114,12 @@ def read_rows(
             if hi > lo or (not pieces and p is parts[-1]):
                 pieces.append(sl[p.start + lo : p.start + max(hi, lo)])
         offset += rows
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if len(pieces) > 1:
+        return torch.cat(pieces)
+    # A slice may be a view of its whole tensor's mapped bytes, all of which reading touched: a copy of its
+    # own lets those pages go (a rank keeps 1/world of the file resident, not all of it).
+    t = pieces[0]
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def iter_genmo(det: Detected, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
