@@ -8,6 +8,7 @@ holds all at once before quantizing, and a load that quantizes as it reads holds
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -122,3 +123,14 @@ def test_t5_quantized_while_reading_equals_quantized_after(tmp_path, layout):
     assert torch.equal(got(ids, mask), after(ids, mask))
     layer = 4 * max(p.numel() for n, p in t5.named_parameters() if ".block." in n)
     assert streamed.peak <= stored_bytes(got) + 3 * layer and streamed.peak < 0.6 * whole.peak
+
+
+def test_fp8_layers_kept_or_widened_with_quantize(model, tmp_path):
+    from .dit_checkpoints import write_fp8_scaled
+
+    fp32 = copy.deepcopy(model).float()  # .float() is in place: leave the shared model as it is
+    path = write_fp8_scaled(tmp_path / "fp8.safetensors", fp32, layout="legacy", all_in_one=False)
+    kept, done = load_dit_quantized(path, "int8", dtype=torch.float32)  # fp8 stays fp8: not quantized again
+    assert done.layers == [] and len(done.kept) == 37
+    widened, done = load_dit_quantized(path, "int8", dtype=torch.float32, fp8="dequantize")
+    assert len(done.layers) == 37 and done.kept == []  # widened at load, then quantized like the rest

@@ -283,7 +283,7 @@ def load_dit_quantized(
     """
     from mochi.finite import check_finite
     from mochi.models.dit import AsymmDiT
-    from mochi.weights.quantize import AtLoad, quantize_model
+    from mochi.weights.quantize import AtLoad, Quantized, quantize_model
 
     det = path if isinstance(path, Detected) else detect(path, variant=variant)
     fmt = det.describe()
@@ -326,6 +326,13 @@ def load_dit_quantized(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"
     model = model.eval().requires_grad_(False)
-    if quantize is not None and done is None:
-        done = quantize_model(model, quantize)
+    if quantize is not None:
+        # What was not quantized while read: every layer of files read whole, fp8 layers widened at load.
+        later = quantize_model(model, quantize)
+        if done is not None:
+            ours = {*done.layers, *later.layers}
+            order = [n for n, _ in model.named_modules() if n in ours]
+            done = Quantized(quantize, order, [n for n in later.kept if n not in ours], later.skipped)
+        else:
+            done = later
     return model, done
