@@ -54,9 +54,10 @@ class MochiPipeline:
     (stream DiT blocks and T5 layers, N DiT blocks resident; ``mochi.offload``). max_memory: bytes the VAE
     decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
     free memory). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and T5's block Linear weights
-    after the dtype cast, before they reach the device (`mochi.weights.quantize`); ``self.quantization`` then
-    says what was done. compile: regional torch.compile of the DiT (mochi.accel.compile; falls back to eager
-    with one line where no compiler works).
+    after the dtype cast, before they reach the device (`mochi.weights.quantize`; ``from_pretrained`` does it
+    while reading the checkpoint, layer by layer); ``self.quantization`` then says what was done. compile:
+    regional torch.compile of the DiT (mochi.accel.compile; falls back to eager with one line where no
+    compiler works).
     """
 
     def __init__(
