@@ -1,9 +1,12 @@
 """Host memory per rank when loading the DiT under torchrun: each rank reads its shard vs the whole file.
 
-    PYTHONPATH=src python benchmarks/parallel_host_memory.py [--depth 8] [--ranks 2]
+    PYTHONPATH=src python benchmarks/parallel_host_memory.py [--depth 8] [--ranks 2] [--layouts genmo ...]
 
-Writes a Genmo-named bf16 DiT file (random weights; ``--depth`` blocks at width 1024), then measures what
-each process adds while loading it, above its state after imports: one process loading it whole
+Writes a DiT checkpoint (random weights; ``--depth`` blocks at width 1024) in each layout — ``genmo``: a
+Genmo-named bf16 file; ``diffusers``: a diffusers ``transformer/`` folder in bf16 (q/k/v split, SwiGLU
+halves swapped); ``fp8``: a ComfyUI scaled-fp8 file (Linear weights e4m3fn with per-tensor scales, the
+rest bf16) — then measures what each process adds while loading it, above its state after imports: one
+process loading it whole
 (``load_dit``, what every rank did before), and ``--ranks`` gloo ranks each loading its FSDP2 shard
 (``load_dit_sharded``), as bf16 (the file's dtype) and as fp32 (a cast, as CPU ranks compute in fp32).
 One thread per process. Two figures, sampled every 2 ms by a thread: the peak of private memory (RssAnon:
@@ -71,10 +74,13 @@ def _child(path: str, sharded: bool, dtype_name: str) -> None:
     if sharded:
         dit, read = load_dit_sharded(det, world, dtype)
     else:
-        dit, read = load_dit(det, dtype=dtype), Path(path).stat().st_size
+        files = [Path(path)] if Path(path).is_file() else list(Path(path).rglob("*.safetensors"))
+        dit, read = load_dit(det, dtype=dtype), sum(f.stat().st_size for f in files)
     # Tensors may still be lazy views of the memory-mapped file: touch every byte kept, as a forward would.
     for t in dit.state_dict().values():
-        (t.to_local() if hasattr(t, "to_local") else t).max()
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).max()  # as bytes: fp8 tensors have no max
     print(json.dumps({**peaks.stop(), "read": read}))
     if world is not None:
         close_world()
@@ -96,33 +102,65 @@ def _run(path: Path, ranks: int, dtype: str) -> list[dict]:
     return [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
 
 
+def _write(folder: Path, model, layout: str) -> Path:  # noqa: ANN001 - an AsymmDiT
+    """The checkpoint of ``model`` (bf16) in ``layout``; returns the path to load."""
+    import torch
+
+    from mochi.weights.fp8 import quantize
+    from mochi.weights.io import save_state_dict
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "genmo":
+        save_state_dict(sd, folder / "dit.safetensors")
+        return folder / "dit.safetensors"
+    if layout == "diffusers":
+        from mochi.weights.keymaps.dit_diffusers import diffusers_model
+
+        diffusers_model(model).save_pretrained(folder / "transformer")
+        return folder / "transformer"
+    prefix, out = "model.diffusion_model.", {}  # ComfyUI's scaled fp8, legacy layout
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for k, v in sd.items():
+        if k in linears:
+            out[prefix + k], out[prefix + k.removesuffix("weight") + "scale_weight"] = quantize(v)
+        else:
+            out[prefix + k] = v
+    out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_state_dict(out, folder / "dit_fp8.safetensors")
+    return folder / "dit_fp8.safetensors"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument(
+        "--layouts", nargs="+", choices=("genmo", "diffusers", "fp8"), default=["genmo", "diffusers", "fp8"]
+    )
     args = p.parse_args()
     import torch
 
     from mochi.memory.estimate import dit_weights
     from mochi.models.dit import AsymmDiT, DiTConfig
-    from mochi.weights.io import save_state_dict
 
     cfg = DiTConfig(depth=args.depth, num_heads=8, hidden_size_x=1024, hidden_size_y=512, mlp_multiple_of=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "dit.safetensors"
-        torch.manual_seed(0)
-        save_state_dict(AsymmDiT(cfg).to(torch.bfloat16).state_dict(), path)
-        size = path.stat().st_size
-        print(
-            f"DiT file: depth {args.depth}, width 1024, bf16, {size / MB:.0f} MB; peaks above the start, MB"
-        )
-        print(f"{'load':34s} {'private':>8s} {'resident':>9s} {'read':>6s}")
-        for dtype in ("bf16", "fp32"):
-            runs = {f"{dtype} whole, one process": _run(path, 1, dtype)[0]}
-            for r, rank in enumerate(_run(path, args.ranks, dtype)):
-                runs[f"{dtype} shard, rank {r} of {args.ranks}"] = rank
-            for name, m in runs.items():
-                print(f"{name:34s} {m['RssAnon'] / MB:8.0f} {m['VmRSS'] / MB:9.0f} {m['read'] / MB:6.0f}")
+    torch.manual_seed(0)
+    model = AsymmDiT(cfg).to(torch.bfloat16).eval()
+    for layout in args.layouts:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _write(Path(tmp), model, layout)
+            files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
+            size = sum(f.stat().st_size for f in files)
+            print(
+                f"DiT {layout}: depth {args.depth}, width 1024, {size / MB:.0f} MB; peaks above the start, MB"
+            )
+            print(f"{'load':34s} {'private':>8s} {'resident':>9s} {'read':>6s}")
+            for dtype in ("bf16", "fp32"):
+                runs = {f"{dtype} whole, one process": _run(path, 1, dtype)[0]}
+                for r, rank in enumerate(_run(path, args.ranks, dtype)):
+                    runs[f"{dtype} shard, rank {r} of {args.ranks}"] = rank
+                for name, m in runs.items():
+                    print(f"{name:34s} {m['RssAnon'] / MB:8.0f} {m['VmRSS'] / MB:9.0f} {m['read'] / MB:6.0f}")
     full = dit_weights(DiTConfig(), torch.bfloat16)
     big = max(full.blocks)
     print(

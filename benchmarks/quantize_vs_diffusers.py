@@ -3,8 +3,9 @@
 A ``full-width-2`` DiT (released block widths, random weights) is written once in bf16 as Genmo's
 ``dit.safetensors`` and as a diffusers ``transformer/`` folder. Then, for each side, measured in this process:
 
-* load: reading the bf16 checkpoint and quantizing it to int8 weight-only — ours ``load_dit`` +
-  ``quantize_model(dit, "int8")`` (what ``--quantize int8`` does), diffusers'
+* load: reading the bf16 checkpoint and quantizing it to int8 weight-only — ours
+  ``load_dit_quantized(path, "int8")`` (what ``--quantize int8`` does: each layer quantized as it is
+  read), diffusers'
   ``MochiTransformer3DModel.from_pretrained(..., quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))``;
   time and peak memory above the resident set before it;
 * weights: resident memory the quantized model keeps after loading;
@@ -36,9 +37,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mochi.models.dit import DIT_PRESETS, AsymmDiT  # noqa: E402
-from mochi.weights.dit import load_dit  # noqa: E402
+from mochi.weights.dit import load_dit, load_dit_quantized  # noqa: E402
 from mochi.weights.keymaps.dit_diffusers import diffusers_model  # noqa: E402
-from mochi.weights.quantize import quantize_model  # noqa: E402
 
 NOT_CONVERTED = ["time_embed", "norm_out", "proj_out"]
 
@@ -51,9 +51,7 @@ def write_checkpoints(folder: Path) -> None:
 
 
 def ours_loaded(folder: Path) -> torch.nn.Module:
-    dit = load_dit(folder / "dit.safetensors", dtype=torch.bfloat16)
-    quantize_model(dit, "int8")
-    return dit
+    return load_dit_quantized(folder / "dit.safetensors", "int8", dtype=torch.bfloat16)[0]
 
 
 def theirs_loaded(folder: Path, matched: bool) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import torch
 
 import mochi.pipeline
 import mochi.weights.components
-from mochi.cli import main
+from mochi.cli import build_parser, main
 from mochi.video import read_video, write_video
 
 from .test_pipeline import tiny_components
@@ -138,3 +138,28 @@ def test_help_lists_every_option(capsys):
         "--strength",
     ]:
         assert flag in text
+
+
+def test_bare_offload_before_the_prompt_leaves_the_prompt(tiny, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--offload", "a red circle", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["prompt"] == "a red circle"
+    parse = build_parser().parse_args
+    for argv, prompt, mode in [
+        (["--offload", "a red circle"], "a red circle", "model"),
+        (["--offload", "cat", "--seed", "1"], "cat", "model"),
+        (["x", "--offload"], "x", "model"),
+        (["--offload", "--seed", "1", "x"], "x", "model"),
+        (["--offload", "blocks:3", "x"], "x", "blocks:3"),
+        (["--offload", "none", "x"], "x", "none"),
+        (["--offload=a red circle", "x"], "x", "a red circle"),  # explicit: a bad mode, reported below
+    ]:
+        args = parse(["generate", *argv])
+        assert (args.prompt, args.offload) == (prompt, mode), argv
+    assert parse(["serve", "--offload"]).offload == "model"
+    assert parse(["serve", "--offload", "blocks:2"]).offload == "blocks:2"
+    # A word close to a mode is a typo of the mode: its own one-line error, not a second prompt.
+    capsys.readouterr()
+    assert main(["generate", "--offload", "blokcs", "x", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "offload 'blokcs' is not understood; choose none, model, blocks" in err

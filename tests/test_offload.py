@@ -1,7 +1,8 @@
 """Block-streamed offload (mochi.offload): same output as no offload, and only the asked blocks resident.
 
-On the CPU a "device copy" is a clone, so residency is counted from the tensors themselves: a block is on
-the device when its weights are not the host masters.
+On the CPU the streamer copies nothing by default (the device holds the masters); with ``copy=True`` a
+"device copy" is a clone, so residency is counted from the tensors themselves: a block is on the device
+when its weights are not the host masters.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def test_streamed_dit_equals_resident_and_bounds_residency(resident, group):
         seen.append(sum(_ptrs(b) != m for b, m in zip(dit.blocks, masters, strict=True)))
 
     hooks = [b.register_forward_pre_hook(count) for b in dit.blocks]
-    with BlockStreamer(dit.blocks, "cpu", resident=resident, group=group) as streamer:
+    with BlockStreamer(dit.blocks, "cpu", resident=resident, group=group, copy=True) as streamer:
         first = dit(*inputs)
         second = dit(*inputs)
     for h in hooks:
@@ -88,17 +89,36 @@ def test_offloaded_t5_and_whole_dit_equal_no_offload():
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 4:] = False
     expected = t5(ids, mask)
-    with offloaded(t5, torch.device("cpu"), Offload("blocks", 5)):
+    with offloaded(t5, torch.device("cpu"), Offload("blocks", 5), copy=True):
         assert torch.equal(t5(ids, mask), expected)
     dit = _dit()
     inputs = _inputs()
     expected = dit(*inputs)
     before = _ptrs(dit)
-    with offloaded(dit, torch.device("cpu"), Offload("blocks", 1)):
+    with offloaded(dit, torch.device("cpu"), Offload("blocks", 1), copy=True):
         # Outside the blocks everything is resident for the stage: the embedders are copies now.
         assert dit.x_embedder.proj.weight.data_ptr() != before[0]
         assert torch.equal(dit(*inputs), expected)
     assert _ptrs(dit) == before
+
+
+@torch.inference_mode()
+def test_streaming_on_the_cpu_copies_nothing_by_default():
+    dit = _dit()
+    inputs = _inputs()
+    expected = dit(*inputs)
+    before = _ptrs(dit)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda *_: seen.append(_ptrs(dit) == before)) for b in dit.blocks]
+    with offloaded(dit, torch.device("cpu"), Offload("blocks", 1)):
+        got = dit(*inputs)
+    for h in hooks:
+        h.remove()
+    # Every block ran from its host master: the "device" is where the masters live already.
+    assert seen == [True] * 6 and torch.equal(got, expected) and _ptrs(dit) == before
+    with BlockStreamer(dit.blocks, "cpu", resident=0) as streamer:
+        assert torch.equal(dit(*inputs), expected)
+    assert streamer.loads == 7 and streamer.peak_blocks == 2  # the bookkeeping runs as with copies
 
 
 def test_pipeline_with_block_offload_generates_the_same_video():

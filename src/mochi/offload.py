@@ -14,8 +14,10 @@ Modes (``parse_offload``):
 
 The host copy of each weight is the master: the device copy of a streamed block is dropped after its
 forward (weights are read-only at inference, so nothing is copied back), and LoRA merges, which happen
-between stages, write the master. On the CPU the same logic runs with host-to-host copies, which is how
-the tests count resident blocks and check that the output equals no offload.
+between stages, write the master. When the device is where the masters live (the CPU), there is nothing
+to copy: the blocks run from the masters and only the bookkeeping runs, as diffusers' group offloading
+does there. ``copy=True`` forces real host-to-host copies, so that tests can count resident blocks and
+check that the streamed output equals no offload.
 """
 
 from __future__ import annotations
@@ -92,12 +94,20 @@ def _set(entry: tuple[nn.Module, str, bool], t: torch.Tensor) -> None:
         m._buffers[name] = t
 
 
+def _copies(device: torch.device, copy: bool | None) -> bool:
+    """Whether streaming to ``device`` makes copies: always off the CPU; on it only when forced."""
+    return device.type != "cpu" if copy is None else copy
+
+
 class _TensorSet:
     """The tensors of some modules, with their host masters: ``load`` puts copies on the device (on
-    ``stream`` when given), ``unload`` points the modules back at the masters (the copies are freed)."""
+    ``stream`` when given), ``unload`` points the modules back at the masters (the copies are freed).
+    With ``copy`` False (the device holds the masters already) both only keep the bookkeeping."""
 
-    def __init__(self, entries: list[tuple[nn.Module, str, bool]], device: torch.device, pin: bool) -> None:
-        self.entries, self.device = entries, device
+    def __init__(
+        self, entries: list[tuple[nn.Module, str, bool]], device: torch.device, pin: bool, copy: bool = True
+    ) -> None:
+        self.entries, self.device, self.copy = entries, device, copy
         self.masters = []
         for e in entries:
             t = _get(e)
@@ -113,13 +123,16 @@ class _TensorSet:
     def load(self, stream: torch.cuda.Stream | None = None) -> None:
         if self.loaded:
             return
+        if not self.copy:
+            self.loaded = True
+            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for e, master in zip(self.entries, self.masters, strict=True):
                 # On the CPU, clone: a distinct copy, so that residency is real and countable.
-                copy = (
+                on_device = (
                     master.clone() if self.device.type == "cpu" else master.to(self.device, non_blocking=True)
                 )
-                _set(e, copy)
+                _set(e, on_device)
             if stream is not None:
                 self.event = torch.cuda.Event()
                 self.event.record(stream)
@@ -136,6 +149,9 @@ class _TensorSet:
         self.event = None
 
     def unload(self) -> None:
+        if not self.copy:
+            self.loaded = False
+            return
         for e, master in zip(self.entries, self.masters, strict=True):
             _set(e, master)
         self.loaded, self.event = False, None
@@ -148,11 +164,17 @@ class BlockStreamer:
     are loaded ``group`` blocks at a time, the next group copied while the current one computes (on a side
     CUDA stream on GPUs), and dropped after their forward; after the last group, the first one is fetched
     again for the next call. At most ``resident + 2·group`` blocks are on the device at once.
+    copy: make device copies (default: off the CPU only; True forces host-to-host copies on the CPU).
     Statistics for tests: ``peak_blocks`` (most blocks on the device at once) and ``loads`` (group loads).
     """
 
     def __init__(
-        self, blocks: Sequence[nn.Module], device: str | torch.device, resident: int = 0, group: int = 1
+        self,
+        blocks: Sequence[nn.Module],
+        device: str | torch.device,
+        resident: int = 0,
+        group: int = 1,
+        copy: bool | None = None,
     ) -> None:
         if group < 1:
             raise ValueError(f"block group size {group} is invalid: it must be ≥ 1; nearest: 1")
@@ -163,6 +185,7 @@ class BlockStreamer:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self._pin = cuda
+        self._copy = _copies(self.device, copy)
         self._hooks: list = []
         self.peak_blocks = 0
         self.loads = 0
@@ -172,12 +195,15 @@ class BlockStreamer:
 
     def __enter__(self) -> BlockStreamer:
         kept = self.blocks[: self.resident]
-        self._resident = _TensorSet([e for b in kept for e in _entries(b)], self.device, self._pin)
+        self._resident = _TensorSet(
+            [e for b in kept for e in _entries(b)], self.device, self._pin, self._copy
+        )
         self._resident.load()
         streamed = self.blocks[self.resident :]
         self._groups = [streamed[i : i + self.group] for i in range(0, len(streamed), self.group)]
         self._sets = [
-            _TensorSet([e for b in g for e in _entries(b)], self.device, self._pin) for g in self._groups
+            _TensorSet([e for b in g for e in _entries(b)], self.device, self._pin, self._copy)
+            for g in self._groups
         ]
         for gi, g in enumerate(self._groups):
             self._hooks.append(g[0].register_forward_pre_hook(lambda m, a, gi=gi: self._before(gi)))
@@ -229,12 +255,17 @@ def stream_blocks_of(module: nn.Module) -> tuple[nn.ModuleList | None, int | Non
 
 @contextlib.contextmanager
 def offloaded(
-    module: nn.Module, device: torch.device, mode: Offload, resident: int | None = None, group: int = 1
+    module: nn.Module,
+    device: torch.device,
+    mode: Offload,
+    resident: int | None = None,
+    group: int = 1,
+    copy: bool | None = None,
 ) -> Iterator[nn.Module]:
     """Run a stage with ``module`` on ``device`` as ``mode`` says (see the module docstring).
 
     resident: blocks kept on the device under ``blocks`` mode (default: ``mode.resident`` for the DiT, 1 for
-    T5).
+    T5). copy: see `BlockStreamer` (None: copies off the CPU only).
     """
     if not mode.active or getattr(module, "_mochi_spread", None) is not None:
         yield module  # a DiT spread over several devices (mochi.memory.placement) stays where it is
@@ -244,11 +275,12 @@ def offloaded(
         with placed(module, device, True):
             yield module
         return
-    rest = _TensorSet(_entries(module, skip=[blocks]), device, device.type == "cuda")
+    copies = _copies(device, copy)
+    rest = _TensorSet(_entries(module, skip=[blocks]), device, device.type == "cuda", copies)
     rest.load()
     try:
         keep = resident if resident is not None else fixed if fixed is not None else mode.resident
-        with BlockStreamer(blocks, device, keep, group):
+        with BlockStreamer(blocks, device, keep, group, copies):
             yield module
     finally:
         rest.unload()

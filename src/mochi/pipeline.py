@@ -54,9 +54,10 @@ class MochiPipeline:
     (stream DiT blocks and T5 layers, N DiT blocks resident; ``mochi.offload``). max_memory: bytes the VAE
     decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
     free memory). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and T5's block Linear weights
-    after the dtype cast, before they reach the device (`mochi.weights.quantize`); ``self.quantization`` then
-    says what was done. compile: regional torch.compile of the DiT (mochi.accel.compile; falls back to eager
-    with one line where no compiler works).
+    after the dtype cast, before they reach the device (`mochi.weights.quantize`; ``from_pretrained`` does it
+    while reading the checkpoint, layer by layer); ``self.quantization`` then says what was done. compile:
+    regional torch.compile of the DiT (mochi.accel.compile; falls back to eager with one line where no
+    compiler works).
     """
 
     def __init__(
@@ -99,8 +100,10 @@ class MochiPipeline:
         if quantize is not None:
             from mochi.weights.quantize import quantize_components
 
-            parts = [("dit", c.dit), ("t5", c.text_encoder)]
-            self.quantization = quantize_components(parts, quantize, self.device)
+            # Models quantized while they were read (from_pretrained) are not quantized again.
+            parts = [(n, m) for n, m in (("dit", c.dit), ("t5", c.text_encoder)) if n not in c.quantized]
+            notes = [*c.quantized.values(), quantize_components(parts, quantize, self.device)]
+            self.quantization = "; ".join(n for n in notes if n)
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)
@@ -127,11 +130,16 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
+        at_load = {}
         if options.get("quantize") is not None:
-            from mochi.weights.quantize import check_mode
+            from mochi.weights.quantize import check_mode, device_mode
 
             check_mode(str(options["quantize"]))  # before minutes of loading
-        components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8)
+            # The DiT is quantized while it is read, in its compute dtype: the full-width model never exists.
+            device = parse_device(options.get("device"))
+            dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(device)
+            at_load = {"quantize": device_mode(str(options["quantize"]), device)[0], "dit_dtype": dtype}
+        components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, **at_load)
         return cls(components, **options)
 
     # -- stages -------------------------------------------------------------------------------------------

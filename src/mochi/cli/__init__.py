@@ -28,10 +28,15 @@ from mochi.cli import accel, generate, lora, plan, serve, weights
 COMMAND_MODULES = (generate, plan, serve, lora, weights, accel)
 
 
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's signature
+        from mochi.cli.options import bare_offload  # a bare --offload leaves the prompt alone
+
+        return super().parse_known_args(bare_offload(sys.argv[1:] if args is None else args), namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mochi", description="Mochi 1 text-to-video: generate, convert, fine-tune, serve."
-    )
+    parser = _Parser(prog="mochi", description="Mochi 1 text-to-video: generate, convert, fine-tune, serve.")
     parser.add_argument("--version", action="version", version=f"mochi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:

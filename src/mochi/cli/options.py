@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 Subparsers = argparse._SubParsersAction
 
@@ -52,6 +53,34 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT's block and final layer (regional)"
     )
+
+
+def bare_offload(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a bare ``--offload`` made explicit when the word after it is not an offload mode.
+
+    ``--offload`` takes an optional value, so argparse would read ``mochi generate --offload "a red
+    circle"`` as the mode "a red circle" and then miss the prompt. A following word that is neither a valid
+    mode nor close to one (``blokcs``, ``blocks:x`` still fail with the mode's own error) is left for the
+    positional arguments, and the flag means model offload.
+    """
+    import difflib
+
+    from mochi.offload import OFFLOAD_KINDS, parse_offload
+
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word != "--offload" or out[i + 1].startswith("-"):
+            continue
+        value = out[i + 1]
+        try:
+            parse_offload(value)
+            continue
+        except ValueError:
+            pass
+        head = value.strip().lower().partition(":")[0]
+        if not difflib.get_close_matches(head, OFFLOAD_KINDS, n=1, cutoff=0.75):
+            out[i] = "--offload=model"
+    return out
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

@@ -20,10 +20,14 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of storages created inside the mode: ``now`` live, ``peak`` the most at once."""
+    """Tracks bytes of storages created inside the mode: ``now`` live, ``peak`` the most at once.
 
-    def __init__(self) -> None:
+    device: count only storages on this device type ("cpu": a real load, whose meta model is not memory).
+    """
+
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
+        self.device = device
         self.now = self.peak = 0
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
 
@@ -41,7 +45,7 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         self._purge()
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
                 continue
             storage = t.untyped_storage()
             key = storage._cdata

@@ -63,7 +63,7 @@ def _check_split(heads: int, world: World, guidance: bool) -> None:
 
 
 def _read_dit_in_shards(  # noqa: ANN202
-    model: str | None, t5: str | None, world: World, weights: str, dtype: torch.dtype
+    model: str | None, t5: str | None, world: World, weights: str, dtype: torch.dtype, fp8: str = "keep"
 ):
     """The DiT read rank by rank (``mochi.parallel.sharded_load``) when its weights will be sharded and the
     checkpoint allows it, else None. "auto" decides from the DiT's size in ``dtype`` and T5's in fp32, read
@@ -87,7 +87,7 @@ def _read_dit_in_shards(  # noqa: ANN202
         need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
         if agreed_weights("auto", [], world, need) != "shard":
             return None
-    return load_dit_sharded(det, world, dtype)[0]
+    return load_dit_sharded(det, world, dtype, fp8)[0]
 
 
 def _read_t5_in_shards(model: str, t5: str | None, world: World):  # noqa: ANN202
@@ -123,7 +123,7 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     from mochi.weights.components import load_components
 
     dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
-    sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype)
+    sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype, fp8)
     text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
     c = load_components(
         model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded, text_encoder=text_encoder

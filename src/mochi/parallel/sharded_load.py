@@ -7,9 +7,13 @@ memory-mapped file) and hands them to FSDP as its local shards. No rank ever hol
 per-rank peak is its shard plus one tensor's slice in flight. Before, every rank read the whole checkpoint
 (8 ranks × 20 GB of bf16 DiT on one node) and then kept 1/8 of it.
 
-Covered: the DiT in Genmo's naming without fp8 scales (Genmo folders, ComfyUI bf16 files, mochi
-bundles' DiT); other layouts (diffusers' split q/k/v, fp8) are renamed or dequantized across tensors and
-keep the whole read (``can_read_sharded`` says which). T5 the same way (``load_t5_sharded``), from
+Covered: the DiT from safetensors files in Genmo's naming (Genmo folders, ComfyUI bf16 files, mochi
+bundles' DiT), in diffusers' naming (a rank's rows of a fused q/k/v weight come from the rows of to_q,
+to_k, to_v it needs; of a swapped SwiGLU weight from the half it needs: `mochi.weights.dit_sources`), and
+ComfyUI's scaled fp8 files: the blocks' fp8 Linear weights stay fp8 (`Fp8Linear`, as ``--fp8 keep`` loads
+them whole), each rank reading its fp8 rows, the per-tensor scales read by every rank (4 bytes each); the
+few fp8 layers outside the blocks are dequantized row by row, as the whole loader dequantizes them. GGUF
+files are read whole (``can_read_sharded`` says which). T5 the same way (``load_t5_sharded``), from
 unquantized safetensors files (HF folders, ComfyUI fp16 files); fp8 T5 files are read whole.
 """
 
@@ -27,18 +31,15 @@ from mochi.models.t5 import T5Config, T5Encoder
 from mochi.parallel.context import World
 from mochi.parallel.fsdp import shard_dit
 from mochi.weights.dit import genmo_shapes, infer_config, keeps_fp32
+from mochi.weights.dit_sources import Part, dit_sources, read_rows, streamable
 from mochi.weights.formats import Detected
+from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
 from mochi.weights.io import WeightsError, check_state_dict
 
 
 def can_read_sharded(det: Detected) -> bool:
-    """Whether the DiT of ``det`` can be read rank by rank: Genmo naming, safetensors, not quantized."""
-    return (
-        "dit" in det.files
-        and det.layouts.get("dit") == "genmo"
-        and "dit" not in det.quant
-        and all(f.suffix == ".safetensors" for f in det.files["dit"])
-    )
+    """Whether the DiT of ``det`` can be read rank by rank: safetensors, no ggml blocks (`streamable`)."""
+    return streamable(det)
 
 
 def _rows(total: int, rank: int, world: int) -> tuple[int, int]:
@@ -48,43 +49,83 @@ def _rows(total: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + size, total)
 
 
-def load_dit_sharded(det: Detected, world: World, dtype: torch.dtype) -> tuple[AsymmDiT, int]:
+def load_dit_sharded(
+    det: Detected, world: World, dtype: torch.dtype, fp8: str = "keep"
+) -> tuple[AsymmDiT, int]:
     """(the DiT FSDP2-sharded over ``world`` with only this rank's rows read, the bytes read).
 
-    dtype: the weights' dtype (fp32 islands stay fp32). Raises WeightsError on missing, unexpected or
-    mis-shaped keys, as the whole-model loader does.
+    dtype: the weights' dtype (fp32 islands stay fp32). fp8: "keep" leaves the blocks' fp8 weights fp8,
+    "dequantize" widens them to ``dtype`` row by row (as `mochi.weights.dit.load_dit`'s ``fp8``). Raises
+    WeightsError on missing, unexpected or mis-shaped keys, as the whole-model loader does.
     """
     if not can_read_sharded(det):
         raise WeightsError(f"the DiT of {det.describe()} cannot be read in shards; load it whole")
     shapes = genmo_shapes(det)
+    parts, _ = dit_sources(det)
     with torch.device("meta"):
         model = AsymmDiT(infer_config(shapes))
     fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, fake, det.describe())
+    scales, fp8_dtypes = _fp8_scales(det, parts)
+    in_blocks = [layer for layer in scales if layer.startswith("blocks.")] if fp8 == "keep" else []
+    kept = swap_in_fp8(model, in_blocks, fp8_dtypes)
     model.to(dtype=dtype)
     shard_dit(model, world)
-    prefix = det.prefixes["dit"]
-    handles = [safe_open(f, framework="pt", device="cpu") for f in det.files["dit"]]
-    where = {k[len(prefix) :]: (h, k) for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
-    read = _fill(model, where, world, lambda name: torch.float32 if keeps_fp32(name) else dtype)
-    return model.eval().requires_grad_(False), read
+    read = 0
+
+    def rows(name: str, start: int | None, end: int | None) -> torch.Tensor:
+        nonlocal read
+        layer = name.rpartition(".")[0]
+        if name.endswith(".weight_scale"):
+            return scales[layer]  # read with the bookkeeping, by every rank
+        t = read_rows(parts[name], start, end)
+        read += t.numel() * t.element_size()
+        if name.endswith(".weight") and layer in scales and layer not in kept:  # fp8 outside the blocks
+            scale = scales[layer] if scales[layer].ndim == 0 else scales[layer][start:end]
+            return dequantize(t, scale, dtype)
+        return t.to(
+            torch.float32
+            if keeps_fp32(name)
+            else t.dtype
+            if layer in kept and t.dtype in FP8_DTYPES
+            else dtype
+        )
+
+    _fill(model, rows, world)
+    return model.eval().requires_grad_(False), read + sum(
+        t.numel() * t.element_size() for t in scales.values()
+    )
 
 
-def _fill(model: torch.nn.Module, where: dict, world: World, dtype_of) -> int:  # noqa: ANN001
-    """Load the FSDP2-sharded meta ``model`` with this rank's rows of each tensor; returns the bytes read.
+def _fp8_scales(det: Detected, parts: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
+    """(layer → fp32 scale, layer → fp8 dtype) of a scaled-fp8 DiT, reading only its bookkeeping tensors."""
+    if "dit" not in det.quant:
+        return {}, {}
+    from mochi.weights.formats import component_keys
 
-    where: parameter name → (safe_open handle, key in its file); dtype_of(name): the dtype to keep it in.
+    dtypes = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    header = component_keys(det, "dit")
+    small = {k: read_rows(p) for k, p in parts.items() if k == "scaled_fp8" or k.endswith(QUANT_SUFFIXES)}
+    weights = {
+        k: torch.empty(shape, dtype=dtypes.get(name, torch.bfloat16), device="meta")
+        for k, (name, shape) in header.items()
+        if k not in small
+    }
+    _, scales = split_scales({**weights, **small}, det.metadata, det.prefixes["dit"])
+    return scales, {layer: weights[layer + ".weight"].dtype for layer in scales}
+
+
+def _fill(model: torch.nn.Module, rows, world: World) -> None:  # noqa: ANN001
+    """Load the FSDP2-sharded meta ``model`` with this rank's rows of each parameter (whole buffers).
+
+    rows(name, start, end): rows [start, end) of the tensor ``name`` in the dtype to keep (None, None:
+    all of it).
     """
     local: dict[str, torch.Tensor] = {}
-    read = 0
     for name, param in model.state_dict().items():
-        handle, key = where[name]
-        start, end = _rows(param.shape[0], world.rank, world.size) if param.ndim else (0, 0)
-        piece = handle.get_slice(key)
-        t = piece[start:end] if param.ndim else piece[:]
-        read += t.numel() * t.element_size()
-        t = t.to(device=world.device, dtype=dtype_of(name))
         if isinstance(param, DTensor):
+            start, end = _rows(param.shape[0], world.rank, world.size) if param.ndim else (None, None)
+            t = rows(name, start, end).to(world.device)
             t = DTensor.from_local(
                 t,
                 param.device_mesh,
@@ -93,9 +134,10 @@ def _fill(model: torch.nn.Module, where: dict, world: World, dtype_of) -> int:  
                 shape=param.shape,
                 stride=param.stride(),
             )
+        else:
+            t = rows(name, None, None).to(world.device)
         local[name] = t
     model.load_state_dict(local, strict=True, assign=True)
-    return read
 
 
 def t5_sources(t5: str | None, det: Detected | None) -> tuple[list, dict | None] | None:
@@ -132,10 +174,12 @@ def load_t5_sharded(
     from mochi.parallel.fsdp import shard_t5
     from mochi.weights.t5 import _find_prefix, infer_t5_config
 
-    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-    keys = {k: h for h in handles for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
+    # Headers only through these handles; the rows are read by ``read_rows``, a file open per read.
+    handles = {f: safe_open(f, framework="pt", device="cpu") for f in files}
+    keys = {k: h for h in handles.values() for k in h.keys() if k.startswith(prefix)}  # noqa: SIM118
     inner = prefix + _find_prefix([k[len(prefix) :] for k in keys])
     where = {k[len(inner) :]: (h, k) for k, h in keys.items() if k.startswith(inner)}
+    file_of = {id(h): f for f, h in handles.items()}
     if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
         where["shared.weight"] = where["encoder.embed_tokens.weight"]
     if config is not None:
@@ -153,7 +197,16 @@ def load_t5_sharded(
     }
     check_state_dict(expected, found, "T5 read in shards")
     shard_t5(model, world)
-    read = _fill(model, where, world, lambda name: torch.float32)
+    read = 0
+
+    def rows(name: str, start: int | None, end: int | None) -> torch.Tensor:
+        nonlocal read
+        handle, key = where[name]
+        t = read_rows((Part(file_of[id(handle)], key),), start, end)
+        read += t.numel() * t.element_size()
+        return t.to(torch.float32)
+
+    _fill(model, rows, world)
     return model.eval().requires_grad_(False), read
 
 

@@ -20,10 +20,10 @@ from mochi.models.dit import AsymmDiT
 from mochi.models.t5 import T5Encoder
 from mochi.models.tokenizer import Tokenizer, load_tokenizer
 from mochi.models.vae import Decoder, Encoder
-from mochi.weights.dit import load_dit
+from mochi.weights.dit import load_dit, load_dit_quantized
 from mochi.weights.formats import Detected, detect
 from mochi.weights.io import WeightsError
-from mochi.weights.t5 import load_t5
+from mochi.weights.t5 import load_t5, load_t5_quantized
 from mochi.weights.vae import load_vae_decoder, load_vae_encoder
 
 # Genmo's CLI defaults for the released model (genmo-mochi.md §7).
@@ -48,6 +48,8 @@ class Components:
     latent_mean: tuple[float, ...] | None = None
     latent_std: tuple[float, ...] | None = None
     source: str | None = None  # the checkpoint path loaded (None: the embedded model)
+    # What quantizing at load did, per component ("dit", "t5"; ``load_components(quantize=…)``).
+    quantized: dict[str, str] = field(default_factory=dict)
 
     def modules(self) -> list[nn.Module]:
         found = [self.text_encoder, self.dit, self.decoder, self.encoder]
@@ -121,12 +123,18 @@ def load_components(
     encoder: bool = True,
     dit: AsymmDiT | None = None,
     text_encoder: T5Encoder | None = None,
+    quantize: str | None = None,
+    dit_dtype: torch.dtype | None = None,
 ) -> Components:
     """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
 
     fp8: "keep" leaves fp8 DiT weights fp8 in memory (scaled per layer at matmul time), "dequantize" widens
     them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
     dit, text_encoder: models loaded already (e.g. in shards under torchrun), used instead of reading them.
+    quantize: quantize the DiT's and T5's block Linears while reading them, the DiT in ``dit_dtype`` (its
+    compute dtype), T5 in fp32, so that neither exists at full width at once
+    (`mochi.weights.dit.load_dit_quantized`, `mochi.weights.t5.load_t5_quantized`); the components'
+    ``quantized`` says what was done. The embedded model and bundles are not quantized here.
     """
     check_model_paths(model, vae, t5, tokenizer)
     if model is None:
@@ -142,7 +150,12 @@ def load_components(
     det = detect(model)
     if "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
-    dit = load_dit(det, fp8=fp8) if dit is None else dit
+    quantized = {}
+    if dit is None and quantize is not None:
+        dit, done = load_dit_quantized(det, quantize, dtype=dit_dtype, fp8=fp8)
+        quantized["dit"] = done.note("dit")
+    elif dit is None:
+        dit = load_dit(det, fp8=fp8)
 
     # The VAE comes from --vae when given, else from what detection found in the model checkpoint (read
     # there, shards and all, without detecting it again).
@@ -167,7 +180,19 @@ def load_components(
             f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass --t5 PATH (a "
             "google/t5-v1_1-xxl folder or a ComfyUI t5xxl file)"
         )
-    if text_encoder is None:
+    if text_encoder is None and quantize is not None:
+        text_encoder, done = load_t5_quantized(t5_source, quantize, dtype=torch.float32)
+        quantized["t5"] = done.note("t5")
+    elif text_encoder is None:
         text_encoder = load_t5(t5_source, dtype=torch.float32)
     tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
-    return Components(tok, text_encoder, dit, decoder, vae_encoder, name=Path(model).name, source=str(model))
+    return Components(
+        tok,
+        text_encoder,
+        dit,
+        decoder,
+        vae_encoder,
+        name=Path(model).name,
+        source=str(model),
+        quantized=quantized,
+    )

@@ -12,10 +12,11 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from mochi.weights.dit_sources import iter_genmo, streamable
 from mochi.weights.formats import Detected, component_keys, detect, iter_component
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
 from mochi.weights.ggml import QWEIGHT, block_kinds, logical_shapes, swap_in_gguf
@@ -139,6 +140,7 @@ def read_dit(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     fp8: str = "dequantize",
+    take: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The DiT's tensors under Genmo's names, each cast as it is read.
 
@@ -146,6 +148,9 @@ def read_dit(
     in ``dtype`` (default: the stored dtype; for fp8 files, the dtype of their other tensors). With
     ``fp8="keep"`` fp8 weights stay fp8 and the scales map each such layer ("blocks.0.attn.qkv_x") to its
     fp32 scale. fp32 islands (`keeps_fp32`) are always fp32.
+    take(key, tensor): offered each tensor (Genmo name, after its cast) as soon as it is read, when the
+    files can be read tensor by tensor (`mochi.weights.dit_sources.streamable`); a tensor it returns True
+    for is the caller's and is left out of the state dict (quantization at load). Otherwise never called.
     """
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
@@ -156,14 +161,16 @@ def read_dit(
         )
     target = _target_dtype(det, dtype)
     sd: dict[str, torch.Tensor] = {}
-    for key, t in iter_component(det, "dit", device):
+    stream = take is not None and streamable(det)
+    for key, t in iter_genmo(det, device) if stream else iter_component(det, "dit", device):
         if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES) or QWEIGHT.match(key):
             pass  # fp8 bookkeeping, handled by split_scales; ggml blocks, handled below
         elif keeps_fp32(key):
             t = t.to(torch.float32)
         elif target is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
             t = t.to(target)
-        sd[key] = t
+        if not (stream and take(key, t)):
+            sd[key] = t
     scales: dict[str, torch.Tensor] = {}
     if "dit" in det.quant:
         sd, scales = split_scales(sd, det.metadata, det.prefixes["dit"])
@@ -172,7 +179,7 @@ def read_dit(
             if fp8 == "dequantize" or w.dtype not in FP8_DTYPES:
                 sd[layer + ".weight"] = dequantize(w, scales.pop(layer), target or torch.bfloat16)
     kinds = block_kinds(sd)
-    if det.layouts["dit"] == "diffusers":
+    if det.layouts["dit"] == "diffusers" and not stream:
         from mochi.weights.keymaps.dit_diffusers import diffusers_to_genmo
 
         if scales:
@@ -253,22 +260,58 @@ def load_dit(
     Returns the model in eval mode without gradients. Raises WeightsError naming every missing,
     unexpected or mis-shaped key and the detected format.
     """
+    return load_dit_quantized(
+        path, None, dtype=dtype, device=device, fp8=fp8, config=config, variant=variant
+    )[0]
+
+
+def load_dit_quantized(
+    path: str | os.PathLike | Detected,
+    quantize: str | None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8: str = "keep",
+    config=None,  # noqa: ANN001 - DiTConfig | None
+    variant: str | None = None,
+):  # noqa: ANN201 - (AsymmDiT, mochi.weights.quantize.Quantized | None)
+    """`load_dit` with the blocks' Linear weights quantized to ``quantize`` (None: not quantized) while
+    the checkpoint is read: each weight is quantized as it arrives (in ``dtype``) and its full-width
+    tensor dropped, so the load holds the quantized model plus one layer (`mochi.weights.quantize.AtLoad`).
+    Files that cannot be read tensor by tensor (GGUF, torch pickles) are read whole, then quantized.
+    Returns (model, what was quantized: a `Quantized`, or None when ``quantize`` is None).
+    """
     from mochi.finite import check_finite
     from mochi.models.dit import AsymmDiT
+    from mochi.weights.quantize import AtLoad, Quantized, quantize_model
 
     det = path if isinstance(path, Detected) else detect(path, variant=variant)
-    sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8)
     fmt = det.describe()
+    model = quantizer = None
+    if quantize is not None and streamable(det):
+        if config is None:
+            try:
+                config = infer_config(genmo_shapes(det))
+            except WeightsError as e:
+                raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
+        with torch.device("meta"):
+            model = AsymmDiT(config)
+        what = f"DiT checkpoint (detected format: {fmt})"
+        quantizer = AtLoad(model, quantize, lambda key, t: check_finite({key: t}, what))
+    sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8, take=quantizer)
     if config is None:
         try:
             config = infer_config(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}))
         except WeightsError as e:
             raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
-    with torch.device("meta"):
-        model = AsymmDiT(config)
+    if model is None:
+        with torch.device("meta"):
+            model = AsymmDiT(config)
     swap_in_gguf(model, block_kinds(sd))  # ggml blocks stay quantized: dequantized per layer at use
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, fmt)
+    taken = {k: torch.empty(s, device="meta") for k, s in quantizer.shapes().items()} if quantizer else {}
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, {**sd, **taken}, fmt)
     check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
+    done = quantizer.install(model, sd) if quantizer else None
     # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read
     # a weight's dtype as the compute dtype (the timestep embedder does), so those few layers are dequantized.
     in_blocks = [layer for layer in scales if layer.startswith("blocks.")]
@@ -278,7 +321,18 @@ def load_dit(
         sd[layer + ".weight"] = dequantize(w, scales.pop(layer), _target_dtype(det, dtype) or torch.bfloat16)
     for layer, scale in scales.items():
         sd[layer + ".weight_scale"] = scale.to(sd[layer + ".weight"].device)
-    model.load_state_dict(sd, strict=True, assign=True)
+    result = model.load_state_dict(sd, strict=not taken, assign=True)
+    assert not result.unexpected_keys, result.unexpected_keys
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left[:5]}"
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantize is not None:
+        # What was not quantized while read: every layer of files read whole, fp8 layers widened at load.
+        later = quantize_model(model, quantize)
+        if done is not None:
+            ours = {*done.layers, *later.layers}
+            order = [n for n, _ in model.named_modules() if n in ours]
+            done = Quantized(quantize, order, [n for n in later.kept if n not in ours], later.skipped)
+        else:
+            done = later
+    return model, done

@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -105,6 +105,23 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
             for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 out[key] = f.get_tensor(key)
     return out
+
+
+def iter_safetensors(
+    files: Iterable[Path], prefix: str = "", device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of every key under ``prefix`` in safetensors ``files``, the file opened per tensor.
+
+    safetensors hands tensors out as views of a memory map of the file, and the pages touched through one
+    open file stay resident until it is closed: a reader that converts or quantizes each tensor as it
+    arrives would still end up holding the whole file. Opened per tensor, only what the caller keeps stays.
+    """
+    for file in files:
+        with open_safetensors(file) as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118
+        for key in keys:
+            with open_safetensors(file, device) as f:
+                yield key, f.get_tensor(key)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

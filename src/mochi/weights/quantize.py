@@ -213,15 +213,7 @@ def quantize_model(model: nn.Module, mode: str) -> Quantized:
             "quantization cannot be combined with FSDP-sharded weights; use --parallel-weights replicate"
         )
     done: list[str] = []
-    kept = [n for n, m in model.named_modules() if _TARGET.match(n) and is_quantized(m)]
-    skipped = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and _TARGET.match(n)
-        and not is_quantized(m)
-        and not quantizable(n, m, mode)
-    ]
+    kept, skipped = _survey(model, mode)
     for name in [n for n, m in model.named_modules() if quantizable(n, m, mode)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -231,6 +223,67 @@ def quantize_model(model: nn.Module, mode: str) -> Quantized:
     if done:
         _own_host_tensors(model)
     return Quantized(mode, done, kept, skipped)
+
+
+def _survey(model: nn.Module, mode: str, ours: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """(target layers stored quantized, other than ``ours``; target Linears that cannot take ``mode``)."""
+    ours = set(ours)
+    kept = [n for n, m in model.named_modules() if _TARGET.match(n) and is_quantized(m) and n not in ours]
+    skipped = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and _TARGET.match(n)
+        and not is_quantized(m)
+        and not quantizable(n, m, mode)
+    ]
+    return kept, skipped
+
+
+class AtLoad:
+    """Quantization while a checkpoint is read: ``take`` for `mochi.weights.dit.read_dit` (and T5's reader).
+
+    Each eligible Linear weight (``quantizable`` on the meta ``model``) is quantized the moment it is read and
+    the full-width tensor dropped, so a load holds the quantized model plus one layer at full width, not
+    the whole model. The same numbers as `quantize_model` on the loaded model: the weight is quantized in
+    the dtype it was read (cast) to. Then ``install`` puts the layers into the model.
+    """
+
+    def __init__(
+        self, model: nn.Module, mode: str, check: Callable[[str, torch.Tensor], None] | None = None
+    ) -> None:
+        self.mode = check_mode(mode)
+        self.check = check  # e.g. finiteness, on each weight before it is quantized
+        self.eligible = {n: m for n, m in model.named_modules() if quantizable(n, m, mode)}
+        self.layers: dict[str, nn.Linear] = {}
+
+    def __call__(self, key: str, t: torch.Tensor) -> bool:
+        layer = key.removesuffix(".weight")
+        m = self.eligible.get(layer) if key.endswith(".weight") else None
+        if m is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False  # stored quantized (kept as stored), or not a target
+        if tuple(t.shape) != tuple(m.weight.shape):
+            return False  # left in the state dict, for the strict check to name
+        if self.check is not None:
+            self.check(key, t)
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(t, requires_grad=False)
+        self.layers[layer] = quantize_linear(linear, self.mode)
+        return True
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The full-width weight shapes of the layers taken (for the loader's strict key check)."""
+        return {f"{n}.weight": tuple(self.eligible[n].weight.shape) for n in self.layers}
+
+    def install(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> Quantized:
+        """Swap the quantized layers into ``model``, their biases popped from ``sd``; what was done."""
+        self.layers = {n: self.layers[n] for n in self.eligible if n in self.layers}  # the model's order
+        for name, q in self.layers.items():
+            if q.bias is not None:
+                q.bias = nn.Parameter(sd.pop(f"{name}.bias"), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+        return Quantized(self.mode, list(self.layers), *_survey(model, self.mode, self.layers))
 
 
 def _own_host_tensors(model: nn.Module) -> None:

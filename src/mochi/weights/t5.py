@@ -185,28 +185,93 @@ def load_t5(
     fp32 is Genmo's choice (genmo-mochi.md §4). In float16 the ``wo`` projections are kept in fp32, as HF
     does, because T5 v1.1's feed-forward overflows float16. Returns the model in eval mode, gradients off.
     """
+    return load_t5_quantized(path, None, dtype=dtype, device=device)[0]
+
+
+def load_t5_quantized(
+    path: str | os.PathLike | Detected,
+    quantize: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):  # noqa: ANN201 - (T5Encoder, mochi.weights.quantize.Quantized | None)
+    """`load_t5` with the encoder blocks' Linear weights quantized to ``quantize`` as they are read (in
+    ``dtype``), so that the load holds the quantized encoder plus one layer, not the full-width one (T5-XXL
+    in fp32: 19 GB). Only unquantized safetensors files are read that way, and not in float16 (whose
+    ``wo`` layers widen to fp32 first); others are loaded whole, then quantized.
+    Returns (model, what was quantized, or None when ``quantize`` is None).
+    """
+    from mochi.finite import check_finite
+    from mochi.weights.io import check_state_dict, iter_safetensors
+    from mochi.weights.quantize import quantize_model
+
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"T5 dtype {dtype} is not supported; use torch.float32 (Genmo's choice) or torch.bfloat16"
         )
+    prefix = ""
     if isinstance(path, Detected):
         files, hf_config = _detected_files(path)
-        tensors = iter_component(path, "t5")  # only the T5's tensors, not the rest of an all-in-one file
+        prefix = path.prefixes["t5"]
     else:
         files, hf_config = _locate(Path(path))
-        tensors = (item for file in files for item in read_state_dict(file).items())
     for file in files:
         if file.suffix == ".safetensors":
             _check_quantization(read_metadata(file))
+    quantizer = None
+    if quantize is not None and dtype != torch.float16 and all(f.suffix == ".safetensors" for f in files):
+        quantizer, inner = _quantizer(files, prefix, hf_config, quantize)
+    if quantizer is not None:
+        tensors = iter_safetensors(files, prefix, device)
+    elif isinstance(path, Detected):
+        tensors = iter_component(path, "t5")  # only the T5's tensors, not the rest of an all-in-one file
+    else:
+        tensors = (item for file in files for item in read_state_dict(file).items())
     # Cast tensor by tensor to bound peak memory; fp8 tensors and their scales wait for dequantization.
-    raw = {k: v if _keep_raw(k, v) else v.to(dtype) for k, v in tensors}
+    raw = {}
+    for k, v in tensors:
+        v = v if _keep_raw(k, v) else v.to(dtype)
+        if not (quantizer is not None and k.startswith(inner) and quantizer(k[len(inner) :], v)):
+            raw[k] = v
     sd, fmt = convert_t5_state_dict(raw, dtype)
     del raw
-    config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config(sd)
+    taken = {k: torch.empty(s, device="meta") for k, s in quantizer.shapes().items()} if quantizer else {}
+    config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config({**sd, **taken})
     if dtype == torch.float16:
         sd = {k: v.float() if k.endswith("DenseReluDense.wo.weight") else v for k, v in sd.items()}
     with torch.device("meta"):
         model = T5Encoder(config)
     source = "T5 folder" if hf_config is not None else "T5 single file"
-    load_strict(model, sd, f"{source}, {fmt}")
-    return model.to(device).eval().requires_grad_(False)
+    if quantizer is None:
+        load_strict(model, sd, f"{source}, {fmt}")
+        done = None
+    else:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_state_dict(expected, {**sd, **taken}, f"{source}, {fmt}")
+        check_finite(sd, f"checkpoint (detected format: {source}, {fmt})")
+        done = quantizer.install(model, sd)
+        model.load_state_dict(sd, strict=False, assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+    model = model.to(device).eval().requires_grad_(False)
+    if quantize is not None and done is None:
+        done = quantize_model(model, quantize)
+    return model, done
+
+
+def _quantizer(files: list[Path], prefix: str, hf_config: dict | None, mode: str):  # noqa: ANN202
+    """(an `AtLoad` for the T5 these files hold, the key prefix its names carry) from headers only."""
+    from mochi.finite import check_finite
+    from mochi.weights.io import read_keys
+    from mochi.weights.quantize import AtLoad
+
+    keys = {k: shape for f in files for k, (_, shape) in read_keys(f).items() if k.startswith(prefix)}
+    inner = prefix + _find_prefix([k[len(prefix) :] for k in keys])
+    shapes = {k[len(inner) :]: torch.empty(s, device="meta") for k, s in keys.items() if k.startswith(inner)}
+    if "shared.weight" not in shapes and "encoder.embed_tokens.weight" in shapes:
+        shapes["shared.weight"] = shapes["encoder.embed_tokens.weight"]
+    config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config(shapes)
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    check = lambda key, t: check_finite({key: t}, "T5 checkpoint")  # noqa: E731
+    return AtLoad(model, mode, check), inner
