@@ -346,7 +346,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=("quality", "compile", "report", "cfg"))
     p.add_argument("--cfg-settings", type=lambda v: v.split(","), default=["teacache:0.08", "fbcache:0.15"])
-    p.add_argument("--only", type=lambda v: v.split(","), default=[], help="rows to run: impl/label,...")
+    p.add_argument(
+        "--only",
+        type=lambda v: [x for x in v.split(";") if x],
+        default=[],
+        help="rows to run: impl/label;...",
+    )
     p.add_argument("--save", metavar="DIR", help="quality: save each row's videos; report: read them")
     p.add_argument("--seeds", type=int, default=4, help="seeds pooled per prompt (≥ 4 for the issue)")
     p.add_argument("--seed", type=int, default=100, help="first seed (the calibration used 0-7)")
