@@ -17,6 +17,11 @@ wrapper installs ``AsymmDiT.block_runner`` for the duration of each call):
   are skipped and their cached residual added. First and last step always run (diffusers does not force
   them; forcing costs two of the forwards and guards the final, detail-setting step).
 
+Options shape where skips may fall (``CacheSetting``): a cap on consecutive skips, a σ window whose steps
+always run (on the embedded model the steps where σ starts to fall fast set the layout; skipping one of
+them alone costs a video up to 12 dB), and a residual extrapolated linearly in σ from the last two full
+passes. None of them changes a run at threshold 0.
+
 Batched classifier-free guidance: cond and uncond of one batched forward share one decision, from the
 relative L1 pooled over the whole batch (as the TeaCache reference). Separate forwards (``batch_cfg=False``)
 are separate *streams* with one cache each; streams are told apart by the call's batch size and text, so a
