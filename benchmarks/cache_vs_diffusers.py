@@ -1,7 +1,8 @@
 """Step caching and compile, ours vs diffusers' hooks, in one process on the same weights (issue 16).
 
     PYTHONPATH=src python benchmarks/cache_vs_diffusers.py quality [--seeds 4] [--seed 100] [--threads 1]
-        [--teacache 0.05,0.1,0.2] [--fbcache 0.1,0.2] [--diffusers-fbc 0.1,0.2] [--magcache 0.06,0.12]
+        [--teacache 0.05,0.1,0.2] [--fbcache 0.1,0.2] [--ours "teacache:2x;fbcache,extrapolate@0.18"]
+        [--diffusers-fbc 0.1,0.2] [--magcache 0.06,0.12]
     PYTHONPATH=src python benchmarks/cache_vs_diffusers.py compile [--threads 1] [--repeats 3]
 
 quality: the embedded model's DiT, and diffusers' ``MochiTransformer3DModel`` holding the same tensors
@@ -139,10 +140,11 @@ def quality(args: argparse.Namespace) -> None:
     prompts = (shapes.eval_prompts() + shapes.heldout_prompts())[: args.limit or None]
     wrapper = DiffusersDenoiser(transformer)
 
-    def ours(kind: str, threshold: float):  # noqa: ANN202
-        if kind == "none":
+    def ours(name: str, threshold: float | None):  # noqa: ANN202
+        if name == "none":
             return dit
-        cache = StepCache(dit, CacheSetting(kind, threshold), coefficients=coefficients, sigmas=sigmas)
+        setting = CacheSetting.parse(name, threshold)
+        cache = StepCache(dit, setting, coefficients=coefficients, sigmas=sigmas)
         cache.reset = lambda: None  # StepCache starts a new trajectory by itself when σ rises
         return cache
 
@@ -159,6 +161,9 @@ def quality(args: argparse.Namespace) -> None:
     settings = [("ours", "uncached", lambda: ours("none", 0))]
     settings += [("ours", f"TeaCache {t:g}", lambda t=t: ours("teacache", t)) for t in args.teacache]
     settings += [("ours", f"FBCache {t:g}", lambda t=t: ours("fbcache", t)) for t in args.fbcache]
+    for spec in args.ours:  # a preset or kind with options, "@X" for a threshold: "fbcache,extrapolate@0.18"
+        name, _, value = spec.partition("@")
+        settings.append(("ours", spec, lambda n=name, v=value: ours(n, float(v) if v else None)))
     settings += [("diffusers", "uncached", lambda: theirs(None))]
     settings += [
         ("diffusers", f"FirstBlockCache {t:g}", lambda t=t: theirs(FirstBlockCacheConfig(threshold=t)))
@@ -210,7 +215,7 @@ def print_rows(rows: dict, prompts: list[str]) -> None:
         videos, seconds, forwards = row["videos"], float(row["seconds"]), float(row["forwards"])
         ref = rows.get((impl, "uncached"))
         if ref is None:
-            print(f"{impl:<9} {label:<27} (no uncached row of {impl} to compare with)")
+            print(f"{impl:<9} {label:<32} (no uncached row of {impl} to compare with)")
             continue
         values = [psnr(a, b) for a, b in zip(videos, ref["videos"])]
         finite = [v for v in values if np.isfinite(v)]
@@ -218,7 +223,7 @@ def print_rows(rows: dict, prompts: list[str]) -> None:
         r = score(prompts, videos)
         o, h = r["overall"], r["heldout"]
         print(
-            f"{impl:<9} {label:<27} {forwards:8.1f} {seconds:7.3f} {float(ref['seconds']) / seconds:7.2f}× "
+            f"{impl:<9} {label:<32} {forwards:8.1f} {seconds:7.3f} {float(ref['seconds']) / seconds:7.2f}× "
             f"{mean_db:8.2f} {min(values):7.2f} | {100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
             f"{100 * o['direction']:5.1f}% {100 * o['all']:5.1f}% | "
             + "/".join(f"{100 * h[k]:.1f}" for k in ("color", "shape", "direction") if k in h),
@@ -245,7 +250,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 HEADER = (
-    f"{'impl':<9} {'setting':<27} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
+    f"{'impl':<9} {'setting':<32} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
     f"{'min dB':>7} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
 )
 
@@ -341,7 +346,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=("quality", "compile", "report", "cfg"))
     p.add_argument("--cfg-settings", type=lambda v: v.split(","), default=["teacache:0.08", "fbcache:0.15"])
-    p.add_argument("--only", type=lambda v: v.split(","), default=[], help="rows to run: impl/label,...")
+    p.add_argument(
+        "--only",
+        type=lambda v: [x for x in v.split(";") if x],
+        default=[],
+        help="rows to run: impl/label;...",
+    )
     p.add_argument("--save", metavar="DIR", help="quality: save each row's videos; report: read them")
     p.add_argument("--seeds", type=int, default=4, help="seeds pooled per prompt (≥ 4 for the issue)")
     p.add_argument("--seed", type=int, default=100, help="first seed (the calibration used 0-7)")
@@ -355,6 +365,12 @@ def main() -> None:
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--teacache", type=floats, default=[0.05, 0.1, 0.2])
     p.add_argument("--fbcache", type=floats, default=[0.1, 0.2])
+    p.add_argument(
+        "--ours",
+        type=lambda v: [x for x in v.split(";") if x],
+        default=["teacache:2x", "fbcache:3x"],
+        help="more of our settings, ';'-separated: a preset or kind with options, '@X' for a threshold",
+    )
     p.add_argument("--diffusers-fbc", type=floats, default=[0.1, 0.2])
     p.add_argument("--magcache", type=floats, default=[0.06, 0.12])
     args = p.parse_args()

@@ -291,6 +291,7 @@ def test_api_forwards_the_cache_and_rejects_bad_ones(pipe, tmp_path):
         for bad, message in [
             ({"cache": "magcache"}, "cache 'magcache' is unknown; choose one of none, teacache, fbcache"),
             ({"cache": "fbcache", "cache_threshold": 0}, "cache_threshold: Input should be greater than 0"),
+            ({"cache": "teacache,max-skips=0"}, "cache option max-skips=0 must be a whole number ≥ 1"),
         ]:
             status, reply = call_json("POST", f"{server.url}/api/jobs", {"prompt": PROMPT, **bad})
             assert status == 422 and message in reply["detail"], reply

@@ -91,8 +91,8 @@ class GenerationRequest:
         out.validate()
         from mochi.accel.cache import CacheSetting
 
-        setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset name → kind + threshold
-        out.cache, out.cache_threshold = setting.kind, setting.threshold
+        setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset → kind, options, threshold
+        out.cache, out.cache_threshold = setting.spec, setting.threshold
         return out
 
     def validate(self) -> None:

@@ -17,6 +17,11 @@ wrapper installs ``AsymmDiT.block_runner`` for the duration of each call):
   are skipped and their cached residual added. First and last step always run (diffusers does not force
   them; forcing costs two of the forwards and guards the final, detail-setting step).
 
+Options shape where skips may fall (``CacheSetting``): a cap on consecutive skips, a σ window whose steps
+always run (on the embedded model the steps where σ starts to fall fast set the layout; skipping one of
+them alone costs a video up to 12 dB), and a residual extrapolated linearly in σ from the last two full
+passes. None of them changes a run at threshold 0.
+
 Batched classifier-free guidance: cond and uncond of one batched forward share one decision, from the
 relative L1 pooled over the whole batch (as the TeaCache reference). Separate forwards (``batch_cfg=False``)
 are separate *streams* with one cache each; streams are told apart by the call's batch size and text, so a
@@ -42,54 +47,118 @@ KINDS = ("none", "teacache", "fbcache")
 # Rescale polynomial for the released Mochi 1 preview, highest power first (ali-vilab/TeaCache,
 # TeaCache4Mochi/teacache_mochi.py).
 RELEASED_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
-# Named settings: (kind, threshold), measured in docs/acceleration.md. The TeaCache ones are the reference's
-# 1.5× and 2.1× settings for the released model (with a calibrated polynomial a threshold means a similar
-# output change on any model); the first-block ones bracket 2× fewer forwards on the embedded model.
-PRESETS: dict[str, tuple[str, float]] = {
-    "teacache:quality": ("teacache", 0.06),
-    "teacache:fast": ("teacache", 0.09),
-    "fbcache:quality": ("fbcache", 0.1),
-    "fbcache:fast": ("fbcache", 0.15),
+# Named settings, measured in docs/acceleration.md. The TeaCache quality/fast ones are the reference's 1.5×
+# and 2.1× settings for the released model (with a calibrated polynomial a threshold means a similar output
+# change on any model); the first-block ones bracket 2× fewer forwards on the embedded model. "teacache:2x"
+# and "fbcache:3x" add the options below, tuned on the embedded model (seeds 0-3): 2× fewer forwards with
+# every video ≥ 28 dB, and first-block caching that beats diffusers' FirstBlockCache at its forward count.
+PRESETS: dict[str, tuple[str, float, str]] = {
+    "teacache:quality": ("teacache", 0.06, ""),
+    "teacache:fast": ("teacache", 0.09, ""),
+    "teacache:2x": ("teacache", 0.15, "max-skips=3,keep=0.85-0.975"),
+    "fbcache:quality": ("fbcache", 0.1, ""),
+    "fbcache:fast": ("fbcache", 0.15, ""),
+    "fbcache:3x": ("fbcache", 0.2, "extrapolate"),
 }
 DEFAULT_PRESET = {"teacache": "teacache:fast", "fbcache": "fbcache:fast"}
+OPTIONS = ("max-skips=N", "keep=LO-HI", "extrapolate")
 
 
 @dataclass(frozen=True)
 class CacheSetting:
-    """What to cache: ``kind`` one of ``KINDS`` and its threshold (> 0, finite; None for "none")."""
+    """What to cache: ``kind`` one of ``KINDS`` and its threshold (> 0, finite; None for "none"), and
+    three options that shape where skips may fall:
+
+    max_skips: at most this many consecutive skipped steps (≥ 1; None: no cap). keep: (lo, hi), every step
+    whose σ lies in [lo, hi] runs in full (the steps where the layout forms; 0 ≤ lo ≤ hi ≤ 1). extrapolate:
+    a skipped step adds the blocks' residual extrapolated linearly in σ from the last two full passes
+    instead of the last one.
+    """
 
     kind: str = "none"
     threshold: float | None = None
+    max_skips: int | None = None
+    keep: tuple[float, float] | None = None
+    extrapolate: bool = False
 
     @classmethod
     def parse(cls, name: str | None, threshold: float | None = None) -> CacheSetting:
-        """From a kind ("teacache") or preset ("teacache:fast") and an optional threshold overriding it.
+        """From a kind ("teacache") or preset ("teacache:fast"), optionally followed by comma-separated
+        options ("teacache,max-skips=3,keep=0.85-0.975,extrapolate"), and a threshold overriding the
+        kind's or preset's.
 
-        ValueError naming the valid choices for an unknown name and the valid range for a bad threshold.
+        ValueError naming the valid choices for an unknown name or option and the valid range for a bad
+        threshold or option value.
         """
-        name = (name or "none").strip().lower()
-        if name in PRESETS:
-            kind, preset = PRESETS[name]
-        elif name in KINDS:
-            kind, preset = name, PRESETS[DEFAULT_PRESET[name]][1] if name != "none" else None
+        head, *options = [part.strip() for part in (name or "none").strip().lower().split(",")]
+        if head in PRESETS:
+            kind, preset, extra = PRESETS[head]
+            options = [o for o in extra.split(",") if o] + options
+        elif head in KINDS:
+            kind, preset = head, PRESETS[DEFAULT_PRESET[head]][1] if head != "none" else None
         else:
             choices = ", ".join([*KINDS, *PRESETS])
-            raise ValueError(f"cache {name!r} is unknown; choose one of {choices}")
+            raise ValueError(f"cache {head!r} is unknown; choose one of {choices}")
         if kind == "none":
             if threshold is not None:
                 raise ValueError(
                     f"cache threshold {threshold} given without a cache; add --cache teacache or fbcache"
                 )
+            if options:
+                raise ValueError(f"cache options {','.join(options)!r} given without a cache; add teacache")
             return cls()
         value = preset if threshold is None else check_threshold(threshold)
-        return cls(kind, value)
+        return cls(kind, value, **_parse_options(options))
 
     @property
     def enabled(self) -> bool:
         return self.kind != "none"
 
+    @property
+    def spec(self) -> str:
+        """The kind and its options, without the threshold: what ``parse`` reads back."""
+        parts = [self.kind]
+        if self.max_skips is not None:
+            parts.append(f"max-skips={self.max_skips}")
+        if self.keep is not None:
+            parts.append(f"keep={self.keep[0]:g}-{self.keep[1]:g}")
+        if self.extrapolate:
+            parts.append("extrapolate")
+        return ",".join(parts)
+
     def __str__(self) -> str:
-        return "none" if not self.enabled else f"{self.kind}:{self.threshold:g}"
+        if not self.enabled:
+            return "none"
+        kind, *options = self.spec.split(",")
+        return ",".join([f"{kind}:{self.threshold:g}", *options])
+
+
+def _parse_options(options: list[str]) -> dict:
+    """``["max-skips=3", "keep=0.85-0.975", "extrapolate"]`` → CacheSetting's keyword arguments."""
+    out: dict = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "max-skips":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"cache option max-skips={value} must be a whole number ≥ 1; nearest: 1")
+            out["max_skips"] = int(value)
+        elif key == "keep":
+            lo, _, hi = value.partition("-")
+            try:
+                keep = (float(lo), float(hi))
+            except ValueError:
+                keep = (math.nan, math.nan)
+            if not 0.0 <= keep[0] <= keep[1] <= 1.0:
+                raise ValueError(
+                    f"cache option keep={value} must be two σ values LO-HI with 0 ≤ LO ≤ HI ≤ 1, "
+                    "e.g. keep=0.85-0.975"
+                )
+            out["keep"] = keep
+        elif key == "extrapolate" and not value:
+            out["extrapolate"] = True
+        else:
+            raise ValueError(f"cache option {option!r} is unknown; choose from {', '.join(OPTIONS)}")
+    return out
 
 
 def check_threshold(threshold: float) -> float:
@@ -111,9 +180,13 @@ class _Stream:
     sigma: float | None = None
     probe: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    residual_sigma: float | None = None
+    previous: torch.Tensor | None = None  # the full pass before (extrapolate): residual and σ
+    previous_sigma: float | None = None
     accumulated: float = 0.0
     output: torch.Tensor | None = None  # calibration: the previous DiT output
     calls: int = 0
+    skips: int = 0  # consecutive skipped calls just before this one
 
 
 @dataclass
@@ -203,13 +276,17 @@ class StepCache:
         if stream.sigma is not None and s >= stream.sigma:
             self.streams[self._key(x, text, mask)] = stream = _Stream()  # a new trajectory
         last = self.sigmas is not None and len(self.sigmas) > 1 and s == self.sigmas[-2]
-        self._stream, self._force = stream, stream.sigma is None or last or self.record
-        self._skipped = False
+        self._stream, self._force = (
+            stream,
+            stream.sigma is None or last or self.record or self._kept(stream, s),
+        )
+        self._skipped, self._sigma = False, s
         self.dit.block_runner = self._run
         try:
             out = self.model(x, sigma, text, mask)
         finally:
             self.dit.block_runner = None
+        stream.skips = stream.skips + 1 if self._skipped else 0
         if self._skipped:
             self.stats.skipped += 1
             step = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else stream.calls
@@ -223,6 +300,12 @@ class StepCache:
             stream.output = out
         stream.sigma, stream.calls = s, stream.calls + 1
         return out
+
+    def _kept(self, stream: _Stream, sigma: float) -> bool:
+        """Whether the options force a full pass here: the skip cap is reached or σ lies in ``keep``."""
+        setting = self.setting
+        capped = setting.max_skips is not None and stream.skips >= setting.max_skips
+        return capped or (setting.keep is not None and setting.keep[0] <= sigma <= setting.keep[1])
 
     def _relative_l1(self, a: torch.Tensor, b: torch.Tensor | None, local: bool = True) -> float | None:
         """mean |a − b| / mean |b| over every real token of every rank; None without a previous ``b``."""
@@ -251,17 +334,30 @@ class StepCache:
             if self._force or threshold == 0 or stream.accumulated >= threshold:
                 stream.accumulated = 0.0
                 out, _ = dit.run_blocks(h, y, c, rope, packed)
-                stream.residual = out - h
+                self._store(stream, out - h)
                 return out
             self._skipped = True
-            return h + stream.residual
+            return h + self._reuse(stream)
         h1, y1 = dit.run_blocks(h, y, c, rope, packed, 0, 1)
         first = h1 - h
         self._change = self._relative_l1(first, stream.probe)
         if self._force or threshold == 0 or self._change >= threshold:
             stream.probe = first
             out, _ = dit.run_blocks(h1, y1, c, rope, packed, 1, None)
-            stream.residual = out - h1
+            self._store(stream, out - h1)
             return out
         self._skipped = True
-        return h1 + stream.residual
+        return h1 + self._reuse(stream)
+
+    def _store(self, stream: _Stream, residual: torch.Tensor) -> None:
+        if self.setting.extrapolate:
+            stream.previous, stream.previous_sigma = stream.residual, stream.residual_sigma
+        stream.residual, stream.residual_sigma = residual, self._sigma
+
+    def _reuse(self, stream: _Stream) -> torch.Tensor:
+        """The residual a skipped step adds: the last full pass's, or with ``extrapolate`` the line in σ
+        through the last two full passes' residuals (the residual drifts smoothly between full passes)."""
+        if not self.setting.extrapolate or stream.previous is None:
+            return stream.residual
+        slope = (self._sigma - stream.residual_sigma) / (stream.residual_sigma - stream.previous_sigma)
+        return stream.residual + slope * (stream.residual - stream.previous)

@@ -73,9 +73,10 @@ class JobRequest(extras.JobExtras):
     lora_scale: float = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
     cache: str = Field(
         "none",
-        max_length=32,
+        max_length=80,
         description="step caching: none (exact), teacache, fbcache, or a preset: teacache:quality, "
-        "teacache:fast, fbcache:quality, fbcache:fast",
+        "teacache:fast, teacache:2x, fbcache:quality, fbcache:fast, fbcache:3x; options after commas: "
+        "max-skips=N, keep=LO-HI, extrapolate",
     )
     cache_threshold: float | None = Field(None, gt=0, description="the cache's threshold; unset: its default")
 
