@@ -310,12 +310,11 @@ def test_heads_that_do_not_split_are_a_clear_error():
 
 
 def test_a_dead_rank_makes_the_other_exit_in_bounded_time(tmp_path):
-    started = time.monotonic()
+    # The bound is _wait's deadline: a rank 0 still waiting then is killed and reads as None (a hang). No
+    # wall-clock assertion beyond it: on a loaded machine start-up alone can take tens of seconds.
     outcome = _wait(_launch("_job_dies", tmp_path), timeout=60)
-    elapsed = time.monotonic() - started
     assert outcome[1][0] == -signal.SIGKILL
     assert outcome[0][0] not in (None, 0), outcome[0][1][-2000:]
-    assert elapsed < 45
 
 
 def test_train_lora_over_two_ranks_equals_one_process(results, tmp_path):
@@ -375,10 +374,10 @@ def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
 
 def test_a_hung_rank_makes_the_other_fail_at_the_timeout(tmp_path):
     procs = _launch("_job_hangs", tmp_path)
-    started = time.monotonic()
-    code, err = _wait(procs[:1], timeout=40)[0]
-    elapsed = time.monotonic() - started
+    # Rank 1 sleeps 120 s: a rank 0 without the 4 s collective timeout would still be waiting at _wait's
+    # deadline (killed: None) and could only succeed after it. What it failed of must be the timeout.
+    code, err = _wait(procs[:1], timeout=60)[0]
     procs[1].kill()
     procs[1].communicate()
     assert code not in (None, 0), err[-2000:]
-    assert elapsed < 30
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-2000:]
