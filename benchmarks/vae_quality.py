@@ -1,0 +1,89 @@
+"""How good is a tiny VAE: issue 20's three VAE figures for the embedded model or a training checkpoint.
+
+Prints (1) reconstruction PSNR (posterior mean) on 16 fresh clips, (2) colour drift: how many of them decode
+the object within ``DRIFT_TARGET`` levels of its palette colour on every channel, and the worst, (3) the
+judge on reconstructions of 24 true clips, one per colour × shape (every direction and background in turn):
+shape under the strict judge and the moments-only one, and colour. (3) is the ceiling a DiT on this latent
+space can reach: it cannot draw better than the decoder decodes true latents.
+
+    PYTHONPATH=src python benchmarks/vae_quality.py                      # the embedded model's VAE
+    PYTHONPATH=src python benchmarks/vae_quality.py RUN/vae.ckpt --preset mochi-tiny-wide-vae
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import types
+
+import numpy as np
+import torch
+
+from mochi.models.vae_tiling import decode, encode
+from mochi.presets import model_preset
+from mochi.train import judge, shapes
+from mochi.train.checkpoint import load_checkpoint
+from mochi.train.evaluate import DRIFT_TARGET, PSNR_TARGET, color_drift, reconstruction_psnr
+from mochi.train.train_vae import build_vae, from_pixels, to_pixels
+from mochi.weights.bundle import load_embedded
+
+
+def vae_components(checkpoint: str | None, preset: str):
+    """The embedded model's components, or an encoder/decoder pair from a ``train_vae`` checkpoint."""
+    if checkpoint is None:
+        return load_embedded()
+    encoder, decoder = build_vae(model_preset(preset), 0)
+    state = load_checkpoint(checkpoint)
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    defaults = {k: model_preset(preset).defaults[k] for k in ("frames", "height", "width")}
+    return types.SimpleNamespace(encoder=encoder.eval(), decoder=decoder.eval(), defaults=defaults)
+
+
+def judged_reconstructions(components, seed: int = 5) -> dict[str, int]:
+    """Strict shape, moments-only shape and colour hits on the reconstructions of 24 true clips."""
+    vocab = shapes.DEFAULT_VOCAB
+    rng = np.random.default_rng(seed)
+    pairs = itertools.product(vocab.colors, vocab.shapes)
+    rows = zip(pairs, itertools.cycle(shapes.DIRECTIONS), itertools.cycle(shapes.BACKGROUNDS))
+    hits = {"strict": 0, "moments": 0, "colour": 0, "clips": 0}
+    for (color, shape), direction, background in rows:
+        spec = shapes.sample_spec(
+            rng, shapes.Vocab((color,), (shape,), (direction,), (background,)), allow_heldout=True
+        )
+        mean, _ = encode(components.encoder, to_pixels(shapes.render(spec)[None]))
+        video = from_pixels(decode(components.decoder, mean))[0]
+        strict, moments = judge.judge(video), judge.judge(video, strict=False)
+        hits["strict"] += strict.shape == spec.shape
+        hits["moments"] += moments.shape == spec.shape
+        hits["colour"] += strict.color == spec.color
+        hits["clips"] += 1
+    return hits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", help="a train_vae checkpoint (default: the embedded model)")
+    ap.add_argument("--preset", default="mochi-tiny", help="the checkpoint's model preset")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    components = vae_components(args.checkpoint, args.preset)
+    with torch.no_grad():
+        psnrs = reconstruction_psnr(components, 16)
+        drifts = [float(np.abs(d).max()) for _, d in color_drift(components, 16)]
+        hits = judged_reconstructions(components)
+    within = sum(d <= DRIFT_TARGET for d in drifts)
+    n = hits["clips"]
+    print(f"VAE: {args.checkpoint or 'embedded model'}")
+    mean, worst = np.mean(psnrs), np.min(psnrs)
+    print(f"PSNR on 16 fresh clips: mean {mean:.2f} dB, worst {worst:.2f} (target {PSNR_TARGET})")
+    print(f"colour drift: {within}/16 within {DRIFT_TARGET} levels, worst {max(drifts):.1f}")
+    print(
+        f"judge on {n} reconstructions: shape strict {hits['strict']}/{n}, "
+        f"moments-only {hits['moments']}/{n}; colour {hits['colour']}/{n}"
+    )
+
+
+if __name__ == "__main__":
+    main()
