@@ -204,6 +204,7 @@ def quality(args: argparse.Namespace) -> None:
         videos, seconds, trajectories = run_setting(components, make(), prompts, args)
         row = {"videos": videos, "seconds": seconds, "forwards": (counter[0] - before) / trajectories}
         if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
             np.savez(f"{args.save}/{impl}--{label}.npz", **row, prompts=np.array(prompts * args.seeds))
         rows[impl, label] = row
     print_rows(rows, prompts * args.seeds)
