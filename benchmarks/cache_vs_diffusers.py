@@ -32,6 +32,7 @@ import re
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -234,7 +235,6 @@ def print_rows(rows: dict, prompts: list[str]) -> None:
 
 def report(args: argparse.Namespace) -> None:
     """The table from the rows that ``quality --save DIR`` runs (possibly several processes) saved."""
-    from pathlib import Path
 
     rows, prompts = {}, None
     files = sorted(
