@@ -5,10 +5,15 @@
 Writes a DiT checkpoint (random weights; ``--depth`` blocks at width 1024) in each layout — ``genmo``: a
 Genmo-named bf16 file; ``diffusers``: a diffusers ``transformer/`` folder in bf16 (q/k/v split, SwiGLU
 halves swapped); ``fp8``: a ComfyUI scaled-fp8 file (Linear weights e4m3fn with per-tensor scales, the
-rest bf16) — then measures what each process adds while loading it, above its state after imports: one
-process loading it whole
+rest bf16); ``q8_0`` / ``q4_0``: Kijai's GGUF-in-safetensors layout (the blocks' Linear weights as ggml
+blocks, the rest bf16, as ``mochi convert --quantize`` writes it); ``gguf``: a ``.gguf`` file in Genmo's
+naming (Q8_0 blocks, the rest F16) — then measures what each process adds while loading it, above its
+state after imports: one process loading it whole
 (``load_dit``, what every rank did before), and ``--ranks`` gloo ranks each loading its FSDP2 shard
-(``load_dit_sharded``), as bf16 (the file's dtype) and as fp32 (a cast, as CPU ranks compute in fp32).
+(``load_dit_sharded``), as bf16 (the file's dtype) and as fp32 (a cast, as CPU ranks compute in fp32);
+ggml blocks stay blocks. ``t5_fp8``: a T5 v1.1 encoder (``--depth`` layers at width 1024) in ComfyUI's
+scaled-fp8 layout (Linear weights e4m3fn with per-tensor scales, the rest fp16), loaded in fp32 as T5 is
+under torchrun: whole (``load_t5``) vs each rank its rows (``load_t5_sharded``).
 One thread per process. Two figures, sampled every 2 ms by a thread: the peak of private memory (RssAnon:
 tensors the process owns) and the peak of all resident memory (VmRSS, which adds the pages of the
 memory-mapped file the process touched: page cache, shared by the ranks of a node and reclaimable).
@@ -63,18 +68,24 @@ def _child(path: str, sharded: bool, dtype_name: str) -> None:
 
     torch.set_num_threads(1)
     from mochi.parallel.context import close_world, init_world
-    from mochi.parallel.sharded_load import load_dit_sharded
+    from mochi.parallel.sharded_load import load_dit_sharded, load_t5_sharded, t5_sources
     from mochi.weights.dit import load_dit
     from mochi.weights.formats import detect
+    from mochi.weights.t5 import load_t5
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     world = init_world("cpu") if sharded else None
-    det = detect(path)
+    t5 = Path(path).name.startswith("t5")
+    det = None if t5 else detect(path)
     peaks = _Peaks()
-    if sharded:
+    files = [Path(path)] if Path(path).is_file() else list(Path(path).rglob("*.safetensors"))
+    if t5 and sharded:
+        dit, read = load_t5_sharded(*t5_sources(path, None), world)
+    elif t5:
+        dit, read = load_t5(path, dtype=dtype), sum(f.stat().st_size for f in files)
+    elif sharded:
         dit, read = load_dit_sharded(det, world, dtype)
     else:
-        files = [Path(path)] if Path(path).is_file() else list(Path(path).rglob("*.safetensors"))
         dit, read = load_dit(det, dtype=dtype), sum(f.stat().st_size for f in files)
     # Tensors may still be lazy views of the memory-mapped file: touch every byte kept, as a forward would.
     for t in dit.state_dict().values():
@@ -102,6 +113,53 @@ def _run(path: Path, ranks: int, dtype: str) -> list[dict]:
     return [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
 
 
+def _write_gguf(path: Path, sd: dict) -> Path:
+    """A .gguf file written by the gguf package: the blocks' Linear weights as Q8_0 blocks (mochi's
+    quantizer, byte-identical to gguf's), the rest F16 (fp32 islands F32)."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from mochi.weights import ggml
+    from mochi.weights.dit import keeps_fp32
+
+    writer = GGUFWriter(path, "mochi")
+    for name, t in sd.items():
+        if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2 and t.shape[1] % 32 == 0:
+            q = ggml.quantize(t, "Q8_0").numpy()
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, t.to(torch.float32 if keeps_fp32(name) else torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _write_t5_fp8(path: Path, depth: int) -> Path:
+    """A T5 v1.1 encoder (``depth`` layers, width 1024) in ComfyUI's legacy scaled-fp8 layout."""
+    import torch
+
+    from mochi.models.t5 import T5Config, T5Encoder
+    from mochi.weights.fp8 import quantize
+    from mochi.weights.io import save_state_dict
+
+    cfg = T5Config(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=depth)
+    torch.manual_seed(0)
+    t5 = T5Encoder(cfg)
+    t5.initialize_weights()
+    linears = {f"{n}.weight" for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = {}
+    for k, v in t5.state_dict().items():
+        if k in linears:
+            out[k], out[k.removesuffix("weight") + "scale_weight"] = quantize(v)
+        else:
+            out[k] = v.half()
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_state_dict(out, path)
+    return path
+
+
 def _write(folder: Path, model, layout: str) -> Path:  # noqa: ANN001 - an AsymmDiT
     """The checkpoint of ``model`` (bf16) in ``layout``; returns the path to load."""
     import torch
@@ -110,6 +168,13 @@ def _write(folder: Path, model, layout: str) -> Path:  # noqa: ANN001 - an Asymm
     from mochi.weights.io import save_state_dict
 
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout in ("q8_0", "q4_0"):
+        from mochi.weights.convert import quantize_state_dict
+
+        save_state_dict(quantize_state_dict(sd, layout.upper()), folder / f"dit_{layout}.safetensors")
+        return folder / f"dit_{layout}.safetensors"
+    if layout == "gguf":
+        return _write_gguf(folder / "dit.gguf", sd)
     if layout == "genmo":
         save_state_dict(sd, folder / "dit.safetensors")
         return folder / "dit.safetensors"
@@ -134,9 +199,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument(
-        "--layouts", nargs="+", choices=("genmo", "diffusers", "fp8"), default=["genmo", "diffusers", "fp8"]
-    )
+    layouts = ("genmo", "diffusers", "fp8", "q8_0", "q4_0", "gguf", "t5_fp8")
+    p.add_argument("--layouts", nargs="+", choices=layouts, default=list(layouts))
     args = p.parse_args()
     import torch
 
@@ -148,14 +212,21 @@ def main() -> None:
     model = AsymmDiT(cfg).to(torch.bfloat16).eval()
     for layout in args.layouts:
         with tempfile.TemporaryDirectory() as tmp:
-            path = _write(Path(tmp), model, layout)
+            t5 = layout == "t5_fp8"
+            path = (
+                _write_t5_fp8(Path(tmp) / "t5.safetensors", args.depth)
+                if t5
+                else _write(Path(tmp), model, layout)
+            )
             files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
             size = sum(f.stat().st_size for f in files)
+            what = "T5" if t5 else "DiT"
             print(
-                f"DiT {layout}: depth {args.depth}, width 1024, {size / MB:.0f} MB; peaks above the start, MB"
+                f"{what} {layout}: depth {args.depth}, width 1024, {size / MB:.0f} MB; "
+                "peaks above the start, MB"
             )
             print(f"{'load':34s} {'private':>8s} {'resident':>9s} {'read':>6s}")
-            for dtype in ("bf16", "fp32"):
+            for dtype in ("fp32",) if t5 else ("bf16", "fp32"):
                 runs = {f"{dtype} whole, one process": _run(path, 1, dtype)[0]}
                 for r, rank in enumerate(_run(path, args.ranks, dtype)):
                     runs[f"{dtype} shard, rank {r} of {args.ranks}"] = rank

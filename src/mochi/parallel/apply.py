@@ -72,7 +72,7 @@ def _read_dit_in_shards(  # noqa: ANN202
     if model is None or world.size == 1 or weights == "replicate":
         return None
     from mochi.memory.estimate import dit_weights, t5_weights
-    from mochi.parallel.sharded_load import can_read_sharded, load_dit_sharded, t5_fp32_bytes
+    from mochi.parallel.sharded_load import can_read_sharded, gguf_dit_bytes, load_dit_sharded, t5_fp32_bytes
     from mochi.weights.bundle import is_bundle
     from mochi.weights.dit import genmo_shapes, infer_config
     from mochi.weights.formats import detect
@@ -85,6 +85,8 @@ def _read_dit_in_shards(  # noqa: ANN202
     if weights == "auto":
         text = t5_fp32_bytes(t5, det) or t5_weights(T5Config()).total
         need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
+        if det.quant.get("dit", "").startswith("gguf") and fp8 == "keep":
+            need = gguf_dit_bytes(det, dtype) + text
         if agreed_weights("auto", [], world, need) != "shard":
             return None
     return load_dit_sharded(det, world, dtype, fp8)[0]
@@ -130,7 +132,7 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     )
     _check_split(c.dit.config.num_heads, world, guidance)
     # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.
-    need = sum(p.numel() for p in c.dit.parameters()) * dit_dtype.itemsize
+    need = sum(p.numel() * (dit_dtype.itemsize if p.is_floating_point() else 1) for p in c.dit.parameters())
     need += sum(p.numel() for p in c.text_encoder.parameters()) * 4
     mode = "shard" if sharded is not None else agreed_weights(weights, [c.dit, c.text_encoder], world, need)
     if mode == "shard":

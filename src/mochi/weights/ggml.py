@@ -125,9 +125,11 @@ def dequantize(qweight: torch.Tensor, kind: str, dtype: torch.dtype = torch.floa
 class GgufLinear(nn.Linear):
     """A Linear whose weight stays in ggml blocks and is dequantized to the input's dtype at each call.
 
-    ``<kind>_qweight``: (out, in/32·bytes-per-block) uint8 buffer, named as Kijai's files name the key;
-    bias: (out,) or None. forward: x (..., in) → (..., out) in x's dtype. ``weight`` reads the uint8 blocks
-    (for their device), so code that needs a float weight must call ``dequantized``.
+    ``<kind>_qweight``: (out, in/32·bytes-per-block) uint8 parameter without gradient, named as Kijai's
+    files name the key; bias: (out,) or None. forward: x (..., in) → (..., out) in x's dtype. ``weight``
+    reads the uint8 blocks (for their device), so code that needs a float weight must call
+    ``dequantized``. The blocks are a parameter, not a buffer, so that FSDP2 shards them by rows (whole
+    output channels, whole blocks) like any weight: a buffer would be replicated on every rank.
     """
 
     def __init__(
@@ -142,7 +144,8 @@ class GgufLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.kind = in_features, out_features, check_kind(kind)
         shape = byte_shape((out_features, in_features), kind)
-        self.register_buffer(f"{kind}_qweight", torch.empty(shape, dtype=torch.uint8, device=device))
+        blocks = torch.empty(shape, dtype=torch.uint8, device=device)
+        self.register_parameter(f"{kind}_qweight", nn.Parameter(blocks, requires_grad=False))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=bias_dtype)) if bias else None
 
     @classmethod
@@ -162,7 +165,7 @@ class GgufLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, kind: str) -> GgufLinear:
         """``linear`` quantized to ``kind`` blocks (its bias kept as it is)."""
         new = cls.like(linear, kind)
-        setattr(new, f"{kind}_qweight", quantize(linear.weight, kind))
+        setattr(new, f"{kind}_qweight", nn.Parameter(quantize(linear.weight, kind), requires_grad=False))
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return new

@@ -7,11 +7,18 @@ matrix ``<layer>.weight`` becomes ``<layer>.Q8_0_qweight``, its row-major ggml b
 (out, in/32·bytes-per-block) tensor (gguf lists shapes fastest axis first; rows here are the weight's
 output rows); F32/F16/BF16 tensors keep their dtype. A block type mochi cannot run (Q5_K, IQ4_XS …)
 appears as ``<layer>.<TYPE>_qweight`` and is refused, naming the type, when the model is loaded.
+
+`read_gguf_rows` reads rows [start, end) of one tensor with plain file reads at offsets taken from the
+header (parsed once per file): a rank under torchrun reads its FSDP2 rows and nothing else, and no memory
+map keeps the pages it touched resident.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +79,62 @@ def iter_gguf(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[
         else:
             tensor = torch.from_numpy(data.copy()).reshape(shape)
         yield key, tensor.to(device)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a presented tensor's bytes lie: ``nbytes`` of row-major data from ``offset``, rows along dim 0
+    of the presented ``shape``, read as ``dtype``; ``widen``: a quantized non-matrix, whose rows are not
+    whole blocks (read whole and dequantized)."""
+
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    widen: bool
+
+
+@functools.lru_cache(maxsize=4)
+def _index(path: Path, _mtime_ns: int) -> dict[str, _Stored]:
+    index = {}
+    for key, dtype, shape, t in _entries(path):
+        kind = t.tensor_type.name
+        target = _PLAIN[kind][1] if kind in _PLAIN else torch.uint8
+        index[key] = _Stored(
+            int(t.data_offset), int(t.n_bytes), shape, target, kind, dtype == "F32" and target == torch.uint8
+        )
+    return index
+
+
+def little_endian(path: Path) -> bool:
+    """Whether ``path``'s data is little-endian (the usual case), as `read_gguf_rows` needs."""
+    from gguf import GGUFEndian
+
+    return _reader(path).endianess == GGUFEndian.LITTLE
+
+
+def read_gguf_rows(path: Path, key: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+    """Rows [start, end) (None, None: all) of the tensor ``key`` as `iter_gguf` presents it, reading only
+    their bytes (a little-endian file: `little_endian`)."""
+    e = _index(path, path.stat().st_mtime_ns)[key]
+    if e.widen:  # a small quantized vector: its rows are not whole blocks
+        whole = _read_bytes(path, e.offset, e.nbytes, key)
+        t = ggml.dequantize(whole.reshape(1, -1), e.kind).reshape(e.shape)
+        return t if start is None else t[start:end].clone()
+    rows = e.shape[0] if e.shape else 1
+    row_bytes = e.nbytes // rows
+    lo, hi = (0, rows) if start is None else (start, end)
+    out = _read_bytes(path, e.offset + lo * row_bytes, (hi - lo) * row_bytes, key)
+    shape = (hi - lo, *e.shape[1:]) if e.shape else ()
+    assert math.prod(shape) * e.dtype.itemsize == out.numel(), (key, shape)
+    return out.view(e.dtype).reshape(shape)
+
+
+def _read_bytes(path: Path, offset: int, n: int, key: str) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(out.numpy()) != n:
+            raise WeightsError(f"{str(path)!r} is truncated: tensor {key!r} runs past its end")
+    return out
