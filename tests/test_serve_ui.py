@@ -280,15 +280,20 @@ def test_long_prompt_warns_while_typing_and_ctrl_enter_generates(tab, server):
     assert server.jobs.jobs()[0].request.seed == 8
 
 
-def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
-    tab.fill("#prompt", "a green square moving up")
-    tab.fill("#seed", "20")
-    tab.fill("#steps", "2")
-    tab.fill("#count", "2")
+def submit_batch(page, server, prompt: str, seed: int, steps: int) -> list:
+    """Generate two videos from ``page``; the server's two new jobs, newest first."""
+    page.fill("#prompt", prompt)
+    page.fill("#seed", str(seed))
+    page.fill("#steps", str(steps))
+    page.fill("#count", "2")
     before = len(server.jobs.jobs())
-    tab.click("#generate")
-    until(tab, lambda: len(server.jobs.jobs()) == before + 2)
-    jobs = server.jobs.jobs()[:2]
+    page.click("#generate")
+    until(page, lambda: len(server.jobs.jobs()) == before + 2)
+    return server.jobs.jobs()[:2]
+
+
+def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
+    jobs = submit_batch(tab, server, "a green square moving up", seed=20, steps=2)
     assert [j.request.seed for j in jobs] == [21, 20] and {j.request.steps for j in jobs} == {2}
     # The page follows the batch to its end: the second job after the first.
     tab.wait_for_function("document.getElementById('status').textContent.endsWith('(seed 21)')")
@@ -308,12 +313,6 @@ def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
 def test_a_batch_job_that_ends_while_the_page_shows_the_one_before_is_still_shown(tab, server):
     # The page fetches the first job's video while the second runs; hold that download until the second has
     # ended on the server, so that the page, when it comes to the second, finds it already done.
-    tab.fill("#prompt", "a batch that outruns the page")
-    tab.fill("#seed", "30")
-    tab.fill("#steps", "1")
-    tab.fill("#count", "2")
-    before = len(server.jobs.jobs())
-
     def when_second_done(route):
         second = server.jobs.jobs()[0]
         for _ in range(400):  # the page's own waits cannot run inside a route handler: poll the server
@@ -325,8 +324,7 @@ def test_a_batch_job_that_ends_while_the_page_shows_the_one_before_is_still_show
 
     tab.route("**/api/jobs/*/video", when_second_done)
     try:
-        tab.click("#generate")
-        until(tab, lambda: len(server.jobs.jobs()) == before + 2)
+        submit_batch(tab, server, "a batch that outruns the page", seed=30, steps=1)
         tab.wait_for_function("document.getElementById('status').textContent.endsWith('(seed 31)')")
         assert [j.status for j in server.jobs.jobs()[:2]] == ["done", "done"]
     finally:
