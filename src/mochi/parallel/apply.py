@@ -84,9 +84,10 @@ def _read_dit_in_shards(  # noqa: ANN202
         return None
     if weights == "auto":
         text = t5_fp32_bytes(t5, det) or t5_weights(T5Config()).total
-        need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
-        if det.quant.get("dit", "").startswith("gguf") and fp8 == "keep":
+        if det.quant.get("dit", "").startswith("gguf") and fp8 == "keep":  # the blocks stay blocks
             need = gguf_dit_bytes(det, dtype) + text
+        else:
+            need = dit_weights(infer_config(genmo_shapes(det)), dtype).total + text
         if agreed_weights("auto", [], world, need) != "shard":
             return None
     return load_dit_sharded(det, world, dtype, fp8)[0]
