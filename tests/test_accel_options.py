@@ -3,6 +3,8 @@ residual extrapolated in σ; their parsing, presets and errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -24,6 +26,11 @@ def test_parse_presets_options_and_the_spec_round_trip():
     assert three == CacheSetting("fbcache", 0.3, extrapolate=True) and str(three) == "fbcache:0.3,extrapolate"
     assert CacheSetting.parse(" FBCache , keep=0-0.5 ") == CacheSetting("fbcache", 0.15, keep=(0.0, 0.5))
     assert CacheSetting.parse("teacache").spec == "teacache" and PRESETS["teacache:2x"][1] == 0.15
+    damped = CacheSetting.parse("fbcache,extrapolate=0.5", 0.2)
+    assert damped == CacheSetting("fbcache", 0.2, extrapolate=0.5)
+    assert str(damped) == "fbcache:0.2,extrapolate=0.5"
+    assert CacheSetting.parse(damped.spec, 0.2) == damped
+    assert CacheSetting.parse("fbcache,extrapolate=1").spec == "fbcache,extrapolate"
 
 
 @pytest.mark.parametrize(
@@ -34,14 +41,20 @@ def test_parse_presets_options_and_the_spec_round_trip():
         ("fbcache,keep=0.9-0.5", "cache option keep=0.9-0.5 must be two σ values LO-HI with 0 ≤ LO ≤ HI ≤ 1"),
         ("fbcache,keep=high", "cache option keep=high must be two σ values LO-HI"),
         ("teacache,keep=0.5-1.5", "cache option keep=0.5-1.5 must be two σ values"),
-        ("teacache,extrapolate=yes", "cache option 'extrapolate=yes' is unknown; choose from max-skips=N"),
-        ("teacache,skip", "cache option 'skip' is unknown; choose from max-skips=N, keep=LO-HI, extrapolate"),
+        ("teacache,extrapolate=yes", "cache option extrapolate=yes must be a factor F with 0 < F ≤ 1"),
+        ("teacache,extrapolate=0", "cache option extrapolate=0 must be a factor F with 0 < F ≤ 1"),
+        ("fbcache,extrapolate=1.5", "cache option extrapolate=1.5 must be a factor F with 0 < F ≤ 1 (plain"),
+        ("fbcache,extrapolate=nan", "cache option extrapolate=nan must be a factor F"),
+        (
+            "teacache,skip",
+            "cache option 'skip' is unknown; choose from max-skips=N, keep=LO-HI, extrapolate[=F]",
+        ),  # noqa: E501
         ("none,extrapolate", "cache options 'extrapolate' given without a cache"),
         ("tea,extrapolate", "cache 'tea' is unknown; choose one of none, teacache, fbcache"),
     ],
 )
 def test_bad_options_are_one_line_errors(cache, message):
-    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as e:
+    with pytest.raises(ValueError, match="^" + re.escape(message)) as e:
         GenerationRequest(PROMPT, cache=cache).validate()
     assert "\n" not in str(e.value)
 
@@ -77,6 +90,8 @@ def test_extrapolation_is_the_line_through_the_last_two_residuals():
     cache._store(stream, r1)
     cache._sigma = 0.7  # one more σ step of the same size: one more step of the residual's change (+2)
     torch.testing.assert_close(cache._reuse(stream), torch.full((1, 2, 3), 5.0))
+    cache.setting = CacheSetting("fbcache", 0.1, extrapolate=0.25)  # a damped line: a quarter of the +2
+    torch.testing.assert_close(cache._reuse(stream), torch.full((1, 2, 3), 3.5))
     plain = StepCache(_dit(), CacheSetting("fbcache", 0.1), sigmas=SIGMAS)
     plain._sigma = 0.9
     plain._store(stream := _Stream(), r0)

@@ -62,7 +62,7 @@ PRESETS: dict[str, tuple[str, float, str]] = {
     "fbcache:3x": ("fbcache", 0.2, "extrapolate"),
 }
 DEFAULT_PRESET = {"teacache": "teacache:fast", "fbcache": "fbcache:fast"}
-OPTIONS = ("max-skips=N", "keep=LO-HI", "extrapolate")
+OPTIONS = ("max-skips=N", "keep=LO-HI", "extrapolate[=F]")
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,15 @@ class CacheSetting:
     max_skips: at most this many consecutive skipped steps (≥ 1; None: no cap). keep: (lo, hi), every step
     whose σ lies in [lo, hi] runs in full (the steps where the layout forms; 0 ≤ lo ≤ hi ≤ 1). extrapolate:
     a skipped step adds the blocks' residual extrapolated linearly in σ from the last two full passes
-    instead of the last one.
+    instead of the last one, the line's slope scaled by this factor (0: off; 1: the full line, written
+    ``extrapolate``; 0 < F ≤ 1 written ``extrapolate=F``: a damped line that overshoots less on long runs).
     """
 
     kind: str = "none"
     threshold: float | None = None
     max_skips: int | None = None
     keep: tuple[float, float] | None = None
-    extrapolate: bool = False
+    extrapolate: float = 0.0
 
     @classmethod
     def parse(cls, name: str | None, threshold: float | None = None) -> CacheSetting:
@@ -123,8 +124,10 @@ class CacheSetting:
             parts.append(f"max-skips={self.max_skips}")
         if self.keep is not None:
             parts.append(f"keep={self.keep[0]:g}-{self.keep[1]:g}")
-        if self.extrapolate:
+        if self.extrapolate == 1.0:
             parts.append("extrapolate")
+        elif self.extrapolate:
+            parts.append(f"extrapolate={self.extrapolate:g}")
         return ",".join(parts)
 
     def __str__(self) -> str:
@@ -155,8 +158,17 @@ def _parse_options(options: list[str]) -> dict:
                     "e.g. keep=0.85-0.975"
                 )
             out["keep"] = keep
-        elif key == "extrapolate" and not value:
-            out["extrapolate"] = True
+        elif key == "extrapolate":
+            try:
+                factor = float(value) if value else 1.0
+            except ValueError:
+                factor = math.nan
+            if not 0.0 < factor <= 1.0:
+                raise ValueError(
+                    f"cache option extrapolate={value} must be a factor F with 0 < F ≤ 1 (plain "
+                    "'extrapolate' is 1); nearest: extrapolate=1"
+                )
+            out["extrapolate"] = factor
         else:
             raise ValueError(f"cache option {option!r} is unknown; choose from {', '.join(OPTIONS)}")
     return out
@@ -361,4 +373,4 @@ class StepCache:
         if not self.setting.extrapolate or stream.previous is None:
             return stream.residual
         slope = (self._sigma - stream.residual_sigma) / (stream.residual_sigma - stream.previous_sigma)
-        return stream.residual + slope * (stream.residual - stream.previous)
+        return stream.residual + self.setting.extrapolate * slope * (stream.residual - stream.previous)

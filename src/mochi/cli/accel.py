@@ -14,7 +14,8 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
         metavar="KIND",
         help="skip DiT blocks at steps that change little: none (exact, default), teacache, fbcache, or "
         "a preset: teacache:quality, teacache:fast, teacache:2x, fbcache:quality, fbcache:fast, fbcache:3x; "
-        "options after commas: max-skips=N, keep=LO-HI (σ range that always runs), extrapolate",
+        "options after commas: max-skips=N, keep=LO-HI (σ range that always runs), extrapolate[=F] (damped "
+        "by 0 < F ≤ 1)",
     )
     p.add_argument(
         "--cache-threshold", type=float, metavar="X", help="the cache's threshold (> 0; larger skips more)"

@@ -76,7 +76,7 @@ class JobRequest(extras.JobExtras):
         max_length=80,
         description="step caching: none (exact), teacache, fbcache, or a preset: teacache:quality, "
         "teacache:fast, teacache:2x, fbcache:quality, fbcache:fast, fbcache:3x; options after commas: "
-        "max-skips=N, keep=LO-HI, extrapolate",
+        "max-skips=N, keep=LO-HI, extrapolate[=F]",
     )
     cache_threshold: float | None = Field(None, gt=0, description="the cache's threshold; unset: its default")
 
