@@ -48,7 +48,7 @@ def test_parse_presets_options_and_the_spec_round_trip():
         (
             "teacache,skip",
             "cache option 'skip' is unknown; choose from max-skips=N, keep=LO-HI, extrapolate[=F]",
-        ),  # noqa: E501
+        ),
         ("none,extrapolate", "cache options 'extrapolate' given without a cache"),
         ("tea,extrapolate", "cache 'tea' is unknown; choose one of none, teacache, fbcache"),
     ],
