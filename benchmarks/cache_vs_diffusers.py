@@ -226,7 +226,8 @@ def print_rows(rows: dict, prompts: list[str]) -> None:
         o, h = r["overall"], r["heldout"]
         print(
             f"{impl:<9} {label:<32} {forwards:8.1f} {seconds:7.3f} {float(ref['seconds']) / seconds:7.2f}× "
-            f"{mean_db:8.2f} {min(values):7.2f} | {100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
+            f"{mean_db:8.2f} {min(values):7.2f} {sum(v < 28 for v in values):5d} | "
+            f"{100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
             f"{100 * o['direction']:5.1f}% {100 * o['all']:5.1f}% | "
             + "/".join(f"{100 * h[k]:.1f}" for k in ("color", "shape", "direction") if k in h),
             flush=True,
@@ -252,7 +253,7 @@ def report(args: argparse.Namespace) -> None:
 
 HEADER = (
     f"{'impl':<9} {'setting':<32} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
-    f"{'min dB':>7} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
+    f"{'min dB':>7} {'<28dB':>5} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
 )
 
 

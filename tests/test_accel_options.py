@@ -18,9 +18,9 @@ from .test_accel import PROMPT, SIGMAS, _dit, _run, pipe  # noqa: F401 - pipe is
 
 def test_parse_presets_options_and_the_spec_round_trip():
     two = CacheSetting.parse("teacache:2x")
-    assert two == CacheSetting("teacache", 0.15, max_skips=3, keep=(0.85, 0.975))
-    assert two.spec == "teacache,max-skips=3,keep=0.85-0.975"
-    assert str(two) == "teacache:0.15,max-skips=3,keep=0.85-0.975"
+    assert two == CacheSetting("teacache", 0.15, max_skips=3, keep=(0.85, 0.975), extrapolate=0.5)
+    assert two.spec == "teacache,max-skips=3,keep=0.85-0.975,extrapolate=0.5"
+    assert str(two) == "teacache:0.15,max-skips=3,keep=0.85-0.975,extrapolate=0.5"
     assert CacheSetting.parse(two.spec, two.threshold) == two
     three = CacheSetting.parse("fbcache:3x", 0.3)  # a threshold overrides the preset's, options stay
     assert three == CacheSetting("fbcache", 0.3, extrapolate=True) and str(three) == "fbcache:0.3,extrapolate"
@@ -118,7 +118,7 @@ def test_extrapolated_skips_differ_from_plain_ones_after_two_full_passes():
 
 def test_pipeline_request_keeps_the_options_and_the_sidecar_names_them(pipe):  # noqa: F811
     req = GenerationRequest(PROMPT, seed=3, steps=8, cache="teacache:2x").resolved(pipe.components.defaults)
-    assert (req.cache, req.cache_threshold) == ("teacache,max-skips=3,keep=0.85-0.975", 0.15)
+    assert (req.cache, req.cache_threshold) == ("teacache,max-skips=3,keep=0.85-0.975,extrapolate=0.5", 0.15)
     out = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="fbcache:3x", cache_threshold=0.6))
     assert out.stats["cache"] == "fbcache:0.6,extrapolate"
     assert out.request.cache == "fbcache,extrapolate" and out.stats["skipped_steps"]
