@@ -42,8 +42,17 @@ def test_parse_presets_options_and_the_spec_round_trip():
         ("fbcache,keep=high", "cache option keep=high must be two σ values LO-HI"),
         ("teacache,keep=0.5-1.5", "cache option keep=0.5-1.5 must be two σ values"),
         ("teacache,extrapolate=yes", "cache option extrapolate=yes must be a factor F with 0 < F ≤ 1"),
-        ("teacache,extrapolate=0", "cache option extrapolate=0 must be a factor F with 0 < F ≤ 1"),
+        (
+            "teacache,extrapolate=0",
+            "cache option extrapolate=0 must be a factor F with 0 < F ≤ 1 (plain 'extrapolate' is 1); "
+            "nearest: no extrapolate option (off)",
+        ),
         ("fbcache,extrapolate=1.5", "cache option extrapolate=1.5 must be a factor F with 0 < F ≤ 1 (plain"),
+        (
+            "fbcache,extrapolate=7",
+            "cache option extrapolate=7 must be a factor F with 0 < F ≤ 1 (plain "
+            "'extrapolate' is 1); nearest: extrapolate=1",
+        ),
         ("fbcache,extrapolate=nan", "cache option extrapolate=nan must be a factor F"),
         (
             "teacache,skip",

@@ -164,9 +164,16 @@ def _parse_options(options: list[str]) -> dict:
             except ValueError:
                 factor = math.nan
             if not 0.0 < factor <= 1.0:
+                nearest = (
+                    "extrapolate=1"
+                    if factor > 1.0
+                    else "no extrapolate option (off)"
+                    if factor <= 0.0
+                    else "extrapolate=0.5"
+                )
                 raise ValueError(
                     f"cache option extrapolate={value} must be a factor F with 0 < F ≤ 1 (plain "
-                    "'extrapolate' is 1); nearest: extrapolate=1"
+                    f"'extrapolate' is 1); nearest: {nearest}"
                 )
             out["extrapolate"] = factor
         else:
