@@ -104,7 +104,8 @@ def test_kijai_file_loads_quantized_and_equals_its_dequantization(tmp_path, embe
     assert 0 < err < (0.02 if kind == "Q8_0" else 0.15)
 
 
-def test_gguf_files_with_genmo_and_diffusers_names(tmp_path, embedded, sd):
+def test_gguf_files_with_genmo_and_diffusers_names(tmp_path, embedded, sd, monkeypatch):
+    from mochi.weights import gguf_file
     from mochi.weights.keymaps.dit_diffusers import genmo_to_diffusers
 
     cfg = embedded.dit.config
@@ -129,8 +130,15 @@ def test_gguf_files_with_genmo_and_diffusers_names(tmp_path, embedded, sd):
         torch.ones(1, 5, dtype=torch.bool),
     )
     want = kijai(*x)
+    parses = []
+    original = gguf.GGUFReader.__init__
+    monkeypatch.setattr(
+        gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a[0]) or original(self, *a, **k)
+    )
     for path in (genmo, diffusers):
+        gguf_file._parsed.cache_clear()
         model = load_dit(path, config=cfg)
+        assert parses.count(path) == 1  # the header is parsed once per load, not per reader call
         # q/k/v fused from three quantized diffusers tensors: the blocks' rows, concatenated as bytes.
         assert isinstance(model.blocks[0].attn.qkv_x, ggml.GgufLinear)
         assert torch.equal(model.blocks[0].attn.qkv_x.qweight, kijai.blocks[0].attn.qkv_x.qweight)

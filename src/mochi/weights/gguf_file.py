@@ -31,6 +31,14 @@ _PLAIN = {"F32": ("F32", torch.float32), "F16": ("F16", torch.float16), "BF16": 
 
 
 def _reader(path: Path):  # noqa: ANN202 - gguf.GGUFReader
+    """The file's parsed header (memory-mapped): parsed once per file version, however many of
+    `gguf_header`, `iter_gguf`, `little_endian` and `read_gguf_rows` a load calls."""
+    stat = Path(path).stat()
+    return _parsed(Path(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: Path, _mtime_ns: int, _size: int):  # noqa: ANN202 - gguf.GGUFReader
     try:
         from gguf import GGUFReader
     except ImportError:
