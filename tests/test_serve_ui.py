@@ -141,7 +141,13 @@ def test_lora_picker_runs_a_lora_and_shows_a_failing_one(page, server):
     page.fill("#lora-scale", "0.5")
     generate_and_wait(page)
     assert page.locator("#status").text_content().startswith("done")
-    page.wait_for_function("document.querySelector('#history tr td:nth-child(2)')?.textContent === 'done'")
+    # The newest history row must be this job's (an earlier test's finished job may be on top until the
+    # history refreshes).
+    page.wait_for_function(
+        "(() => { const r = document.querySelector('#history tr');"
+        " return r?.children[1]?.textContent === 'done'"
+        " && r.children[2].textContent === 'a blue square'; })()"
+    )
     lora_cell = page.locator("#history tr").first.locator("td").nth(8)
     assert lora_cell.text_content() == "watercolour.safetensors ×0.5"
     assert server.jobs.jobs()[0].request.loras[0][1] == 0.5
