@@ -157,30 +157,30 @@ def main() -> None:
     print(
         "shape misses (asked → seen): " + ", ".join(f"{a} → {b}: {n}" for (a, b), n in misses.most_common())
     )
-    if args.no_vae:
-        return
-    truth = score(prompts[:n], reconstructions(components, prompts[:n], seed=args.seed))
-    for group in ("overall", "heldout"):
-        r = truth[group]
+    if not args.no_vae:  # the strip below is still written
+        truth = score(prompts[:n], reconstructions(components, prompts[:n], seed=args.seed))
+        for group in ("overall", "heldout"):
+            r = truth[group]
+            print(
+                f"judge on VAE reconstructions of true clips, {group} (n={r['n']}): "
+                + "  ".join(f"{k} {100 * r[k]:5.1f}%" for k in ("color", "shape", "direction", "all"))
+            )
+        values = reconstruction_psnr(components, args.psnr_clips)
         print(
-            f"judge on VAE reconstructions of true clips, {group} (n={r['n']}): "
-            + "  ".join(f"{k} {100 * r[k]:5.1f}%" for k in ("color", "shape", "direction", "all"))
+            f"VAE reconstruction PSNR on {len(values)} fresh clips: mean {np.mean(values):.2f} dB, "
+            f"min {np.min(values):.2f} dB (target ≥ {PSNR_TARGET:g} dB)"
         )
-    values = reconstruction_psnr(components, args.psnr_clips)
-    print(
-        f"VAE reconstruction PSNR on {len(values)} fresh clips: mean {np.mean(values):.2f} dB, "
-        f"min {np.min(values):.2f} dB (target ≥ {PSNR_TARGET:g} dB)"
-    )
-    drifts = color_drift(components, args.psnr_clips)
-    worst = {}
-    for name, drift in drifts:
-        worst[name] = max(worst.get(name, 0.0), float(np.abs(drift).max()))
-    within = sum(float(np.abs(d).max()) <= DRIFT_TARGET for _, d in drifts)
-    print(
-        f"VAE colour drift on the same clips (decoded object's mean colour − palette colour, worst channel): "
-        f"{within}/{len(drifts)} within {DRIFT_TARGET:g} levels; worst per colour "
-        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(worst.items()))
-    )
+        drifts = color_drift(components, args.psnr_clips)
+        worst = {}
+        for name, drift in drifts:
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(drift).max()))
+        within = sum(float(np.abs(d).max()) <= DRIFT_TARGET for _, d in drifts)
+        print(
+            "VAE colour drift on the same clips (decoded object's mean colour − palette colour, "
+            f"worst channel): "
+            f"{within}/{len(drifts)} within {DRIFT_TARGET:g} levels; worst per colour "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(worst.items()))
+        )
     if args.strip:
         from PIL import Image
 
