@@ -52,7 +52,8 @@ RELEASED_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.424296
 # change on any model); the first-block ones bracket 2× fewer forwards on the embedded model. "teacache:2x"
 # and "fbcache:3x" add the options below, tuned on the embedded model (seeds 0-11): 2× fewer forwards with
 # 380 of 384 videos ≥ 28 dB over eight seed sets (not all: docs/acceleration.md), and first-block caching
-# ahead of diffusers' FirstBlockCache 0.15 at fewer forwards.
+# ahead of diffusers' FirstBlockCache 0.15 at fewer forwards (on the embedded model before v2; on v2 it
+# overshoots: docs/acceleration.md).
 PRESETS: dict[str, tuple[str, float, str]] = {
     "teacache:quality": ("teacache", 0.06, ""),
     "teacache:fast": ("teacache", 0.09, ""),
