@@ -157,39 +157,39 @@ def main() -> None:
     print(
         "shape misses (asked → seen): " + ", ".join(f"{a} → {b}: {n}" for (a, b), n in misses.most_common())
     )
-    if not args.no_vae:  # the strip below is still written
-        truth = score(prompts[:n], reconstructions(components, prompts[:n], seed=args.seed))
-        for group in ("overall", "heldout"):
-            r = truth[group]
-            print(
-                f"judge on VAE reconstructions of true clips, {group} (n={r['n']}): "
-                + "  ".join(f"{k} {100 * r[k]:5.1f}%" for k in ("color", "shape", "direction", "all"))
-            )
-        values = reconstruction_psnr(components, args.psnr_clips)
-        print(
-            f"VAE reconstruction PSNR on {len(values)} fresh clips: mean {np.mean(values):.2f} dB, "
-            f"min {np.min(values):.2f} dB (target ≥ {PSNR_TARGET:g} dB)"
-        )
-        drifts = color_drift(components, args.psnr_clips)
-        worst = {}
-        for name, drift in drifts:
-            worst[name] = max(worst.get(name, 0.0), float(np.abs(drift).max()))
-        within = sum(float(np.abs(d).max()) <= DRIFT_TARGET for _, d in drifts)
-        print(
-            "VAE colour drift on the same clips (decoded object's mean colour − palette colour, "
-            f"worst channel): "
-            f"{within}/{len(drifts)} within {DRIFT_TARGET:g} levels; worst per colour "
-            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(worst.items()))
-        )
     if args.strip:
         from PIL import Image
 
         strip_prompts = [*STRIP_PROMPTS, shapes.heldout_prompts(1)[0]]
         strip = frame_strip(generate(components, strip_prompts, steps=args.steps, guidance=args.guidance))
-        Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(
-            args.strip
-        )
+        with atomic_path(args.strip) as tmp:
+            Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(tmp)
         print(f"wrote {args.strip}: rows = {strip_prompts}; columns = first, middle, last frame")
+
+    if args.no_vae:
+        return
+    truth = score(prompts[:n], reconstructions(components, prompts[:n], seed=args.seed))
+    for group in ("overall", "heldout"):
+        r = truth[group]
+        print(
+            f"judge on VAE reconstructions of true clips, {group} (n={r['n']}): "
+            + "  ".join(f"{k} {100 * r[k]:5.1f}%" for k in ("color", "shape", "direction", "all"))
+        )
+    values = reconstruction_psnr(components, args.psnr_clips)
+    print(
+        f"VAE reconstruction PSNR on {len(values)} fresh clips: mean {np.mean(values):.2f} dB, "
+        f"min {np.min(values):.2f} dB (target ≥ {PSNR_TARGET:g} dB)"
+    )
+    drifts = color_drift(components, args.psnr_clips)
+    worst = {}
+    for name, drift in drifts:
+        worst[name] = max(worst.get(name, 0.0), float(np.abs(drift).max()))
+    within = sum(float(np.abs(d).max()) <= DRIFT_TARGET for _, d in drifts)
+    print(
+        f"VAE colour drift on the same clips (decoded object's mean colour − palette colour, worst channel): "
+        f"{within}/{len(drifts)} within {DRIFT_TARGET:g} levels; worst per colour "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(worst.items()))
+    )
 
 
 if __name__ == "__main__":

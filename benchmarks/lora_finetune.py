@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mochi.files import atomic_write_text
 from mochi.train import judge, shapes
 from mochi.video import write_video
 
@@ -217,7 +218,12 @@ def main() -> None:
         figures[name] = {"concept": c_strict, "base": b_strict}
         moments[name] = {"concept": c_moments, "base": b_moments}
     seconds["evaluate"] = time.perf_counter() - started
-    concept_met = figures["with_lora"]["concept"]["shape"] >= 0.8
+
+    def per_field_met(f: dict) -> bool:
+        """The concept's shape in ≥ 80% of concept prompts, and every base field in ≥ 85%, with the LoRA."""
+        base = f["with_lora"]["base"]
+        return f["with_lora"]["concept"]["shape"] >= 0.8 and all(base[k] >= 0.85 for k in base if k != "all")
+
     result = {
         "concept": args.concept,
         "base_model": args.model or ("embedded" if real else "random tiny components (mechanics only)"),
@@ -238,15 +244,14 @@ def main() -> None:
         "figures_moments_only_judge": moments,
         # The issue's base criterion read two ways: every field right in ≥ 85% of base prompts, and the
         # stricter all three right at once in ≥ 85%.
-        "targets_met_per_field": concept_met
-        and all(figures["with_lora"]["base"][k] >= 0.85 for k in ("color", "shape", "direction")),
-        "targets_met_all_three": concept_met and figures["with_lora"]["base"]["all"] >= 0.85,
-        "targets_met_per_field_moments_only_judge": moments["with_lora"]["concept"]["shape"] >= 0.8
-        and all(moments["with_lora"]["base"][k] >= 0.85 for k in ("color", "shape", "direction")),
+        "targets_met_per_field": per_field_met(figures),
+        "targets_met_all_three": figures["with_lora"]["concept"]["shape"] >= 0.8
+        and figures["with_lora"]["base"]["all"] >= 0.85,
+        "targets_met_per_field_moments_only_judge": per_field_met(moments),
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
