@@ -8,6 +8,8 @@ space can reach: it cannot draw better than the decoder decodes true latents.
 
     PYTHONPATH=src python benchmarks/vae_quality.py                      # the embedded model's VAE
     PYTHONPATH=src python benchmarks/vae_quality.py RUN/vae.ckpt --preset mochi-tiny-wide-vae
+    PYTHONPATH=src python benchmarks/vae_quality.py RUN/decoder.ckpt --source V2.safetensors  # decoder stage
+    PYTHONPATH=src python benchmarks/vae_quality.py MODEL.safetensors                         # any bundle
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ from mochi.train import judge, shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.evaluate import DRIFT_TARGET, PSNR_TARGET, color_drift, reconstruction_psnr
 from mochi.train.train_vae import build_vae, from_pixels, to_pixels
-from mochi.weights.bundle import load_embedded
+from mochi.weights.bundle import is_bundle, load_bundle, load_embedded
 
 
-def vae_components(checkpoint: str | None, preset: str):
-    """The embedded model's components, or an encoder/decoder pair from a ``train_vae`` checkpoint."""
+def vae_components(checkpoint: str | None, preset: str, source: str | None = None):
+    """The embedded model's components, a bundle's, or an encoder/decoder pair from a ``train_vae``
+    checkpoint (or a ``train_decoder`` one, with the encoder of the bundle ``source``)."""
     if checkpoint is None:
         return load_embedded()
+    if is_bundle(checkpoint):
+        return load_bundle(checkpoint)
     encoder, decoder = build_vae(model_preset(preset), 0)
     state = load_checkpoint(checkpoint)
-    encoder.load_state_dict(state["encoder"])
+    encoder.load_state_dict(state["encoder"] if source is None else load_bundle(source).encoder.state_dict())
     decoder.load_state_dict(state["decoder"])
     defaults = {k: model_preset(preset).defaults[k] for k in ("frames", "height", "width")}
     return types.SimpleNamespace(encoder=encoder.eval(), decoder=decoder.eval(), defaults=defaults)
@@ -63,12 +68,17 @@ def judged_reconstructions(components, seed: int = 5) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", nargs="?", help="a train_vae checkpoint (default: the embedded model)")
+    ap.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="a train_vae or train_decoder checkpoint, or a mochi bundle (default: the embedded model)",
+    )
+    ap.add_argument("--source", help="a train_decoder checkpoint's source bundle (gives the encoder)")
     ap.add_argument("--preset", default="mochi-tiny", help="the checkpoint's model preset")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    components = vae_components(args.checkpoint, args.preset)
+    components = vae_components(args.checkpoint, args.preset, args.source)
     with torch.no_grad():
         psnrs = reconstruction_psnr(components, 16)
         drifts = [float(np.abs(d).max()) for _, d in color_drift(components, 16)]

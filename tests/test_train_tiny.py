@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from mochi.models.vae import Decoder
 from mochi.presets import MODEL_PRESETS, model_preset
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.export import export_bundle
+from mochi.train.train_decoder import (
+    DECODER_CHECKPOINT,
+    DecoderRecipe,
+    contrast,
+    contrast_weight,
+    decoder_batch,
+    grow_decoder,
+    source_vae,
+    train_decoder,
+)
 from mochi.train.train_dit import (
     DIT_CHECKPOINT,
     TUNE_CACHE_DIR,
@@ -26,8 +39,17 @@ from mochi.train.train_dit import (
     train_dit,
     word_consistency_loss,
 )
-from mochi.train.train_vae import VAE_CHECKPOINT, VAERecipe, foreground_weights, lr_at, train_vae, vae_batch
-from mochi.weights.bundle import load_bundle
+from mochi.train.train_vae import (
+    VAE_CHECKPOINT,
+    VAERecipe,
+    foreground_weights,
+    lr_at,
+    to_pixels,
+    train_vae,
+    vae_batch,
+)
+from mochi.weights.bundle import bundle_config, load_bundle
+from mochi.weights.io import read_state_dict
 
 PRESET = model_preset("test-micro")
 VAE = VAERecipe(
@@ -106,9 +128,10 @@ def test_presets_name_every_component():
         "height": 64,
         "width": 64,
         "steps": 24,
-        "guidance": 4.0,
+        "guidance": 2.0,
         "latents": "mean",
     }
+    assert MODEL_PRESETS["mochi-tiny-v2"].defaults == {**tiny.defaults, "guidance": 4.0}
     released = MODEL_PRESETS["mochi-1-preview"]
     assert (released.dit.depth, released.dit.hidden_size_x, released.text_encoder.d_model) == (48, 3072, 4096)
     with pytest.raises(ValueError, match="mochi-tiny"):
@@ -411,3 +434,156 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     with pytest.raises(SystemExit):
         main(["dit", "--out", str(tmp_path), "--early-foreground-weight", "3"])
     assert "--early-foreground-weight is an option of the vae stage" in capsys.readouterr().err
+
+
+DECODER = DecoderRecipe(
+    steps=2, batch=1, frames=7, clip_frames=13, height=16, width=16, log_every=1, checkpoint_every=1
+)
+
+
+def test_contrast_weights_favour_the_faint_pairs_and_average_one():
+    pairs = [(c, b) for c in shapes.COLORS for b in shapes.BACKGROUNDS]
+    assert contrast("green", "gray") == pytest.approx(107.70, abs=0.01)
+    weights = {pair: contrast_weight(*pair, 2.0) for pair in pairs}
+    assert sum(weights.values()) / len(pairs) == pytest.approx(1.0)
+    assert max(weights, key=weights.get) == ("green", "gray")
+    assert min(weights, key=weights.get) == ("white", "black")
+    assert weights["green", "gray"] / weights["white", "black"] == pytest.approx(
+        (contrast("white", "black") / contrast("green", "gray")) ** 2
+    )
+    assert {contrast_weight(*pair, 0.0) for pair in pairs} == {1.0}
+
+
+def test_decoder_batches_hold_held_out_compositions_unless_told_not_to():
+    """The decoder reads no caption, so it trains on the held-out compositions' pixels (the VAE stage's
+    decoder never saw a green triangle); --no-heldout-pixels draws as the VAE stage does."""
+    recipe = replace(DecoderRecipe(), batch=1)
+
+    def drawn(r):
+        return [shapes.spec_at(r.seed, i, allow_heldout=r.heldout_pixels) for i in range(200)]
+
+    with_heldout = drawn(recipe)
+    assert any(shapes.is_heldout(shapes.caption(spec)) for spec in with_heldout)
+    assert not any(
+        shapes.is_heldout(shapes.caption(spec)) for spec in drawn(replace(recipe, heldout_pixels=False))
+    )
+    # decoder_batch renders exactly those clips.
+    spec = with_heldout[3]
+    window = decoder_batch(recipe, 3)[0][0]
+    start = int(
+        np.random.default_rng([recipe.seed, 3, 7]).integers(0, recipe.clip_frames - recipe.frames + 1)
+    )
+    assert torch.equal(window, to_pixels(shapes.render(spec)[start : start + recipe.frames]))
+
+
+def test_grown_decoder_decodes_exactly_as_its_source():
+    """A full-resolution ResBlock grown onto a decoder without one starts as the identity, bit for bit."""
+    cfg = PRESET.decoder
+    assert cfg.num_res_blocks[0] == 1
+    torch.manual_seed(0)
+    source = Decoder(replace(cfg, num_res_blocks=(0, *cfg.num_res_blocks[1:]))).eval()
+    grown = grow_decoder(cfg, source.state_dict()).eval()
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in source.parameters())
+    z = torch.randn(1, 12, 2, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(grown(z), source(z))
+    # A decoder of another shape is refused with the keys that do not fit.
+    other = Decoder(replace(cfg, num_res_blocks=(0, 1, 1, 1, 0))).state_dict()
+    with pytest.raises(ValueError, match=r"missing \['blocks.0.1.stack.0.bias', 'blocks.0.1.stack.0.weight'"):
+        grow_decoder(cfg, other)
+
+
+def test_decoder_stage_resumes_exactly_keeps_the_encoder_and_exports(vae_run, tmp_path):
+    vae_out, vae_state = vae_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(vae_out / VAE_CHECKPOINT, d / VAE_CHECKPOINT)
+    uninterrupted = train_decoder(a, PRESET, DECODER, log=lambda line: None)
+    assert uninterrupted["step"] == 2 and "encoder" not in uninterrupted
+    assert not torch.equal(
+        uninterrupted["decoder"]["output_proj.weight"], vae_state["decoder"]["output_proj.weight"]
+    )
+    with pytest.raises(Interrupted):
+        train_decoder(b, PRESET, DECODER, log=_interrupt_at("decoder step 2/"))
+    assert load_checkpoint(b / DECODER_CHECKPOINT)["step"] == 1
+    _assert_same(uninterrupted, train_decoder(b, PRESET, DECODER, log=lambda line: None))
+    # The first batches are the VAE stage's windows of another dataset seed, held-out compositions excluded.
+    (x0, w0), (x1, _) = decoder_batch(DECODER, 0), decoder_batch(DECODER, 1)
+    assert x0.shape == (1, 3, 7, 16, 16) and not torch.equal(x0, x1) and w0.tolist() == [1.0]
+
+    # Export takes the sharpened decoder and the VAE stage's encoder.
+    shutil.copy(vae_out / VAE_CHECKPOINT, a / VAE_CHECKPOINT)
+    train_dit(a, PRESET, replace(DIT, tune_steps=0), log=lambda line: None)
+    components = load_bundle(export_bundle(a, PRESET, tmp_path / "micro.safetensors", dtype=torch.float32))
+    assert torch.equal(components.decoder.output_proj.weight, uninterrupted["decoder"]["output_proj.weight"])
+    assert torch.equal(components.encoder.output_proj.weight, vae_state["encoder"]["output_proj.weight"])
+
+
+def test_decoder_stage_starts_from_a_bundle(tmp_path):
+    """--source may be a mochi bundle: its encoder is frozen, its decoder is where training starts."""
+    from mochi.weights.bundle import random_tiny, save_bundle
+
+    components = random_tiny()
+    bundle = tmp_path / "b.safetensors"
+    save_bundle(components, bundle, dtype=torch.float16)
+    preset = MODEL_PRESETS["mochi-tiny-v2"]
+    encoder, decoder = source_vae(bundle)
+    assert encoder.keys() == components.encoder.state_dict().keys()
+    assert decoder["output_proj.weight"].dtype == torch.float32
+    with pytest.raises(ValueError, match="no VAE source at"):
+        train_decoder(tmp_path / "run", preset, DECODER, log=lambda line: None)
+    assert preset.encoder == components.encoder.cfg
+    state = train_decoder(
+        tmp_path / "run", preset, replace(DECODER, steps=1), source=bundle, log=lambda line: None
+    )
+    assert state["step"] == 1 and state["decoder"].keys() == decoder.keys()
+    # Export: the source bundle with the trained decoder; every other tensor as stored (fp16 round trips).
+    path = export_bundle(tmp_path / "run", preset, tmp_path / "v.safetensors", source=bundle)
+    before, after = read_state_dict(bundle), read_state_dict(path)
+    assert before.keys() == after.keys()
+    assert bundle_config(path) == {**bundle_config(bundle), "defaults": preset.defaults}
+    assert bundle_config(bundle)["defaults"]["guidance"] == 2.0 and preset.defaults["guidance"] == 4.0
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    assert torch.equal(after["decoder.output_proj.weight"], state["decoder"]["output_proj.weight"].half())
+    with pytest.raises(ValueError, match="no decoder.ckpt in"):
+        export_bundle(tmp_path / "elsewhere", preset, tmp_path / "w.safetensors", source=bundle)
+    with pytest.raises(ValueError, match="does not hold the encoder of the preset"):
+        export_bundle(
+            tmp_path / "run", MODEL_PRESETS["mochi-tiny-v1"], tmp_path / "w.safetensors", source=bundle
+        )
+
+
+def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, capsys):
+    import mochi.train.train_decoder as train_decoder_module
+    from mochi.train.tiny import main
+
+    seen = {}
+    monkeypatch.setattr(
+        train_decoder_module,
+        "train_decoder",
+        lambda out, preset, recipe, source, log: seen.update(r=recipe, s=source),
+    )
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    main(["decoder", "--out", str(tmp_path), "--steps", "9", "--source", "x.safetensors"])
+    assert seen == {"r": replace(DecoderRecipe(), steps=9), "s": Path("x.safetensors")}
+    main(["decoder", "--out", str(tmp_path), "--contrast-power", "2"])
+    assert seen == {"r": replace(DecoderRecipe(), contrast_power=2.0), "s": None}
+    main(["decoder", "--out", str(tmp_path), "--no-heldout-pixels"])
+    assert seen["r"] == replace(DecoderRecipe(), heldout_pixels=False)
+    for argv, message in (
+        (["decoder", "--contrast-power", "-1"], "--contrast-power must be 0 or more, got -1.0"),
+        (["decoder", "--contrast-power", "nan"], "--contrast-power must be 0 or more, got nan"),
+        (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder stage"),
+        (
+            ["dit", "--heldout-pixels"],
+            "--heldout-pixels/--no-heldout-pixels is an option of the decoder stage",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--source", "x.safetensors"])
+    assert "--source is an option of the decoder and export stages" in capsys.readouterr().err

@@ -71,7 +71,9 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         # Genmo's CLI defaults (genmo-mochi.md §7).
         defaults={"frames": 163, "height": 480, "width": 848, "steps": 64, "guidance": 6.0},
     ),
-    # The embedded model (src/mochi/assets/mochi-tiny.safetensors).
+    # The embedded model (src/mochi/assets/mochi-tiny.safetensors), v3 since the eleventh session: v2's DiT,
+    # T5 and encoder, the decoder sharpened by the decoder stage, and guidance 2 (chosen on seeds 0-3 for the
+    # strict shape figure, which guidance 4 cost; docs/embedded-model.md).
     "mochi-tiny": ModelPreset(
         dit=TINY_DIT,
         decoder=WIDE_DECODER,
@@ -79,6 +81,15 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         text_encoder=TINY_T5,
         tokenizer="byte",
         # Request defaults, and "latents": the DiT learnt posterior means (train-lora's default for it).
+        defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 2.0, "latents": "mean"},
+    ),
+    # The embedded model of the tenth session (v2): the wide VAE as its VAE stage trained it, guidance 4.
+    "mochi-tiny-v2": ModelPreset(
+        dit=TINY_DIT,
+        decoder=WIDE_DECODER,
+        encoder=WIDE_ENCODER,
+        text_encoder=TINY_T5,
+        tokenizer="byte",
         defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0, "latents": "mean"},
     ),
     # The embedded model of the second to ninth sessions (the narrow VAE): the experiments of

@@ -1,8 +1,9 @@
 """Train the embedded ``mochi-tiny`` model from scratch, one command per stage (docs/embedded-model.md).
 
-    python -m mochi.train.tiny vae    --out runs/tiny   # AsymmVAE encoder + decoder
-    python -m mochi.train.tiny dit    --out runs/tiny   # latent cache, then T5 + AsymmDiT jointly
-    python -m mochi.train.tiny export --out runs/tiny   # → src/mochi/assets/mochi-tiny.safetensors
+    python -m mochi.train.tiny vae     --out runs/tiny  # AsymmVAE encoder + decoder
+    python -m mochi.train.tiny decoder --out runs/tiny  # the decoder alone, sharpened (may run beside dit)
+    python -m mochi.train.tiny dit     --out runs/tiny  # latent cache, then T5 + AsymmDiT jointly
+    python -m mochi.train.tiny export  --out runs/tiny  # → src/mochi/assets/mochi-tiny.safetensors
 
 Every stage is seeded and resumable: run the same command again after an interruption and it continues
 from its last checkpoint in ``--out`` as if it had never stopped.
@@ -33,7 +34,7 @@ def _log_to(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mochi.train.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=("vae", "dit", "export"))
+    parser.add_argument("stage", choices=("vae", "decoder", "dit", "export"))
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
     parser.add_argument(
         "--steps", type=int, help="total optimizer steps of the stage (default: the recipe's)"
@@ -56,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         "--early-foreground-weight",
         type=float,
         help="vae: weight the object's pixels 1 + W times in the joint and decoder-only phases too (0 = off)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="decoder: the VAE to start from, a vae.ckpt or a mochi bundle (default: OUT/vae.ckpt); "
+        "export: a bundle that gives every part but the decoder (when only the decoder stage ran)",
+    )
+    parser.add_argument(
+        "--contrast-power",
+        type=float,
+        help="decoder: weigh each clip's loss by contrast^-P, P >= 0 (0 = off; DecoderRecipe.contrast_power)",
+    )
+    parser.add_argument(
+        "--heldout-pixels",
+        action=argparse.BooleanOptionalAction,
+        help="decoder: train on clips of held-out compositions too (default: yes; it reads no caption)",
     )
     tune = parser.add_argument_group(
         "dit tuning phase (off by default; stage 2b and the experiments of docs/embedded-model.md)"
@@ -99,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.early_foreground_weight < 0:
             parser.error(f"--early-foreground-weight must be 0 or more, got {args.early_foreground_weight}")
         overrides["early_foreground_weight"] = args.early_foreground_weight
+    if args.contrast_power is not None:
+        if args.stage != "decoder":
+            parser.error("--contrast-power is an option of the decoder stage")
+        if not args.contrast_power >= 0:
+            parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
+        overrides["contrast_power"] = args.contrast_power
+    if args.heldout_pixels is not None:
+        if args.stage != "decoder":
+            parser.error("--heldout-pixels/--no-heldout-pixels is an option of the decoder stage")
+        overrides["heldout_pixels"] = args.heldout_pixels
+    if args.source is not None and args.stage not in ("decoder", "export"):
+        parser.error("--source is an option of the decoder and export stages")
     if overrides.get("word_consistency", 0.0) < 0:
         parser.error(f"--word-consistency must be 0 or more, got {overrides['word_consistency']}")
     tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}
@@ -120,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         from mochi.train.train_vae import VAERecipe, train_vae
 
         train_vae(args.out, preset, replace(VAERecipe(), **overrides), log=_log_to(args.out / "vae.log"))
+    elif args.stage == "decoder":
+        from mochi.train.train_decoder import DecoderRecipe, train_decoder
+
+        recipe = replace(DecoderRecipe(), **overrides)
+        train_decoder(args.out, preset, recipe, source=args.source, log=_log_to(args.out / "decoder.log"))
     elif args.stage == "dit":
         from mochi.train.train_dit import DiTRecipe, train_dit
 
@@ -128,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from mochi.train.export import export_bundle
 
-        path = export_bundle(args.out, preset, args.bundle, dtype=getattr(torch, args.dtype))
+        path = export_bundle(
+            args.out, preset, args.bundle, dtype=getattr(torch, args.dtype), source=args.source
+        )
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

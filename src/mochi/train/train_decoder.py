@@ -1,0 +1,197 @@
+"""Stage 1c of the tiny model: sharpen the VAE decoder on the frozen encoder's posterior means.
+
+The VAE stage ends with a decoder whose reconstructions of true clips pass the strict judge for shape only
+about 80% of the time (small triangles come back with rounded points, issue 20): a ceiling for any DiT on
+that latent space. This stage trains the decoder alone for ``steps`` more, the encoder (and so the latent
+space and the DiT stage) untouched, so it may run beside the DiT stage. It starts from the VAE stage's
+decoder (``vae.ckpt``, or the decoder of a mochi bundle), and where the preset's decoder has full-resolution
+ResBlocks the source lacks, it grows them as identities (last convolution zero), so step 0 decodes exactly
+as the source does.
+
+Batch ``b`` of step ``s`` holds clips ``s·b … s·b + b − 1`` of dataset ``seed`` (``shapes.spec_at``, held-out
+compositions included: ``DecoderRecipe.heldout_pixels``), each rendered at 25 frames and cut to a
+``frames`` window whose start comes from a generator seeded with (seed, s): resuming at step s replays the
+same data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mochi.models.vae import Decoder, DecoderConfig, Encoder
+from mochi.models.vae_blocks import ResBlock
+from mochi.presets import ModelPreset
+from mochi.train import shapes
+from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.train_vae import VAE_CHECKPOINT, foreground_weights, lr_at, to_pixels
+from mochi.weights.bundle import is_bundle
+from mochi.weights.io import read_state_dict
+
+DECODER_CHECKPOINT = "decoder.ckpt"
+
+
+@dataclass(frozen=True)
+class DecoderRecipe:
+    steps: int = 1500
+    batch: int = 4
+    frames: int = 13  # frames per training window: 6k+1 (three latent frames: the causal one and two more)
+    clip_frames: int = 25
+    height: int = 64
+    width: int = 64
+    lr: float = 2e-4
+    warmup: int = 50
+    # The object's pixels (and anti-aliased rim) weigh 1 + this in L1 and MSE, as in the VAE's tuning phase.
+    foreground_weight: float = 3.0
+    # Each clip's loss is multiplied by contrast^-p (normalised to mean 1 over every palette colour on every
+    # background; 0 = off), contrast being the RGB distance between the object's colour and the background:
+    # an edge misplaced by a pixel costs contrast² in MSE, so a green object on gray (the lowest contrast
+    # of the world, 108 levels against 390 for white on black) teaches the decoder 13 times less than a
+    # white one on black, and the VAE stage's decoder draws it as a disc (docs/embedded-model.md).
+    contrast_power: float = 0.0
+    # Clips of held-out compositions too. The held-out rule is about captions (no training caption holds all
+    # the words of a held-out line) and the VAE reads none; but the VAE stage, drawing its clips as the
+    # captioned stages do, never saw a green or red triangle or a white square, and those are most of what
+    # its decoder gets wrong (docs/embedded-model.md). False draws as the VAE stage does.
+    heldout_pixels: bool = True
+    seed: int = 11  # dataset seed: the VAE stage used 1, the DiT's caches 2 and 3
+    log_every: int = 25
+    checkpoint_every: int = 100
+
+
+def grow_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
+    """A ``Decoder(cfg)`` holding ``state``; full-resolution ResBlocks that ``state`` lacks start as
+    identities (their last convolution zero), so the grown decoder decodes exactly as ``state`` does.
+    Any other difference between ``state`` and ``cfg`` is a ValueError naming the keys."""
+    decoder = Decoder(cfg)
+    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    last = len(decoder.blocks) - 1
+    grown = {k for k in missing if k.startswith(f"blocks.{last}.")}
+    if unexpected or set(missing) != grown:
+        raise ValueError(
+            f"the source decoder does not fit decoder config {cfg}: missing {sorted(set(missing) - grown)}, "
+            f"unexpected {sorted(unexpected)}; only full-resolution ResBlocks (blocks.{last}.*) can be grown"
+        )
+    for i, block in enumerate(decoder.blocks[last]):
+        if any(k.startswith(f"blocks.{last}.{i}.") for k in grown):
+            assert isinstance(block, ResBlock)
+            conv = [m for m in block.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+            torch.nn.init.zeros_(conv.weight)
+            if conv.bias is not None:
+                torch.nn.init.zeros_(conv.bias)
+    return decoder
+
+
+def source_vae(source: str | os.PathLike) -> tuple[dict, dict]:
+    """(encoder state, decoder state) of a ``vae.ckpt`` or of a mochi bundle."""
+    source = Path(source)
+    if not source.exists():
+        raise ValueError(f"no VAE source at {str(source)!r}: run the vae stage first, or pass a bundle")
+    if is_bundle(source):
+        weights = read_state_dict(source)
+        parts = {
+            name: {k[len(name) + 1 :]: v.float() for k, v in weights.items() if k.startswith(name + ".")}
+            for name in ("encoder", "decoder")
+        }
+        if not parts["encoder"]:
+            raise ValueError(f"bundle {str(source)!r} has no encoder: this stage needs one")
+        return parts["encoder"], parts["decoder"]
+    state = load_checkpoint(source)
+    return state["encoder"], state["decoder"]
+
+
+def contrast(color: str, background: str) -> float:
+    """RGB distance (0-255 levels) between a palette colour and a background colour."""
+    rgb, bg = np.asarray(shapes.COLORS[color], float), np.asarray(shapes.BACKGROUNDS[background], float)
+    return float(np.linalg.norm(rgb - bg))
+
+
+def contrast_weight(color: str, background: str, power: float) -> float:
+    """contrast^-power over its mean over every palette colour on every background (1 when power is 0)."""
+    pairs = [contrast(c, b) ** -power for c in shapes.COLORS for b in shapes.BACKGROUNDS]
+    return contrast(color, background) ** -power / float(np.mean(pairs))
+
+
+def decoder_batch(recipe: DecoderRecipe, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels of step ``step``, (batch, 3, frames, H, W) in [−1, 1], and each clip's loss weight
+    (``contrast_weight``), (batch,)."""
+    gen = np.random.default_rng([recipe.seed, step, 7])
+    videos, weights = [], []
+    for i in range(recipe.batch):
+        spec = shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
+        video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
+        start = int(gen.integers(0, recipe.clip_frames - recipe.frames + 1))
+        videos.append(video[start : start + recipe.frames])
+        weights.append(contrast_weight(spec.color, spec.background, recipe.contrast_power))
+    return to_pixels(np.stack(videos)), torch.tensor(weights)
+
+
+def train_decoder(
+    out: str | os.PathLike,
+    preset: ModelPreset,
+    recipe: DecoderRecipe = DecoderRecipe(),
+    source: str | os.PathLike | None = None,
+    log=print,
+) -> dict:
+    """Train (or resume) the decoder to ``recipe.steps`` into ``out/decoder.ckpt``; returns the final state.
+
+    ``source`` (default ``out/vae.ckpt``) gives the frozen encoder and the starting decoder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder_state, decoder_state = source_vae(source if source is not None else out / VAE_CHECKPOINT)
+    encoder = Encoder(preset.encoder)
+    encoder.load_state_dict(encoder_state)
+    encoder.eval().requires_grad_(False)
+    torch.manual_seed(recipe.seed)
+    decoder = grow_decoder(preset.decoder, decoder_state)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, last = 0, float("nan")
+    state = load_checkpoint(out / DECODER_CHECKPOINT)
+    if state is not None:
+        decoder.load_state_dict(state["decoder"])
+        opt.load_state_dict(state["optimizer"])
+        step, last = int(state["step"]), float(state["loss"])
+        log(f"decoder: resumed at step {step} from {out / DECODER_CHECKPOINT}")
+
+    def snapshot() -> dict:
+        return {"decoder": decoder.state_dict(), "optimizer": opt.state_dict(), "step": step, "loss": last}
+
+    totals, t0 = np.zeros(3), time.time()
+    while step < recipe.steps:
+        x, clip_weights = decoder_batch(recipe, step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
+        with torch.no_grad():
+            mean, _ = encoder(x)
+        y = decoder(mean)
+        # Weighted means; weights of one give the plain means bit for bit.
+        # (the foreground weights are normalised per batch, the clips' weights are not: their mean is 1).
+        fg = foreground_weights(x, recipe.foreground_weight)
+        w = fg * clip_weights.view(-1, 1, 1, 1, 1) if recipe.contrast_power else fg
+        l1, mse = ((y - x).abs() * w).mean() / fg.mean(), ((y - x).square() * w).mean() / fg.mean()
+        loss = l1 + mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt.step()
+        step += 1
+        last = float(loss.detach())
+        totals += (last, float(l1.detach()), float(mse.detach()))
+        if step % recipe.log_every == 0 or step == recipe.steps:
+            n = (step - 1) % recipe.log_every + 1
+            avg = totals / n
+            log(
+                f"decoder step {step}/{recipe.steps} loss {avg[0]:.5f} l1 {avg[1]:.5f} mse {avg[2]:.6f} "
+                f"(~{10 * math.log10(4.0 / max(avg[2], 1e-12)):.1f} dB, weighted) "
+                f"lr {opt.param_groups[0]['lr']:.2e} {(time.time() - t0) / n:.2f} s/step"
+            )
+            totals, t0 = np.zeros(3), time.time()
+        if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+            save_checkpoint(snapshot(), out / DECODER_CHECKPOINT)
+    return snapshot()
