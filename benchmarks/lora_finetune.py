@@ -107,7 +107,9 @@ def load_pipeline(model: str | None):  # noqa: ANN201
     return MochiPipeline.from_pretrained(model, device="cpu")
 
 
-def evaluate(pipe, prompts: list[str], seed: int, batch: int = 8) -> dict[str, list[judge.Verdict]]:  # noqa: ANN001
+def evaluate(
+    pipe, prompts: list[str], seed: int, batch: int = 8, guidance=None
+) -> dict[str, list[judge.Verdict]]:  # noqa: ANN001
     """Verdicts of the strict judge (the default) and of the moments-only one (`judge(strict=False)`, the
     judge the targets were first measured with) on the same videos."""
     from mochi.request import GenerationRequest
@@ -115,7 +117,8 @@ def evaluate(pipe, prompts: list[str], seed: int, batch: int = 8) -> dict[str, l
     verdicts = {"strict": [], "moments": []}
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        frames = pipe.generate(GenerationRequest(chunk, seed=seed + start)).frames.numpy()
+        request = GenerationRequest(chunk, seed=seed + start, guidance=guidance)
+        frames = pipe.generate(request).frames.numpy()
         verdicts["strict"] += [judge.judge(video) for video in frames]
         verdicts["moments"] += [judge.judge(video, strict=False) for video in frames]
     return verdicts
@@ -128,6 +131,11 @@ def accuracy(prompts: list[str], verdicts: list[judge.Verdict]) -> dict[str, flo
         row = {k: v.found and getattr(v, k) == truth[k] for k in ("color", "shape", "direction")}
         rows.append({**row, "all": all(row.values())})
     return {k: float(np.mean([r[k] for r in rows])) for k in ("shape", "color", "direction", "all")}
+
+
+def _guidance(text: str) -> float | list[float]:
+    values = [float(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
 
 
 def main() -> None:
@@ -149,6 +157,11 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--guidance",
+        type=_guidance,
+        help="evaluation guidance: a number, or one value per step, comma-separated (default: the model's)",
+    )
     parser.add_argument(
         "--evaluate-only",
         action="store_true",
@@ -203,7 +216,7 @@ def main() -> None:
 
     def judged(prompts: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         # Every prompt once per seed, pooled: 24 prompts alone move a figure by 4.2% per video.
-        runs = [evaluate(pipe, prompts, seed) for seed in seeds]
+        runs = [evaluate(pipe, prompts, seed, guidance=args.guidance) for seed in seeds]
         return tuple(
             accuracy(prompts * len(seeds), [v for r in runs for v in r[which]])
             for which in ("strict", "moments")
@@ -238,6 +251,7 @@ def main() -> None:
         "threads": args.threads,
         "eval_prompts_per_group": args.eval_prompts,
         "eval_seeds": seeds,
+        "guidance": args.guidance,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "figures": figures,
         # The same videos under the moments-only judge (docs/embedded-model.md), for the earlier figures.
