@@ -118,8 +118,9 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
-# The name the v2 runs of issue 20 trained under (their commands in docs/embedded-model.md): the same preset.
-MODEL_PRESETS["mochi-tiny-wide-vae"] = MODEL_PRESETS["mochi-tiny"]
+# The name the v2 runs of issue 20 trained under (their commands in docs/embedded-model.md): v2's preset, so
+# that those commands still export v2's defaults (guidance 4).
+MODEL_PRESETS["mochi-tiny-wide-vae"] = MODEL_PRESETS["mochi-tiny-v2"]
 
 
 def model_preset(name: str) -> ModelPreset:
