@@ -31,8 +31,7 @@ from mochi.presets import ModelPreset
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint, save_checkpoint
 from mochi.train.train_vae import VAE_CHECKPOINT, foreground_weights, lr_at, to_pixels
-from mochi.weights.bundle import is_bundle
-from mochi.weights.io import read_state_dict
+from mochi.weights.bundle import is_bundle, load_bundle
 
 DECODER_CHECKPOINT = "decoder.ckpt"
 
@@ -94,14 +93,8 @@ def source_vae(source: str | os.PathLike) -> tuple[dict, dict]:
     if not source.exists():
         raise ValueError(f"no VAE source at {str(source)!r}: run the vae stage first, or pass a bundle")
     if is_bundle(source):
-        weights = read_state_dict(source)
-        parts = {
-            name: {k[len(name) + 1 :]: v.float() for k, v in weights.items() if k.startswith(name + ".")}
-            for name in ("encoder", "decoder")
-        }
-        if not parts["encoder"]:
-            raise ValueError(f"bundle {str(source)!r} has no encoder: this stage needs one")
-        return parts["encoder"], parts["decoder"]
+        components = load_bundle(source)  # float32
+        return components.encoder.state_dict(), components.decoder.state_dict()
     state = load_checkpoint(source)
     return state["encoder"], state["decoder"]
 
