@@ -83,15 +83,6 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         # Request defaults, and "latents": the DiT learnt posterior means (train-lora's default for it).
         defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 2.0, "latents": "mean"},
     ),
-    # The embedded model of the tenth session (v2): the wide VAE as its VAE stage trained it, guidance 4.
-    "mochi-tiny-v2": ModelPreset(
-        dit=TINY_DIT,
-        decoder=WIDE_DECODER,
-        encoder=WIDE_ENCODER,
-        text_encoder=TINY_T5,
-        tokenizer="byte",
-        defaults={"frames": 25, "height": 64, "width": 64, "steps": 24, "guidance": 4.0, "latents": "mean"},
-    ),
     # The embedded model of the second to ninth sessions (the narrow VAE): the experiments of
     # docs/embedded-model.md before the tenth session ran on it.
     "mochi-tiny-v1": ModelPreset(
@@ -118,6 +109,10 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     ),
 }
 
+# The embedded model of the tenth session (v2): the same components as v3, guidance 4.
+MODEL_PRESETS["mochi-tiny-v2"] = replace(
+    MODEL_PRESETS["mochi-tiny"], defaults={**MODEL_PRESETS["mochi-tiny"].defaults, "guidance": 4.0}
+)
 # The name the v2 runs of issue 20 trained under (their commands in docs/embedded-model.md): v2's preset, so
 # that those commands still export v2's defaults (guidance 4).
 MODEL_PRESETS["mochi-tiny-wide-vae"] = MODEL_PRESETS["mochi-tiny-v2"]
