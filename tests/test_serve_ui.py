@@ -243,6 +243,10 @@ def test_double_click_starts_one_job_and_cancel_stops_the_one_shown(tab, server)
     hold(server, tab, "first")
     tab.fill("#prompt", "second")
     tab.dblclick("#generate")
+    # The button is enabled again once the reply is in and the page follows the new job. Until then the
+    # status may still be the first job's own "queued (position 1" (its reply can predate the worker), and
+    # Cancel would stop that one.
+    tab.wait_for_function("!document.getElementById('generate').disabled")
     wait_status(tab, "queued (position 1")
     jobs = server.jobs.jobs()
     assert len(jobs) == before + 2 and [j.request.prompt for j in jobs[:2]] == ["second", "first"]
