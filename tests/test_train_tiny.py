@@ -32,8 +32,10 @@ from mochi.train.train_dit import (
     allowed_caption,
     cache_specs,
     drop_words,
+    latent_object_mask,
     latent_stats,
     load_latent_cache,
+    load_latent_cache_with_objects,
     partner_caption,
     sample_sigmas,
     train_dit,
@@ -298,6 +300,12 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=False)
     main(argv + ["--pooled-caption", "--word-consistency", "0.5"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=True, word_consistency=0.5)
+    main(argv + ["--object-weight", "3"])
+    assert seen["r"] == replace(DiTRecipe(), steps=5, object_weight=3.0)
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            main(argv + ["--object-weight", bad])
+        assert f"--object-weight must be 0 or more, got {float(bad)}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(argv + ["--word-consistency", "-1"])
     assert "--word-consistency must be 0 or more, got -1.0" in capsys.readouterr().err
@@ -409,6 +417,70 @@ def test_early_foreground_weight_changes_the_joint_phase_only_when_set(vae_run, 
     _assert_same(weighted, train_vae(tmp_path / "b", PRESET, recipe, log=lambda line: None))
 
 
+def test_vae_heldout_pixels_draw_held_out_compositions_only_when_set():
+    """The v2 recipe's VAE never saw a held-out composition; ``heldout_pixels`` renders them too."""
+    plain, held = VAERecipe(batch=1), VAERecipe(batch=1, heldout_pixels=True)
+    captions = [shapes.caption(shapes.spec_at(held.seed, i, allow_heldout=True)) for i in range(60)]
+    k = next(i for i, c in enumerate(captions) if shapes.is_heldout(c))
+    spec = shapes.spec_at(held.seed, k, allow_heldout=True)
+    window = vae_batch(held, k)[0]
+    start = int(np.random.default_rng([held.seed, k, 7]).integers(0, held.clip_frames - held.frames + 1))
+    assert torch.equal(window, to_pixels(shapes.render(spec)[start : start + held.frames]))
+    assert not torch.equal(vae_batch(plain, k)[0], window)
+    assert not any(shapes.is_heldout(shapes.caption(shapes.spec_at(plain.seed, i))) for i in range(60))
+
+
+def test_latent_object_mask_marks_the_object_per_latent_frame_and_block():
+    video = np.full((13, 16, 16, 3), shapes.BACKGROUNDS["black"], np.uint8)
+    video[0, 0:2, 8:10] = 255  # frame 0: latent frame 0, block (0, 1)
+    video[5, 9, 1] = 255  # frame 5: latent frame 1 (frames 1-6), block (1, 0)
+    video[7, 15, 15] += 3  # within 4/255 of the background: not the object
+    mask = latent_object_mask(to_pixels(video[None]), (3, 2, 2))
+    assert mask.shape == (1, 1, 3, 2, 2)
+    expected = torch.zeros(3, 2, 2)
+    expected[0, 0, 1] = expected[1, 1, 0] = 1
+    assert torch.equal(mask[0, 0], expected)
+    with pytest.raises(ValueError, match=r"do not compress to a latent of 3×3×2"):
+        latent_object_mask(to_pixels(video[None]), (3, 3, 2))
+
+
+def test_object_weight_trains_differently_and_needs_masks(vae_run, tmp_path):
+    """The cache stores each clip's object mask; weight 0 is the plain loss (the other tests), a weight
+    changes the update but not the logged flow loss of the first step, and an old cache without masks is
+    refused by name."""
+    vae_out, _ = vae_run
+    runs = {}
+    for weight in (0.0, 3.0):
+        out = tmp_path / str(weight)
+        out.mkdir()
+        shutil.copy(vae_out / VAE_CHECKPOINT, out / VAE_CHECKPOINT)
+        runs[weight] = train_dit(
+            out, PRESET, replace(DIT, steps=1, tune_steps=0, object_weight=weight), log=lambda line: None
+        )
+    _, _, _, masks = load_latent_cache_with_objects(tmp_path / "3.0", DIT)
+    assert masks.shape == (3, 1, 2, 2, 2) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert masks.sum() > 0
+    key = "dit.final_layer.linear.weight"
+    assert not torch.equal(runs[0.0]["model"][key], runs[3.0]["model"][key])
+    assert runs[0.0]["loss"] == runs[3.0]["loss"]  # the logged loss is the unweighted flow loss
+    from mochi.weights.io import save_state_dict
+
+    chunk = tmp_path / "3.0" / "latents" / "chunk-0000.safetensors"
+    from mochi.weights.io import read_metadata
+
+    sd, meta = read_state_dict(chunk), read_metadata(chunk)
+    del sd["object"]
+    save_state_dict(sd, chunk, meta)
+    (tmp_path / "3.0" / DIT_CHECKPOINT).unlink()
+    with pytest.raises(ValueError, match="holds no object masks .* but object_weight is 3.0"):
+        train_dit(
+            tmp_path / "3.0",
+            PRESET,
+            replace(DIT, steps=1, tune_steps=0, object_weight=3.0),
+            log=lambda line: None,
+        )
+
+
 def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path, monkeypatch, capsys):
     import mochi.train.train_vae as train_vae_module
     from mochi.train.tiny import main
@@ -425,6 +497,8 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     )
     main(["vae", "--out", str(tmp_path), "--checkpoint-every", "25"])
     assert seen["r"] == replace(VAERecipe(), checkpoint_every=25)
+    main(["vae", "--out", str(tmp_path), "--heldout-pixels"])
+    assert seen["r"] == replace(VAERecipe(), heldout_pixels=True)
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--checkpoint-every", "0"])
     assert "--checkpoint-every must be 1 or more, got 0" in capsys.readouterr().err
@@ -578,7 +652,7 @@ def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, cap
         (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder stage"),
         (
             ["dit", "--heldout-pixels"],
-            "--heldout-pixels/--no-heldout-pixels is an option of the decoder stage",
+            "--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages",
         ),
     ):
         with pytest.raises(SystemExit):

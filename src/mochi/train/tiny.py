@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "--word-consistency", type=float, help="dit: weight of the T5 word-consistency loss (0 = off)"
     )
     parser.add_argument(
+        "--object-weight",
+        type=float,
+        help="dit: weigh the flow loss 1 + W times where the latent holds the object (0 = off)",
+    )
+    parser.add_argument(
         "--early-foreground-weight",
         type=float,
         help="vae: weight the object's pixels 1 + W times in the joint and decoder-only phases too (0 = off)",
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heldout-pixels",
         action=argparse.BooleanOptionalAction,
-        help="decoder: train on clips of held-out compositions too (default: yes; it reads no caption)",
+        help="vae, decoder: train on clips of held-out compositions too (the VAE reads no caption; "
+        "default: yes for the decoder stage, no for the vae stage, as v2 was trained)",
     )
     tune = parser.add_argument_group(
         "dit tuning phase (off by default; stage 2b and the experiments of docs/embedded-model.md)"
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, key in (
         ("--pooled-caption/--no-pooled-caption", "pooled_caption"),
         ("--word-consistency", "word_consistency"),
+        ("--object-weight", "object_weight"),
     ):
         if getattr(args, key) is not None:
             if args.stage != "dit":
@@ -123,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
         overrides["contrast_power"] = args.contrast_power
     if args.heldout_pixels is not None:
-        if args.stage != "decoder":
-            parser.error("--heldout-pixels/--no-heldout-pixels is an option of the decoder stage")
+        if args.stage not in ("vae", "decoder"):
+            parser.error("--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages")
         overrides["heldout_pixels"] = args.heldout_pixels
     if args.source is not None and args.stage not in ("decoder", "export"):
         parser.error("--source is an option of the decoder and export stages")
-    if overrides.get("word_consistency", 0.0) < 0:
-        parser.error(f"--word-consistency must be 0 or more, got {overrides['word_consistency']}")
+    for key in ("word_consistency", "object_weight"):
+        if not overrides.get(key, 0.0) >= 0:
+            parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {overrides[key]}")
     tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}
     tuning = {k: v for k, v in tuning.items() if v is not None}
     if tuning and args.stage != "dit":
