@@ -133,3 +133,23 @@ def test_a_bundle_file_loads_by_path(tmp_path):
     request = GenerationRequest("a red circle", seed=2, steps=2)
     expected = MochiPipeline(tiny_components(seed=1), device="cpu").generate(request)
     assert torch.equal(pipe.generate(request).frames, expected.frames)
+
+
+def test_t5_size_of_an_all_in_one_file_counts_the_t5_alone(tmp_path):
+    """The fit check of a sharded load reads the T5's fp32 size from the headers; in an all-in-one file the
+    DiT and the VAE encoder share the file and must not be counted (they were)."""
+    from mochi.parallel.sharded_load import t5_fp32_bytes
+    from mochi.weights.formats import detect
+
+    c = tiny_components(seed=1)
+    t5 = {"text_encoders.t5xxl.transformer." + k: v for k, v in c.text_encoder.state_dict().items()}
+    rest = {
+        "model.diffusion_model.": c.dit,
+        "vae.decoder.": c.decoder,
+        "vae.encoder.": c.encoder,
+    }
+    sd = {prefix + k: v for prefix, m in rest.items() for k, v in m.state_dict().items()}
+    save_state_dict({**sd, **t5}, tmp_path / "aio.safetensors")
+    det = detect(str(tmp_path / "aio.safetensors"))
+    expected = 4 * sum(p.numel() for p in c.text_encoder.parameters())
+    assert t5_fp32_bytes(None, det) == expected

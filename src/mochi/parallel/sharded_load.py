@@ -250,10 +250,14 @@ def t5_fp32_bytes(t5: str | None, det: Detected | None) -> int | None:
     found = t5_sources(t5, det)
     if found is None:
         return None
+    # In an all-in-one file only the T5's own keys count (the DiT and VAE share the file).
+    prefix = det.prefixes.get("t5", "") if t5 is None and det is not None else ""
     total = 0
     for f in found[0]:
         with safe_open(f, framework="pt") as h:
             for k in h.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if not k.startswith(prefix):
+                    continue
                 name = k.rpartition("transformer.")[2]  # ComfyUI's prefix off, for the patterns below
                 if not _IGNORED.match(name) and not k.endswith(_SCALE_SUFFIXES) and "decoder." not in k:
                     total += 4 * math.prod(h.get_slice(k).get_shape())
