@@ -9,6 +9,7 @@ space can reach: it cannot draw better than the decoder decodes true latents.
     PYTHONPATH=src python benchmarks/vae_quality.py                      # the embedded model's VAE
     PYTHONPATH=src python benchmarks/vae_quality.py RUN/vae.ckpt --preset mochi-tiny-wide-vae
     PYTHONPATH=src python benchmarks/vae_quality.py RUN/decoder.ckpt --source V2.safetensors  # decoder stage
+    PYTHONPATH=src python benchmarks/vae_quality.py RUN/decoder.ckpt --source RUN/vae.ckpt    # (full recipe)
     PYTHONPATH=src python benchmarks/vae_quality.py MODEL.safetensors                         # any bundle
 """
 
@@ -26,6 +27,7 @@ from mochi.presets import model_preset
 from mochi.train import judge, shapes
 from mochi.train.checkpoint import load_checkpoint
 from mochi.train.evaluate import DRIFT_TARGET, PSNR_TARGET, color_drift, reconstruction_psnr
+from mochi.train.train_decoder import source_vae
 from mochi.train.train_vae import build_vae, from_pixels, to_pixels
 from mochi.weights.bundle import is_bundle, load_bundle, load_embedded
 
@@ -39,7 +41,7 @@ def vae_components(checkpoint: str | None, preset: str, source: str | None = Non
         return load_bundle(checkpoint)
     encoder, decoder = build_vae(model_preset(preset), 0)
     state = load_checkpoint(checkpoint)
-    encoder.load_state_dict(state["encoder"] if source is None else load_bundle(source).encoder.state_dict())
+    encoder.load_state_dict(state["encoder"] if source is None else source_vae(source)[0])
     decoder.load_state_dict(state["decoder"])
     defaults = {k: model_preset(preset).defaults[k] for k in ("frames", "height", "width")}
     return types.SimpleNamespace(encoder=encoder.eval(), decoder=decoder.eval(), defaults=defaults)
@@ -73,7 +75,9 @@ def main() -> None:
         nargs="?",
         help="a train_vae or train_decoder checkpoint, or a mochi bundle (default: the embedded model)",
     )
-    ap.add_argument("--source", help="a train_decoder checkpoint's source bundle (gives the encoder)")
+    ap.add_argument(
+        "--source", help="a train_decoder checkpoint's source, a vae.ckpt or a bundle (gives the encoder)"
+    )
     ap.add_argument("--preset", default="mochi-tiny", help="the checkpoint's model preset")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
