@@ -163,6 +163,12 @@ def main() -> None:
         help="evaluation guidance: a number, or one value per step, comma-separated (default: the model's)",
     )
     parser.add_argument(
+        "--lora-scale",
+        type=float,
+        default=1.0,
+        help="evaluation: the LoRA's strength (`mochi generate --lora FILE --lora-scale S`); default 1",
+    )
+    parser.add_argument(
         "--evaluate-only",
         action="store_true",
         help="judge WORK/run/lora.safetensors again without rendering, preparing or training",
@@ -226,7 +232,7 @@ def main() -> None:
     figures, moments = {}, {}
     for name in ("without_lora", "with_lora"):
         if name == "with_lora":
-            pipe.load_lora(str(run / "lora.safetensors"))
+            pipe.load_lora(str(run / "lora.safetensors"), scale=args.lora_scale)
         (c_strict, c_moments), (b_strict, b_moments) = judged(concept_prompts), judged(base_prompts)
         figures[name] = {"concept": c_strict, "base": b_strict}
         moments[name] = {"concept": c_moments, "base": b_moments}
@@ -252,6 +258,7 @@ def main() -> None:
         "eval_prompts_per_group": args.eval_prompts,
         "eval_seeds": seeds,
         "guidance": args.guidance,
+        "lora_scale": args.lora_scale,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "figures": figures,
         # The same videos under the moments-only judge (docs/embedded-model.md), for the earlier figures.
