@@ -114,6 +114,13 @@ def _assert_same(a, b, path: str = "state") -> None:
         assert a == b or (a != a and b != b), path  # NaN == NaN for an unset loss
 
 
+def _with_vae(folder: Path, vae_out: Path) -> Path:
+    """``folder``, created, holding a copy of the module's trained VAE checkpoint (a DiT stage's start)."""
+    folder.mkdir()
+    shutil.copy(vae_out / VAE_CHECKPOINT, folder / VAE_CHECKPOINT)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vae")
@@ -380,9 +387,7 @@ def test_word_consistency_trains_the_text_encoder(vae_run, tmp_path):
     vae_out, _ = vae_run
     runs = {}
     for weight in (0.0, 1.0):
-        out = tmp_path / str(weight)
-        out.mkdir()
-        shutil.copy(vae_out / VAE_CHECKPOINT, out / VAE_CHECKPOINT)
+        out = _with_vae(tmp_path / str(weight), vae_out)
         lines = []
         recipe = replace(DIT, steps=1, tune_steps=0, word_consistency=weight)
         runs[weight] = train_dit(out, PRESET, recipe, log=lines.append)
@@ -451,9 +456,7 @@ def test_object_weight_trains_differently_and_needs_masks(vae_run, tmp_path):
     vae_out, _ = vae_run
     runs = {}
     for weight in (0.0, 3.0):
-        out = tmp_path / str(weight)
-        out.mkdir()
-        shutil.copy(vae_out / VAE_CHECKPOINT, out / VAE_CHECKPOINT)
+        out = _with_vae(tmp_path / str(weight), vae_out)
         runs[weight] = train_dit(
             out, PRESET, replace(DIT, steps=1, tune_steps=0, object_weight=weight), log=lambda line: None
         )
