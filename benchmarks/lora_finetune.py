@@ -163,6 +163,12 @@ def main() -> None:
         help="evaluation guidance: a number, or one value per step, comma-separated (default: the model's)",
     )
     parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=7,
+        help="evaluation seeds: EVAL_SEED + 100·r for each repeat r (default 7: 7, 107, 207, 307)",
+    )
+    parser.add_argument(
         "--lora-scale",
         type=float,
         default=1.0,
@@ -218,7 +224,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     concept_prompts = shapes.eval_prompts(vocab, n=args.eval_prompts)
     base_prompts = shapes.eval_prompts(shapes.DEFAULT_VOCAB, n=args.eval_prompts)
-    seeds = [7 + 100 * r for r in range(args.eval_repeats)]
+    seeds = [args.eval_seed + 100 * r for r in range(args.eval_repeats)]
 
     def judged(prompts: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         # Every prompt once per seed, pooled: 24 prompts alone move a figure by 4.2% per video.
