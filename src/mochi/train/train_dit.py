@@ -125,7 +125,7 @@ class DiTRecipe:
 
 def latent_object_mask(pixels: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
     """(B, 1, t, h, w) float mask, 1 where a latent element's pixels hold any of the object (or its rim):
-    ``pixels`` (B, 3, T, H, W) in [−1, 1] with T = 1 + k·(T − 1)/(t − 1) as the causal VAE compresses it
+    ``pixels`` (B, 3, T, H, W) in [−1, 1] with T = 1 + k·(t − 1) frames as the causal VAE compresses them
     (latent frame 0 is pixel frame 0, latent frame i ≥ 1 pixel frames k(i − 1) + 1 … k·i) and H/h × W/w
     pixel blocks."""
     t, h, w = latent_shape
@@ -140,8 +140,7 @@ def latent_object_mask(pixels: torch.Tensor, latent_shape: tuple[int, int, int])
         obj = torch.cat([first, rest], dim=2)
     else:
         obj = first
-    obj = obj.reshape(b, 1, t, h, height // h, w, width // w).amax(dim=(4, 6))
-    return obj
+    return obj.reshape(b, 1, t, h, height // h, w, width // w).amax(dim=(4, 6))
 
 
 def _chunk_path(out: Path, k: int, folder: str = CACHE_DIR) -> Path:
@@ -448,7 +447,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         objective = loss
         if recipe.object_weight:
             w = 1.0 + recipe.object_weight * cache_object[index]
-            objective = (error * w).mean() / w.expand_as(error).mean()
+            objective = (error * w).mean() / w.mean()  # as the VAE's weighted means
         if recipe.word_consistency:  # drawn last, so the rest of the step's stream is unchanged
             partners, pairs = [], []
             for row, text in enumerate(batch_captions):
