@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mochi.models.vae import Decoder
+from mochi.models.vae import Decoder, Encoder
 from mochi.presets import MODEL_PRESETS, model_preset
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint
@@ -18,10 +18,13 @@ from mochi.train.export import export_bundle
 from mochi.train.train_decoder import (
     DECODER_CHECKPOINT,
     DecoderRecipe,
+    Refiner,
+    batch_specs,
     contrast,
     contrast_weight,
     decoder_batch,
     grow_decoder,
+    refines,
     source_vae,
     train_decoder,
 )
@@ -632,6 +635,68 @@ def test_decoder_stage_starts_from_a_bundle(tmp_path):
         )
 
 
+def test_refined_steps_are_a_replayable_share():
+    recipe = replace(DecoderRecipe(), refine_share=0.5)
+    drawn = [refines(recipe, step) for step in range(400)]
+    assert 0.4 < sum(drawn) / len(drawn) < 0.6 and drawn == [refines(recipe, s) for s in range(400)]
+    assert not any(refines(replace(recipe, refine_share=0.0), s) for s in range(100))
+    assert all(refines(replace(recipe, refine_share=1.0), s) for s in range(100))
+
+
+@pytest.fixture(scope="module")
+def dit_run(vae_run, tmp_path_factory):
+    """A run folder holding the module's VAE and a DiT trained on it (what a refined decoder stage needs)."""
+    out = _with_vae(tmp_path_factory.mktemp("dit") / "run", vae_run[0])
+    train_dit(out, PRESET, replace(DIT, tune_steps=0), log=lambda line: None)
+    return out
+
+
+def test_refiner_denoises_as_the_sampler_and_reads_no_held_out_line(dit_run, monkeypatch):
+    """A refined latent is the DiT's from the noised code; at σ → 0 it is the code itself. The captions of
+    held-out compositions lose a word before the T5 reads them."""
+    import mochi.train.train_decoder as module
+
+    recipe = replace(DECODER, refine_share=1.0, heldout_pixels=True)
+    step = next(s for s in range(500) if shapes.is_heldout(shapes.caption(batch_specs(recipe, s)[0])))
+    specs = batch_specs(recipe, step)
+    read = []
+    encode = module.encode_prompts
+    monkeypatch.setattr(
+        module, "encode_prompts", lambda prompts, *a: read.extend(prompts) or encode(prompts, *a)
+    )
+    refiner = Refiner(dit_run, PRESET, None, recipe)
+    x, _ = decoder_batch(recipe, step, whole=True)
+    assert x.shape[2] == recipe.clip_frames
+    with torch.no_grad():
+        code, _ = Encoder(PRESET.encoder).eval()(x)
+    refined = refiner.refine(code, specs, step)
+    assert refined.shape == code.shape and (refined - code).abs().max() > 1e-2
+    assert torch.equal(refined, refiner.refine(code, specs, step))  # seeded by the step
+    caption = shapes.caption(specs[0])
+    assert read[0] == "" and len(read[1].split()) < len(caption.split())  # the null prompt, then the clip's
+    assert not any(shapes.is_heldout(c) for c in read)
+    near = Refiner(dit_run, PRESET, None, replace(recipe, refine_sigma=1e-6)).refine(code, specs, step)
+    assert torch.allclose(near, code, atol=1e-4)
+
+
+def test_refined_decoder_stage_trains_differently_and_resumes_exactly(vae_run, dit_run, tmp_path):
+    recipe = replace(DECODER, refine_share=0.5, steps=3)
+    assert [refines(recipe, s) for s in range(3)] == [True, False, False]
+    with pytest.raises(ValueError, match="refine_share 0.5 needs a trained DiT: no dit.ckpt in"):
+        train_decoder(_with_vae(tmp_path / "bare", vae_run[0]), PRESET, recipe, log=lambda line: None)
+    a, b, plain = (tmp_path / n for n in ("a", "b", "plain"))
+    for d in (a, b, plain):
+        shutil.copytree(dit_run, d)
+    uninterrupted = train_decoder(a, PRESET, recipe, log=lambda line: None)
+    with pytest.raises(Interrupted):
+        train_decoder(b, PRESET, recipe, log=_interrupt_at("decoder step 2/"))
+    _assert_same(uninterrupted, train_decoder(b, PRESET, recipe, log=lambda line: None))
+    unrefined = train_decoder(plain, PRESET, replace(recipe, refine_share=0.0), log=lambda line: None)
+    assert not torch.equal(
+        uninterrupted["decoder"]["output_proj.weight"], unrefined["decoder"]["output_proj.weight"]
+    )
+
+
 def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, capsys):
     import mochi.train.train_decoder as train_decoder_module
     from mochi.train.tiny import main
@@ -649,10 +714,15 @@ def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, cap
     assert seen == {"r": replace(DecoderRecipe(), contrast_power=2.0), "s": None}
     main(["decoder", "--out", str(tmp_path), "--no-heldout-pixels"])
     assert seen["r"] == replace(DecoderRecipe(), heldout_pixels=False)
+    main(["decoder", "--out", str(tmp_path), "--refine-share", "0.5", "--refine-sigma", "0.3"])
+    assert seen["r"] == replace(DecoderRecipe(), refine_share=0.5, refine_sigma=0.3)
     for argv, message in (
         (["decoder", "--contrast-power", "-1"], "--contrast-power must be 0 or more, got -1.0"),
         (["decoder", "--contrast-power", "nan"], "--contrast-power must be 0 or more, got nan"),
         (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder stage"),
+        (["decoder", "--refine-share", "1.5"], "--refine-share must lie in [0, 1], got 1.5"),
+        (["decoder", "--refine-sigma", "0"], "--refine-sigma must lie in (0, 1], got 0.0"),
+        (["dit", "--refine-share", "0.5"], "--refine-share is an option of the decoder stage"),
         (
             ["dit", "--heldout-pixels"],
             "--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages",

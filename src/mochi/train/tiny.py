@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         help="decoder: weigh each clip's loss by contrast^-P, P >= 0 (0 = off; DecoderRecipe.contrast_power)",
     )
     parser.add_argument(
+        "--refine-share",
+        type=float,
+        help="decoder: share of the steps (0 to 1) that train on latents the frozen DiT refined from sigma "
+        "<= --refine-sigma (0 = off; needs OUT's dit stage or a bundle --source)",
+    )
+    parser.add_argument(
+        "--refine-sigma", type=float, help="decoder: the largest sigma of a refined latent (0 < S <= 1)"
+    )
+    parser.add_argument(
         "--heldout-pixels",
         action=argparse.BooleanOptionalAction,
         help="vae, decoder: train on clips of held-out compositions too (the VAE reads no caption; "
@@ -129,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.contrast_power >= 0:
             parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
         overrides["contrast_power"] = args.contrast_power
+    for key, ok, rule in (
+        ("refine_share", lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
+        ("refine_sigma", lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            if args.stage != "decoder":
+                parser.error(f"--{key.replace('_', '-')} is an option of the decoder stage")
+            if not ok(value):
+                parser.error(f"--{key.replace('_', '-')} must {rule}, got {value}")
+            overrides[key] = value
     if args.heldout_pixels is not None:
         if args.stage not in ("vae", "decoder"):
             parser.error("--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages")

@@ -12,6 +12,14 @@ Batch ``b`` of step ``s`` holds clips ``s·b … s·b + b − 1`` of dataset ``s
 compositions included: ``DecoderRecipe.heldout_pixels``), each rendered at 25 frames and cut to a
 ``frames`` window whose start comes from a generator seeded with (seed, s): resuming at step s replays the
 same data.
+
+With ``DecoderRecipe.refine_share`` > 0, that share of the steps trains the decoder on latents as the DiT
+leaves them rather than on the encoder's exact codes: each clip of such a step (whole, all five latent
+frames) is encoded, noised to a σ drawn uniformly in (0, ``refine_sigma``] and denoised by the frozen DiT
+along the tail of the sampler's schedule (with its caption and classifier-free guidance, as at inference),
+and the decoder learns to draw the true clip from the result. The DiT's last denoising steps leave small
+errors in the latent that a decoder trained on exact codes only draws as rounded corners
+(docs/embedded-model.md, v5).
 """
 
 from __future__ import annotations
@@ -25,11 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mochi.models.prompts import encode_prompts
+from mochi.models.tokenizer import ByteTokenizer
 from mochi.models.vae import Decoder, DecoderConfig, Encoder
 from mochi.models.vae_blocks import ResBlock
 from mochi.presets import ModelPreset
+from mochi.sampling.sampler import noise_to, sample
+from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.train_dit import _check_heldout_rule, allowed_caption
 from mochi.train.train_vae import VAE_CHECKPOINT, foreground_weights, lr_at, to_pixels
 from mochi.weights.bundle import is_bundle, load_bundle
 
@@ -59,6 +72,14 @@ class DecoderRecipe:
     # captioned stages do, never saw a green or red triangle or a white square, and those are most of what
     # its decoder gets wrong (docs/embedded-model.md). False draws as the VAE stage does.
     heldout_pixels: bool = True
+    # Share of the steps whose latents the frozen DiT refines (see the module docstring; 0 = off), the largest
+    # σ it starts from, and the sampler it uses: the tail of linear_quadratic_schedule(refine_steps) below σ,
+    # guidance refine_guidance. Captions obey the held-out rule as the DiT's training captions do
+    # (``allowed_caption``): the DiT reads no held-out line here either.
+    refine_share: float = 0.0
+    refine_sigma: float = 0.4
+    refine_steps: int = 24
+    refine_guidance: float = 2.0
     seed: int = 11  # dataset seed: the VAE stage used 1, the DiT's caches 2 and 3
     log_every: int = 25
     checkpoint_every: int = 100
@@ -111,18 +132,97 @@ def contrast_weight(color: str, background: str, power: float) -> float:
     return contrast(color, background) ** -power / float(np.mean(pairs))
 
 
-def decoder_batch(recipe: DecoderRecipe, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pixels of step ``step``, (batch, 3, frames, H, W) in [−1, 1], and each clip's loss weight
-    (``contrast_weight``), (batch,)."""
+def batch_specs(recipe: DecoderRecipe, step: int) -> list[shapes.ClipSpec]:
+    """The clips of step ``step``."""
+    return [
+        shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
+        for i in range(recipe.batch)
+    ]
+
+
+def refines(recipe: DecoderRecipe, step: int) -> bool:
+    """Whether step ``step`` trains on DiT-refined latents (a draw of its own, so resuming replays it)."""
+    return bool(recipe.refine_share) and float(np.random.default_rng([recipe.seed, step, 8]).random()) < (
+        recipe.refine_share
+    )
+
+
+def decoder_batch(recipe: DecoderRecipe, step: int, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels of step ``step``, (batch, 3, frames, H, W) in [−1, 1] (``clip_frames`` when ``whole``),
+    and each clip's loss weight (``contrast_weight``), (batch,)."""
     gen = np.random.default_rng([recipe.seed, step, 7])
     videos, weights = [], []
-    for i in range(recipe.batch):
-        spec = shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
+    for spec in batch_specs(recipe, step):
         video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
         start = int(gen.integers(0, recipe.clip_frames - recipe.frames + 1))
-        videos.append(video[start : start + recipe.frames])
+        videos.append(video if whole else video[start : start + recipe.frames])
         weights.append(contrast_weight(spec.color, spec.background, recipe.contrast_power))
     return to_pixels(np.stack(videos)), torch.tensor(weights)
+
+
+class Refiner:
+    """The frozen T5 and DiT of a run (EMA weights) or of a bundle, and the latent statistics they work in:
+    ``refine`` noises a batch of encoder means and denoises them as the sampler does."""
+
+    def __init__(
+        self, out: Path, preset: ModelPreset, source: str | os.PathLike | None, recipe: DecoderRecipe
+    ):
+        if source is not None and is_bundle(source):
+            c = load_bundle(source)
+            self.dit, self.text_encoder = c.dit, c.text_encoder
+            self.mean, self.std = c.latent_mean, c.latent_std
+        else:
+            from mochi.train.export import trained_parts  # export imports this module
+
+            try:
+                parts = trained_parts(out, preset)
+            except ValueError as e:
+                raise ValueError(
+                    f"refine_share {recipe.refine_share} needs a trained DiT: {e} (or a bundle as source)"
+                ) from None
+            self.dit, self.text_encoder = parts["dit"], parts["text_encoder"]
+            self.mean, self.std = parts["latent_mean"], parts["latent_std"]
+        if self.mean is None or self.std is None:
+            raise ValueError(
+                "refine_share needs the latent statistics the DiT was trained in; the source has none"
+            )
+        self.mean, self.std = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1) for v in (self.mean, self.std)
+        )
+        for module in (self.dit, self.text_encoder):
+            module.eval().requires_grad_(False)
+        self.recipe, self.tokenizer = recipe, ByteTokenizer()
+        self.null = encode_prompts([""], self.tokenizer, self.text_encoder)
+        self.schedule = linear_quadratic_schedule(recipe.refine_steps)
+
+    @torch.no_grad()
+    def refine(self, latents: torch.Tensor, specs: list[shapes.ClipSpec], step: int) -> torch.Tensor:
+        """``latents`` (B, C, t, h, w), the encoder's means of the clips ``specs``, as the DiT leaves them."""
+        gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)
+        sigmas = (1.0 - torch.rand(len(specs), generator=gen)) * self.recipe.refine_sigma  # (0, refine_sigma]
+        noise = torch.randn(latents.shape, generator=gen)
+        picks = torch.rand(len(specs), generator=gen).tolist()
+        captions = [
+            allowed_caption(shapes.caption(s), (False, False, False), p) for s, p in zip(specs, picks)
+        ]
+        _check_heldout_rule(captions)
+        z0 = (latents - self.mean) / self.std
+        out = []
+        for i, caption in enumerate(captions):
+            sigma = float(sigmas[i])
+            text = encode_prompts([caption], self.tokenizer, self.text_encoder)
+            z = noise_to(z0[i : i + 1], sigma, noise[i : i + 1])
+            out.append(
+                sample(
+                    self.dit,
+                    z,
+                    truncate_schedule(self.schedule, sigma),
+                    text,
+                    self.null,
+                    guidance=self.recipe.refine_guidance,
+                )
+            )
+        return torch.cat(out) * self.std + self.mean
 
 
 def train_decoder(
@@ -144,6 +244,7 @@ def train_decoder(
     torch.manual_seed(recipe.seed)
     decoder = grow_decoder(preset.decoder, decoder_state)
     opt = torch.optim.AdamW(decoder.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    refiner = Refiner(out, preset, source, recipe) if recipe.refine_share else None
     step, last = 0, float("nan")
     state = load_checkpoint(out / DECODER_CHECKPOINT)
     if state is not None:
@@ -157,11 +258,14 @@ def train_decoder(
 
     totals, t0 = np.zeros(3), time.time()
     while step < recipe.steps:
-        x, clip_weights = decoder_batch(recipe, step)
+        refined = refiner is not None and refines(recipe, step)
+        x, clip_weights = decoder_batch(recipe, step, whole=refined)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
         with torch.no_grad():
             mean, _ = encoder(x)
+        if refined:
+            mean = refiner.refine(mean, batch_specs(recipe, step), step)
         y = decoder(mean)
         # Weighted means; weights of one give the plain means bit for bit.
         # (the foreground weights are normalised per batch, the clips' weights are not: their mean is 1).
