@@ -312,6 +312,22 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=True, word_consistency=0.5)
     main(argv + ["--object-weight", "3"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, object_weight=3.0)
+    main(argv + ["--finish-steps", "4", "--finish-lr", "3e-5", "--finish-logit-mean", "-2"])
+    assert seen["r"] == replace(DiTRecipe(), steps=5, finish_steps=4, finish_lr=3e-5, finish_logit_mean=-2.0)
+    for extra, message in (
+        (["--finish-steps", "-1"], "--finish-steps must be 0 or more, got -1"),
+        (["--finish-lr", "0"], "--finish-lr must be above 0, got 0.0"),
+        (["--finish-logit-mean", "nan"], "--finish-logit-mean must be a finite number, got nan"),
+        (["--init", str(tmp_path / "none.safetensors")], "none.safetensors': no such file"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv + extra)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["decoder", "--out", str(tmp_path), "--finish-steps", "3"])
+    assert "--finish-steps, --finish-lr, --finish-logit-mean and --init are options of the dit stage" in (
+        capsys.readouterr().err
+    )
     for bad in ("-1", "nan"):
         with pytest.raises(SystemExit):
             main(argv + ["--object-weight", bad])
@@ -334,6 +350,68 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--tune-steps", "3"])
     assert "--tune-steps is an option of the dit stage" in capsys.readouterr().err
+
+
+def test_a_run_starts_from_a_bundle_and_finishes_at_low_sigma(vae_run, tmp_path, monkeypatch):
+    """--init seeds a run folder from an exported bundle at the end of its tuning phase; the finishing phase
+    then trains on (and only it draws) σ centred at finish_logit_mean, with its own learning rate, and an
+    interrupted finishing phase resumes exactly."""
+    import mochi.train.train_dit as module
+    from mochi.train.train_dit import init_from_bundle
+
+    source = _with_vae(tmp_path / "source", vae_run[0])
+    train_dit(source, PRESET, DIT, log=lambda line: None)
+    bundle = export_bundle(source, PRESET, tmp_path / "b.safetensors", dtype=torch.float32)
+    components = load_bundle(bundle)
+    recipe = replace(DIT, finish_steps=2, finish_lr=3e-4, finish_logit_mean=-3.0)
+    lines = []
+    init_from_bundle(tmp_path / "a", PRESET, bundle, recipe, log=lines.append)
+    state = load_checkpoint(tmp_path / "a" / DIT_CHECKPOINT)
+    assert state["step"] == DIT.steps + DIT.tune_steps == 3 and lines == [
+        f"dit: {tmp_path / 'a'} starts from bundle {bundle} at step 3"
+    ]
+    assert torch.equal(
+        state["model"]["dit.final_layer.linear.weight"], components.dit.final_layer.linear.weight
+    )
+    assert torch.equal(state["ema"]["text_encoder.shared.weight"], components.text_encoder.shared.weight)
+    assert state["latent_mean"] == [float(v) for v in components.latent_mean]
+    assert torch.equal(
+        load_checkpoint(tmp_path / "a" / VAE_CHECKPOINT)["encoder"]["output_proj.weight"],
+        components.encoder.output_proj.weight,
+    )
+    centres = []
+    real = module.sample_sigmas
+    monkeypatch.setattr(
+        module, "sample_sigmas", lambda n, r, g: centres.append(r.logit_mean) or real(n, r, g)
+    )
+    log = []
+    finished = train_dit(tmp_path / "a", PRESET, recipe, log=log.append)
+    assert centres == [-3.0, -3.0] and finished["step"] == 5
+    log = [line for line in log if not line.startswith("latent cache")]
+    assert log[0] == f"dit: resumed at step 3 from {tmp_path / 'a' / DIT_CHECKPOINT}"
+    assert log[1].startswith("dit step 4/5") and f"lr {lr_at(0, 2, 3e-4, recipe.warmup):.2e}" in log[1]
+    assert finished["latent_mean"] == state["latent_mean"]  # the bundle's statistics, kept
+    assert not torch.equal(
+        finished["ema"]["dit.final_layer.linear.weight"], state["ema"]["dit.final_layer.linear.weight"]
+    )
+    # Interrupted and resumed, the finishing phase gives the same weights bit for bit.
+    init_from_bundle(tmp_path / "b", PRESET, bundle, recipe, log=lambda line: None)
+    with pytest.raises(Interrupted):
+        train_dit(tmp_path / "b", PRESET, recipe, log=_interrupt_at("dit step 5/"))
+    lines.clear()
+    init_from_bundle(tmp_path / "b", PRESET, bundle, recipe, log=lines.append)  # a rerun of the command
+    assert lines[0].endswith("exists; --init " + str(bundle) + " ignored, resuming")
+    _assert_same(finished, train_dit(tmp_path / "b", PRESET, recipe, log=lambda line: None))
+    # The first phases never draw the finishing phase's σ.
+    centres.clear()
+    train_dit(
+        _with_vae(tmp_path / "plain", vae_run[0]), PRESET, replace(DIT, tune_steps=0), log=lambda line: None
+    )
+    assert centres == [DIT.logit_mean] * DIT.steps
+    with pytest.raises(
+        ValueError, match="does not hold the dit, text_encoder, encoder, decoder of the preset"
+    ):
+        init_from_bundle(tmp_path / "c", MODEL_PRESETS["mochi-tiny"], bundle, recipe)
 
 
 def test_pooled_caption_held_at_zero(vae_run, tmp_path):

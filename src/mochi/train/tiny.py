@@ -12,6 +12,7 @@ from its last checkpoint in ``--out`` as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -98,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument(
         "--tune-clips", type=int, help="extra clips of every composition (held-out captions lose a word)"
     )
+    finish = parser.add_argument_group("dit finishing phase (off by default; v5 in docs/embedded-model.md)")
+    finish.add_argument(
+        "--finish-steps", type=int, help="steps after the tuning phase, fresh cosine schedule"
+    )
+    finish.add_argument("--finish-lr", type=float, help="peak learning rate of the finishing phase")
+    finish.add_argument(
+        "--finish-logit-mean", type=float, help="centre of the finishing phase's logit-normal sigmas"
+    )
+    finish.add_argument(
+        "--init",
+        type=Path,
+        help="a mochi bundle to start the run folder from, at the end of its tuning phase (give the tuning "
+        "options it was trained with); ignored once OUT holds a dit.ckpt",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--preset", default="mochi-tiny", help="model preset to train")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_ASSET, help="export: where the bundle goes")
@@ -173,6 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("tune_steps", "tune_clips"):
         if tuning.get(k, 0) < 0:
             parser.error(f"--{k.replace('_', '-')} must be 0 or more, got {tuning[k]}")
+    finishing = {k: getattr(args, k) for k in ("finish_steps", "finish_lr", "finish_logit_mean")}
+    finishing = {k: v for k, v in finishing.items() if v is not None}
+    if (finishing or args.init is not None) and args.stage != "dit":
+        parser.error(
+            "--finish-steps, --finish-lr, --finish-logit-mean and --init are options of the dit stage"
+        )
+    if finishing.get("finish_steps", 0) < 0:
+        parser.error(f"--finish-steps must be 0 or more, got {finishing['finish_steps']}")
+    if not finishing.get("finish_lr", 1.0) > 0:
+        parser.error(f"--finish-lr must be above 0, got {finishing['finish_lr']}")
+    if not math.isfinite(finishing.get("finish_logit_mean", 0.0)):
+        parser.error(f"--finish-logit-mean must be a finite number, got {finishing['finish_logit_mean']}")
+    if args.init is not None and not args.init.is_file():
+        parser.error(f"--init {str(args.init)!r}: no such file")
     if args.stage == "vae":
         from mochi.train.train_vae import VAERecipe, train_vae
 
@@ -183,10 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(DecoderRecipe(), **overrides)
         train_decoder(args.out, preset, recipe, source=args.source, log=_log_to(args.out / "decoder.log"))
     elif args.stage == "dit":
-        from mochi.train.train_dit import DiTRecipe, train_dit
+        from mochi.train.train_dit import DiTRecipe, init_from_bundle, train_dit
 
-        recipe = replace(DiTRecipe(), **overrides, **tuning)
-        train_dit(args.out, preset, recipe, log=_log_to(args.out / "dit.log"))
+        recipe = replace(DiTRecipe(), **overrides, **tuning, **finishing)
+        log = _log_to(args.out / "dit.log")
+        if args.init is not None:
+            init_from_bundle(args.out, preset, args.init, recipe, log=log)
+        train_dit(args.out, preset, recipe, log=log)
     else:
         from mochi.train.export import export_bundle
 
