@@ -312,6 +312,8 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=True, word_consistency=0.5)
     main(argv + ["--object-weight", "3"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, object_weight=3.0)
+    main(argv + ["--contrast-power", "1"])
+    assert seen["r"] == replace(DiTRecipe(), steps=5, contrast_power=1.0)
     main(argv + ["--finish-steps", "4", "--finish-lr", "3e-5", "--finish-logit-mean", "-2"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, finish_steps=4, finish_lr=3e-5, finish_logit_mean=-2.0)
     for extra, message in (
@@ -528,6 +530,18 @@ def test_latent_object_mask_marks_the_object_per_latent_frame_and_block():
     assert torch.equal(mask[0, 0], expected)
     with pytest.raises(ValueError, match=r"do not compress to a latent of 3×3×2"):
         latent_object_mask(to_pixels(video[None]), (3, 3, 2))
+
+
+def test_contrast_power_weighs_each_clip_of_the_flow_loss(vae_run, tmp_path):
+    """contrast^-p per clip: p = 2 changes the update but not the logged flow loss; p → 0 is the plain loss."""
+    runs = {}
+    for power in (0.0, 1e-9, 2.0):
+        out = _with_vae(tmp_path / str(power), vae_run[0])
+        recipe = replace(DIT, steps=1, tune_steps=0, contrast_power=power)
+        runs[power] = train_dit(out, PRESET, recipe, log=lambda line: None)["model"]
+    key = "dit.final_layer.linear.weight"
+    assert not torch.allclose(runs[0.0][key], runs[2.0][key], atol=1e-6)
+    assert torch.allclose(runs[0.0][key], runs[1e-9][key], atol=1e-6)
 
 
 def test_object_weight_trains_differently_and_needs_masks(vae_run, tmp_path):
@@ -797,7 +811,7 @@ def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, cap
     for argv, message in (
         (["decoder", "--contrast-power", "-1"], "--contrast-power must be 0 or more, got -1.0"),
         (["decoder", "--contrast-power", "nan"], "--contrast-power must be 0 or more, got nan"),
-        (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder stage"),
+        (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder and dit stages"),
         (["decoder", "--refine-share", "1.5"], "--refine-share must lie in [0, 1], got 1.5"),
         (["decoder", "--refine-sigma", "0"], "--refine-sigma must lie in (0, 1], got 0.0"),
         (["dit", "--refine-share", "0.5"], "--refine-share is an option of the decoder stage"),

@@ -112,6 +112,11 @@ class DiTRecipe:
     # of a frame, so the plain loss spends most of the model on the background; the VAE's object weighting
     # (``VAERecipe.early_foreground_weight``) is the same idea in pixels. 0 = off (the v2 recipe).
     object_weight: float = 0.0
+    # Weigh each clip's flow loss by contrast^-p (``train_decoder.contrast_weight``: the RGB distance between
+    # its object's colour and its background, normalised to mean 1 over the palette; 0 = off). Generation
+    # misses shape mostly on the gray background and there mostly for the faintest colours (green, purple,
+    # blue: docs/embedded-model.md, v5), whose latents differ least from the background's.
+    contrast_power: float = 0.0
     # A finishing phase after the tuning phase (0 steps = off): ``finish_steps`` more steps with a fresh
     # cosine from ``finish_lr``, drawing and captioning as the tuning phase does, with σ from the same
     # mixture but a logit-normal centred at ``finish_logit_mean`` (sigmoid(−1) ≈ 0.27) instead of
@@ -385,6 +390,14 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         cache_object = (
             None if cache_object is None or extra[3] is None else torch.cat([cache_object, extra[3]])
         )
+    clip_weights = None
+    if recipe.contrast_power:
+        from mochi.train.train_decoder import contrast_weight  # which imports this module
+
+        fields = [shapes.parse_caption(c) for c in captions]
+        clip_weights = torch.tensor(
+            [contrast_weight(f["color"], f["background"], recipe.contrast_power) for f in fields]
+        )
     if recipe.object_weight and cache_object is None:
         raise ValueError(
             f"the latent cache in {str(out)!r} holds no object masks (written before they existed), but "
@@ -462,9 +475,12 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         error = (v - (x0 - eps)).square()
         loss = error.mean()
         objective = loss
-        if recipe.object_weight:
-            w = 1.0 + recipe.object_weight * cache_object[index]
-            objective = (error * w).mean() / w.mean()  # as the VAE's weighted means
+        if recipe.object_weight or recipe.contrast_power:
+            # Weighted means as the VAE's: the object weights are normalised per batch, the clips' contrast
+            # weights are not (their mean over the palette is 1).
+            w = 1.0 + recipe.object_weight * cache_object[index] if recipe.object_weight else torch.ones(())
+            c = clip_weights[index].view(-1, 1, 1, 1, 1) if recipe.contrast_power else 1.0
+            objective = (error * w * c).mean() / w.mean()
         if recipe.word_consistency:  # drawn last, so the rest of the step's stream is unchanged
             partners, pairs = [], []
             for row, text in enumerate(batch_captions):
