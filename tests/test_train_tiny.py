@@ -416,6 +416,47 @@ def test_a_run_starts_from_a_bundle_and_finishes_at_low_sigma(vae_run, tmp_path,
         init_from_bundle(tmp_path / "c", MODEL_PRESETS["mochi-tiny"], bundle, recipe)
 
 
+def test_a_grown_dit_computes_as_its_source_until_trained(vae_run, tmp_path):
+    """--init into a deeper preset inserts blocks with closed gates before the source's last block: the grown
+    DiT gives the source's output exactly, and a shallower preset is refused."""
+    from mochi.models.dit import AsymmDiT
+    from mochi.train.train_dit import grow_dit, init_from_bundle
+
+    torch.manual_seed(1)
+    source = AsymmDiT(PRESET.dit).eval()
+    for p in source.parameters():  # the zero-initialised output layer would hide any difference
+        p.data.normal_(0, 0.2)
+    deeper = replace(PRESET.dit, depth=PRESET.dit.depth + 2)
+    grown = grow_dit(source, deeper, seed=0).eval()
+    assert len(grown.blocks) == len(source.blocks) + 2
+    assert not grown.blocks[-1].update_y and all(b.update_y for b in grown.blocks[:-1])
+    x, sigma = torch.randn(2, 12, 2, 2, 2), torch.tensor([0.2, 0.9])
+    features, mask = torch.randn(2, 5, PRESET.dit.t5_feat_dim), torch.tensor([[True] * 3 + [False] * 2] * 2)
+    with torch.no_grad():
+        assert torch.equal(grown(x, sigma, features, mask), source(x, sigma, features, mask))
+    # Through --init: the grown DiT is the checkpoint's weights and EMA; its new gates then open.
+    run = _with_vae(tmp_path / "source", vae_run[0])
+    train_dit(run, PRESET, DIT, log=lambda line: None)
+    bundle = export_bundle(run, PRESET, tmp_path / "b.safetensors", dtype=torch.float32)
+    deep = replace(PRESET, dit=deeper)
+    lines = []
+    recipe = replace(DIT, finish_steps=1)
+    init_from_bundle(tmp_path / "deep", deep, bundle, recipe, log=lines.append)
+    assert lines[0] == f"dit: grew the bundle's DiT from depth {PRESET.dit.depth} to {deeper.depth}"
+    state = load_checkpoint(tmp_path / "deep" / DIT_CHECKPOINT)
+    gate = f"dit.blocks.{PRESET.dit.depth - 1}.mod_x.bias"
+    assert (
+        state["model"][gate].abs().sum() > 0
+        and not state["model"][gate][PRESET.dit.hidden_size_x : 2 * PRESET.dit.hidden_size_x].any()
+    )
+    finished = train_dit(tmp_path / "deep", deep, recipe, log=lambda line: None)
+    assert finished["model"][gate][PRESET.dit.hidden_size_x : 2 * PRESET.dit.hidden_size_x].any()
+    with pytest.raises(ValueError, match="has a DiT of depth 2; preset depth 1 cannot hold it"):
+        init_from_bundle(
+            tmp_path / "shallow", replace(PRESET, dit=replace(PRESET.dit, depth=1)), bundle, recipe
+        )
+
+
 def test_pooled_caption_held_at_zero(vae_run, tmp_path):
     """Without the pooled caption vector its weights are zero in the model and the EMA, from a fresh start
     and when a run that trained them resumes, while everything else trains."""
@@ -533,7 +574,7 @@ def test_latent_object_mask_marks_the_object_per_latent_frame_and_block():
 
 
 def test_contrast_power_weighs_each_clip_of_the_flow_loss(vae_run, tmp_path):
-    """contrast^-p per clip: p = 2 changes the update but not the logged flow loss; p → 0 is the plain loss."""
+    """contrast^-p per clip: p = 2 changes the update; p → 0 is the plain loss."""
     runs = {}
     for power in (0.0, 1e-9, 2.0):
         out = _with_vae(tmp_path / str(power), vae_run[0])

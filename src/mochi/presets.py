@@ -113,6 +113,9 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 MODEL_PRESETS["mochi-tiny-v2"] = replace(
     MODEL_PRESETS["mochi-tiny"], defaults={**MODEL_PRESETS["mochi-tiny"].defaults, "guidance": 4.0}
 )
+# v3's components with a DiT of 8 blocks instead of 4: ``python -m mochi.train.tiny dit --init BUNDLE``
+# grows v3's DiT into it (``train_dit.grow_dit``) and the finishing phase trains it (docs/embedded-model.md).
+MODEL_PRESETS["mochi-tiny-d8"] = replace(MODEL_PRESETS["mochi-tiny"], dit=replace(TINY_DIT, depth=8))
 # The name the v2 runs of issue 20 trained under (their commands in docs/embedded-model.md): v2's preset, so
 # that those commands still export v2's defaults (guidance 4).
 MODEL_PRESETS["mochi-tiny-wide-vae"] = MODEL_PRESETS["mochi-tiny-v2"]

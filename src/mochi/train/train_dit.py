@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mochi.models.dit import AsymmDiT
+from mochi.models.dit import AsymmDiT, DiTConfig
 from mochi.models.t5 import T5Encoder
 from mochi.models.tokenizer import ByteTokenizer, tokenize_prompts
 from mochi.presets import ModelPreset
@@ -529,8 +529,17 @@ def init_from_bundle(
         log(f"dit: {out / DIT_CHECKPOINT} exists; --init {bundle} ignored, resuming")
         return
     components = load_bundle(bundle)
+    dit = components.dit
+    if dit.config != preset.dit and replace(preset.dit, depth=dit.config.depth) == dit.config:
+        if preset.dit.depth < dit.config.depth:
+            raise ValueError(
+                f"bundle {str(bundle)!r} has a DiT of depth {dit.config.depth}; preset depth "
+                f"{preset.dit.depth} cannot hold it (a DiT can be grown, not cut)"
+            )
+        dit = grow_dit(dit, preset.dit, recipe.seed)
+        log(f"dit: grew the bundle's DiT from depth {components.dit.config.depth} to {preset.dit.depth}")
     parts = {
-        "dit": (components.dit.config, preset.dit),
+        "dit": (dit.config, preset.dit),
         "text_encoder": (components.text_encoder.config, preset.text_encoder),
         "encoder": (components.encoder.cfg, preset.encoder),
         "decoder": (components.decoder.cfg, preset.decoder),
@@ -549,7 +558,7 @@ def init_from_bundle(
             "encoder_steps": 0,
         }
         save_checkpoint(vae, out / VAE_CHECKPOINT)
-    models = torch.nn.ModuleDict({"text_encoder": components.text_encoder, "dit": components.dit})
+    models = torch.nn.ModuleDict({"text_encoder": components.text_encoder, "dit": dit})
     opt = torch.optim.AdamW(models.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.01)
     weights = {k: v.detach().clone() for k, v in models.state_dict().items()}
     state = {
@@ -563,3 +572,27 @@ def init_from_bundle(
     }
     save_checkpoint(state, out / DIT_CHECKPOINT)
     log(f"dit: {out} starts from bundle {bundle} at step {state['step']}")
+
+
+def grow_dit(dit: AsymmDiT, config: DiTConfig, seed: int) -> AsymmDiT:
+    """A DiT of ``config`` (``dit``'s config but deeper) that computes what ``dit`` does: ``dit``'s blocks,
+    its last block (the one that leaves the text stream alone) still last, and the new blocks inserted before
+    it, drawn at random but with their gates zero (tanh(0) = 0: each new block passes both streams
+    through). Training then opens the gates (adaLN-zero style growth)."""
+    old, new = dit.config.depth, config.depth
+    torch.manual_seed(seed)
+    grown = AsymmDiT(config)
+    state = dict(grown.state_dict())
+    for key, value in dit.state_dict().items():
+        if key.startswith(f"blocks.{old - 1}."):
+            key = f"blocks.{new - 1}." + key[len(f"blocks.{old - 1}.") :]
+        state[key] = value
+    with torch.no_grad():
+        for i in range(old - 1, new - 1):
+            for stream, width in (("x", config.hidden_size_x), ("y", config.hidden_size_y)):
+                for chunk in (1, 3):  # (scale_msa, gate_msa, scale_mlp, gate_mlp)
+                    rows = slice(chunk * width, (chunk + 1) * width)
+                    state[f"blocks.{i}.mod_{stream}.weight"][rows] = 0.0
+                    state[f"blocks.{i}.mod_{stream}.bias"][rows] = 0.0
+    grown.load_state_dict(state)
+    return grown
