@@ -149,11 +149,17 @@ def main() -> None:
         "moments-only judge (the figures of earlier sessions), shape: "
         + ", ".join(f"{g} {100 * loose[g]['shape']:5.1f}%" for g in ("overall", "heldout"))
     )
-    misses = Counter()
+    misses, by_background = Counter(), {}
     for prompt, video in zip(prompts, videos):
-        asked, seen = shapes.parse_caption(prompt)["shape"], judge(video)
+        fields, seen = shapes.parse_caption(prompt), judge(video)
+        asked = fields["shape"]
+        by_background.setdefault(fields["background"], []).append(seen.found and seen.shape == asked)
         if seen.shape != asked:
             misses[(asked, seen.shape if seen.shape != BLOB else f"blob near a {seen.nearest_shape}")] += 1
+    print(
+        "shape by background: "
+        + ", ".join(f"{b} {100 * np.mean(hits):5.1f}% (n={len(hits)})" for b, hits in by_background.items())
+    )
     print(
         "shape misses (asked → seen): " + ", ".join(f"{a} → {b}: {n}" for (a, b), n in misses.most_common())
     )
