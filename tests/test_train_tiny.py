@@ -585,6 +585,27 @@ def test_contrast_power_weighs_each_clip_of_the_flow_loss(vae_run, tmp_path):
     assert torch.allclose(runs[0.0][key], runs[1e-9][key], atol=1e-6)
 
 
+def test_vae_contrast_power_weighs_each_clip(tmp_path):
+    """The VAE stage's clip weights are the decoder stage's contrast weights of the step's clips; p = 2 trains
+    differently, p → 0 as the plain loss."""
+    from mochi.train.train_vae import vae_clip_weights
+
+    recipe = replace(VAE, batch=3, contrast_power=2.0)
+    specs = [shapes.spec_at(recipe.seed, 5 * 3 + i) for i in range(3)]
+    assert vae_clip_weights(recipe, 5).tolist() == pytest.approx(
+        [contrast_weight(s.color, s.background, 2.0) for s in specs]
+    )
+    runs = {}
+    for power in (0.0, 1e-9, 2.0):
+        state = train_vae(
+            tmp_path / str(power), PRESET, replace(recipe, contrast_power=power), log=lambda x: None
+        )
+        runs[power] = state["decoder"]["output_proj.weight"]
+    assert not torch.allclose(runs[0.0], runs[2.0], atol=1e-6) and torch.allclose(
+        runs[0.0], runs[1e-9], atol=1e-6
+    )
+
+
 def test_object_weight_trains_differently_and_needs_masks(vae_run, tmp_path):
     """The cache stores each clip's object mask; weight 0 is the plain loss (the other tests), a weight
     changes the update but not the logged flow loss of the first step, and an old cache without masks is
@@ -852,7 +873,10 @@ def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, cap
     for argv, message in (
         (["decoder", "--contrast-power", "-1"], "--contrast-power must be 0 or more, got -1.0"),
         (["decoder", "--contrast-power", "nan"], "--contrast-power must be 0 or more, got nan"),
-        (["vae", "--contrast-power", "2"], "--contrast-power is an option of the decoder and dit stages"),
+        (
+            ["export", "--contrast-power", "2"],
+            "--contrast-power is an option of the vae, decoder and dit stages",
+        ),
         (["decoder", "--refine-share", "1.5"], "--refine-share must lie in [0, 1], got 1.5"),
         (["decoder", "--refine-sigma", "0"], "--refine-sigma must lie in (0, 1], got 0.0"),
         (["dit", "--refine-share", "0.5"], "--refine-share is an option of the decoder stage"),

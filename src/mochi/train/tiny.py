@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contrast-power",
         type=float,
-        help="decoder, dit: weigh each clip's loss by contrast^-P, P >= 0 (0 = off; DecoderRecipe and "
-        "DiTRecipe.contrast_power)",
+        help="vae, decoder, dit: weigh each clip's loss by contrast^-P, P >= 0 (0 = off; the recipes' "
+        "contrast_power)",
     )
     parser.add_argument(
         "--refine-share",
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--early-foreground-weight must be 0 or more, got {args.early_foreground_weight}")
         overrides["early_foreground_weight"] = args.early_foreground_weight
     if args.contrast_power is not None:
-        if args.stage not in ("decoder", "dit"):
-            parser.error("--contrast-power is an option of the decoder and dit stages")
+        if args.stage == "export":
+            parser.error("--contrast-power is an option of the vae, decoder and dit stages")
         if not args.contrast_power >= 0:
             parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
         overrides["contrast_power"] = args.contrast_power

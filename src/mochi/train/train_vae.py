@@ -67,6 +67,11 @@ class VAERecipe:
     # barely separates one from a green circle on gray (docs/embedded-model.md, v3), which no later decoder
     # training can undo.
     heldout_pixels: bool = False
+    # Weigh each clip's loss by contrast^-p in every phase (``train_decoder.contrast_weight``, mean 1 over the
+    # palette; 0 = off). A misplaced edge costs contrast² in MSE, so the plain loss teaches the encoder 13
+    # times less about a green object on gray than about a white one on black, and v3's VAE draws shapes
+    # right on black in 100% of reconstructions but on gray in 85% (docs/embedded-model.md, v5).
+    contrast_power: float = 0.0
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
@@ -100,6 +105,17 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
         start = int(gen.integers(0, recipe.clip_frames - frames + 1))
         videos.append(video[start : start + frames])
     return to_pixels(np.stack(videos))
+
+
+def vae_clip_weights(recipe: VAERecipe, step: int) -> torch.Tensor:
+    """Each clip's loss weight at step ``step`` (``contrast_power``), (batch,); ones when it is 0."""
+    from mochi.train.train_decoder import contrast_weight  # which imports this module
+
+    specs = [
+        shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
+        for i in range(recipe.batch)
+    ]
+    return torch.tensor([contrast_weight(s.color, s.background, recipe.contrast_power) for s in specs])
 
 
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
@@ -179,7 +195,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
         # Weighted means; a weight of one gives the plain means bit for bit.
         weight = recipe.foreground_weight if step >= tune_from else recipe.early_foreground_weight
         w = foreground_weights(x, weight) if weight else torch.ones(())
-        l1, mse = ((y - x).abs() * w).mean() / w.mean(), ((y - x).square() * w).mean() / w.mean()
+        # The clips' contrast weights are not normalised per batch: their mean over the palette is 1.
+        c = vae_clip_weights(recipe, step).view(-1, 1, 1, 1, 1) if recipe.contrast_power else 1.0
+        l1, mse = ((y - x).abs() * w * c).mean() / w.mean(), ((y - x).square() * w * c).mean() / w.mean()
         kl = kl_divergence(mean, logvar)
         loss = l1 + mse + recipe.kl_weight * kl
         opt.zero_grad(set_to_none=True)
