@@ -381,6 +381,8 @@ def test_a_run_starts_from_a_bundle_and_finishes_at_low_sigma(vae_run, tmp_path,
         load_checkpoint(tmp_path / "a" / VAE_CHECKPOINT)["encoder"]["output_proj.weight"],
         components.encoder.output_proj.weight,
     )
+    with pytest.raises(ValueError, match=r"holds the VAE of bundle .* run the vae stage in another --out"):
+        train_vae(tmp_path / "a", PRESET, VAE, log=lambda line: None)
     centres = []
     real = module.sample_sigmas
     monkeypatch.setattr(

@@ -556,6 +556,7 @@ def init_from_bundle(
             "decoder": components.decoder.state_dict(),
             "step": 0,
             "encoder_steps": 0,
+            "from_bundle": str(bundle),
         }
         save_checkpoint(vae, out / VAE_CHECKPOINT)
     models = torch.nn.ModuleDict({"text_encoder": components.text_encoder, "dit": dit})

@@ -153,6 +153,11 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
     state = load_checkpoint(out / VAE_CHECKPOINT)
+    if state is not None and "from_bundle" in state:
+        raise ValueError(
+            f"{out / VAE_CHECKPOINT} holds the VAE of bundle {state['from_bundle']!r} (written by "
+            "`dit --init`), not a vae stage's training state: run the vae stage in another --out"
+        )
     if state is not None:
         encoder.load_state_dict(state["encoder"])
         decoder.load_state_dict(state["decoder"])
