@@ -20,7 +20,6 @@ from mochi.train.train_decoder import (
     DecoderRecipe,
     Refiner,
     batch_specs,
-    contrast,
     contrast_weight,
     decoder_batch,
     grow_decoder,
@@ -47,6 +46,7 @@ from mochi.train.train_dit import (
 from mochi.train.train_vae import (
     VAE_CHECKPOINT,
     VAERecipe,
+    contrast,
     foreground_weights,
     lr_at,
     to_pixels,

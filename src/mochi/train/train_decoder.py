@@ -43,7 +43,14 @@ from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedul
 from mochi.train import shapes
 from mochi.train.checkpoint import load_checkpoint, save_checkpoint
 from mochi.train.train_dit import _check_heldout_rule, allowed_caption
-from mochi.train.train_vae import VAE_CHECKPOINT, foreground_weights, lr_at, to_pixels
+from mochi.train.train_vae import (
+    VAE_CHECKPOINT,
+    batch_specs,
+    contrast_weight,
+    foreground_weights,
+    lr_at,
+    to_pixels,
+)
 from mochi.weights.bundle import is_bundle, load_bundle
 
 DECODER_CHECKPOINT = "decoder.ckpt"
@@ -118,26 +125,6 @@ def source_vae(source: str | os.PathLike) -> tuple[dict, dict]:
         return components.encoder.state_dict(), components.decoder.state_dict()
     state = load_checkpoint(source)
     return state["encoder"], state["decoder"]
-
-
-def contrast(color: str, background: str) -> float:
-    """RGB distance (0-255 levels) between a palette colour and a background colour."""
-    rgb, bg = np.asarray(shapes.COLORS[color], float), np.asarray(shapes.BACKGROUNDS[background], float)
-    return float(np.linalg.norm(rgb - bg))
-
-
-def contrast_weight(color: str, background: str, power: float) -> float:
-    """contrast^-power over its mean over every palette colour on every background (1 when power is 0)."""
-    pairs = [contrast(c, b) ** -power for c in shapes.COLORS for b in shapes.BACKGROUNDS]
-    return contrast(color, background) ** -power / float(np.mean(pairs))
-
-
-def batch_specs(recipe: DecoderRecipe, step: int) -> list[shapes.ClipSpec]:
-    """The clips of step ``step``."""
-    return [
-        shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
-        for i in range(recipe.batch)
-    ]
 
 
 def refines(recipe: DecoderRecipe, step: int) -> bool:

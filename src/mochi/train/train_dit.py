@@ -41,7 +41,7 @@ from mochi.models.tokenizer import ByteTokenizer, tokenize_prompts
 from mochi.presets import ModelPreset
 from mochi.train import shapes
 from mochi.train.checkpoint import ema_update, load_checkpoint, save_checkpoint
-from mochi.train.train_vae import VAE_CHECKPOINT, foreground_weights, lr_at, to_pixels
+from mochi.train.train_vae import VAE_CHECKPOINT, contrast_weight, foreground_weights, lr_at, to_pixels
 from mochi.weights.io import read_metadata, read_state_dict, save_state_dict
 
 DIT_CHECKPOINT = "dit.ckpt"
@@ -112,7 +112,7 @@ class DiTRecipe:
     # of a frame, so the plain loss spends most of the model on the background; the VAE's object weighting
     # (``VAERecipe.early_foreground_weight``) is the same idea in pixels. 0 = off (the v2 recipe).
     object_weight: float = 0.0
-    # Weigh each clip's flow loss by contrast^-p (``train_decoder.contrast_weight``: the RGB distance between
+    # Weigh each clip's flow loss by contrast^-p (``train_vae.contrast_weight``: the RGB distance between
     # its object's colour and its background, normalised to mean 1 over the palette; 0 = off). Generation
     # misses shape mostly on the gray background and there mostly for the faintest colours (green, purple,
     # blue: docs/embedded-model.md, v5), whose latents differ least from the background's.
@@ -392,8 +392,6 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
         )
     clip_weights = None
     if recipe.contrast_power:
-        from mochi.train.train_decoder import contrast_weight  # which imports this module
-
         fields = [shapes.parse_caption(c) for c in captions]
         clip_weights = torch.tensor(
             [contrast_weight(f["color"], f["background"], recipe.contrast_power) for f in fields]
@@ -519,9 +517,9 @@ def init_from_bundle(
 ) -> None:
     """Seed run folder ``out`` from an exported mochi bundle, so that ``train_dit`` goes on where the bundle's
     run stopped (its finishing phase, ``DiTRecipe.finish_steps``): a ``vae.ckpt`` with the bundle's encoder
-    and     decoder, and a ``dit.ckpt`` at step ``steps + tune_steps`` whose weights and EMA are the
-    bundle's T5 and DiT     (an export holds the EMA only), with a fresh optimizer and the bundle's latent
-    statistics. A run folder     that already holds a ``dit.ckpt`` is left as it is (the command resumes)."""
+    and decoder, and a ``dit.ckpt`` at step ``steps + tune_steps`` whose weights and EMA are the
+    bundle's T5 and DiT (an export holds the EMA only), with a fresh optimizer and the bundle's latent
+    statistics. A run folder that already holds a ``dit.ckpt`` is left as it is (the command resumes)."""
     from mochi.weights.bundle import load_bundle
 
     out = Path(out)

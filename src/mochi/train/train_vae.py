@@ -67,7 +67,7 @@ class VAERecipe:
     # barely separates one from a green circle on gray (docs/embedded-model.md, v3), which no later decoder
     # training can undo.
     heldout_pixels: bool = False
-    # Weigh each clip's loss by contrast^-p in every phase (``train_decoder.contrast_weight``, mean 1 over the
+    # Weigh each clip's loss by contrast^-p in every phase (``contrast_weight``, mean 1 over the
     # palette; 0 = off). A misplaced edge costs contrast² in MSE, so the plain loss teaches the encoder 13
     # times less about a green object on gray than about a white one on black, and v3's VAE draws shapes
     # right on black in 100% of reconstructions but on gray in 85% (docs/embedded-model.md, v5).
@@ -99,8 +99,7 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
         frames = recipe.clip_frames
     gen = np.random.default_rng([recipe.seed, step, 7])
     videos = []
-    for i in range(recipe.batch):
-        spec = shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
+    for spec in batch_specs(recipe, step):
         video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
         start = int(gen.integers(0, recipe.clip_frames - frames + 1))
         videos.append(video[start : start + frames])
@@ -109,13 +108,29 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
 
 def vae_clip_weights(recipe: VAERecipe, step: int) -> torch.Tensor:
     """Each clip's loss weight at step ``step`` (``contrast_power``), (batch,); ones when it is 0."""
-    from mochi.train.train_decoder import contrast_weight  # which imports this module
+    specs = batch_specs(recipe, step)
+    return torch.tensor([contrast_weight(s.color, s.background, recipe.contrast_power) for s in specs])
 
-    specs = [
+
+def contrast(color: str, background: str) -> float:
+    """RGB distance (0-255 levels) between a palette colour and a background colour."""
+    rgb, bg = np.asarray(shapes.COLORS[color], float), np.asarray(shapes.BACKGROUNDS[background], float)
+    return float(np.linalg.norm(rgb - bg))
+
+
+def contrast_weight(color: str, background: str, power: float) -> float:
+    """contrast^-power over its mean over every palette colour on every background (1 when power is 0)."""
+    pairs = [contrast(c, b) ** -power for c in shapes.COLORS for b in shapes.BACKGROUNDS]
+    return contrast(color, background) ** -power / float(np.mean(pairs))
+
+
+def batch_specs(recipe, step: int) -> list[shapes.ClipSpec]:
+    """The clips of step ``step`` of a ``VAERecipe`` or ``DecoderRecipe`` (its seed, batch and
+    heldout_pixels)."""
+    return [
         shapes.spec_at(recipe.seed, step * recipe.batch + i, allow_heldout=recipe.heldout_pixels)
         for i in range(recipe.batch)
     ]
-    return torch.tensor([contrast_weight(s.color, s.background, recipe.contrast_power) for s in specs])
 
 
 def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
