@@ -608,6 +608,29 @@ def test_vae_contrast_power_weighs_each_clip(tmp_path):
     )
 
 
+def test_vae_contrast_steps_ends_the_weighting(tmp_path):
+    """With ``contrast_steps`` the clip weights are the contrast weights before that step and ones from it;
+    a run weighted only for its first step differs from the plain run and from one weighted throughout."""
+    from mochi.train.train_vae import vae_clip_weights
+
+    recipe = replace(VAE, batch=3, contrast_power=2.0, contrast_steps=5)
+    specs = [shapes.spec_at(recipe.seed, 4 * 3 + i) for i in range(3)]
+    assert vae_clip_weights(recipe, 4).tolist() == pytest.approx(
+        [contrast_weight(s.color, s.background, 2.0) for s in specs]
+    )
+    assert vae_clip_weights(recipe, 4).tolist() != [1.0, 1.0, 1.0]
+    assert vae_clip_weights(recipe, 5).tolist() == [1.0, 1.0, 1.0]
+    runs = {}
+    for name, r in {
+        "plain": replace(recipe, contrast_power=0.0, contrast_steps=None),
+        "first": replace(recipe, contrast_steps=1),
+        "all": replace(recipe, contrast_steps=None),
+    }.items():
+        runs[name] = train_vae(tmp_path / name, PRESET, r, log=lambda x: None)["decoder"]["output_proj.weight"]
+    assert not torch.allclose(runs["first"], runs["plain"], atol=1e-6)
+    assert not torch.allclose(runs["first"], runs["all"], atol=1e-6)
+
+
 def test_object_weight_trains_differently_and_needs_masks(vae_run, tmp_path):
     """The cache stores each clip's object mask; weight 0 is the plain loss (the other tests), a weight
     changes the update but not the logged flow loss of the first step, and an old cache without masks is
@@ -661,6 +684,15 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     assert seen["r"] == replace(VAERecipe(), checkpoint_every=25)
     main(["vae", "--out", str(tmp_path), "--heldout-pixels"])
     assert seen["r"] == replace(VAERecipe(), heldout_pixels=True)
+    main(["vae", "--out", str(tmp_path), "--contrast-power", "1", "--contrast-steps", "1000"])
+    assert seen["r"] == replace(VAERecipe(), contrast_power=1.0, contrast_steps=1000)
+    for argv, message in (
+        (["vae", "--contrast-steps", "-1"], "--contrast-steps must be 0 or more, got -1"),
+        (["dit", "--contrast-steps", "5"], "--contrast-steps is an option of the vae stage"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--checkpoint-every", "0"])
     assert "--checkpoint-every must be 1 or more, got 0" in capsys.readouterr().err

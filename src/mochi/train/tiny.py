@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         "contrast_power)",
     )
     parser.add_argument(
+        "--contrast-steps",
+        type=int,
+        help="vae: apply --contrast-power only before step N (e.g. the encoder's steps; default: every step)",
+    )
+    parser.add_argument(
         "--refine-share",
         type=float,
         help="decoder: share of the steps (0 to 1) that train on latents the frozen DiT refined from sigma "
@@ -154,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.contrast_power >= 0:
             parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
         overrides["contrast_power"] = args.contrast_power
+    if args.contrast_steps is not None:
+        if args.stage != "vae":
+            parser.error("--contrast-steps is an option of the vae stage")
+        if args.contrast_steps < 0:
+            parser.error(f"--contrast-steps must be 0 or more, got {args.contrast_steps}")
+        overrides["contrast_steps"] = args.contrast_steps
     for key, ok, rule in (
         ("refine_share", lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
         ("refine_sigma", lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),

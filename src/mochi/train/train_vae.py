@@ -72,6 +72,10 @@ class VAERecipe:
     # times less about a green object on gray than about a white one on black, and v3's VAE draws shapes
     # right on black in 100% of reconstructions but on gray in 85% (docs/embedded-model.md, v5).
     contrast_power: float = 0.0
+    # Apply that weighting only before this step (None = every step). At ``encoder_steps`` it shapes the
+    # latent space alone: the encoder learns to separate faint shapes, and the decoder then trains on the
+    # plain loss (V5, weighted to the end, lost 3 dB and drifted the bright colours; docs/embedded-model.md).
+    contrast_steps: int | None = None
     seed: int = 1
     log_every: int = 25
     checkpoint_every: int = 100
@@ -107,7 +111,10 @@ def vae_batch(recipe: VAERecipe, step: int) -> torch.Tensor:
 
 
 def vae_clip_weights(recipe: VAERecipe, step: int) -> torch.Tensor:
-    """Each clip's loss weight at step ``step`` (``contrast_power``), (batch,); ones when it is 0."""
+    """Each clip's loss weight at step ``step`` (``contrast_power``, ``contrast_steps``), (batch,); ones
+    when it is off."""
+    if recipe.contrast_steps is not None and step >= recipe.contrast_steps:
+        return torch.ones(recipe.batch)
     specs = batch_specs(recipe, step)
     return torch.tensor([contrast_weight(s.color, s.background, recipe.contrast_power) for s in specs])
 
