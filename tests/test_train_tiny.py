@@ -626,7 +626,8 @@ def test_vae_contrast_steps_ends_the_weighting(tmp_path):
         "first": replace(recipe, contrast_steps=1),
         "all": replace(recipe, contrast_steps=None),
     }.items():
-        runs[name] = train_vae(tmp_path / name, PRESET, r, log=lambda x: None)["decoder"]["output_proj.weight"]
+        state = train_vae(tmp_path / name, PRESET, r, log=lambda x: None)
+        runs[name] = state["decoder"]["output_proj.weight"]
     assert not torch.allclose(runs["first"], runs["plain"], atol=1e-6)
     assert not torch.allclose(runs["first"], runs["all"], atol=1e-6)
 
