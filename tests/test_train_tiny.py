@@ -701,6 +701,12 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
         main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "-1"])
     assert "--early-foreground-weight must be 0 or more, got -1.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "nan"])
+    assert "--early-foreground-weight must be 0 or more, got nan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", str(tmp_path), "--object-weight", "3"])
+    assert "--object-weight is an option of the dit stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["dit", "--out", str(tmp_path), "--early-foreground-weight", "3"])
     assert "--early-foreground-weight is an option of the vae stage" in capsys.readouterr().err
 

@@ -138,43 +138,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    for flag, key in (
-        ("--pooled-caption/--no-pooled-caption", "pooled_caption"),
-        ("--word-consistency", "word_consistency"),
-        ("--object-weight", "object_weight"),
-    ):
-        if getattr(args, key) is not None:
-            if args.stage != "dit":
-                parser.error(f"{flag} is an option of the dit stage")
-            overrides[key] = getattr(args, key)
-    if args.early_foreground_weight is not None:
-        if args.stage != "vae":
-            parser.error("--early-foreground-weight is an option of the vae stage")
-        if args.early_foreground_weight < 0:
-            parser.error(f"--early-foreground-weight must be 0 or more, got {args.early_foreground_weight}")
-        overrides["early_foreground_weight"] = args.early_foreground_weight
-    if args.contrast_power is not None:
-        if args.stage == "export":
-            parser.error("--contrast-power is an option of the vae, decoder and dit stages")
-        if not args.contrast_power >= 0:
-            parser.error(f"--contrast-power must be 0 or more, got {args.contrast_power}")
-        overrides["contrast_power"] = args.contrast_power
-    if args.contrast_steps is not None:
-        if args.stage != "vae":
-            parser.error("--contrast-steps is an option of the vae stage")
-        if args.contrast_steps < 0:
-            parser.error(f"--contrast-steps must be 0 or more, got {args.contrast_steps}")
-        overrides["contrast_steps"] = args.contrast_steps
-    for key, ok, rule in (
-        ("refine_share", lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
-        ("refine_sigma", lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
+    if args.pooled_caption is not None:
+        if args.stage != "dit":
+            parser.error("--pooled-caption/--no-pooled-caption is an option of the dit stage")
+        overrides["pooled_caption"] = args.pooled_caption
+    # Numeric options of some stages: (recipe field, the stages that take it, its rule).
+    for key, stages, ok, rule in (
+        ("word_consistency", ("dit",), lambda v: v >= 0, "be 0 or more"),
+        ("object_weight", ("dit",), lambda v: v >= 0, "be 0 or more"),
+        ("early_foreground_weight", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("contrast_power", ("vae", "decoder", "dit"), lambda v: v >= 0, "be 0 or more"),
+        ("contrast_steps", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("refine_share", ("decoder",), lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
+        ("refine_sigma", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
     ):
         value = getattr(args, key)
         if value is not None:
-            if args.stage != "decoder":
-                parser.error(f"--{key.replace('_', '-')} is an option of the decoder stage")
+            flag = f"--{key.replace('_', '-')}"
+            if args.stage not in stages:
+                which = (
+                    f"{', '.join(stages[:-1])} and {stages[-1]} stages"
+                    if len(stages) > 1
+                    else f"{stages[0]} stage"
+                )
+                parser.error(f"{flag} is an option of the {which}")
             if not ok(value):
-                parser.error(f"--{key.replace('_', '-')} must {rule}, got {value}")
+                parser.error(f"{flag} must {rule}, got {value}")
             overrides[key] = value
     if args.heldout_pixels is not None:
         if args.stage not in ("vae", "decoder"):
@@ -182,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides["heldout_pixels"] = args.heldout_pixels
     if args.source is not None and args.stage not in ("decoder", "export"):
         parser.error("--source is an option of the decoder and export stages")
-    for key in ("word_consistency", "object_weight"):
-        if not overrides.get(key, 0.0) >= 0:
-            parser.error(f"--{key.replace('_', '-')} must be 0 or more, got {overrides[key]}")
     tuning = {k: getattr(args, k) for k in ("tune_steps", "tune_lr", "word_dropout", "tune_clips")}
     tuning = {k: v for k, v in tuning.items() if v is not None}
     if tuning and args.stage != "dit":
