@@ -690,6 +690,11 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     for argv, message in (
         (["vae", "--contrast-steps", "-1"], "--contrast-steps must be 0 or more, got -1"),
         (["dit", "--contrast-steps", "5"], "--contrast-steps is an option of the vae stage"),
+        (["vae", "--contrast-steps", "5"], "--contrast-steps needs --contrast-power P (P > 0)"),
+        (
+            ["vae", "--contrast-steps", "5", "--contrast-power", "0"],
+            "--contrast-steps needs --contrast-power P (P > 0)",
+        ),
     ):
         with pytest.raises(SystemExit):
             main([*argv, "--out", str(tmp_path)])

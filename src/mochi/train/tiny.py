@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             if not ok(value):
                 parser.error(f"{flag} must {rule}, got {value}")
             overrides[key] = value
+    if overrides.get("contrast_steps") is not None and not overrides.get("contrast_power"):
+        parser.error("--contrast-steps needs --contrast-power P (P > 0): it ends that weighting")
     if args.heldout_pixels is not None:
         if args.stage not in ("vae", "decoder"):
             parser.error("--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages")
