@@ -687,7 +687,11 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     assert seen["r"] == replace(VAERecipe(), heldout_pixels=True)
     main(["vae", "--out", str(tmp_path), "--contrast-power", "1", "--contrast-steps", "1000"])
     assert seen["r"] == replace(VAERecipe(), contrast_power=1.0, contrast_steps=1000)
+    main(["vae", "--out", str(tmp_path), "--seed", "4"])
+    assert seen["r"] == replace(VAERecipe(), seed=4)
     for argv, message in (
+        (["vae", "--seed", "-2"], "--seed must be 0 or more, got -2"),
+        (["dit", "--seed", "4"], "--seed is an option of the vae stage"),
         (["vae", "--contrast-steps", "-1"], "--contrast-steps must be 0 or more, got -1"),
         (["dit", "--contrast-steps", "5"], "--contrast-steps is an option of the vae stage"),
         (["vae", "--contrast-steps", "5"], "--contrast-steps needs --contrast-power P (P > 0)"),

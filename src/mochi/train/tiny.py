@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         help="vae: weight the object's pixels 1 + W times in the joint and decoder-only phases too (0 = off)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        help="vae: the stage's seed (initial weights, clips, noise; default: the recipe's, 1). Another seed "
+        "draws another encoder, to pick among on VAE-only measures (benchmarks/latent_probe.py)",
+    )
+    parser.add_argument(
         "--source",
         type=Path,
         help="decoder: the VAE to start from, a vae.ckpt or a mochi bundle (default: OUT/vae.ckpt); "
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ("early_foreground_weight", ("vae",), lambda v: v >= 0, "be 0 or more"),
         ("contrast_power", ("vae", "decoder", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("contrast_steps", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("seed", ("vae",), lambda v: v >= 0, "be 0 or more"),
         ("refine_share", ("decoder",), lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
         ("refine_sigma", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
     ):
