@@ -262,7 +262,7 @@ def cfg_sharing(args: argparse.Namespace) -> None:
     from mochi.models.prompts import encode_prompts
     from mochi.models.vae_tiling import decode
     from mochi.sampling.sampler import initial_noise, sample
-    from mochi.train.evaluate import _stats
+    from mochi.train.evaluate import latent_statistics
     from mochi.train.train_vae import from_pixels
 
     c = load_embedded()
@@ -273,7 +273,7 @@ def cfg_sharing(args: argparse.Namespace) -> None:
     text = encode_prompts(prompts, c.tokenizer, c.text_encoder)
     null = encode_prompts([""], c.tokenizer, c.text_encoder)
     z = torch.cat([initial_noise((1, 12, 5, 8, 8), args.seed + i) for i in range(len(prompts))])
-    mean, std = _stats(c)
+    mean, std = latent_statistics(c)
     count = last_block_counter(c.dit.blocks[-1], c.dit.blocks[-1].mlp_x)
 
     def run(model, batch_cfg: bool):  # noqa: ANN001, ANN202

@@ -23,7 +23,9 @@ from mochi.train.judge import psnr
 from mochi.train.train_vae import from_pixels, to_pixels
 
 
-def _stats(components) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_statistics(components) -> tuple[torch.Tensor, torch.Tensor]:
+    """The components' latent mean and std (the released model's when they carry none), each (1, C, 1, 1, 1):
+    a normalised latent is (posterior mean − mean) / std."""
     mean = components.latent_mean if components.latent_mean is not None else LATENT_MEAN
     std = components.latent_std if components.latent_std is not None else LATENT_STD
     return (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1) for v in (mean, std))
@@ -71,7 +73,7 @@ def generate_from_text(
     steps, guidance, frames = steps or d["steps"], guidance or d["guidance"], frames or d["frames"]
     t = num_latents_for_frames(frames)
     h, w = d["height"] // SPATIAL_FACTOR, d["width"] // SPATIAL_FACTOR
-    mean, std = _stats(components)
+    mean, std = latent_statistics(components)
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
     z = torch.cat([initial_noise((1, 12, t, h, w), s) for s in seeds])
     z = sample(components.dit, z, linear_quadratic_schedule(steps), text, null, guidance=guidance)

@@ -19,7 +19,7 @@ from mochi.models.vae_tiling import decode, encode
 from mochi.sampling.sampler import initial_noise, noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 from mochi.train import shapes
-from mochi.train.evaluate import _stats
+from mochi.train.evaluate import latent_statistics
 from mochi.train.judge import judge
 from mochi.train.train_vae import contrast, from_pixels, to_pixels
 
@@ -145,7 +145,7 @@ def probe(
     their prompts, then decoded and judged. σ = 0 decodes the normalised code as it is. Clip ``i`` of the
     batch starting at prompt ``lo`` under generator seed ``s`` takes noise seed ``s·100 + lo + i``."""
     d = components.defaults
-    mean_, std_ = _stats(components)
+    mu, sd = latent_statistics(components)
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
     schedule = linear_quadratic_schedule(d["steps"])
     prompts = list(prompts or probe_prompts())
@@ -159,7 +159,7 @@ def probe(
                 pixels = to_pixels(
                     np.stack([shapes.render(s, d["frames"], d["height"], d["width"]) for s in chunk])
                 )
-                z0 = (encode(components.encoder, pixels)[0] - mean_) / std_
+                z0 = (encode(components.encoder, pixels)[0] - mu) / sd
                 if sigma > 0:
                     noise = torch.cat(
                         [initial_noise((1, *z0.shape[1:]), seed * 100 + lo + i) for i in range(len(chunk))]
@@ -175,7 +175,7 @@ def probe(
                         null,
                         guidance=guidance,
                     )
-                videos = from_pixels(decode(components.decoder, z0 * std_ + mean_))
+                videos = from_pixels(decode(components.decoder, z0 * sd + mu))
                 hits += [judge(v).shape == s.shape for v, s in zip(videos, chunk)]
                 specs += chunk
         out[f"{sigma:g}"] = _rates(specs, hits)
