@@ -699,25 +699,18 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
             ["vae", "--contrast-steps", "5", "--contrast-power", "0"],
             "--contrast-steps needs --contrast-power P (P > 0)",
         ),
+        (["vae", "--checkpoint-every", "0"], "--checkpoint-every must be 1 or more, got 0"),
+        (["vae", "--early-foreground-weight", "-1"], "--early-foreground-weight must be 0 or more, got -1.0"),
+        (["vae", "--early-foreground-weight", "nan"], "--early-foreground-weight must be 0 or more, got nan"),
+        (["vae", "--object-weight", "3"], "--object-weight is an option of the dit stage"),
+        (
+            ["dit", "--early-foreground-weight", "3"],
+            "--early-foreground-weight is an option of the vae stage",
+        ),
     ):
         with pytest.raises(SystemExit):
             main([*argv, "--out", str(tmp_path)])
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["vae", "--out", str(tmp_path), "--checkpoint-every", "0"])
-    assert "--checkpoint-every must be 1 or more, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "-1"])
-    assert "--early-foreground-weight must be 0 or more, got -1.0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["vae", "--out", str(tmp_path), "--early-foreground-weight", "nan"])
-    assert "--early-foreground-weight must be 0 or more, got nan" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["vae", "--out", str(tmp_path), "--object-weight", "3"])
-    assert "--object-weight is an option of the dit stage" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["dit", "--out", str(tmp_path), "--early-foreground-weight", "3"])
-    assert "--early-foreground-weight is an option of the vae stage" in capsys.readouterr().err
 
 
 DECODER = DecoderRecipe(

@@ -19,7 +19,7 @@ from mochi.models.vae_tiling import decode, encode
 from mochi.sampling.sampler import initial_noise, noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 from mochi.train import shapes
-from mochi.train.evaluate import latent_statistics
+from mochi.train.evaluate import latent_statistics, reconstructions
 from mochi.train.judge import judge
 from mochi.train.train_vae import contrast, from_pixels, to_pixels
 
@@ -121,13 +121,14 @@ def ceiling(
 ) -> dict:
     """Shape hit rates of the strict judge on the VAE's reconstructions (posterior mean) of
     ``true_specs(seeds, prompts)`` (default: ``probe_prompts()``)."""
-    d = components.defaults
-    specs, hits = true_specs(seeds, prompts or probe_prompts()), []
-    for spec in specs:
-        mean, _ = encode(
-            components.encoder, to_pixels(shapes.render(spec, d["frames"], d["height"], d["width"])[None])
-        )
-        hits.append(judge(from_pixels(decode(components.decoder, mean))[0]).shape == spec.shape)
+    prompts = list(prompts or probe_prompts())
+    specs, hits = [], []
+    for seed in seeds:
+        # ``reconstructions`` draws its clips as ``true_specs`` does: one generator per seed, in prompt order.
+        seed_specs = true_specs([seed], prompts)
+        videos = reconstructions(components, prompts, seed)
+        hits += [judge(v).shape == s.shape for v, s in zip(videos, seed_specs)]
+        specs += seed_specs
     return _rates(specs, hits)
 
 
@@ -149,25 +150,23 @@ def probe(
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
     schedule = linear_quadratic_schedule(d["steps"])
     prompts = list(prompts or probe_prompts())
-    out = {}
-    for sigma in sigmas:
-        specs, hits = [], []
-        for seed in seeds:
-            seed_specs = true_specs([seed], prompts)
-            for lo in range(0, len(prompts), batch):
-                chunk = seed_specs[lo : lo + batch]
-                pixels = to_pixels(
-                    np.stack([shapes.render(s, d["frames"], d["height"], d["width"]) for s in chunk])
-                )
-                z0 = (encode(components.encoder, pixels)[0] - mu) / sd
+    specs, hits = [], {sigma: [] for sigma in sigmas}
+    for seed in seeds:
+        seed_specs = true_specs([seed], prompts)
+        for lo in range(0, len(prompts), batch):
+            chunk = seed_specs[lo : lo + batch]
+            pixels = to_pixels(
+                np.stack([shapes.render(s, d["frames"], d["height"], d["width"]) for s in chunk])
+            )
+            z0 = (encode(components.encoder, pixels)[0] - mu) / sd
+            noise = torch.cat(
+                [initial_noise((1, *z0.shape[1:]), seed * 100 + lo + i) for i in range(len(chunk))]
+            )
+            text = encode_prompts(prompts[lo : lo + batch], components.tokenizer, components.text_encoder)
+            for sigma in sigmas:
+                z = z0
                 if sigma > 0:
-                    noise = torch.cat(
-                        [initial_noise((1, *z0.shape[1:]), seed * 100 + lo + i) for i in range(len(chunk))]
-                    )
-                    text = encode_prompts(
-                        prompts[lo : lo + batch], components.tokenizer, components.text_encoder
-                    )
-                    z0 = sample(
+                    z = sample(
                         components.dit,
                         noise_to(z0, sigma, noise),
                         truncate_schedule(schedule, sigma),
@@ -175,8 +174,7 @@ def probe(
                         null,
                         guidance=guidance,
                     )
-                videos = from_pixels(decode(components.decoder, z0 * sd + mu))
-                hits += [judge(v).shape == s.shape for v, s in zip(videos, chunk)]
-                specs += chunk
-        out[f"{sigma:g}"] = _rates(specs, hits)
-    return out
+                videos = from_pixels(decode(components.decoder, z * sd + mu))
+                hits[sigma] += [judge(v).shape == s.shape for v, s in zip(videos, chunk)]
+            specs += chunk
+    return {f"{sigma:g}": _rates(specs, hits[sigma]) for sigma in sigmas}
