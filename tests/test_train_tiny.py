@@ -352,6 +352,18 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         main(["vae", "--out", str(tmp_path), "--tune-steps", "3"])
     assert "--tune-steps is an option of the dit stage" in capsys.readouterr().err
+    # Word consistency with the tuning options would act on the first phase's steps too: refused until
+    # the first phase has ended (stage 2b is a second command), then taken.
+    stage_2b = argv + ["--tune-steps", "3", "--word-consistency", "1"]
+    with pytest.raises(SystemExit):
+        main(stage_2b)
+    assert (
+        f"--word-consistency with --tune-steps would act on the first phase too ({tmp_path / 'dit.ckpt'} is "
+        "at step 0 of --steps 5): run `dit` without the tuning options first"
+    ) in capsys.readouterr().err
+    torch.save({"step": 5}, tmp_path / "dit.ckpt")
+    main(stage_2b)
+    assert seen["r"] == replace(DiTRecipe(), steps=5, tune_steps=3, word_consistency=1.0)
 
 
 def test_a_run_starts_from_a_bundle_and_finishes_at_low_sigma(vae_run, tmp_path, monkeypatch):

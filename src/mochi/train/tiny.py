@@ -222,6 +222,21 @@ def main(argv: list[str] | None = None) -> int:
         from mochi.train.train_dit import DiTRecipe, init_from_bundle, train_dit
 
         recipe = replace(DiTRecipe(), **overrides, **tuning, **finishing)
+        if recipe.word_consistency and recipe.tune_steps and args.init is None:
+            # The loss acts on every step the command runs. Stage 2b gives it only to the tuning phase by
+            # running after the first phase has ended; one command that starts earlier is another recipe.
+            from mochi.train.checkpoint import load_checkpoint
+            from mochi.train.train_dit import DIT_CHECKPOINT
+
+            state = load_checkpoint(args.out / DIT_CHECKPOINT)
+            step = state["step"] if state is not None else 0
+            if step < recipe.steps:
+                parser.error(
+                    f"--word-consistency with --tune-steps would act on the first phase too "
+                    f"({args.out / DIT_CHECKPOINT} is at step {step} of --steps {recipe.steps}): run "
+                    f"`dit` without the tuning options first, then again with them (stage 2b); for the "
+                    f"loss in both phases, give --word-consistency to both commands"
+                )
         log = _log_to(args.out / "dit.log")
         if args.init is not None:
             init_from_bundle(args.out, preset, args.init, recipe, log=log)
