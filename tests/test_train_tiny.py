@@ -294,6 +294,30 @@ def test_dit_resumes_exactly_and_exports(vae_run, tmp_path):
     )
 
 
+def test_another_dit_seed_draws_another_dit_and_a_run_folder_keeps_its_seed(vae_run, tmp_path):
+    """`dit --seed N` trains another DiT on the same encoder (another cache, other weights); a run folder
+    refuses a seed other than the one its cache and checkpoint were written with."""
+    a = _with_vae(tmp_path / "a", vae_run[0])
+    b = _with_vae(tmp_path / "b", vae_run[0])
+    first = train_dit(a, PRESET, DIT, log=lambda line: None)
+    other = train_dit(b, PRESET, replace(DIT, seed=DIT.seed + 3), log=lambda line: None)
+    assert first["seed"] == DIT.seed and other["seed"] == DIT.seed + 3
+    assert not torch.equal(load_latent_cache(a, DIT)[0], load_latent_cache(b, replace(DIT, seed=5))[0])
+    key = "dit.final_layer.linear.weight"
+    assert not torch.equal(first["ema"][key], other["ema"][key])
+    with pytest.raises(
+        ValueError, match=f"holds clips of dataset seed {DIT.seed}, but this run asks for seed 5"
+    ):
+        train_dit(a, PRESET, replace(DIT, seed=5), log=lambda line: None)
+    for spec in cache_specs(DIT):
+        shutil.rmtree(a / spec.folder)
+    with pytest.raises(
+        ValueError,
+        match=f"was trained with seed {DIT.seed}, but this run asks for seed 5: give --seed {DIT.seed}",
+    ):
+        train_dit(a, PRESET, replace(DIT, seed=5), log=lambda line: None)
+
+
 def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatch, capsys):
     import mochi.train.train_dit as train_dit_module
     from mochi.train.tiny import main
@@ -312,6 +336,8 @@ def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatc
     assert seen["r"] == replace(DiTRecipe(), steps=5, pooled_caption=True, word_consistency=0.5)
     main(argv + ["--object-weight", "3"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, object_weight=3.0)
+    main(argv + ["--seed", "5"])  # another DiT on the same encoder
+    assert seen["r"] == replace(DiTRecipe(), steps=5, seed=5)
     main(argv + ["--contrast-power", "1"])
     assert seen["r"] == replace(DiTRecipe(), steps=5, contrast_power=1.0)
     main(argv + ["--finish-steps", "4", "--finish-lr", "3e-5", "--finish-logit-mean", "-2"])
@@ -703,7 +729,7 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     assert seen["r"] == replace(VAERecipe(), seed=4)
     for argv, message in (
         (["vae", "--seed", "-2"], "--seed must be 0 or more, got -2"),
-        (["dit", "--seed", "4"], "--seed is an option of the vae stage"),
+        (["decoder", "--seed", "4"], "--seed is an option of the vae and dit stages"),
         (["vae", "--contrast-steps", "-1"], "--contrast-steps must be 0 or more, got -1"),
         (["dit", "--contrast-steps", "5"], "--contrast-steps is an option of the vae stage"),
         (["vae", "--contrast-steps", "5"], "--contrast-steps needs --contrast-power P (P > 0)"),

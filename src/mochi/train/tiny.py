@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed",
         type=int,
-        help="vae: the stage's seed (initial weights, clips, noise; default: the recipe's, 1). Another seed "
-        "draws another encoder, to pick among on VAE-only measures (benchmarks/latent_probe.py)",
+        help="vae, dit: the stage's seed (initial weights, clips, noise; default: the recipe's, 1 for the "
+        "vae stage, 2 for the dit stage). Another vae seed draws another encoder, to pick among on VAE-only "
+        "measures (benchmarks/latent_probe.py); another dit seed another DiT on the same encoder",
     )
     parser.add_argument(
         "--source",
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         ("early_foreground_weight", ("vae",), lambda v: v >= 0, "be 0 or more"),
         ("contrast_power", ("vae", "decoder", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("contrast_steps", ("vae",), lambda v: v >= 0, "be 0 or more"),
-        ("seed", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("seed", ("vae", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("refine_share", ("decoder",), lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
         ("refine_sigma", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
     ):

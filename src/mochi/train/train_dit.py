@@ -187,6 +187,13 @@ def build_latent_cache(
     for k in range(n_chunks):
         path = _chunk_path(out, k, spec.folder)
         if path.exists():
+            written = read_metadata(path).get("dataset_seed")  # absent in chunks written before it was kept
+            if written is not None and int(written) != spec.seed:
+                raise ValueError(
+                    f"the latent cache chunk {str(path)!r} holds clips of dataset seed {written}, but this "
+                    f"run asks for seed {spec.seed}: train another seed in another run folder (copy its "
+                    f"vae.ckpt there), or delete {str(out / spec.folder)!r} to rebuild the cache"
+                )
             continue
         t0 = time.time()
         lo, hi = k * recipe.cache_chunk, min((k + 1) * recipe.cache_chunk, spec.clips)
@@ -202,7 +209,12 @@ def build_latent_cache(
             logvars.append(logvar.clamp(-30.0, 20.0))
             objects.append(latent_object_mask(pixels, tuple(mean.shape[2:])).to(torch.uint8))
         tensors = {"mean": torch.cat(means), "logvar": torch.cat(logvars), "object": torch.cat(objects)}
-        save_state_dict(tensors, path, {"captions": json.dumps(captions), "vae_step": str(state["step"])})
+        metadata = {
+            "captions": json.dumps(captions),
+            "vae_step": str(state["step"]),
+            "dataset_seed": str(spec.seed),
+        }
+        save_state_dict(tensors, path, metadata)
         took = time.time() - t0
         log(f"latent cache {spec.folder}: chunk {k + 1}/{n_chunks} ({hi - lo} clips) in {took:.0f} s")
 
@@ -411,6 +423,12 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
     step, last = 0, float("nan")
     state = load_checkpoint(out / DIT_CHECKPOINT)
     if state is not None:
+        if state.get("seed", recipe.seed) != recipe.seed:  # checkpoints written before it was kept have none
+            raise ValueError(
+                f"{str(out / DIT_CHECKPOINT)!r} was trained with seed {state['seed']}, but this run asks for "
+                f"seed {recipe.seed}: give --seed {state['seed']} to resume it, or start the other seed in "
+                "another run folder"
+            )
         models.load_state_dict(state["model"])
         ema = state["ema"]
         opt.load_state_dict(state["optimizer"])
@@ -428,6 +446,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
             "ema": ema,
             "optimizer": opt.state_dict(),
             "step": step,
+            "seed": recipe.seed,
             "loss": last,
             "latent_mean": stats[0].tolist(),
             "latent_std": stats[1].tolist(),
