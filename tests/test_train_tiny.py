@@ -299,23 +299,25 @@ def test_another_dit_seed_draws_another_dit_and_a_run_folder_keeps_its_seed(vae_
     refuses a seed other than the one its cache and checkpoint were written with."""
     a = _with_vae(tmp_path / "a", vae_run[0])
     b = _with_vae(tmp_path / "b", vae_run[0])
+    seeded = replace(DIT, seed=DIT.seed + 3)
     first = train_dit(a, PRESET, DIT, log=lambda line: None)
-    other = train_dit(b, PRESET, replace(DIT, seed=DIT.seed + 3), log=lambda line: None)
-    assert first["seed"] == DIT.seed and other["seed"] == DIT.seed + 3
-    assert not torch.equal(load_latent_cache(a, DIT)[0], load_latent_cache(b, replace(DIT, seed=5))[0])
+    other = train_dit(b, PRESET, seeded, log=lambda line: None)
+    assert first["seed"] == DIT.seed and other["seed"] == seeded.seed
+    assert not torch.equal(load_latent_cache(a, DIT)[0], load_latent_cache(b, seeded)[0])
     key = "dit.final_layer.linear.weight"
     assert not torch.equal(first["ema"][key], other["ema"][key])
     with pytest.raises(
-        ValueError, match=f"holds clips of dataset seed {DIT.seed}, but this run asks for seed 5"
+        ValueError, match=f"holds clips of dataset seed {DIT.seed}, but this run asks for seed {seeded.seed}"
     ):
-        train_dit(a, PRESET, replace(DIT, seed=5), log=lambda line: None)
+        train_dit(a, PRESET, seeded, log=lambda line: None)
     for spec in cache_specs(DIT):
         shutil.rmtree(a / spec.folder)
     with pytest.raises(
         ValueError,
-        match=f"was trained with seed {DIT.seed}, but this run asks for seed 5: give --seed {DIT.seed}",
+        match=f"was trained with seed {DIT.seed}, but this run asks for seed {seeded.seed}: give --seed "
+        f"{DIT.seed}",
     ):
-        train_dit(a, PRESET, replace(DIT, seed=5), log=lambda line: None)
+        train_dit(a, PRESET, seeded, log=lambda line: None)
 
 
 def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatch, capsys):
