@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mochi.files import atomic_path
+from mochi.sampling.sampler import check_eta
 from mochi.train import shapes
 from mochi.train.evaluate import (
     DRIFT_TARGET,
@@ -64,6 +65,18 @@ def main() -> None:
     parser.add_argument("--model", help="a mochi bundle (default: the embedded model)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="ancestral sampler: share of fresh noise per step (0 = Euler, the default; mochi.sampling)",
+    )
+    parser.add_argument(
+        "--eta-above",
+        type=float,
+        default=0.0,
+        help="ancestral sampler: fresh noise only at steps from σ above this",
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses noise seed SEED + i")
     parser.add_argument(
         "--repeats",
@@ -94,6 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be 1 or more, got {args.repeats}")
+    try:
+        check_eta(args.eta, args.eta_above)
+    except ValueError as e:
+        parser.error(str(e).replace("eta_above=", "--eta-above ").replace("eta=", "--eta "))
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
@@ -115,7 +132,13 @@ def main() -> None:
         videos = np.concatenate(
             [
                 generate(
-                    components, prompts[:n], steps=args.steps, guidance=args.guidance, seed=args.seed + r
+                    components,
+                    prompts[:n],
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    seed=args.seed + r,
+                    eta=args.eta,
+                    eta_above=args.eta_above,
                 )
                 for r in range(args.repeats)
             ]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mochi.sampling.sampler import apply_guidance, euler_step, initial_noise, noise_to, sample
+from mochi.sampling.sampler import apply_guidance, euler_step, initial_noise, noise_to, sample, step_noise
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 
 SHAPE = (2, 3, 2, 4, 4)
@@ -134,6 +134,71 @@ def test_errors():
         sample(ConstantModel(), z, [0.5, 1.0], text(1.0), guidance=1.0)
     with pytest.raises(ValueError, match="noise shape"):
         noise_to(z, 0.5, torch.zeros(1))
+
+
+def test_ancestral_step_by_hand_and_eta_zero_is_euler():
+    target = torch.randn(SHAPE)
+    noise = initial_noise(SHAPE, seed=3)
+    sigmas = [1.0, 0.6, 0.2, 0.0]
+    euler = sample(ExactFlowModel(target), noise, sigmas, text(1.0), guidance=1.0)
+    assert torch.equal(
+        sample(ExactFlowModel(target), noise, sigmas, text(1.0), guidance=1.0, eta=0.0, noise_seeds=[1, 2]),
+        euler,
+    )
+    # Above σ = 0.5 only: the first step re-noises, the others are Euler steps. The exact model's x0 is the
+    # target and its ε the true noise, so z after step 0 is 0.4·x* + 0.6·(√(1 − η²)·ε + η·ξ).
+    seen = []
+    out = sample(
+        ExactFlowModel(target),
+        noise,
+        sigmas,
+        text(1.0),
+        guidance=1.0,
+        eta=0.6,
+        eta_above=0.5,
+        noise_seeds=[7, 8],
+        denoised=lambda i, n, x0: seen.append(x0),
+    )
+    fresh = torch.cat([step_noise((1, *SHAPE[1:]), s, 0) for s in (7, 8)])
+    z1 = 0.4 * target + 0.6 * (0.8 * noise + 0.6 * fresh)
+    torch.testing.assert_close(seen[1], target, rtol=0, atol=1e-5)  # x0 at step 1 from z1: still the target
+    torch.testing.assert_close(out, target, rtol=0, atol=1e-5)
+    z_again = sample(
+        ExactFlowModel(target), noise, sigmas[:2], text(1.0), guidance=1.0, eta=0.6, noise_seeds=[7, 8]
+    )
+    torch.testing.assert_close(z_again, z1, rtol=0, atol=1e-6)
+
+
+def test_ancestral_noise_is_per_video_and_per_step():
+    a = step_noise((1, 12, 2, 3, 4), seed=5, step=0)
+    assert torch.equal(a, step_noise((1, 12, 2, 3, 4), seed=5, step=0)) and a.dtype == torch.float32
+    assert not torch.equal(a, step_noise((1, 12, 2, 3, 4), seed=5, step=1))
+    assert not torch.equal(a, step_noise((1, 12, 2, 3, 4), seed=6, step=0))
+    # Not another seed's initial noise (seed + k would be).
+    assert not any(torch.equal(a, initial_noise((1, 12, 2, 3, 4), seed=s)) for s in range(4, 10))
+    # One seed, one video: a row's result does not depend on the rows beside it.
+    model = ConstantModel()
+    z = torch.cat([initial_noise((1, *SHAPE[1:]), s) for s in (5, 6)])
+    both = sample(model, z, [1.0, 0.7, 0.3, 0.0], text(1.0), guidance=1.0, eta=1.0, noise_seeds=[5, 6])
+    one = sample(
+        model, z[1:], [1.0, 0.7, 0.3, 0.0], text(1.0, batch=1), guidance=1.0, eta=1.0, noise_seeds=[6]
+    )
+    torch.testing.assert_close(both[1:], one, rtol=0, atol=0)
+    euler = sample(model, z, [1.0, 0.7, 0.3, 0.0], text(1.0), guidance=1.0)
+    assert not torch.allclose(both, euler)
+
+
+def test_ancestral_errors():
+    z = torch.zeros(SHAPE)
+    args = (ConstantModel(), z, [1.0, 0.0], text(1.0))
+    with pytest.raises(ValueError, match=r"eta=1.5 must lie in \[0, 1\].*nearest valid: 1"):
+        sample(*args, guidance=1.0, eta=1.5, noise_seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"eta_above=1.0 must lie in \[0, 1\).*nearest valid: 0.99"):
+        sample(*args, guidance=1.0, eta=0.5, eta_above=1.0, noise_seeds=[0, 1])
+    with pytest.raises(ValueError, match="eta=0.5 needs one noise seed per video: got none for a batch of 2"):
+        sample(*args, guidance=1.0, eta=0.5)
+    with pytest.raises(ValueError, match="got 1 for a batch of 2"):
+        sample(*args, guidance=1.0, eta=0.5, noise_seeds=[3])
 
 
 @pytest.mark.gpu

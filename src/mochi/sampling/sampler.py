@@ -1,5 +1,12 @@
 """The rectified-flow Euler sampler with classifier-free guidance (genmo-mochi.md §3.2–3.4).
 
+An ancestral variant (``eta`` > 0, off by default and not part of Genmo's sampler) re-noises at each step:
+it moves to σ_next along the step's estimate x0 = z + σ·v, and replaces a share η of the step's noise
+estimate ε = z − (1 − σ)·v with fresh noise, keeping unit variance (√(1 − η²)·ε + η·ξ). At η = 0 this is
+the Euler step; at η = 1 it draws each step's noise afresh, as ancestral samplers elsewhere (ComfyUI's
+``euler_ancestral`` for flow models, diffusers' ``stochastic_sampling``) do. Fresh noise comes from each
+video's own seed and the step index (``step_noise``), so one seed still gives one video.
+
 The denoiser is any callable ``model(x, sigma, text, text_mask) -> v``:
 x (B, C, T, H, W), sigma (B,) float32, text (B, L, D), text_mask (B, L) bool → v (B, C, T, H, W), where
 v estimates x0 − ε (Genmo's sign). The sampler knows nothing of the DiT: timestep scaling, autocast and
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mochi.sampling.schedules import validate_sigmas
@@ -27,6 +35,33 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> to
 def euler_step(z: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """One Euler step from σ to σ_next < σ: z + (σ − σ_next)·v, with v = x0 − ε."""
     return z + (sigma - sigma_next) * v
+
+
+def step_noise(
+    shape: Sequence[int], seed: int, step: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The ancestral sampler's fresh noise for ``step`` (0-based) of a video seeded ``seed``: float32 of
+    ``shape``, drawn on the CPU from a generator seeded with a hash of (seed, step) — not ``seed + k``, which
+    would repeat another seed's initial noise."""
+    state = np.random.SeedSequence([int(seed), 1, int(step)]).generate_state(1, np.uint64)
+    generator = torch.Generator(device="cpu").manual_seed(int(state[0]))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device)
+
+
+def check_eta(eta: float, eta_above: float) -> None:
+    """The ancestral options' rules: η in [0, 1] and a σ threshold in [0, 1)."""
+    if not 0.0 <= eta <= 1.0:
+        nearest = min(max(eta, 0.0), 1.0)
+        raise ValueError(
+            f"eta={eta} must lie in [0, 1] (the share of fresh noise per step; 0 is the Euler sampler); "
+            f"nearest valid: {nearest:g}"
+        )
+    if not 0.0 <= eta_above < 1.0:
+        nearest = min(max(eta_above, 0.0), 0.99)
+        raise ValueError(
+            f"eta_above={eta_above} must lie in [0, 1) (fresh noise only at steps whose σ is above it); "
+            f"nearest valid: {nearest:g}"
+        )
 
 
 def initial_noise(
@@ -92,6 +127,9 @@ def sample(
     batch_cfg: bool = True,
     callback: ProgressCallback | None = None,
     denoised: Callable[[int, int, torch.Tensor], None] | None = None,
+    eta: float = 0.0,
+    eta_above: float = 0.0,
+    noise_seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Integrate z from ``sigmas[0]`` to ``sigmas[-1]``; returns the final latent (B, C, T, H, W) float32.
 
@@ -103,8 +141,17 @@ def sample(
     callback(step, total, sigma) runs after each step with the count of steps done and the σ reached.
     denoised(step, total, x0) runs after each step with the step's estimate of the clean latent,
     x0 = z + σ·v (B, C, T, H, W) float32, a new tensor (previews; the result does not depend on it).
+    eta, eta_above, noise_seeds: the ancestral variant (module docstring). At a step from σ > ``eta_above``
+    to σ_next > 0, a share ``eta`` of the noise is drawn afresh, for row b from ``noise_seeds[b]``
+    (``step_noise``); eta = 0 (the default) is the Euler sampler bit for bit.
     """
     sigmas = validate_sigmas(sigmas)
+    check_eta(eta, eta_above)
+    if eta > 0 and (noise_seeds is None or len(noise_seeds) != z.shape[0]):
+        raise ValueError(
+            f"eta={eta} needs one noise seed per video: got "
+            f"{'none' if noise_seeds is None else len(noise_seeds)} for a batch of {z.shape[0]}"
+        )
     steps = len(sigmas) - 1
     scales = guidance_schedule(guidance, steps)
     batch = z.shape[0]
@@ -133,7 +180,14 @@ def sample(
             v = apply_guidance(model(z, sigma_batch, *cond), model(z, sigma_batch, *uncond), scales[i])
         if denoised is not None:
             denoised(i + 1, steps, z + sigma * v)
-        z = euler_step(z, v, sigma, sigmas[i + 1])
+        sigma_next = sigmas[i + 1]
+        if eta > 0 and sigma > eta_above and sigma_next > 0:
+            row = (1, *z.shape[1:])
+            fresh = torch.cat([step_noise(row, s, i, device=z.device) for s in noise_seeds or ()])
+            x0, noise = z + sigma * v, z - (1.0 - sigma) * v
+            z = (1.0 - sigma_next) * x0 + sigma_next * ((1.0 - eta**2) ** 0.5 * noise + eta * fresh)
+        else:
+            z = euler_step(z, v, sigma, sigma_next)
         if callback is not None:
-            callback(i + 1, steps, sigmas[i + 1])
+            callback(i + 1, steps, sigma_next)
     return z

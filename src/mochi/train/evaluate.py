@@ -41,10 +41,13 @@ def generate(
     seed: int = 0,
     frames: int | None = None,
     batch: int = 8,
+    eta: float = 0.0,
+    eta_above: float = 0.0,
 ) -> np.ndarray:
     """uint8 videos (len(prompts), T, H, W, 3); prompt i uses noise seed ``seed + i``.
 
-    steps, guidance, frames default to the components' defaults; height and width always do.
+    steps, guidance, frames default to the components' defaults; height and width always do. eta, eta_above:
+    the ancestral sampler (``mochi.sampling.sampler``; 0 = Euler), its fresh noise seeded as the video's.
     """
     videos = []
     for lo in range(0, len(prompts), batch):
@@ -52,7 +55,16 @@ def generate(
         text = encode_prompts(chunk, components.tokenizer, components.text_encoder)
         seeds = [seed + lo + i for i in range(len(chunk))]
         videos.append(
-            generate_from_text(components, text, seeds, steps=steps, guidance=guidance, frames=frames)
+            generate_from_text(
+                components,
+                text,
+                seeds,
+                steps=steps,
+                guidance=guidance,
+                frames=frames,
+                eta=eta,
+                eta_above=eta_above,
+            )
         )
     return np.concatenate(videos)
 
@@ -66,6 +78,8 @@ def generate_from_text(
     steps: int | None = None,
     guidance: float | None = None,
     frames: int | None = None,
+    eta: float = 0.0,
+    eta_above: float = 0.0,
 ) -> np.ndarray:
     """``generate`` from encoded text (features (B, L, d), mask (B, L)): video b uses noise seed
     ``seeds[b]``. For probes that edit the features (benchmarks/binding_probe.py)."""
@@ -76,7 +90,17 @@ def generate_from_text(
     mean, std = latent_statistics(components)
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
     z = torch.cat([initial_noise((1, 12, t, h, w), s) for s in seeds])
-    z = sample(components.dit, z, linear_quadratic_schedule(steps), text, null, guidance=guidance)
+    z = sample(
+        components.dit,
+        z,
+        linear_quadratic_schedule(steps),
+        text,
+        null,
+        guidance=guidance,
+        eta=eta,
+        eta_above=eta_above,
+        noise_seeds=seeds,
+    )
     return from_pixels(decode(components.decoder, z * std + mean))
 
 
