@@ -33,6 +33,17 @@ def test_generate_writes_video_and_sidecar(tiny, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
 
 
+def test_ancestral_sampling_is_recorded(tiny, tmp_path):
+    paths = [tmp_path / f"{name}.mp4" for name in ("euler", "ancestral")]
+    base = ["generate", "a red circle moving right", "--seed", "9", "--steps", "3", "--out"]
+    assert main([*base, str(paths[0])]) == 0
+    assert main([*base, str(paths[1]), "--eta", "1", "--eta-above", "0.3"]) == 0
+    metas = [json.loads(p.with_suffix(".json").read_text()) for p in paths]
+    assert (metas[0]["eta"], metas[0]["eta_above"]) == (0.0, 0.0)
+    assert (metas[1]["eta"], metas[1]["eta_above"]) == (1.0, 0.3)
+    assert not np.array_equal(read_video(paths[0])[0], read_video(paths[1])[0])
+
+
 def test_generate_draws_and_records_a_seed(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "A Blue Square!", "--steps", "1"]) == 0
@@ -81,6 +92,11 @@ def test_video_to_video(tiny, tmp_path):
         (["--out", "a.gif"], "output 'a.gif' must end in one of .mp4, .mov, .mkv; e.g. a.mp4"),
         (["--init-video", "/nonexistent.mp4"], "video file '/nonexistent.mp4' does not exist"),
         (["--strength", "0"], "strength=0.0 must be in (0, 1]; nearest valid: 0.01"),
+        (
+            ["--eta", "2"],
+            "eta=2.0 must lie in [0, 1] (the share of fresh noise per step; 0 is the Euler sampler); "
+            "nearest valid: 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny, argv, message, capsys):
@@ -136,6 +152,8 @@ def test_help_lists_every_option(capsys):
         "--out",
         "--init-video",
         "--strength",
+        "--eta",
+        "--eta-above",
     ]:
         assert flag in text
 

@@ -52,6 +52,26 @@ def test_several_prompts_equal_separate_calls(pipe):
     torch.testing.assert_close(both.latents[:1], one.latents, atol=1e-5, rtol=1e-5)
 
 
+def test_ancestral_sampling_is_seeded_per_video(pipe):
+    prompt = "a red circle moving right"
+    euler = pipe.generate(GenerationRequest(prompt, seed=3))
+    assert torch.equal(
+        pipe.generate(GenerationRequest(prompt, seed=3, eta=0.0, eta_above=0.5)).latents, euler.latents
+    )
+    ancestral = pipe.generate(GenerationRequest(prompt, seed=3, eta=1.0))
+    assert ancestral.request.eta == 1.0 and ancestral.request.eta_above == 0.0
+    assert not torch.allclose(ancestral.latents, euler.latents)
+    assert torch.equal(pipe.generate(GenerationRequest(prompt, seed=3, eta=1.0)).latents, ancestral.latents)
+    # Two prompts of one request share the seed but not the fresh noise; the first matches B = 1.
+    both = pipe.generate(GenerationRequest([prompt, prompt], seed=3, eta=1.0))
+    torch.testing.assert_close(both.latents[:1], ancestral.latents, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both.latents[0], both.latents[1])
+    # Above σ = 0.99 no step of the 3-step schedule re-noises but the first (from σ = 1).
+    assert not torch.equal(
+        pipe.generate(GenerationRequest(prompt, seed=3, eta=1.0, eta_above=0.99)).latents, euler.latents
+    )
+
+
 def test_batched_and_separate_guidance_agree(pipe):
     a = pipe.generate(GenerationRequest("a cyan square", seed=1, batch_cfg=True))
     b = pipe.generate(GenerationRequest("a cyan square", seed=1, batch_cfg=False))

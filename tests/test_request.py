@@ -54,6 +54,10 @@ def test_resolved_fills_defaults_and_draws_a_seed():
         ({"strength": 1.5}, r"strength=1.5 must be in \(0, 1\]; nearest valid: 1.0"),
         ({"width": 850}, r"width=850 must be a positive multiple of 16; nearest valid: 848 or 864"),
         ({"threshold_noise": 0.0}, r"threshold_noise=0.0 must be in \(0, 1\)"),
+        ({"eta": 1.5}, r"eta=1.5 must lie in \[0, 1\] .*; nearest valid: 1"),
+        ({"eta": -0.1}, r"eta=-0.1 must lie in \[0, 1\] .*; nearest valid: 0"),
+        ({"eta": float("nan")}, r"eta=nan must lie in \[0, 1\] .*; nearest valid: 0"),
+        ({"eta_above": 1.0}, r"eta_above=1.0 must lie in \[0, 1\) .*; nearest valid: 0.99"),
     ],
 )
 def test_bad_requests(kwargs, message):

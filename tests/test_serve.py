@@ -110,6 +110,15 @@ def test_submit_poll_and_fetch_a_playable_mp4(url, pipe, live, tmp_path):
     assert status == 200 and history[0]["id"] == job["id"]
 
 
+def test_ancestral_sampling_is_a_job_parameter(url, live):
+    body = {"prompt": "a red circle moving right", "seed": 7, "eta": 1, "eta_above": 0.3}
+    status, job = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 202 and (job["parameters"]["eta"], job["parameters"]["eta_above"]) == (1, 0.3)
+    assert wait_for(url, job["id"], ("done", "failed"))["status"] == "done"
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    assert (sidecar["eta"], sidecar["eta_above"]) == (1, 0.3)
+
+
 def test_unset_seed_is_drawn_and_reported(url):
     status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "steps": 1})
     assert status == 202 and isinstance(job["parameters"]["seed"], int)
@@ -160,6 +169,8 @@ def test_full_queue_is_429_and_queued_jobs_cancel_at_once(url, pipe):
         ({"prompt": "x", "frames": "many"}, "frames: Input should be a valid integer"),
         ({"prompt": "x", "steps": 0}, "steps: Input should be greater than or equal to 1 (got 0)"),
         ({"prompt": "x", "guidance": -1}, "guidance: Input should be greater than or equal to 0"),
+        ({"prompt": "x", "eta": 1.5}, "eta: Input should be less than or equal to 1 (got 1.5)"),
+        ({"prompt": "x", "eta_above": 1}, "eta_above: Input should be less than 1 (got 1)"),
         ({"prompt": "x", "stepz": 3}, "stepz: Extra inputs are not permitted"),
         ({"prompt": ""}, "prompt: String should have at least 1 character"),
         ({"negative_prompt": "y"}, "prompt: Field required"),

@@ -271,7 +271,8 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
 
 
 def test_history_survives_a_restart_and_pages_beyond_the_table(url, live, pipe, tmp_path):
-    job = call_json("POST", f"{url}/api/jobs", {"prompt": "kept", "seed": 9, "negative_prompt": "no"})[1]
+    body = {"prompt": "kept", "seed": 9, "negative_prompt": "no", "eta": 0.5, "eta_above": 0.2}
+    job = call_json("POST", f"{url}/api/jobs", body)[1]
     wait_for(url, job["id"], FINAL)
     out = tmp_path / "out"
     out.mkdir()

@@ -275,6 +275,9 @@ class MochiPipeline:
                 batch_cfg=req.batch_cfg,
                 callback=lambda done, total, sigma: report("denoise", done, total),
                 denoised=denoised,
+                eta=req.eta,
+                eta_above=req.eta_above,
+                noise_seeds=[(req.seed, b) for b in range(batch)],
             )
         seconds["denoise"] = time.perf_counter() - t0
         if not all_finite(latents):

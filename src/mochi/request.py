@@ -74,6 +74,10 @@ class GenerationRequest:
     loras: list[tuple[str, float]] = field(default_factory=list)
     cache: str = "none"  # step caching: none, teacache, fbcache or a preset (mochi.accel.cache.PRESETS)
     cache_threshold: float | None = None  # None: the kind's or preset's threshold
+    # The ancestral sampler (``mochi.sampling.sampler``): a share ``eta`` of each step's noise drawn afresh
+    # (seeded from ``seed``) at steps from σ above ``eta_above``; 0 = Genmo's Euler sampler.
+    eta: float = 0.0
+    eta_above: float = 0.0
 
     @property
     def prompts(self) -> list[str]:
@@ -134,6 +138,9 @@ class GenerationRequest:
                 f"a per-step guidance list has {len(self.guidance)} values for steps={self.steps}; "
                 "give one value per step"
             )
+        from mochi.sampling.sampler import check_eta
+
+        check_eta(self.eta, self.eta_above)
         if not 0.0 < self.strength <= 1.0:
             nearest = min(max(self.strength, 0.01), 1.0)
             raise ValueError(f"strength={self.strength} must be in (0, 1]; nearest valid: {nearest}")

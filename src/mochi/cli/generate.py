@@ -38,6 +38,18 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
     p.add_argument("--threshold-noise", type=float, default=0.025, help="schedule's linear-part end (0.025)")
     p.add_argument("--linear-steps", type=int, help="steps in the schedule's linear part (default: half)")
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="ancestral sampling: share of each step's noise drawn afresh, 0-1 (0: Genmo's Euler sampler)",
+    )
+    p.add_argument(
+        "--eta-above",
+        type=float,
+        default=0.0,
+        help="ancestral sampling only at steps from σ above this, 0-1 (0)",
+    )
     add_model_options(p, runtime=True)
     p.add_argument(
         "--devices",
@@ -89,6 +101,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         seed=seed,
         threshold_noise=args.threshold_noise,
         linear_steps=args.linear_steps,
+        eta=args.eta,
+        eta_above=args.eta_above,
         init_video=args.init_video,
         strength=0.7 if args.strength is None else args.strength,
         loras=lora_pairs(args.lora, args.lora_scale),

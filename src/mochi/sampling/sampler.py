@@ -38,12 +38,14 @@ def euler_step(z: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float
 
 
 def step_noise(
-    shape: Sequence[int], seed: int, step: int, device: str | torch.device = "cpu"
+    shape: Sequence[int], seed: int, step: int, device: str | torch.device = "cpu", row: int = 0
 ) -> torch.Tensor:
     """The ancestral sampler's fresh noise for ``step`` (0-based) of a video seeded ``seed``: float32 of
     ``shape``, drawn on the CPU from a generator seeded with a hash of (seed, step) — not ``seed + k``, which
-    would repeat another seed's initial noise."""
-    state = np.random.SeedSequence([int(seed), 1, int(step)]).generate_state(1, np.uint64)
+    would repeat another seed's initial noise. ``row`` > 0 tells apart the videos of one batch that share a
+    seed (the pipeline's prompts of one request)."""
+    key = [int(seed), 1, int(step)] + ([int(row)] if row else [])
+    state = np.random.SeedSequence(key).generate_state(1, np.uint64)
     generator = torch.Generator(device="cpu").manual_seed(int(state[0]))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device)
 
@@ -51,13 +53,13 @@ def step_noise(
 def check_eta(eta: float, eta_above: float) -> None:
     """The ancestral options' rules: η in [0, 1] and a σ threshold in [0, 1)."""
     if not 0.0 <= eta <= 1.0:
-        nearest = min(max(eta, 0.0), 1.0)
+        nearest = 1.0 if eta > 1.0 else 0.0  # NaN too
         raise ValueError(
             f"eta={eta} must lie in [0, 1] (the share of fresh noise per step; 0 is the Euler sampler); "
             f"nearest valid: {nearest:g}"
         )
     if not 0.0 <= eta_above < 1.0:
-        nearest = min(max(eta_above, 0.0), 0.99)
+        nearest = 0.99 if eta_above >= 1.0 else 0.0
         raise ValueError(
             f"eta_above={eta_above} must lie in [0, 1) (fresh noise only at steps whose σ is above it); "
             f"nearest valid: {nearest:g}"
@@ -129,7 +131,7 @@ def sample(
     denoised: Callable[[int, int, torch.Tensor], None] | None = None,
     eta: float = 0.0,
     eta_above: float = 0.0,
-    noise_seeds: Sequence[int] | None = None,
+    noise_seeds: Sequence[int | tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Integrate z from ``sigmas[0]`` to ``sigmas[-1]``; returns the final latent (B, C, T, H, W) float32.
 
@@ -142,8 +144,9 @@ def sample(
     denoised(step, total, x0) runs after each step with the step's estimate of the clean latent,
     x0 = z + σ·v (B, C, T, H, W) float32, a new tensor (previews; the result does not depend on it).
     eta, eta_above, noise_seeds: the ancestral variant (module docstring). At a step from σ > ``eta_above``
-    to σ_next > 0, a share ``eta`` of the noise is drawn afresh, for row b from ``noise_seeds[b]``
-    (``step_noise``); eta = 0 (the default) is the Euler sampler bit for bit.
+    to σ_next > 0, a share ``eta`` of the noise is drawn afresh, for row b from ``noise_seeds[b]``: a seed,
+    or (seed, row) for rows that share one (``step_noise``). eta = 0 (the default) is the Euler sampler bit
+    for bit.
     """
     sigmas = validate_sigmas(sigmas)
     check_eta(eta, eta_above)
@@ -182,8 +185,9 @@ def sample(
             denoised(i + 1, steps, z + sigma * v)
         sigma_next = sigmas[i + 1]
         if eta > 0 and sigma > eta_above and sigma_next > 0:
+            keys = [k if isinstance(k, tuple) else (k, 0) for k in noise_seeds or ()]
             row = (1, *z.shape[1:])
-            fresh = torch.cat([step_noise(row, s, i, device=z.device) for s in noise_seeds or ()])
+            fresh = torch.cat([step_noise(row, s, i, device=z.device, row=r) for s, r in keys])
             x0, noise = z + sigma * v, z - (1.0 - sigma) * v
             z = (1.0 - sigma_next) * x0 + sigma_next * ((1.0 - eta**2) ** 0.5 * noise + eta * fresh)
         else:

@@ -41,6 +41,8 @@ def job_from_sidecar(data: dict, video: Path) -> Job:
         negative_prompt=str(data.get("negative_prompt", "")),
         loras=[(str(x["name"]), float(x["scale"])) for x in loras],
         strength=float(data.get("strength") or 0.7),
+        eta=float(data.get("eta") or 0.0),
+        eta_above=float(data.get("eta_above") or 0.0),
     )
     if not isinstance(request.prompt, str):
         raise TypeError("prompt is not a string")

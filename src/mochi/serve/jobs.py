@@ -63,6 +63,8 @@ PARAMETERS = (
     "seed",
     "cache",
     "cache_threshold",
+    "eta",
+    "eta_above",
 )
 # The text encoder reads this many tokens (the end token included); the rest of a prompt is dropped.
 TEXT_TOKENS = 256
