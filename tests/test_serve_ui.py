@@ -303,18 +303,24 @@ def submit_batch(page, server, prompt: str, seed: int, steps: int) -> list:
 
 
 def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
+    tab.fill("#eta", "1")
+    tab.fill("#eta-above", "0.3")
     jobs = submit_batch(tab, server, "a green square moving up", seed=20, steps=2)
     assert [j.request.seed for j in jobs] == [21, 20] and {j.request.steps for j in jobs} == {2}
+    assert {(j.request.eta, j.request.eta_above) for j in jobs} == {(1.0, 0.3)}
     # The page follows the batch to its end: the second job after the first.
     tab.wait_for_function("document.getElementById('status').textContent.endsWith('(seed 21)')")
     tab.wait_for_function("document.querySelectorAll('#history tr').length >= 2")
     first = tab.locator(f"#history tr[data-id='{jobs[1].id}']")
-    for field in ("prompt", "seed", "steps"):
+    for field in ("prompt", "seed", "steps", "eta", "eta-above"):
         tab.fill(f"#{field}", "")
     tab.fill("#count", "1")
     first.locator("button:text('reuse')").click()
     assert tab.input_value("#prompt") == "a green square moving up"
     assert tab.input_value("#seed") == "20" and tab.input_value("#steps") == "2"
+    assert tab.input_value("#eta") == "1" and tab.input_value("#eta-above") == "0.3"
+    for field in ("eta", "eta-above"):  # the tab is shared: later tests sample with Euler
+        tab.fill(f"#{field}", "")
     first.locator("button:text('seed')").click()
     wait_status(tab, "seed 20 copied")
     assert tab.evaluate("navigator.clipboard.readText()") == "20"
