@@ -155,6 +155,7 @@ def sample(
             f"eta={eta} needs one noise seed per video: got "
             f"{'none' if noise_seeds is None else len(noise_seeds)} for a batch of {z.shape[0]}"
         )
+    keys = [k if isinstance(k, tuple) else (k, 0) for k in noise_seeds or ()]  # (seed, row) per row
     steps = len(sigmas) - 1
     scales = guidance_schedule(guidance, steps)
     batch = z.shape[0]
@@ -185,7 +186,6 @@ def sample(
             denoised(i + 1, steps, z + sigma * v)
         sigma_next = sigmas[i + 1]
         if eta > 0 and sigma > eta_above and sigma_next > 0:
-            keys = [k if isinstance(k, tuple) else (k, 0) for k in noise_seeds or ()]
             row = (1, *z.shape[1:])
             fresh = torch.cat([step_noise(row, s, i, device=z.device, row=r) for s, r in keys])
             x0, noise = z + sigma * v, z - (1.0 - sigma) * v
