@@ -68,14 +68,12 @@ def main() -> None:
     parser.add_argument(
         "--eta",
         type=float,
-        default=0.0,
-        help="ancestral sampler: share of fresh noise per step (0 = Euler, the default; mochi.sampling)",
+        help="ancestral sampler: share of fresh noise per step (0 = Euler; default: the model's)",
     )
     parser.add_argument(
         "--eta-above",
         type=float,
-        default=0.0,
-        help="ancestral sampler: fresh noise only at steps from σ above this",
+        help="ancestral sampler: fresh noise only at steps from σ above this (default: the model's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses noise seed SEED + i")
     parser.add_argument(
@@ -108,7 +106,7 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be 1 or more, got {args.repeats}")
     try:
-        check_eta(args.eta, args.eta_above)
+        check_eta(args.eta or 0.0, args.eta_above or 0.0)
     except ValueError as e:
         parser.error(str(e).replace("eta_above=", "--eta-above ").replace("eta=", "--eta "))
     torch.set_num_threads(args.threads)

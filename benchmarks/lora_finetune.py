@@ -108,16 +108,16 @@ def load_pipeline(model: str | None):  # noqa: ANN201
 
 
 def evaluate(
-    pipe, prompts: list[str], seed: int, batch: int = 8, guidance=None
+    pipe, prompts: list[str], seed: int, batch: int = 8, guidance=None, eta=None
 ) -> dict[str, list[judge.Verdict]]:  # noqa: ANN001
     """Verdicts of the strict judge (the default) and of the moments-only one (`judge(strict=False)`, the
-    judge the targets were first measured with) on the same videos."""
+    judge the targets were first measured with) on the same videos. guidance, eta: None for the model's."""
     from mochi.request import GenerationRequest
 
     verdicts = {"strict": [], "moments": []}
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        request = GenerationRequest(chunk, seed=seed + start, guidance=guidance)
+        request = GenerationRequest(chunk, seed=seed + start, guidance=guidance, eta=eta)
         frames = pipe.generate(request).frames.numpy()
         verdicts["strict"] += [judge.judge(video) for video in frames]
         verdicts["moments"] += [judge.judge(video, strict=False) for video in frames]
@@ -163,6 +163,11 @@ def main() -> None:
         help="evaluation guidance: a number, or one value per step, comma-separated (default: the model's)",
     )
     parser.add_argument(
+        "--eta",
+        type=float,
+        help="evaluation: the ancestral sampler's share of fresh noise, 0 = Euler (default: the model's)",
+    )
+    parser.add_argument(
         "--eval-seed",
         type=int,
         default=7,
@@ -189,6 +194,8 @@ def main() -> None:
                         ("eval_prompts", 1), ("eval_repeats", 1)):  # fmt: skip
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # also refuses NaN
+        parser.error(f"--eta must lie in [0, 1] (0 is the Euler sampler), got {args.eta}")
     if args.threads:
         import torch
 
@@ -228,7 +235,7 @@ def main() -> None:
 
     def judged(prompts: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         # Every prompt once per seed, pooled: 24 prompts alone move a figure by 4.2% per video.
-        runs = [evaluate(pipe, prompts, seed, guidance=args.guidance) for seed in seeds]
+        runs = [evaluate(pipe, prompts, seed, guidance=args.guidance, eta=args.eta) for seed in seeds]
         return tuple(
             accuracy(prompts * len(seeds), [v for r in runs for v in r[which]])
             for which in ("strict", "moments")
@@ -264,6 +271,7 @@ def main() -> None:
         "eval_prompts_per_group": args.eval_prompts,
         "eval_seeds": seeds,
         "guidance": args.guidance,
+        "eta": args.eta,
         "lora_scale": args.lora_scale,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "figures": figures,

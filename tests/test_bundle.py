@@ -109,6 +109,31 @@ def test_strict_loading_names_the_missing_key(tmp_path):
         load_bundle(broken)
 
 
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"eta": 1.5}, r"config\['defaults'\]\['eta'\]=1.5 must be a number in \[0, 1\]"),
+        ({"eta": "1"}, r"config\['defaults'\]\['eta'\]='1' must be a number in \[0, 1\]"),
+        ({"eta_above": 1.0}, r"config\['defaults'\]\['eta_above'\]=1.0 must be a number in \[0, 1\)"),
+    ],
+)
+def test_a_bundles_sampler_defaults_are_checked_on_load(tmp_path, defaults, message):
+    path = tmp_path / "micro.safetensors"
+    save_bundle(
+        {**_parts(), "defaults": {**model_preset("test-micro").defaults, "eta": 1.0, "eta_above": 0.3}}, path
+    )
+    assert (load_bundle(path).defaults["eta"], load_bundle(path).defaults["eta_above"]) == (1.0, 0.3)
+    metadata = read_metadata(path)
+    config = json.loads(metadata["config"])
+    config["defaults"].update(defaults)
+    from mochi.weights.io import read_state_dict
+
+    broken = tmp_path / "broken.safetensors"
+    save_state_dict(read_state_dict(path), broken, {**metadata, "config": json.dumps(config)})
+    with pytest.raises(WeightsError, match=message):
+        load_bundle(broken)
+
+
 def test_save_needs_every_component_and_stats(tmp_path):
     parts = _parts()
     with pytest.raises(ValueError, match="latent_std must be 12 floats"):

@@ -44,6 +44,28 @@ def test_ancestral_sampling_is_recorded(tiny, tmp_path):
     assert not np.array_equal(read_video(paths[0])[0], read_video(paths[1])[0])
 
 
+def test_the_models_sampler_is_the_default_and_eta_0_is_euler(monkeypatch, tmp_path):
+    """A model whose defaults name the ancestral sampler (the embedded one) runs it unless --eta says
+    otherwise; --eta 0 is then the Euler run of a model without such defaults, frame for frame."""
+    ancestral = tiny_components()
+    ancestral.defaults = {**ancestral.defaults, "eta": 1.0, "eta_above": 0.3}
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: ancestral)
+    monkeypatch.setattr(mochi.weights.components, "model_defaults", lambda model: ancestral.defaults)
+    base = ["generate", "a red circle moving right", "--seed", "9", "--steps", "3", "--out"]
+    runs = {name: tmp_path / f"{name}.mp4" for name in ("default", "eta0", "cached")}
+    assert main([*base, str(runs["default"])]) == 0
+    assert main([*base, str(runs["eta0"]), "--eta", "0"]) == 0
+    assert main([*base, str(runs["cached"]), "--cache", "teacache"]) == 0
+    meta = {k: json.loads(v.with_suffix(".json").read_text()) for k, v in runs.items()}
+    assert (meta["default"]["eta"], meta["default"]["eta_above"]) == (1.0, 0.3)
+    assert (meta["eta0"]["eta"], meta["cached"]["eta"], meta["cached"]["eta_above"]) == (0.0, 0.0, 0.0)
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    euler = tmp_path / "euler.mp4"
+    assert main([*base, str(euler)]) == 0
+    assert np.array_equal(read_video(runs["eta0"])[0], read_video(euler)[0])
+    assert not np.array_equal(read_video(runs["default"])[0], read_video(euler)[0])
+
+
 def test_generate_draws_and_records_a_seed(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "A Blue Square!", "--steps", "1"]) == 0

@@ -40,6 +40,24 @@ def test_resolved_fills_defaults_and_draws_a_seed():
     assert GenerationRequest("x", seed=7).resolved(DEFAULTS).seed == 7
 
 
+def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
+    ancestral = {**DEFAULTS, "eta": 1.0, "eta_above": 0.3}
+    r = GenerationRequest("x", seed=1).resolved(ancestral)
+    assert (r.eta, r.eta_above) == (1.0, 0.3)
+    euler = GenerationRequest("x", seed=1).resolved(DEFAULTS)  # defaults that name no sampler: Euler
+    assert (euler.eta, euler.eta_above) == (0.0, 0.0)
+    explicit = GenerationRequest("x", seed=1, eta=0.0).resolved(ancestral)  # 0 is kept, not read as "unset"
+    assert (explicit.eta, explicit.eta_above) == (0.0, 0.3)
+    assert GenerationRequest("x", seed=1, eta=0.5, eta_above=0.1).resolved(ancestral).eta_above == 0.1
+    # A step cache skips no ancestral step: a cached request runs Euler unless it names eta itself.
+    cached = GenerationRequest("x", seed=1, cache="teacache").resolved(ancestral)
+    assert (cached.eta, cached.eta_above, cached.cache) == (0.0, 0.0, "teacache")
+    named = GenerationRequest("x", seed=1, cache="teacache", eta=1.0).resolved(ancestral)
+    assert (named.eta, named.eta_above) == (1.0, 0.3)
+    with pytest.raises(ValueError, match=r"eta_above=1.0 must lie in \[0, 1\)"):
+        GenerationRequest("x", seed=1).resolved({**DEFAULTS, "eta": 1.0, "eta_above": 1.0})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -119,6 +119,18 @@ def test_ancestral_sampling_is_a_job_parameter(url, live):
     assert (sidecar["eta"], sidecar["eta_above"]) == (1, 0.3)
 
 
+def test_an_unset_eta_is_the_models():
+    from mochi.serve.api import JobRequest
+    from mochi.serve.jobs import PARAMETERS
+
+    request = GenerationRequest(**JobRequest(prompt="x").model_dump(include=set(PARAMETERS)))
+    assert request.eta is None and request.eta_above is None
+    defaults = {**tiny_components().defaults, "eta": 1.0, "eta_above": 0.3}
+    assert (request.resolved(defaults).eta, request.resolved(defaults).eta_above) == (1.0, 0.3)
+    explicit = GenerationRequest(**JobRequest(prompt="x", eta=0).model_dump(include=set(PARAMETERS)))
+    assert explicit.resolved(defaults).eta == 0.0
+
+
 def test_unset_seed_is_drawn_and_reported(url):
     status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "steps": 1})
     assert status == 202 and isinstance(job["parameters"]["seed"], int)

@@ -94,6 +94,7 @@ def tab(context, server):
 
 def test_generate_shows_progress_then_a_playing_video(page, server):
     assert page.locator("#frames").get_attribute("placeholder") == "7"  # the model's defaults are shown
+    assert page.locator("#eta").get_attribute("placeholder") == "0"  # its defaults name no eta: Euler
     page.click("#randomise")
     assert page.input_value("#seed").isdigit()
     page.fill("#seed", "11")

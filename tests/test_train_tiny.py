@@ -142,8 +142,13 @@ def test_presets_name_every_component():
         "steps": 24,
         "guidance": 2.0,
         "latents": "mean",
+        "eta": 1.0,
+        "eta_above": 0.3,
     }
-    assert MODEL_PRESETS["mochi-tiny-v2"].defaults == {**tiny.defaults, "guidance": 4.0}
+    # v2 and the v9 runs (d8) were measured with the Euler sampler: their defaults name no eta.
+    euler = {k: v for k, v in tiny.defaults.items() if k not in ("eta", "eta_above")}
+    assert MODEL_PRESETS["mochi-tiny-v2"].defaults == {**euler, "guidance": 4.0}
+    assert MODEL_PRESETS["mochi-tiny-d8"].defaults == euler
     released = MODEL_PRESETS["mochi-1-preview"]
     assert (released.dit.depth, released.dit.hidden_size_x, released.text_encoder.d_model) == (48, 3072, 4096)
     with pytest.raises(ValueError, match="mochi-tiny"):

@@ -50,7 +50,7 @@ def check_multiple(value: int, multiple: int, name: str) -> int:
 
 @dataclass
 class GenerationRequest:
-    """One call of the pipeline. ``None`` for frames/size/steps/guidance means the model's own default.
+    """One call of the pipeline. ``None`` for frames/size/steps/guidance/eta means the model's own default.
 
     ``guidance`` is a scalar or one value per step (classifier-free guidance; 1.0 skips the unconditional
     pass). ``sigmas``, when given, replaces the linear-quadratic schedule and must fall from 1.0 (or below,
@@ -75,9 +75,11 @@ class GenerationRequest:
     cache: str = "none"  # step caching: none, teacache, fbcache or a preset (mochi.accel.cache.PRESETS)
     cache_threshold: float | None = None  # None: the kind's or preset's threshold
     # The ancestral sampler (``mochi.sampling.sampler``): a share ``eta`` of each step's noise drawn afresh
-    # (seeded from ``seed``) at steps from σ above ``eta_above``; 0 = Genmo's Euler sampler.
-    eta: float = 0.0
-    eta_above: float = 0.0
+    # (seeded from ``seed``) at steps from σ above ``eta_above``; 0 = Genmo's Euler sampler. None: the model's
+    # default (its bundle's ``defaults``; 0 when they name none, as for the released model), and 0 when a step
+    # cache is on (``resolved``).
+    eta: float | None = None
+    eta_above: float | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -86,6 +88,7 @@ class GenerationRequest:
     def resolved(self, defaults: dict) -> GenerationRequest:
         """A copy with every ``None`` default filled from ``defaults`` and a seed drawn, then validated."""
         values = {k: defaults[k] for k in ("frames", "height", "width", "steps", "guidance")}
+        values.update({k: defaults.get(k, 0.0) for k in ("eta", "eta_above")})
         values = {k: v for k, v in values.items() if getattr(self, k) is None}
         if self.seed is None:
             values["seed"] = secrets.randbelow(2**32)
@@ -97,6 +100,10 @@ class GenerationRequest:
 
         setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset → kind, options, threshold
         out.cache, out.cache_threshold = setting.spec, setting.threshold
+        if setting.enabled and self.eta is None:
+            # A step cache skips no step of an ancestral run (its fresh noise changes every step's input), so
+            # a cached request takes the Euler sampler unless it names eta itself.
+            out.eta, out.eta_above = 0.0, 0.0
         return out
 
     def validate(self) -> None:
@@ -140,7 +147,7 @@ class GenerationRequest:
             )
         from mochi.sampling.sampler import check_eta
 
-        check_eta(self.eta, self.eta_above)
+        check_eta(self.eta or 0.0, self.eta_above or 0.0)  # None: the model's, checked when resolved
         if not 0.0 < self.strength <= 1.0:
             nearest = min(max(self.strength, 0.01), 1.0)
             raise ValueError(f"strength={self.strength} must be in (0, 1]; nearest valid: {nearest}")

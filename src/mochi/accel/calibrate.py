@@ -130,7 +130,9 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
     trace: list[tuple[float, float]] = []
     dit = pipe.components.dit
     for i in range(runs):
-        req = GenerationRequest(prompt=prompts[i % len(prompts)], seed=seed + i, **request)
+        # The Euler sampler: the one a cached request runs (GenerationRequest.resolved); a cache skips no step
+        # of an ancestral run.
+        req = GenerationRequest(prompt=prompts[i % len(prompts)], seed=seed + i, eta=0.0, **request)
         req = req.resolved(pipe.components.defaults)
         sigmas = pipe._sigmas(req)
         guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))

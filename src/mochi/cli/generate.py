@@ -41,14 +41,14 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument(
         "--eta",
         type=float,
-        default=0.0,
-        help="ancestral sampling: share of each step's noise drawn afresh, 0-1 (0: Genmo's Euler sampler)",
+        help="ancestral sampling: share of each step's noise drawn afresh, 0-1 (0: Genmo's Euler sampler; "
+        "default: the model's, 1 for the embedded model, 0 for Mochi 1)",
     )
     p.add_argument(
         "--eta-above",
         type=float,
-        default=0.0,
-        help="ancestral sampling only at steps from σ above this, 0-1 (0)",
+        help="ancestral sampling only at steps from σ above this, 0-1 (default: the model's, 0.3 for the "
+        "embedded model)",
     )
     add_model_options(p, runtime=True)
     p.add_argument(

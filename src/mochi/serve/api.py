@@ -69,11 +69,11 @@ class JobRequest(extras.JobExtras):
     steps: int | None = Field(None, ge=1, le=LIMITS["steps"], description="sampling steps")
     guidance: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 1.0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed; unset draws one")
-    eta: float = Field(
-        0.0, ge=0, le=1, description="ancestral sampling: share of each step's noise drawn afresh"
+    eta: float | None = Field(
+        None, ge=0, le=1, description="ancestral sampling: share of each step's noise drawn afresh; 0 = Euler"
     )
-    eta_above: float = Field(
-        0.0, ge=0, lt=1, description="ancestral sampling only at steps from σ above this"
+    eta_above: float | None = Field(
+        None, ge=0, lt=1, description="ancestral sampling only at steps from σ above this"
     )
     lora: str | None = Field(None, max_length=255, description="a file name from GET /api/info's loras")
     lora_scale: float = Field(1.0, ge=-10, le=10, description="strength of the LoRA")

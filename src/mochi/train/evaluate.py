@@ -41,12 +41,13 @@ def generate(
     seed: int = 0,
     frames: int | None = None,
     batch: int = 8,
-    eta: float = 0.0,
-    eta_above: float = 0.0,
+    eta: float | None = None,
+    eta_above: float | None = None,
 ) -> np.ndarray:
     """uint8 videos (len(prompts), T, H, W, 3); prompt i uses noise seed ``seed + i``.
 
-    steps, guidance, frames default to the components' defaults; height and width always do. eta, eta_above:
+    steps, guidance, frames, eta, eta_above default to the components' defaults (eta: 0 when they name none);
+    height and width always do. eta, eta_above:
     the ancestral sampler (``mochi.sampling.sampler``; 0 = Euler), its fresh noise seeded as the video's.
     """
     videos = []
@@ -78,13 +79,15 @@ def generate_from_text(
     steps: int | None = None,
     guidance: float | None = None,
     frames: int | None = None,
-    eta: float = 0.0,
-    eta_above: float = 0.0,
+    eta: float | None = None,
+    eta_above: float | None = None,
 ) -> np.ndarray:
     """``generate`` from encoded text (features (B, L, d), mask (B, L)): video b uses noise seed
     ``seeds[b]``. For probes that edit the features (benchmarks/binding_probe.py)."""
     d = components.defaults
     steps, guidance, frames = steps or d["steps"], guidance or d["guidance"], frames or d["frames"]
+    eta = d.get("eta", 0.0) if eta is None else eta
+    eta_above = d.get("eta_above", 0.0) if eta_above is None else eta_above
     t = num_latents_for_frames(frames)
     h, w = d["height"] // SPATIAL_FACTOR, d["width"] // SPATIAL_FACTOR
     mean, std = latent_statistics(components)

@@ -105,6 +105,10 @@ def _check_defaults(defaults: object, where: str) -> None:
             raise WeightsError(
                 f"{where}: config['defaults'][{key!r}]={value!r} must be a positive {kind.__name__}"
             )
+    for key, rule in (("eta", "[0, 1]"), ("eta_above", "[0, 1)")):  # optional (the ancestral sampler)
+        value = defaults.get(key, 0.0)
+        if not _of_type(value, "float") or not (0.0 <= value <= 1.0 if key == "eta" else 0.0 <= value < 1.0):
+            raise WeightsError(f"{where}: config['defaults'][{key!r}]={value!r} must be a number in {rule}")
     if defaults.get("latents", "sample") not in LATENTS:
         raise WeightsError(f"{where}: config['defaults']['latents'] must be one of {list(LATENTS)}")
 
