@@ -1,7 +1,8 @@
 """The rectified-flow Euler sampler with classifier-free guidance (genmo-mochi.md §3.2–3.4).
 
-An ancestral variant (``eta`` > 0, off by default and not part of Genmo's sampler) re-noises at each step:
-it moves to σ_next along the step's estimate x0 = z + σ·v, and replaces a share η of the step's noise
+An ancestral variant (``eta`` > 0; not part of Genmo's sampler, off in ``sample`` by default, and the embedded
+model's default through its bundle's request defaults) re-noises at each step: it moves to σ_next along the
+step's estimate x0 = z + σ·v, and replaces a share η of the step's noise
 estimate ε = z − (1 − σ)·v with fresh noise, keeping unit variance (√(1 − η²)·ε + η·ξ). At η = 0 this is
 the Euler step; at η = 1 it draws each step's noise afresh, as ancestral samplers elsewhere (ComfyUI's
 ``euler_ancestral`` for flow models, diffusers' ``stochastic_sampling``) do. Fresh noise comes from each
