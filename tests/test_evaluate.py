@@ -25,6 +25,17 @@ def test_generate_matches_the_pipeline():
         assert np.abs(frames.astype(int) - videos[i].astype(int)).max() <= 1
 
 
+def test_generate_follows_the_models_sampler_as_the_pipeline_does():
+    """benchmarks/adherence.py measures what `mochi generate` makes: the defaults' eta, unless told."""
+    components = tiny_components()
+    components.defaults = {**components.defaults, "eta": 1.0, "eta_above": 0.3}
+    videos = generate(components, PROMPTS[:1], seed=5)
+    assert np.array_equal(videos, generate(components, PROMPTS[:1], seed=5, eta=1.0, eta_above=0.3))
+    assert not np.array_equal(videos, generate(components, PROMPTS[:1], seed=5, eta=0.0))
+    frames = MochiPipeline(components, device="cpu").generate(GenerationRequest(PROMPTS[0], seed=5)).frames
+    assert np.abs(frames.numpy()[0].astype(int) - videos[0].astype(int)).max() <= 1
+
+
 def test_reconstructions_and_psnr_have_the_models_size():
     components = tiny_components()
     videos = reconstructions(components, PROMPTS, seed=1)
