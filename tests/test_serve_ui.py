@@ -327,6 +327,19 @@ def test_batch_then_reuse_parameters_and_copy_seed(tab, server):
     assert tab.evaluate("navigator.clipboard.readText()") == "20"
 
 
+def test_reuse_keeps_an_euler_jobs_eta_0(tab, server):
+    """A job that ran the Euler sampler refills η with 0, not a blank: on a model whose default is the
+    ancestral sampler (the embedded one), a blank would run that instead."""
+    jobs = submit_batch(tab, server, "a red circle moving left", seed=30, steps=2)
+    assert {(j.request.eta, j.request.eta_above) for j in jobs} == {(0.0, 0.0)}
+    tab.fill("#count", "1")
+    tab.locator(f"#history tr[data-id='{jobs[1].id}'] button:text('reuse')").click()
+    assert tab.input_value("#seed") == "30"
+    assert tab.input_value("#eta") == "0" and tab.input_value("#eta-above") == "0"
+    for field in ("eta", "eta-above"):  # the tab is shared
+        tab.fill(f"#{field}", "")
+
+
 def test_a_batch_job_that_ends_while_the_page_shows_the_one_before_is_still_shown(tab, server):
     # The page fetches the first job's video while the second runs; hold that download until the second has
     # ended on the server, so that the page, when it comes to the second, finds it already done.
