@@ -204,3 +204,40 @@ def test_ancestral_errors():
 @pytest.mark.gpu
 def test_same_seed_same_noise_on_cuda():
     assert torch.equal(initial_noise(SHAPE, seed=5, device="cuda").cpu(), initial_noise(SHAPE, seed=5))
+
+
+def test_eta_1_is_diffusers_stochastic_flow_sampling_given_the_same_noise(monkeypatch):
+    """η = 1 at every step is the step of diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    (the peer of this option): x0 = z + σ·v, then (1 − σ')·x0 + σ'·ξ. The fresh noise of both is replaced
+    by one list of tensors, so only the arithmetic is compared."""
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_flow_match_euler_discrete as flow_match
+
+    import mochi.sampling.sampler as sampler_module
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 3, generator=gen) * 0.5
+
+    def model(x, sigma, feats, mask):  # a velocity that depends on z and σ, so the noise matters downstream
+        return torch.einsum("oc,bcthw->bothw", weight, x) + 0.3 * sigma.view(-1, 1, 1, 1, 1)
+
+    sigmas = linear_quadratic_schedule(8)
+    shape = (1, *SHAPE[1:])
+    noises = [torch.randn(shape, generator=gen) for _ in sigmas]
+    z = initial_noise(shape, seed=4)
+    monkeypatch.setattr(
+        sampler_module, "step_noise", lambda shape, seed, step, device=None, row=0: noises[step]
+    )
+    ours = sample(model, z, sigmas, text(1.0, batch=1), guidance=1.0, eta=1.0, noise_seeds=[4])
+
+    drawn = iter(noises)
+    monkeypatch.setattr(flow_match, "randn_tensor", lambda *a, **k: next(drawn))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    scheduler.set_timesteps(sigmas=sigmas[:-1])
+    assert scheduler.sigmas.tolist() == pytest.approx(sigmas)
+    theirs = z.clone()
+    for t, sigma in zip(scheduler.timesteps, sigmas):
+        velocity = -model(theirs, torch.tensor([sigma]), None, None)  # diffusers' flow output is ε − x0
+        theirs = scheduler.step(velocity, t, theirs).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, sample(model, z, sigmas, text(1.0, batch=1), guidance=1.0), atol=1e-2)
