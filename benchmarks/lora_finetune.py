@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from mochi.files import atomic_write_text
+from mochi.sampling.sampler import check_eta
 from mochi.train import judge, shapes
 from mochi.video import write_video
 
@@ -194,8 +195,10 @@ def main() -> None:
                         ("eval_prompts", 1), ("eval_repeats", 1)):  # fmt: skip
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # also refuses NaN
-        parser.error(f"--eta must lie in [0, 1] (0 is the Euler sampler), got {args.eta}")
+    try:
+        check_eta(args.eta or 0.0, 0.0)  # the sampler's own rule and message (NaN refused too)
+    except ValueError as e:
+        parser.error(str(e).replace("eta=", "--eta "))
     if args.threads:
         import torch
 
