@@ -8,6 +8,7 @@ import mochi.pipeline
 import mochi.weights.components
 from mochi.cli import build_parser, main
 from mochi.video import read_video, write_video
+from mochi.weights.bundle import load_embedded
 
 from .test_pipeline import tiny_components
 
@@ -178,6 +179,11 @@ def test_help_lists_every_option(capsys):
         "--eta-above",
     ]:
         assert flag in text
+    # The η defaults the help names are the shipped asset's (the help reads them from the preset).
+    shipped = load_embedded().defaults
+    flat = " ".join(text.split())
+    assert f"{shipped['eta']:g} for the embedded model, 0 for Mochi 1" in flat
+    assert f"{shipped['eta_above']:g} for the embedded model" in flat
 
 
 def test_bare_offload_before_the_prompt_leaves_the_prompt(tiny, tmp_path, capsys):
