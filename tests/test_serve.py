@@ -348,6 +348,16 @@ def test_binding_beyond_loopback_needs_a_token(capsys, monkeypatch):
     check_binding("127.0.0.1", None)
     with pytest.raises(ValueError, match="--token has 0 characters; a bearer token needs at least 16"):
         check_binding("0.0.0.0", " ")
+    # Beyond visible ASCII a token cannot be presented reliably in a header (clients encode it as latin-1 or
+    # UTF-8), so it is refused at start rather than locking every request out.
+    with pytest.raises(
+        ValueError, match=r"--token holds 'ä' at position 1; a bearer token must be visible ASCII"
+    ):
+        check_binding("127.0.0.1", "pässwörd-ünïcode-1234")
+    with pytest.raises(ValueError, match=r"--token holds ' ' at position 8; .* no spaces"):
+        check_binding("127.0.0.1", "abcdefgh ijklmnopq")
+    with pytest.raises(ValueError, match=r"--token holds '\\t' at position 16"):
+        check_binding("127.0.0.1", TOKEN[:16] + "\t")
     # The command refuses before loading any model.
     assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err

@@ -27,8 +27,8 @@ def _add_serve(sub: Subparsers) -> None:
     p.add_argument(
         "--token",
         default=os.environ.get("MOCHI_SERVE_TOKEN"),
-        help="bearer token every API call must carry, 16+ characters (default: $MOCHI_SERVE_TOKEN); "
-        "required off loopback",
+        help="bearer token every API call must carry, 16+ visible ASCII characters (default: "
+        "$MOCHI_SERVE_TOKEN); required off loopback",
     )
     p.add_argument("--out-dir", default="mochi-serve-out", metavar="DIR", help="where videos are written")
     p.add_argument("--queue-size", type=int, default=8, metavar="N", help="jobs that may wait (default: 8)")

@@ -41,6 +41,13 @@ def check_binding(host: str, token: str | None) -> None:
             f"--token has {len(token.strip())} characters; a bearer token needs at least {MIN_TOKEN_CHARS} "
             "(a long random string, e.g. from `openssl rand -hex 24`)"
         )
+    if token is not None and (bad := next((c for c in token if not "!" <= c <= "~"), None)) is not None:
+        # HTTP headers carry bytes that clients and servers decode differently beyond ASCII (latin-1 or
+        # UTF-8), and whitespace splits the header, so such a token could never be presented reliably.
+        raise ValueError(
+            f"--token holds {bad!r} at position {token.index(bad)}; a bearer token must be visible ASCII "
+            "characters (letters, digits, punctuation; no spaces), e.g. from `openssl rand -hex 24`"
+        )
     if not is_loopback(host) and token is None:
         raise ValueError(
             f"--host {host} exposes the server beyond this machine, which needs a bearer token: pass "
