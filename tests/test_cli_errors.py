@@ -273,6 +273,23 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     _one_line(capsys, code, "v.json")
 
 
+def test_running_out_of_memory_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
+    def greedy(self, request, **kwargs):
+        torch.empty(10**15, dtype=torch.uint8)  # the real CPU allocator's failure, at once and harmless
+
+    monkeypatch.setattr(mochi.pipeline.MochiPipeline, "generate", greedy)
+    code = main(["generate", "x", "--out", str(tmp_path / "v.mp4")])
+    _one_line(
+        capsys, code, "out of memory: the CPU could not allocate 1000000.0 GB", "fewer frames", "--offload"
+    )
+    assert list(tmp_path.iterdir()) == []
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 23.65 GiB")
+    assert mochi.errors.user_message(cuda).startswith(
+        "out of memory: the accelerator could not allocate 20.00 GiB"
+    )
+    assert mochi.errors.user_message(RuntimeError("a genuine bug")) is None
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     def broken(args):
         raise RuntimeError("a genuine bug")

@@ -114,6 +114,12 @@ def test_plan_command(capsys):
     assert "fastest that fits: bf16, offload none (peak 1.0 GB)" in capsys.readouterr().out
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "30"]) == 2
     assert "frames" in capsys.readouterr().err
+    # The request's rules hold here as in generate: guidance's range, and a size whose token count would
+    # overflow the planner's tensor sizes.
+    assert main(["plan", "--gpu-memory", "16GB", "--guidance", "-3"]) == 2
+    assert "guidance=-3.0 must be in [0, 100]" in capsys.readouterr().err
+    assert main(["plan", "--gpu-memory", "16GB", "--frames", "999999999999999997"]) == 2
+    assert "at most 1,048,576 are allowed" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["plan"]) == 2
         assert "give the budget, e.g. --gpu-memory 24GB" in capsys.readouterr().err

@@ -1,6 +1,14 @@
 import pytest
 
-from mochi.request import GenerationRequest, check_frames, check_multiple, nearest_frame_counts
+from mochi.request import (
+    MAX_VISUAL_TOKENS,
+    GenerationRequest,
+    check_frames,
+    check_multiple,
+    check_size,
+    nearest_frame_counts,
+    visual_tokens,
+)
 
 DEFAULTS = {"frames": 25, "height": 64, "width": 64, "steps": 8, "guidance": 4.0}
 
@@ -82,6 +90,33 @@ def test_bad_requests(kwargs, message):
     kwargs = {"prompt": "p", **kwargs}
     with pytest.raises(ValueError, match=message):
         GenerationRequest(**kwargs).resolved(DEFAULTS)
+
+
+def test_size_is_capped_in_visual_tokens_and_the_error_names_what_fits():
+    assert visual_tokens(163, 480, 848) == 28 * 30 * 53 == 44520  # Mochi's own size
+    check_size(163, 480, 848)
+    check_size(3949, 480, 848)  # 659 latent frames × 1590 = 1,047,810 tokens, the most frames that fit
+    with pytest.raises(
+        ValueError,
+        match=r"frames=3955 at 848x480 make 1,049,400 visual tokens.* nearest valid: frames=3949 at this",
+    ):
+        check_size(3955, 480, 848)
+    with pytest.raises(
+        ValueError,
+        match=r"78,125,000 visual tokens.* nearest valid: width=2672 at this height, with frames=1",
+    ):
+        check_size(7, 100000, 100000)
+    assert visual_tokens(1, 100000, 2672) <= MAX_VISUAL_TOKENS < visual_tokens(1, 100000, 2688)
+    with pytest.raises(ValueError, match=r"nearest valid: height=16777216 at width=16, with frames=1"):
+        check_size(7, 100000000, 64)
+    # validate applies it once the three are known (resolved fills the model's defaults first).
+    GenerationRequest("x", height=100000, width=100000).validate()
+    with pytest.raises(ValueError, match="visual tokens"):
+        GenerationRequest("x", frames=7, height=100000, width=100000).validate()
+    with pytest.raises(ValueError, match="visual tokens"):
+        GenerationRequest("x", height=100000).resolved(
+            {"frames": 7, "height": 64, "width": 100000, "steps": 2, "guidance": 1.0}
+        )
 
 
 def test_prompts_list():

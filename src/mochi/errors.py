@@ -52,14 +52,42 @@ def one_line(text: str) -> str:
 def user_message(exc: BaseException) -> str | None:
     """The one-line report of an error the user or the machine caused, or None for a bug.
 
-    User errors: `MochiError`, ``ValueError`` (bad input, everywhere in mochi) and ``OSError`` (files and
-    disks: missing, not permitted, already there, full, read-only).
+    User errors: `MochiError`, ``ValueError`` (bad input, everywhere in mochi), ``OSError`` (files and
+    disks: missing, not permitted, already there, full, read-only) and running out of memory
+    (`out_of_memory`).
     """
     if isinstance(exc, OSError) and not isinstance(exc, MochiError):
         return _os_message(exc)
+    if (oom := out_of_memory(exc)) is not None:
+        return oom
     if isinstance(exc, (MochiError, ValueError)):
         return one_line(str(exc)) or type(exc).__name__
     return None
+
+
+# torch's CPU allocator reports failure as a bare RuntimeError; CUDA's is torch.OutOfMemoryError.
+_CPU_ALLOC = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+_CUDA_ALLOC = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The one-line report of a failed allocation (CPU or accelerator), or None for any other error.
+
+    How much memory a request needs depends on the model, the size and the options, so the line says what
+    shrinks it rather than a limit."""
+    is_oom = type(exc).__name__ == "OutOfMemoryError" and isinstance(exc, RuntimeError)
+    cpu = _CPU_ALLOC.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if not (is_oom or cpu):
+        return None
+    if cpu:
+        what = f"the CPU could not allocate {int(cpu.group(1)) / 1e9:.1f} GB"
+    else:
+        size = _CUDA_ALLOC.search(str(exc))
+        what = "the accelerator could not allocate " + (size.group(1) if size else "more memory")
+    return (
+        f"out of memory: {what}; use fewer frames or a smaller size, or lower the memory it takes "
+        "(--offload, --quantize, --dtype bf16; `mochi plan` says what fits)"
+    )
 
 
 def _os_message(exc: OSError) -> str:

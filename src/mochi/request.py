@@ -17,6 +17,10 @@ SPATIAL_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 # Mochi samples at 4.5-6; far above, velocities overflow into NaN (ComfyUI's samplers stop at 100 as well).
 MAX_GUIDANCE = 100.0
+# The DiT attends over every visual token at once: (frames-1)/6+1 latent frames × height/16 × width/16.
+# Mochi's own 163 frames at 848x480 are 44,520; 2**20 (about 24 times that) is far past what any device
+# computes in a day, and a request beyond it is a typo that would otherwise fail deep in an allocator.
+MAX_VISUAL_TOKENS = 2**20
 
 
 def nearest_frame_counts(frames: int) -> tuple[int, int]:
@@ -35,6 +39,32 @@ def check_frames(frames: int, name: str = "frames") -> int:
             f"nearest valid: {nearest}"
         )
     return (frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def visual_tokens(frames: int, height: int, width: int) -> int:
+    """The DiT's visual token count for a valid frame count and size (pixels)."""
+    return check_frames(frames) * (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+
+
+def check_size(frames: int, height: int, width: int) -> None:
+    """At most ``MAX_VISUAL_TOKENS`` visual tokens; the error names the largest frame count (or width) that
+    fits. ``frames``, ``height`` and ``width`` must already be valid."""
+    tokens = visual_tokens(frames, height, width)
+    if tokens <= MAX_VISUAL_TOKENS:
+        return
+    per_frame = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+    fit = MAX_VISUAL_TOKENS // (height // SPATIAL_MULTIPLE) * SPATIAL_MULTIPLE
+    if per_frame <= MAX_VISUAL_TOKENS:
+        nearest = f"frames={TEMPORAL_COMPRESSION * (MAX_VISUAL_TOKENS // per_frame - 1) + 1} at this size"
+    elif fit >= SPATIAL_MULTIPLE:
+        nearest = f"width={fit} at this height, with frames=1"
+    else:
+        nearest = f"height={MAX_VISUAL_TOKENS * SPATIAL_MULTIPLE} at width=16, with frames=1"
+    raise ValueError(
+        f"frames={frames} at {width}x{height} make {tokens:,} visual tokens ((frames-1)/6+1 × height/16 × "
+        f"width/16); at most {MAX_VISUAL_TOKENS:,} are allowed (Mochi's 163 frames at 848x480: 44,520); "
+        f"nearest valid: {nearest}"
+    )
 
 
 def check_multiple(value: int, multiple: int, name: str) -> int:
@@ -119,6 +149,8 @@ class GenerationRequest:
             check_multiple(self.height, SPATIAL_MULTIPLE, "height")
         if self.width is not None:
             check_multiple(self.width, SPATIAL_MULTIPLE, "width")
+        if None not in (self.frames, self.height, self.width):
+            check_size(self.frames, self.height, self.width)
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be at least 1; nearest valid: 1")
         if self.sigmas is not None and self.steps is not None and self.steps != len(self.sigmas) - 1:

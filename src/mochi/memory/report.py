@@ -41,7 +41,9 @@ def _models(path: str | None) -> Models:
 
 def plan_command(args: argparse.Namespace) -> str:
     """Validate the request options, plan, and render the table with the verdict (GB = 10⁹ bytes)."""
-    GenerationRequest("plan", frames=args.frames, height=args.height, width=args.width).validate()
+    GenerationRequest(
+        "plan", frames=args.frames, height=args.height, width=args.width, guidance=args.guidance
+    ).validate()
     if args.gpu_memory is not None:
         budget, where = parse_size(args.gpu_memory), "the given budget"
     else:
