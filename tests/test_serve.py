@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -197,6 +198,11 @@ def test_bad_input_is_422_naming_the_field_and_rule(url, body, message):
 def test_body_that_is_not_json_is_422_and_not_sent_as_json_415(url, live):
     status, _, data = call("POST", f"{url}/api/jobs", raw=b"{not json")
     assert status == 422 and "JSON decode error" in json.loads(data)["detail"]
+    # A truncated body: the parser's byte offset is where, not a field called "16".
+    status, _, data = call("POST", f"{url}/api/jobs", raw=b'{"prompt": "a r')
+    reply = json.loads(data)
+    assert status == 422 and reply["errors"][0]["field"] == "body", reply
+    assert reply["detail"].startswith("body: JSON decode error at character "), reply
     # What a cross-site form can send without a CORS preflight is not accepted as a job.
     known = len(live.jobs.jobs())
     for kind in ("text/plain", "application/x-www-form-urlencoded"):
@@ -287,6 +293,22 @@ def test_clients_that_disconnect_do_not_hurt_the_server(url, live):
         assert s.recv(12) == b"HTTP/1.1 200"
     assert call_json("GET", f"{url}/api/health") == (200, {"status": "ok", "auth_required": False})
     assert sum(j.request.prompt == "orphan" for j in live.jobs.jobs()) == 1
+    # An upload cut short: no partial file stays, and the hang-up is no "Exception in ASGI application".
+    errors: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.ERROR)
+    catch.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(catch)
+    try:
+        head = f"POST /api/uploads HTTP/1.1\r\nHost: {host}\r\nContent-Type: video/mp4\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"{head}Content-Length: 100\r\n\r\nabc".encode())
+        time.sleep(0.5)
+        assert call_json("GET", f"{url}/api/health")[0] == 200
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(catch)
+    assert errors == [], [r.getMessage() for r in errors]
+    uploads = live.jobs.out_dir / "uploads"
+    assert not uploads.is_dir() or not list(uploads.glob("*.partial"))
 
 
 @pytest.mark.parametrize(

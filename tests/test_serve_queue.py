@@ -256,10 +256,14 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
     done = wait_for(url, job["id"], FINAL)
     assert done["status"] == "done", done["error"]
     assert set(done["seconds"]) == {"text", "denoise", "decode"}
-    # 13 frames asked of a 9-frame upload: the job fails and says why.
-    short = call_json("POST", f"{url}/api/jobs", {**body, "frames": 13})[1]
-    failed = wait_for(url, short["id"], FINAL)
-    assert failed["status"] == "failed" and "9 frames, fewer than the 13" in failed["error"]
+    # 13 frames asked of a 9-frame upload: refused at once, saying why.
+    status, error = call_json("POST", f"{url}/api/jobs", {**body, "frames": 13})
+    assert status == 422 and "has 9 frames, fewer than the 13 to generate" in error["detail"], error
+    # Fields that apply only with another are refused without it, not dropped.
+    status, error = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "strength": 0.5})
+    assert status == 422 and "strength applies only to video-to-video" in error["detail"]
+    status, error = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "lora_scale": 0.5})
+    assert status == 422 and "lora_scale applies only with lora" in error["detail"]
 
     status, error = call_json("POST", f"{url}/api/jobs", {**body, "init_video": "../../etc/passwd"})
     assert status == 422 and "is not an upload" in error["detail"]

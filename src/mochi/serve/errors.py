@@ -75,8 +75,10 @@ def _validation_errors(exc: RequestValidationError) -> tuple[str, list[dict]]:
     parts, fields = [], []
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        name = ".".join(loc) or "body"
         message = str(err.get("msg", "invalid"))
+        if err.get("type") == "json_invalid":  # its loc is the byte offset, not a field
+            message, loc = f"{message} at character {loc[0]}" if loc else message, []
+        name = ".".join(loc) or "body"
         got = err.get("input")
         shown = f" (got {quote(got)})" if "input" in err and not isinstance(got, dict | list) else ""
         parts.append(f"{name}: {message}{shown}")

@@ -9,6 +9,7 @@ Routes: ``POST /api/batches`` (several seeds of one prompt in one call, queued a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from mochi.request import MAX_SEED, GenerationRequest
 from mochi.serve.errors import documented, quote
 from mochi.serve.jobs import PARAMETERS, TEXT_TOKENS, QueueFull
-from mochi.serve.uploads import upload_path
+from mochi.serve.uploads import probe, upload_path
 
 MAX_LORAS = 8
 MAX_BATCH = 16
@@ -56,6 +57,13 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
     """A ``JobRequest`` body → (the pipeline request, the job's details for ``JobManager.submit``)."""
     from mochi.serve.api import list_loras, lora_supported
 
+    # A value that only applies with another field is refused without it (as the CLI's options are), rather
+    # than silently dropped: the client meant something the job would not do.
+    given = body.model_fields_set
+    if "strength" in given and body.init_video is None:
+        raise HTTPException(422, "strength applies only to video-to-video; give init_video or leave it out")
+    if "lora_scale" in given and getattr(body, "lora", None) is None:
+        raise HTTPException(422, "lora_scale applies only with lora; name the LoRA or leave lora_scale out")
     choices = ([LoraChoice(name=body.lora, scale=body.lora_scale)] if body.lora else []) + list(body.loras)
     if len(choices) > MAX_LORAS:
         raise HTTPException(422, f"{len(choices)} LoRAs given; at most {MAX_LORAS} per job")
@@ -82,6 +90,15 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
             )
         if getattr(jobs.pipeline.components, "encoder", None) is None:
             raise HTTPException(422, "video-to-video needs the VAE encoder, and this server's model has none")
+        frames, have = body.frames or jobs.defaults["frames"], None
+        with contextlib.suppress(Exception):  # an unreadable upload fails its job, with the reader's reason
+            have = probe(init)["frames"]
+        if have is not None and have < frames:
+            raise HTTPException(
+                422,
+                f"init_video={quote(body.init_video)} has {have} frames, fewer than the {frames} to "
+                "generate; ask for fewer frames or upload a longer clip",
+            )
     values = body.model_dump(include=set(PARAMETERS))  # the request fields a job records
     request = GenerationRequest(
         **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 
 from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
@@ -66,12 +67,16 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         final, partial = folder / upload_id, folder / f"{upload_id}.partial"
         size = 0
         try:
-            with open(partial, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD:
-                        raise HTTPException(413, f"the upload exceeds {MAX_UPLOAD // 2**20} MiB")
-                    f.write(chunk)
+            try:
+                with open(partial, "wb") as f:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > MAX_UPLOAD:
+                            raise HTTPException(413, f"the upload exceeds {MAX_UPLOAD // 2**20} MiB")
+                        f.write(chunk)
+            except ClientDisconnect:
+                # Nobody is left to answer; an ordinary 400 keeps a client's hang-up out of the error log.
+                raise HTTPException(400, f"the client left after {size} bytes; upload dropped") from None
             if size == 0:
                 raise HTTPException(422, "the upload is empty; send the video file as the body")
             info = probe(partial)
