@@ -301,3 +301,132 @@ def test_peft_alpha_sources(tmp_path):
     assert read_lora(tmp_path / "d.safetensors").layers["blocks.0.attn.proj_x"].alpha == 8.0
     save_file(sd, tmp_path / "plain.safetensors")
     assert read_lora(tmp_path / "plain.safetensors").layers["blocks.0.attn.proj_x"].alpha == 4.0
+
+
+# -- malformed files: one WeightsError naming the file, the field and the rule -------------------------------
+
+GENMO_SD = {
+    "blocks.0.attn.qkv_x.lora_A": torch.randn(4, 32),
+    "blocks.0.attn.qkv_x.lora_B": torch.randn(96, 4),
+}
+PEFT_SD = {
+    "transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight": torch.randn(4, 32),
+    "transformer.transformer_blocks.0.attn1.to_out.0.lora_B.weight": torch.randn(32, 4),
+}
+
+
+@pytest.mark.parametrize(
+    ("sd", "metadata", "match"),
+    [
+        (
+            GENMO_SD,
+            {"mochi_lora": "null"},
+            r"bad\.safetensors': metadata 'mochi_lora' holds null, not a JSON object",
+        ),
+        (
+            GENMO_SD,
+            {"kwargs": "[1,2]"},
+            r"bad\.safetensors': metadata 'kwargs' holds \[1, 2\], not a JSON object",
+        ),
+        (
+            GENMO_SD,
+            {"kwargs": "{oops"},
+            r"bad\.safetensors': metadata 'kwargs' is not valid JSON .*JSON object",
+        ),
+        (
+            GENMO_SD,
+            {"kwargs": json.dumps({"qkv_proj_lora_alpha": "abc"})},
+            r"bad\.safetensors': metadata 'kwargs' field 'qkv_proj_lora_alpha' is 'abc'; a LoRA alpha must",
+        ),
+        (
+            GENMO_SD,
+            {"mochi_lora": json.dumps({"alpha": [8]})},
+            r"metadata 'mochi_lora' field 'alpha' is \[8\]; it must be a JSON object of layer name → alpha",
+        ),
+        (
+            GENMO_SD,
+            {"mochi_lora": json.dumps({"alpha": {"qkv_x": None}})},
+            r"metadata 'mochi_lora' field 'alpha'\['qkv_x'\] is None; a LoRA alpha must be a number",
+        ),
+        (
+            PEFT_SD,
+            {"lora_adapter_metadata": "[]"},
+            r"bad\.safetensors': metadata 'lora_adapter_metadata' holds \[\], not a JSON object",
+        ),
+        (
+            PEFT_SD,
+            {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": "abc"})},
+            r"metadata 'lora_adapter_metadata' field 'lora_alpha' is 'abc'; a LoRA alpha must be a number",
+        ),
+    ],
+    ids=[
+        "mochi_lora-null",
+        "kwargs-list",
+        "kwargs-bad-json",
+        "kwargs-alpha-abc",
+        "alpha-list",
+        "alpha-null",
+        "peft-metadata-list",
+        "peft-alpha-abc",
+    ],
+)
+def test_read_lora_names_bad_metadata(tmp_path, sd, metadata, match):
+    save_file(sd, tmp_path / "bad.safetensors", metadata=metadata)
+    with pytest.raises(WeightsError, match=match):
+        read_lora(tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError, match=match):  # convert-lora reads the same way
+        convert_lora(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", "diffusers")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_read_lora_accepts_alpha_written_as_a_string(tmp_path):
+    save_file(
+        GENMO_SD, tmp_path / "s.safetensors", metadata={"mochi_lora": json.dumps({"alpha": {"qkv_x": "8"}})}
+    )
+    assert read_lora(tmp_path / "s.safetensors").layers["blocks.0.attn.qkv_x"].alpha == 8.0
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("{oops", r"PEFT config '.*adapter_config\.json' is not valid JSON .*; it must be a JSON object"),
+        ("[1]", r"PEFT config '.*adapter_config\.json' holds \[1\], not a JSON object"),
+        (
+            '{"lora_alpha": "abc"}',
+            r"adapter_config\.json' field 'lora_alpha' is 'abc'; a LoRA alpha must be a number",
+        ),
+        (
+            '{"alpha_pattern": [2]}',
+            r"adapter_config\.json' field 'alpha_pattern' is \[2\]; it must be a JSON object",
+        ),
+    ],
+    ids=["bad-json", "list", "alpha-abc", "pattern-list"],
+)
+def test_read_lora_names_bad_adapter_config(tmp_path, config, match):
+    save_file(PEFT_SD, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(config)
+    with pytest.raises(WeightsError, match=match):
+        read_lora(tmp_path)
+
+
+@pytest.mark.parametrize("alpha", [torch.tensor([1.0, 2.0]), torch.zeros(0)], ids=["two", "empty"])
+def test_read_lora_rejects_alpha_tensor_not_one_value(tmp_path, alpha):
+    save_file({**GENMO_SD, "blocks.0.attn.qkv_x.alpha": alpha}, tmp_path / "a.safetensors")
+    with pytest.raises(
+        WeightsError,
+        match=rf"a\.safetensors': 'blocks\.0\.attn\.qkv_x\.alpha' holds {alpha.numel()} values .*one number",
+    ):
+        read_lora(tmp_path / "a.safetensors")
+
+
+def test_rank_zero_lora_is_refused(tmp_path):
+    save_file(
+        {"blocks.0.attn.qkv_x.lora_A": torch.zeros(0, 32), "blocks.0.attn.qkv_x.lora_B": torch.zeros(96, 0)},
+        tmp_path / "r0.safetensors",
+    )
+    with pytest.raises(
+        WeightsError, match=r"r0\.safetensors': LoRA layer 'blocks\.0\.attn\.qkv_x' has rank 0"
+    ):
+        read_lora(tmp_path / "r0.safetensors")
+    with pytest.raises(ValueError, match=r"LoRA layer 'blocks\.0\.attn\.qkv_x' has rank 0 .*rank 1 or more"):
+        apply_lora(model(), {"blocks.0.attn.qkv_x": LoraLayer(torch.zeros(0, 32), torch.zeros(96, 0), 1.0)})

@@ -208,6 +208,10 @@ def check_fits(model: nn.Module, layers: Mapping[str, LoraLayer], source: str = 
                 f"{source} targets {name!r}, which is not a Linear layer of this model "
                 f"(depth {len(getattr(model, 'blocks', []))}); was it trained for another model?"
             )
+        if layer.rank < 1:
+            raise ValueError(
+                f"{source} layer {name!r} has rank 0 (A {tuple(layer.A.shape)}); it needs rank 1 or more"
+            )
         if layer.A.shape != (layer.rank, m.in_features) or layer.B.shape != (m.out_features, layer.rank):
             raise ValueError(
                 f"{source} layer {name!r} has A {tuple(layer.A.shape)}, B {tuple(layer.B.shape)}; "

@@ -20,6 +20,7 @@ rules (SwiGLU w1, final mod) exchange B's two row halves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -179,17 +180,50 @@ def _strip(key: str) -> str:
     return key
 
 
+def _json_object(text: str | bytes, where: str) -> dict:
+    """``text`` parsed as a JSON object; a WeightsError naming ``where`` (the file and field) otherwise."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{where} is not valid JSON ({e}); it must be a JSON object {{...}}") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where} holds {json.dumps(value)[:40]}, not a JSON object {{...}}")
+    return value
+
+
+def _alpha(value: object, where: str) -> float:
+    """A LoRA alpha read from metadata (a number, or a string holding one); WeightsError naming ``where``."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise WeightsError(f"{where} is {value!r}; a LoRA alpha must be a number such as 16")
+
+
+def _alpha_map(value: object, where: str) -> dict[str, float]:
+    """A JSON object of name → alpha (None for none); WeightsError naming ``where`` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where} is {value!r}; it must be a JSON object of layer name → alpha")
+    return {k: _alpha(v, f"{where}[{k!r}]") for k, v in value.items()}
+
+
 def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None, dict[str, float]]:
     """(global alpha, per-module alpha pattern) from diffusers' header metadata or adapter_config.json."""
     conf: dict = {}
+    where = ""
+    config = file.parent / "adapter_config.json"
     if "lora_adapter_metadata" in metadata:
-        raw = json.loads(metadata["lora_adapter_metadata"])
+        where = f"{str(file)!r}: metadata 'lora_adapter_metadata'"
+        raw = _json_object(metadata["lora_adapter_metadata"], where)
         conf = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in raw.items()}
-    elif (file.parent / "adapter_config.json").is_file():
-        conf = json.loads((file.parent / "adapter_config.json").read_text())
+    elif config.is_file():
+        where = f"PEFT config {str(config)!r}"
+        conf = _json_object(config.read_bytes(), where)
     alpha = conf.get("lora_alpha")
-    pattern = {k.lstrip("^"): float(v) for k, v in (conf.get("alpha_pattern") or {}).items()}
-    return (float(alpha) if alpha is not None else None), pattern
+    alpha = _alpha(alpha, f"{where} field 'lora_alpha'") if alpha is not None else None
+    pattern = _alpha_map(conf.get("alpha_pattern"), f"{where} field 'alpha_pattern'")
+    return alpha, {k.lstrip("^"): v for k, v in pattern.items()}
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -204,6 +238,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     for key, t in sd.items():
         k = _strip(key)
         if k.endswith(".alpha"):
+            if t.numel() != 1:
+                raise WeightsError(
+                    f"{str(file)!r}: {key!r} holds {t.numel()} values (shape {tuple(t.shape)}); "
+                    "a LoRA alpha is one number"
+                )
             alphas[k.removesuffix(".alpha")] = float(t.float().item())
         elif m := _KEY.match(k):
             kind = "A" if m.group("kind") in ("lora_A", "lora_down") else "B"
@@ -221,7 +260,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if incomplete:
         raise WeightsError(f"{str(file)!r}: LoRA layers without both A and B: {incomplete[:5]}")
     if fmt == "genmo":
-        group_alpha = _genmo_alphas(metadata)
+        group_alpha = _genmo_alphas(file, metadata)
     else:
         peft_alpha, pattern = _peft_alphas(file, metadata)
     layers: dict[str, LoraLayer] = {}
@@ -231,6 +270,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             raise WeightsError(
                 f"{str(file)!r}: LoRA layer {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
                 "need A (r, in) and B (out, r)"
+            )
+        if a.shape[0] == 0:
+            raise WeightsError(
+                f"{str(file)!r}: LoRA layer {name!r} has rank 0 (A {tuple(a.shape)}, B {tuple(b.shape)}); "
+                "a LoRA layer needs rank 1 or more"
             )
         if name in alphas:
             alpha = alphas[name]
@@ -246,15 +290,18 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     return LoraFile(layers, fmt, dict(metadata))
 
 
-def _genmo_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
+def _genmo_alphas(file: Path, metadata: Mapping[str, str]) -> dict[str, float]:
     """Alpha per target from our ``mochi_lora`` entry, else from Genmo's group kwargs."""
     out: dict[str, float] = {}
-    kwargs = json.loads(metadata.get("kwargs", "{}") or "{}")
+    where = f"{str(file)!r}: metadata 'kwargs'"
+    kwargs = _json_object(metadata.get("kwargs", "{}") or "{}", where)
     for group, targets in GENMO_GROUPS.items():
-        if kwargs.get(f"{group}_lora_alpha") is not None:
-            out.update(dict.fromkeys(targets, float(kwargs[f"{group}_lora_alpha"])))
-    ours = json.loads(metadata.get("mochi_lora", "{}") or "{}")
-    out.update({t: float(a) for t, a in (ours.get("alpha") or {}).items()})
+        key = f"{group}_lora_alpha"
+        if kwargs.get(key) is not None:
+            out.update(dict.fromkeys(targets, _alpha(kwargs[key], f"{where} field {key!r}")))
+    where = f"{str(file)!r}: metadata 'mochi_lora'"
+    ours = _json_object(metadata.get("mochi_lora", "{}") or "{}", where)
+    out.update(_alpha_map(ours.get("alpha"), f"{where} field 'alpha'"))
     return out
 
 
