@@ -131,3 +131,128 @@ def test_pipeline_request_keeps_the_options_and_the_sidecar_names_them(pipe):  #
     out = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="fbcache:3x", cache_threshold=0.6))
     assert out.stats["cache"] == "fbcache:0.6,extrapolate"
     assert out.request.cache == "fbcache,extrapolate" and out.stats["skipped_steps"]
+
+
+# -- the TeaCache coefficient file and --cache-coefficients --------------------------------------------
+
+
+def _coefficient_file(tmp_path, **changes):  # noqa: ANN001, ANN202
+    """A coefficient file as `mochi calibrate-cache` writes it for the tiny DiT, with ``changes`` applied."""
+    import json
+
+    from mochi.accel.calibrate import save_coefficients
+    from mochi.models.dit import DIT_PRESETS
+
+    path = tmp_path / "c.teacache.json"
+    save_coefficients(path, [1.0, -2.0, 3.0, 0.5, 0.01], DIT_PRESETS["tiny"], "test", {"runs": 2})
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "[1, 2, 3, 4, 5]",
+            r"is not a mochi-teacache coefficient file \(its top level is a list, not an object",
+        ),
+        ("3", r"is not a mochi-teacache coefficient file \(its top level is a number"),
+        ('"x"', r"is not a mochi-teacache coefficient file \(its top level is a string"),
+        (
+            "not json",
+            r"is not a mochi-teacache coefficient file \(not JSON: Expecting value at line 1 column 1\)",
+        ),
+        (b"\xff\xfe\x00\x81", r"is not a mochi-teacache coefficient file \(not UTF-8 JSON text\)"),
+        ({"dit_config": None}, r"'dit_config' must be an object of the DiT's settings, got null"),
+        ({"dit_config": [1, 2]}, r"'dit_config' must be an object of the DiT's settings, got a list"),
+        ({"coefficients": [1, 2, None, 4, 5]}, r"coefficient 2 is null; all 5 must be finite numbers"),
+        ({"coefficients": [1, 2, [3], 4, 5]}, r"coefficient 2 is \[3\]; all 5 must be finite numbers"),
+        ({"coefficients": [1, 2, 3, True, 5]}, r"coefficient 3 is true; all 5 must be finite numbers"),
+        ({"coefficients": [float("nan")] * 5}, r"coefficient 0 is NaN; all 5 must be finite numbers"),
+        ({"coefficients": [1, 2, 3, 4, float("inf")]}, r"coefficient 4 is Infinity; all 5 must be finite"),
+        (
+            {"coefficients": []},
+            r"'coefficients' must be a list of 5 numbers \(the degree-4 polynomial, .*got 0",
+        ),
+        ({"coefficients": list(range(7))}, r"'coefficients' must be a list of 5 numbers .*, got 7"),
+        ({"coefficients": 5}, r"'coefficients' must be a list of 5 numbers .*, got a number"),
+    ],
+)
+def test_bad_coefficient_files_are_one_line_errors_naming_the_file(tmp_path, content, message):
+    from mochi.accel.calibrate import load_coefficients
+    from mochi.models.dit import DIT_PRESETS
+
+    path = _coefficient_file(tmp_path)
+    if isinstance(content, dict):
+        path = _coefficient_file(tmp_path, **content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*" + message) as e:
+        load_coefficients(path, DIT_PRESETS["tiny"])
+    assert "\n" not in str(e.value) and "mochi calibrate-cache" in str(e.value)
+
+
+def test_a_good_coefficient_file_loads(tmp_path):
+    from mochi.accel.calibrate import load_coefficients
+    from mochi.models.dit import DIT_PRESETS
+
+    assert load_coefficients(_coefficient_file(tmp_path), DIT_PRESETS["tiny"]) == [1.0, -2.0, 3.0, 0.5, 0.01]
+
+
+@pytest.mark.parametrize(
+    ("cache", "ok"),
+    [
+        ("none", False),
+        ("fbcache", False),
+        ("fbcache:fast", False),
+        ("teacache", True),
+        ("teacache:2x", True),
+        ("teacache,keep=0-0.5", True),
+    ],
+)
+def test_cache_coefficients_need_a_teacache(cache, ok):
+    import argparse
+
+    from mochi.cli.accel import check_cache_options
+
+    args = argparse.Namespace(cache=cache, cache_coefficients="c.json")
+    if ok:
+        check_cache_options(args)
+        return
+    with pytest.raises(
+        ValueError,
+        match=rf"^--cache-coefficients 'c.json' applies only to TeaCache, not --cache "
+        rf"{re.escape(cache)}; add --cache teacache",
+    ):
+        check_cache_options(args)
+    check_cache_options(argparse.Namespace(cache=cache, cache_coefficients=None))
+
+
+def test_cli_refuses_cache_coefficients_without_teacache(tmp_path, capsys):
+    from mochi.cli import main
+
+    good = _coefficient_file(tmp_path)
+    for extra in ([], ["--cache", "fbcache"]):
+        out = tmp_path / "v.mp4"
+        argv = [
+            "generate",
+            PROMPT,
+            "--frames",
+            "7",
+            "--steps",
+            "2",
+            *extra,
+            "--cache-coefficients",
+            str(good),
+        ]
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mochi: error: --cache-coefficients") and "applies only to TeaCache" in err
+        assert err.count("\n") == 1 and not out.exists()
+    bad = _coefficient_file(tmp_path, coefficients=[])
+    out = tmp_path / "w.mp4"
+    argv = ["generate", PROMPT, "--frames", "7", "--steps", "2", "--cache", "teacache"]
+    assert main([*argv, "--cache-coefficients", str(bad), "--out", str(out)]) == 2
+    assert "'coefficients' must be a list of 5 numbers" in capsys.readouterr().err and not out.exists()

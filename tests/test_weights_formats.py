@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -204,3 +205,75 @@ def test_quantization_metadata_is_attributed_to_its_component(tmp_path, model):
     meta = {"_quantization_metadata": json.dumps({"layers": {layer: {"format": "float8_e4m3fn"}}})}
     save_file(tensors, tmp_path / "aio.safetensors", metadata=meta)
     assert detect(tmp_path / "aio.safetensors").quant == {"t5": "comfy_quant"}
+
+
+def test_bad_index_files_are_one_line_errors_naming_the_index(tmp_path):
+    from mochi.weights.io import read_state_dict
+
+    for content, message in [
+        (
+            {"weight_map": []},
+            r"weight_map must be an object mapping tensor names to shard file names, got list",
+        ),
+        (
+            {"weight_map": {"a": 5}},
+            r"weight_map\['a'\] is 5; every value must be the file name of a \.safetensors",
+        ),
+        ({"weight_map": {"a": None}}, r"weight_map\['a'\] is null; every value must be the file name"),
+        ([1, 2], r"is not a safetensors index with a weight_map \(no weight_map in its top level\)"),
+    ]:
+        index = tmp_path / "model.safetensors.index.json"
+        index.write_text(json.dumps(content))
+        for read in (detect, read_state_dict):
+            with pytest.raises(WeightsError, match=rf"^{re.escape(repr(str(index)))} .*{message}") as e:
+                read(index)
+            assert "\n" not in str(e.value)
+    index.write_bytes(b"\xff\xfe{")
+    with pytest.raises(WeightsError, match=r"is not a safetensors index with a weight_map \('utf-8' codec"):
+        read_state_dict(index)
+
+
+def test_torch_file_with_non_string_keys_is_a_weights_error(tmp_path):
+    from mochi.weights.io import read_state_dict
+
+    path = tmp_path / "intkey.pt"
+    torch.save({1: torch.zeros(2)}, path)
+    for read in (detect, read_state_dict):
+        with pytest.raises(
+            WeightsError,
+            match=r"does not hold a flat mapping of tensor names to tensors: key 1 is int, not a str",
+        ):
+            read(path)
+
+
+def test_integer_tensors_where_weights_belong_are_refused(tmp_path, model):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mochi.weights.bundle import embedded_path, load_bundle
+    from mochi.weights.dit import load_dit
+
+    from .dit_checkpoints import state_dict
+
+    sd = state_dict(model)
+    sd["blocks.0.attn.proj_y.weight"] = sd["blocks.0.attn.proj_y.weight"].to(torch.int32)
+    save_file(sd, tmp_path / "dit.safetensors")
+    rule = r"weights must be floating point: float32, bfloat16, float16 or fp8"
+    for quantize in (None, "int8"):
+        with pytest.raises(
+            WeightsError, match=rf"1 not floating point: blocks\.0\.attn\.proj_y\.weight is int32 \({rule}\)"
+        ) as e:
+            if quantize is None:
+                load_dit(tmp_path / "dit.safetensors")
+            else:
+                from mochi.weights.dit import load_dit_quantized
+
+                load_dit_quantized(tmp_path / "dit.safetensors", quantize)
+        assert "\n" not in str(e.value)
+    # A bundle (one file of every component) takes the same rule, at load_strict.
+    src = embedded_path()
+    tensors, meta = load_file(src), safe_open(src, "pt").metadata()
+    tensors["decoder.blocks.0.0.weight"] = tensors["decoder.blocks.0.0.weight"].to(torch.int16)
+    save_file(tensors, tmp_path / "bundle.safetensors", metadata=meta)
+    with pytest.raises(WeightsError, match=rf"\(decoder\)\) .*blocks\.0\.0\.weight is int16 \({rule}\)"):
+        load_bundle(tmp_path / "bundle.safetensors")

@@ -19,6 +19,7 @@ A file fitted for another architecture (``dit_config`` differs) is an error nami
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -48,20 +49,83 @@ def coefficients_path(model: str | os.PathLike) -> Path:
     return path / "teacache.json" if path.is_dir() else path.with_suffix(".teacache.json")
 
 
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words: "a list", "null", "a string"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def load_coefficients(path: str | os.PathLike, config: DiTConfig) -> list[float]:
-    """The polynomial in ``path``; ValueError when it was fitted for a DiT of another architecture."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT or not isinstance(data.get("coefficients"), list):
-        raise ValueError(f"{str(path)!r} is not a {FORMAT} coefficient file (no format/coefficients)")
-    theirs, ours = data.get("dit_config", {}), asdict(config)
+    """The polynomial in ``path``; ValueError when the file is not a coefficient file as
+    `save_coefficients` writes it (``DEGREE + 1`` finite numbers) or was fitted for a DiT of another
+    architecture."""
+    name = str(path)
+    remedy = "write one with `mochi calibrate-cache`"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{name!r} is not a {FORMAT} coefficient file (not UTF-8 JSON text); {remedy}"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{name!r} is not a {FORMAT} coefficient file (not JSON: {e.msg} at line {e.lineno} column "
+            f"{e.colno}); {remedy}"
+        ) from None
+    except RecursionError:
+        raise ValueError(
+            f"{name!r} is not a {FORMAT} coefficient file (JSON nested too deeply); {remedy}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{name!r} is not a {FORMAT} coefficient file (its top level is {_json_kind(data)}, not an "
+            f"object with format, dit_config and coefficients); {remedy}"
+        )
+    if data.get("format") != FORMAT or "coefficients" not in data:
+        raise ValueError(f"{name!r} is not a {FORMAT} coefficient file (no format/coefficients)")
+    want = DEGREE + 1
+    coefficients = data["coefficients"]
+    if not isinstance(coefficients, list) or len(coefficients) != want:
+        got = f"{len(coefficients)}" if isinstance(coefficients, list) else _json_kind(coefficients)
+        raise ValueError(
+            f"cache coefficients {name!r}: 'coefficients' must be a list of {want} numbers (the "
+            f"degree-{DEGREE} polynomial, highest power first), got {got}; {remedy}"
+        )
+    bad = [i for i, c in enumerate(coefficients) if not _finite_number(c)]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"cache coefficients {name!r}: coefficient {i} is {json.dumps(coefficients[i])[:40]}; all {want} "
+            f"must be finite numbers; {remedy}"
+        )
+    theirs = data.get("dit_config")
+    if not isinstance(theirs, dict):
+        raise ValueError(
+            f"cache coefficients {name!r}: 'dit_config' must be an object of the DiT's settings, got "
+            f"{_json_kind(theirs) if 'dit_config' in data else 'none'}; {remedy}"
+        )
+    ours = asdict(config)
     differ = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if differ:
         shown = ", ".join(f"{k}={a} (model: {b})" for k, (a, b) in sorted(differ.items())[:4])
         raise ValueError(
-            f"cache coefficients {str(path)!r} were fitted for another model ({shown}); "
+            f"cache coefficients {name!r} were fitted for another model ({shown}); "
             "run `mochi calibrate-cache` for this one"
         )
-    return [float(c) for c in data["coefficients"]]
+    return [float(c) for c in coefficients]
 
 
 def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tuple[list[float], str]:

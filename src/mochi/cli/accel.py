@@ -27,9 +27,25 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_cache_options(args: argparse.Namespace) -> None:
+    """ValueError for --cache-coefficients without a TeaCache kind of --cache (only TeaCache reads them)."""
+    path = getattr(args, "cache_coefficients", None)
+    if path is None:
+        return
+    from mochi.accel.cache import CacheSetting
+
+    cache = getattr(args, "cache", None) or "none"
+    if CacheSetting.parse(cache).kind != "teacache":
+        raise ValueError(
+            f"--cache-coefficients {path!r} applies only to TeaCache, not --cache {cache}; add --cache "
+            "teacache (or a teacache preset) or leave it out"
+        )
+
+
 def apply_cache_options(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001 - a MochiPipeline
     """Give the pipeline the TeaCache coefficients named by --cache-coefficients (checked against it)."""
-    if getattr(args, "cache_coefficients", None):
+    check_cache_options(args)
+    if getattr(args, "cache_coefficients", None) is not None:
         from mochi.accel.calibrate import load_coefficients
 
         pipe.cache_coefficients = load_coefficients(args.cache_coefficients, pipe.components.dit.config)

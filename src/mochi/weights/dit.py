@@ -309,7 +309,9 @@ def load_dit_quantized(
             model = AsymmDiT(config)
     swap_in_gguf(model, block_kinds(sd))  # ggml blocks stay quantized: dequantized per layer at use
     taken = {k: torch.empty(s, device="meta") for k, s in quantizer.shapes().items()} if quantizer else {}
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, {**sd, **taken}, fmt)
+    expected = model.state_dict()
+    dtypes = {k: v.dtype for k, v in expected.items()}  # integers where weights belong are refused
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, {**sd, **taken}, fmt, dtypes)
     check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
     done = quantizer.install(model, sd) if quantizer else None
     # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read

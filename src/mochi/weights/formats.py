@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from mochi.weights.ggml import QWEIGHT
-from mochi.weights.io import TORCH_SUFFIXES, WeightsError, open_safetensors, read_state_dict
+from mochi.weights.io import TORCH_SUFFIXES, WeightsError, index_shards, open_safetensors, read_state_dict
 
 COMPONENTS = ("dit", "vae_decoder", "vae_encoder", "t5")
 FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -341,10 +341,9 @@ def _classify(
 
 def _index_files(index: Path) -> tuple[Path, ...]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        files = index_shards(index)
+    except OSError as e:
         raise WeightsError(f"{str(index)!r} is not a safetensors index with a weight_map ({e})") from None
-    files = tuple(index.parent / n for n in dict.fromkeys(sorted(weight_map.values())))
     missing = [str(f.name) for f in files if not f.exists()]
     if missing:
         raise WeightsError(f"index {str(index)!r} names shards that are missing: {', '.join(missing[:5])}")

@@ -78,10 +78,36 @@ def _shard_files(path: Path) -> list[Path]:
             raise WeightsError(f"no .safetensors files in folder {str(path)!r}")
         return files
     if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        names = sorted(set(index["weight_map"].values()))
-        return [path.parent / n for n in names]
+        return list(index_shards(path))
     return [path]
+
+
+def index_shards(index: Path) -> tuple[Path, ...]:
+    """The shard files a safetensors ``*.index.json`` names (its ``weight_map`` values), each once, sorted.
+
+    WeightsError naming the index when it is not JSON or its ``weight_map`` is not an object mapping tensor
+    names to shard file names.
+    """
+    what = f"{str(index)!r} is not a safetensors index with a weight_map"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise WeightsError(f"{what} ({one_line(e)[:200]})") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise WeightsError(f"{what} (no weight_map in its top level)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise WeightsError(
+            f"{what}: weight_map must be an object mapping tensor names to shard file names, "
+            f"got {type(weight_map).__name__}"
+        )
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise WeightsError(
+            f"{what}: weight_map[{bad[0]!r}] is {json.dumps(bad[1])[:60]}; every value must be the file name "
+            "of a .safetensors shard beside the index"
+        )
+    return tuple(index.parent / n for n in sorted(set(weight_map.values())))
 
 
 def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -98,6 +124,11 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise WeightsError(f"{str(path)!r} does not hold a flat mapping of tensor names to tensors")
+        if odd := [k for k in sd if not isinstance(k, str)]:
+            raise WeightsError(
+                f"{str(path)!r} does not hold a flat mapping of tensor names to tensors: key {odd[0]!r} is "
+                f"{type(odd[0]).__name__}, not a string name"
+            )
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
     for file in _shard_files(path):
@@ -159,16 +190,30 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
 def check_state_dict(
-    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor], fmt: str
+    expected: Mapping[str, tuple[int, ...]],
+    state_dict: Mapping[str, torch.Tensor],
+    fmt: str,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
-    """Raise WeightsError unless ``state_dict`` has exactly the expected keys and shapes."""
+    """Raise WeightsError unless ``state_dict`` has exactly the expected keys and shapes, and (given the
+    model's ``dtypes``) a floating-point tensor wherever the model has one: fp8 counts, integers do not
+    (a block-quantized layer's uint8 blocks are expected as uint8 by the model)."""
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()
     wrong = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
         for k in sorted(expected.keys() & state_dict.keys())
         if tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    not_float = [
+        f"{k} is {str(state_dict[k].dtype).removeprefix('torch.')}"
+        for k in sorted((dtypes or {}).keys() & state_dict.keys())
+        if _is_float(dtypes[k]) and not _is_float(state_dict[k].dtype)
     ]
     problems = []
     if missing:
@@ -177,6 +222,9 @@ def check_state_dict(
         problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:8]))
+    if not_float:
+        rule = "weights must be floating point: float32, bfloat16, float16 or fp8"
+        problems.append(f"{len(not_float)} not floating point: {'; '.join(not_float[:8])} ({rule})")
     if problems:
         raise WeightsError(
             f"checkpoint (detected format: {fmt}) does not fit the model: " + " | ".join(problems)
@@ -191,8 +239,9 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     """
     from mochi.finite import check_finite
 
-    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
-    check_state_dict(expected, state_dict, fmt)
+    model = module.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in model.items()}
+    check_state_dict(expected, state_dict, fmt, {k: v.dtype for k, v in model.items()})
     check_finite(state_dict, f"checkpoint (detected format: {fmt})")
     module.load_state_dict(dict(state_dict), strict=True, assign=True)
     return module
