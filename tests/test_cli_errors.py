@@ -273,6 +273,30 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     _one_line(capsys, code, "v.json")
 
 
+def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_path, capsys):
+    afile, folder = tmp_path / "afile", tmp_path / "adir"
+    afile.write_text("x")
+    folder.mkdir()
+    gen = ["generate", "x", "--steps", "1"]
+    out = ["--out", str(tmp_path / "v.mp4")]
+    _one_line(capsys, main([*gen, "--init-video", str(folder), *out]), "video file", "is a folder")
+    _one_line(capsys, main([*gen, "--out", str(afile / "v.mp4")]), "afile' is a file, not a folder")
+    size = ["--frames", "7", "--width", "32", "--height", "32"]
+    code = main(["prepare-data", str(afile), str(tmp_path / "o"), *size])
+    _one_line(capsys, code, "videos folder", "is a file, not a folder")
+    _one_line(capsys, main([*gen, "--lora-merge", *out]), "--lora-merge applies only with --lora")
+    _one_line(capsys, main([*gen, "--devices", "", *out]), "names no device")
+    write_genmo(tmp_path / "g", tiny_model())
+    code = main(
+        ["convert", str(tmp_path / "g"), str(tmp_path / "d"), "--to", "diffusers", "--max-shard-size", "0"]
+    )
+    _one_line(capsys, code, "--max-shard-size '0' must be a positive size")
+    for seed in ("-1", str(2**64)):
+        code = main(["train-lora", str(tmp_path), "--out", str(tmp_path / "run"), "--seed", seed])
+        _one_line(capsys, code, f"seed={seed} must be in [0, 2**63-1]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "g"]  # nothing written
+
+
 def test_running_out_of_memory_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
     def greedy(self, request, **kwargs):
         torch.empty(10**15, dtype=torch.uint8)  # the real CPU allocator's failure, at once and harmless

@@ -179,7 +179,7 @@ def test_help_lists_every_option(capsys):
         "--eta-above",
     ]:
         assert flag in text
-    # The η defaults the help names are the shipped asset's (the help reads them from the preset).
+    # The η defaults the help names are the shipped asset's (written out: the parser must not import torch).
     shipped = load_embedded().defaults
     flat = " ".join(text.split())
     assert f"{shipped['eta']:g} for the embedded model, 0 for Mochi 1" in flat

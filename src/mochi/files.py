@@ -22,10 +22,15 @@ _PARTIAL = re.compile(r"^\..*\.(\d+)\.[^.]+\.partial(\.[^.]+)?$")
 _swept: set[str] = set()  # folders this process has cleaned of leftovers
 
 
+def not_a_folder(directory: str | os.PathLike) -> str:
+    """Why ``directory``, which is not a folder, cannot take files: it is missing, or something else."""
+    return "is a file, not a folder" if os.path.lexists(directory) else "does not exist"
+
+
 def _check_folder(path: Path) -> Path:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} does not exist")
+        raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} {not_a_folder(directory)}")
     if not os.access(directory, os.W_OK):
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} is not writable")
     return directory

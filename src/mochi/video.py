@@ -131,7 +131,10 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     """
     path = Path(path)
     if not path.is_file():
-        raise VideoError(f"video file {str(path)!r} does not exist")
+        what = (
+            "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        )
+        raise VideoError(f"video file {str(path)!r} {what}")
     if max_frames is not None and max_frames < 1:
         raise VideoError(f"max_frames must be at least 1 or None (all frames), got {max_frames}")
     import av

@@ -27,7 +27,9 @@ def check_output(out: Path) -> None:
         raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
     folder = out.parent if str(out.parent) else "."
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} does not exist")
+        from mochi.files import not_a_folder
+
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} {not_a_folder(folder)}")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} is not writable")
     sidecar = sidecar_path(out)
@@ -81,7 +83,12 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     video_rate(args.fps)
     if args.strength is not None and not args.init_video:
         raise ValueError("--strength applies only to video-to-video; give --init-video FILE or leave it out")
-    if getattr(args, "devices", None):  # then --max-memory is one size per device (mochi.memory.placement)
+    from mochi.cli.accel import check_cache_options
+
+    check_cache_options(args)
+    if args.lora_merge and not args.lora:
+        raise ValueError("--lora-merge applies only with --lora FILE; give a LoRA or leave it out")
+    if getattr(args, "devices", None) is not None:  # then --max-memory is one size per device (placement)
         from mochi.memory.placement import parse_budgets, parse_devices
 
         devices = parse_devices(args.devices)
@@ -104,7 +111,9 @@ def check_prepare_data(args: argparse.Namespace) -> None:
     from mochi.weights.components import check_model_paths
 
     if not Path(args.videos).is_dir():
-        raise ValueError(f"videos folder {args.videos!r} does not exist")
+        from mochi.files import not_a_folder
+
+        raise ValueError(f"videos folder {args.videos!r} {not_a_folder(args.videos)}")
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
 
 

@@ -15,11 +15,9 @@ from mochi.cli.options import (
     pipeline_options,
     start_parallel,
 )
-from mochi.presets import MODEL_PRESETS
 
 
 def _add_generate(sub: Subparsers) -> None:
-    embedded = MODEL_PRESETS["mochi-tiny"].defaults  # named in the help, so it cannot go stale
     p = sub.add_parser(
         "generate",
         help="generate a video from a text prompt",
@@ -44,13 +42,13 @@ def _add_generate(sub: Subparsers) -> None:
         "--eta",
         type=float,
         help="ancestral sampling: share of each step's noise drawn afresh, 0-1 (0: Genmo's Euler sampler; "
-        f"default: the model's, {embedded.get('eta', 0):g} for the embedded model, 0 for Mochi 1)",
+        "default: the model's, 1 for the embedded model, 0 for Mochi 1)",
     )
     p.add_argument(
         "--eta-above",
         type=float,
-        help="ancestral sampling only at steps from σ above this, 0-1 (default: the model's, "
-        f"{embedded.get('eta_above', 0):g} for the embedded model)",
+        help="ancestral sampling only at steps from σ above this, 0-1 (default: the model's, 0.3 for the "
+        "embedded model)",
     )
     add_model_options(p, runtime=True)
     p.add_argument(

@@ -75,8 +75,19 @@ def _add_convert(sub: Subparsers) -> None:
     p.set_defaults(run=_run_convert)
 
 
+def _shard_bytes(text: str) -> int:
+    from mochi.devices import parse_size
+
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError(
+            f"--max-shard-size {text!r} must be a positive size such as 5GB (diffusers' default)"
+        )
+    return size
+
+
 def _run_convert(args: argparse.Namespace) -> int:
-    from mochi.devices import parse_dtype, parse_size
+    from mochi.devices import parse_dtype
     from mochi.weights.convert import convert
 
     if args.quantize:
@@ -95,7 +106,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         dtype=parse_dtype(args.dtype),
         variant=args.variant,
         overwrite=args.overwrite,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=_shard_bytes(args.max_shard_size),
         quantize=args.quantize,
     )
     print(f"wrote {out}")
