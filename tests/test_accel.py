@@ -231,6 +231,16 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     assert main(["calibrate-cache", "--runs", "1", "--out", str(out)]) == 2
     assert "--runs 1: calibration needs at least 2 uncached runs; nearest valid: 2" in capsys.readouterr().err
     assert not out.exists()
+    # Refused before any run (which would take minutes at full size): a seed whose runs pass the largest,
+    # an --out in a missing folder or naming a folder.
+    assert main(["calibrate-cache", "--runs", "3", "--seed", str(2**63 - 2), "--out", str(out)]) == 2
+    assert f"so with --runs 3 it must be in [0, {2**63 - 3}]" in capsys.readouterr().err
+    assert main(["calibrate-cache", "--out", str(tmp_path / "nodir" / "c.json")]) == 2
+    assert "folder" in (err := capsys.readouterr().err) and "nodir' does not exist" in err
+    (tmp_path / "d.json").mkdir()
+    assert main(["calibrate-cache", "--out", str(tmp_path / "d.json")]) == 2
+    assert "d.json' is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
 
 
 def test_embedded_model_ships_calibrated():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mochi.cli.options import Subparsers, add_model_options
 
@@ -77,8 +78,6 @@ def _add_calibrate(sub: Subparsers) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mochi.accel.calibrate import (
         DEFAULT_PROMPTS,
         MIN_RUNS,
@@ -92,6 +91,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             f"--runs {args.runs}: calibration needs at least {MIN_RUNS} uncached runs; "
             f"nearest valid: {MIN_RUNS}"
         )
+    from mochi.request import MAX_SEED
+
+    if not 0 <= args.seed <= MAX_SEED - args.runs + 1:
+        raise ValueError(
+            f"--seed {args.seed}: run i uses seed {args.seed} + i, so with --runs {args.runs} it must be in "
+            f"[0, {MAX_SEED - args.runs + 1}]"
+        )
+    if args.out:
+        _check_out(Path(args.out))
     from mochi.pipeline import MochiPipeline
 
     pipe = MochiPipeline.from_pretrained(
@@ -101,8 +109,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else coefficients_path(source) if source else None
     if out is None:
         raise ValueError("this model has no file to store the coefficients beside; pass --out FILE.json")
-    if out.suffix != ".json":
-        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+    _check_out(out)
     if args.lora:
         pipe.load_lora(args.lora, merge=True)
     request = {k: getattr(args, k) for k in ("steps", "guidance", "frames", "width", "height")}
@@ -128,6 +135,19 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     save_coefficients(out, coefficients, pipe.components.dit.config, name, fit)
     print(f"wrote {out}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """``out`` can take the coefficient file: a .json name, not a folder, in a folder that exists."""
+    from mochi.files import not_a_folder
+
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {out / 'teacache.json'}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} {not_a_folder(folder)}")
 
 
 # The registrars of this module's sub-commands, in the order `mochi --help` lists them.
