@@ -14,12 +14,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from mochi.serve.api import create_app
 from mochi.serve.jobs import JobManager
 
 FAIL_PROMPT = "raise an error please"
+OOM_PROMPT = "run out of memory please"
 
 
 class GatedPipeline:
@@ -37,6 +39,8 @@ class GatedPipeline:
     def generate(self, request, progress=None, init_frames=None, denoised=None):  # noqa: ANN001, ANN201
         if request.prompt == FAIL_PROMPT:
             raise RuntimeError("synthetic failure for the test")
+        if request.prompt == OOM_PROMPT:
+            torch.empty(10**15, dtype=torch.uint8)  # the CPU allocator's real failure, at once
 
         def report(stage: str, done: int, total: int) -> None:
             progress(stage, done, total)

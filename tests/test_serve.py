@@ -24,6 +24,7 @@ from mochi.weights.lora import save_lora  # noqa: E402
 
 from .serve_harness import (  # noqa: E402
     FAIL_PROMPT,
+    OOM_PROMPT,
     AppServer,
     GatedPipeline,
     LiveServer,
@@ -270,6 +271,9 @@ def test_failing_job_is_reported_and_the_server_keeps_serving(url):
     bad = wait_for(url, bad["id"], ("done", "failed"))
     assert bad["status"] == "failed" and bad["error"] == "RuntimeError: synthetic failure for the test"
     assert wait_for(url, good["id"], ("done", "failed"))["status"] == "done"
+    # Out of memory: the job says so in one line and what shrinks it, not the allocator's C++ location.
+    oom = wait_for(url, call_json("POST", f"{url}/api/jobs", {"prompt": OOM_PROMPT})[1]["id"], ("failed",))
+    assert oom["error"].startswith("out of memory: the CPU could not allocate 1000000.0 GB; use fewer frames")
 
 
 def test_clients_that_disconnect_do_not_hurt_the_server(url, live):

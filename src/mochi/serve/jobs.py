@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mochi.errors import out_of_memory
 from mochi.interrupt import Interrupted, stop_checks
 from mochi.outputs import write_video_and_sidecar
 from mochi.request import GenerationRequest
@@ -352,7 +353,7 @@ class JobManager:
                 self._finish(job, CANCELLED, "cancelled while running")
             except Exception as e:  # one job's failure must not stop the server
                 log.exception("job %s failed", job.id)  # the log, for the operator, keeps the full paths
-                self._finish(job, FAILED, redact_paths(f"{type(e).__name__}: {e}"))
+                self._finish(job, FAILED, redact_paths(out_of_memory(e) or f"{type(e).__name__}: {e}"))
 
     def _progress(self, job: Job):  # noqa: ANN202 - the pipeline's progress callback
         def report(stage: str, done: int, total: int) -> None:
