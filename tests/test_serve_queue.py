@@ -264,6 +264,9 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
     assert status == 422 and "strength applies only to video-to-video" in error["detail"]
     status, error = call_json("POST", f"{url}/api/jobs", {"prompt": "x", "lora_scale": 0.5})
     assert status == 422 and "lora_scale applies only with lora" in error["detail"]
+    # "" is refused by the schema (min_length 1), and so is a prompt of whitespace only.
+    status, error = call_json("POST", f"{url}/api/jobs", {"prompt": " \t\n "})
+    assert status == 422 and "prompt: is blank" in error["detail"]
 
     status, error = call_json("POST", f"{url}/api/jobs", {**body, "init_video": "../../etc/passwd"})
     assert status == 422 and "is not an upload" in error["detail"]

@@ -60,6 +60,8 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
     # A value that only applies with another field is refused without it (as the CLI's options are), rather
     # than silently dropped: the client meant something the job would not do.
     given = body.model_fields_set
+    if not body.prompt.strip():
+        raise HTTPException(422, "prompt: is blank (only whitespace); describe what the video shows")
     if "strength" in given and body.init_video is None:
         raise HTTPException(422, "strength applies only to video-to-video; give init_video or leave it out")
     if "lora_scale" in given and getattr(body, "lora", None) is None:
