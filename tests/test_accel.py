@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,13 @@ def test_cli_generate_records_the_cache_in_the_sidecar(tmp_path, capsys):
     assert side["cache"] == "teacache:0.09" and side["cache_threshold"] == 0.09
     assert side["cache_coefficients"].endswith("mochi-tiny.teacache.json")
     assert side["dit_forwards"] + len(side["skipped_steps"]) == side["steps"] and side["skipped_steps"]
+    assert side["lora_merge"] is None  # no LoRA
+    # Coefficients given by file: the sidecar names that file, so the run can be repeated from it.
+    coefficients = tmp_path / "own.json"
+    coefficients.write_text(Path(side["cache_coefficients"]).read_text())
+    args = ["generate", PROMPT, "--seed", "1", "--cache", "teacache:fast", "--out", str(out)]
+    assert main([*args, "--cache-coefficients", str(coefficients)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["cache_coefficients"] == str(coefficients)
     bad = tmp_path / "w.mp4"
     assert main(["generate", PROMPT, "--cache", "fbcache", "--cache-threshold", "0", "--out", str(bad)]) == 2
     assert "cache threshold 0.0 must be a finite number > 0" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from mochi.train.data import LatentDataset, prepare_data
 from mochi.train.lora_state import list_states, load_latest_state
 from mochi.train.lora_train import LoraTrainConfig, lr_factor, micro_batches, sample_sigmas, train_lora
 from mochi.video import write_video
-from mochi.weights.io import read_metadata, read_state_dict
+from mochi.weights.io import WeightsError, read_metadata, read_state_dict
 from mochi.weights.lora import read_lora, save_lora
 
 from .test_pipeline import tiny_components
@@ -313,13 +313,36 @@ def test_pipeline_applies_request_loras_merged_or_not(tmp_path):
     torch.testing.assert_close(p.generate(req).latents, base, rtol=1e-5, atol=1e-5)
 
 
+def test_request_loras_after_a_handle_removal_or_a_failed_load(tmp_path):
+    lora = str(_lora_file(tmp_path / "a.safetensors"))
+    p = pipe()
+    req = GenerationRequest("a red star moving left", seed=1, steps=2)
+    base = p.generate(req).latents
+    styled = p.generate(GenerationRequest(**{**req.__dict__, "loras": [(lora, 1.0)]})).latents
+    p.unload_loras()
+    # A handle taken off by itself: the next request naming the LoRA applies it again.
+    p.load_lora(lora, 1.0).remove()
+    again = p.generate(GenerationRequest(**{**req.__dict__, "loras": [(lora, 1.0)]})).latents
+    assert again.equal(styled) and [e[:2] for e in p.loras] == [(lora, 1.0)]
+    # A list that fails half-way leaves none applied, so a later plain request is the base model.
+    bad = GenerationRequest(
+        **{**req.__dict__, "loras": [(lora, 0.5), (str(tmp_path / "missing.safetensors"), 1)]}
+    )
+    with pytest.raises(WeightsError, match="missing.safetensors' does not exist"):
+        p.generate(bad)
+    assert p.loras == [] and p.generate(req).latents.equal(base)
+
+
 def test_cli_generate_with_lora_and_convert_lora(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
     lora = _lora_file(tmp_path / "l.safetensors")
     out = tmp_path / "v.mp4"
     args = ["generate", "x", "--seed", "1", "--steps", "1", "--out", str(out), "--lora", str(lora)]
     assert main([*args, "--lora-scale", "0.5", "--lora-merge"]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["loras"] == [[str(lora), 0.5]]
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["loras"] == [[str(lora), 0.5]] and side["lora_merge"] is True
+    assert main([*args, "--lora-scale", "0.5"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["lora_merge"] is False
     assert main([*args, "--lora-scale", "1", "--lora-scale", "2"]) == 2
     assert "2 --lora-scale values for 1 --lora files" in capsys.readouterr().err
     assert main(["convert-lora", str(lora), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0

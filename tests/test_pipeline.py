@@ -119,6 +119,26 @@ def test_video_to_video_starts_from_the_clip(pipe):
     assert full == 8 and 0 < partial < 8
 
 
+def test_video_to_video_from_the_requests_file(pipe, tmp_path):
+    from mochi.video import fit_frames, read_video, write_video
+
+    clip = write_video(torch.randint(0, 256, (9, 48, 40, 3), dtype=torch.uint8), tmp_path / "clip.mp4")
+    req = GenerationRequest("x", seed=0, steps=8, strength=0.5, init_video=str(clip))
+    fitted = torch.from_numpy(fit_frames(read_video(clip, max_frames=7)[0], 7, 32, 32))
+    by_file = pipe.generate(req).latents
+    assert by_file.equal(pipe.generate(req, init_frames=fitted).latents)
+    assert not by_file.equal(pipe.generate(GenerationRequest("x", seed=0, steps=8)).latents)
+    with pytest.raises(ValueError, match="does not exist"):
+        pipe.generate(GenerationRequest("x", seed=0, init_video=str(tmp_path / "none.mp4")))
+    # Frames given directly are uint8 at the request's size, or a clear error.
+    with pytest.raises(ValueError, match=r"init_frames are float32; give uint8 RGB frames"):
+        pipe.generate(req, init_frames=fitted.float() / 255)
+    with pytest.raises(
+        ValueError, match=r"init_frames have shape \(7, 32, 16, 3\); this request needs \(7, 32, 32, 3\)"
+    ):
+        pipe.generate(req, init_frames=fitted[:, :, :16])
+
+
 def test_bad_request_fails_before_any_work(pipe):
     with pytest.raises(ValueError, match="frames=8 is not of the form 6k"):
         pipe.generate(GenerationRequest("x", frames=8))

@@ -109,6 +109,7 @@ class MochiPipeline:
                 module.to(self.device)
         # TeaCache's rescale polynomial; None: found beside the checkpoint (mochi.accel.calibrate).
         self.cache_coefficients: list[float] | None = None
+        self.cache_coefficients_source: str | None = None  # where those came from, for the stats
         self.compiled = False
         if compile:
             from mochi.accel.compile import compile_dit
@@ -208,12 +209,20 @@ class MochiPipeline:
             self.loras.pop()[2].remove()
 
     def _use_loras(self, loras: list[tuple[str, float]]) -> None:
-        """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded)."""
+        """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded).
+
+        A handle taken off by its own ``remove()`` no longer counts as applied. If one of ``loras`` fails to
+        load, none stays applied (no half-applied list decides what later requests get)."""
+        self.loras = [entry for entry in self.loras if not entry[2].removed]
         wanted = [(str(p), float(s), self.lora_merge) for p, s in loras]
         if wanted and wanted != [(p, s, h.merged) for p, s, h in self.loras]:
             self.unload_loras()
-            for path, scale, _ in wanted:
-                self.load_lora(path, scale)
+            try:
+                for path, scale, _ in wanted:
+                    self.load_lora(path, scale)
+            except BaseException:
+                self.unload_loras()
+                raise
 
     # -- the whole request ----------------------------------------------------------------------------------
 
@@ -225,7 +234,9 @@ class MochiPipeline:
         init_frames: torch.Tensor | None = None,
         denoised: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Generation:
-        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video.
+        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video,
+        as does ``request.init_video`` (a video file: its first frames, centre-cropped and resized) without
+        them.
 
         denoised(step, total, x0): called after each denoising step with the current estimate of the clean
         DiT-space latents (B, 12, t, h, w) float32 (previews, ``mochi.serve.preview``).
@@ -252,6 +263,13 @@ class MochiPipeline:
         t0 = time.perf_counter()
         shape = (batch, 12, check_frames(req.frames), req.height // 8, req.width // 8)
         noise = initial_noise(shape, req.seed, device=self.device)
+        if init_frames is None and req.init_video is not None:
+            from mochi.video import fit_frames, read_video
+
+            clip, _ = read_video(req.init_video, max_frames=req.frames)
+            init_frames = torch.from_numpy(fit_frames(clip, req.frames, req.height, req.width))
+        if init_frames is not None:
+            _check_init_frames(init_frames, (req.frames, req.height, req.width, 3))
         if init_frames is not None:
             report("encode", 0, 1)
             z0 = self.encode_frames(init_frames.unsqueeze(0)).expand(batch, -1, -1, -1, -1)
@@ -312,6 +330,8 @@ class MochiPipeline:
         cache = source = None
         if setting.enabled:
             coefficients = self.cache_coefficients
+            if setting.kind == "teacache" and coefficients is not None:
+                source = self.cache_coefficients_source or "set on the pipeline"
             if setting.kind == "teacache" and coefficients is None:
                 from mochi.accel.calibrate import find_coefficients
 
@@ -337,3 +357,17 @@ class MochiPipeline:
         if req.sigmas is not None:
             return validate_sigmas(req.sigmas)
         return linear_quadratic_schedule(req.steps, req.threshold_noise, req.linear_steps)
+
+
+def _check_init_frames(frames: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Video-to-video frames are uint8 (T, H, W, 3) at the request's frame count and size."""
+    if frames.dtype != torch.uint8:
+        raise ValueError(
+            f"init_frames are {str(frames.dtype).removeprefix('torch.')}; give uint8 RGB frames (0-255), "
+            "e.g. torch.from_numpy(mochi.video.to_uint8(frames)) for floats in [0, 1]"
+        )
+    if tuple(frames.shape) != shape:
+        raise ValueError(
+            f"init_frames have shape {tuple(frames.shape)}; this request needs {shape} (frames, height, "
+            "width, RGB): mochi.video.fit_frames(clip, frames, height, width) crops and resizes a clip"
+        )

@@ -50,6 +50,7 @@ def apply_cache_options(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001
         from mochi.accel.calibrate import load_coefficients
 
         pipe.cache_coefficients = load_coefficients(args.cache_coefficients, pipe.components.dit.config)
+        pipe.cache_coefficients_source = str(args.cache_coefficients)
 
 
 def _add_calibrate(sub: Subparsers) -> None:
