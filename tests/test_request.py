@@ -84,12 +84,29 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
         ({"eta": -0.1}, r"eta=-0.1 must lie in \[0, 1\] .*; nearest valid: 0"),
         ({"eta": float("nan")}, r"eta=nan must lie in \[0, 1\] .*; nearest valid: 0"),
         ({"eta_above": 1.0}, r"eta_above=1.0 must lie in \[0, 1\) .*; nearest valid: 0.99"),
+        ({"strength": float("nan")}, r"strength=nan must be in \(0, 1\]; nearest valid: 0.7"),
+        # Types: a count or seed that is not a whole number, a scale that is not a number.
+        ({"frames": 7.0}, "frames=7.0 must be a whole number, not float"),
+        ({"seed": 1.5}, "seed=1.5 must be a whole number, not float"),
+        ({"seed": "1"}, "seed='1' must be a whole number, not str"),
+        ({"steps": True}, "steps=True must be a whole number, not bool"),
+        ({"guidance": True}, "guidance=True must be a number, not bool"),
+        ({"guidance": (2.0, 3.0)}, r"guidance=\(2.0, 3.0\) must be a number, not tuple"),
+        ({"guidance": [2.0, "3"], "steps": 2}, "guidance.1.='3' must be a number, not str"),
+        # A one-value schedule is named as such, not as steps=0.
+        ({"sigmas": [1.0]}, r"a sigma schedule needs at least 2 values \(one step\), got \[1.0\]"),
     ],
 )
 def test_bad_requests(kwargs, message):
     kwargs = {"prompt": "p", **kwargs}
     with pytest.raises(ValueError, match=message):
         GenerationRequest(**kwargs).resolved(DEFAULTS)
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    GenerationRequest("p", frames=np.int64(7), seed=np.uint32(3), guidance=np.float32(2.0)).validate()
 
 
 def test_size_is_capped_in_visual_tokens_and_the_error_names_what_fits():

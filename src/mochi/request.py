@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import secrets
 from dataclasses import dataclass, field
 
@@ -136,6 +137,26 @@ class GenerationRequest:
             out.eta, out.eta_above = 0.0, 0.0
         return out
 
+    def _check_types(self) -> None:
+        """Whole numbers where counts and seeds go, real numbers where scales go (bools are neither; the
+        range checks below refuse NaN and infinities),
+        so that a 7.0 or a "1" is named here rather than failing deep in torch or truncating silently."""
+        for name in ("frames", "height", "width", "steps", "seed", "linear_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name}={value!r} must be a whole number, not {type(value).__name__}")
+        scales = {"threshold_noise": self.threshold_noise, "strength": self.strength}
+        scales.update({k: getattr(self, k) for k in ("eta", "eta_above", "cache_threshold")})
+        guidance = self.guidance if isinstance(self.guidance, list) else [self.guidance]
+        scales.update(
+            {f"guidance[{i}]" if len(guidance) > 1 else "guidance": g for i, g in enumerate(guidance)}
+        )
+        for name, value in scales.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a number, not {type(value).__name__}")
+
     def validate(self) -> None:
         prompts = self.prompts
         if not prompts:
@@ -143,6 +164,11 @@ class GenerationRequest:
         for p in [*prompts, self.negative_prompt]:
             if not isinstance(p, str):
                 raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+        self._check_types()
+        if self.sigmas is not None:
+            from mochi.sampling.schedules import validate_sigmas
+
+            validate_sigmas(self.sigmas)
         if self.frames is not None:
             check_frames(self.frames)
         if self.height is not None:
@@ -181,7 +207,7 @@ class GenerationRequest:
 
         check_eta(self.eta or 0.0, self.eta_above or 0.0)  # None: the model's, checked when resolved
         if not 0.0 < self.strength <= 1.0:
-            nearest = min(max(self.strength, 0.01), 1.0)
+            nearest = min(max(self.strength, 0.01), 1.0) if math.isfinite(self.strength) else 0.7
             raise ValueError(f"strength={self.strength} must be in (0, 1]; nearest valid: {nearest}")
         from mochi.accel.cache import CacheSetting
 
