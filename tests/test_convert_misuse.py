@@ -157,3 +157,18 @@ def test_info_reports_the_embedded_bundle_with_its_own_config(capsys):
     }
     assert parts == {k: config[k] for k in ("dit", "decoder", "encoder", "text_encoder")}
     assert info["bundle"]["defaults"] == config["defaults"] and info["bundle"]["name"] == "mochi-tiny"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_part_that_fails_takes_the_parts_written_before_it_away(tmp_path, model, capsys, existing):
+    # The test file's VAE is not the released size, so diffusers' VAE config cannot describe it: the
+    # conversion fails at the VAE, after the DiT's folder was written.
+    src = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    dst = tmp_path / "d"
+    if existing:
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    code, out, err = _run(capsys, "convert", src, dst, "--to", "diffusers")
+    assert code == 2 and "does not fit the model" in err and "vae_decoder" in err
+    # The transformer folder written first is gone again; a folder the user had keeps what it held.
+    assert _files(tmp_path) == (["aio.safetensors", "d", "d/notes.txt"] if existing else ["aio.safetensors"])

@@ -13,6 +13,7 @@ tensor as usual), so that a file made here loads in Kijai's wrapper and vice ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,22 +92,37 @@ def convert(
         )
     outputs = _outputs(det, dst, to, parts)
     _check_outputs(outputs, det, overwrite)
-    if to == "genmo":
-        return _to_genmo(det, outputs, dtype, quantize)
-    written = [
-        save_diffusers(
-            Consumed(read_dit(det, dtype=dtype, fp8="dequantize")[0]),
-            path,
-            overwrite=True,
-            max_shard_bytes=max_shard_bytes,
-        )  # fmt: skip
-        for kind, path in outputs
-        if kind == "dit"
-    ]
-    if parts:
-        tensors, config = diffusers_vae([read_vae_part(det, p, need_config=True) for p in parts])
-        written.append(_write_folder({_WEIGHTS + ".safetensors": tensors}, config, dst / "vae"))
-    return written[0]
+    # Each output is written whole (temporary, then renamed); should a later part fail (a VAE that is not
+    # the released size has no diffusers config), the ones this call created are taken away again, so a
+    # failed conversion leaves no half of a model behind.
+    new = [path for _, path in outputs if not path.exists()] + ([dst] if not dst.exists() else [])
+    try:
+        if to == "genmo":
+            return _to_genmo(det, outputs, dtype, quantize)
+        written = [
+            save_diffusers(
+                Consumed(read_dit(det, dtype=dtype, fp8="dequantize")[0]),
+                path,
+                overwrite=True,
+                max_shard_bytes=max_shard_bytes,
+            )  # fmt: skip
+            for kind, path in outputs
+            if kind == "dit"
+        ]
+        if parts:
+            tensors, config = diffusers_vae([read_vae_part(det, p, need_config=True) for p in parts])
+            written.append(_write_folder({_WEIGHTS + ".safetensors": tensors}, config, dst / "vae"))
+        return written[0]
+    except BaseException:
+        for path in new:
+            if path == dst:  # the folder made for the outputs: removed only if nothing else went in
+                with contextlib.suppress(OSError):
+                    dst.rmdir()
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _outputs(det: Detected, dst: Path, to: str, parts: list[str]) -> list[tuple[str, Path]]:
