@@ -60,6 +60,8 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
     # A step cache skips no ancestral step: a cached request runs Euler unless it names eta itself.
     cached = GenerationRequest("x", seed=1, cache="teacache").resolved(ancestral)
     assert (cached.eta, cached.eta_above, cached.cache) == (0.0, 0.0, "teacache")
+    kept = GenerationRequest("x", seed=1, cache="teacache", eta_above=0.5).resolved(ancestral)
+    assert (kept.eta, kept.eta_above) == (0.0, 0.5)  # what the request named is recorded as named
     named = GenerationRequest("x", seed=1, cache="teacache", eta=1.0).resolved(ancestral)
     assert (named.eta, named.eta_above) == (1.0, 0.3)
     with pytest.raises(ValueError, match=r"eta_above=1.0 must lie in \[0, 1\)"):

@@ -58,6 +58,9 @@ class MochiPipeline:
     while reading the checkpoint, layer by layer); ``self.quantization`` then says what was done. compile:
     regional torch.compile of the DiT (mochi.accel.compile; falls back to eager with one line where no
     compiler works).
+
+    The pipeline owns ``components``: the dtype cast, quantization, device moves and LoRA hooks change those
+    modules in place. Two pipelines with different settings need two ``load_components`` calls.
     """
 
     def __init__(

@@ -133,8 +133,11 @@ class GenerationRequest:
         out.cache, out.cache_threshold = setting.spec, setting.threshold
         if setting.enabled and self.eta is None:
             # A step cache skips no step of an ancestral run (its fresh noise changes every step's input), so
-            # a cached request takes the Euler sampler unless it names eta itself.
-            out.eta, out.eta_above = 0.0, 0.0
+            # a cached request takes the Euler sampler unless it names eta itself (an eta_above it names is
+            # kept: it does nothing at eta 0).
+            out.eta = 0.0
+            if self.eta_above is None:
+                out.eta_above = 0.0
         return out
 
     def _check_types(self) -> None:
