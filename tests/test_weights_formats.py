@@ -275,5 +275,8 @@ def test_integer_tensors_where_weights_belong_are_refused(tmp_path, model):
     tensors, meta = load_file(src), safe_open(src, "pt").metadata()
     tensors["decoder.blocks.0.0.weight"] = tensors["decoder.blocks.0.0.weight"].to(torch.int16)
     save_file(tensors, tmp_path / "bundle.safetensors", metadata=meta)
-    with pytest.raises(WeightsError, match=rf"\(decoder\)\) .*blocks\.0\.0\.weight is int16 \({rule}\)"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"mochi-bundle .*bundle.safetensors' \(decoder\)\) .*blocks\.0\.0\.weight is int16 \({rule}\)",
+    ):
         load_bundle(tmp_path / "bundle.safetensors")

@@ -181,7 +181,7 @@ def load_bundle(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
             # The config came from the file: a combination the model cannot take is the file's fault.
             raise WeightsError(f"bundle {str(path)!r}: its {prefix} config builds no model ({e})") from None
         sd = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        load_strict(module, sd, f"{FORMAT} ({prefix})")
+        load_strict(module, sd, f"{FORMAT} {str(path)!r} ({prefix})")
         modules[prefix] = module.to(dtype).eval()
     return _components_class()(
         tokenizer=TOKENIZERS[config["tokenizer"]](),
