@@ -279,6 +279,7 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
 
 def test_history_survives_a_restart_and_pages_beyond_the_table(url, live, pipe, tmp_path):
     body = {"prompt": "kept", "seed": 9, "negative_prompt": "no", "eta": 0.5, "eta_above": 0.2}
+    body["cache"] = "fbcache:fast"  # the restarted history keeps it (it read "none" before)
     job = call_json("POST", f"{url}/api/jobs", body)[1]
     wait_for(url, job["id"], FINAL)
     out = tmp_path / "out"

@@ -43,6 +43,8 @@ def job_from_sidecar(data: dict, video: Path) -> Job:
         strength=float(data.get("strength") or 0.7),
         eta=float(data.get("eta") or 0.0),
         eta_above=float(data.get("eta_above") or 0.0),
+        cache=str(data.get("cache") or "none"),
+        cache_threshold=None if data.get("cache_threshold") is None else float(data["cache_threshold"]),
     )
     if not isinstance(request.prompt, str):
         raise TypeError("prompt is not a string")
