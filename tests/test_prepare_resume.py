@@ -171,10 +171,21 @@ def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys
     capsys.readouterr()
     assert main(run) == 2
     assert "none is readable" in capsys.readouterr().err
-    assert main([*run, "--restart"]) == 0
+    # The earlier run's final LoRA and sample videos go too (a stale lora.safetensors of another rank sat
+    # beside the new run's files).
+    (tmp_path / "run" / "samples").mkdir()
+    (tmp_path / "run" / "samples" / "step-000002-0.mp4").write_bytes(b"old sample")
+    (tmp_path / "run" / "samples" / "mine.txt").write_text("kept")
+    assert main([*run, "--steps", "1", "--restart"]) == 0
     err = capsys.readouterr().err
-    assert "--restart: removed 4 checkpoint file(s) of the earlier run" in err
-    assert [p.name for p in list_states(tmp_path / "run")] == ["step-000001.pt", "step-000002.pt"]
+    assert "--restart: removed 6 file(s) of the earlier run" in err  # 2 states, 2 step LoRAs, final, sample
+    assert [p.name for p in list_states(tmp_path / "run")] == ["step-000001.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["mine.txt"]
+    assert (tmp_path / "run" / "lora.safetensors").is_file()  # the new run's
+    # A run folder inside the data folder is refused before training: its files would be read as clips.
+    run[3] = str(data / "run")
+    assert main(run) == 2
+    assert "is inside the data folder" in capsys.readouterr().err and not (data / "run").exists()
 
 
 def test_changed_data_is_refused_without_restart(data, tmp_path, capsys):
@@ -197,3 +208,19 @@ def test_changed_data_is_refused_without_restart(data, tmp_path, capsys):
         torch.load(list_states(tmp_path / "run")[-1], weights_only=True)["data"]
         == LatentDataset(mine).fingerprint
     )
+
+
+def test_default_sample_prompts_skip_empty_captions(tmp_path, comps, monkeypatch):
+    import mochi.train.lora_train as lora_train_module
+
+    videos = _videos(tmp_path / "v", n=3, seed=4)
+    (videos / "c0.txt").write_text("")  # an empty caption: sampling it would show the unconditional model
+    prepare_data(videos, tmp_path / "d", comps, **SIZE)
+    seen = []
+    monkeypatch.setattr(
+        lora_train_module, "_write_samples", lambda pipe, prompts, *a, **k: seen.append(prompts)
+    )
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "steps": 1, "sample_every": 1})
+    train_lora(MochiPipeline(tiny_components(), device="cpu"), tmp_path / "d", tmp_path / "run", cfg)
+    captions = [(videos / f"c{i}.txt").read_text() for i in (1, 2)]
+    assert seen and all(prompts == captions for prompts in seen)

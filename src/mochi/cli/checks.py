@@ -128,4 +128,10 @@ def check_train_lora(args: argparse.Namespace) -> None:
         raise ValueError(f"data folder {str(data)!r} holds no clips; run `mochi prepare-data` first")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the run")
+    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
+        # The run's LoRA files would sit among the clips, and every later run would read them as clips.
+        raise ValueError(
+            f"--out {str(out)!r} is inside the data folder {str(data)!r}; give the run a folder of its own, "
+            f"e.g. {str(data.parent / 'lora-run')!r}"
+        )
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)

@@ -99,8 +99,14 @@ def load_latest_state(out: Path) -> dict | None:
 
 
 def clear_states(out: Path) -> list[Path]:
-    """Remove a run's states and per-checkpoint LoRAs (``--restart``); returns the files removed."""
-    removed = [*list_states(out), *sorted(out.glob("lora-step-*.safetensors"))]
+    """Remove what a run wrote (``--restart``): its states, its per-checkpoint and final LoRAs and its sample
+    videos, so that nothing of the earlier run sits beside the new one's files. Returns the files removed."""
+    removed = [
+        *list_states(out),
+        *sorted(out.glob("lora-step-*.safetensors")),
+        *[p for p in [out / "lora.safetensors"] if p.is_file()],
+        *sorted((out / "samples").glob("step-*.mp4")),
+    ]
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

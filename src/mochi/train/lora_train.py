@@ -219,7 +219,7 @@ def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, resta
     if restart:
         removed = clear_states(out)
         if removed:
-            _say(f"--restart: removed {len(removed)} checkpoint file(s) of the earlier run in {out}", show)
+            _say(f"--restart: removed {len(removed)} file(s) of the earlier run in {out}", show)
         return None
     state = load_latest_state(out)  # ResumeError when states exist and none is readable
     if state is None:
@@ -306,7 +306,10 @@ def train_lora(
         names = {k.rsplit(".", 1)[0] for k in lora}
         return {n: LoraLayer(lora[f"{n}.lora_A"], lora[f"{n}.lora_B"], cfg.alpha) for n in sorted(names)}
 
-    prompts = list(cfg.sample_prompts) or list(dict.fromkeys(e.caption for e in data.examples))[:2]
+    # Default sample prompts: the first two distinct captions that say something (an empty caption would
+    # sample the unconditional model).
+    captions = (e.caption for e in data.examples if e.caption.strip())
+    prompts = list(cfg.sample_prompts) or list(dict.fromkeys(captions))[:2]
     from tqdm import tqdm
 
     bar = tqdm(
