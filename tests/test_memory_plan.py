@@ -116,6 +116,9 @@ def test_plan_command(capsys):
     assert "frames" in capsys.readouterr().err
     # The request's rules hold here as in generate: guidance's range, and a size whose token count would
     # overflow the planner's tensor sizes.
+    # A decode no split fits reads as such, not as "untiled".
+    assert main(["plan", "--gpu-memory", "1MB"]) == 0
+    assert "  none fits " in capsys.readouterr().out
     assert main(["plan", "--gpu-memory", "16GB", "--guidance", "-3"]) == 2
     assert "guidance=-3.0 must be in [0, 100]" in capsys.readouterr().err
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "999999999999999997"]) == 2

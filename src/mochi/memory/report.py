@@ -16,7 +16,7 @@ def format_table(options: list[Option], budget: int) -> str:
     head += f"  fits {budget / GB:.1f} GB"
     rows = [head, "-" * len(head)]
     for o in options:
-        tile = f"{o.decode_tile[0]}x{o.decode_tile[1]}" if o.decode_tile else "none"
+        tile = f"{o.decode_tile[0]}x{o.decode_tile[1]}" if o.decode_tile else "none fits"  # no split fits
         p = {k: f"{v / GB:.1f}" for k, v in o.peaks.items()}
         rows.append(
             f"{o.describe():<28} {p['text']:>7} {p['denoise']:>8} {p['decode']:>8} {tile:>9} "
