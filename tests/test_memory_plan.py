@@ -118,7 +118,7 @@ def test_plan_command(capsys):
     # overflow the planner's tensor sizes.
     # A decode no split fits reads as such, not as "untiled".
     assert main(["plan", "--gpu-memory", "1MB"]) == 0
-    assert "  none fits " in capsys.readouterr().out
+    assert " none fits " in capsys.readouterr().out
     assert main(["plan", "--gpu-memory", "16GB", "--guidance", "-3"]) == 2
     assert "guidance=-3.0 must be in [0, 100]" in capsys.readouterr().err
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "999999999999999997"]) == 2
