@@ -151,6 +151,24 @@ def test_info(tmp_path, model, capsys):
     assert info["components"]["t5"]["prefix"] == "text_encoders.t5xxl.transformer."
 
 
+def test_info_describes_a_lora_file_as_one(tmp_path, capsys):
+    from .test_lora_train import _lora_file
+
+    lora = _lora_file(tmp_path / "style.safetensors")  # Genmo's format, rank 2, alpha 2
+    code, out, _ = _run(capsys, "info", lora)
+    assert code == 0 and "format      lora (genmo)" in out and "ranks       [2]" in out
+    assert f"use         mochi generate PROMPT --lora {lora}" in out
+    diffusers = tmp_path / "style_peft.safetensors"
+    assert _run(capsys, "convert-lora", lora, diffusers, "--to", "diffusers")[0] == 0
+    code, out, _ = _run(capsys, "info", diffusers, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "lora (diffusers)" and info["alphas"] == [2.0]
+    # Anything else keeps the model error.
+    (tmp_path / "junk.safetensors").write_bytes(b"{}")
+    code, _, err = _run(capsys, "info", tmp_path / "junk.safetensors")
+    assert code == 2 and "not a readable safetensors file" in err
+
+
 def test_help_texts(capsys):
     for cmd in ("convert", "info"):
         with pytest.raises(SystemExit) as e:

@@ -30,10 +30,41 @@ def _run_info(args: argparse.Namespace) -> int:
     import json
 
     from mochi.weights.info import checkpoint_info, format_info
+    from mochi.weights.io import WeightsError
 
-    info = checkpoint_info(args.checkpoint, variant=args.variant)
+    try:
+        info = checkpoint_info(args.checkpoint, variant=args.variant)
+    except WeightsError:
+        lora = _lora_info(args.checkpoint)  # not a model: a LoRA file is described as one
+        if lora is None:
+            raise
+        print(json.dumps(lora, indent=2) if args.json else "\n".join(f"{k:<11} {v}" for k, v in lora.items()))
+        return 0
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
+
+
+def _lora_info(path: str) -> dict | None:
+    """What ``mochi info`` says of a LoRA file (Genmo or diffusers/PEFT), or None if it is not one."""
+    import contextlib
+
+    from mochi.weights.lora import read_lora
+
+    lora = None
+    with contextlib.suppress(Exception):  # anything that does not read as a LoRA keeps the model's error
+        lora = read_lora(path)
+    if lora is None or not lora.layers:
+        return None
+    alphas = sorted({layer.alpha for layer in lora.layers.values()})
+    return {
+        "path": str(path),
+        "format": f"lora ({lora.format})",
+        "layers": len(lora.layers),
+        "ranks": sorted(lora.ranks),
+        "alphas": alphas,
+        "targets": list(lora.targets),
+        "use": f"mochi generate PROMPT --lora {path}",
+    }
 
 
 def _add_convert(sub: Subparsers) -> None:
