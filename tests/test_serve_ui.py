@@ -386,3 +386,147 @@ def test_two_loras_and_video_to_video_from_the_page(tab, server, tmp_path):
     row = tab.locator(f"#history tr[data-id='{job.id}'] td").nth(8)
     tab.wait_for_function(f"document.querySelector(\"#history tr[data-id='{job.id}']\") !== null")
     assert row.text_content() == "watercolour.safetensors ×0.5, watercolour.safetensors ×0.25, v2v 0.6"
+
+
+def test_lora_rows_keep_their_own_names_and_scales_after_a_removal(tab):
+    """Rows added after a removal get ids of their own, and each row's scale is read from that row."""
+    tab.click("#add-lora")
+    tab.click("#add-lora")
+    rows = tab.locator("#loras .lora-row")
+    rows.nth(1).locator("button:text('×')").click()
+    tab.click("#add-lora")
+    assert rows.count() == 3
+    choices = [
+        ("watercolour.safetensors", "1"),
+        ("broken.safetensors", "0.5"),
+        ("watercolour.safetensors", "-3"),
+    ]
+    for i, (name, scale) in enumerate(choices):
+        rows.nth(i).locator("select").select_option(name)
+        rows.nth(i).locator("input").fill(scale)
+    assert tab.evaluate("body().loras") == [{"name": n, "scale": float(s)} for n, s in choices]
+    ids = tab.evaluate("[...document.querySelectorAll('#loras [id]')].map((e) => e.id)")
+    assert len(ids) == len(set(ids)) == 6
+
+
+BIG_SEED = 2**53 + 1  # 9007199254740993: a JavaScript number would read it as 2**53
+
+
+def test_a_seed_above_2_53_is_sent_shown_reused_and_copied_exactly(tab, server):
+    tab.fill("#prompt", "a seed past the safe integers")
+    tab.fill("#seed", str(BIG_SEED))
+    tab.fill("#steps", "1")
+    generate_and_wait(tab)
+    job = server.jobs.jobs()[0]
+    assert job.request.seed == BIG_SEED
+    assert status(tab).endswith(f"(seed {BIG_SEED})")
+    tab.wait_for_function("!document.getElementById('download').hidden")  # once the video is fetched
+    assert tab.locator("#download").get_attribute("download") == f"mochi-{BIG_SEED}-{job.id}.mp4"
+    row = f"#history tr[data-id='{job.id}']"
+    tab.wait_for_selector(row)
+    assert tab.locator(f"{row} td").nth(3).text_content() == str(BIG_SEED)
+    tab.fill("#seed", "")
+    tab.locator(f"{row} button:text('reuse')").click()
+    assert tab.input_value("#seed") == str(BIG_SEED)
+    assert tab.evaluate("body().seed") == str(BIG_SEED)  # sent as a JSON string of its digits
+    tab.locator(f"{row} button:text('seed')").click()
+    wait_status(tab, f"seed {BIG_SEED} copied")
+    assert tab.evaluate("navigator.clipboard.readText()") == str(BIG_SEED)
+    # A browser that cannot read a big seed exactly (it holds the rounded number) refuses it, visibly.
+    tab.evaluate("fill({ prompt: 'rounded', seed: 2 ** 53 + 2 })")
+    assert tab.input_value("#seed") == ""
+    assert "too large for this browser to read exactly" in tab.locator("#notes").text_content()
+    tab.evaluate("copySeed(2 ** 53 + 2)")
+    assert "not copied" in status(tab)
+    # Past the API's largest seed: refused with the limit, nothing submitted.
+    before = len(server.jobs.jobs())
+    tab.fill("#seed", str(2**63))
+    tab.click("#generate")
+    expected = f"seed: {2**63} is above the largest seed, 2**63-1 = {2**63 - 1}"
+    tab.wait_for_function(f"document.getElementById('error').textContent === {expected!r}")
+    assert len(server.jobs.jobs()) == before
+
+
+def test_reuse_restores_the_step_cache_or_says_it_could_not(tab, server):
+    tab.fill("#prompt", "a cached job")
+    tab.fill("#steps", "2")
+    tab.select_option("#cache", "fbcache:3x")
+    generate_and_wait(tab)
+    job = server.jobs.jobs()[0]
+    assert (job.request.cache, job.request.cache_threshold) == ("fbcache,extrapolate", 0.2)
+    row = f"#history tr[data-id='{job.id}']"
+    tab.wait_for_selector(row)
+    tab.select_option("#cache", "none")
+    tab.locator(f"{row} button:text('reuse')").click()
+    assert tab.input_value("#cache") == "fbcache:3x"
+    assert tab.locator("#notes").text_content() == ""
+    cases = [
+        ("'teacache', 0.09", "teacache:fast"),
+        ("'teacache,max-skips=3,keep=0.85-0.975,extrapolate=0.5', 0.15", "teacache:2x"),
+        ("'none', null", "none"),
+    ]
+    for args, option in cases:
+        tab.select_option("#cache", "fbcache:quality")
+        tab.evaluate(
+            f"(([cache, cache_threshold]) => fill({{ prompt: 'p', cache, cache_threshold }}))([{args}])"
+        )
+        assert tab.input_value("#cache") == option
+        assert tab.locator("#notes").text_content() == ""
+    tab.select_option("#cache", "fbcache:quality")
+    tab.evaluate("fill({ prompt: 'p', cache: 'teacache', cache_threshold: 0.12 })")
+    assert tab.input_value("#cache") == "none"
+    notes = tab.locator("#notes")
+    assert notes.is_visible() and "step cache teacache (threshold 0.12)" in notes.text_content()
+
+
+def test_reuse_names_a_lora_the_server_does_not_have(tab):
+    tab.evaluate(
+        "fill({ prompt: 'p', loras: [{ name: 'gone.safetensors', scale: 0.5 },"
+        " { name: 'watercolour.safetensors', scale: 0.25 }] })"
+    )
+    notes = tab.locator("#notes")
+    assert notes.is_visible() and "gone.safetensors" in notes.text_content()
+    assert "watercolour" not in notes.text_content()
+    assert tab.evaluate("body().loras") == [{"name": "watercolour.safetensors", "scale": 0.25}]
+    tab.evaluate("fill({ prompt: 'p', loras: [] })")
+    assert notes.text_content() == "" and not notes.is_visible()
+
+
+def test_reuse_resets_the_count_and_a_reused_source_clip_can_be_dropped(tab):
+    tab.fill("#count", "3")
+    tab.evaluate("fill({ prompt: 'p', init_video: 'abc123', strength: 0.5 })")
+    assert tab.input_value("#count") == "1"
+    assert tab.locator("#upload").text_content() == "source clip: upload abc123"
+    assert tab.evaluate("body().init_video") == "abc123"
+    tab.click("#clear-upload")
+    assert tab.locator("#upload").text_content() == ""
+    assert tab.locator("#clear-upload").is_hidden()
+    assert tab.evaluate("'init_video' in body()") is False
+
+
+def test_a_server_without_lora_files_shows_no_lora_picker(context, server):
+    def no_loras(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "loras": []})
+
+    page = context.new_page()
+    try:
+        page.route("**/api/info", no_loras)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('frames').placeholder !== ''")
+        assert page.locator("#lora").is_hidden() and page.locator("#add-lora").is_hidden()
+        assert page.evaluate("'loras' in body()") is False
+    finally:
+        page.close()
+
+
+def test_the_pages_cache_presets_match_the_library(page):
+    """Reuse maps a job's resolved cache (kind and options, threshold) back to a preset with the page's own
+    table; it must say what mochi.accel.cache resolves each of the select's presets to."""
+    from mochi.accel.cache import PRESETS, CacheSetting
+
+    options = page.evaluate("[...document.getElementById('cache').options].map((o) => o.value)")
+    assert options == ["none", *PRESETS]
+    table = page.evaluate("CACHE_PRESETS")
+    resolved = {name: CacheSetting.parse(name) for name in PRESETS}
+    assert table == {name: [s.spec, s.threshold] for name, s in resolved.items()}
