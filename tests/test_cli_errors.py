@@ -286,6 +286,8 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     _one_line(capsys, code, "videos folder", "is a file, not a folder")
     _one_line(capsys, main([*gen, "--lora-merge", *out]), "--lora-merge applies only with --lora")
     _one_line(capsys, main([*gen, "--devices", "", *out]), "names no device")
+    for flags in (["--guidance-parallel"], ["--parallel-weights", "shard"]):
+        _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to several processes")
     write_genmo(tmp_path / "g", tiny_model())
     code = main(
         ["convert", str(tmp_path / "g"), str(tmp_path / "d"), "--to", "diffusers", "--max-shard-size", "0"]

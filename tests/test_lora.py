@@ -430,3 +430,18 @@ def test_rank_zero_lora_is_refused(tmp_path):
         read_lora(tmp_path / "r0.safetensors")
     with pytest.raises(ValueError, match=r"LoRA layer 'blocks\.0\.attn\.qkv_x' has rank 0 .*rank 1 or more"):
         apply_lora(model(), {"blocks.0.attn.qkv_x": LoraLayer(torch.zeros(0, 32), torch.zeros(96, 0), 1.0)})
+
+
+def test_merging_into_weights_sharded_over_ranks_names_the_sharding():
+    class DTensor(torch.nn.Parameter):  # what FSDP2 leaves as a Linear's weight: its type name is the test
+        pass
+
+    dit = model()
+    layer = dit.get_submodule("blocks.0.attn.qkv_x")
+    layer.weight = DTensor(layer.weight.data, requires_grad=False)
+    lora = {"blocks.0.attn.qkv_x": LoraLayer(torch.ones(2, 32), torch.ones(96, 2), 2.0)}
+    with pytest.raises(
+        ValueError, match=r"sharded over ranks \(blocks\.0\.attn\.qkv_x …, --parallel-weights shard\)"
+    ):
+        apply_lora(dit, lora, merge=True)
+    apply_lora(dit, lora, merge=False).remove()  # unmerged it applies

@@ -83,6 +83,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from mochi.request import GenerationRequest
 
+    if args.seed is not None:  # before any rank broadcasts it (an int64 holds no larger seed)
+        GenerationRequest(args.prompt, seed=args.seed).validate()
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     world = start_parallel(args)  # None unless launched by torchrun
     if world is not None:
@@ -111,8 +113,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     )
     request.validate()
     out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
-    if main:
-        check_output(out)
+    problem = None
+    if main:  # the output is rank 0's to write; on several nodes its folder may exist on rank 0's alone
+        try:
+            check_output(out)
+        except ValueError as e:
+            problem = str(e)
+    if world is not None:  # every rank stops on rank 0's verdict before the first collective of the run
+        from mochi.parallel.context import broadcast_text
+
+        problem = broadcast_text(problem, world)
+    if problem is not None:
+        raise ValueError(problem)
     init = check_generate(args, request)["init"]  # every option and file, before the model loads
 
     from mochi.outputs import write_video_and_sidecar

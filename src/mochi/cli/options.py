@@ -170,6 +170,22 @@ def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.c
     from mochi.parallel.context import launched_by_torchrun
 
     if not launched_by_torchrun():
+        asked = [
+            flag
+            for flag, on in (
+                (
+                    f"--parallel-weights {getattr(args, 'parallel_weights', 'auto')}",
+                    getattr(args, "parallel_weights", "auto") != "auto",
+                ),
+                ("--guidance-parallel", getattr(args, "guidance_parallel", False)),
+            )
+            if on
+        ]
+        if asked:
+            raise ValueError(
+                f"{' and '.join(asked)} apply only to several processes: launch with torchrun "
+                "--nproc-per-node N -m mochi ... (docs/parallel.md), or leave them out"
+            )
         return None
     import atexit
 

@@ -237,6 +237,12 @@ def apply_lora(
     check_fits(model, layers)
     handle = LoraHandle(model, {}, scale, merge)
     if merge:
+        sharded = [n for n in layers if type(model.get_submodule(n).weight).__name__ == "DTensor"]
+        if sharded:  # FSDP2's weights: each rank holds some rows, which a merge cannot add a delta to
+            raise ValueError(
+                f"cannot merge a LoRA into weights sharded over ranks ({sharded[0]} …, --parallel-weights "
+                "shard): apply it unmerged (leave out --lora-merge), or use --parallel-weights replicate"
+            )
         quantized = [n for n in layers if is_quantized(model.get_submodule(n))]
         if quantized:
             raise ValueError(

@@ -52,9 +52,7 @@ def init_world(device: str | torch.device | None = None, timeout_s: float | None
         return None
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
-    timeout = float(
-        timeout_s if timeout_s is not None else os.environ.get("MOCHI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
-    )
+    timeout = timeout_s if timeout_s is not None else _env_timeout()
     wanted = None if device in (None, "auto") else torch.device(device)
     if (wanted is None or wanted.type == "cuda") and torch.cuda.is_available():
         dev = torch.device("cuda", local if wanted is None or wanted.index is None else wanted.index)
@@ -74,6 +72,22 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
+def _env_timeout() -> float:
+    """``MOCHI_DIST_TIMEOUT`` as positive finite seconds (default 60), or a ValueError naming it."""
+    text = os.environ.get("MOCHI_DIST_TIMEOUT")
+    if text is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(
+            f"MOCHI_DIST_TIMEOUT={text!r} must be a positive number of seconds (default {DEFAULT_TIMEOUT_S})"
+        )
+    return value
+
+
 def broadcast_int(value: int | None, world: World | None) -> int:
     """Rank 0's ``value`` on every rank (e.g. a seed drawn on rank 0). ``value`` may be None off rank 0."""
     if world is None or world.size == 1:
@@ -81,6 +95,26 @@ def broadcast_int(value: int | None, world: World | None) -> int:
     t = torch.tensor([0 if value is None else int(value)], dtype=torch.int64, device=world.device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def broadcast_text(value: str | None, world: World | None) -> str | None:
+    """Rank 0's ``value`` (a string or None) on every rank, sent as UTF-8 bytes in tensors (nothing is
+    unpickled). Other ranks' ``value`` is ignored."""
+    if world is None or world.size == 1:
+        return value
+    data = b"" if value is None else value.encode()
+    size = (
+        broadcast_int(-1 if value is None else len(data), world)
+        if world.is_main
+        else broadcast_int(None, world)
+    )
+    if size < 0:
+        return None
+    t = torch.zeros(size, dtype=torch.uint8, device=world.device)
+    if world.is_main:
+        t.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(t, src=0)
+    return bytes(t.cpu().tolist()).decode()
 
 
 def barrier(world: World | None) -> None:

@@ -31,6 +31,18 @@ class TrainParallel:
     def sync_grads(self, params: list) -> None:
         average_grads(params)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (a stop request reaches the ranks at different
+        steps; all must stop after the same one, or the later ones wait in a collective for a rank gone)."""
+        if self.world.size == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.world.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
 
 def parallelize_training(pipe, world: World) -> TrainParallel:  # noqa: ANN001 - a MochiPipeline
     """Split ``pipe``'s DiT over ``world`` for training (and its samples), unless ``load_pipeline`` did

@@ -345,7 +345,8 @@ def train_lora(
             if cfg.sample_every and done % cfg.sample_every == 0:
                 _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done, writes)
                 dit.to(pipe.device).train()
-            if stop.requested:  # checked last: a stop during sampling is honoured too
+            requested = stop.requested if parallel is None else parallel.any_rank(stop.requested)
+            if requested:  # checked last: a stop during sampling is honoured too
                 if not saved:
                     checkpoint(done)
                 bar.close()
