@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from mochi.models.dit import DIT_PRESETS, AsymmDiT
@@ -184,3 +185,29 @@ def _check(tmp_path: Path, procs: list[subprocess.Popen]) -> None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         for name, a, b in zip(T5_FILES, got[1], expected[1], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_sharded_load_refuses_integer_weights_from_headers_before_any_collective(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mochi.parallel.context import World
+    from mochi.parallel.sharded_load import _check_float_weights, load_dit_sharded
+    from mochi.weights.formats import detect
+    from mochi.weights.io import WeightsError
+
+    from .dit_checkpoints import tiny_model, write_fp8_scaled, write_genmo
+    from .gguf_files import write_kijai
+
+    model = tiny_model()
+    genmo = write_genmo(tmp_path / "g", model) / "dit.safetensors"
+    sd = load_file(genmo)
+    sd["blocks.0.attn.proj_y.weight"] = sd["blocks.0.attn.proj_y.weight"].to(torch.int32)
+    save_file(sd, tmp_path / "int.safetensors")
+    world = World(rank=0, size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")  # no group exists
+    with pytest.raises(WeightsError, match=r"1 not floating point: blocks\.0\.attn\.proj_y\.weight is I32"):
+        load_dit_sharded(detect(tmp_path / "int.safetensors"), world, torch.float32)
+    # Quantized files' bookkeeping is not a weight: fp8 (scales), ComfyUI comfy_quant bytes, ggml blocks.
+    write_fp8_scaled(tmp_path / "fp8.safetensors", model, layout="new", all_in_one=False)
+    write_kijai(tmp_path / "q8.safetensors", load_file(genmo), "Q8_0", torch.float32)
+    for ok in (genmo, tmp_path / "fp8.safetensors", tmp_path / "q8.safetensors"):
+        _check_float_weights(detect(ok))

@@ -69,6 +69,7 @@ def load_dit_sharded(
     """
     if not can_read_sharded(det):
         raise WeightsError(f"the DiT of {det.describe()} cannot be read in shards; load it whole")
+    _check_float_weights(det)
     shapes = genmo_shapes(det)
     parts, _ = dit_sources(det)
     with torch.device("meta"):
@@ -124,6 +125,28 @@ def gguf_dit_bytes(det: Detected, dtype: torch.dtype) -> int:
         math.prod(s) * (1 if QWEIGHT.match(k) else 4 if keeps_fp32(k) else dtype.itemsize)
         for k, s in shapes.items()
     )
+
+
+# Stored dtypes (safetensors' names) that no weight may have; ggml blocks (``…_qweight``) are bytes by design.
+_INTEGER_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+
+
+def _check_float_weights(det: Detected) -> None:
+    """The whole loader's rule, from headers: a weight stored as integers is the file's fault (WeightsError).
+    Quantization bookkeeping (fp8 scales, ComfyUI's ``comfy_quant`` bytes, ggml blocks) is not a weight."""
+    from mochi.weights.formats import component_keys
+
+    bad = [
+        f"{k} is {name}"
+        for k, (name, _) in sorted(component_keys(det, "dit").items())
+        if name in _INTEGER_DTYPES
+        and not (QWEIGHT.match(k) or k.endswith(QUANT_SUFFIXES) or k == "scaled_fp8")
+    ]
+    if bad:
+        raise WeightsError(
+            f"checkpoint (detected format: {det.describe()}) does not fit the model: {len(bad)} not floating "
+            f"point: {'; '.join(bad[:8])} (weights must be floating point: float32, bfloat16, float16 or fp8)"
+        )
 
 
 def _fp8_scales(det: Detected, parts: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
