@@ -276,6 +276,37 @@ def test_failing_job_is_reported_and_the_server_keeps_serving(url):
     assert oom["error"].startswith("out of memory: the CPU could not allocate 1000000.0 GB; use fewer frames")
 
 
+def test_video_ranges_are_served_and_bad_ones_answered_in_json(url):
+    job = wait_for(
+        url, call_json("POST", f"{url}/api/jobs", {"prompt": "ranged", "steps": 1})[1]["id"], ("done",)
+    )
+    video = f"{url}/api/jobs/{job['id']}/video"
+    whole = call("GET", video)[2]
+
+    def ranged(value: str) -> tuple[int, dict, bytes]:
+        request = urllib.request.Request(video, headers={"Range": value})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    assert ranged("bytes=0-9")[::2] == (206, whole[:10])
+    assert ranged("bytes=-5")[::2] == (206, whole[-5:])
+    for value, status, words in [
+        ("bytes=abc", 400, "is not of the form bytes=START-END"),
+        ("items=0-1", 400, "is not of the form bytes=START-END"),
+        ("bytes=-", 400, "is not of the form bytes=START-END"),
+        ("bytes=5-2", 400, "a span that ends before it starts"),
+        (f"bytes={len(whole)}-", 416, f"starts past the video's {len(whole)} bytes"),
+    ]:
+        code, headers, data = ranged(value)
+        assert code == status and words in json.loads(data)["detail"], (value, code, data)
+        assert headers["content-type"] == "application/json"
+        if status == 416:
+            assert headers["content-range"] == f"bytes */{len(whole)}"
+
+
 def test_clients_that_disconnect_do_not_hurt_the_server(url, live):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "orphan", "steps": 1}).encode()

@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ConfigDict, Field
@@ -44,7 +44,7 @@ from mochi.serve import events, preview
 from mochi.serve import history as job_history
 from mochi.serve import submit as extras
 from mochi.serve import uploads as video_uploads
-from mochi.serve.errors import documented, install_error_handlers, quote
+from mochi.serve.errors import check_range, documented, install_error_handlers, quote
 from mochi.serve.guards import DEFAULT_MAX_BODY, RequestGuard, Uploads
 from mochi.serve.jobs import DONE, FINAL, JobManager
 
@@ -196,12 +196,13 @@ def create_app(
     @app.get(
         "/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse, responses=video_responses
     )
-    def video(job_id: str, download: bool = False) -> FileResponse:
+    def video(job_id: str, request: Request, download: bool = False) -> FileResponse:
         job = found(job_id)
         if job.status != DONE or job.video is None:
             raise HTTPException(409, f"job {job_id!r} is {job.status}; its video exists once status is done")
         if not job.video.is_file():
             raise HTTPException(404, f"the video of job {job_id!r} was removed from the output folder")
+        check_range(request.headers.get("range"), job.video.stat().st_size)
         name = f"mochi-{job.request.seed}-{job_id}.mp4" if download else None
         return FileResponse(job.video, media_type="video/mp4", filename=name)
 
@@ -209,8 +210,8 @@ def create_app(
     @app.head(
         "/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse, responses=video_responses
     )
-    def video_head(job_id: str, download: bool = False) -> FileResponse:
-        return video(job_id, download)
+    def video_head(job_id: str, request: Request, download: bool = False) -> FileResponse:
+        return video(job_id, request, download)
 
     @app.delete("/api/jobs/{job_id}", dependencies=auth, responses=one)
     def cancel_or_delete(job_id: str) -> dict:

@@ -11,6 +11,7 @@ make the error reply itself fail.
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,3 +98,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> ErrorResponse:
         return ErrorResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+_SPAN = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def check_range(header: str | None, size: int) -> None:
+    """Refuse a ``Range`` header Starlette's FileResponse would refuse, as ``ErrorBody`` (400 malformed,
+    416 with ``Content-Range: bytes */size`` when no span starts inside the file) rather than its plain
+    text; a valid one is left to FileResponse."""
+    if header is None:
+        return
+    unit, _, spans = header.partition("=")
+    parsed = [_SPAN.match(part) for part in spans.split(",")] if unit.strip().lower() == "bytes" else [None]
+    if any(m is None or m.groups() == ("", "") for m in parsed):
+        raise StarletteHTTPException(400, f"Range {quote(header)} is not of the form bytes=START-END[, …]")
+    bounds = [(int(a) if a else None, int(b) if b else None) for a, b in (m.groups() for m in parsed)]
+    if any(a is not None and b is not None and a > b for a, b in bounds):
+        raise StarletteHTTPException(400, f"Range {quote(header)} has a span that ends before it starts")
+    if all(a is not None and a >= size for a, _ in bounds):
+        raise StarletteHTTPException(
+            416, f"Range {quote(header)} starts past the video's {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )  # fmt: skip
