@@ -90,6 +90,42 @@ def test_genmo_folder_with_separate_t5(tmp_path):
     _same_video(MochiPipeline.from_pretrained(str(weights), t5=str(tmp_path / "t5"), device="cpu"))
 
 
+def test_the_tokenizer_named_is_used_and_the_text_parts_must_pair(tmp_path):
+    c = tiny_components(seed=1)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name, module in (("dit", c.dit), ("decoder", c.decoder), ("encoder", c.encoder)):
+        save_state_dict(module.state_dict(), weights / f"{name}.safetensors")
+    _write_t5(tmp_path / "t5", c.text_encoder)
+    _write_tokenizer(tmp_path / "t5", WORDS)
+    _write_tokenizer(tmp_path / "other", list(reversed(WORDS)))  # same size, other ids
+    t5 = str(tmp_path / "t5")
+    # A tokenizer *file* given with --tokenizer is the one used (it was skipped for not being a folder).
+    pipe = MochiPipeline.from_pretrained(
+        str(weights), t5=t5, tokenizer=str(tmp_path / "other" / "tokenizer.json"), device="cpu"
+    )
+    assert pipe.components.tokenizer.encode("red") == [6]
+    with pytest.raises(ValueError, match="is neither a tokenizer.json nor a spiece.model"):
+        MochiPipeline.from_pretrained(str(weights), t5=t5, tokenizer=str(weights / "dit.safetensors"))
+    # More ids than the T5 embeds: refused at load, naming both (it was an IndexError at the first prompt).
+    vocab = c.text_encoder.config.vocab_size
+    _write_tokenizer(tmp_path / "big", [f"w{i}" for i in range(vocab)])
+    with pytest.raises(ValueError, match=rf"big' has {vocab + 3} ids but the T5 of '.*t5' embeds {vocab}"):
+        MochiPipeline.from_pretrained(str(weights), t5=t5, tokenizer=str(tmp_path / "big"), device="cpu")
+    # A T5 of another width than the DiT reads: refused at load (it failed at the first denoising step).
+    wide = tiny_components(seed=1)
+    from mochi.models.t5 import T5Encoder
+
+    cfg = wide.text_encoder.config
+    other = T5Encoder(type(cfg)(**{**cfg.__dict__, "d_model": cfg.d_model * 2, "d_kv": cfg.d_kv * 2}))
+    _write_t5(tmp_path / "t5wide", other)
+    _write_tokenizer(tmp_path / "t5wide", WORDS)
+    with pytest.raises(
+        ValueError, match=rf"gives {cfg.d_model * 2}-wide features but the DiT reads {cfg.d_model}"
+    ):
+        MochiPipeline.from_pretrained(str(weights), t5=str(tmp_path / "t5wide"), device="cpu")
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         MochiPipeline.from_pretrained(str(tmp_path / "nope"))

@@ -57,7 +57,9 @@ class Components:
 
 
 def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) -> Tokenizer:
-    candidates = [tokenizer, t5]
+    if tokenizer is not None:  # named by the user: this one (a folder or a file), or its own error
+        return load_tokenizer(tokenizer)
+    candidates = [t5]
     if det is not None:
         candidates += [det.extras.get("tokenizer"), det.path]
     for candidate in candidates:
@@ -71,6 +73,23 @@ def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) 
         "no T5 tokenizer found (spiece.model or tokenizer.json); pass --tokenizer PATH or a --t5 folder "
         "that holds one (e.g. google/t5-v1_1-xxl)"
     )
+
+
+def _check_text_pair(tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT, tok_source, t5_source) -> None:  # noqa: ANN001
+    """The tokenizer's ids must index the T5's embedding, and the T5's width must be the DiT's text width:
+    parts from different models are named here, at load, not by an index error at the first prompt."""
+    embeds = text_encoder.config.vocab_size
+    if tok.vocab_size > embeds:
+        raise ValueError(
+            f"the tokenizer of {str(tok_source)!r} has {tok.vocab_size} ids but the T5 of {str(t5_source)!r} "
+            f"embeds {embeds}: they belong to different models; pass the T5's own tokenizer (--tokenizer)"
+        )
+    width, wanted = text_encoder.config.d_model, dit.config.t5_feat_dim
+    if width != wanted:
+        raise ValueError(
+            f"the T5 of {str(t5_source)!r} gives {width}-wide features but the DiT reads {wanted}-wide "
+            "ones (t5_feat_dim): pass the T5 this DiT was trained with (--t5)"
+        )
 
 
 def model_defaults(model: str | os.PathLike | None) -> dict:
@@ -186,6 +205,7 @@ def load_components(
     elif text_encoder is None:
         text_encoder = load_t5(t5_source, dtype=torch.float32)
     tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
+    _check_text_pair(tok, text_encoder, dit, tokenizer or t5 or model, t5 or model)
     return Components(
         tok,
         text_encoder,
