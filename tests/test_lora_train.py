@@ -412,3 +412,13 @@ def test_cli_parser_stays_light_and_matches_default_targets():
 
     args = build_parser().parse_args(["train-lora", "d", "--out", "o"])
     assert tuple(args.targets.split(",")) == DEFAULT_TARGETS
+
+
+def test_a_lora_for_another_model_is_named_by_its_file(tmp_path):
+    lora = _lora_file(tmp_path / "for-the-test-dit.safetensors")  # the test DiT's widths, not the embedded's
+    embedded = MochiPipeline.from_pretrained()
+    with pytest.raises(
+        ValueError, match=r"LoRA '.*for-the-test-dit\.safetensors' layer .* trained for another"
+    ):
+        embedded.load_lora(str(lora))
+    assert embedded.loras == []

@@ -202,7 +202,8 @@ class MochiPipeline:
         from mochi.weights.lora import read_lora
 
         merge = self.lora_merge if merge is None else merge
-        handle = apply_lora(self.components.dit, read_lora(path).layers, scale, merge)
+        layers = read_lora(path).layers
+        handle = apply_lora(self.components.dit, layers, scale, merge, source=f"LoRA {str(path)!r}")
         self.loras.append((str(path), scale, handle))
         return handle
 

@@ -226,15 +226,17 @@ def apply_lora(
     scale: float = 1.0,
     merge: bool = False,
     keep_original: bool = False,
+    source: str = "LoRA",
 ) -> LoraHandle:
     """Apply a LoRA (module path → factors) to ``model`` at ``scale``; several may be applied at once.
+    ``source`` names the LoRA in errors (e.g. "LoRA 'style.safetensors'").
 
     merge=False hooks Δ into each layer's output (factors are moved to the layer's device, kept in their
     dtype); merge=True adds it into the weights in fp32 (see the module docstring for unmerging and fp8).
     """
     from mochi.weights.quantize import is_quantized
 
-    check_fits(model, layers)
+    check_fits(model, layers, source)
     handle = LoraHandle(model, {}, scale, merge)
     if merge:
         sharded = [n for n in layers if type(model.get_submodule(n).weight).__name__ == "DTensor"]
