@@ -171,6 +171,27 @@ def test_a_bundle_file_loads_by_path(tmp_path):
     assert torch.equal(pipe.generate(request).frames, expected.frames)
 
 
+def test_a_vae_of_another_model_or_a_bundle_as_a_part_is_named(tmp_path):
+    from mochi.weights.bundle import embedded_path, load_embedded
+
+    c = tiny_components(seed=1)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_state_dict(c.dit.state_dict(), weights / "dit.safetensors")
+    _write_t5(tmp_path / "t5", c.text_encoder)
+    _write_tokenizer(tmp_path / "t5", WORDS)
+    t5 = str(tmp_path / "t5")
+    for flag in ("vae", "t5"):
+        parts = {"t5": t5, flag: str(embedded_path())}
+        with pytest.raises(
+            ValueError, match=rf"--{flag} '.*mochi-tiny.safetensors' is a mochi bundle, .* --model"
+        ):
+            MochiPipeline.from_pretrained(str(weights), device="cpu", **parts)
+    save_state_dict(load_embedded().decoder.state_dict(), tmp_path / "other-decoder.safetensors")
+    with pytest.raises(ValueError, match=r"^--vae '.*other-decoder\.safetensors': .*does not fit the model"):
+        MochiPipeline.from_pretrained(str(weights), vae=str(tmp_path / "other-decoder.safetensors"), t5=t5)
+
+
 def test_t5_size_of_an_all_in_one_file_counts_the_t5_alone(tmp_path):
     """The fit check of a sharded load reads the T5's fp32 size from the headers; in an all-in-one file the
     DiT and the VAE encoder share the file and must not be counted (they were)."""

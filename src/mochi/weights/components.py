@@ -130,6 +130,12 @@ def check_model_paths(
                 f"{' and '.join(given)} cannot be used with {what}, which carries its own VAE, T5 and "
                 f"tokenizer; leave {'them' if len(given) > 1 else 'it'} out, or use a --model that lacks them"
             )
+        for flag, value in extras:
+            if value is not None and Path(value).is_file() and is_bundle(value):
+                raise ValueError(
+                    f"{flag} {str(value)!r} is a mochi bundle, a whole model whose parts fit only each "
+                    f"other; pass it as --model (without {flag})"
+                )
 
 
 def load_components(
@@ -184,7 +190,12 @@ def load_components(
             f"{str(model)!r} holds no VAE decoder ({det.describe()}); pass --vae PATH (Genmo "
             "decoder.safetensors, a diffusers vae/ folder or a ComfyUI VAE file)"
         )
-    decoder = load_vae_decoder(vae_source)
+    try:
+        decoder = load_vae_decoder(vae_source)
+    except WeightsError as e:
+        if vae is None:
+            raise
+        raise WeightsError(f"--vae {str(vae)!r}: {e}") from None
     vae_encoder = None
     enc_source = vae if vae is not None else (det if "vae_encoder" in det.files else None)
     if encoder and enc_source is not None:
