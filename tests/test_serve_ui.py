@@ -333,6 +333,10 @@ def test_reuse_keeps_an_euler_jobs_eta_0(tab, server):
     jobs = submit_batch(tab, server, "a red circle moving left", seed=30, steps=2)
     assert {(j.request.eta, j.request.eta_above) for j in jobs} == {(0.0, 0.0)}
     tab.fill("#count", "1")
+    tab.fill("#seed", "")  # so that a reuse that did not happen cannot pass for one
+    # Both jobs done and shown so (a "show" button): the history no longer re-renders under the click.
+    for job in jobs:
+        tab.wait_for_selector(f"#history tr[data-id='{job.id}'] button:text('show')")
     tab.locator(f"#history tr[data-id='{jobs[1].id}'] button:text('reuse')").click()
     assert tab.input_value("#seed") == "30"
     assert tab.input_value("#eta") == "0" and tab.input_value("#eta-above") == "0"
