@@ -363,23 +363,19 @@ def test_parallelize_refuses_a_world_that_cannot_split_the_heads_before_any_work
     assert pipe.parallel is None
 
 
+def _torchrun_generate(folder: Path, *options: str) -> subprocess.CompletedProcess:
+    """``mochi generate`` of a 7-frame video by torchrun's real launcher on 2 CPU ranks, in ``folder``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(_free_port()), "-m", "mochi", "generate", "a red ball", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MOCHI_DIST_TIMEOUT": "20"}
+    return subprocess.run(
+        [*cmd, "--frames", "7", *options], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
     """The real launcher: 2 ranks, sharded weights, guidance split, no --seed (rank 0 draws it)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-    ]
-    args = ["-m", "mochi", "generate", "a red ball", "--device", "cpu", "--steps", "2", "--frames", "7"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MOCHI_DIST_TIMEOUT": "20"}
-    done = subprocess.run(
-        [*cmd, *args, "--parallel-weights", "shard", "--guidance-parallel"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _torchrun_generate(tmp_path, "--steps", "2", "--parallel-weights", "shard", "--guidance-parallel")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # rank 1 prints and writes nothing
     videos = sorted(tmp_path.glob("*.mp4"))
@@ -408,21 +404,7 @@ def test_stop_requests_and_rank_0_verdicts_reach_every_rank(tmp_path):
 
 
 def test_torchrun_generate_refuses_a_bad_output_on_every_rank_in_one_line(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-    ]
-    args = ["-m", "mochi", "generate", "a red ball", "--device", "cpu", "--steps", "1", "--frames", "7"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MOCHI_DIST_TIMEOUT": "20"}
-    done = subprocess.run(
-        [*cmd, *args, "--out", str(tmp_path / "nodir" / "x.mp4")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _torchrun_generate(tmp_path, "--steps", "1", "--out", str(tmp_path / "nodir" / "x.mp4"))
     # torchrun's own launcher prints a ChildFailedError traceback for any rank that exits non-zero; no rank
     # may show one through mochi's code, nor meet a peer gone (rank 1 used to reach the first collective).
     ours = re.search(
