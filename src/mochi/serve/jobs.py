@@ -42,7 +42,6 @@ from mochi.serve import history as sidecars
 from mochi.serve import preview
 from mochi.serve.limits import check_work, default_caps
 from mochi.serve.redact import redact_paths
-from mochi.video import fit_frames, read_video
 
 log = logging.getLogger("mochi.serve")
 
@@ -84,7 +83,8 @@ def device_lock(device: str | torch.device) -> threading.Lock:
 
 
 class Pipeline(Protocol):
-    """What the server needs of ``mochi.pipeline.MochiPipeline``."""
+    """What the server needs of ``mochi.pipeline.MochiPipeline`` (whose ``generate`` reads a request's
+    ``init_video`` itself)."""
 
     components: Any
     device: Any
@@ -385,10 +385,10 @@ class JobManager:
             if job.cancel_requested:
                 raise JobCancelled(job.id)
             self._apply_loras(job)
-            init = self._init_frames(job)
             with stop_checks(self.pipeline.components.modules(), lambda: job.cancel_requested):
+                # A video-to-video job's request names its upload; the pipeline reads and fits it.
                 result = self.pipeline.generate(
-                    job.request, progress=self._progress(job), init_frames=init, denoised=self._preview(job)
+                    job.request, progress=self._progress(job), denoised=self._preview(job)
                 )
         if job.cancel_requested:
             raise JobCancelled(job.id)
@@ -401,15 +401,6 @@ class JobManager:
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first
         job.video = video
         self._finish(job, DONE, None)
-
-    def _init_frames(self, job: Job) -> torch.Tensor | None:
-        """A video-to-video job's upload, fitted to its frame count and size (T, H, W, 3) uint8."""
-        if job.request.init_video is None:
-            return None
-        r = job.request
-        return torch.from_numpy(
-            fit_frames(read_video(r.init_video, max_frames=r.frames)[0], r.frames, r.height, r.width)
-        )
 
     def _apply_loras(self, job: Job) -> None:
         """Make the pipeline's LoRAs exactly the job's (none included), naming the file that fails to load.
