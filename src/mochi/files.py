@@ -27,7 +27,9 @@ def not_a_folder(directory: str | os.PathLike) -> str:
     return "is a file, not a folder" if os.path.lexists(directory) else "does not exist"
 
 
-def _check_folder(path: Path) -> Path:
+def check_folder(path: str | os.PathLike) -> Path:
+    """The folder ``path`` goes in, which must exist and be writable (ValueError naming both otherwise)."""
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} {not_a_folder(directory)}")
@@ -95,7 +97,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
     tmps: list[Path] = []
     try:
         for path in targets:
-            directory = _check_folder(path)
+            directory = check_folder(path)
             if str(directory.resolve()) not in _swept:  # once per folder and process: leftovers predate it
                 _swept.add(str(directory.resolve()))
                 remove_stale_partials(directory)

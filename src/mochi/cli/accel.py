@@ -139,16 +139,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _check_out(out: Path) -> None:
-    """``out`` can take the coefficient file: a .json name, not a folder, in a folder that exists."""
-    from mochi.files import not_a_folder
+    """``out`` can take the coefficient file: a .json name, not a folder, in a writable folder."""
+    from mochi.files import check_folder
 
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {out / 'teacache.json'}")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} {not_a_folder(folder)}")
+    check_folder(out)
 
 
 # The registrars of this module's sub-commands, in the order `mochi --help` lists them.

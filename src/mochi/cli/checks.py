@@ -14,8 +14,7 @@ import numpy as np
 
 def check_output(out: Path) -> None:
     """``out`` can take a video, and its sidecar (``out`` with ``.json``) can be written beside it."""
-    import os
-
+    from mochi.files import check_folder
     from mochi.outputs import sidecar_path
     from mochi.video import CONTAINERS
 
@@ -25,13 +24,7 @@ def check_output(out: Path) -> None:
         )
     if out.is_dir():
         raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
-    folder = out.parent if str(out.parent) else "."
-    if not os.path.isdir(folder):
-        from mochi.files import not_a_folder
-
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} {not_a_folder(folder)}")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {str(out)!r}: folder {str(folder)!r} is not writable")
+    check_folder(out)
     sidecar = sidecar_path(out)
     if sidecar.is_dir():
         raise ValueError(f"cannot write the sidecar {str(sidecar)!r}: it is a folder; choose another --out")
