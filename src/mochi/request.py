@@ -42,6 +42,13 @@ def check_frames(frames: int, name: str = "frames") -> int:
     return (frames - 1) // TEMPORAL_COMPRESSION + 1
 
 
+def check_seed(seed: int) -> int:
+    """A seed is in [0, 2**63-1] (what torch's generators and an int64 broadcast take)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} must be in [0, 2**63-1]")
+    return seed
+
+
 def visual_tokens(frames: int, height: int, width: int) -> int:
     """The DiT's visual token count for a valid frame count and size (pixels)."""
     return check_frames(frames) * (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
@@ -187,8 +194,8 @@ class GenerationRequest:
                 f"steps={self.steps} disagrees with the {len(self.sigmas)} sigmas given "
                 f"({len(self.sigmas) - 1} steps); leave steps out or make them agree"
             )
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**63-1]")
+        if self.seed is not None:
+            check_seed(self.seed)
         if not 0.0 < self.threshold_noise < 1.0:
             raise ValueError(
                 f"threshold_noise={self.threshold_noise} must be in (0, 1); the default is 0.025"

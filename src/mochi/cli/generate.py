@@ -81,10 +81,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from mochi.request import GenerationRequest
+    from mochi.request import GenerationRequest, check_seed
 
     if args.seed is not None:  # before any rank broadcasts it (an int64 holds no larger seed)
-        GenerationRequest(args.prompt, seed=args.seed).validate()
+        check_seed(args.seed)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     world = start_parallel(args)  # None unless launched by torchrun
     if world is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from mochi.finite import NonFiniteError, all_finite, check_finite
 from mochi.models.latents import vae_to_dit
 from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
-from mochi.request import MAX_SEED
+from mochi.request import check_seed
 from mochi.train.data import LatentDataset
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
@@ -99,8 +99,7 @@ class LoraTrainConfig:
             raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
         if self.latents is not None and self.latents not in LATENTS:
             raise ValueError(f"latents={self.latents!r} must be one of {list(LATENTS)}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed={self.seed} must be in [0, 2**63-1], as a generation's seed")
+        check_seed(self.seed)  # as a generation's seed
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]; Genmo uses 0.1")
 
