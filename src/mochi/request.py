@@ -149,8 +149,8 @@ class GenerationRequest:
 
     def _check_types(self) -> None:
         """Whole numbers where counts and seeds go, real numbers where scales go (bools are neither; the
-        range checks below refuse NaN and infinities),
-        so that a 7.0 or a "1" is named here rather than failing deep in torch or truncating silently."""
+        range checks refuse NaN and infinities), so that a 7.0 or a "1" is named here rather than failing
+        deep in torch or being truncated silently."""
         for name in ("frames", "height", "width", "steps", "seed", "linear_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):

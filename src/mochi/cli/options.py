@@ -170,17 +170,11 @@ def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.c
     from mochi.parallel.context import launched_by_torchrun
 
     if not launched_by_torchrun():
-        asked = [
-            flag
-            for flag, on in (
-                (
-                    f"--parallel-weights {getattr(args, 'parallel_weights', 'auto')}",
-                    getattr(args, "parallel_weights", "auto") != "auto",
-                ),
-                ("--guidance-parallel", getattr(args, "guidance_parallel", False)),
-            )
-            if on
-        ]
+        asked = []
+        if getattr(args, "parallel_weights", "auto") != "auto":
+            asked.append(f"--parallel-weights {args.parallel_weights}")
+        if getattr(args, "guidance_parallel", False):
+            asked.append("--guidance-parallel")
         if asked:
             raise ValueError(
                 f"{' and '.join(asked)} apply only to several processes: launch with torchrun "

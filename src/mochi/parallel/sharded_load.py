@@ -41,7 +41,7 @@ from mochi.weights.formats import Detected
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
 from mochi.weights.ggml import QWEIGHT, block_kinds, swap_in_gguf
 from mochi.weights.ggml import dequantize as dequantize_blocks
-from mochi.weights.io import WeightsError, check_state_dict
+from mochi.weights.io import WeightsError, check_state_dict, not_floating_point
 
 
 def can_read_sharded(det: Detected) -> bool:
@@ -143,10 +143,8 @@ def _check_float_weights(det: Detected) -> None:
         and not (QWEIGHT.match(k) or k.endswith(QUANT_SUFFIXES) or k == "scaled_fp8")
     ]
     if bad:
-        raise WeightsError(
-            f"checkpoint (detected format: {det.describe()}) does not fit the model: {len(bad)} not floating "
-            f"point: {'; '.join(bad[:8])} (weights must be floating point: float32, bfloat16, float16 or fp8)"
-        )
+        what = f"checkpoint (detected format: {det.describe()})"
+        raise WeightsError(f"{what} does not fit the model: {not_floating_point(bad)}")
 
 
 def _fp8_scales(det: Detected, parts: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:

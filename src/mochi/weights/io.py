@@ -194,6 +194,12 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
+def not_floating_point(found: list[str]) -> str:
+    """The problem of tensors stored as integers where weights belong (``found``: "key is dtype" each)."""
+    rule = "weights must be floating point: float32, bfloat16, float16 or fp8"
+    return f"{len(found)} not floating point: {'; '.join(found[:8])} ({rule})"
+
+
 def check_state_dict(
     expected: Mapping[str, tuple[int, ...]],
     state_dict: Mapping[str, torch.Tensor],
@@ -223,8 +229,7 @@ def check_state_dict(
     if wrong:
         problems.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:8]))
     if not_float:
-        rule = "weights must be floating point: float32, bfloat16, float16 or fp8"
-        problems.append(f"{len(not_float)} not floating point: {'; '.join(not_float[:8])} ({rule})")
+        problems.append(not_floating_point(not_float))
     if problems:
         raise WeightsError(
             f"checkpoint (detected format: {fmt}) does not fit the model: " + " | ".join(problems)
