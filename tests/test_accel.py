@@ -248,6 +248,8 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     (tmp_path / "d.json").mkdir()
     assert main(["calibrate-cache", "--out", str(tmp_path / "d.json")]) == 2
     assert "d.json' is a folder" in capsys.readouterr().err
+    assert main(["calibrate-cache", "--prompt", "a cat", "--prompt", " ", "--out", str(out)]) == 2
+    assert "--prompt: is blank (only whitespace); describe what the video shows" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
 
 

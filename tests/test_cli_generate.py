@@ -129,6 +129,15 @@ def test_bad_input_is_one_line_and_exit_2(tiny, argv, message, capsys):
     assert err == f"mochi: error: {message}\n"
 
 
+@pytest.mark.parametrize(("prompt", "state"), [("", "empty"), (" \t\n", "blank (only whitespace)")])
+def test_an_empty_prompt_is_refused_as_the_server_refuses_it(tiny, prompt, state, tmp_path, capsys):
+    assert main(["generate", prompt, "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err == f"mochi: error: PROMPT: is {state}; describe what the video shows\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_cuda(tiny, capsys):
     assert main(["generate", "x", "--device", "cuda"]) == 2

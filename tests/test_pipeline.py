@@ -117,6 +117,11 @@ def test_video_to_video_starts_from_the_clip(pipe):
     full = max(steps_seen)
     partial = -min(steps_seen)
     assert full == 8 and 0 < partial < 8
+    # A custom schedule may start below 1 only from a clip: text-to-video starts from pure noise at 1.0.
+    low = GenerationRequest("x", seed=0, sigmas=[0.9, 0.5, 0.0], strength=0.5)
+    assert pipe.generate(low, init_frames=frames).frames.shape == out.frames.shape
+    with pytest.raises(ValueError, match=r"sigmas start at 0.9, but text-to-video starts from pure noise"):
+        pipe.generate(low)
 
 
 def test_video_to_video_from_the_requests_file(pipe, tmp_path):

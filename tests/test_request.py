@@ -97,12 +97,20 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
         ({"guidance": [2.0, "3"], "steps": 2}, "guidance.1.='3' must be a number, not str"),
         # A one-value schedule is named as such, not as steps=0.
         ({"sigmas": [1.0]}, r"a sigma schedule needs at least 2 values \(one step\), got \[1.0\]"),
+        ({"sigmas": [0.5, 0.0]}, r"sigmas start at 0.5, but text-to-video starts from pure noise"),
     ],
 )
 def test_bad_requests(kwargs, message):
     kwargs = {"prompt": "p", **kwargs}
     with pytest.raises(ValueError, match=message):
         GenerationRequest(**kwargs).resolved(DEFAULTS)
+
+
+def test_a_schedule_below_one_needs_a_clip():
+    low = GenerationRequest("p", sigmas=[0.5, 0.0], init_video="clip.mp4")
+    assert low.resolved(DEFAULTS).sigmas == [0.5, 0.0]
+    with pytest.raises(ValueError, match="start the schedule at 1.0, or give init_video"):
+        low.resolved(DEFAULTS, video_to_video=False)
 
 
 def test_numpy_numbers_are_numbers():

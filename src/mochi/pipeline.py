@@ -245,7 +245,8 @@ class MochiPipeline:
         denoised(step, total, x0): called after each denoising step with the current estimate of the clean
         DiT-space latents (B, 12, t, h, w) float32 (previews, ``mochi.serve.preview``).
         """
-        req = request.resolved(self.components.defaults)
+        from_clip = init_frames is not None or request.init_video is not None
+        req = request.resolved(self.components.defaults, from_clip)
         self._use_loras(req.loras)
         self.vae_plans = {}
         report = progress or (lambda stage, done, total: None)

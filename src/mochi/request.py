@@ -49,6 +49,15 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+def check_prompt(text: str, name: str = "prompt") -> str:
+    """A prompt has something to read: not empty and not only whitespace (the CLI and the HTTP API refuse
+    such prompts; ``negative_prompt`` may be empty, and the Python API takes any string)."""
+    if not text.strip():
+        state = "empty" if not text else "blank (only whitespace)"
+        raise ValueError(f"{name}: is {state}; describe what the video shows")
+    return text
+
+
 def visual_tokens(frames: int, height: int, width: int) -> int:
     """The DiT's visual token count for a valid frame count and size (pixels)."""
     return check_frames(frames) * (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
@@ -123,8 +132,9 @@ class GenerationRequest:
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    def resolved(self, defaults: dict) -> GenerationRequest:
-        """A copy with every ``None`` default filled from ``defaults`` and a seed drawn, then validated."""
+    def resolved(self, defaults: dict, video_to_video: bool | None = None) -> GenerationRequest:
+        """A copy with every ``None`` default filled from ``defaults`` and a seed drawn, then validated
+        (``video_to_video`` as for ``validate``)."""
         values = {k: defaults[k] for k in ("frames", "height", "width", "steps", "guidance")}
         values.update({k: defaults.get(k, 0.0) for k in ("eta", "eta_above")})
         values = {k: v for k, v in values.items() if getattr(self, k) is None}
@@ -133,7 +143,7 @@ class GenerationRequest:
         if self.sigmas is not None and self.steps is None:
             values["steps"] = len(self.sigmas) - 1
         out = dataclasses.replace(self, **values)
-        out.validate()
+        out.validate(video_to_video)
         from mochi.accel.cache import CacheSetting
 
         setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset → kind, options, threshold
@@ -167,7 +177,10 @@ class GenerationRequest:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}={value!r} must be a number, not {type(value).__name__}")
 
-    def validate(self) -> None:
+    def validate(self, video_to_video: bool | None = None) -> None:
+        """Raise ``ValueError`` naming the first field that breaks its rule. ``video_to_video``: whether the
+        request starts from a clip (None: whether it names ``init_video``; the Python API's ``init_frames``
+        make it True), which lets a custom schedule start below σ = 1."""
         prompts = self.prompts
         if not prompts:
             raise ValueError("prompt list is empty; give at least one prompt")
@@ -178,7 +191,14 @@ class GenerationRequest:
         if self.sigmas is not None:
             from mochi.sampling.schedules import validate_sigmas
 
-            validate_sigmas(self.sigmas)
+            sigmas = validate_sigmas(self.sigmas)
+            from_clip = self.init_video is not None if video_to_video is None else video_to_video
+            if sigmas[0] != 1.0 and not from_clip:
+                raise ValueError(
+                    f"sigmas start at {sigmas[0]}, but text-to-video starts from pure noise at sigma 1.0 (a "
+                    "lower start would read the noise as a partly clean video); start the schedule at 1.0, "
+                    "or give init_video (then strength sets where it starts)"
+                )
         if self.frames is not None:
             check_frames(self.frames)
         if self.height is not None:

@@ -92,8 +92,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             f"--runs {args.runs}: calibration needs at least {MIN_RUNS} uncached runs; "
             f"nearest valid: {MIN_RUNS}"
         )
-    from mochi.request import MAX_SEED
+    from mochi.request import MAX_SEED, check_prompt
 
+    for prompt in args.prompt:
+        check_prompt(prompt, "--prompt")
     if not 0 <= args.seed <= MAX_SEED - args.runs + 1:
         raise ValueError(
             f"--seed {args.seed}: run i uses seed {args.seed} + i, so with --runs {args.runs} it must be in "

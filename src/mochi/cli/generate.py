@@ -81,8 +81,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from mochi.request import GenerationRequest, check_seed
+    from mochi.request import GenerationRequest, check_prompt, check_seed
 
+    check_prompt(args.prompt, "PROMPT")
     if args.seed is not None:  # before any rank broadcasts it (an int64 holds no larger seed)
         check_seed(args.seed)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from mochi.request import MAX_SEED, GenerationRequest
+from mochi.request import MAX_SEED, GenerationRequest, check_prompt
 from mochi.serve.errors import documented, quote
 from mochi.serve.jobs import PARAMETERS, TEXT_TOKENS, QueueFull
 from mochi.serve.uploads import probe, upload_path
@@ -60,8 +60,10 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
     # A value that only applies with another field is refused without it (as the CLI's options are), rather
     # than silently dropped: the client meant something the job would not do.
     given = body.model_fields_set
-    if not body.prompt.strip():
-        raise HTTPException(422, "prompt: is blank (only whitespace); describe what the video shows")
+    try:
+        check_prompt(body.prompt)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
     if "strength" in given and body.init_video is None:
         raise HTTPException(422, "strength applies only to video-to-video; give init_video or leave it out")
     if "lora_scale" in given and getattr(body, "lora", None) is None:
