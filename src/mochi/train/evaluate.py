@@ -84,12 +84,15 @@ def generate_from_text(
 ) -> np.ndarray:
     """``generate`` from encoded text (features (B, L, d), mask (B, L)): video b uses noise seed
     ``seeds[b]``. For probes that edit the features (benchmarks/binding_probe.py)."""
-    d = components.defaults
-    steps, guidance, frames = steps or d["steps"], guidance or d["guidance"], frames or d["frames"]
-    eta = d.get("eta", 0.0) if eta is None else eta
-    eta_above = d.get("eta_above", 0.0) if eta_above is None else eta_above
-    t = num_latents_for_frames(frames)
-    h, w = d["height"] // SPATIAL_FACTOR, d["width"] // SPATIAL_FACTOR
+    from mochi.request import GenerationRequest
+
+    # The pipeline's rule for what an unset value means (the components' defaults; eta 0 if they name none).
+    req = GenerationRequest(
+        "", steps=steps, guidance=guidance, frames=frames, eta=eta, eta_above=eta_above, seed=0
+    ).resolved(components.defaults)
+    steps, guidance, eta, eta_above = req.steps, req.guidance, req.eta, req.eta_above
+    t = num_latents_for_frames(req.frames)
+    h, w = req.height // SPATIAL_FACTOR, req.width // SPATIAL_FACTOR
     mean, std = latent_statistics(components)
     null = encode_prompts([""], components.tokenizer, components.text_encoder)
     z = torch.cat([initial_noise((1, 12, t, h, w), s) for s in seeds])
