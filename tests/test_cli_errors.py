@@ -273,7 +273,7 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     _one_line(capsys, code, "v.json")
 
 
-def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_path, capsys):
+def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_path, capsys, monkeypatch):
     afile, folder = tmp_path / "afile", tmp_path / "adir"
     afile.write_text("x")
     folder.mkdir()
@@ -288,6 +288,13 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     _one_line(capsys, main([*gen, "--devices", "", *out]), "names no device")
     for flags in (["--guidance-parallel"], ["--parallel-weights", "shard"]):
         _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to several processes")
+    # ... and, under torchrun (its variables set), the options of one process are refused, not ignored.
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for flags in (["--devices", "cpu,cpu"], ["--memory", "auto"]):
+        _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to one process")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
     write_genmo(tmp_path / "g", tiny_model())
     code = main(
         ["convert", str(tmp_path / "g"), str(tmp_path / "d"), "--to", "diffusers", "--max-shard-size", "0"]

@@ -181,6 +181,19 @@ def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.c
                 "--nproc-per-node N -m mochi ... (docs/parallel.md), or leave them out"
             )
         return None
+    # Under torchrun each process runs on its own device (LOCAL_RANK's) and holds the DiT the context
+    # parallel way: one process's placement over several devices, or its free-memory plan, does not apply.
+    single = []
+    if getattr(args, "devices", None) is not None:
+        single.append(f"--devices {args.devices}")
+    if getattr(args, "memory", None) == "auto":
+        single.append("--memory auto")
+    if single:
+        raise ValueError(
+            f"{' and '.join(single)} apply only to one process; under torchrun each process uses its own "
+            "device (LOCAL_RANK): leave them out, and use --parallel-weights shard or --offload if the "
+            "DiT does not fit (docs/parallel.md)"
+        )
     import atexit
 
     from mochi.parallel.context import close_world, init_world
