@@ -1,6 +1,7 @@
 """prepare-data never trains on stale data; train-lora says every resume decision out loud."""
 
 import errno
+import json
 import shutil
 
 import numpy as np
@@ -157,6 +158,28 @@ def test_an_unreadable_latest_state_is_named_and_an_older_one_resumed(data, tmp_
     err = capsys.readouterr().err
     assert "mochi: warning: training state step-000002.pt is unreadable (" in err  # before: silent
     assert "mochi: resuming from step-000001.pt (step 1 of 3)" in err
+
+
+def test_info_describes_a_prepared_clip_and_a_training_state(data, tmp_path, capsys):
+    clip = sorted(data.glob("*.safetensors"))[0]
+    assert main(["info", str(clip)]) == 0
+    out = capsys.readouterr().out
+    caption = read_metadata(clip)["caption"]
+    assert "format      prepared clip (mochi prepare-data)" in out and f"caption     {caption}\n" in out
+    assert "size        7 frames, 32x32" in out and f"use         mochi train-lora {data} --out RUN" in out
+    _train(data, tmp_path / "run")
+    state = list_states(tmp_path / "run")[-1]
+    assert main(["info", str(state), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "train-lora state" and info["step"] == "2 of 2"
+    assert info["lora"].endswith("rank 2") and info["data"].startswith(
+        f"{len(list(data.glob('*.safetensors')))} clips, sha256 "
+    )
+    assert info["use"] == f"mochi train-lora DATA --out {(tmp_path / 'run').resolve()} (resumes after step 2)"
+    # A truncated state is no state: the model error stays (and names the file).
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(["info", str(state)]) == 2
+    assert str(state) in capsys.readouterr().err
 
 
 def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys, monkeypatch):

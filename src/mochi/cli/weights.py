@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mochi.cli.options import Subparsers
 
@@ -35,13 +36,63 @@ def _run_info(args: argparse.Namespace) -> int:
     try:
         info = checkpoint_info(args.checkpoint, variant=args.variant)
     except WeightsError:
-        lora = _lora_info(args.checkpoint)  # not a model: a LoRA file is described as one
-        if lora is None:
+        # Not a model: a LoRA file, a prepared clip or a training state is described as one.
+        other = None
+        for describe in (_lora_info, _clip_info, _state_info):
+            if (other := describe(args.checkpoint)) is not None:
+                break
+        if other is None:
             raise
-        print(json.dumps(lora, indent=2) if args.json else "\n".join(f"{k:<11} {v}" for k, v in lora.items()))
+        print(
+            json.dumps(other, indent=2) if args.json else "\n".join(f"{k:<11} {v}" for k, v in other.items())
+        )
         return 0
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
+
+
+def _clip_info(path: str) -> dict | None:
+    """What ``mochi info`` says of a clip ``mochi prepare-data`` wrote, or None if it is not one."""
+    import contextlib
+
+    from mochi.weights.io import read_metadata, read_state_dict
+
+    with contextlib.suppress(Exception):  # anything that does not read as a clip keeps the model's error
+        tensors, meta = read_state_dict(path), read_metadata(path)
+        if {"mean", "logvar", "text"} <= tensors.keys() and "caption" in meta:
+            folder = str(Path(path).parent)
+            return {
+                "path": str(path),
+                "format": "prepared clip (mochi prepare-data)",
+                "caption": meta["caption"],
+                "source": meta.get("source", "?"),
+                "size": "{} frames, {}x{}".format(*(meta.get(k, "?") for k in ("frames", "width", "height"))),
+                "latents": "x".join(str(n) for n in tensors["mean"].shape),
+                "text": f"{tensors['text'].shape[0]} tokens",
+                "use": f"mochi train-lora {folder} --out RUN",
+            }
+    return None
+
+
+def _state_info(path: str) -> dict | None:
+    """What ``mochi info`` says of a ``train-lora`` state file, or None if it is not one."""
+    import contextlib
+
+    from mochi.train.lora_state import read_state
+
+    with contextlib.suppress(Exception):  # anything that does not read as a state keeps the model's error
+        state = read_state(Path(path))
+        run = Path(path).resolve().parent.parent
+        config = state["config"]
+        return {
+            "path": str(path),
+            "format": "train-lora state",
+            "step": f"{state['step']} of {config.get('steps', '?')}",
+            "lora": f"{len(state['lora'])} tensors, rank {config.get('rank', '?')}",
+            "data": state.get("data") or "?",
+            "use": f"mochi train-lora DATA --out {run} (resumes after step {state['step']})",
+        }
+    return None
 
 
 def _lora_info(path: str) -> dict | None:

@@ -64,6 +64,25 @@ class ResumeError(MochiError):
     """A run folder's training states cannot be resumed (all unreadable, or made from other data)."""
 
 
+def read_state(path: Path) -> dict:
+    """One state file as ``save_state`` wrote it, ``config`` parsed back to a dict; ``WeightsError`` naming
+    the file and what is wrong when it is not one."""
+    try:
+        state = torch_load(path, mmap=False)
+        if not isinstance(state, dict) or not {"step", "lora", "optimizer", "config"} <= state.keys():
+            raise ValueError("it needs step, lora, optimizer and config")
+        state["config"] = json.loads(state["config"])
+        if not isinstance(state["step"], int) or isinstance(state["step"], bool):
+            raise ValueError(f"step is {state['step']!r}")
+    except WeightsError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(
+            f"{os.fspath(path)!r} is not a train-lora state: {one_line(str(e))[:200]}"
+        ) from None
+    return state
+
+
 def load_latest_state(out: Path) -> dict | None:
     """The newest readable state of a run (``config`` parsed back to a dict), or None for a fresh run.
 
@@ -78,11 +97,8 @@ def load_latest_state(out: Path) -> dict | None:
     unreadable: list[tuple[str, str]] = []
     for path in reversed(list_states(out)):
         try:
-            state = torch_load(path, mmap=False)
-            state["config"] = json.loads(state["config"])
-            if not isinstance(state["step"], int):
-                raise ValueError(f"step is {state['step']!r}")
-        except (WeightsError, KeyError, TypeError, ValueError) as e:
+            state = read_state(path)
+        except WeightsError as e:
             # Atomic writes rule out half-written files, but not a failing disk or a hand-copied folder.
             unreadable.append((path.name, one_line(str(e))[:200]))
             continue
