@@ -121,7 +121,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     )
     assert (
         code == 2
-        and err == "mochi: error: size 'big' is not understood; write it like 10GB, 500MB or 20000\n"
+        and err
+        == "mochi: error: --max-shard-size 'big' is not understood; write it like 10GB, 500MB or 20000\n"
     )
     with pytest.raises(SystemExit) as e:
         main(["convert", str(tmp_path), str(tmp_path / "o"), "--to", "onnx"])

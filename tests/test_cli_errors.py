@@ -300,6 +300,10 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
         ["convert", str(tmp_path / "g"), str(tmp_path / "d"), "--to", "diffusers", "--max-shard-size", "0"]
     )
     _one_line(capsys, code, "--max-shard-size '0' must be a positive size")
+    code = main(
+        ["convert", str(tmp_path / "g"), str(tmp_path / "d"), "--to", "diffusers", "--max-shard-size", "²"]
+    )
+    _one_line(capsys, code, "--max-shard-size '²' is not understood; write it like 10GB, 500MB or 20000")
     for seed in ("-1", str(2**64)):
         code = main(["train-lora", str(tmp_path), "--out", str(tmp_path / "run"), "--seed", seed])
         _one_line(capsys, code, f"seed={seed} must be in [0, 2**63-1]")

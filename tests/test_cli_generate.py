@@ -218,3 +218,10 @@ def test_bare_offload_before_the_prompt_leaves_the_prompt(tiny, tmp_path, capsys
     assert main(["generate", "--offload", "blokcs", "x", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "offload 'blokcs' is not understood; choose none, model, blocks" in err
+    # A word far from any mode, with the prompt given, is a bad mode too (was "unrecognized arguments").
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--offload", "bogus", "--steps", "1"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "mochi: error: --offload 'bogus' is not understood; choose none, model, blocks or blocks:N (N DiT "
+        "blocks kept on the GPU, e.g. blocks:8) (a bare --offload means model)\n"
+    )

@@ -284,6 +284,30 @@ def test_junk_generate_arguments_fail_before_loading(never_load, tmp_path, capsy
     assert "cannot write the sidecar" in capsys.readouterr().err
 
 
+def test_a_folder_that_takes_no_files_is_named_before_loading(never_load, tmp_path, capsys, monkeypatch):
+    """A folder access() calls writable may still refuse new files (/proc, a read-only mount seen by root):
+    named before the model loads, not as a temporary file's name after the run."""
+    import errno
+    import tempfile
+
+    import mochi.files
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(mochi.files.tempfile, "mkstemp", refuse)
+    assert _run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"mochi: error: cannot write {str(tmp_path / 'o.mp4')!r}: folder {str(tmp_path)!r} does not take new "
+        "files (Read-only file system)\n"
+    )
+    monkeypatch.setattr(mochi.files.tempfile, "mkstemp", mkstemp)
+    assert mochi.files.check_folder(tmp_path / "o.mp4") == tmp_path
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
+
+
 def test_sidecar_records_what_was_done(tiny, tmp_path):
     assert _run(tmp_path, "--fps", "29.97") == 0
     sidecar = json.loads((tmp_path / "o.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 
 import torch
@@ -21,16 +22,15 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def parse_size(text: str) -> int:
-    """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    t = text.strip().upper()
-    for unit, scale in units.items():
-        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * scale)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"size {text!r} is not understood; write it like 10GB, 500MB or 20000")
+def parse_size(text: str, name: str = "size") -> int:
+    """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts); the
+    error calls the value ``name`` (an option's name)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1, "": 1}
+    # ASCII digits only: str.isdigit() also takes "²" and other digits that int() and float() refuse.
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?B)?\s*", text.upper())
+    if match and (match.group(2) or "." not in match.group(1)):
+        return int(float(match.group(1)) * units[match.group(2) or ""])
+    raise ValueError(f"{name} {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 
 # Device types mochi runs on. Others that torch names (meta, mps, xla, ...) are refused up front: mps

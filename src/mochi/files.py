@@ -35,6 +35,14 @@ def check_folder(path: str | os.PathLike) -> Path:
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} {not_a_folder(directory)}")
     if not os.access(directory, os.W_OK):
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} is not writable")
+    try:  # what access() cannot tell: a folder that takes no new files (/proc, a read-only mount for root)
+        fd, probe = tempfile.mkstemp(prefix=".mochi-probe.", dir=directory)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write {str(path)!r}: folder {str(directory)!r} does not take new files ({e.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return directory
 
 

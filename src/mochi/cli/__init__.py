@@ -32,7 +32,22 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's signature
         from mochi.cli.options import bare_offload  # a bare --offload leaves the prompt alone
 
-        return super().parse_known_args(bare_offload(sys.argv[1:] if args is None else args), namespace)
+        argv, self._freed = bare_offload(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(argv, namespace)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's signature
+        parsed, extras = self.parse_known_args(args, namespace)
+        meant = [word for word in extras if word in self._freed]
+        if meant:  # `--offload bogus` with the prompt given: the word was a mode, not "unrecognized"
+            from mochi.offload import parse_offload
+
+            try:
+                parse_offload(meant[0])
+            except ValueError as e:
+                self.exit(2, f"mochi: error: --{e} (a bare --offload means model)\n")
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ def parse_max_memory(text: str | None) -> int | None:
 
     if text is None:
         return None
-    size = parse_size(text)
+    size = parse_size(text, "--max-memory")
     if size <= 0:
         raise ValueError(
             f"--max-memory {text!r} must be a positive size such as 8GB; leave it out for the default"

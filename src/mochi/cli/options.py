@@ -55,8 +55,9 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     )
 
 
-def bare_offload(argv: Sequence[str]) -> list[str]:
-    """``argv`` with a bare ``--offload`` made explicit when the word after it is not an offload mode.
+def bare_offload(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` with a bare ``--offload`` made explicit when the word after it is not an offload mode, and
+    the words so left for the positional arguments (if one is left over, it was meant as a mode).
 
     ``--offload`` takes an optional value, so argparse would read ``mochi generate --offload "a red
     circle"`` as the mode "a red circle" and then miss the prompt. A following word that is neither a valid
@@ -67,7 +68,7 @@ def bare_offload(argv: Sequence[str]) -> list[str]:
 
     from mochi.offload import OFFLOAD_KINDS, parse_offload
 
-    out = list(argv)
+    out, freed = list(argv), []
     for i, word in enumerate(out[:-1]):
         if word != "--offload" or out[i + 1].startswith("-"):
             continue
@@ -80,7 +81,8 @@ def bare_offload(argv: Sequence[str]) -> list[str]:
         head = value.strip().lower().partition(":")[0]
         if not difflib.get_close_matches(head, OFFLOAD_KINDS, n=1, cutoff=0.75):
             out[i] = "--offload=model"
-    return out
+            freed.append(value)
+    return out, freed
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

@@ -160,7 +160,7 @@ def _add_convert(sub: Subparsers) -> None:
 def _shard_bytes(text: str) -> int:
     from mochi.devices import parse_size
 
-    size = parse_size(text)
+    size = parse_size(text, "--max-shard-size")
     if size <= 0:
         raise ValueError(
             f"--max-shard-size {text!r} must be a positive size such as 5GB (diffusers' default)"

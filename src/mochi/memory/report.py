@@ -45,7 +45,7 @@ def plan_command(args: argparse.Namespace) -> str:
         "plan", frames=args.frames, height=args.height, width=args.width, guidance=args.guidance
     ).validate()
     if args.gpu_memory is not None:
-        budget, where = parse_size(args.gpu_memory), "the given budget"
+        budget, where = parse_size(args.gpu_memory, "--gpu-memory"), "the given budget"
     else:
         device = parse_device(args.device)
         if device.type != "cuda":
