@@ -104,6 +104,22 @@ def test_existing_output_needs_overwrite(tmp_path, model, capsys):
     assert _run(capsys, "convert", src, tmp_path / "o", "--to", "diffusers", "--overwrite")[0] == 0
 
 
+def test_a_full_disk_names_the_output_not_its_temporary_folder(tmp_path, model, capsys, monkeypatch):
+    import errno
+
+    import mochi.weights.io
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(mochi.weights.io, "save_file", full)
+    src = write_comfyui(tmp_path / "c.safetensors", model)
+    code, _, err = _run(capsys, "convert", src, tmp_path / "o", "--to", "diffusers")
+    target = tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert (code, err) == (2, f"mochi: error: cannot write {str(target)!r}: no space left on the device\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # nothing half-made is left
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     code, out, err = _run(capsys, "convert", tmp_path / "nope", tmp_path / "o", "--to", "genmo")
     assert code == 2 and out == ""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.errors import OutputError
 from mochi.files import atomic_write_text, umask
 from mochi.weights import ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
@@ -255,6 +256,8 @@ def _write_folder(
         for name, value in {**(extra or {}), "config.json": config}.items():
             atomic_write_text(tmp / name, json.dumps(value, indent=2) + "\n")
         _replace_folder(tmp, folder)
+    except OutputError as e:  # a full disk: name the file the user asked for, not the folder it is built in
+        raise OutputError(str(e).replace(os.fspath(tmp), os.fspath(folder))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
