@@ -66,3 +66,25 @@ def test_color_drift_is_the_decoded_objects_colour_minus_the_palette(monkeypatch
     for name, drift in drifts:
         expected = np.clip(np.array(shapes.COLORS[name]) + [12, -25, 3], 0, 255) - shapes.COLORS[name]
         assert np.allclose(drift, expected, atol=0.51), (name, drift)
+
+
+def test_video_to_video_benchmark_runs_and_asks_for_another_colour(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from mochi.train import shapes
+
+    path = Path(__file__).parents[1] / "benchmarks" / "video_to_video.py"
+    spec = importlib.util.spec_from_file_location("video_to_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for i in range(12):
+        clip = shapes.spec_at(777, i)
+        target = bench.recolored(clip, i)
+        assert target.color != clip.color and target.color in shapes.DEFAULT_VOCAB.colors
+        assert (target.shape, target.direction, target.start) == (clip.shape, clip.direction, clip.start)
+    bench.main(["--clips", "2", "--strength", "0.9"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 0.9 |")]
+    assert len(rows) == 2 and "| 0.9 | euler |" in rows[0] and "model's (eta 1 above 0.3)" in rows[1]
+    assert "4 videos (25x64x64)" in out
