@@ -210,3 +210,25 @@ def test_t5_size_of_an_all_in_one_file_counts_the_t5_alone(tmp_path):
     det = detect(str(tmp_path / "aio.safetensors"))
     expected = 4 * sum(p.numel() for p in c.text_encoder.parameters())
     assert t5_fp32_bytes(None, det) == expected
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_fp8_kept_or_dequantized_gives_one_video(tmp_path, layout):
+    """An fp8 file in bf16 (as ComfyUI's are) gives the same latents whether its weights stay fp8 or are
+    widened at load: widened straight to the compute dtype (fp32 on the CPU), not through bf16 first."""
+    from .dit_checkpoints import write_fp8_scaled
+
+    c = tiny_components(seed=1)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    write_fp8_scaled(weights / "dit.safetensors", c.dit, layout=layout)
+    save_state_dict(c.decoder.state_dict(), weights / "decoder.safetensors")
+    _write_t5(tmp_path / "t5", c.text_encoder)
+    _write_tokenizer(tmp_path / "t5", WORDS)
+    request = GenerationRequest("a red circle", seed=2, steps=3, frames=7, height=32, width=32)
+    out = {}
+    for fp8 in ("keep", "dequantize"):
+        pipe = MochiPipeline.from_pretrained(str(weights), t5=str(tmp_path / "t5"), fp8=fp8, device="cpu")
+        assert pipe.components.dit.x_embedder.proj.weight.dtype == torch.float32
+        out[fp8] = pipe.generate(request).latents
+    assert torch.equal(out["keep"], out["dequantize"])

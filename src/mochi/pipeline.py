@@ -134,15 +134,14 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
-        at_load = {}
+        device = parse_device(options.get("device"))
+        at_load = {"dit_dtype": parse_dtype(options.get("dit_dtype")) or default_dit_dtype(device)}
         if options.get("quantize") is not None:
             from mochi.weights.quantize import check_mode, device_mode
 
             check_mode(str(options["quantize"]))  # before minutes of loading
             # The DiT is quantized while it is read, in its compute dtype: the full-width model never exists.
-            device = parse_device(options.get("device"))
-            dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(device)
-            at_load = {"quantize": device_mode(str(options["quantize"]), device)[0], "dit_dtype": dtype}
+            at_load["quantize"] = device_mode(str(options["quantize"]), device)[0]
         components = load_components(model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, **at_load)
         return cls(components, **options)
 

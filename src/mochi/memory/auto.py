@@ -65,6 +65,7 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
     options: ``MochiPipeline.from_pretrained`` keywords; their "offload" must be unset ("none").
     Returns (MochiPipeline, the note saying what was chosen).
     """
+    from mochi.devices import default_dit_dtype, parse_device, parse_dtype
     from mochi.pipeline import MochiPipeline
     from mochi.weights.components import load_components
 
@@ -72,7 +73,8 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
     if options.get("offload") not in (None, "none", False):
         raise ValueError(f"--memory auto chooses the offload itself; drop --offload {options['offload']}")
     loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
-    c = load_components(model, **loading)
+    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(parse_device(device))
+    c = load_components(model, dit_dtype=dit_dtype, **loading)
     chosen, note = choose_setting(c, request.resolved(c.defaults), device, options.get("dit_dtype"))
     options["offload"] = chosen.offload if chosen is not None else "none"
     return MochiPipeline(c, device=device, **options), note

@@ -129,7 +129,14 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype, fp8)
     text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
     c = load_components(
-        model, vae=vae, t5=t5, tokenizer=tokenizer, fp8=fp8, dit=sharded, text_encoder=text_encoder
+        model,
+        vae=vae,
+        t5=t5,
+        tokenizer=tokenizer,
+        fp8=fp8,
+        dit=sharded,
+        text_encoder=text_encoder,
+        dit_dtype=dit_dtype,
     )
     _check_split(c.dit.config.num_heads, world, guidance)
     # Sizes as the pipeline will hold them: the DiT in its compute dtype, T5 in fp32.

@@ -156,6 +156,8 @@ def load_components(
     fp8: "keep" leaves fp8 DiT weights fp8 in memory (scaled per layer at matmul time), "dequantize" widens
     them at load. encoder: also load the VAE encoder when the checkpoint has one (video-to-video needs it).
     dit, text_encoder: models loaded already (e.g. in shards under torchrun), used instead of reading them.
+    dit_dtype: the DiT's compute dtype, read straight into (fp8 and GGUF weights that are widened at load
+    too; fp8 block Linears kept fp8 stay so). None: the file's dtype.
     quantize: quantize the DiT's and T5's block Linears while reading them, the DiT in ``dit_dtype`` (its
     compute dtype), T5 in fp32, so that neither exists at full width at once
     (`mochi.weights.dit.load_dit_quantized`, `mochi.weights.t5.load_t5_quantized`); the components'
@@ -180,7 +182,9 @@ def load_components(
         dit, done = load_dit_quantized(det, quantize, dtype=dit_dtype, fp8=fp8)
         quantized["dit"] = done.note("dit")
     elif dit is None:
-        dit = load_dit(det, fp8=fp8)
+        # Read straight into the compute dtype: fp8 (and GGUF) weights widened at load are rounded once, as
+        # Fp8Linear computes with "keep" (through the file's bf16 first, the CPU's fp32 model differed).
+        dit = load_dit(det, fp8=fp8, dtype=dit_dtype)
 
     # The VAE comes from --vae when given, else from what detection found in the model checkpoint (read
     # there, shards and all, without detecting it again).
