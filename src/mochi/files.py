@@ -28,22 +28,32 @@ def not_a_folder(directory: str | os.PathLike) -> str:
 
 
 def check_folder(path: str | os.PathLike) -> Path:
-    """The folder ``path`` goes in, which must exist and be writable (ValueError naming both otherwise)."""
-    path = Path(path)
+    """The folder ``path`` goes in, which must exist and take new files (ValueError naming both otherwise)."""
+    directory = _writable_folder(Path(path))
+    os.unlink(_new_file(Path(path), directory, ".mochi-probe.", ""))
+    return directory
+
+
+def _writable_folder(path: Path) -> Path:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} {not_a_folder(directory)}")
     if not os.access(directory, os.W_OK):
         raise ValueError(f"cannot write {str(path)!r}: folder {str(directory)!r} is not writable")
-    try:  # what access() cannot tell: a folder that takes no new files (/proc, a read-only mount for root)
-        fd, probe = tempfile.mkstemp(prefix=".mochi-probe.", dir=directory)
+    return directory
+
+
+def _new_file(path: Path, directory: Path, prefix: str, suffix: str) -> Path:
+    """An empty new file in ``directory`` (for ``path``); a folder that takes none (/proc, a read-only mount
+    seen by root: what access() cannot tell) is a ValueError naming ``path``, not the temporary name."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     except OSError as e:
         raise ValueError(
             f"cannot write {str(path)!r}: folder {str(directory)!r} does not take new files ({e.strerror})"
         ) from None
     os.close(fd)
-    os.unlink(probe)
-    return directory
+    return Path(name)
 
 
 def _alive(pid: int) -> bool:
@@ -105,15 +115,11 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
     tmps: list[Path] = []
     try:
         for path in targets:
-            directory = check_folder(path)
+            directory = _writable_folder(path)
             if str(directory.resolve()) not in _swept:  # once per folder and process: leftovers predate it
                 _swept.add(str(directory.resolve()))
                 remove_stale_partials(directory)
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{path.stem}.{os.getpid()}.", suffix=f".partial{path.suffix}", dir=directory
-            )
-            os.close(fd)
-            tmps.append(Path(tmp))
+            tmps.append(_new_file(path, directory, f".{path.stem}.{os.getpid()}.", f".partial{path.suffix}"))
         # A full or read-only disk is reported as such, in one line (the targets share a folder, as a rule).
         with write_errors(targets[0], tmps[0]):
             yield tuple(tmps)
