@@ -297,9 +297,9 @@ def test_a_folder_that_takes_no_files_is_named_before_loading(never_load, tmp_pa
 
     mkstemp = tempfile.mkstemp
     monkeypatch.setattr(mochi.files.tempfile, "mkstemp", refuse)
-    with pytest.raises(ValueError, match=r"cannot write '.*x\.bin': folder .* does not take new files"):
-        with atomic_path(tmp_path / "x.bin"):
-            pass
+    refused = r"cannot write '.*x\.bin': folder .* does not take new files"
+    with pytest.raises(ValueError, match=refused), atomic_path(tmp_path / "x.bin"):
+        pass
     assert _run(tmp_path) == 2
     err = capsys.readouterr().err
     assert err == (
