@@ -229,7 +229,7 @@ def _prepare(out: Path) -> Path:
 
 def _job_flags(out: str) -> None:
     """A stop request seen by one rank reaches all; rank 0's text (or None) reaches all."""
-    from mochi.parallel.context import broadcast_text, init_world
+    from mochi.parallel.context import broadcast_text, close_world, init_world
     from mochi.parallel.train import TrainParallel
 
     world = init_world("cpu")
@@ -241,6 +241,9 @@ def _job_flags(out: str) -> None:
         "no_text": broadcast_text(None if world.is_main else "ignored", world),
     }
     Path(out, f"flags{world.rank}.json").write_text(json.dumps(results))
+    # Leave the group as the CLI does (atexit): a process that exits inside it can abort in gloo's teardown
+    # ("terminate called without an active exception", seen once in CI).
+    close_world()
 
 
 def _job_hangs(out: str) -> None:
