@@ -63,6 +63,12 @@ def default_dit_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_dit_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The DiT's compute dtype: ``name`` (``--dtype``, the pipeline's ``dit_dtype``) when given, else the
+    device's default. Loading, planning and the pipeline all ask here, so that they agree."""
+    return parse_dtype(name) or default_dit_dtype(device)
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for new tensors on ``device`` right now."""
     if device.type == "cuda":

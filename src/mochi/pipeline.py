@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype
+from mochi.devices import available_memory, parse_device, parse_dtype, resolve_dit_dtype
 from mochi.finite import NonFiniteError, all_finite
 from mochi.models.latents import dit_to_vae, vae_to_dit
 from mochi.models.prompts import encode_prompts
@@ -78,7 +78,7 @@ class MochiPipeline:
     ) -> None:
         self.components = components
         self.device = parse_device(device)
-        self.dit_dtype = parse_dtype(dit_dtype) or default_dit_dtype(self.device)
+        self.dit_dtype = resolve_dit_dtype(dit_dtype, self.device)
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
         mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
         self.offload_mode = mode if self.device.type != "cpu" else Offload()
@@ -135,7 +135,7 @@ class MochiPipeline:
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
         device = parse_device(options.get("device"))
-        at_load = {"dit_dtype": parse_dtype(options.get("dit_dtype")) or default_dit_dtype(device)}
+        at_load = {"dit_dtype": resolve_dit_dtype(options.get("dit_dtype"), device)}
         if options.get("quantize") is not None:
             from mochi.weights.quantize import check_mode, device_mode
 
@@ -274,7 +274,6 @@ class MochiPipeline:
             init_frames = torch.from_numpy(fit_frames(clip, req.frames, req.height, req.width))
         if init_frames is not None:
             _check_init_frames(init_frames, (req.frames, req.height, req.width, 3))
-        if init_frames is not None:
             report("encode", 0, 1)
             z0 = self.encode_frames(init_frames.unsqueeze(0)).expand(batch, -1, -1, -1, -1)
             sigmas = truncate_schedule(sigmas, req.strength)

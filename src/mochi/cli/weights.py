@@ -55,11 +55,12 @@ def _clip_info(path: str) -> dict | None:
     """What ``mochi info`` says of a clip ``mochi prepare-data`` wrote, or None if it is not one."""
     import contextlib
 
+    from mochi.train.data import CLIP_TENSORS
     from mochi.weights.io import read_metadata, read_state_dict
 
     with contextlib.suppress(Exception):  # anything that does not read as a clip keeps the model's error
         tensors, meta = read_state_dict(path), read_metadata(path)
-        if {"mean", "logvar", "text"} <= tensors.keys() and "caption" in meta:
+        if tensors.keys() >= CLIP_TENSORS and "caption" in meta:
             folder = str(Path(path).parent)
             return {
                 "path": str(path),

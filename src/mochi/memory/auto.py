@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mochi.devices import available_memory, default_dit_dtype, parse_device, parse_dtype
+from mochi.devices import available_memory, parse_device, resolve_dit_dtype
 from mochi.memory.estimate import QUANT_MODES
 from mochi.memory.planner import CUDA_RESERVE, GB, Job, Models, Option, choose, plan
 from mochi.request import GenerationRequest
@@ -39,7 +39,7 @@ def choose_setting(
     dev = parse_device(device)
     if dev.type != "cuda":
         return None, f"--memory auto: running on {dev.type}, where there is no accelerator memory to plan"
-    dit_dtype = parse_dtype(dtype) or default_dit_dtype(dev)
+    dit_dtype = resolve_dit_dtype(dtype, dev)
     budget = available_memory(dev)
     models, job = models_of(c), job_of(request)
     quant = quantization_of(c.dit)
@@ -65,7 +65,6 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
     options: ``MochiPipeline.from_pretrained`` keywords; their "offload" must be unset ("none").
     Returns (MochiPipeline, the note saying what was chosen).
     """
-    from mochi.devices import default_dit_dtype, parse_device, parse_dtype
     from mochi.pipeline import MochiPipeline
     from mochi.weights.components import load_components
 
@@ -73,7 +72,7 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
     if options.get("offload") not in (None, "none", False):
         raise ValueError(f"--memory auto chooses the offload itself; drop --offload {options['offload']}")
     loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
-    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(parse_device(device))
+    dit_dtype = resolve_dit_dtype(options.get("dit_dtype"), parse_device(device))
     c = load_components(model, dit_dtype=dit_dtype, **loading)
     chosen, note = choose_setting(c, request.resolved(c.defaults), device, options.get("dit_dtype"))
     options["offload"] = chosen.offload if chosen is not None else "none"

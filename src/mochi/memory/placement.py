@@ -153,7 +153,7 @@ def parse_budgets(text: str | None, devices: Sequence[torch.device], reserve: in
 def spread_pipeline(model: str | None, devices: str, max_memory: str | None, request, options: dict):  # noqa: ANN001, ANN201
     """A pipeline whose DiT is spread over ``devices`` (T5 and the VAE visit the first device for their
     stage, as under model offload). Returns (MochiPipeline, a note saying which blocks went where)."""
-    from mochi.devices import default_dit_dtype, parse_dtype
+    from mochi.devices import resolve_dit_dtype
     from mochi.memory.auto import job_of, models_of
     from mochi.memory.estimate import dit_activations
     from mochi.memory.planner import CUDA_RESERVE
@@ -165,8 +165,7 @@ def spread_pipeline(model: str | None, devices: str, max_memory: str | None, req
     if options.get("offload") not in (None, "none", False):
         raise ValueError(f"--devices places the DiT itself; drop --offload {options['offload']}")
     loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
-    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(devs[0])
-    c = load_components(model, dit_dtype=dit_dtype, **loading)
+    c = load_components(model, dit_dtype=resolve_dit_dtype(options.get("dit_dtype"), devs[0]), **loading)
     options["offload"] = "model"
     pipe = MochiPipeline(c, device=devs[0], **options)
     job, models = job_of(request.resolved(c.defaults)), models_of(c)

@@ -121,11 +121,11 @@ def load_pipeline(  # noqa: ANN201 - a MochiPipeline
     """``MochiPipeline.from_pretrained`` for a torchrun job: load on the CPU, shard the DiT and T5 there
     when sharding (so each GPU only ever receives its slice), then build the pipeline on this rank's
     device and ``parallelize`` it. ``options`` go to the pipeline constructor (not ``device``)."""
-    from mochi.devices import default_dit_dtype, parse_dtype
+    from mochi.devices import resolve_dit_dtype
     from mochi.pipeline import MochiPipeline
     from mochi.weights.components import load_components
 
-    dit_dtype = parse_dtype(options.get("dit_dtype")) or default_dit_dtype(world.device)
+    dit_dtype = resolve_dit_dtype(options.get("dit_dtype"), world.device)
     sharded = _read_dit_in_shards(model, t5, world, weights, dit_dtype, fp8)
     text_encoder = _read_t5_in_shards(model, t5, world) if sharded is not None else None
     c = load_components(

@@ -33,6 +33,8 @@ from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 REPORT_NAME = "prepare_report.json"
+# The tensors of a prepared clip (``prepare_data`` writes them; the dataset and `mochi info` look for them).
+CLIP_TENSORS = frozenset({"mean", "logvar", "text"})
 
 
 @dataclass
@@ -259,7 +261,7 @@ class LatentDataset:
         for f in files:
             sd, meta = read_state_dict(f), read_metadata(f)
             digest.update(f"{f.name}\0{meta.get('key') or _file_hash(f)}\0".encode())
-            if not {"mean", "logvar", "text"} <= sd.keys():
+            if not sd.keys() >= CLIP_TENSORS:
                 raise WeightsError(f"{str(f)!r} is not a prepared clip (needs mean, logvar and text)")
             self.examples.append(
                 Example(sd["mean"], sd["logvar"], sd["text"], meta.get("caption", ""), f.stem)

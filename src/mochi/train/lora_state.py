@@ -76,7 +76,7 @@ def read_state(path: Path) -> dict:
             raise ValueError(f"step is {state['step']!r}")
     except WeightsError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # keys are checked first; a non-text config is a TypeError
         raise WeightsError(
             f"{os.fspath(path)!r} is not a train-lora state: {one_line(str(e))[:200]}"
         ) from None
