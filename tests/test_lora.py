@@ -115,6 +115,40 @@ def test_keep_original_restores_bf16_weights_bit_exactly():
     assert m.blocks[1].attn.qkv_y.weight.equal(w0)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "1", True], ids=["nan", "inf", "str", "bool"])
+@pytest.mark.parametrize("merge", [False, True], ids=["hooked", "merged"])
+def test_a_scale_that_is_not_a_finite_number_is_refused_before_any_weight_changes(scale, merge):
+    m = model()
+    ref = m(*inputs())
+    with pytest.raises(ValueError, match=r"LoRA: scale .* must be (finite|a number)"):
+        apply_lora(m, random_lora(m), scale=scale, merge=merge)
+    assert not any(m.blocks[i].attn.qkv_x._forward_hooks for i in range(3))
+    assert m(*inputs()).equal(ref)
+
+
+def test_a_merge_that_would_overflow_is_refused_and_nothing_stays_merged():
+    m = model().to(torch.float16)
+    w0 = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv_x.*scale 100000.*infinite or NaN in float16"):
+        apply_lora(m, random_lora(m), scale=1e5, merge=True)
+    assert all(v.equal(w0[k]) for k, v in m.state_dict().items())
+
+
+def test_a_merge_too_large_to_subtract_again_keeps_the_original():
+    # At scale 1e6 the sum rounds the weight away in fp32: subtracting Δ would not give it back, so the
+    # original is kept (without keep_original) and removal restores the model exactly.
+    m = model()
+    ref = m(*inputs())
+    w0 = {k: v.clone() for k, v in m.state_dict().items()}
+    handle = apply_lora(m, random_lora(m), scale=1e6, merge=True)
+    assert set(handle._originals) == set(handle.layers)
+    handle.remove()
+    assert all(v.equal(w0[k]) for k, v in m.state_dict().items())
+    assert m(*inputs()).equal(ref)
+    # An ordinary scale keeps no copy (unmerging is exact to within rounding there).
+    assert not apply_lora(m, random_lora(m), scale=0.7, merge=True)._originals
+
+
 def test_merge_refuses_fp8_and_lora_must_fit():
     from mochi.weights.fp8 import Fp8Linear
 

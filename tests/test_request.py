@@ -116,7 +116,33 @@ def test_a_schedule_below_one_needs_a_clip():
 def test_numpy_numbers_are_numbers():
     import numpy as np
 
-    GenerationRequest("p", frames=np.int64(7), seed=np.uint32(3), guidance=np.float32(2.0)).validate()
+    request = GenerationRequest("p", frames=np.int64(7), seed=np.uint32(3), guidance=np.float32(2.0))
+    request.validate()
+    # Resolved, they are Python numbers (the sampler's checks and the output's JSON record want those).
+    out = GenerationRequest(
+        "p",
+        steps=np.int64(2),
+        guidance=[np.float32(2.0), 1.5],
+        strength=np.float64(0.5),
+        loras=[("a", np.int8(2))],
+    ).resolved(DEFAULTS)
+    assert (type(out.steps), type(out.guidance[0]), type(out.strength)) == (int, float, float)
+    assert out.loras == [("a", 2.0)] and type(out.loras[0][1]) is float
+
+
+@pytest.mark.parametrize(
+    "loras, message",
+    [
+        (["style.safetensors"], r"loras entry 'style.safetensors' must be a \(path, scale\) pair"),
+        ([("a", 1.0, 2)], r"must be a \(path, scale\) pair"),
+        ([(3, 1.0)], r"the path must be a string, not int"),
+        ([("a", "1")], r"LoRA 'a': scale '1' must be a number, not str"),
+        ([("a", float("nan"))], r"LoRA 'a': scale nan must be finite"),
+    ],
+)
+def test_loras_must_be_path_and_finite_scale_pairs(loras, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest("p", loras=loras).validate()
 
 
 def test_size_is_capped_in_visual_tokens_and_the_error_names_what_fits():

@@ -203,7 +203,7 @@ class MochiPipeline:
         merge = self.lora_merge if merge is None else merge
         layers = read_lora(path).layers
         handle = apply_lora(self.components.dit, layers, scale, merge, source=f"LoRA {str(path)!r}")
-        self.loras.append((str(path), scale, handle))
+        self.loras.append((str(path), handle.scale, handle))
         return handle
 
     def unload_loras(self) -> None:

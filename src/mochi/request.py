@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # The VAE compresses time 6× causally and space 8×; the DiT patchifies 2×2 latents, hence 16 pixels.
@@ -144,6 +146,7 @@ class GenerationRequest:
             values["steps"] = len(self.sigmas) - 1
         out = dataclasses.replace(self, **values)
         out.validate(video_to_video)
+        out = dataclasses.replace(out, **out._plain_numbers())
         from mochi.accel.cache import CacheSetting
 
         setting = CacheSetting.parse(out.cache, out.cache_threshold)  # a preset → kind, options, threshold
@@ -155,6 +158,24 @@ class GenerationRequest:
             out.eta = 0.0
             if self.eta_above is None:
                 out.eta_above = 0.0
+        return out
+
+    def _plain_numbers(self) -> dict:
+        """The numeric fields as Python ints and floats (a numpy or torch scalar passes ``validate`` as a
+        number; the sampler and the output record want plain ones)."""
+        out: dict = {}
+        for name in ("frames", "height", "width", "steps", "seed", "linear_steps"):
+            if getattr(self, name) is not None:
+                out[name] = int(getattr(self, name))
+        for name in ("threshold_noise", "strength", "eta", "eta_above", "cache_threshold"):
+            if getattr(self, name) is not None:
+                out[name] = float(getattr(self, name))
+        if self.guidance is not None:
+            g = self.guidance
+            out["guidance"] = [float(v) for v in g] if isinstance(g, list) else float(g)
+        if self.sigmas is not None:
+            out["sigmas"] = [float(v) for v in self.sigmas]
+        out["loras"] = [(str(p), float(v)) for p, v in self.loras]
         return out
 
     def _check_types(self) -> None:
@@ -242,6 +263,20 @@ class GenerationRequest:
         from mochi.accel.cache import CacheSetting
 
         CacheSetting.parse(self.cache, self.cache_threshold)
-        for path, scale in self.loras:
-            if not math.isfinite(scale):
-                raise ValueError(f"LoRA scale {scale} for {path!r} must be finite")
+        from mochi.models.lora import check_scale
+
+        for entry in self.loras:
+            if (
+                isinstance(entry, str | bytes | os.PathLike)
+                or not isinstance(entry, Sequence)
+                or len(entry) != 2
+            ):
+                raise ValueError(
+                    f"loras entry {entry!r} must be a (path, scale) pair, e.g. ('style.safetensors', 1.0)"
+                )
+            path, scale = entry
+            if not isinstance(path, str | os.PathLike):
+                raise ValueError(
+                    f"loras entry {entry!r}: the path must be a string, not {type(path).__name__}"
+                )
+            check_scale(scale, f"LoRA {str(path)!r}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mochi.finite import all_finite
+
 # Genmo's targets (§6.1): the qkv_proj group and the out_proj group of every block's attention.
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv_x", "qkv_y", "proj_x", "proj_y")
 # Every Linear inside a block that a LoRA may target, by its name relative to the block.
@@ -198,6 +200,17 @@ class LoraHandle:
         self.removed = True
 
 
+def check_scale(scale: object, source: str = "LoRA") -> float:
+    """A LoRA's scale as a float: a finite real number (bools and strings are not scales)."""
+    import numbers
+
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"{source}: scale {scale!r} must be a number, not {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{source}: scale {scale} must be finite; 1.0 applies the LoRA as trained")
+    return float(scale)
+
+
 def check_fits(model: nn.Module, layers: Mapping[str, LoraLayer], source: str = "LoRA") -> None:
     """Raise ValueError unless every LoRA layer names a Linear of ``model`` with matching shapes."""
     modules = dict(model.named_modules())
@@ -236,6 +249,7 @@ def apply_lora(
     """
     from mochi.weights.quantize import is_quantized
 
+    scale = check_scale(scale, source)
     check_fits(model, layers, source)
     handle = LoraHandle(model, {}, scale, merge)
     if merge:
@@ -251,20 +265,49 @@ def apply_lora(
                 f"cannot merge a LoRA into quantized weights ({quantized[0]} …): re-quantizing would lose "
                 "it; apply it unmerged, or load the model unquantized (no --quantize, --fp8 dequantize)"
             )
-    for name, layer in layers.items():
-        m = model.get_submodule(name)
-        device = m.weight.device
-        placed = LoraLayer(layer.A.to(device), layer.B.to(device), layer.alpha)
-        handle.layers[name] = placed
-        if merge:
-            with torch.no_grad():
-                if keep_original:
-                    handle._originals[name] = m.weight.detach().clone()
-                m.weight.copy_(m.weight.float() + placed.delta_weight(scale))
-        else:
+    try:
+        for name, layer in layers.items():
+            m = model.get_submodule(name)
+            device = m.weight.device
+            placed = LoraLayer(layer.A.to(device), layer.B.to(device), layer.alpha)
+            if merge:
+                _merge(handle, name, m.weight, placed, keep_original, source)
+            else:
+                handle.layers[name] = placed
 
-            def hook(m: nn.Module, args: tuple, out: torch.Tensor, p: LoraLayer = placed) -> torch.Tensor:
-                return out + _delta(args[0], p.A, p.B, scale * p.scaling).to(out.dtype)
+                def hook(m: nn.Module, args: tuple, out: torch.Tensor, p: LoraLayer = placed) -> torch.Tensor:
+                    return out + _delta(args[0], p.A, p.B, scale * p.scaling).to(out.dtype)
 
-            handle._hooks.append(m.register_forward_hook(hook))
+                handle._hooks.append(m.register_forward_hook(hook))
+    except BaseException:
+        handle.remove()  # none of it stays applied
+        raise
     return handle
+
+
+@torch.no_grad()
+def _merge(
+    handle: LoraHandle, name: str, weight: torch.Tensor, layer: LoraLayer, keep_original: bool, source: str
+) -> None:
+    """Add one layer's Δ into ``weight`` (recorded in ``handle`` so that ``remove`` takes it off again).
+
+    A Δ that is not finite in fp32 is refused before the weight is touched. Where subtracting Δ again would
+    not give the weight back to within a few units of its dtype's last place (a Δ so large that the sum
+    rounds the weight away, e.g. a huge scale), the original is kept whatever ``keep_original`` says, so
+    that a merged LoRA can always be taken off.
+    """
+    delta = layer.delta_weight(handle.scale)
+    merged = (weight.float() + delta).to(weight.dtype)
+    if not (all_finite(delta) and all_finite(merged)):
+        raise ValueError(
+            f"{source} layer {name!r} at scale {handle.scale:g} makes the merged weight infinite or NaN in "
+            f"{str(weight.dtype).removeprefix('torch.')}; lower the scale (1.0 applies the LoRA as trained)"
+        )
+    if not keep_original:
+        # Unmerging rounds once more; beyond a few units of the weight's largest magnitude it is lossy.
+        error = (merged.float() - delta - weight.float()).abs().max()
+        keep_original = bool(error > 4 * torch.finfo(weight.dtype).eps * weight.float().abs().max())
+    if keep_original:
+        handle._originals[name] = weight.detach().clone()
+    handle.layers[name] = layer
+    weight.copy_(merged)
