@@ -326,14 +326,15 @@ def test_init_video_decodes_only_the_frames_used(tiny, tmp_path, monkeypatch):
     write_video(np.full((61, 32, 32, 3), 99, np.uint8), src)
     real, decoded = mochi.video.read_video, []
 
-    def spy(path, max_frames=None):
-        frames, fps = real(path, max_frames)
-        decoded.append(frames.shape[0])
+    def spy(path, max_frames=None, size=None):
+        frames, fps = real(path, max_frames, size)
+        decoded.append(frames.shape[:3])
         return frames, fps
 
     monkeypatch.setattr(mochi.video, "read_video", spy)
     assert _run(tmp_path, "--init-video", str(src), "--strength", "0.5") == 0
-    assert decoded == [7]
+    # Counted before the model loads (as thumbnails), then read at the output size: never whole frames.
+    assert decoded == [(7, 8, 8), (7, 32, 32)]
     assert json.loads((tmp_path / "o.json").read_text())["strength"] == 0.5
 
 

@@ -110,6 +110,9 @@ def test_submit_poll_and_fetch_a_playable_mp4(url, pipe, live, tmp_path):
 
     status, history = call_json("GET", f"{url}/api/jobs")
     assert status == 200 and history[0]["id"] == job["id"]
+    # The same request and seed again: the same bytes (the job's id and clock times stay in the sidecar).
+    again = wait_for(url, call_json("POST", f"{url}/api/jobs", body)[1]["id"], ("done", "failed"))
+    assert again["id"] != job["id"] and call("GET", f"{url}/api/jobs/{again['id']}/video")[2] == mp4
 
 
 def test_ancestral_sampling_is_a_job_parameter(url, live):

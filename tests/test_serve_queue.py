@@ -4,6 +4,7 @@ batches, several LoRAs, video-to-video uploads and prompt token counts."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -273,8 +274,56 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
     status, _, reply = call("POST", f"{url}/api/uploads", raw=b"not a video at all", content_type="video/mp4")
     assert status == 422 and "not a video" in json.loads(reply)["detail"]
     status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="text/plain")
-    assert status == 415
+    assert (
+        status == 415
+        and "send the body as video/* or application/octet-stream" in json.loads(reply)["detail"]
+    )
+    # Any video type is taken (the page sends the picked file's own type: .avi, .mpg, .ogv ...).
+    for kind in ("video/x-msvideo", "video/mpeg", "video/ogg"):
+        status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type=kind)
+        assert status == 201, (kind, reply)
     assert not [p for p in (live.jobs.out_dir / "uploads").iterdir() if p.name.endswith(".partial")]
+
+
+def test_an_upload_with_frames_too_large_is_422_and_kept_nowhere(url, live, tmp_path, monkeypatch):
+    from mochi.serve import uploads
+
+    clip = torch.zeros((2, 32, 48, 3), dtype=torch.uint8)
+    data = write_video(clip, tmp_path / "wide.mp4").read_bytes()
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_PIXELS", 32 * 48 - 1)
+    before = (
+        set((live.jobs.out_dir / "uploads").glob("*")) if (live.jobs.out_dir / "uploads").is_dir() else set()
+    )
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
+    assert status == 422 and "frames are 48x32, more than 1,535 pixels" in json.loads(reply)["detail"]
+    assert set((live.jobs.out_dir / "uploads").glob("*")) == before
+
+
+def test_a_video_deleted_while_it_is_sent_arrives_whole(tmp_path):
+    """The file is opened by the route: unlinking it afterwards (a DELETE racing a download) leaves the
+    transfer whole, a range included (it was a 500 or a cut-off body)."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from mochi.serve.api import OpenFileResponse
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(bytes(range(256)) * 1000)
+    app = FastAPI()
+
+    @app.get("/v")
+    def send() -> OpenFileResponse:
+        fd = os.open(video, os.O_RDONLY)
+        response = OpenFileResponse(fd, video, os.fstat(fd), media_type="video/mp4")
+        video.unlink()
+        return response
+
+    with TestClient(app) as client:
+        reply = client.get("/v")
+        assert reply.status_code == 200 and reply.content == bytes(range(256)) * 1000
+        video.write_bytes(bytes(range(256)) * 1000)
+        reply = client.get("/v", headers={"Range": "bytes=10-19"})
+        assert reply.status_code == 206 and reply.content == bytes(range(10, 20))
 
 
 def test_history_survives_a_restart_and_pages_beyond_the_table(url, live, pipe, tmp_path):
@@ -318,6 +367,13 @@ def test_history_survives_a_restart_and_pages_beyond_the_table(url, live, pipe, 
         page = call_json("GET", f"{restarted.url}/api/history?limit=2")[1]
         assert page["total"] == 252 and [j["id"] for j in page["jobs"]] == [new["id"], job["id"]]
         assert call_json("GET", f"{restarted.url}/api/history?limit=201")[0] == 422
+        # DELETE of a job older than the table deletes its files (it answered 200 and deleted nothing).
+        (out / "old-000000000005.mp4").write_bytes(b"video")
+        status, gone = call_json("DELETE", f"{restarted.url}/api/jobs/old-000000000005")
+        assert status == 200 and gone["parameters"]["seed"] == 5
+        assert not (out / "old-000000000005.json").exists() and not (out / "old-000000000005.mp4").exists()
+        assert call("GET", f"{restarted.url}/api/jobs/old-000000000005")[0] == 404
+        assert call_json("GET", f"{restarted.url}/api/history?limit=1")[1]["total"] == 251
 
 
 def test_info_names_the_preview_factors_and_limits(url):

@@ -131,3 +131,21 @@ def test_fit_frames_crops_centre_and_resizes():
     assert fit_frames(tall, 7, 32, 32).shape == (7, 32, 32, 3)
     with pytest.raises(VideoError, match="has 7 frames, fewer than the 13 asked for"):
         fit_frames(tall, 13, 32, 32)
+
+
+@pytest.mark.parametrize("size", [(16, 24), (40, 40), (24, 96)], ids=["down", "up", "wide"])
+def test_reading_fitted_frame_by_frame_equals_fitting_the_clip(tmp_path, size):
+    """``read_video(size=…)`` fits each frame as it is decoded (a large source never lies in memory whole)
+    and gives exactly the pixels of reading the whole clip, then ``fit_frames``."""
+    from mochi.video import fit_frames, video_size
+
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (5, 36, 52, 3), generator=g, dtype=torch.uint8).numpy()
+    path = write_video(clip, tmp_path / "c.mp4", lossless=True)
+    whole, rate = read_video(path, max_frames=4)
+    fitted, same_rate = read_video(path, max_frames=4, size=size)
+    assert fitted.shape == (4, *size, 3) and rate == same_rate == 30
+    np.testing.assert_array_equal(fitted, fit_frames(whole, 4, *size))
+    assert video_size(path) == (36, 52)
+    with pytest.raises(VideoError, match="cannot read video"):
+        video_size(tmp_path / "missing.mp4")

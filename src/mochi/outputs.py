@@ -19,8 +19,9 @@ import torch
 from mochi.files import atomic_paths
 from mochi.video import encode_video, to_uint8, video_rate
 
-# Sidecar entries that vary between identical runs, kept out of the video's own copy.
-VOLATILE = ("seconds",)
+# Sidecar entries that vary between identical runs, kept out of the video's own copy: the timings, and the
+# server's job id and clock times (so that the same request and seed give the same bytes there too).
+VOLATILE = ("seconds", "id", "created", "started", "finished")
 
 
 def sidecar_path(video: str | os.PathLike) -> Path:
@@ -28,7 +29,7 @@ def sidecar_path(video: str | os.PathLike) -> Path:
 
 
 def embedded_parameters(sidecar: dict) -> str:
-    """The sidecar as stored in the video's ``comment`` tag: sorted JSON without the timings."""
+    """The sidecar as stored in the video's ``comment`` tag: sorted JSON without the ``VOLATILE`` entries."""
     return json.dumps({k: v for k, v in sidecar.items() if k not in VOLATILE}, sort_keys=True)
 
 

@@ -268,10 +268,12 @@ class MochiPipeline:
         shape = (batch, 12, check_frames(req.frames), req.height // 8, req.width // 8)
         noise = initial_noise(shape, req.seed, device=self.device)
         if init_frames is None and req.init_video is not None:
-            from mochi.video import fit_frames, read_video
+            from mochi.video import VideoError, read_video
 
-            clip, _ = read_video(req.init_video, max_frames=req.frames)
-            init_frames = torch.from_numpy(fit_frames(clip, req.frames, req.height, req.width))
+            clip, _ = read_video(req.init_video, max_frames=req.frames, size=(req.height, req.width))
+            if clip.shape[0] < req.frames:
+                raise VideoError(f"video has {clip.shape[0]} frames, fewer than the {req.frames} asked for")
+            init_frames = torch.from_numpy(clip)
         if init_frames is not None:
             _check_init_frames(init_frames, (req.frames, req.height, req.width, 3))
             report("encode", 0, 1)

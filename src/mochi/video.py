@@ -124,10 +124,15 @@ def encode_video(
             container.mux(packet)
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+def read_video(
+    path: str | os.PathLike, max_frames: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, float]:
     """Decode a video's first stream to (frames uint8 (T, H, W, 3) RGB, fps); at most ``max_frames`` frames.
 
-    Raises VideoError for a missing, unreadable or empty file.
+    size: (height, width) to centre-crop and resize each frame to as it is decoded (``fit_frames``, one
+    frame at a time: the same pixels as fitting the whole clip), so that a large source never lies in memory
+    whole (25 frames of 4096×4096 are 1.2 GB as uint8). Raises VideoError for a missing, unreadable or empty
+    file.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +152,8 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             for frame in container.decode(stream):
-                images.append(frame.to_ndarray(format="rgb24"))
+                image = frame.to_ndarray(format="rgb24")
+                images.append(image if size is None else fit_frames(image[None], 1, *size)[0])
                 if max_frames is not None and len(images) >= max_frames:
                     break
     except av.error.FFmpegError as e:
@@ -155,6 +161,18 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not images:
         raise VideoError(f"video {str(path)!r} has no frames")
     return np.stack(images), float(rate) if rate else 0.0
+
+
+def video_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of a video's first frame (decodes that frame only). Raises VideoError."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            first = next(container.decode(video=0))
+            return first.height, first.width
+    except (av.error.FFmpegError, IndexError, StopIteration) as e:
+        raise VideoError(f"cannot read video {str(path)!r}: {e or 'no frames'}") from None
 
 
 def fit_frames(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:

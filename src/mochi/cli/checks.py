@@ -54,11 +54,12 @@ def check_loras(files: list[str]) -> None:
         read_lora(file)
 
 
-def read_init_video(path: str, frames: int) -> np.ndarray:
-    """The first ``frames`` frames of ``path``, uint8 (T, H, W, 3), decoding no more; ValueError if short."""
+def read_init_video(path: str, frames: int, size: tuple[int, int]) -> np.ndarray:
+    """The first ``frames`` frames of ``path`` fitted to ``size`` (height, width) as they are decoded,
+    uint8 (T, H, W, 3), decoding no more; ValueError if short."""
     from mochi.video import read_video
 
-    video, _ = read_video(path, max_frames=frames)
+    video, _ = read_video(path, max_frames=frames, size=size)
     if video.shape[0] < frames:
         raise ValueError(
             f"--init-video {path!r} has {video.shape[0]} frames, fewer than the {frames} to generate; "
@@ -69,7 +70,7 @@ def read_init_video(path: str, frames: int) -> np.ndarray:
 
 def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 - GenerationRequest
     """Check every generate option before loading; returns what was read: ``max_memory`` (bytes or None)
-    and ``init`` (the init video's needed frames, or None)."""
+    and ``init`` (the init video's frame count, checked to be enough, or None)."""
     from mochi.video import video_rate
     from mochi.weights.components import check_model_paths, model_defaults
 
@@ -95,7 +96,8 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     init = None
     if args.init_video:
         frames = request.frames or model_defaults(args.model)["frames"]
-        init = read_init_video(args.init_video, frames)
+        # The pixels are read again at the output size once the model is loaded: here only the count.
+        init = read_init_video(args.init_video, frames, size=(8, 8)).shape[0]
     return {"max_memory": max_memory, "init": init}
 
 

@@ -130,7 +130,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from mochi.outputs import write_video_and_sidecar
     from mochi.pipeline import MochiPipeline
-    from mochi.video import fit_frames
 
     started = time.perf_counter()
     options = pipeline_options(args)
@@ -161,9 +160,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if init is not None:
         import torch
 
-        if init.shape[0] < resolved.frames:  # the model's defaults asked for more than foreseen
-            init = read_init_video(args.init_video, resolved.frames)
-        init_frames = torch.from_numpy(fit_frames(init, resolved.frames, resolved.height, resolved.width))
+        size = (resolved.height, resolved.width)
+        init_frames = torch.from_numpy(read_init_video(args.init_video, resolved.frames, size))
     with _ProgressBar() as bar:
         result = pipe.generate(resolved, progress=bar if main else None, init_frames=init_frames)
     if not main:

@@ -30,11 +30,14 @@ size before any body is read.
 
 from __future__ import annotations
 
+import os
 import secrets
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -200,11 +203,20 @@ def create_app(
         job = found(job_id)
         if job.status != DONE or job.video is None:
             raise HTTPException(409, f"job {job_id!r} is {job.status}; its video exists once status is done")
-        if not job.video.is_file():
-            raise HTTPException(404, f"the video of job {job_id!r} was removed from the output folder")
-        check_range(request.headers.get("range"), job.video.stat().st_size)
+        try:  # opened here: a DELETE from now on unlinks a name, not the file being sent
+            fd = os.open(job.video, os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError):
+            raise HTTPException(
+                404, f"the video of job {job_id!r} was removed from the output folder"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            check_range(request.headers.get("range"), info.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
         name = f"mochi-{job.request.seed}-{job_id}.mp4" if download else None
-        return FileResponse(job.video, media_type="video/mp4", filename=name)
+        return OpenFileResponse(fd, job.video, info, media_type="video/mp4", filename=name)
 
     # Players and download managers ask HEAD first (size, type, ranges); Starlette sends headers only.
     @app.head(
@@ -219,7 +231,8 @@ def create_app(
         job = found(job_id)
         if job.status in FINAL:
             summary = jobs.summary(job)
-            jobs.remove(job_id)
+            if not jobs.remove(job_id):  # removed meanwhile by another request
+                raise HTTPException(404, f"no job {quote(job_id)} on this server")
             return summary
         return jobs.summary(jobs.cancel(job_id))
 
@@ -232,3 +245,29 @@ def create_app(
         module.add_routes(app, jobs, auth)
     extras.add_routes(app, jobs, auth, JobRequest, lora_path)
     return app
+
+
+class OpenFileResponse(FileResponse):
+    """A FileResponse that sends a file opened beforehand (``fd``, closed when the response ends), so that
+    the file being deleted between the route and the transfer gives neither a 500 nor a cut-off body.
+    ``path`` only names it (Content-Disposition, ETag: as for the path)."""
+
+    def __init__(self, fd: int, path: Path, info: os.stat_result, **kwargs: object) -> None:
+        super().__init__(path, stat_result=info, **kwargs)
+        self.fd = fd
+
+    @asynccontextmanager
+    async def _open_file(self):  # noqa: ANN202 - Starlette's hook: each transfer reads a copy of the handle
+        file = anyio.wrap_file(os.fdopen(os.dup(self.fd), "rb"))
+        try:
+            await file.seek(0)
+            yield file
+        finally:
+            with anyio.CancelScope(shield=True):
+                await file.aclose()
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            os.close(self.fd)

@@ -132,8 +132,10 @@ class RequestGuard:
         upload = next((rule for prefix, rule in self.uploads.items() if path.startswith(prefix)), None)
         accepted, limit = upload or (("application/json",), self.max_body)
         given = media_type(headers)
-        if (method in BODY_METHODS or has_body) and (given not in accepted or given in CORS_SAFELISTED):
-            wanted = " or ".join(accepted)
+        if (method in BODY_METHODS or has_body) and (
+            not _accepts(given, accepted) or given in CORS_SAFELISTED
+        ):
+            wanted = " or ".join(a + "*" if a.endswith("/") else a for a in accepted)
             return (
                 415,
                 f"Content-Type {given[:100] or 'none'!r} refused: send the body as {wanted}",
@@ -173,3 +175,11 @@ def _replay(messages: list[dict], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+def _accepts(given: str, accepted: tuple[str, ...]) -> bool:
+    """Whether media type ``given`` is one of ``accepted``, where an entry ending in "/" ("video/") takes any
+    subtype of it."""
+    return any(
+        given == a or (a.endswith("/") and given.startswith(a) and len(given) > len(a)) for a in accepted
+    )

@@ -293,12 +293,19 @@ class JobManager:
             return job
 
     def remove(self, job_id: str) -> bool:
-        """Forget a finished job and delete its video and parameters; False if it is not finished."""
+        """Forget a finished job and delete its video and parameters; False if it is not finished (or there
+        is no such job). A job of the output folder that the table no longer holds (an earlier run's, or one
+        past the history kept in memory) is found by its sidecar, as ``get`` finds it."""
         with self._cond:
             job = self._jobs.get(job_id)
-            if job is None or job.status not in FINAL:
+            if job is None:
+                job = sidecars.load(self.out_dir, job_id)
+                if job is None or job.status not in FINAL:
+                    return False
+            elif job.status not in FINAL:
                 return False
-            del self._jobs[job_id]
+            else:
+                del self._jobs[job_id]
             self._touch()
         for path in (self.out_dir / f"{job_id}.mp4", self.out_dir / f"{job_id}.json"):
             path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from mochi.serve.errors import documented
@@ -23,13 +24,12 @@ from mochi.serve.history import JOB_ID
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
 UPLOAD_TYPES = ("video/", "application/octet-stream")
-# What ``guards.RequestGuard`` lets through to this route before the body is read: exact media types.
-GUARD_RULE = {
-    "/api/uploads": (
-        ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "application/octet-stream"),
-        MAX_UPLOAD,
-    )
-}
+# The largest frame an upload may have: 8K UHD. Frames are fitted to the output size as they are decoded,
+# but one decoded frame still lies in memory whole (7680×4320: 100 MB as uint8, 400 MB while resized).
+MAX_UPLOAD_PIXELS = 7680 * 4320
+# What ``guards.RequestGuard`` lets through to this route before the body is read: media types ("video/"
+# takes any video type; none of them is a type a cross-site form may send without a preflight).
+GUARD_RULE = {"/api/uploads": (UPLOAD_TYPES, MAX_UPLOAD)}
 
 
 def upload_dir(out_dir: Path) -> Path:
@@ -79,7 +79,8 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
                 raise HTTPException(400, f"the client left after {size} bytes; upload dropped") from None
             if size == 0:
                 raise HTTPException(422, "the upload is empty; send the video file as the body")
-            info = probe(partial)
+            # Counting a long file's packets takes seconds: off the event loop, so other clients go on.
+            info = await run_in_threadpool(probe, partial)
             os.replace(partial, final)
         finally:
             partial.unlink(missing_ok=True)
@@ -99,8 +100,14 @@ def probe(path: Path) -> dict:
             frames = sum(1 for packet in container.demux(stream) if packet.size)
         with av.open(str(path)) as container:
             first = next(container.decode(video=0))
-        return {"frames": frames, "width": first.width, "height": first.height, "fps": rate}
     except (av.error.FFmpegError, IndexError, StopIteration, ValueError):
         raise HTTPException(
             422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)"
         ) from None
+    if first.width * first.height > MAX_UPLOAD_PIXELS:
+        raise HTTPException(
+            422,
+            f"the upload's frames are {first.width}x{first.height}, more than {MAX_UPLOAD_PIXELS:,} pixels "
+            "(7680x4320); scale the video down first",
+        )
+    return {"frames": frames, "width": first.width, "height": first.height, "fps": rate}

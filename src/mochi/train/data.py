@@ -136,18 +136,18 @@ def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
 
 def _clip(video: Path, frames: int, width: int, height: int) -> torch.Tensor:
     """The first ``frames`` frames, cropped and resized: uint8 (T, H, W, 3). Raises ValueError why not."""
-    from mochi.video import fit_frames, read_video
+    from mochi.video import read_video, video_size
 
-    pixels, _ = read_video(video, max_frames=frames)
-    if pixels.shape[0] < frames:
-        raise ValueError(f"too short: {pixels.shape[0]} frames, need {frames}")
-    h, w = pixels.shape[1:3]
+    h, w = video_size(video)
     crop_h, crop_w = (
         (h, round(h * width / height)) if h * width <= w * height else (round(w * height / width), w)
     )
     if crop_h < height or crop_w < width:
         raise ValueError(f"too small: {w}x{h} crops to {crop_w}x{crop_h}, need at least {width}x{height}")
-    return torch.from_numpy(fit_frames(pixels, frames, height, width))
+    pixels, _ = read_video(video, max_frames=frames, size=(height, width))  # fitted frame by frame
+    if pixels.shape[0] < frames:
+        raise ValueError(f"too short: {pixels.shape[0]} frames, need {frames}")
+    return torch.from_numpy(pixels)
 
 
 def prepare_data(
