@@ -9,6 +9,7 @@ import json
 import select
 import socket
 import threading
+import time
 
 import pytest
 
@@ -138,6 +139,16 @@ def test_json_with_a_charset_is_accepted_and_cancel_needs_json_too(live):
             '{"prompt": "x", "negative_prompt": "\\udfff"}',
             "negative_prompt: Input should be a valid string, unable to parse raw data",
         ),
+        # JSON true/false are not numbers (pydantic's lax mode read "frames": true as a 1-frame job).
+        ('{"prompt": "x", "frames": true}', "frames: Value error, must be a number, not true"),
+        ('{"prompt": "x", "seed": false}', "seed: Value error, must be a number, not false"),
+        ('{"prompt": "x", "guidance": true}', "guidance: Value error, must be a number, not true"),
+        (
+            '{"prompt": "x", "loras": [{"name": "a.safetensors", "scale": true}]}',
+            "loras.0.scale: Value error, must be a number, not true",
+        ),
+        # An empty LoRA name is no name (it dropped lora and lora_scale without a word).
+        ('{"prompt": "x", "lora": "", "lora_scale": 2}', "lora: String should have at least 1 character"),
     ],
 )
 def test_non_finite_numbers_and_lone_surrogates_are_422(live, body, message):
@@ -155,6 +166,20 @@ def test_error_replies_do_not_echo_long_input(live):
     assert status == 422 and len(data) < 600, len(data)
     status, _, data = call("GET", f"{live.url}/api/jobs/{'j' * 5000}")
     assert status == 404 and len(data) < 300, len(data)
+    status, _, data = call("GET", f"{live.url}/api/jobs/{'j' * 5000}/preview")
+    assert status == 404 and len(data) < 300, len(data)
+    # A body of many unknown fields: the reply lists the first 20 and counts the rest.
+    status, _, data = call(
+        "POST", f"{live.url}/api/jobs", {"prompt": "x", **{str(i): 0 for i in range(5000)}}
+    )
+    reply = json.loads(data)
+    assert status == 422 and len(reply["errors"]) == 20 and reply["detail"].endswith("and 4980 more errors")
+    assert len(data) < 5000, len(data)
+
+
+def test_batches_take_no_boolean_count(live):
+    status, reply = call_json("POST", f"{live.url}/api/batches", {"prompt": "x", "count": True})
+    assert status == 422 and "count: Value error, must be a number, not true" in reply["detail"], reply
 
 
 # -- 3. Body size, and the token before the body ---------------------------------------------------
@@ -545,5 +570,34 @@ def test_a_request_that_stops_arriving_is_408_and_closed(pipe, tmp_path, sent):
             with socket.create_connection((host, int(port)), timeout=20) as s:
                 assert s.recv(10) == b""
             assert call_json("GET", f"{server.url}/api/health")[0] == 200
+    finally:
+        jobs.close()
+
+
+def test_an_upload_may_take_longer_than_the_timeout_while_it_keeps_arriving(pipe, tmp_path):
+    """An upload's body counts the timeout from its last piece (a 4 MB file at 100 kB/s was cut at 30 s)."""
+    import numpy as np
+
+    from mochi.serve.api import create_app
+    from mochi.video import write_video
+
+    data = write_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / "c.mp4").read_bytes()
+    jobs = JobManager(pipe, tmp_path / "out")
+    head = "POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: video/mp4\r\n"
+    head += f"Content-Length: {len(data)}"
+    try:
+        with AppServer(create_app(jobs), http=slow_request_protocol(0.5)) as server:
+            host, port = server.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=20) as s:
+                s.sendall(f"{head}\r\n\r\n".encode())
+                pieces = [data[i : i + len(data) // 5 + 1] for i in range(0, len(data), len(data) // 5 + 1)]
+                for piece in pieces:  # five pieces 0.3 s apart: 1.5 s in all, never 0.5 s idle
+                    time.sleep(0.3)
+                    s.sendall(piece)
+                reply = read_reply(s)
+            assert status_of(reply) == 201 and body_of(reply)["frames"] == 3
+            with socket.create_connection((host, int(port)), timeout=20) as s:
+                s.sendall(f"{head}\r\n\r\n".encode() + data[:10])  # then nothing
+                assert status_of(read_reply(s)) == 408
     finally:
         jobs.close()

@@ -299,6 +299,33 @@ def test_an_upload_with_frames_too_large_is_422_and_kept_nowhere(url, live, tmp_
     assert set((live.jobs.out_dir / "uploads").glob("*")) == before
 
 
+def test_an_upload_on_a_full_disk_is_507_and_leaves_no_file(url, live, monkeypatch):
+    import errno
+
+    from mochi.serve import uploads
+
+    real_open = open
+
+    class Full:
+        def __init__(self, path, mode):  # noqa: ANN001
+            self.file = real_open(path, mode)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc):  # noqa: ANN002, ANN204
+            self.file.close()
+
+        def write(self, data):  # noqa: ANN001, ANN201
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(uploads, "open", Full, raising=False)
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=b"x" * 1000, content_type="video/mp4")
+    detail = json.loads(reply)["detail"]
+    assert status == 507 and "upload dropped after 1000 bytes: the server's disk is full" in detail, reply
+    assert not [p for p in (live.jobs.out_dir / "uploads").iterdir() if p.name.endswith(".partial")]
+
+
 def test_a_video_deleted_while_it_is_sent_arrives_whole(tmp_path):
     """The file is opened by the route: unlinking it afterwards (a DELETE racing a download) leaves the
     transfer whole, a range included (it was a 500 or a cut-off body)."""

@@ -66,20 +66,28 @@ class JobRequest(extras.JobExtras):
 
     prompt: str = Field(min_length=1, max_length=LIMITS["prompt_chars"], description="what the video shows")
     negative_prompt: str = Field("", max_length=LIMITS["prompt_chars"], description="what to steer away from")
-    frames: int | None = Field(None, ge=1, le=LIMITS["frames"], description="frame count, 6k+1")
-    height: int | None = Field(None, ge=16, le=LIMITS["height"], description="pixels, a multiple of 16")
-    width: int | None = Field(None, ge=16, le=LIMITS["width"], description="pixels, a multiple of 16")
-    steps: int | None = Field(None, ge=1, le=LIMITS["steps"], description="sampling steps")
-    guidance: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 1.0 = off")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed; unset draws one")
-    eta: float | None = Field(
+    frames: extras.Whole | None = Field(None, ge=1, le=LIMITS["frames"], description="frame count, 6k+1")
+    height: extras.Whole | None = Field(
+        None, ge=16, le=LIMITS["height"], description="pixels, a multiple of 16"
+    )
+    width: extras.Whole | None = Field(
+        None, ge=16, le=LIMITS["width"], description="pixels, a multiple of 16"
+    )
+    steps: extras.Whole | None = Field(None, ge=1, le=LIMITS["steps"], description="sampling steps")
+    guidance: extras.Number | None = Field(
+        None, ge=0, le=100, description="classifier-free guidance; 1.0 = off"
+    )
+    seed: extras.Whole | None = Field(None, ge=0, le=2**63 - 1, description="random seed; unset draws one")
+    eta: extras.Number | None = Field(
         None, ge=0, le=1, description="ancestral sampling: share of each step's noise drawn afresh; 0 = Euler"
     )
-    eta_above: float | None = Field(
+    eta_above: extras.Number | None = Field(
         None, ge=0, lt=1, description="ancestral sampling only at steps from σ above this"
     )
-    lora: str | None = Field(None, max_length=255, description="a file name from GET /api/info's loras")
-    lora_scale: float = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
+    lora: str | None = Field(
+        None, min_length=1, max_length=255, description="a file name from GET /api/info's loras"
+    )
+    lora_scale: extras.Number = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
     cache: str = Field(
         "none",
         max_length=80,
@@ -87,7 +95,9 @@ class JobRequest(extras.JobExtras):
         "teacache:fast, teacache:2x, fbcache:quality, fbcache:fast, fbcache:3x; options after commas: "
         "max-skips=N, keep=LO-HI, extrapolate[=F]",
     )
-    cache_threshold: float | None = Field(None, gt=0, description="the cache's threshold; unset: its default")
+    cache_threshold: extras.Number | None = Field(
+        None, gt=0, description="the cache's threshold; unset: its default"
+    )
 
 
 def lora_supported(pipeline: object) -> bool:

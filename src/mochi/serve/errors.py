@@ -33,6 +33,7 @@ STATUS_MEANING = {
     422: "invalid values: detail names each field, the rule and the nearest valid choice",
     429: "the queue is full; retry after Retry-After seconds",
     501: "the feature asked for is not supported by this server's pipeline",
+    507: "the server's disk is full: the upload was not kept",
 }
 
 
@@ -72,9 +73,13 @@ class ErrorResponse(JSONResponse):
         return error_json(content["detail"], content.get("errors"))
 
 
+MAX_ERRORS = 20  # field errors one reply lists (a body of 100000 unknown keys made an 11 MB reply)
+
+
 def _validation_errors(exc: RequestValidationError) -> tuple[str, list[dict]]:
     parts, fields = [], []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_ERRORS]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         message = str(err.get("msg", "invalid"))
         if err.get("type") == "json_invalid":  # its loc is the byte offset, not a field
@@ -84,6 +89,8 @@ def _validation_errors(exc: RequestValidationError) -> tuple[str, list[dict]]:
         shown = f" (got {quote(got)})" if "input" in err and not isinstance(got, dict | list) else ""
         parts.append(f"{name}: {message}{shown}")
         fields.append({"field": name, "message": message})
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return "; ".join(parts), fields
 
 

@@ -34,7 +34,7 @@ from fastapi import HTTPException
 from fastapi.responses import Response
 
 from mochi.request import TEMPORAL_COMPRESSION
-from mochi.serve.errors import documented
+from mochi.serve.errors import documented, quote
 
 RELEASED = "mochi-1-preview"
 # The most latent frames a preview shows side by side (evenly spaced through the clip).
@@ -166,10 +166,10 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         step it shows; 404 until the first preview exists."""
         job = jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} on this server")
+            raise HTTPException(404, f"no job {quote(job_id)} on this server")
         png = job.preview
         if png is None:
-            raise HTTPException(404, f"job {job_id!r} has no preview yet (status {job.status})")
+            raise HTTPException(404, f"job {quote(job_id)} has no preview yet (status {job.status})")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 

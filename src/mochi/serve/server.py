@@ -6,8 +6,8 @@ to start. ``check_options`` refuses the other bad values of `mochi serve` before
 
 uvicorn (0.54) times out idle kept-alive connections but never a request that is still arriving: a client
 sending its headers or body a byte at a time holds a connection (and a task) for ever.
-``slow_request_protocol`` gives each request ``REQUEST_TIMEOUT`` seconds to arrive whole, then answers 408
-and closes.
+``slow_request_protocol`` gives each request ``REQUEST_TIMEOUT`` seconds to arrive whole (an upload's body:
+that long between its pieces), then answers 408 and closes.
 """
 
 from __future__ import annotations
@@ -84,9 +84,14 @@ def check_options(out_dir: str, queue_size: int, fps: float) -> None:
         raise ValueError(f"--out-dir {out_dir!r} cannot be created: {e.strerror or e}") from None
 
 
-def slow_request_protocol(timeout: float = REQUEST_TIMEOUT) -> type:
+def slow_request_protocol(
+    timeout: float = REQUEST_TIMEOUT, streamed: tuple[str, ...] = ("/api/uploads",)
+) -> type:
     """uvicorn's h11 protocol, answering 408 and closing when a request has not fully arrived ``timeout``
-    seconds after its connection opened (or after the previous response on a kept-alive connection)."""
+    seconds after its connection opened (or after the previous response on a kept-alive connection).
+
+    The body of a request to a ``streamed`` path (an upload of up to 512 MiB) may take as long as it keeps
+    arriving: there ``timeout`` counts from the last bytes received, not from the start."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -114,6 +119,12 @@ def slow_request_protocol(timeout: float = REQUEST_TIMEOUT) -> type:
             if answer:
                 self.transport.write(timed_out)
             self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle, receiving = self.cycle, self.conn.their_state is h11.SEND_BODY
+            if cycle is not None and receiving and cycle.scope["path"].startswith(streamed):
+                self._arm()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

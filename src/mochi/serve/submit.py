@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from mochi.request import MAX_SEED, GenerationRequest, check_prompt
 from mochi.serve.errors import documented, quote
@@ -25,12 +25,24 @@ MAX_LORAS = 8
 MAX_BATCH = 16
 
 
+def _not_bool(value: Any) -> Any:
+    # JSON true/false are not numbers: pydantic's lax mode reads them as 1/0 (a 1-frame job, seed 1).
+    # Numeric strings stay accepted (the page sends seeds beyond 2**53 as strings).
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class LoraChoice(BaseModel):
     # NaN, Infinity and 1e999 are invalid scales (422), as in JobRequest.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(max_length=255, description="a file name from GET /api/info's loras")
-    scale: float = Field(1.0, ge=-10, le=10, description="strength of this LoRA")
+    name: str = Field(min_length=1, max_length=255, description="a file name from GET /api/info's loras")
+    scale: Number = Field(1.0, ge=-10, le=10, description="strength of this LoRA")
 
 
 class JobExtras(BaseModel):
@@ -42,7 +54,7 @@ class JobExtras(BaseModel):
     init_video: str | None = Field(
         None, description="video-to-video: an id from POST /api/uploads; unset = text-to-video"
     )
-    strength: float = Field(
+    strength: Number = Field(
         0.7, gt=0, le=1, description="video-to-video: how much of the schedule runs (1 = ignore the video)"
     )
 
@@ -126,7 +138,7 @@ def add_routes(app: Any, jobs: Any, auth: list, job_request: type[BaseModel], lo
     batch_request = create_model(
         "BatchRequest",
         __base__=job_request,
-        count=(int, Field(2, ge=1, le=MAX_BATCH, description="how many videos, one seed each")),
+        count=(Whole, Field(2, ge=1, le=MAX_BATCH, description="how many videos, one seed each")),
     )
 
     def submit_batch(body: BaseModel) -> dict:

@@ -10,6 +10,7 @@ and then named by its id in ``POST /api/jobs``' ``init_video``; its path never r
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -49,13 +50,14 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         "/api/uploads",
         status_code=201,
         dependencies=auth,
-        responses=documented(400, 401, 413, 415, 422),
+        responses=documented(400, 401, 413, 415, 422, 507),
         tags=["uploads"],
     )
     async def upload(request: Request) -> dict:
         """Upload a video (the raw file as the body, ``Content-Type: video/...``) for video-to-video:
         201 with ``{"id", "frames", "width", "height", "fps"}``; give the id as ``init_video`` in
-        ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type, 422 if it is not a video."""
+        ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type, 422 if it is not a video (or
+        its frames are larger than 8K), 507 when the server's disk is full."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not kind.startswith(UPLOAD_TYPES):
             raise HTTPException(
@@ -77,6 +79,12 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             except ClientDisconnect:
                 # Nobody is left to answer; an ordinary 400 keeps a client's hang-up out of the error log.
                 raise HTTPException(400, f"the client left after {size} bytes; upload dropped") from None
+            except OSError as e:  # the output folder's disk is full, or cannot be written
+                status = 507 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+                why = "the server's disk is full" if status == 507 else "the server cannot store it"
+                raise HTTPException(
+                    status, f"upload dropped after {size} bytes: {why} ({e.strerror})"
+                ) from None
             if size == 0:
                 raise HTTPException(422, "the upload is empty; send the video file as the body")
             # Counting a long file's packets takes seconds: off the event loop, so other clients go on.
