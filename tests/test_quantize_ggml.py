@@ -159,6 +159,24 @@ def test_unknown_block_type_is_one_line(tmp_path, sd):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_a_block_with_an_infinite_scale_is_refused_at_load(tmp_path, sd, kind):
+    """The blocks stay quantized, so before, the damaged scale was only met in sampling (NaN video)."""
+    from mochi.finite import NonFiniteError
+
+    path = write_kijai(tmp_path / "q.safetensors", sd, kind)
+    assert load_dit(path) is not None
+    t = load_file(path)
+    key = next(k for k in t if k.endswith(f"proj_x.{kind}_qweight"))
+    assert torch.isfinite(ggml.block_scales(t[key], kind).float()).all()
+    t[key] = t[key].clone()
+    t[key][0, :2] = torch.tensor([float("inf")], dtype=torch.float16).view(torch.uint8)
+    assert ggml.block_scales(t[key], kind)[0, 0].item() == float("inf")
+    save_file(t, path)
+    with pytest.raises(NonFiniteError, match=f"NaN or infinite values in 1 of .*{key}"):
+        load_dit(path)
+
+
 def test_unknown_block_type_in_cli(tmp_path, sd, capsys):
     g = write_gguf(tmp_path / "q41.gguf", sd, {"blocks.1.mlp_x.w1.weight": "Q4_1"})
     assert main(["info", str(g)]) == 2

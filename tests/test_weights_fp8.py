@@ -184,3 +184,31 @@ def test_plain_fp8_file_without_scales(tmp_path, model, x):
     assert kept.blocks[1].mlp_x.w2.weight.dtype == torch.float8_e4m3fn
     assert kept.blocks[1].mlp_x.w2.weight_scale.item() == 1.0
     assert torch.equal(kept(*x), load_dit(tmp_path, dtype=torch.float32, fp8="dequantize")(*x))
+
+
+@pytest.mark.parametrize("layout, scale", [("legacy", ".scale_weight"), ("new", ".weight_scale")])
+def test_a_scaled_file_missing_one_scale_is_refused(tmp_path, model, layout, scale):
+    """Read at scale 1, the layer came out ~1/scale (about 2000x) too large, silently."""
+    from safetensors.torch import load_file
+
+    path = write_fp8_scaled(tmp_path / "fp8.safetensors", model, layout=layout, all_in_one=False)
+    sd = load_file(path)
+    del sd[COMFY + "blocks.0.attn.qkv_x" + scale]
+    save_file(sd, path)
+    with pytest.raises(WeightsError, match=r"fp8 weight '.*blocks\.0\.attn\.qkv_x\.weight' has no scale"):
+        load_dit(path)
+
+
+@pytest.mark.parametrize("fp8", ["keep", "dequantize"])
+def test_a_non_finite_fp8_scale_is_refused_at_load(tmp_path, model, fp8):
+    """Kept fp8, the scale only met the weights at use: the load passed and sampling made NaN."""
+    from safetensors.torch import load_file
+
+    from mochi.finite import NonFiniteError
+
+    path = write_fp8_scaled(tmp_path / "fp8.safetensors", model, layout="legacy", all_in_one=False)
+    sd = load_file(path)
+    sd[COMFY + "blocks.0.attn.qkv_x.scale_weight"] = torch.tensor(float("nan"))
+    save_file(sd, path)
+    with pytest.raises(NonFiniteError, match=r"holds NaN or infinite values .*blocks\.0\.attn\.qkv_x"):
+        load_dit(path, fp8=fp8)

@@ -162,6 +162,11 @@ def _fp8_scales(det: Detected, parts: dict) -> tuple[dict[str, torch.Tensor], di
         if k not in small
     }
     _, scales = split_scales({**weights, **small}, det.metadata, det.prefixes["dit"])
+    from mochi.finite import check_finite
+
+    check_finite(
+        {f"{layer}.weight_scale": s for layer, s in scales.items()}, f"DiT checkpoint {det.describe()}"
+    )
     return scales, {layer: weights[layer + ".weight"].dtype for layer in scales}
 
 

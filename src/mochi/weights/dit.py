@@ -19,7 +19,7 @@ import torch
 from mochi.weights.dit_sources import iter_genmo, streamable
 from mochi.weights.formats import Detected, component_keys, detect, iter_component
 from mochi.weights.fp8 import FP8_DTYPES, QUANT_SUFFIXES, dequantize, split_scales, swap_in_fp8
-from mochi.weights.ggml import QWEIGHT, block_kinds, logical_shapes, swap_in_gguf
+from mochi.weights.ggml import QWEIGHT, block_kinds, block_scales, logical_shapes, swap_in_gguf
 from mochi.weights.ggml import dequantize as dequantize_blocks
 from mochi.weights.io import WeightsError, check_state_dict
 
@@ -313,6 +313,11 @@ def load_dit_quantized(
     dtypes = {k: v.dtype for k, v in expected.items()}  # integers where weights belong are refused
     check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, {**sd, **taken}, fmt, dtypes)
     check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
+    # What stays quantized is scaled at use: a NaN or infinite scale is as damaged as such a weight.
+    stored_scales = {f"{layer}.weight_scale": s for layer, s in scales.items()}
+    blocks = {k: m["kind"] for k in sd if (m := QWEIGHT.match(k))}
+    stored_scales.update({k: block_scales(sd[k], kind) for k, kind in blocks.items()})
+    check_finite(stored_scales, f"DiT checkpoint (detected format: {fmt})")
     done = quantizer.install(model, sd) if quantizer else None
     # Only the blocks' Linears stay fp8 (97% of the weights at full size): code outside the blocks may read
     # a weight's dtype as the compute dtype (the timestep embedder does), so those few layers are dequantized.

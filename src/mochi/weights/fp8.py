@@ -79,9 +79,18 @@ def split_scales(
                 f"scale of {layer!r} has shape {tuple(scale.shape)}; expected one value or one per output row"
             )
         scales[layer] = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+    # A scaled file scales every fp8 weight; one without its scale would be read 1/scale times too large
+    # (about 2000x for a typical layer), so it is refused. Plain fp8 files (no scale at all) are read at 1.
+    scaled = "scaled_fp8" in state_dict or bool(scales)
     for key, t in out.items():
         if t.dtype in FP8_DTYPES and key.endswith(".weight"):
-            scales.setdefault(key.removesuffix(".weight"), torch.ones((), dtype=torch.float32))
+            layer = key.removesuffix(".weight")
+            if scaled and layer not in scales:
+                raise WeightsError(
+                    f"fp8 weight {prefix + key!r} has no scale ({prefix + layer}.scale_weight or "
+                    ".weight_scale) in a scaled fp8 file, whose other fp8 weights have one: a damaged file"
+                )
+            scales.setdefault(layer, torch.ones((), dtype=torch.float32))
     return out, scales
 
 

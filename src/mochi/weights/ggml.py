@@ -109,6 +109,13 @@ def quantize(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.cat([scale, qs], dim=1).reshape(shape)
 
 
+def block_scales(qweight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fp16 scale ``d`` of every block of a quantized weight (out, bytes): (out, blocks) float16.
+    A NaN or infinite one makes its 32 weights so (``mochi.finite.check_finite`` reads these)."""
+    rows = qweight.reshape(qweight.shape[0], -1, BLOCK_BYTES[kind])
+    return rows[..., :2].contiguous().view(torch.float16).squeeze(-1)
+
+
 def dequantize(qweight: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(out, bytes) uint8 blocks → (out, in) weight in ``dtype`` (d·q formed in fp32, rounded once)."""
     out_features, in_features = weight_shape(tuple(qweight.shape), kind)
