@@ -210,6 +210,20 @@ def test_errors(hf_model, tmp_path):
         load_t5(tmp_path / "bad.safetensors", dtype=torch.float64)
     with pytest.raises(ValueError, match="feed_forward_proj='relu'"):
         T5Config.from_hf({"feed_forward_proj": "relu"})
+    # Malformed shapes are named (they raised ValueError / ZeroDivisionError from the config's arithmetic).
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    for key, tensor, message in [
+        ("shared.weight", torch.zeros(7), r"'shared.weight' has shape \(7,\), where a T5 has two dimensions"),
+        (bias, torch.zeros(32, 0), r"has shape \(32, 0\), where a T5 has two dimensions, none of them 0"),
+        (bias, torch.zeros(32, 5), r"attention width \d+ does not divide into its 5 heads"),
+        (
+            "encoder.block.99.layer.0.layer_norm.weight",
+            torch.zeros(4),
+            r"encoder.block.99 with \d+ indices missing",
+        ),
+    ]:
+        with pytest.raises(WeightsError, match=f"cannot infer the T5 config: .*{message}"):
+            infer_t5_config({**encoder_sd(hf_model), key: tensor})
 
 
 @pytest.mark.gpu

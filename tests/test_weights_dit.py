@@ -205,3 +205,29 @@ def test_config_inference_failure_names_format(tmp_path, model):
     )
     with pytest.raises(WeightsError, match=match):
         load_dit(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, tensor, message",
+    [
+        (
+            "t5_yproj.weight",
+            torch.zeros(64),
+            r"'t5_yproj.weight' has shape \(64,\), where a DiT has 2 dimensions",
+        ),
+        ("pos_frequencies", torch.zeros(8), r"'pos_frequencies' has shape \(8,\), where a DiT has 3"),
+        ("blocks.0.mlp_x.w2.weight", torch.zeros(16), r"'blocks.0.mlp_x.w2.weight' has shape \(16,\)"),
+        (
+            "t5_yproj.weight",
+            torch.zeros(0, 0),
+            r"has shape \(0, 0\), where a DiT has 2 dimensions, none of them 0",
+        ),
+        ("blocks.10000.attn.qkv_x.weight", torch.zeros(3, 3), r"run up to blocks.10000 but 99\d\d indices"),
+    ],
+)
+def test_malformed_shapes_are_named_before_a_model_is_built(tmp_path, model, key, tensor, message):
+    """They raised ValueError/IndexError/ZeroDivisionError, and a stray blocks.10000 built a 10001-block
+    model (15 s, 0.9 GB) before failing on missing keys."""
+    save_file({**state_dict(model), key: tensor}, tmp_path / "dit.safetensors")
+    with pytest.raises(WeightsError, match=f"cannot read the DiT's architecture: .*{message}"):
+        load_dit(tmp_path)

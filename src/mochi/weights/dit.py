@@ -57,17 +57,29 @@ def shape_facts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int | bool]:
     out_bias.
     """
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, ndim: int = 2) -> tuple[int, ...]:
         if key not in shapes:
             raise WeightsError(f"cannot read the DiT's architecture: the checkpoint has no {key!r}")
-        return tuple(shapes[key])
+        found = tuple(shapes[key])
+        if len(found) != ndim or 0 in found:
+            raise WeightsError(
+                f"cannot read the DiT's architecture: {key!r} has shape {found}, where a DiT has "
+                f"{ndim} dimensions, none of them 0; the checkpoint is damaged or not a Mochi DiT"
+            )
+        return found
 
     blocks = {int(m[1]) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise WeightsError("cannot read the DiT's architecture: the checkpoint has no blocks.N.* keys")
-    width_x, in_channels, patch, _ = shape("x_embedder.proj.weight")
+    if len(blocks) != max(blocks) + 1:  # a stray index would build a model that deep (blocks.10000.x)
+        missing = sorted(set(range(max(blocks) + 1)) - blocks)
+        raise WeightsError(
+            f"cannot read the DiT's architecture: its blocks run up to blocks.{max(blocks)} but "
+            f"{len(missing)} indices are missing (blocks.{missing[0]} first); they run from 0 without gaps"
+        )
+    width_x, in_channels, patch, _ = shape("x_embedder.proj.weight", 4)
     width_y, text_dim = shape("t5_yproj.weight")
-    _, heads, half_head = shape("pos_frequencies")
+    _, heads, half_head = shape("pos_frequencies", 3)
     return {
         "depth": max(blocks) + 1,
         "patch_size": patch,
@@ -80,7 +92,7 @@ def shape_facts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int | bool]:
         "t5_feat_dim": text_dim,
         "timestep_embed_dim": shape("t_embedder.mlp.0.weight")[1],
         "mlp_hidden_x": shape("blocks.0.mlp_x.w2.weight")[1],
-        "mlp_hidden_y": tuple(shapes.get("blocks.0.mlp_y.w2.weight", (0, 0)))[1],
+        "mlp_hidden_y": shape("blocks.0.mlp_y.w2.weight")[1] if "blocks.0.mlp_y.w2.weight" in shapes else 0,
         "qkv_bias": "blocks.0.attn.qkv_x.bias" in shapes,
         "out_bias": "blocks.0.attn.proj_x.bias" in shapes,
     }

@@ -143,16 +143,32 @@ def infer_t5_config(state_dict: dict[str, torch.Tensor]) -> T5Config:
             "checkpoint is an original T5 (v1.0, ReLU feed-forward 'wi'); Mochi uses T5 v1.1 (gated GELU "
             "'wi_0'/'wi_1'), e.g. google/t5-v1_1-xxl"
         )
-    try:
-        vocab, d_model = state_dict["shared.weight"].shape
-        buckets, heads = state_dict[
-            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        ].shape
-        inner = state_dict["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
-        d_ff = state_dict["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
-    except KeyError as e:
-        raise WeightsError(f"cannot infer the T5 config: checkpoint lacks {e.args[0]!r}") from None
+
+    def shape(key: str) -> tuple[int, int]:
+        if key not in state_dict:
+            raise WeightsError(f"cannot infer the T5 config: checkpoint lacks {key!r}")
+        found = tuple(state_dict[key].shape)
+        if len(found) != 2 or 0 in found:
+            raise WeightsError(
+                f"cannot infer the T5 config: {key!r} has shape {found}, where a T5 has two dimensions, "
+                "none of them 0; the checkpoint is damaged or not a T5 encoder"
+            )
+        return found
+
+    vocab, d_model = shape("shared.weight")
+    buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+    d_ff = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0]
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    if len(layers) != max(layers) + 1:
+        raise WeightsError(
+            f"cannot infer the T5 config: its layers run up to encoder.block.{max(layers)} with "
+            f"{max(layers) + 1 - len(layers)} indices missing; they run from 0 without gaps"
+        )
+    if inner % heads:
+        raise WeightsError(
+            f"cannot infer the T5 config: the attention width {inner} does not divide into its {heads} heads"
+        )
     return T5Config(
         vocab_size=vocab,
         d_model=d_model,
