@@ -453,6 +453,22 @@ def test_read_lora_rejects_alpha_tensor_not_one_value(tmp_path, alpha):
         read_lora(tmp_path / "a.safetensors")
 
 
+def test_read_lora_refuses_integer_factors_and_two_names_for_one_tensor(tmp_path):
+    a, b = torch.randn(4, 32), torch.randn(96, 4)
+    save_file(
+        {"blocks.0.attn.qkv_x.lora_A": a.to(torch.int32), "blocks.0.attn.qkv_x.lora_B": b}, tmp_path / "i.st"
+    )
+    with pytest.raises(
+        WeightsError, match=r"'blocks.0.attn.qkv_x.lora_A' is int32; LoRA factors are floating"
+    ):
+        read_lora(tmp_path / "i.st")
+    both = {"blocks.0.attn.qkv_x.lora_A": a, "blocks.0.attn.qkv_x.lora_B": b}
+    both.update({"dit." + k: torch.zeros_like(v) for k, v in both.items()})  # one layer under two prefixes
+    save_file(both, tmp_path / "d.st")
+    with pytest.raises(WeightsError, match=r"two names for one tensor \('blocks.0.attn.qkv_x.lora_A'\)"):
+        read_lora(tmp_path / "d.st")
+
+
 def test_rank_zero_lora_is_refused(tmp_path):
     save_file(
         {"blocks.0.attn.qkv_x.lora_A": torch.zeros(0, 32), "blocks.0.attn.qkv_x.lora_B": torch.zeros(96, 0)},

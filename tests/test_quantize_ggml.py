@@ -177,6 +177,14 @@ def test_a_block_with_an_infinite_scale_is_refused_at_load(tmp_path, sd, kind):
         load_dit(path)
 
 
+def test_blocks_stored_wider_than_bytes_are_refused(tmp_path, sd):
+    t = load_file(write_kijai(tmp_path / "q.safetensors", sd, "Q8_0"))
+    key = next(k for k in t if k.endswith("proj_x.Q8_0_qweight"))
+    save_file({**t, key: t[key].to(torch.int16)}, tmp_path / "q16.safetensors")
+    with pytest.raises(WeightsError, match=rf"1 not bytes: {key} is int16 \(quantized blocks are uint8\)"):
+        load_dit(tmp_path / "q16.safetensors")
+
+
 def test_unknown_block_type_in_cli(tmp_path, sd, capsys):
     g = write_gguf(tmp_path / "q41.gguf", sd, {"blocks.1.mlp_x.w1.weight": "Q4_1"})
     assert main(["info", str(g)]) == 2

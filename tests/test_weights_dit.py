@@ -231,3 +231,20 @@ def test_malformed_shapes_are_named_before_a_model_is_built(tmp_path, model, key
     save_file({**state_dict(model), key: tensor}, tmp_path / "dit.safetensors")
     with pytest.raises(WeightsError, match=f"cannot read the DiT's architecture: .*{message}"):
         load_dit(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, dtype",
+    [("blocks.0.attn.q_norm_x.weight", torch.int32), ("blocks.0.attn.qkv_x.weight", torch.complex64)],
+    ids=["int-norm", "complex"],
+)
+def test_weights_that_are_not_real_floats_are_refused(tmp_path, model, key, dtype):
+    """An integer norm weight was cast to fp32 before the check (silently truncated); a complex weight
+    counted as floating point (its imaginary part dropped at load)."""
+    sd = state_dict(model)
+    save_file({**sd, key: sd[key].to(dtype)}, tmp_path / "dit.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        WeightsError, match=rf"1 not floating point: {key} is {name} \(weights must be floating"
+    ):
+        load_dit(tmp_path)

@@ -177,7 +177,7 @@ def read_dit(
     for key, t in iter_genmo(det, device) if stream else iter_component(det, "dit", device):
         if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES) or QWEIGHT.match(key):
             pass  # fp8 bookkeeping, handled by split_scales; ggml blocks, handled below
-        elif keeps_fp32(key):
+        elif keeps_fp32(key) and t.is_floating_point():  # integers stay integers: check_state_dict names them
             t = t.to(torch.float32)
         elif target is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
             t = t.to(target)

@@ -191,7 +191,7 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
 
 
 def _is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
+    return dtype.is_floating_point  # complex weights are not weights (their imaginary part would be dropped)
 
 
 def not_floating_point(found: list[str]) -> str:
@@ -221,6 +221,12 @@ def check_state_dict(
         for k in sorted((dtypes or {}).keys() & state_dict.keys())
         if _is_float(dtypes[k]) and not _is_float(state_dict[k].dtype)
     ]
+    # Quantized blocks are bytes: a wider integer tensor of the right shape would be misread at use.
+    not_bytes = [
+        f"{k} is {str(state_dict[k].dtype).removeprefix('torch.')}"
+        for k in sorted((dtypes or {}).keys() & state_dict.keys())
+        if dtypes[k] == torch.uint8 and state_dict[k].dtype not in (torch.uint8, torch.int8)
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_listing(missing)}")
@@ -230,6 +236,10 @@ def check_state_dict(
         problems.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:8]))
     if not_float:
         problems.append(not_floating_point(not_float))
+    if not_bytes:
+        problems.append(
+            f"{len(not_bytes)} not bytes: {'; '.join(not_bytes[:8])} (quantized blocks are uint8)"
+        )
     if problems:
         raise WeightsError(
             f"checkpoint (detected format: {fmt}) does not fit the model: " + " | ".join(problems)

@@ -235,8 +235,20 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     unknown = []
+    seen: dict[str, str] = {}  # stripped key → file key: two names for one tensor would be a silent choice
     for key, t in sd.items():
         k = _strip(key)
+        if k in seen:
+            raise WeightsError(
+                f"{str(file)!r} holds {seen[k]!r} and {key!r}, two names for one tensor ({k!r}); "
+                "keep one of them"
+            )
+        seen[k] = key
+        if not k.endswith(".alpha") and not t.is_floating_point():
+            raise WeightsError(
+                f"{str(file)!r}: {key!r} is {str(t.dtype).removeprefix('torch.')}; LoRA factors are "
+                "floating point (float32, bfloat16 or float16)"
+            )
         if k.endswith(".alpha"):
             if t.numel() != 1:
                 raise WeightsError(
