@@ -212,3 +212,32 @@ def test_a_non_finite_fp8_scale_is_refused_at_load(tmp_path, model, fp8):
     save_file(sd, path)
     with pytest.raises(NonFiniteError, match=r"holds NaN or infinite values .*blocks\.0\.attn\.qkv_x"):
         load_dit(path, fp8=fp8)
+
+
+@pytest.mark.parametrize(
+    "metadata, extra, message",
+    [
+        ({"_quantization_metadata": "{oops"}, {}, r"metadata '_quantization_metadata' is not valid JSON"),
+        (
+            {"_quantization_metadata": "[1]"},
+            {},
+            r"metadata '_quantization_metadata' holds \[1\], not a JSON object",
+        ),
+        ({"_quantization_metadata": '{"layers": 3}'}, {}, r"field 'layers' is 3, not a JSON object"),
+        ({"_quantization_metadata": '{"layers": {"a": 7}}'}, {}, r"layer 'a' has format 7; expected a name"),
+        (
+            None,
+            {"blocks.0.attn.qkv_x.comfy_quant": list(b"{x")},
+            r"tensor '.*qkv_x.comfy_quant' is not valid JSON",
+        ),
+    ],
+)
+def test_malformed_quantization_metadata_is_named(tmp_path, model, metadata, extra, message):
+    """They raised JSONDecodeError / AttributeError from deep in the format detection."""
+    from safetensors.torch import load_file
+
+    sd = load_file(write_fp8_scaled(tmp_path / "fp8.safetensors", model, layout="new", all_in_one=False))
+    sd.update({COMFY + k: torch.tensor(v, dtype=torch.uint8) for k, v in extra.items()})
+    save_file(sd, tmp_path / "bad.safetensors", metadata=metadata)
+    with pytest.raises(WeightsError, match=message):
+        load_dit(tmp_path / "bad.safetensors")

@@ -22,7 +22,6 @@ Formats recognised (genmo-mochi.md §9, diffusers-mochi.md §2, ecosystem.md §1
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -33,7 +32,14 @@ import torch
 from safetensors import safe_open
 
 from mochi.weights.ggml import QWEIGHT
-from mochi.weights.io import TORCH_SUFFIXES, WeightsError, index_shards, open_safetensors, read_state_dict
+from mochi.weights.io import (
+    TORCH_SUFFIXES,
+    WeightsError,
+    index_shards,
+    open_safetensors,
+    quantization_layers,
+    read_state_dict,
+)
 
 COMPONENTS = ("dit", "vae_decoder", "vae_encoder", "t5")
 FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -244,7 +250,7 @@ def _quant(
     if any(k.endswith((".comfy_quant", ".weight_scale")) for k in mine):
         return "comfy_quant"
     # The header entry lists layers of every component in the file, with or without their prefix.
-    layers = json.loads(meta.get("_quantization_metadata", "{}")).get("layers", {})
+    layers = quantization_layers(meta)
     if any(
         n.startswith(prefix) and n + ".weight" in header or prefix + n + ".weight" in header for n in layers
     ):

@@ -16,14 +16,13 @@ casting one layer's weight at a time, so a model's Linear weights take half the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mochi.weights.io import WeightsError
+from mochi.weights.io import WeightsError, json_object, quantization_layers
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -43,19 +42,14 @@ def split_scales(
     the file, stripped from layer names found in the ``_quantization_metadata`` header entry.
     Raises WeightsError for a quantization format other than float8_e4m3fn / float8_e5m2.
     """
-    formats: dict[str, str] = {}
-    if metadata and "_quantization_metadata" in metadata:
-        layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
-        for name, conf in layers.items():
-            fmt = conf if isinstance(conf, str) else conf.get("format")
-            formats[name.removeprefix(prefix)] = str(fmt)
+    formats = {name.removeprefix(prefix): fmt for name, fmt in quantization_layers(metadata).items()}
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for key, t in state_dict.items():
         if key == "scaled_fp8":
             continue  # the legacy marker: its dtype is the fp8 type, which the weights carry anyway
         if key.endswith(".comfy_quant"):
-            conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+            conf = json_object(bytes(t.to(torch.uint8).tolist()), f"tensor {prefix + key!r}")
             formats[key.removesuffix(".comfy_quant")] = str(conf.get("format"))
         elif key.endswith(_SCALE_SUFFIXES):
             scales[key.rsplit(".", 1)[0]] = t.to(torch.float32)

@@ -190,6 +190,37 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def json_object(text: str | bytes, where: str) -> dict:
+    """``text`` parsed as a JSON object; a WeightsError naming ``where`` (the file and field) otherwise."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{where} is not valid JSON ({e}); it must be a JSON object {{...}}") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where} holds {json.dumps(value)[:40]}, not a JSON object {{...}}")
+    return value
+
+
+def quantization_layers(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Layer → quantization format named by ComfyUI's ``_quantization_metadata`` header entry
+    (``{"layers": {name: "float8_e4m3fn" | {"format": ...}}}``); {} without one. WeightsError if malformed."""
+    if not metadata or "_quantization_metadata" not in metadata:
+        return {}
+    where = "metadata '_quantization_metadata'"
+    layers = json_object(metadata["_quantization_metadata"], where).get("layers", {})
+    if not isinstance(layers, dict):
+        raise WeightsError(
+            f"{where} field 'layers' is {json.dumps(layers)[:40]}, not a JSON object of layers"
+        )
+    formats = {}
+    for name, conf in layers.items():
+        fmt = conf.get("format") if isinstance(conf, dict) else conf
+        if not isinstance(fmt, str):
+            raise WeightsError(f"{where}: layer {name!r} has format {json.dumps(conf)[:40]}; expected a name")
+        formats[name] = fmt
+    return formats
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point  # complex weights are not weights (their imaginary part would be dropped)
 

@@ -33,7 +33,7 @@ import torch
 
 from mochi.finite import NonFiniteError, check_finite
 from mochi.models.lora import BLOCK_LINEARS, LoraLayer, target_of
-from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
+from mochi.weights.io import WeightsError, json_object, read_metadata, read_state_dict, save_state_dict
 from mochi.weights.keymaps.dit_diffusers import BLOCK_RULES, TOP_RULES
 
 FORMATS = ("genmo", "diffusers")
@@ -180,17 +180,6 @@ def _strip(key: str) -> str:
     return key
 
 
-def _json_object(text: str | bytes, where: str) -> dict:
-    """``text`` parsed as a JSON object; a WeightsError naming ``where`` (the file and field) otherwise."""
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{where} is not valid JSON ({e}); it must be a JSON object {{...}}") from None
-    if not isinstance(value, dict):
-        raise WeightsError(f"{where} holds {json.dumps(value)[:40]}, not a JSON object {{...}}")
-    return value
-
-
 def _alpha(value: object, where: str) -> float:
     """A LoRA alpha read from metadata (a number, or a string holding one); WeightsError naming ``where``."""
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -215,11 +204,11 @@ def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None,
     config = file.parent / "adapter_config.json"
     if "lora_adapter_metadata" in metadata:
         where = f"{str(file)!r}: metadata 'lora_adapter_metadata'"
-        raw = _json_object(metadata["lora_adapter_metadata"], where)
+        raw = json_object(metadata["lora_adapter_metadata"], where)
         conf = {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in raw.items()}
     elif config.is_file():
         where = f"PEFT config {str(config)!r}"
-        conf = _json_object(config.read_bytes(), where)
+        conf = json_object(config.read_bytes(), where)
     alpha = conf.get("lora_alpha")
     alpha = _alpha(alpha, f"{where} field 'lora_alpha'") if alpha is not None else None
     pattern = _alpha_map(conf.get("alpha_pattern"), f"{where} field 'alpha_pattern'")
@@ -306,13 +295,13 @@ def _genmo_alphas(file: Path, metadata: Mapping[str, str]) -> dict[str, float]:
     """Alpha per target from our ``mochi_lora`` entry, else from Genmo's group kwargs."""
     out: dict[str, float] = {}
     where = f"{str(file)!r}: metadata 'kwargs'"
-    kwargs = _json_object(metadata.get("kwargs", "{}") or "{}", where)
+    kwargs = json_object(metadata.get("kwargs", "{}") or "{}", where)
     for group, targets in GENMO_GROUPS.items():
         key = f"{group}_lora_alpha"
         if kwargs.get(key) is not None:
             out.update(dict.fromkeys(targets, _alpha(kwargs[key], f"{where} field {key!r}")))
     where = f"{str(file)!r}: metadata 'mochi_lora'"
-    ours = _json_object(metadata.get("mochi_lora", "{}") or "{}", where)
+    ours = json_object(metadata.get("mochi_lora", "{}") or "{}", where)
     out.update(_alpha_map(ours.get("alpha"), f"{where} field 'alpha'"))
     return out
 

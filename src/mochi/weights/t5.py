@@ -25,7 +25,7 @@ import torch
 
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.weights.formats import Detected, iter_component
-from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict
+from mochi.weights.io import WeightsError, load_strict, quantization_layers, read_metadata, read_state_dict
 
 _ANCHOR = "encoder.final_layer_norm.weight"
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -93,10 +93,7 @@ def _find_prefix(keys: list[str]) -> str:
 
 
 def _check_quantization(metadata: dict[str, str]) -> None:
-    if "_quantization_metadata" not in metadata:
-        return
-    layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
-    formats = {(conf.get("format") if isinstance(conf, dict) else conf) for conf in layers.values()}
+    formats = set(quantization_layers(metadata).values())
     unsupported = formats - _SUPPORTED_QUANT
     if unsupported:
         raise WeightsError(
