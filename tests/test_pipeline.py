@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -131,22 +133,68 @@ def test_video_to_video_from_the_requests_file(pipe, tmp_path):
     req = GenerationRequest("x", seed=0, steps=8, strength=0.5, init_video=str(clip))
     fitted = torch.from_numpy(fit_frames(read_video(clip, max_frames=7)[0], 7, 32, 32))
     by_file = pipe.generate(req).latents
-    assert by_file.equal(pipe.generate(req, init_frames=fitted).latents)
+    by_frames = dataclasses.replace(req, init_video=None)
+    assert by_file.equal(pipe.generate(by_frames, init_frames=fitted).latents)
     assert not by_file.equal(pipe.generate(GenerationRequest("x", seed=0, steps=8)).latents)
     with pytest.raises(ValueError, match="does not exist"):
         pipe.generate(GenerationRequest("x", seed=0, init_video=str(tmp_path / "none.mp4")))
+    # Both sources at once: refused (init_video was ignored, yet recorded in the result's request).
+    with pytest.raises(ValueError, match=r"init_frames and init_video='.*clip.mp4' both give the clip"):
+        pipe.generate(req, init_frames=fitted)
     # Frames given directly are uint8 at the request's size, or a clear error.
     with pytest.raises(ValueError, match=r"init_frames are float32; give uint8 RGB frames"):
-        pipe.generate(req, init_frames=fitted.float() / 255)
+        pipe.generate(by_frames, init_frames=fitted.float() / 255)
     with pytest.raises(
         ValueError, match=r"init_frames have shape \(7, 32, 16, 3\); this request needs \(7, 32, 32, 3\)"
     ):
-        pipe.generate(req, init_frames=fitted[:, :, :16])
+        pipe.generate(by_frames, init_frames=fitted[:, :, :16])
 
 
 def test_bad_request_fails_before_any_work(pipe):
     with pytest.raises(ValueError, match="frames=8 is not of the form 6k"):
         pipe.generate(GenerationRequest("x", frames=8))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"offlaod": True}, TypeError, r"unknown option 'offlaod'; did you mean 'offload'\?"),
+        ({"fp8": "no-such-mode"}, ValueError, r"fp8='no-such-mode' is not a valid mode; choose one of keep"),
+        (
+            {"max_memory": float("nan")},
+            ValueError,
+            r"max_memory=nan must be a positive whole number of bytes",
+        ),
+        ({"max_memory": "8GB"}, ValueError, r"max_memory='8GB' must be a positive whole number"),
+        (
+            {"dit_dtype": torch.float64},
+            ValueError,
+            r"dtype torch.float64 is not supported; choose one of fp32",
+        ),
+        ({"vae_dtype": 16}, ValueError, r"dtype 16 is not a dtype; choose one of fp32"),
+        ({"offload": "blocks:²"}, ValueError, r"offload 'blocks:²' is not understood"),
+        ({"compile": "no"}, ValueError, r"compile='no' must be True or False"),
+    ],
+)
+def test_from_pretrained_checks_its_options_before_loading(monkeypatch, options, error, message):
+    import mochi.pipeline
+
+    if set(options) <= {"offlaod", "fp8"}:  # refused before any loading: a load would fail the test
+        monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded"))
+    else:
+        monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    with pytest.raises(error, match=message):
+        MochiPipeline.from_pretrained(**options)
+
+
+def test_a_custom_schedule_refuses_the_default_schedules_options():
+    with pytest.raises(ValueError, match=r"linear_steps=1 shapes the default schedule, which sigmas replace"):
+        GenerationRequest("x", sigmas=[1.0, 0.5, 0.0], linear_steps=1).validate()
+    with pytest.raises(ValueError, match=r"threshold_noise=0.9 shapes the default schedule"):
+        GenerationRequest("x", sigmas=[1.0, 0.5, 0.0], threshold_noise=0.9).validate()
+    GenerationRequest("x", sigmas=[1.0, 0.5, 0.0]).validate()
+    with pytest.raises(ValueError, match=r"cache=1 must be a name such as 'none'"):
+        GenerationRequest("x", cache=1).validate()
 
 
 @pytest.mark.parametrize("negative", ["a gray blur", ""])

@@ -14,8 +14,14 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
         return name
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():  # as the names are: float64, int8 ... are not compute dtypes
+            raise ValueError(f"dtype {name} is not supported; choose one of {', '.join(DTYPES)}")
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"dtype {name!r} is not a dtype; choose one of {', '.join(DTYPES)}")
     key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
     if key not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")

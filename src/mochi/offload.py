@@ -61,7 +61,7 @@ def parse_offload(value: bool | str | Offload | None) -> Offload:
     if text in ("none", "model"):
         return Offload(text)
     kind, _, count = text.partition(":")
-    if kind == "blocks" and (not count or count.isdigit()):
+    if kind == "blocks" and (not count or (count.isascii() and count.isdigit())):  # "²" is a digit to isdigit
         return Offload("blocks", int(count or 0))
     raise ValueError(
         f"offload {value!r} is not understood; choose none, model, blocks or blocks:N "

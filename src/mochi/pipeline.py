@@ -7,6 +7,9 @@ decoder as configured. With ``offload`` each component is on the accelerator onl
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from mochi.request import GenerationRequest, check_frames
 from mochi.sampling.sampler import guidance_schedule, initial_noise, noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule, validate_sigmas
 from mochi.weights.components import Components, load_components
+from mochi.weights.dit import FP8_MODES
 
 # progress(stage, done, total): stage is "text", "denoise", "decode" or "encode".
 Progress = Callable[[str, int, int], None]
@@ -83,8 +87,15 @@ class MochiPipeline:
         mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
         self.offload_mode = mode if self.device.type != "cpu" else Offload()
         self.offload = self.offload_mode.active
-        if max_memory is not None and max_memory <= 0:
-            raise ValueError(f"max_memory={max_memory} bytes must be positive, or None for the default")
+        if max_memory is not None and (
+            isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory <= 0
+        ):
+            raise ValueError(
+                f"max_memory={max_memory!r} must be a positive whole number of bytes (e.g. 8 * 10**9; "
+                "mochi.devices.parse_size('8GB') reads a size), or None for the default"
+            )
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be True or False")
         self.max_memory = max_memory
         self.vae_plans: dict[str, dict] = {}  # the VAE splits of the latest request
         self.lora_merge = False  # how generate() applies a request's LoRAs
@@ -134,6 +145,18 @@ class MochiPipeline:
 
         vae/t5/tokenizer supply what the checkpoint lacks; ``options`` go to the constructor.
         """
+        # Checked before minutes of loading: a misspelt option or fp8 mode would only fail after it.
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "components"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(
+                f"from_pretrained got an unknown option {unknown[0]!r}{hint} "
+                f"(options: {', '.join(sorted(known))})"
+            )
+        if fp8 not in FP8_MODES:
+            raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
         device = parse_device(options.get("device"))
         at_load = {"dit_dtype": resolve_dit_dtype(options.get("dit_dtype"), device)}
         if options.get("quantize") is not None:
@@ -244,6 +267,11 @@ class MochiPipeline:
         denoised(step, total, x0): called after each denoising step with the current estimate of the clean
         DiT-space latents (B, 12, t, h, w) float32 (previews, ``mochi.serve.preview``).
         """
+        if init_frames is not None and request.init_video is not None:
+            raise ValueError(
+                f"init_frames and init_video={request.init_video!r} both give the clip to start from; "
+                "give one of them"
+            )
         from_clip = init_frames is not None or request.init_video is not None
         req = request.resolved(self.components.defaults, from_clip)
         self._use_loras(req.loras)

@@ -20,6 +20,7 @@ SPATIAL_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 # Mochi samples at 4.5-6; far above, velocities overflow into NaN (ComfyUI's samplers stop at 100 as well).
 MAX_GUIDANCE = 100.0
+DEFAULT_THRESHOLD_NOISE = 0.025  # Genmo's: where the schedule's linear part ends
 # The DiT attends over every visual token at once: (frames-1)/6+1 latent frames × height/16 × width/16.
 # Mochi's own 163 frames at 848x480 are 44,520; 2**20 (about 24 times that) is far past what any device
 # computes in a day, and a request beyond it is a typo that would otherwise fail deep in an allocator.
@@ -114,7 +115,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | list[float] | None = None
     seed: int | None = None
-    threshold_noise: float = 0.025
+    threshold_noise: float = DEFAULT_THRESHOLD_NOISE
     linear_steps: int | None = None
     sigmas: list[float] | None = None
     init_video: str | None = None
@@ -197,6 +198,10 @@ class GenerationRequest:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}={value!r} must be a number, not {type(value).__name__}")
+        if not isinstance(self.cache, str):
+            raise ValueError(
+                f"cache={self.cache!r} must be a name such as 'none', 'teacache' or 'fbcache:fast'"
+            )
 
     def validate(self, video_to_video: bool | None = None) -> None:
         """Raise ``ValueError`` naming the first field that breaks its rule. ``video_to_video``: whether the
@@ -211,6 +216,14 @@ class GenerationRequest:
         self._check_types()
         if self.sigmas is not None:
             from mochi.sampling.schedules import validate_sigmas
+
+            # They shape the linear-quadratic schedule, which a custom one replaces: they would do nothing.
+            if self.linear_steps is not None or self.threshold_noise != DEFAULT_THRESHOLD_NOISE:
+                which = "linear_steps" if self.linear_steps is not None else "threshold_noise"
+                raise ValueError(
+                    f"{which}={getattr(self, which)} shapes the default schedule, which sigmas replace; "
+                    f"leave {which} out with sigmas"
+                )
 
             sigmas = validate_sigmas(self.sigmas)
             from_clip = self.init_video is not None if video_to_video is None else video_to_video
@@ -239,7 +252,8 @@ class GenerationRequest:
             check_seed(self.seed)
         if not 0.0 < self.threshold_noise < 1.0:
             raise ValueError(
-                f"threshold_noise={self.threshold_noise} must be in (0, 1); the default is 0.025"
+                f"threshold_noise={self.threshold_noise} must be in (0, 1); "
+                f"the default is {DEFAULT_THRESHOLD_NOISE}"
             )
         guidance = self.guidance if isinstance(self.guidance, list) else [self.guidance]
         for g in guidance:
