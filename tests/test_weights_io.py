@@ -75,3 +75,24 @@ def test_load_strict_names_every_problem():
 def test_missing_checkpoint():
     with pytest.raises(WeightsError, match="does not exist"):
         read_state_dict("/nonexistent/x.safetensors")
+
+
+def test_equal_inputs_give_equal_bytes_whatever_the_metadata_order(tmp_path):
+    """safetensors writes its metadata through a hash map: ten writes of one file gave ten different byte
+    strings (LoRAs, train-lora states and prepare-data clips differed run to run)."""
+    from safetensors.torch import save_file
+
+    tensors = {"b": torch.zeros(3), "a": torch.ones(2, dtype=torch.bfloat16)}
+    metadata = {key: f'value {key} é\n"' for key in "hgfedcba"}
+    raw = set()
+    for i in range(6):
+        save_file(tensors, tmp_path / f"raw{i}.safetensors", metadata=metadata)
+        raw.add((tmp_path / f"raw{i}.safetensors").read_bytes())
+    assert len(raw) > 1  # the library's own writer: if this fails, it became deterministic itself
+    ours = set()
+    for i in range(6):
+        save_state_dict(tensors, tmp_path / f"ours{i}.safetensors", metadata=dict(reversed(metadata.items())))
+        ours.add((tmp_path / f"ours{i}.safetensors").read_bytes())
+    assert len(ours) == 1
+    assert read_metadata(tmp_path / "ours0.safetensors") == metadata
+    assert read_state_dict(tmp_path / "ours0.safetensors")["a"].equal(tensors["a"])

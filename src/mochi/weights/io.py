@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -178,10 +179,28 @@ def read_keys(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write a safetensors file atomically (temporary file, then rename). Tensors are made contiguous."""
+    """Write a safetensors file atomically (temporary file, then rename). Tensors are made contiguous, and
+    the header's metadata is written in sorted key order, so that equal inputs give equal bytes."""
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(Path(tmp))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted. safetensors (0.8) passes the
+    metadata through a hash map, so their order, and the file's bytes, changed from one process to the next.
+    The header keeps its length (the same JSON, reordered), so only it is rewritten."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # another escaping than serde_json's: keep the file valid as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def _listing(keys: Iterable[str], limit: int = 12) -> str:
