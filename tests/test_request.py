@@ -72,7 +72,8 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
     ("kwargs", "message"),
     [
         ({"prompt": []}, "prompt list is empty"),
-        ({"steps": 0}, r"steps=0 must be at least 1"),
+        ({"steps": 0}, r"steps=0 must be in \[1, 10000\] \(Mochi uses 64\); nearest valid: 1"),
+        ({"steps": 10**20}, r"steps=100000000000000000000 must be in \[1, 10000\] .*; nearest valid: 10000"),
         ({"seed": -1}, r"seed=-1 must be in"),
         ({"guidance": -2.0}, r"guidance=-2.0 must be in \[0, 100\] .*; nearest valid: 0"),
         ({"guidance": 1e30}, r"guidance=1e\+30 must be in \[0, 100\] .*; nearest valid: 100"),

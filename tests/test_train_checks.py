@@ -66,6 +66,8 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
         (["--alpha", "0"], "alpha=0.0 must be in (0, 64·rank]"),
         (["--alpha", "1e10", "--rank", "4"], "alpha=10000000000.0 must be in (0, 64·rank] = (0, 256]"),
         (["--sample-steps", "0"], "sample_steps=0 must be at least 1"),
+        (["--steps", "99999999999999999999"], "steps=99999999999999999999 is more than 10,000,000"),
+        (["--batch-size", "99999999999999999999"], "clips per step is more than 4096"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number ≥ 0"),
         (["--vae", str(tmp_path / "file")], "--vae cannot be used with the embedded model"),
         (["--t5", str(tmp_path / "nope")], f"--t5 {str(tmp_path / 'nope')!r} does not exist"),

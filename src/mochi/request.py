@@ -20,6 +20,8 @@ SPATIAL_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 # Mochi samples at 4.5-6; far above, velocities overflow into NaN (ComfyUI's samplers stop at 100 as well).
 MAX_GUIDANCE = 100.0
+# Sampling steps: Mochi uses 64; a count far above only builds a huge schedule (10**20 hung in a list).
+MAX_STEPS = 10_000
 DEFAULT_THRESHOLD_NOISE = 0.025  # Genmo's: where the schedule's linear part ends
 # The DiT attends over every visual token at once: (frames-1)/6+1 latent frames × height/16 × width/16.
 # Mochi's own 163 frames at 848x480 are 44,520; 2**20 (about 24 times that) is far past what any device
@@ -241,8 +243,11 @@ class GenerationRequest:
             check_multiple(self.width, SPATIAL_MULTIPLE, "width")
         if None not in (self.frames, self.height, self.width):
             check_size(self.frames, self.height, self.width)
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be at least 1; nearest valid: 1")
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            nearest = 1 if self.steps < 1 else MAX_STEPS
+            raise ValueError(
+                f"steps={self.steps} must be in [1, {MAX_STEPS}] (Mochi uses 64); nearest valid: {nearest}"
+            )
         if self.sigmas is not None and self.steps is not None and self.steps != len(self.sigmas) - 1:
             raise ValueError(
                 f"steps={self.steps} disagrees with the {len(self.sigmas)} sigmas given "

@@ -31,7 +31,13 @@ from torch import nn
 
 from mochi.finite import NonFiniteError, all_finite, check_finite
 from mochi.models.latents import vae_to_dit
-from mochi.models.lora import DEFAULT_TARGETS, add_trainable_lora, check_targets, trainable_lora_state_dict
+from mochi.models.lora import (
+    DEFAULT_TARGETS,
+    add_trainable_lora,
+    check_targets,
+    target_modules,
+    trainable_lora_state_dict,
+)
 from mochi.request import check_seed
 from mochi.train.data import LatentDataset
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
@@ -41,6 +47,9 @@ SIGMA_SAMPLING = ("uniform", "shifted")
 # Sanity bounds: AdamW moves each weight by about lr per step, so lr > 1 cannot train; alpha/rank scales
 # the LoRA's output, and beyond 64 the first steps already overflow.
 MAX_LR, MAX_SCALING = 1.0, 64
+# Bounds on counts, far beyond any real run, so that a typo is refused rather than hanging (a batch of 10**20
+# clips was being listed) or writing gigabytes (rank 100000): clips per optimizer step, steps.
+MAX_CLIPS_PER_STEP, MAX_STEPS = 4096, 10**7
 LATENTS = ("sample", "mean")
 # Settings a resumed run may change; any other difference means another run and is refused.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompts", "sample_steps", "keep")
@@ -79,6 +88,13 @@ class LoraTrainConfig:
         for name in ("rank", "steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps={self.steps} is more than {MAX_STEPS:,}; Genmo's recipe runs 2400")
+        if self.batch_size * self.grad_accum > MAX_CLIPS_PER_STEP:
+            raise ValueError(
+                f"batch_size={self.batch_size} x grad_accum={self.grad_accum} clips per step is more than "
+                f"{MAX_CLIPS_PER_STEP}; Genmo's recipe trains on 1"
+            )
         for name in ("warmup", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
@@ -271,6 +287,14 @@ def train_lora(
     if writes:
         out.mkdir(parents=True, exist_ok=True)
     dit = c.dit
+    narrowest = min(min(m.in_features, m.out_features) for m in target_modules(dit, cfg.targets).values())
+    if (
+        cfg.rank > narrowest
+    ):  # the factors would be wider than the layers they adapt: nothing gained, much stored
+        raise ValueError(
+            f"rank={cfg.rank} is more than the {narrowest} features of the narrowest targeted layer; "
+            f"choose at most {narrowest} (Genmo uses 16)"
+        )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     state = _resume_decision(out, cfg, data, restart, writes and progress)
     if writes:
