@@ -253,6 +253,28 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--frames", "10"], "frames=10 is not of the form 6k+1"),
+        (
+            ["--steps", "2"],
+            "2 runs of 2 steps give 2 (input, output) pairs; a degree-4 fit needs at least 6: "
+            "use at least 6 runs at 2 steps",
+        ),
+        (["--lora", "/nonexistent.safetensors"], "--lora '/nonexistent.safetensors' does not exist"),
+    ],
+)
+def test_cli_calibrate_checks_the_request_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    """These were found after the model had loaded (and the too-small fit after every run)."""
+    import mochi.pipeline
+    from mochi.cli import main
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    assert main(["calibrate-cache", "--runs", "2", *argv, "--out", str(tmp_path / "c.json")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_embedded_model_ships_calibrated():
     from mochi.weights.bundle import embedded_path, load_embedded
 

@@ -212,14 +212,23 @@ def test_a_good_coefficient_file_loads(tmp_path):
         ("teacache,keep=0-0.5", True),
     ],
 )
-def test_cache_coefficients_need_a_teacache(cache, ok):
+def test_cache_coefficients_need_a_teacache(cache, ok, tmp_path, monkeypatch):
     import argparse
 
     from mochi.cli.accel import check_cache_options
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text("{}")
     args = argparse.Namespace(cache=cache, cache_coefficients="c.json")
     if ok:
         check_cache_options(args)
+        # The file is looked for before the model loads (it was read after, the error naming no option).
+        (tmp_path / "d.json").mkdir()
+        for path, why in [("none.json", "does not exist"), ("d.json", "is a folder"), ("", "is empty")]:
+            with pytest.raises(
+                ValueError, match=rf"^--cache-coefficients '{path}' {why}; give a file written"
+            ):
+                check_cache_options(argparse.Namespace(cache=cache, cache_coefficients=path))
         return
     with pytest.raises(
         ValueError,

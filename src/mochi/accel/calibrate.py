@@ -174,6 +174,19 @@ def fit(trace: Sequence[tuple[float, float]], degree: int = DEGREE) -> tuple[lis
     return [float(c) for c in coefficients], r2
 
 
+def check_points(runs: int, steps: int, degree: int = DEGREE) -> None:
+    """ValueError unless ``runs`` runs of ``steps`` steps give the fit enough points (each step after the
+    first gives one), naming the fewest runs that would at these steps."""
+    points = runs * (steps - 1)
+    if points < degree + 2:
+        fewest = -(-(degree + 2) // (steps - 1)) if steps > 1 else None
+        fix = f"use at least {fewest} runs at {steps} steps" if fewest else "use at least 2 steps"
+        raise ValueError(
+            f"{runs} runs of {steps} steps give {points} (input, output) pairs; a degree-{degree} fit needs "
+            f"at least {degree + 2}: {fix}"
+        )
+
+
 @torch.inference_mode()
 def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request: object) -> dict:  # noqa: ANN001
     """Run ``runs`` uncached denoising runs (prompt i mod len, seed ``seed + i``) of ``pipe`` (a
@@ -190,6 +203,10 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
     from mochi.devices import placed
     from mochi.request import GenerationRequest, check_frames
     from mochi.sampling.sampler import guidance_schedule, initial_noise, sample
+
+    check_points(
+        runs, GenerationRequest(prompts[0], seed=seed, **request).resolved(pipe.components.defaults).steps
+    )
 
     trace: list[tuple[float, float]] = []
     dit = pipe.components.dit

@@ -29,7 +29,8 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_cache_options(args: argparse.Namespace) -> None:
-    """ValueError for --cache-coefficients without a TeaCache kind of --cache (only TeaCache reads them)."""
+    """ValueError for --cache-coefficients without a TeaCache kind of --cache (only TeaCache reads them), or
+    naming no file."""
     path = getattr(args, "cache_coefficients", None)
     if path is None:
         return
@@ -40,6 +41,12 @@ def check_cache_options(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--cache-coefficients {path!r} applies only to TeaCache, not --cache {cache}; add --cache "
             "teacache (or a teacache preset) or leave it out"
+        )
+    file = Path(path)
+    if not path or not file.is_file():
+        why = "is empty" if not path else "is a folder" if file.is_dir() else "does not exist"
+        raise ValueError(
+            f"--cache-coefficients {path!r} {why}; give a file written by `mochi calibrate-cache`"
         )
 
 
@@ -83,6 +90,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         DEFAULT_PROMPTS,
         MIN_RUNS,
         calibrate,
+        check_points,
         coefficients_path,
         save_coefficients,
     )
@@ -103,6 +111,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         )
     if args.out:
         _check_out(Path(args.out))
+    # The request, the fit's size and the LoRA, before the model loads (minutes for the released one).
+    from mochi.cli.checks import check_loras
+    from mochi.request import GenerationRequest
+    from mochi.weights.components import check_model_paths, model_defaults
+
+    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    asked = {k: getattr(args, k) for k in ("steps", "guidance", "frames", "width", "height")}
+    first = GenerationRequest(args.prompt[0] if args.prompt else DEFAULT_PROMPTS[0], seed=args.seed, **asked)
+    check_points(args.runs, first.resolved(model_defaults(args.model)).steps)
+    if args.lora:
+        check_loras([args.lora])
     from mochi.pipeline import MochiPipeline
 
     pipe = MochiPipeline.from_pretrained(
