@@ -74,6 +74,8 @@ def test_generate_with_devices_matches_one_device(tiny, tmp_path, capsys, monkey
     assert (read_video(one)[0] == read_video(two)[0]).all()
     assert main([*args, "--devices", "cpu", "--offload", "blocks"]) == 2
     assert "drop --offload blocks" in capsys.readouterr().err
+    assert main([*args, "--devices", "cpu,cpu", "--memory", "auto"]) == 2  # --memory auto was ignored
+    assert "--memory auto plans for one device, and --devices cpu,cpu" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

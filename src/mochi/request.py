@@ -268,6 +268,11 @@ class GenerationRequest:
                     f"guidance={g} must be in [0, {MAX_GUIDANCE:g}] (1.0 disables guidance; Mochi uses 6); "
                     f"nearest valid: {nearest:g}"
                 )
+        if self.negative_prompt.strip() and self.guidance is not None and all(g == 1.0 for g in guidance):
+            raise ValueError(
+                f"negative_prompt={self.negative_prompt[:40]!r} needs guidance other than 1.0 (1.0 runs no "
+                "unconditional pass, so it would be ignored); raise guidance or leave negative_prompt out"
+            )
         if isinstance(self.guidance, list) and self.steps is not None and len(self.guidance) != self.steps:
             raise ValueError(
                 f"a per-step guidance list has {len(self.guidance)} values for steps={self.steps}; "
