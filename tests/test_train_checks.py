@@ -66,6 +66,12 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
         (["--alpha", "0"], "alpha=0.0 must be in (0, 64·rank]"),
         (["--alpha", "1e10", "--rank", "4"], "alpha=10000000000.0 must be in (0, 64·rank] = (0, 256]"),
         (["--sample-steps", "0"], "sample_steps=0 must be at least 1"),
+        (
+            ["--sample-every", "0", "--sample-prompt", "a cat"],
+            "sample_prompts applies only to samples, and sample_every=0 renders none",
+        ),
+        (["--sample-every", "0", "--sample-steps", "5"], "sample_steps applies only to samples"),
+        (["--sample-prompt", ""], "sample prompt: is empty; describe what the video shows"),
         (["--steps", "99999999999999999999"], "steps=99999999999999999999 is more than 10,000,000"),
         (["--batch-size", "99999999999999999999"], "clips per step is more than 4096"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number ≥ 0"),

@@ -38,7 +38,7 @@ from mochi.models.lora import (
     target_modules,
     trainable_lora_state_dict,
 )
-from mochi.request import check_seed
+from mochi.request import check_prompt, check_seed
 from mochi.train.data import LatentDataset
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
@@ -109,6 +109,13 @@ class LoraTrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay} must be a finite number ≥ 0; Genmo uses 0.01")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ValueError(f"sample_steps={self.sample_steps} must be at least 1 (or unset: the model's)")
+        if self.sample_every == 0 and (self.sample_prompts or self.sample_steps is not None):
+            given = "sample_prompts" if self.sample_prompts else "sample_steps"
+            raise ValueError(
+                f"{given} applies only to samples, and sample_every=0 renders none; drop one of them"
+            )
+        for prompt in self.sample_prompts:
+            check_prompt(prompt, "sample prompt")
         if self.sigma_sampling not in SIGMA_SAMPLING:
             raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
         if not 0 < self.sigma_shift < math.inf:
