@@ -133,7 +133,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     )
     assert err.count("\n") == 1
     code, _, err = _run(
-        capsys, "convert", tmp_path, tmp_path / "o", "--to", "genmo", "--max-shard-size", "big"
+        capsys, "convert", tmp_path, tmp_path / "o", "--to", "diffusers", "--max-shard-size", "big"
     )
     assert (
         code == 2
@@ -144,6 +144,30 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         main(["convert", str(tmp_path), str(tmp_path / "o"), "--to", "onnx"])
     assert e.value.code == 2
     assert "argument --to: invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_options_that_would_do_nothing_and_file_names_for_folders_are_refused(tmp_path, model, capsys):
+    src = write_genmo(tmp_path / "g", model)
+    cases = [
+        # Genmo's layout is one file: the shard size was ignored.
+        (["--to", "genmo", "--max-shard-size", "1KB"], "--max-shard-size 1KB applies only to --to diffusers"),
+        # A variant of a Genmo folder was ignored.
+        (["--to", "genmo", "--variant", "bf16"], "variant 'bf16' applies to diffusers model folders"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(capsys, "convert", src, tmp_path / "o", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    # A .pt DST became a folder named cv.pt.
+    code, _, err = _run(capsys, "convert", src, tmp_path / "cv.pt", "--to", "genmo")
+    assert code == 2 and "names a .pt file, but convert writes safetensors" in err and "cv.safetensors" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cv.pt").exists()
+    code, _, err = _run(capsys, "info", src, "--variant", "bf16")
+    assert code == 2 and "variant 'bf16' applies to diffusers model folders" in err
+    # An empty path named the current folder (or the default) silently.
+    for argv in (["convert", str(src), "", "--to", "genmo"], ["generate", "x", "--out", ""], ["info", " "]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "is empty; give a value" in capsys.readouterr().err
 
 
 def test_info(tmp_path, model, capsys):

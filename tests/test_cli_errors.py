@@ -285,7 +285,10 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     code = main(["prepare-data", str(afile), str(tmp_path / "o"), *size])
     _one_line(capsys, code, "videos folder", "is a file, not a folder")
     _one_line(capsys, main([*gen, "--lora-merge", *out]), "--lora-merge applies only with --lora")
-    _one_line(capsys, main([*gen, "--devices", "", *out]), "names no device")
+    _one_line(capsys, main([*gen, "--devices", ",", *out]), "names no device")
+    with pytest.raises(SystemExit) as stop:  # an empty value is refused by the parser, for every path too
+        main([*gen, "--devices", "", *out])
+    assert stop.value.code == 2 and "argument --devices: '' is empty; give a value" in capsys.readouterr().err
     for flags in (["--guidance-parallel"], ["--parallel-weights", "shard"]):
         _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to several processes")
     # ... and, under torchrun (its variables set), the options of one process are refused, not ignored.

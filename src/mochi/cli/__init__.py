@@ -61,7 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
         for action in command._actions:
             if action.type is float:  # inf and nan parse as floats, but no option of mochi means them
                 action.type = finite_float
+            elif action.type is None and action.dest in NAMED_VALUES:
+                action.type = nonempty  # "" named the current folder or the default, silently
     return parser
+
+
+# Options and arguments whose value names something (a path, a device, a host): never empty.
+NAMED_VALUES = frozenset(
+    {
+        *("cache_coefficients", "checkpoint", "data", "device", "devices", "dst", "host", "init_video"),
+        *(
+            "lora",
+            "lora_dir",
+            "model",
+            "out",
+            "out_dir",
+            "src",
+            "t5",
+            "tokenizer",
+            "vae",
+            "variant",
+            "videos",
+        ),
+    }
+)
+
+
+def nonempty(text: str) -> str:
+    """argparse type: a value that is not empty (nor only spaces)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a value")
+    return text
 
 
 def finite_float(text: str) -> float:

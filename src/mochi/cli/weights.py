@@ -144,9 +144,8 @@ def _add_convert(sub: Subparsers) -> None:
     p.add_argument("--variant", help="diffusers weight variant to read when SRC holds several (e.g. bf16)")
     p.add_argument(
         "--max-shard-size",
-        default="10GB",
         metavar="SIZE",
-        help="largest diffusers shard, e.g. 5GB or 500MB (default: 10GB)",
+        help="with --to diffusers: largest shard, e.g. 5GB or 500MB (default: 10GB)",
     )
     p.add_argument(
         "--quantize",
@@ -158,9 +157,15 @@ def _add_convert(sub: Subparsers) -> None:
     p.set_defaults(run=_run_convert)
 
 
-def _shard_bytes(text: str) -> int:
+# Names of single weight files: a DST ending in one of them would become a folder of that name.
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".gguf", ".sft", ".json")
+
+
+def _shard_bytes(text: str | None) -> int:
     from mochi.devices import parse_size
 
+    if text is None:
+        return 10 * 10**9
     size = parse_size(text, "--max-shard-size")
     if size <= 0:
         raise ValueError(
@@ -172,6 +177,17 @@ def _shard_bytes(text: str) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     from mochi.devices import parse_dtype
     from mochi.weights.convert import convert
+
+    if Path(args.dst).suffix.lower() in FILE_SUFFIXES:
+        raise ValueError(
+            f"DST {args.dst!r} names a {Path(args.dst).suffix} file, but convert writes safetensors: give a "
+            f"folder, or {str(Path(args.dst).with_suffix('.safetensors'))!r} with --to genmo"
+        )
+    if args.max_shard_size is not None and args.to != "diffusers":
+        raise ValueError(
+            f"--max-shard-size {args.max_shard_size} applies only to --to diffusers (Genmo's layout is one "
+            "file); leave it out"
+        )
 
     if args.quantize:
         from mochi.weights.formats import detect, quant_label

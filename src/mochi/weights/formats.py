@@ -122,9 +122,13 @@ def detect(path: str | os.PathLike, *, variant: str | None = None) -> Detected:
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist; {LOOKED_FOR}")
-    if path.is_dir():
-        return _detect_folder(path, variant)
-    return _detect_file(path)
+    det = _detect_folder(path, variant) if path.is_dir() else _detect_file(path)
+    if variant is not None and det.variant != variant:  # a variant of another layout would be ignored
+        raise WeightsError(
+            f"variant {variant!r} applies to diffusers model folders, and {str(path)!r} is "
+            f"{det.describe()}; leave the variant out"
+        )
+    return det
 
 
 def component_keys(det: Detected, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
