@@ -225,3 +225,15 @@ def test_bare_offload_before_the_prompt_leaves_the_prompt(tiny, tmp_path, capsys
         "mochi: error: --offload 'bogus' is not understood; choose none, model, blocks or blocks:N (N DiT "
         "blocks kept on the GPU, e.g. blocks:8) (a bare --offload means model)\n"
     )
+
+
+def test_a_truncated_prompt_is_one_warning_line_and_kept_in_the_sidecar(tiny, tmp_path, capsys):
+    """It was Python's raw warning (file, line and source line) glued to the progress bar, and not kept."""
+    out = tmp_path / "long.mp4"
+    assert main(["generate", "a red circle moving right " * 20, "--steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "tokens long" in line]
+    assert len(lines) == 1 and lines[0].endswith(")") and "mochi: warning: prompt 0 is" in lines[0]
+    assert "PromptTruncatedWarning" not in err and "prompts.py" not in err
+    (kept,) = json.loads(out.with_suffix(".json").read_text())["warnings"]
+    assert "but the text encoder takes 256: the last" in kept and kept in lines[0]

@@ -436,8 +436,9 @@ def test_cli_serve_wires_its_options_into_the_server(monkeypatch, tmp_path, caps
         loaded.update(kw, model=model)
         return tiny
 
-    def run(app, host, port, **kw):
+    def run(app, host, port, ready, **kw):
         seen.update(host=host, port=port)
+        ready(mochi.serve.server.url(host, port))
         with AppServer(app) as server:
             seen["unauthorised"] = call("GET", f"{server.url}/api/jobs")[0]
             body = {"prompt": "cli", "seed": 5}
@@ -462,6 +463,14 @@ def test_cli_serve_wires_its_options_into_the_server(monkeypatch, tmp_path, caps
     assert seen["info"]["loras"] == ["a.safetensors"]
     assert read_video(out / f"{seen['job']['id']}.mp4")[1] == 24
     assert "open http://0.0.0.0:8123/" in capsys.readouterr().out
+
+
+def test_the_printed_address_is_one_a_browser_opens():
+    from mochi.serve.server import url
+
+    assert url("127.0.0.1", 7860) == "http://127.0.0.1:7860/"
+    assert url("::1", 47123) == url("[::1]", 47123) == "http://[::1]:47123/"  # was http://::1:47123/
+    assert url("localhost", 80) == "http://localhost:80/"
 
 
 def test_a_taken_port_is_refused_with_a_clear_error():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from mochi.cli.accel import add_cache_options, apply_cache_options
 from mochi.cli.checks import check_generate, check_output, read_init_video
@@ -158,10 +160,20 @@ def _run_generate(args: argparse.Namespace) -> int:
     resolved = request.resolved(pipe.components.defaults)
     if init is not None and init < resolved.frames:  # the model's defaults asked for more than foreseen
         read_init_video(args.init_video, resolved.frames, (8, 8))  # names the frame count that would fit
-    with _ProgressBar() as bar:  # the pipeline reads --init-video, fitting each frame as it is decoded
-        result = pipe.generate(resolved, progress=bar if main else None)
+    from mochi.models.tokenizer import PromptTruncatedWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # shown after the bar, and kept in the sidecar
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        with _ProgressBar() as bar:  # the pipeline reads --init-video, fitting each frame as it is decoded
+            result = pipe.generate(resolved, progress=bar if main else None)
+    said = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+    for w in caught:
+        if not issubclass(w.category, PromptTruncatedWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not main:
         return 0
+    for message in said:
+        print(f"mochi: warning: {message}", file=sys.stderr)
     sidecar = {
         **vars(result.request),
         "strength": result.request.strength if result.request.init_video else None,
@@ -173,6 +185,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "lora_merge": pipe.lora_merge if result.request.loras else None,  # merging may move the last bit
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
         **result.stats,
+        "warnings": said,
     }
     write_video_and_sidecar(result.frames[0], out, args.fps, sidecar)  # sets "fps" to the rate written
     total = time.perf_counter() - started

@@ -77,9 +77,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = {"max_pixels": args.max_pixels, "max_pixel_steps": args.max_pixel_steps}
     jobs = JobManager(pipe, args.out_dir, queue_size=args.queue_size, fps=args.fps, **limits)
     app = create_app(jobs, token=args.token, lora_dir=args.lora_dir)
-    print(f"mochi serve: model {pipe.components.name} on {pipe.device}; open http://{args.host}:{args.port}/")
+
+    def ready(address: str) -> None:
+        print(f"mochi serve: model {pipe.components.name} on {pipe.device}; open {address}", flush=True)
+
     try:
-        run(app, args.host, args.port)
+        run(app, args.host, args.port, ready=ready)
     finally:
         jobs.close()
     return 0

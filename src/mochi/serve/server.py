@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import math
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -142,19 +143,33 @@ def slow_request_protocol(
     return SlowRequestTimeout
 
 
-def run(app: object, host: str, port: int, *, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted (the caller ran ``check_binding`` and ``check_port``)."""
+def url(host: str, port: int) -> str:
+    """The address a browser opens: an IPv6 host in brackets (``http://[::1]:7860/``)."""
+    bare = host.strip("[]")
+    return f"http://[{bare}]:{port}/" if ":" in bare else f"http://{bare}:{port}/"
+
+
+def run(
+    app: object, host: str, port: int, *, log_level: str = "info", ready: Callable[[str], None] | None = None
+) -> None:
+    """Serve ``app`` with uvicorn until interrupted (the caller ran ``check_binding`` and ``check_port``).
+    ``ready(url)`` is told the address once the socket listens (port 0: the one the system chose)."""
     import uvicorn
 
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=5,
-        http=slow_request_protocol(),
-        timeout_keep_alive=5,
-    )
+    sock = socket.create_server((host.strip("[]"), port), family=_family(host))
+    try:
+        if ready is not None:
+            ready(url(host, sock.getsockname()[1]))
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            http=slow_request_protocol(),
+            timeout_keep_alive=5,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def _family(host: str) -> socket.AddressFamily:
