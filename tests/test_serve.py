@@ -302,6 +302,7 @@ def test_video_ranges_are_served_and_bad_ones_answered_in_json(url):
         ("bytes=-", 400, "is not of the form bytes=START-END"),
         ("bytes=5-2", 400, "a span that ends before it starts"),
         (f"bytes={len(whole)}-", 416, f"starts past the video's {len(whole)} bytes"),
+        ("bytes=-0", 416, f"starts past the video's {len(whole)} bytes"),  # was an empty plain-text 416
     ]:
         code, headers, data = ranged(value)
         assert code == status and words in json.loads(data)["detail"], (value, code, data)

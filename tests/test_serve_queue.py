@@ -237,7 +237,7 @@ def test_several_loras_per_job(url, live):
     assert status == 422
 
 
-def test_video_to_video_from_an_upload(url, live, tmp_path):
+def test_video_to_video_from_an_upload(url, live, pipe, tmp_path):
     clip = torch.randint(0, 256, (9, 32, 48, 3), dtype=torch.uint8)
     data = write_video(clip, tmp_path / "init.mp4").read_bytes()
     status, _, body = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
@@ -273,6 +273,22 @@ def test_video_to_video_from_an_upload(url, live, tmp_path):
     assert status == 422 and "is not an upload" in error["detail"]
     status, _, reply = call("POST", f"{url}/api/uploads", raw=b"not a video at all", content_type="video/mp4")
     assert status == 422 and "not a video" in json.loads(reply)["detail"]
+    # An upload is deleted on request, not while a job starts from it.
+    pipe.gate.clear()
+    pipe.entered.clear()
+    held = call_json("POST", f"{url}/api/jobs", body)[1]
+    assert pipe.entered.wait(20)
+    status, error = call_json("DELETE", f"{url}/api/uploads/{upload['id']}")
+    assert status == 409 and f"job {held['id']!r} starts from upload" in error["detail"], error
+    pipe.gate.set()
+    wait_for(url, held["id"], FINAL)
+    assert call_json("DELETE", f"{url}/api/uploads/{upload['id']}") == (
+        200,
+        {"id": upload["id"], "deleted": True},
+    )
+    assert not (live.jobs.out_dir / "uploads" / upload["id"]).exists()
+    assert call("DELETE", f"{url}/api/uploads/{upload['id']}")[0] == 404
+    assert call_json("POST", f"{url}/api/jobs", body)[0] == 422
     status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="text/plain")
     assert (
         status == 415

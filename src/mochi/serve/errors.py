@@ -123,7 +123,8 @@ def check_range(header: str | None, size: int) -> None:
     bounds = [(int(a) if a else None, int(b) if b else None) for a, b in (m.groups() for m in parsed)]
     if any(a is not None and b is not None and a > b for a, b in bounds):
         raise StarletteHTTPException(400, f"Range {quote(header)} has a span that ends before it starts")
-    if all(a is not None and a >= size for a, _ in bounds):
+    # A suffix span (bytes=-N) starts N bytes before the end: bytes=-0 starts past it, as Starlette sees it.
+    if all((a if a is not None else size - b) >= size for a, b in bounds):
         raise StarletteHTTPException(
             416, f"Range {quote(header)} starts past the video's {size} bytes",
             headers={"Content-Range": f"bytes */{size}"},

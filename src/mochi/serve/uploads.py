@@ -94,6 +94,22 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             partial.unlink(missing_ok=True)
         return {"id": upload_id, **info, "bytes": size}
 
+    @app.delete("/api/uploads/{upload_id}", dependencies=auth, responses=documented(401, 404, 409))
+    def delete_upload(upload_id: str) -> dict:
+        """Delete an upload (uploads are kept until deleted: they are not a job's files). 409 while a queued
+        or running job starts from it."""
+        from mochi.serve.errors import quote
+        from mochi.serve.jobs import FINAL
+
+        path = upload_path(jobs.out_dir, upload_id)
+        if path is None:
+            raise HTTPException(404, f"no upload {quote(upload_id)} on this server")
+        users = [j.id for j in jobs.jobs() if j.status not in FINAL and j.request.init_video == str(path)]
+        if users:
+            raise HTTPException(409, f"job {users[0]!r} starts from upload {upload_id!r}; cancel it first")
+        path.unlink(missing_ok=True)
+        return {"id": upload_id, "deleted": True}
+
 
 def probe(path: Path) -> dict:
     """Frame count, size and rate of a video, counting packets without decoding all frames (a long
