@@ -12,7 +12,9 @@ Two ways to carry one:
 
 Unmerging (``LoraHandle.remove``) subtracts the same fp32 Δ and rounds again. That restores fp32 weights to
 within fp32 rounding, but a bf16/fp16 weight can end one unit in the last place away from where it started;
-``keep_original=True`` keeps a copy of each touched weight so that removal restores it bit for bit.
+``keep_original=True`` keeps a copy of each touched weight so that removal restores it bit for bit; a Δ too
+large for subtraction to give the weight back (a huge scale) keeps its copy anyway, and one that would make
+a weight infinite is refused before any weight changes. Scales are finite real numbers (``check_scale``).
 Quantized weights (fp8, int8, GGUF blocks: `mochi.weights.quantize.is_quantized`) are never merged into:
 re-quantizing the sum would lose most of Δ. Apply the LoRA unmerged (its hook adds Δ to the quantized
 layer's output), or load the checkpoint unquantized.
