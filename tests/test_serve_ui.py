@@ -534,3 +534,38 @@ def test_the_pages_cache_presets_match_the_library(page):
     table = page.evaluate("CACHE_PRESETS")
     resolved = {name: CacheSetting.parse(name) for name in PRESETS}
     assert table == {name: [s.spec, s.threshold] for name, s in resolved.items()}
+
+
+def test_an_error_stays_shown_while_the_page_follows_a_running_job(tab, server):
+    """The followed job's state rewrote #error at every queue update (a refused submission's message went)."""
+    hold(server, tab, "a long job")
+    wait_status(tab, "denoising 1/3")
+    tab.fill("#frames", "10")
+    tab.click("#generate")
+    tab.wait_for_function("document.getElementById('error').textContent.includes('frames=10')")
+    server.jobs.pipeline.gate.set()  # the job goes on: queue updates for every step, then done
+    wait_status(tab, "done")
+    assert "frames=10" in tab.locator("#error").text_content()
+
+
+def test_uploads_the_page_drops_are_deleted_and_a_failed_one_is_unselected(tab, server, tmp_path):
+    uploads = server.jobs.out_dir / "uploads"
+    clip = torch.zeros((7, 16, 16, 3), dtype=torch.uint8)
+    tab.set_input_files("#init-video", str(write_video(clip, tmp_path / "a.mp4")))
+    tab.wait_for_function("document.getElementById('upload').textContent.startsWith('source clip: 7 frames')")
+    first = tab.evaluate("uploadId")
+    assert (uploads / first).is_file()
+    # Another clip replaces it: the first is deleted on the server (it was left behind).
+    tab.set_input_files("#init-video", str(write_video(clip[:1], tmp_path / "b.mp4")))
+    tab.wait_for_function("document.getElementById('upload').textContent.startsWith('source clip: 1 frames')")
+    second = tab.evaluate("uploadId")
+    until(tab, lambda: not (uploads / first).exists())
+    # "no source clip" deletes the second; a clip a submitted job used is kept (for reuse).
+    tab.click("#clear-upload")
+    until(tab, lambda: not (uploads / second).exists())
+    # A file that is not a video: the message stays and the file is unselected (Generate ignored it).
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    tab.set_input_files("#init-video", str(tmp_path / "junk.mp4"))
+    tab.wait_for_function("document.getElementById('error').textContent.includes('not a video')")
+    assert tab.evaluate("document.getElementById('init-video').value") == ""
+    assert not tab.locator("#generate").is_disabled()
