@@ -88,7 +88,11 @@ def _get(entry: tuple[nn.Module, str, bool]) -> torch.Tensor:
 
 def _set(entry: tuple[nn.Module, str, bool], t: torch.Tensor) -> None:
     m, name, is_param = entry
-    if is_param:
+    if is_param and type(t) is not torch.Tensor:
+        # A tensor subclass (torchao's quantized weights) cannot take `.data =` in inference mode
+        # (aten._has_compatible_shallow_copy_type is not implemented for it): the Parameter is replaced.
+        m._parameters[name] = nn.Parameter(t, requires_grad=m._parameters[name].requires_grad)
+    elif is_param:
         m._parameters[name].data = t
     else:
         m._buffers[name] = t
