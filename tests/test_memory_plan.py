@@ -162,3 +162,43 @@ def test_memory_auto_chooses_for_a_cuda_budget(monkeypatch):
         ValueError, match=r"--memory auto: no setting fits 0\.0 GB: the closest, bf16, offload"
     ):
         auto.choose_setting(c, request, "cuda")
+
+
+def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
+    """--quantize was left out of the plan (it planned full-width weights), and a DiT that kept fp8 had its
+    full-width T5 planned as fp8 too (about 11 GB short for the released T5)."""
+    import mochi.memory.auto as auto
+    from mochi.request import GenerationRequest
+    from mochi.weights.fp8 import swap_in_fp8
+    from mochi.weights.quantize import quantize_model
+
+    from .test_pipeline import tiny_components
+
+    c = tiny_components()
+    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
+    monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
+    seen = []
+    real_plan = auto.plan
+    monkeypatch.setattr(
+        auto, "plan", lambda *a, **k: seen.append((k["quants"], k["t5_quant"])) or real_plan(*a, **k)
+    )
+    chosen, note = auto.choose_setting(c, request, "cuda", quantize="int8")
+    assert seen == [(("int8",), "int8")] and chosen.quant == "int8" and "bf16 int8, offload none" in note
+    # As loaded: the DiT's kept fp8 Linears are fp8, the T5 beside it is full width.
+    layers = [
+        n for n, m in c.dit.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
+    ]
+    swap_in_fp8(c.dit, layers, dict.fromkeys(layers, torch.float8_e4m3fn))
+    seen.clear()
+    auto.choose_setting(c, request, "cuda")
+    assert seen == [(("fp8",), "none")]
+    assert (auto.quantization_of(c.dit), auto.quantization_of(c.text_encoder)) == ("fp8", "none")
+    t5 = tiny_components().text_encoder
+    quantize_model(t5, "q4_0")
+    assert auto.quantization_of(t5) == "q4_0"
+    # The T5 of a kept-fp8 DiT weighs what a full-width T5 weighs in the text stage.
+    models, job = auto.models_of(c), auto.job_of(request)
+    both = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB)[0]
+    apart = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB, t5_quant="none")[0]
+    assert apart["text"] > both["text"]

@@ -15,11 +15,23 @@ def models_of(c: Components) -> Models:
     return Models(c.dit.config, c.text_encoder.config, c.decoder.cfg)
 
 
-def quantization_of(dit: torch.nn.Module) -> str:
-    """The weight mode the loaded DiT is in: "fp8" when it kept fp8 Linears, else "none"."""
+def quantization_of(model: torch.nn.Module) -> str:
+    """The weight mode a loaded DiT or T5 is in, as the planner names them: "fp8" (fp8 Linears kept),
+    "q8_0"/"q4_0" (ggml blocks kept), "int8" (mochi's or torchao's int8), else "none"."""
     from mochi.weights.fp8 import Fp8Linear
+    from mochi.weights.ggml import GgufLinear
+    from mochi.weights.quantize import Int8Linear, is_quantized
 
-    return "fp8" if any(isinstance(m, Fp8Linear) for m in dit.modules()) else "none"
+    for m in model.modules():
+        if isinstance(m, GgufLinear):
+            return m.kind.lower()
+        if isinstance(m, Int8Linear):
+            return "int8"
+        if isinstance(m, Fp8Linear):
+            return "fp8"
+        if isinstance(m, torch.nn.Linear) and is_quantized(m):  # a torchao tensor: mochi's torchao mode
+            return "int8"
+    return "none"
 
 
 def job_of(request: GenerationRequest) -> Job:
@@ -29,25 +41,44 @@ def job_of(request: GenerationRequest) -> Job:
 
 
 def choose_setting(
-    c: Components, request: GenerationRequest, device: str | torch.device | None, dtype: str | None = None
+    c: Components,
+    request: GenerationRequest,
+    device: str | torch.device | None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    vae_dtype: str | torch.dtype | None = None,
 ) -> tuple[Option | None, str]:
     """(the fastest setting that fits the device's free memory, a sentence saying what was chosen).
 
+    The weights are planned as they will be: ``quantize`` (``--quantize``, applied to the DiT and T5 after
+    loading) when given, else each model as loaded (a kept fp8 or GGUF DiT beside a full-width T5).
     None on the CPU (nothing to plan: weights and activations share host memory). ValueError when nothing
     fits, naming the closest setting and, when one exists, a quantization that would fit.
     """
+    from mochi.devices import parse_dtype
+
     dev = parse_device(device)
     if dev.type != "cuda":
         return None, f"--memory auto: running on {dev.type}, where there is no accelerator memory to plan"
     dit_dtype = resolve_dit_dtype(dtype, dev)
     budget = available_memory(dev)
     models, job = models_of(c), job_of(request)
-    quant = quantization_of(c.dit)
-    options = plan(models, job, budget, dtypes=(dit_dtype,), quants=(quant,), reserve=CUDA_RESERVE)
+    if quantize is not None:
+        from mochi.weights.quantize import device_mode
+
+        quant = t5_quant = device_mode(quantize, dev)[0]
+    else:
+        quant, t5_quant = quantization_of(c.dit), quantization_of(c.text_encoder)
+    common = {
+        "dtypes": (dit_dtype,),
+        "reserve": CUDA_RESERVE,
+        "vae_dtype": parse_dtype(vae_dtype) or torch.float32,
+    }
+    options = plan(models, job, budget, quants=(quant,), t5_quant=t5_quant, **common)
     try:
         chosen = choose(options, budget)
     except ValueError as e:
-        others = plan(models, job, budget, dtypes=(dit_dtype,), quants=QUANT_MODES[1:], reserve=CUDA_RESERVE)
+        others = [] if quantize is not None else plan(models, job, budget, quants=QUANT_MODES[1:], **common)
         fitting = [o for o in others if o.fits]
         hint = f"; {fitting[0].describe()} would fit (--quantize {fitting[0].quant})" if fitting else ""
         raise ValueError(f"--memory auto: {e}{hint}") from None
@@ -74,6 +105,13 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
     loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
     dit_dtype = resolve_dit_dtype(options.get("dit_dtype"), parse_device(device))
     c = load_components(model, dit_dtype=dit_dtype, **loading)
-    chosen, note = choose_setting(c, request.resolved(c.defaults), device, options.get("dit_dtype"))
+    chosen, note = choose_setting(
+        c,
+        request.resolved(c.defaults),
+        device,
+        options.get("dit_dtype"),
+        quantize=options.get("quantize"),
+        vae_dtype=options.get("vae_dtype"),
+    )
     options["offload"] = chosen.offload if chosen is not None else "none"
     return MochiPipeline(c, device=device, **options), note

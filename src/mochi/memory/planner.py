@@ -94,9 +94,13 @@ def stage_peaks(
     budget: int,
     reserve: int = 0,
     vae_dtype: torch.dtype = torch.float32,
+    t5_quant: str | None = None,
 ) -> tuple[dict[str, int], tuple[int, int] | None]:
-    """({stage: peak bytes}, the decode tile) for one setting within ``budget`` bytes (see the module doc)."""
-    dit, t5 = dit_weights(models.dit, dtype, quant), t5_weights(models.t5, quant)
+    """({stage: peak bytes}, the decode tile) for one setting within ``budget`` bytes (see the module doc).
+    ``quant`` is both models' (``--quantize`` quantizes both) unless ``t5_quant`` names T5's own (a loaded
+    checkpoint whose DiT kept fp8 while its T5 is full width)."""
+    dit = dit_weights(models.dit, dtype, quant)
+    t5 = t5_weights(models.t5, quant if t5_quant is None else t5_quant)
     vae = decoder_weights(models.decoder, vae_dtype)
     dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)
     t5_act = t5_activations(models.t5, len(job.text_tokens))
@@ -136,18 +140,22 @@ def plan(
     quants: tuple[str, ...] = QUANT_MODES,
     reserve: int = 0,
     all_blocks: bool = False,
+    vae_dtype: torch.dtype = torch.float32,
+    t5_quant: str | None = None,
 ) -> list[Option]:
     """Every setting, in speed order (fastest first), each with its peaks and whether it fits ``budget``.
 
     Block offload appears once per dtype × quantization: with the most resident blocks that fit (or 0 when
-    none does); ``all_blocks`` lists every N instead.
+    none does); ``all_blocks`` lists every N instead. ``vae_dtype`` and ``t5_quant``: as for ``stage_peaks``.
     """
     out = []
     for dtype in dtypes:
         for quant in quants:
             blocks: list[Option] = []
             for mode in offload_modes(models.dit.depth):
-                peaks, tile = stage_peaks(models, job, dtype, quant, mode, budget, reserve)
+                peaks, tile = stage_peaks(
+                    models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant
+                )
                 fits = tile is not None and max(peaks.values()) <= budget
                 option = Option(dtype, quant, mode, peaks, fits, tile)
                 if mode.kind != "blocks" or all_blocks:
