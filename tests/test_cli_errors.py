@@ -285,6 +285,11 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     code = main(["prepare-data", str(afile), str(tmp_path / "o"), *size])
     _one_line(capsys, code, "videos folder", "is a file, not a folder")
     _one_line(capsys, main([*gen, "--lora-merge", *out]), "--lora-merge applies only with --lora")
+    # Found before loading (it was after the load and the quantization).
+    code = main([*gen, "--lora", str(afile), "--lora-merge", "--quantize", "int8", *out])
+    _one_line(capsys, code, "--lora-merge cannot merge into --quantize int8 weights")
+    code = main([*gen, "--offload", "blocks:999", *out])  # clamped silently before
+    _one_line(capsys, code, "offload blocks:999 keeps more blocks on the device than the DiT's", "blocks:")
     _one_line(capsys, main([*gen, "--devices", ",", *out]), "names no device")
     with pytest.raises(SystemExit) as stop:  # an empty value is refused by the parser, for every path too
         main([*gen, "--devices", "", *out])

@@ -223,6 +223,22 @@ def test_attention_backends_are_checked():
         if name not in available_backends():
             with pytest.raises(ImportError, match=f"needs the '{package}' package: pip install"):
                 check_backend(name)
+        # Where the kernel cannot run, that is said first (not "pip install", which would not help).
+        for device, dtype in (("cpu", torch.bfloat16), ("cuda", torch.float32)):
+            with pytest.raises(
+                ValueError, match=f"'{name}' runs on CUDA in fp16 or bf16, and this model runs in"
+            ):
+                check_backend(name, device, dtype)
+
+
+def test_an_attention_backend_that_cannot_run_is_refused_before_loading(monkeypatch):
+    import mochi.pipeline
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    with pytest.raises(
+        ValueError, match=r"'flash' runs on CUDA in fp16 or bf16, and this model runs in float32 on cpu"
+    ):
+        mochi.pipeline.MochiPipeline.from_pretrained(attention="flash")
 
 
 def test_packed_attention_equals_separate_sdpa():

@@ -23,6 +23,7 @@ from mochi.models.prompts import encode_prompts
 from mochi.models.vae_plan import choose_plan, split_options
 from mochi.models.vae_tiling import decode, encode
 from mochi.offload import Offload, offloaded, parse_offload
+from mochi.ops.attention import check_backend
 from mochi.request import GenerationRequest, check_frames
 from mochi.sampling.sampler import guidance_schedule, initial_noise, noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule, validate_sigmas
@@ -85,6 +86,12 @@ class MochiPipeline:
         self.dit_dtype = resolve_dit_dtype(dit_dtype, self.device)
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
         mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
+        depth = len(components.dit.blocks)
+        if mode.kind == "blocks" and mode.resident > depth:  # it was clamped silently
+            raise ValueError(
+                f"offload blocks:{mode.resident} keeps more blocks on the device than the DiT's {depth}; "
+                f"nearest valid: blocks:{depth} (or offload model)"
+            )
         self.offload_mode = mode if self.device.type != "cpu" else Offload()
         self.offload = self.offload_mode.active
         if max_memory is not None and (
@@ -104,6 +111,7 @@ class MochiPipeline:
         self.parallel = None
         c = components
         if attention is not None:
+            check_backend(attention, self.device, self.dit_dtype)
             c.dit.attention_backend = attention
         c.text_encoder.to(dtype=torch.float32)
         c.dit.to(dtype=self.dit_dtype)
@@ -159,6 +167,8 @@ class MochiPipeline:
             raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
         device = parse_device(options.get("device"))
         at_load = {"dit_dtype": resolve_dit_dtype(options.get("dit_dtype"), device)}
+        if options.get("attention") is not None:
+            check_backend(str(options["attention"]), device, at_load["dit_dtype"])
         if options.get("quantize") is not None:
             from mochi.weights.quantize import check_mode, device_mode
 

@@ -82,6 +82,11 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     check_cache_options(args)
     if args.lora_merge and not args.lora:
         raise ValueError("--lora-merge applies only with --lora FILE; give a LoRA or leave it out")
+    if getattr(args, "lora_merge", False) and getattr(args, "quantize", None):
+        raise ValueError(
+            f"--lora-merge cannot merge into --quantize {args.quantize} weights (re-quantizing would lose "
+            "the LoRA); leave out --lora-merge (the LoRA is then applied unmerged) or --quantize"
+        )
     if getattr(args, "devices", None) is not None and getattr(args, "memory", None) == "auto":
         raise ValueError(
             f"--memory auto plans for one device, and --devices {args.devices} places the model over "

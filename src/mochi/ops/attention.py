@@ -38,14 +38,26 @@ _INSTALL = {
 }
 
 
-def check_backend(backend: str) -> str:
-    """Validate a backend name and that its kernel is installed; returns the name.
+def check_backend(
+    backend: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """Validate a backend name and that its kernel is installed; returns the name. Given the ``device`` and
+    ``dtype`` a model will run in, also that the kernel runs there (flash and sage: CUDA, fp16/bf16), so
+    that a run that cannot use it is refused before anything loads.
 
-    Raises ValueError for an unknown name and MissingPackageError (an ImportError saying how to install it)
-    for a missing kernel.
+    Raises ValueError for an unknown name or a device/dtype the kernel does not run on, and
+    MissingPackageError (an ImportError saying how to install it) for a missing kernel.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    if backend in _INSTALL and device is not None:
+        where = torch.device(device)
+        if where.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            kind = str(dtype).removeprefix("torch.") if dtype is not None else "the default dtype"
+            raise ValueError(
+                f"attention backend {backend!r} runs on CUDA in fp16 or bf16, and this model runs in "
+                f"{kind} on {where}; use --attention sdpa (the default)"
+            )
     if backend in _INSTALL:
         module, how = _INSTALL[backend]
         try:
