@@ -33,6 +33,26 @@ def test_parse_presets_options_and_the_spec_round_trip():
     assert CacheSetting.parse("fbcache,extrapolate=1").spec == "fbcache,extrapolate"
 
 
+def test_the_sidecars_cache_entry_reads_back_and_options_are_given_once():
+    """The sidecar's "cache" (str(setting), "teacache:0.15,...") was refused by --cache; a repeated option
+    silently kept the last; "max-skips=²" failed in int()."""
+    for name in PRESETS:
+        setting = CacheSetting.parse(name)
+        assert CacheSetting.parse(str(setting)) == setting
+    assert CacheSetting.parse("teacache:0.2", 0.2).threshold == 0.2
+    with pytest.raises(
+        ValueError, match=r"cache 'teacache:0.2' names threshold 0.2 and the cache threshold is 0.3"
+    ):
+        CacheSetting.parse("teacache:0.2", 0.3)
+    # After a preset, an option overrides the preset's own; the same option twice is refused.
+    assert CacheSetting.parse("teacache:2x,max-skips=9").max_skips == 9
+    for name in ("teacache,max-skips=3,max-skips=1", "fbcache,extrapolate=0.5,extrapolate"):
+        with pytest.raises(ValueError, match=r"cache option [a-z-]+ is given twice"):
+            CacheSetting.parse(name)
+    with pytest.raises(ValueError, match=r"max-skips=² must be a whole number ≥ 1"):
+        CacheSetting.parse("teacache,max-skips=²")
+
+
 @pytest.mark.parametrize(
     ("cache", "message"),
     [

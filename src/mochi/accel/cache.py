@@ -94,9 +94,19 @@ class CacheSetting:
         threshold or option value.
         """
         head, *options = [part.strip() for part in (name or "none").strip().lower().split(",")]
+        kind_part, _, number = head.partition(":")
+        if kind_part in KINDS and kind_part != "none" and _is_number(number):
+            # "teacache:0.15": a kind with its threshold, as the sidecar's "cache" entry (str(setting)) reads.
+            if threshold is not None and threshold != float(number):
+                raise ValueError(
+                    f"cache {head!r} names threshold {number} and the cache threshold is {threshold}; "
+                    "give one"
+                )
+            head, threshold = kind_part, float(number)
+        preset_options: list[str] = []
         if head in PRESETS:
             kind, preset, extra = PRESETS[head]
-            options = [o for o in extra.split(",") if o] + options
+            preset_options = [o for o in extra.split(",") if o]
         elif head in KINDS:
             kind, preset = head, PRESETS[DEFAULT_PRESET[head]][1] if head != "none" else None
         else:
@@ -111,7 +121,8 @@ class CacheSetting:
                 raise ValueError(f"cache options {','.join(options)!r} given without a cache; add teacache")
             return cls()
         value = preset if threshold is None else check_threshold(threshold)
-        return cls(kind, value, **_parse_options(options))
+        # Options given after a preset override the preset's own.
+        return cls(kind, value, **{**_parse_options(preset_options), **_parse_options(options)})
 
     @property
     def enabled(self) -> bool:
@@ -141,10 +152,14 @@ class CacheSetting:
 def _parse_options(options: list[str]) -> dict:
     """``["max-skips=3", "keep=0.85-0.975", "extrapolate"]`` → CacheSetting's keyword arguments."""
     out: dict = {}
+    named: set[str] = set()
     for option in options:
         key, _, value = option.partition("=")
+        if key in named:  # the same option twice is a slip (the last one silently won)
+            raise ValueError(f"cache option {key} is given twice ({option!r}); give it once")
+        named.add(key)
         if key == "max-skips":
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise ValueError(f"cache option max-skips={value} must be a whole number ≥ 1; nearest: 1")
             out["max_skips"] = int(value)
         elif key == "keep":
@@ -180,6 +195,13 @@ def _parse_options(options: list[str]) -> dict:
         else:
             raise ValueError(f"cache option {option!r} is unknown; choose from {', '.join(OPTIONS)}")
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def check_threshold(threshold: float) -> float:
