@@ -126,6 +126,15 @@ def test_plan_command(capsys):
     if not torch.cuda.is_available():
         assert main(["plan"]) == 2
         assert "give the budget, e.g. --gpu-memory 24GB" in capsys.readouterr().err
+    # --device was not read with --gpu-memory (even a bogus one passed), and a 0 budget was planned.
+    assert main(["plan", "--gpu-memory", "24GB", "--device", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["plan", "--gpu-memory", "24GB", "--device", "cuda:1"]) == 2
+    assert (
+        "--device cuda:1 is whose free memory is the budget, and --gpu-memory 24GB" in capsys.readouterr().err
+    )
+    assert main(["plan", "--gpu-memory", "0"]) == 2
+    assert "--gpu-memory '0' must be a positive size" in capsys.readouterr().err
 
 
 def test_generate_memory_auto_on_cpu_says_so(tmp_path, capsys, monkeypatch):

@@ -45,7 +45,14 @@ def plan_command(args: argparse.Namespace) -> str:
         "plan", frames=args.frames, height=args.height, width=args.width, guidance=args.guidance
     ).validate()
     if args.gpu_memory is not None:
+        if args.device != "auto":  # it was never read (even a bogus name passed)
+            raise ValueError(
+                f"--device {args.device} is whose free memory is the budget, and --gpu-memory "
+                f"{args.gpu_memory} gives it; give one of them"
+            )
         budget, where = parse_size(args.gpu_memory, "--gpu-memory"), "the given budget"
+        if budget <= 0:
+            raise ValueError(f"--gpu-memory {args.gpu_memory!r} must be a positive size such as 24GB")
     else:
         device = parse_device(args.device)
         if device.type != "cuda":
