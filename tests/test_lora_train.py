@@ -268,16 +268,15 @@ def test_a_rank_wider_than_the_layers_is_refused_before_anything_is_written(data
         ValueError, match=r"rank=100000 is more than the (\d+) features .*; choose at most \1"
     ):
         train_lora(pipe(), out, tmp_path / "run", wide, progress=False)
-    assert not list((tmp_path / "run").iterdir())
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     lora = {"blocks.0.attn.qkv_x.lora_A": torch.ones(2, 3)}
     mochi.train.lora_state.save_state(tmp_path, 1, lora, {}, {"rank": 2})
 
-    def dies_half_way(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_half_way)
@@ -434,3 +433,45 @@ def test_a_lora_for_another_model_is_named_by_its_file(tmp_path):
     ):
         embedded.load_lora(str(lora))
     assert embedded.loras == []
+
+
+def test_one_run_folder_takes_one_train_lora_at_a_time(data, tmp_path):
+    """A second run on the same --out resumed the first's states, overwrote its files and deleted the
+    temporary the first was writing, which then failed."""
+    from mochi.train.lora_train import _lock_run
+
+    out, _ = data
+    run = tmp_path / "run"
+    run.mkdir()
+    held = _lock_run(run)
+    with pytest.raises(ValueError, match=rf"'{run}' is in use by another train-lora \(pid {os.getpid()}\)"):
+        train_lora(pipe(), out, run, CFG, progress=False)
+    # A live process's temporary is left alone by a resume; a dead one's is removed.
+    (run / "state").mkdir()
+    live = run / "state" / f".step-000009.{os.getpid()}.abcd.partial.pt"
+    dead = run / "state" / ".step-000009.999999999.abcd.partial.pt"
+    live.write_bytes(b"x"), dead.write_bytes(b"x")
+    assert load_latest_state(run) is None and live.exists() and not dead.exists()
+    held.close()
+    live.unlink()
+    train_lora(pipe(), out, run, CFG, progress=False)  # free again once the holder has gone
+
+
+def test_resuming_past_the_asked_steps_is_refused(data, tmp_path):
+    """It handed back the later step's LoRA as the run's result, with config.json saying the fewer steps."""
+    out, _ = data
+    train_lora(pipe(), out, tmp_path / "run", CFG, progress=False)
+    fewer = LoraTrainConfig(**{**CFG.__dict__, "steps": CFG.steps - 1})
+    from mochi.train.lora_state import ResumeError
+
+    with pytest.raises(ResumeError, match=rf"holds a run at step {CFG.steps}, past --steps {CFG.steps - 1}"):
+        train_lora(pipe(), out, tmp_path / "run", fewer, progress=False)
+
+
+def test_identical_runs_write_identical_state_files(data, tmp_path):
+    """torch.save named the zip's entries after the random temporary: the states differed run to run."""
+    out, _ = data
+    for name in ("a", "b"):
+        train_lora(pipe(), out, tmp_path / name, CFG, progress=False)
+    states = [sorted((tmp_path / name / "state").glob("step-*.pt")) for name in ("a", "b")]
+    assert states[0] and [p.read_bytes() for p in states[0]] == [p.read_bytes() for p in states[1]]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mochi.errors import MochiError, one_line
-from mochi.files import atomic_path
+from mochi.files import atomic_path, remove_stale_partials
 from mochi.weights.io import WeightsError, torch_load
 
 _STATE = re.compile(r"^step-(\d{6,})\.pt$")
@@ -44,8 +44,10 @@ def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: d
         "config": json.dumps(config, sort_keys=True),
         "data": data,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Saved through a file object: torch names the zip's entries after a path it is given, and the
+    # temporary's random name made identical runs' states differ.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     for old in list_states(out)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -92,8 +94,8 @@ def load_latest_state(out: Path) -> dict | None:
     (``.step-….partial.pt``) are removed.
     """
     folder = state_dir(out)
-    for leftover in folder.glob(".step-*.partial.pt") if folder.is_dir() else []:
-        leftover.unlink(missing_ok=True)
+    if folder.is_dir():  # only the leftovers of processes that are gone: a live run may be writing one
+        remove_stale_partials(folder)
     unreadable: list[tuple[str, str]] = []
     for path in reversed(list_states(out)):
         try:

@@ -232,6 +232,32 @@ def _say(message: str, show: bool) -> None:
         print(f"mochi: {message}", file=sys.stderr)
 
 
+def _lock_run(out: Path):  # noqa: ANN202 - an open file, or None where locks are not available
+    """Take ``out/.lock`` for this process: a second train-lora on the same folder resumed the first's
+    states, overwrote its files and made it fail. The lock goes with the process (a killed run leaves none).
+    ValueError naming the process that holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    f = open(out / ".lock", "a+")  # noqa: SIM115 - held open for the run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(
+            f"{str(out)!r} is in use by another train-lora (pid {holder}); wait for it to end, or give "
+            "another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, restart: bool, show: bool):  # noqa: ANN202
     """The state to resume from (None: step 0), every decision said on stderr when ``show``.
 
@@ -257,6 +283,12 @@ def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, resta
         )
     if not saved:
         _say("warning: the saved state does not record its data, so a change in it cannot be seen", show)
+    if state["step"] > cfg.steps:  # the finished LoRA would be a later step's, and say steps=cfg.steps
+        raise ResumeError(
+            f"{str(out)!r} holds a run at step {state['step']}, past --steps {cfg.steps}; give --steps "
+            f"{state['step']} or more to resume, use a lora-step-N.safetensors file of an earlier step, or "
+            "pass --restart to train from step 0"
+        )
     _say(f"resuming from {Path(state['path']).name} (step {state['step']} of {cfg.steps})", show)
     return state
 
@@ -293,11 +325,10 @@ def train_lora(
     writes = parallel is None or parallel.is_main
     if writes:
         out.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run(out)  # noqa: F841 - held (open) until this function returns
     dit = c.dit
     narrowest = min(min(m.in_features, m.out_features) for m in target_modules(dit, cfg.targets).values())
-    if (
-        cfg.rank > narrowest
-    ):  # the factors would be wider than the layers they adapt: nothing gained, much stored
+    if cfg.rank > narrowest:  # factors wider than the layers they adapt: nothing gained, much stored
         raise ValueError(
             f"rank={cfg.rank} is more than the {narrowest} features of the narrowest targeted layer; "
             f"choose at most {narrowest} (Genmo uses 16)"
