@@ -247,3 +247,45 @@ def test_default_sample_prompts_skip_empty_captions(tmp_path, comps, monkeypatch
     train_lora(MochiPipeline(tiny_components(), device="cpu"), tmp_path / "d", tmp_path / "run", cfg)
     captions = [(videos / f"c{i}.txt").read_text() for i in (1, 2)]
     assert seen and all(prompts == captions for prompts in seen)
+
+
+def test_captions_lose_their_byte_order_mark_and_odd_ones_are_reported(tmp_path, comps):
+    """A BOM became part of the caption (3 tokens more); a non-UTF-8 caption's error named no file; a
+    caption cut at the text encoder's length was a raw Python warning glued to the bar, not in the report."""
+    videos, out = _videos(tmp_path / "v", n=3), tmp_path / "d"
+    (videos / "c0.txt").write_bytes(b"\xef\xbb\xbfa red star moving left")
+    (videos / "c1.txt").write_bytes("une étoile".encode("latin-1"))
+    (videos / "c2.txt").write_text("a red star moving left " * 40)
+    report = prepare_data(videos, out, comps, **SIZE)
+    assert read_metadata(out / "c0.safetensors")["caption"] == "a red star moving left"
+    assert report.skipped == [
+        ("c1.mp4", "caption c1.txt is not UTF-8 text (invalid continuation byte at byte 4)")
+    ]
+    ((name, what),) = report.warnings
+    assert name == "c2.txt" and what.startswith("the caption is") and "tokens were dropped" in what
+    assert "warning c2.txt: the caption is" in report.summary()
+    assert json.loads((out / "prepare_report.json").read_text())["warnings"] == [[name, what]]
+
+
+def test_samples_with_no_prompt_to_render_are_refused(tmp_path, comps):
+    videos, out = _videos(tmp_path / "v"), tmp_path / "d"
+    for caption in videos.glob("*.txt"):
+        caption.write_text("  ")
+    prepare_data(videos, out, comps, **SIZE)
+    cfg = LoraTrainConfig(rank=2, alpha=2, steps=2, warmup=0, sample_every=1, sample_steps=1)
+    with pytest.raises(ValueError, match="no clip of .* has a caption with text; pass --sample-prompt TEXT"):
+        train_lora(MochiPipeline(comps, device="cpu"), out, tmp_path / "run", cfg, progress=False)
+
+
+def test_data_of_another_model_is_named(tmp_path, comps, capsys):
+    """Another model's clips trained silently; a folder mixing two models failed deep in torch."""
+    videos, out = _videos(tmp_path / "v"), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    cfg = LoraTrainConfig(rank=2, alpha=2, steps=1, warmup=0, sample_every=0)
+    train_lora(MochiPipeline(tiny_components(seed=1), device="cpu"), out, tmp_path / "run", cfg)
+    assert "warning: the clips were prepared with model" in capsys.readouterr().err
+    other = tmp_path / "other"
+    prepare_data(_videos(tmp_path / "w", n=1, seed=3), other, tiny_components(seed=1), **SIZE)
+    shutil.copy(next(other.glob("*.safetensors")), out / "zz.safetensors")
+    with pytest.raises(ValueError, match=r"mixes clips prepared with 2 models"):
+        LatentDataset(out)

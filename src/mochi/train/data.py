@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from mochi.errors import DISK_ERRNOS, OutputError
 from mochi.files import atomic_write_text
+from mochi.models.tokenizer import PromptTruncatedWarning
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
 
@@ -45,6 +47,7 @@ class PrepareReport:
     cached: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # stale cache files of videos now gone or skipped
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (file, what): e.g. a caption cut short
 
     def summary(self) -> str:
         lines = [
@@ -53,6 +56,7 @@ class PrepareReport:
         ]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         lines += [f"  removed {name}: its video is gone or was skipped" for name in self.removed]
+        lines += [f"  warning {name}: {what}" for name, what in self.warnings]
         return "\n".join(lines)
 
 
@@ -195,7 +199,12 @@ def prepare_data(
             caption_file = video.with_suffix(".txt")
             if not caption_file.is_file():
                 raise ValueError(f"no caption: {caption_file.name} is missing")
-            caption = caption_file.read_text(encoding="utf-8").strip()
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+                caption = caption_file.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"caption {caption_file.name} is not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from None
             key = content_key(video, caption, settings, model)
             if _cached_key(target) == key:
                 report.cached.append(video.name)
@@ -204,7 +213,16 @@ def prepare_data(
             x = clip.permute(3, 0, 1, 2)[None].to(device, torch.float32) / 127.5 - 1.0  # (1, 3, T, H, W)
             with torch.no_grad():
                 mean, logvar = encode(encoder.to(device), x)
-            feats, mask = encode_prompts([caption], components.tokenizer, text_encoder.to(device))
+            with warnings.catch_warnings(record=True) as caught:  # a caption cut short goes in the report
+                warnings.simplefilter("always", PromptTruncatedWarning)
+                feats, mask = encode_prompts([caption], components.tokenizer, text_encoder.to(device))
+            for w in caught:
+                if issubclass(w.category, PromptTruncatedWarning):
+                    report.warnings.append(
+                        (caption_file.name, str(w.message).replace("prompt 0", "the caption", 1))
+                    )
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             tensors = {
                 "mean": mean[0].float().cpu(),
                 "logvar": logvar[0].float().cpu(),
@@ -266,6 +284,13 @@ class LatentDataset:
             self.examples.append(
                 Example(sd["mean"], sd["logvar"], sd["text"], meta.get("caption", ""), f.stem)
             )
+        models = {m for m in (read_metadata(f).get("model") for f in files) if m}
+        if len(models) > 1:  # their T5 features may not even have one width (it failed deep in torch)
+            raise ValueError(
+                f"data folder {str(folder)!r} mixes clips prepared with {len(models)} models "
+                f"({', '.join(sorted(models))}); prepare every clip with the model you train"
+            )
+        self.model = next(iter(models), None)  # ``model_fingerprint`` of the model that prepared them
         shapes = {tuple(e.mean.shape) for e in self.examples}
         if len(shapes) != 1:
             raise ValueError(

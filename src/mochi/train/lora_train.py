@@ -39,7 +39,7 @@ from mochi.models.lora import (
     trainable_lora_state_dict,
 )
 from mochi.request import check_prompt, check_seed
-from mochi.train.data import LatentDataset
+from mochi.train.data import LatentDataset, model_fingerprint
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
 
@@ -321,6 +321,11 @@ def train_lora(
         cfg = dataclasses.replace(cfg, latents=c.defaults.get("latents", "sample"))
         cfg.validate()
     data = LatentDataset(data_dir)
+    if cfg.sample_every and not cfg.sample_prompts and not any(e.caption.strip() for e in data.examples):
+        raise ValueError(  # the samples were silently never rendered
+            f"samples every {cfg.sample_every} steps need a prompt, and no clip of {str(data_dir)!r} has a "
+            "caption with text; pass --sample-prompt TEXT or --sample-every 0"
+        )
     out = Path(out_dir)
     writes = parallel is None or parallel.is_main
     if writes:
@@ -332,6 +337,14 @@ def train_lora(
         raise ValueError(
             f"rank={cfg.rank} is more than the {narrowest} features of the narrowest targeted layer; "
             f"choose at most {narrowest} (Genmo uses 16)"
+        )
+    ours = model_fingerprint(c) if data.model is not None and c.encoder is not None else data.model
+    if ours != data.model:  # a warning: the fingerprint also changes with the dtype the model was read in
+        _say(
+            f"warning: the clips were prepared with model {data.model}, and this run's model is {ours} "
+            "(another checkpoint, or the same in another dtype): the LoRA learns from latents and text "
+            "features this model did not make; run prepare-data again with this model",
+            writes and progress,
         )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     state = _resume_decision(out, cfg, data, restart, writes and progress)
