@@ -27,6 +27,7 @@ from mochi.weights.quantize import (
     is_quantized,
     quantize_linear,
     quantize_model,
+    torchao_available,
     weight_bytes,
 )
 
@@ -62,9 +63,10 @@ def _x(cfg, seed=0):
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_generates_with_the_embedded_model(embedded, reference, mode):
     pipe = MochiPipeline(copy.deepcopy(embedded), device="cpu", quantize=mode)
+    ran = mode if mode != "int8" else "int8 (torchao)" if torchao_available() else "int8 (mochi's Int8Linear)"
     assert (
         pipe.quantization
-        == f"dit: 37 Linear layers quantized to {mode}; t5: 14 Linear layers quantized to {mode}"
+        == f"dit: 37 Linear layers quantized to {ran}; t5: 14 Linear layers quantized to {ran}"
     )
     req = GenerationRequest("a blue square moving up", seed=4, steps=3)
     out = pipe.generate(req)
@@ -233,3 +235,17 @@ def test_serve_takes_quantize():
 
     args = build_parser().parse_args(["serve", "--quantize", "q4_0"])
     assert pipeline_options(args)["quantize"] == "q4_0"
+
+
+@pytest.mark.parametrize("torchao", [True, False], ids=["torchao", "mochi"])
+def test_the_int8_note_says_which_implementation_ran(monkeypatch, torchao):
+    """torchao (absmax/127.5, -128..127) and Int8Linear (absmax/127) round differently: the note, which
+    the CLI prints and the sidecar keeps, names the one that ran."""
+    if torchao and not quantize_mod.torchao_available():
+        pytest.skip("torchao is not installed")
+    monkeypatch.setattr(quantize_mod, "torchao_available", lambda: torchao)
+    c = tiny_components()
+    done = quantize_mod.quantize_model(c.dit, "int8")
+    expected = "int8 (torchao)" if torchao else "int8 (mochi's Int8Linear)"
+    assert done.note("dit").startswith(f"dit: {len(done.layers)} Linear layers quantized to {expected}")
+    assert all(isinstance(c.dit.get_submodule(n), Int8Linear) != torchao for n in done.layers)

@@ -182,6 +182,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
         "vae_plans": result.vae_plans,
         "quantize": args.quantize,
+        "quantization": pipe.quantization or None,  # what was done (int8: by torchao or by mochi)
         "lora_merge": pipe.lora_merge if result.request.loras else None,  # merging may move the last bit
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
         **result.stats,

@@ -192,7 +192,10 @@ class Quantized:
     skipped: list[str]
 
     def note(self, what: str) -> str:
-        parts = [f"{what}: {len(self.layers)} Linear layers quantized to {self.mode}"]
+        mode = self.mode
+        if mode == "int8" and self.layers:  # two implementations with different numbers: say which ran
+            mode += " (torchao)" if torchao_available() else " (mochi's Int8Linear)"
+        parts = [f"{what}: {len(self.layers)} Linear layers quantized to {mode}"]
         if self.kept:
             parts.append(f"{len(self.kept)} already quantized in the checkpoint kept as stored")
         if self.skipped:
