@@ -268,7 +268,7 @@ def test_a_rank_wider_than_the_layers_is_refused_before_anything_is_written(data
         ValueError, match=r"rank=100000 is more than the (\d+) features .*; choose at most \1"
     ):
         train_lora(pipe(), out, tmp_path / "run", wide, progress=False)
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    assert not list((tmp_path / "run").iterdir())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -438,23 +438,25 @@ def test_a_lora_for_another_model_is_named_by_its_file(tmp_path):
 def test_one_run_folder_takes_one_train_lora_at_a_time(data, tmp_path):
     """A second run on the same --out resumed the first's states, overwrote its files and deleted the
     temporary the first was writing, which then failed."""
-    from mochi.train.lora_train import _lock_run
+    from mochi.train.lora_train import _run_lock
 
     out, _ = data
     run = tmp_path / "run"
     run.mkdir()
-    held = _lock_run(run)
-    with pytest.raises(ValueError, match=rf"'{run}' is in use by another train-lora \(pid {os.getpid()}\)"):
-        train_lora(pipe(), out, run, CFG, progress=False)
-    # A live process's temporary is left alone by a resume; a dead one's is removed.
-    (run / "state").mkdir()
-    live = run / "state" / f".step-000009.{os.getpid()}.abcd.partial.pt"
-    dead = run / "state" / ".step-000009.999999999.abcd.partial.pt"
-    live.write_bytes(b"x"), dead.write_bytes(b"x")
-    assert load_latest_state(run) is None and live.exists() and not dead.exists()
-    held.close()
+    with _run_lock(run):
+        with pytest.raises(
+            ValueError, match=rf"'{run}' is in use by another train-lora \(pid {os.getpid()}\)"
+        ):
+            train_lora(pipe(), out, run, CFG, progress=False)
+        # A live process's temporary is left alone by a resume; a dead one's is removed.
+        (run / "state").mkdir()
+        live = run / "state" / f".step-000009.{os.getpid()}.abcd.partial.pt"
+        dead = run / "state" / ".step-000009.999999999.abcd.partial.pt"
+        live.write_bytes(b"x"), dead.write_bytes(b"x")
+        assert load_latest_state(run) is None and live.exists() and not dead.exists()
     live.unlink()
     train_lora(pipe(), out, run, CFG, progress=False)  # free again once the holder has gone
+    assert not (run / ".lock").exists()  # removed at the end
 
 
 def test_resuming_past_the_asked_steps_is_refused(data, tmp_path):

@@ -94,7 +94,7 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             partial.unlink(missing_ok=True)
         return {"id": upload_id, **info, "bytes": size}
 
-    @app.delete("/api/uploads/{upload_id}", dependencies=auth, responses=documented(401, 404, 409))
+    @app.delete("/api/uploads/{upload_id}", dependencies=auth, responses=documented(401, 404, 409, 422))
     def delete_upload(upload_id: str) -> dict:
         """Delete an upload (uploads are kept until deleted: they are not a job's files). 409 while a queued
         or running job starts from it."""

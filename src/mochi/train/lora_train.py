@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,30 +233,35 @@ def _say(message: str, show: bool) -> None:
         print(f"mochi: {message}", file=sys.stderr)
 
 
-def _lock_run(out: Path):  # noqa: ANN202 - an open file, or None where locks are not available
-    """Take ``out/.lock`` for this process: a second train-lora on the same folder resumed the first's
-    states, overwrote its files and made it fail. The lock goes with the process (a killed run leaves none).
-    ValueError naming the process that holds it."""
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run: a second train-lora on the same folder resumed the first's states,
+    overwrote its files and made it fail. The lock goes with the process (a killed run leaves none held)
+    and its file is removed at the end. ValueError naming the process that holds it."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        return None
-    f = open(out / ".lock", "a+")  # noqa: SIM115 - held open for the run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        yield
+        return
+    path = out / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(
+                f"{str(out)!r} is in use by another train-lora (pid {holder}); wait for it to end, or give "
+                "another --out"
+            ) from None
         f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ValueError(
-            f"{str(out)!r} is in use by another train-lora (pid {holder}); wait for it to end, or give "
-            "another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: no other run can have taken it
 
 
 def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, restart: bool, show: bool):  # noqa: ANN202
@@ -312,9 +318,6 @@ def train_lora(
     ``mochi.parallel.train.parallelize_training``): all ranks train one batch together; gradients are
     combined over ranks before each optimizer step, and only its main rank writes files.
     """
-    from mochi.files import atomic_write_text
-    from mochi.weights.lora import save_lora
-
     cfg.validate()
     c = pipe.components
     if cfg.latents is None:
@@ -330,7 +333,25 @@ def train_lora(
     writes = parallel is None or parallel.is_main
     if writes:
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run(out)  # noqa: F841 - held (open) until this function returns
+    with _run_lock(out) if writes else contextlib.nullcontext():
+        return _train(pipe, cfg, data, out, writes, progress, parallel, restart)
+
+
+def _train(  # noqa: PLR0913 - train_lora's settings, checked
+    pipe,  # noqa: ANN001
+    cfg: LoraTrainConfig,
+    data: LatentDataset,
+    out: Path,
+    writes: bool,
+    progress: bool,
+    parallel,  # noqa: ANN001
+    restart: bool,
+) -> Path:
+    """``train_lora`` once its settings and data are read and the run folder is this process's."""
+    from mochi.files import atomic_write_text
+    from mochi.weights.lora import save_lora
+
+    c = pipe.components
     dit = c.dit
     narrowest = min(min(m.in_features, m.out_features) for m in target_modules(dit, cfg.targets).values())
     if cfg.rank > narrowest:  # factors wider than the layers they adapt: nothing gained, much stored
