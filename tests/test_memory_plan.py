@@ -211,3 +211,25 @@ def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
     both = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB)[0]
     apart = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB, t5_quant="none")[0]
     assert apart["text"] > both["text"]
+
+
+def test_the_plans_decode_is_the_split_the_pipeline_decodes_with():
+    """The plan decoded within 80% of the card's free memory (61.7 GB on an 80 GB card) where the pipeline
+    decodes with its default budget's split (about 12 GB) whatever the card."""
+    from mochi.memory.estimate import decoder_weights
+    from mochi.models.vae import Decoder
+    from mochi.models.vae_memory import estimate_decode_memory
+    from mochi.models.vae_plan import choose_plan
+
+    models, job = Models(), Job.from_request(163, 480, 848)
+    with torch.device("meta"):
+        decoder = Decoder(models.decoder)
+    latent = (1, *job.latent)
+    split, _ = choose_plan(decoder, latent)  # the pipeline's own choice, with memory to spare
+    expected = decoder_weights(models.decoder) + estimate_decode_memory(
+        models.decoder, latent, split.tile, split.chunk, torch.float32
+    )
+    for card in (48, 80):
+        peaks, tile = stage_peaks(models, job, torch.bfloat16, "none", Offload("model"), card * GB)
+        assert tile == split.tile and peaks["decode"] == expected
+    assert expected < 14 * GB

@@ -24,7 +24,7 @@ from mochi.models.dit import AsymmDiT, DiTConfig, PackedText
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.models.vae import Decoder, DecoderConfig
 from mochi.models.vae_memory import estimate_decode_memory
-from mochi.models.vae_tiling import Plan, plan_decode
+from mochi.models.vae_tiling import Plan
 from mochi.ops.rope import rope_positions, rope_table
 from mochi.weights.quantize import bytes_per_param
 
@@ -179,15 +179,22 @@ def t5_activations(cfg: T5Config, batch: int, length: int = 256) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def decode_plan(
-    cfg: DecoderConfig, latent: tuple[int, int, int, int], budget: int, dtype: torch.dtype = torch.float32
+def pipeline_decode_plan(
+    cfg: DecoderConfig, latent: tuple[int, int, int, int], available: int, dtype: torch.dtype = torch.float32
 ) -> tuple[Plan | None, int]:
-    """(the tile plan ``plan_decode`` picks within ``budget`` bytes of activations, its estimated bytes);
-    (None, the smallest split's bytes) when nothing fits."""
+    """(the split the pipeline decodes with when ``available`` bytes are free, its estimated bytes):
+    ``choose_plan``'s rule, the default budget's split unless it needs more than is free, then a smaller
+    one. (None, the smallest split's bytes) when nothing fits."""
+    import warnings
+
+    from mochi.models.vae_plan import choose_plan
+
     with torch.device("meta"):
         decoder = Decoder(cfg).to(dtype)
     try:
-        plan = plan_decode(decoder, latent, max(budget, 0), dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's warning is the pipeline's to give
+            plan, _ = choose_plan(decoder, latent, None, max(available, 0))
     except ValueError:
         _, t, h, w = latent
         return None, estimate_decode_memory(cfg, latent, (min(h, 7), min(w, 7)), 1, dtype)

@@ -23,10 +23,10 @@ import torch
 from mochi.devices import DTYPE_NAMES
 from mochi.memory.estimate import (
     QUANT_MODES,
-    decode_plan,
     decoder_weights,
     dit_activations,
     dit_weights,
+    pipeline_decode_plan,
     t5_activations,
     t5_weights,
 )
@@ -114,8 +114,9 @@ def stage_peaks(
         streamed = sum(dit.blocks[:n]) + 2 * max(dit.blocks[n:], default=0)
         resident = {"text": t5.rest + streamed_t5, "denoise": dit.rest + streamed, "decode": vae}
     latent = (1, *job.latent)  # the pipeline decodes one video at a time per request sample
-    # The pipeline plans the decode within 80% of what is free once the decoder is there.
-    plan, decode_act = decode_plan(
+    # As the pipeline plans it: the default budget's split, unless that needs more than 80% of what is free
+    # once the decoder is there (then a smaller one).
+    plan, decode_act = pipeline_decode_plan(
         models.decoder, latent, int(0.8 * (budget - reserve - resident["decode"])), vae_dtype
     )
     peaks = {
