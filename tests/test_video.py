@@ -149,3 +149,35 @@ def test_reading_fitted_frame_by_frame_equals_fitting_the_clip(tmp_path, size):
     assert video_size(path) == (36, 52)
     with pytest.raises(VideoError, match="cannot read video"):
         video_size(tmp_path / "missing.mp4")
+
+
+def _turned(path, out):
+    """``path`` with its track's display matrix set to a -90° rotation, as phones write portrait video."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    matrix = data.index(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8  # version-0 tkhd: the 3x3 matrix after these fields
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_rotated_video_is_read_as_players_show_it(tmp_path):
+    """The display matrix was ignored: a phone's portrait clip came out sideways (prepare-data, v2v)."""
+    import av
+
+    from mochi.video import video_size
+
+    frames = np.zeros((3, 48, 64, 3), np.uint8)
+    frames[:, :24] = 255  # the stored frame's top half
+    turned = _turned(write_video(frames, tmp_path / "plain.mp4", lossless=True), tmp_path / "turned.mp4")
+    with av.open(str(turned)) as container:
+        assert next(container.decode(video=0)).rotation == -90  # the container says: turn a quarter clockwise
+    shown, _ = read_video(turned)
+    assert shown.shape == (3, 64, 48, 3) and video_size(turned) == (64, 48)
+    np.testing.assert_array_equal(
+        shown, np.rot90(frames, -1, axes=(1, 2))
+    )  # the top half is now on the right
+    assert shown[:, :, 24:].min() == 255 and shown[:, :, :24].max() == 0
+    fitted, _ = read_video(turned, size=(32, 24))
+    assert fitted.shape == (3, 32, 24, 3)

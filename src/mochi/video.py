@@ -152,7 +152,7 @@ def read_video(
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             for frame in container.decode(stream):
-                image = frame.to_ndarray(format="rgb24")
+                image = upright(frame)
                 images.append(image if size is None else fit_frames(image[None], 1, *size)[0])
                 if max_frames is not None and len(images) >= max_frames:
                     break
@@ -163,14 +163,32 @@ def read_video(
     return np.stack(images), float(rate) if rate else 0.0
 
 
+def _quarter_turns(frame) -> int:  # noqa: ANN001 - av.VideoFrame
+    """Counterclockwise quarter turns that show ``frame`` as players do (its display matrix: phones record
+    portrait video as landscape frames with a -90° rotation)."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright(frame) -> np.ndarray:  # noqa: ANN001 - av.VideoFrame
+    """A decoded frame as uint8 RGB (H, W, 3), turned as its container says it is shown."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def display_size(frame) -> tuple[int, int]:  # noqa: ANN001 - av.VideoFrame
+    """(height, width) of a decoded frame as it is shown (a quarter turn swaps them)."""
+    h, w = frame.height, frame.width
+    return (w, h) if _quarter_turns(frame) % 2 else (h, w)
+
+
 def video_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of a video's first frame (decodes that frame only). Raises VideoError."""
+    """(height, width) of a video's first frame as shown (decodes that frame only). Raises VideoError."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            first = next(container.decode(video=0))
-            return first.height, first.width
+            return display_size(next(container.decode(video=0)))
     except (av.error.FFmpegError, IndexError, StopIteration) as e:
         raise VideoError(f"cannot read video {str(path)!r}: {e or 'no frames'}") from None
 

@@ -128,10 +128,13 @@ def probe(path: Path) -> dict:
         raise HTTPException(
             422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)"
         ) from None
-    if first.width * first.height > MAX_UPLOAD_PIXELS:
+    from mochi.video import display_size
+
+    height, width = display_size(first)  # as players show it (a phone's portrait clip is turned)
+    if width * height > MAX_UPLOAD_PIXELS:
         raise HTTPException(
             422,
-            f"the upload's frames are {first.width}x{first.height}, more than {MAX_UPLOAD_PIXELS:,} pixels "
+            f"the upload's frames are {width}x{height}, more than {MAX_UPLOAD_PIXELS:,} pixels "
             "(7680x4320); scale the video down first",
         )
-    return {"frames": frames, "width": first.width, "height": first.height, "fps": rate}
+    return {"frames": frames, "width": width, "height": height, "fps": rate}
