@@ -289,3 +289,29 @@ def test_data_of_another_model_is_named(tmp_path, comps, capsys):
     shutil.copy(next(other.glob("*.safetensors")), out / "zz.safetensors")
     with pytest.raises(ValueError, match=r"mixes clips prepared with 2 models"):
         LatentDataset(out)
+
+
+def test_entries_that_are_not_read_are_named_in_the_report(tmp_path, comps):
+    """A broken link or a folder named like a video, and a subfolder of videos, were left out silently; an
+    audio-only file's reason was "tuple index out of range"."""
+    import av
+
+    videos, out = _videos(tmp_path / "v", n=1), tmp_path / "d"
+    (videos / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (videos / "gone.txt").write_text("a red star moving left")
+    (videos / "folder.mp4").mkdir()
+    (videos / "sub").mkdir()
+    write_video(np.zeros((7, 32, 32, 3), np.uint8), videos / "sub" / "nested.mp4")
+    with av.open(str(videos / "audio.mp4"), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    (videos / "audio.txt").write_text("a sound")
+    report = prepare_data(videos, out, comps, **SIZE)
+    skipped = dict(report.skipped)
+    assert report.encoded == ["c0.mp4"]
+    assert skipped["gone.mp4"] == "a broken link" and skipped["folder.mp4"] == "not a file"
+    assert skipped["sub/"] == "a subfolder: only the videos directly in the folder are read"
+    assert skipped["audio.mp4"].endswith("has no video stream")

@@ -188,6 +188,8 @@ def video_size(path: str | os.PathLike) -> tuple[int, int]:
 
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:  # an audio-only file said "tuple index out of range"
+                raise VideoError(f"{str(path)!r} has no video stream")
             return display_size(next(container.decode(video=0)))
     except (av.error.FFmpegError, IndexError, StopIteration) as e:
         raise VideoError(f"cannot read video {str(path)!r}: {e or 'no frames'}") from None

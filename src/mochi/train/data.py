@@ -110,6 +110,18 @@ def _remove_stale(path: Path) -> bool:
     return ours
 
 
+def _odd_entries(src: Path) -> list[tuple[str, str]]:
+    """(name, why) of what looks like input but is not read: entries named like videos that are no files
+    (a broken link, a folder), and subfolders holding videos (only the folder's own files are read)."""
+    odd = []
+    for p in sorted(src.iterdir()):
+        if p.suffix.lower() in VIDEO_SUFFIXES and not p.is_file():
+            odd.append((p.name, "a broken link" if p.is_symlink() and not p.exists() else "not a file"))
+        elif p.is_dir() and any(q.suffix.lower() in VIDEO_SUFFIXES for q in p.iterdir()):
+            odd.append((p.name + "/", "a subfolder: only the videos directly in the folder are read"))
+    return odd
+
+
 def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
     """The videos of ``src`` and, for each video sharing its stem with another, why it is skipped.
 
@@ -187,7 +199,7 @@ def prepare_data(
     settings = _settings(frames, width, height)
     model = model_fingerprint(components)
     report = PrepareReport()
-    report.skipped += [(v.name, why) for v, why in clashes.items()]
+    report.skipped += [(v.name, why) for v, why in clashes.items()] + _odd_entries(src)
     encoder, text_encoder = components.encoder, components.text_encoder
     if progress is not None:
         progress(0, len(videos), "")
