@@ -315,3 +315,20 @@ def test_entries_that_are_not_read_are_named_in_the_report(tmp_path, comps):
     assert skipped["gone.mp4"] == "a broken link" and skipped["folder.mp4"] == "not a file"
     assert skipped["sub/"] == "a subfolder: only the videos directly in the folder are read"
     assert skipped["audio.mp4"].endswith("has no video stream")
+
+
+def test_a_run_resumes_only_on_its_own_model(tmp_path, comps):
+    videos, out = _videos(tmp_path / "v"), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    run = tmp_path / "run"
+    train_lora(
+        MochiPipeline(comps, device="cpu"),
+        out,
+        run,
+        LoraTrainConfig(rank=2, alpha=2, steps=1, warmup=0, sample_every=0, checkpoint_every=1),
+        progress=False,
+    )
+    more = LoraTrainConfig(rank=2, alpha=2, steps=2, warmup=0, sample_every=0, checkpoint_every=1)
+    with pytest.raises(ResumeError, match=r"holds a run trained on model \w+, and this model is \w+"):
+        train_lora(MochiPipeline(tiny_components(seed=1), device="cpu"), out, run, more, progress=False)
+    train_lora(MochiPipeline(tiny_components(), device="cpu"), out, run, more, progress=False)  # its own

@@ -30,10 +30,11 @@ def state_dir(out: Path) -> Path:
 
 
 def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: dict, config: dict,
-               keep: int = 2, data: str = "") -> Path:  # fmt: skip
+               keep: int = 2, data: str = "", model: str = "") -> Path:  # fmt: skip
     """Write the state after ``step`` completed steps; keep only the newest ``keep`` state files.
 
-    data: the fingerprint of the training data (``LatentDataset.fingerprint``), compared on resume."""
+    data: the fingerprint of the training data (``LatentDataset.fingerprint``); model: the base model's
+    (``train.data.model_fingerprint``); both compared on resume."""
     folder = state_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
@@ -43,6 +44,7 @@ def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: d
         "optimizer": optimizer,
         "config": json.dumps(config, sort_keys=True),
         "data": data,
+        "model": model,
     }
     # Saved through a file object: torch names the zip's entries after a path it is given, and the
     # temporary's random name made identical runs' states differ.

@@ -264,7 +264,9 @@ def _run_lock(out: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)  # while still held: no other run can have taken it
 
 
-def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, restart: bool, show: bool):  # noqa: ANN202
+def _resume_decision(  # noqa: ANN202
+    out: Path, cfg: LoraTrainConfig, data: LatentDataset, restart: bool, show: bool, model: str = ""
+):
     """The state to resume from (None: step 0), every decision said on stderr when ``show``.
 
     Unreadable newer states are named and skipped; states of another run (other settings or other data)
@@ -289,6 +291,13 @@ def _resume_decision(out: Path, cfg: LoraTrainConfig, data: LatentDataset, resta
         )
     if not saved:
         _say("warning: the saved state does not record its data, so a change in it cannot be seen", show)
+    if (
+        model and state.get("model") and state["model"] != model
+    ):  # a LoRA trained half on one, half on another
+        raise ResumeError(
+            f"{str(out)!r} holds a run trained on model {state['model']}, and this model is {model} (another "
+            "checkpoint, or the same in another dtype); resume with that model, or pass --restart"
+        )
     if state["step"] > cfg.steps:  # the finished LoRA would be a later step's, and say steps=cfg.steps
         raise ResumeError(
             f"{str(out)!r} holds a run at step {state['step']}, past --steps {cfg.steps}; give --steps "
@@ -359,8 +368,12 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
             f"rank={cfg.rank} is more than the {narrowest} features of the narrowest targeted layer; "
             f"choose at most {narrowest} (Genmo uses 16)"
         )
-    ours = model_fingerprint(c) if data.model is not None and c.encoder is not None else data.model
-    if ours != data.model:  # a warning: the fingerprint also changes with the dtype the model was read in
+    # The base model's fingerprint (not under torchrun: its weights may be sharded over the ranks there).
+    model = model_fingerprint(c) if c.encoder is not None and parallel is None else ""
+    ours = model or data.model
+    if (
+        data.model is not None and ours != data.model
+    ):  # a warning: the fingerprint also changes with the dtype the model was read in
         _say(
             f"warning: the clips were prepared with model {data.model}, and this run's model is {ours} "
             "(another checkpoint, or the same in another dtype): the LoRA learns from latents and text "
@@ -368,7 +381,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
             writes and progress,
         )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
-    state = _resume_decision(out, cfg, data, restart, writes and progress)
+    state = _resume_decision(out, cfg, data, restart, writes and progress, model)
     if writes:
         atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
 
@@ -392,7 +405,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
         if not writes:
             return
         lora = trainable_lora_state_dict(dit)
-        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep, data.fingerprint)
+        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep, data.fingerprint, model)
         save_lora(read_layers(lora), out / f"lora-step-{step:06d}.safetensors", extra={"step": step})
 
     def read_layers(lora: dict) -> dict:
