@@ -569,3 +569,24 @@ def test_uploads_the_page_drops_are_deleted_and_a_failed_one_is_unselected(tab, 
     tab.wait_for_function("document.getElementById('error').textContent.includes('not a video')")
     assert tab.evaluate("document.getElementById('init-video').value") == ""
     assert not tab.locator("#generate").is_disabled()
+
+
+def test_a_slow_click_on_a_queue_button_survives_queue_updates(tab, server):
+    """The queue table was rebuilt at every update: a click whose press and release fell on either side of
+    a rebuild was lost (3 of 8 at 100 ms)."""
+    from .serve_harness import call_json
+
+    hold(server, tab, "runs on")
+    wait_status(tab, "denoising 1/3")
+    tab.fill("#prompt", "waits")
+    tab.click("#generate")
+    until(tab, lambda: any(j.status == "queued" for j in server.jobs.jobs()))
+    waiting = next(j for j in server.jobs.jobs() if j.status == "queued")
+    button = tab.locator(f"#queue tr[data-id='{waiting.id}'] button", has_text="cancel")
+    button.hover()
+    tab.mouse.down()
+    for i in range(2):  # other clients' jobs: queue updates while the button is held
+        assert call_json("POST", f"{server.url}/api/jobs", {"prompt": f"other {i}", "steps": 1})[0] == 202
+        tab.wait_for_function(f"document.querySelectorAll('#queue tr').length >= {i + 3}")
+    tab.mouse.up()
+    until(tab, lambda: waiting.status == "cancelled")
