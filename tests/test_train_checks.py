@@ -116,3 +116,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     )
     assert [p.name for p in list_states(out)] == ["step-000002.pt"]
     assert not (out / "lora.safetensors").exists() and (out / "lora-step-000002.safetensors").is_file()
+
+
+def test_targets_have_one_order_and_each_appears_once(tmp_path):
+    """A reordered --targets (the same LoRA) refused a resume, and a repeated one was stored as given."""
+    from mochi.train.lora_train import _check_resumable
+
+    cfg = lora_train.LoraTrainConfig(targets=("proj_x", "qkv_x", "qkv_x"))
+    assert (
+        cfg.targets == ("qkv_x", "proj_x") == lora_train.LoraTrainConfig(targets=("qkv_x", "proj_x")).targets
+    )
+    saved = {**cfg.as_json(), "targets": ["proj_x", "qkv_x"]}  # as a run saved before wrote them
+    _check_resumable(saved, cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"holds a run with targets=\['qkv_x', 'proj_y'\]"):
+        _check_resumable({**saved, "targets": ["proj_y", "qkv_x"]}, cfg, tmp_path)
+    with pytest.raises(ValueError, match="unknown LoRA target 'bogus'"):
+        lora_train.LoraTrainConfig(targets=("bogus", "qkv_x")).validate()

@@ -33,6 +33,7 @@ from torch import nn
 from mochi.finite import NonFiniteError, all_finite, check_finite
 from mochi.models.latents import vae_to_dit
 from mochi.models.lora import (
+    BLOCK_LINEARS,
     DEFAULT_TARGETS,
     add_trainable_lora,
     check_targets,
@@ -83,6 +84,11 @@ class LoraTrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     keep: int = 2  # state files kept
+
+    def __post_init__(self) -> None:
+        # One order for one set of targets (they train the same LoRA in any order; a reordered --targets
+        # refused a resume), each once. Unknown names stay, for validate to name.
+        object.__setattr__(self, "targets", canonical_targets(self.targets))
 
     def validate(self) -> None:
         check_targets(self.targets)
@@ -217,8 +223,16 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+def canonical_targets(targets) -> tuple[str, ...]:  # noqa: ANN001 - any iterable of names
+    """``targets`` without repeats, in the blocks' order (``BLOCK_LINEARS``), unknown names last."""
+    given = list(dict.fromkeys(targets))
+    return tuple([t for t in BLOCK_LINEARS if t in given] + [t for t in given if t not in BLOCK_LINEARS])
+
+
 def _check_resumable(saved: dict, cfg: LoraTrainConfig, out: Path) -> None:
     now = cfg.as_json()
+    if isinstance(saved.get("targets"), list):  # a run saved before targets had one order
+        saved = {**saved, "targets": list(canonical_targets(saved["targets"]))}
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise ValueError(
