@@ -519,3 +519,34 @@ def test_main_reports_output_errors_in_one_line(monkeypatch, capsys):
         capsys.readouterr().err
         == "mochi: error: cannot write '/x/y.safetensors': no space left on the device\n"
     )
+
+
+def test_lora_merge_into_a_checkpoint_kept_quantized_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """It was refused only after the whole load (minutes for the released model)."""
+    from .dit_checkpoints import state_dict, tiny_model, write_fp8_scaled
+    from .gguf_files import write_kijai
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", tiny_model(), layout="legacy", all_in_one=False)
+    q8 = write_kijai(tmp_path / "q8.safetensors", state_dict(tiny_model()), "Q8_0")
+    lora = ["--lora", str(tmp_path / "l.safetensors"), "--lora-merge", "--out", str(tmp_path / "o.mp4")]
+    for model, words in ((fp8, "fp8 scaled_fp8 weights"), (q8, "gguf Q8_0 weights")):
+        code = main(["generate", "x", "--model", str(model), "--vae", str(fp8), "--t5", str(fp8), *lora])
+        _one_line(capsys, code, f"--lora-merge cannot merge into this checkpoint's {words}")
+    # Widened at load, fp8 merges: the check lets it through (to the missing LoRA file here).
+    code = main(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(fp8),
+            "--vae",
+            str(fp8),
+            "--t5",
+            str(fp8),
+            "--fp8",
+            "dequantize",
+            *lora,
+        ]
+    )
+    _one_line(capsys, code, "l.safetensors' does not exist")

@@ -7,6 +7,7 @@ the arguments or a file header reveals; each check raises a one-line ValueError.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,18 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     else:
         max_memory = parse_max_memory(args.max_memory)
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    if args.lora_merge and args.model:  # a DiT kept quantized as stored: found from the headers, not the load
+        from mochi.weights.formats import detect, quant_label
+
+        quant = None
+        with contextlib.suppress(ValueError):  # a bundle or a layout detect() does not read: left to the load
+            quant = detect(args.model, variant=getattr(args, "variant", None)).quant.get("dit")
+        if quant and (quant.startswith("gguf") or getattr(args, "fp8", "keep") == "keep"):
+            fix = "" if quant.startswith("gguf") else ", or add --fp8 dequantize"
+            raise ValueError(
+                f"--lora-merge cannot merge into this checkpoint's {quant_label(quant)} weights (they stay "
+                f"quantized); leave out --lora-merge (the LoRA is then applied unmerged){fix}"
+            )
     check_loras(args.lora)
     init = None
     if args.init_video:
