@@ -211,6 +211,30 @@ def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
     both = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB)[0]
     apart = stage_peaks(models, job, torch.bfloat16, "fp8", Offload(), 8 * GB, t5_quant="none")[0]
     assert apart["text"] > both["text"]
+    # The decode as the pipeline will split it: within --max-memory when given.
+    seen.clear()
+    monkeypatch.setattr(auto, "plan", lambda *a, **k: seen.append(k["max_memory"]) or real_plan(*a, **k))
+    auto.choose_setting(c, request, "cuda", max_memory=10**8)
+    assert seen == [10**8]
+    from mochi.memory.estimate import decoder_weights
+    from mochi.models.vae import Decoder
+    from mochi.models.vae_memory import estimate_decode_memory
+    from mochi.models.vae_plan import choose_plan
+
+    released, big = Models(), Job.from_request(163, 480, 848)
+    with torch.device("meta"):
+        decoder = Decoder(released.decoder)
+    split, _ = choose_plan(decoder, (1, *big.latent), 4 * 10**9)
+    peaks, tile = stage_peaks(
+        released, big, torch.bfloat16, "none", Offload("model"), 80 * GB, max_memory=4 * 10**9
+    )
+    assert tile == split.tile and peaks["decode"] == decoder_weights(
+        released.decoder
+    ) + estimate_decode_memory(released.decoder, (1, *big.latent), split.tile, split.chunk, torch.float32)
+    assert (
+        peaks["decode"]
+        < stage_peaks(released, big, torch.bfloat16, "none", Offload("model"), 80 * GB)[0]["decode"]
+    )
 
 
 def test_the_plans_decode_is_the_split_the_pipeline_decodes_with():

@@ -47,11 +47,13 @@ def choose_setting(
     dtype: str | None = None,
     quantize: str | None = None,
     vae_dtype: str | torch.dtype | None = None,
+    max_memory: int | None = None,
 ) -> tuple[Option | None, str]:
     """(the fastest setting that fits the device's free memory, a sentence saying what was chosen).
 
     The weights are planned as they will be: ``quantize`` (``--quantize``, applied to the DiT and T5 after
-    loading) when given, else each model as loaded (a kept fp8 or GGUF DiT beside a full-width T5).
+    loading) when given, else each model as loaded (a kept fp8 or GGUF DiT beside a full-width T5); the
+    decode within ``max_memory`` (``--max-memory``) when given, as the pipeline will decode.
     None on the CPU (nothing to plan: weights and activations share host memory). ValueError when nothing
     fits, naming the closest setting and, when one exists, a quantization that would fit.
     """
@@ -73,6 +75,7 @@ def choose_setting(
         "dtypes": (dit_dtype,),
         "reserve": CUDA_RESERVE,
         "vae_dtype": parse_dtype(vae_dtype) or torch.float32,
+        "max_memory": max_memory,  # the VAE budget the pipeline will decode within (--max-memory)
     }
     options = plan(models, job, budget, quants=(quant,), t5_quant=t5_quant, **common)
     try:
@@ -112,6 +115,7 @@ def auto_pipeline(model: str | None, device: str, request: GenerationRequest, op
         options.get("dit_dtype"),
         quantize=options.get("quantize"),
         vae_dtype=options.get("vae_dtype"),
+        max_memory=options.get("max_memory"),
     )
     options["offload"] = chosen.offload if chosen is not None else "none"
     return MochiPipeline(c, device=device, **options), note

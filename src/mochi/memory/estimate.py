@@ -180,11 +180,15 @@ def t5_activations(cfg: T5Config, batch: int, length: int = 256) -> int:
 
 @functools.lru_cache(maxsize=256)
 def pipeline_decode_plan(
-    cfg: DecoderConfig, latent: tuple[int, int, int, int], available: int, dtype: torch.dtype = torch.float32
+    cfg: DecoderConfig,
+    latent: tuple[int, int, int, int],
+    available: int,
+    dtype: torch.dtype = torch.float32,
+    max_memory: int | None = None,
 ) -> tuple[Plan | None, int]:
     """(the split the pipeline decodes with when ``available`` bytes are free, its estimated bytes):
-    ``choose_plan``'s rule, the default budget's split unless it needs more than is free, then a smaller
-    one. (None, the smallest split's bytes) when nothing fits."""
+    ``choose_plan``'s rule, the default budget's split (or the user's ``max_memory``) unless it needs more
+    than is free, then a smaller one. (None, the smallest split's bytes) when nothing fits."""
     import warnings
 
     from mochi.models.vae_plan import choose_plan
@@ -194,7 +198,7 @@ def pipeline_decode_plan(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback's warning is the pipeline's to give
-            plan, _ = choose_plan(decoder, latent, None, max(available, 0))
+            plan, _ = choose_plan(decoder, latent, max_memory, max(available, 0))
     except ValueError:
         _, t, h, w = latent
         return None, estimate_decode_memory(cfg, latent, (min(h, 7), min(w, 7)), 1, dtype)

@@ -95,8 +95,10 @@ def stage_peaks(
     reserve: int = 0,
     vae_dtype: torch.dtype = torch.float32,
     t5_quant: str | None = None,
+    max_memory: int | None = None,
 ) -> tuple[dict[str, int], tuple[int, int] | None]:
     """({stage: peak bytes}, the decode tile) for one setting within ``budget`` bytes (see the module doc).
+    ``max_memory``: the VAE budget the pipeline decodes within (``--max-memory``; None: its default).
     ``quant`` is both models' (``--quantize`` quantizes both) unless ``t5_quant`` names T5's own (a loaded
     checkpoint whose DiT kept fp8 while its T5 is full width)."""
     dit = dit_weights(models.dit, dtype, quant)
@@ -117,7 +119,7 @@ def stage_peaks(
     # As the pipeline plans it: the default budget's split, unless that needs more than 80% of what is free
     # once the decoder is there (then a smaller one).
     plan, decode_act = pipeline_decode_plan(
-        models.decoder, latent, int(0.8 * (budget - reserve - resident["decode"])), vae_dtype
+        models.decoder, latent, int(0.8 * (budget - reserve - resident["decode"])), vae_dtype, max_memory
     )
     peaks = {
         "text": resident["text"] + t5_act + reserve,
@@ -143,11 +145,13 @@ def plan(
     all_blocks: bool = False,
     vae_dtype: torch.dtype = torch.float32,
     t5_quant: str | None = None,
+    max_memory: int | None = None,
 ) -> list[Option]:
     """Every setting, in speed order (fastest first), each with its peaks and whether it fits ``budget``.
 
     Block offload appears once per dtype × quantization: with the most resident blocks that fit (or 0 when
-    none does); ``all_blocks`` lists every N instead. ``vae_dtype`` and ``t5_quant``: as for ``stage_peaks``.
+    none does); ``all_blocks`` lists every N instead. ``vae_dtype``, ``t5_quant`` and ``max_memory`` (the
+    VAE budget, ``--max-memory``): as for ``stage_peaks``.
     """
     out = []
     for dtype in dtypes:
@@ -155,7 +159,7 @@ def plan(
             blocks: list[Option] = []
             for mode in offload_modes(models.dit.depth):
                 peaks, tile = stage_peaks(
-                    models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant
+                    models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant, max_memory
                 )
                 fits = tile is not None and max(peaks.values()) <= budget
                 option = Option(dtype, quant, mode, peaks, fits, tile)
