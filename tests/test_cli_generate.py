@@ -237,3 +237,16 @@ def test_a_truncated_prompt_is_one_warning_line_and_kept_in_the_sidecar(tiny, tm
     assert "PromptTruncatedWarning" not in err and "prompts.py" not in err
     (kept,) = json.loads(out.with_suffix(".json").read_text())["warnings"]
     assert "but the text encoder takes 256: the last" in kept and kept in lines[0]
+
+
+def test_a_cache_with_an_ancestral_sampler_says_it_will_skip_little(tiny, tmp_path, capsys):
+    out = tmp_path / "c.mp4"
+    assert (
+        main(["generate", "x", "--steps", "2", "--cache", "teacache", "--eta", "1", "--out", str(out)]) == 0
+    )
+    assert (
+        "mochi: note: --eta 1 re-noises every step above sigma 0, so --cache skips few"
+        in capsys.readouterr().err
+    )
+    assert main(["generate", "x", "--steps", "2", "--cache", "teacache", "--out", str(out)]) == 0
+    assert "re-noises" not in capsys.readouterr().err  # the cached request takes Euler by itself

@@ -158,6 +158,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     apply_cache_options(pipe, args)
     loaded = time.perf_counter() - started
     resolved = request.resolved(pipe.components.defaults)
+    if resolved.cache != "none" and resolved.eta and main:
+        # Named by the request (a cached request otherwise runs Euler): the cache will seldom skip a step.
+        print(
+            f"mochi: note: --eta {resolved.eta:g} re-noises every step above sigma {resolved.eta_above:g}, "
+            "so --cache skips few or none of those steps; --eta 0 (or leaving --eta out) lets it skip",
+            file=sys.stderr,
+        )
     if init is not None and init < resolved.frames:  # the model's defaults asked for more than foreseen
         read_init_video(args.init_video, resolved.frames, (8, 8))  # names the frame count that would fit
     from mochi.models.tokenizer import PromptTruncatedWarning
