@@ -176,6 +176,21 @@ def test_info_describes_a_prepared_clip_and_a_training_state(data, tmp_path, cap
         f"{len(list(data.glob('*.safetensors')))} clips, sha256 "
     )
     assert info["use"] == f"mochi train-lora DATA --out {(tmp_path / 'run').resolve()} (resumes after step 2)"
+    # The folders themselves: the data folder (it was described as its first clip, with the wrong folder in
+    # its train-lora command) and the run folder (it was "no Mochi component recognised").
+    assert main(["info", str(data), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n = len(list(data.glob("*.safetensors")))
+    assert info["format"] == "prepared data (mochi prepare-data)" and info["clips"].startswith(f"{n} (")
+    assert info["size"] == "7 frames, 32x32" and info["use"] == f"mochi train-lora {data} --out RUN"
+    assert main(["info", str(tmp_path / "run"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (
+        info["format"] == "train-lora run"
+        and info["step"] == "2 of 2"
+        and info["settings"].startswith("rank 2")
+    )
+    assert info["use"] == f"mochi generate PROMPT --lora {tmp_path / 'run' / 'lora.safetensors'}"
     # A truncated state is no state: the model error stays (and names the file).
     state.write_bytes(state.read_bytes()[:100])
     assert main(["info", str(state)]) == 2

@@ -38,7 +38,7 @@ def _run_info(args: argparse.Namespace) -> int:
     except WeightsError:
         # Not a model: a LoRA file, a prepared clip or a training state is described as one.
         other = None
-        for describe in (_lora_info, _clip_info, _state_info):
+        for describe in (_lora_info, _clip_info, _state_info, _data_info, _run_folder_info):
             if (other := describe(args.checkpoint)) is not None:
                 break
         if other is None:
@@ -58,6 +58,8 @@ def _clip_info(path: str) -> dict | None:
     from mochi.train.data import CLIP_TENSORS
     from mochi.weights.io import read_metadata, read_state_dict
 
+    if not Path(path).is_file():  # a folder of clips is _data_info's
+        return None
     with contextlib.suppress(Exception):  # anything that does not read as a clip keeps the model's error
         tensors, meta = read_state_dict(path), read_metadata(path)
         if tensors.keys() >= CLIP_TENSORS and "caption" in meta:
@@ -72,6 +74,61 @@ def _clip_info(path: str) -> dict | None:
                 "text": f"{tensors['text'].shape[0]} tokens",
                 "use": f"mochi train-lora {folder} --out RUN",
             }
+    return None
+
+
+def _data_info(path: str) -> dict | None:
+    """What ``mochi info`` says of a folder ``mochi prepare-data`` wrote, or None if it is not one."""
+    import contextlib
+
+    from mochi.train.data import LatentDataset
+
+    if not Path(path).is_dir():
+        return None
+    with contextlib.suppress(Exception):  # anything that does not read as prepared data keeps the error
+        data = LatentDataset(path)
+        shape = "x".join(str(n) for n in data.examples[0].mean.shape)
+        size = "{} frames, {}x{}".format(*(data.settings.get(k, "?") for k in ("frames", "width", "height")))
+        captions = [e.caption for e in data.examples if e.caption.strip()]
+        return {
+            "path": str(path),
+            "format": "prepared data (mochi prepare-data)",
+            "clips": f"{len(data)} ({len(captions)} with a caption)",
+            "size": size,
+            "latents": shape,
+            "model": data.model or "?",
+            "caption": captions[0] if captions else "",
+            "use": f"mochi train-lora {path} --out RUN",
+        }
+    return None
+
+
+def _run_folder_info(path: str) -> dict | None:
+    """What ``mochi info`` says of a ``train-lora`` run folder, or None if it is not one."""
+    import contextlib
+    import json
+
+    from mochi.train.lora_state import load_latest_state
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return None
+    with contextlib.suppress(Exception):  # anything that does not read as a run keeps the model's error
+        config = json.loads((folder / "config.json").read_text())
+        state = load_latest_state(folder)
+        loras = sorted(folder.glob("lora*.safetensors"))
+        final = folder / "lora.safetensors"
+        return {
+            "path": str(path),
+            "format": "train-lora run",
+            "step": f"{state['step'] if state else 0} of {config.get('steps', '?')}",
+            "settings": f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, "
+            f"targets {','.join(config.get('targets', []))}",
+            "lora": str(final) if final.is_file() else (str(loras[-1]) if loras else "none yet"),
+            "use": f"mochi generate PROMPT --lora {final}"
+            if final.is_file()
+            else f"mochi train-lora DATA --out {path} (resumes)",
+        }
     return None
 
 
