@@ -183,6 +183,8 @@ def test_info_describes_a_prepared_clip_and_a_training_state(data, tmp_path, cap
     n = len(list(data.glob("*.safetensors")))
     assert info["format"] == "prepared data (mochi prepare-data)" and info["clips"].startswith(f"{n} (")
     assert info["size"] == "7 frames, 32x32" and info["use"] == f"mochi train-lora {data} --out RUN"
+    assert main(["info", str(data), "--variant", "bf16"]) == 2  # a variant names a diffusers folder
+    assert "holds no recognised checkpoint" in capsys.readouterr().err  # it was described as data anyway
     assert main(["info", str(tmp_path / "run"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (

@@ -109,11 +109,11 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
         quant = None
         with contextlib.suppress(ValueError):  # a bundle or a layout detect() does not read: left to the load
             quant = detect(args.model, variant=getattr(args, "variant", None)).quant.get("dit")
-        if quant and (quant.startswith("gguf") or getattr(args, "fp8", "keep") == "keep"):
-            fix = "" if quant.startswith("gguf") else ", or add --fp8 dequantize"
+        if quant and getattr(args, "fp8", "keep") == "keep":  # --fp8 dequantize widens fp8 and GGUF alike
             raise ValueError(
                 f"--lora-merge cannot merge into this checkpoint's {quant_label(quant)} weights (they stay "
-                f"quantized); leave out --lora-merge (the LoRA is then applied unmerged){fix}"
+                "quantized); leave out --lora-merge (the LoRA is then applied unmerged), or add --fp8 "
+                "dequantize"
             )
     check_loras(args.lora)
     init = None

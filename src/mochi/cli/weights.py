@@ -36,6 +36,8 @@ def _run_info(args: argparse.Namespace) -> int:
     try:
         info = checkpoint_info(args.checkpoint, variant=args.variant)
     except WeightsError:
+        if args.variant is not None:  # a variant names a diffusers folder: nothing else is described
+            raise
         # Not a model: a LoRA file, a prepared clip or a training state is described as one.
         other = None
         for describe in (_lora_info, _clip_info, _state_info, _data_info, _run_folder_info):
