@@ -250,3 +250,27 @@ def test_a_cache_with_an_ancestral_sampler_says_it_will_skip_little(tiny, tmp_pa
     )
     assert main(["generate", "x", "--steps", "2", "--cache", "teacache", "--out", str(out)]) == 0
     assert "re-noises" not in capsys.readouterr().err  # the cached request takes Euler by itself
+
+
+def test_the_sidecar_records_what_shapes_the_pixels_and_is_not_shared(tiny, tmp_path, capsys):
+    """--vae-dtype and the attention backend were not recorded (re-running a sidecar could not reproduce
+    the video); a .mkv beside a .mp4 of one stem overwrote the .mp4's sidecar."""
+    out = tmp_path / "same.mp4"
+    assert main(["generate", "x", "--steps", "1", "--vae-dtype", "bf16", "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert (sidecar["vae_dtype"], sidecar["attention"]) == ("bfloat16", "sdpa")
+    capsys.readouterr()
+    assert main(["generate", "y", "--steps", "1", "--out", str(tmp_path / "same.mkv")]) == 2
+    assert "would share the sidecar same.json with same.mp4" in capsys.readouterr().err
+    assert (
+        not (tmp_path / "same.mkv").exists()
+        and json.loads(out.with_suffix(".json").read_text())["prompt"] == "x"
+    )
+
+
+def test_a_long_output_name_the_folder_takes_is_written(tiny, tmp_path):
+    """The temporary's name (.<stem>.<pid>.<random>.partial.mp4) went past 255 bytes: the run failed at the
+    end with "does not take new files"."""
+    out = tmp_path / ("a" * 240 + ".mp4")
+    assert main(["generate", "x", "--steps", "1", "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()

@@ -363,3 +363,18 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     for name in ("w.safetensors", "v.mp4", "t.txt", "transformer/config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert (tmp_path / "transformer").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_run_to_run_entries_stay_out_of_the_videos_copy():
+    """compile_seconds (3.6 or 17.2 s for one request) made --compile runs' mp4 bytes differ."""
+    from mochi.outputs import embedded_parameters
+
+    sidecar = {
+        "prompt": "p",
+        "seed": 1,
+        "seconds": {"denoise": 1.0},
+        "compile_seconds": 3.6,
+        "id": "j",
+        "created": 1.0,
+    }
+    assert json.loads(embedded_parameters(sidecar)) == {"prompt": "p", "seed": 1}

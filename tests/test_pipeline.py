@@ -234,3 +234,21 @@ def test_latents_match_diffusers_mochi_pipeline(pipe, negative):
     ).frames
     scale = ours.latents.abs().max()
     assert (out - ours.latents).abs().max() <= 1e-4 * scale
+
+
+def test_what_would_fail_after_sampling_fails_before_it(pipe):
+    """A max_memory no decode split fits was found after all the sampling; a negative prompt on a clip whose
+    remaining steps are all unguided was silently ignored."""
+    seen = []
+    small = MochiPipeline(tiny_components(), device="cpu", max_memory=10**5)
+    with pytest.raises(ValueError, match="max_memory 100000 bytes is too small"):
+        small.generate(GenerationRequest("x", seed=0, steps=2), progress=lambda *a: seen.append(a[0]))
+    assert "denoise" not in seen
+    clip = torch.zeros((7, 32, 32, 3), dtype=torch.uint8)
+    request = GenerationRequest(
+        "x", seed=0, steps=8, strength=0.3, guidance=[5.0] * 6 + [1.0, 1.0], negative_prompt="a blue square"
+    )
+    with pytest.raises(
+        ValueError, match=r"negative_prompt='a blue square' needs guidance other than 1.0, and the 1 steps"
+    ):
+        pipe.generate(request, init_frames=clip)

@@ -75,6 +75,15 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
         ({"steps": 0}, r"steps=0 must be in \[1, 10000\] \(Mochi uses 64\); nearest valid: 1"),
         ({"steps": 10**20}, r"steps=100000000000000000000 must be in \[1, 10000\] .*; nearest valid: 10000"),
         ({"seed": -1}, r"seed=-1 must be in"),
+        # Found here, not as a negative sigma deep in sampling (or a 'start_sigma' the request has not).
+        (
+            {"threshold_noise": 0.7, "steps": 64},
+            r"threshold_noise=0.7 with steps=64 .* make no schedule falling",
+        ),
+        (
+            {"sigmas": [0.5, 0.2, 0.0], "init_video": "c.mp4"},
+            r"strength=0.7 must lie in \(0.0, 0.5\] for this",
+        ),
         ({"guidance": -2.0}, r"guidance=-2.0 must be in \[0, 100\] .*; nearest valid: 0"),
         ({"guidance": 1e30}, r"guidance=1e\+30 must be in \[0, 100\] .*; nearest valid: 100"),
         ({"guidance": float("nan")}, r"guidance=nan must be in \[0, 100\]"),
@@ -108,7 +117,7 @@ def test_bad_requests(kwargs, message):
 
 
 def test_a_schedule_below_one_needs_a_clip():
-    low = GenerationRequest("p", sigmas=[0.5, 0.0], init_video="clip.mp4")
+    low = GenerationRequest("p", sigmas=[0.5, 0.0], init_video="clip.mp4", strength=0.5)
     assert low.resolved(DEFAULTS).sigmas == [0.5, 0.0]
     with pytest.raises(ValueError, match="start the schedule at 1.0, or give init_video"):
         low.resolved(DEFAULTS, video_to_video=False)

@@ -119,7 +119,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
             if str(directory.resolve()) not in _swept:  # once per folder and process: leftovers predate it
                 _swept.add(str(directory.resolve()))
                 remove_stale_partials(directory)
-            tmps.append(_new_file(path, directory, f".{path.stem}.{os.getpid()}.", f".partial{path.suffix}"))
+            # The stem is cut: a name the file system takes (255 bytes) must not fail as a longer temporary.
+            stem = path.stem.encode()[:100].decode(errors="ignore")
+            tmps.append(_new_file(path, directory, f".{stem}.{os.getpid()}.", f".partial{path.suffix}"))
         # A full or read-only disk is reported as such, in one line (the targets share a folder, as a rule).
         with write_errors(targets[0], tmps[0]):
             yield tuple(tmps)

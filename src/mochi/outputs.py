@@ -21,7 +21,7 @@ from mochi.video import encode_video, to_uint8, video_rate
 
 # Sidecar entries that vary between identical runs, kept out of the video's own copy: the timings, and the
 # server's job id and clock times (so that the same request and seed give the same bytes there too).
-VOLATILE = ("seconds", "id", "created", "started", "finished")
+VOLATILE = ("seconds", "compile_seconds", "id", "created", "started", "finished")
 
 
 def sidecar_path(video: str | os.PathLike) -> Path:

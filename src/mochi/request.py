@@ -163,6 +163,32 @@ class GenerationRequest:
                 out.eta_above = 0.0
         return out
 
+    def _check_schedule(self, video_to_video: bool | None) -> None:
+        """The schedule the request makes is a schedule (a large ``threshold_noise`` made σ go negative deep
+        in sampling), and a clip's ``strength`` leaves it at least one step: errors naming the fields."""
+        from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
+
+        sigmas = self.sigmas
+        if sigmas is None and self.steps is not None:
+            try:
+                linear = None if self.linear_steps is None else int(self.linear_steps)
+                sigmas = linear_quadratic_schedule(int(self.steps), float(self.threshold_noise), linear)
+            except ValueError as e:
+                raise ValueError(
+                    f"threshold_noise={self.threshold_noise} with steps={self.steps} and linear_steps="
+                    f"{self.linear_steps} make no schedule falling from 1 to 0 ({e}); the default "
+                    f"threshold_noise is {DEFAULT_THRESHOLD_NOISE}"
+                ) from None
+        from_clip = self.init_video is not None if video_to_video is None else video_to_video
+        if sigmas is not None and from_clip:
+            try:
+                truncate_schedule([float(v) for v in sigmas], float(self.strength))
+            except ValueError:
+                raise ValueError(
+                    f"strength={self.strength} must lie in ({sigmas[-1]}, {sigmas[0]}] for this schedule "
+                    "(it is where the clip's noising starts, and one step must remain)"
+                ) from None
+
     def _plain_numbers(self) -> dict:
         """The numeric fields as Python ints and floats (a numpy or torch scalar passes ``validate`` as a
         number; the sampler and the output record want plain ones)."""
@@ -287,6 +313,7 @@ class GenerationRequest:
         from mochi.accel.cache import CacheSetting
 
         CacheSetting.parse(self.cache, self.cache_threshold)
+        self._check_schedule(video_to_video)
         from mochi.models.lora import check_scale
 
         for entry in self.loras:

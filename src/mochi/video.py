@@ -111,7 +111,9 @@ def encode_video(
     import av
 
     _, h, w, _ = pixels.shape
-    with av.open(str(path), mode="w") as container:
+    # bitexact: no random ids or dates in the container (Matroska wrote both, so two encodes of one video
+    # differed), nor the muxer's version string.
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
         container.metadata.update(metadata or {})
         codec, pix_fmt = ("libx264rgb", "rgb24") if lossless else ("libx264", "yuv420p")
         stream = container.add_stream(codec, rate=rate)

@@ -29,6 +29,17 @@ def check_output(out: Path) -> None:
     sidecar = sidecar_path(out)
     if sidecar.is_dir():
         raise ValueError(f"cannot write the sidecar {str(sidecar)!r}: it is a folder; choose another --out")
+    # Another container of the same stem shares the sidecar: writing this one would pair that video with
+    # this run's parameters.
+    other = next(
+        (out.with_suffix(s) for s in CONTAINERS if s != out.suffix.lower() and out.with_suffix(s).exists()),
+        None,
+    )
+    if other is not None:
+        raise ValueError(
+            f"output {str(out)!r} would share the sidecar {sidecar.name} with {other.name}, another video of "
+            f"this name; choose another --out, or remove {other.name}"
+        )
 
 
 def parse_max_memory(text: str | None) -> int | None:

@@ -187,6 +187,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         "model": args.model or f"embedded:{pipe.components.name}",
         "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),
+        "vae_dtype": str(pipe.vae_dtype).removeprefix("torch."),  # the decode's pixels depend on it
+        "attention": pipe.components.dit.attention_backend,
         "vae_plans": result.vae_plans,
         "quantize": args.quantize,
         "quantization": pipe.quantization or None,  # what was done (int8: by torchao or by mochi)
