@@ -23,7 +23,7 @@ check that the streamed output equals no offload.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,25 @@ def _set(entry: tuple[nn.Module, str, bool], t: torch.Tensor) -> None:
         m._buffers[name] = t
 
 
+def _inner(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s data: itself, or a tensor subclass's (torchao's quantized weights
+    follow PyTorch's ``__tensor_flatten__`` protocol), recursively."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for name in names for x in _inner(getattr(t, name))]
+
+
+def _map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` applied to the plain tensors inside ``t``, rebuilt as ``t``'s type (pinning a subclass's
+    memory need not be implemented by it: its parts' is)."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return fn(t)
+    names, context = t.__tensor_flatten__()
+    parts = {name: _map_inner(getattr(t, name), fn) for name in names}
+    return type(t).__tensor_unflatten__(parts, context, t.size(), t.stride())
+
+
 def _copies(device: torch.device, copy: bool | None) -> bool:
     """Whether streaming to ``device`` makes copies: always off the CPU; on it only when forced."""
     return device.type != "cpu" if copy is None else copy
@@ -117,8 +136,8 @@ class _TensorSet:
             t = _get(e)
             if t.device.type != "cpu":
                 raise ValueError(f"block offload needs the weights on the CPU first, found one on {t.device}")
-            if pin and not t.is_pinned():
-                t = t.pin_memory()
+            if pin and not all(x.is_pinned() for x in _inner(t)):
+                t = _map_inner(t, torch.Tensor.pin_memory)
                 _set(e, t)
             self.masters.append(t)
         self.event: torch.cuda.Event | None = None
@@ -149,7 +168,8 @@ class _TensorSet:
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(self.event)
         for e in self.entries:
-            _get(e).record_stream(compute)
+            for t in _inner(_get(e)):  # a subclass's parts: record_stream need not be implemented by it
+                t.record_stream(compute)
         self.event = None
 
     def unload(self) -> None:
