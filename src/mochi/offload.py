@@ -98,10 +98,15 @@ def _set(entry: tuple[nn.Module, str, bool], t: torch.Tensor) -> None:
         m._buffers[name] = t
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """Not a tensor subclass made of other tensors (``__tensor_flatten__``, as torchao's weights are)."""
+    return type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__")
+
+
 def _inner(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold ``t``'s data: itself, or a tensor subclass's (torchao's quantized weights
     follow PyTorch's ``__tensor_flatten__`` protocol), recursively."""
-    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+    if _plain(t):
         return [t]
     names, _ = t.__tensor_flatten__()
     return [x for name in names for x in _inner(getattr(t, name))]
@@ -110,7 +115,7 @@ def _inner(t: torch.Tensor) -> list[torch.Tensor]:
 def _map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``fn`` applied to the plain tensors inside ``t``, rebuilt as ``t``'s type (pinning a subclass's
     memory need not be implemented by it: its parts' is)."""
-    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+    if _plain(t):
         return fn(t)
     names, context = t.__tensor_flatten__()
     parts = {name: _map_inner(getattr(t, name), fn) for name in names}

@@ -294,7 +294,7 @@ class MochiPipeline:
         t0 = time.perf_counter()
         report("text", 0, 1)
         sigmas = self._sigmas(req)
-        self._check_before_sampling(req, sigmas, from_clip, batch)
+        self._check_before_sampling(req, batch)
         guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))
         texts = prompts + ([req.negative_prompt] if guided else [])
         feats, mask = self.encode_text(texts)
@@ -363,24 +363,12 @@ class MochiPipeline:
             stats=stats,
         )
 
-    def _check_before_sampling(
-        self, req: GenerationRequest, sigmas: list[float], from_clip: bool, batch: int
-    ) -> None:
-        """What would fail or be ignored only after sampling, found before it: a ``max_memory`` too small for
-        any decode split, and a negative prompt whose steps (those a clip's ``strength`` leaves) are all
-        unguided."""
+    def _check_before_sampling(self, req: GenerationRequest, batch: int) -> None:
+        """What would fail only after sampling, found before it: a ``max_memory`` too small for any decode
+        split (a request's own rules, an unguided negative prompt included, are ``GenerationRequest``'s)."""
         if self.max_memory is not None:  # the default budget grows until a split fits; the user's does not
             shape = (batch, check_frames(req.frames), req.height // 8, req.width // 8)
             choose_plan(self.components.decoder, shape, self.max_memory)
-        if from_clip and req.negative_prompt.strip():
-            steps = len(truncate_schedule(sigmas, req.strength)) - 1
-            tail = req.guidance[-steps:] if isinstance(req.guidance, list) else req.guidance
-            if all(g == 1.0 for g in guidance_schedule(tail, steps)):
-                raise ValueError(
-                    f"negative_prompt={req.negative_prompt[:40]!r} needs guidance other than 1.0, and the "
-                    f"{steps} steps strength={req.strength} leaves all have guidance 1.0; raise their "
-                    "guidance or leave negative_prompt out"
-                )
 
     def _denoiser(self, req: GenerationRequest, sigmas: list[float]):  # noqa: ANN202
         """The sampler's denoiser for ``req`` (parallel, cached, timed) and a function giving its stats."""

@@ -165,7 +165,9 @@ class GenerationRequest:
 
     def _check_schedule(self, video_to_video: bool | None) -> None:
         """The schedule the request makes is a schedule (a large ``threshold_noise`` made σ go negative deep
-        in sampling), and a clip's ``strength`` leaves it at least one step: errors naming the fields."""
+        in sampling), a clip's ``strength`` leaves it at least one step, and a negative prompt has a guided
+        step among those that run: errors naming the fields."""
+        from mochi.sampling.sampler import guidance_schedule
         from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 
         sigmas = self.sigmas
@@ -182,12 +184,21 @@ class GenerationRequest:
         from_clip = self.init_video is not None if video_to_video is None else video_to_video
         if sigmas is not None and from_clip:
             try:
-                truncate_schedule([float(v) for v in sigmas], float(self.strength))
+                steps = len(truncate_schedule([float(v) for v in sigmas], float(self.strength))) - 1
             except ValueError:
                 raise ValueError(
                     f"strength={self.strength} must lie in ({sigmas[-1]}, {sigmas[0]}] for this schedule "
                     "(it is where the clip's noising starts, and one step must remain)"
                 ) from None
+            # The steps a clip's strength leaves are the schedule's last: guidance above it never runs.
+            tail = self.guidance[-steps:] if isinstance(self.guidance, list) else self.guidance
+            unguided = tail is not None and all(g == 1.0 for g in guidance_schedule(tail, steps))
+            if self.negative_prompt.strip() and unguided:
+                raise ValueError(
+                    f"negative_prompt={self.negative_prompt[:40]!r} needs guidance other than 1.0, and the "
+                    f"{steps} steps strength={self.strength} leaves all have guidance 1.0; raise their "
+                    "guidance or leave negative_prompt out"
+                )
 
     def _plain_numbers(self) -> dict:
         """The numeric fields as Python ints and floats (a numpy or torch scalar passes ``validate`` as a

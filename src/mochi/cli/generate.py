@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from mochi.cli.accel import add_cache_options, apply_cache_options
 from mochi.cli.checks import check_generate, check_output, read_init_video
@@ -167,16 +166,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         )
     if init is not None and init < resolved.frames:  # the model's defaults asked for more than foreseen
         read_init_video(args.init_video, resolved.frames, (8, 8))  # names the frame count that would fit
-    from mochi.models.tokenizer import PromptTruncatedWarning
+    from mochi.models.tokenizer import truncations
 
-    with warnings.catch_warnings(record=True) as caught:  # shown after the bar, and kept in the sidecar
-        warnings.simplefilter("always", PromptTruncatedWarning)
-        with _ProgressBar() as bar:  # the pipeline reads --init-video, fitting each frame as it is decoded
-            result = pipe.generate(resolved, progress=bar if main else None)
-    said = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
-    for w in caught:
-        if not issubclass(w.category, PromptTruncatedWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with truncations() as said, _ProgressBar() as bar:  # said: shown after the bar, kept in the sidecar
+        # The pipeline reads --init-video, fitting each frame as it is decoded.
+        result = pipe.generate(resolved, progress=bar if main else None)
     if not main:
         return 0
     for message in said:

@@ -6,8 +6,10 @@ builds the mask, so truncation and the empty-prompt rule are the same whichever 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +20,21 @@ SPIECE_UNDERLINE = "▁"
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's context and its end was dropped."""
+
+
+@contextlib.contextmanager
+def truncations() -> Iterator[list[str]]:
+    """Collect the `PromptTruncatedWarning` messages raised in the block (in the list yielded, filled when
+    the block ends) instead of printing them; other warnings go on as they would have."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        yield said
+    for w in caught:
+        if issubclass(w.category, PromptTruncatedWarning):
+            said.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class Tokenizer(Protocol):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from mochi.errors import DISK_ERRNOS, OutputError
 from mochi.files import atomic_write_text
-from mochi.models.tokenizer import PromptTruncatedWarning
+from mochi.models.tokenizer import truncations
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
 
@@ -225,16 +224,9 @@ def prepare_data(
             x = clip.permute(3, 0, 1, 2)[None].to(device, torch.float32) / 127.5 - 1.0  # (1, 3, T, H, W)
             with torch.no_grad():
                 mean, logvar = encode(encoder.to(device), x)
-            with warnings.catch_warnings(record=True) as caught:  # a caption cut short goes in the report
-                warnings.simplefilter("always", PromptTruncatedWarning)
+            with truncations() as said:  # a caption cut short goes in the report
                 feats, mask = encode_prompts([caption], components.tokenizer, text_encoder.to(device))
-            for w in caught:
-                if issubclass(w.category, PromptTruncatedWarning):
-                    report.warnings.append(
-                        (caption_file.name, str(w.message).replace("prompt 0", "the caption", 1))
-                    )
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            report.warnings += [(caption_file.name, m.replace("prompt 0", "the caption", 1)) for m in said]
             tensors = {
                 "mean": mean[0].float().cpu(),
                 "logvar": logvar[0].float().cpu(),
@@ -288,15 +280,17 @@ class LatentDataset:
             raise ValueError(f"data folder {str(folder)!r} holds no clips; run `mochi prepare-data` first")
         self.examples: list[Example] = []
         digest = hashlib.sha256()
+        models: set[str] = set()
         for f in files:
             sd, meta = read_state_dict(f), read_metadata(f)
+            if meta.get("model"):
+                models.add(meta["model"])
             digest.update(f"{f.name}\0{meta.get('key') or _file_hash(f)}\0".encode())
             if not sd.keys() >= CLIP_TENSORS:
                 raise WeightsError(f"{str(f)!r} is not a prepared clip (needs mean, logvar and text)")
             self.examples.append(
                 Example(sd["mean"], sd["logvar"], sd["text"], meta.get("caption", ""), f.stem)
             )
-        models = {m for m in (read_metadata(f).get("model") for f in files) if m}
         if len(models) > 1:  # their T5 features may not even have one width (it failed deep in torch)
             raise ValueError(
                 f"data folder {str(folder)!r} mixes clips prepared with {len(models)} models "

@@ -305,9 +305,7 @@ def _resume_decision(  # noqa: ANN202
         )
     if not saved:
         _say("warning: the saved state does not record its data, so a change in it cannot be seen", show)
-    if (
-        model and state.get("model") and state["model"] != model
-    ):  # a LoRA trained half on one, half on another
+    if model and state.get("model") and state["model"] != model:  # a LoRA half on one, half on another
         raise ResumeError(
             f"{str(out)!r} holds a run trained on model {state['model']}, and this model is {model} (another "
             "checkpoint, or the same in another dtype); resume with that model, or pass --restart"
@@ -385,9 +383,8 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
     # The base model's fingerprint (not under torchrun: its weights may be sharded over the ranks there).
     model = model_fingerprint(c) if c.encoder is not None and parallel is None else ""
     ours = model or data.model
-    if (
-        data.model is not None and ours != data.model
-    ):  # a warning: the fingerprint also changes with the dtype the model was read in
+    # A warning, not an error: the fingerprint also changes with the dtype the model was read in.
+    if data.model is not None and ours != data.model:
         _say(
             f"warning: the clips were prepared with model {data.model}, and this run's model is {ours} "
             "(another checkpoint, or the same in another dtype): the LoRA learns from latents and text "
