@@ -544,6 +544,73 @@ def test_head_of_a_video_and_delete_of_a_finished_job(live):
     assert call("DELETE", f"{live.url}/api/jobs/{job['id']}")[0] == 404
 
 
+def test_head_is_served_wherever_get_is(live):
+    """FastAPI routes do not add HEAD as Starlette's do: `curl -I /api/health` was 405 ("Allow: GET")."""
+    for path in ("/", "/api/health", "/api/info", "/api/jobs", "/api/queue", "/api/history"):
+        get_status, get_headers, get_body = call("GET", live.url + path)
+        status, headers, body = call("HEAD", live.url + path)
+        assert (status, body) == (get_status, b""), path
+        assert headers["content-type"] == get_headers["content-type"], path
+        if path != "/api/history":  # its body names the time of the request
+            assert headers["content-length"] == get_headers["content-length"] == str(len(get_body)), path
+    assert call("HEAD", f"{live.url}/api/jobs/nope")[0] == 404
+    # An event stream sends its head and ends instead of streaming on.
+    status, headers, body = call("HEAD", f"{live.url}/api/events")
+    assert status == 200 and body == b"" and headers["content-type"].startswith("text/event-stream")
+
+
+def test_head_needs_the_token_as_get_does(locked):
+    assert call("HEAD", f"{locked.url}/api/info")[0] == 401
+    assert call("HEAD", f"{locked.url}/api/info", token=TOKEN)[0] == 200
+    assert call("HEAD", f"{locked.url}/api/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/api/jobs/abc", "DELETE, GET, HEAD, OPTIONS"),  # said "GET": DELETE is a second route
+        ("PUT", "/api/jobs/abc", "DELETE, GET, HEAD, OPTIONS"),
+        ("PATCH", "/api/jobs", "GET, HEAD, OPTIONS, POST"),  # said "POST"
+        ("POST", "/api/health", "GET, HEAD, OPTIONS"),
+        ("GET", "/api/uploads/abc", "DELETE, OPTIONS"),
+        ("HEAD", "/api/uploads/abc", "DELETE, OPTIONS"),
+    ],
+)
+def test_a_method_not_served_is_405_with_every_method_allowed(live, method, path, allow):
+    status, headers, body = call(method, live.url + path)
+    assert status == 405 and headers["allow"] == allow
+    if method != "HEAD":
+        assert json.loads(body)["detail"] == f"{method} is not served at {path}; it takes {allow}"
+
+
+def test_options_lists_the_methods_and_405_comes_after_the_token(live, locked):
+    status, headers, body = call("OPTIONS", f"{live.url}/api/jobs/abc")
+    assert (status, body, headers["allow"]) == (204, b"", "DELETE, GET, HEAD, OPTIONS")
+    assert call("PUT", f"{locked.url}/api/info")[0] == 401  # nothing about the routes without the token
+    assert call("PUT", f"{locked.url}/api/info", token=TOKEN)[0] == 405
+
+
+def test_an_unknown_path_names_where_the_routes_are(live):
+    status, body = call_json("GET", f"{live.url}/api/job")
+    assert status == 404
+    assert body["detail"] == "no route '/api/job'; the API's routes are listed in /openapi.json"
+
+
+@pytest.mark.parametrize(
+    ("sent", "message"),
+    [
+        (b'{"prompt": "\xff\xfe"}', "not UTF-8 (byte 0xff at offset 12); send JSON as UTF-8"),
+        (b"[" * 10**5 + b"]" * 10**5, "JSON nested too deeply to parse; the API's requests are flat objects"),
+    ],
+    ids=["not-utf8", "nested"],
+)
+def test_a_body_that_cannot_be_parsed_says_why(live, sent, message):
+    """FastAPI answered both with a 400 "There was an error parsing the body"."""
+    status, body = call_json("POST", f"{live.url}/api/jobs", raw=sent)
+    assert status == 422
+    assert body == {"detail": f"body: {message}", "errors": [{"field": "body", "message": message}]}
+
+
 @pytest.mark.parametrize(
     "sent",
     [

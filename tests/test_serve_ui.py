@@ -17,6 +17,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)"
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
 
 from mochi.pipeline import MochiPipeline  # noqa: E402
+from mochi.serve.jobs import FINAL  # noqa: E402
 from mochi.video import write_video  # noqa: E402
 from mochi.weights.lora import save_lora  # noqa: E402
 
@@ -90,6 +91,11 @@ def tab(context, server):
     server.jobs.pipeline.gate.set()
     for job in server.jobs.jobs():
         server.jobs.cancel(job.id)
+    # A cancelled job that is running ends at its next step: a test starting before then found it running
+    # and its own jobs one place later in the queue than it expected.
+    deadline = time.monotonic() + 20
+    while any(j.status not in FINAL for j in server.jobs.jobs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_generate_shows_progress_then_a_playing_video(page, server):

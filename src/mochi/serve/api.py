@@ -24,6 +24,8 @@ Routes (all under /api need ``Authorization: Bearer TOKEN`` when the server has 
   POST /api/batches           several seeds of one request; POST /api/tokens: a prompt's token count
                               (mochi.serve.submit); POST /api/uploads: a video for video-to-video
   GET  /openapi.json          the OpenAPI description (no /docs or /redoc: they load scripts from a CDN)
+HEAD is answered wherever GET is and OPTIONS everywhere; a method not served at a path is 405 with every
+method served there in Allow (``guards``).
 Every error is ``ErrorBody`` (``errors``); ``guards.RequestGuard`` checks host, token, Content-Type and body
 size before any body is read.
 """

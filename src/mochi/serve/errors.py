@@ -104,7 +104,28 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> ErrorResponse:
-        return ErrorResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        unreadable = body_refusal(exc)
+        if unreadable is not None:
+            fields = [{"field": "body", "message": unreadable}]
+            return ErrorResponse({"detail": f"body: {unreadable}", "errors": fields}, status_code=422)
+        detail = str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":  # the router's: no route has this path
+            detail = f"no route {quote(request.url.path)}; the API's routes are listed in /openapi.json"
+        return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def body_refusal(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a JSON body FastAPI could not parse, when ``exc`` is its catch-all "error parsing
+    the body" (400) over a cause it does not name: bytes that are not UTF-8, or nesting too deep to parse."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start]
+        return f"not UTF-8 (byte {bad:#04x} at offset {cause.start}); send JSON as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deeply to parse; the API's requests are flat objects"
+    return None
 
 
 _SPAN = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")

@@ -4,6 +4,9 @@
   400  a Host that is not a loopback name, when the server has no token (DNS rebinding; see ``host_refusal``);
   401  a state-changing request (any method but GET, HEAD, OPTIONS) without the bearer token, when the server
        has one: so an unauthenticated client cannot make the server read, buffer or parse a body;
+  405  a method no route serves at the path, with ``Allow`` listing every method some route there serves
+       (Starlette's router names only the first route's, so ``/api/jobs/{id}`` said "GET" to a POST though
+       DELETE is served too);
   415  a POST, PUT or PATCH (or a request of another method with a body) whose Content-Type is not
        application/json. Browsers send other types (text/plain, forms, a Blob without a type,
        ``navigator.sendBeacon``) cross-site without a CORS preflight; FastAPI before 0.132 parsed such bodies
@@ -14,6 +17,8 @@ A route taking another type (a video upload) is named in ``uploads``: path prefi
 largest body); such a route streams its body and enforces that limit itself for chunked bodies. The
 types browsers send cross-site without a preflight (``CORS_SAFELISTED``) are never
 accepted, whatever ``uploads`` says.
+HEAD is served wherever GET is: the request runs as a GET and only its head is sent (FastAPI routes, unlike
+Starlette's, do not add HEAD, so monitors' ``curl -I`` got 405), and OPTIONS answers 204 with ``Allow``.
 It adds to every response ``X-Frame-Options: DENY`` and ``Content-Security-Policy: frame-ancestors 'none'``
 (no other site may frame the page and trick clicks on it), and ``X-Content-Type-Options: nosniff``.
 Replies are ``ErrorBody`` JSON (``mochi.serve.errors``).
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+
+import anyio
+from starlette.routing import Match
 
 from mochi.serve.errors import error_json
 from mochi.serve.server import is_loopback
@@ -79,6 +87,44 @@ async def reply(send: Send, status: int, detail: str, headers: list | None = Non
     await send({"type": "http.response.body", "body": body})
 
 
+def served_methods(scope: Scope) -> set[str] | None:
+    """The methods the app's routes serve at the request's path, or None when no route matches it (the
+    router's 404) or one takes any method (a mount)."""
+    router = getattr(scope.get("app"), "router", None)
+    methods: set[str] = set()
+    for route in getattr(router, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if getattr(route, "methods", None) is None:
+            return None
+        methods |= set(route.methods)
+    return methods or None
+
+
+def allowed_methods(served: set[str]) -> set[str]:
+    """What a path answers: its routes' methods, HEAD wherever GET is, and OPTIONS."""
+    return served | {"HEAD", "OPTIONS"} if "GET" in served else served | {"OPTIONS"}
+
+
+def allow_header(served: set[str]) -> list[tuple[bytes, bytes]]:
+    return [(b"allow", ", ".join(sorted(allowed_methods(served))).encode())]
+
+
+async def head_of_get(app: Callable, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve a HEAD request as the GET it stands for, sending the response's head and no body. The GET
+    stops once its head is sent (an event stream would otherwise run on)."""
+    with anyio.CancelScope() as scope_of_get:
+
+        async def head_only(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                scope_of_get.cancel()
+
+        await app({**scope, "method": "GET"}, receive, head_only)
+
+
 class RequestGuard:
     """ASGI middleware: the checks of this module's docstring. ``token``: the server's bearer token, or None
     (then only loopback Host names are served). ``max_body``: the largest JSON body accepted, bytes.
@@ -114,17 +160,30 @@ class RequestGuard:
         if refusal is not None:
             await reply(send_secured, *refusal)
             return
-        await self.app(scope, receive, send_secured)
+        served = served_methods(scope)
+        if served is not None and scope["method"] == "OPTIONS" and "OPTIONS" not in served:
+            head = {"type": "http.response.start", "status": 204, "headers": allow_header(served)}
+            await send_secured(head)
+            await send_secured({"type": "http.response.body", "body": b""})
+        elif served is not None and scope["method"] == "HEAD" and "HEAD" not in served and "GET" in served:
+            await head_of_get(self.app, scope, receive, send_secured)
+        else:
+            await self.app(scope, receive, send_secured)
 
     async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple | None, Receive]:
         headers = dict(scope["headers"])
         method = scope["method"].upper()
         if self.token is None and (why := host_refusal(headers)) is not None:
             return (400, why), receive
+        if method not in SAFE_METHODS and self.token is not None and not bearer_ok(headers, self.token):
+            return (401, "missing or wrong bearer token", AUTH_CHALLENGE), receive
+        served = served_methods(scope)
+        if served is not None and method not in allowed_methods(served):
+            allow = allow_header(served)
+            why = f"{method[:20]} is not served at {scope['path'][:100]}; it takes {allow[0][1].decode()}"
+            return (405, why, allow), receive
         if method in SAFE_METHODS:
             return None, receive
-        if self.token is not None and not bearer_ok(headers, self.token):
-            return (401, "missing or wrong bearer token", AUTH_CHALLENGE), receive
         length = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
