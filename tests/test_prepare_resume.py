@@ -185,7 +185,10 @@ def test_info_describes_a_prepared_clip_and_a_training_state(data, tmp_path, cap
     assert info["size"] == "7 frames, 32x32" and info["use"] == f"mochi train-lora {data} --out RUN"
     assert main(["info", str(data), "--variant", "bf16"]) == 2  # a variant names a diffusers folder
     assert "holds no recognised checkpoint" in capsys.readouterr().err  # it was described as data anyway
+    dead = tmp_path / "run" / "state" / ".step-000009.999999999.abcd.partial.pt"  # a killed write's
+    dead.write_bytes(b"x")
     assert main(["info", str(tmp_path / "run"), "--json"]) == 0
+    assert dead.exists()  # a reading command removed it (training removes it when it resumes)
     info = json.loads(capsys.readouterr().out)
     assert (
         info["format"] == "train-lora run"

@@ -117,7 +117,7 @@ def _run_folder_info(path: str) -> dict | None:
         return None
     with contextlib.suppress(Exception):  # anything that does not read as a run keeps the model's error
         config = json.loads((folder / "config.json").read_text())
-        state = load_latest_state(folder)
+        state = load_latest_state(folder, tidy=False)  # a reading command changes nothing
         loras = sorted(folder.glob("lora*.safetensors"))
         final = folder / "lora.safetensors"
         return {

@@ -87,16 +87,17 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load_latest_state(out: Path) -> dict | None:
+def load_latest_state(out: Path, *, tidy: bool = True) -> dict | None:
     """The newest readable state of a run (``config`` parsed back to a dict), or None for a fresh run.
 
     Besides the saved entries the state holds ``path`` (the file read) and ``unreadable``: (file name,
     reason) of each newer state that could not be read, which the caller must report. When states exist
-    but none is readable, raises ResumeError naming them. Temporary files that a killed write left behind
-    (``.step-….partial.pt``) are removed.
+    but none is readable, raises ResumeError naming them. With ``tidy`` (training resumes), temporary files
+    that a killed write left behind (``.step-….partial.pt``) are removed; without it (``mochi info``) the
+    folder is only read.
     """
     folder = state_dir(out)
-    if folder.is_dir():  # only the leftovers of processes that are gone: a live run may be writing one
+    if tidy and folder.is_dir():  # only gone processes' leftovers: a live run may be writing one
         remove_stale_partials(folder)
     unreadable: list[tuple[str, str]] = []
     for path in reversed(list_states(out)):
