@@ -1,7 +1,7 @@
 """Weight-only quantization of the DiT's and T5's Linear layers at load: int8, fp8, q8_0, q4_0.
 
   mode  storage per quantized weight                         computes with
-  int8  int8 + an fp32 scale per output row (absmax/127)     torchao's int8 tensor (or `Int8Linear`)
+  int8  int8 + an fp32 scale per output row (absmax/127.5)  torchao's int8 tensor (or `Int8Linear`)
   fp8   e4m3fn + an fp32 scale per output row (absmax/448)   `Fp8Linear`, dequantized per call
   q8_0  ggml blocks of 32: fp16 scale + 32 int8              `GgufLinear`, dequantized per call
   q4_0  ggml blocks of 32: fp16 scale + 16 bytes of nibbles  `GgufLinear`, dequantized per call
@@ -9,7 +9,10 @@
 Every quantized layer computes in the model's compute dtype (the activations' dtype): the weight is
 widened to it, one layer at a time, so only that layer's weight ever exists at full width. int8 uses
 torchao when it is installed (the ``quant`` extra; its CPU and CUDA kernels multiply int8 weights directly)
-and the project's `Int8Linear` (same numbers, dequantized per call) otherwise.
+and the project's `Int8Linear` (dequantized per call) otherwise. Both keep a symmetric int8 row and an fp32
+row scale, but round differently (torchao: absmax/127.5 over -128..127; `Int8Linear`: absmax/127 over
+-127..127), so the two give slightly different videos: the note, the sidecar and ``mochi generate`` say
+which ran.
 
 What is quantized: the Linear layers inside the DiT's blocks (99.0% of its weights) and the T5 encoder's
 blocks (q, k, v, o, wi_0, wi_1, wo). What is not, and why:
