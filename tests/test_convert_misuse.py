@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKLMochi
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mochi.cli import main
 from mochi.weights.bundle import embedded_path
@@ -172,3 +172,146 @@ def test_a_part_that_fails_takes_the_parts_written_before_it_away(tmp_path, mode
     assert code == 2 and "does not fit the model" in err and "vae_decoder" in err
     # The transformer folder written first is gone again; a folder the user had keeps what it held.
     assert _files(tmp_path) == (["aio.safetensors", "d", "d/notes.txt"] if existing else ["aio.safetensors"])
+
+
+def _damaged(tmp_path, model, change):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    change(sd)
+    (tmp_path / "src").mkdir()
+    save_file(sd, tmp_path / "src" / "dit.safetensors")
+    return tmp_path / "src"
+
+
+def _drop(key):
+    return lambda sd: sd.pop(key)
+
+
+def _retype(key, dtype):
+    return lambda sd: sd.update({key: sd[key].to(dtype)})
+
+
+DAMAGE = {
+    "missing": (_drop("blocks.1.attn.qkv_x.weight"), "1 missing: blocks.1.attn.qkv_x.weight"),
+    "unexpected": (lambda sd: sd.update({"foo.bar": torch.zeros(3)}), "1 unexpected: foo.bar"),
+    "mis-shaped": (
+        lambda sd: sd.update(
+            {"blocks.0.attn.qkv_x.weight": sd["blocks.0.attn.qkv_x.weight"][:, :10].clone()}
+        ),
+        "1 mis-shaped: blocks.0.attn.qkv_x.weight: checkpoint (96, 10) vs model (96, 32)",
+    ),
+    "integer": (_retype("blocks.0.attn.qkv_x.weight", torch.int32), "blocks.0.attn.qkv_x.weight is int32"),
+}
+
+
+@pytest.mark.parametrize("to", ["genmo", "diffusers"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_dit_that_would_not_load_is_not_converted(tmp_path, model, capsys, damage, to):
+    """convert wrote every one of these (exit 0), and each output then failed to load."""
+    change, message = DAMAGE[damage]
+    src = _damaged(tmp_path, model, change)
+    code, out, err = _run(capsys, "convert", src, tmp_path / "out", "--to", to)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "does not fit the model" in err and message in err
+    assert not (tmp_path / "out").exists()
+    if damage != "integer":  # headers only: info reads no tensor, so it says what would not load
+        assert _run(capsys, "info", src)[0] == 0
+        info = json.loads(_run(capsys, "info", src, "--json")[1])
+        assert info["dit_preset"] is None and message in info["dit_problem"]
+        assert f"{message}; it would not load" in _run(capsys, "info", src)[1]
+
+
+def test_heads_that_disagree_with_the_widths_are_named(tmp_path, model, capsys):
+    """info and convert accepted 3 heads of 16 on a 32-wide DiT; plan failed inside einops."""
+    src = _damaged(tmp_path, model, lambda sd: sd.update({"pos_frequencies": torch.zeros(3, 3, 8)}))
+    for argv in (
+        ["info", src],
+        ["convert", src, tmp_path / "out", "--to", "diffusers"],
+        ["plan", "--gpu-memory", "24GB", "--model", src, "--frames", "7", "--width", "64", "--height", "64"],
+    ):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, argv
+        assert "'pos_frequencies' (3, 3, 8) gives 3 heads of 16 (48 wide)" in err
+        assert "a visual width of 32" in err and "they disagree" in err
+
+
+def test_plan_on_a_checkpoint_without_a_dit_is_one_line(vae, tmp_path, capsys):
+    """It was a KeyError traceback from formats.component_keys."""
+    code, _, err = _run(capsys, "plan", "--gpu-memory", "24GB", "--model", vae[1] / "hub")
+    assert code == 2 and err.count("\n") == 1 and "holds no DiT; it holds: vae_decoder" in err
+
+
+def test_a_bf16_round_trip_keeps_every_dtype(tmp_path, model, capsys):
+    """The fp32 islands (pos_frequencies, the q/k norms) came back fp32 from bf16 files: the help says the
+    dtype is kept as stored and a round trip is bit-exact."""
+    from .dit_checkpoints import write_comfyui, write_diffusers
+
+    write_diffusers(tmp_path / "d", model, variant="bf16")
+    assert _run(capsys, "convert", tmp_path / "d", tmp_path / "g", "--to", "genmo")[0] == 0
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "back", "--to", "diffusers")[0] == 0
+    original = {}
+    for f in sorted((tmp_path / "d" / "transformer").glob("*.safetensors")):
+        original.update(load_file(f))
+    back = {}
+    for f in sorted((tmp_path / "back" / "transformer").glob("*.safetensors")):
+        back.update(load_file(f))
+    assert original.keys() == back.keys()
+    assert all(original[k].dtype == back[k].dtype == torch.bfloat16 for k in original)
+    assert all(torch.equal(original[k], back[k]) for k in original)
+    comfy = write_comfyui(tmp_path / "c.safetensors", model)
+    assert _run(capsys, "convert", comfy, tmp_path / "cg.safetensors", "--to", "genmo")[0] == 0
+    written = load_file(tmp_path / "cg.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
+    # A dtype asked for still keeps the islands fp32 (what the model computes with).
+    assert (
+        _run(capsys, "convert", comfy, tmp_path / "c16.safetensors", "--to", "genmo", "--dtype", "fp16")[0]
+        == 0
+    )
+    written = load_file(tmp_path / "c16.safetensors")
+    assert (
+        written["pos_frequencies"].dtype == torch.float32
+        and written["x_embedder.proj.weight"].dtype == torch.float16
+    )
+
+
+def test_destination_mistakes_are_named(tmp_path, model, capsys):
+    src = write_genmo(tmp_path / "g", model)
+    (tmp_path / "afile").write_text("hi")
+    for to in ("genmo", "diffusers"):
+        code, _, err = _run(capsys, "convert", src, tmp_path / "afile", "--to", to, "--overwrite")
+        assert code == 2 and f"DST '{tmp_path / 'afile'}' is an existing file that is not .safetensors" in err
+    assert (tmp_path / "afile").read_text() == "hi"
+    # An upper-case suffix names a file as a lower-case one does (it made a folder named Y.SAFETENSORS).
+    assert _run(capsys, "convert", src, tmp_path / "Y.SAFETENSORS", "--to", "genmo")[0] == 0
+    assert (tmp_path / "Y.SAFETENSORS").is_file()
+    assert (
+        "names a .safetensors file"
+        in _run(capsys, "convert", src, tmp_path / "Z.SafeTensors", "--to", "diffusers")[2]
+    )
+
+
+def test_an_all_in_one_file_into_one_file_says_the_vae_is_left_out(tmp_path, model, capsys):
+    src = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    code, out, _ = _run(capsys, "convert", src, tmp_path / "dit.safetensors", "--to", "genmo")
+    assert code == 0 and "holds a VAE too (vae_decoder, vae_encoder), which a single .safetensors DST" in out
+
+
+def test_a_lora_given_to_convert_points_to_convert_lora(tmp_path, capsys):
+    from mochi.weights.lora import save_lora
+
+    from .test_lora import random_lora
+
+    save_lora(random_lora(tiny_model()), tmp_path / "l.safetensors")
+    code, _, err = _run(capsys, "convert", tmp_path / "l.safetensors", tmp_path / "out", "--to", "diffusers")
+    assert code == 2 and err == (
+        f"mochi: error: '{tmp_path / 'l.safetensors'}' is a LoRA, which convert does not take; use: "
+        f"mochi convert-lora {tmp_path / 'l.safetensors'} {tmp_path / 'out'} --to diffusers\n"
+    )
+
+
+def test_info_counts_the_bytes_of_every_dtype(tmp_path, model, capsys):
+    """Float64 (and every dtype missing from a table) was counted as 4 bytes per value."""
+    (tmp_path / "f64").mkdir()
+    save_file({k: v.double() for k, v in model.state_dict().items()}, tmp_path / "f64" / "dit.safetensors")
+    info = json.loads(_run(capsys, "info", tmp_path / "f64", "--json")[1])
+    n = sum(v.numel() for v in model.state_dict().values())
+    assert info["components"]["dit"]["bytes"] == 8 * n

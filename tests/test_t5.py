@@ -226,6 +226,29 @@ def test_errors(hf_model, tmp_path):
             infer_t5_config({**encoder_sd(hf_model), key: tensor})
 
 
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"model.safetensors.index.json": '{"metadata": {}}'}, "no weight_map in its top level"),
+        ({"model.safetensors.index.json": '{"weight_map": {"a": 5}}'}, r"weight_map\['a'\] is 5"),
+        ({"sharded.index.json": "[1, 2]"}, "no weight_map in its top level"),
+        ({"config.json": "not json", "model.safetensors": None}, r"config.json' is not valid JSON"),
+        ({"config.json": "[1]", "model.safetensors": None}, r"config.json' holds \[1\], not a JSON object"),
+    ],
+)
+def test_a_malformed_folder_names_the_file(hf_model, tmp_path, files, message):
+    """A bad index was a KeyError or TypeError traceback; a bad config.json said only "Expecting value"."""
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    for name, text in files.items():
+        if text is None:
+            save_state_dict(encoder_sd(hf_model), folder / name)
+        else:
+            (folder / name).write_text(text)
+    with pytest.raises(WeightsError, match=f"'{folder}/[^']+' .*{message}"):
+        load_t5(folder)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(hf_folder, hf_model):
     ids, mask = inputs(length=256)

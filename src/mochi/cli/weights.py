@@ -248,27 +248,55 @@ def _run_convert(args: argparse.Namespace) -> int:
             "file); leave it out"
         )
 
-    if args.quantize:
-        from mochi.weights.formats import detect, quant_label
+    from mochi.weights.formats import detect, quant_label
+    from mochi.weights.io import WeightsError
 
-        quant = detect(args.src, variant=args.variant).quant.get("dit")
-        if quant:
-            print(
-                f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); its weights are "
-                f"dequantized and quantized again to {args.quantize} (the two roundings add up)"
-            )
+    dtype, shard_bytes = parse_dtype(args.dtype), _shard_bytes(args.max_shard_size)  # options before files
+    try:
+        det = detect(args.src, variant=args.variant)
+    except WeightsError as e:
+        _refuse_lora(args, e)
+        raise
+    quant = det.quant.get("dit")
+    if args.quantize and quant:
+        print(
+            f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); its weights are "
+            f"dequantized and quantized again to {args.quantize} (the two roundings add up)"
+        )
+    one_file = args.to == "genmo" and Path(args.dst).suffix.lower() == ".safetensors" and "dit" in det.files
+    left = [c for c in det.files if c.startswith("vae_")] if one_file else []
     out = convert(
         args.src,
         args.dst,
         to=args.to,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
         variant=args.variant,
         overwrite=args.overwrite,
-        max_shard_bytes=_shard_bytes(args.max_shard_size),
+        max_shard_bytes=shard_bytes,
         quantize=args.quantize,
     )
+    if left:
+        print(
+            f"mochi: note: {args.src} holds a VAE too ({', '.join(left)}), which a single .safetensors DST "
+            "does not take: give a folder to write decoder.safetensors / encoder.safetensors as well"
+        )
     print(f"wrote {out}")
     return 0
+
+
+def _refuse_lora(args: argparse.Namespace, error: Exception) -> None:
+    """Raise a pointer to ``convert-lora`` when ``convert`` was given a LoRA (no model component is found
+    in one); return otherwise, leaving ``error`` to be raised."""
+    from mochi.weights.lora import read_lora
+
+    try:
+        read_lora(args.src)
+    except Exception:  # noqa: BLE001 - not a LoRA either: the detection error stands
+        return
+    raise ValueError(
+        f"{args.src!r} is a LoRA, which convert does not take; use: mochi convert-lora {args.src} {args.dst} "
+        f"--to {args.to}"
+    ) from error
 
 
 # The registrars of this module's sub-commands, in the order `mochi --help` lists them.

@@ -27,7 +27,7 @@ from mochi.errors import OutputError
 from mochi.files import atomic_write_text, umask
 from mochi.weights import ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
-from mochi.weights.dit import Consumed, read_dit, shape_facts
+from mochi.weights.dit import Consumed, check_dit_tensors, read_dit, shape_facts
 from mochi.weights.formats import GENMO_FILES, Detected, detect
 from mochi.weights.io import WeightsError, save_state_dict
 
@@ -74,7 +74,14 @@ def convert(
             "use --to genmo"
         )
     dst = Path(dst)
-    if to == "diffusers" and dst.suffix == ".safetensors":
+    one_file = dst.suffix.lower() == ".safetensors"
+    if dst.exists() and not dst.is_dir() and not (to == "genmo" and one_file):
+        written = "a folder or a file named *.safetensors" if to == "genmo" else "a folder"
+        raise ValueError(
+            f"DST {str(dst)!r} is an existing file that is not .safetensors, and --to {to} writes {written}; "
+            "give a folder"
+        )
+    if to == "diffusers" and one_file:
         raise ValueError(
             f"--to diffusers writes a folder (DST/transformer/, DST/vae/), but {str(dst)!r} names a "
             f".safetensors file; give a folder such as {str(dst.with_suffix(''))!r}, or use --to genmo "
@@ -102,7 +109,7 @@ def convert(
             return _to_genmo(det, outputs, dtype, quantize)
         written = [
             save_diffusers(
-                Consumed(read_dit(det, dtype=dtype, fp8="dequantize")[0]),
+                Consumed(_checked_dit(det, dtype)),
                 path,
                 overwrite=True,
                 max_shard_bytes=max_shard_bytes,
@@ -131,7 +138,7 @@ def _outputs(det: Detected, dst: Path, to: str, parts: list[str]) -> list[tuple[
     if to == "diffusers":
         out = [("dit", dst / "transformer")] if "dit" in det.files else []
         return out + ([("vae", dst / "vae")] if parts else [])
-    if dst.suffix == ".safetensors":
+    if dst.suffix.lower() == ".safetensors":
         # One file: the DiT alone, or for a VAE-only source both parts under decoder./encoder. (ComfyUI's
         # VAE file layout).
         return [("dit" if "dit" in det.files else "vae", dst)]
@@ -158,7 +165,7 @@ def _to_genmo(
     for kind, path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "dit":
-            sd, _ = read_dit(det, dtype=dtype, fp8="dequantize")
+            sd = _checked_dit(det, dtype)
             if quantize is not None:
                 sd = quantize_state_dict(sd, CONVERT_QUANT[quantize])
             save_state_dict(sd, path, metadata={"format": "pt"})
@@ -170,6 +177,14 @@ def _to_genmo(
         else:
             save_state_dict(read_vae_part(det, kind, False).genmo, path, metadata={"format": "pt"})
     return outputs[0][1] if outputs[0][0] == "dit" or len(outputs) == 1 else outputs[0][1].parent
+
+
+def _checked_dit(det: Detected, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The DiT's tensors as the output gets them: fp32 islands as stored unless a dtype is asked for (so a
+    round trip keeps every dtype), refused when they would not load."""
+    sd, _ = read_dit(det, dtype=dtype, fp8="dequantize", fp32_islands=dtype is not None)
+    check_dit_tensors(sd, det.describe())  # what would not load is not written
+    return sd
 
 
 def _refuse_bundle(src: str | os.PathLike) -> None:

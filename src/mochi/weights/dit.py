@@ -36,8 +36,17 @@ def keeps_fp32(key: str) -> bool:
     return key == "pos_frequencies" or (len(parts) >= 2 and "norm" in parts[-2])
 
 
+def _check_has_dit(det: Detected) -> None:
+    if "dit" not in det.files:
+        raise WeightsError(
+            f"{str(det.path)!r} (detected format: {det.describe()}) holds no DiT; "
+            f"it holds: {', '.join(det.files) or 'nothing'}"
+        )
+
+
 def genmo_shapes(det: Detected) -> dict[str, tuple[int, ...]]:
     """The DiT's tensor shapes under Genmo's names, from headers only (fp8 bookkeeping left out)."""
+    _check_has_dit(det)
     shapes = {k: v[1] for k, v in component_keys(det, "dit").items()}
     shapes = {k: s for k, s in shapes.items() if k != "scaled_fp8" and not k.endswith(QUANT_SUFFIXES)}
     shapes = logical_shapes(shapes)
@@ -80,11 +89,28 @@ def shape_facts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int | bool]:
     width_x, in_channels, patch, _ = shape("x_embedder.proj.weight", 4)
     width_y, text_dim = shape("t5_yproj.weight")
     _, heads, half_head = shape("pos_frequencies", 3)
+    # The heads are read from the RoPE table alone: the attention's widths must agree with them, or the
+    # model built from these facts fails deep inside a forward (einops: "can't divide axis of length 96").
+    qkv_rows = shape("blocks.0.attn.qkv_x.weight")[0]
+    if heads * 2 * half_head != width_x or qkv_rows != 3 * width_x:
+        raise WeightsError(
+            f"cannot read the DiT's architecture: 'pos_frequencies' {tuple(shapes['pos_frequencies'])} "
+            f"gives {heads} heads of {2 * half_head} ({heads * 2 * half_head} wide), "
+            f"'x_embedder.proj.weight' a visual width of {width_x} and 'blocks.0.attn.qkv_x.weight' "
+            f"{qkv_rows} rows (3 x the width); "
+            "they disagree, so the checkpoint is damaged or not a Mochi DiT"
+        )
+    final_rows = shape("final_layer.linear.weight")[0]
+    if final_rows % (patch * patch):
+        raise WeightsError(
+            f"cannot read the DiT's architecture: 'final_layer.linear.weight' has {final_rows} rows, not a "
+            f"multiple of the patch area {patch}x{patch}; the checkpoint is damaged or not a Mochi DiT"
+        )
     return {
         "depth": max(blocks) + 1,
         "patch_size": patch,
         "in_channels": in_channels,
-        "out_channels": shape("final_layer.linear.weight")[0] // (patch * patch),
+        "out_channels": final_rows // (patch * patch),
         "hidden_size_x": width_x,
         "hidden_size_y": width_y,
         "num_heads": heads,
@@ -134,6 +160,24 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]):  # noqa: ANN201 - DiTCo
     return dataclasses.replace(base, mlp_multiple_of=1, mlp_ratio_x=ratio(wx, hx), mlp_ratio_y=ratio(wy, hy))
 
 
+def check_dit_tensors(sd: Mapping[str, torch.Tensor], fmt: str) -> None:
+    """Raise WeightsError unless ``sd`` (Genmo names, as `read_dit` returns them) holds exactly what the DiT
+    its shapes describe holds: every key, each shape, floating point where the model has floats. What
+    `load_dit` checks, for code that passes the tensors on without building a model (``mochi convert``)."""
+    from mochi.models.dit import AsymmDiT
+
+    try:
+        config = infer_config(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}))
+    except WeightsError as e:
+        raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
+    with torch.device("meta"):
+        model = AsymmDiT(config)
+    swap_in_gguf(model, block_kinds(sd))
+    expected = model.state_dict()
+    dtypes = {k: v.dtype for k, v in expected.items()}
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, sd, fmt, dtypes)
+
+
 def _target_dtype(det: Detected, dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype non-fp8 tensors are cast to: ``dtype``; for fp8 files by default the dtype of the rest."""
     if dtype is not None or "dit" not in det.quant:
@@ -153,24 +197,22 @@ def read_dit(
     device: str | torch.device = "cpu",
     fp8: str = "dequantize",
     take: Callable[[str, torch.Tensor], bool] | None = None,
+    fp32_islands: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The DiT's tensors under Genmo's names, each cast as it is read.
 
     Returns (state dict, fp8 scales). With ``fp8="dequantize"`` the scales are empty and every weight is
     in ``dtype`` (default: the stored dtype; for fp8 files, the dtype of their other tensors). With
     ``fp8="keep"`` fp8 weights stay fp8 and the scales map each such layer ("blocks.0.attn.qkv_x") to its
-    fp32 scale. fp32 islands (`keeps_fp32`) are always fp32.
+    fp32 scale. fp32 islands (`keeps_fp32`) are fp32, as the model keeps them; with ``fp32_islands=False``
+    they stay as stored (a conversion that keeps every dtype).
     take(key, tensor): offered each tensor (Genmo name, after its cast) as soon as it is read, when the
     files can be read tensor by tensor (`mochi.weights.dit_sources.streamable`); a tensor it returns True
     for is the caller's and is left out of the state dict (quantization at load). Otherwise never called.
     """
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
-    if "dit" not in det.files:
-        raise WeightsError(
-            f"{str(det.path)!r} (detected format: {det.describe()}) holds no DiT; "
-            f"it holds: {', '.join(det.files) or 'nothing'}"
-        )
+    _check_has_dit(det)
     target = _target_dtype(det, dtype)
     sd: dict[str, torch.Tensor] = {}
     stream = take is not None and streamable(det)
@@ -178,7 +220,7 @@ def read_dit(
         if key == "scaled_fp8" or key.endswith(QUANT_SUFFIXES) or QWEIGHT.match(key):
             pass  # fp8 bookkeeping, handled by split_scales; ggml blocks, handled below
         elif keeps_fp32(key) and t.is_floating_point():  # integers stay integers: check_state_dict names them
-            t = t.to(torch.float32)
+            t = t.to(torch.float32) if fp32_islands else t
         elif target is not None and t.is_floating_point() and t.dtype not in FP8_DTYPES:
             t = t.to(target)
         if not (stream and take(key, t)):

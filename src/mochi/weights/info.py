@@ -12,7 +12,20 @@ from mochi.weights.formats import COMPONENTS, component_keys, detect, quant_labe
 from mochi.weights.fp8 import QUANT_SUFFIXES
 from mochi.weights.ggml import BLOCK_BYTES, QWEIGHT, weight_shape
 
-_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I64": 8, "I32": 4}
+# Bytes per element of each safetensors dtype name (torch pickles give torch's names: `_item_bytes`).
+_ITEM_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+def _item_bytes(name: str) -> int:
+    if name in _ITEM_BYTES:
+        return _ITEM_BYTES[name]
+    dtype = getattr(torch, name, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    raise ValueError(f"dtype {name!r} has no known size: mochi info cannot count its bytes")
 
 
 def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> dict[str, Any]:
@@ -21,7 +34,8 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
     Keys: path, format, description, components (name → prefix, layout, quant, files, tensors,
     parameters, bytes, dtypes {dtype: parameters}), and for a DiT: dit_config (the `DiTConfig` as a dict:
     a bundle's own, otherwise inferred from shapes), dit_preset (the name of the preset it equals, or
-    None). A mochi bundle has format "mochi-bundle" and a ``bundle`` entry: name, tokenizer, defaults and
+    None), dit_problem (why the tensors do not fit that config, e.g. a missing key, or None). A mochi
+    bundle has format "mochi-bundle" and a ``bundle`` entry: name, tokenizer, defaults and
     the config of every part, as the bundle's metadata states them.
     """
     from mochi.weights.bundle import is_bundle
@@ -53,7 +67,7 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
             "files": [str(f) for f in det.files[comp]],
             "tensors": len(tensors),
             "parameters": sum(dtypes.values()),
-            "bytes": sum(torch.Size(s).numel() * _ITEM_BYTES.get(d, 4) for d, s in keys.values()),
+            "bytes": sum(torch.Size(s).numel() * _item_bytes(d) for d, s in keys.values()),
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
         }
     out["components"] = components
@@ -62,12 +76,28 @@ def checkpoint_info(path: str | os.PathLike, *, variant: str | None = None) -> d
         from mochi.weights.dit import genmo_shapes, infer_config
 
         # Shapes cannot tell pool_heads (nor mlp_multiple_of from an equivalent ratio): a bundle says them.
-        config = DiTConfig(**bundle["parts"]["dit"]) if bundle else infer_config(genmo_shapes(det))
+        shapes = genmo_shapes(det)
+        config = DiTConfig(**bundle["parts"]["dit"]) if bundle else infer_config(shapes)
         out["dit_config"] = dataclasses.asdict(config)
-        out["dit_preset"] = next((name for name, c in DIT_PRESETS.items() if c == config), None)
+        # Shapes that name a config may still not fit it (a missing or mis-shaped key): no preset then.
+        out["dit_problem"] = _fit_problem(shapes, det.describe())
+        fits = out["dit_problem"] is None
+        out["dit_preset"] = next((name for name, c in DIT_PRESETS.items() if c == config and fits), None)
     if bundle is not None:
         out["bundle"] = bundle
     return out
+
+
+def _fit_problem(shapes: dict[str, tuple[int, ...]], fmt: str) -> str | None:
+    """Why a DiT's (logical, Genmo-named) shapes do not fit the model they describe, or None."""
+    from mochi.weights.dit import check_dit_tensors
+    from mochi.weights.io import WeightsError
+
+    try:
+        check_dit_tensors({k: torch.empty(s, device="meta") for k, s in shapes.items()}, fmt)
+    except WeightsError as e:
+        return str(e)
+    return None
 
 
 def _bundle_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -102,6 +132,8 @@ def format_info(info: dict[str, Any]) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in info["dit_config"].items())
         source = "" if "bundle" in info else ", inferred from shapes"
         lines.append(f"dit config  ({preset}{source}) {fields}")
+        if info.get("dit_problem"):
+            lines.append(f"dit problem {info['dit_problem']}; it would not load")
     if "bundle" in info:
         b = info["bundle"]
         for part, config in b["parts"].items():

@@ -16,7 +16,6 @@ Without a ``config.json`` the config is inferred from tensor shapes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -25,7 +24,15 @@ import torch
 
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.weights.formats import Detected, iter_component
-from mochi.weights.io import WeightsError, load_strict, quantization_layers, read_metadata, read_state_dict
+from mochi.weights.io import (
+    WeightsError,
+    index_shards,
+    json_object,
+    load_strict,
+    quantization_layers,
+    read_metadata,
+    read_state_dict,
+)
 
 _ANCHOR = "encoder.final_layer_norm.weight"
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -41,15 +48,13 @@ def _folder_files(folder: Path) -> list[Path]:
     """The weight files of a Hugging Face folder, preferring the unsuffixed (non-variant) checkpoint."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).exists():
-            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            return [folder / n for n in names]
+            return list(index_shards(folder / index))
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
             return [folder / single]
     indexes = sorted(folder.glob("*.index*.json"))
     if len(indexes) == 1:
-        names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-        return [folder / n for n in names]
+        return list(index_shards(indexes[0]))
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
         return files
@@ -71,8 +76,7 @@ def _locate(path: Path) -> tuple[list[Path], dict | None]:
     if path.is_dir():
         if not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
             path = path / "text_encoder"
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
-        return _folder_files(path), config
+        return _folder_files(path), _config(path / "config.json")
     return [path], None
 
 
@@ -182,8 +186,12 @@ def _detected_files(det: Detected) -> tuple[list[Path], dict | None]:
     if "t5" not in det.files:
         raise WeightsError(f"{str(det.path)!r} (detected format: {det.describe()}) holds no T5 encoder")
     folder = det.extras.get("text_encoder")
-    config = folder / "config.json" if folder is not None else None
-    return list(det.files["t5"]), json.loads(config.read_text()) if config and config.exists() else None
+    return list(det.files["t5"]), _config(folder / "config.json") if folder is not None else None
+
+
+def _config(path: Path) -> dict | None:
+    """A Hugging Face config.json as a dict (None when there is none); a WeightsError naming it otherwise."""
+    return json_object(path.read_bytes(), repr(str(path))) if path.is_file() else None
 
 
 def load_t5(
