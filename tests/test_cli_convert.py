@@ -210,6 +210,30 @@ def test_info_describes_a_lora_file_as_one(tmp_path, capsys):
     assert code == 2 and "not a readable safetensors file" in err
 
 
+def test_convert_lora_of_a_lora_without_the_last_block(tmp_path, capsys):
+    """What train-lora --targets proj_y writes (no layer in the last block) converts to diffusers' names;
+    --depth, when given, must fit the layers, and applies only to --to diffusers."""
+    from mochi.models.lora import LoraLayer
+    from mochi.weights.lora import save_lora
+
+    src = save_lora(
+        {"blocks.0.attn.proj_y": LoraLayer(torch.randn(4, 32), torch.randn(16, 4), 4.0)},
+        tmp_path / "p.safetensors",
+    )
+    code, out, err = _run(capsys, "convert-lora", src, tmp_path / "d.safetensors", "--to", "diffusers")
+    assert code == 0, err
+    keys = set(load_file(tmp_path / "d.safetensors"))
+    assert keys == {f"transformer.transformer_blocks.0.attn1.to_add_out.lora_{ab}.weight" for ab in "AB"}
+    argv = ("convert-lora", src, tmp_path / "e.safetensors", "--to", "diffusers", "--depth", "1")
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "last block of a DiT of depth 1, which has no attn.proj_y" in err
+    assert _run(capsys, *argv[:-1], "2")[0] == 0
+    code, _, err = _run(
+        capsys, "convert-lora", src, tmp_path / "g.safetensors", "--to", "genmo", "--depth", "2"
+    )
+    assert code == 2 and "--depth 2 applies only to --to diffusers" in err
+
+
 def test_help_texts(capsys):
     for cmd in ("convert", "info"):
         with pytest.raises(SystemExit) as e:

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from mochi.models.dit import AsymmDiT, DiTConfig
 from mochi.models.lora import (
+    BLOCK_LINEARS,
     LoraLayer,
     add_trainable_lora,
     apply_lora,
@@ -259,6 +260,112 @@ def test_convert_round_trip_and_unequal_a_file(tmp_path):
         convert_lora(dst, tmp_path / "g2.safetensors", "genmo")
     with pytest.raises(ValueError, match="must end in .safetensors"):
         convert_lora(dst, tmp_path / "g2.pt", "genmo")
+
+
+ALL_TARGETS = tuple(BLOCK_LINEARS)
+
+
+def _round_trip(layers: dict, tmp_path) -> tuple[set, dict]:
+    """``layers`` in Genmo's format, converted to diffusers and back: the diffusers keys, the layers read."""
+    save_lora(layers, tmp_path / "g.safetensors")
+    dst, _ = convert_lora(tmp_path / "g.safetensors", tmp_path / "d.safetensors", "diffusers")
+    with safe_open(dst, "pt") as f:
+        keys = set(f.keys())
+    back, _ = convert_lora(dst, tmp_path / "g2.safetensors", "genmo")
+    return keys, read_lora(back).layers
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [(0, 1, 2), (0, 1), (0,), (1,), (2,), (1, 2)],
+    ids=["all", "not-last", "first", "middle", "last", "last-two"],
+)
+def test_convert_round_trip_of_any_blocks_is_exact(tmp_path, blocks):
+    """A LoRA that leaves out the last block (train-lora --targets proj_y has no layer there) keeps the
+    names and values of every layer through diffusers' format and back (alpha = rank: nothing to fold)."""
+    layers = {
+        n: v
+        for n, v in random_lora(model(), rank=4, alpha=4, targets=ALL_TARGETS).items()
+        if int(n.split(".")[1]) in blocks
+    }
+    keys, back = _round_trip(layers, tmp_path)
+    assert back.keys() == layers.keys()
+    for name, layer in layers.items():
+        assert back[name].A.equal(layer.A) and back[name].B.equal(layer.B) and back[name].alpha == 4.0
+    context = {k.split(".")[2]: k.split(".")[4] for k in keys if ".norm1_context." in k}
+    assert context == {str(i): "linear_1" if i == CFG.depth - 1 else "linear" for i in blocks}
+
+
+def test_proj_y_lora_converts_to_diffusers_names(tmp_path):
+    """What train-lora --targets proj_y writes (blocks 0..depth-2) converts; it once failed with 'has no
+    diffusers equivalent', block depth-2 being taken for the last."""
+    layers = random_lora(model(), targets=("proj_y", "mlp_y.w1"))
+    sd = to_diffusers(layers)
+    assert {k.split(".")[2] for k in sd} == {"0", "1"} and len(sd) == 2 * 2 * 2
+    assert "transformer.transformer_blocks.1.attn1.to_add_out.lora_B.weight" in sd
+    assert "transformer.transformer_blocks.1.ff_context.net.0.proj.lora_A.weight" in sd
+
+
+def test_mod_y_lora_of_one_block_keeps_its_diffusers_name(tmp_path):
+    """A PEFT LoRA on block 0's norm1_context.linear, to Genmo's format and back, is norm1_context.linear
+    again (it once came back as linear_1, block 0 being the highest index present)."""
+    g = torch.Generator().manual_seed(0)
+    peft = {
+        "transformer.transformer_blocks.0.norm1_context.linear.lora_A.weight": torch.randn(
+            4, 32, generator=g
+        ),
+        "transformer.transformer_blocks.0.norm1_context.linear.lora_B.weight": torch.randn(
+            64, 4, generator=g
+        ),
+    }
+    save_file(peft, tmp_path / "peft.safetensors")
+    genmo, _ = convert_lora(tmp_path / "peft.safetensors", tmp_path / "g.safetensors", "genmo")
+    back, _ = convert_lora(genmo, tmp_path / "d.safetensors", "diffusers")
+    with safe_open(back, "pt") as f:
+        assert set(f.keys()) == set(peft)
+        assert all(f.get_tensor(k).equal(v) for k, v in peft.items())
+
+
+def test_mod_y_of_an_unknown_width_needs_its_shapes_or_the_depth():
+    """mod_y's B has 4·hidden_y rows except in the last block (hidden_y): the LoRA's text-stream layers
+    tell hidden_y; a mod_y-only LoRA of an unknown width needs the depth, which must then fit the shapes."""
+    cfg = DiTConfig(
+        depth=3, num_heads=2, hidden_size_x=48, hidden_size_y=24, t5_feat_dim=24, mlp_multiple_of=1
+    )
+    with torch.device("meta"):
+        m = AsymmDiT(cfg)
+    layers = {}
+    g = torch.Generator().manual_seed(0)
+    for name, lin in target_modules(m, ("mod_y", "qkv_y")).items():
+        layers[name] = LoraLayer(
+            torch.randn(4, lin.in_features, generator=g), torch.randn(lin.out_features, 4, generator=g), 4.0
+        )
+    mod_y = {n: v for n, v in layers.items() if n.endswith("mod_y")}
+    first = {"blocks.0.mod_y": mod_y["blocks.0.mod_y"]}
+    last = {"blocks.2.mod_y": mod_y["blocks.2.mod_y"]}
+    names = {k.split(".")[2]: k.split(".")[4] for k in to_diffusers(mod_y) if ".norm1_context." in k}
+    assert names == {"0": "linear", "1": "linear", "2": "linear_1"}  # two row counts tell
+    qkv_y = {n: v for n, v in layers.items() if n.endswith("qkv_y")}
+    assert "transformer.transformer_blocks.2.norm1_context.linear_1.lora_A.weight" in to_diffusers(
+        last | qkv_y
+    )
+    for one in (first, last):
+        with pytest.raises(WeightsError, match="cannot tell whether LoRA layer .* give the DiT's depth"):
+            to_diffusers(one)
+    assert "transformer.transformer_blocks.0.norm1_context.linear.lora_A.weight" in to_diffusers(
+        first, depth=3
+    )
+    assert "transformer.transformer_blocks.2.norm1_context.linear_1.lora_B.weight" in to_diffusers(
+        last, depth=3
+    )
+    with pytest.raises(WeightsError, match="shape of mod_y in a block but the last, but block 0 is the last"):
+        to_diffusers(mod_y, depth=1)
+    with pytest.raises(WeightsError, match="is in block 2, but a DiT of depth 2 has blocks 0 to 1"):
+        to_diffusers(last, depth=2)
+    with pytest.raises(WeightsError, match="last block of a DiT of depth 1, which has no attn.proj_y"):
+        to_diffusers(random_lora(model(), targets=("proj_y",)), depth=1)
+    with pytest.raises(ValueError, match="DiT depth 0 must be a positive number of blocks"):
+        to_diffusers(first, depth=0)
 
 
 def test_read_lora_rejects_foreign_files(tmp_path):

@@ -189,6 +189,13 @@ def _add_convert_lora(sub: Subparsers) -> None:
     p.add_argument("src", metavar="SRC", help="LoRA .safetensors file (or a PEFT/diffusers folder)")
     p.add_argument("dst", metavar="DST", help="output .safetensors file (or folder)")
     p.add_argument("--to", required=True, choices=("genmo", "diffusers"), help="output format")
+    p.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help="with --to diffusers: the DiT's number of blocks (48 for Mochi 1), which names the last block's "
+        "layers; needed only when a LoRA on mod_y does not show it by its shapes",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(run=_run_convert_lora)
 
@@ -196,7 +203,12 @@ def _add_convert_lora(sub: Subparsers) -> None:
 def _run_convert_lora(args: argparse.Namespace) -> int:
     from mochi.weights.lora import convert_lora
 
-    dst, lora = convert_lora(args.src, args.dst, to=args.to, overwrite=args.overwrite)
+    if args.depth is not None and args.to != "diffusers":
+        raise ValueError(
+            f"--depth {args.depth} applies only to --to diffusers (Genmo's names are the same in every "
+            "block); leave it out"
+        )
+    dst, lora = convert_lora(args.src, args.dst, to=args.to, overwrite=args.overwrite, depth=args.depth)
     print(f"wrote {dst} ({lora.format} → {args.to}, {len(lora.layers)} layers, ranks {sorted(lora.ranks)})")
     return 0
 

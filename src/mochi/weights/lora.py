@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from mochi.finite import NonFiniteError, check_finite
+from mochi.models.dit import DIT_PRESETS
 from mochi.models.lora import BLOCK_LINEARS, LoraLayer, target_of
 from mochi.weights.io import WeightsError, json_object, read_metadata, read_state_dict, save_state_dict
 from mochi.weights.keymaps.dit_diffusers import BLOCK_RULES, TOP_RULES
@@ -87,25 +88,90 @@ def _folded(layer: LoraLayer) -> torch.Tensor:
     return (layer.B.float() * layer.scaling).to(layer.B.dtype)
 
 
-def to_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, torch.Tensor]:
+def _text_width(layers: Mapping[str, LoraLayer]) -> int | None:
+    """hidden_size_y as the LoRA's own shapes show it, or None: the inputs of ``qkv_y`` and ``mlp_y.w1``,
+    the outputs of ``proj_y`` and ``mlp_y.w2``, or ``mod_y`` layers of two row counts, one 4 times the
+    other."""
+    widths = set()
+    for name, layer in layers.items():
+        target = target_of(name)
+        if target in ("qkv_y", "mlp_y.w1"):
+            widths.add(layer.A.shape[1])
+        elif target in ("proj_y", "mlp_y.w2"):
+            widths.add(layer.B.shape[0])
+    rows = {layer.B.shape[0] for name, layer in layers.items() if target_of(name) == "mod_y"}
+    if len(rows) == 2 and max(rows) == 4 * min(rows):
+        widths.add(min(rows))
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _mod_y_is_last(name: str, layer: LoraLayer, width: int | None) -> bool | None:
+    """Whether ``mod_y`` LoRA ``layer`` sits in the DiT's last block, told by B's rows (genmo-mochi.md §1.2):
+    4·hidden_y in the blocks that update the text stream, hidden_y (scale only) in the last; None if they do
+    not tell. hidden_y is ``width`` (the LoRA's own shapes), else that of the presets of A's visual width."""
+    rows, dx = layer.B.shape[0], layer.A.shape[1]
+    if width is not None and rows not in (width, 4 * width):
+        raise WeightsError(
+            f"LoRA layer {name!r} has B with {rows} rows; mod_y has {4 * width} (4·hidden_size_y) or, in the "
+            f"last block, {width} (hidden_size_y, as the LoRA's text-stream layers show it)"
+        )
+    if width is None:
+        widths = {c.hidden_size_y for c in DIT_PRESETS.values() if c.hidden_size_x == dx}
+        if len(widths) == 1 and rows in (known := widths.pop(), 4 * known):
+            width = known
+    if width is not None:
+        return rows == width
+    return True if rows % 4 else None  # 4·hidden_y is a multiple of 4
+
+
+def to_diffusers(layers: Mapping[str, LoraLayer], depth: int | None = None) -> dict[str, torch.Tensor]:
     """Genmo module paths → diffusers PEFT keys (``transformer.`` prefix), scaling folded into B.
 
-    The last block (for ``mod_y``, whose diffusers name differs there) is the highest block index present.
+    Two block layers are named by whether their block is the DiT's last, which the indices a LoRA covers do
+    not tell: ``proj_y`` and ``mlp_y.*`` exist only in the other blocks; ``mod_y`` (``norm1_context.linear``,
+    ``linear_1`` in the last block) is told by B's rows (see ``_mod_y_is_last``). ``depth`` (the DiT's block
+    count) is needed only where those rows do not tell; when given, every layer must fit it.
     """
-    blocks = [int(m.group("i")) for n in layers if (m := _BLOCK.match(n))]
-    last = max(blocks, default=-1)
+    if depth is not None and depth < 1:
+        raise ValueError(f"DiT depth {depth} must be a positive number of blocks, e.g. 48 for Mochi 1")
     rules = _module_rules()
+    width = _text_width(layers)
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         m = _BLOCK.match(name)
         rel, head = (m.group("rel"), f"transformer_blocks.{m.group('i')}.") if m else (name, "")
-        kind = "last" if m and int(m.group("i")) == last else "update_y"
-        rule = next(
-            (r for r in rules if r[0] == rel and r[4] == bool(m) and r[3] in ("all", kind)),
-            None,
-        )
-        if rule is None:
+        found = [r for r in rules if r[0] == rel and r[4] == bool(m)]
+        if not found:
             raise WeightsError(f"LoRA layer {name!r} has no diffusers equivalent in the DiT key map")
+        i = int(m.group("i")) if m else -1
+        if depth is not None and i >= depth:
+            raise WeightsError(
+                f"LoRA layer {name!r} is in block {i}, but a DiT of depth {depth} has blocks 0 to "
+                f"{depth - 1}; give the depth of the DiT the LoRA was trained for (48 for Mochi 1)"
+            )
+        last = depth is not None and i == depth - 1
+        if any(r[3] == "last" for r in found):  # mod_y, whose rows tell
+            told = _mod_y_is_last(name, layer, width)
+            if told is None and depth is None:
+                raise WeightsError(
+                    f"cannot tell whether LoRA layer {name!r} (B with {layer.B.shape[0]} rows) is in the "
+                    "DiT's last block, where mod_y has hidden_size_y rows, or another, where it has "
+                    "4·hidden_size_y; give the DiT's depth (convert-lora --depth, 48 for Mochi 1)"
+                )
+            if told is not None and depth is not None and told != last:
+                where = "the last block" if told else "a block but the last"
+                raise WeightsError(
+                    f"LoRA layer {name!r} has the shape of mod_y in {where}, but block {i} is "
+                    f"{'' if last else 'not '}the last of a DiT of depth {depth}; give the depth of the DiT "
+                    "the LoRA was trained for, or leave --depth out"
+                )
+            last = told if told is not None else last
+        rule = next((r for r in found if r[3] in ("all", "last" if last else "update_y")), None)
+        if rule is None:
+            raise WeightsError(
+                f"LoRA layer {name!r} is in the last block of a DiT of depth {depth}, which has no {rel} "
+                "(only the blocks before it have one); give the depth of the DiT the LoRA was trained for"
+            )
         _, mods, op, _, _ = rule
         b = _folded(layer)
         if op == "split":
@@ -340,16 +406,18 @@ def save_lora(
     format: str = "genmo",
     dropout: float = 0.0,
     extra: dict | None = None,
+    depth: int | None = None,
 ) -> Path:
     """Write ``layers`` (Genmo module paths) as one safetensors file, atomically, in ``format``.
 
     Genmo's format holds one alpha per target in the metadata; diffusers' holds none (scaling folded into B).
+    ``depth``, the DiT's block count, names the last block's layers in diffusers' format (``to_diffusers``).
     """
     if format not in FORMATS:
         raise ValueError(f"LoRA format {format!r} is unknown; choose one of {list(FORMATS)}")
     path = Path(path)
     if format == "diffusers":
-        save_state_dict(to_diffusers(layers), path, {"format": "pt"})
+        save_state_dict(to_diffusers(layers, depth), path, {"format": "pt"})
         return path
     # Genmo's loader uses one alpha per group (qkv_x and qkv_y; proj_x and proj_y), ours one per target; a
     # layer with another alpha than its group's first (files converted from elsewhere, or trained with
@@ -370,9 +438,12 @@ def save_lora(
 
 
 def convert_lora(
-    src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False
+    src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False, depth: int | None = None
 ) -> tuple[Path, LoraFile]:
-    """Read a LoRA in either format and write it in ``to``; returns the path written and what was read."""
+    """Read a LoRA in either format and write it in ``to``; returns the path written and what was read.
+
+    ``depth`` (the DiT's block count) is needed only for a diffusers LoRA on ``mod_y`` whose shapes do not
+    tell which block is the last (see ``to_diffusers``)."""
     if to not in FORMATS:
         raise ValueError(f"LoRA format {to!r} is unknown; choose one of {list(FORMATS)}")
     dst = Path(dst)
@@ -383,5 +454,5 @@ def convert_lora(
     if dst.exists() and not overwrite:
         raise ValueError(f"{str(dst)!r} exists; pass --overwrite to replace it")
     lora = read_lora(src)
-    save_lora(lora.layers, dst, to)
+    save_lora(lora.layers, dst, to, depth=depth)
     return dst, lora
