@@ -210,6 +210,35 @@ def test_info_describes_a_lora_file_as_one(tmp_path, capsys):
     assert code == 2 and "not a readable safetensors file" in err
 
 
+def test_convert_lora_refuses_to_replace_its_source(tmp_path, capsys):
+    """SRC as DST (directly, through a symlink, or as a folder DST whose file is SRC) is refused even with
+    --overwrite, as `mochi convert` refuses it; the source is left as it was."""
+    from .test_lora_train import _lora_file
+
+    lora = _lora_file(tmp_path / "l.safetensors")
+    before = lora.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(lora)
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    assert _run(capsys, "convert-lora", lora, peft, "--to", "diffusers")[0] == 0
+    peft_file = peft / "pytorch_lora_weights.safetensors"
+    peft_before = peft_file.read_bytes()
+    for src, dst, to in (
+        (lora, lora, "diffusers"),
+        (lora, lora, "genmo"),
+        (tmp_path / "link.safetensors", lora, "diffusers"),
+        (lora, tmp_path / "link.safetensors", "diffusers"),
+        (peft, peft, "diffusers"),
+        (peft_file, peft, "diffusers"),
+    ):
+        code, _, err = _run(capsys, "convert-lora", src, dst, "--to", to, "--overwrite")
+        assert code == 2 and "is the source" in err and "--overwrite does not allow this" in err, (src, dst)
+    assert lora.read_bytes() == before and peft_file.read_bytes() == peft_before
+    # Another file, or a folder DST whose file is not SRC, is written.
+    assert _run(capsys, "convert-lora", peft, peft, "--to", "genmo")[0] == 0
+    assert (peft / "lora.safetensors").is_file()
+
+
 def test_convert_lora_of_a_lora_without_the_last_block(tmp_path, capsys):
     """What train-lora --targets proj_y writes (no layer in the last block) converts to diffusers' names;
     --depth, when given, must fit the layers, and applies only to --to diffusers."""

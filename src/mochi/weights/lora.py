@@ -451,6 +451,12 @@ def convert_lora(
         dst = dst / ("pytorch_lora_weights.safetensors" if to == "diffusers" else "lora.safetensors")
     if dst.suffix != ".safetensors":
         raise ValueError(f"LoRA output {str(dst)!r} must end in .safetensors, e.g. {dst.stem}.safetensors")
+    source = _lora_file(Path(src))
+    if dst.exists() and source.exists() and os.path.samefile(dst, source):  # a link to it as well
+        raise ValueError(
+            f"LoRA output {str(dst)!r} is the source {str(source)!r}; converting in place would lose the "
+            "original, so choose another DST (--overwrite does not allow this)"
+        )
     if dst.exists() and not overwrite:
         raise ValueError(f"{str(dst)!r} exists; pass --overwrite to replace it")
     lora = read_lora(src)
