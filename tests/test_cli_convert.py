@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mochi.cli import main
 from mochi.models.dit import AsymmDiT
@@ -208,6 +208,26 @@ def test_info_describes_a_lora_file_as_one(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"{}")
     code, _, err = _run(capsys, "info", tmp_path / "junk.safetensors")
     assert code == 2 and "not a readable safetensors file" in err
+
+
+def test_info_of_a_peft_lora_counts_the_file_s_own_layers(tmp_path, capsys):
+    """8 PEFT layers (to_q/k/v/out.0 of 2 blocks) of rank 4, lora_alpha 8: info says so, not the 4 fused
+    Genmo layers of ranks 4 and 12 it once reported (those are shown apart, as applied)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        f"transformer.transformer_blocks.{i}.attn1.{m}.lora_{ab}.weight": torch.randn(shape, generator=g)
+        for i in range(2)
+        for m in ("to_q", "to_k", "to_v", "to_out.0")
+        for ab, shape in (("A", (4, 32)), ("B", (32, 4)))
+    }
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8}), "format": "pt"}
+    save_file(sd, tmp_path / "peft.safetensors", metadata=meta)
+    code, out, _ = _run(capsys, "info", tmp_path / "peft.safetensors", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "lora (diffusers)"
+    assert (info["layers"], info["ranks"], info["alphas"]) == (8, [4], [8.0])
+    assert info["applied as"] == "4 Genmo layers (q, k, v fused), ranks [4, 12], alphas [8.0, 12.0]"
+    assert info["targets"] == ["qkv_x", "proj_x"]
 
 
 def test_convert_lora_refuses_to_replace_its_source(tmp_path, capsys):

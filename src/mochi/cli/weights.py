@@ -166,16 +166,26 @@ def _lora_info(path: str) -> dict | None:
         lora = read_lora(path)
     if lora is None or not lora.layers:
         return None
-    alphas = sorted({layer.alpha for layer in lora.layers.values()})
-    return {
+
+    def summary(layers: dict) -> tuple[int, list[int], list[float]]:
+        return (
+            len(layers),
+            sorted({layer.rank for layer in layers.values()}),
+            sorted({layer.alpha for layer in layers.values()}),
+        )
+
+    count, ranks, alphas = summary(lora.stored)  # the file's own factors, as read
+    fused = summary(lora.layers)  # as applied: a diffusers file's q, k and v fused into Genmo's qkv layers
+    out = {
         "path": str(path),
         "format": f"lora ({lora.format})",
-        "layers": len(lora.layers),
-        "ranks": sorted(lora.ranks),
+        "layers": count,
+        "ranks": ranks,
         "alphas": alphas,
-        "targets": list(lora.targets),
-        "use": f"mochi generate PROMPT --lora {path}",
     }
+    if fused != (count, ranks, alphas):
+        out["applied as"] = f"{fused[0]} Genmo layers (q, k, v fused), ranks {fused[1]}, alphas {fused[2]}"
+    return out | {"targets": list(lora.targets), "use": f"mochi generate PROMPT --lora {path}"}
 
 
 def _add_convert(sub: Subparsers) -> None:

@@ -46,11 +46,16 @@ _BLOCK = re.compile(r"^(?P<prefix>blocks|transformer_blocks)\.(?P<i>\d+)\.(?P<re
 
 @dataclass
 class LoraFile:
-    """A LoRA read from disk: factors by Genmo module path (``blocks.0.attn.qkv_x``), the detected format."""
+    """A LoRA read from disk: factors by Genmo module path (``blocks.0.attn.qkv_x``), the detected format.
+
+    ``stored`` holds the factors as the file does, by its module path without a prefix (for diffusers'
+    format ``transformer_blocks.0.attn1.to_q``: q, k and v apart, before ``from_diffusers`` fuses them).
+    """
 
     layers: dict[str, LoraLayer]
     format: str
     metadata: dict = field(default_factory=dict)
+    stored: dict[str, LoraLayer] = field(default_factory=dict)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -352,9 +357,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         if not math.isfinite(alpha):
             raise NonFiniteError(f"LoRA {str(file)!r}: layer {name!r} has alpha {alpha}; it must be finite")
         layers[name] = LoraLayer(a, b, alpha)
-    if fmt == "diffusers":
-        layers = from_diffusers(layers)
-    return LoraFile(layers, fmt, dict(metadata))
+    genmo = from_diffusers(layers) if fmt == "diffusers" else layers
+    return LoraFile(genmo, fmt, dict(metadata), stored=layers)
 
 
 def _genmo_alphas(file: Path, metadata: Mapping[str, str]) -> dict[str, float]:
