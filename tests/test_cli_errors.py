@@ -286,6 +286,21 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     _one_line(capsys, code, "--lora-merge cannot merge into --quantize int8 weights")
     code = main([*gen, "--offload", "blocks:999", *out])  # clamped silently before
     _one_line(capsys, code, "offload blocks:999 keeps more blocks on the device than the DiT's", "blocks:")
+    # ... and found from the headers, before any weight is read (it came after the whole load).
+    import mochi.weights.components as components
+
+    def no_load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the options were checked")
+
+    write_genmo(tmp_path / "deep", tiny_model())
+    with monkeypatch.context() as patch:
+        patch.setattr(components, "load_components", no_load)
+        patch.setattr(mochi.pipeline, "load_components", no_load)
+        for model in ([], ["--model", str(tmp_path / "deep")]):
+            code = main([*gen, *model, "--offload", "blocks:99", *out])
+            _one_line(capsys, code, "offload blocks:99 keeps more blocks on the device than the DiT's")
+        with pytest.raises(ValueError, match="blocks:99 keeps more blocks on the device than the DiT's"):
+            mochi.pipeline.MochiPipeline.from_pretrained(offload="blocks:99")
     _one_line(capsys, main([*gen, "--devices", ",", *out]), "names no device")
     with pytest.raises(SystemExit) as stop:  # an empty value is refused by the parser, for every path too
         main([*gen, "--devices", "", *out])
@@ -296,7 +311,11 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     for flags in (["--devices", "cpu,cpu"], ["--memory", "auto"]):
-        _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to one process")
+        code = main([*gen, *flags, *out])
+        err = capsys.readouterr().err
+        assert code == 2 and "apply only to one process" in err and "--offload" not in err  # refused below
+    code = main([*gen, "--offload", "blocks:2", *out])  # refused after loading, on a GPU; ignored on a CPU
+    _one_line(capsys, code, "--offload blocks:2 cannot be combined with a torchrun launch")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name)
     write_genmo(tmp_path / "g", tiny_model())
@@ -311,7 +330,7 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     for seed in ("-1", str(2**64)):
         code = main(["train-lora", str(tmp_path), "--out", str(tmp_path / "run"), "--seed", seed])
         _one_line(capsys, code, f"seed={seed} must be in [0, 2**63-1]")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "g"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "deep", "g"]  # nothing written
 
 
 def test_running_out_of_memory_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):

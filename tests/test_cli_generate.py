@@ -198,7 +198,12 @@ def test_help_lists_every_option(capsys):
 def test_bare_offload_before_the_prompt_leaves_the_prompt(tiny, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     assert main(["generate", "--offload", "a red circle", "--steps", "1", "--out", str(out)]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["prompt"] == "a red circle"
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["prompt"] == "a red circle"
+    assert (sidecar["offload"], sidecar["parallel"]) == (
+        "none",
+        None,
+    )  # what acted: offload is a no-op on CPU
     parse = build_parser().parse_args
     for argv, prompt, mode in [
         (["--offload", "a red circle"], "a red circle", "model"),

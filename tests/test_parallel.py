@@ -386,6 +386,8 @@ def test_torchrun_generate_writes_once_on_rank_0(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {videos[0].name, videos[0].with_suffix(".json").name}
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert videos[0].name == f"a-red-ball-{sidecar['seed']}.mp4" and sidecar["device"] == "2 x cpu"
+    # The layout that ran (it recorded only the device): one sequence split over both ranks' halves.
+    assert sidecar["parallel"] == {"ranks": 2, "sequence": 1, "guidance": True, "weights": "shard"}
 
 
 def test_a_hung_rank_makes_the_other_fail_at_the_timeout(tmp_path):

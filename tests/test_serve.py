@@ -124,6 +124,26 @@ def test_ancestral_sampling_is_a_job_parameter(url, live):
     assert (sidecar["eta"], sidecar["eta_above"]) == (1, 0.3)
 
 
+def test_a_jobs_sidecar_records_what_ran(url, live):
+    """It held the request alone: a cached job's forwards and skipped steps (which the CLI's sidecar has)
+    were missing, and so were the dtypes, attention backend and VAE split."""
+    body = {
+        "prompt": "a red circle moving right",
+        "seed": 7,
+        "steps": 8,
+        "cache": "fbcache",
+        "cache_threshold": 100,
+    }
+    status, job = call_json("POST", f"{url}/api/jobs", body)
+    assert wait_for(url, job["id"], ("done", "failed"))["status"] == "done"
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    assert sidecar["cache"] == job["parameters"]["cache"]  # the API's field, as submitted
+    assert 1 <= sidecar["dit_forwards"] < 8 and len(sidecar["skipped_steps"]) == 8 - sidecar["dit_forwards"]
+    assert (sidecar["dtype"], sidecar["vae_dtype"], sidecar["offload"]) == ("float32", "float32", "none")
+    assert sidecar["attention"] and sidecar["vae_plans"]["decode"]["chunk"] >= 1
+    assert sidecar["device"] == "cpu" and sidecar["parallel"] is None and sidecar["quantization"] is None
+
+
 def test_an_unset_eta_is_the_models():
     from mochi.serve.api import JobRequest
     from mochi.serve.jobs import PARAMETERS

@@ -69,6 +69,15 @@ def parse_offload(value: bool | str | Offload | None) -> Offload:
     )
 
 
+def check_resident(mode: Offload, depth: int | None) -> None:
+    """Refuse ``blocks:N`` with more resident blocks than the DiT's ``depth`` (None: not known yet)."""
+    if depth is not None and mode.kind == "blocks" and mode.resident > depth:  # it was clamped silently
+        raise ValueError(
+            f"offload blocks:{mode.resident} keeps more blocks on the device than the DiT's {depth}; "
+            f"nearest valid: blocks:{depth} (or offload model)"
+        )
+
+
 def _entries(module: nn.Module, skip: Sequence[nn.Module] = ()) -> list[tuple[nn.Module, str, bool]]:
     """(owner, name, is_parameter) of every tensor of ``module`` outside the modules in ``skip``."""
     skipped = {id(m) for s in skip for m in s.modules()}

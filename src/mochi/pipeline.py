@@ -22,7 +22,7 @@ from mochi.models.latents import dit_to_vae, vae_to_dit
 from mochi.models.prompts import encode_prompts
 from mochi.models.vae_plan import choose_plan, split_options
 from mochi.models.vae_tiling import decode, encode
-from mochi.offload import Offload, offloaded, parse_offload
+from mochi.offload import Offload, check_resident, offloaded, parse_offload
 from mochi.ops.attention import check_backend
 from mochi.request import GenerationRequest, check_frames
 from mochi.sampling.sampler import guidance_schedule, initial_noise, noise_to, sample
@@ -86,12 +86,7 @@ class MochiPipeline:
         self.dit_dtype = resolve_dit_dtype(dit_dtype, self.device)
         self.vae_dtype = parse_dtype(vae_dtype) or torch.float32
         mode = parse_offload(offload)  # validated everywhere; offload is a no-op on the CPU
-        depth = len(components.dit.blocks)
-        if mode.kind == "blocks" and mode.resident > depth:  # it was clamped silently
-            raise ValueError(
-                f"offload blocks:{mode.resident} keeps more blocks on the device than the DiT's {depth}; "
-                f"nearest valid: blocks:{depth} (or offload model)"
-            )
+        check_resident(mode, len(components.dit.blocks))
         self.offload_mode = mode if self.device.type != "cpu" else Offload()
         self.offload = self.offload_mode.active
         if max_memory is not None and (
@@ -165,6 +160,10 @@ class MochiPipeline:
             )
         if fp8 not in FP8_MODES:
             raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
+        if options.get("offload") is not None:
+            from mochi.weights.components import dit_depth
+
+            check_resident(parse_offload(options["offload"]), dit_depth(model))
         device = parse_device(options.get("device"))
         at_load = {"dit_dtype": resolve_dit_dtype(options.get("dit_dtype"), device)}
         if options.get("attention") is not None:
@@ -362,6 +361,33 @@ class MochiPipeline:
             vae_plans=dict(self.vae_plans),
             stats=stats,
         )
+
+    def run_record(self, result: Generation) -> dict:
+        """What ran for ``result``, as a sidecar records it beside the request: device (``N x cuda`` under
+        torchrun), compute dtypes, attention backend, VAE splits, quantization, offload as it acted (none on
+        a CPU, where it is a no-op), the parallel layout, and the denoiser's stats (cache, DiT forwards,
+        skipped steps, compile seconds). The CLI and the server write the same fields."""
+        plan = self.parallel
+        parallel = None
+        if plan is not None:
+            parallel = {
+                "ranks": plan.world.size,
+                "sequence": plan.world.size // 2 if plan.guidance else plan.world.size,
+                "guidance": plan.guidance,
+                "weights": plan.weights,
+            }
+        return {
+            "device": str(self.device) if plan is None else f"{plan.world.size} x {self.device.type}",
+            "dtype": str(self.dit_dtype).removeprefix("torch."),
+            "vae_dtype": str(self.vae_dtype).removeprefix("torch."),  # the decode's pixels depend on it
+            "attention": self.components.dit.attention_backend,
+            "vae_plans": result.vae_plans,
+            "quantization": self.quantization or None,  # what was done (int8: by torchao or by mochi)
+            "offload": str(self.offload_mode),
+            "parallel": parallel,
+            "lora_merge": self.lora_merge if result.request.loras else None,  # merging may move the last bit
+            **result.stats,
+        }
 
     def _check_before_sampling(self, req: GenerationRequest, batch: int) -> None:
         """What would fail only after sampling, found before it: a ``max_memory`` too small for any decode

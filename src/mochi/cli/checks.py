@@ -114,6 +114,11 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     else:
         max_memory = parse_max_memory(args.max_memory)
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    if getattr(args, "offload", None):  # blocks:N beyond the depth, from headers (it was found after loading)
+        from mochi.offload import check_resident, parse_offload
+        from mochi.weights.components import dit_depth
+
+        check_resident(parse_offload(args.offload), dit_depth(args.model, getattr(args, "variant", None)))
     if args.lora_merge and args.model:  # a DiT kept quantized as stored: found from the headers, not the load
         from mochi.weights.formats import detect, quant_label
 

@@ -179,16 +179,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         **vars(result.request),
         "strength": result.request.strength if result.request.init_video else None,
         "model": args.model or f"embedded:{pipe.components.name}",
-        "device": str(pipe.device) if world is None else f"{world.size} x {pipe.device.type}",
-        "dtype": str(pipe.dit_dtype).removeprefix("torch."),
-        "vae_dtype": str(pipe.vae_dtype).removeprefix("torch."),  # the decode's pixels depend on it
-        "attention": pipe.components.dit.attention_backend,
-        "vae_plans": result.vae_plans,
         "quantize": args.quantize,
-        "quantization": pipe.quantization or None,  # what was done (int8: by torchao or by mochi)
-        "lora_merge": pipe.lora_merge if result.request.loras else None,  # merging may move the last bit
+        **pipe.run_record(result),
         "seconds": {"load": round(loaded, 3), **{k: round(v, 3) for k, v in result.seconds.items()}},
-        **result.stats,
         "warnings": said,
     }
     write_video_and_sidecar(result.frames[0], out, args.fps, sidecar)  # sets "fps" to the rate written

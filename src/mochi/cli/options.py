@@ -193,8 +193,16 @@ def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.c
     if single:
         raise ValueError(
             f"{' and '.join(single)} apply only to one process; under torchrun each process uses its own "
-            "device (LOCAL_RANK): leave them out, and use --parallel-weights shard or --offload if the "
-            "DiT does not fit (docs/parallel.md)"
+            "device (LOCAL_RANK): leave them out, and use --parallel-weights shard if the DiT does not fit "
+            "(docs/parallel.md)"
+        )
+    from mochi.offload import parse_offload
+
+    if parse_offload(getattr(args, "offload", None)).active:  # found here, not after the weights are read
+        raise ValueError(
+            f"--offload {args.offload} cannot be combined with a torchrun launch: each process keeps its "
+            "part of the work on its device; leave it out, and use --parallel-weights shard if the DiT does "
+            "not fit (docs/parallel.md)"
         )
     import atexit
 

@@ -403,6 +403,9 @@ class JobManager:
         job.seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         sidecar = {**job.parameters(), "id": job.id, "seconds": job.seconds}
         sidecar["model"] = getattr(self.pipeline.components, "name", None)
+        record = getattr(self.pipeline, "run_record", None)  # what ran: cache, forwards, dtypes, splits
+        if record is not None:
+            sidecar.update({k: v for k, v in record(result).items() if k not in sidecar})
         sidecar.update(created=job.created, started=job.started, finished=time.time())
         sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first

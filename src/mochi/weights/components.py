@@ -108,6 +108,26 @@ def model_defaults(model: str | os.PathLike | None) -> dict:
     return dict(RELEASED_DEFAULTS)
 
 
+def dit_depth(model: str | os.PathLike | None, variant: str | None = None) -> int | None:
+    """The DiT's block count without loading it: a bundle's config (the embedded model's when None), else
+    the checkpoint's headers; None when they do not tell (the load then checks)."""
+    from mochi.weights.bundle import bundle_config, embedded_path, is_bundle
+
+    if model is None:
+        model = embedded_path()
+        if not model.is_file():
+            return None
+    try:
+        if is_bundle(model):
+            return int(bundle_config(model)["dit"]["depth"])
+        from mochi.weights.dit import genmo_shapes, infer_config
+        from mochi.weights.formats import detect
+
+        return infer_config(genmo_shapes(detect(model, variant=variant))).depth
+    except (ValueError, KeyError, TypeError, OSError):  # unreadable here: the load says why
+        return None
+
+
 def check_model_paths(
     model: str | os.PathLike | None,
     vae: str | os.PathLike | None = None,
