@@ -53,6 +53,50 @@ def test_the_sidecars_cache_entry_reads_back_and_options_are_given_once():
         CacheSetting.parse("teacache,max-skips=²")
 
 
+def test_cache_values_read_back_exactly():
+    """spec and str() wrote values with :g, 6 significant digits: the run used keep 0.123457 when asked for
+    0.1234567, and the sidecar's "cache" named another threshold than its "cache_threshold"."""
+    asked = "teacache,keep=0.1234567-0.5,extrapolate=0.33333333"
+    req = GenerationRequest(PROMPT, cache=asked, cache_threshold=0.1234567).resolved(
+        {"frames": 7, "height": 32, "width": 32, "steps": 8, "guidance": 2.0}
+    )
+    assert req.cache == asked and req.cache_threshold == 0.1234567
+    setting = CacheSetting.parse(req.cache, req.cache_threshold)
+    assert setting == CacheSetting("teacache", 0.1234567, keep=(0.1234567, 0.5), extrapolate=0.33333333)
+    assert str(setting) == "teacache:0.1234567,keep=0.1234567-0.5,extrapolate=0.33333333"
+    assert CacheSetting.parse(str(setting)) == setting  # the sidecar's "cache" alone
+    GenerationRequest(PROMPT, cache=str(setting), cache_threshold=req.cache_threshold).validate()  # and both
+    for x in (1 / 3, 0.1 + 0.2, 1e-5, 2.0**-40, 0.975):
+        setting = CacheSetting("fbcache", x, keep=(x, 1.0), extrapolate=x)
+        assert CacheSetting.parse(str(setting)) == setting
+        assert "e" not in str(setting).removeprefix("fbcache").replace("keep", "").replace("extrapolate", "")
+    assert str(CacheSetting("fbcache", 1.0, keep=(0.0, 1.0))) == "fbcache:1,keep=0-1"
+
+
+@pytest.mark.parametrize(
+    ("cache", "message"),
+    [
+        (
+            "teacache:0_1",
+            "cache 'teacache:0_1': threshold '0_1' must be a plain decimal number (ASCII digits and at most "
+            "one '.', no '_'); nearest: 1, the value it reads as",
+        ),
+        ("teacache:٠.١", "cache 'teacache:٠.١': threshold '٠.١' must be a plain decimal number"),
+        ("fbcache,keep=0.1-0_5", "cache option keep=0.1-0_5: σ '0_5' must be a plain decimal number"),
+        ("teacache,extrapolate=0_5", "cache option extrapolate=0_5: factor '0_5' must be a plain decimal"),
+        (" ", "cache ' ' is unknown; choose one of none, teacache"),
+        (",teacache", "cache ',teacache' is unknown; choose one of none, teacache"),
+    ],
+)
+def test_numbers_are_plain_decimals_and_errors_name_the_value_given(cache, message):
+    """Python's float reads "0_1" as 1.0 and Arabic-Indic digits as digits, so "teacache:0_1" silently ran
+    at threshold 1; --cache " " was refused as ''."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)) as e:
+        GenerationRequest(PROMPT, cache=cache).validate()
+    assert "\n" not in str(e.value)
+    assert CacheSetting.parse("teacache:1e-2,keep=.5-1.").threshold == 0.01  # exponent and bare points read
+
+
 @pytest.mark.parametrize(
     ("cache", "message"),
     [

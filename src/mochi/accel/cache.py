@@ -35,6 +35,7 @@ all ranks take the same decision, and padding rows of a sequence split are left 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,9 @@ PRESETS: dict[str, tuple[str, float, str]] = {
 }
 DEFAULT_PRESET = {"teacache": "teacache:fast", "fbcache": "fbcache:fast"}
 OPTIONS = ("max-skips=N", "keep=LO-HI", "extrapolate[=F]")
+# How a number in a cache spec is spelled: ASCII digits, an optional sign, point and exponent. Python's float
+# also reads "0_1" (as 1.0) and non-ASCII digits ("٠.١"), which a reader of the spec would not.
+_PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,13 @@ class CacheSetting:
         kind_part, _, number = head.partition(":")
         if kind_part in KINDS and kind_part != "none" and _is_number(number):
             # "teacache:0.15": a kind with its threshold, as the sidecar's "cache" entry (str(setting)) reads.
-            if threshold is not None and threshold != float(number):
+            value = _plain_number(number, f"cache {head!r}: threshold")
+            if threshold is not None and threshold != value:
                 raise ValueError(
-                    f"cache {head!r} names threshold {number} and the cache threshold is {threshold}; "
-                    "give one"
+                    f"cache {head!r} names threshold {number} and the cache threshold is "
+                    f"{format_number(threshold)}; give one"
                 )
-            head, threshold = kind_part, float(number)
+            head, threshold = kind_part, value
         preset_options: list[str] = []
         if head in PRESETS:
             kind, preset, extra = PRESETS[head]
@@ -111,7 +116,7 @@ class CacheSetting:
             kind, preset = head, PRESETS[DEFAULT_PRESET[head]][1] if head != "none" else None
         else:
             choices = ", ".join([*KINDS, *PRESETS])
-            raise ValueError(f"cache {head!r} is unknown; choose one of {choices}")
+            raise ValueError(f"cache {head or name!r} is unknown; choose one of {choices}")
         if kind == "none":
             if threshold is not None:
                 raise ValueError(
@@ -130,23 +135,46 @@ class CacheSetting:
 
     @property
     def spec(self) -> str:
-        """The kind and its options, without the threshold: what ``parse`` reads back."""
+        """The kind and its options, without the threshold: what ``parse`` reads back to the same values."""
         parts = [self.kind]
         if self.max_skips is not None:
             parts.append(f"max-skips={self.max_skips}")
         if self.keep is not None:
-            parts.append(f"keep={self.keep[0]:g}-{self.keep[1]:g}")
+            parts.append(f"keep={format_number(self.keep[0])}-{format_number(self.keep[1])}")
         if self.extrapolate == 1.0:
             parts.append("extrapolate")
         elif self.extrapolate:
-            parts.append(f"extrapolate={self.extrapolate:g}")
+            parts.append(f"extrapolate={format_number(self.extrapolate)}")
         return ",".join(parts)
 
     def __str__(self) -> str:
         if not self.enabled:
             return "none"
         kind, *options = self.spec.split(",")
-        return ",".join([f"{kind}:{self.threshold:g}", *options])
+        return ",".join([f"{kind}:{format_number(self.threshold)}", *options])
+
+
+def format_number(value: float) -> str:
+    """The shortest plain decimal that reads back as exactly ``value`` (0.1234567 → "0.1234567", 1.0 → "1",
+    1e-05 → "0.00001"): no exponent, so that a σ in ``keep=LO-HI`` never carries a "-" of its own."""
+    return np.format_float_positional(float(value), trim="-")
+
+
+def _plain_number(text: str, what: str) -> float:
+    """``float(text)`` for a number spelled plainly (``_PLAIN_NUMBER``); NaN for no number at all and the
+    value for "inf"/"nan", both left to the caller's range check. ValueError naming ``what`` and the plain
+    spelling of the value float() would read for other spellings ("0_1" silently read as 1.0)."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan
+    if math.isfinite(value) and not _PLAIN_NUMBER.fullmatch(text):
+        raise ValueError(
+            f"{what} {text!r} must be a plain decimal number (ASCII digits and at most one '.', no '_'); "
+            f"nearest: {format_number(value)}, the value it reads as"
+        )
+    return value
 
 
 def _parse_options(options: list[str]) -> dict:
@@ -164,10 +192,10 @@ def _parse_options(options: list[str]) -> dict:
             out["max_skips"] = int(value)
         elif key == "keep":
             lo, _, hi = value.partition("-")
-            try:
-                keep = (float(lo), float(hi))
-            except ValueError:
-                keep = (math.nan, math.nan)
+            keep = (
+                _plain_number(lo, f"cache option keep={value}: σ"),
+                _plain_number(hi, f"cache option keep={value}: σ"),
+            )
             if not 0.0 <= keep[0] <= keep[1] <= 1.0:
                 raise ValueError(
                     f"cache option keep={value} must be two σ values LO-HI with 0 ≤ LO ≤ HI ≤ 1, "
@@ -175,10 +203,7 @@ def _parse_options(options: list[str]) -> dict:
                 )
             out["keep"] = keep
         elif key == "extrapolate":
-            try:
-                factor = float(value) if value else 1.0
-            except ValueError:
-                factor = math.nan
+            factor = _plain_number(value, f"cache option extrapolate={value}: factor") if value else 1.0
             if not 0.0 < factor <= 1.0:
                 nearest = (
                     "extrapolate=1"
