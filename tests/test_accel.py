@@ -217,8 +217,9 @@ def test_calibrate_and_the_coefficient_file(pipe, tmp_path):
         ValueError, match="calibration needs at least 2 uncached runs .* got 1; nearest valid: 2"
     ):
         calibrate(pipe, [PROMPT], runs=1)
-    result = calibrate(pipe, [PROMPT, "a blue square moving up"], runs=2, steps=6)
+    result = calibrate(pipe, [PROMPT, "a blue square moving up", "unused"], runs=2, steps=6)
     assert result["points"] == 2 * 5 and len(result["coefficients"]) == 5
+    assert result["prompts"] == [PROMPT, "a blue square moving up"] and result["steps"] == 6
     assert all(x > 0 and y > 0 for x, y in result["trace"])
     cfg = pipe.components.dit.config
     path = coefficients_path(tmp_path / "model.safetensors")
@@ -273,6 +274,35 @@ def test_cli_calibrate_checks_the_request_before_loading(tmp_path, capsys, monke
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
     assert main(["calibrate-cache", "--runs", "2", *argv, "--out", str(tmp_path / "c.json")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_calibrate_records_the_runs_it_made(tmp_path, capsys):
+    """The record listed every --prompt though 2 runs used 2 of 3, and named neither the steps nor the
+    guidance nor the size the runs used (the model's defaults when not given)."""
+    from mochi.cli import main
+    from mochi.weights.bundle import load_embedded
+
+    out, prompts = tmp_path / "c.json", ["a red circle", "a blue square", "a green triangle"]
+    argv = ["calibrate-cache", "--out", str(out), "--prompt", prompts[0], "--prompt", prompts[1]]
+    assert main([*argv, "--runs", "3", "--steps", "3"]) == 0
+    assert json.loads(out.read_text())["fit"]["prompts"] == [prompts[0], prompts[1], prompts[0]]
+    assert main([*argv, "--prompt", prompts[2], "--runs", "2", "--steps", "4", "--guidance", "3"]) == 0
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    defaults = load_embedded().defaults
+    assert data["fit"]["prompts"] == prompts[:2] and data["fit"]["runs"] == 2
+    assert {k: data["fit"][k] for k in ("steps", "guidance", "frames", "width", "height")} == {
+        "steps": 4,
+        "guidance": 3.0,
+        **{k: defaults[k] for k in ("frames", "width", "height")},
+    }
+    config = load_embedded().dit.config
+    assert load_coefficients(out, config) == data["coefficients"]
+    # A file written before the fit named steps, guidance and size still loads.
+    for k in ("steps", "guidance", "frames", "width", "height"):
+        del data["fit"][k]
+    out.write_text(json.dumps(data))
+    assert load_coefficients(out, config) == data["coefficients"]
 
 
 def test_embedded_model_ships_calibrated():

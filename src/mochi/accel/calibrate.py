@@ -7,7 +7,11 @@ change, output change) pair of every step after the first, ``fit`` fits a degree
 squares, and ``save_coefficients`` writes a small JSON:
 
     {"format": "mochi-teacache", "model": ..., "dit_config": {...}, "coefficients": [highest power first],
-     "fit": {"runs": ..., "points": ..., "r2": ..., "steps": ..., "guidance": ..., "prompts": [...]}}
+     "fit": {"runs": ..., "points": ..., "r2": ..., "seed": ..., "prompts": [one per run], "lora": ...,
+             "steps": ..., "guidance": ..., "frames": ..., "width": ..., "height": ...}}
+
+Only "format", "dit_config" and "coefficients" are read back; "fit" records how they were made (files
+written before it named the steps, guidance and size hold only runs to lora).
 
 Where the loader looks (``coefficients_path``): beside the asset for the embedded model
 (``mochi/assets/mochi-tiny.teacache.json``, shipped), ``NAME.teacache.json`` beside a checkpoint file,
@@ -192,7 +196,9 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
     """Run ``runs`` uncached denoising runs (prompt i mod len, seed ``seed + i``) of ``pipe`` (a
     ``MochiPipeline``; ``request``: GenerationRequest fields such as steps, guidance, frames), recording
     every step's (input change, output change); returns the fit as a dict with ``coefficients``, ``r2``,
-    ``points``, ``trace``. ValueError for fewer than ``MIN_RUNS`` runs. Nothing is decoded."""
+    ``points``, ``trace``, the ``prompts`` of the runs made (one per run) and the resolved request the runs
+    shared: ``steps``, ``guidance``, ``frames``, ``width``, ``height``. ValueError for fewer than
+    ``MIN_RUNS`` runs. Nothing is decoded."""
     if runs < MIN_RUNS:
         raise ValueError(
             f"calibration needs at least {MIN_RUNS} uncached runs (one run gives one noisy curve), got "
@@ -204,9 +210,8 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
     from mochi.request import GenerationRequest, check_frames
     from mochi.sampling.sampler import guidance_schedule, initial_noise, sample
 
-    check_points(
-        runs, GenerationRequest(prompts[0], seed=seed, **request).resolved(pipe.components.defaults).steps
-    )
+    first = GenerationRequest(prompts[0], seed=seed, **request).resolved(pipe.components.defaults)
+    check_points(runs, first.steps)
 
     trace: list[tuple[float, float]] = []
     dit = pipe.components.dit
@@ -226,4 +231,14 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
             sample(recorder, z, sigmas, (feats[:1], mask[:1]), null, guidance=req.guidance)
         trace += recorder.stats.trace
     coefficients, r2 = fit(trace)
-    return {"coefficients": coefficients, "r2": r2, "points": len(trace), "trace": trace}
+    # Only prompt and seed differ between runs, so the first run's resolved request names the others'.
+    used = {k: getattr(first, k) for k in ("steps", "guidance", "frames", "width", "height")}
+    ran = [prompts[i % len(prompts)] for i in range(runs)]
+    return {
+        "coefficients": coefficients,
+        "r2": r2,
+        "points": len(trace),
+        "trace": trace,
+        "prompts": ran,
+        **used,
+    }

@@ -149,9 +149,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "points": result["points"],
         "r2": result["r2"],
         "seed": args.seed,
-        "prompts": prompts,
+        "prompts": result["prompts"],  # those of the runs made, not every --prompt given
         "lora": args.lora,
-        **{k: v for k, v in request.items() if v is not None},
+        **{k: result[k] for k in ("steps", "guidance", "frames", "width", "height")},  # as resolved
     }
     name = Path(source).name if source else "custom"
     save_coefficients(out, coefficients, pipe.components.dit.config, name, fit)
