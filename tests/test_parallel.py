@@ -431,6 +431,31 @@ def test_dist_timeout_is_checked(monkeypatch):
     for bad in ("abc", "-5", "0", "inf"):
         monkeypatch.setenv("MOCHI_DIST_TIMEOUT", bad)
         with pytest.raises(
-            ValueError, match=f"MOCHI_DIST_TIMEOUT='{bad}' must be a positive number of seconds"
+            ValueError, match=f"MOCHI_DIST_TIMEOUT='{bad}' must be a number of seconds from 1"
         ):
             _env_timeout()
+
+
+@pytest.mark.parametrize(
+    ("text", "nearest"),
+    [("1e300", "2147483"), ("1e10", "2147483"), ("0.0001", "1"), ("nan", "60 (the default)")],
+)
+def test_dist_timeout_is_one_torch_can_take(monkeypatch, text, nearest):
+    """1e300 s overflowed timedelta (a traceback), 1e10 s overflowed torch's nanosecond deadlines and 0.0001 s
+    timed the store's connect out after 0 ms (C++ traces from every rank)."""
+    from mochi.parallel.context import _env_timeout, init_world
+
+    monkeypatch.setenv("MOCHI_DIST_TIMEOUT", text)
+    with pytest.raises(ValueError) as e:
+        _env_timeout()
+    assert str(e.value) == (
+        f"MOCHI_DIST_TIMEOUT={text!r} must be a number of seconds from 1 to 2147483 (24.8 days; default 60); "
+        f"nearest valid: {nearest}"
+    )
+    for edge in ("1", "2147483"):
+        monkeypatch.setenv("MOCHI_DIST_TIMEOUT", edge)
+        assert _env_timeout() == float(edge)
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"^timeout_s must be a number of seconds from 1 to 2147483"):
+        init_world("cpu", timeout_s=1e10)  # refused before any process group is made

@@ -19,6 +19,13 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 60.0
+# The timeouts torch can take. Below about a second the rendezvous itself times out (at 1 ms the store's
+# client gives up before it connects; ranks start up to seconds apart). torch turns the timeout into int64
+# nanosecond deadlines, which overflow near 9.2e9 s (1e10 s: the store "times out" at once; 1e300 s
+# overflows timedelta itself); the cap is far below that, at the largest whole seconds whose milliseconds
+# fit a 32-bit int, the width of many socket waits (24.8 days: longer than any collective should take).
+MIN_TIMEOUT_S = 1.0
+MAX_TIMEOUT_S = float((2**31 - 1) // 1000)
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,14 @@ def init_world(device: str | torch.device | None = None, timeout_s: float | None
     """Join the process group torchrun describes; None when not launched by torchrun.
 
     device: "cpu" forces gloo; otherwise CUDA (NCCL, the device LOCAL_RANK) when present, else CPU (gloo).
-    timeout_s: bound on any collective (default ``MOCHI_DIST_TIMEOUT`` or 60 s).
+    timeout_s: bound on any collective, ``MIN_TIMEOUT_S`` to ``MAX_TIMEOUT_S`` seconds (default
+    ``MOCHI_DIST_TIMEOUT`` or 60 s).
     """
     if not launched_by_torchrun():
         return None
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
-    timeout = timeout_s if timeout_s is not None else _env_timeout()
+    timeout = check_timeout(timeout_s, "timeout_s") if timeout_s is not None else _env_timeout()
     wanted = None if device in (None, "auto") else torch.device(device)
     if (wanted is None or wanted.type == "cuda") and torch.cuda.is_available():
         dev = torch.device("cuda", local if wanted is None or wanted.index is None else wanted.index)
@@ -73,7 +81,7 @@ def close_world() -> None:
 
 
 def _env_timeout() -> float:
-    """``MOCHI_DIST_TIMEOUT`` as positive finite seconds (default 60), or a ValueError naming it."""
+    """``MOCHI_DIST_TIMEOUT`` as seconds (default 60), or a ValueError naming it (``check_timeout``)."""
     text = os.environ.get("MOCHI_DIST_TIMEOUT")
     if text is None:
         return float(DEFAULT_TIMEOUT_S)
@@ -81,9 +89,24 @@ def _env_timeout() -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
+    return check_timeout(value, f"MOCHI_DIST_TIMEOUT={text!r}")
+
+
+def check_timeout(value: float, name: str) -> float:
+    """``value`` seconds as a float when torch can take it as a process-group timeout (``MIN_TIMEOUT_S`` to
+    ``MAX_TIMEOUT_S``), else a ValueError naming ``name``, the range and the nearest valid value."""
+    value = float(value)
+    if not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:
+        nearest = (
+            f"{MIN_TIMEOUT_S:g}"
+            if value < MIN_TIMEOUT_S
+            else f"{MAX_TIMEOUT_S:.0f}"
+            if value > MAX_TIMEOUT_S
+            else f"{DEFAULT_TIMEOUT_S:g} (the default)"
+        )
         raise ValueError(
-            f"MOCHI_DIST_TIMEOUT={text!r} must be a positive number of seconds (default {DEFAULT_TIMEOUT_S})"
+            f"{name} must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:.0f} (24.8 days; "
+            f"default {DEFAULT_TIMEOUT_S:g}); nearest valid: {nearest}"
         )
     return value
 
