@@ -329,6 +329,81 @@ def test_compile_falls_back_with_one_line_where_no_compiler(monkeypatch, capsys)
     )
 
 
+@pytest.fixture
+def fake_inductor(monkeypatch):
+    """torch.compile's default backend replaced: ``fake_inductor(fail)`` makes compiling raise ``fail``, or
+    (None) returns the traced graph uncompiled; returns the list of graphs it was handed. Dynamo's caches are
+    cleared before and after, so no graph compiled here or elsewhere is reused."""
+    import torch._inductor.compile_fx as compile_fx
+
+    from mochi.accel import compile as accel_compile
+
+    graphs = []
+
+    def install(fail: Exception | None = None) -> list:
+        def compile_graph(gm, example_inputs, **kwargs):  # noqa: ANN001, ANN202 - compile_fx's signature
+            graphs.append(gm)
+            if fail is not None:
+                raise fail
+            return gm.forward
+
+        monkeypatch.setattr(compile_fx, "compile_fx", compile_graph)
+        monkeypatch.setattr(accel_compile, "compiler_problem", lambda device="cpu": None)
+        return graphs
+
+    torch._dynamo.reset()
+    yield install
+    torch._dynamo.reset()
+
+
+def test_compile_failure_at_first_call_runs_eager_and_says_why(fake_inductor, capsys):
+    """The pipeline stops claiming compilation (no compile_seconds, ``compiled`` False) once it fell back,
+    for that request and the next; the line names the compiler's error, not BackendCompilerFailed's header."""
+    fake_inductor(RuntimeError("simulated C++ build error\ncc1plus: details"))
+    req = GenerationRequest(PROMPT, seed=1, steps=3)
+    want = MochiPipeline(tiny_components(), device="cpu").generate(req).latents
+    pipe = MochiPipeline(tiny_components(), device="cpu", compile=True)
+    assert pipe.compiled
+    for _ in range(2):
+        out = pipe.generate(req)
+        assert not pipe.compiled and "compile_seconds" not in out.stats
+        torch.testing.assert_close(out.latents, want)
+    err = capsys.readouterr().err
+    assert err.count("mochi: compiling failed") == 1
+    assert "mochi: compiling failed (RuntimeError: simulated C++ build error); running uncompiled\n" in err
+
+
+def test_error_at_first_compiled_call_keeps_compilation(fake_inductor, capsys):
+    """A job cancelled in its first DiT call (or any error that is not the compiler's) propagates and leaves
+    the DiT compiled: the next request compiles and reports compile_seconds."""
+    from mochi.accel.compile import CallTimer, is_compiled
+    from mochi.interrupt import Interrupted, stop_checks
+
+    graphs = fake_inductor()
+    pipe = MochiPipeline(tiny_components(), device="cpu", compile=True)
+    stop = False
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal stop
+        stop = stop or stage == "denoise"  # cancelled as the first denoising step starts
+
+    req = GenerationRequest(PROMPT, seed=1, steps=2)
+    with pytest.raises(Interrupted), stop_checks(pipe.components.modules(), lambda: stop):
+        pipe.generate(req, progress=progress)
+    assert pipe.compiled and not graphs
+    out = pipe.generate(req)
+    assert pipe.compiled and graphs and out.stats["compile_seconds"] is not None
+
+    def broken(*args: torch.Tensor) -> torch.Tensor:
+        raise ValueError("not a compiler error")
+
+    timer = CallTimer(broken, pipe.components.dit)
+    with pytest.raises(ValueError, match="not a compiler error"):
+        timer(torch.zeros(1))
+    assert is_compiled(pipe.components.dit) and timer.fell_back is None
+    assert "compiling failed" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compiled_equals_eager_with_caching():
     """Regional compile: outputs equal eager within fp32 tolerance, cached or not (a few minutes on CPU)."""

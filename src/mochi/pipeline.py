@@ -127,11 +127,10 @@ class MochiPipeline:
         # TeaCache's rescale polynomial; None: found beside the checkpoint (mochi.accel.calibrate).
         self.cache_coefficients: list[float] | None = None
         self.cache_coefficients_source: str | None = None  # where those came from, for the stats
-        self.compiled = False
         if compile:
             from mochi.accel.compile import compile_dit
 
-            self.compiled = compile_dit(c.dit, self.device)
+            compile_dit(c.dit, self.device)
 
     @classmethod
     def from_pretrained(
@@ -185,6 +184,14 @@ class MochiPipeline:
         with offloaded(c.text_encoder, self.device, self.offload_mode):
             feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder)
         return feats.to(self.device), mask.to(self.device)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the DiT runs compiled: False without ``compile``, where no compiler works, and after a
+        compile failure at a first call put it back to eager (``mochi.accel.compile.CallTimer``)."""
+        from mochi.accel.compile import is_compiled
+
+        return is_compiled(self.components.dit)
 
     @property
     def _latent_stats(self) -> tuple | None:
@@ -423,7 +430,7 @@ class MochiPipeline:
                 out.update(dit_forwards=cache.stats.forwards, skipped_steps=cache.stats.skipped_steps)
             if source is not None:
                 out["cache_coefficients"] = source
-            if self.compiled:
+            if self.compiled:  # not after a compile failure put the DiT back to eager
                 out["compile_seconds"] = timer.compile_seconds
             return out
 

@@ -38,9 +38,34 @@ def compiler_problem(device: str | torch.device = "cpu") -> str | None:
             get_cpp_compiler()
             return None
     except Exception as e:  # noqa: BLE001 - any failure means "no working compiler"; say which
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        return f"{type(e).__name__}: {first}"
+        return _one_line(e)
     return f"no torch.compile backend is known to work on {kind}"
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: first line`` of the exception that caused ``e``, at most 160 characters of message.
+
+    A compiler failure wraps the cause: ``BackendCompilerFailed``'s own first line is only the header
+    "backend='inductor' raised:", and its ``__cause__`` is cut (short tracebacks); the cause is kept as
+    ``inner_exception``.
+    """
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = inner
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+
+def is_compiler_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch.compile failing, rather than the model's code raising.
+
+    Only dynamo's own verdicts count: the backend (inductor) failed to compile a graph, dynamo cannot trace
+    a construct (raised only where it is not allowed to fall back to Python), or dynamo itself broke.
+    Anything else raised during a compiled call (a shape error, ``mochi.interrupt.Interrupted``, running out
+    of memory) is the same error eager would raise.
+    """
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, Unsupported
+
+    return isinstance(e, (BackendCompilerFailed, Unsupported, InternalTorchDynamoError))
 
 
 def compile_dit(dit: nn.Module, device: str | torch.device = "cpu", mode: str | None = None) -> bool:
@@ -71,24 +96,25 @@ class CallTimer:
     """A denoiser wrapper timing every call; ``compile_seconds`` estimates the compile time as the first
     call's wall time minus the median of the others (the first call traces and compiles).
 
-    With ``dit`` given (compiled by ``compile_dit``), a first call whose compilation fails prints one line,
-    puts the model back to eager and runs it again, so a missing toolchain never ends a generation.
+    With ``dit`` given (compiled by ``compile_dit``), a first call whose compilation fails
+    (``is_compiler_failure``) prints one line naming the cause, puts the model back to eager, runs it again
+    and keeps the cause in ``fell_back``, so a missing toolchain never ends a generation. Any other error
+    (an ``Interrupted`` job among them) propagates with the model still compiled: the next call compiles.
     """
 
     def __init__(self, model: Callable, dit: nn.Module | None = None) -> None:
         self.model, self.dit, self.seconds = model, dit, []
+        self.fell_back: str | None = None  # why compiling failed, once the model went back to eager
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
             out = self.model(*args)
         except Exception as e:
-            if self.seconds or self.dit is None or not is_compiled(self.dit):
+            if self.seconds or self.dit is None or not is_compiled(self.dit) or not is_compiler_failure(e):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            print(
-                f"mochi: compiling failed ({type(e).__name__}: {first}); running uncompiled", file=sys.stderr
-            )
+            self.fell_back = _one_line(e)
+            print(f"mochi: compiling failed ({self.fell_back}); running uncompiled", file=sys.stderr)
             uncompile_dit(self.dit)
             out = self.model(*args)
         self.seconds.append(time.perf_counter() - t0)
@@ -96,6 +122,7 @@ class CallTimer:
 
     @property
     def compile_seconds(self) -> float | None:
-        if len(self.seconds) < 2:
+        """Estimated compile time; None after fewer than 2 calls or when compiling failed (eager)."""
+        if len(self.seconds) < 2 or self.fell_back is not None:
             return None
         return max(0.0, self.seconds[0] - statistics.median(self.seconds[1:]))
