@@ -87,3 +87,64 @@ def test_sequence_split_leaves_padding_rows_out_of_the_metric(kind, monkeypatch)
     a, b = torch.ones(1, 5, 3), torch.full((1, 5, 3), 2.0)
     a[:, 4], b[:, 4] = 100.0, -100.0  # the padding row differs wildly: it must not count
     assert c._relative_l1(a, b) == 0.5
+
+
+def _compile_job(out: str) -> None:
+    """Two identical requests on a compiled, sequence-split pipeline; the backend (inductor) is replaced by
+    one returning each traced graph uncompiled and counting them (dynamo's guards are what is tested)."""
+    torch.set_num_threads(1)
+    import torch._inductor.compile_fx as compile_fx
+
+    from mochi.accel import compile as accel_compile
+    from mochi.parallel.apply import parallelize
+    from mochi.parallel.context import close_world, init_world
+
+    graphs = []
+    compile_fx.compile_fx = lambda gm, example_inputs, **kwargs: graphs.append(gm) or gm.forward
+    accel_compile.compiler_problem = lambda device="cpu": None
+    world = init_world("cpu")
+    pipe = MochiPipeline(tiny_components(), device="cpu", compile=True)
+    parallelize(pipe, world, weights="replicate")
+    counts = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "denoise" and done == 1:
+            counts.append(len(graphs))  # compiled by the first DiT call
+
+    res = {"latents": [pipe.generate(COMPILE_REQUEST, progress=progress).latents for _ in range(2)]}
+    res.update(counts=counts, total=len(graphs), compiled=pipe.compiled)
+    torch.save(res, Path(out) / f"rank{world.rank}.pt")
+    close_world()
+
+
+COMPILE_REQUEST = GenerationRequest(PROMPT, **{**SIZE, "steps": 3})  # with a padded token, as above
+
+
+def test_compiled_sequence_split_compiles_in_the_first_call_only(tmp_path):
+    """--compile under torchrun: the first DiT call compiles, no later call of that request or of the next
+    identical one recompiles (the split's per-forward state and collectives stay out of the graphs), and the
+    output is the single process's."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+            "MOCHI_DIST_TIMEOUT": "30",
+        }
+        code = f"from tests.test_accel_parallel import _compile_job; _compile_job({str(tmp_path)!r})"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        )
+    for code, err in _wait(procs, timeout=600):
+        assert code == 0, err[-3000:]
+
+    want = MochiPipeline(tiny_components(), device="cpu").generate(COMPILE_REQUEST).latents
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert res["compiled"] and res["counts"][0] > 0, (rank, res)
+        assert res["counts"] == [res["total"]] * 2, (rank, res)  # nothing compiled after the first call
+        for latents in res["latents"]:
+            torch.testing.assert_close(latents, want, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,10 @@ update, is a second), so dynamo traces one graph and every block reuses it with 
 inputs (``inline_inbuilt_nn_modules``, on by default since torch 2.5); compile time is that of one block,
 not 48, and the embedding, text packing and step caching around the blocks stay eager Python, free to
 change per call. Graphs are specialised to shapes (``dynamic=False``): a new video size or prompt length
-recompiles once, and nothing else does. Where no compiler works (no C++ toolchain for inductor on CPU, no
-triton on CUDA) ``compile_dit`` prints one line and leaves the model eager.
+recompiles once, and nothing else does. Only ``forward`` is compiled, not the module call: hooks put on the
+blocks from outside run eager, and so does the sequence split's exchange (``mochi.parallel.sequence``).
+Where no compiler works (no C++ toolchain for inductor on CPU, no triton on CUDA) ``compile_dit`` prints
+one line and leaves the model eager.
 """
 
 from __future__ import annotations
@@ -78,18 +80,26 @@ def compile_dit(dit: nn.Module, device: str | torch.device = "cpu", mode: str | 
         print(f"mochi: --compile unavailable here ({problem}); running uncompiled", file=sys.stderr)
         return False
     for module in [*dit.blocks, dit.final_layer]:
-        module.compile(dynamic=False, mode=mode)
+        # forward, not the module call (Module.compile): hooks put on the blocks from outside (sequence
+        # parallelism, offloading, stop checks) run eager around the graphs, so their per-call state never
+        # becomes a guard that fails at the next call.
+        module.forward = torch.compile(module.forward, dynamic=False, mode=mode)
     return True
 
 
 def uncompile_dit(dit: nn.Module) -> None:
     """Undo ``compile_dit``: the modules run eager again."""
     for module in [*dit.blocks, dit.final_layer]:
-        module._compiled_call_impl = None
+        if _compiled_forward(module):
+            del module.forward
 
 
 def is_compiled(dit: nn.Module) -> bool:
-    return getattr(dit.final_layer, "_compiled_call_impl", None) is not None
+    return _compiled_forward(dit.final_layer)
+
+
+def _compiled_forward(module: nn.Module) -> bool:
+    return hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable")
 
 
 class CallTimer:

@@ -65,10 +65,18 @@ def _pad_tokens(t: torch.Tensor, dim: int, total: int) -> torch.Tensor:
 
 
 def _local_slice(t: torch.Tensor, dim: int, s: _Split) -> torch.Tensor:
-    """Pad the token axis ``dim`` to G·M and keep this rank's M (a view; no communication)."""
-    return _pad_tokens(t, dim, s.size * s.local).narrow(dim, s.rank * s.local, s.local)
+    """Pad the token axis ``dim`` to G·M and keep this rank's M (no communication).
+
+    Contiguous, not a strided view: a compiled block specialises on its input's strides, and block 0 would
+    otherwise see other strides than the blocks after it, and compile twice.
+    """
+    return _pad_tokens(t, dim, s.size * s.local).narrow(dim, s.rank * s.local, s.local).contiguous()
 
 
+# Eager even inside a compiled block (mochi.accel.compile): the collectives and their traffic counts, and the
+# split of the current forward, which is a new object at every forward, must not become a compiled graph's
+# guards (each call would recompile, up to dynamo's recompile_limit).
+@torch.compiler.disable
 def _sp_attention(q, k, v, cu_seqlens, backend, local_attention):  # noqa: ANN001, ANN202 - as attention()
     """``attention`` on packed [M local visual ‖ all text] per sample, by the Ulysses exchange."""
     s = _active
