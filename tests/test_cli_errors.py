@@ -231,6 +231,18 @@ def test_non_finite_float_options_are_refused_by_the_parser(capsys, command, fla
     assert f"argument {flag}: {value!r} is not a finite number" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--guidance", "0_1"), ("--fps", "3_0"), ("--cache-threshold", "1_0")]
+)
+def test_float_options_written_with_underscores_are_refused(capsys, flag, value):
+    """Python's float() reads "0_1" as 1.0: a typo of 0.1 ran at ten times the value asked for."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {value!r} is not a plain decimal number: '_' is not allowed" in err
+
+
 @pytest.mark.parametrize("device", ["meta", "mps", "xla", "cuda:99"])
 def test_unsupported_devices_are_one_line(tiny, tmp_path, capsys, device):
     code = main(["generate", "x", "--device", device, "--out", str(tmp_path / "v.mp4")])

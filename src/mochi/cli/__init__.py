@@ -81,7 +81,13 @@ def nonempty(text: str) -> str:
 
 
 def finite_float(text: str) -> float:
-    """argparse type: a float that is neither infinite nor NaN."""
+    """argparse type: a float that is neither infinite nor NaN, written without '_' (Python reads "0_1" as
+    1.0: a typo of 0.1 ran at ten times the value)."""
+    if "_" in text:
+        shown = text.replace("_", "")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a plain decimal number: '_' is not allowed ({shown}?)"
+        )
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
