@@ -45,7 +45,9 @@ def _cache_job(out: str) -> None:
     close_world()
 
 
-def test_cached_parallel_equals_cached_single_process(tmp_path):
+def _run_ranks(job: str, out: Path) -> list[dict]:
+    """Run ``job`` (a function of this module) on 2 gloo ranks as torchrun would start them; each saves
+    its results as ``out/rank{r}.pt``, returned in rank order."""
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -56,20 +58,24 @@ def test_cached_parallel_equals_cached_single_process(tmp_path):
             "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
             "MOCHI_DIST_TIMEOUT": "30",
         }
-        code = f"from tests.test_accel_parallel import _cache_job; _cache_job({str(tmp_path)!r})"
+        code = f"from tests.test_accel_parallel import {job}; {job}({str(out)!r})"
         procs.append(
             subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
         )
     for code, err in _wait(procs, timeout=600):  # minutes only on a host far busier than its cores
         assert code == 0, err[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+def test_cached_parallel_equals_cached_single_process(tmp_path):
+    results = _run_ranks("_cache_job", tmp_path)
 
     pipe = MochiPipeline(tiny_components(), device="cpu")
     single = {kind: pipe.generate(request) for kind, request in _requests().items()}
     for kind, gen in single.items():
         skipped = gen.stats["skipped_steps"]
         assert 0 < len(skipped) < SIZE["steps"] - 2, (kind, skipped)  # some steps skipped, some computed
-    for rank in range(2):
-        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for rank, res in enumerate(results):
         for (mode, kind), (latents, stats) in res.items():
             assert stats == single[kind].stats, (rank, mode, kind)
             torch.testing.assert_close(latents, single[kind].latents, rtol=1e-5, atol=1e-5)
@@ -124,26 +130,9 @@ def test_compiled_sequence_split_compiles_in_the_first_call_only(tmp_path):
     """--compile under torchrun: the first DiT call compiles, no later call of that request or of the next
     identical one recompiles (the split's per-forward state and collectives stay out of the graphs), and the
     output is the single process's."""
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
-            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
-            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
-            "MOCHI_DIST_TIMEOUT": "30",
-        }
-        code = f"from tests.test_accel_parallel import _compile_job; _compile_job({str(tmp_path)!r})"
-        procs.append(
-            subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE)
-        )
-    for code, err in _wait(procs, timeout=600):
-        assert code == 0, err[-3000:]
-
+    results = _run_ranks("_compile_job", tmp_path)
     want = MochiPipeline(tiny_components(), device="cpu").generate(COMPILE_REQUEST).latents
-    for rank in range(2):
-        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for rank, res in enumerate(results):
         assert res["compiled"] and res["counts"][0] > 0, (rank, res)
         assert res["counts"] == [res["total"]] * 2, (rank, res)  # nothing compiled after the first call
         for latents in res["latents"]:

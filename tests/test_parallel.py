@@ -265,7 +265,7 @@ def results(tmp_path_factory):
     outcome = _wait(_launch("_job", out), timeout=150)
     for rank, (code, err) in enumerate(outcome):
         assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
-    res = torch.load(out / "results.pt", weights_only=False)
+    res = torch.load(out / "results.pt", weights_only=True)
     res["out"] = out
     return res
 
