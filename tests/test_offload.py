@@ -207,3 +207,42 @@ def test_cuda_streaming_overlaps_copies_with_compute():
             streams[kind].add(e.device_resource_id())
     # Block copies run on a side stream, one no kernel of the forward runs on.
     assert streams["compute"] and streams["copy"] - streams["compute"]
+
+
+def test_teacaches_probe_waits_for_the_streamed_block_0(monkeypatch):
+    """TeaCache reads block 0's modulation before the block runs. Under block offload on a GPU its copy may
+    still be on the side stream then (only the block's own forward waited for it): the probe must wait too.
+    On the CPU the copies are synchronous, so the order of load, wait and read is what is checked."""
+    from mochi import offload
+    from mochi.accel.cache import CacheSetting, StepCache
+
+    dit = _dit()
+    sets, state, seen = [], {}, []
+    load, wait = offload._TensorSet.load, offload._TensorSet.wait
+
+    def loading(self, stream=None):  # noqa: ANN001, ANN202
+        if not any(s is self for s in sets):
+            sets.append(self)
+        if not self.loaded:
+            state[id(self)] = "in flight"
+        load(self, stream)
+
+    def waiting(self):  # noqa: ANN001, ANN202
+        wait(self)
+        state[id(self)] = "ready"
+
+    def reading(module, args):  # noqa: ANN001, ANN202
+        holder = next(s for s in sets if any(owner is module for owner, _, _ in s.entries))
+        seen.append(state[id(holder)])
+
+    monkeypatch.setattr(offload._TensorSet, "load", loading)
+    monkeypatch.setattr(offload._TensorSet, "wait", waiting)
+    dit.blocks[0].mod_x.register_forward_pre_hook(reading)
+    x, _, text, mask = _inputs()
+    sigmas = [1.0, 0.9, 0.8, 0.5, 0.0]
+    cache = StepCache(dit, CacheSetting("teacache", 0.05), sigmas=sigmas)
+    with offloaded(dit, torch.device("cpu"), Offload("blocks", 0), copy=True):
+        for sigma in sigmas[:-1]:
+            cache(x, torch.full((2,), sigma), text, mask)
+    assert len(seen) >= 4 and set(seen) == {"ready"}, seen
+    assert not hasattr(dit.blocks[0], "mochi_ready")  # gone with the streamer

@@ -246,6 +246,9 @@ class BlockStreamer:
         for gi, g in enumerate(self._groups):
             self._hooks.append(g[0].register_forward_pre_hook(lambda m, a, gi=gi: self._before(gi)))
             self._hooks.append(g[-1].register_forward_hook(lambda m, a, o, gi=gi: self._after(gi)))
+            # For code that reads a streamed block's weights without calling it (TeaCache's probe of block
+            # 0's modulation): on a GPU its copy may still be in flight on the side stream.
+            g[0].mochi_ready = lambda gi=gi: self._before(gi)
         self.peak_blocks = self._loaded_blocks()
         if self._sets:
             self._fetch(0)  # overlaps with whatever runs before the first streamed block
@@ -270,6 +273,8 @@ class BlockStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for g in self._groups:
+            g[0].__dict__.pop("mochi_ready", None)
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for s in [self._resident, *self._sets]:

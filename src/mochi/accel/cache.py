@@ -287,7 +287,11 @@ def _valid_local_tokens() -> int | None:
 
 def _first_scale(block: torch.nn.Module, c: torch.Tensor) -> torch.Tensor:
     """Block 0's scale_msa_x (B, 1, dx) from SiLU(conditioning) c (B, dx). Under FSDP2 (``--parallel-weights
-    shard``) the block's weights are gathered for this call as its own forward would, then released."""
+    shard``) the block's weights are gathered for this call as its own forward would, then released; under
+    block offload they are waited for (``mochi_ready``: loaded, and the side stream's copy done)."""
+    ready = getattr(block, "mochi_ready", None)
+    if ready is not None:
+        ready()
     fsdp = callable(getattr(block, "unshard", None))
     if fsdp:
         block.unshard()
