@@ -25,7 +25,10 @@ OOM_PROMPT = "run out of memory please"
 
 
 class GatedPipeline:
-    """Delegates to a pipeline; while ``gate`` is clear, a job waits (≤ 20 s) after denoising step 1."""
+    """Delegates to a pipeline; while ``gate`` is clear, a job waits (≤ 60 s) after denoising step 1.
+
+    The bound only keeps a broken test from hanging: a test holding a job for a few seconds took over 20 on a
+    loaded 2-core machine (the web-UI tests drive a browser meanwhile), and the job it held ran on."""
 
     def __init__(self, pipe: object) -> None:
         self.pipe = pipe
@@ -46,7 +49,7 @@ class GatedPipeline:
             progress(stage, done, total)
             if stage == "denoise" and done == 1:
                 self.entered.set()
-                self.gate.wait(20)
+                self.gate.wait(60)
 
         return self.pipe.generate(request, progress=report, init_frames=init_frames, denoised=denoised)
 
