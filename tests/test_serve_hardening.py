@@ -455,9 +455,10 @@ def test_every_error_is_the_documented_error_body(live, locked):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--fps", "0"], "--fps 0.0 must be a number in (0, 240]; Mochi's videos are 30 fps"),
-        (["--fps", "-1"], "--fps -1.0 must be a number in (0, 240]"),
-        (["--fps", "241"], "--fps 241.0 must be a number in (0, 240]"),
+        (["--fps", "0"], "--fps 0.0 must be a number from 0.1 to 240; nearest valid: 0.1 (Mochi's"),
+        (["--fps", "-1"], "--fps -1.0 must be a number from 0.1 to 240; nearest valid: 0.1"),
+        (["--fps", "0.05"], "--fps 0.05 must be a number from 0.1 to 240; nearest valid: 0.1"),  # passed here
+        (["--fps", "241"], "--fps 241.0 must be a number from 0.1 to 240; nearest valid: 240"),
         (["--queue-size", "0"], "--queue-size 0 must be at least 1"),
         (["--token", "short"], "--token has 5 characters; a bearer token needs at least 16"),
         (["--out-dir", "FILE"], "is a file, not a folder; name a folder (it is created)"),

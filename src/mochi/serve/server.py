@@ -74,8 +74,12 @@ def check_options(out_dir: str, queue_size: int, fps: float) -> None:
         raise ValueError(
             f"--queue-size {queue_size} must be at least 1 (jobs that may wait; 8 is the default)"
         )
-    if not (math.isfinite(fps) and 0 < fps <= 240):
-        raise ValueError(f"--fps {fps} must be a number in (0, 240]; Mochi's videos are 30 fps")
+    if not (math.isfinite(fps) and 0.1 <= fps <= 240):  # 0.1: the least rate a video is written at
+        nearest = 0.1 if not fps > 240 else 240
+        raise ValueError(
+            f"--fps {fps} must be a number from 0.1 to 240; nearest valid: {nearest:g} (Mochi's videos are "
+            "30 fps)"
+        )
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out-dir {out_dir!r} is a file, not a folder; name a folder (it is created)")
