@@ -279,3 +279,22 @@ def test_a_long_output_name_the_folder_takes_is_written(tiny, tmp_path):
     out = tmp_path / ("a" * 240 + ".mp4")
     assert main(["generate", "x", "--steps", "1", "--out", str(out)]) == 0
     assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+def test_an_init_video_too_small_to_crop_is_refused_before_the_model_loads(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    """A 2x2 clip fitted to a 128x16 output would keep round(0.25) = 0 rows: refused in one line naming both
+    sizes, before the model loads (the check at 8x8 still crops to 2x2)."""
+    clip = tmp_path / "tiny.mp4"
+    write_video(np.zeros((13, 2, 2, 3), np.uint8), clip)
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", never)
+    argv = ["generate", "x", "--init-video", str(clip), "--width", "128", "--height", "16"]
+    assert main([*argv, "--frames", "7", "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "2x2 frames are too small to crop to the shape of the 128x16 output" in err

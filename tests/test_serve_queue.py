@@ -301,6 +301,19 @@ def test_video_to_video_from_an_upload(url, live, pipe, tmp_path):
     assert not [p for p in (live.jobs.out_dir / "uploads").iterdir() if p.name.endswith(".partial")]
 
 
+def test_an_upload_too_small_to_crop_to_the_output_is_422_at_submission(url, live, tmp_path):
+    """A 2x2 clip fitted to 128x16 keeps no row: refused when the job is asked for, not failed later."""
+    data = write_video(torch.zeros((7, 2, 2, 3), dtype=torch.uint8), tmp_path / "tiny.mp4").read_bytes()
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
+    assert status == 201, reply
+    upload = json.loads(reply)["id"]
+    body = {"prompt": "x", "frames": 7, "width": 128, "height": 16, "init_video": upload, "strength": 0.5}
+    status, error = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 422, error
+    assert "2x2 frames are too small to crop to the shape of the 128x16 output" in error["detail"]
+    assert call_json("DELETE", f"{url}/api/uploads/{upload}")[0] == 200
+
+
 def test_an_upload_with_frames_too_large_is_422_and_kept_nowhere(url, live, tmp_path, monkeypatch):
     from mochi.serve import uploads
 

@@ -189,3 +189,20 @@ def test_every_container_is_byte_identical_for_identical_frames(tmp_path, contai
     frames = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
     a = write_video(frames, tmp_path / f"a{container}").read_bytes()
     assert a == write_video(frames, tmp_path / f"b{container}").read_bytes()
+
+
+def test_a_clip_too_small_to_crop_to_the_output_shape_is_refused():
+    """2x2 frames fitted to 128x16 would keep round(2 * 16 / 128) = 0 rows: a VideoError naming both sizes,
+    not torch's "Input and output sizes should be greater than 0"."""
+    from mochi.video import crop_box, fit_frames
+
+    with pytest.raises(
+        VideoError, match="2x2 frames are too small to crop to the shape of the 128x16 output"
+    ):
+        fit_frames(np.zeros((7, 2, 2, 3), np.uint8), 7, 16, 128)
+    with pytest.raises(
+        VideoError, match="40x1 frames are too small to crop to the shape of the 16x64 output"
+    ):
+        crop_box(1, 40, 64, 16)  # too thin the other way: no column is kept
+    assert crop_box(2, 2, 16, 16) == (0, 0, 2, 2)
+    assert crop_box(40, 100, 16, 16) == (0, 30, 40, 40)

@@ -197,22 +197,33 @@ def video_size(path: str | os.PathLike) -> tuple[int, int]:
         raise VideoError(f"cannot read video {str(path)!r}: {e or 'no frames'}") from None
 
 
+def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, rows, columns) of the centred crop of an h×w frame to the aspect of a ``width``×``height``
+    output (``fit_frames``). VideoError when the crop would keep no row or no column: a clip a few pixels
+    high, fitted to a wide output (2x2 to 128x16 keeps round(0.25) = 0 rows), cannot be resized."""
+    if h * width > w * height:  # too tall: crop rows
+        rows, cols = round(w * height / width), w
+    else:  # too wide: crop columns
+        rows, cols = h, round(h * width / height)
+    if rows < 1 or cols < 1:
+        raise VideoError(
+            f"the video's {w}x{h} frames are too small to crop to the shape of the {width}x{height} output "
+            f"(the crop would keep {cols}x{rows} pixels); give a larger clip, or an output size nearer the "
+            f"clip's {w}:{h}"
+        )
+    return (h - rows) // 2, (w - cols) // 2, rows, cols
+
+
 def fit_frames(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
     """The first ``frames`` frames of ``video`` (T, H, W, 3) uint8, centre-cropped to the aspect of
-    ``width``×``height`` and resized to it (antialiased area resampling). Raises VideoError if too short.
+    ``width``×``height`` and resized to it (antialiased area resampling). Raises VideoError if too short,
+    or too small or thin to crop to that aspect (``crop_box``).
     """
     if video.shape[0] < frames:
         raise VideoError(f"video has {video.shape[0]} frames, fewer than the {frames} asked for")
     clip = torch.from_numpy(np.ascontiguousarray(video[:frames])).permute(0, 3, 1, 2).float()  # T C H W
-    h, w = clip.shape[-2:]
-    if h * width > w * height:  # too tall: crop rows
-        keep = round(w * height / width)
-        top = (h - keep) // 2
-        clip = clip[:, :, top : top + keep]
-    else:  # too wide: crop columns
-        keep = round(h * width / height)
-        left = (w - keep) // 2
-        clip = clip[:, :, :, left : left + keep]
+    top, left, rows, cols = crop_box(clip.shape[-2], clip.shape[-1], height, width)
+    clip = clip[:, :, top : top + rows, left : left + cols]
     if clip.shape[-2:] != (height, width):
         clip = torch.nn.functional.interpolate(
             clip, size=(height, width), mode="bilinear", antialias=True, align_corners=False

@@ -134,9 +134,18 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     check_loras(args.lora)
     init = None
     if args.init_video:
-        frames = request.frames or model_defaults(args.model)["frames"]
+        from mochi.video import crop_box, video_size
+
+        defaults = model_defaults(args.model)
+        frames = request.frames or defaults["frames"]
         # The pixels are read again at the output size once the model is loaded: here only the count.
         init = read_init_video(args.init_video, frames, size=(8, 8)).shape[0]
+        # ... and whether a frame crops to the output's shape at all (at 8x8 a thin clip still does).
+        crop_box(
+            *video_size(args.init_video),
+            request.height or defaults["height"],
+            request.width or defaults["width"],
+        )
     return {"max_memory": max_memory, "init": init}
 
 

@@ -106,15 +106,23 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
             )
         if getattr(jobs.pipeline.components, "encoder", None) is None:
             raise HTTPException(422, "video-to-video needs the VAE encoder, and this server's model has none")
-        frames, have = body.frames or jobs.defaults["frames"], None
+        frames, info = body.frames or jobs.defaults["frames"], None
         with contextlib.suppress(Exception):  # an unreadable upload fails its job, with the reader's reason
-            have = probe(init)["frames"]
-        if have is not None and have < frames:
+            info = probe(init)
+        if info is not None and info["frames"] < frames:
             raise HTTPException(
                 422,
-                f"init_video={quote(body.init_video)} has {have} frames, fewer than the {frames} to "
-                "generate; ask for fewer frames or upload a longer clip",
+                f"init_video={quote(body.init_video)} has {info['frames']} frames, fewer than the {frames} "
+                "to generate; ask for fewer frames or upload a longer clip",
             )
+        if info is not None:  # a clip too small or thin to crop to the output's shape fails every job
+            from mochi.video import VideoError, crop_box
+
+            size = (body.height or jobs.defaults["height"], body.width or jobs.defaults["width"])
+            try:
+                crop_box(info["height"], info["width"], *size)
+            except VideoError as e:
+                raise HTTPException(422, f"init_video={quote(body.init_video)}: {e}") from None
     values = body.model_dump(include=set(PARAMETERS))  # the request fields a job records
     request = GenerationRequest(
         **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength
