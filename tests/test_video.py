@@ -206,3 +206,22 @@ def test_a_clip_too_small_to_crop_to_the_output_shape_is_refused():
         crop_box(1, 40, 64, 16)  # too thin the other way: no column is kept
     assert crop_box(2, 2, 16, 16) == (0, 0, 2, 2)
     assert crop_box(40, 100, 16, 16) == (0, 30, 40, 40)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_frames_are_refused_not_written_black_or_white(tmp_path, value):
+    frames = np.full((3, 16, 16, 3), 0.5, np.float32)
+    frames[1, 4, 4, 0] = value
+    with pytest.raises(VideoError, match="frames hold 1 non-finite values"):
+        write_video(frames, tmp_path / "bad.mp4")
+    with pytest.raises(VideoError, match="non-finite"):
+        to_uint8(torch.from_numpy(frames))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_beyond_the_encoders_limit_are_refused_naming_it(tmp_path):
+    with pytest.raises(VideoError, match="frame size 16386x2 is beyond the H.264 encoder's limit of 16384"):
+        write_video(np.zeros((1, 2, 16386, 3), np.uint8), tmp_path / "wide.mp4")
+    with pytest.raises(VideoError, match="frame size 2x16386 is beyond .* limit of 16384 pixels a side"):
+        write_video(np.zeros((1, 16386, 2, 3), np.uint8), tmp_path / "tall.mp4", lossless=True)
+    assert list(tmp_path.iterdir()) == []

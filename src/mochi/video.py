@@ -23,6 +23,8 @@ MIN_FPS, MAX_FPS = 0.1, 1000.0
 # (10 distinct files in 12 encodes on a many-core machine, decoded pixels up to 38/255 apart); without it
 # x264 is reproducible. At CRF 18 the file grows and PSNR rises slightly (docs/pipeline.md, "Output files").
 X264_PARAMS = "no-mbtree=1"
+# The widest and tallest frame x264 encodes (its encoder refuses to open beyond it).
+MAX_SIDE = 16384
 
 
 class VideoError(ValueError):
@@ -43,6 +45,14 @@ def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float]
         return np.ascontiguousarray(array)
     if not np.issubdtype(array.dtype, np.floating):
         raise VideoError(f"frames must be uint8 or floating point, got {array.dtype}")
+    finite = np.isfinite(array)
+    if not finite.all():  # NaN would be written as black and inf as white: a broken run, not a video
+        bad = array[~finite]
+        kinds = ", ".join(k for k, n in (("NaN", np.isnan(bad).sum()), ("inf", np.isinf(bad).sum())) if n)
+        raise VideoError(
+            f"frames hold {bad.size} non-finite values ({kinds}) of {array.size}; every value must be finite "
+            "(a NaN or inf frame comes from a failed run, never a video to write)"
+        )
     low, high = value_range
     if not high > low:
         raise VideoError(f"value_range must be (low, high) with high > low, got {value_range}")
@@ -89,6 +99,11 @@ def write_video(
     t, h, w, _ = pixels.shape
     if t == 0:
         raise VideoError("cannot write a video with no frames")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise VideoError(
+            f"frame size {w}x{h} is beyond the H.264 encoder's limit of {MAX_SIDE} pixels a side; scale it "
+            f"to at most {min(w, MAX_SIDE)}x{min(h, MAX_SIDE)}"
+        )
     if (h % 2 or w % 2) and not lossless:
         raise VideoError(
             f"frame size {w}x{h} must be even in both dimensions for yuv420p; crop to {w - w % 2}x{h - h % 2}"
