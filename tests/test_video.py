@@ -225,3 +225,23 @@ def test_frames_beyond_the_encoders_limit_are_refused_naming_it(tmp_path):
     with pytest.raises(VideoError, match="frame size 2x16386 is beyond .* limit of 16384 pixels a side"):
         write_video(np.zeros((1, 16386, 2, 3), np.uint8), tmp_path / "tall.mp4", lossless=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fps", [np.float32(24), np.int64(24), torch.tensor(24.0), 24.0], ids=str)
+def test_video_rate_takes_any_real_number(fps):
+    from fractions import Fraction
+
+    from mochi.video import video_rate
+
+    assert video_rate(fps) == Fraction(24)
+
+
+def test_video_rate_refuses_bools_and_names_the_nearest_rate():
+    from mochi.video import video_rate
+
+    with pytest.raises(VideoError, match="fps=True must be a number from 0.1 to 1000, not a bool"):
+        video_rate(True)
+    with pytest.raises(VideoError, match="fps=2000 must be .*; nearest valid: 1000"):
+        video_rate(np.int64(2000))
+    with pytest.raises(VideoError, match="nearest valid: 0.1"):
+        video_rate(np.float32(0.01))

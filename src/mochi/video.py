@@ -7,6 +7,7 @@ target is renamed onto it only once complete, so an interrupted run leaves no pa
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -61,13 +62,24 @@ def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float]
 
 
 def video_rate(fps: float) -> Fraction:
-    """The frame rate a video written at ``fps`` really has; ValueError names the valid range."""
-    if not (isinstance(fps, int | float) and math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
-        nearest = MAX_FPS if isinstance(fps, int | float) and fps > MAX_FPS else MIN_FPS
+    """The frame rate a video written at ``fps`` really has; ValueError names the valid range.
+
+    fps: any real number (int, float, a numpy scalar, a one-element torch tensor), not a bool.
+    """
+    if isinstance(fps, torch.Tensor) and fps.numel() == 1 and fps.dtype != torch.bool:
+        fps = fps.item()
+    if isinstance(fps, bool | np.bool_) or not isinstance(fps, numbers.Real):
+        raise VideoError(
+            f"fps={fps!r} must be a number from {MIN_FPS:g} to {MAX_FPS:g}, not a {type(fps).__name__}; "
+            "e.g. 30"
+        )
+    value = float(fps)
+    if not (math.isfinite(value) and MIN_FPS <= value <= MAX_FPS):
+        nearest = 30.0 if math.isnan(value) else min(max(value, MIN_FPS), MAX_FPS)
         raise VideoError(
             f"fps={fps} must be a number from {MIN_FPS:g} to {MAX_FPS:g}; nearest valid: {nearest:g}"
         )
-    return Fraction(fps).limit_denominator(1001)
+    return Fraction(value).limit_denominator(1001)
 
 
 def write_video(
