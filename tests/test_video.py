@@ -245,3 +245,13 @@ def test_video_rate_refuses_bools_and_names_the_nearest_rate():
         video_rate(np.int64(2000))
     with pytest.raises(VideoError, match="nearest valid: 0.1"):
         video_rate(np.float32(0.01))
+
+
+def test_a_link_that_cannot_be_resolved_is_not_called_missing(tmp_path):
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    with pytest.raises(VideoError, match="is a symbolic link that cannot be resolved: its links form a loop"):
+        read_video(tmp_path / "a.mp4")
+    (tmp_path / "c.mp4").symlink_to("gone.mp4")
+    with pytest.raises(VideoError, match="cannot be resolved: its target 'gone.mp4' does not exist"):
+        read_video(tmp_path / "c.mp4")

@@ -6,6 +6,7 @@ target is renamed onto it only once complete, so an interrupted run leaves no pa
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
@@ -165,10 +166,7 @@ def read_video(
     """
     path = Path(path)
     if not path.is_file():
-        what = (
-            "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
-        )
-        raise VideoError(f"video file {str(path)!r} {what}")
+        raise VideoError(f"video file {str(path)!r} {_not_a_file(path)}")
     if max_frames is not None and max_frames < 1:
         raise VideoError(f"max_frames must be at least 1 or None (all frames), got {max_frames}")
     import av
@@ -190,6 +188,22 @@ def read_video(
     if not images:
         raise VideoError(f"video {str(path)!r} has no frames")
     return np.stack(images), float(rate) if rate else 0.0
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file (after links), cannot be read as a video."""
+    if path.is_dir():
+        return "is a folder"
+    if path.exists():
+        return "is not a regular file"
+    if path.is_symlink():  # exists() is False for a link to nowhere: not a missing file
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "is a symbolic link that cannot be resolved: its links form a loop"
+        return f"is a symbolic link that cannot be resolved: its target {os.readlink(path)!r} does not exist"
+    return "does not exist"
 
 
 def _quarter_turns(frame) -> int:  # noqa: ANN001 - av.VideoFrame
