@@ -298,3 +298,15 @@ def test_an_init_video_too_small_to_crop_is_refused_before_the_model_loads(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "2x2 frames are too small to crop to the shape of the 128x16 output" in err
+
+
+@pytest.mark.parametrize("second", ["clip.MP4", "clip.MKV", "clip.Mov"])
+def test_an_output_whose_suffix_differs_only_in_case_would_share_the_sidecar(tiny, tmp_path, capsys, second):
+    """clip.mp4 then clip.MP4 (or clip.MKV) pair one sidecar, clip.json: refused, on any file system."""
+    assert main(["generate", "x", "--steps", "1", "--out", str(tmp_path / "clip.mp4")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "y", "--steps", "1", "--out", str(tmp_path / second)]) == 2
+    assert "would share the sidecar clip.json with clip.mp4" in capsys.readouterr().err
+    assert json.loads((tmp_path / "clip.json").read_text())["prompt"] == "x"
+    # The output itself, written again, is no other video (nor is it on a case-insensitive file system).
+    assert main(["generate", "z", "--steps", "1", "--out", str(tmp_path / "clip.mp4")]) == 0

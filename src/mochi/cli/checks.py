@@ -30,16 +30,40 @@ def check_output(out: Path) -> None:
     if sidecar.is_dir():
         raise ValueError(f"cannot write the sidecar {str(sidecar)!r}: it is a folder; choose another --out")
     # Another container of the same stem shares the sidecar: writing this one would pair that video with
-    # this run's parameters.
-    other = next(
-        (out.with_suffix(s) for s in CONTAINERS if s != out.suffix.lower() and out.with_suffix(s).exists()),
-        None,
-    )
+    # this run's parameters. The folder is scanned for any case of the suffix (clip.mp4 beside clip.MP4);
+    # on a case-insensitive file system a name that is ``out`` itself is not another video.
+    other = next((p for p in _same_stem_videos(out) if not _same_file(p, out)), None)
     if other is not None:
         raise ValueError(
             f"output {str(out)!r} would share the sidecar {sidecar.name} with {other.name}, another video of "
             f"this name; choose another --out, or remove {other.name}"
         )
+
+
+def _same_stem_videos(out: Path) -> list[Path]:
+    """The videos beside ``out`` (any container, any case of its suffix) whose stem is ``out``'s."""
+    import os
+
+    from mochi.video import CONTAINERS
+
+    folder = out.parent
+    try:
+        names = sorted(os.listdir(folder if str(folder) else "."))
+    except OSError:
+        return []
+    return [
+        folder / name
+        for name in names
+        if name != out.name and Path(name).stem == out.stem and Path(name).suffix.lower() in CONTAINERS
+    ]
+
+
+def _same_file(path: Path, out: Path) -> bool:
+    """``path`` names the file ``out`` names (a case-insensitive file system)."""
+    try:
+        return out.exists() and path.samefile(out)
+    except OSError:
+        return False
 
 
 def parse_max_memory(text: str | None) -> int | None:
