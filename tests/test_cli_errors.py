@@ -266,7 +266,7 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     write_video(np.zeros((7, 32, 32, 3), np.uint8), videos / "a.mp4")
     (videos / "a.txt").write_text("a clip")
     size = ["--frames", "7", "--width", "32", "--height", "32"]
-    _one_line(capsys, main(["prepare-data", str(videos), str(blocker), *size]), "already exists")
+    _one_line(capsys, main(["prepare-data", str(videos), str(blocker), *size]), "afile' is a file")
     lora = _lora_file(tmp_path / "l.safetensors")
     _one_line(capsys, main(["convert-lora", str(lora), str(blocker / "x.safetensors"), "--to", "genmo"]))
     write_genmo(tmp_path / "g", tiny_model())
@@ -279,6 +279,25 @@ def test_existing_paths_in_the_way_are_one_line(tiny, tmp_path, capsys):
     (tmp_path / "v.json").mkdir()  # the sidecar's name is taken by a folder
     code = main(["generate", "x", "--steps", "1", "--out", str(tmp_path / "v.mp4")])
     _one_line(capsys, code, "v.json")
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["a file", "under a file"])
+def test_prepare_data_refuses_an_out_dir_it_cannot_make_before_loading(
+    tiny, tmp_path, capsys, monkeypatch, under
+):
+    import mochi.cli.lora
+
+    def never(args):  # noqa: ANN001
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mochi.cli.lora, "pipeline_from_args", never)
+    videos, blocker = tmp_path / "videos", tmp_path / "afile"
+    videos.mkdir()
+    blocker.write_text("in the way")
+    out = blocker / "data" if under else blocker
+    code = main(["prepare-data", str(videos), str(out), "--frames", "7", "--width", "32", "--height", "32"])
+    _one_line(capsys, code, f"OUT_DIR {str(out)!r}", f"{str(blocker)!r} is a file")
+    assert blocker.read_text() == "in the way"
 
 
 def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_path, capsys, monkeypatch):

@@ -181,6 +181,16 @@ def check_prepare_data(args: argparse.Namespace) -> None:
         from mochi.files import not_a_folder
 
         raise ValueError(f"videos folder {args.videos!r} {not_a_folder(args.videos)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT_DIR {str(out)!r} is a file; give a folder for the prepared clips")
+    # mkdir(parents=True) cannot pass a file on the way: name the file, as the folder would not be made.
+    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise ValueError(
+            f"OUT_DIR {str(out)!r} cannot be made: {str(above)!r} is a file; give a folder for the prepared "
+            "clips"
+        )
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
 
 
