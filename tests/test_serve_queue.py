@@ -314,6 +314,38 @@ def test_an_upload_too_small_to_crop_to_the_output_is_422_at_submission(url, liv
     assert call_json("DELETE", f"{url}/api/uploads/{upload}")[0] == 200
 
 
+def test_a_killed_servers_partial_upload_is_removed_when_the_folder_is_next_used(
+    url, live, tmp_path, monkeypatch
+):
+    """An upload is written to a temporary named as ``atomic_path`` names them (with the pid), so that what
+    a killed server left (nothing swept ``<id>.partial``; DELETE cannot name it) is removed on next use."""
+    import subprocess
+    import sys
+
+    from mochi import files
+    from mochi.serve import uploads
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = live.jobs.out_dir / "uploads"
+    folder.mkdir(exist_ok=True)
+    stale = folder / f".AAAAAAAAAAAAAAAA.{gone.pid}.0a1b.partial"
+    stale.write_bytes(b"\0" * 100)
+    mine = folder / f".BBBBBBBBBBBBBBBB.{os.getpid()}.0a1b.partial"  # a live process's: kept
+    mine.write_bytes(b"\0" * 100)
+    monkeypatch.setattr(files, "_swept", set())  # as in a server started afresh
+    seen = []
+    real_probe = uploads.probe
+    monkeypatch.setattr(uploads, "probe", lambda path: seen.append(path) or real_probe(path))
+    data = write_video(torch.zeros((2, 32, 32, 3), dtype=torch.uint8), tmp_path / "v.mp4").read_bytes()
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
+    assert status == 201, reply
+    assert not stale.exists() and mine.exists()
+    assert files._PARTIAL.match(seen[0].name) and f".{os.getpid()}." in seen[0].name
+    mine.unlink()
+    assert call_json("DELETE", f"{url}/api/uploads/{json.loads(reply)['id']}")[0] == 200
+
+
 def test_an_upload_with_frames_too_large_is_422_and_kept_nowhere(url, live, tmp_path, monkeypatch):
     from mochi.serve import uploads
 

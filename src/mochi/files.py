@@ -84,6 +84,21 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def sweep_once(directory: str | os.PathLike) -> None:
+    """``remove_stale_partials(directory)`` the first time this process writes there: the leftovers of
+    killed runs all predate it, and a temporary this process names later is its own."""
+    key = str(Path(directory).resolve())
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_partials(directory)
+
+
+def partial_name(stem: str, suffix: str = "") -> str:
+    """A temporary's name for ``stem`` that ``remove_stale_partials`` recognises once this process is gone:
+    ``.<stem>.<pid>.<random>.partial<suffix>`` (for files written in place rather than by ``atomic_path``)."""
+    return f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.partial{suffix}"
+
+
 def umask() -> int:
     """The process's umask (read without changing it for longer than a moment)."""
     mask = os.umask(0)
@@ -116,9 +131,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
     try:
         for path in targets:
             directory = _writable_folder(path)
-            if str(directory.resolve()) not in _swept:  # once per folder and process: leftovers predate it
-                _swept.add(str(directory.resolve()))
-                remove_stale_partials(directory)
+            sweep_once(directory)
             # The stem is cut: a name the file system takes (255 bytes) must not fail as a longer temporary.
             stem = path.stem.encode()[:100].decode(errors="ignore")
             tmps.append(_new_file(path, directory, f".{stem}.{os.getpid()}.", f".partial{path.suffix}"))

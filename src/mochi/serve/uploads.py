@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from mochi.files import partial_name, sweep_once
 from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
 
@@ -65,8 +66,11 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             )
         folder = upload_dir(jobs.out_dir)
         folder.mkdir(exist_ok=True)
+        # An upload cut short by a killed server left its temporary: named with the pid, it is removed here
+        # once the process is gone (an id's name never starts with a dot, so no upload is touched).
+        sweep_once(folder)
         upload_id = secrets.token_urlsafe(12)
-        final, partial = folder / upload_id, folder / f"{upload_id}.partial"
+        final, partial = folder / upload_id, folder / partial_name(upload_id)
         size = 0
         try:
             try:
