@@ -346,6 +346,33 @@ def test_a_killed_servers_partial_upload_is_removed_when_the_folder_is_next_used
     assert call_json("DELETE", f"{url}/api/uploads/{json.loads(reply)['id']}")[0] == 200
 
 
+def test_an_upload_with_a_damaged_frame_counts_the_frames_that_decode(url, live, tmp_path):
+    """Packets were counted as frames: a clip damaged at its 9th packet was taken as 31 frames, and a job
+    of 25 was accepted and failed later. Only frames that decode count, so the submission check refuses."""
+    import av
+    import numpy as np
+
+    from mochi.video import read_video
+
+    clip = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (31, 32, 32, 3), dtype=np.uint8))
+    path = write_video(clip, tmp_path / "damaged.mp4")
+    with av.open(str(path)) as container:
+        packets = sorted((p.pos, p.size) for p in container.demux(video=0) if p.size)
+    data = bytearray(path.read_bytes())
+    pos, size = packets[8]
+    data[pos : pos + size] = b"\xff" * size
+    path.write_bytes(data)
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=bytes(data), content_type="video/mp4")
+    assert status == 201, reply
+    upload = json.loads(reply)
+    assert 1 <= upload["frames"] < 31
+    assert read_video(path, max_frames=upload["frames"])[0].shape[0] == upload["frames"]  # what a job reads
+    body = {"prompt": "x", "frames": 25, "init_video": upload["id"], "strength": 0.5}
+    status, error = call_json("POST", f"{url}/api/jobs", body)
+    assert status == 422 and f"has {upload['frames']} frames, fewer than the 25" in error["detail"], error
+    assert call_json("DELETE", f"{url}/api/uploads/{upload['id']}")[0] == 200
+
+
 def test_an_upload_with_frames_too_large_is_422_and_kept_nowhere(url, live, tmp_path, monkeypatch):
     from mochi.serve import uploads
 

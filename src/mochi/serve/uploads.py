@@ -116,29 +116,51 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
 
 
 def probe(path: Path) -> dict:
-    """Frame count, size and rate of a video, counting packets without decoding all frames (a long
-    upload is not held in memory); its first frame is decoded to prove it is a video. 422 otherwise."""
+    """Frame count, size and rate of a video; 422 if it is not one (or its frames are too large). A frame is
+    counted only if it decodes, as ``read_video`` stops at a damaged one: the first ``LIMITS["frames"]``
+    frames (all a job may ask for) are decoded one at a time, none kept, and the count ends at the first
+    that fails; an undamaged clip longer than that has its packets counted (it is not decoded whole)."""
     import av
 
+    from mochi.serve.api import LIMITS
+
+    packets, frames, first, damaged = 0, 0, None, False
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             # Read while the container is open: the stream's fields point into it.
             rate = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
-        with av.open(str(path)) as container:
-            first = next(container.decode(video=0))
-    except (av.error.FFmpegError, IndexError, StopIteration, ValueError):
-        raise HTTPException(
-            422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)"
-        ) from None
+            for packet in container.demux(stream):  # ends with an empty packet, which flushes the decoder
+                packets += 1 if packet.size else 0
+                if damaged or frames >= LIMITS["frames"]:
+                    continue
+                try:
+                    for frame in stream.decode(packet):
+                        if first is None:
+                            first = frame
+                            _check_size(frame)
+                        frames += 1
+                except av.error.FFmpegError:
+                    damaged = True
+    except (av.error.FFmpegError, IndexError, ValueError):
+        first = None
+    if first is None:
+        raise HTTPException(422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)")
     from mochi.video import display_size
 
     height, width = display_size(first)  # as players show it (a phone's portrait clip is turned)
+    frames = frames if damaged or frames < LIMITS["frames"] else max(frames, packets)
+    return {"frames": frames, "width": width, "height": height, "fps": rate}
+
+
+def _check_size(frame) -> None:  # noqa: ANN001 - av.VideoFrame
+    """422 for a frame larger than ``MAX_UPLOAD_PIXELS`` (found on the first, before any more decode)."""
+    from mochi.video import display_size
+
+    height, width = display_size(frame)
     if width * height > MAX_UPLOAD_PIXELS:
         raise HTTPException(
             422,
             f"the upload's frames are {width}x{height}, more than {MAX_UPLOAD_PIXELS:,} pixels "
             "(7680x4320); scale the video down first",
         )
-    return {"frames": frames, "width": width, "height": height, "fps": rate}
