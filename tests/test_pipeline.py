@@ -141,6 +141,9 @@ def test_video_to_video_from_the_requests_file(pipe, tmp_path):
     # Both sources at once: refused (init_video was ignored, yet recorded in the result's request).
     with pytest.raises(ValueError, match=r"init_frames and init_video='.*clip.mp4' both give the clip"):
         pipe.generate(req, init_frames=fitted)
+    # A numpy array (what mochi.video.fit_frames returns) is taken as it is: it was refused as "init_frames
+    # are uint8; give uint8 RGB frames".
+    assert by_file.equal(pipe.generate(by_frames, init_frames=fitted.numpy()).latents)
     # Frames given directly are uint8 at the request's size, or a clear error.
     with pytest.raises(ValueError, match=r"init_frames are float32; give uint8 RGB frames"):
         pipe.generate(by_frames, init_frames=fitted.float() / 255)

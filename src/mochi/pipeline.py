@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mochi.devices import available_memory, parse_device, parse_dtype, resolve_dit_dtype
@@ -273,10 +274,11 @@ class MochiPipeline:
         self,
         request: GenerationRequest,
         progress: Progress | None = None,
-        init_frames: torch.Tensor | None = None,
+        init_frames: torch.Tensor | np.ndarray | None = None,
         denoised: Callable[[int, int, torch.Tensor], None] | None = None,
     ) -> Generation:
-        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size make it video-to-video,
+        """Run one request; ``init_frames`` (T, H, W, 3) uint8 at the output size (a tensor, or a numpy array
+        as ``mochi.video.fit_frames`` returns) make it video-to-video,
         as does ``request.init_video`` (a video file: its first frames, centre-cropped and resized) without
         them.
 
@@ -288,6 +290,8 @@ class MochiPipeline:
                 f"init_frames and init_video={request.init_video!r} both give the clip to start from; "
                 "give one of them"
             )
+        if isinstance(init_frames, np.ndarray):  # mochi.video's readers return numpy
+            init_frames = torch.as_tensor(init_frames)
         from_clip = init_frames is not None or request.init_video is not None
         req = request.resolved(self.components.defaults, from_clip)
         self._use_loras(req.loras)
