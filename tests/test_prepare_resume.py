@@ -352,3 +352,19 @@ def test_a_run_resumes_only_on_its_own_model(tmp_path, comps):
     with pytest.raises(ResumeError, match=r"holds a run trained on model \w+, and this model is \w+"):
         train_lora(MochiPipeline(tiny_components(seed=1), device="cpu"), out, run, more, progress=False)
     train_lora(MochiPipeline(tiny_components(), device="cpu"), out, run, more, progress=False)  # its own
+
+
+def test_captioned_clips_in_other_containers_and_near_miss_captions_are_named(tmp_path, comps):
+    """clip.gif + clip.txt vanished from the run and its report, and c0.mp4 beside c0.TXT was said to lack
+    c0.txt without naming the file that is there."""
+    videos, out = _videos(tmp_path / "v", n=2), tmp_path / "d"
+    (videos / "c0.txt").rename(videos / "c0.TXT")
+    shutil.copy(videos / "c1.mp4", videos / "clip.gif")
+    (videos / "clip.txt").write_text("a gif")
+    report = prepare_data(videos, out, comps, **SIZE)
+    skipped = dict(report.skipped)
+    assert report.encoded == ["c1.mp4"]
+    assert skipped["c0.mp4"] == "no caption: c0.txt is missing (c0.TXT is there: name it c0.txt)"
+    assert skipped["clip.gif"].startswith("captioned by clip.txt, but .gif is not a video suffix")
+    assert ".mp4, .mov, .mkv" in skipped["clip.gif"]
+    assert "clip.gif" in (out / "prepare_report.json").read_text()

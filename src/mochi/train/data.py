@@ -17,6 +17,7 @@ videos is an error naming what it holds. ``LatentDataset`` reads the cache back 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -118,6 +119,19 @@ def _odd_entries(src: Path) -> list[tuple[str, str]]:
             odd.append((p.name, "a broken link" if p.is_symlink() and not p.exists() else "not a file"))
         elif p.is_dir() and any(q.suffix.lower() in VIDEO_SUFFIXES for q in p.iterdir()):
             odd.append((p.name + "/", "a subfolder: only the videos directly in the folder are read"))
+    # A caption whose clip is in a container not read here (clip.gif, clip.mpg): listed, not dropped unseen.
+    names = {p.name for p in src.iterdir()}
+    stems = {Path(n).stem for n in names if Path(n).suffix.lower() in VIDEO_SUFFIXES}
+    for caption in sorted(n for n in names if Path(n).suffix.lower() == ".txt" and Path(n).stem not in stems):
+        stem = Path(caption).stem
+        for other in sorted(n for n in names if Path(n).stem == stem and Path(n).suffix.lower() != ".txt"):
+            odd.append(
+                (
+                    other,
+                    f"captioned by {caption}, but {Path(other).suffix or 'no suffix'} is not a video suffix "
+                    f"prepare-data reads ({', '.join(VIDEO_SUFFIXES)}); convert it to .mp4",
+                )
+            )
     return odd
 
 
@@ -209,7 +223,11 @@ def prepare_data(
                 continue
             caption_file = video.with_suffix(".txt")
             if not caption_file.is_file():
-                raise ValueError(f"no caption: {caption_file.name} is missing")
+                near = sorted(
+                    p.name for p in src.glob(f"{glob.escape(video.stem)}.*") if p.suffix.lower() == ".txt"
+                )
+                hint = f" ({near[0]} is there: name it {caption_file.name})" if near else ""
+                raise ValueError(f"no caption: {caption_file.name} is missing{hint}")
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
                 caption = caption_file.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError as e:
