@@ -144,6 +144,23 @@ def test_a_jobs_sidecar_records_what_ran(url, live):
     assert sidecar["device"] == "cpu" and sidecar["parallel"] is None and sidecar["quantization"] is None
 
 
+def test_a_coefficient_files_path_stays_out_of_the_served_video(tmp_path):
+    """A TeaCache job's sidecar named the server's coefficient file by its absolute path, and the served mp4
+    carries a copy of the sidecar."""
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    pipe.cache_coefficients = [1.0, 0.0]
+    pipe.cache_coefficients_source = "/home/Alice Smith/models/mochi.teacache.json"
+    with LiveServer(pipe, tmp_path / "out") as server:
+        body = {"prompt": "a red circle", "seed": 1, "steps": 4, "cache": "teacache"}
+        job = wait_for(
+            server.url, call_json("POST", f"{server.url}/api/jobs", body)[1]["id"], ("done", "failed")
+        )
+        sidecar = json.loads((server.jobs.out_dir / f"{job['id']}.json").read_text())
+        video = call("GET", f"{server.url}/api/jobs/{job['id']}/video")[2]
+    assert sidecar["cache_coefficients"] == "…/mochi.teacache.json"
+    assert b"mochi.teacache.json" in video and b"Alice" not in video  # the mp4's copy of the sidecar
+
+
 def test_an_unset_eta_is_the_models():
     from mochi.serve.api import JobRequest
     from mochi.serve.jobs import PARAMETERS

@@ -525,6 +525,9 @@ def test_redact_paths():
     assert redact_paths("cannot open /srv/x/y.pt or C:\\Users\\bob\\m.pt, but 1/2 and /tmp stay") == (
         "cannot open …/y.pt or …/m.pt, but 1/2 and /tmp stay"
     )
+    # A quoted path is taken whole: a space in a folder name ("Alice Smith") left the rest of it shown.
+    message = "'/d/Alice Smith/My LoRAs/bad.safetensors' and \"C:\\Users\\Alice Smith\\x.pt\" and '/one'"
+    assert redact_paths(message) == "'…/bad.safetensors' and \"…/x.pt\" and '/one'"
 
 
 def test_head_of_a_video_and_delete_of_a_finished_job(live):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mochi.video import VideoError, read_video, to_uint8, write_video
+from mochi.video import VideoError, read_video, to_uint8, video_size, write_video
 
 
 def smooth_frames(t=13, h=48, w=64):
@@ -255,3 +255,36 @@ def test_a_link_that_cannot_be_resolved_is_not_called_missing(tmp_path):
     (tmp_path / "c.mp4").symlink_to("gone.mp4")
     with pytest.raises(VideoError, match="cannot be resolved: its target 'gone.mp4' does not exist"):
         read_video(tmp_path / "c.mp4")
+
+
+def _png(w: int, h: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = (b"\x00" + b"\x00" * (3 * w)) * h
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def test_frames_above_the_pixel_cap_are_not_decoded(tmp_path, monkeypatch):
+    """A few-MB file of 12000x12000 frames (PNGs one after another read as a video; only the first, 16x16,
+    was checked at upload) decoded each at 430 MB. ffmpeg's decoder now refuses a frame above the cap
+    before allocating it, while probing and while decoding."""
+    from mochi import video
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(_png(16, 16) + _png(64, 64) * 2)  # the first frame small, the later ones large
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 32 * 32)
+    with pytest.raises(
+        VideoError, match=r"at frame 2: .*frames above 1,024 pixels, 7680x4320, are not decoded"
+    ):
+        read_video(path)
+    assert video_size(path) == (16, 16)  # the first frame alone is within the cap
+    path.write_bytes(_png(64, 64))
+    with pytest.raises(VideoError):
+        video_size(path)
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 64)
+    assert read_video(path)[0].shape == (1, 64, 64, 3)

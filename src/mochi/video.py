@@ -6,17 +6,23 @@ target is renamed onto it only once complete, so an interrupted run leaves no pa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mochi.files import atomic_path
+
+if TYPE_CHECKING:
+    import av
 
 CONTAINERS = (".mp4", ".mov", ".mkv")
 # Frame rates a written file may have; the rate is stored as a fraction with a denominator ≤ 1001.
@@ -27,6 +33,13 @@ MIN_FPS, MAX_FPS = 0.1, 1000.0
 X264_PARAMS = "no-mbtree=1"
 # The widest and tallest frame x264 encodes (its encoder refuses to open beyond it).
 MAX_SIDE = 16384
+# The largest frame decoded (8K UHD): ffmpeg's decoder refuses larger ones before allocating them, so a
+# small file claiming 16000x16000 frames (a PNG sequence is one) costs no gigabytes. Mochi's inputs are
+# resized to at most 1280 pixels a side.
+MAX_FRAME_PIXELS = 7680 * 4320
+# Streams given the decoder options while a container is probed (the list is per stream index; an audio
+# stream may come first).
+_PROBED_STREAMS = 16
 
 
 class VideoError(ValueError):
@@ -154,6 +167,21 @@ def encode_video(
             container.mux(packet)
 
 
+@contextlib.contextmanager
+def open_video(
+    path: str | os.PathLike, max_pixels: int | None = None
+) -> Iterator[av.container.InputContainer]:
+    """``av.open`` for reading, with every video stream's decoder refusing frames above ``max_pixels``: while
+    the container probes its streams (which decodes a first frame) and while frames are decoded."""
+    import av
+
+    options = {"max_pixels": str(int(max_pixels or MAX_FRAME_PIXELS))}
+    with av.open(str(path), stream_options=[dict(options) for _ in range(_PROBED_STREAMS)]) as container:
+        for stream in container.streams.video:
+            stream.codec_context.options = dict(options)
+        yield container
+
+
 def read_video(
     path: str | os.PathLike, max_frames: int | None = None, size: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, float]:
@@ -173,7 +201,7 @@ def read_video(
 
     images: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 raise VideoError(f"{str(path)!r} has no video stream")
             stream = container.streams.video[0]
@@ -184,7 +212,8 @@ def read_video(
                 if max_frames is not None and len(images) >= max_frames:
                     break
     except av.error.FFmpegError as e:
-        raise VideoError(f"cannot read video {str(path)!r}: {e}") from None
+        big = f" (frames above {MAX_FRAME_PIXELS:,} pixels, 7680x4320, are not decoded)"
+        raise VideoError(f"cannot read video {str(path)!r} at frame {len(images) + 1}: {e}{big}") from None
     if not images:
         raise VideoError(f"video {str(path)!r} has no frames")
     return np.stack(images), float(rate) if rate else 0.0
@@ -230,7 +259,7 @@ def video_size(path: str | os.PathLike) -> tuple[int, int]:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             if not container.streams.video:  # an audio-only file said "tuple index out of range"
                 raise VideoError(f"{str(path)!r} has no video stream")
             return display_size(next(container.decode(video=0)))

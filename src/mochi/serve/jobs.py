@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import secrets
 import threading
 import time
@@ -406,6 +407,9 @@ class JobManager:
         record = getattr(self.pipeline, "run_record", None)  # what ran: cache, forwards, dtypes, splits
         if record is not None:
             sidecar.update({k: v for k, v in record(result).items() if k not in sidecar})
+        source = sidecar.get("cache_coefficients")
+        if isinstance(source, str) and re.search(r"[/\\]", source):  # a file: clients get the video's copy
+            sidecar["cache_coefficients"] = "…/" + re.split(r"[/\\]", source.rstrip("/\\"))[-1]
         sidecar.update(created=job.created, started=job.started, finished=time.time())
         sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first

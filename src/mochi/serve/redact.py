@@ -6,6 +6,8 @@ import re
 
 # An absolute POSIX path (two or more components) or a Windows drive path inside a message.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/\\-])(?:/[^\s/'\":,;()\[\]]+){2,}/?|\b[A-Za-z]:\\[^\s'\":;]+")
+# The same inside quotes (as repr() quotes paths), taken whole: spaces included ("Alice Smith").
+_QUOTED_PATH = re.compile(r"""(?P<q>['"])(?P<path>(?:/[^'"/]+){2,}/?|[A-Za-z]:\\[^'"]+)(?P=q)""")
 
 
 def redact_paths(message: str) -> str:
@@ -16,4 +18,8 @@ def redact_paths(message: str) -> str:
         parts = re.split(r"[/\\]", match.group(0).rstrip("/\\"))
         return f"…/{parts[-1]}"
 
-    return _ABSOLUTE_PATH.sub(last, message)
+    def quoted(match: re.Match) -> str:
+        parts = re.split(r"[/\\]", match["path"].rstrip("/\\"))
+        return f"{match['q']}…/{parts[-1]}{match['q']}"
+
+    return _ABSOLUTE_PATH.sub(last, _QUOTED_PATH.sub(quoted, message))

@@ -123,13 +123,18 @@ def probe(path: Path) -> dict:
     import av
 
     from mochi.serve.api import LIMITS
+    from mochi.video import open_video
 
-    packets, frames, first, damaged = 0, 0, None, False
+    packets, frames, first, damaged, declared = 0, 0, None, False, (0, 0)
     try:
-        with av.open(str(path)) as container:
+        # ffmpeg refuses frames above the cap before allocating them (a 730 KB file of 16000x16000 frames
+        # took 770 MB per upload while its size was checked; later frames larger than the first, a PNG
+        # sequence's, went on to the job's decode).
+        with open_video(path, MAX_UPLOAD_PIXELS) as container:
             stream = container.streams.video[0]
             # Read while the container is open: the stream's fields point into it.
             rate = float(stream.average_rate or stream.guessed_rate or 0)
+            declared = (stream.codec_context.width, stream.codec_context.height)  # the header's, if it says
             for packet in container.demux(stream):  # ends with an empty packet, which flushes the decoder
                 packets += 1 if packet.size else 0
                 if damaged or frames >= LIMITS["frames"]:
@@ -144,8 +149,14 @@ def probe(path: Path) -> dict:
                     damaged = True
     except (av.error.FFmpegError, IndexError, ValueError):
         first = None
+    if first is None and declared[0] * declared[1] > MAX_UPLOAD_PIXELS:
+        _refuse_size(*declared)
     if first is None:
-        raise HTTPException(422, "the upload is not a video that can be decoded (mp4, webm, mov, ...)")
+        raise HTTPException(
+            422,
+            "the upload is not a video that can be decoded (mp4, webm, mov, ...), or its frames are larger "
+            f"than {MAX_UPLOAD_PIXELS:,} pixels (7680x4320)",
+        )
     from mochi.video import display_size
 
     height, width = display_size(first)  # as players show it (a phone's portrait clip is turned)
@@ -159,8 +170,12 @@ def _check_size(frame) -> None:  # noqa: ANN001 - av.VideoFrame
 
     height, width = display_size(frame)
     if width * height > MAX_UPLOAD_PIXELS:
-        raise HTTPException(
-            422,
-            f"the upload's frames are {width}x{height}, more than {MAX_UPLOAD_PIXELS:,} pixels "
-            "(7680x4320); scale the video down first",
-        )
+        _refuse_size(width, height)
+
+
+def _refuse_size(width: int, height: int) -> None:
+    raise HTTPException(
+        422,
+        f"the upload's frames are {width}x{height}, more than {MAX_UPLOAD_PIXELS:,} pixels (7680x4320); "
+        "scale the video down first",
+    )
