@@ -588,7 +588,11 @@ def test_a_slow_click_on_a_queue_button_survives_queue_updates(tab, server):
     tab.click("#generate")
     until(tab, lambda: any(j.status == "queued" for j in server.jobs.jobs()))
     waiting = next(j for j in server.jobs.jobs() if j.status == "queued")
-    button = tab.locator(f"#queue tr[data-id='{waiting.id}'] button", has_text="cancel")
+    # The page follows its new job once its submission returns, which rebuilds the row's buttons once: the
+    # job is queued on the server before that (a press before it was lost on a loaded machine).
+    row = f"#queue tr[data-id='{waiting.id}']"
+    tab.wait_for_function(f'document.querySelector("{row}")?.dataset.offer === "queued true"')
+    button = tab.locator(f"{row} button", has_text="cancel")
     button.hover()
     tab.mouse.down()
     for i in range(2):  # other clients' jobs: queue updates while the button is held
