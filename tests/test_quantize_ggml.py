@@ -2,6 +2,7 @@
 `mochi convert --quantize`, `mochi info`, and the errors for block types mochi cannot run."""
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -247,3 +248,30 @@ def test_convert_quantize_bad_input(tmp_path, sd, capsys):
     text = capsys.readouterr().out
     assert "is already quantized (gguf Q8_0); its weights are dequantized and quantized again to q4_0" in text
     assert detect(out).quant["dit"] == "gguf Q4_0"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "entries", "message"),
+    [
+        (2**60, b"", "it claims 1152921504606846976 tensors and 0 metadata entries: more than"),
+        # One entry: key "a", an array (type 9) of uint8 (type 0) claiming 2**62 elements.
+        (
+            0,
+            struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 0, 2**62),
+            "an array of 4611686018427387904",
+        ),
+        (0, struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 8, 2**40), "claims 1099511627776 entries"),
+        (0, struct.pack("<Q", 2**50) + b"a", "a key needs 1125899906842624 bytes"),
+        (0, struct.pack("<Q", 1) + b"a" + struct.pack("<I", 77), "metadata value type 77"),
+    ],
+)
+def test_a_gguf_header_claiming_more_than_the_file_holds_is_refused(tmp_path, tensors, entries, message):
+    """gguf's reader loops over a claimed count even past the end of the file: 113 bytes claiming an array
+    of 2**62 elements grew without bound (1 GB in 10 s)."""
+    from mochi.weights.gguf_file import gguf_header
+    from mochi.weights.io import WeightsError
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, tensors, 1 if entries else 0) + entries + bytes(64))
+    with pytest.raises(WeightsError, match=f"'{path}' is not a readable .gguf file \\(.*{message}"):
+        gguf_header(path)

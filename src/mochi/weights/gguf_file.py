@@ -45,10 +45,80 @@ def _parsed(path: Path, _mtime_ns: int, _size: int):  # noqa: ANN202 - gguf.GGUF
         raise WeightsError(
             f"reading {str(path)!r} needs the gguf package: pip install 'mochi-video[gguf]'"
         ) from None
+    problem = _layout_problem(path)
+    if problem is not None:
+        raise WeightsError(f"{str(path)!r} is not a readable .gguf file ({problem})")
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors of its own for a damaged file
         raise WeightsError(f"{str(path)!r} is not a readable .gguf file ({e})") from None
+
+
+# Bytes of each GGUF metadata value type (gguf's GGUFValueType): 8 string, 9 array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMS = 8
+
+
+def _layout_problem(path: Path) -> str | None:
+    """Why the header of a .gguf file cannot be what it claims, or None. Every count and length is checked
+    against the bytes left before it is used: the ``gguf`` reader loops over a claimed count even past the
+    end of the file (113 bytes claiming an array of 2**62 elements grew without bound)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        if size < 24:
+            return f"{size} bytes, fewer than a GGUF header's 24"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                return "it does not start with the GGUF magic"
+            tensors, kvs = struct.unpack_from("<QQ", data, 8)
+            pos = 24
+
+            def take(n: int, what: str) -> int:
+                nonlocal pos
+                if n < 0 or n > size - pos:
+                    raise ValueError(f"{what} needs {n} bytes at offset {pos}, past the file's {size}")
+                pos += n
+                return pos - n
+
+            def value(kind: int, depth: int = 0) -> None:
+                if kind in _SCALAR_BYTES:
+                    take(_SCALAR_BYTES[kind], "a value")
+                elif kind == 8:
+                    take(struct.unpack_from("<Q", data, take(8, "a string's length"))[0], "a string")
+                elif kind == 9 and depth < 4:
+                    inner = struct.unpack_from("<I", data, take(4, "an array's type"))[0]
+                    count = struct.unpack_from("<Q", data, take(8, "an array's length"))[0]
+                    if inner in _SCALAR_BYTES:
+                        take(count * _SCALAR_BYTES[inner], f"an array of {count} values")
+                        return
+                    if count > (size - pos) // 8:  # every string or array takes at least 8 bytes
+                        raise ValueError(f"an array claims {count} entries, more than the file can hold")
+                    for _ in range(count):
+                        value(inner, depth + 1)
+                else:
+                    raise ValueError(f"metadata value type {kind} is not one GGUF defines")
+
+            try:
+                if tensors > size // 24 or kvs > size // 12:  # the least bytes of a tensor / a value entry
+                    claims = f"it claims {tensors} tensors and {kvs} metadata entries"
+                    return f"{claims}: more than {size} bytes hold"
+                for _ in range(kvs):
+                    take(struct.unpack_from("<Q", data, take(8, "a key's length"))[0], "a key")
+                    value(struct.unpack_from("<I", data, take(4, "a value's type"))[0])
+                for _ in range(tensors):
+                    take(
+                        struct.unpack_from("<Q", data, take(8, "a tensor name's length"))[0], "a tensor name"
+                    )
+                    dims = struct.unpack_from("<I", data, take(4, "a tensor's rank"))[0]
+                    if dims > _MAX_DIMS:
+                        return f"a tensor claims {dims} dimensions (GGUF allows {_MAX_DIMS})"
+                    take(8 * dims + 12, "a tensor's shape, type and offset")
+            except (ValueError, struct.error) as e:
+                return str(e)
+    return None
 
 
 def _entries(path: Path) -> Iterator[tuple[str, str, tuple[int, ...], object]]:
