@@ -503,3 +503,31 @@ def test_job_manager_restores_nothing_from_an_empty_folder(tmp_path, pipe):
         assert jobs.jobs() == [] and jobs.get("AAAAAAAAAAAAAAAA") is None and jobs.get("../x") is None
     finally:
         jobs.close()
+
+
+def test_uploads_are_kept_within_their_space_and_deleting_makes_room(url, live, tmp_path, monkeypatch):
+    """Uploads stay until deleted and nothing bounded them: a client could fill the server's disk."""
+    from mochi.serve import uploads
+
+    folder = live.jobs.out_dir / "uploads"
+    for old in folder.glob("*"):  # earlier tests' uploads
+        old.unlink()
+    clip = write_video(torch.zeros((7, 32, 32, 3), dtype=torch.uint8), tmp_path / "c.mp4").read_bytes()
+
+    def send() -> tuple[int, dict]:
+        status, _, reply = call("POST", f"{url}/api/uploads", raw=clip, content_type="video/mp4")
+        return status, json.loads(reply)
+
+    monkeypatch.setattr(uploads, "MAX_UPLOADS", 2)
+    first, second = send()[1], send()[1]
+    status, error = send()
+    assert status == 507 and error["detail"].startswith("the server's upload space is full (2 uploads, 0 MiB")
+    assert "DELETE /api/uploads/{id}" in error["detail"]
+    assert call_json("DELETE", f"{url}/api/uploads/{first['id']}")[0] == 200
+    status, third = send()
+    assert status == 201  # room again
+    monkeypatch.setattr(uploads, "MAX_UPLOADS", 64)
+    monkeypatch.setattr(uploads, "MAX_UPLOADS_BYTES", 2 * len(clip) + len(clip) // 2)
+    status, error = send()  # the bytes would pass the space: refused while arriving, nothing kept
+    assert status == 507 and "upload space is full" in error["detail"]
+    assert {p.name for p in folder.iterdir()} == {second["id"], third["id"]}  # no partial left

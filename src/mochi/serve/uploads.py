@@ -25,6 +25,10 @@ from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
+# What the uploads folder may hold, kept uploads and those arriving together: uploads stay until deleted,
+# so without a bound a client could fill the disk 512 MiB at a time (507 beyond, naming DELETE).
+MAX_UPLOADS = 64
+MAX_UPLOADS_BYTES = 8 * MAX_UPLOAD
 UPLOAD_TYPES = ("video/", "application/octet-stream")
 # The largest frame an upload may have: 8K UHD. Frames are fitted to the output size as they are decoded,
 # but one decoded frame still lies in memory whole (7680×4320: 100 MB as uint8, 400 MB while resized).
@@ -46,7 +50,24 @@ def upload_path(out_dir: Path, upload_id: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _kept(folder: Path) -> tuple[int, int]:
+    """(count, bytes) of the uploads kept in ``folder``."""
+    sizes = [p.stat().st_size for p in folder.iterdir() if JOB_ID.fullmatch(p.name) and p.is_file()]
+    return len(sizes), sum(sizes)
+
+
+def _full(count: int, size: int) -> HTTPException:
+    return HTTPException(
+        507,
+        f"the server's upload space is full ({count} uploads, {size / 2**20:.0f} MiB; at most {MAX_UPLOADS} "
+        f"and {MAX_UPLOADS_BYTES // 2**20} MiB are kept): delete uploads no job needs with "
+        "DELETE /api/uploads/{id}",
+    )
+
+
 def add_routes(app: Any, jobs: Any, auth: list) -> None:
+    arriving = {"count": 0, "bytes": 0}  # uploads being received now (one event loop: no lock needed)
+
     @app.post(
         "/api/uploads",
         status_code=201,
@@ -58,7 +79,8 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         """Upload a video (the raw file as the body, ``Content-Type: video/...``) for video-to-video:
         201 with ``{"id", "frames", "width", "height", "fps"}``; give the id as ``init_video`` in
         ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type, 422 if it is not a video (or
-        its frames are larger than 8K), 507 when the server's disk is full."""
+        its frames are larger than 8K), 507 when the server's disk is full or its uploads fill their space
+        (``MAX_UPLOADS`` files, ``MAX_UPLOADS_BYTES``)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not kind.startswith(UPLOAD_TYPES):
             raise HTTPException(
@@ -69,16 +91,23 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         # An upload cut short by a killed server left its temporary: named with the pid, it is removed here
         # once the process is gone (an id's name never starts with a dot, so no upload is touched).
         sweep_once(folder)
+        kept, kept_bytes = _kept(folder)
+        if kept + arriving["count"] >= MAX_UPLOADS:
+            raise _full(kept + arriving["count"], kept_bytes + arriving["bytes"])
         upload_id = secrets.token_urlsafe(12)
         final, partial = folder / upload_id, folder / partial_name(upload_id)
         size = 0
+        arriving["count"] += 1
         try:
             try:
                 with open(partial, "wb") as f:
                     async for chunk in request.stream():
                         size += len(chunk)
+                        arriving["bytes"] += len(chunk)
                         if size > MAX_UPLOAD:
                             raise HTTPException(413, f"the upload exceeds {MAX_UPLOAD // 2**20} MiB")
+                        if kept_bytes + arriving["bytes"] > MAX_UPLOADS_BYTES:
+                            raise _full(kept + arriving["count"], kept_bytes + arriving["bytes"])
                         f.write(chunk)
             except ClientDisconnect:
                 # Nobody is left to answer; an ordinary 400 keeps a client's hang-up out of the error log.
@@ -96,6 +125,8 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             os.replace(partial, final)
         finally:
             partial.unlink(missing_ok=True)
+            arriving["count"] -= 1
+            arriving["bytes"] -= size
         return {"id": upload_id, **info, "bytes": size}
 
     @app.delete("/api/uploads/{upload_id}", dependencies=auth, responses=documented(401, 404, 409, 422))
