@@ -333,6 +333,8 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
         with pytest.raises(ValueError, match="blocks:99 keeps more blocks on the device than the DiT's"):
             mochi.pipeline.MochiPipeline.from_pretrained(offload="blocks:99")
     _one_line(capsys, main([*gen, "--devices", ",", *out]), "names no device")
+    code = main([*gen, "--devices", "cpu,cpu", "--device", "cuda", *out])  # --device was ignored
+    _one_line(capsys, code, "--device cuda and --devices cpu,cpu both say where to run; give one of them")
     with pytest.raises(SystemExit) as stop:  # an empty value is refused by the parser, for every path too
         main([*gen, "--devices", "", *out])
     assert stop.value.code == 2 and "argument --devices: '' is empty; give a value" in capsys.readouterr().err

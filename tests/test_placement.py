@@ -25,9 +25,16 @@ def test_place_blocks_fills_devices_in_order():
     # A block that does not fit the rest of a device starts the next one (blocks stay consecutive).
     assert place_blocks([30, 30, 50, 10], [100, 100], rest=0, activations=0) == [0, 0, 1, 1]
     gb = 10**9
-    message = r"budgets \(5\.0 GB, 5\.0 GB\): blocks 8-9 are left over, about 2\.0 GB more is needed"
+    message = r"budgets \(5GB, 5GB\): blocks 8-9 are left over, about 2GB more is needed \(add a device or"
     with pytest.raises(ValueError, match=message):
         place_blocks([gb] * 10, [5 * gb, 5 * gb], rest=0, activations=gb)
+    # Small budgets in their own units (they read "0.0 GB"), and no advice --devices refuses (--offload).
+    with pytest.raises(ValueError, match=r"budgets \(300KB, 300KB\): .* about 1\.3MB more is needed") as e:
+        place_blocks([400_000] * 4, [300_000, 300_000], rest=0, activations=0)
+    assert "use --offload" not in str(e.value)
+    # Device 0 holds the layers around the blocks and a forward's activations (150 + 20 > 100 was accepted).
+    with pytest.raises(ValueError, match=r"first device's budget \(100B\) cannot hold .* \(170B\); .* 180B"):
+        place_blocks([10] * 4, [100, 1000], rest=150, activations=20)
 
 
 def test_parse_devices_and_budgets():
@@ -39,6 +46,41 @@ def test_parse_devices_and_budgets():
         parse_budgets("1GB,2GB,3GB", devices, 0)
     with pytest.raises(ValueError, match="names no device"):
         parse_devices(" , ")
+    if not torch.cuda.is_available():  # the hint names --devices' own remedy, not --device
+        with pytest.raises(
+            ValueError, match=r"--devices 'cpu,cuda:0': device 'cuda:0' asked for, .*; name cpu"
+        ):
+            parse_devices("cpu,cuda:0")
+
+
+def test_one_gpu_named_twice_is_refused(monkeypatch):
+    """ "cuda,cuda:0" named the current GPU twice and counted its memory twice."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for text in ("cuda,cuda:0", "cuda:0,cuda"):
+        with pytest.raises(ValueError, match="names a device twice"):
+            parse_devices(text)
+    assert parse_devices("cuda,cuda:1") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1" + "0" * 309, "is larger than any device; write it like 24GB"),
+        ("1" + "0" * 300 + "GB", "is larger than any device"),
+        (
+            "24GiB",
+            "is in binary units, which are not read; sizes count powers of 1000: nearest valid: 25.8GB",
+        ),
+    ],
+)
+def test_sizes_too_large_or_in_binary_units_are_one_line(text, message):
+    """A 310-digit size was an OverflowError traceback (float infinity)."""
+    from mochi.devices import parse_size
+
+    with pytest.raises(ValueError, match=message):
+        parse_size(text, "--max-memory")
 
 
 def _inputs():

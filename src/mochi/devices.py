@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
 
 import torch
 
@@ -35,7 +36,21 @@ def parse_size(text: str, name: str = "size") -> int:
     # ASCII digits only: str.isdigit() also takes "²" and other digits that int() and float() refuse.
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?B)?\s*", text.upper())
     if match and (match.group(2) or "." not in match.group(1)):
-        return int(float(match.group(1)) * units[match.group(2) or ""])
+        value = Decimal(match.group(1)) * units[match.group(2) or ""]  # exact: 1e300 digits stay an int
+        if value >= 10**18:  # an exabyte: no budget is that large (float() gave inf, then a traceback)
+            shown = text if len(text) <= 40 else f"{text[:40]}…"
+            raise ValueError(f"{name} {shown!r} is larger than any device; write it like 24GB")
+        return int(value)
+    binary = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT])IB\s*", text.upper())
+    if binary:  # 24GiB: 2**30-byte units, which mochi does not read; say the decimal size
+        with contextlib.suppress(InvalidOperation):
+            size = Decimal(binary.group(1)) * 1024 ** ("KMGT".index(binary.group(2)) + 1)
+            unit = binary.group(2) + "B"
+            near = f"{size / units[unit]:.1f}{unit}"
+            raise ValueError(
+                f"{name} {text!r} is in binary units, which are not read; sizes count powers of 1000: "
+                f"nearest valid: {near}"
+            )
     raise ValueError(f"{name} {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 

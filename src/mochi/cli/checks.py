@@ -128,6 +128,11 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
             f"--memory auto plans for one device, and --devices {args.devices} places the model over "
             "several devices; give one of them"
         )
+    if getattr(args, "devices", None) is not None and getattr(args, "device", "auto") != "auto":
+        raise ValueError(  # it was ignored: the DiT went to --devices, and T5 and the VAE to their first
+            f"--device {args.device} and --devices {args.devices} both say where to run; give one of them "
+            "(--devices puts the DiT over several devices, and T5 and the VAE on the first)"
+        )
     if getattr(args, "devices", None) is not None:  # then --max-memory is one size per device (placement)
         from mochi.memory.placement import parse_budgets, parse_devices
 

@@ -11,6 +11,7 @@ back on device 0. Blocks run one after another, so this buys memory, not speed (
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,21 +33,35 @@ def place_blocks(
         raise ValueError("no devices to place the DiT's blocks on")
     free = [b - activations for b in budgets]
     free[0] -= rest
+    if free[0] < 0:  # device 0 holds the layers around the blocks and runs them, whatever it gets of these
+        raise ValueError(
+            f"the first device's budget ({_size(budgets[0])}) cannot hold the DiT's layers outside its "
+            f"blocks and a forward's activations ({_size(rest + activations)}); give it at least "
+            f"{_size(rest + activations + max(block_bytes, default=0))} in --max-memory"
+        )
     out, device = [], 0
     for i, size in enumerate(block_bytes):
         while device < len(free) and size > free[device]:
             device += 1
         if device == len(free):
             missing = sum(block_bytes[i:]) - max(0, free[-1])
-            sizes = ", ".join(f"{b / GB:.1f} GB" for b in budgets)
+            sizes = ", ".join(_size(b) for b in budgets)
             raise ValueError(
                 f"the DiT does not fit the devices' budgets ({sizes}): blocks {i}-{len(block_bytes) - 1} are "
-                f"left over, about {missing / GB:.1f} GB more is needed (add a device, raise --max-memory, "
-                "or use --offload blocks)"
+                f"left over, about {_size(missing)} more is needed (add a device or raise --max-memory; "
+                "without --devices, --offload blocks streams the blocks through one GPU instead)"
             )
         free[device] -= size
         out.append(device)
     return out
+
+
+def _size(n: int) -> str:
+    """Bytes as a --max-memory size ("5GB", "414.7KB"), rounded up to a tenth of its unit."""
+    for unit, scale in (("GB", GB), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{math.ceil(n * 10 / scale) / 10:g}{unit}"
+    return f"{max(n, 0)}B"
 
 
 def _to(value: object, device: torch.device) -> object:
@@ -126,7 +141,18 @@ def parse_devices(text: str) -> list[torch.device]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError(f"--devices {text!r} names no device; write e.g. cuda:0,cuda:1")
-    devices = [parse_device(n) for n in names]
+    # A bare "cuda" is the current GPU: "cuda,cuda:0" names one card twice (its memory counted twice).
+    devices = []
+    for n in names:
+        try:
+            d = parse_device(n)
+        except ValueError as e:  # its hint names --device, the one-device option
+            raise ValueError(
+                f"--devices {text!r}: {str(e).replace('use --device cpu', 'name cpu')}"
+            ) from None
+        devices.append(
+            torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+        )
     if len(set(devices)) != len(devices) and any(d.type == "cuda" for d in devices):
         raise ValueError(f"--devices {text!r} names a device twice; each GPU once, e.g. cuda:0,cuda:1")
     return devices
