@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mochi.request import (
@@ -185,3 +187,65 @@ def test_size_is_capped_in_visual_tokens_and_the_error_names_what_fits():
 def test_prompts_list():
     assert GenerationRequest(["a", "b"]).prompts == ["a", "b"]
     assert GenerationRequest("a").prompts == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": None}, "prompt=None must be a string, or a list of strings for a batch, not NoneType"),
+        ({"prompt": b"a red circle"}, "must be a string, or a list of strings for a batch, not bytes"),
+        ({"loras": None}, "loras=None must be a list of (path, scale) pairs"),
+        ({"batch_cfg": "no"}, "batch_cfg='no' must be True or False"),  # truthy: it ran batched
+        ({"init_video": 5}, "init_video=5 must be a video file's path"),
+        ({"sigmas": "1,0"}, "sigmas='1,0' must be a list of numbers falling to 0.0"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_named(fields, message):
+    """They failed deep inside (list(None), a str's len, os.fspath(5)) or ran silently (batch_cfg="no")."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationRequest(**{"prompt": "x", **fields}).validate()
+
+
+def test_a_request_rebuilt_from_a_sidecar_without_a_clip_takes_the_default_strength():
+    """A sidecar records strength null without a clip: GenerationRequest(strength=None) failed at "<"."""
+    req = GenerationRequest("x", strength=None)
+    req.validate()
+    assert req.strength == 0.7
+
+
+def test_generate_takes_a_request_and_one_at_a_time():
+    import threading
+
+    from mochi.pipeline import MochiPipeline
+
+    from .test_pipeline import tiny_components
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    for wrong, hint in (
+        ("a red circle", "GenerationRequest(prompt, ...)"),
+        ([GenerationRequest("x")], "a batch"),
+    ):
+        with pytest.raises(TypeError, match=re.escape(hint)):
+            pipe.generate(wrong)
+    # Two threads: the second waits for the first (they shared the DiT's LoRA state mid-run).
+    inside, overlap = [], []
+    real = pipe._generate
+
+    def traced(*args):  # noqa: ANN002, ANN202
+        overlap.append(len(inside))
+        inside.append(1)
+        try:
+            return real(*args)
+        finally:
+            inside.pop()
+
+    pipe._generate = traced
+    threads = [
+        threading.Thread(target=pipe.generate, args=(GenerationRequest("x", seed=i, steps=2),))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap == [0, 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class MochiPipeline:
         self.max_memory = max_memory
         self.vae_plans: dict[str, dict] = {}  # the VAE splits of the latest request
         self.lora_merge = False  # how generate() applies a request's LoRAs
+        self._running = threading.Lock()  # one generate() at a time: it changes the shared DiT (LoRAs)
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
         # Set by mochi.parallel.parallelize under torchrun: .denoiser(dit) and .decode(decoder, z, …).
         self.parallel = None
@@ -284,7 +286,27 @@ class MochiPipeline:
 
         denoised(step, total, x0): called after each denoising step with the current estimate of the clean
         DiT-space latents (B, 12, t, h, w) float32 (previews, ``mochi.serve.preview``).
+
+        One request runs at a time per pipeline: a call from another thread waits for the running one (a
+        request's LoRAs are applied to the shared DiT, so two at once gave one of them the other's LoRA).
         """
+        if not isinstance(request, GenerationRequest):
+            hint = (
+                "GenerationRequest([...], ...) for a batch"
+                if isinstance(request, list | tuple)
+                else ("GenerationRequest(prompt, ...)")
+            )
+            raise TypeError(f"generate takes a GenerationRequest, not {type(request).__name__}; give {hint}")
+        with self._running:
+            return self._generate(request, progress, init_frames, denoised)
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        progress: Progress | None,
+        init_frames: torch.Tensor | np.ndarray | None,
+        denoised: Callable[[int, int, torch.Tensor], None] | None,
+    ) -> Generation:
         if init_frames is not None and request.init_video is not None:
             raise ValueError(
                 f"init_frames and init_video={request.init_video!r} both give the clip to start from; "

@@ -133,8 +133,17 @@ class GenerationRequest:
     eta: float | None = None
     eta_above: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.strength is None:  # as a sidecar records it without a clip (null): the default
+            self.strength = 0.7
+
     @property
     def prompts(self) -> list[str]:
+        if not isinstance(self.prompt, str | list | tuple):  # list(None) or list(b"..") failed deep inside
+            raise ValueError(
+                f"prompt={self.prompt!r:.60} must be a string, or a list of strings for a batch, not "
+                f"{type(self.prompt).__name__}"
+            )
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def resolved(self, defaults: dict, video_to_video: bool | None = None) -> GenerationRequest:
@@ -240,6 +249,18 @@ class GenerationRequest:
         if not isinstance(self.cache, str):
             raise ValueError(
                 f"cache={self.cache!r} must be a name such as 'none', 'teacache' or 'fbcache:fast'"
+            )
+        if not isinstance(self.batch_cfg, bool):  # "no" is truthy: it ran batched
+            raise ValueError(f"batch_cfg={self.batch_cfg!r} must be True or False")
+        if self.init_video is not None and not isinstance(self.init_video, str | os.PathLike):
+            raise ValueError(f"init_video={self.init_video!r} must be a video file's path (a string)")
+        if self.sigmas is not None and not isinstance(self.sigmas, list | tuple):
+            raise ValueError(
+                f"sigmas={self.sigmas!r:.60} must be a list of numbers falling to 0.0, e.g. [1.0, 0.5, 0.0]"
+            )
+        if not isinstance(self.loras, list | tuple):  # each entry is checked where the LoRAs are read
+            raise ValueError(
+                f"loras={self.loras!r:.60} must be a list of (path, scale) pairs, e.g. [('a.safetensors', 1)]"
             )
 
     def validate(self, video_to_video: bool | None = None) -> None:
