@@ -237,6 +237,35 @@ def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
     )
 
 
+def test_memory_auto_plans_a_dit_stored_quantized_as_stored_under_quantize(monkeypatch):
+    """--quantize q4_0 keeps a checkpoint's fp8 Linears as stored, but --memory auto planned that DiT as q4_0
+    (5.8 GB where 10.1 GB is held for the released DiT) and could pick a setting that runs out of memory."""
+    import mochi.memory.auto as auto
+    from mochi.request import GenerationRequest
+    from mochi.weights.fp8 import swap_in_fp8
+
+    from .test_pipeline import tiny_components
+
+    c = tiny_components()
+    layers = [
+        n for n, m in c.dit.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
+    ]
+    swap_in_fp8(c.dit, layers, dict.fromkeys(layers, torch.float8_e4m3fn))
+    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
+    monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
+    seen = []
+    real_plan = auto.plan
+    monkeypatch.setattr(
+        auto, "plan", lambda *a, **k: seen.append((k["quants"], k["t5_quant"])) or real_plan(*a, **k)
+    )
+    chosen, note = auto.choose_setting(c, request, "cuda", quantize="q4_0")
+    assert seen == [(("fp8",), "q4_0")] and chosen.quant == "fp8" and "bf16 fp8, offload none" in note
+    assert auto.held(("fp8", "none"), "q4_0") == ("fp8", "q4_0")
+    assert auto.held(("q8_0", "q4_0"), "int8") == ("q8_0", "q4_0")
+    assert auto.held(("none", "none"), None) == ("none", "none")
+
+
 def test_the_plans_decode_is_the_split_the_pipeline_decodes_with():
     """The plan decoded within 80% of the card's free memory (61.7 GB on an 80 GB card) where the pipeline
     decodes with its default budget's split (about 12 GB) whatever the card."""

@@ -34,6 +34,12 @@ def quantization_of(model: torch.nn.Module) -> str:
     return "none"
 
 
+def held(stored: tuple[str, str], quantize: str | None) -> tuple[str, str]:
+    """(the DiT's, T5's) weight modes once loaded: each as ``stored`` (`quantization_of` the loaded model)
+    where stored quantized, since ``--quantize`` keeps such layers as stored, else ``quantize`` when given."""
+    return tuple(s if s != "none" or quantize is None else quantize for s in stored)
+
+
 def job_of(request: GenerationRequest) -> Job:
     """The planner's job for a resolved request (batched guidance unless guidance is off)."""
     guided = request.guidance != 1.0 if not isinstance(request.guidance, list) else True
@@ -51,9 +57,10 @@ def choose_setting(
 ) -> tuple[Option | None, str]:
     """(the fastest setting that fits the device's free memory, a sentence saying what was chosen).
 
-    The weights are planned as they will be: ``quantize`` (``--quantize``, applied to the DiT and T5 after
-    loading) when given, else each model as loaded (a kept fp8 or GGUF DiT beside a full-width T5); the
-    decode within ``max_memory`` (``--max-memory``) when given, as the pipeline will decode.
+    The weights are planned as they will be: a model stored quantized (a kept fp8 or GGUF DiT) as stored,
+    since ``--quantize`` keeps such layers; any other model as ``quantize`` (``--quantize``, applied after
+    loading) when given, else as loaded (full width); the decode within ``max_memory`` (``--max-memory``)
+    when given, as the pipeline will decode.
     None on the CPU (nothing to plan: weights and activations share host memory). ValueError when nothing
     fits, naming the closest setting and, when one exists, a quantization that would fit.
     """
@@ -65,12 +72,12 @@ def choose_setting(
     dit_dtype = resolve_dit_dtype(dtype, dev)
     budget = available_memory(dev)
     models, job = models_of(c), job_of(request)
+    stored = quantization_of(c.dit), quantization_of(c.text_encoder)
     if quantize is not None:
         from mochi.weights.quantize import device_mode
 
-        quant = t5_quant = device_mode(quantize, dev)[0]
-    else:
-        quant, t5_quant = quantization_of(c.dit), quantization_of(c.text_encoder)
+        quantize = device_mode(quantize, dev)[0]
+    quant, t5_quant = held(stored, quantize)
     common = {
         "dtypes": (dit_dtype,),
         "reserve": CUDA_RESERVE,
@@ -81,9 +88,15 @@ def choose_setting(
     try:
         chosen = choose(options, budget)
     except ValueError as e:
-        others = [] if quantize is not None else plan(models, job, budget, quants=QUANT_MODES[1:], **common)
-        fitting = [o for o in others if o.fits]
-        hint = f"; {fitting[0].describe()} would fit (--quantize {fitting[0].quant})" if fitting else ""
+        hint = ""
+        for mode in QUANT_MODES[1:] if quantize is None else ():
+            dit_mode, t5_mode = held(stored, mode)
+            fitting = [
+                o for o in plan(models, job, budget, quants=(dit_mode,), t5_quant=t5_mode, **common) if o.fits
+            ]
+            if fitting and (dit_mode, t5_mode) != (quant, t5_quant):
+                hint = f"; {fitting[0].describe()} would fit (--quantize {mode})"
+                break
         raise ValueError(f"--memory auto: {e}{hint}") from None
     stage = max(chosen.peaks, key=chosen.peaks.__getitem__)
     note = (
