@@ -260,10 +260,39 @@ def test_memory_auto_plans_a_dit_stored_quantized_as_stored_under_quantize(monke
         auto, "plan", lambda *a, **k: seen.append((k["quants"], k["t5_quant"])) or real_plan(*a, **k)
     )
     chosen, note = auto.choose_setting(c, request, "cuda", quantize="q4_0")
-    assert seen == [(("fp8",), "q4_0")] and chosen.quant == "fp8" and "bf16 fp8, offload none" in note
+    assert (
+        seen == [(("fp8",), "q4_0")] and chosen.quant == "fp8" and "bf16 fp8, T5 q4_0, offload none" in note
+    )
     assert auto.held(("fp8", "none"), "q4_0") == ("fp8", "q4_0")
     assert auto.held(("q8_0", "q4_0"), "int8") == ("q8_0", "q4_0")
     assert auto.held(("none", "none"), None) == ("none", "none")
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_plan_plans_a_checkpoint_stored_quantized_as_stored(tmp_path, capsys, layout):
+    """plan --model <fp8 or GGUF checkpoint> planned its DiT full width (or as --quantize) where loading keeps
+    it as stored, so plan and generate --memory auto disagreed for the same budget."""
+    from mochi.memory.auto import quantization_of
+    from mochi.memory.report import _models
+    from mochi.weights.dit import load_dit
+
+    from .dit_checkpoints import state_dict, tiny_model, write_fp8_scaled
+    from .gguf_files import block_layers, write_gguf, write_kijai
+
+    m = tiny_model()
+    sd = state_dict(m)
+    fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", m, layout=layout, all_in_one=False)
+    q4 = write_kijai(tmp_path / "q4.safetensors", sd, "Q4_0")
+    q8 = tmp_path / "q8.gguf"
+    write_gguf(q8, sd, {k + ".weight": "Q8_0" for k in block_layers(sd)})
+    base = ["plan", "--gpu-memory", "24GB", "--frames", "25", "--width", "64", "--height", "64"]
+    assert main([*base, "--model", str(fp8), "--quantize", "q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 fp8, T5 q4_0, offload none" in out and "bf16 q4_0" not in out
+    assert main([*base, "--model", str(fp8), "--quantize", "none"]) == 0
+    assert "fastest that fits: bf16 fp8, T5 unquantized, offload none" in capsys.readouterr().out
+    for path, stored in ((fp8, "fp8"), (q4, "q4_0"), (q8, "q8_0")):
+        assert _models(str(path))[1] == (stored, "none") == (quantization_of(load_dit(path)), "none")
 
 
 def test_the_plans_decode_is_the_split_the_pipeline_decodes_with():

@@ -75,14 +75,19 @@ class Option:
     peaks: dict[str, int]
     fits: bool
     decode_tile: tuple[int, int] | None  # None: no decode split fits
+    t5_quant: str | None = None  # T5's weight mode where it differs from the DiT's (``quant``)
 
     @property
     def peak(self) -> int:
         return max(self.peaks.values())
 
     def describe(self) -> str:
+        """e.g. "bf16 q8_0, offload model"; "bf16 fp8, T5 int8, offload none" where T5's mode differs."""
         q = "" if self.quant == "none" else f" {self.quant}"
-        return f"{DTYPE_NAMES[self.dtype]}{q}, offload {self.offload}"
+        t5 = ""
+        if self.t5_quant not in (None, self.quant):
+            t5 = f", T5 {'unquantized' if self.t5_quant == 'none' else self.t5_quant}"
+        return f"{DTYPE_NAMES[self.dtype]}{q}{t5}, offload {self.offload}"
 
 
 def stage_peaks(
@@ -162,7 +167,7 @@ def plan(
                     models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant, max_memory
                 )
                 fits = tile is not None and max(peaks.values()) <= budget
-                option = Option(dtype, quant, mode, peaks, fits, tile)
+                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant)
                 if mode.kind != "blocks" or all_blocks:
                     out.append(option)
                 else:

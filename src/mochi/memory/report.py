@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mochi.devices import DTYPES, available_memory, parse_device, parse_size
+from mochi.memory.auto import held
 from mochi.memory.estimate import QUANT_MODES
 from mochi.memory.planner import CUDA_RESERVE, GB, Job, Models, Option, choose, plan
 from mochi.request import GenerationRequest
@@ -12,31 +13,46 @@ from mochi.request import GenerationRequest
 
 def format_table(options: list[Option], budget: int) -> str:
     """A fixed-width table: setting, the peak of each stage (decode with its tile), the peak, fits."""
-    head = f"{'setting':<28} {'text':>7} {'denoise':>8} {'decode':>8} {'(tile)':>9} {'peak':>7}"
+    width = max([28, *(len(o.describe()) for o in options)])
+    head = f"{'setting':<{width}} {'text':>7} {'denoise':>8} {'decode':>8} {'(tile)':>9} {'peak':>7}"
     head += f"  fits {budget / GB:.1f} GB"
     rows = [head, "-" * len(head)]
     for o in options:
         tile = f"{o.decode_tile[0]}x{o.decode_tile[1]}" if o.decode_tile else "none fits"  # no split fits
         p = {k: f"{v / GB:.1f}" for k, v in o.peaks.items()}
         rows.append(
-            f"{o.describe():<28} {p['text']:>7} {p['denoise']:>8} {p['decode']:>8} {tile:>9} "
+            f"{o.describe():<{width}} {p['text']:>7} {p['denoise']:>8} {p['decode']:>8} {tile:>9} "
             f"{o.peak / GB:>7.1f}  {'yes' if o.fits else 'no'}"
         )
     return "\n".join(rows)
 
 
-def _models(path: str | None) -> Models:
+def stored_mode(quant: str | None) -> str:
+    """The planner's weight mode of a DiT stored as `Detected.quant` names it, as loading keeps it (--fp8
+    keep, the default): fp8 layouts "fp8", GGUF blocks "q8_0"/"q4_0" (mixed: the wider, q8_0), else "none"."""
+    if quant is None:
+        return "none"
+    if quant.startswith("gguf"):
+        return "q8_0" if "Q8_0" in quant else "q4_0"
+    return "fp8"  # scaled_fp8, comfy_quant, fp8
+
+
+def _models(path: str | None) -> tuple[Models, tuple[str, str]]:
+    """(the architectures in ``path``, (the DiT's, T5's) weight modes as stored; "none": full width)."""
     if path is None:
-        return Models()
+        return Models(), ("none", "none")
     from mochi.weights.bundle import is_bundle, load_bundle
     from mochi.weights.dit import genmo_shapes, infer_config
     from mochi.weights.formats import detect
 
     if is_bundle(path):  # a mochi bundle is small and names every model's architecture
-        from mochi.memory.auto import models_of
+        from mochi.memory.auto import models_of, quantization_of
 
-        return models_of(load_bundle(path))
-    return Models(dit=infer_config(genmo_shapes(detect(path))))  # T5-XXL and the released VAE otherwise
+        c = load_bundle(path)
+        return models_of(c), (quantization_of(c.dit), quantization_of(c.text_encoder))
+    det = detect(path)
+    # T5-XXL and the released VAE otherwise; a stored T5 is widened as it is read (mochi.weights.t5).
+    return Models(dit=infer_config(genmo_shapes(det))), (stored_mode(det.quant.get("dit")), "none")
 
 
 def plan_command(args: argparse.Namespace) -> str:
@@ -63,10 +79,15 @@ def plan_command(args: argparse.Namespace) -> str:
     dtypes = tuple(DTYPES[d] for d in (("bf16", "fp32") if args.dtype == "all" else (args.dtype,)))
     quants = QUANT_MODES if args.quantize == "all" else (args.quantize,)
     job = Job.from_request(args.frames, args.height, args.width, guidance=args.guidance != 1.0)
-    options = plan(
-        _models(args.model), job, budget, dtypes=dtypes, quants=quants, reserve=CUDA_RESERVE,
-        all_blocks=args.all_blocks,
-    )  # fmt: skip
+    models, stored = _models(args.model)
+    options = []
+    for dtype in dtypes:
+        for quant in quants:  # each model as generate --quantize would hold it (memory.auto.held)
+            dit_quant, t5_quant = held(stored, None if quant == "none" else quant)
+            options += plan(
+                models, job, budget, dtypes=(dtype,), quants=(dit_quant,), t5_quant=t5_quant,
+                reserve=CUDA_RESERVE, all_blocks=args.all_blocks,
+            )  # fmt: skip
     lines = [
         f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; "
         f"budget {budget / GB:.1f} GB "
