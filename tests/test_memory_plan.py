@@ -91,6 +91,45 @@ def test_nothing_fits_names_the_closest_and_the_gap():
         choose(options, 6 * GB)
 
 
+def test_a_miss_only_at_the_decode_names_the_split_and_a_value_that_fits(capsys):
+    """Where every option failed only because no decode split fit, the error named the lowest peak and a
+    negative gap ("-18.2 GB more", "-0.0 GB more") instead of the decode split and what would let it fit."""
+    job = Job.from_request(85, 480, 848)
+    options = plan(Models(), job, 24 * GB, quants=("none",), reserve=GB, max_memory=1000)
+    with pytest.raises(ValueError) as e:
+        choose(options, 24 * GB)
+    assert " more" not in str(e.value) and str(e.value).endswith(
+        "is within it at every stage, but no decode split fits --max-memory 1KB: the smallest needs about "
+        "499MB; nearest valid: --max-memory 499MB"
+    )
+    assert choose(plan(Models(), job, 24 * GB, quants=("none",), reserve=GB, max_memory=499 * 10**6), 24 * GB)
+    bundle = str(ROOT / "src" / "mochi" / "assets" / "mochi-tiny.safetensors")
+    args = [
+        "plan",
+        "--model",
+        bundle,
+        "--frames",
+        "25",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quantize",
+        "none",
+    ]
+    assert main([*args, "--gpu-memory", "1020MB"]) == 0
+    out = capsys.readouterr().out
+    assert " more" not in out
+    expected = (
+        "no setting fits 1.0 GB: bf16, offload model is within it at every stage, but no decode split "
+        "fits 80% of the 9.3MB left beside the decoder (the pipeline's rule); the smallest needs about "
+        "9MB, so about 1.1GB free"
+    )
+    assert expected in out
+    assert main([*args, "--gpu-memory", "1.1GB"]) == 0
+    assert "fastest that fits: bf16, offload" in capsys.readouterr().out
+
+
 def test_plan_command(capsys):
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "31", "--quantize", "fp8"]) == 0
     out = capsys.readouterr().out

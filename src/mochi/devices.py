@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -52,6 +53,16 @@ def parse_size(text: str, name: str = "size") -> int:
                 f"nearest valid: {near}"
             )
     raise ValueError(f"{name} {text!r} is not understood; write it like 10GB, 500MB or 20000")
+
+
+def size_text(n: int) -> str:
+    """Bytes → the smallest readable size at least ``n`` that `parse_size` reads back: 8986624 → "9MB",
+    1234567890 → "1.3GB" (one decimal, rounded up; powers of 1000)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            tenths = math.ceil(n * 10 / scale)
+            return f"{tenths // 10}{unit}" if tenths % 10 == 0 else f"{tenths / 10:.1f}{unit}"
+    return f"{n}B"
 
 
 # Device types mochi runs on. Others that torch names (meta, mps, xla, ...) are refused up front: mps

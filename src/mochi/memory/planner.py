@@ -16,11 +16,12 @@ every call), then no offload, model offload, and block offload with as many resi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from mochi.devices import DTYPE_NAMES
+from mochi.devices import DTYPE_NAMES, size_text
 from mochi.memory.estimate import (
     QUANT_MODES,
     decoder_weights,
@@ -76,6 +77,7 @@ class Option:
     fits: bool
     decode_tile: tuple[int, int] | None  # None: no decode split fits
     t5_quant: str | None = None  # T5's weight mode where it differs from the DiT's (``quant``)
+    miss: str | None = None  # why no decode split fits (None: one does), naming a value that would
 
     @property
     def peak(self) -> int:
@@ -167,7 +169,10 @@ def plan(
                     models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant, max_memory
                 )
                 fits = tile is not None and max(peaks.values()) <= budget
-                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant)
+                miss = None
+                if tile is None:
+                    miss = decode_miss(models, job, peaks["decode"], budget, vae_dtype, max_memory)
+                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss)
                 if mode.kind != "blocks" or all_blocks:
                     out.append(option)
                 else:
@@ -179,11 +184,43 @@ def plan(
     return out
 
 
+def decode_miss(
+    models: Models,
+    job: Job,
+    decode_peak: int,
+    budget: int,
+    vae_dtype: torch.dtype = torch.float32,
+    max_memory: int | None = None,
+) -> str:
+    """Why no decode split fits a setting whose decode stage peaks at ``decode_peak`` bytes (the smallest
+    split's activations counted), and what would: a larger ``--max-memory`` when that is what refuses it,
+    else the free memory the pipeline's rule (a split within 80% of what is left) needs."""
+    smallest = pipeline_decode_plan(models.decoder, (1, *job.latent), 0, vae_dtype)[1]
+    if max_memory is not None and max_memory < smallest:
+        return (
+            f"no decode split fits --max-memory {size_text(max_memory)}: the smallest needs about "
+            f"{size_text(smallest)}; nearest valid: --max-memory {size_text(smallest)}"
+        )
+    beside = decode_peak - smallest  # the decoder's weights, what else stays resident, the reserve
+    return (
+        f"no decode split fits 80% of the {size_text(max(budget - beside, 0))} left beside the decoder "
+        f"(the pipeline's rule); the smallest needs about {size_text(smallest)}, so about "
+        f"{size_text(math.ceil(smallest / 0.8) + beside)} free"
+    )
+
+
 def choose(options: list[Option], budget: int) -> Option:
-    """The fastest option that fits; ValueError naming the closest one and by how much it misses."""
+    """The fastest option that fits; ValueError naming the closest one and by how much it misses, or, where
+    one is within the budget at every stage but no decode split fits (``Option.miss``), why and what would."""
     for option in options:
         if option.fits:
             return option
+    for option in options:
+        if option.peak <= budget:  # missed only because no decode split fits
+            raise ValueError(
+                f"no setting fits {budget / GB:.1f} GB: {option.describe()} is within it at every stage, "
+                f"but {option.miss}"
+            )
     closest = min(options, key=lambda o: o.peak)
     stage = max(closest.peaks, key=closest.peaks.__getitem__)
     return_closest = closest.describe()
