@@ -161,6 +161,8 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
                 "dequantize"
             )
     check_loras(args.lora)
+    if max_memory is not None:  # the decode split, found after loading (and the text stage) otherwise
+        check_decode_budget(args, request, max_memory)
     init = None
     if args.init_video:
         from mochi.video import crop_box, video_size
@@ -176,6 +178,39 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
             request.width or defaults["width"],
         )
     return {"max_memory": max_memory, "init": init}
+
+
+def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> None:  # noqa: ANN001
+    """``--max-memory`` holds some decode split of the request's video (the decoder's config from the
+    checkpoint's bundle config, else the released decoder's), as the pipeline will check after loading."""
+    import warnings
+
+    import torch
+
+    from mochi.devices import parse_dtype, size_text
+    from mochi.memory.estimate import pipeline_decode_plan
+    from mochi.models.vae import Decoder
+    from mochi.models.vae_plan import choose_plan
+    from mochi.request import check_frames
+    from mochi.weights.components import decoder_config, model_defaults
+
+    defaults = model_defaults(args.model)
+    frames, height, width = (getattr(request, k) or defaults[k] for k in ("frames", "height", "width"))
+    shape = (len(request.prompts), check_frames(frames), height // 8, width // 8)
+    cfg = decoder_config(args.model, getattr(args, "vae", None))
+    dtype = parse_dtype(getattr(args, "vae_dtype", None)) or torch.float32
+    with torch.device("meta"):
+        decoder = Decoder(cfg).to(dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            choose_plan(decoder, shape, max_memory)
+    except ValueError:
+        need = size_text(pipeline_decode_plan(cfg, shape, 0, dtype)[1])
+        raise ValueError(
+            f"--max-memory {args.max_memory!r} is too small to decode a {frames}-frame {width}x{height} "
+            f"video: the smallest split needs about {need}; nearest valid: {need}"
+        ) from None
 
 
 def check_prepare_data(args: argparse.Namespace) -> None:

@@ -108,6 +108,21 @@ def model_defaults(model: str | os.PathLike | None) -> dict:
     return dict(RELEASED_DEFAULTS)
 
 
+def decoder_config(model: str | os.PathLike | None, vae: str | os.PathLike | None = None):  # noqa: ANN201
+    """The VAE decoder's ``DecoderConfig`` without loading it: a bundle's (the embedded model's when None)
+    unless ``vae`` (``--vae``) names another, else the released decoder's."""
+    from mochi.models.vae import DecoderConfig
+    from mochi.weights.bundle import PARTS, bundle_config, embedded_path, is_bundle
+    from mochi.weights.bundle_config import part_config
+
+    if model is None:
+        model = embedded_path()
+    if vae is None and Path(model).is_file() and is_bundle(model):
+        where = f"bundle {os.fspath(model)!r}"
+        return part_config(PARTS["decoder"][1], bundle_config(model)["decoder"], where, 10**9)
+    return DecoderConfig()
+
+
 def dit_depth(model: str | os.PathLike | None, variant: str | None = None) -> int | None:
     """The DiT's block count without loading it: a bundle's config (the embedded model's when None), else
     the checkpoint's headers; None when they do not tell (the load then checks)."""
