@@ -11,13 +11,12 @@ back on device 0. Blocks run one after another, so this buys memory, not speed (
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mochi.memory.planner import GB
+from mochi.devices import size_text
 
 
 def place_blocks(
@@ -35,9 +34,9 @@ def place_blocks(
     free[0] -= rest
     if free[0] < 0:  # device 0 holds the layers around the blocks and runs them, whatever it gets of these
         raise ValueError(
-            f"the first device's budget ({_size(budgets[0])}) cannot hold the DiT's layers outside its "
-            f"blocks and a forward's activations ({_size(rest + activations)}); give it at least "
-            f"{_size(rest + activations + max(block_bytes, default=0))} in --max-memory"
+            f"the first device's budget ({size_text(budgets[0])}) cannot hold the DiT's layers outside its "
+            f"blocks and a forward's activations ({size_text(rest + activations)}); give it at least "
+            f"{size_text(rest + activations + max(block_bytes, default=0))} in --max-memory"
         )
     out, device = [], 0
     for i, size in enumerate(block_bytes):
@@ -45,23 +44,15 @@ def place_blocks(
             device += 1
         if device == len(free):
             missing = sum(block_bytes[i:]) - max(0, free[-1])
-            sizes = ", ".join(_size(b) for b in budgets)
+            sizes = ", ".join(size_text(b) for b in budgets)
             raise ValueError(
                 f"the DiT does not fit the devices' budgets ({sizes}): blocks {i}-{len(block_bytes) - 1} are "
-                f"left over, about {_size(missing)} more is needed (add a device or raise --max-memory; "
+                f"left over, about {size_text(missing)} more is needed (add a device or raise --max-memory; "
                 "without --devices, --offload blocks streams the blocks through one GPU instead)"
             )
         free[device] -= size
         out.append(device)
     return out
-
-
-def _size(n: int) -> str:
-    """Bytes as a --max-memory size ("5GB", "414.7KB"), rounded up to a tenth of its unit."""
-    for unit, scale in (("GB", GB), ("MB", 10**6), ("KB", 10**3)):
-        if n >= scale:
-            return f"{math.ceil(n * 10 / scale) / 10:g}{unit}"
-    return f"{max(n, 0)}B"
 
 
 def _to(value: object, device: torch.device) -> object:
