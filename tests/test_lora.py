@@ -116,6 +116,33 @@ def test_keep_original_restores_bf16_weights_bit_exactly():
     assert m.blocks[1].attn.qkv_y.weight.equal(w0)
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 0, 1)], ids=["oldest-first", "middle", "newest"])
+def test_merged_loras_with_kept_originals_come_off_bit_exactly_in_any_order(order):
+    # Each removal rebuilds the weights from the one kept original and the LoRAs still merged: they equal
+    # merging only those from the start, and the original once none is left (a handle restoring a copy taken
+    # before later LoRAs were merged would put the earlier LoRA back).
+    m = model().to(torch.bfloat16)
+    w0 = {k: v.clone() for k, v in m.state_dict().items()}
+    loras = [random_lora(m, seed=s) for s in (2, 3, 4)]
+    scales = (0.7, -1.3, 0.4)
+
+    def merged_alone(kept: list[int]) -> dict:
+        other = model().to(torch.bfloat16)
+        for i in kept:
+            apply_lora(other, loras[i], scales[i], merge=True)
+        return other.state_dict()
+
+    handles = [apply_lora(m, lr, s, merge=True, keep_original=True) for lr, s in zip(loras, scales)]
+    assert handles[0].originals["blocks.0.attn.qkv_x"] is handles[2].originals["blocks.0.attn.qkv_x"]
+    for n, i in enumerate(order[:-1]):
+        handles[i].remove()
+        expected = merged_alone([j for j in range(3) if j not in order[: n + 1]])
+        assert all(v.equal(expected[k]) for k, v in m.state_dict().items())
+    handles[order[-1]].remove()
+    assert all(v.equal(w0[k]) for k, v in m.state_dict().items())
+    assert not any(hasattr(lin, "_lora_merged") for lin in target_modules(m).values())
+
+
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "1", True], ids=["nan", "inf", "str", "bool"])
 @pytest.mark.parametrize("merge", [False, True], ids=["hooked", "merged"])
 def test_a_scale_that_is_not_a_finite_number_is_refused_before_any_weight_changes(scale, merge):
@@ -142,12 +169,12 @@ def test_a_merge_too_large_to_subtract_again_keeps_the_original():
     ref = m(*inputs())
     w0 = {k: v.clone() for k, v in m.state_dict().items()}
     handle = apply_lora(m, random_lora(m), scale=1e6, merge=True)
-    assert set(handle._originals) == set(handle.layers)
+    assert set(handle.originals) == set(handle.layers)
     handle.remove()
     assert all(v.equal(w0[k]) for k, v in m.state_dict().items())
     assert m(*inputs()).equal(ref)
     # An ordinary scale keeps no copy (unmerging is exact to within rounding there).
-    assert not apply_lora(m, random_lora(m), scale=0.7, merge=True)._originals
+    assert not apply_lora(m, random_lora(m), scale=0.7, merge=True).originals
 
 
 def test_merge_refuses_fp8_and_lora_must_fit():

@@ -12,9 +12,11 @@ Two ways to carry one:
 
 Unmerging (``LoraHandle.remove``) subtracts the same fp32 Δ and rounds again. That restores fp32 weights to
 within fp32 rounding, but a bf16/fp16 weight can end one unit in the last place away from where it started;
-``keep_original=True`` keeps a copy of each touched weight so that removal restores it bit for bit; a Δ too
-large for subtraction to give the weight back (a huge scale) keeps its copy anyway, and one that would make
-a weight infinite is refused before any weight changes. Scales are finite real numbers (``check_scale``).
+``keep_original=True`` keeps a copy of each touched weight, on the CPU, one per weight however many LoRAs
+are merged into it: removing a LoRA, in any order, rebuilds the weight from that copy and the LoRAs still
+merged (bit for bit what merging only those would give; the copy itself once none is left). A Δ too large
+for subtraction to give the weight back (a huge scale) keeps the copy anyway, and one that would make a
+weight infinite is refused before any weight changes. Scales are finite real numbers (``check_scale``).
 Quantized weights (fp8, int8, GGUF blocks: `mochi.weights.quantize.is_quantized`) are never merged into:
 re-quantizing the sum would lose most of Δ. Apply the LoRA unmerged (its hook adds Δ to the quantized
 layer's output), or load the checkpoint unquantized.
@@ -174,6 +176,15 @@ class LoraLayer:
 
 
 @dataclass
+class _Merged:
+    """The applied LoRAs merged into one weight, oldest first, and a copy of the weight as it was before them
+    (on the CPU; None when no merge asked for one)."""
+
+    original: torch.Tensor | None
+    loras: list[tuple[LoraHandle, LoraLayer]] = field(default_factory=list)
+
+
+@dataclass
 class LoraHandle:
     """A LoRA applied to a model; ``remove()`` takes it off again (unmerging if it was merged)."""
 
@@ -182,23 +193,44 @@ class LoraHandle:
     scale: float
     merged: bool
     _hooks: list = field(default_factory=list)
-    _originals: dict[str, torch.Tensor] = field(default_factory=dict)
     removed: bool = False
 
+    @property
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The kept copies (CPU) of the weights this merged LoRA is in, by module path; shared with the other
+        LoRAs merged into the same weights."""
+        kept = {}
+        for name in self.layers:
+            record = getattr(self.model.get_submodule(name), "_lora_merged", None)
+            if record is not None and record.original is not None:
+                kept[name] = record.original
+        return kept
+
+    @torch.no_grad()
     def remove(self) -> None:
+        """Take the LoRA off, in any order among several. A merged weight with a kept original is rebuilt
+        from it and the LoRAs still merged into it, oldest first, so that it ends bit for bit as merging
+        only those would have left it (the original itself once none is left); without one, Δ is
+        subtracted again."""
         if self.removed:
             return
         for h in self._hooks:
             h.remove()
         if self.merged:
-            with torch.no_grad():
-                for name, layer in self.layers.items():
-                    w = self.model.get_submodule(name).weight
-                    if name in self._originals:
-                        w.copy_(self._originals[name])
-                    else:
-                        w.copy_(w.float() - layer.delta_weight(self.scale).to(w.device))
-        self._originals.clear()
+            for name, layer in self.layers.items():
+                m = self.model.get_submodule(name)
+                record: _Merged = m._lora_merged
+                record.loras = [(h, lr) for h, lr in record.loras if h is not self]
+                w = m.weight
+                if record.original is None:
+                    w.copy_(w.float() - layer.delta_weight(self.scale).to(w.device))
+                else:
+                    rebuilt = record.original.to(w.device)
+                    for h, lr in record.loras:
+                        rebuilt = (rebuilt.float() + lr.delta_weight(h.scale).to(w.device)).to(w.dtype)
+                    w.copy_(rebuilt)
+                if not record.loras:
+                    del m._lora_merged
         self.removed = True
 
 
@@ -273,7 +305,7 @@ def apply_lora(
             device = m.weight.device
             placed = LoraLayer(layer.A.to(device), layer.B.to(device), layer.alpha)
             if merge:
-                _merge(handle, name, m.weight, placed, keep_original, source)
+                _merge(handle, name, m, placed, keep_original, source)
             else:
                 handle.layers[name] = placed
 
@@ -289,15 +321,19 @@ def apply_lora(
 
 @torch.no_grad()
 def _merge(
-    handle: LoraHandle, name: str, weight: torch.Tensor, layer: LoraLayer, keep_original: bool, source: str
+    handle: LoraHandle, name: str, m: nn.Linear, layer: LoraLayer, keep_original: bool, source: str
 ) -> None:
-    """Add one layer's Δ into ``weight`` (recorded in ``handle`` so that ``remove`` takes it off again).
+    """Add one layer's Δ into ``m.weight``, recorded on ``m`` (``_lora_merged``) so that ``remove`` takes it
+    off again.
 
-    A Δ that is not finite in fp32 is refused before the weight is touched. Where subtracting Δ again would
-    not give the weight back to within a few units of its dtype's last place (a Δ so large that the sum
-    rounds the weight away, e.g. a huge scale), the original is kept whatever ``keep_original`` says, so
-    that a merged LoRA can always be taken off.
+    A Δ that is not finite in fp32 is refused before the weight is touched. With ``keep_original`` the weight
+    is copied to the CPU unless it already has a copy: one copy per weight, however many LoRAs are merged
+    into it. Where subtracting Δ again would not give the weight back to within a few units of its dtype's
+    last place (a Δ so large that the sum rounds the weight away, e.g. a huge scale), the copy is taken
+    whatever ``keep_original`` says, so that a merged LoRA can always be taken off. A copy taken while
+    LoRAs merged without one are in the weight is of the weight with their Δ subtracted.
     """
+    weight = m.weight
     delta = layer.delta_weight(handle.scale)
     merged = (weight.float() + delta).to(weight.dtype)
     if not (all_finite(delta) and all_finite(merged)):
@@ -305,11 +341,17 @@ def _merge(
             f"{source} layer {name!r} at scale {handle.scale:g} makes the merged weight infinite or NaN in "
             f"{str(weight.dtype).removeprefix('torch.')}; lower the scale (1.0 applies the LoRA as trained)"
         )
-    if not keep_original:
+    record: _Merged = getattr(m, "_lora_merged", None) or _Merged(None)
+    if record.original is None and not keep_original:
         # Unmerging rounds once more; beyond a few units of the weight's largest magnitude it is lossy.
         error = (merged.float() - delta - weight.float()).abs().max()
         keep_original = bool(error > 4 * torch.finfo(weight.dtype).eps * weight.float().abs().max())
-    if keep_original:
-        handle._originals[name] = weight.detach().clone()
+    if record.original is None and keep_original:
+        original = weight.detach()
+        for h, lr in reversed(record.loras):
+            original = (original.float() - lr.delta_weight(h.scale).to(weight.device)).to(weight.dtype)
+        record.original = original.to("cpu", copy=True)
+    record.loras.append((handle, layer))
+    m._lora_merged = record
     handle.layers[name] = layer
     weight.copy_(merged)
