@@ -295,12 +295,14 @@ def test_training_writes_samples(data, tmp_path):
     assert samples == ["step-000001-0.mp4", "step-000001-1.mp4"]
 
 
-def _lora_file(path, seed: int = 0):
+def _lora_file(path, seed: int = 0, b_scale: float = 1.0):
     dit = tiny_components().dit
     g = torch.Generator().manual_seed(seed)
     layers = {
         n: LoraLayer(
-            torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 2.0
+            torch.randn(2, m.in_features, generator=g),
+            torch.randn(m.out_features, 2, generator=g) * b_scale,
+            2.0,
         )
         for n, m in target_modules(dit).items()
     }
@@ -322,6 +324,30 @@ def test_pipeline_applies_request_loras_merged_or_not(tmp_path):
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
     p.unload_loras()
     torch.testing.assert_close(p.generate(req).latents, base, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_loras_give_the_bf16_base_back_bit_exactly_after_scale_changes(tmp_path):
+    # A Δ small beside the weights: subtracting it again from bf16 weights would move small elements by
+    # many of their units, and every scale change (taken off, merged again) would start from moved weights.
+    # The pipeline merges keeping the originals, so the base comes back exactly, whatever the removal order.
+    first = str(_lora_file(tmp_path / "a.safetensors", b_scale=0.02))
+    second = str(_lora_file(tmp_path / "b.safetensors", 1, b_scale=0.02))
+    p = MochiPipeline(tiny_components(), device="cpu", dit_dtype="bf16")
+    p.lora_merge = True
+    dit = p.components.dit
+    w0 = {k: v.clone() for k, v in dit.state_dict().items()}
+    req = GenerationRequest("a red star moving left", seed=1, steps=1)
+    base = p.generate(req).latents
+    for n in range(4):
+        p.generate(GenerationRequest(**{**req.__dict__, "loras": [(first, 0.5 + 0.37 * n)]}))
+    assert not all(v.equal(w0[k]) for k, v in dit.state_dict().items())
+    p.unload_loras()
+    assert all(v.equal(w0[k]) for k, v in dit.state_dict().items())
+    assert p.generate(req).latents.equal(base)
+    handles = p.load_lora(first, 1.0), p.load_lora(second, 2.0)
+    for h in handles:  # oldest first
+        h.remove()
+    assert all(v.equal(w0[k]) for k, v in dit.state_dict().items())
 
 
 def test_request_loras_after_a_handle_removal_or_a_failed_load(tmp_path):
