@@ -103,6 +103,9 @@ class MochiPipeline:
         self.max_memory = max_memory
         self.vae_plans: dict[str, dict] = {}  # the VAE splits of the latest request
         self.lora_merge = False  # how generate() applies a request's LoRAs
+        # Merged LoRAs keep a CPU copy of each weight they touch, so that they come off bit for bit; a
+        # caller that never takes them off (one `mochi generate`) turns this off and holds no copies.
+        self.lora_keep_originals = True
         self._running = threading.Lock()  # one generate() at a time: it changes the shared DiT (LoRAs)
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
         # Set by mochi.parallel.parallelize under torchrun: .denoiser(dit) and .decode(decoder, z, …).
@@ -240,7 +243,8 @@ class MochiPipeline:
         merge: add it into the weights (default ``self.lora_merge``) or hook it in unmerged. A merged LoRA
         keeps a CPU copy of each weight it touches (``apply_lora``'s ``keep_original``; 5.4 GB for the
         default targets of the 10B DiT in bf16), so that taking it off restores the weights bit for bit
-        however often requests change the scale.
+        however often requests change the scale; ``self.lora_keep_originals = False`` keeps none (taking
+        it off then subtracts it, as exact as float rounding allows).
         """
         from mochi.models.lora import apply_lora
         from mochi.weights.lora import read_lora
@@ -248,7 +252,12 @@ class MochiPipeline:
         merge = self.lora_merge if merge is None else merge
         layers = read_lora(path).layers
         handle = apply_lora(
-            self.components.dit, layers, scale, merge, keep_original=merge, source=f"LoRA {str(path)!r}"
+            self.components.dit,
+            layers,
+            scale,
+            merge,
+            keep_original=merge and self.lora_keep_originals,
+            source=f"LoRA {str(path)!r}",
         )
         self.loras.append((str(path), handle.scale, handle))
         return handle

@@ -152,6 +152,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         weights, guidance = args.parallel_weights, args.guidance_parallel
         pipe = load_pipeline(world, args.model, weights=weights, guidance=guidance, **options)
     pipe.lora_merge = args.lora_merge
+    pipe.lora_keep_originals = False  # one request, then the process ends: no LoRA is ever taken off
     if pipe.quantization and main:
         print(f"mochi: note: {pipe.quantization}")
     apply_cache_options(pipe, args)
