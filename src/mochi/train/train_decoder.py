@@ -41,7 +41,14 @@ from mochi.presets import ModelPreset
 from mochi.sampling.sampler import noise_to, sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 from mochi.train import shapes
-from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.checkpoint import (
+    check_preset,
+    check_resumable,
+    load_checkpoint,
+    load_parts,
+    preset_configs,
+    save_checkpoint,
+)
 from mochi.train.train_dit import _check_heldout_rule, allowed_caption
 from mochi.train.train_vae import (
     VAE_CHECKPOINT,
@@ -224,24 +231,47 @@ def train_decoder(
     ``source`` (default ``out/vae.ckpt``) gives the frozen encoder and the starting decoder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    encoder_state, decoder_state = source_vae(source if source is not None else out / VAE_CHECKPOINT)
+    state = load_checkpoint(out / DECODER_CHECKPOINT)
+    # The source as recorded: its resolved path, or OUT/vae.ckpt (the run folder's own, wherever it moves).
+    default = out / VAE_CHECKPOINT
+    own = source is None or Path(source).resolve() == default.resolve()
+    source_name = "OUT/vae.ckpt" if own else str(Path(source).resolve())
+    if state is not None:
+        # Checkpoints written before these were recorded have none: they resume as they always did.
+        stored_own = state.get("source") == "OUT/vae.ckpt"
+        settings = {
+            "seed": (recipe.seed, "seed {} (DecoderRecipe.seed)"),
+            "batch": (recipe.batch, "--batch {}"),
+            "source": (source_name, "no --source" if stored_own else "--source {}"),
+        }
+        check_resumable(state, out / DECODER_CHECKPOINT, settings)
+        check_preset(state, out / DECODER_CHECKPOINT, preset)
+    encoder_state, decoder_state = source_vae(source if source is not None else default)
     encoder = Encoder(preset.encoder)
-    encoder.load_state_dict(encoder_state)
+    load_parts(source if source is not None else default, {"encoder": encoder}, {"encoder": encoder_state})
     encoder.eval().requires_grad_(False)
     torch.manual_seed(recipe.seed)
     decoder = grow_decoder(preset.decoder, decoder_state)
     opt = torch.optim.AdamW(decoder.parameters(), lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     refiner = Refiner(out, preset, source, recipe) if recipe.refine_share else None
     step, last = 0, float("nan")
-    state = load_checkpoint(out / DECODER_CHECKPOINT)
     if state is not None:
-        decoder.load_state_dict(state["decoder"])
+        load_parts(out / DECODER_CHECKPOINT, {"decoder": decoder}, state)
         opt.load_state_dict(state["optimizer"])
         step, last = int(state["step"]), float(state["loss"])
         log(f"decoder: resumed at step {step} from {out / DECODER_CHECKPOINT}")
 
     def snapshot() -> dict:
-        return {"decoder": decoder.state_dict(), "optimizer": opt.state_dict(), "step": step, "loss": last}
+        return {
+            "decoder": decoder.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "loss": last,
+            "seed": recipe.seed,
+            "batch": recipe.batch,
+            "source": source_name,
+            "configs": preset_configs(preset, ("decoder",)),
+        }
 
     totals, t0 = np.zeros(3), time.time()
     while step < recipe.steps:

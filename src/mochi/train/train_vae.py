@@ -24,7 +24,14 @@ import torch
 from mochi.models.vae import Decoder, Encoder
 from mochi.presets import ModelPreset
 from mochi.train import shapes
-from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.checkpoint import (
+    check_preset,
+    check_resumable,
+    load_checkpoint,
+    load_parts,
+    preset_configs,
+    save_checkpoint,
+)
 from mochi.train.lr import warmup_cosine
 
 VAE_CHECKPOINT = "vae.ckpt"
@@ -181,8 +188,11 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
             "`dit --init`), not a vae stage's training state: run the vae stage in another --out"
         )
     if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        decoder.load_state_dict(state["decoder"])
+        # Checkpoints written before these were recorded have none: they resume as they always did.
+        settings = {"seed": (recipe.seed, "--seed {}"), "batch": (recipe.batch, "--batch {}")}
+        check_resumable(state, out / VAE_CHECKPOINT, settings)
+        check_preset(state, out / VAE_CHECKPOINT, preset)
+        load_parts(out / VAE_CHECKPOINT, {"encoder": encoder, "decoder": decoder}, state)
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         log(f"vae: resumed at step {step} from {out / VAE_CHECKPOINT}")
@@ -195,6 +205,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
             "step": step,
             "loss": last,
             "encoder_steps": recipe.encoder_steps,
+            "seed": recipe.seed,
+            "batch": recipe.batch,
+            "configs": preset_configs(preset, ("encoder", "decoder")),
         }
 
     last = float(state["loss"]) if state is not None else float("nan")

@@ -1,0 +1,129 @@
+"""The tiny trainer refuses what it cannot honour: a resume with other settings, junk arguments."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mochi.presets import MODEL_PRESETS
+from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+from mochi.train.train_decoder import DECODER_CHECKPOINT, train_decoder
+from mochi.train.train_vae import VAE_CHECKPOINT, train_vae
+
+from .test_train_tiny import DECODER, PRESET, VAE
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished vae stage and a finished one-step decoder stage of the micro preset."""
+    out = tmp_path_factory.mktemp("run")
+    train_vae(out, PRESET, VAE, log=_quiet)
+    train_decoder(out, PRESET, replace(DECODER, steps=1), log=_quiet)
+    return out
+
+
+def _forget(path, keys) -> None:
+    """Rewrite the checkpoint at ``path`` as one written before ``keys`` were recorded."""
+    state = load_checkpoint(path)
+    save_checkpoint({k: v for k, v in state.items() if k not in keys}, path)
+
+
+def test_the_vae_stage_resumes_only_with_its_seed_batch_and_preset(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    state = load_checkpoint(out / VAE_CHECKPOINT)
+    assert (state["seed"], state["batch"]) == (VAE.seed, VAE.batch)
+    wrong = [
+        (
+            replace(VAE, seed=7),
+            PRESET,
+            "was trained with seed 1, but this run asks for seed 7: give --seed 1",
+        ),
+        (
+            replace(VAE, batch=2),
+            PRESET,
+            "was trained with batch 1, but this run asks for batch 2: give --batch 1",
+        ),
+        (
+            VAE,
+            MODEL_PRESETS["mochi-tiny-v1"],
+            "was trained with another encoder and decoder than this preset's (that of --preset test-micro): "
+            "give --preset test-micro to resume it",
+        ),
+    ]
+    for recipe, preset, message in wrong:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_vae(out, preset, recipe, log=_quiet)
+    # A preset of the same VAE resumes (mochi-tiny-d8 differs from mochi-tiny in its DiT only); a VAE of no
+    # preset is named as such.
+    assert train_vae(out, replace(PRESET, dit=MODEL_PRESETS["mochi-tiny"].dit), VAE, log=_quiet)["step"] == 4
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    save_checkpoint({**state, "configs": {"encoder": {}, "decoder": {}}}, unknown / VAE_CHECKPOINT)
+    with pytest.raises(ValueError, match=r"\(that of the preset it was trained with\): give the preset"):
+        train_vae(unknown, PRESET, VAE, log=_quiet)
+    # A checkpoint written before these were recorded resumes as it always did; another preset's weights
+    # are one line, not torch's list of every mismatched tensor.
+    _forget(out / VAE_CHECKPOINT, ("seed", "batch", "configs"))
+    lines = []
+    assert train_vae(out, PRESET, replace(VAE, seed=7, batch=2), log=lines.append)["step"] == 4
+    assert lines == [f"vae: resumed at step 4 from {out / VAE_CHECKPOINT}"]
+    with pytest.raises(ValueError, match=r"^the encoder of '.*vae.ckpt' does not fit this preset's") as e:
+        train_vae(out, MODEL_PRESETS["mochi-tiny-v1"], VAE, log=_quiet)
+    assert "\n" not in str(e.value)
+
+
+def test_the_decoder_stage_resumes_only_with_its_batch_source_and_preset(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    recipe = replace(DECODER, steps=1)
+    state = load_checkpoint(out / DECODER_CHECKPOINT)
+    assert (state["seed"], state["batch"], state["source"]) == (DECODER.seed, 1, "OUT/vae.ckpt")
+    other = tmp_path / "other.ckpt"
+    shutil.copy(out / VAE_CHECKPOINT, other)
+    wrong = [
+        (
+            {"recipe": replace(recipe, batch=2)},
+            "trained with batch 1, but this run asks for batch 2: give --batch 1",
+        ),
+        (
+            {"source": other},
+            f"trained with source OUT/vae.ckpt, but this run asks for source {other.resolve()}: give no "
+            "--source",
+        ),
+        (
+            {"preset": MODEL_PRESETS["mochi-tiny-v1"]},
+            "trained with another decoder than this preset's (that of --preset test-micro)",
+        ),
+    ]
+    for change, message in wrong:
+        args = {"preset": PRESET, "recipe": recipe, **change}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_decoder(out, args["preset"], args["recipe"], source=args.get("source"), log=_quiet)
+    # The run folder's own vae.ckpt named as --source is no other source; a run folder that moved keeps it.
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    assert train_decoder(moved, PRESET, recipe, source=moved / VAE_CHECKPOINT, log=_quiet)["step"] == 1
+    # A source named is recorded resolved, and asked for again.
+    from_other = tmp_path / "from_other"
+    from_other.mkdir()
+    train_decoder(from_other, PRESET, recipe, source=other, log=_quiet)
+    with pytest.raises(ValueError, match=re.escape(f"give --source {other.resolve()} to resume it")):
+        train_decoder(from_other, PRESET, recipe, log=_quiet)
+    # A checkpoint written before these were recorded resumes as it always did.
+    _forget(moved / DECODER_CHECKPOINT, ("seed", "batch", "source", "configs"))
+    lines = []
+    state = train_decoder(moved, PRESET, replace(recipe, batch=2), source=other, log=lines.append)
+    assert state["step"] == 1 and lines == [f"decoder: resumed at step 1 from {moved / DECODER_CHECKPOINT}"]
+    assert torch.equal(
+        state["decoder"]["output_proj.weight"],
+        load_checkpoint(run / DECODER_CHECKPOINT)["decoder"]["output_proj.weight"],
+    )
