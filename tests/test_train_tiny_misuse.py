@@ -127,3 +127,41 @@ def test_the_decoder_stage_resumes_only_with_its_batch_source_and_preset(run, tm
         state["decoder"]["output_proj.weight"],
         load_checkpoint(run / DECODER_CHECKPOINT)["decoder"]["output_proj.weight"],
     )
+
+
+def test_steps_is_the_first_phase_and_at_least_what_the_recipe_needs(tmp_path, monkeypatch, capsys):
+    """--steps sets the vae stage's joint phase (1800 more steps follow), which must reach encoder_steps;
+    `vae --steps 2` trained 1802 steps and `--steps -5` 1795."""
+    import mochi.train.train_vae as train_vae_module
+    from mochi.train.tiny import main
+
+    seen = {}
+    monkeypatch.setattr(train_vae_module, "train_vae", lambda out, preset, recipe, log: seen.update(r=recipe))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "run"
+    for argv, message in (
+        (
+            ["vae", "--steps", "2"],
+            "--steps of the vae stage is its joint phase, which trains the encoder until "
+            "step 1000 (encoder_steps): it must be 1000 or more, got 2",
+        ),
+        (["vae", "--steps", "-5"], "--steps must be 1 or more, got -5"),
+        (["dit", "--steps", "0"], "--steps must be 1 or more, got 0"),
+        (["decoder", "--steps", "-1"], "--steps must be 1 or more, got -1"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"error: {message}" in err, (argv, err)
+    assert not out.exists()
+    main(["vae", "--out", str(out), "--steps", "1000"])
+    assert seen["r"].steps == 1000
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps its help at hyphens too
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "total optimizer steps" not in text
+    assert (
+        "vae: the joint phase, whose encoder is frozen from step 1000 (so N >= 1000); 1200 decoder-only and "
+        "600 tuning steps follow (the stage ends at step N + 1800); decoder: the whole stage" in text
+    )

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mochi.presets import model_preset
+from mochi.train.train_vae import VAERecipe
 
 DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "mochi-tiny.safetensors"
 
@@ -37,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mochi.train.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=("vae", "decoder", "dit", "export"))
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
+    vae = VAERecipe()
     parser.add_argument(
-        "--steps", type=int, help="total optimizer steps of the stage (default: the recipe's)"
+        "--steps",
+        type=int,
+        help="optimizer steps of the stage's first phase (default: the recipe's). vae: the joint phase, "
+        f"whose encoder is frozen from step {vae.encoder_steps} (so N >= {vae.encoder_steps}); "
+        f"{vae.decoder_steps} decoder-only and {vae.tune_steps} tuning steps follow (the stage ends at "
+        f"step N + {vae.decoder_steps + vae.tune_steps}); decoder: the whole stage; dit: the phase before "
+        "--tune-steps and --finish-steps",
     )
     parser.add_argument("--batch", type=int, help="clips per step (default: the recipe's)")
     parser.add_argument(
@@ -131,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=DEFAULT_ASSET, help="export: where the bundle goes")
     parser.add_argument("--dtype", default="float16", help="export: storage dtype (float32, float16)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be 1 or more, got {args.steps}")
+    if args.stage == "vae" and args.steps is not None and args.steps < vae.encoder_steps:
+        # The phases after it train the decoder alone: the encoder must have had its steps by then.
+        parser.error(
+            f"--steps of the vae stage is its joint phase, which trains the encoder until step "
+            f"{vae.encoder_steps} (encoder_steps): it must be {vae.encoder_steps} or more, got {args.steps} "
+            f"(the stage runs {vae.decoder_steps + vae.tune_steps} more steps after it)"
+        )
     torch.set_num_threads(args.threads)
     preset = model_preset(args.preset)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {str(args.init)!r}: no such file")
     if args.stage == "vae":
-        from mochi.train.train_vae import VAERecipe, train_vae
+        from mochi.train.train_vae import train_vae
 
         train_vae(args.out, preset, replace(VAERecipe(), **overrides), log=_log_to(args.out / "vae.log"))
     elif args.stage == "decoder":
