@@ -165,3 +165,51 @@ def test_steps_is_the_first_phase_and_at_least_what_the_recipe_needs(tmp_path, m
         "vae: the joint phase, whose encoder is frozen from step 1000 (so N >= 1000); 1200 decoder-only and "
         "600 tuning steps follow (the stage ends at step N + 1800); decoder: the whole stage" in text
     )
+
+
+def test_junk_arguments_fail_in_one_line_before_the_run_folder_is_made(run, tmp_path, monkeypatch, capsys):
+    """A file as --out, --threads 0, --batch 0 and export before training ended in tracebacks, after the
+    run folder was made (export's too)."""
+    from mochi.train.tiny import main
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    afile, new = tmp_path / "afile", tmp_path / "new"
+    afile.write_text("x")
+    for argv, message in (
+        (["vae", "--out", str(afile)], f"--out {str(afile)!r} is a file; give a folder for the run"),
+        (
+            ["dit", "--out", str(afile / "run")],
+            f"--out {str(afile / 'run')!r} cannot be made: {str(afile)!r} is a file",
+        ),
+        (["vae", "--out", str(new), "--threads", "0"], "--threads must be 1 or more, got 0"),
+        (["decoder", "--out", str(new), "--threads", "-1"], "--threads must be 1 or more, got -1"),
+        (["vae", "--out", str(new), "--batch", "0"], "--batch must be 1 or more, got 0"),
+        (
+            ["dit", "--out", str(new), "--checkpoint-every", "0"],
+            "--checkpoint-every must be 1 or more, got 0",
+        ),
+        (["vae", "--out", str(new), "--preset", "nope"], "--preset 'nope' is unknown; choose one of "),
+        (["export", "--out", str(new), "--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"error: {message}" in err.splitlines()[-1], (argv, err)
+    assert not new.exists() and threads == []
+    # What the stages refuse is one line too, and export makes no run folder.
+    bundle = tmp_path / "x.safetensors"
+    assert main(["export", "--out", str(new), "--bundle", str(bundle)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"tiny: error: no vae.ckpt in {str(new)!r}: run the vae and dit stages first\n"
+    )
+    assert not new.exists() and not bundle.exists()
+    assert main(["vae", "--out", str(run), "--preset", "test-micro", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"tiny: error: {str(run / VAE_CHECKPOINT)!r} was trained with seed 1, but this run asks "
+    )
+    assert err.count("\n") == 1
+    assert main(["decoder", "--out", str(new), "--source", str(tmp_path / "none.ckpt")]) == 2
+    assert capsys.readouterr().err.startswith("tiny: error: no VAE source at ")

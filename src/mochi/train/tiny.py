@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from mochi.presets import model_preset
+from mochi.presets import MODEL_PRESETS, ModelPreset, model_preset
 from mochi.train.train_vae import VAERecipe
 
 DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "mochi-tiny.safetensors"
@@ -32,6 +33,18 @@ def _log_to(path: Path):
             f.write(line + "\n")
 
     return log
+
+
+def _unusable_folder(out: Path) -> str | None:
+    """Why the run folder ``out`` cannot be made (with its parents) or written, or None when it can."""
+    if out.exists() and not out.is_dir():
+        return "is a file; give a folder for the run"
+    above = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at the latest
+    if not above.is_dir():
+        return f"cannot be made: {str(above)!r} is a file; give a folder for the run"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return "is not writable" if above == out else f"cannot be made: {str(above)!r} is not writable"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--preset", default="mochi-tiny", help="model preset to train")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_ASSET, help="export: where the bundle goes")
-    parser.add_argument("--dtype", default="float16", help="export: storage dtype (float32, float16)")
+    parser.add_argument(
+        "--dtype", default="float16", choices=("float32", "float16"), help="export: storage dtype"
+    )
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be 1 or more, got {args.steps}")
@@ -148,11 +163,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{vae.encoder_steps} (encoder_steps): it must be {vae.encoder_steps} or more, got {args.steps} "
             f"(the stage runs {vae.decoder_steps + vae.tune_steps} more steps after it)"
         )
-    torch.set_num_threads(args.threads)
+    for flag, value in (
+        ("--threads", args.threads),
+        ("--batch", args.batch),
+        ("--checkpoint-every", args.checkpoint_every),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be 1 or more, got {value}")
+    if args.preset not in MODEL_PRESETS:
+        parser.error(f"--preset {args.preset!r} is unknown; choose one of {', '.join(sorted(MODEL_PRESETS))}")
     preset = model_preset(args.preset)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        parser.error(f"--checkpoint-every must be 1 or more, got {args.checkpoint_every}")
+    if args.stage != "export":
+        problem = _unusable_folder(args.out)
+        if problem:
+            parser.error(f"--out {str(args.out)!r} {problem}")
     overrides = {
         k: v
         for k, v in (
@@ -227,17 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--finish-logit-mean must be a finite number, got {finishing['finish_logit_mean']}")
     if args.init is not None and not args.init.is_file():
         parser.error(f"--init {str(args.init)!r}: no such file")
+    recipe = None
     if args.stage == "vae":
-        from mochi.train.train_vae import train_vae
-
-        train_vae(args.out, preset, replace(VAERecipe(), **overrides), log=_log_to(args.out / "vae.log"))
+        recipe = replace(VAERecipe(), **overrides)
     elif args.stage == "decoder":
-        from mochi.train.train_decoder import DecoderRecipe, train_decoder
+        from mochi.train.train_decoder import DecoderRecipe
 
         recipe = replace(DecoderRecipe(), **overrides)
-        train_decoder(args.out, preset, recipe, source=args.source, log=_log_to(args.out / "decoder.log"))
     elif args.stage == "dit":
-        from mochi.train.train_dit import DiTRecipe, init_from_bundle, train_dit
+        from mochi.train.train_dit import DiTRecipe
 
         recipe = replace(DiTRecipe(), **overrides, **tuning, **finishing)
         if recipe.word_consistency and recipe.tune_steps and args.init is None:
@@ -255,6 +277,33 @@ def main(argv: list[str] | None = None) -> int:
                     f"`dit` without the tuning options first, then again with them (stage 2b); for the "
                     f"loss in both phases, give --word-consistency to both commands"
                 )
+    try:
+        _run(args, preset, recipe)
+    except ValueError as e:  # WeightsError too: a run folder, source or bundle that does not fit
+        print(f"tiny: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace, preset: ModelPreset, recipe) -> None:
+    """Run the stage ``args.stage`` with its recipe (None for export); the arguments are checked."""
+    torch.set_num_threads(args.threads)
+    if args.stage != "export":  # export only reads the run folder
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # what access() cannot tell: /proc, a read-only mount seen by root
+            raise ValueError(f"--out {str(args.out)!r} cannot be made: {e.strerror}") from None
+    if args.stage == "vae":
+        from mochi.train.train_vae import train_vae
+
+        train_vae(args.out, preset, recipe, log=_log_to(args.out / "vae.log"))
+    elif args.stage == "decoder":
+        from mochi.train.train_decoder import train_decoder
+
+        train_decoder(args.out, preset, recipe, source=args.source, log=_log_to(args.out / "decoder.log"))
+    elif args.stage == "dit":
+        from mochi.train.train_dit import init_from_bundle, train_dit
+
         log = _log_to(args.out / "dit.log")
         if args.init is not None:
             init_from_bundle(args.out, preset, args.init, recipe, log=log)
@@ -266,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
             args.out, preset, args.bundle, dtype=getattr(torch, args.dtype), source=args.source
         )
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return 0
 
 
 if __name__ == "__main__":
