@@ -142,6 +142,48 @@ def test_save_needs_every_component_and_stats(tmp_path):
         save_bundle({**parts, "encoder": None}, tmp_path / "x.safetensors")
 
 
+def test_save_refuses_what_no_loader_reads(tmp_path):
+    """A name without the .safetensors suffix was written and then read as "not a mochi bundle"; a folder
+    failed naming a temporary file."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for path, message in (
+        (
+            tmp_path / "b.bin",
+            f"a bundle is a .safetensors file, got {str(tmp_path / 'b.bin')!r}: name it "
+            f"{str(tmp_path / 'b.safetensors')!r}",
+        ),
+        (tmp_path / "b", f"name it {str(tmp_path / 'b.safetensors')!r}"),
+        (
+            folder,
+            f"{str(folder)!r} is a folder; give the bundle's file name, e.g. "
+            f"{str(folder / 'NAME.safetensors')!r}",
+        ),
+    ):
+        with pytest.raises(ValueError) as e:
+            save_bundle(_parts(), path)
+        assert message in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "q8_0", "q4_0"])
+def test_save_refuses_quantized_components(tmp_path, mode):
+    """The pipeline quantizes its components in place; saved, int8 crashed inside torch and q8_0/q4_0 wrote
+    bundles that could not load."""
+    from mochi.weights.quantize import quantize_model
+
+    parts = _parts("mochi-tiny")
+    assert quantize_model(parts["dit"], mode).layers
+    path = tmp_path / "q.safetensors"
+    with pytest.raises(
+        ValueError,
+        match=r"^the dit is quantized \(\d+ layers, e.g. 'blocks.0.\w+'\): .* save the "
+        "unquantized model",
+    ):
+        save_bundle(parts, path)
+    assert not path.exists()
+
+
 def test_load_embedded_gives_the_tiny_preset():
     preset = model_preset("mochi-tiny")
     with warnings.catch_warnings(record=True) as caught:

@@ -213,3 +213,21 @@ def test_junk_arguments_fail_in_one_line_before_the_run_folder_is_made(run, tmp_
     assert err.count("\n") == 1
     assert main(["decoder", "--out", str(new), "--source", str(tmp_path / "none.ckpt")]) == 2
     assert capsys.readouterr().err.startswith("tiny: error: no VAE source at ")
+
+
+def test_export_refuses_a_bundle_name_no_loader_reads_before_reading_the_run(
+    run, tmp_path, monkeypatch, capsys
+):
+    from mochi.train.tiny import main
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    for bundle, message in (
+        (tmp_path / "x.bin", f"a bundle is a .safetensors file, got {str(tmp_path / 'x.bin')!r}"),
+        (tmp_path, f"{str(tmp_path)!r} is a folder; give the bundle's file name"),
+    ):
+        # The run holds no dit.ckpt: the name is checked first.
+        assert main(["export", "--out", str(run), "--preset", "test-micro", "--bundle", str(bundle)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tiny: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "x.bin").exists()

@@ -22,7 +22,7 @@ from mochi.train.checkpoint import load_checkpoint
 from mochi.train.train_decoder import DECODER_CHECKPOINT
 from mochi.train.train_dit import DIT_CHECKPOINT
 from mochi.train.train_vae import VAE_CHECKPOINT
-from mochi.weights.bundle import load_bundle, save_bundle
+from mochi.weights.bundle import check_bundle_path, load_bundle, save_bundle
 
 
 def trained_parts(out: str | os.PathLike, preset: ModelPreset, ema: bool = True) -> dict:
@@ -79,6 +79,7 @@ def export_bundle(
 ) -> Path:
     """Write the bundle of run folder ``out`` to ``path`` stored in ``dtype``; returns the path. With
     ``source``, the run folder holds only a decoder stage: the rest comes from that bundle."""
+    check_bundle_path(path)  # before the checkpoints are read
     parts = trained_parts(out, preset) if source is None else sharpened_parts(out, preset, source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

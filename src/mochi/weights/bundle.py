@@ -28,6 +28,7 @@ from mochi.models.tokenizer import ByteTokenizer
 from mochi.models.vae import Decoder, DecoderConfig, Encoder, EncoderConfig
 from mochi.weights.bundle_config import parse_config, part_config
 from mochi.weights.io import WeightsError, load_strict, read_metadata, read_state_dict, save_state_dict
+from mochi.weights.quantize import is_quantized
 
 FORMAT = "mochi-bundle"
 EMBEDDED = "mochi-tiny.safetensors"
@@ -98,7 +99,18 @@ def save_bundle(components, path: str | os.PathLike, dtype: torch.dtype | None =
     optionally ``name``. dtype: store floating tensors in this dtype (e.g. float16), except the DiT's fp32
     islands (``AsymmDiT.FP32_PARAMS``), which stay float32.
     """
+    check_bundle_path(path)
     parts = _parts_of(components)
+    for prefix in PARTS:
+        module = parts.get(prefix)
+        quantized = [name for name, m in module.named_modules() if is_quantized(m)] if module else []
+        if quantized:
+            # Their weights are int8, fp8 or ggml blocks under other keys: no bundle loader reads them back.
+            raise ValueError(
+                f"the {prefix} is quantized ({len(quantized)} layers, e.g. {quantized[0]!r}): a bundle "
+                "stores unquantized weights; save the unquantized model (load it again without quantize) "
+                "and quantize when loading the bundle"
+            )
     tokenizer = parts.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str) and not isinstance(tokenizer, ByteTokenizer):
         raise ValueError(f"a bundle stores the byte tokenizer only, got {type(tokenizer).__name__}")
@@ -127,6 +139,19 @@ def save_bundle(components, path: str | os.PathLike, dtype: torch.dtype | None =
         name=parts.get("name") or "custom",
     )
     save_state_dict(tensors, path, {"format": FORMAT, "config": json.dumps(config)})
+
+
+def check_bundle_path(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` can name a bundle file: a ``.safetensors`` name that is not a folder (the
+    loaders recognise a bundle by that suffix)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{str(path)!r} is a folder; give the bundle's file name, e.g. {str(path / 'NAME.safetensors')!r}"
+        )
+    if path.suffix != ".safetensors":
+        name = path.with_suffix(".safetensors") if path.suffix else path.with_name(path.name + ".safetensors")
+        raise ValueError(f"a bundle is a .safetensors file, got {str(path)!r}: name it {str(name)!r}")
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
