@@ -24,6 +24,10 @@ RELEASED_PARAMS = 10_027_677_744
 ISLANDS = 3 * 24 * 64 + 48 * 4 * 128
 
 
+# The embedded model's own size, as `plan` options.
+TINY_SIZE = ["--frames", "25", "--width", "64", "--height", "64"]
+
+
 def test_bytes_per_weight_of_each_quantization():
     assert quantized_linear_bytes("none", 64, 320, torch.bfloat16) == 2 * 64 * 320
     assert quantized_linear_bytes("fp8", 64, 320, torch.bfloat16) == 64 * 320 + 4 * 64  # + fp32 scale per row
@@ -104,19 +108,7 @@ def test_a_miss_only_at_the_decode_names_the_split_and_a_value_that_fits(capsys)
     )
     assert choose(plan(Models(), job, 24 * GB, quants=("none",), reserve=GB, max_memory=499 * 10**6), 24 * GB)
     bundle = str(ROOT / "src" / "mochi" / "assets" / "mochi-tiny.safetensors")
-    args = [
-        "plan",
-        "--model",
-        bundle,
-        "--frames",
-        "25",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quantize",
-        "none",
-    ]
+    args = ["plan", "--model", bundle, *TINY_SIZE, "--quantize", "none"]
     assert main([*args, "--gpu-memory", "1020MB"]) == 0
     out = capsys.readouterr().out
     assert " more" not in out
@@ -136,20 +128,7 @@ def test_plan_command(capsys):
     assert "31 frames at 848x480, DiT batch 2; budget 16.0 GB" in out
     assert "bf16 fp8, offload model" in out and "fastest that fits: bf16 fp8, offload model" in out
     bundle = str(ROOT / "src" / "mochi" / "assets" / "mochi-tiny.safetensors")  # every architecture inside
-    args = [
-        "plan",
-        "--gpu-memory",
-        "8GB",
-        "--model",
-        bundle,
-        "--frames",
-        "25",
-        "--width",
-        "64",
-        "--height",
-        "64",
-    ]
-    assert main(args) == 0
+    assert main(["plan", "--gpu-memory", "8GB", "--model", bundle, *TINY_SIZE]) == 0
     assert "fastest that fits: bf16, offload none (peak 1.0 GB)" in capsys.readouterr().out
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "30"]) == 2
     assert "frames" in capsys.readouterr().err
@@ -212,18 +191,13 @@ def test_memory_auto_chooses_for_a_cuda_budget(monkeypatch):
         auto.choose_setting(c, request, "cuda")
 
 
-def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
-    """--quantize was left out of the plan (it planned full-width weights), and a DiT that kept fp8 had its
-    full-width T5 planned as fp8 too (about 11 GB short for the released T5)."""
+def _planning_on_a_gpu(monkeypatch, components):  # noqa: ANN001, ANN202
+    """``components`` and a request as ``--memory auto`` plans them on an 8 GB GPU; ``seen`` collects the
+    (quants, t5_quant) of every plan it asks for."""
     import mochi.memory.auto as auto
     from mochi.request import GenerationRequest
-    from mochi.weights.fp8 import swap_in_fp8
-    from mochi.weights.quantize import quantize_model
 
-    from .test_pipeline import tiny_components
-
-    c = tiny_components()
-    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
+    request = GenerationRequest("a red circle", seed=1).resolved(components.defaults)
     monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
     monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
     seen = []
@@ -231,13 +205,31 @@ def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
     monkeypatch.setattr(
         auto, "plan", lambda *a, **k: seen.append((k["quants"], k["t5_quant"])) or real_plan(*a, **k)
     )
+    return request, seen, real_plan
+
+
+def _fp8_blocks(dit) -> None:  # noqa: ANN001
+    """The blocks' Linear layers as a checkpoint's kept fp8 layers load."""
+    from mochi.weights.fp8 import swap_in_fp8
+
+    layers = [n for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
+    swap_in_fp8(dit, layers, dict.fromkeys(layers, torch.float8_e4m3fn))
+
+
+def test_memory_auto_plans_the_weights_as_they_will_be(monkeypatch):
+    """--quantize was left out of the plan (it planned full-width weights), and a DiT that kept fp8 had its
+    full-width T5 planned as fp8 too (about 11 GB short for the released T5)."""
+    import mochi.memory.auto as auto
+    from mochi.weights.quantize import quantize_model
+
+    from .test_pipeline import tiny_components
+
+    c = tiny_components()
+    request, seen, real_plan = _planning_on_a_gpu(monkeypatch, c)
     chosen, note = auto.choose_setting(c, request, "cuda", quantize="int8")
     assert seen == [(("int8",), "int8")] and chosen.quant == "int8" and "bf16 int8, offload none" in note
     # As loaded: the DiT's kept fp8 Linears are fp8, the T5 beside it is full width.
-    layers = [
-        n for n, m in c.dit.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
-    ]
-    swap_in_fp8(c.dit, layers, dict.fromkeys(layers, torch.float8_e4m3fn))
+    _fp8_blocks(c.dit)
     seen.clear()
     auto.choose_setting(c, request, "cuda")
     assert seen == [(("fp8",), "none")]
@@ -280,24 +272,12 @@ def test_memory_auto_plans_a_dit_stored_quantized_as_stored_under_quantize(monke
     """--quantize q4_0 keeps a checkpoint's fp8 Linears as stored, but --memory auto planned that DiT as q4_0
     (5.8 GB where 10.1 GB is held for the released DiT) and could pick a setting that runs out of memory."""
     import mochi.memory.auto as auto
-    from mochi.request import GenerationRequest
-    from mochi.weights.fp8 import swap_in_fp8
 
     from .test_pipeline import tiny_components
 
     c = tiny_components()
-    layers = [
-        n for n, m in c.dit.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")
-    ]
-    swap_in_fp8(c.dit, layers, dict.fromkeys(layers, torch.float8_e4m3fn))
-    request = GenerationRequest("a red circle", seed=1).resolved(c.defaults)
-    monkeypatch.setattr(auto, "parse_device", lambda d: torch.device("cuda"))
-    monkeypatch.setattr(auto, "available_memory", lambda d: 8 * GB)
-    seen = []
-    real_plan = auto.plan
-    monkeypatch.setattr(
-        auto, "plan", lambda *a, **k: seen.append((k["quants"], k["t5_quant"])) or real_plan(*a, **k)
-    )
+    _fp8_blocks(c.dit)
+    request, seen, _ = _planning_on_a_gpu(monkeypatch, c)
     chosen, note = auto.choose_setting(c, request, "cuda", quantize="q4_0")
     assert (
         seen == [(("fp8",), "q4_0")] and chosen.quant == "fp8" and "bf16 fp8, T5 q4_0, offload none" in note
