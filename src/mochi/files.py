@@ -27,6 +27,21 @@ def not_a_folder(directory: str | os.PathLike) -> str:
     return "is a file, not a folder" if os.path.lexists(directory) else "does not exist"
 
 
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why the folder ``folder`` cannot be made (with its parents) or written in, or None when it can: it
+    "is a file", "cannot be made: '…' is a file" (one on the way), or is not writable. Checked before a
+    command loads a model or starts a run, whose first write would otherwise fail minutes later."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "is a file"
+    above = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    if not above.is_dir():
+        return f"cannot be made: {str(above)!r} is a file"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return "is not writable" if above == folder else f"cannot be made: {str(above)!r} is not writable"
+    return None
+
+
 def check_folder(path: str | os.PathLike) -> Path:
     """The folder ``path`` goes in, which must exist and take new files (ValueError naming both otherwise)."""
     directory = _writable_folder(Path(path))

@@ -214,28 +214,20 @@ def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> N
 
 
 def check_prepare_data(args: argparse.Namespace) -> None:
-    """The videos folder exists and the model paths are usable, before the model loads."""
+    """The videos folder exists, OUT_DIR can be made and the model paths are usable, before loading."""
+    from mochi.files import folder_problem, not_a_folder
     from mochi.weights.components import check_model_paths
 
     if not Path(args.videos).is_dir():
-        from mochi.files import not_a_folder
-
         raise ValueError(f"videos folder {args.videos!r} {not_a_folder(args.videos)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT_DIR {str(out)!r} is a file; give a folder for the prepared clips")
-    # mkdir(parents=True) cannot pass a file on the way: name the file, as the folder would not be made.
-    above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if above is not None:
-        raise ValueError(
-            f"OUT_DIR {str(out)!r} cannot be made: {str(above)!r} is a file; give a folder for the prepared "
-            "clips"
-        )
+    if problem := folder_problem(args.out):
+        raise ValueError(f"OUT_DIR {str(args.out)!r} {problem}; give a folder for the prepared clips")
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
 
 
 def check_train_lora(args: argparse.Namespace) -> None:
-    """The data folder holds clips and the run folder is a folder, before the model loads."""
+    """The data folder holds clips and the run folder can be made, before the model loads."""
+    from mochi.files import folder_problem
     from mochi.weights.components import check_model_paths
 
     data, out = Path(args.data), Path(args.out)
@@ -243,8 +235,8 @@ def check_train_lora(args: argparse.Namespace) -> None:
         raise ValueError(f"data folder {str(data)!r} does not exist; make it with `mochi prepare-data`")
     if not any(data.glob("*.safetensors")):
         raise ValueError(f"data folder {str(data)!r} holds no clips; run `mochi prepare-data` first")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a folder for the run")
+    if problem := folder_problem(out):
+        raise ValueError(f"--out {str(out)!r} {problem}; give a folder for the run")
     if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
         # The run's LoRA files would sit among the clips, and every later run would read them as clips.
         raise ValueError(

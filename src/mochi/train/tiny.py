@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from mochi.files import folder_problem
 from mochi.presets import MODEL_PRESETS, ModelPreset, model_preset
 from mochi.train.train_vae import VAERecipe
 
@@ -33,18 +33,6 @@ def _log_to(path: Path):
             f.write(line + "\n")
 
     return log
-
-
-def _unusable_folder(out: Path) -> str | None:
-    """Why the run folder ``out`` cannot be made (with its parents) or written, or None when it can."""
-    if out.exists() and not out.is_dir():
-        return "is a file; give a folder for the run"
-    above = next(p for p in (out, *out.parents) if p.exists())  # "." or "/" at the latest
-    if not above.is_dir():
-        return f"cannot be made: {str(above)!r} is a file; give a folder for the run"
-    if not os.access(above, os.W_OK | os.X_OK):
-        return "is not writable" if above == out else f"cannot be made: {str(above)!r} is not writable"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in MODEL_PRESETS:
         parser.error(f"--preset {args.preset!r} is unknown; choose one of {', '.join(sorted(MODEL_PRESETS))}")
     preset = model_preset(args.preset)
-    if args.stage != "export":
-        problem = _unusable_folder(args.out)
-        if problem:
-            parser.error(f"--out {str(args.out)!r} {problem}")
+    if args.stage != "export" and (problem := folder_problem(args.out)):
+        parser.error(f"--out {str(args.out)!r} {problem}; give a folder for the run")
     overrides = {
         k: v
         for k, v in (

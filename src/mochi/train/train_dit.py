@@ -40,7 +40,7 @@ from mochi.models.t5 import T5Encoder
 from mochi.models.tokenizer import ByteTokenizer, tokenize_prompts
 from mochi.presets import ModelPreset
 from mochi.train import shapes
-from mochi.train.checkpoint import ema_update, load_checkpoint, save_checkpoint
+from mochi.train.checkpoint import check_resumable, ema_update, load_checkpoint, save_checkpoint
 from mochi.train.train_vae import VAE_CHECKPOINT, contrast_weight, foreground_weights, lr_at, to_pixels
 from mochi.weights.io import read_metadata, read_state_dict, save_state_dict
 
@@ -423,12 +423,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
     step, last = 0, float("nan")
     state = load_checkpoint(out / DIT_CHECKPOINT)
     if state is not None:
-        if state.get("seed", recipe.seed) != recipe.seed:  # checkpoints written before it was kept have none
-            raise ValueError(
-                f"{str(out / DIT_CHECKPOINT)!r} was trained with seed {state['seed']}, but this run asks for "
-                f"seed {recipe.seed}: give --seed {state['seed']} to resume it, or start the other seed in "
-                "another run folder"
-            )
+        check_resumable(state, out / DIT_CHECKPOINT, {"seed": (recipe.seed, "--seed {}")})
         models.load_state_dict(state["model"])
         ema = state["ema"]
         opt.load_state_dict(state["optimizer"])
