@@ -183,14 +183,10 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
 def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> None:  # noqa: ANN001
     """``--max-memory`` holds some decode split of the request's video (the decoder's config from the
     checkpoint's bundle config, else the released decoder's), as the pipeline will check after loading."""
-    import warnings
-
     import torch
 
     from mochi.devices import parse_dtype, size_text
     from mochi.memory.estimate import pipeline_decode_plan
-    from mochi.models.vae import Decoder
-    from mochi.models.vae_plan import choose_plan
     from mochi.request import check_frames
     from mochi.weights.components import decoder_config, model_defaults
 
@@ -199,18 +195,12 @@ def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> N
     shape = (len(request.prompts), check_frames(frames), height // 8, width // 8)
     cfg = decoder_config(args.model, getattr(args, "vae", None))
     dtype = parse_dtype(getattr(args, "vae_dtype", None)) or torch.float32
-    with torch.device("meta"):
-        decoder = Decoder(cfg).to(dtype)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            choose_plan(decoder, shape, max_memory)
-    except ValueError:
-        need = size_text(pipeline_decode_plan(cfg, shape, 0, dtype)[1])
+    plan, need = pipeline_decode_plan(cfg, shape, 0, dtype, max_memory)  # the pipeline's rule, on meta
+    if plan is None:
         raise ValueError(
             f"--max-memory {args.max_memory!r} is too small to decode a {frames}-frame {width}x{height} "
-            f"video: the smallest split needs about {need}; nearest valid: {need}"
-        ) from None
+            f"video: the smallest split needs about {size_text(need)}; nearest valid: {size_text(need)}"
+        )
 
 
 def check_prepare_data(args: argparse.Namespace) -> None:
