@@ -308,7 +308,7 @@ class MochiPipeline:
             hint = (
                 "GenerationRequest([...], ...) for a batch"
                 if isinstance(request, list | tuple)
-                else ("GenerationRequest(prompt, ...)")
+                else "GenerationRequest(prompt, ...)"
             )
             raise TypeError(f"generate takes a GenerationRequest, not {type(request).__name__}; give {hint}")
         with self._running:
@@ -419,7 +419,7 @@ class MochiPipeline:
         if plan is not None:
             parallel = {
                 "ranks": plan.world.size,
-                "sequence": plan.world.size // 2 if plan.guidance else plan.world.size,
+                "sequence": plan.sequence,
                 "guidance": plan.guidance,
                 "weights": plan.weights,
             }

@@ -21,6 +21,12 @@ from mochi.parallel.sequence import check_heads, enable_sequence_parallel
 from mochi.parallel.vae import parallel_decode
 
 
+def sequence_size(world_size: int, guidance: bool) -> int:
+    """The ranks one sequence is split over: all of them, or half under guidance parallelism (cond on one
+    half, uncond on the other)."""
+    return world_size // 2 if guidance else world_size
+
+
 @dataclass
 class PipelineParallel:
     """The pipeline's hooks (``MochiPipeline.parallel``): how to denoise and decode over the ranks."""
@@ -29,6 +35,10 @@ class PipelineParallel:
     weights: str  # "shard" or "replicate", as chosen
     guidance: bool
     groups: object = None  # GuidanceGroups under guidance parallelism
+
+    @property
+    def sequence(self) -> int:
+        return sequence_size(self.world.size, self.guidance)
 
     def denoiser(self, dit):  # noqa: ANN001, ANN201 - the DiT → a denoiser callable
         return GuidanceParallel(dit, self.groups) if self.guidance else dit
@@ -59,7 +69,7 @@ def _check_split(heads: int, world: World, guidance: bool) -> None:
             f"--guidance-parallel needs an even number of ranks, got world size {world.size}; "
             f"nearest valid: {world.size - 1 if world.size > 1 else 2}"
         )
-    check_heads(heads, world.size // 2 if guidance else world.size)
+    check_heads(heads, sequence_size(world.size, guidance))
 
 
 def _read_dit_in_shards(  # noqa: ANN202
@@ -165,7 +175,7 @@ def parallelize(pipe, world: World, weights: str = "auto", guidance: bool = Fals
     """
     c = pipe.components
     _check_split(c.dit.config.num_heads, world, guidance)
-    sp_size = world.size // 2 if guidance else world.size
+    sp_size = sequence_size(world.size, guidance)
     if pipe.offload:
         raise ValueError("offload cannot be combined with a torchrun launch; drop --offload")
     mode = agreed_weights(weights, [c.dit, c.text_encoder], world)
