@@ -156,11 +156,11 @@ class RequestGuard:
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
-        refusal, receive = await self._check(scope, receive)
+        served = served_methods(scope)  # once per request: it matches the path against every route
+        refusal, receive = await self._check(scope, receive, served)
         if refusal is not None:
             await reply(send_secured, *refusal)
             return
-        served = served_methods(scope)
         if served is not None and scope["method"] == "OPTIONS" and "OPTIONS" not in served:
             head = {"type": "http.response.start", "status": 204, "headers": allow_header(served)}
             await send_secured(head)
@@ -170,14 +170,15 @@ class RequestGuard:
         else:
             await self.app(scope, receive, send_secured)
 
-    async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple | None, Receive]:
+    async def _check(
+        self, scope: Scope, receive: Receive, served: set[str] | None
+    ) -> tuple[tuple | None, Receive]:
         headers = dict(scope["headers"])
         method = scope["method"].upper()
         if self.token is None and (why := host_refusal(headers)) is not None:
             return (400, why), receive
         if method not in SAFE_METHODS and self.token is not None and not bearer_ok(headers, self.token):
             return (401, "missing or wrong bearer token", AUTH_CHALLENGE), receive
-        served = served_methods(scope)
         if served is not None and method not in allowed_methods(served):
             allow = allow_header(served)
             why = f"{method[:20]} is not served at {scope['path'][:100]}; it takes {allow[0][1].decode()}"

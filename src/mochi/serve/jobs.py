@@ -42,7 +42,7 @@ from mochi.request import GenerationRequest
 from mochi.serve import history as sidecars
 from mochi.serve import preview
 from mochi.serve.limits import check_work, default_caps
-from mochi.serve.redact import redact_paths
+from mochi.serve.redact import last_component, redact_paths
 
 log = logging.getLogger("mochi.serve")
 
@@ -409,7 +409,7 @@ class JobManager:
             sidecar.update({k: v for k, v in record(result).items() if k not in sidecar})
         source = sidecar.get("cache_coefficients")
         if isinstance(source, str) and re.search(r"[/\\]", source):  # a file: clients get the video's copy
-            sidecar["cache_coefficients"] = "…/" + re.split(r"[/\\]", source.rstrip("/\\"))[-1]
+            sidecar["cache_coefficients"] = last_component(source)
         sidecar.update(created=job.created, started=job.started, finished=time.time())
         sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first

@@ -13,13 +13,10 @@ _QUOTED_PATH = re.compile(r"""(?P<q>['"])(?P<path>(?:/[^'"/]+){2,}/?|[A-Za-z]:\\
 def redact_paths(message: str) -> str:
     """``message`` with each absolute path replaced by its last component: a job's error reaches every
     client, and the server's directory layout (home folder, user name, mounts) is none of their business."""
+    quoted = _QUOTED_PATH.sub(lambda m: f"{m['q']}{last_component(m['path'])}{m['q']}", message)
+    return _ABSOLUTE_PATH.sub(lambda m: last_component(m.group(0)), quoted)
 
-    def last(match: re.Match) -> str:
-        parts = re.split(r"[/\\]", match.group(0).rstrip("/\\"))
-        return f"…/{parts[-1]}"
 
-    def quoted(match: re.Match) -> str:
-        parts = re.split(r"[/\\]", match["path"].rstrip("/\\"))
-        return f"{match['q']}…/{parts[-1]}{match['q']}"
-
-    return _ABSOLUTE_PATH.sub(last, _QUOTED_PATH.sub(quoted, message))
+def last_component(path: str) -> str:
+    """``…/NAME`` for a path, POSIX or Windows: what a client may see of a file on the server."""
+    return "…/" + re.split(r"[/\\]", path.rstrip("/\\"))[-1]
