@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from mochi.files import partial_name, sweep_once
 from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
+from mochi.video import MAX_FRAME_PIXELS, display_size, open_video
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
 # What the uploads folder may hold, kept uploads and those arriving together: uploads stay until deleted,
@@ -30,9 +31,10 @@ MAX_UPLOAD = 512 * 1024 * 1024  # bytes
 MAX_UPLOADS = 64
 MAX_UPLOADS_BYTES = 8 * MAX_UPLOAD
 UPLOAD_TYPES = ("video/", "application/octet-stream")
-# The largest frame an upload may have: 8K UHD. Frames are fitted to the output size as they are decoded,
-# but one decoded frame still lies in memory whole (7680×4320: 100 MB as uint8, 400 MB while resized).
-MAX_UPLOAD_PIXELS = 7680 * 4320
+# The largest frame an upload may have: 8K UHD, the most any video is decoded at. Frames are fitted to the
+# output size as they are decoded, but one decoded frame still lies in memory whole (7680×4320: 100 MB as
+# uint8, 400 MB while resized).
+MAX_UPLOAD_PIXELS = MAX_FRAME_PIXELS
 # What ``guards.RequestGuard`` lets through to this route before the body is read: media types ("video/"
 # takes any video type; none of them is a type a cross-site form may send without a preflight).
 GUARD_RULE = {"/api/uploads": (UPLOAD_TYPES, MAX_UPLOAD)}
@@ -154,7 +156,6 @@ def probe(path: Path) -> dict:
     import av
 
     from mochi.serve.api import LIMITS
-    from mochi.video import open_video
 
     packets, frames, first, damaged, declared = 0, 0, None, False, (0, 0)
     try:
@@ -188,8 +189,6 @@ def probe(path: Path) -> dict:
             "the upload is not a video that can be decoded (mp4, webm, mov, ...), or its frames are larger "
             f"than {MAX_UPLOAD_PIXELS:,} pixels (7680x4320)",
         )
-    from mochi.video import display_size
-
     height, width = display_size(first)  # as players show it (a phone's portrait clip is turned)
     frames = frames if damaged or frames < LIMITS["frames"] else max(frames, packets)
     return {"frames": frames, "width": width, "height": height, "fps": rate}
@@ -197,8 +196,6 @@ def probe(path: Path) -> dict:
 
 def _check_size(frame) -> None:  # noqa: ANN001 - av.VideoFrame
     """422 for a frame larger than ``MAX_UPLOAD_PIXELS`` (found on the first, before any more decode)."""
-    from mochi.video import display_size
-
     height, width = display_size(frame)
     if width * height > MAX_UPLOAD_PIXELS:
         _refuse_size(width, height)
