@@ -166,16 +166,27 @@ def check_dit_tensors(sd: Mapping[str, torch.Tensor], fmt: str) -> None:
     `load_dit` checks, for code that passes the tensors on without building a model (``mochi convert``)."""
     from mochi.models.dit import AsymmDiT
 
+    with torch.device("meta"):
+        model = AsymmDiT(_inferred(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}), fmt))
+    _check_fits(model, sd, fmt)
+
+
+def _inferred(shapes: Mapping[str, tuple[int, ...]], fmt: str):  # noqa: ANN202 - DiTConfig
+    """``infer_config(shapes)``, its error naming the detected format ``fmt``."""
     try:
-        config = infer_config(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}))
+        return infer_config(shapes)
     except WeightsError as e:
         raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
-    with torch.device("meta"):
-        model = AsymmDiT(config)
-    swap_in_gguf(model, block_kinds(sd))
+
+
+def _check_fits(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], fmt: str) -> None:
+    """Swap ``model``'s layers that ``tensors`` hold as ggml blocks for `GgufLinear` (they stay quantized:
+    dequantized per layer at use), then raise WeightsError unless ``tensors`` are exactly its keys, shapes
+    and floating point where it has floats (integers where weights belong are refused)."""
+    swap_in_gguf(model, block_kinds(tensors))
     expected = model.state_dict()
     dtypes = {k: v.dtype for k, v in expected.items()}
-    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, sd, fmt, dtypes)
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, tensors, fmt, dtypes)
 
 
 def _target_dtype(det: Detected, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -344,28 +355,19 @@ def load_dit_quantized(
     model = quantizer = None
     if quantize is not None and streamable(det):
         if config is None:
-            try:
-                config = infer_config(genmo_shapes(det))
-            except WeightsError as e:
-                raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
+            config = _inferred(genmo_shapes(det), fmt)
         with torch.device("meta"):
             model = AsymmDiT(config)
         what = f"DiT checkpoint (detected format: {fmt})"
         quantizer = AtLoad(model, quantize, lambda key, t: check_finite({key: t}, what))
     sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8, take=quantizer)
     if config is None:
-        try:
-            config = infer_config(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}))
-        except WeightsError as e:
-            raise WeightsError(f"checkpoint (detected format: {fmt}): {e}") from None
+        config = _inferred(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}), fmt)
     if model is None:
         with torch.device("meta"):
             model = AsymmDiT(config)
-    swap_in_gguf(model, block_kinds(sd))  # ggml blocks stay quantized: dequantized per layer at use
     taken = {k: torch.empty(s, device="meta") for k, s in quantizer.shapes().items()} if quantizer else {}
-    expected = model.state_dict()
-    dtypes = {k: v.dtype for k, v in expected.items()}  # integers where weights belong are refused
-    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, {**sd, **taken}, fmt, dtypes)
+    _check_fits(model, {**sd, **taken}, fmt)
     check_finite(sd, f"DiT checkpoint (detected format: {fmt})")
     # What stays quantized is scaled at use: a NaN or infinite scale is as damaged as such a weight.
     stored_scales = {f"{layer}.weight_scale": s for layer, s in scales.items()}
