@@ -20,9 +20,11 @@ from mochi.presets import MODEL_PRESETS, ModelPreset
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, then rename): a crash leaves the old one."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` to ``path`` atomically (temporary file, then rename): a crash leaves the old one.
+    Saved through a file object: torch names the zip's entries after a path it is given, and the temporary's
+    random name made the same state's files differ."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict | None:

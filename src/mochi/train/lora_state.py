@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from mochi.errors import MochiError, one_line
-from mochi.files import atomic_path, remove_stale_partials
+from mochi.files import remove_stale_partials
+from mochi.train.checkpoint import save_checkpoint
 from mochi.weights.io import WeightsError, torch_load
 
 _STATE = re.compile(r"^step-(\d{6,})\.pt$")
@@ -46,10 +47,7 @@ def save_state(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer: d
         "data": data,
         "model": model,
     }
-    # Saved through a file object: torch names the zip's entries after a path it is given, and the
-    # temporary's random name made identical runs' states differ.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+    save_checkpoint(state, path)  # byte-identical for identical runs
     for old in list_states(out)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
