@@ -334,3 +334,43 @@ def test_the_plans_decode_is_the_split_the_pipeline_decodes_with():
         peaks, tile = stage_peaks(models, job, torch.bfloat16, "none", Offload("model"), card * GB)
         assert tile == split.tile and peaks["decode"] == expected
     assert expected < 14 * GB
+
+
+def test_a_checkpoint_kept_as_stored_is_planned_layer_by_layer(tmp_path, capsys):
+    """A GGUF mixing Q4_0 and Q8_0 layers was planned as q8_0 throughout while `quantization_of` named its
+    first layer's type; each kept layer (ggml blocks, fp8 weights and their scales) now counts its own
+    stored bytes, which are the loaded model's bytes block by block."""
+    from mochi.memory.auto import kept_of, quantization_of
+    from mochi.memory.report import _models
+    from mochi.weights.dit import load_dit
+
+    from .dit_checkpoints import state_dict, tiny_model, write_fp8_scaled
+    from .gguf_files import block_layers, write_gguf, write_kijai
+
+    m = tiny_model()
+    sd = state_dict(m)
+    layers = block_layers(sd)
+    mixed = tmp_path / "mixed.gguf"
+    write_gguf(mixed, sd, {k + ".weight": ("Q4_0", "Q8_0")[i % 2] for i, k in enumerate(layers)})
+    q4 = write_kijai(tmp_path / "q4.safetensors", sd, "Q4_0")
+    fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", m, layout="new", all_in_one=False)
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    for path, mode in ((mixed, "q4_0+q8_0"), (q4, "q4_0"), (fp8, "fp8")):
+        models, (stored, _) = _models(str(path))
+        loaded = load_dit(path, dtype=torch.bfloat16)
+        assert stored == mode == quantization_of(loaded), path.name
+        planned = dit_weights(models.dit, torch.bfloat16, "none", models.dit_kept)
+        assert planned.blocks == tuple(size(b) for b in loaded.blocks), path.name
+        assert planned.total == size(loaded), path.name
+        assert kept_of(loaded) == models.dit_kept, path.name  # generate --memory auto's (models_of)
+    q8 = dit_weights(models.dit, torch.bfloat16, "q8_0")  # models: the fp8 file's (the same architecture)
+    mixed_models = _models(str(mixed))[0]
+    assert sum(dit_weights(mixed_models.dit, torch.bfloat16, "none", mixed_models.dit_kept).blocks) < sum(
+        q8.blocks
+    )
+    base = ["plan", "--gpu-memory", "24GB", *TINY_SIZE, "--model", str(mixed), "--quantize", "none"]
+    assert main(base) == 0
+    assert "fastest that fits: bf16 q4_0+q8_0, T5 unquantized, offload none" in capsys.readouterr().out

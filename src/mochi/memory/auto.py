@@ -12,19 +12,36 @@ from mochi.weights.components import Components
 
 
 def models_of(c: Components) -> Models:
-    return Models(c.dit.config, c.text_encoder.config, c.decoder.cfg)
+    return Models(c.dit.config, c.text_encoder.config, c.decoder.cfg, kept_of(c.dit))
+
+
+def kept_of(model: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+    """(layer, bytes of its weight and scale) of each Linear a loaded DiT keeps as stored (ggml blocks, fp8
+    weights), as `mochi.memory.stored.kept_layers` reads them from a checkpoint's headers."""
+    from mochi.weights.fp8 import Fp8Linear
+    from mochi.weights.ggml import GgufLinear
+    from mochi.weights.quantize import Int8Linear
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, GgufLinear) or (isinstance(m, Fp8Linear) and not isinstance(m, Int8Linear)):
+            own = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+            out.append((name, sum(t.numel() * t.element_size() for n, t in own if n != "bias")))
+    return tuple(sorted(out))
 
 
 def quantization_of(model: torch.nn.Module) -> str:
-    """The weight mode a loaded DiT or T5 is in, as the planner names them: "fp8" (fp8 Linears kept),
-    "q8_0"/"q4_0" (ggml blocks kept), "int8" (mochi's or torchao's int8), else "none"."""
+    """The weight mode a loaded DiT or T5 is in, as the planner names them: "q8_0"/"q4_0" (ggml blocks kept;
+    the types joined by "+" when layers differ: "q4_0+q8_0"), "fp8" (fp8 Linears kept), "int8" (mochi's or
+    torchao's int8), else "none"."""
     from mochi.weights.fp8 import Fp8Linear
     from mochi.weights.ggml import GgufLinear
     from mochi.weights.quantize import Int8Linear, is_quantized
 
+    kinds = sorted({m.kind.lower() for m in model.modules() if isinstance(m, GgufLinear)})
+    if kinds:  # every layer's type, not the first met: the plan counts each layer as stored
+        return "+".join(kinds)
     for m in model.modules():
-        if isinstance(m, GgufLinear):
-            return m.kind.lower()
         if isinstance(m, Int8Linear):
             return "int8"
         if isinstance(m, Fp8Linear):

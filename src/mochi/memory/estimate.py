@@ -64,12 +64,17 @@ def _meta_dit(cfg: DiTConfig) -> AsymmDiT:
         return AsymmDiT(cfg)
 
 
-def _module_bytes(module: nn.Module, dtype_of, quant: str, quantizable) -> int:  # noqa: ANN001
+def _module_bytes(module: nn.Module, dtype_of, quant: str, quantizable, kept=None, at: str = "") -> int:  # noqa: ANN001
+    """Bytes of ``module``'s parameters; ``kept``: layer (its name in the model, where ``module`` is named
+    ``at``) → the stored bytes of its weight, which replace the weight's own count."""
     total = 0
     for name, sub in module.named_modules():
+        layer = ".".join(n for n in (at, name) if n)
         for pname, p in sub.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if pname == "weight" and isinstance(sub, nn.Linear) and quantizable(name):
+            if pname == "weight" and kept and layer in kept:
+                total += kept[layer]
+            elif pname == "weight" and isinstance(sub, nn.Linear) and quantizable(name):
                 total += quantized_linear_bytes(quant, *p.shape, dtype_of(full))
             else:
                 total += p.numel() * dtype_of(full).itemsize
@@ -77,8 +82,15 @@ def _module_bytes(module: nn.Module, dtype_of, quant: str, quantizable) -> int: 
 
 
 @functools.lru_cache(maxsize=64)
-def dit_weights(cfg: DiTConfig, dtype: torch.dtype, quant: str = "none") -> Weights:
-    """The DiT's weights in ``dtype`` (fp32 islands fp32), its blocks' Linears quantized by ``quant``."""
+def dit_weights(
+    cfg: DiTConfig, dtype: torch.dtype, quant: str = "none", kept: tuple[tuple[str, int], ...] = ()
+) -> Weights:
+    """The DiT's weights in ``dtype`` (fp32 islands fp32), its blocks' Linears quantized by ``quant``.
+
+    kept: (layer, bytes) of the Linears a checkpoint stores quantized and loading keeps so (a GGUF's ggml
+    blocks, whatever their type, and fp8 weights with their scales: `mochi.memory.stored`); each weight
+    counts its own stored bytes, whatever ``quant``.
+    """
     _check_quant(quant)
     dit = _meta_dit(
         dataclasses.replace(cfg, depth=min(cfg.depth, 2))
@@ -87,10 +99,20 @@ def dit_weights(cfg: DiTConfig, dtype: torch.dtype, quant: str = "none") -> Weig
     def dtype_of(name: str) -> torch.dtype:
         return torch.float32 if AsymmDiT.is_fp32_param(name) else dtype
 
-    first, last = (_module_bytes(b, dtype_of, quant, lambda n: True) for b in (dit.blocks[0], dit.blocks[-1]))
-    blocks = (first,) * (cfg.depth - 1) + (last,)
+    stored = dict(kept)
+
+    def block(i: int) -> int:
+        like = dit.blocks[0] if i < cfg.depth - 1 else dit.blocks[-1]
+        return _module_bytes(like, dtype_of, quant, lambda n: True, stored, f"blocks.{i}")
+
+    if kept:  # layer by layer: kept layers may differ from block to block (Q4_0 here, Q8_0 there)
+        blocks = tuple(block(i) for i in range(cfg.depth))
+    else:
+        blocks = (block(0),) * (cfg.depth - 1) + (block(cfg.depth - 1),)
     rest = sum(
-        _module_bytes(m, dtype_of, quant, lambda n: False) for n, m in dit.named_children() if n != "blocks"
+        _module_bytes(m, dtype_of, quant, lambda n: False, stored, n)
+        for n, m in dit.named_children()
+        if n != "blocks"
     )
     rest += dit.pos_frequencies.numel() * 4
     return Weights(blocks, rest)

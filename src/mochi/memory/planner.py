@@ -48,6 +48,9 @@ class Models:
     dit: DiTConfig = field(default_factory=DiTConfig)
     t5: T5Config = field(default_factory=T5Config)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # (layer, stored bytes) of the DiT's layers held as the checkpoint stores them (`mochi.memory.stored`):
+    # when any are, the DiT's mode is its stored one, and its other layers are full width.
+    dit_kept: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def stage_peaks(
     ``max_memory``: the VAE budget the pipeline decodes within (``--max-memory``; None: its default).
     ``quant`` is both models' (``--quantize`` quantizes both) unless ``t5_quant`` names T5's own (a loaded
     checkpoint whose DiT kept fp8 while its T5 is full width)."""
-    dit = dit_weights(models.dit, dtype, quant)
+    kept = models.dit_kept  # then ``quant`` names the stored mode, and each kept layer counts as stored
+    dit = dit_weights(models.dit, dtype, "none", kept) if kept else dit_weights(models.dit, dtype, quant)
     t5 = t5_weights(models.t5, quant if t5_quant is None else t5_quant)
     vae = decoder_weights(models.decoder, vae_dtype)
     dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)

@@ -27,32 +27,22 @@ def format_table(options: list[Option], budget: int) -> str:
     return "\n".join(rows)
 
 
-def stored_mode(quant: str | None) -> str:
-    """The planner's weight mode of a DiT stored as `Detected.quant` names it, as loading keeps it (--fp8
-    keep, the default): fp8 layouts "fp8", GGUF blocks "q8_0"/"q4_0" (mixed: the wider, q8_0), else "none"."""
-    if quant is None:
-        return "none"
-    if quant.startswith("gguf"):
-        return "q8_0" if "Q8_0" in quant else "q4_0"
-    return "fp8"  # scaled_fp8, comfy_quant, fp8
-
-
-def _models(path: str | None) -> tuple[Models, tuple[str, str]]:
-    """(the architectures in ``path``, (the DiT's, T5's) weight modes as stored; "none": full width)."""
+def _models(path: str | None, fp8: str = "keep") -> tuple[Models, tuple[str, str]]:
+    """(the architectures in ``path``, (the DiT's, T5's) weight modes as loaded with ``--fp8 fp8``;
+    "none": full width)."""
     if path is None:
         return Models(), ("none", "none")
+    from mochi.memory.stored import stored_dit
     from mochi.weights.bundle import is_bundle, load_bundle
-    from mochi.weights.dit import genmo_shapes, infer_config
-    from mochi.weights.formats import detect
 
     if is_bundle(path):  # a mochi bundle is small and names every model's architecture
         from mochi.memory.auto import models_of, quantization_of
 
         c = load_bundle(path)
         return models_of(c), (quantization_of(c.dit), quantization_of(c.text_encoder))
-    det = detect(path)
+    dit = stored_dit(path, fp8=fp8)
     # T5-XXL and the released VAE otherwise; a stored T5 is widened as it is read (mochi.weights.t5).
-    return Models(dit=infer_config(genmo_shapes(det))), (stored_mode(det.quant.get("dit")), "none")
+    return Models(dit=dit.config, dit_kept=dit.kept), (dit.mode, "none")
 
 
 def plan_command(args: argparse.Namespace) -> str:
