@@ -374,3 +374,22 @@ def test_a_checkpoint_kept_as_stored_is_planned_layer_by_layer(tmp_path, capsys)
     base = ["plan", "--gpu-memory", "24GB", *TINY_SIZE, "--model", str(mixed), "--quantize", "none"]
     assert main(base) == 0
     assert "fastest that fits: bf16 q4_0+q8_0, T5 unquantized, offload none" in capsys.readouterr().out
+
+
+def test_plan_fp8_dequantize_plans_the_widened_dit_as_generate_loads_it(tmp_path, capsys):
+    """generate --fp8 dequantize widens an fp8 or GGUF DiT at load (then --quantize applies to it); plan had
+    no such choice and always planned the DiT as stored."""
+    from .dit_checkpoints import state_dict, tiny_model, write_fp8_scaled
+    from .gguf_files import write_kijai
+
+    m = tiny_model()
+    fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", m, layout="new", all_in_one=False)
+    q4 = write_kijai(tmp_path / "q4.safetensors", state_dict(m), "Q4_0")
+    base = ["plan", "--gpu-memory", "24GB", *TINY_SIZE]
+    for path, stored in ((fp8, "fp8"), (q4, "q4_0")):
+        assert main([*base, "--model", str(path), "--quantize", "int8"]) == 0
+        assert f"fastest that fits: bf16 {stored}, T5 int8, offload none" in capsys.readouterr().out
+        assert main([*base, "--model", str(path), "--quantize", "int8", "--fp8", "dequantize"]) == 0
+        assert "fastest that fits: bf16 int8, offload none" in capsys.readouterr().out
+        assert main([*base, "--model", str(path), "--quantize", "none", "--fp8", "dequantize"]) == 0
+        assert "fastest that fits: bf16, offload none" in capsys.readouterr().out

@@ -34,6 +34,13 @@ def _add_plan(sub: Subparsers) -> None:
     p.add_argument(
         "--quantize", choices=("none", "fp8", "int8", "q8_0", "q4_0", "all"), default="all", help="(all)"
     )
+    p.add_argument(
+        "--fp8",
+        choices=("keep", "dequantize"),
+        default="keep",
+        help="a --model stored fp8 or GGUF: plan its DiT kept as stored, as generate loads it (keep), or "
+        "widened to --dtype at load, as generate --fp8 dequantize, then as --quantize (keep)",
+    )
     p.add_argument("--all-blocks", action="store_true", help="list block offload for every resident count")
     p.set_defaults(run=_run_plan)
 

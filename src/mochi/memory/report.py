@@ -69,7 +69,7 @@ def plan_command(args: argparse.Namespace) -> str:
     dtypes = tuple(DTYPES[d] for d in (("bf16", "fp32") if args.dtype == "all" else (args.dtype,)))
     quants = QUANT_MODES if args.quantize == "all" else (args.quantize,)
     job = Job.from_request(args.frames, args.height, args.width, guidance=args.guidance != 1.0)
-    models, stored = _models(args.model)
+    models, stored = _models(args.model, args.fp8)
     options = []
     for dtype in dtypes:
         for quant in quants:  # each model as generate --quantize would hold it (memory.auto.held)
