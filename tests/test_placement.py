@@ -135,3 +135,43 @@ def test_spread_over_two_gpus_equals_one():
     assert {p.device.index for p in dit.blocks[-1].parameters()} == {1}
     assert torch.equal(dit(*inputs), expected)
     spread.remove()
+
+
+def _no_load(*args, **kwargs):  # noqa: ANN202
+    raise AssertionError("the weights were loaded")
+
+
+def test_devices_that_cannot_hold_the_dit_are_refused_before_loading(monkeypatch, capsys):
+    """generate --devices found that the blocks do not fit only once the weights were loaded; the blocks'
+    bytes come from the checkpoint's headers (here the embedded bundle's config), and the message is the
+    one the load would have given."""
+    from mochi.memory.placement import spread_pipeline
+    from mochi.request import GenerationRequest
+
+    # 5MB each: the first device holds the non-block layers, the activations and 1 block, the second 1.
+    with pytest.raises(ValueError) as after_load:
+        spread_pipeline(None, "cpu,cpu", "5MB,5MB", GenerationRequest("a red circle", seed=1), {})
+    assert "blocks 2-3 are left over" in str(after_load.value)
+    monkeypatch.setattr("mochi.weights.components.load_components", _no_load)
+    args = ["generate", "a red circle", "--seed", "1", "--devices", "cpu,cpu"]
+    assert main([*args, "--max-memory", "5MB,5MB"]) == 2
+    assert capsys.readouterr().err.strip() == f"mochi: error: {after_load.value}"
+
+
+def test_gpus_too_small_for_the_dit_are_refused_before_loading(monkeypatch, capsys):
+    """The same on (faked) GPUs, whose budgets are their free memory less the CUDA reserve, in bf16."""
+    from mochi.memory.planner import CUDA_RESERVE
+
+    free = {0: CUDA_RESERVE + 3 * 10**6, 1: CUDA_RESERVE + 3 * 10**6}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[torch.device(d).index], 80 * 10**9))
+    monkeypatch.setattr("mochi.weights.components.load_components", _no_load)
+    args = ["generate", "a red circle", "--seed", "1", "--devices", "cuda:0,cuda:1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the DiT does not fit the devices' budgets (3MB, 3MB): blocks 3-3 are left over" in err
+    free[1] += 10**6  # room for the last block: the check passes, and the weights are loaded
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        main(args)

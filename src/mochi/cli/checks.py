@@ -160,6 +160,8 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
                 "quantized); leave out --lora-merge (the LoRA is then applied unmerged), or add --fp8 "
                 "dequantize"
             )
+    if getattr(args, "devices", None) is not None:  # found once the weights were loaded otherwise
+        check_placement(args, request, devices)
     check_loras(args.lora)
     if max_memory is not None:  # the decode split, found after loading (and the text stage) otherwise
         check_decode_budget(args, request, max_memory)
@@ -178,6 +180,33 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
             request.width or defaults["width"],
         )
     return {"max_memory": max_memory, "init": init}
+
+
+def check_placement(args: argparse.Namespace, request, devices: list) -> None:  # noqa: ANN001
+    """``--devices``: the DiT's blocks fit the devices' budgets, refused with ``place_blocks``' message as
+    ``spread_pipeline`` would refuse them after loading. The blocks' bytes come from the checkpoint's
+    headers or bundle config (`mochi.memory.stored`) as the load will hold them: in the DiT's dtype, layers
+    kept as stored (``--fp8 keep``) at their stored bytes, the others as ``--quantize``."""
+    from mochi.devices import resolve_dit_dtype
+    from mochi.memory.auto import job_of
+    from mochi.memory.estimate import dit_activations, dit_weights
+    from mochi.memory.placement import parse_budgets, place_blocks
+    from mochi.memory.planner import CUDA_RESERVE
+    from mochi.memory.stored import stored_dit
+    from mochi.weights.components import model_defaults
+    from mochi.weights.quantize import device_mode
+
+    try:
+        dit = stored_dit(args.model, getattr(args, "variant", None), getattr(args, "fp8", "keep"))
+    except (ValueError, KeyError, TypeError, OSError):  # unreadable here: the load says why
+        return
+    dtype = resolve_dit_dtype(args.dtype, devices[0])
+    quant = device_mode(args.quantize, devices[0])[0] if getattr(args, "quantize", None) else "none"
+    weights = dit_weights(dit.config, dtype, quant, dit.kept)
+    job = job_of(request.resolved(model_defaults(args.model)))
+    activations = dit_activations(dit.config, job.latent, job.batch, tuple(job.text_tokens), dtype)
+    reserve = CUDA_RESERVE if devices[0].type == "cuda" else 0
+    place_blocks(weights.blocks, parse_budgets(args.max_memory, devices, reserve), weights.rest, activations)
 
 
 def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> None:  # noqa: ANN001
