@@ -314,11 +314,10 @@ def test_an_upload_too_small_to_crop_to_the_output_is_422_at_submission(url, liv
     assert call_json("DELETE", f"{url}/api/uploads/{upload}")[0] == 200
 
 
-def test_a_killed_servers_partial_upload_is_removed_when_the_folder_is_next_used(
-    url, live, tmp_path, monkeypatch
-):
+def test_a_killed_servers_partial_upload_is_removed_when_the_server_starts(pipe, tmp_path, monkeypatch):
     """An upload is written to a temporary named as ``atomic_path`` names them (with the pid), so that what
-    a killed server left (nothing swept ``<id>.partial``; DELETE cannot name it) is removed on next use."""
+    a killed server left (nothing swept ``<id>.partial``; DELETE cannot name it) is removed. It was removed
+    on the first upload after a restart; it is now removed as the server starts."""
     import subprocess
     import sys
 
@@ -327,8 +326,8 @@ def test_a_killed_servers_partial_upload_is_removed_when_the_folder_is_next_used
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    folder = live.jobs.out_dir / "uploads"
-    folder.mkdir(exist_ok=True)
+    folder = tmp_path / "out" / "uploads"
+    folder.mkdir(parents=True)
     stale = folder / f".AAAAAAAAAAAAAAAA.{gone.pid}.0a1b.partial"
     stale.write_bytes(b"\0" * 100)
     mine = folder / f".BBBBBBBBBBBBBBBB.{os.getpid()}.0a1b.partial"  # a live process's: kept
@@ -337,13 +336,15 @@ def test_a_killed_servers_partial_upload_is_removed_when_the_folder_is_next_used
     seen = []
     real_probe = uploads.probe
     monkeypatch.setattr(uploads, "probe", lambda path: seen.append(path) or real_probe(path))
-    data = write_video(torch.zeros((2, 32, 32, 3), dtype=torch.uint8), tmp_path / "v.mp4").read_bytes()
-    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mp4")
-    assert status == 201, reply
-    assert not stale.exists() and mine.exists()
-    assert files._PARTIAL.match(seen[0].name) and f".{os.getpid()}." in seen[0].name
-    mine.unlink()
-    assert call_json("DELETE", f"{url}/api/uploads/{json.loads(reply)['id']}")[0] == 200
+    with LiveServer(pipe, tmp_path / "out") as server:
+        assert not stale.exists() and mine.exists()  # before any upload
+        data = write_video(torch.zeros((2, 32, 32, 3), dtype=torch.uint8), tmp_path / "v.mp4").read_bytes()
+        status, _, reply = call("POST", f"{server.url}/api/uploads", raw=data, content_type="video/mp4")
+        assert status == 201, reply
+        assert files._PARTIAL.match(seen[0].name) and f".{os.getpid()}." in seen[0].name
+        assert mine.exists()  # this process is alive: never its temporary
+        mine.unlink()
+        assert call_json("DELETE", f"{server.url}/api/uploads/{json.loads(reply)['id']}")[0] == 200
 
 
 def test_an_upload_with_a_damaged_frame_counts_the_frames_that_decode(url, live, tmp_path):

@@ -68,6 +68,10 @@ def _full(count: int, size: int) -> HTTPException:
 
 
 def add_routes(app: Any, jobs: Any, auth: list) -> None:
+    # An upload cut short by a killed server left its temporary: named with the pid, it is removed as the
+    # server starts, that process being gone (an id's name never starts with a dot, so no upload is
+    # touched); it held the space the uploads are counted against until the first upload otherwise.
+    sweep_once(upload_dir(jobs.out_dir))
     arriving = {"count": 0, "bytes": 0}  # uploads being received now (one event loop: no lock needed)
 
     @app.post(
@@ -90,9 +94,6 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
             )
         folder = upload_dir(jobs.out_dir)
         folder.mkdir(exist_ok=True)
-        # An upload cut short by a killed server left its temporary: named with the pid, it is removed here
-        # once the process is gone (an id's name never starts with a dot, so no upload is touched).
-        sweep_once(folder)
         kept, kept_bytes = _kept(folder)
         if kept + arriving["count"] >= MAX_UPLOADS:
             raise _full(kept + arriving["count"], kept_bytes + arriving["bytes"])
