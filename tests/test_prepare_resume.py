@@ -79,9 +79,10 @@ def test_cache_of_a_video_gone_or_now_skipped_is_removed(tmp_path, comps):
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({}, "holds no video (.mp4, .mov, .mkv, .webm, .avi, .m4v): it is empty of videos"),
+        ({}, "holds no video (.mp4, .mov, .mkv, .webm, .avi, .m4v, .gif): it is empty of videos"),
         ({"a.txt": "x", "b.txt": "y"}, "it holds 2 caption(s) (a.txt, b.txt) but not their videos"),
-        ({"a.gif": "x"}, "it is empty of videos"),
+        ({"a.ogv": "x"}, "it is empty of videos"),
+        ({"a.mpg": "x", "a.txt": "y"}, "it holds 1 MPEG program stream(s) (a.mpg), which are not read"),
     ],
 )
 def test_a_folder_without_videos_is_an_error_naming_what_it_holds(tmp_path, comps, files, expected):
@@ -355,16 +356,50 @@ def test_a_run_resumes_only_on_its_own_model(tmp_path, comps):
 
 
 def test_captioned_clips_in_other_containers_and_near_miss_captions_are_named(tmp_path, comps):
-    """clip.gif + clip.txt vanished from the run and its report, and c0.mp4 beside c0.TXT was said to lack
+    """clip.ogv + clip.txt vanished from the run and its report, and c0.mp4 beside c0.TXT was said to lack
     c0.txt without naming the file that is there."""
     videos, out = _videos(tmp_path / "v", n=2), tmp_path / "d"
     (videos / "c0.txt").rename(videos / "c0.TXT")
-    shutil.copy(videos / "c1.mp4", videos / "clip.gif")
-    (videos / "clip.txt").write_text("a gif")
+    shutil.copy(videos / "c1.mp4", videos / "clip.ogv")
+    (videos / "clip.txt").write_text("an ogv")
     report = prepare_data(videos, out, comps, **SIZE)
     skipped = dict(report.skipped)
     assert report.encoded == ["c1.mp4"]
     assert skipped["c0.mp4"] == "no caption: c0.txt is missing (c0.TXT is there: name it c0.txt)"
-    assert skipped["clip.gif"].startswith("captioned by clip.txt, but .gif is not a video suffix")
-    assert ".mp4, .mov, .mkv" in skipped["clip.gif"]
-    assert "clip.gif" in (out / "prepare_report.json").read_text()
+    assert skipped["clip.ogv"].startswith("captioned by clip.txt, but .ogv is not a video suffix")
+    assert ".mp4, .mov, .mkv" in skipped["clip.ogv"]
+    assert "clip.ogv" in (out / "prepare_report.json").read_text()
+
+
+def _write(path, video, codec, pix_fmt):  # noqa: ANN001, ANN202 - a container write_video does not make
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], pix_fmt
+        for image in np.asarray(video):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_gif_clips_are_read_and_mpeg_program_streams_are_named_as_not_read(tmp_path, comps):
+    """prepare-data listed a captioned .gif or .mpg as "not a video suffix" and never read it; a gif is now
+    read like any clip, and an .mpg (which PyAV cannot open under mochi's frame-size cap) is named, with
+    the conversion, whether or not it is captioned."""
+    videos, out = tmp_path / "v", tmp_path / "d"
+    videos.mkdir()
+    (cap, clip), (_, other) = shapes.clips(seed=0, n=2, frames=7, height=32, width=32)
+    _write(videos / "clip.gif", clip, "gif", "rgb8")
+    (videos / "clip.txt").write_text(cap)
+    _write(videos / "old.mpg", other, "mpeg1video", "yuv420p")
+    (videos / "old.txt").write_text("an mpeg")
+    _write(videos / "bare.mpeg", other, "mpeg1video", "yuv420p")
+    report = prepare_data(videos, out, comps, **SIZE)
+    assert report.encoded == ["clip.gif"]
+    assert read_metadata(out / "clip.safetensors")["source"] == "clip.gif"
+    skipped = dict(report.skipped)
+    assert set(skipped) == {"old.mpg", "bare.mpeg"}
+    assert skipped["old.mpg"] == (
+        ".mpg (an MPEG program stream) is not read: its decoder cannot be given the frame-size cap before it "
+        "is probed; convert it, e.g. ffmpeg -i old.mpg old.mp4"
+    )

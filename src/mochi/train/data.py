@@ -33,7 +33,10 @@ from mochi.models.tokenizer import truncations
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+# MPEG program streams: PyAV cannot give their decoders options before it probes them, so they cannot be
+# opened with the frame-size cap every video is decoded under (mochi.video.open_video).
+NOT_READ = (".mpg", ".mpeg")
 REPORT_NAME = "prepare_report.json"
 # The tensors of a prepared clip (``prepare_data`` writes them; the dataset and `mochi info` look for them).
 CLIP_TENSORS = frozenset({"mean", "logvar", "text"})
@@ -119,9 +122,10 @@ def _odd_entries(src: Path) -> list[tuple[str, str]]:
             odd.append((p.name, "a broken link" if p.is_symlink() and not p.exists() else "not a file"))
         elif p.is_dir() and any(q.suffix.lower() in VIDEO_SUFFIXES for q in p.iterdir()):
             odd.append((p.name + "/", "a subfolder: only the videos directly in the folder are read"))
-    # A caption whose clip is in a container not read here (clip.gif, clip.mpg): listed, not dropped unseen.
+    odd += [(p.name, _not_read(p)) for p in _mpeg(src)]
+    # A caption whose clip is in a container not read here (clip.ogv): listed, not dropped unseen.
     names = {p.name for p in src.iterdir()}
-    stems = {Path(n).stem for n in names if Path(n).suffix.lower() in VIDEO_SUFFIXES}
+    stems = {Path(n).stem for n in names if Path(n).suffix.lower() in (*VIDEO_SUFFIXES, *NOT_READ)}
     for caption in sorted(n for n in names if Path(n).suffix.lower() == ".txt" and Path(n).stem not in stems):
         stem = Path(caption).stem
         for other in sorted(n for n in names if Path(n).stem == stem and Path(n).suffix.lower() != ".txt"):
@@ -135,6 +139,18 @@ def _odd_entries(src: Path) -> list[tuple[str, str]]:
     return odd
 
 
+def _mpeg(src: Path) -> list[Path]:
+    """The MPEG program streams of ``src`` (``NOT_READ``), which are listed as skipped, captioned or not."""
+    return sorted(p for p in src.iterdir() if p.suffix.lower() in NOT_READ and p.is_file())
+
+
+def _not_read(video: Path) -> str:
+    return (
+        f"{video.suffix} (an MPEG program stream) is not read: its decoder cannot be given the frame-size "
+        f"cap before it is probed; convert it, e.g. ffmpeg -i {video.name} {video.stem}.mp4"
+    )
+
+
 def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
     """The videos of ``src`` and, for each video sharing its stem with another, why it is skipped.
 
@@ -143,8 +159,12 @@ def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
     videos = sorted(p for p in src.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
     if not videos:
         captions = sorted(p.name for p in src.glob("*.txt"))
+        mpeg = [p.name for p in _mpeg(src)]
         held = (
-            f"it holds {len(captions)} caption(s) ({', '.join(captions[:5])}) but not their videos"
+            f"it holds {len(mpeg)} MPEG program stream(s) ({', '.join(mpeg[:5])}), which are not read: "
+            "convert them to .mp4"
+            if mpeg
+            else f"it holds {len(captions)} caption(s) ({', '.join(captions[:5])}) but not their videos"
             if captions
             else "it is empty of videos"
         )
