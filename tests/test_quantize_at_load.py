@@ -134,3 +134,30 @@ def test_fp8_layers_kept_or_widened_with_quantize(model, tmp_path):
     assert done.layers == [] and len(done.kept) == 37
     widened, done = load_dit_quantized(path, "int8", dtype=torch.float32, fp8="dequantize")
     assert len(done.layers) == 37 and done.kept == []  # widened at load, then quantized like the rest
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+@torch.inference_mode()
+def test_t5_fp8_scaled_file_is_quantized_like_a_widened_load(tmp_path, layout):
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled: T5 widens fp8 at load, so --quantize must quantize those weights
+    (they used to stay full width in fp32, with the note "0 Linear layers quantized")."""
+    from mochi.models.t5 import T5_PRESETS, T5Encoder
+    from mochi.weights.io import save_state_dict
+    from mochi.weights.t5 import load_t5, load_t5_quantized
+
+    from .test_t5 import quantize_fp8
+
+    torch.manual_seed(0)
+    t5 = T5Encoder(dataclasses.replace(T5_PRESETS["t5-tiny"], d_model=64, d_ff=256, num_layers=3))
+    t5.initialize_weights()
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_state_dict(quantize_fp8(t5.state_dict(), layout), path)
+    ids = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4]).bool()
+    for mode in ("int8", "q8_0"):
+        after = load_t5(path)
+        done_after = quantize_model(after, mode)
+        got, done = load_t5_quantized(path, mode)
+        assert done.layers == done_after.layers and len(done.layers) == 3 * 7, done.note("t5")
+        assert stored_bytes(got) == stored_bytes(after) < 0.5 * stored_bytes(load_t5(path))
+        assert torch.equal(got(ids, mask), after(ids, mask))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,9 +108,14 @@ def _check_quantization(metadata: dict[str, str]) -> None:
 
 
 def convert_t5_state_dict(
-    state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    take: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Any supported T5 layout → (our keys dequantized to ``dtype``, a name for the detected format)."""
+    """Any supported T5 layout → (our keys dequantized to ``dtype``, a name for the detected format).
+
+    take(key, tensor): offered each tensor (our key, dequantized) as it is made; one it returns True for is
+    the caller's and is left out (quantization at load: `mochi.weights.quantize.AtLoad`)."""
     prefix = _find_prefix(list(state_dict))
     marker = state_dict.get(f"{prefix}scaled_fp8")
     sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -130,7 +136,9 @@ def convert_t5_state_dict(
                 scale.float().reshape(-1, *([1] * (value.dim() - 1))) if scale.numel() > 1 else scale.float()
             )
             value = value.float() * scale
-        out[key] = value.to(dtype) if value.is_floating_point() else value
+        value = value.to(dtype) if value.is_floating_point() else value
+        if take is None or not take(key, value):
+            out[key] = value
     if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
         out["shared.weight"] = out["encoder.embed_tokens.weight"]
     out.pop("encoder.embed_tokens.weight", None)  # HF's tied alias of shared.weight
@@ -218,8 +226,9 @@ def load_t5_quantized(
 ):  # noqa: ANN201 - (T5Encoder, mochi.weights.quantize.Quantized | None)
     """`load_t5` with the encoder blocks' Linear weights quantized to ``quantize`` as they are read (in
     ``dtype``), so that the load holds the quantized encoder plus one layer, not the full-width one (T5-XXL
-    in fp32: 19 GB). Only unquantized safetensors files are read that way, and not in float16 (whose
-    ``wo`` layers widen to fp32 first); others are loaded whole, then quantized.
+    in fp32: 19 GB). Only safetensors files are read that way (ComfyUI's scaled fp8 weights are quantized
+    as they are widened), and not in float16 (whose ``wo`` layers widen to fp32 first); others are loaded
+    whole, then quantized.
     Returns (model, what was quantized, or None when ``quantize`` is None).
     """
     from mochi.finite import check_finite
@@ -254,7 +263,8 @@ def load_t5_quantized(
         v = v if _keep_raw(k, v) else v.to(dtype)
         if not (quantizer is not None and k.startswith(inner) and quantizer(k[len(inner) :], v)):
             raw[k] = v
-    sd, fmt = convert_t5_state_dict(raw, dtype)
+    # fp8 weights are widened here, so those of a scaled file are quantized here, one at a time.
+    sd, fmt = convert_t5_state_dict(raw, dtype, quantizer)
     del raw
     taken = {k: torch.empty(s, device="meta") for k, s in quantizer.shapes().items()} if quantizer else {}
     config = T5Config.from_hf(hf_config) if hf_config is not None else infer_t5_config({**sd, **taken})
