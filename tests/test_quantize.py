@@ -161,6 +161,38 @@ def test_lora_applies_unmerged_to_quantized_layers(embedded, mode):
         apply_lora(dit, layers, merge=True)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_quantizing_after_a_lora_is_applied(embedded, mode):
+    """An unmerged LoRA applied before quantizing stays on (fp8/q8_0/q4_0 replace the layer, which used to
+    drop its hooks silently) and still comes off; a merged or trainable one is refused, nothing changed."""
+    from mochi.models.lora import add_trainable_lora
+
+    g = torch.Generator().manual_seed(3)
+    dit = copy.deepcopy(embedded.dit)
+    layers = {
+        name: LoraLayer(
+            torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g), 8.0
+        )
+        for name, m in target_modules(dit).items()
+    }
+    name, x = "blocks.2.attn.qkv_x", torch.randn(5, 128)
+    first = apply_lora(dit, layers, scale=0.5)
+    quantize_model(dit, mode)
+    got = dit.get_submodule(name)(x)
+    first.remove()
+    base = dit.get_submodule(name)(x)
+    then = apply_lora(dit, layers, scale=0.5)  # the documented order: quantize, then apply
+    assert torch.equal(got, dit.get_submodule(name)(x)) and not torch.equal(got, base)
+    then.remove()
+
+    for add in (lambda m: apply_lora(m, layers, merge=True), lambda m: add_trainable_lora(m)):
+        dit = copy.deepcopy(embedded.dit)
+        add(dit)
+        with pytest.raises(ValueError, match="blocks.0.attn.qkv_x"):
+            quantize_model(dit, mode)
+        assert not any(is_quantized(m) for m in dit.modules())
+
+
 def test_bytes_per_parameter_of_the_released_dit():
     with torch.device("meta"):
         dit = AsymmDiT(DiTConfig())

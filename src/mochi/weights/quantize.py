@@ -220,15 +220,48 @@ def quantize_model(model: nn.Module, mode: str) -> Quantized:
         )
     done: list[str] = []
     kept, skipped = _survey(model, mode)
-    for name in [n for n, m in model.named_modules() if quantizable(n, m, mode)]:
+    names = [n for n, m in model.named_modules() if quantizable(n, m, mode)]
+    for name in names:
+        _check_no_lora(name, model.get_submodule(name))
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        setattr(parent, child, quantize_linear(old, mode))
+        new = quantize_linear(old, mode)
+        if new is not old:  # an unmerged LoRA's hooks go with the layer, as they stay on torchao's (in place)
+            for hooks in _HOOK_DICTS:
+                setattr(new, hooks, getattr(old, hooks))
+        setattr(parent, child, new)
         done.append(name)
     if done:
         _own_host_tensors(model)
     return Quantized(mode, done, kept, skipped)
+
+
+# A module's forward hooks (and the dicts their handles remove them from): moved whole, so that a LoRA
+# applied unmerged before quantizing still comes off with ``LoraHandle.remove``.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _check_no_lora(name: str, layer: nn.Module) -> None:
+    """ValueError for a layer with a LoRA merged into its weight or a trainable LoRA on it: quantizing
+    would bake the first in for good (``remove`` cannot subtract it from quantized weights) and drop the
+    second's parameters."""
+    if hasattr(layer, "_lora_merged"):
+        raise ValueError(
+            f"a LoRA is merged into {name}: quantizing would keep it in the weights for good; take it off "
+            "(LoraHandle.remove) and quantize first, then apply the LoRA unmerged"
+        )
+    if hasattr(layer, "lora_A"):
+        raise ValueError(
+            f"{name} has a trainable LoRA: quantizing would drop it; save it and remove_trainable_lora first"
+        )
 
 
 def _survey(model: nn.Module, mode: str, ours: Iterable[str] = ()) -> tuple[list[str], list[str]]:
