@@ -186,6 +186,23 @@ def test_plain_fp8_file_without_scales(tmp_path, model, x):
     assert torch.equal(kept(*x), load_dit(tmp_path, dtype=torch.float32, fp8="dequantize")(*x))
 
 
+@pytest.mark.parametrize("shape", ["(out,)", "(out, 1)"])
+def test_per_row_scales_load_kept_as_fp8(tmp_path, model, x, shape):
+    """One scale per output row (`split_scales` takes them): kept fp8, the same numbers as dequantized.
+    Fp8Linear's 0-d scale buffer used to refuse them with torch's size-mismatch error."""
+    sd = state_dict(model)
+    for key in linear_weights(model):
+        w = sd[key].float()
+        scale = (w.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
+        sd[key] = (w / scale).to(torch.float8_e4m3fn)
+        sd[key.removesuffix(".weight") + ".weight_scale"] = scale if shape == "(out, 1)" else scale.flatten()
+    save_file(sd, tmp_path / "dit.safetensors")
+    kept = load_dit(tmp_path, dtype=torch.float32)
+    layer = kept.blocks[1].mlp_x.w2
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (layer.out_features, 1)
+    assert torch.equal(kept(*x), load_dit(tmp_path, dtype=torch.float32, fp8="dequantize")(*x))
+
+
 @pytest.mark.parametrize("layout, scale", [("legacy", ".scale_weight"), ("new", ".weight_scale")])
 def test_a_scaled_file_missing_one_scale_is_refused(tmp_path, model, layout, scale):
     """Read at scale 1, the layer came out ~1/scale (about 2000x) too large, silently."""

@@ -153,6 +153,19 @@ class Fp8Linear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # noqa: ANN001 - torch's signature
+        # The scale is one value or one per output row (`split_scales`): the buffer takes the stored shape.
+        scale = state_dict.get(prefix + "weight_scale")
+        if (
+            scale is not None
+            and scale.shape != self.weight_scale.shape
+            and scale.numel() in (1, self.out_features)
+        ):
+            shape = () if scale.numel() == 1 else (self.out_features, 1)
+            self.weight_scale = torch.empty(shape, device=self.weight_scale.device, dtype=torch.float32)
+            state_dict[prefix + "weight_scale"] = scale.reshape(shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
         fp8, scale = self.weight.dtype, self.weight_scale
         super()._apply(fn, recurse)
