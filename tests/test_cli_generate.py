@@ -310,3 +310,25 @@ def test_an_output_whose_suffix_differs_only_in_case_would_share_the_sidecar(tin
     assert json.loads((tmp_path / "clip.json").read_text())["prompt"] == "x"
     # The output itself, written again, is no other video (nor is it on a case-insensitive file system).
     assert main(["generate", "z", "--steps", "1", "--out", str(tmp_path / "clip.mp4")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--frames", "6000001"], "frames=6000001 at 32x32 make 4,000,004 visual tokens"),
+        (["--linear-steps", "30"], "below num_steps=3, got 30; nearest valid: 2"),
+    ],
+)
+def test_a_request_that_breaks_a_rule_at_the_models_defaults_is_refused_before_the_model_loads(
+    tiny, tmp_path, monkeypatch, capsys, argv, message
+):
+    """Left out, the size and steps come from the model: the token limit and the schedule were checked only
+    once the model had loaded (minutes for the released one)."""
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", never)
+    assert main(["generate", "x", *argv, "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

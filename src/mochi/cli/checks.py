@@ -143,6 +143,10 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     else:
         max_memory = parse_max_memory(args.max_memory)
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    # The rules that need the model's defaults (the size limit, the schedule of its step count), which the
+    # pipeline checks again once loaded: without this a --frames or --linear-steps that does not fit was
+    # refused only after minutes of loading.
+    request.resolved(model_defaults(args.model))
     if getattr(args, "offload", None):  # blocks:N beyond the depth, from headers (it was found after loading)
         from mochi.offload import check_resident, parse_offload
         from mochi.weights.components import dit_depth
