@@ -332,3 +332,19 @@ def test_a_request_that_breaks_a_rule_at_the_models_defaults_is_refused_before_t
     assert main(["generate", "x", *argv, "--out", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_one_line_before_the_model_loads(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    """Python reads such argv bytes as lone surrogates; the tokenizer failed on them after loading."""
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", never)
+    assert main(["generate", "caf\udce9", "--out", str(tmp_path / "o.mp4")]) == 2
+    assert capsys.readouterr().err == (
+        "mochi: error: PROMPT: character '\\udce9' at position 3 is a lone surrogate, not text "
+        "(bytes that are not UTF-8?); write the prompt in UTF-8 or remove it\n"
+    )

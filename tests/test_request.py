@@ -249,3 +249,21 @@ def test_generate_takes_a_request_and_one_at_a_time():
     for t in threads:
         t.join()
     assert overlap == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"prompt": "a \udcff cat"}, "prompt: character '\\udcff' at position 2"),
+        ({"prompt": ["a", "\ud800"]}, "prompt[1]: character '\\ud800' at position 0"),
+        (
+            {"prompt": "a", "negative_prompt": "blur\udce9"},
+            "negative_prompt: character '\\udce9' at position 4",
+        ),
+    ],
+)
+def test_a_prompt_that_is_not_text_is_refused_naming_the_character(fields, name):
+    """A lone surrogate (a shell argument's bytes that are not UTF-8) failed in the tokenizer's encode,
+    after the model had loaded, as "'utf-8' codec can't encode characters"."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} is a lone surrogate, not text"):
+        GenerationRequest(**fields, seed=1).validate()

@@ -60,6 +60,19 @@ def check_prompt(text: str, name: str = "prompt") -> str:
     if not text.strip():
         state = "empty" if not text else "blank (only whitespace)"
         raise ValueError(f"{name}: is {state}; describe what the video shows")
+    return check_utf8(text, name)
+
+
+def check_utf8(text: str, name: str = "prompt") -> str:
+    """A text the tokenizer can read: no lone surrogate (what Python makes of command-line bytes that are
+    not UTF-8), which failed in the tokenizer's UTF-8 encode, after the model had loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name}: character {e.object[e.start]!r} at position {e.start} is a lone surrogate, not text "
+            "(bytes that are not UTF-8?); write the prompt in UTF-8 or remove it"
+        ) from None
     return text
 
 
@@ -273,6 +286,9 @@ class GenerationRequest:
         for p in [*prompts, self.negative_prompt]:
             if not isinstance(p, str):
                 raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+        for i, p in enumerate(prompts):
+            check_utf8(p, "prompt" if isinstance(self.prompt, str) else f"prompt[{i}]")
+        check_utf8(self.negative_prompt, "negative_prompt")
         self._check_types()
         if self.sigmas is not None:
             from mochi.sampling.schedules import validate_sigmas
