@@ -348,3 +348,13 @@ def test_a_prompt_of_bytes_that_are_not_utf8_is_one_line_before_the_model_loads(
         "mochi: error: PROMPT: character '\\udce9' at position 3 is a lone surrogate, not text "
         "(bytes that are not UTF-8?); write the prompt in UTF-8 or remove it\n"
     )
+
+
+def test_a_truncated_negative_prompt_is_named_so(tiny, tmp_path, capsys):
+    """The negative prompt is encoded as the row after the prompts: its warning said "prompt 1" of a request
+    with one prompt."""
+    out = tmp_path / "neg.mp4"
+    argv = ["generate", "x", "--negative-prompt", "blurry " * 50, "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokens long" in line]
+    assert line.startswith("mochi: warning: negative prompt is 351 tokens long (with the end token)")

@@ -184,11 +184,14 @@ class MochiPipeline:
 
     # -- stages -------------------------------------------------------------------------------------------
 
-    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (B, 256, D) float32 and mask (B, 256) bool on the pipeline device."""
+    def encode_text(
+        self, prompts: list[str], names: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, 256, D) float32 and mask (B, 256) bool on the pipeline device; ``names`` name the
+        prompts in a truncation warning (default "prompt {row}")."""
         c = self.components
         with offloaded(c.text_encoder, self.device, self.offload_mode):
-            feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder)
+            feats, mask = encode_prompts(prompts, c.tokenizer, c.text_encoder, names=names)
         return feats.to(self.device), mask.to(self.device)
 
     @property
@@ -343,7 +346,8 @@ class MochiPipeline:
         self._check_before_sampling(req, batch)
         guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))
         texts = prompts + ([req.negative_prompt] if guided else [])
-        feats, mask = self.encode_text(texts)
+        # The negative prompt is the last row: a warning called it "prompt 1" of a one-prompt request.
+        feats, mask = self.encode_text(texts, [f"prompt {i}" for i in range(batch)] + ["negative prompt"])
         cond = feats[:batch], mask[:batch]
         null = (feats[batch:], mask[batch:]) if guided else None
         report("text", 1, 1)

@@ -10,7 +10,11 @@ from mochi.models.tokenizer import Tokenizer, tokenize_prompts
 
 @torch.no_grad()
 def encode_prompts(
-    prompts: list[str], tokenizer: Tokenizer, encoder: T5Encoder, max_length: int = 256
+    prompts: list[str],
+    tokenizer: Tokenizer,
+    encoder: T5Encoder,
+    max_length: int = 256,
+    names: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (B, max_length, d_model) float32 and mask (B, max_length) bool, on the encoder's device.
 
@@ -21,7 +25,7 @@ def encode_prompts(
     CFG modes for an empty negative prompt. Diffusers by default encodes "" as one end token instead
     (diffusers-mochi.md §4.5, §7b).
     """
-    ids, mask = tokenize_prompts(prompts, tokenizer, max_length)
+    ids, mask = tokenize_prompts(prompts, tokenizer, max_length, names)
     device = encoder.shared.weight.device
     ids, mask = ids.to(device), mask.to(device)
     features = torch.zeros(

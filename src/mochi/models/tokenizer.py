@@ -136,12 +136,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def tokenize_prompts(
-    prompts: list[str], tokenizer: Tokenizer, max_length: int = 256
+    prompts: list[str], tokenizer: Tokenizer, max_length: int = 256, names: list[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids (B, max_length) int64 and mask (B, max_length) bool, right-padded, end token appended.
 
     A prompt longer than ``max_length − 1`` tokens keeps its first ``max_length − 1`` and the end token (HF's
-    ``truncation=True``), with a ``PromptTruncatedWarning`` saying how many were dropped. The empty string
+    ``truncation=True``), with a ``PromptTruncatedWarning`` saying how many were dropped and naming the prompt
+    (``names[row]``, default "prompt {row}"). The empty string
     gets no tokens at all: pad ids and an all-False mask (Genmo, genmo-mochi.md §3.5). Diffusers instead
     gives it one valid end token unless ``force_zeros_for_empty_prompt`` is set (diffusers-mochi.md §4.5).
     """
@@ -159,8 +160,9 @@ def tokenize_prompts(
         tokens = tokenizer.encode(prompt)
         if len(tokens) > max_length - 1:
             dropped = len(tokens) - (max_length - 1)
+            name = names[row] if names else f"prompt {row}"
             warnings.warn(
-                f"prompt {row} is {len(tokens) + 1} tokens long (with the end token) but the text encoder "
+                f"{name} is {len(tokens) + 1} tokens long (with the end token) but the text encoder "
                 f"takes {max_length}: the last {dropped} tokens were dropped (prompt starts {prompt[:40]!r})",
                 PromptTruncatedWarning,
                 stacklevel=2,
