@@ -7,6 +7,7 @@ from mochi.request import (
     GenerationRequest,
     check_frames,
     check_multiple,
+    check_seed,
     check_size,
     nearest_frame_counts,
     visual_tokens,
@@ -267,3 +268,12 @@ def test_a_prompt_that_is_not_text_is_refused_naming_the_character(fields, name)
     after the model had loaded, as "'utf-8' codec can't encode characters"."""
     with pytest.raises(ValueError, match=rf"^{re.escape(name)} is a lone surrogate, not text"):
         GenerationRequest(**fields, seed=1).validate()
+
+
+@pytest.mark.parametrize(("seed", "nearest"), [(-1, 0), (2**63, 2**63 - 1), (2**64, 2**63 - 1)])
+def test_a_seed_out_of_range_names_the_nearest(seed, nearest):
+    with pytest.raises(
+        ValueError, match=rf"^seed={seed} must be in \[0, 2\*\*63-1\]; nearest valid: {nearest}$"
+    ):
+        check_seed(seed)
+    assert check_seed(0) == 0 and check_seed(2**63 - 1) == 2**63 - 1

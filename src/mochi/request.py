@@ -50,7 +50,8 @@ def check_frames(frames: int, name: str = "frames") -> int:
 def check_seed(seed: int) -> int:
     """A seed is in [0, 2**63-1] (what torch's generators and an int64 broadcast take)."""
     if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} must be in [0, 2**63-1]")
+        nearest = 0 if seed < 0 else MAX_SEED
+        raise ValueError(f"seed={seed} must be in [0, 2**63-1]; nearest valid: {nearest}")
     return seed
 
 
