@@ -1,3 +1,4 @@
+import re
 from fractions import Fraction
 
 import pytest
@@ -88,3 +89,28 @@ def test_truncate_schedule():
     assert truncate_schedule(sigmas, 1.0) == sigmas
     with pytest.raises(ValueError, match=r"start_sigma must lie in \(0.0, 1.0\]"):
         truncate_schedule(sigmas, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "nearest"),
+    [((24, 0.9, None), "threshold_noise=0.676 or linear_steps=20"), ((80, 0.025, 1), "or linear_steps=2")],
+)
+def test_a_threshold_or_linear_steps_that_make_no_schedule_name_the_nearest_that_do(args, nearest):
+    """A large threshold_noise (or few linear steps) makes the quadratic part rise past 1 − σ = 1 before it
+    ends there; the error named the σ out of range and no valid choice."""
+    with pytest.raises(ValueError, match=rf"does not fall steadily to 0; nearest valid: .*{nearest}$"):
+        linear_quadratic_schedule(*args)
+
+
+def test_the_nearest_valid_threshold_and_linear_steps_named_make_schedules():
+    for n in (2, 3, 5, 24, 64, 101):
+        for lin in {1, n // 2, n - 1} - {0, n}:
+            for tau in (0.3, 0.6, 0.9, 0.99):
+                try:
+                    linear_quadratic_schedule(n, tau, lin)
+                except ValueError as e:
+                    found = re.search(r"threshold_noise=([\d.e-]+) or linear_steps=(\d+)$", str(e))
+                    threshold, steps = float(found[1]), int(found[2])
+                    assert threshold < tau and steps != lin
+                    linear_quadratic_schedule(n, threshold, lin)
+                    linear_quadratic_schedule(n, tau, steps)

@@ -41,6 +41,17 @@ def linear_quadratic_schedule(
             f"nearest valid: {nearest} (default num_steps // 2 = {num_steps // 2})"
         )
     n, tau, lin = num_steps, threshold_noise, linear_steps
+    try:
+        return validate_sigmas(_schedule(n, tau, lin))
+    except ValueError as e:
+        raise ValueError(
+            f"{e}: the quadratic part does not fall steadily to 0; nearest valid: threshold_noise="
+            f"{_largest_threshold(n, lin, tau):g} or linear_steps={_nearest_linear_steps(n, tau, lin)}"
+        ) from None
+
+
+def _schedule(n: int, tau: float, lin: int) -> list[float]:
+    """The ``n + 1`` sigmas, unchecked, in Genmo's arithmetic and order."""
     linear = [i * tau / lin for i in range(lin)]
     step_diff = lin - tau * n
     quad_steps = n - lin
@@ -48,8 +59,41 @@ def linear_quadratic_schedule(
     lin_coef = tau / lin - 2 * step_diff / (quad_steps**2)
     const = quad_coef * (lin**2)
     quadratic = [quad_coef * (i**2) + lin_coef * i + const for i in range(lin, n)]
-    sigmas = [1.0 - s for s in [*linear, *quadratic, 1.0]]
-    return validate_sigmas(sigmas)
+    return [1.0 - s for s in [*linear, *quadratic, 1.0]]
+
+
+def _rises(n: int, tau: float, lin: int) -> bool:
+    """Whether the schedule's 1 − σ rises at every step, in exact arithmetic: the quadratic's smallest
+    step, its last, a·(2n − 1) + b, is positive, i.e. τ·Q² + (L − τ·n)·(2Q − 1) > 0 with Q = n − L."""
+    q = n - lin
+    return tau * q * q + (lin - tau * n) * (2 * q - 1) > 0
+
+
+def _valid(n: int, tau: float, lin: int) -> bool:
+    try:
+        validate_sigmas(_schedule(n, tau, lin))
+    except ValueError:
+        return False
+    return True
+
+
+def _largest_threshold(n: int, lin: int, tau: float) -> float:
+    """The largest threshold_noise below ``tau``, to 3 significant digits, that makes a schedule."""
+    q = n - lin
+    bound = min(tau, lin * (2 * q - 1) / (n * (2 * q - 1) - q * q))  # where _rises turns false
+    unit = 10.0 ** (math.floor(math.log10(bound)) - 2)
+    candidate = math.floor(bound / unit) * unit
+    while candidate > unit and not _valid(n, float(f"{candidate:.3g}"), lin):  # rounding at the bound
+        candidate -= unit
+    return float(f"{candidate:.3g}")
+
+
+def _nearest_linear_steps(n: int, tau: float, lin: int) -> int:
+    """The linear_steps nearest ``lin`` that make a schedule (n − 1 always does)."""
+    for candidate in sorted(range(1, n), key=lambda k: abs(k - lin)):  # the lower first at a tie
+        if _rises(n, tau, candidate) and _valid(n, tau, candidate):
+            return candidate
+    return n - 1
 
 
 def validate_sigmas(sigmas: Sequence[float]) -> list[float]:
