@@ -198,6 +198,7 @@ def test_prompts_list():
         ({"loras": None}, "loras=None must be a list of (path, scale) pairs"),
         ({"batch_cfg": "no"}, "batch_cfg='no' must be True or False"),  # truthy: it ran batched
         ({"init_video": 5}, "init_video=5 must be a video file's path"),
+        ({"init_video": ""}, "init_video='' is empty; give a video file's path, or None"),  # read as "."
         ({"sigmas": "1,0"}, "sigmas='1,0' must be a list of numbers falling to 0.0"),
     ],
 )

@@ -268,6 +268,11 @@ class GenerationRequest:
             raise ValueError(f"batch_cfg={self.batch_cfg!r} must be True or False")
         if self.init_video is not None and not isinstance(self.init_video, str | os.PathLike):
             raise ValueError(f"init_video={self.init_video!r} must be a video file's path (a string)")
+        if self.init_video is not None and not os.fspath(self.init_video).strip():  # read as the folder "."
+            raise ValueError(
+                f"init_video={self.init_video!r} is empty; give a video file's path, or None for "
+                "text-to-video"
+            )
         if self.sigmas is not None and not isinstance(self.sigmas, list | tuple):
             raise ValueError(
                 f"sigmas={self.sigmas!r:.60} must be a list of numbers falling to 0.0, e.g. [1.0, 0.5, 0.0]"
