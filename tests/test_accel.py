@@ -160,6 +160,44 @@ def test_pipeline_cache_stats_and_exactness(pipe):
     assert not torch.equal(tea.latents, plain.latents)
 
 
+@pytest.mark.parametrize("setting", [("none", None), TEA, FB])
+def test_separate_cfg_reports_per_step_as_batched_cfg(pipe, setting):
+    """The sidecar's counts are per step: separate cond and uncond forwards listed each skipped step twice
+    and summed both passes into dit_forwards, so a batch_cfg=False run disagreed with a batched one."""
+    stats = {}
+    for batch_cfg in (True, False):
+        cache, threshold = setting
+        request = GenerationRequest(
+            PROMPT, seed=3, steps=8, cache=cache, cache_threshold=threshold, batch_cfg=batch_cfg
+        )
+        stats[batch_cfg] = pipe.generate(request).stats
+    for s in stats.values():
+        skipped = s["skipped_steps"]
+        assert s["dit_forwards"] + len(skipped) == 8 and len(set(skipped)) == len(skipped)
+        assert not set(skipped) & set(s.get("partly_skipped_steps", []))
+    if setting[0] != "fbcache":  # TeaCache's two streams take the same decisions here, as one batched
+        assert stats[False] == stats[True]
+    else:  # first-block caches of cond and uncond disagree at some steps: those ran, and are named
+        assert stats[False]["partly_skipped_steps"] and not stats[True]["partly_skipped_steps"]
+
+
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_separate_cfg_passes_keep_their_own_cache(kind):
+    """Separate forwards: one cache serving cond and uncond computes what two caches, one per pass, do
+    (the uncond pass never reuses the cond pass's residual, nor the other way round)."""
+    dit, setting = _dit(), CacheSetting(kind, dict([TEA, FB])[kind])
+    shared = StepCache(dit, setting, sigmas=SIGMAS)
+    got = _run(shared, SIGMAS, batch_cfg=False)
+    own = {True: StepCache(dit, setting, sigmas=SIGMAS), False: StepCache(dit, setting, sigmas=SIGMAS)}
+
+    def per_pass(x, sigma, text, mask):  # the uncond pass carries the null text (no tokens)
+        return own[bool(mask.any())](x, sigma, text, mask)
+
+    assert torch.equal(_run(per_pass, SIGMAS, batch_cfg=False), got)
+    assert sorted(shared.stats.calls) == sorted(own[True].stats.calls + own[False].stats.calls)
+    assert own[True].stats.skipped  # some calls reused a residual: the comparison is not vacuous
+
+
 @pytest.mark.parametrize(
     ("cache", "threshold", "message"),
     [

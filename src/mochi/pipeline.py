@@ -469,9 +469,12 @@ class MochiPipeline:
         timer = CallTimer(model, dit if self.compiled else None)
 
         def stats() -> dict:
-            out = {"cache": str(setting), "dit_forwards": len(timer.seconds), "skipped_steps": []}
+            # Counted per step, so that separate cond and uncond forwards (batch_cfg=False) report what a
+            # batched run of the same request does: every step ran its blocks unless the cache skipped them.
+            out = {"cache": str(setting), "dit_forwards": len(sigmas) - 1, "skipped_steps": []}
             if cache is not None:
-                out.update(dit_forwards=cache.stats.forwards, skipped_steps=cache.stats.skipped_steps)
+                forwards, skipped, partly = cache.stats.by_step()
+                out.update(dit_forwards=forwards, skipped_steps=skipped, partly_skipped_steps=partly)
             if source is not None:
                 out["cache_coefficients"] = source
             if self.compiled:  # not after a compile failure put the DiT back to eager

@@ -259,14 +259,30 @@ class _Stream:
 
 @dataclass
 class CacheStats:
-    """What one or more trajectories ran: full block passes (a batched CFG forward counts once), calls
-    whose blocks were skipped, the step index of each skipped call, and the calibration trace."""
+    """What one or more trajectories ran, per DiT call: full block passes (a batched CFG forward counts
+    once, separate cond and uncond forwards twice), calls whose blocks were skipped, the step index of each
+    skipped call, (step index, skipped) of every call, and the calibration trace. ``by_step`` counts per
+    step instead, as the sidecar reports it."""
 
     forwards: int = 0
     skipped: int = 0
     skipped_steps: list[int] = field(default_factory=list)
+    calls: list[tuple[int, bool]] = field(default_factory=list)
     # (input change, output change) per call after a stream's first: what ``mochi calibrate-cache`` fits.
     trace: list[tuple[float, float]] = field(default_factory=list)
+
+    def by_step(self) -> tuple[int, list[int], list[int]]:
+        """Per denoising step, whether its cond and uncond ran as one batched forward or as two: how many
+        steps ran the blocks in at least one call, the steps whose every call skipped them, and the steps
+        where one call skipped them and another ran them (separate forwards, one cache each, can disagree).
+        Over one trajectory (a pipeline request) the first count plus the skipped steps is the step count.
+        """
+        skips: dict[int, set[bool]] = {}
+        for step, skipped in self.calls:
+            skips.setdefault(step, set()).add(skipped)
+        skipped = [step for step, seen in skips.items() if seen == {True}]
+        partly = [step for step, seen in skips.items() if len(seen) == 2]
+        return len(skips) - len(skipped), skipped, partly
 
 
 def _distributed() -> bool:
@@ -359,9 +375,10 @@ class StepCache:
         finally:
             self.dit.block_runner = None
         stream.skips = stream.skips + 1 if self._skipped else 0
+        step = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else stream.calls
+        self.stats.calls.append((step, self._skipped))
         if self._skipped:
             self.stats.skipped += 1
-            step = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else stream.calls
             self.stats.skipped_steps.append(step)
         else:
             self.stats.forwards += 1
