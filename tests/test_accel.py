@@ -271,6 +271,18 @@ def test_calibrate_and_the_coefficient_file(pipe, tmp_path):
     assert find_coefficients(None, DiTConfig()) == (list(RELEASED_COEFFICIENTS), "published (TeaCache4Mochi)")
 
 
+def test_calibrate_names_a_truncated_negative_prompt(pipe):
+    """Calibration encodes the negative prompt as the row after the run's prompt: its truncation warning
+    said "prompt 1", and a truncated calibration prompt was named by its row, not by its place in the list."""
+    from mochi.models.tokenizer import PromptTruncatedWarning
+
+    long = "blurry " * 50
+    with pytest.warns(PromptTruncatedWarning) as record:
+        calibrate(pipe, [PROMPT, long], runs=2, steps=4, negative_prompt=long)
+    names = [str(w.message).split(" is ")[0] for w in record]
+    assert names == ["negative prompt", "prompt 1", "negative prompt"]
+
+
 def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys):
     from mochi.cli import main
 

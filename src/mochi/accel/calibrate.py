@@ -222,7 +222,9 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
         req = req.resolved(pipe.components.defaults)
         sigmas = pipe._sigmas(req)
         guided = any(g != 1.0 for g in guidance_schedule(req.guidance, len(sigmas) - 1))
-        feats, mask = pipe.encode_text([req.prompt] + ([req.negative_prompt] if guided else []))
+        texts = [req.prompt] + ([req.negative_prompt] if guided else [])
+        # Named as the pipeline names them: a truncation warning called the negative prompt "prompt 1".
+        feats, mask = pipe.encode_text(texts, [f"prompt {i % len(prompts)}", "negative prompt"])
         shape = (1, 12, check_frames(req.frames), req.height // 8, req.width // 8)
         recorder = StepCache(dit, CacheSetting("teacache", 1.0), sigmas=sigmas, record=True)
         null = (feats[1:], mask[1:]) if guided else None
