@@ -278,3 +278,17 @@ def test_a_seed_out_of_range_names_the_nearest(seed, nearest):
     ):
         check_seed(seed)
     assert check_seed(0) == 0 and check_seed(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize("negative", [" ", "\t\n"])
+def test_a_whitespace_negative_prompt_with_guidance_one_is_refused_as_other_text(negative):
+    """The pipeline encodes a negative prompt of only whitespace as text (tokens; Genmo zeroes only ""), but
+    the guidance-1 rule read it as empty and let it be ignored silently. One rule: any text but "" counts."""
+    blank = f"negative_prompt={negative!r} (only whitespace, which is still encoded as text) needs guidance"
+    with pytest.raises(ValueError, match="^" + re.escape(blank + " other than 1.0 (1.0 runs no")):
+        GenerationRequest("x", negative_prompt=negative, guidance=1.0).validate()
+    steps = [5.0] * 6 + [1.0, 1.0]  # a clip's strength leaves only unguided steps
+    with pytest.raises(ValueError, match="^" + re.escape(blank + " other than 1.0, and the 1 steps")):
+        GenerationRequest("x", negative_prompt=negative, steps=8, strength=0.3, guidance=steps).validate(True)
+    GenerationRequest("x", negative_prompt="", guidance=1.0).validate()  # "" is no negative prompt
+    GenerationRequest("x", negative_prompt=negative, guidance=4.0).validate()

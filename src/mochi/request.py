@@ -64,6 +64,12 @@ def check_prompt(text: str, name: str = "prompt") -> str:
     return check_utf8(text, name)
 
 
+def _negative(text: str) -> str:
+    """How an error names a negative prompt: its start, and for one of only whitespace that it is text."""
+    blank = " (only whitespace, which is still encoded as text)" if not text.strip() else ""
+    return f"negative_prompt={text[:40]!r}{blank}"
+
+
 def check_utf8(text: str, name: str = "prompt") -> str:
     """A text the tokenizer can read: no lone surrogate (what Python makes of command-line bytes that are
     not UTF-8), which failed in the tokenizer's UTF-8 encode, after the model had loaded."""
@@ -216,9 +222,9 @@ class GenerationRequest:
             # The steps a clip's strength leaves are the schedule's last: guidance above it never runs.
             tail = self.guidance[-steps:] if isinstance(self.guidance, list) else self.guidance
             unguided = tail is not None and all(g == 1.0 for g in guidance_schedule(tail, steps))
-            if self.negative_prompt.strip() and unguided:
+            if self.negative_prompt and unguided:
                 raise ValueError(
-                    f"negative_prompt={self.negative_prompt[:40]!r} needs guidance other than 1.0, and the "
+                    f"{_negative(self.negative_prompt)} needs guidance other than 1.0, and the "
                     f"{steps} steps strength={self.strength} leaves all have guidance 1.0; raise their "
                     "guidance or leave negative_prompt out"
                 )
@@ -348,9 +354,11 @@ class GenerationRequest:
                     f"guidance={g} must be in [0, {MAX_GUIDANCE:g}] (1.0 disables guidance; Mochi uses 6); "
                     f"nearest valid: {nearest:g}"
                 )
-        if self.negative_prompt.strip() and self.guidance is not None and all(g == 1.0 for g in guidance):
+        # Any text but "" counts, whitespace included: the pipeline encodes it as given (Genmo zeroes only "",
+        # genmo-mochi.md §3.5), so with guidance it steers the video, and with guidance 1.0 it is ignored.
+        if self.negative_prompt and self.guidance is not None and all(g == 1.0 for g in guidance):
             raise ValueError(
-                f"negative_prompt={self.negative_prompt[:40]!r} needs guidance other than 1.0 (1.0 runs no "
+                f"{_negative(self.negative_prompt)} needs guidance other than 1.0 (1.0 runs no "
                 "unconditional pass, so it would be ignored); raise guidance or leave negative_prompt out"
             )
         if isinstance(self.guidance, list) and self.steps is not None and len(self.guidance) != self.steps:
