@@ -200,6 +200,10 @@ def test_prompts_list():
         ({"init_video": 5}, "init_video=5 must be a video file's path"),
         ({"init_video": ""}, "init_video='' is empty; give a video file's path, or None"),  # read as "."
         ({"sigmas": "1,0"}, "sigmas='1,0' must be a list of numbers falling to 0.0"),
+        # Each value as strictly as guidance's: float() read "1" and True as numbers.
+        ({"sigmas": ["1", "0"]}, "sigmas[0]='1' must be a number, not str"),
+        ({"sigmas": [True, False]}, "sigmas[0]=True must be a number, not bool"),
+        ({"sigmas": [1.0, "0.5", 0.0]}, "sigmas[1]='0.5' must be a number, not str"),
     ],
 )
 def test_fields_of_the_wrong_type_are_named(fields, message):

@@ -283,6 +283,9 @@ class GenerationRequest:
             raise ValueError(
                 f"sigmas={self.sigmas!r:.60} must be a list of numbers falling to 0.0, e.g. [1.0, 0.5, 0.0]"
             )
+        for i, value in enumerate(self.sigmas or ()):  # as guidance's: float() read "1" and True as numbers
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"sigmas[{i}]={value!r} must be a number, not {type(value).__name__}")
         if not isinstance(self.loras, list | tuple):  # each entry is checked where the LoRAs are read
             raise ValueError(
                 f"loras={self.loras!r:.60} must be a list of (path, scale) pairs, e.g. [('a.safetensors', 1)]"
