@@ -316,7 +316,7 @@ def test_an_output_whose_suffix_differs_only_in_case_would_share_the_sidecar(tin
     ("argv", "message"),
     [
         (["--frames", "6000001"], "frames=6000001 at 32x32 make 4,000,004 visual tokens"),
-        (["--linear-steps", "30"], "below num_steps=3, got 30; nearest valid: 2"),
+        (["--linear-steps", "30"], "linear_steps=30 must be in [1, 2] (below steps=3); nearest valid: 2"),
     ],
 )
 def test_a_request_that_breaks_a_rule_at_the_models_defaults_is_refused_before_the_model_loads(

@@ -79,9 +79,28 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
         ({"steps": 10**20}, r"steps=100000000000000000000 must be in \[1, 10000\] .*; nearest valid: 10000"),
         ({"seed": -1}, r"seed=-1 must be in"),
         # Found here, not as a negative sigma deep in sampling (or a 'start_sigma' the request has not).
+        # One sentence naming the nearest valid settings (it ended "; the default threshold_noise is 0.025").
         (
             {"threshold_noise": 0.7, "steps": 64},
-            r"threshold_noise=0.7 with steps=64 .* make no schedule falling",
+            r"^threshold_noise=0.7 with steps=64 and linear_steps=32 \(the default, steps // 2\) make no "
+            r"schedule falling steadily from 1 to 0; nearest valid: threshold_noise=0.67 or linear_steps=35$",
+        ),
+        (
+            {"threshold_noise": 0.3, "steps": 10, "linear_steps": 1},
+            r"^threshold_noise=0.3 with steps=10 and linear_steps=1 make no schedule falling steadily from 1 "
+            r"to 0; nearest valid: threshold_noise=0.191 or linear_steps=2$",
+        ),
+        (
+            {"steps": 4, "linear_steps": 4},
+            r"^linear_steps=4 must be in \[1, 3\] \(below steps=4\); nearest valid: 3$",
+        ),
+        (
+            {"steps": 5, "linear_steps": 0},
+            r"^linear_steps=0 must be in \[1, 4\] \(below steps=5\); nearest valid: 1$",
+        ),
+        (
+            {"steps": 1, "linear_steps": 2},
+            r"^linear_steps=2 must be left out with steps=1 .*; nearest valid: None$",
         ),
         (
             {"sigmas": [0.5, 0.2, 0.0], "init_video": "c.mp4"},

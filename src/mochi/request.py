@@ -197,18 +197,30 @@ class GenerationRequest:
         in sampling), a clip's ``strength`` leaves it at least one step, and a negative prompt has a guided
         step among those that run: errors naming the fields."""
         from mochi.sampling.sampler import guidance_schedule
-        from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
+        from mochi.sampling.schedules import linear_quadratic_schedule, nearest_settings, truncate_schedule
 
         sigmas = self.sigmas
         if sigmas is None and self.steps is not None:
-            try:
-                linear = None if self.linear_steps is None else int(self.linear_steps)
-                sigmas = linear_quadratic_schedule(int(self.steps), float(self.threshold_noise), linear)
-            except ValueError as e:
+            steps, tau = int(self.steps), float(self.threshold_noise)
+            linear = steps // 2 if self.linear_steps is None else int(self.linear_steps)
+            if steps == 1 and self.linear_steps not in (None, 0):
                 raise ValueError(
-                    f"threshold_noise={self.threshold_noise} with steps={self.steps} and linear_steps="
-                    f"{self.linear_steps} make no schedule falling from 1 to 0 ({e}); the default "
-                    f"threshold_noise is {DEFAULT_THRESHOLD_NOISE}"
+                    f"linear_steps={self.linear_steps} must be left out with steps=1 (one step has no linear "
+                    "part); nearest valid: None"
+                )
+            if steps > 1 and not 1 <= linear < steps:
+                raise ValueError(
+                    f"linear_steps={linear} must be in [1, {steps - 1}] (below steps={steps}); "
+                    f"nearest valid: {min(max(linear, 1), steps - 1)}"
+                )
+            try:
+                sigmas = linear_quadratic_schedule(steps, tau, None if steps == 1 else linear)
+            except ValueError:
+                named = "" if self.linear_steps is not None else " (the default, steps // 2)"
+                raise ValueError(
+                    f"threshold_noise={self.threshold_noise} with steps={steps} and linear_steps={linear}"
+                    f"{named} make no schedule falling steadily from 1 to 0; nearest valid: "
+                    f"{nearest_settings(steps, tau, linear)}"
                 ) from None
         from_clip = self.init_video is not None if video_to_video is None else video_to_video
         if sigmas is not None and from_clip:

@@ -45,9 +45,18 @@ def linear_quadratic_schedule(
         return validate_sigmas(_schedule(n, tau, lin))
     except ValueError as e:
         raise ValueError(
-            f"{e}: the quadratic part does not fall steadily to 0; nearest valid: threshold_noise="
-            f"{_largest_threshold(n, lin, tau):g} or linear_steps={_nearest_linear_steps(n, tau, lin)}"
+            f"{e}: the quadratic part does not fall steadily to 0; nearest valid: "
+            f"{nearest_settings(n, tau, lin)}"
         ) from None
+
+
+def nearest_settings(num_steps: int, threshold_noise: float, linear_steps: int) -> str:
+    """For a ``threshold_noise`` and ``linear_steps`` (in [1, num_steps)) whose quadratic part does not fall
+    steadily to 0: the nearest settings that make a schedule, each changing one of them, as
+    "threshold_noise=0.67 or linear_steps=35"."""
+    n, tau, lin = num_steps, threshold_noise, linear_steps
+    threshold, linear = _largest_threshold(n, lin, tau), _nearest_linear_steps(n, tau, lin)
+    return f"threshold_noise={threshold:g} or linear_steps={linear}"
 
 
 def _schedule(n: int, tau: float, lin: int) -> list[float]:
