@@ -12,9 +12,10 @@ prompt and the empty negative prompt) runs one forward after a warm-up; time is 
 Memory, on CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the forward
 (resident weights, streamed blocks and activations). On the CPU no device memory exists: the figure is
 the peak of live tensors created during the forward (a dispatch mode, ``mochi.memory.trace.LiveBytes``).
-There, our streamer really copies each streamed block (host to host, so that the logic runs as on a
-GPU) and those copies count, while diffusers' onload to the CPU is a no-op that allocates nothing; the
-"activations only" row (both models without offload) isolates what differs besides the copies.
+There neither side copies a block: the CPU holds the host masters, so our streamer runs each block from
+its master (only its bookkeeping runs; ``offloaded(..., copy=True)`` would force host-to-host copies) as
+diffusers' onload to the CPU moves nothing. Both rows are then the activations alone, and the
+"activations only" row (both models without offload) shows it.
 """
 
 from __future__ import annotations
