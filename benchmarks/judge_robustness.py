@@ -1,8 +1,8 @@
 """How often the shapes judge is right on rendered clips, clean and after lossy distortions.
 
-Renders one random clip for every colour, shape (star included), direction and background (256 clips per
-repeat) at 64x64 and 25 frames, distorts it, judges it, and prints the accuracy per field and the shape
-confusion. Distortions: Gaussian blur (sigma in pixels) plus Gaussian noise, and block-average
+Renders one random clip for every colour, shape (star and wedge included), direction and background (320
+clips per repeat) at 64x64 and 25 frames, distorts it, judges it, and prints the accuracy per field and the
+shape confusion. Distortions: Gaussian blur (sigma in pixels) plus Gaussian noise, and block-average
 downsampling by a factor followed by bilinear upsampling (a crude stand-in for a weak VAE).
 
     PYTHONPATH=src python benchmarks/judge_robustness.py [--repeats 1]
