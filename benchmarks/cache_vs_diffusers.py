@@ -283,7 +283,7 @@ def cfg_sharing(args: argparse.Namespace) -> None:
             return from_pixels(decode(c.decoder, out * std + mean)), count[0] - before
 
     print(f"{len(prompts)} prompts, seeds {args.seed}+i, {steps} steps; passes = forwards of the blocks")
-    print(f"{'setting':<16} {'CFG':<22} {'passes':>6} {'rows x passes':>13} {'PSNR dB':>8}")
+    print(f"{'setting':<16} {'CFG':<24} {'passes':>6} {'rows x passes':>13} {'PSNR dB':>8}")
     for batch_cfg in (True, False):
         ref, _ = run(c.dit, batch_cfg)
         for kind, threshold in ((k, float(t)) for k, t in (s.split(":") for s in args.cfg_settings)):
@@ -292,7 +292,8 @@ def cfg_sharing(args: argparse.Namespace) -> None:
             db = statistics.mean(psnr(a, b) for a, b in zip(videos, ref))
             mode = "batched, one decision" if batch_cfg else "separate, one cache each"
             rows = 2 * len(prompts) if batch_cfg else len(prompts)
-            print(f"{kind}:{threshold:<7g} {mode:<22} {passes:6d} {rows * passes:13d} {db:8.2f}", flush=True)
+            setting = f"{kind}:{threshold:g}"
+            print(f"{setting:<16} {mode:<24} {passes:6d} {rows * passes:13d} {db:8.2f}", flush=True)
 
 
 def compile_speed(args: argparse.Namespace) -> None:
