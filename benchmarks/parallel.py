@@ -31,7 +31,7 @@ import torch
 from mochi.models.dit import DIT_PRESETS, AsymmDiT
 
 ROOT = Path(__file__).resolve().parents[1]
-# Latent (frames, height, width) per config: 2·4·4 = 32 and 4·12·16 = 768 tokens after 2×2 patches.
+# Latent (frames, height, width) per config: 3·4·4 = 48 and 7·12·16 = 1344 tokens after 2×2 patches.
 LATENTS = {"tiny": (3, 8, 8), "small": (7, 24, 32)}
 LAUNCHES = (
     ("1 process", 1, "replicate"),
