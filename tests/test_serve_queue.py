@@ -314,6 +314,34 @@ def test_an_upload_too_small_to_crop_to_the_output_is_422_at_submission(url, liv
     assert call_json("DELETE", f"{url}/api/uploads/{upload}")[0] == 200
 
 
+def _mpeg_program_stream(path):  # noqa: ANN001, ANN202 - a container write_video does not make
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mpeg") as container:
+        stream = container.add_stream("mpeg1video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for level in range(0, 180, 20):
+            image = np.full((32, 32, 3), level, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_an_mpeg_program_stream_upload_is_415_naming_the_format_and_the_conversion(url, live, tmp_path):
+    """An .mpg upload was 422 "not a video that can be decoded (mp4, webm, mov, ...), or its frames are larger
+    than 8K": PyAV cannot give an MPEG program stream's decoder the frame-size cap before it probes the file,
+    so ``open_video`` refuses it (as prepare-data does), and the server now says so."""
+    data = _mpeg_program_stream(tmp_path / "clip.mpg").read_bytes()
+    kept = set((live.jobs.out_dir / "uploads").iterdir())
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mpeg")
+    detail = json.loads(reply)["detail"]
+    assert status == 415, reply
+    assert detail.startswith("the upload is an MPEG program stream (.mpg, .mpeg, .vob), which is not read: ")
+    assert "frame-size cap" in detail and detail.endswith("e.g. ffmpeg -i clip.mpg clip.mp4")
+    assert set((live.jobs.out_dir / "uploads").iterdir()) == kept  # nothing kept, no temporary left
+
+
 def test_a_killed_servers_partial_upload_is_removed_when_the_server_starts(pipe, tmp_path, monkeypatch):
     """An upload is written to a temporary named as ``atomic_path`` names them (with the pid), so that what
     a killed server left (nothing swept ``<id>.partial``; DELETE cannot name it) is removed. It was removed

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mochi.video import VideoError, read_video, to_uint8, video_size, write_video
+from mochi.video import UncappedContainer, VideoError, read_video, to_uint8, video_size, write_video
 
 
 def smooth_frames(t=13, h=48, w=64):
@@ -288,3 +288,32 @@ def test_frames_above_the_pixel_cap_are_not_decoded(tmp_path, monkeypatch):
         video_size(path)
     monkeypatch.setattr(video, "MAX_FRAME_PIXELS", 64 * 64)
     assert read_video(path)[0].shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "codec", "kind"),
+    [
+        ("old.mpg", "mpeg", "mpeg1video", "an MPEG program stream (.mpg, .mpeg, .vob)"),
+        ("old.flv", "flv", "flv", "a Flash video (.flv)"),
+    ],
+)
+def test_a_container_without_streams_before_its_probe_is_refused_naming_the_conversion(
+    tmp_path, name, fmt, codec, kind
+):
+    """PyAV's own "stream_options were provided, but this format does not expose its streams ..." came out of
+    read_video as a bare ValueError; it is now a VideoError naming the format and the conversion."""
+    import av
+
+    path = tmp_path / name
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8))))
+        container.mux(stream.encode())
+    with pytest.raises(UncappedContainer) as caught:
+        read_video(path)
+    assert str(caught.value) == (
+        f"{name!r} is {kind}, which is not read: its decoder cannot be given the frame-size cap before it is "
+        f"probed; convert it, e.g. ffmpeg -i {name} old.mp4"
+    )

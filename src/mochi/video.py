@@ -40,10 +40,29 @@ MAX_FRAME_PIXELS = 7680 * 4320
 # Streams given the decoder options while a container is probed (the list is per stream index; an audio
 # stream may come first).
 _PROBED_STREAMS = 16
+# Containers that declare their streams only as the file is probed, by their first bytes: PyAV cannot give
+# their decoders the frame-size cap before the probe decodes a first frame, so ``open_video`` refuses them.
+_UNCAPPED = (
+    (b"\x00\x00\x01\xba", "an MPEG program stream (.mpg, .mpeg, .vob)"),
+    (b"FLV", "a Flash video (.flv)"),
+)
+_LATE_STREAMS = "a container that declares its streams only as it is probed"
 
 
 class VideoError(ValueError):
     """A video file cannot be read, or frames cannot be written as asked."""
+
+
+class UncappedContainer(VideoError):
+    """A container whose streams appear only once probed (``kind`` names it): ``open_video`` refuses it."""
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        name, stem = Path(path).name, Path(path).stem
+        super().__init__(
+            f"{name!r} is {kind}, which is not read: its decoder cannot be given the frame-size cap before "
+            f"it is probed; convert it, e.g. ffmpeg -i {name} {stem}.mp4"
+        )
+        self.kind = kind
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -172,11 +191,24 @@ def open_video(
     path: str | os.PathLike, max_pixels: int | None = None
 ) -> Iterator[av.container.InputContainer]:
     """``av.open`` for reading, with every video stream's decoder refusing frames above ``max_pixels``: while
-    the container probes its streams (which decodes a first frame) and while frames are decoded."""
+    the container probes its streams (which decodes a first frame) and while frames are decoded.
+
+    Raises UncappedContainer for a container whose streams appear only as it is probed (an MPEG program
+    stream, FLV): its decoder cannot be given the cap in time."""
     import av
 
     options = {"max_pixels": str(int(max_pixels or MAX_FRAME_PIXELS))}
-    with av.open(str(path), stream_options=[dict(options) for _ in range(_PROBED_STREAMS)]) as container:
+    try:
+        opened = av.open(str(path), stream_options=[dict(options) for _ in range(_PROBED_STREAMS)])
+    except ValueError as e:
+        if isinstance(e, av.error.FFmpegError):  # FFmpeg's own errors (invalid data, ...) are ValueErrors too
+            raise
+        # PyAV's refusal to open with stream options a container that has no streams before it is probed.
+        with open(path, "rb") as f:
+            head = f.read(4)
+        kind = next((k for magic, k in _UNCAPPED if head.startswith(magic)), _LATE_STREAMS)
+        raise UncappedContainer(path, kind) from None
+    with opened as container:
         for stream in container.streams.video:
             stream.codec_context.options = dict(options)
         yield container

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from mochi.files import partial_name, sweep_once
 from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
-from mochi.video import MAX_FRAME_PIXELS, display_size, open_video
+from mochi.video import MAX_FRAME_PIXELS, UncappedContainer, display_size, open_video
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
 # What the uploads folder may hold, kept uploads and those arriving together: uploads stay until deleted,
@@ -84,9 +84,10 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
     async def upload(request: Request) -> dict:
         """Upload a video (the raw file as the body, ``Content-Type: video/...``) for video-to-video:
         201 with ``{"id", "frames", "width", "height", "fps"}``; give the id as ``init_video`` in
-        ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type, 422 if it is not a video (or
-        its frames are larger than 8K), 507 when the server's disk is full or its uploads fill their space
-        (``MAX_UPLOADS`` files, ``MAX_UPLOADS_BYTES``)."""
+        ``POST /api/jobs``. 413 above 512 MiB, 415 for another content type or a container that cannot be
+        decoded under the frame-size cap (an MPEG program stream: convert it to .mp4), 422 if it is not a
+        video (or its frames are larger than 8K), 507 when the server's disk is full or its uploads fill
+        their space (``MAX_UPLOADS`` files, ``MAX_UPLOADS_BYTES``)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not kind.startswith(UPLOAD_TYPES):
             raise HTTPException(
@@ -150,7 +151,8 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
 
 
 def probe(path: Path) -> dict:
-    """Frame count, size and rate of a video; 422 if it is not one (or its frames are too large). A frame is
+    """Frame count, size and rate of a video; 422 if it is not one (or its frames are too large), 415 for a
+    container ``open_video`` cannot open under the frame-size cap (an MPEG program stream). A frame is
     counted only if it decodes, as ``read_video`` stops at a damaged one: the first ``LIMITS["frames"]``
     frames (all a job may ask for) are decoded one at a time, none kept, and the count ends at the first
     that fails; an undamaged clip longer than that has its packets counted (it is not decoded whole)."""
@@ -180,6 +182,12 @@ def probe(path: Path) -> dict:
                         frames += 1
                 except av.error.FFmpegError:
                     damaged = True
+    except UncappedContainer as e:
+        raise HTTPException(
+            415,
+            f"the upload is {e.kind}, which is not read: its decoder cannot be given the frame-size cap "
+            "before it is probed; convert it to .mp4 first, e.g. ffmpeg -i clip.mpg clip.mp4",
+        ) from None
     except (av.error.FFmpegError, IndexError, ValueError):
         first = None
     if first is None and declared[0] * declared[1] > MAX_UPLOAD_PIXELS:
