@@ -161,3 +161,35 @@ def test_t5_fp8_scaled_file_is_quantized_like_a_widened_load(tmp_path, layout):
         assert done.layers == done_after.layers and len(done.layers) == 3 * 7, done.note("t5")
         assert stored_bytes(got) == stored_bytes(after) < 0.5 * stored_bytes(load_t5(path))
         assert torch.equal(got(ids, mask), after(ids, mask))
+
+
+def test_a_second_pipeline_on_quantized_components_refuses_another_mode_and_says_what_holds(tmp_path):
+    """A pipeline made with quantize="q4_0" on components quantized to int8 as they were read said "dit: 17
+    Linear layers quantized to int8 ..." as if asked for int8, and one made without quantize said None; on
+    components a first pipeline had quantized, q4_0 claimed the int8 layers were "already quantized in the
+    checkpoint". Another mode is now refused, and ``quantization`` says what holds."""
+    from mochi.pipeline import MochiPipeline
+    from mochi.weights.components import load_components
+
+    from .test_components import WORDS, _write_diffusers, _write_tokenizer
+    from .test_pipeline import tiny_components
+
+    _write_diffusers(tmp_path, tiny_components(seed=1))
+    _write_tokenizer(tmp_path / "tokenizer", WORDS)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "MochiPipeline"}')
+    at_load = load_components(str(tmp_path), quantize="int8")
+    after = tiny_components(seed=1)
+    first = MochiPipeline(after, device="cpu", quantize="int8")
+    for c in (at_load, after):
+        held = "; ".join(c.quantized.values())
+        assert held.startswith("dit: 17 Linear layers quantized to int8") and "; t5: 14 Linear" in held
+        with pytest.raises(ValueError) as caught:
+            MochiPipeline(c, device="cpu", quantize="q4_0")
+        assert str(caught.value) == (
+            "quantize='q4_0': these components' dit and t5 are quantized to int8 already, and a weight is "
+            "quantized once; pass quantize='int8' or None, or load the components again to quantize them to "
+            "q4_0"
+        )
+        assert MochiPipeline(c, device="cpu", quantize="int8").quantization == held
+        assert MochiPipeline(c, device="cpu").quantization == held
+    assert first.quantization == "; ".join(after.quantized.values())

@@ -62,7 +62,8 @@ class MochiPipeline:
     decode may use (default: ``mochi.models.vae_plan.DEFAULT_VAE_BUDGET``, so that the split never depends on
     free memory). quantize: "int8", "fp8", "q8_0" or "q4_0" quantizes the DiT's and T5's block Linear weights
     after the dtype cast, before they reach the device (`mochi.weights.quantize`; ``from_pretrained`` does it
-    while reading the checkpoint, layer by layer); ``self.quantization`` then says what was done. compile:
+    while reading the checkpoint, layer by layer); ``self.quantization`` then says what was done, and what
+    holds on components quantized already (another mode is refused: a weight is quantized once). compile:
     regional torch.compile of the DiT (mochi.accel.compile; falls back to eager with one line where no
     compiler works).
 
@@ -119,14 +120,13 @@ class MochiPipeline:
         c.decoder.to(dtype=self.vae_dtype)
         if c.encoder is not None:
             c.encoder.to(dtype=self.vae_dtype)
-        self.quantization: str | None = None
+        # What holds, whether or not this pipeline asked: components quantized at load (from_pretrained) or
+        # by an earlier pipeline are not quantized again, and another mode is refused.
+        self.quantization: str | None = "; ".join(c.quantized.values()) or None
         if quantize is not None:
             from mochi.weights.quantize import quantize_components
 
-            # Models quantized while they were read (from_pretrained) are not quantized again.
-            parts = [(n, m) for n, m in (("dit", c.dit), ("t5", c.text_encoder)) if n not in c.quantized]
-            notes = [*c.quantized.values(), quantize_components(parts, quantize, self.device)]
-            self.quantization = "; ".join(n for n in notes if n)
+            self.quantization = quantize_components(c, quantize, self.device)
         if not self.offload:
             for module in c.modules():
                 module.to(self.device)

@@ -48,8 +48,10 @@ class Components:
     latent_mean: tuple[float, ...] | None = None
     latent_std: tuple[float, ...] | None = None
     source: str | None = None  # the checkpoint path loaded (None: the embedded model)
-    # What quantizing at load did, per component ("dit", "t5"; ``load_components(quantize=…)``).
+    # What quantizing did, per component ("dit", "t5"), at load (``load_components(quantize=…)``) or by a
+    # pipeline (``MochiPipeline(quantize=…)``), and the mode: a weight is quantized once.
     quantized: dict[str, str] = field(default_factory=dict)
+    quantize_mode: str | None = None
 
     def modules(self) -> list[nn.Module]:
         found = [self.text_encoder, self.dit, self.decoder, self.encoder]
@@ -265,4 +267,5 @@ def load_components(
         name=Path(model).name,
         source=str(model),
         quantized=quantized,
+        quantize_mode=quantize if quantized else None,
     )

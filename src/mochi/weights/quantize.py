@@ -359,10 +359,25 @@ def device_mode(
     return mode, None
 
 
-def quantize_components(modules: Iterable[tuple[str, nn.Module]], mode: str, device: torch.device) -> str:
-    """Quantize each (name, module) pair for ``device``; returns one line saying what was done."""
+def quantize_components(components, mode: str, device: torch.device) -> str:  # noqa: ANN001 - Components
+    """Quantize the DiT's and T5's block Linears of ``components`` to ``mode`` for ``device``, in place, and
+    record it in ``components.quantized``/``quantize_mode``; a component quantized already (at load or by
+    an earlier pipeline) is not quantized again. Returns one line saying what holds.
+
+    Raises ValueError when the components are quantized to another mode already.
+    """
+    asked = mode
     mode, note = device_mode(mode, device)
-    notes = [note] if note else []
-    for name, module in modules:
-        notes.append(quantize_model(module, mode).note(name))
-    return "; ".join(notes)
+    held = components.quantize_mode
+    if components.quantized and held != mode:
+        names = " and ".join(components.quantized)
+        raise ValueError(
+            f"quantize={asked!r}: these components' {names} are quantized to {held} already, and a weight is "
+            f"quantized once; pass quantize={held!r} or None, or load the components again to quantize them "
+            f"to {mode}"
+        )
+    for name, module in (("dit", components.dit), ("t5", components.text_encoder)):
+        if name not in components.quantized:
+            components.quantized[name] = quantize_model(module, mode).note(name)
+    components.quantize_mode = mode
+    return "; ".join([*([note] if note else []), *components.quantized.values()])
