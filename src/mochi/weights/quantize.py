@@ -29,6 +29,7 @@ LoRA applies to quantized layers unmerged (forward hooks on the Linear); merging
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -62,15 +63,18 @@ def check_mode(mode: str) -> str:
 def bytes_per_param(mode: str | None, dtype: torch.dtype = torch.bfloat16, in_features: int = 3072) -> float:
     """Bytes one weight of a quantized Linear takes, its scales included (``None``: unquantized ``dtype``).
 
-    int8/fp8 carry one fp32 scale per output row, so 1 + 4/in_features; q8_0/q4_0 carry an fp16 scale per
-    32 weights (34/32 and 18/32). For whole models use `weight_bytes`, which counts every tensor.
+    int8/fp8 carry one fp32 scale per output row, so 1 + 4/in_features; torchao's int8 tensor (used for int8
+    when installed) also keeps an int8 zero point per row (0: the rows are symmetric), so 1 + 5/in_features;
+    q8_0/q4_0 carry an fp16 scale per 32 weights (34/32 and 18/32). For whole models use `weight_bytes`,
+    which counts every tensor.
     """
     if mode is None:
         return torch.empty((), dtype=dtype).element_size()
     check_mode(mode)
     if mode in _BLOCK_KINDS:
         return ggml.BLOCK_BYTES[_BLOCK_KINDS[mode]] / ggml.BLOCK
-    return 1 + 4 / in_features
+    zero_point = 1 if mode == "int8" and torchao_installed() else 0
+    return 1 + (4 + zero_point) / in_features
 
 
 def quantizable(name: str, module: nn.Module, mode: str) -> bool:
@@ -159,6 +163,12 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Linear:
     if linear.bias is not None:
         new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     return new
+
+
+def torchao_installed() -> bool:
+    """Whether torchao is installed, found without importing it (seconds, and warnings where some of its
+    kernels do not load): what the memory estimates go by, so that ``mochi plan`` never imports it."""
+    return importlib.util.find_spec("torchao") is not None
 
 
 def torchao_available() -> bool:
