@@ -366,6 +366,36 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "deep", "g"]  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("offload", "more"), [("blocks:9", []), ("blocks:2", ["--max-memory", "1MB"]), ("model", []), (None, [])]
+)
+def test_devices_with_offload_is_refused_first(tiny, tmp_path, capsys, monkeypatch, offload, more):
+    """--devices with --offload, which spread_pipeline refuses, came out of the checks as --offload
+    blocks:9's depth ("nearest valid: blocks:4") or --max-memory's budget ("give it at least 4.7MB"): fixed,
+    the run met the refusal next. The checks now refuse the combination first, with spread_pipeline's
+    message, and nothing is loaded. So is an --attention kernel the first device cannot run."""
+    import mochi.memory.placement as placement
+    import mochi.weights.components as components
+
+    def no_load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(components, "load_components", no_load)
+    monkeypatch.setattr(mochi.pipeline, "load_components", no_load)
+    flags = ["--offload"] if offload is None else ["--offload", offload]  # a bare --offload means model
+    out = ["--out", str(tmp_path / "v.mp4")]
+    code = main(["generate", "x", "--steps", "1", "--devices", "cpu,cpu", *flags, *more, *out])
+    expected = f"--devices places the DiT itself; drop --offload {offload or 'model'}"
+    assert _one_line(capsys, code) == f"mochi: error: {expected}"
+    with pytest.raises(ValueError) as caught:  # the same rule and words as after the checks
+        placement.spread_pipeline(None, "cpu,cpu", None, None, {"offload": offload or "model"})
+    assert str(caught.value) == expected
+    # An attention kernel the first device cannot run was refused by the pipeline, after the whole load.
+    code = main(["generate", "x", "--steps", "1", "--devices", "cpu,cpu", "--attention", "flash", *out])
+    _one_line(capsys, code, "attention backend 'flash' runs on CUDA in fp16 or bf16", "float32 on cpu")
+    assert not list(tmp_path.iterdir())
+
+
 def test_running_out_of_memory_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
     def greedy(self, request, **kwargs):
         torch.empty(10**15, dtype=torch.uint8)  # the real CPU allocator's failure, at once and harmless

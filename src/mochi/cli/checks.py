@@ -134,9 +134,16 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
             "(--devices puts the DiT over several devices, and T5 and the VAE on the first)"
         )
     if getattr(args, "devices", None) is not None:  # then --max-memory is one size per device (placement)
-        from mochi.memory.placement import parse_budgets, parse_devices
+        from mochi.memory.placement import check_no_offload, parse_budgets, parse_devices
 
         devices = parse_devices(args.devices)
+        # Before --offload blocks:N's depth and the placement's budgets: neither matters without --offload.
+        check_no_offload(getattr(args, "offload", None))
+        if getattr(args, "attention", None):  # spread_pipeline's pipeline checks it only after loading
+            from mochi.devices import resolve_dit_dtype
+            from mochi.ops.attention import check_backend
+
+            check_backend(args.attention, devices[0], resolve_dit_dtype(args.dtype, devices[0]))
         max_memory = None
         if args.max_memory is not None and min(parse_budgets(args.max_memory, devices, 0)) <= 0:
             raise ValueError(f"--max-memory {args.max_memory!r}: every device's budget must be positive")

@@ -167,6 +167,13 @@ def parse_budgets(text: str | None, devices: Sequence[torch.device], reserve: in
     return sizes
 
 
+def check_no_offload(offload: str | bool | None) -> None:
+    """``--devices`` with an ``--offload`` other than none is refused: the placement holds the DiT's blocks
+    on their devices, which offload would move (``spread_pipeline``; the CLI checks it before loading)."""
+    if offload not in (None, "none", False):
+        raise ValueError(f"--devices places the DiT itself; drop --offload {offload}")
+
+
 def spread_pipeline(model: str | None, devices: str, max_memory: str | None, request, options: dict):  # noqa: ANN001, ANN201
     """A pipeline whose DiT is spread over ``devices`` (T5 and the VAE visit the first device for their
     stage, as under model offload). Returns (MochiPipeline, a note saying which blocks went where)."""
@@ -179,8 +186,7 @@ def spread_pipeline(model: str | None, devices: str, max_memory: str | None, req
 
     devs = parse_devices(devices)
     options = {k: v for k, v in options.items() if k != "max_memory"}
-    if options.get("offload") not in (None, "none", False):
-        raise ValueError(f"--devices places the DiT itself; drop --offload {options['offload']}")
+    check_no_offload(options.get("offload"))
     loading = {k: options.pop(k) for k in ("vae", "t5", "tokenizer", "fp8") if k in options}
     c = load_components(model, dit_dtype=resolve_dit_dtype(options.get("dit_dtype"), devs[0]), **loading)
     options["offload"] = "model"
