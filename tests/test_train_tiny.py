@@ -950,8 +950,10 @@ def test_tiny_cli_passes_the_decoder_stage_its_source(tmp_path, monkeypatch, cap
         lambda out, preset, recipe, source, log: seen.update(r=recipe, s=source),
     )
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    main(["decoder", "--out", str(tmp_path), "--steps", "9", "--source", "x.safetensors"])
-    assert seen == {"r": replace(DecoderRecipe(), steps=9), "s": Path("x.safetensors")}
+    for name in ("x.safetensors", "vae.ckpt"):  # the sources must exist before the stage starts
+        (tmp_path / name).touch()
+    main(["decoder", "--out", str(tmp_path), "--steps", "9", "--source", str(tmp_path / "x.safetensors")])
+    assert seen == {"r": replace(DecoderRecipe(), steps=9), "s": tmp_path / "x.safetensors"}
     main(["decoder", "--out", str(tmp_path), "--contrast-power", "2"])
     assert seen == {"r": replace(DecoderRecipe(), contrast_power=2.0), "s": None}
     main(["decoder", "--out", str(tmp_path), "--no-heldout-pixels"])

@@ -231,3 +231,46 @@ def test_export_refuses_a_bundle_name_no_loader_reads_before_reading_the_run(
         err = capsys.readouterr().err
         assert err.startswith(f"tiny: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_ctrl_c_is_one_line_naming_the_step_a_rerun_resumes_from(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a stage printed KeyboardInterrupt's traceback; it is one line saying where a rerun
+    resumes (the checkpoint is left as it was)."""
+    import mochi.train.train_dit as train_dit_mod
+    import mochi.train.train_vae as train_vae_mod
+    from mochi.train.tiny import main
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "run"
+
+    def interrupted(out, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_vae_mod, "train_vae", interrupted)
+    assert main(["vae", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (
+        "tiny: vae interrupted before its first checkpoint; rerun the same command to resume\n"
+    )
+    save_checkpoint({"step": 37, "seed": 2, "model": {"w": torch.ones(2)}}, out / "dit.ckpt")
+    before = (out / "dit.ckpt").read_bytes()
+    monkeypatch.setattr(train_dit_mod, "train_dit", interrupted)
+    assert main(["dit", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (
+        f"tiny: dit interrupted; its last checkpoint, {str(out / 'dit.ckpt')!r}, is at step 37: rerun the "
+        "same command to resume from there\n"
+    )
+    assert (out / "dit.ckpt").read_bytes() == before
+
+
+def test_the_decoder_stage_refuses_a_missing_source_before_making_the_run_folder(tmp_path, capsys):
+    """A missing --source (or OUT/vae.ckpt) was found after --out had been made: an empty run folder."""
+    from mochi.train.tiny import main
+
+    for source in ([], ["--source", str(tmp_path / "none.ckpt")]):
+        new = tmp_path / "new"
+        assert main(["decoder", "--out", str(new), "--threads", "1", *source]) == 2
+        missing = str(tmp_path / "none.ckpt") if source else str(new / VAE_CHECKPOINT)
+        assert capsys.readouterr().err == (
+            f"tiny: error: no VAE source at {missing!r}: run the vae stage first, or pass a bundle\n"
+        )
+        assert not new.exists()

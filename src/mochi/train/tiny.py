@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -268,12 +269,44 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # WeightsError too: a run folder, source or bundle that does not fit
         print(f"tiny: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, so the last one stands
+        print(f"tiny: {_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C of stage ``args.stage`` left: the step of its last checkpoint, which a rerun resumes
+    from (the steps after it are done again, as the batches are a function of the step)."""
+    if args.stage == "export":
+        return "export interrupted (the bundle is written whole or not at all); rerun the same command"
+    from mochi.train.train_decoder import DECODER_CHECKPOINT
+    from mochi.train.train_dit import DIT_CHECKPOINT
+    from mochi.train.train_vae import VAE_CHECKPOINT
+
+    path = (
+        args.out / {"vae": VAE_CHECKPOINT, "decoder": DECODER_CHECKPOINT, "dit": DIT_CHECKPOINT}[args.stage]
+    )
+    try:  # mapped, not read: only the step is wanted
+        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except FileNotFoundError:
+        return f"{args.stage} interrupted before its first checkpoint; rerun the same command to resume"
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError):  # the rerun says what
+        return f"{args.stage} interrupted; rerun the same command to resume from {str(path)!r}"
+    return (
+        f"{args.stage} interrupted; its last checkpoint, {str(path)!r}, is at step {step}: rerun the same "
+        "command to resume from there"
+    )
 
 
 def _run(args: argparse.Namespace, preset: ModelPreset, recipe) -> None:
     """Run the stage ``args.stage`` with its recipe (None for export); the arguments are checked."""
     torch.set_num_threads(args.threads)
+    if args.stage == "decoder":  # before --out is made: a missing source left an empty run folder
+        from mochi.train.train_decoder import check_vae_source
+        from mochi.train.train_vae import VAE_CHECKPOINT
+
+        check_vae_source(args.source if args.source is not None else args.out / VAE_CHECKPOINT)
     if args.stage != "export":  # export only reads the run folder
         try:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -122,11 +122,16 @@ def grow_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
     return decoder
 
 
+def check_vae_source(source: str | os.PathLike) -> None:
+    """ValueError when there is no VAE source at ``source`` (the tiny trainer asks before making --out)."""
+    if not Path(source).exists():
+        raise ValueError(f"no VAE source at {str(source)!r}: run the vae stage first, or pass a bundle")
+
+
 def source_vae(source: str | os.PathLike) -> tuple[dict, dict]:
     """(encoder state, decoder state) of a ``vae.ckpt`` or of a mochi bundle."""
     source = Path(source)
-    if not source.exists():
-        raise ValueError(f"no VAE source at {str(source)!r}: run the vae stage first, or pass a bundle")
+    check_vae_source(source)
     if is_bundle(source):
         components = load_bundle(source)  # float32
         return components.encoder.state_dict(), components.decoder.state_dict()
