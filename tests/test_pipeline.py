@@ -153,6 +153,19 @@ def test_video_to_video_from_the_requests_file(pipe, tmp_path):
         pipe.generate(by_frames, init_frames=fitted[:, :, :16])
 
 
+def test_video_to_video_encodes_the_pixels_in_float32_at_any_vae_dtype():
+    # The encoder's Fourier features turn x by 2π·2^7·x: pixels rounded to bf16 before them (up to 2^-9)
+    # moved those phases by radians, and the latent by a tenth of its scale.
+    from mochi.models.latents import vae_to_dit
+    from mochi.models.vae_tiling import encode
+
+    pipe16 = MochiPipeline(tiny_components(), device="cpu", vae_dtype="bf16")
+    frames = torch.randint(0, 256, (1, 7, 32, 32, 3), dtype=torch.uint8)
+    x = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    mean, _ = encode(pipe16.components.encoder, x)
+    assert pipe16.encode_frames(frames).equal(vae_to_dit(mean, pipe16._latent_stats))
+
+
 def test_bad_request_fails_before_any_work(pipe):
     with pytest.raises(ValueError, match="frames=8 is not of the form 6k"):
         pipe.generate(GenerationRequest("x", frames=8))

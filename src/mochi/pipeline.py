@@ -232,7 +232,9 @@ class MochiPipeline:
         if encoder is None:
             raise ValueError("video-to-video needs the VAE encoder, and this model has none")
         with offloaded(encoder, self.device, self.offload_mode):
-            x = frames.permute(0, 4, 1, 2, 3).to(self.device, self.vae_dtype) / 127.5 - 1.0
+            # fp32 whatever the VAE's dtype: the encoder's Fourier features multiply pixels by 2π·2^7, so
+            # bf16's rounding of x (up to 2^-9) would turn their phases by radians (genmo-mochi.md §2.3).
+            x = frames.permute(0, 4, 1, 2, 3).to(self.device, torch.float32) / 127.5 - 1.0
             b, _, f, hp, wp = x.shape
             shape = (b, check_frames(f, "init video frames"), hp // 8, wp // 8)
             mean, _ = encode(encoder, x, **self._vae_split(encoder, shape, "encode"))
