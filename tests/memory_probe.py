@@ -1,4 +1,4 @@
-"""Measured peak activation memory of small DiT and T5 forwards on the CPU, for tests/test_memory_plan.py.
+"""Measured peak activation memory of small DiT, T5 and VAE runs on the CPU, for tests/test_memory_plan.py.
 
 Run as its own process with MALLOC_MMAP_THRESHOLD_=65536 (every tensor buffer its own mmap, returned to
 the OS when freed, so the resident set follows live tensors); the peak is VmHWM − VmRSS around the call,
@@ -16,6 +16,9 @@ import torch
 from mochi.memory.estimate import dit_activations, t5_activations
 from mochi.models.dit import AsymmDiT, DiTConfig
 from mochi.models.t5 import T5Config, T5Encoder
+from mochi.models.vae import DECODER_PRESETS, ENCODER_PRESETS, Decoder, Encoder
+from mochi.models.vae_memory import estimate_decode_memory, estimate_encode_memory
+from mochi.models.vae_tiling import decode, encode
 
 DIT = DiTConfig(
     depth=3, num_heads=4, hidden_size_x=512, hidden_size_y=256, t5_feat_dim=256, mlp_multiple_of=1
@@ -61,6 +64,18 @@ def main() -> None:
     t5 = T5Encoder(T5).eval()
     ids = torch.randint(0, 512, (2, 256))
     results["t5"] = [_peak(lambda: t5(ids, torch.ones(2, 256, dtype=torch.bool))), t5_activations(T5, 2, 256)]
+    # One latent frame at a time in fp32: short chunks of a narrow model take PyTorch's own conv kernel.
+    dec, enc = Decoder(DECODER_PRESETS["tiny"]).eval(), Encoder(ENCODER_PRESETS["tiny"]).eval()
+    shape, tile = (1, 4, 8, 8), (8, 8)
+    z, video = torch.randn(1, 12, 4, 8, 8), torch.rand(1, 3, 19, 64, 64) * 2 - 1
+    results["vae decode"] = [
+        _peak(lambda: decode(dec, z, tile=tile, chunk=1)),
+        estimate_decode_memory(dec.cfg, shape, tile, 1, cpu=True),
+    ]
+    results["vae encode"] = [
+        _peak(lambda: encode(enc, video, tile=tile, chunk=1)),
+        estimate_encode_memory(enc.cfg, shape, tile, 1, cpu=True),
+    ]
     print(json.dumps(results))
 
 

@@ -447,7 +447,7 @@ class MochiPipeline:
         split (a request's own rules, an unguided negative prompt included, are ``GenerationRequest``'s)."""
         if self.max_memory is not None:  # the default budget grows until a split fits; the user's does not
             shape = (batch, check_frames(req.frames), req.height // 8, req.width // 8)
-            choose_plan(self.components.decoder, shape, self.max_memory)
+            choose_plan(self.components.decoder, shape, self.max_memory, cpu=self.device.type == "cpu")
 
     def _denoiser(self, req: GenerationRequest, sigmas: list[float]):  # noqa: ANN202
         """The sampler's denoiser for ``req`` (parallel, cached, timed) and a function giving its stats."""

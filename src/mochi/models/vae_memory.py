@@ -7,7 +7,9 @@ To that it adds the causal context carried between chunks (in the first chunk on
 have stored so far, in later chunks all of it), the float32 output accumulators and the blend-weight
 map. Weights are not counted, nor backend workspaces: with channels-last activations and weights,
 oneDNN allocates none of note on CPU (benchmarks/vae_vs_diffusers.py checks the estimate against
-measured runs); cuDNN's workspace on GPU is not included.
+measured runs); cuDNN's workspace on GPU is not included. The exception, counted with ``cpu=True``:
+small fp32 convs, which PyTorch runs on the CPU with its own kernel and a column buffer 27 times their
+output (tests/memory_probe.py measures one such decode and encode).
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ import torch
 from mochi.models.vae import SPATIAL_FACTOR, DecoderConfig, EncoderConfig, num_frames_for_latents
 
 
-def _resblock(c: int, t: int, h: int, w: int) -> tuple[int, int]:
-    """(peak elements inside one ResBlock, elements of the context its two convs carry)."""
+def _resblock(c: int, t: int, h: int, w: int, b: int = 1, cpu_fp32: bool = False) -> tuple[int, int]:
+    """(peak elements per sample inside one ResBlock, elements of the context its two convs carry)."""
     n = c * t * h * w
     padded = c * (t + 2) * (h + 2) * (w + 2)
     # Measured on CPU: below 128 channels oneDNN copies the conv input into its blocked layout.
     reorder = padded if c < 128 else 0
+    # On CPU PyTorch runs an fp32 conv whose input has B·C·T·H ≤ 20480 elements with its own kernel rather
+    # than oneDNN's (aten's use_mkldnn heuristic): a contiguous copy of the input and a 27·C·t·h·w column
+    # matrix, 27 times the output (short chunks of narrow models and small tiles).
+    if cpu_fp32 and b * c * (t + 2) * (h + 2) <= 20480:
+        reorder = padded + 27 * n
     return 2 * n + padded + reorder, 2 * c * 2 * (h + 2) * (w + 2)
 
 
 def _decoder_step(
-    cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool, carry: bool, total: int
+    cfg: DecoderConfig, b: int, n: int, h: int, w: int, first: bool, carry: bool, total: int, cpu_fp32: bool
 ) -> tuple[int, int]:
     """(peak elements, carried-context elements) for one chunk of n latents on an h×w tile.
 
@@ -46,7 +53,7 @@ def _decoder_step(
     def resblocks(c: int, count: int) -> None:
         nonlocal peak, carried
         for _ in range(count):
-            p, k = _resblock(c, t, h, w)
+            p, k = _resblock(c, t, h, w, b, cpu_fp32)
             peak = max(peak, b * p + alive())
             carried += b * k
 
@@ -71,27 +78,39 @@ def estimate_decode_memory(
     tile: tuple[int, int],
     chunk: int,
     dtype: torch.dtype = torch.float32,
+    cpu: bool = False,
 ) -> int:
     """Bytes of peak memory, weights excluded, to decode a (B, t, h, w) latent with this split.
 
-    Includes the float32 output (B, 3, 6t−5, 8h, 8w) and the blend-weight map.
+    Includes the float32 output (B, 3, 6t−5, 8h, 8w) and the blend-weight map. cpu: on the CPU, where
+    small fp32 convs take PyTorch's own kernel and its column buffer.
     """
     b, t, h, w = latent_shape
     th, tw = min(tile[0], h), min(tile[1], w)
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
     carry = chunk < t
-    total = _decoder_step(cfg, b, 1, th, tw, True, False, 0)[1]
-    step = _decoder_step(cfg, b, chunk, th, tw, True, carry, total)[0]
+    cpu_fp32 = cpu and dtype == torch.float32
+    total = _decoder_step(cfg, b, 1, th, tw, True, False, 0, cpu_fp32)[1]
+    step = _decoder_step(cfg, b, chunk, th, tw, True, carry, total, cpu_fp32)[0]
     if carry:
-        step = max(step, _decoder_step(cfg, b, chunk, th, tw, False, True, total)[0])
+        step = max(step, _decoder_step(cfg, b, chunk, th, tw, False, True, total, cpu_fp32)[0])
     s = SPATIAL_FACTOR
     output = 4 * (b * cfg.out_channels * num_frames_for_latents(t) * h * w * s * s + h * w * s * s)
     return step * size + output
 
 
 def _encoder_step(
-    cfg: EncoderConfig, b: int, n: int, t_all: int, h: int, w: int, first: bool, carry: bool, total: int
+    cfg: EncoderConfig,
+    b: int,
+    n: int,
+    t_all: int,
+    h: int,
+    w: int,
+    first: bool,
+    carry: bool,
+    total: int,
+    cpu_fp32: bool,
 ) -> tuple[int, int]:
     """(peak elements, carried-context elements) for one chunk of n latents (6n−5 or 6n frames).
 
@@ -114,7 +133,7 @@ def _encoder_step(
     def resblocks(c: int, count: int, attention: bool) -> None:
         nonlocal peak, carried
         for _ in range(count):
-            p, k = _resblock(c, t, hh, ww)
+            p, k = _resblock(c, t, hh, ww, b, cpu_fp32)
             peak = max(peak, b * p + alive())
             carried += b * k
             if attention:
@@ -142,8 +161,10 @@ def estimate_encode_memory(
     tile: tuple[int, int],
     chunk: int,
     dtype: torch.dtype = torch.float32,
+    cpu: bool = False,
 ) -> int:
     """Bytes of peak memory, weights and the input video excluded, to encode to a (B, t, h, w) latent.
+    cpu: as for ``estimate_decode_memory``.
 
     Includes the carried attention keys and values of the whole video (per tile) and the float32 mean
     and log-variance outputs.
@@ -153,9 +174,10 @@ def estimate_encode_memory(
     chunk = min(chunk, t)
     size = torch.tensor([], dtype=dtype).element_size()
     carry = chunk < t
-    total = _encoder_step(cfg, b, 1, t, th, tw, True, False, 0)[1]
-    step = _encoder_step(cfg, b, chunk, t, th, tw, True, carry, total)[0]
+    cpu_fp32 = cpu and dtype == torch.float32
+    total = _encoder_step(cfg, b, 1, t, th, tw, True, False, 0, cpu_fp32)[1]
+    step = _encoder_step(cfg, b, chunk, t, th, tw, True, carry, total, cpu_fp32)[0]
     if carry:
-        step = max(step, _encoder_step(cfg, b, chunk, t, th, tw, False, True, total)[0])
+        step = max(step, _encoder_step(cfg, b, chunk, t, th, tw, False, True, total, cpu_fp32)[0])
     output = 4 * (2 * b * cfg.latent_dim * t * h * w + h * w)
     return step * size + output

@@ -16,7 +16,7 @@ import warnings
 
 from mochi.models.vae import Decoder, Encoder
 from mochi.models.vae_memory import estimate_decode_memory, estimate_encode_memory
-from mochi.models.vae_tiling import Plan, plan_decode, plan_encode
+from mochi.models.vae_tiling import Plan, on_cpu, plan_decode, plan_encode
 
 # Bytes of activations and output the default split may use: what a 24 GB GPU has left for the VAE with
 # --offload. The released decoder in fp32 then decodes 848x480x163 as one tile, one latent frame at a time.
@@ -33,22 +33,25 @@ def choose_plan(
     latent_shape: tuple[int, int, int, int],
     max_memory: int | None = None,
     available: int | None = None,
+    cpu: bool | None = None,
 ) -> tuple[Plan, dict]:
     """(split, record) for decoding (``module`` a Decoder) or encoding a (B, t, h, w) latent.
 
     max_memory: the user's budget in bytes (default ``DEFAULT_VAE_BUDGET``, doubled until some split fits,
     for videos whose output alone exceeds it). available: bytes free on the
     device now; consulted only without ``max_memory``, and only to fall back when the default split would
-    not fit: first to shorter chunks over the same tiles, then to smaller tiles (with a warning).
+    not fit: first to shorter chunks over the same tiles, then to smaller tiles (with a warning). cpu:
+    whether it runs on the CPU (default: whether the module's weights are there).
     """
     decoding = isinstance(module, Decoder)
     planner = plan_decode if decoding else plan_encode
     dtype = module.output_proj.weight.dtype
     estimate = estimate_decode_memory if decoding else estimate_encode_memory
     budget = DEFAULT_VAE_BUDGET if max_memory is None else max_memory
+    cpu = on_cpu(module) if cpu is None else cpu
     while True:
         try:
-            plan = planner(module, latent_shape, budget)
+            plan = planner(module, latent_shape, budget, cpu=cpu)
             break
         except ValueError:
             # A video whose output alone exceeds the default budget: double it, still a function of the
@@ -57,14 +60,14 @@ def choose_plan(
                 raise
             budget *= 2
     record = plan_record(plan, budget)
-    need = estimate(module.cfg, latent_shape, plan.tile, plan.chunk, dtype)
+    need = estimate(module.cfg, latent_shape, plan.tile, plan.chunk, dtype, cpu)
     if max_memory is not None or available is None or need <= available:
         return plan, record
     default = plan
     try:
-        plan = planner(module, latent_shape, available, tile=plan.tile)
+        plan = planner(module, latent_shape, available, tile=plan.tile, cpu=cpu)
     except ValueError:
-        plan = planner(module, latent_shape, available)
+        plan = planner(module, latent_shape, available, cpu=cpu)
     record = {**plan_record(plan, available), "default": plan_record(default, budget)}
     warnings.warn(
         f"VAE {'decode' if decoding else 'encode'}: the default split (tile {default.tile}, chunk "

@@ -57,6 +57,11 @@ class TileShare:
     combine: Callable[[Tensor], None]
 
 
+def on_cpu(module: Decoder | Encoder) -> bool:
+    """Whether ``module`` runs on the CPU: its weights are there (meta plans for an accelerator)."""
+    return module.output_proj.weight.device.type == "cpu"
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -113,15 +118,18 @@ def plan_decode(
     overlap: int = DEFAULT_OVERLAP,
     dtype: torch.dtype | None = None,
     tile: int | tuple[int, int] | None = None,
+    cpu: bool | None = None,
 ) -> Plan:
     """The cheapest split of a (B, t, h, w) latent whose estimated peak fits `max_memory` bytes.
 
     Chunking is exact and cheap, so the largest tile is chosen first, then the longest chunk. With
-    `tile` given, only the chunk is chosen. ValueError names the bytes needed when nothing fits.
+    `tile` given, only the chunk is chosen. ValueError names the bytes needed when nothing fits. cpu:
+    whether it runs on the CPU (default: whether the decoder's weights are there).
     """
     dtype = dtype or decoder.output_proj.weight.dtype
+    cpu = on_cpu(decoder) if cpu is None else cpu
     return _plan(
-        lambda tile, chunk: estimate_decode_memory(decoder.cfg, latent_shape, tile, chunk, dtype),
+        lambda tile, chunk: estimate_decode_memory(decoder.cfg, latent_shape, tile, chunk, dtype, cpu),
         latent_shape,
         max_memory,
         overlap,
@@ -137,11 +145,13 @@ def plan_encode(
     overlap: int = DEFAULT_OVERLAP,
     dtype: torch.dtype | None = None,
     tile: int | tuple[int, int] | None = None,
+    cpu: bool | None = None,
 ) -> Plan:
     """As `plan_decode`, for encoding a video whose latent is (B, t, h, w)."""
     dtype = dtype or encoder.output_proj.weight.dtype
+    cpu = on_cpu(encoder) if cpu is None else cpu
     return _plan(
-        lambda tile, chunk: estimate_encode_memory(encoder.cfg, latent_shape, tile, chunk, dtype),
+        lambda tile, chunk: estimate_encode_memory(encoder.cfg, latent_shape, tile, chunk, dtype, cpu),
         latent_shape,
         max_memory,
         overlap,
@@ -155,15 +165,14 @@ def _plan(estimate, latent_shape, max_memory: int, overlap: int, tile) -> Plan:
         th, tw = _pair(tile)
         _check_plan((th, tw), overlap, 1, h, w)
         fixed = tile_layout(h, th, overlap)[1], tile_layout(w, tw, overlap)[1]
-        if estimate(fixed, 1) > max_memory:
-            need = estimate(fixed, 1)
+        fits = [c for c in range(1, t + 1) if estimate(fixed, c) <= max_memory]
+        if not fits:
+            need, chunk = min((estimate(fixed, c), c) for c in range(1, t + 1))
             raise ValueError(
-                f"max_memory {max_memory} bytes is too small for tile {fixed}: chunk 1 needs about "
+                f"max_memory {max_memory} bytes is too small for tile {fixed}: chunk {chunk} needs about "
                 f"{need} bytes; nearest: {need}"
             )
-        return Plan(
-            fixed, overlap, max(c for c in range(1, t + 1) if c == 1 or estimate(fixed, c) <= max_memory)
-        )
+        return Plan(fixed, overlap, max(fits))
     options = []
     for ny in range(1, h + 1):
         for nx in range(1, w + 1):
@@ -177,14 +186,14 @@ def _plan(estimate, latent_shape, max_memory: int, overlap: int, tile) -> Plan:
         if tile in seen:
             continue
         seen.add(tile)
-        if estimate(tile, 1) > max_memory:
-            continue
-        chunk = max(c for c in range(1, t + 1) if c == 1 or estimate(tile, c) <= max_memory)
-        return Plan(tile, overlap, chunk)
-    smallest = estimate(options[-1][2], 1)
+        # Not always monotonic in the chunk: on the CPU short fp32 chunks may take a costlier conv kernel.
+        fits = [c for c in range(1, t + 1) if estimate(tile, c) <= max_memory]
+        if fits:
+            return Plan(tile, overlap, max(fits))
+    smallest, chunk = min((estimate(options[-1][2], c), c) for c in range(1, t + 1))
     raise ValueError(
-        f"max_memory {max_memory} bytes is too small: the smallest split (tile {options[-1][2]}, chunk 1) "
-        f"needs about {smallest} bytes; nearest: {smallest}"
+        f"max_memory {max_memory} bytes is too small: the smallest split (tile {options[-1][2]}, chunk "
+        f"{chunk}) needs about {smallest} bytes; nearest: {smallest}"
     )
 
 
