@@ -225,7 +225,7 @@ def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> N
     checkpoint's bundle config, else the released decoder's), as the pipeline will check after loading."""
     import torch
 
-    from mochi.devices import parse_dtype, size_text
+    from mochi.devices import parse_device, parse_dtype, size_text
     from mochi.memory.estimate import pipeline_decode_plan
     from mochi.request import check_frames
     from mochi.weights.components import decoder_config, model_defaults
@@ -235,7 +235,8 @@ def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> N
     shape = (len(request.prompts), check_frames(frames), height // 8, width // 8)
     cfg = decoder_config(args.model, getattr(args, "vae", None))
     dtype = parse_dtype(getattr(args, "vae_dtype", None)) or torch.float32
-    plan, need = pipeline_decode_plan(cfg, shape, 0, dtype, max_memory)  # the pipeline's rule, on meta
+    cpu = parse_device(getattr(args, "device", None)).type == "cpu"
+    plan, need = pipeline_decode_plan(cfg, shape, 0, dtype, max_memory, cpu)  # the pipeline's rule, on meta
     if plan is None:
         raise ValueError(
             f"--max-memory {args.max_memory!r} is too small to decode a {frames}-frame {width}x{height} "

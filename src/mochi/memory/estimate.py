@@ -207,10 +207,12 @@ def pipeline_decode_plan(
     available: int,
     dtype: torch.dtype = torch.float32,
     max_memory: int | None = None,
+    cpu: bool = False,
 ) -> tuple[Plan | None, int]:
     """(the split the pipeline decodes with when ``available`` bytes are free, its estimated bytes):
     ``choose_plan``'s rule, the default budget's split (or the user's ``max_memory``) unless it needs more
-    than is free, then a smaller one. (None, the smallest split's bytes) when nothing fits."""
+    than is free, then a smaller one. (None, the smallest split's bytes) when nothing fits. cpu: decoding
+    on the CPU (``mochi.models.vae_memory``)."""
     import warnings
 
     from mochi.models.vae_plan import choose_plan
@@ -220,8 +222,9 @@ def pipeline_decode_plan(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback's warning is the pipeline's to give
-            plan, _ = choose_plan(decoder, latent, max_memory, max(available, 0))
+            plan, _ = choose_plan(decoder, latent, max_memory, max(available, 0), cpu=cpu)
     except ValueError:
         _, t, h, w = latent
-        return None, estimate_decode_memory(cfg, latent, (min(h, 7), min(w, 7)), 1, dtype)
-    return plan, estimate_decode_memory(cfg, latent, plan.tile, plan.chunk, dtype)
+        tile = (min(h, 7), min(w, 7))
+        return None, min(estimate_decode_memory(cfg, latent, tile, c, dtype, cpu) for c in range(1, t + 1))
+    return plan, estimate_decode_memory(cfg, latent, plan.tile, plan.chunk, dtype, cpu)
