@@ -145,6 +145,13 @@ def test_video_to_video_from_the_requests_file(pipe, tmp_path):
     # are uint8; give uint8 RGB frames".
     assert by_file.equal(pipe.generate(by_frames, init_frames=fitted.numpy()).latents)
     # Frames given directly are uint8 at the request's size, or a clear error.
+    # A reversed view (OpenCV's BGR to RGB) failed inside torch: "At least one stride ... is negative".
+    bgr = fitted.numpy()[..., ::-1]
+    assert pipe.generate(by_frames, init_frames=bgr).latents.equal(
+        pipe.generate(by_frames, init_frames=torch.from_numpy(bgr.copy())).latents
+    )
+    with pytest.raises(TypeError, match=r"init_frames is a list; give a uint8 tensor or numpy array"):
+        pipe.generate(by_frames, init_frames=fitted.tolist())
     with pytest.raises(ValueError, match=r"init_frames are float32; give uint8 RGB frames"):
         pipe.generate(by_frames, init_frames=fitted.float() / 255)
     with pytest.raises(

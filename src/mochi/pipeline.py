@@ -332,7 +332,13 @@ class MochiPipeline:
                 "give one of them"
             )
         if isinstance(init_frames, np.ndarray):  # mochi.video's readers return numpy
-            init_frames = torch.as_tensor(init_frames)
+            # A view with negative strides (frame[..., ::-1], OpenCV's BGR to RGB) has no tensor form.
+            init_frames = torch.as_tensor(np.ascontiguousarray(init_frames))
+        if init_frames is not None and not isinstance(init_frames, torch.Tensor):
+            raise TypeError(
+                f"init_frames is a {type(init_frames).__name__}; give a uint8 tensor or numpy array "
+                "(frames, height, width, 3), e.g. mochi.video.fit_frames(clip, frames, height, width)"
+            )
         from_clip = init_frames is not None or request.init_video is not None
         req = request.resolved(self.components.defaults, from_clip)
         self._use_loras(req.loras)
