@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mochi.cli import main
+from mochi.cli import build_parser, main
 from mochi.models.dit import AsymmDiT
 from mochi.weights.dit import load_dit
 
@@ -297,3 +297,13 @@ def test_help_texts(capsys):
         "--json",
     ):
         assert flag in out
+
+
+def test_convert_help_says_the_vae_is_converted_too(capsys):
+    # convert writes the VAE as well (decoder/encoder.safetensors, or diffusers' vae/ folder), from any
+    # source that holds one; the help said it converted the DiT and only copied all-in-one files' VAE.
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "DiT and the VAE" in out and "DST/vae/" in out and "VAE-only" in out
+    assert "convert a checkpoint's DiT and VAE" in " ".join(build_parser().format_help().split())

@@ -191,14 +191,16 @@ def _lora_info(path: str) -> dict | None:
 def _add_convert(sub: Subparsers) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a DiT checkpoint to Genmo's or diffusers' layout",
+        help="convert a checkpoint's DiT and VAE to Genmo's or diffusers' layout",
         description=(
-            "Convert the DiT of any supported checkpoint (Genmo, diffusers, ComfyUI bf16, all-in-one "
-            "or fp8_scaled; detected automatically). --to genmo writes DST/dit.safetensors (or DST itself "
-            "if it ends in .safetensors) and copies the VAE parts of all-in-one files as decoder/encoder"
-            ".safetensors; --to diffusers writes DST/transformer/ with config.json and safetensors, "
-            "sharded with an index when large. fp8 weights are dequantized. Files are written "
-            "atomically; converting and converting back is bit-exact."
+            "Convert the DiT and the VAE of any supported checkpoint (Genmo, diffusers, ComfyUI bf16, "
+            "all-in-one, fp8_scaled or GGUF; a VAE-only folder too; detected automatically). --to genmo "
+            "writes DST/dit.safetensors and the VAE as DST/decoder.safetensors and encoder.safetensors "
+            "(DST itself if it ends in .safetensors: the DiT alone, or a VAE-only source's two parts); "
+            "--to diffusers writes DST/transformer/ and DST/vae/, each with config.json and safetensors, "
+            "sharded with an index when large. Quantized weights (fp8, GGUF) are dequantized unless "
+            "--quantize asks for blocks. Files are written atomically; converting and converting back is "
+            "bit-exact."
         ),
     )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (folder, .safetensors file or index)")
