@@ -307,3 +307,13 @@ def test_convert_help_says_the_vae_is_converted_too(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "DiT and the VAE" in out and "DST/vae/" in out and "VAE-only" in out
     assert "convert a checkpoint's DiT and VAE" in " ".join(build_parser().format_help().split())
+
+
+def test_info_help_names_everything_it_describes(capsys):
+    # info describes LoRA files, prepared clips and data folders, train-lora states and run folders too
+    # (README); its help named checkpoints only.
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for what in ("LoRA file", "prepare-data", "train-lora", "state file", "run folder"):
+        assert what in out

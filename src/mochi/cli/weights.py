@@ -14,13 +14,18 @@ def _add_info(sub: Subparsers) -> None:
         help="show what a checkpoint holds: format, dtypes, parameter counts, DiT config",
         description=(
             "Detect a checkpoint's format (Genmo folder, diffusers folder or file, ComfyUI single file, "
-            "all-in-one, fp8_scaled) and print its components, dtypes, parameter counts and the DiT "
+            "all-in-one, fp8_scaled, GGUF) and print its components, dtypes, parameter counts and the DiT "
             "config inferred from its shapes. Reads safetensors headers only, never tensor data "
-            "(weights-only .pt/.bin files are memory-mapped instead)."
+            "(weights-only .pt/.bin files are memory-mapped instead). Also describes a LoRA file (format, "
+            "ranks, alphas, targets), a clip or the data folder of `mochi prepare-data` (captions, size), "
+            "and a `train-lora` state file or run folder (step, settings, data)."
         ),
     )
     p.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a folder, a .safetensors file or an *.index.json"
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a folder, a .safetensors file or an *.index.json (or a LoRA, clip, data folder, state file or "
+        "run folder)",
     )
     p.add_argument("--variant", help="diffusers weight variant to inspect when several exist (e.g. bf16)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
