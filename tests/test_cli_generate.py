@@ -358,3 +358,21 @@ def test_a_truncated_negative_prompt_is_named_so(tiny, tmp_path, capsys):
     assert main(argv) == 0
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokens long" in line]
     assert line.startswith("mochi: warning: negative prompt is 351 tokens long (with the end token)")
+
+
+def test_option_help_states_the_defaults_and_ranges_the_code_uses():
+    # Each help text against what the command does: serve's --out-dir default and --fps range
+    # (server.check_options), generate's --eta-above range (sampler.check_eta: [0, 1)), and what plan's
+    # --dtype all and --quantize mean.
+    commands = build_parser()._subparsers._group_actions[0].choices
+
+    def help_of(command: str, option: str) -> str:
+        (action,) = [a for a in commands[command]._actions if option in a.option_strings]
+        return action.help
+
+    assert "default: mochi-serve-out" in help_of("serve", "--out-dir")
+    assert commands["serve"].get_default("out_dir") == "mochi-serve-out"
+    assert "0.1-240" in help_of("serve", "--fps")
+    assert "[0, 1)" in help_of("generate", "--eta-above")
+    assert "all: bf16 and fp32" in help_of("plan", "--dtype")
+    assert "as generate --quantize" in help_of("plan", "--quantize")

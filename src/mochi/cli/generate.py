@@ -48,8 +48,8 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument(
         "--eta-above",
         type=float,
-        help="ancestral sampling only at steps from σ above this, 0-1 (default: the model's, 0.3 for the "
-        "embedded model)",
+        help="ancestral sampling only at steps from σ above this, in [0, 1) (default: the model's, 0.3 for "
+        "the embedded model)",
     )
     add_model_options(p, runtime=True)
     p.add_argument(

@@ -29,10 +29,16 @@ def _add_plan(sub: Subparsers) -> None:
     p.add_argument("--guidance", type=float, default=6.0, help="1.0: no guidance, batch 1 (6.0)")
     p.add_argument("--model", metavar="PATH", help="read the DiT's architecture from this checkpoint")
     p.add_argument(
-        "--dtype", choices=("bf16", "fp16", "fp32", "all"), default="bf16", help="DiT dtype (bf16)"
+        "--dtype",
+        choices=("bf16", "fp16", "fp32", "all"),
+        default="bf16",
+        help="DiT dtype (bf16; all: bf16 and fp32)",
     )
     p.add_argument(
-        "--quantize", choices=("none", "fp8", "int8", "q8_0", "q4_0", "all"), default="all", help="(all)"
+        "--quantize",
+        choices=("none", "fp8", "int8", "q8_0", "q4_0", "all"),
+        default="all",
+        help="weight quantization of the DiT and T5 to plan, as generate --quantize (all: each of them)",
     )
     p.add_argument(
         "--fp8",

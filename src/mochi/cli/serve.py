@@ -30,10 +30,15 @@ def _add_serve(sub: Subparsers) -> None:
         help="bearer token every API call must carry, 16+ visible ASCII characters (default: "
         "$MOCHI_SERVE_TOKEN); required off loopback",
     )
-    p.add_argument("--out-dir", default="mochi-serve-out", metavar="DIR", help="where videos are written")
+    p.add_argument(
+        "--out-dir",
+        default="mochi-serve-out",
+        metavar="DIR",
+        help="where videos and their JSON parameters are written (default: mochi-serve-out)",
+    )
     p.add_argument("--queue-size", type=int, default=8, metavar="N", help="jobs that may wait (default: 8)")
     p.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA .safetensors files offered in the UI")
-    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written videos (30)")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written videos, 0.1-240 (30)")
     p.add_argument(
         "--max-pixels",
         type=int,
