@@ -317,3 +317,11 @@ def test_info_help_names_everything_it_describes(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for what in ("LoRA file", "prepare-data", "train-lora", "state file", "run folder"):
         assert what in out
+
+
+def test_the_default_shard_size_is_diffusers_10gb_in_the_cli_and_the_api():
+    """diffusers' max_shard_size "10GB" is decimal (huggingface_hub's parse); the API said 10 GiB."""
+    from mochi.cli.weights import _shard_bytes
+    from mochi.weights.convert import DEFAULT_SHARD_BYTES
+
+    assert DEFAULT_SHARD_BYTES == _shard_bytes(None) == 10 * 10**9

@@ -339,7 +339,9 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
         main([*gen, "--devices", "", *out])
     assert stop.value.code == 2 and "argument --devices: '' is empty; give a value" in capsys.readouterr().err
     for flags in (["--guidance-parallel"], ["--parallel-weights", "shard"]):
-        _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "apply only to several processes")
+        _one_line(capsys, main([*gen, *flags, *out]), " ".join(flags), "applies only to several processes")
+    both = ["--parallel-weights", "shard", "--guidance-parallel"]
+    _one_line(capsys, main([*gen, *both, *out]), "and --guidance-parallel apply only to several processes")
     # ... and, under torchrun (its variables set), the options of one process are refused, not ignored.
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)

@@ -178,8 +178,9 @@ def start_parallel(args: argparse.Namespace):  # noqa: ANN202 - mochi.parallel.c
         if getattr(args, "guidance_parallel", False):
             asked.append("--guidance-parallel")
         if asked:
+            verb = "apply" if len(asked) > 1 else "applies"
             raise ValueError(
-                f"{' and '.join(asked)} apply only to several processes: launch with torchrun "
+                f"{' and '.join(asked)} {verb} only to several processes: launch with torchrun "
                 "--nproc-per-node N -m mochi ... (docs/parallel.md), or leave them out"
             )
         return None

@@ -239,9 +239,10 @@ FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".gguf", ".sft", ".json")
 
 def _shard_bytes(text: str | None) -> int:
     from mochi.devices import parse_size
+    from mochi.weights.convert import DEFAULT_SHARD_BYTES
 
     if text is None:
-        return 10 * 10**9
+        return DEFAULT_SHARD_BYTES
     size = parse_size(text, "--max-shard-size")
     if size <= 0:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Convert a DiT checkpoint of any supported format to Genmo's or diffusers' layout.
+"""Convert a DiT checkpoint (and the VAE beside it) of any supported format to Genmo's or diffusers' layout.
 
 Genmo output: ``DST/dit.safetensors`` (plus ``decoder.safetensors`` / ``encoder.safetensors`` copied
 unchanged when the source holds the VAE in Genmo's naming, as ComfyUI all-in-one files do), or the file
@@ -33,7 +33,7 @@ from mochi.weights.io import WeightsError, save_state_dict
 
 TARGETS = ("genmo", "diffusers")
 CONVERT_QUANT = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
-DEFAULT_SHARD_BYTES = 10 * 2**30  # diffusers' default max_shard_size
+DEFAULT_SHARD_BYTES = 10 * 10**9  # diffusers' max_shard_size default "10GB" (decimal, as hf_hub reads it)
 _WEIGHTS = "diffusion_pytorch_model"
 
 
