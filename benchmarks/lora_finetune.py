@@ -199,6 +199,13 @@ def main() -> None:
         check_eta(args.eta or 0.0, 0.0)  # the sampler's own rule and message (NaN refused too)
     except ValueError as e:
         parser.error(str(e).replace("eta=", "--eta "))
+    try:  # the evaluation's request, checked now rather than after rendering, preparing and training
+        from mochi.request import GenerationRequest
+        from mochi.weights.components import model_defaults
+
+        GenerationRequest("a check", guidance=args.guidance).resolved(model_defaults(args.model))
+    except ValueError as e:
+        parser.error(f"--guidance: {e}")
     if args.threads:
         import torch
 
