@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -68,38 +67,11 @@ def render_clips(folder: Path, n: int, seed: int, vocab: shapes.Vocab, name: str
         (folder / f"{name}{i:03d}.txt").write_text(caption + "\n")
 
 
-def random_components():  # noqa: ANN201 - Components
-    """Random weights at the embedded model's size where the preset exists (else the test size)."""
-    import torch
-
-    from mochi import presets
-    from mochi.models.dit import AsymmDiT
-    from mochi.models.t5 import T5Encoder
-    from mochi.models.tokenizer import ByteTokenizer
-    from mochi.models.vae import Decoder, Encoder
-    from mochi.weights.components import Components
-
-    preset = getattr(presets, "MODEL_PRESETS", {}).get("mochi-tiny")
-    if preset is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.test_pipeline import tiny_components
-
-        return tiny_components()
-    torch.manual_seed(0)
-    t5 = T5Encoder(preset.text_encoder)
-    t5.initialize_weights()
-    parts = [t5, AsymmDiT(preset.dit), Decoder(preset.decoder), Encoder(preset.encoder)]
-    for m in parts:
-        m.eval().requires_grad_(False)
-    return Components(ByteTokenizer(), *parts, defaults=dict(preset.defaults), name="random-tiny")
-
-
 def embedded_available() -> bool:
-    try:
-        import mochi.weights.bundle  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this checkout has the embedded model's weights (without them mochi uses random ones)."""
+    from mochi.weights.bundle import embedded_path
+
+    return embedded_path().is_file()
 
 
 def load_pipeline(model: str | None):  # noqa: ANN201
@@ -213,11 +185,8 @@ def main() -> None:
 
     model = ["--model", args.model] if args.model else []
     real = args.model is not None or embedded_available()
-    if not real:
-        import mochi.pipeline
-
+    if not real:  # every command below then loads the mochi-tiny preset's seeded random weights
         print("no embedded model in this checkout: random components (mechanics only)", flush=True)
-        mochi.pipeline.load_components = lambda *a, **k: random_components()
     videos, data, run = args.work / "videos", args.work / "data", args.work / "run"
     vocab = dataclasses.replace(shapes.DEFAULT_VOCAB, shapes=(args.concept,))
     seconds = {}
