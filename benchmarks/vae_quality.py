@@ -25,7 +25,7 @@ import torch
 from mochi.models.vae_tiling import decode, encode
 from mochi.presets import model_preset
 from mochi.train import judge, shapes
-from mochi.train.checkpoint import load_checkpoint
+from mochi.train.checkpoint import load_checkpoint, load_parts
 from mochi.train.evaluate import DRIFT_TARGET, PSNR_TARGET, color_drift, reconstruction_psnr
 from mochi.train.train_decoder import source_vae
 from mochi.train.train_vae import build_vae, from_pixels, to_pixels
@@ -40,9 +40,21 @@ def vae_components(checkpoint: str | None, preset: str, source: str | None = Non
     if is_bundle(checkpoint):
         return load_bundle(checkpoint)
     encoder, decoder = build_vae(model_preset(preset), 0)
-    state = load_checkpoint(checkpoint)
-    encoder.load_state_dict(state["encoder"] if source is None else source_vae(source)[0])
-    decoder.load_state_dict(state["decoder"])
+    state = load_checkpoint(checkpoint)  # None: no file there (what a trainer reads as "not started")
+    if state is None:
+        raise ValueError(
+            f"no checkpoint at {checkpoint!r}: give a train_vae or train_decoder checkpoint "
+            "(RUN/vae.ckpt, RUN/decoder.ckpt) or a mochi bundle"
+        )
+    if "decoder" not in state:
+        raise ValueError(f"{checkpoint!r} holds no decoder: give a train_vae or train_decoder checkpoint")
+    if source is None and "encoder" not in state:
+        raise ValueError(
+            f"{checkpoint!r} holds no encoder: give --source, the vae.ckpt or bundle it started from"
+        )
+    encoders = {"encoder": state["encoder"] if source is None else source_vae(source)[0]}
+    load_parts(source or checkpoint, {"encoder": encoder}, encoders)
+    load_parts(checkpoint, {"decoder": decoder}, state)
     defaults = {k: model_preset(preset).defaults[k] for k in ("frames", "height", "width")}
     return types.SimpleNamespace(encoder=encoder.eval(), decoder=decoder.eval(), defaults=defaults)
 
@@ -82,7 +94,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    components = vae_components(args.checkpoint, args.preset, args.source)
+    try:
+        components = vae_components(args.checkpoint, args.preset, args.source)
+    except ValueError as e:
+        ap.error(str(e))
     with torch.no_grad():
         psnrs = reconstruction_psnr(components, 16)
         drifts = [float(np.abs(d).max()) for _, d in color_drift(components, 16)]
