@@ -274,3 +274,13 @@ def test_the_decoder_stage_refuses_a_missing_source_before_making_the_run_folder
             f"tiny: error: no VAE source at {missing!r}: run the vae stage first, or pass a bundle\n"
         )
         assert not new.exists()
+
+
+def test_train_decoder_refuses_a_missing_source_before_making_the_run_folder(tmp_path):
+    """The library function, as the CLI: a missing source (or OUT/vae.ckpt) left an empty ``out`` behind."""
+    for source in (None, tmp_path / "none.ckpt"):
+        new = tmp_path / "new" / "run"
+        missing = str(source if source is not None else new / VAE_CHECKPOINT)
+        with pytest.raises(ValueError, match=f"^no VAE source at {re.escape(repr(missing))}: run the vae"):
+            train_decoder(new, PRESET, DECODER, source=source, log=_quiet)
+        assert not (tmp_path / "new").exists()

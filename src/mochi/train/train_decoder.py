@@ -235,10 +235,12 @@ def train_decoder(
 
     ``source`` (default ``out/vae.ckpt``) gives the frozen encoder and the starting decoder."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(out / DECODER_CHECKPOINT)
-    # The source as recorded: its resolved path, or OUT/vae.ckpt (the run folder's own, wherever it moves).
     default = out / VAE_CHECKPOINT
+    state = load_checkpoint(out / DECODER_CHECKPOINT)
+    if state is None:  # a new run: no empty run folder for a missing source (a resume's checks come first)
+        check_vae_source(source if source is not None else default)
+    out.mkdir(parents=True, exist_ok=True)
+    # The source as recorded: its resolved path, or OUT/vae.ckpt (the run folder's own, wherever it moves).
     own = source is None or Path(source).resolve() == default.resolve()
     source_name = "OUT/vae.ckpt" if own else str(Path(source).resolve())
     if state is not None:
