@@ -198,6 +198,42 @@ def test_separate_cfg_passes_keep_their_own_cache(kind):
     assert own[True].stats.skipped  # some calls reused a residual: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_separate_cfg_passes_keep_their_own_cache_when_the_negative_prompt_is_the_prompt(kind):
+    """The prompt as negative prompt gives cond and uncond the same inputs: told apart by those alone, they
+    shared one stream, each call at a σ not below the other's started a new trajectory, and the uncond pass
+    ran every step. The sampler names the pass: the same as two caches, one per pass."""
+    dit, setting = _dit(), CacheSetting(kind, dict([TEA, FB])[kind])
+    z, text, _ = _inputs()
+    shared = StepCache(dit, setting, sigmas=SIGMAS)
+    got = sample(shared, z * SIGMAS[0], SIGMAS, text, text, guidance=3.0, batch_cfg=False)
+    own = [StepCache(dit, setting, sigmas=SIGMAS), StepCache(dit, setting, sigmas=SIGMAS)]
+    calls = []
+
+    def per_pass(x, sigma, text, mask):  # every step is guided: cond, then uncond
+        calls.append(len(calls) % 2)
+        return own[calls[-1]](x, sigma, text, mask)
+
+    want = sample(per_pass, z * SIGMAS[0], SIGMAS, text, text, guidance=3.0, batch_cfg=False)
+    assert torch.equal(got, want)
+    assert shared.stats.calls == [c for pair in zip(*(o.stats.calls for o in own)) for c in pair]
+    assert own[1].stats.skipped  # the uncond pass reuses residuals too: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("setting", [TEA, FB])
+def test_separate_cfg_skips_as_batched_cfg_when_the_negative_prompt_is_the_prompt(pipe, setting):
+    """Its sidecar counts: every step ran (the uncond pass's), the skips of the cond pass listed as partly."""
+    stats = {}
+    for batch_cfg in (True, False):
+        request = GenerationRequest(
+            PROMPT, negative_prompt=PROMPT, seed=3, steps=8, cache=setting[0], cache_threshold=setting[1],
+            batch_cfg=batch_cfg,
+        )  # fmt: skip
+        stats[batch_cfg] = pipe.generate(request).stats
+    assert stats[True]["skipped_steps"]
+    assert stats[False] == stats[True]
+
+
 @pytest.mark.parametrize(
     ("cache", "threshold", "message"),
     [

@@ -24,9 +24,11 @@ passes. None of them changes a run at threshold 0.
 
 Batched classifier-free guidance: cond and uncond of one batched forward share one decision, from the
 relative L1 pooled over the whole batch (as the TeaCache reference). Separate forwards (``batch_cfg=False``)
-are separate *streams* with one cache each; streams are told apart by the call's batch size and text, so a
-guidance schedule's cond-only steps are a stream of their own. A call at a σ not below the stream's last
-one starts a new trajectory (the wrapper can serve several ``sample`` calls).
+are separate *streams* with one cache each; streams are told apart by the pass the sampler says it runs
+(``GUIDANCE_PASS``: a negative prompt equal to the prompt gives both passes the same inputs) and by the
+call's batch size and text, so a guidance schedule's cond-only steps share the cond pass's stream under
+separate forwards and are a stream of their own beside batched ones. A call at a σ not below the stream's
+last one starts a new trajectory (the wrapper can serve several ``sample`` calls).
 
 Context/guidance parallelism: the metric's two sums are all-reduced over every rank before the decision, so
 all ranks take the same decision, and padding rows of a sequence split are left out (they are not tokens).
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from mochi.ops.norms import modulated_rms_norm
+from mochi.sampling.sampler import GUIDANCE_PASS
 
 KINDS = ("none", "teacache", "fbcache")
 # Rescale polynomial for the released Mochi 1 preview, highest power first (ali-vilab/TeaCache,
@@ -354,7 +357,8 @@ class StepCache:
 
     def _key(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> tuple:
         lengths = tuple(mask.bool().sum(1).tolist())
-        return (x.shape[0], tuple(x.shape[2:]), lengths, float(text.double().sum()))
+        # The pass first: calls outside ``sample`` (None) are told apart by their inputs alone.
+        return (GUIDANCE_PASS.get(), x.shape[0], tuple(x.shape[2:]), lengths, float(text.double().sum()))
 
     def __call__(
         self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor

@@ -11,12 +11,14 @@ video's own seed and the step index (``step_noise``), so one seed still gives on
 The denoiser is any callable ``model(x, sigma, text, text_mask) -> v``:
 x (B, C, T, H, W), sigma (B,) float32, text (B, L, D), text_mask (B, L) bool → v (B, C, T, H, W), where
 v estimates x0 − ε (Genmo's sign). The sampler knows nothing of the DiT: timestep scaling, autocast and
-attention are the model's business. Latents stay float32 throughout, as in Genmo.
+attention are the model's business. Latents stay float32 throughout, as in Genmo. During each call
+``GUIDANCE_PASS`` says which guidance pass it computes, for denoisers that keep state per pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -25,6 +27,11 @@ from mochi.sampling.schedules import validate_sigmas
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressCallback = Callable[[int, int, float], None]
+# The pass the denoiser call under way computes: "cond" (the prompt; also a step whose guidance is 1.0),
+# "uncond" (the negative prompt) or "cond+uncond" (both in one batched forward); None outside ``sample``.
+# A step cache keeps one cache per pass by it: a negative prompt equal to the prompt makes the two passes'
+# inputs alike, so nothing in the call itself tells them apart.
+GUIDANCE_PASS: ContextVar[str | None] = ContextVar("GUIDANCE_PASS", default=None)
 
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -118,6 +125,17 @@ def _batch_text(
     )
 
 
+def _denoise(
+    model: Denoiser, guidance_pass: str, x: torch.Tensor, sigma: torch.Tensor, text: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """``model(x, sigma, *text)`` with ``GUIDANCE_PASS`` set to ``guidance_pass`` for the call."""
+    token = GUIDANCE_PASS.set(guidance_pass)
+    try:
+        return model(x, sigma, *text)
+    finally:
+        GUIDANCE_PASS.reset(token)
+
+
 @torch.no_grad()
 def sample(
     model: Denoiser,
@@ -177,12 +195,15 @@ def sample(
         sigma = sigmas[i]
         sigma_batch = torch.full((batch,), sigma, dtype=torch.float32, device=z.device)
         if uncond is None or scales[i] == 1.0:
-            v = model(z, sigma_batch, *cond).float()
+            v = _denoise(model, "cond", z, sigma_batch, cond).float()
         elif batch_cfg:
-            out = model(torch.cat([z, z]), torch.cat([sigma_batch, sigma_batch]), *both)
+            out = _denoise(
+                model, "cond+uncond", torch.cat([z, z]), torch.cat([sigma_batch, sigma_batch]), both
+            )
             v = apply_guidance(out[:batch], out[batch:], scales[i])
         else:
-            v = apply_guidance(model(z, sigma_batch, *cond), model(z, sigma_batch, *uncond), scales[i])
+            v_cond = _denoise(model, "cond", z, sigma_batch, cond)
+            v = apply_guidance(v_cond, _denoise(model, "uncond", z, sigma_batch, uncond), scales[i])
         if denoised is not None:
             denoised(i + 1, steps, z + sigma * v)
         sigma_next = sigmas[i + 1]
