@@ -284,3 +284,16 @@ def test_train_decoder_refuses_a_missing_source_before_making_the_run_folder(tmp
         with pytest.raises(ValueError, match=f"^no VAE source at {re.escape(repr(missing))}: run the vae"):
             train_decoder(new, PRESET, DECODER, source=source, log=_quiet)
         assert not (tmp_path / "new").exists()
+
+
+def test_a_decoder_resume_without_its_source_names_the_source_to_give(tmp_path, capsys):
+    """A run started from --source X, resumed without it: the CLI's check for OUT/vae.ckpt came before the
+    resume check, and said to run the vae stage rather than to give --source X."""
+    from mochi.train.tiny import main
+
+    out, other = tmp_path / "run", tmp_path / "other.ckpt"
+    out.mkdir()
+    save_checkpoint({"step": 1, "source": str(other)}, out / DECODER_CHECKPOINT)
+    assert main(["decoder", "--out", str(out), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tiny: error: ") and f"give --source {other} to resume it" in err

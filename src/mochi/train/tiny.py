@@ -302,11 +302,13 @@ def _interrupted(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace, preset: ModelPreset, recipe) -> None:
     """Run the stage ``args.stage`` with its recipe (None for export); the arguments are checked."""
     torch.set_num_threads(args.threads)
-    if args.stage == "decoder":  # before --out is made: a missing source left an empty run folder
-        from mochi.train.train_decoder import check_vae_source
+    # Before --out is made (a missing source left an empty run folder); a resume's own checks come first.
+    if args.stage == "decoder":
+        from mochi.train.train_decoder import DECODER_CHECKPOINT, check_vae_source
         from mochi.train.train_vae import VAE_CHECKPOINT
 
-        check_vae_source(args.source if args.source is not None else args.out / VAE_CHECKPOINT)
+        if not (args.out / DECODER_CHECKPOINT).exists():
+            check_vae_source(args.source if args.source is not None else args.out / VAE_CHECKPOINT)
     if args.stage != "export":  # export only reads the run folder
         try:
             args.out.mkdir(parents=True, exist_ok=True)
