@@ -297,3 +297,17 @@ def test_a_decoder_resume_without_its_source_names_the_source_to_give(tmp_path, 
     assert main(["decoder", "--out", str(out), "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tiny: error: ") and f"give --source {other} to resume it" in err
+
+
+def test_the_decoder_stage_names_a_source_that_is_a_folder(tmp_path, capsys):
+    """A folder as --source passed the existence check and failed inside torch.load."""
+    from mochi.train.tiny import main
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert main(["decoder", "--out", str(tmp_path / "new"), "--threads", "1", "--source", str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"tiny: error: VAE source {str(folder)!r} is a folder: give its vae stage's checkpoint "
+        f"({str(folder / 'vae.ckpt')!r}) or a bundle file\n"
+    )
+    assert not (tmp_path / "new").exists()

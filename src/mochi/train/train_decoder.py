@@ -126,6 +126,11 @@ def check_vae_source(source: str | os.PathLike) -> None:
     """ValueError when there is no VAE source at ``source`` (the tiny trainer asks before making --out)."""
     if not Path(source).exists():
         raise ValueError(f"no VAE source at {str(source)!r}: run the vae stage first, or pass a bundle")
+    if Path(source).is_dir():  # torch.load failed on it
+        raise ValueError(
+            f"VAE source {str(source)!r} is a folder: give its vae stage's checkpoint "
+            f"({str(Path(source) / VAE_CHECKPOINT)!r}) or a bundle file"
+        )
 
 
 def source_vae(source: str | os.PathLike) -> tuple[dict, dict]:
