@@ -246,6 +246,21 @@ def _job_flags(out: str) -> None:
     close_world()
 
 
+def _job_locked(out: str) -> None:
+    """Both ranks try to train into ``out``/run with --restart while another run holds its lock."""
+    from mochi.parallel.context import close_world, init_world
+    from mochi.parallel.train import parallelize_training
+
+    world = init_world("cpu")
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    parallel = parallelize_training(pipe, world)
+    try:
+        train_lora(pipe, Path(out) / "data", Path(out) / "run", TRAIN, False, parallel, restart=True)
+    except ValueError as e:
+        Path(out, f"refused{world.rank}.txt").write_text(str(e))
+    close_world()
+
+
 def _job_hangs(out: str) -> None:
     """Rank 1 stays alive but never joins the next collective; rank 0 must time out instead of hanging."""
     import torch.distributed as dist
@@ -406,6 +421,28 @@ def test_stop_requests_and_rank_0_verdicts_reach_every_rank(tmp_path):
     assert [code for code, _ in outcome] == [0, 0], outcome
     want = {"any": True, "none": False, "text": "rank 0 says ✓", "no_text": None}
     assert [json.loads((tmp_path / f"flags{r}.json").read_text()) for r in (0, 1)] == [want, want]
+
+
+def test_a_run_folder_in_use_stops_every_rank_and_none_clears_it(tmp_path):
+    """Rank 0 found the folder locked by another train-lora, while rank 1 went on: with --restart it removed
+    that run's checkpoints, then met rank 0 gone in a collective (a gloo traceback)."""
+    import fcntl
+
+    _prepare(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = [run / "lora-step-000002.safetensors", run / "lora.safetensors"]
+    for path in kept:
+        path.write_bytes(b"another run's")
+    with open(run / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242")
+        lock.flush()
+        outcome = _wait(_launch("_job_locked", tmp_path), timeout=90)
+    assert [code for code, _ in outcome] == [0, 0], outcome
+    said = [(tmp_path / f"refused{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and "is in use by another train-lora (pid 4242)" in said[0]
+    assert all(path.read_bytes() == b"another run's" for path in kept)
 
 
 def test_torchrun_generate_refuses_a_bad_output_on_every_rank_in_one_line(tmp_path):

@@ -31,6 +31,14 @@ class TrainParallel:
     def sync_grads(self, params: list) -> None:
         average_grads(params)
 
+    def main_verdict(self, problem: str | None) -> str | None:
+        """Rank 0's ``problem`` (why it refuses the run, or None) on every rank: the run folder is rank 0's,
+        so only it can see that another run holds it, and every rank must stop on that before the first
+        collective."""
+        from mochi.parallel.context import broadcast_text
+
+        return broadcast_text(problem, self.world)
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop request reaches the ranks at different
         steps; all must stop after the same one, or the later ones wait in a collective for a rank gone)."""

@@ -354,7 +354,17 @@ def train_lora(
     writes = parallel is None or parallel.is_main
     if writes:
         out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out) if writes else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        refused = None
+        if writes:
+            try:
+                held.enter_context(_run_lock(out))
+            except ValueError as e:
+                refused = str(e)
+        if parallel is not None:  # the other ranks must not touch (nor --restart clear) a folder in use
+            refused = parallel.main_verdict(refused)
+        if refused is not None:
+            raise ValueError(refused)
         return _train(pipe, cfg, data, out, writes, progress, parallel, restart)
 
 
@@ -392,7 +402,12 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
             writes and progress,
         )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
-    state = _resume_decision(out, cfg, data, restart, writes and progress, model)
+    # --restart: the earlier run's files are rank 0's to remove; the other ranks start at step 0 with it.
+    state = (
+        None
+        if restart and not writes
+        else _resume_decision(out, cfg, data, restart, writes and progress, model)
+    )
     if writes:
         atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
 
