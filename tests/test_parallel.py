@@ -214,7 +214,7 @@ def _job_dies(out: str) -> None:
         time.sleep(0.01)
 
 
-def _prepare(out: Path) -> Path:
+def _prepare(out: Path, components=None) -> Path:  # noqa: ANN001 - Components (default: the tiny test ones)
     videos = out / "videos"
     videos.mkdir()
     vocab = shapes.Vocab(
@@ -223,7 +223,7 @@ def _prepare(out: Path) -> Path:
     for i, (cap, video) in enumerate(shapes.clips(seed=0, n=2, frames=7, height=32, width=32, vocab=vocab)):
         write_video(video, videos / f"clip{i}.mp4")
         (videos / f"clip{i}.txt").write_text(cap + "\n")
-    prepare_data(videos, out / "data", tiny_components(), frames=7, width=32, height=32)
+    prepare_data(videos, out / "data", components or tiny_components(), frames=7, width=32, height=32)
     return out
 
 
@@ -259,6 +259,13 @@ def _job_locked(out: str) -> None:
     except ValueError as e:
         Path(out, f"refused{world.rank}.txt").write_text(str(e))
     close_world()
+
+
+def _job_cli(out: str) -> None:
+    """``mochi`` as a rank runs it under torchrun, with the arguments in ``out``/args.json."""
+    from mochi.cli import main
+
+    raise SystemExit(main(json.loads(Path(out, "args.json").read_text())))
 
 
 def _job_hangs(out: str) -> None:
@@ -443,6 +450,22 @@ def test_a_run_folder_in_use_stops_every_rank_and_none_clears_it(tmp_path):
     said = [(tmp_path / f"refused{r}.txt").read_text() for r in (0, 1)]
     assert said[0] == said[1] and "is in use by another train-lora (pid 4242)" in said[0]
     assert all(path.read_bytes() == b"another run's" for path in kept)
+
+
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(tmp_path):
+    """Rank 0 alone meets an error (train-lora's samples folder is a file: only rank 0 writes); rank 1 then
+    met the closed socket in its next collective and printed gloo's traceback instead of one line."""
+    _prepare(tmp_path, MochiPipeline.from_pretrained(None, device="cpu").components)  # the CLI's model
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "samples").write_text("not a folder")
+    args = ["train-lora", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    args += ["--rank", "2", "--steps", "2", "--sample-every", "1", "--warmup", "1"]
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (code0, err0), (code1, err1) = _wait(_launch("_job_cli", tmp_path), timeout=90)
+    assert code0 == 2 and "mochi: error: " in err0 and "Traceback" not in err0, err0[-2000:]
+    assert code1 == 2 and "Traceback" not in err1, err1[-3000:]
+    assert err1.count("mochi: error: ") == 1
+    assert "mochi: error: another rank of this job stopped or hangs, so rank 1 stops too (" in err1
 
 
 def test_torchrun_generate_refuses_a_bad_output_on_every_rank_in_one_line(tmp_path):

@@ -5,10 +5,11 @@ train-lora, convert-lora; ``accel``: calibrate-cache; ``plan``), ``options`` for
 sub-command is a pair: ``_add_<name>`` registers its parser (listed in the module's ``COMMANDS``),
 ``_run_<name>`` runs it. Handlers import the library lazily, so `mochi --help` is instant. `main` is the
 error boundary: user errors (`mochi.errors.MochiError`, ValueError, OSError: see `mochi.errors.user_message`)
-print one line and exit 2, never a traceback; Ctrl-C exits 130, SIGTERM 143, both after the same cleanup
-(temporaries removed); a reader that closes the pipe early (`mochi info X | head -1`) ends it quietly (exit
-141, as for SIGPIPE); anything else is a bug and keeps its traceback. Every float option must be finite
-(`finite_float`).
+print one line and exit 2, never a traceback, as does a torchrun rank whose collective failed because another
+rank stopped or hangs (`mochi.parallel.context.peer_failure`); Ctrl-C exits 130, SIGTERM 143, both after the
+same cleanup (temporaries removed); a reader that closes the pipe early (`mochi info X | head -1`) ends it
+quietly (exit 141, as for SIGPIPE); anything else is a bug and keeps its traceback. Every float option must
+be finite (`finite_float`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except Exception as e:
         message = user_message(e)
+        if message is None and "torch.distributed" in sys.modules:  # under torchrun: a peer gone or stuck
+            from mochi.parallel.context import peer_failure
+
+            message = peer_failure(e)
         if message is None:
             raise
         print(f"mochi: error: {message}", file=sys.stderr)

@@ -12,11 +12,14 @@ usually notices a dead peer at once (its socket closes). torchrun then tears the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from mochi.errors import one_line
 
 DEFAULT_TIMEOUT_S = 60.0
 # The timeouts torch can take. Below about a second the rendezvous itself times out (at 1 ms the store's
@@ -26,6 +29,8 @@ DEFAULT_TIMEOUT_S = 60.0
 # fit a 32-bit int, the width of many socket waits (24.8 days: longer than any collective should take).
 MIN_TIMEOUT_S = 1.0
 MAX_TIMEOUT_S = float((2**31 - 1) // 1000)
+# How a collective fails when a peer is gone (gloo: the socket closed or reset) or stuck past the timeout.
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|Broken pipe|timed out|timeout", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -143,3 +148,20 @@ def broadcast_text(value: str | None, world: World | None) -> str | None:
 def barrier(world: World | None) -> None:
     if world is not None and world.size > 1:
         dist.barrier()
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """The one-line report of a collective that failed because another rank stopped (on an error that rank
+    reports itself) or hangs past the timeout, or None for any other error. gloo raises these as plain
+    RuntimeErrors naming its source file ("[…/gloo/transport/tcp/pair.cc:553] Connection closed by peer
+    …"), NCCL as ``DistBackendError``."""
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(exc, RuntimeError):
+        return None
+    text = one_line(str(exc))
+    if not (isinstance(exc, dist.DistError) or "/gloo/" in text) or not _PEER_GONE.search(text):
+        return None
+    reason = text.split("] ", 1)[-1].split(". ", 1)[0]  # the first sentence, after gloo's source location
+    return (
+        f"another rank of this job stopped or hangs, so rank {dist.get_rank()} stops too ({reason}); "
+        "that rank's own message says why"
+    )
