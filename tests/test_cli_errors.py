@@ -634,6 +634,21 @@ def test_lora_merge_into_a_checkpoint_kept_quantized_is_refused_before_loading(t
         _one_line(capsys, main([*argv, *lora]), "l.safetensors' does not exist")
 
 
+def test_lora_merge_into_weights_sharded_over_ranks_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """Under torchrun, --parallel-weights shard with --lora-merge was refused only once every rank had loaded
+    the weights and the request began."""
+    import mochi.cli.generate
+    import mochi.parallel.apply
+    from mochi.parallel.context import World
+
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")  # torchrun's
+    monkeypatch.setattr(mochi.cli.generate, "start_parallel", lambda args: world)
+    monkeypatch.setattr(mochi.parallel.apply, "load_pipeline", lambda *a, **k: pytest.fail("loaded first"))
+    argv = ["generate", "x", "--lora", str(tmp_path / "l.safetensors"), "--lora-merge"]
+    code = main([*argv, "--parallel-weights", "shard", "--out", str(tmp_path / "o.mp4")])
+    _one_line(capsys, code, "--lora-merge cannot merge into weights sharded over ranks", "replicate")
+
+
 def test_a_max_memory_no_decode_split_fits_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     """It was refused only after the model loaded and the text stage began, in the pipeline's words
     ("max_memory 1000 bytes is too small ... nearest: 8986624")."""

@@ -123,6 +123,11 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
             f"--lora-merge cannot merge into --quantize {args.quantize} weights (re-quantizing would lose "
             "the LoRA); leave out --lora-merge (the LoRA is then applied unmerged) or --quantize"
         )
+    if args.lora_merge and getattr(args, "parallel_weights", "auto") == "shard":  # found after the load
+        raise ValueError(
+            "--lora-merge cannot merge into weights sharded over ranks (--parallel-weights shard); leave out "
+            "--lora-merge (the LoRA is then applied unmerged), or use --parallel-weights replicate"
+        )
     if getattr(args, "devices", None) is not None and getattr(args, "memory", None) == "auto":
         raise ValueError(
             f"--memory auto plans for one device, and --devices {args.devices} places the model over "
