@@ -10,7 +10,9 @@ appears as ``<layer>.<TYPE>_qweight`` and is refused, naming the type, when the 
 
 `read_gguf_rows` reads rows [start, end) of one tensor with plain file reads at offsets taken from the
 header (parsed once per file): a rank under torchrun reads its FSDP2 rows and nothing else, and no memory
-map keeps the pages it touched resident.
+map keeps the pages it touched resident. `iter_gguf` reads each tensor the same way. Only the parsed header
+is cached, never the ``gguf`` reader: its memory map of the whole file (and an open descriptor) would stay
+as long as the cache holds it, after the model is gone (a 602 MB file kept 602 MB resident).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,17 +33,34 @@ from mochi.weights.io import WeightsError
 _PLAIN = {"F32": ("F32", torch.float32), "F16": ("F16", torch.float16), "BF16": ("BF16", torch.bfloat16)}
 
 
-def _reader(path: Path):  # noqa: ANN202 - gguf.GGUFReader
-    """The file's parsed header (memory-mapped): parsed once per file version, however many of
-    `gguf_header`, `iter_gguf`, `little_endian` and `read_gguf_rows` a load calls."""
+class _Tensor(NamedTuple):
+    """One tensor of a .gguf header, as the ``gguf`` reader parsed it, without its view into the file."""
+
+    name: str
+    kind: str  # the ggml type's name: F32, F16, BF16, Q8_0, ...
+    shape: tuple[int, ...]  # as gguf lists it, fastest axis first
+    offset: int  # bytes from the start of the file
+    nbytes: int
+    dtype: np.dtype  # how the reader presents the data (uint8 for block types), byte order included
+    data_shape: tuple[int, ...]
+
+
+class _Header(NamedTuple):
+    tensors: tuple[_Tensor, ...]
+    little_endian: bool
+
+
+def _reader(path: Path) -> _Header:
+    """The file's parsed header: parsed once per file version, however many of `gguf_header`, `iter_gguf`,
+    `little_endian` and `read_gguf_rows` a load calls."""
     stat = Path(path).stat()
     return _parsed(Path(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=2)
-def _parsed(path: Path, _mtime_ns: int, _size: int):  # noqa: ANN202 - gguf.GGUFReader
+def _parsed(path: Path, _mtime_ns: int, _size: int) -> _Header:
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFEndian, GGUFReader
     except ImportError:
         raise WeightsError(
             f"reading {str(path)!r} needs the gguf package: pip install 'mochi-video[gguf]'"
@@ -49,9 +69,22 @@ def _parsed(path: Path, _mtime_ns: int, _size: int):  # noqa: ANN202 - gguf.GGUF
     if problem is not None:
         raise WeightsError(f"{str(path)!r} is not a readable .gguf file ({problem})")
     try:
-        return GGUFReader(path)
+        reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors of its own for a damaged file
         raise WeightsError(f"{str(path)!r} is not a readable .gguf file ({e})") from None
+    tensors = tuple(
+        _Tensor(
+            t.name,
+            t.tensor_type.name,
+            tuple(int(n) for n in t.shape),
+            int(t.data_offset),
+            int(t.n_bytes),
+            t.data.dtype,
+            tuple(t.data.shape),
+        )
+        for t in reader.tensors
+    )
+    return _Header(tensors, reader.endianess == GGUFEndian.LITTLE)
 
 
 # Bytes of each GGUF metadata value type (gguf's GGUFValueType): 8 string, 9 array.
@@ -122,18 +155,18 @@ def _layout_problem(path: Path) -> str | None:
 
 
 def _entries(path: Path) -> Iterator[tuple[str, str, tuple[int, ...], object]]:
-    """(key as presented, dtype name, shape as presented, the reader's tensor) for every tensor."""
+    """(key as presented, dtype name, shape as presented, its header entry) for every tensor."""
     for t in _reader(path).tensors:
-        kind = t.tensor_type.name
-        logical = tuple(int(n) for n in reversed(t.shape.tolist()))
+        kind = t.kind
+        logical = tuple(reversed(t.shape))
         if kind in _PLAIN:
             yield t.name, _PLAIN[kind][0], logical, t
         elif len(logical) == 2 and t.name.endswith(".weight"):
-            yield f"{t.name.removesuffix('.weight')}.{kind}_qweight", "U8", tuple(t.data.shape), t
+            yield f"{t.name.removesuffix('.weight')}.{kind}_qweight", "U8", t.data_shape, t
         elif kind in ggml.BLOCK_BYTES:
             yield t.name, "F32", logical, t  # a quantized non-matrix: widened to fp32 when read
         else:
-            yield f"{t.name}.{kind}_qweight", "U8", tuple(t.data.shape), t
+            yield f"{t.name}.{kind}_qweight", "U8", t.data_shape, t
 
 
 def gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -142,20 +175,20 @@ def gguf_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def iter_gguf(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time, copied out of the memory-mapped file (see the module doc)."""
+    """Yield (key, tensor) one at a time, each read from the file by its offset (see the module doc)."""
     for key, dtype, shape, t in _entries(path):
-        data = np.ascontiguousarray(t.data)
-        if dtype in ("F32", "F16", "BF16") and t.tensor_type.name in _PLAIN:
-            target = _PLAIN[t.tensor_type.name][1]
-            raw = torch.from_numpy(data.copy())
+        data = _read_bytes(path, t.offset, t.nbytes, t.name).numpy().view(t.dtype).reshape(t.data_shape)
+        if dtype in ("F32", "F16", "BF16") and t.kind in _PLAIN:
+            target = _PLAIN[t.kind][1]
+            raw = torch.from_numpy(data)
             # gguf hands BF16 data over as raw 16-bit words: reinterpret them.
             tensor = raw if raw.dtype == target else raw.view(torch.int16).view(target)
             tensor = tensor.reshape(shape)
         elif dtype == "F32":
-            q = torch.from_numpy(data.copy()).reshape(1, -1)
-            tensor = ggml.dequantize(q, t.tensor_type.name).reshape(shape)
+            q = torch.from_numpy(data).reshape(1, -1)
+            tensor = ggml.dequantize(q, t.kind).reshape(shape)
         else:
-            tensor = torch.from_numpy(data.copy()).reshape(shape)
+            tensor = torch.from_numpy(data).reshape(shape)
         yield key, tensor.to(device)
 
 
@@ -177,19 +210,16 @@ class _Stored:
 def _index(path: Path, _mtime_ns: int) -> dict[str, _Stored]:
     index = {}
     for key, dtype, shape, t in _entries(path):
-        kind = t.tensor_type.name
-        target = _PLAIN[kind][1] if kind in _PLAIN else torch.uint8
+        target = _PLAIN[t.kind][1] if t.kind in _PLAIN else torch.uint8
         index[key] = _Stored(
-            int(t.data_offset), int(t.n_bytes), shape, target, kind, dtype == "F32" and target == torch.uint8
+            t.offset, t.nbytes, shape, target, t.kind, dtype == "F32" and target == torch.uint8
         )
     return index
 
 
 def little_endian(path: Path) -> bool:
     """Whether ``path``'s data is little-endian (the usual case), as `read_gguf_rows` needs."""
-    from gguf import GGUFEndian
-
-    return _reader(path).endianess == GGUFEndian.LITTLE
+    return _reader(path).little_endian
 
 
 def read_gguf_rows(path: Path, key: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
