@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import mochi.cli.options
 import mochi.pipeline
 import mochi.weights.components
 from mochi.cli import build_parser, main
@@ -163,6 +164,20 @@ def test_interrupt_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
     out = tmp_path / "x.mp4"
     assert main(["generate", "x", "--out", str(out)]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_while_the_arguments_are_parsed_is_one_line(monkeypatch, capsys):
+    # Parsing imports torch (mochi.offload): Ctrl-C in the first seconds of `mochi generate` came there.
+    def boom(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mochi.cli.options, "bare_offload", boom)
+    try:
+        code = main(["generate", "x"])
+    except KeyboardInterrupt:  # not pytest's own: it would end the session
+        pytest.fail("KeyboardInterrupt escaped main")
+    assert code == 130
+    assert capsys.readouterr().err == "mochi: interrupted\n"
 
 
 def test_help_lists_every_option(capsys):

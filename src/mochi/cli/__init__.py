@@ -105,7 +105,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Inside the boundary: parsing imports torch (a bare --offload is told from a prompt by
+        # mochi.offload), and Ctrl-C in those seconds gave KeyboardInterrupt's traceback.
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("mochi: interrupted", file=sys.stderr)
+        return 130
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
