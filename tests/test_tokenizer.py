@@ -89,6 +89,21 @@ def test_truncation_warns_with_the_count():
         tokenize_prompts("a prompt", ByteTokenizer())
 
 
+def test_truncation_warnings_are_kept_in_no_registry():
+    # Under the "default" action the caller's __warningregistry__ kept every distinct message it showed, for
+    # the life of the process; each names its prompt, so a server grew by one entry per long prompt.
+    registry = globals().setdefault("__warningregistry__", {})
+    registry.clear()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for i in range(20):
+            tokenize_prompts([f"{i} " + "x" * 300], ByteTokenizer())
+        tokenize_prompts(["0 " + "x" * 300], ByteTokenizer())  # the same prompt again is shown again
+    assert [w.category for w in shown] == [PromptTruncatedWarning] * 21
+    assert {w.filename for w in shown} == {__file__}  # attributed to the caller, as stacklevel=2 was
+    assert [k for k in registry if k != "version"] == []
+
+
 def test_sentencepiece_tokenizer(spiece):
     import sentencepiece
 

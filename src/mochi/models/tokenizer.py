@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,22 @@ def truncations() -> Iterator[list[str]]:
             said.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _warn_truncated(message: str) -> None:
+    """``warnings.warn(message, PromptTruncatedWarning, stacklevel=2)`` from ``tokenize_prompts``'s caller,
+    but shown at every call and kept in no ``__warningregistry__``: under the "default" action that registry
+    keeps each distinct text it showed for the life of the process, and each message names its prompt, so a
+    long-lived pipeline or server grew by one entry per long prompt (4000 prompts: 4000 entries)."""
+    caller = sys._getframe(2)
+    warnings.warn_explicit(
+        message,
+        PromptTruncatedWarning,
+        caller.f_code.co_filename,
+        caller.f_lineno,
+        module=caller.f_globals.get("__name__"),
+        module_globals=caller.f_globals,
+    )
 
 
 class Tokenizer(Protocol):
@@ -161,11 +178,9 @@ def tokenize_prompts(
         if len(tokens) > max_length - 1:
             dropped = len(tokens) - (max_length - 1)
             name = names[row] if names else f"prompt {row}"
-            warnings.warn(
+            _warn_truncated(
                 f"{name} is {len(tokens) + 1} tokens long (with the end token) but the text encoder "
-                f"takes {max_length}: the last {dropped} tokens were dropped (prompt starts {prompt[:40]!r})",
-                PromptTruncatedWarning,
-                stacklevel=2,
+                f"takes {max_length}: the last {dropped} tokens were dropped (prompt starts {prompt[:40]!r})"
             )
             tokens = tokens[: max_length - 1]
         tokens = [*tokens, tokenizer.eos_id]
