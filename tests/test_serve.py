@@ -436,6 +436,22 @@ def test_token_is_required_when_set(pipe, tmp_path):
         assert call("GET", f"{u}/api/jobs/x/video", token=TOKEN)[0] == 404
 
 
+def test_a_closed_server_lets_its_pipeline_go(tmp_path):
+    # FastAPI keeps route functions in process-wide caches (4096 entries): routes closing over the job
+    # manager kept it, and the pipeline's weights, alive after the server and its app were gone.
+    import gc
+    import weakref
+
+    pipeline = MochiPipeline(tiny_components(), device="cpu")
+    with LiveServer(pipeline, tmp_path) as server:
+        status, job = call_json("POST", f"{server.url}/api/jobs", {"prompt": "x", "steps": 1})
+        assert status == 202 and wait_for(server.url, job["id"], ("done",))["status"] == "done"
+    weights = weakref.ref(pipeline.components.dit)
+    del pipeline, server
+    gc.collect()
+    assert weights() is None
+
+
 def test_binding_beyond_loopback_needs_a_token(capsys, monkeypatch):
     monkeypatch.delenv("MOCHI_SERVE_TOKEN", raising=False)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import weakref
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -136,7 +137,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.jobs = jobs
+    app.state.jobs = jobs  # the app holds the manager; its routes reach it through a weak proxy:
+    # FastAPI keeps route functions in process-wide caches (4096 entries), so routes closing over the manager
+    # kept it, and its pipeline's weights, alive after the app was gone (a server swapped for another
+    # model's kept both models).
+    jobs = weakref.proxy(jobs)
     uploads = {**video_uploads.GUARD_RULE, **(uploads or {})}
     app.add_middleware(RequestGuard, token=token, max_body=max_body, uploads=uploads)
     install_error_handlers(app)
