@@ -20,6 +20,19 @@ def test_import_is_light():
     assert out.stdout.strip() == "False"
 
 
+def test_help_does_not_import_torch():
+    """Parsing imported mochi.offload (and so torch, ~2 s) for every command line, `--help` included."""
+    code = (
+        "import sys\nfrom mochi.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help'], ['serve', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stderr.strip() == "False"
+
+
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

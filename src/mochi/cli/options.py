@@ -64,11 +64,13 @@ def bare_offload(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     mode nor close to one (``blokcs``, ``blocks:x`` still fail with the mode's own error) is left for the
     positional arguments, and the flag means model offload.
     """
+    out, freed = list(argv), []
+    if "--offload" not in out[:-1]:  # mochi.offload imports torch: `mochi --help` stays instant
+        return out, freed
     import difflib
 
     from mochi.offload import OFFLOAD_KINDS, parse_offload
 
-    out, freed = list(argv), []
     for i, word in enumerate(out[:-1]):
         if word != "--offload" or out[i + 1].startswith("-"):
             continue
