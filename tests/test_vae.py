@@ -222,6 +222,30 @@ def test_tiles_blend_without_seams():
     torch.testing.assert_close(decode(dec, ramp, tile=(4, 16), overlap=3), full + ramp.mean())
 
 
+def test_a_cpu_batch_of_videos_is_estimated_with_onednn_not_the_column_buffer(models):
+    """PyTorch runs a small fp32 conv of one sample with its own kernel (a column buffer 27 times the
+    output), but any batch above 1 with oneDNN: the CPU estimate of a 2-video decode or encode counted the
+    column buffer for it (5 times the estimate here), so a --max-memory that fits could be refused."""
+    from torch.profiler import profile
+
+    from mochi.models.vae_memory import estimate_encode_memory
+
+    dec, enc = models
+    with profile() as run:  # the premise, at the tiny decoder's width
+        torch.nn.functional.conv3d(torch.randn(2, 8, 4, 6, 6), torch.randn(8, 8, 3, 3, 3))
+    assert "aten::mkldnn_convolution" in {e.name for e in run.events()}
+    one, two = (1, 2, 4, 4), (2, 2, 4, 4)
+    assert estimate_decode_memory(dec.cfg, one, (4, 4), 1, cpu=True) > estimate_decode_memory(
+        dec.cfg, one, (4, 4), 1
+    )
+    assert estimate_decode_memory(dec.cfg, two, (4, 4), 1, cpu=True) == estimate_decode_memory(
+        dec.cfg, two, (4, 4), 1
+    )
+    assert estimate_encode_memory(enc.cfg, two, (4, 4), 1, cpu=True) == estimate_encode_memory(
+        enc.cfg, two, (4, 4), 1
+    )
+
+
 def test_max_memory_chooses_a_split(models):
     dec, _ = models
     shape = (1, 6, 8, 12)

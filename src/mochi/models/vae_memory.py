@@ -8,8 +8,8 @@ have stored so far, in later chunks all of it), the float32 output accumulators 
 map. Weights are not counted, nor backend workspaces: with channels-last activations and weights,
 oneDNN allocates none of note on CPU (benchmarks/vae_vs_diffusers.py checks the estimate against
 measured runs); cuDNN's workspace on GPU is not included. The exception, counted with ``cpu=True``:
-small fp32 convs, which PyTorch runs on the CPU with its own kernel and a column buffer 27 times their
-output (tests/memory_probe.py measures one such decode and encode).
+small fp32 convs of one video, which PyTorch runs on the CPU with its own kernel and a column buffer 27
+times their output (tests/memory_probe.py measures one such decode and encode).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ def _resblock(c: int, t: int, h: int, w: int, b: int = 1, cpu_fp32: bool = False
     padded = c * (t + 2) * (h + 2) * (w + 2)
     # Measured on CPU: below 128 channels oneDNN copies the conv input into its blocked layout.
     reorder = padded if c < 128 else 0
-    # On CPU PyTorch runs an fp32 conv whose input has B·C·T·H ≤ 20480 elements with its own kernel rather
-    # than oneDNN's (aten's use_mkldnn heuristic): a contiguous copy of the input and a 27·C·t·h·w column
-    # matrix, 27 times the output (short chunks of narrow models and small tiles).
-    if cpu_fp32 and b * c * (t + 2) * (h + 2) <= 20480:
+    # On CPU PyTorch runs an fp32 conv of one sample whose input has C·T·H ≤ 20480 elements with its own
+    # kernel rather than oneDNN's (aten's use_mkldnn heuristic; a batch above 1 always takes oneDNN): a
+    # contiguous copy of the input and a 27·C·t·h·w column matrix, 27 times the output (short chunks of
+    # narrow models and small tiles).
+    if cpu_fp32 and b == 1 and c * (t + 2) * (h + 2) <= 20480:
         reorder = padded + 27 * n
     return 2 * n + padded + reorder, 2 * c * 2 * (h + 2) * (w + 2)
 
