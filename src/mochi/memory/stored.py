@@ -46,7 +46,7 @@ def kept_layers(det: Detected) -> Kept:
     ggml blocks (their uint8 bytes), and the fp8 weights inside the blocks (a byte each, plus the fp32
     scale the layer keeps: one value, or one per row); sorted by name."""
     from mochi.memory.estimate import quantized_linear_bytes
-    from mochi.weights.dit import _genmo_kinds, genmo_shapes
+    from mochi.weights.dit import genmo_kinds, genmo_shapes
     from mochi.weights.formats import FP8_HEADER_DTYPES, component_keys
     from mochi.weights.fp8 import QUANT_SUFFIXES
     from mochi.weights.ggml import block_kinds
@@ -56,7 +56,7 @@ def kept_layers(det: Detected) -> Kept:
     if kinds:
         shapes = genmo_shapes(det)
         if det.layouts["dit"] == "diffusers":
-            kinds = _genmo_kinds(kinds, shapes)
+            kinds = genmo_kinds(kinds, shapes)
         return tuple(
             sorted(
                 (layer, quantized_linear_bytes(kind.lower(), *shapes[layer + ".weight"], torch.uint8))

@@ -255,7 +255,7 @@ def read_dit(
             sd = diffusers_to_genmo(Consumed(sd))
         except WeightsError as e:
             raise WeightsError(f"checkpoint (detected format: {det.describe()}): {e}") from None
-        kinds = _genmo_kinds(kinds, sd)
+        kinds = genmo_kinds(kinds, sd)
         for layer, kind in kinds.items():
             sd[f"{layer}.{kind}_qweight"] = sd.pop(f"{layer}.weight")
     if fp8 == "dequantize":
@@ -265,8 +265,11 @@ def read_dit(
     return sd, scales
 
 
-def _genmo_kinds(kinds: Mapping[str, str], sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Block types of diffusers-named layers → the Genmo layers they become (fused q/k/v must agree)."""
+def genmo_kinds(kinds: Mapping[str, str], sd: Mapping[str, object]) -> dict[str, str]:
+    """Block types of diffusers-named layers → the Genmo layers they become (fused q/k/v must agree).
+
+    sd: the converted model's Genmo-named keys (tensors, or shapes from headers: only the keys are read).
+    """
     from mochi.weights.keymaps.dit_diffusers import rules
 
     depth = 1 + max((int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
