@@ -113,15 +113,14 @@ def spread_dit(
     """Place ``dit``'s blocks over ``devices`` within ``budgets`` bytes each (``place_blocks``, from the
     blocks' actual weight bytes) and hook the forward to follow them. The DiT should be on the CPU or on
     device 0; each block moves once, straight to its device."""
+    from mochi.weights.quantize import stored_bytes
+
     devices = [torch.device(d) for d in devices]
     if len(budgets) != len(devices):
         raise ValueError(f"{len(budgets)} memory budgets for {len(devices)} devices; give one per device")
-
-    def size(m: nn.Module) -> int:
-        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
-
-    rest = size(dit) - sum(size(b) for b in dit.blocks)
-    placement = place_blocks([size(b) for b in dit.blocks], budgets, rest, activations)
+    # The bytes the tensors hold: a torchao int8 weight's nominal element size is its bf16 wrapper's.
+    blocks = [stored_bytes(b) for b in dit.blocks]
+    placement = place_blocks(blocks, budgets, stored_bytes(dit) - sum(blocks), activations)
     return SpreadDiT(dit, devices, placement)
 
 
