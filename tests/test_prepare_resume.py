@@ -82,7 +82,10 @@ def test_cache_of_a_video_gone_or_now_skipped_is_removed(tmp_path, comps):
         ({}, "holds no video (.mp4, .mov, .mkv, .webm, .avi, .m4v, .gif): it is empty of videos"),
         ({"a.txt": "x", "b.txt": "y"}, "it holds 2 caption(s) (a.txt, b.txt) but not their videos"),
         ({"a.ogv": "x"}, "it is empty of videos"),
-        ({"a.mpg": "x", "a.txt": "y"}, "it holds 1 MPEG program stream(s) (a.mpg), which are not read"),
+        (
+            {"a.mpg": "x", "a.txt": "y"},
+            "it holds 1 MPEG program stream or FLV file(s) (a.mpg), which are not read",
+        ),
     ],
 )
 def test_a_folder_without_videos_is_an_error_naming_what_it_holds(tmp_path, comps, files, expected):
@@ -394,12 +397,14 @@ def test_gif_clips_are_read_and_mpeg_program_streams_are_named_as_not_read(tmp_p
     _write(videos / "old.mpg", other, "mpeg1video", "yuv420p")
     (videos / "old.txt").write_text("an mpeg")
     _write(videos / "bare.mpeg", other, "mpeg1video", "yuv420p")
+    (videos / "web.flv").write_bytes(b"FLV\x01")  # listed by its suffix, never opened
     report = prepare_data(videos, out, comps, **SIZE)
     assert report.encoded == ["clip.gif"]
     assert read_metadata(out / "clip.safetensors")["source"] == "clip.gif"
     skipped = dict(report.skipped)
-    assert set(skipped) == {"old.mpg", "bare.mpeg"}
+    assert set(skipped) == {"old.mpg", "bare.mpeg", "web.flv"}
+    assert skipped["web.flv"].startswith("'web.flv' is a Flash video (.flv), which is not read: ")
     assert skipped["old.mpg"] == (
-        ".mpg (an MPEG program stream) is not read: its decoder cannot be given the frame-size cap before it "
-        "is probed; convert it, e.g. ffmpeg -i old.mpg old.mp4"
+        "'old.mpg' is an MPEG program stream (.mpg, .mpeg, .vob), which is not read: its decoder cannot be "
+        "given the frame-size cap before it is probed; convert it, e.g. ffmpeg -i old.mpg old.mp4"
     )

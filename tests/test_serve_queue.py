@@ -314,12 +314,12 @@ def test_an_upload_too_small_to_crop_to_the_output_is_422_at_submission(url, liv
     assert call_json("DELETE", f"{url}/api/uploads/{upload}")[0] == 200
 
 
-def _mpeg_program_stream(path):  # noqa: ANN001, ANN202 - a container write_video does not make
+def _mpeg_program_stream(path, fmt="mpeg", codec="mpeg1video"):  # noqa: ANN001, ANN202 - write_video makes none
     import av
     import numpy as np
 
-    with av.open(str(path), "w", format="mpeg") as container:
-        stream = container.add_stream("mpeg1video", rate=25)
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for level in range(0, 180, 20):
             image = np.full((32, 32, 3), level, dtype=np.uint8)
@@ -333,13 +333,22 @@ def test_an_mpeg_program_stream_upload_is_415_naming_the_format_and_the_conversi
     than 8K": PyAV cannot give an MPEG program stream's decoder the frame-size cap before it probes the file,
     so ``open_video`` refuses it (as prepare-data does), and the server now says so."""
     data = _mpeg_program_stream(tmp_path / "clip.mpg").read_bytes()
-    kept = set((live.jobs.out_dir / "uploads").iterdir())
+    uploads = live.jobs.out_dir / "uploads"
+    kept = set(uploads.iterdir()) if uploads.is_dir() else set()  # made by the first upload kept
     status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/mpeg")
     detail = json.loads(reply)["detail"]
     assert status == 415, reply
     assert detail.startswith("the upload is an MPEG program stream (.mpg, .mpeg, .vob), which is not read: ")
     assert "frame-size cap" in detail and detail.endswith("e.g. ffmpeg -i clip.mpg clip.mp4")
-    assert set((live.jobs.out_dir / "uploads").iterdir()) == kept  # nothing kept, no temporary left
+    assert (set(uploads.iterdir()) if uploads.is_dir() else set()) == kept  # nothing kept, no temporary
+    # An FLV is refused alike, the example naming its own suffix (it said clip.mpg).
+    data = _mpeg_program_stream(tmp_path / "clip.flv", "flv", "flv").read_bytes()
+    status, _, reply = call("POST", f"{url}/api/uploads", raw=data, content_type="video/x-flv")
+    detail = json.loads(reply)["detail"]
+    assert status == 415 and detail.startswith("the upload is a Flash video (.flv), which is not read: "), (
+        reply
+    )
+    assert detail.endswith("e.g. ffmpeg -i clip.flv clip.mp4")
 
 
 def test_a_killed_servers_partial_upload_is_removed_when_the_server_starts(pipe, tmp_path, monkeypatch):

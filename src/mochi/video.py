@@ -42,10 +42,10 @@ MAX_FRAME_PIXELS = 7680 * 4320
 _PROBED_STREAMS = 16
 # Containers that declare their streams only as the file is probed, by their first bytes: PyAV cannot give
 # their decoders the frame-size cap before the probe decodes a first frame, so ``open_video`` refuses them.
-_UNCAPPED = (
-    (b"\x00\x00\x01\xba", "an MPEG program stream (.mpg, .mpeg, .vob)"),
-    (b"FLV", "a Flash video (.flv)"),
-)
+_MPEG_PS, _FLV = "an MPEG program stream (.mpg, .mpeg, .vob)", "a Flash video (.flv)"
+_UNCAPPED = ((b"\x00\x00\x01\xba", _MPEG_PS, ".mpg"), (b"FLV", _FLV, ".flv"))
+# The suffixes of those containers, and what each is: prepare-data lists such files as not read.
+UNCAPPED_SUFFIXES = {".mpg": _MPEG_PS, ".mpeg": _MPEG_PS, ".vob": _MPEG_PS, ".flv": _FLV}
 _LATE_STREAMS = "a container that declares its streams only as it is probed"
 
 
@@ -56,13 +56,13 @@ class VideoError(ValueError):
 class UncappedContainer(VideoError):
     """A container whose streams appear only once probed (``kind`` names it): ``open_video`` refuses it."""
 
-    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+    def __init__(self, path: str | os.PathLike, kind: str, suffix: str = "") -> None:
         name, stem = Path(path).name, Path(path).stem
         super().__init__(
             f"{name!r} is {kind}, which is not read: its decoder cannot be given the frame-size cap before "
             f"it is probed; convert it, e.g. ffmpeg -i {name} {stem}.mp4"
         )
-        self.kind = kind
+        self.kind, self.suffix = kind, suffix  # suffix: the container's usual one ("" when not known)
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -206,8 +206,10 @@ def open_video(
         # PyAV's refusal to open with stream options a container that has no streams before it is probed.
         with open(path, "rb") as f:
             head = f.read(4)
-        kind = next((k for magic, k in _UNCAPPED if head.startswith(magic)), _LATE_STREAMS)
-        raise UncappedContainer(path, kind) from None
+        kind, suffix = next(
+            ((k, x) for magic, k, x in _UNCAPPED if head.startswith(magic)), (_LATE_STREAMS, "")
+        )
+        raise UncappedContainer(path, kind, suffix) from None
     with opened as container:
         for stream in container.streams.video:
             stream.codec_context.options = dict(options)

@@ -186,7 +186,7 @@ def probe(path: Path) -> dict:
         raise HTTPException(
             415,
             f"the upload is {e.kind}, which is not read: its decoder cannot be given the frame-size cap "
-            "before it is probed; convert it to .mp4 first, e.g. ffmpeg -i clip.mpg clip.mp4",
+            f"before it is probed; convert it to .mp4 first, e.g. ffmpeg -i clip{e.suffix} clip.mp4",
         ) from None
     except (av.error.FFmpegError, IndexError, ValueError):
         first = None

@@ -31,12 +31,13 @@ from mochi.errors import DISK_ERRNOS, OutputError
 from mochi.files import atomic_write_text
 from mochi.models.tokenizer import truncations
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
+from mochi.video import UNCAPPED_SUFFIXES, UncappedContainer
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict, save_state_dict
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
-# MPEG program streams: PyAV cannot give their decoders options before it probes them, so they cannot be
-# opened with the frame-size cap every video is decoded under (mochi.video.open_video).
-NOT_READ = (".mpg", ".mpeg")
+# MPEG program streams and FLV: PyAV cannot give their decoders options before it probes them, so they
+# cannot be opened with the frame-size cap every video is decoded under (mochi.video.open_video).
+NOT_READ = tuple(UNCAPPED_SUFFIXES)
 REPORT_NAME = "prepare_report.json"
 # The tensors of a prepared clip (``prepare_data`` writes them; the dataset and `mochi info` look for them).
 CLIP_TENSORS = frozenset({"mean", "logvar", "text"})
@@ -140,15 +141,13 @@ def _odd_entries(src: Path) -> list[tuple[str, str]]:
 
 
 def _mpeg(src: Path) -> list[Path]:
-    """The MPEG program streams of ``src`` (``NOT_READ``), which are listed as skipped, captioned or not."""
+    """The files of ``src`` in containers not read (``NOT_READ``), listed as skipped, captioned or not."""
     return sorted(p for p in src.iterdir() if p.suffix.lower() in NOT_READ and p.is_file())
 
 
 def _not_read(video: Path) -> str:
-    return (
-        f"{video.suffix} (an MPEG program stream) is not read: its decoder cannot be given the frame-size "
-        f"cap before it is probed; convert it, e.g. ffmpeg -i {video.name} {video.stem}.mp4"
-    )
+    """Why ``video`` is not read: reading it would raise this (``mochi.video.open_video``)."""
+    return str(UncappedContainer(video, UNCAPPED_SUFFIXES[video.suffix.lower()]))
 
 
 def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
@@ -161,8 +160,8 @@ def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
         captions = sorted(p.name for p in src.glob("*.txt"))
         mpeg = [p.name for p in _mpeg(src)]
         held = (
-            f"it holds {len(mpeg)} MPEG program stream(s) ({', '.join(mpeg[:5])}), which are not read: "
-            "convert them to .mp4"
+            f"it holds {len(mpeg)} MPEG program stream or FLV file(s) ({', '.join(mpeg[:5])}), which are "
+            "not read: convert them to .mp4"
             if mpeg
             else f"it holds {len(captions)} caption(s) ({', '.join(captions[:5])}) but not their videos"
             if captions
