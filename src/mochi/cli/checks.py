@@ -157,8 +157,8 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
     # The rules that need the model's defaults (the size limit, the schedule of its step count), which the
     # pipeline checks again once loaded: without this a --frames or --linear-steps that does not fit was
-    # refused only after minutes of loading.
-    request.resolved(model_defaults(args.model))
+    # refused only after minutes of loading. The later checks plan this resolved request.
+    resolved = request.resolved(model_defaults(args.model))
     if getattr(args, "offload", None):  # blocks:N beyond the depth, from headers (it was found after loading)
         from mochi.offload import check_resident, parse_offload
         from mochi.weights.components import dit_depth
@@ -177,39 +177,33 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
                 "dequantize"
             )
     if getattr(args, "devices", None) is not None:  # found once the weights were loaded otherwise
-        check_placement(args, request, devices)
+        check_placement(args, resolved, devices)
     check_loras(args.lora)
     if max_memory is not None:  # the decode split, found after loading (and the text stage) otherwise
-        check_decode_budget(args, request, max_memory)
+        check_decode_budget(args, resolved, max_memory)
     init = None
     if args.init_video:
         from mochi.video import crop_box, video_size
 
-        defaults = model_defaults(args.model)
-        frames = request.frames or defaults["frames"]
         # The pixels are read again at the output size once the model is loaded: here only the count.
-        init = read_init_video(args.init_video, frames, size=(8, 8)).shape[0]
+        init = read_init_video(args.init_video, resolved.frames, size=(8, 8)).shape[0]
         # ... and whether a frame crops to the output's shape at all (at 8x8 a thin clip still does).
-        crop_box(
-            *video_size(args.init_video),
-            request.height or defaults["height"],
-            request.width or defaults["width"],
-        )
+        crop_box(*video_size(args.init_video), resolved.height, resolved.width)
     return {"max_memory": max_memory, "init": init}
 
 
 def check_placement(args: argparse.Namespace, request, devices: list) -> None:  # noqa: ANN001
-    """``--devices``: the DiT's blocks fit the devices' budgets, refused with ``place_blocks``' message as
-    ``spread_pipeline`` would refuse them after loading. The blocks' bytes come from the checkpoint's
-    headers or bundle config (`mochi.memory.stored`) as the load will hold them: in the DiT's dtype, layers
-    kept as stored (``--fp8 keep``) at their stored bytes, the others as ``--quantize``."""
+    """``--devices``: the DiT's blocks fit the devices' budgets for ``request`` (resolved at the model's
+    defaults), refused with ``place_blocks``' message as ``spread_pipeline`` would refuse them after
+    loading. The blocks' bytes come from the checkpoint's headers or bundle config (`mochi.memory.stored`)
+    as the load will hold them: in the DiT's dtype, layers kept as stored (``--fp8 keep``) at their stored
+    bytes, the others as ``--quantize``."""
     from mochi.devices import resolve_dit_dtype
     from mochi.memory.auto import job_of
     from mochi.memory.estimate import dit_activations, dit_weights
     from mochi.memory.placement import parse_budgets, place_blocks
     from mochi.memory.planner import CUDA_RESERVE
     from mochi.memory.stored import stored_dit
-    from mochi.weights.components import model_defaults
     from mochi.weights.quantize import device_mode
 
     try:
@@ -219,24 +213,24 @@ def check_placement(args: argparse.Namespace, request, devices: list) -> None:  
     dtype = resolve_dit_dtype(args.dtype, devices[0])
     quant = device_mode(args.quantize, devices[0])[0] if getattr(args, "quantize", None) else "none"
     weights = dit_weights(dit.config, dtype, quant, dit.kept)
-    job = job_of(request.resolved(model_defaults(args.model)))
+    job = job_of(request)
     activations = dit_activations(dit.config, job.latent, job.batch, tuple(job.text_tokens), dtype)
     reserve = CUDA_RESERVE if devices[0].type == "cuda" else 0
     place_blocks(weights.blocks, parse_budgets(args.max_memory, devices, reserve), weights.rest, activations)
 
 
 def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> None:  # noqa: ANN001
-    """``--max-memory`` holds some decode split of the request's video (the decoder's config from the
-    checkpoint's bundle config, else the released decoder's), as the pipeline will check after loading."""
+    """``--max-memory`` holds some decode split of ``request``'s video (resolved at the model's defaults; the
+    decoder's config from the checkpoint's bundle config, else the released decoder's), as the pipeline will
+    check after loading."""
     import torch
 
     from mochi.devices import parse_device, parse_dtype, size_text
     from mochi.memory.estimate import pipeline_decode_plan
     from mochi.request import check_frames
-    from mochi.weights.components import decoder_config, model_defaults
+    from mochi.weights.components import decoder_config
 
-    defaults = model_defaults(args.model)
-    frames, height, width = (getattr(request, k) or defaults[k] for k in ("frames", "height", "width"))
+    frames, height, width = request.frames, request.height, request.width
     shape = (len(request.prompts), check_frames(frames), height // 8, width // 8)
     cfg = decoder_config(args.model, getattr(args, "vae", None))
     dtype = parse_dtype(getattr(args, "vae_dtype", None)) or torch.float32
