@@ -280,6 +280,28 @@ def test_numbers_that_are_not_whole_are_refused(tab, server):
     assert len(server.jobs.jobs()) == before
 
 
+def test_a_negative_prompt_of_only_whitespace_is_sent_as_none(tab, server):
+    # A stray newline in the box cannot be seen; at guidance 1 the server refuses any negative text (422).
+    seen = {j.id for j in server.jobs.jobs()}
+
+    def new_job():  # noqa: ANN202
+        (job,) = [j for j in server.jobs.jobs() if j.id not in seen]
+        seen.add(job.id)
+        return job
+
+    tab.fill("#prompt", "a red circle moving right")
+    tab.fill("#negative", "\n  ")
+    tab.fill("#guidance", "1")
+    generate_and_wait(tab)
+    assert tab.locator("#status").text_content().startswith("done")
+    job = new_job()
+    assert job.request.negative_prompt == "" and job.request.guidance == 1.0
+    tab.fill("#negative", " blurry ")  # text is sent as typed, spaces included
+    tab.fill("#guidance", "2")
+    generate_and_wait(tab)
+    assert new_job().request.negative_prompt == " blurry "
+
+
 def test_long_prompt_warns_while_typing_and_ctrl_enter_generates(tab, server):
     tab.fill("#prompt", "a red circle")
     tab.wait_for_function("document.getElementById('tokens').textContent === '13 / 256 tokens'")
