@@ -379,6 +379,48 @@ def test_a_checkpoint_kept_as_stored_is_planned_layer_by_layer(tmp_path, capsys)
     assert "fastest that fits: bf16 q4_0+q8_0, T5 unquantized, offload none" in capsys.readouterr().out
 
 
+def test_quantize_plans_the_layers_a_stored_quantized_file_left_wide(tmp_path, capsys):
+    """A GGUF that stores half its block Linears as Q4_0 and the rest wide: --quantize quantizes the rest as
+    generate does (`quantize_model` keeps the stored layers), but plan counted them full width."""
+    from mochi.memory.report import _models
+    from mochi.weights.dit import load_dit
+    from mochi.weights.quantize import quantize_model
+
+    from .dit_checkpoints import state_dict, tiny_model
+    from .gguf_files import block_layers, write_gguf
+
+    sd = state_dict(tiny_model())
+    layers = block_layers(sd)
+    half = write_gguf(tmp_path / "half.gguf", sd, {k + ".weight": "Q4_0" for k in layers[::2]})
+    models = _models(str(half))[0]
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+    for mode in ("q8_0", "fp8"):
+        loaded = load_dit(half, dtype=torch.bfloat16)
+        quantize_model(loaded, mode)  # what generate --quantize does after loading
+        [option] = plan(
+            models, Job.from_request(7, 32, 32), 24 * GB, quants=("q4_0",), dit_rest=mode, all_blocks=False,
+            t5_quant=mode,
+        )[:1]  # fmt: skip
+        assert option.describe() == f"bf16 q4_0 (other layers {mode}), T5 {mode}, offload none"
+        assert dit_weights(models.dit, torch.bfloat16, mode, models.dit_kept).total == size(loaded), mode
+    assert dit_weights(models.dit, torch.bfloat16, "q8_0", models.dit_kept).total < size(
+        load_dit(half, dtype=torch.bfloat16)
+    )
+    base = ["plan", "--gpu-memory", "24GB", *TINY_SIZE, "--model", str(half)]
+    assert main([*base, "--quantize", "q8_0"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest that fits: bf16 q4_0 (other layers q8_0), T5 q8_0, offload none" in out
+    assert main([*base, "--quantize", "none"]) == 0
+    assert "fastest that fits: bf16 q4_0, T5 unquantized, offload none" in capsys.readouterr().out
+    # A file whose every block Linear is stored quantized names no other layers.
+    full = write_gguf(tmp_path / "full.gguf", sd, {k + ".weight": "Q4_0" for k in layers})
+    assert main(["plan", "--gpu-memory", "24GB", *TINY_SIZE, "--model", str(full), "--quantize", "q8_0"]) == 0
+    assert "fastest that fits: bf16 q4_0, T5 q8_0, offload none" in capsys.readouterr().out
+
+
 def test_plan_fp8_dequantize_plans_the_widened_dit_as_generate_loads_it(tmp_path, capsys):
     """generate --fp8 dequantize widens an fp8 or GGUF DiT at load (then --quantize applies to it); plan had
     no such choice and always planned the DiT as stored."""
@@ -389,7 +431,8 @@ def test_plan_fp8_dequantize_plans_the_widened_dit_as_generate_loads_it(tmp_path
     fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", m, layout="new", all_in_one=False)
     q4 = write_kijai(tmp_path / "q4.safetensors", state_dict(m), "Q4_0")
     base = ["plan", "--gpu-memory", "24GB", *TINY_SIZE]
-    for path, stored in ((fp8, "fp8"), (q4, "q4_0")):
+    # The Q4_0 file leaves its 16-wide layers unquantized (ggml needs multiples of 32); int8 takes them.
+    for path, stored in ((fp8, "fp8"), (q4, "q4_0 (other layers int8)")):
         assert main([*base, "--model", str(path), "--quantize", "int8"]) == 0
         assert f"fastest that fits: bf16 {stored}, T5 int8, offload none" in capsys.readouterr().out
         assert main([*base, "--model", str(path), "--quantize", "int8", "--fp8", "dequantize"]) == 0

@@ -53,7 +53,8 @@ def quantization_of(model: torch.nn.Module) -> str:
 
 def held(stored: tuple[str, str], quantize: str | None) -> tuple[str, str]:
     """(the DiT's, T5's) weight modes once loaded: each as ``stored`` (`quantization_of` the loaded model)
-    where stored quantized, since ``--quantize`` keeps such layers as stored, else ``quantize`` when given."""
+    where stored quantized, since ``--quantize`` keeps such layers as stored, else ``quantize`` when given.
+    A DiT stored quantized holds its other block Linears, if any, as ``quantize`` (plan's ``dit_rest``)."""
     return tuple(s if s != "none" or quantize is None else quantize for s in stored)
 
 
@@ -101,7 +102,9 @@ def choose_setting(
         "vae_dtype": parse_dtype(vae_dtype) or torch.float32,
         "max_memory": max_memory,  # the VAE budget the pipeline will decode within (--max-memory)
     }
-    options = plan(models, job, budget, quants=(quant,), t5_quant=t5_quant, **common)
+    options = plan(
+        models, job, budget, quants=(quant,), t5_quant=t5_quant, dit_rest=quantize or "none", **common
+    )
     try:
         chosen = choose(options, budget)
     except ValueError as e:
@@ -109,9 +112,13 @@ def choose_setting(
         for mode in QUANT_MODES[1:] if quantize is None else ():
             dit_mode, t5_mode = held(stored, mode)
             fitting = [
-                o for o in plan(models, job, budget, quants=(dit_mode,), t5_quant=t5_mode, **common) if o.fits
+                o
+                for o in plan(
+                    models, job, budget, quants=(dit_mode,), t5_quant=t5_mode, dit_rest=mode, **common
+                )
+                if o.fits
             ]
-            if fitting and (dit_mode, t5_mode) != (quant, t5_quant):
+            if fitting and (fitting[0].dit_rest is not None or (dit_mode, t5_mode) != (quant, t5_quant)):
                 hint = f"; {fitting[0].describe()} would fit (--quantize {mode})"
                 break
         raise ValueError(f"--memory auto: {e}{hint}") from None

@@ -33,12 +33,13 @@ QUANT_MODES = ("none", "fp8", "int8", "q8_0", "q4_0")
 
 def quantized_linear_bytes(quant: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
     """Bytes of one (out, in) Linear weight: ``dtype`` unquantized, otherwise as
-    `mochi.weights.quantize.bytes_per_param` counts them (scales included)."""
+    `mochi.weights.quantize.bytes_per_param` counts them (scales included). A q8_0/q4_0 layer whose input
+    width is not a multiple of 32 stays unquantized (`mochi.weights.quantize.quantizable`)."""
     n = out_features * in_features
-    if quant == "none":
-        return n * dtype.itemsize
-    if quant not in QUANT_MODES:
+    if quant not in ("none", *QUANT_MODES):
         raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    if quant == "none" or (quant in ("q8_0", "q4_0") and in_features % 32):
+        return n * dtype.itemsize
     return round(n * bytes_per_param(quant, dtype, in_features))
 
 

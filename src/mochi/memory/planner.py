@@ -49,7 +49,8 @@ class Models:
     t5: T5Config = field(default_factory=T5Config)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # (layer, stored bytes) of the DiT's layers held as the checkpoint stores them (`mochi.memory.stored`):
-    # when any are, the DiT's mode is its stored one, and its other layers are full width.
+    # when any are, the DiT's mode is its stored one, and its other layers are as ``dit_rest`` (plan's
+    # keyword) holds them: full width, or quantized by ``--quantize``.
     dit_kept: tuple[tuple[str, int], ...] = ()
 
 
@@ -81,14 +82,19 @@ class Option:
     decode_tile: tuple[int, int] | None  # None: no decode split fits
     t5_quant: str | None = None  # T5's weight mode where it differs from the DiT's (``quant``)
     miss: str | None = None  # why no decode split fits (None: one does), naming a value that would
+    # the mode of a stored-quantized DiT's other block Linears, where --quantize quantizes some (else None)
+    dit_rest: str | None = None
 
     @property
     def peak(self) -> int:
         return max(self.peaks.values())
 
     def describe(self) -> str:
-        """e.g. "bf16 q8_0, offload model"; "bf16 fp8, T5 int8, offload none" where T5's mode differs."""
+        """e.g. "bf16 q8_0, offload model"; "bf16 fp8, T5 int8, offload none" where T5's mode differs;
+        "bf16 fp8 (other layers int8), ..." where --quantize quantizes the layers a DiT file left wide."""
         q = "" if self.quant == "none" else f" {self.quant}"
+        if self.dit_rest not in (None, "none", self.quant):
+            q += f" (other layers {self.dit_rest})"
         t5 = ""
         if self.t5_quant not in (None, self.quant):
             t5 = f", T5 {'unquantized' if self.t5_quant == 'none' else self.t5_quant}"
@@ -106,13 +112,15 @@ def stage_peaks(
     vae_dtype: torch.dtype = torch.float32,
     t5_quant: str | None = None,
     max_memory: int | None = None,
+    dit_rest: str = "none",
 ) -> tuple[dict[str, int], tuple[int, int] | None]:
     """({stage: peak bytes}, the decode tile) for one setting within ``budget`` bytes (see the module doc).
     ``max_memory``: the VAE budget the pipeline decodes within (``--max-memory``; None: its default).
     ``quant`` is both models' (``--quantize`` quantizes both) unless ``t5_quant`` names T5's own (a loaded
-    checkpoint whose DiT kept fp8 while its T5 is full width)."""
+    checkpoint whose DiT kept fp8 while its T5 is full width). ``dit_rest``: where the DiT keeps stored
+    layers (``models.dit_kept``), the mode of its other block Linears (--quantize's; "none": full width)."""
     kept = models.dit_kept  # then ``quant`` names the stored mode, and each kept layer counts as stored
-    dit = dit_weights(models.dit, dtype, "none", kept) if kept else dit_weights(models.dit, dtype, quant)
+    dit = dit_weights(models.dit, dtype, dit_rest, kept) if kept else dit_weights(models.dit, dtype, quant)
     t5 = t5_weights(models.t5, quant if t5_quant is None else t5_quant)
     vae = decoder_weights(models.decoder, vae_dtype)
     dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)
@@ -157,26 +165,36 @@ def plan(
     vae_dtype: torch.dtype = torch.float32,
     t5_quant: str | None = None,
     max_memory: int | None = None,
+    dit_rest: str = "none",
 ) -> list[Option]:
     """Every setting, in speed order (fastest first), each with its peaks and whether it fits ``budget``.
 
     Block offload appears once per dtype × quantization: with the most resident blocks that fit (or 0 when
-    none does); ``all_blocks`` lists every N instead. ``vae_dtype``, ``t5_quant`` and ``max_memory`` (the
-    VAE budget, ``--max-memory``): as for ``stage_peaks``.
+    none does); ``all_blocks`` lists every N instead. ``vae_dtype``, ``t5_quant``, ``max_memory`` (the
+    VAE budget, ``--max-memory``) and ``dit_rest``: as for ``stage_peaks``.
     """
     out = []
     for dtype in dtypes:
+        rest = None  # named in the options only where the DiT has block Linears it leaves for --quantize
+        kept = models.dit_kept
+        if (
+            kept
+            and dit_rest != "none"
+            and dit_weights(models.dit, dtype, dit_rest, kept) != dit_weights(models.dit, dtype, "none", kept)
+        ):
+            rest = dit_rest
         for quant in quants:
             blocks: list[Option] = []
             for mode in offload_modes(models.dit.depth):
                 peaks, tile = stage_peaks(
-                    models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant, max_memory
-                )
+                    models, job, dtype, quant, mode, budget, reserve, vae_dtype, t5_quant, max_memory,
+                    rest or "none",
+                )  # fmt: skip
                 fits = tile is not None and max(peaks.values()) <= budget
                 miss = None
                 if tile is None:
                     miss = decode_miss(models, job, peaks["decode"], budget, vae_dtype, max_memory)
-                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss)
+                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss, rest)
                 if mode.kind != "blocks" or all_blocks:
                     out.append(option)
                 else:

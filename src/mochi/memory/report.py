@@ -76,7 +76,7 @@ def plan_command(args: argparse.Namespace) -> str:
             dit_quant, t5_quant = held(stored, None if quant == "none" else quant)
             options += plan(
                 models, job, budget, dtypes=(dtype,), quants=(dit_quant,), t5_quant=t5_quant,
-                reserve=CUDA_RESERVE, all_blocks=args.all_blocks,
+                reserve=CUDA_RESERVE, all_blocks=args.all_blocks, dit_rest=quant,
             )  # fmt: skip
     lines = [
         f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; "
