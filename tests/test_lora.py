@@ -629,3 +629,18 @@ def test_merging_into_weights_sharded_over_ranks_names_the_sharding():
     ):
         apply_lora(dit, lora, merge=True)
     apply_lora(dit, lora, merge=False).remove()  # unmerged it applies
+
+
+def test_a_read_lora_does_not_change_when_its_file_is_written_over(tmp_path):
+    """read_lora's tensors were views of the file's memory map: a LoRA applied unmerged and its file then
+    written over in place (cp onto it) changed the next video, and a file cut short killed the process
+    with SIGBUS at the next forward."""
+    layers = random_lora(model())
+    path = save_lora(layers, tmp_path / "l.safetensors")
+    read = read_lora(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the same length, every byte after the header's first 8 zeroed
+        f.seek(8)
+        f.write(bytes(size - 8))
+    for name, layer in layers.items():
+        assert read.layers[name].A.equal(layer.A) and read.layers[name].B.equal(layer.B), name

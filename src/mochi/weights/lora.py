@@ -289,7 +289,10 @@ def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None,
 def read_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA in Genmo's or the diffusers/PEFT format (detected from its keys) as Genmo-named layers."""
     file = _lora_file(Path(path))
-    sd = read_state_dict(file)
+    # Copies, not views of the file's memory map: a LoRA is small, and one applied unmerged is read again at
+    # every step, so a file written over in place (cp onto it) changed the next video or, cut short, killed
+    # the process with SIGBUS.
+    sd = {k: v.clone() for k, v in read_state_dict(file).items()}
     check_finite(sd, f"LoRA {str(file)!r}")
     metadata = read_metadata(file)
     factors: dict[str, dict[str, torch.Tensor]] = {}
