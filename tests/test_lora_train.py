@@ -374,6 +374,22 @@ def test_request_loras_after_a_handle_removal_or_a_failed_load(tmp_path):
     assert p.loras == [] and p.generate(req).latents.equal(base)
 
 
+def test_a_lora_file_replaced_between_requests_is_read_again(tmp_path):
+    """A retrained LoRA saved under the same name (train-lora writes a temporary, then renames it): the
+    pipeline kept the old one applied, so the same request gave another video than in a fresh process."""
+    lora = tmp_path / "style.safetensors"
+    _lora_file(lora, seed=0)
+    p = pipe()
+    req = GenerationRequest("a red star moving left", seed=1, steps=2, loras=[(str(lora), 1.0)])
+    old = p.generate(req).latents
+    _lora_file(tmp_path / "new.safetensors", seed=1)
+    os.replace(tmp_path / "new.safetensors", lora)
+    fresh = pipe().generate(req).latents
+    assert not fresh.equal(old) and p.generate(req).latents.equal(fresh)
+    handle = p.loras[0][2]
+    assert p.generate(req).latents.equal(fresh) and p.loras[0][2] is handle  # unchanged: not read again
+
+
 def test_cli_generate_with_lora_and_convert_lora(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
     lora = _lora_file(tmp_path / "l.safetensors")

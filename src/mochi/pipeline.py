@@ -252,9 +252,10 @@ class MochiPipeline:
         it off then subtracts it, as exact as float rounding allows).
         """
         from mochi.models.lora import apply_lora
-        from mochi.weights.lora import read_lora
+        from mochi.weights.lora import lora_stamp, read_lora
 
         merge = self.lora_merge if merge is None else merge
+        stamp = lora_stamp(path)  # before reading: a file replaced meanwhile is read again next time
         layers = read_lora(path).layers
         handle = apply_lora(
             self.components.dit,
@@ -264,6 +265,7 @@ class MochiPipeline:
             keep_original=merge and self.lora_keep_originals,
             source=f"LoRA {str(path)!r}",
         )
+        handle.stamp = stamp  # what _use_loras compares: the file the LoRA was read from, unchanged
         self.loras.append((str(path), handle.scale, handle))
         return handle
 
@@ -275,14 +277,20 @@ class MochiPipeline:
     def _use_loras(self, loras: list[tuple[str, float]]) -> None:
         """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded).
 
-        A handle taken off by its own ``remove()`` no longer counts as applied. If one of ``loras`` fails to
-        load, none stays applied (no half-applied list decides what later requests get)."""
+        A handle taken off by its own ``remove()`` no longer counts as applied, nor does one whose file has
+        been replaced or written over since it was read (a retrained LoRA saved under the same name: the
+        old one stayed applied, so the request's video depended on what this process had loaded before).
+        If one of ``loras`` fails to load, none stays applied (no half-applied list decides what later
+        requests get)."""
+        from mochi.weights.lora import lora_stamp
+
         self.loras = [entry for entry in self.loras if not entry[2].removed]
-        wanted = [(str(p), float(s), self.lora_merge) for p, s in loras]
-        if wanted and wanted != [(p, s, h.merged) for p, s, h in self.loras]:
+        wanted = [(str(p), float(s), self.lora_merge, lora_stamp(p)) for p, s in loras]
+        applied = [(p, s, h.merged, getattr(h, "stamp", None)) for p, s, h in self.loras]
+        if wanted and wanted != applied:
             self.unload_loras()
             try:
-                for path, scale, _ in wanted:
+                for path, scale, _, _ in wanted:
                     self.load_lora(path, scale)
             except BaseException:
                 self.unload_loras()

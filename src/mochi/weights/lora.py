@@ -241,6 +241,23 @@ def _lora_file(path: Path) -> Path:
     return files[0]
 
 
+def lora_stamp(path: str | os.PathLike) -> tuple:
+    """What identifies the current content of the LoRA at ``path`` without reading it: device, inode, size and
+    modification time of its file (and of a PEFT ``adapter_config.json`` beside it, which may hold its
+    alpha). A file replaced (train-lora writes a temporary, then renames it) or written over has another
+    stamp; () when there is no such file."""
+    try:
+        file = _lora_file(Path(path))
+    except WeightsError:
+        return ()
+    stamp = []
+    for f in (file, file.parent / "adapter_config.json"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            stamp.append((str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 def _strip(key: str) -> str:
     changed = True
     while changed:
