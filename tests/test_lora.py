@@ -1,6 +1,7 @@
 """LoRA layers, merging, files in Genmo's and the diffusers/PEFT format, parity with peft in diffusers."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -469,6 +470,34 @@ def test_peft_alpha_sources(tmp_path):
     assert read_lora(tmp_path / "d.safetensors").layers["blocks.0.attn.proj_x"].alpha == 8.0
     save_file(sd, tmp_path / "plain.safetensors")
     assert read_lora(tmp_path / "plain.safetensors").layers["blocks.0.attn.proj_x"].alpha == 4.0
+
+
+def test_peft_alpha_pattern_and_rslora_give_peft_s_scaling(tmp_path):
+    r"""alpha_pattern keys matched as name suffixes ('proj' gave add_q_proj, add_k_proj and add_v_proj the
+    alpha meant for ff.net.0.proj; a regular expression such as r'.*\.to_out\.0' matched nothing), and
+    use_rslora (scaling alpha/√r) was ignored: scalings other than peft's, as read here from peft itself."""
+    from peft.utils.other import get_pattern_key
+
+    mods = {"attn1.add_q_proj": (16, 32), "attn1.add_k_proj": (16, 32), "attn1.add_v_proj": (16, 32)}
+    mods |= {"ff.net.0.proj": (32, 64), "attn1.to_out.0": (32, 32)}
+    sd = {}
+    for mod, (i, o) in mods.items():
+        sd[f"base_model.model.transformer_blocks.0.{mod}.lora_A.weight"] = torch.randn(4, i)
+        sd[f"base_model.model.transformer_blocks.0.{mod}.lora_B.weight"] = torch.randn(o, 4)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(sd, folder / "adapter_model.safetensors")
+    pattern = {"proj": 8, r".*\.to_out\.0": 2}
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": pattern}))
+    for name, layer in read_lora(folder).stored.items():
+        assert layer.alpha == pattern.get(get_pattern_key(pattern, name), 4), name
+    assert read_lora(folder).stored["transformer_blocks.0.attn1.add_q_proj"].alpha == 4
+    config.write_text(json.dumps({"r": 4, "lora_alpha": 4, "use_rslora": True}))
+    assert {layer.scaling for layer in read_lora(folder).stored.values()} == {4 / math.sqrt(4)}
+    config.write_text(json.dumps({"lora_alpha": 4, "alpha_pattern": {"(": 8}}))
+    with pytest.raises(WeightsError, match=r"'alpha_pattern' has key '\(', which is not a regular"):
+        read_lora(folder)
 
 
 # -- malformed files: one WeightsError naming the file, the field and the rule -------------------------------

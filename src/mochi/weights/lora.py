@@ -8,7 +8,8 @@ add ``mochi_lora`` (rank, alpha per target, targets) so other targets keep their
 **diffusers/PEFT**: keys ``transformer.transformer_blocks.{i}.attn1.to_q.lora_A.weight`` … (the
 ``transformer.`` prefix optional; ``base_model.model.``, ``lora_down/lora_up`` and kohya ``.alpha`` keys are
 read too). Alpha comes from ``.alpha`` keys, diffusers' ``lora_adapter_metadata`` header or a PEFT
-``adapter_config.json`` beside the file, and defaults to the rank (scaling 1), as diffusers assumes. We write
+``adapter_config.json`` beside the file (``alpha_pattern`` and ``use_rslora`` read as PEFT reads them), and
+defaults to the rank (scaling 1), as diffusers assumes. We write
 with the scaling folded into B and no alpha, which every loader reads the same way.
 
 Layer names follow ``mochi.weights.keymaps.dit_diffusers``: Genmo's fused ``qkv_x`` is diffusers'
@@ -285,8 +286,9 @@ def _alpha_map(value: object, where: str) -> dict[str, float]:
     return {k: _alpha(v, f"{where}[{k!r}]") for k, v in value.items()}
 
 
-def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None, dict[str, float]]:
-    """(global alpha, per-module alpha pattern) from diffusers' header metadata or adapter_config.json."""
+def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None, dict[str, float], bool]:
+    """(global alpha, per-module alpha pattern, use_rslora) from diffusers' header metadata or
+    adapter_config.json."""
     conf: dict = {}
     where = ""
     config = file.parent / "adapter_config.json"
@@ -300,7 +302,25 @@ def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None,
     alpha = conf.get("lora_alpha")
     alpha = _alpha(alpha, f"{where} field 'lora_alpha'") if alpha is not None else None
     pattern = _alpha_map(conf.get("alpha_pattern"), f"{where} field 'alpha_pattern'")
-    return alpha, {k.lstrip("^"): v for k, v in pattern.items()}
+    for key in pattern:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise WeightsError(
+                f"{where} field 'alpha_pattern' has key {key!r}, which is not a regular expression ({e}); "
+                "PEFT matches each key as one against the module names, e.g. 'to_q'"
+            ) from None
+    rslora = conf.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise WeightsError(f"{where} field 'use_rslora' is {rslora!r}; it must be true or false")
+    return alpha, pattern, rslora
+
+
+def _pattern_alpha(name: str, pattern: Mapping[str, float]) -> float | None:
+    """The alpha PEFT's ``alpha_pattern`` gives module ``name``: that of the first key matching the whole name
+    or its end after a dot, the key read as a regular expression (``peft.utils.other.get_pattern_key``):
+    'proj' is ff.net.0.proj's and not add_q_proj's."""
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), None)
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -354,7 +374,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if fmt == "genmo":
         group_alpha = _genmo_alphas(file, metadata)
     else:
-        peft_alpha, pattern = _peft_alphas(file, metadata)
+        peft_alpha, pattern, rslora = _peft_alphas(file, metadata)
     layers: dict[str, LoraLayer] = {}
     for name, f in factors.items():
         a, b = f["A"], f["B"]
@@ -373,7 +393,10 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         elif fmt == "genmo":
             alpha = group_alpha.get(target_of(name) or name, float(a.shape[0]))
         else:
-            alpha = next((v for k, v in pattern.items() if name.endswith(k)), peft_alpha or float(a.shape[0]))
+            alpha = _pattern_alpha(name, pattern)
+            alpha = (peft_alpha or float(a.shape[0])) if alpha is None else alpha
+            if rslora:  # PEFT scales such a LoRA by alpha/√r; ours is alpha/r, so alpha·√r gives the same
+                alpha *= math.sqrt(a.shape[0])
         if not math.isfinite(alpha):
             raise NonFiniteError(f"LoRA {str(file)!r}: layer {name!r} has alpha {alpha}; it must be finite")
         layers[name] = LoraLayer(a, b, alpha)
