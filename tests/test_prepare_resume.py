@@ -206,6 +206,36 @@ def test_info_describes_a_prepared_clip_and_a_training_state(data, tmp_path, cap
     assert str(state) in capsys.readouterr().err
 
 
+def test_info_on_a_run_resumed_with_more_steps_names_its_newest_lora(data, tmp_path, capsys, monkeypatch):
+    """A finished run resumed with more --steps and stopped half-way: `mochi info` named the earlier run's
+    lora.safetensors as the result ("use: mochi generate --lora …/lora.safetensors") at step 3 of 4."""
+    import mochi.train.lora_train as lora_train
+
+    run = tmp_path / "run"
+    _train(data, run)  # finished: lora.safetensors of step 2
+    real = lora_train.flow_matching_loss
+    calls = {"n": 0}
+
+    def dies_in_step_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "flow_matching_loss", dies_in_step_four)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(data, run, steps=4, progress=False)
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == "3 of 4" and info["lora"] == str(run / "lora-step-000003.safetensors")
+    assert info["use"] == f"mochi train-lora DATA --out {run} (resumes)"
+    monkeypatch.setattr(lora_train, "flow_matching_loss", real)
+    _train(data, run, steps=4, progress=False)
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lora"] == str(run / "lora.safetensors") and info["use"].startswith("mochi generate")
+
+
 def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys, monkeypatch):
     _train(data, tmp_path / "run")
     for state in list_states(tmp_path / "run"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from mochi.cli.options import Subparsers
@@ -123,20 +124,40 @@ def _run_folder_info(path: str) -> dict | None:
     with contextlib.suppress(Exception):  # anything that does not read as a run keeps the model's error
         config = json.loads((folder / "config.json").read_text())
         state = load_latest_state(folder, tidy=False)  # a reading command changes nothing
-        loras = sorted(folder.glob("lora*.safetensors"))
+        step = state["step"] if state else 0
+        # By step number: lora-step-1000000 sorts before lora-step-200000 as text.
+        checkpoints = sorted(
+            (int(m.group(1)), p)
+            for p in folder.glob("lora-step-*.safetensors")
+            if (m := re.fullmatch(r"lora-step-(\d+)\.safetensors", p.name))
+        )
         final = folder / "lora.safetensors"
+        # lora.safetensors is the run's result only once the run is finished: resumed with more --steps, the
+        # earlier run's stays until the new end, and was named as this run's.
+        done = final.is_file() and step >= config.get("steps", step) and _lora_step(final) in (step, None)
+        lora = final if done else (checkpoints[-1][1] if checkpoints else None)
         return {
             "path": str(path),
             "format": "train-lora run",
-            "step": f"{state['step'] if state else 0} of {config.get('steps', '?')}",
+            "step": f"{step} of {config.get('steps', '?')}",
             "settings": f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, "
             f"targets {','.join(config.get('targets', []))}",
-            "lora": str(final) if final.is_file() else (str(loras[-1]) if loras else "none yet"),
+            "lora": str(lora) if lora else "none yet",
             "use": f"mochi generate PROMPT --lora {final}"
-            if final.is_file()
+            if done
             else f"mochi train-lora DATA --out {path} (resumes)",
         }
     return None
+
+
+def _lora_step(path: Path) -> int | None:
+    """The training step a train-lora LoRA file records (metadata ``mochi_lora``), or None."""
+    import json
+
+    from mochi.weights.io import read_metadata
+
+    step = json.loads(read_metadata(path).get("mochi_lora") or "{}").get("step")
+    return step if isinstance(step, int) else None
 
 
 def _state_info(path: str) -> dict | None:
