@@ -673,3 +673,15 @@ def test_a_read_lora_does_not_change_when_its_file_is_written_over(tmp_path):
         f.write(bytes(size - 8))
     for name, layer in layers.items():
         assert read.layers[name].A.equal(layer.A) and read.layers[name].B.equal(layer.B), name
+
+
+def test_a_run_folder_given_as_a_lora_names_its_files_and_the_result(tmp_path):
+    """`--lora RUN` (a train-lora folder) said only "holds 4 .safetensors files; name the LoRA file"."""
+    for name in ("lora-step-000002.safetensors", "lora-step-000004.safetensors", "lora.safetensors"):
+        save_lora(random_lora(model()), tmp_path / name)
+    with pytest.raises(
+        WeightsError,
+        match=r"holds 3 \.safetensors files \(lora-step-000002\.safetensors, lora-step-000004\.safetensors, "
+        rf"lora\.safetensors\); name the LoRA file, e\.g\. '{tmp_path}/lora\.safetensors'",
+    ):
+        read_lora(tmp_path)

@@ -238,7 +238,21 @@ def _lora_file(path: Path) -> Path:
             return path / name
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        raise WeightsError(f"folder {str(path)!r} holds {len(files)} .safetensors files; name the LoRA file")
+        # A train-lora run folder holds lora.safetensors, its result, beside each checkpoint's LoRA.
+        pick = (
+            path / "lora.safetensors"
+            if (path / "lora.safetensors").is_file()
+            else files[-1]
+            if files
+            else None
+        )
+        listed = (
+            f" ({', '.join(f.name for f in files[:4])}{', …' if len(files) > 4 else ''})" if files else ""
+        )
+        hint = f", e.g. {str(pick)!r}" if pick else ""
+        raise WeightsError(
+            f"folder {str(path)!r} holds {len(files)} .safetensors files{listed}; name the LoRA file{hint}"
+        )
     return files[0]
 
 
