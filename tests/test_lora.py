@@ -685,3 +685,17 @@ def test_a_run_folder_given_as_a_lora_names_its_files_and_the_result(tmp_path):
         rf"lora\.safetensors\); name the LoRA file, e\.g\. '{tmp_path}/lora\.safetensors'",
     ):
         read_lora(tmp_path)
+
+
+def test_a_diffusers_lora_with_alpha_metadata_converts_to_genmo_exactly(tmp_path):
+    """q, k and v sharing A and alpha (a PEFT trainer's file, alpha in diffusers' header) were fused with
+    alpha/r folded into B: rounded factors, and a merged delta other than peft's, for alpha/r not a power
+    of two. Now B is concatenated and alpha kept: Genmo's file holds the file's own factors."""
+    layers = random_lora(model(), rank=4, alpha=4)
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 6})}
+    save_file(to_diffusers(layers), tmp_path / "d.safetensors", metadata=meta)
+    dst, _ = convert_lora(tmp_path / "d.safetensors", tmp_path / "g.safetensors", "genmo")
+    back = read_lora(dst).layers
+    assert back.keys() == layers.keys()
+    for name, layer in layers.items():
+        assert back[name].A.equal(layer.A) and back[name].B.equal(layer.B) and back[name].alpha == 6.0, name

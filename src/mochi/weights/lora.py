@@ -14,9 +14,9 @@ with the scaling folded into B and no alpha, which every loader reads the same w
 
 Layer names follow ``mochi.weights.keymaps.dit_diffusers``: Genmo's fused ``qkv_x`` is diffusers'
 ``to_q``/``to_k``/``to_v``. One Genmo qkv LoRA (A (r, in), B (3D, r)) becomes three PEFT LoRAs that share A,
-each with a third of B's rows. Back: three LoRAs with equal A fuse into one of rank r; otherwise into one of
-rank r_q+r_k+r_v with A stacked and B block-diagonal, which computes exactly the sum of the three. ``swap``
-rules (SwiGLU w1, final mod) exchange B's two row halves.
+each with a third of B's rows. Back: three LoRAs with equal A fuse into one of rank r (a shared alpha
+kept); otherwise into one of rank r_q+r_k+r_v with A stacked and B block-diagonal, which computes exactly the
+sum of the three. ``swap`` rules (SwiGLU w1, final mod) exchange B's two row halves.
 """
 
 from __future__ import annotations
@@ -191,7 +191,11 @@ def to_diffusers(layers: Mapping[str, LoraLayer], depth: int | None = None) -> d
 
 
 def _fuse(parts: list[LoraLayer]) -> LoraLayer:
-    """Fuse the q, k, v LoRAs into one on the concatenated output, each scaling folded into its B."""
+    """Fuse the q, k, v LoRAs into one on the concatenated output: with one A and one alpha (what
+    ``to_diffusers`` writes, and PEFT trainers give a file with alpha metadata) B concatenated and that alpha
+    kept, exactly; otherwise each scaling folded into its B."""
+    if all(torch.equal(p.A, parts[0].A) and p.alpha == parts[0].alpha for p in parts):
+        return LoraLayer(parts[0].A, torch.cat([p.B for p in parts]), parts[0].alpha)
     bs = [_folded(p).float() for p in parts]
     if all(torch.equal(p.A, parts[0].A) for p in parts):
         a, b = parts[0].A, torch.cat(bs)
