@@ -516,6 +516,34 @@ def test_one_run_folder_takes_one_train_lora_at_a_time(data, tmp_path):
     assert not (run / ".lock").exists()  # removed at the end
 
 
+def test_a_lock_taken_on_a_removed_lock_file_is_not_held(tmp_path, monkeypatch):
+    """A run opening .lock just before the holder ended (and removed it) locked the removed file, while a
+    third run locked the new one: two runs on one folder."""
+    import builtins
+
+    import mochi.train.lora_train as T
+
+    with T._run_lock(tmp_path):
+        stale = open(tmp_path / ".lock", "a+")  # noqa: SIM115 (opened while the first run held the file)
+    third = T._run_lock(tmp_path)  # the first has ended and removed it; a third run takes the new file
+    third.__enter__()
+    opened = []
+
+    def opening(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        opened.append(path)
+        return stale if len(opened) == 1 else builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(T, "open", opening, raising=False)
+    with (
+        pytest.raises(ValueError, match=rf"in use by another train-lora \(pid {os.getpid()}\)"),
+        T._run_lock(tmp_path),
+    ):
+        pass
+    assert len(opened) == 2 and stale.closed  # the removed file was let go and the current one tried
+    third.__exit__(None, None, None)
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_resuming_past_the_asked_steps_is_refused(data, tmp_path):
     """It handed back the later step's LoRA as the run's result, with config.json saying the fewer steps."""
     out, _ = data

@@ -59,7 +59,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompt
 
 @dataclass(frozen=True)
 class LoraTrainConfig:
-    """Hyper-parameters of a run; defaults are Genmo's lora.yaml (§6.3), except a 0.1 warmup share."""
+    """Hyper-parameters of a run; defaults are Genmo's lora.yaml (§6.3), its 200 warmup steps included."""
 
     rank: int = 16
     alpha: float = 16.0
@@ -258,16 +258,24 @@ def _run_lock(out: Path) -> Iterator[None]:
         yield
         return
     path = out / ".lock"
-    with open(path, "a+") as f:
+    while True:
+        f = open(path, "a+")  # noqa: SIM115 (closed below, or by the with statement once it is the lock)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise ValueError(
                 f"{str(out)!r} is in use by another train-lora (pid {holder}); wait for it to end, or give "
                 "another --out"
             ) from None
+        # The run that held it removes the file as it ends: a lock taken on the removed file (opened just
+        # before) would be a second holder beside a run that opens the new one. Held only if still the file.
+        if _is_at(f, path):
+            break
+        f.close()
+    with f:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -276,6 +284,16 @@ def _run_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             path.unlink(missing_ok=True)  # while still held: no other run can have taken it
+
+
+def _is_at(f, path: Path) -> bool:  # noqa: ANN001
+    """Whether the open file ``f`` is the file now at ``path`` (not one removed or replaced since)."""
+    try:
+        at = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(f.fileno())
+    return (at.st_dev, at.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _resume_decision(  # noqa: ANN202
