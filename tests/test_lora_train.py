@@ -544,6 +544,50 @@ def test_a_lock_taken_on_a_removed_lock_file_is_not_held(tmp_path, monkeypatch):
     assert not (tmp_path / ".lock").exists()
 
 
+def test_sigterm_checkpoints_exits_143_and_a_second_signal_of_either_kind_stops_at_once(
+    data, tmp_path, monkeypatch
+):
+    """SIGTERM during train-lora exited 130 ("interrupted"), and after it a Ctrl-C only set the stop flag
+    again instead of interrupting at once."""
+    import mochi.cli as cli
+    from mochi.errors import Terminated
+
+    out, _ = data
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "checkpoint_every": 0})
+    real = lora_train.flow_matching_loss
+    calls = {"n": 0}
+
+    def sigterm_in_step_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGTERM)  # the step still completes, then the checkpoint
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "flow_matching_loss", sigterm_in_step_two)
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with pytest.raises(Terminated, match="stopped after step 2"):
+            train_lora(pipe(), out, tmp_path / "cut", cfg, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.name for p in list_states(tmp_path / "cut")] == ["step-000002.pt"]
+
+    def then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)  # the second signal: Python's handler is back
+        return real(*args, **kwargs)
+
+    calls["n"] = 0
+    monkeypatch.setattr(lora_train, "flow_matching_loss", then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_lora(pipe(), out, tmp_path / "cut2", cfg, progress=False)
+    assert not isinstance(caught.value, Terminated) and "stopped after" not in str(caught.value)
+    assert list_states(tmp_path / "cut2") == []  # interrupted at once, inside step 2
+    assert cli.Terminated is Terminated  # what the CLI turns into "mochi: terminated", exit 143
+
+
 def test_resuming_past_the_asked_steps_is_refused(data, tmp_path):
     """It handed back the later step's LoRA as the run's result, with config.json saying the fewer steps."""
     out, _ = data

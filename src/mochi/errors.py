@@ -44,6 +44,11 @@ class MissingPackageError(MochiError, ImportError):
     """An option needs an optional package that is not installed; the message says how to install it."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as Ctrl-C does; the CLI
+    exits 143 on it (130 on Ctrl-C)."""
+
+
 def one_line(text: str) -> str:
     """``text`` with its lines joined, so that a message from a library never spans several lines."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())

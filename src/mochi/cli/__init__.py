@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from mochi import __version__
 from mochi.cli import accel, generate, lora, plan, serve, weights
+from mochi.errors import Terminated
 
 # Command modules in the order `mochi --help` lists them.
 COMMAND_MODULES = (generate, plan, serve, lora, weights, accel)
@@ -93,10 +94,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as Ctrl-C does."""
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -205,18 +205,27 @@ def flow_matching_loss(
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C/SIGTERM into a flag checked between steps (a second one interrupts at once)."""
+    """Turns the first Ctrl-C/SIGTERM into a flag checked between steps (a second one of either interrupts
+    at once: the handlers before are back). ``signum``: the signal that asked."""
 
     def __enter__(self) -> _StopRequest:
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self._old = False, None, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        self.requested, self.signum = True, signum
+        for sig, old in self._old.items():  # both: a Ctrl-C after a SIGTERM only set the flag again
+            signal.signal(sig, old)
+
+    def stopped(self, message: str) -> KeyboardInterrupt:
+        """What to raise once stopped: ``Terminated`` for SIGTERM (the CLI exits 143), else
+        KeyboardInterrupt (130), as when either arrives outside training."""
+        from mochi.errors import Terminated
+
+        return (Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt)(message)
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -353,7 +362,8 @@ def train_lora(
     required; see `_resume_decision`, which says what it decided on stderr); ``restart`` discards the
     states of an earlier run instead and trains from step 0. Writes
     checkpoints every ``checkpoint_every`` steps, samples every ``sample_every`` steps, and a checkpoint on
-    Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt. ``parallel`` (set up by
+    Ctrl-C/SIGTERM after the current step before raising KeyboardInterrupt (`mochi.errors.Terminated`
+    for SIGTERM). ``parallel`` (set up by
     ``mochi.parallel.train.parallelize_training``): all ranks train one batch together; gradients are
     combined over ranks before each optimizer step, and only its main rank writes files.
     """
@@ -505,7 +515,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
                 message = f"stopped after step {done} (checkpoint saved); rerun the same command to resume"
                 if progress and writes:
                     tqdm.write(message, file=sys.stderr)
-                raise KeyboardInterrupt(message)
+                raise stop.stopped(message)
     bar.close()
     final = out / "lora.safetensors"
     if writes:
