@@ -699,3 +699,15 @@ def test_a_diffusers_lora_with_alpha_metadata_converts_to_genmo_exactly(tmp_path
     assert back.keys() == layers.keys()
     for name, layer in layers.items():
         assert back[name].A.equal(layer.A) and back[name].B.equal(layer.B) and back[name].alpha == 6.0, name
+
+
+def test_a_missing_lora_is_named_as_a_lora(tmp_path, capsys):
+    """convert-lora and read_lora called a missing LoRA file a "checkpoint"."""
+    from mochi.cli import main
+
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(WeightsError, match=rf"^LoRA '{missing}' does not exist$"):
+        read_lora(missing)
+    assert main(["convert-lora", str(missing), str(tmp_path / "out.safetensors"), "--to", "diffusers"]) == 2
+    assert capsys.readouterr().err == f"mochi: error: LoRA '{missing}' does not exist\n"
+    assert not (tmp_path / "out.safetensors").exists()

@@ -344,6 +344,8 @@ def _pattern_alpha(name: str, pattern: Mapping[str, float]) -> float | None:
 def read_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA in Genmo's or the diffusers/PEFT format (detected from its keys) as Genmo-named layers."""
     file = _lora_file(Path(path))
+    if not file.exists():  # else read_state_dict's "checkpoint ... does not exist" (convert-lora, info)
+        raise WeightsError(f"LoRA {str(file)!r} does not exist")
     # Copies, not views of the file's memory map: a LoRA is small, and one applied unmerged is read again at
     # every step, so a file written over in place (cp onto it) changed the next video or, cut short, killed
     # the process with SIGBUS.
