@@ -490,6 +490,31 @@ def test_error_at_first_compiled_call_keeps_compilation(fake_inductor, capsys):
     assert "compiling failed" not in capsys.readouterr().err
 
 
+def test_compiled_dit_follows_loras_hooked_after_its_first_call(fake_inductor, monkeypatch):
+    """A LoRA hooked in after the first compiled call (a later request's), taken off again or applied at
+    another scale ran the graph traced before: dynamo skipped guarding on the traced layers' hooks."""
+    from mochi.accel.compile import compile_dit
+
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # torch's default
+    fake_inductor()
+    sigmas = SIGMAS[:3] + [0.0]
+    dit = _dit()
+    layers = _lora_layers(dit)
+    base = _run(dit, sigmas)
+    want = {}
+    for scale in (1.0, 0.5):
+        handle = apply_lora(dit, layers, scale)
+        want[scale] = _run(dit, sigmas)
+        handle.remove()
+    assert compile_dit(dit)
+    torch.testing.assert_close(_run(dit, sigmas), base)
+    for scale in (1.0, 0.5):
+        handle = apply_lora(dit, layers, scale)
+        torch.testing.assert_close(_run(dit, sigmas), want[scale])
+        handle.remove()
+    torch.testing.assert_close(_run(dit, sigmas), base)
+
+
 @pytest.mark.slow
 def test_compiled_equals_eager_with_caching():
     """Regional compile: outputs equal eager within fp32 tolerance, cached or not (a few minutes on CPU)."""

@@ -5,8 +5,9 @@ update, is a second), so dynamo traces one graph and every block reuses it with 
 inputs (``inline_inbuilt_nn_modules``, on by default since torch 2.5); compile time is that of one block,
 not 48, and the embedding, text packing and step caching around the blocks stay eager Python, free to
 change per call. Graphs are specialised to shapes (``dynamic=False``): a new video size or prompt length
-recompiles once, and nothing else does. Only ``forward`` is compiled, not the module call: hooks put on the
-blocks from outside run eager, and so does the sequence split's exchange (``mochi.parallel.sequence``).
+recompiles once, as does a change of the hooks on the layers inside the blocks (hooked LoRAs). Only
+``forward`` is compiled, not the module call: hooks put on the blocks from outside run eager, and so does the
+sequence split's exchange (``mochi.parallel.sequence``).
 Where no compiler works (no C++ toolchain for inductor on CPU, no triton on CUDA) ``compile_dit`` prints
 one line and leaves the model eager.
 """
@@ -79,6 +80,11 @@ def compile_dit(dit: nn.Module, device: str | torch.device = "cpu", mode: str | 
     if problem is not None:
         print(f"mochi: --compile unavailable here ({problem}); running uncompiled", file=sys.stderr)
         return False
+    # Dynamo does not guard on the hooks of the layers it traces through by default: a LoRA hooked into the
+    # blocks' Linears after the first compiled call (a later request's, ``MochiPipeline.generate``), taken
+    # off or applied at another scale ran the graph traced before, silently without it or with the old one.
+    # With hook guards, a change of hooks recompiles once (the graphs of each set of hooks are kept).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for module in [*dit.blocks, dit.final_layer]:
         # forward, not the module call (Module.compile): hooks put on the blocks from outside (sequence
         # parallelism, offloading, stop checks) run eager around the graphs, so their per-call state never
