@@ -124,6 +124,10 @@ def test_numbers_are_plain_decimals_and_errors_name_the_value_given(cache, messa
         ),
         ("none,extrapolate", "cache options 'extrapolate' given without a cache"),
         ("tea,extrapolate", "cache 'tea' is unknown; choose one of none, teacache, fbcache"),
+        # A threshold that is not finite is named as one (it was "cache 'teacache:inf' is unknown").
+        ("teacache:inf", "cache threshold inf must be a finite number > 0"),
+        ("fbcache:nan,extrapolate", "cache threshold nan must be a finite number > 0"),
+        ("teacache:1e400", "cache threshold 1e400 must be a finite number > 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(cache, message):

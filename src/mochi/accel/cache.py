@@ -105,6 +105,8 @@ class CacheSetting:
         if kind_part in KINDS and kind_part != "none" and _is_number(number):
             # "teacache:0.15": a kind with its threshold, as the sidecar's "cache" entry (str(setting)) reads.
             value = _plain_number(number, f"cache {head!r}: threshold")
+            if not math.isfinite(value):
+                check_threshold(number)  # refused naming the number as written ("1e400", not "inf")
             if threshold is not None and threshold != value:
                 raise ValueError(
                     f"cache {head!r} names threshold {number} and the cache threshold is "
@@ -226,10 +228,13 @@ def _parse_options(options: list[str]) -> dict:
 
 
 def _is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number, "inf" and "nan" included: "teacache:inf" names a threshold, which
+    ``check_threshold`` refuses by its rule (it was called an unknown cache)."""
     try:
-        return math.isfinite(float(text))
+        float(text)
     except ValueError:
         return False
+    return True
 
 
 def check_threshold(threshold: float) -> float:
