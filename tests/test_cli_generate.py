@@ -8,6 +8,7 @@ import mochi.cli.options
 import mochi.pipeline
 import mochi.weights.components
 from mochi.cli import build_parser, main
+from mochi.request import GenerationRequest
 from mochi.video import read_video, write_video
 from mochi.weights.bundle import load_embedded
 
@@ -389,5 +390,12 @@ def test_option_help_states_the_defaults_and_ranges_the_code_uses():
     assert commands["serve"].get_default("out_dir") == "mochi-serve-out"
     assert "0.1-240" in help_of("serve", "--fps")
     assert "[0, 1)" in help_of("generate", "--eta-above")
+    # A cached request runs the Euler sampler unless it names eta (GenerationRequest.resolved); the help
+    # named only the model's η defaults, which --cache does not take.
+    shipped = load_embedded().defaults
+    cached = GenerationRequest("a red circle", cache="teacache").resolved(shipped)
+    assert shipped["eta"] > 0 and (cached.eta, cached.eta_above) == (0.0, 0.0)
+    for option in ("--eta", "--eta-above"):
+        assert "0 with --cache" in help_of("generate", option)
     assert "all: bf16 and fp32" in help_of("plan", "--dtype")
     assert "as generate --quantize" in help_of("plan", "--quantize")

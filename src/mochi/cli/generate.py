@@ -43,13 +43,14 @@ def _add_generate(sub: Subparsers) -> None:
         "--eta",
         type=float,
         help="ancestral sampling: share of each step's noise drawn afresh, 0-1 (0: Genmo's Euler sampler; "
-        "default: the model's, 1 for the embedded model, 0 for Mochi 1)",
+        "default: the model's, 1 for the embedded model, 0 for Mochi 1; 0 with --cache, which skips no "
+        "step of an ancestral run)",
     )
     p.add_argument(
         "--eta-above",
         type=float,
         help="ancestral sampling only at steps from σ above this, in [0, 1) (default: the model's, 0.3 for "
-        "the embedded model)",
+        "the embedded model; 0 with --cache)",
     )
     add_model_options(p, runtime=True)
     p.add_argument(
