@@ -286,7 +286,7 @@ def test_cache_coefficients_need_a_teacache(cache, ok, tmp_path, monkeypatch):
     from mochi.cli.accel import check_cache_options
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.json").write_text("{}")
+    _coefficient_file(tmp_path).rename(tmp_path / "c.json")  # read before the model loads, when it applies
     args = argparse.Namespace(cache=cache, cache_coefficients="c.json")
     if ok:
         check_cache_options(args)
@@ -333,3 +333,24 @@ def test_cli_refuses_cache_coefficients_without_teacache(tmp_path, capsys):
     argv = ["generate", PROMPT, "--frames", "7", "--steps", "2", "--cache", "teacache"]
     assert main([*argv, "--cache-coefficients", str(bad), "--out", str(out)]) == 2
     assert "'coefficients' must be a list of 5 numbers" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_refuses_a_malformed_coefficient_file_before_loading(tmp_path, capsys, monkeypatch):
+    """A file that is no coefficient file was refused only once the model (minutes for the released one)
+    and its T5 had loaded; whether a good file fits the model is still checked after the load."""
+    import mochi.pipeline
+    from mochi.cli import main
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    argv = ["generate", PROMPT, "--frames", "7", "--steps", "2", "--cache", "teacache:fast"]
+    notes = tmp_path / "notes.json"
+    notes.write_text("fit me\n")
+    for bad, message in [
+        (_coefficient_file(tmp_path, coefficients=[1.0, "x", 0, 0, 0]), 'coefficient 1 is "x"'),
+        (notes, "is not a mochi-teacache coefficient file (not JSON"),
+    ]:
+        out = tmp_path / "w.mp4"
+        assert main([*argv, "--cache-coefficients", str(bad), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mochi: error: ") and message in err and err.count("\n") == 1
+        assert not out.exists()

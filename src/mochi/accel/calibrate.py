@@ -72,10 +72,10 @@ def _finite_number(value: object) -> bool:
         return False
 
 
-def load_coefficients(path: str | os.PathLike, config: DiTConfig) -> list[float]:
+def load_coefficients(path: str | os.PathLike, config: DiTConfig | None) -> list[float]:
     """The polynomial in ``path``; ValueError when the file is not a coefficient file as
     `save_coefficients` writes it (``DEGREE + 1`` finite numbers) or was fitted for a DiT of another
-    architecture."""
+    architecture than ``config`` (None: the model is not loaded yet, only the file's form is checked)."""
     name = str(path)
     remedy = "write one with `mochi calibrate-cache`"
     try:
@@ -121,6 +121,8 @@ def load_coefficients(path: str | os.PathLike, config: DiTConfig) -> list[float]
             f"cache coefficients {name!r}: 'dit_config' must be an object of the DiT's settings, got "
             f"{_json_kind(theirs) if 'dit_config' in data else 'none'}; {remedy}"
         )
+    if config is None:
+        return [float(c) for c in coefficients]
     ours = asdict(config)
     differ = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if differ:

@@ -29,8 +29,9 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_cache_options(args: argparse.Namespace) -> None:
-    """ValueError for --cache-coefficients without a TeaCache kind of --cache (only TeaCache reads them), or
-    naming no file."""
+    """ValueError for --cache-coefficients without a TeaCache kind of --cache (only TeaCache reads them),
+    naming no file, or naming a file that is no coefficient file (before the model loads; whether it was
+    fitted for this model is checked once it is loaded)."""
     path = getattr(args, "cache_coefficients", None)
     if path is None:
         return
@@ -48,6 +49,9 @@ def check_cache_options(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--cache-coefficients {path!r} {why}; give a file written by `mochi calibrate-cache`"
         )
+    from mochi.accel.calibrate import load_coefficients
+
+    load_coefficients(file, None)  # a malformed file was refused only after the model (minutes) had loaded
 
 
 def apply_cache_options(pipe, args: argparse.Namespace) -> None:  # noqa: ANN001 - a MochiPipeline
