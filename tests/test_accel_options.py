@@ -10,6 +10,7 @@ import torch
 
 from mochi.accel.cache import PRESETS, CacheSetting, StepCache, _Stream
 from mochi.request import GenerationRequest
+from mochi.sampling.schedules import linear_quadratic_schedule
 
 from .test_accel import PROMPT, SIGMAS, _dit, _run, pipe  # noqa: F401 - pipe is a fixture
 
@@ -154,6 +155,21 @@ def test_max_skips_and_keep_force_full_passes(kind):
     kept = StepCache(dit, CacheSetting(kind, 1e9, keep=(0.9, 0.98)), sigmas=SIGMAS)  # σ 0.975, 0.909
     _run(kept, SIGMAS)
     assert kept.stats.skipped_steps == [1, 2, 3, 6] and kept.stats.forwards == 4
+
+
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_keep_takes_the_schedules_sigmas_at_its_bounds(kind):
+    """σ 0.7 of a schedule is 0.69999999 in float32, as the sampler hands it over: keep=0.7-0.9 skipped that
+    step, and `teacache:2x`'s keep=0.85-0.975 left out the σ 0.97499999 of a 50-step schedule."""
+    sigmas = [1.0, 0.9, 0.7, 0.5, 0.3, 0.2, 0.0]
+    kept = StepCache(_dit(), CacheSetting(kind, 1e9, keep=(0.7, 0.9)), sigmas=sigmas)
+    _run(kept, sigmas)
+    assert kept.stats.skipped_steps == [3, 4]
+    sigmas = linear_quadratic_schedule(50)
+    assert 0.85 <= sigmas[25] <= 0.975 < torch.tensor(sigmas[25]).item()
+    kept = StepCache(_dit(), CacheSetting(kind, 1e9, keep=(0.85, 0.975)), sigmas=sigmas)
+    _run(kept, sigmas)
+    assert [i for i in range(50) if i not in kept.stats.skipped_steps] == [0, *range(25, 34), 49]
 
 
 def test_extrapolation_is_the_line_through_the_last_two_residuals():

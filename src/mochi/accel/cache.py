@@ -353,6 +353,8 @@ class StepCache:
         self.rescale = np.poly1d(list(coefficients) if coefficients is not None else [1.0, 0.0])
         # As the sampler hands them over: float32 (so that the last step is recognised exactly).
         self.sigmas = torch.tensor(sigmas, dtype=torch.float32).tolist() if sigmas is not None else None
+        # The schedule as given, which ``keep`` compares (σ 0.7 is 0.69999999 in float32: below keep=0.7-0.9).
+        self.schedule = [float(x) for x in sigmas] if sigmas is not None else None
         self.record = record
         self.streams: dict[tuple, _Stream] = {}
         self.stats = CacheStats()
@@ -373,9 +375,11 @@ class StepCache:
         if stream.sigma is not None and s >= stream.sigma:
             self.streams[self._key(x, text, mask)] = stream = _Stream()  # a new trajectory
         last = self.sigmas is not None and len(self.sigmas) > 1 and s == self.sigmas[-2]
+        index = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else None
+        exact = self.schedule[index] if index is not None else s
         self._stream, self._force = (
             stream,
-            stream.sigma is None or last or self.record or self._kept(stream, s),
+            stream.sigma is None or last or self.record or self._kept(stream, exact),
         )
         self._skipped, self._sigma = False, s
         self.dit.block_runner = self._run
@@ -384,7 +388,7 @@ class StepCache:
         finally:
             self.dit.block_runner = None
         stream.skips = stream.skips + 1 if self._skipped else 0
-        step = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else stream.calls
+        step = index if index is not None else stream.calls
         self.stats.calls.append((step, self._skipped))
         if self._skipped:
             self.stats.skipped += 1
