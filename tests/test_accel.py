@@ -160,6 +160,25 @@ def test_pipeline_cache_stats_and_exactness(pipe):
     assert not torch.equal(tea.latents, plain.latents)
 
 
+@pytest.mark.parametrize("kind", ["teacache", "fbcache"])
+def test_steps_whose_sigmas_float32_cannot_tell_apart_are_counted_as_steps(pipe, kind):
+    """threshold_noise=1e-9 gives 4 linear steps at σ 1 − k·2.5e-10, all 1.0 in float32 as the DiT sees them:
+    each started a new trajectory (a forced full pass) reported as step 0, so the sidecar's dit_forwards and
+    skipped_steps summed to 4 of 8 steps. A full pass after one at the same float32 σ must not make the
+    extrapolated line divide by zero."""
+    request = GenerationRequest(
+        PROMPT,
+        seed=3,
+        steps=8,
+        threshold_noise=1e-9,
+        cache=f"{kind},max-skips=1,extrapolate",
+        cache_threshold=1e9,
+    )
+    stats = pipe.generate(request).stats
+    assert stats["dit_forwards"] + len(stats["skipped_steps"]) == 8
+    assert stats["skipped_steps"] == [1, 3, 5]  # every other step, the last one forced
+
+
 @pytest.mark.parametrize("setting", [("none", None), TEA, FB])
 def test_separate_cfg_reports_per_step_as_batched_cfg(pipe, setting):
     """The sidecar's counts are per step: separate cond and uncond forwards listed each skipped step twice

@@ -28,7 +28,8 @@ are separate *streams* with one cache each; streams are told apart by the pass t
 (``GUIDANCE_PASS``: a negative prompt equal to the prompt gives both passes the same inputs) and by the
 call's batch size and text, so a guidance schedule's cond-only steps share the cond pass's stream under
 separate forwards and are a stream of their own beside batched ones. A call at a σ not below the stream's
-last one starts a new trajectory (the wrapper can serve several ``sample`` calls).
+last one (with the schedule known: none of the steps after the stream's last) starts a new trajectory (the
+wrapper can serve several ``sample`` calls).
 
 Context/guidance parallelism: the metric's two sums are all-reduced over every rank before the decision, so
 all ranks take the same decision, and padding rows of a sequence split are left out (they are not tokens).
@@ -263,6 +264,7 @@ class _Stream:
     output: torch.Tensor | None = None  # calibration: the previous DiT output
     calls: int = 0
     skips: int = 0  # consecutive skipped calls just before this one
+    step: int | None = None  # the schedule index of the last call (None: unknown)
 
 
 @dataclass
@@ -372,10 +374,13 @@ class StepCache:
     ) -> torch.Tensor:
         stream = self.streams.setdefault(self._key(x, text, mask), _Stream())
         s = float(sigma.max())
-        if stream.sigma is not None and s >= stream.sigma:
-            self.streams[self._key(x, text, mask)] = stream = _Stream()  # a new trajectory
-        last = self.sigmas is not None and len(self.sigmas) > 1 and s == self.sigmas[-2]
-        index = self.sigmas.index(s) if self.sigmas is not None and s in self.sigmas else None
+        index = self._index(stream, s)
+        # A new trajectory: σ did not fall, or (with the schedule known) is none of the steps after the
+        # stream's last (steps whose σ float32 cannot tell apart, as --threshold-noise 1e-9 gives, follow on).
+        if stream.sigma is not None and (index is None if stream.step is not None else s >= stream.sigma):
+            self.streams[self._key(x, text, mask)] = stream = _Stream()
+            index = self._index(stream, s)
+        last = self.sigmas is not None and len(self.sigmas) > 1 and index == len(self.sigmas) - 2
         exact = self.schedule[index] if index is not None else s
         self._stream, self._force = (
             stream,
@@ -400,8 +405,16 @@ class StepCache:
             if out_change is not None and self._change is not None:
                 self.stats.trace.append((self._change, out_change))
             stream.output = out
-        stream.sigma, stream.calls = s, stream.calls + 1
+        stream.sigma, stream.calls, stream.step = s, stream.calls + 1, index
         return out
+
+    def _index(self, stream: _Stream, sigma: float) -> int | None:
+        """The schedule index of a call at ``sigma`` (float32, as the sampler hands it over): the first step
+        after the stream's last one with that σ; None without a schedule or when none matches."""
+        if self.sigmas is None:
+            return None
+        start = 0 if stream.step is None else stream.step + 1
+        return next((i for i in range(start, len(self.sigmas)) if self.sigmas[i] == sigma), None)
 
     def _kept(self, stream: _Stream, sigma: float) -> bool:
         """Whether the options force a full pass here: the skip cap is reached or σ lies in ``keep``."""
@@ -460,6 +473,8 @@ class StepCache:
         """The residual a skipped step adds: the last full pass's, or with ``extrapolate`` the line in σ
         through the last two full passes' residuals (the residual drifts smoothly between full passes)."""
         if not self.setting.extrapolate or stream.previous is None:
+            return stream.residual
+        if stream.residual_sigma == stream.previous_sigma:  # two full passes at one float32 σ: no line
             return stream.residual
         slope = (self._sigma - stream.residual_sigma) / (stream.residual_sigma - stream.previous_sigma)
         return stream.residual + self.setting.extrapolate * slope * (stream.residual - stream.previous)
