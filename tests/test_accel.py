@@ -179,6 +179,36 @@ def test_steps_whose_sigmas_float32_cannot_tell_apart_are_counted_as_steps(pipe,
     assert stats["skipped_steps"] == [1, 3, 5]  # every other step, the last one forced
 
 
+def test_the_step_cache_is_freed_before_the_decode(monkeypatch):
+    """The cache's probe and residuals (B, N, dx each: about 0.5 GB apiece for the released model's batched
+    CFG in bf16) stayed referenced through the VAE decode, the stage whose split is sized by free memory."""
+    import gc
+    import weakref
+
+    import mochi.accel.cache
+
+    caches = []
+    original = mochi.accel.cache.StepCache.__init__
+
+    def init(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        original(self, *args, **kwargs)
+        caches.append(weakref.ref(self))
+
+    monkeypatch.setattr(mochi.accel.cache.StepCache, "__init__", init)
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    decode = pipe.decode_latents
+    alive = []
+
+    def decode_latents(latents: torch.Tensor) -> torch.Tensor:
+        gc.collect()
+        alive.append([ref() is not None for ref in caches])
+        return decode(latents)
+
+    monkeypatch.setattr(pipe, "decode_latents", decode_latents)
+    out = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=4, cache="teacache:2x"))
+    assert out.stats["dit_forwards"] >= 1 and alive == [[False]]
+
+
 @pytest.mark.parametrize("setting", [("none", None), TEA, FB])
 def test_separate_cfg_reports_per_step_as_batched_cfg(pipe, setting):
     """The sidecar's counts are per step: separate cond and uncond forwards listed each skipped step twice
