@@ -384,9 +384,15 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     (tmp_path / "d.json").mkdir()
     assert main(["calibrate-cache", "--out", str(tmp_path / "d.json")]) == 2
     assert "d.json' is a folder" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()  # a folder named without .json was told to end in .json
+    assert main(["calibrate-cache", "--out", str(tmp_path / "plain")]) == 2
+    assert "plain' is a folder; give a file name such as" in capsys.readouterr().err
+    # A LoRA-merged fit without --out replaced the model's own coefficient file (the embedded model's too).
+    assert main(["calibrate-cache", "--lora", str(tmp_path / "any.safetensors")]) == 2
+    assert "without --out it would replace the model's own coefficient file" in capsys.readouterr().err
     assert main(["calibrate-cache", "--prompt", "a cat", "--prompt", " ", "--out", str(out)]) == 2
     assert "--prompt: is blank (only whitespace); describe what the video shows" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "plain"]
 
 
 @pytest.mark.parametrize(

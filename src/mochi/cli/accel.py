@@ -113,6 +113,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             f"--seed {args.seed}: run i uses seed {args.seed} + i, so with --runs {args.runs} it must be in "
             f"[0, {MAX_SEED - args.runs + 1}]"
         )
+    if args.lora and not args.out:  # beside the checkpoint it would replace the model's own fit
+        raise ValueError(
+            f"--lora {args.lora}: the fit is of the LoRA-merged model, and without --out it would replace "
+            "the model's own coefficient file (used by every later --cache teacache run without the LoRA); "
+            "give --out FILE.json and pass that file with --cache-coefficients"
+        )
     if args.out:
         _check_out(Path(args.out))
     # The request, the fit's size and the LoRA, before the model loads (minutes for the released one).
@@ -167,10 +173,10 @@ def _check_out(out: Path) -> None:
     """``out`` can take the coefficient file: a .json name, not a folder, in a writable folder."""
     from mochi.files import check_folder
 
-    if out.suffix != ".json":
-        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
     if out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {out / 'teacache.json'}")
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
     check_folder(out)
 
 
