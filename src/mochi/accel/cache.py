@@ -449,20 +449,24 @@ class StepCache:
             if self._force or threshold == 0 or stream.accumulated >= threshold:
                 stream.accumulated = 0.0
                 out, _ = dit.run_blocks(h, y, c, rope, packed)
-                self._store(stream, out - h)
+                # .to: with --devices the last block (and so out) may be on another device than h; the
+                # residual stays there, where a full pass would leave the output.
+                self._store(stream, out - h.to(out.device))
                 return out
             self._skipped = True
-            return h + self._reuse(stream)
+            reused = self._reuse(stream)
+            return h.to(reused.device) + reused
         h1, y1 = dit.run_blocks(h, y, c, rope, packed, 0, 1)
         first = h1 - h
         self._change = self._relative_l1(first, stream.probe)
         if self._force or threshold == 0 or self._change >= threshold:
             stream.probe = first
             out, _ = dit.run_blocks(h1, y1, c, rope, packed, 1, None)
-            self._store(stream, out - h1)
+            self._store(stream, out - h1.to(out.device))
             return out
         self._skipped = True
-        return h1 + self._reuse(stream)
+        reused = self._reuse(stream)
+        return h1.to(reused.device) + reused
 
     def _store(self, stream: _Stream, residual: torch.Tensor) -> None:
         if self.setting.extrapolate:
