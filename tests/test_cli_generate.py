@@ -399,3 +399,19 @@ def test_option_help_states_the_defaults_and_ranges_the_code_uses():
         assert "0 with --cache" in help_of("generate", option)
     assert "all: bf16 and fp32" in help_of("plan", "--dtype")
     assert "as generate --quantize" in help_of("plan", "--quantize")
+
+
+def test_an_uncalibrated_teacache_is_a_mochi_warning_and_in_the_sidecar(monkeypatch, tmp_path, capsys):
+    """The warning for a model with no TeaCache calibration came out as Python's raw warning lines
+    ('.../pipeline.py:485: UserWarning: ...') and was missing from the sidecar's warnings."""
+    components = tiny_components()
+    components.source = str(tmp_path / "finetune.safetensors")  # no finetune.teacache.json beside it
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: components)
+    monkeypatch.setattr(mochi.weights.components, "model_defaults", lambda model: components.defaults)
+    out = tmp_path / "clip.mp4"
+    args = ["generate", "a red circle", "--seed", "1", "--steps", "4", "--cache", "teacache"]
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    expected = f"no TeaCache calibration for this model ({tmp_path / 'finetune.teacache.json'} is absent)"
+    assert f"mochi: warning: {expected}" in err and "UserWarning" not in err
+    assert any(w.startswith(expected) for w in json.loads(out.with_suffix(".json").read_text())["warnings"])

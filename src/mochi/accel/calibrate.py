@@ -134,6 +134,10 @@ def load_coefficients(path: str | os.PathLike, config: DiTConfig | None) -> list
     return [float(c) for c in coefficients]
 
 
+class UncalibratedWarning(UserWarning):
+    """A TeaCache run on a model with no calibration: thresholds apply to the raw input change."""
+
+
 def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tuple[list[float], str]:
     """(coefficients, where they came from) for ``model``'s TeaCache (see the module doc); ``model`` None:
     components built in memory, which have no file."""
@@ -146,6 +150,7 @@ def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tup
         warnings.warn(
             f"no TeaCache calibration for this model ({path} is absent): thresholds apply to the raw input "
             "change; run `mochi calibrate-cache` for calibrated ones",
+            UncalibratedWarning,
             stacklevel=2,
         )
     return [1.0, 0.0], "identity (uncalibrated)"

@@ -168,9 +168,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         )
     if init is not None and init < resolved.frames:  # the model's defaults asked for more than foreseen
         read_init_video(args.init_video, resolved.frames, (8, 8))  # names the frame count that would fit
+    from mochi.accel.calibrate import UncalibratedWarning
     from mochi.models.tokenizer import truncations
 
-    with truncations() as said, _ProgressBar() as bar:  # said: shown after the bar, kept in the sidecar
+    # said: shown after the bar as "mochi: warning: ..." (not Python's warning lines), kept in the sidecar
+    with truncations(UncalibratedWarning) as said, _ProgressBar() as bar:
         # The pipeline reads --init-video, fitting each frame as it is decoded.
         result = pipe.generate(resolved, progress=bar if main else None)
     if not main:

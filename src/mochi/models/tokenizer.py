@@ -24,15 +24,18 @@ class PromptTruncatedWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def truncations() -> Iterator[list[str]]:
-    """Collect the `PromptTruncatedWarning` messages raised in the block (in the list yielded, filled when
-    the block ends) instead of printing them; other warnings go on as they would have."""
+def truncations(*more: type[Warning]) -> Iterator[list[str]]:
+    """Collect the `PromptTruncatedWarning` messages (and those of the ``more`` categories) raised in the
+    block, in the list yielded, filled when the block ends, instead of printing them; other warnings go on as
+    they would have."""
     said: list[str] = []
+    kinds = (PromptTruncatedWarning, *more)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PromptTruncatedWarning)
+        for kind in kinds:
+            warnings.simplefilter("always", kind)
         yield said
     for w in caught:
-        if issubclass(w.category, PromptTruncatedWarning):
+        if issubclass(w.category, kinds):
             said.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
