@@ -47,6 +47,12 @@ def _add_plan(sub: Subparsers) -> None:
         help="a --model stored fp8 or GGUF: plan its DiT kept as stored, as generate loads it (keep), or "
         "widened to --dtype at load, as generate --fp8 dequantize, then as --quantize (keep)",
     )
+    p.add_argument(
+        "--cache",
+        default="none",
+        help="the step cache generate will run (e.g. teacache:fast, fbcache,extrapolate): the tensors it "
+        "keeps between steps count in the denoise stage (none)",
+    )
     p.add_argument("--all-blocks", action="store_true", help="list block offload for every resident count")
     p.set_defaults(run=_run_plan)
 

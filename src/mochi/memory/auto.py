@@ -61,7 +61,9 @@ def held(stored: tuple[str, str], quantize: str | None) -> tuple[str, str]:
 def job_of(request: GenerationRequest) -> Job:
     """The planner's job for a resolved request (batched guidance unless guidance is off)."""
     guided = request.guidance != 1.0 if not isinstance(request.guidance, list) else True
-    return Job.from_request(request.frames, request.height, request.width, guidance=guided)
+    return Job.from_request(
+        request.frames, request.height, request.width, guided, request.cache, request.cache_threshold
+    )
 
 
 def choose_setting(

@@ -139,6 +139,28 @@ def decoder_weights(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> i
 
 
 @functools.lru_cache(maxsize=64)
+def cache_bytes(
+    cfg: DiTConfig, latent: tuple[int, int, int], batch: int, dtype: torch.dtype, tensors: int
+) -> int:
+    """Bytes the step cache (`mochi.accel.cache`) holds between steps: ``tensors`` (`cache_tensors`) of the
+    blocks' visual stream, (batch, visual tokens, width) each in ``dtype``."""
+    t, h, w = latent
+    tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
+    return tensors * batch * tokens * cfg.hidden_size_x * dtype.itemsize
+
+
+def cache_tensors(cache: str | None, threshold: float | None = None) -> int:
+    """How many visual-stream tensors a step cache keeps between steps: none for no cache; else the probe
+    (TeaCache's modulated input, FBCache's first-block residual) and the blocks' residual, plus the one
+    before it with ``extrapolate``."""
+    from mochi.accel.cache import CacheSetting
+
+    setting = CacheSetting.parse(cache, threshold)
+    if setting.kind == "none":
+        return 0
+    return 3 if setting.extrapolate else 2
+
+
 def dit_activations(
     cfg: DiTConfig,
     latent: tuple[int, int, int],

@@ -1,8 +1,9 @@
 """Which settings fit a memory budget: the peak of each stage for every dtype × quantization × offload.
 
 Stages: ``text`` (T5 over the prompt and the negative prompt), ``denoise`` (one DiT forward at the request's
-size; under batched guidance the batch is 2), ``decode`` (the VAE decoder with the tile plan chosen within
-what the budget leaves, as the pipeline plans it: 80% of the free memory). What is on the device in each:
+size, under batched guidance the batch is 2, and what a step cache keeps between steps), ``decode`` (the
+VAE decoder with the tile plan chosen within what the budget leaves, as the pipeline plans it: 80% of the
+free memory). What is on the device in each:
 
 * offload ``none``: all three models all the time, plus the stage's activations;
 * ``model``: only the stage's model;
@@ -24,6 +25,8 @@ import torch
 from mochi.devices import DTYPE_NAMES, size_text
 from mochi.memory.estimate import (
     QUANT_MODES,
+    cache_bytes,
+    cache_tensors,
     decoder_weights,
     dit_activations,
     dit_weights,
@@ -61,13 +64,25 @@ class Job:
     latent: tuple[int, int, int]
     batch: int = 2  # cond and uncond in one forward (batched guidance)
     text_tokens: tuple[int, ...] = (256, 0)  # a full-length prompt, the empty negative prompt
+    cache_tensors: int = (
+        0  # visual-stream tensors a step cache keeps between steps (`estimate.cache_tensors`)
+    )
 
     @classmethod
-    def from_request(cls, frames: int, height: int, width: int, guidance: bool = True) -> Job:
+    def from_request(
+        cls,
+        frames: int,
+        height: int,
+        width: int,
+        guidance: bool = True,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
+    ) -> Job:
         from mochi.models.vae import num_latents_for_frames
 
         latent = (num_latents_for_frames(frames), height // 8, width // 8)
-        return cls(latent, 2, (256, 0)) if guidance else cls(latent, 1, (256,))
+        kept = cache_tensors(cache, cache_threshold)
+        return cls(latent, 2, (256, 0), kept) if guidance else cls(latent, 1, (256,), kept)
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,7 @@ def stage_peaks(
     t5 = t5_weights(models.t5, quant if t5_quant is None else t5_quant)
     vae = decoder_weights(models.decoder, vae_dtype)
     dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)
+    dit_act += cache_bytes(models.dit, job.latent, job.batch, dtype, job.cache_tensors)  # held across steps
     t5_act = t5_activations(models.t5, len(job.text_tokens))
     if offload.kind == "none":
         resident = {s: dit.total + t5.total + vae for s in STAGES}

@@ -48,8 +48,9 @@ def _models(path: str | None, fp8: str = "keep") -> tuple[Models, tuple[str, str
 def plan_command(args: argparse.Namespace) -> str:
     """Validate the request options, plan, and render the table with the verdict (GB = 10⁹ bytes)."""
     GenerationRequest(
-        "plan", frames=args.frames, height=args.height, width=args.width, guidance=args.guidance
-    ).validate()
+        "plan", frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
+        cache=args.cache,
+    ).validate()  # fmt: skip
     if args.gpu_memory is not None:
         if args.device != "auto":  # it was never read (even a bogus name passed)
             raise ValueError(
@@ -68,7 +69,7 @@ def plan_command(args: argparse.Namespace) -> str:
         budget, where = available_memory(device), f"free on {device}"
     dtypes = tuple(DTYPES[d] for d in (("bf16", "fp32") if args.dtype == "all" else (args.dtype,)))
     quants = QUANT_MODES if args.quantize == "all" else (args.quantize,)
-    job = Job.from_request(args.frames, args.height, args.width, guidance=args.guidance != 1.0)
+    job = Job.from_request(args.frames, args.height, args.width, args.guidance != 1.0, args.cache)
     models, stored = _models(args.model, args.fp8)
     options = []
     for dtype in dtypes:
@@ -79,7 +80,8 @@ def plan_command(args: argparse.Namespace) -> str:
                 reserve=CUDA_RESERVE, all_blocks=args.all_blocks, dit_rest=quant,
             )  # fmt: skip
     lines = [
-        f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}; "
+        f"{args.frames} frames at {args.width}x{args.height}, DiT batch {job.batch}"
+        f"{f', step cache {args.cache}' if job.cache_tensors else ''}; "
         f"budget {budget / GB:.1f} GB "
         f"({where}); each stage includes {CUDA_RESERVE / GB:.1f} GB for the CUDA context and allocator",
         "",
