@@ -302,6 +302,17 @@ def test_a_negative_prompt_of_only_whitespace_is_sent_as_none(tab, server):
     assert new_job().request.negative_prompt == " blurry "
 
 
+def test_the_greyed_eta_follows_the_step_cache(tab):
+    """A cached request runs Euler unless it names η; the page still showed the model's η greyed."""
+    tab.evaluate("info.defaults.eta = 1; info.defaults.eta_above = 0.3; etaPlaceholders()")  # the embedded's
+    placeholders = "['eta', 'eta-above'].map((id) => document.getElementById(id).placeholder)"
+    assert tab.evaluate(placeholders) == ["1", "0.3"]
+    tab.select_option("#cache", "teacache:fast")
+    assert tab.evaluate(placeholders) == ["0", "0"]
+    tab.select_option("#cache", "none")
+    assert tab.evaluate(placeholders) == ["1", "0.3"]
+
+
 def test_long_prompt_warns_while_typing_and_ctrl_enter_generates(tab, server):
     tab.fill("#prompt", "a red circle")
     tab.wait_for_function("document.getElementById('tokens').textContent === '13 / 256 tokens'")
