@@ -182,6 +182,24 @@ def test_long_prompts_are_counted_and_their_truncation_reported(url, live):
     assert short["warnings"] == [] and short["prompt_tokens"]["count"] == 6
 
 
+def test_an_uncalibrated_teacache_is_in_the_jobs_warnings_naming_no_server_path(url, live, pipe, monkeypatch):
+    """A TeaCache job on a model file with no calibration beside it warned on the server's log only: the
+    client saw no warning on the job or in its sidecar (the CLI's `mochi: warning:` has it)."""
+    model = live.jobs.out_dir.parent / "models" / "finetune.safetensors"
+    monkeypatch.setattr(pipe.components, "source", str(model))  # no finetune.teacache.json beside it
+    body = {"prompt": "a red circle", "seed": 2, "steps": 3, "cache": "teacache"}
+    job = wait_for(url, call_json("POST", f"{url}/api/jobs", body)[1]["id"], FINAL)
+    said = (
+        "no TeaCache calibration for this model (…/finetune.teacache.json is absent): thresholds apply to "
+        "the raw input change; run `mochi calibrate-cache` for calibrated ones"
+    )
+    assert job["status"] == "done" and job["warnings"] == [said]
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    assert sidecar["warnings"] == [said] and sidecar["cache_coefficients"] == "identity (uncalibrated)"
+    plain = wait_for(url, call_json("POST", f"{url}/api/jobs", {**body, "cache": "fbcache"})[1]["id"], FINAL)
+    assert plain["status"] == "done" and plain["warnings"] == []  # only TeaCache reads a calibration
+
+
 def test_batch_queues_consecutive_seeds_all_or_none(url, pipe, live):
     status, batch = call_json("POST", f"{url}/api/batches", {"prompt": "a batch", "seed": 40, "count": 3})
     assert status == 202, batch

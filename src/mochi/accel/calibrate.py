@@ -138,6 +138,17 @@ class UncalibratedWarning(UserWarning):
     """A TeaCache run on a model with no calibration: thresholds apply to the raw input change."""
 
 
+UNCALIBRATED = "identity (uncalibrated)"  # find_coefficients' source for a model with no calibration
+
+
+def uncalibrated_message(absent: str) -> str:
+    """What is said of a TeaCache run on a model whose calibration file ``absent`` (as shown) is missing."""
+    return (
+        f"no TeaCache calibration for this model ({absent} is absent): thresholds apply to the raw input "
+        "change; run `mochi calibrate-cache` for calibrated ones"
+    )
+
+
 def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tuple[list[float], str]:
     """(coefficients, where they came from) for ``model``'s TeaCache (see the module doc); ``model`` None:
     components built in memory, which have no file."""
@@ -147,13 +158,8 @@ def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tup
     if config == DiTConfig():
         return list(RELEASED_COEFFICIENTS), "published (TeaCache4Mochi)"
     if path is not None:
-        warnings.warn(
-            f"no TeaCache calibration for this model ({path} is absent): thresholds apply to the raw input "
-            "change; run `mochi calibrate-cache` for calibrated ones",
-            UncalibratedWarning,
-            stacklevel=2,
-        )
-    return [1.0, 0.0], "identity (uncalibrated)"
+        warnings.warn(uncalibrated_message(str(path)), UncalibratedWarning, stacklevel=2)
+    return [1.0, 0.0], UNCALIBRATED
 
 
 def save_coefficients(

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mochi.accel.calibrate import UNCALIBRATED, coefficients_path, uncalibrated_message
 from mochi.errors import out_of_memory
 from mochi.interrupt import Interrupted, stop_checks
 from mochi.outputs import write_video_and_sidecar
@@ -410,6 +411,11 @@ class JobManager:
         source = sidecar.get("cache_coefficients")
         if isinstance(source, str) and re.search(r"[/\\]", source):  # a file: clients get the video's copy
             sidecar["cache_coefficients"] = last_component(source)
+        model = getattr(self.pipeline.components, "source", None)
+        if source == UNCALIBRATED and model is not None:  # said on the server's log only, before
+            absent = last_component(str(coefficients_path(model)))  # clients are not shown server paths
+            with self._cond:
+                job.warnings.append(uncalibrated_message(absent))
         sidecar.update(created=job.created, started=job.started, finished=time.time())
         sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first
