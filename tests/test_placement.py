@@ -182,6 +182,44 @@ def test_devices_that_cannot_hold_the_dit_are_refused_before_loading(monkeypatch
     assert capsys.readouterr().err.strip() == f"mochi: error: {after_load.value}"
 
 
+def test_the_step_cache_is_placed_where_its_tensors_live(monkeypatch, capsys):
+    """--devices counted no step cache: its probe and residuals (0.55 GB each in bf16 at 163 frames of
+    848x480) stay on the devices between steps. TeaCache's probe sits beside the non-block layers, FBCache's
+    beside the first block, the residuals beside the last block, before and after loading alike."""
+    from mochi.memory.estimate import cache_bytes
+    from mochi.memory.placement import cache_shares, spread_pipeline
+    from mochi.memory.planner import Job
+    from mochi.request import GenerationRequest
+
+    # The last block carries the residuals: 10 + 70 no longer fits beside 30 on device 0.
+    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(0, 0, 70)) == [0, 0, 0, 1]
+    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(0, 75, 0)) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"first device's budget \(100B\) cannot hold .* \(110B\)"):
+        place_blocks([10] * 4, [100, 100], rest=90, activations=0, cache=(20, 0, 0))
+    one = cache_bytes(DIT6, (28, 60, 106), 2, torch.bfloat16, 1)
+    assert one == 28 * 30 * 53 * 2 * DIT6.hidden_size_x * 2
+    shares = {
+        cache: cache_shares(DIT6, Job.from_request(163, 480, 848, True, cache), torch.bfloat16)
+        for cache in ("none", "teacache", "fbcache", "fbcache:3x", "teacache:2x")
+    }
+    assert shares == {
+        "none": (0, 0, 0),
+        "teacache": (one, 0, one),
+        "fbcache": (0, one, one),
+        "fbcache:3x": (0, one, 2 * one),  # extrapolate keeps the residual before the last one too
+        "teacache:2x": (one, 0, 2 * one),
+    }
+    # 6.18MB each: the embedded DiT fits two devices, but not with a TeaCache's two tensors besides.
+    spread_pipeline(None, "cpu,cpu", "6.18MB,6.18MB", GenerationRequest("a red circle", seed=1), {})
+    cached = GenerationRequest("a red circle", seed=1, cache="teacache")
+    with pytest.raises(ValueError, match="the DiT does not fit the devices' budgets") as after_load:
+        spread_pipeline(None, "cpu,cpu", "6.18MB,6.18MB", cached, {})
+    monkeypatch.setattr("mochi.weights.components.load_components", _no_load)
+    args = ["generate", "a red circle", "--seed", "1", "--devices", "cpu,cpu", "--cache", "teacache"]
+    assert main([*args, "--max-memory", "6.18MB,6.18MB"]) == 2
+    assert capsys.readouterr().err.strip() == f"mochi: error: {after_load.value}"
+
+
 def test_gpus_too_small_for_the_dit_are_refused_before_loading(monkeypatch, capsys):
     """The same on (faked) GPUs, whose budgets are their free memory less the CUDA reserve, in bf16."""
     from mochi.memory.planner import CUDA_RESERVE

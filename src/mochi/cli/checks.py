@@ -201,7 +201,7 @@ def check_placement(args: argparse.Namespace, request, devices: list) -> None:  
     from mochi.devices import resolve_dit_dtype
     from mochi.memory.auto import job_of
     from mochi.memory.estimate import dit_activations, dit_weights
-    from mochi.memory.placement import parse_budgets, place_blocks
+    from mochi.memory.placement import cache_shares, parse_budgets, place_blocks
     from mochi.memory.planner import CUDA_RESERVE
     from mochi.memory.stored import stored_dit
     from mochi.weights.quantize import device_mode
@@ -216,7 +216,8 @@ def check_placement(args: argparse.Namespace, request, devices: list) -> None:  
     job = job_of(request)
     activations = dit_activations(dit.config, job.latent, job.batch, tuple(job.text_tokens), dtype)
     reserve = CUDA_RESERVE if devices[0].type == "cuda" else 0
-    place_blocks(weights.blocks, parse_budgets(args.max_memory, devices, reserve), weights.rest, activations)
+    budgets = parse_budgets(args.max_memory, devices, reserve)
+    place_blocks(weights.blocks, budgets, weights.rest, activations, cache_shares(dit.config, job, dtype))
 
 
 def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> None:  # noqa: ANN001

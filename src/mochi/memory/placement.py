@@ -20,16 +20,26 @@ from mochi.devices import size_text
 
 
 def place_blocks(
-    block_bytes: Sequence[int], budgets: Sequence[int], rest: int, activations: int
+    block_bytes: Sequence[int],
+    budgets: Sequence[int],
+    rest: int,
+    activations: int,
+    cache: tuple[int, int, int] = (0, 0, 0),
 ) -> list[int]:
     """The device index of each block, consecutive blocks per device, in device order.
 
     block_bytes: weight bytes of each block; budgets: bytes usable on each device; rest: the non-block
     weights (on device 0); activations: a forward's peak activation bytes (needed on every device that
-    holds blocks). ValueError when the blocks do not fit, saying how many bytes are missing.
+    holds blocks); cache: the step cache's bytes kept between steps beside the non-block layers, the first
+    block and the last block (``cache_shares``). ValueError when the blocks do not fit, saying how many
+    bytes are missing.
     """
     if not budgets:
         raise ValueError("no devices to place the DiT's blocks on")
+    if any(cache) and block_bytes:
+        rest += cache[0]
+        block_bytes = [block_bytes[0] + cache[1], *block_bytes[1:]]
+        block_bytes[-1] += cache[2]
     free = [b - activations for b in budgets]
     free[0] -= rest
     if free[0] < 0:  # device 0 holds the layers around the blocks and runs them, whatever it gets of these
@@ -53,6 +63,20 @@ def place_blocks(
         free[device] -= size
         out.append(device)
     return out
+
+
+def cache_shares(cfg, job, dtype: torch.dtype) -> tuple[int, int, int]:  # noqa: ANN001 - DiTConfig, Job
+    """Where the step cache of ``job`` (`mochi.memory.planner.Job`: its ``cache_tensors``) keeps its bytes
+    between steps under ``--devices``, as ``place_blocks``' ``cache``: TeaCache's probe (block 0's modulated
+    input) beside the non-block layers, FBCache's (the first block's residual) beside the first block, the
+    blocks' residual (and with ``extrapolate`` the one before) beside the last block, whose output it is."""
+    from mochi.memory.estimate import cache_bytes
+
+    if not job.cache_tensors:
+        return (0, 0, 0)
+    one = cache_bytes(cfg, job.latent, job.batch, dtype, 1)
+    probe = (one, 0) if job.cache_kind == "teacache" else (0, one)
+    return (*probe, (job.cache_tensors - 1) * one)
 
 
 def _to(value: object, device: torch.device) -> object:
@@ -109,10 +133,11 @@ def spread_dit(
     devices: Sequence[str | torch.device],
     budgets: Sequence[int],
     activations: int,
+    cache: tuple[int, int, int] = (0, 0, 0),
 ) -> SpreadDiT:
     """Place ``dit``'s blocks over ``devices`` within ``budgets`` bytes each (``place_blocks``, from the
-    blocks' actual weight bytes) and hook the forward to follow them. The DiT should be on the CPU or on
-    device 0; each block moves once, straight to its device."""
+    blocks' actual weight bytes, with the step cache's ``cache`` shares) and hook the forward to follow
+    them. The DiT should be on the CPU or on device 0; each block moves once, straight to its device."""
     from mochi.weights.quantize import stored_bytes
 
     devices = [torch.device(d) for d in devices]
@@ -120,7 +145,7 @@ def spread_dit(
         raise ValueError(f"{len(budgets)} memory budgets for {len(devices)} devices; give one per device")
     # The bytes the tensors hold: a torchao int8 weight's nominal element size is its bf16 wrapper's.
     blocks = [stored_bytes(b) for b in dit.blocks]
-    placement = place_blocks(blocks, budgets, stored_bytes(dit) - sum(blocks), activations)
+    placement = place_blocks(blocks, budgets, stored_bytes(dit) - sum(blocks), activations, cache)
     return SpreadDiT(dit, devices, placement)
 
 
@@ -193,7 +218,8 @@ def spread_pipeline(model: str | None, devices: str, max_memory: str | None, req
     job, models = job_of(request.resolved(c.defaults)), models_of(c)
     act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), pipe.dit_dtype)
     reserve = CUDA_RESERVE if devs[0].type == "cuda" else 0
-    spread = spread_dit(c.dit, devs, parse_budgets(max_memory, devs, reserve), act)
+    held = cache_shares(models.dit, job, pipe.dit_dtype)
+    spread = spread_dit(c.dit, devs, parse_budgets(max_memory, devs, reserve), act, held)
     counts = [spread.placement.count(i) for i in range(len(devs))]
     note = "DiT blocks per device: " + ", ".join(f"{d} {n}" for d, n in zip(devs, counts, strict=True))
     return pipe, note

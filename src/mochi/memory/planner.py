@@ -67,6 +67,7 @@ class Job:
     cache_tensors: int = (
         0  # visual-stream tensors a step cache keeps between steps (`estimate.cache_tensors`)
     )
+    cache_kind: str = "none"  # the step cache's kind: none, teacache or fbcache (where its probe lives)
 
     @classmethod
     def from_request(
@@ -78,11 +79,12 @@ class Job:
         cache: str | None = None,
         cache_threshold: float | None = None,
     ) -> Job:
+        from mochi.accel.cache import CacheSetting
         from mochi.models.vae import num_latents_for_frames
 
         latent = (num_latents_for_frames(frames), height // 8, width // 8)
-        kept = cache_tensors(cache, cache_threshold)
-        return cls(latent, 2, (256, 0), kept) if guidance else cls(latent, 1, (256,), kept)
+        kept, kind = cache_tensors(cache, cache_threshold), CacheSetting.parse(cache, cache_threshold).kind
+        return cls(latent, 2, (256, 0), kept, kind) if guidance else cls(latent, 1, (256,), kept, kind)
 
 
 @dataclass(frozen=True)
