@@ -26,6 +26,7 @@ from mochi.sampling.sampler import sample
 from mochi.sampling.schedules import linear_quadratic_schedule, truncate_schedule
 from mochi.weights.lora import LoraLayer
 
+from .test_lora import random_lora
 from .test_pipeline import tiny_components
 
 PROMPT = "a red circle moving right"
@@ -356,6 +357,26 @@ def test_calibrate_and_the_coefficient_file(pipe, tmp_path):
     assert find_coefficients(None, DiTConfig()) == (list(RELEASED_COEFFICIENTS), "published (TeaCache4Mochi)")
 
 
+def test_calibrate_streams_the_dits_blocks_under_block_offload(monkeypatch):
+    """calibrate moved the whole DiT onto the device under --offload blocks (a 10B DiT in bf16 is 20 GB),
+    where generate streams its blocks: it now runs the DiT as the pipeline's offload mode says, same fit."""
+    import mochi.offload
+    from mochi.offload import Offload
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    expected = calibrate(pipe, [PROMPT], runs=2, steps=6)["coefficients"]
+    seen, real = [], mochi.offload.offloaded
+
+    def spy(module, device, mode, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append((module, mode))
+        return real(module, device, mode, *args, **kwargs)
+
+    monkeypatch.setattr(mochi.offload, "offloaded", spy)
+    pipe.offload_mode, pipe.offload = Offload("blocks", 1), True  # forced: on the CPU the pipeline ignores it
+    assert calibrate(pipe, [PROMPT], runs=2, steps=6)["coefficients"] == expected
+    assert seen == [(pipe.components.dit, Offload("blocks", 1))] * 2
+
+
 def test_calibrate_names_a_truncated_negative_prompt(pipe):
     """Calibration encodes the negative prompt as the row after the run's prompt: its truncation warning
     said "prompt 1", and a truncated calibration prompt was named by its row, not by its place in the list."""
@@ -405,6 +426,22 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
             "use at least 6 runs at 2 steps",
         ),
         (["--lora", "/nonexistent.safetensors"], "--lora '/nonexistent.safetensors' does not exist"),
+        (["--offload", "blocks:9"], "blocks:9"),
+        (
+            [
+                "--quantize",
+                "q4_0",
+                "--fp8",
+                "keep",
+                "--dtype",
+                "bf16",
+                "--attention",
+                "flash",
+                "--device",
+                "cpu",
+            ],
+            "flash",
+        ),
     ],
 )
 def test_cli_calibrate_checks_the_request_before_loading(tmp_path, capsys, monkeypatch, argv, message):
@@ -444,6 +481,27 @@ def test_cli_calibrate_records_the_runs_it_made(tmp_path, capsys):
         del data["fit"][k]
     out.write_text(json.dumps(data))
     assert load_coefficients(out, config) == data["coefficients"]
+
+
+def test_cli_calibrate_fits_the_dit_as_generate_will_run_it(tmp_path, capsys):
+    """calibrate-cache had no --dtype, --quantize, --offload or --attention: the released DiT could only be
+    calibrated full width and resident (over 24 GB of GPU), and a quantized model's fit came from the
+    full-width one. A LoRA is applied unmerged into quantized weights (merging is refused there)."""
+    from mochi.cli import main
+    from mochi.weights.bundle import load_embedded
+    from mochi.weights.lora import save_lora
+
+    lora = tmp_path / "style.safetensors"
+    save_lora(random_lora(load_embedded().dit, seed=1), lora)
+    argv = ["calibrate-cache", "--runs", "2", "--steps", "6", "--lora", str(lora)]
+    plain, quantized = tmp_path / "plain.json", tmp_path / "q8.json"
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert "mochi: note" not in capsys.readouterr().out
+    assert main([*argv, "--quantize", "q8_0", "--offload", "blocks", "--out", str(quantized)]) == 0
+    assert "mochi: note: dit: 37 Linear layers quantized to q8_0; t5: 14" in capsys.readouterr().out
+    fits = [json.loads(p.read_text()) for p in (plain, quantized)]
+    assert fits[0]["fit"]["quantize"] is None and fits[1]["fit"]["quantize"] == "q8_0"
+    assert fits[0]["coefficients"] != fits[1]["coefficients"]  # the quantized DiT's own fit
 
 
 def test_embedded_model_ships_calibrated():

@@ -219,7 +219,7 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
         )
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    from mochi.devices import placed
+    from mochi.offload import offloaded
     from mochi.request import GenerationRequest, check_frames
     from mochi.sampling.sampler import guidance_schedule, initial_noise, sample
 
@@ -242,7 +242,7 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
         recorder = StepCache(dit, CacheSetting("teacache", 1.0), sigmas=sigmas, record=True)
         null = (feats[1:], mask[1:]) if guided else None
         z = initial_noise(shape, req.seed, device=pipe.device)
-        with placed(dit, pipe.device, pipe.offload):
+        with offloaded(dit, pipe.device, pipe.offload_mode):  # block offload streams, as in generate
             sample(recorder, z, sigmas, (feats[:1], mask[:1]), null, guidance=req.guidance)
         trace += recorder.stats.trace
     coefficients, r2 = fit(trace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mochi.cli.options import Subparsers, add_model_options
+from mochi.cli.options import DTYPES, Subparsers, add_dit_options, add_model_options
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -76,6 +76,8 @@ def _add_calibrate(sub: Subparsers) -> None:
         ),
     )
     add_model_options(p)
+    p.add_argument("--dtype", choices=DTYPES, help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    add_dit_options(p)  # the DiT as generate will run it: a fit of the quantized model is the one to use
     p.add_argument("--prompt", action="append", default=[], help="a calibration prompt; repeat for several")
     p.add_argument("--runs", type=int, default=4, help="uncached runs (at least 2; default 4)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -134,16 +136,22 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         check_loras([args.lora])
     from mochi.pipeline import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(
-        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, device=args.device
-    )
+    options = {
+        k: getattr(args, k) for k in ("vae", "t5", "tokenizer", "fp8", "offload", "attention", "quantize")
+    }
+    pipe = MochiPipeline.from_pretrained(args.model, device=args.device, dit_dtype=args.dtype, **options)
     source = pipe.components.source
     out = Path(args.out) if args.out else coefficients_path(source) if source else None
     if out is None:
         raise ValueError("this model has no file to store the coefficients beside; pass --out FILE.json")
     _check_out(out)
     if args.lora:
-        pipe.load_lora(args.lora, merge=True)
+        # Merged for speed, keeping no copy of the weights it changes (nothing takes it off again); hooked
+        # in unmerged where the weights are quantized, as generate applies it.
+        pipe.lora_keep_originals = False
+        pipe.load_lora(args.lora, merge=pipe.quantization is None)
+    if pipe.quantization:
+        print(f"mochi: note: {pipe.quantization}")
     request = {k: getattr(args, k) for k in ("steps", "guidance", "frames", "width", "height")}
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     result = calibrate(
@@ -161,6 +169,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prompts": result["prompts"],  # those of the runs made, not every --prompt given
         "lora": args.lora,
+        "quantize": args.quantize,
         **{k: result[k] for k in ("steps", "guidance", "frames", "width", "height")},  # as resolved
     }
     name = Path(source).name if source else "custom"

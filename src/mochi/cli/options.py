@@ -23,9 +23,24 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: CUDA if present)")
     if not runtime:
         return
-    dtypes = ("fp32", "bf16", "fp16")
-    p.add_argument("--dtype", choices=dtypes, help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--vae-dtype", choices=dtypes, default="fp32", help="VAE dtype (fp32)")
+    p.add_argument("--dtype", choices=DTYPES, help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--vae-dtype", choices=DTYPES, default="fp32", help="VAE dtype (fp32)")
+    add_dit_options(p)
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for VAE decoding, e.g. 8GB; with --devices, each device's budget (20GB,24GB)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT's block and final layer (regional)"
+    )
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_dit_options(p: argparse.ArgumentParser) -> None:
+    """How the DiT's weights are held and run: fp8 files, --quantize, --attention, --offload."""
     p.add_argument(
         "--fp8", choices=("keep", "dequantize"), default="keep", help="fp8 checkpoints: keep or widen"
     )
@@ -44,14 +59,6 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
         metavar="MODE",
         help="model (the default when given alone: each model on the GPU only for its stage), blocks or "
         "blocks:N (stream DiT blocks and T5 layers from pinned host memory, N DiT blocks resident), none",
-    )
-    p.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="memory budget for VAE decoding, e.g. 8GB; with --devices, each device's budget (20GB,24GB)",
-    )
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile the DiT's block and final layer (regional)"
     )
 
 
