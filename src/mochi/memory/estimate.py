@@ -138,7 +138,6 @@ def decoder_weights(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -> i
     return sum(p.numel() for p in decoder.parameters()) * dtype.itemsize
 
 
-@functools.lru_cache(maxsize=64)
 def cache_bytes(
     cfg: DiTConfig, latent: tuple[int, int, int], batch: int, dtype: torch.dtype, tensors: int
 ) -> int:
@@ -161,6 +160,7 @@ def cache_tensors(cache: str | None, threshold: float | None = None) -> int:
     return 3 if setting.extrapolate else 2
 
 
+@functools.lru_cache(maxsize=64)  # each call builds and traces a meta DiT; plan asks often
 def dit_activations(
     cfg: DiTConfig,
     latent: tuple[int, int, int],
