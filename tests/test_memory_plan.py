@@ -104,6 +104,44 @@ def test_a_plan_traces_each_dit_forward_once():
     assert info.misses == 2 and info.hits > 20  # one trace per dtype
 
 
+@pytest.mark.parametrize(
+    "guidance, cache",
+    [
+        (4.5, "teacache"),
+        (1.0, "fbcache"),
+        (4.5, "fbcache:3x"),  # extrapolate: the residual before the last one too
+        ([4.5, 4.5, 1.0, 1.0, 4.5, 4.5], "teacache"),  # cond-only steps: a batch-1 stream of their own
+    ],
+)
+def test_the_planned_step_cache_is_what_the_cache_keeps(monkeypatch, guidance, cache):
+    """The plan's step-cache bytes against the tensors a real run's cache holds at its end (a guidance
+    schedule's cond-only steps were not counted: their stream keeps its own probe and residual)."""
+    from mochi.accel.cache import StepCache
+    from mochi.memory.auto import job_of
+    from mochi.memory.estimate import cache_bytes
+    from mochi.pipeline import MochiPipeline
+    from mochi.request import GenerationRequest
+
+    from .test_pipeline import tiny_components
+
+    caches, init = [], StepCache.__init__
+
+    def keep(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(StepCache, "__init__", keep)
+    c = tiny_components()
+    request = GenerationRequest("a red circle", seed=1, steps=6, guidance=guidance, cache=cache)
+    request = request.resolved(c.defaults)
+    MochiPipeline(c, device="cpu").generate(request)
+    streams = [s for cache in caches for s in cache.streams.values()]
+    held = [t for s in streams for t in (s.probe, s.residual, s.previous) if t is not None]
+    job = job_of(request)
+    planned = cache_bytes(c.dit.config, job.latent, job.cache_rows, torch.float32, job.cache_tensors)
+    assert sum(t.numel() * t.element_size() for t in held) == planned
+
+
 def test_nothing_fits_names_the_closest_and_the_gap():
     job = Job.from_request(163, 480, 848)
     options = plan(Models(), job, 6 * GB, quants=("none",), reserve=GB)

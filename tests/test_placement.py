@@ -138,10 +138,12 @@ def test_spread_over_two_gpus_equals_one():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("first", [0, 1])  # block 0 on the first device, or every block on the second
 @pytest.mark.parametrize("cache", ["teacache:fast", "fbcache"])
-def test_a_step_cache_over_two_gpus_equals_one(cache):
-    """The cache subtracted the blocks' input (first device) from their output (last device): a cross-device
-    error on CUDA (cpu,cpu cannot show it). Not run where this was written: no machine with two GPUs."""
+def test_a_step_cache_over_two_gpus_equals_one(cache, first):
+    """The cache subtracted the blocks' input (first device) from their output (last device), and with
+    block 0 placed on the second device its probe mixed block 0's device with the first's: cross-device
+    errors on CUDA (cpu,cpu cannot show them). Not run where this was written: no machine with two GPUs."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     from mochi.pipeline import MochiPipeline
@@ -154,8 +156,9 @@ def test_a_step_cache_over_two_gpus_equals_one(cache):
     pipe = MochiPipeline(c, device="cuda:0", offload="model")  # as spread_pipeline builds it
     block = sum(p.numel() * 4 for p in c.dit.blocks[0].parameters())
     rest = sum(p.numel() * 4 for p in c.dit.parameters()) - block * len(c.dit.blocks)
-    spread = spread_dit(c.dit, ["cuda:0", "cuda:1"], [rest + block, 10**9], activations=0)
-    assert spread.placement[0] == 0 and spread.placement[-1] == 1
+    budgets = [rest + block, 10**9] if first == 0 else [rest, 10**9]
+    spread = spread_dit(c.dit, ["cuda:0", "cuda:1"], budgets, activations=0)
+    assert spread.placement[0] == first and spread.placement[-1] == 1
     got = pipe.generate(request)
     assert got.stats == expected.stats and torch.equal(got.latents.cpu(), expected.latents.cpu())
     spread.remove()
@@ -192,10 +195,10 @@ def test_the_step_cache_is_placed_where_its_tensors_live(monkeypatch, capsys):
     from mochi.request import GenerationRequest
 
     # The last block carries the residuals: 10 + 70 no longer fits beside 30 on device 0.
-    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(0, 0, 70)) == [0, 0, 0, 1]
-    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(0, 75, 0)) == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match=r"first device's budget \(100B\) cannot hold .* \(110B\)"):
-        place_blocks([10] * 4, [100, 100], rest=90, activations=0, cache=(20, 0, 0))
+    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(0, 70)) == [0, 0, 0, 1]
+    assert place_blocks([10] * 4, [100, 100], rest=0, activations=0, cache=(75, 0)) == [0, 0, 1, 1]
+    # The probe goes with block 0, wherever that is (here: the second device).
+    assert place_blocks([10] * 4, [100, 100], rest=90, activations=0, cache=(20, 0)) == [1, 1, 1, 1]
     one = cache_bytes(DIT6, (28, 60, 106), 2, torch.bfloat16, 1)
     assert one == 28 * 30 * 53 * 2 * DIT6.hidden_size_x * 2
     shares = {
@@ -203,12 +206,15 @@ def test_the_step_cache_is_placed_where_its_tensors_live(monkeypatch, capsys):
         for cache in ("none", "teacache", "fbcache", "fbcache:3x", "teacache:2x")
     }
     assert shares == {
-        "none": (0, 0, 0),
-        "teacache": (one, 0, one),
-        "fbcache": (0, one, one),
-        "fbcache:3x": (0, one, 2 * one),  # extrapolate keeps the residual before the last one too
-        "teacache:2x": (one, 0, 2 * one),
+        "none": (0, 0),
+        "teacache": (one, one),
+        "fbcache": (one, one),
+        "fbcache:3x": (one, 2 * one),  # extrapolate keeps the residual before the last one too
+        "teacache:2x": (one, 2 * one),
     }
+    # A guidance schedule with cond-only steps: a batch-1 stream of its own beside the guided batch's.
+    mixed = Job.from_request(163, 480, 848, True, "teacache", cond_only_steps=True)
+    assert cache_shares(DIT6, mixed, torch.bfloat16) == (3 * one // 2, 3 * one // 2)
     # 6.18MB each: the embedded DiT fits two devices, but not with a TeaCache's two tensors besides.
     spread_pipeline(None, "cpu,cpu", "6.18MB,6.18MB", GenerationRequest("a red circle", seed=1), {})
     cached = GenerationRequest("a red circle", seed=1, cache="teacache")

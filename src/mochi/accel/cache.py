@@ -322,7 +322,9 @@ def _first_scale(block: torch.nn.Module, c: torch.Tensor) -> torch.Tensor:
     if fsdp:
         block.unshard()
     try:
-        return block.mod_x(c)[:, None].chunk(4, dim=-1)[0]
+        # Under --devices block 0 may live on another device than the conditioning (placed by budget).
+        device = next(block.mod_x.parameters()).device
+        return block.mod_x(c.to(device))[:, None].chunk(4, dim=-1)[0]
     finally:
         if fsdp:
             block.reshard()
@@ -441,7 +443,8 @@ class StepCache:
         """The block loop with caching: h (B, N, dx) in, the last block's h out."""
         stream, threshold = self._stream, self.setting.threshold
         if self.setting.kind == "teacache":
-            probe = modulated_rms_norm(h, _first_scale(dit.blocks[0], c))  # block 0's modulated visual input
+            scale = _first_scale(dit.blocks[0], c)  # on block 0's device, as is the probe
+            probe = modulated_rms_norm(h.to(scale.device), scale)  # block 0's modulated visual input
             self._change = self._relative_l1(probe, stream.probe)
             stream.probe = probe
             if not self._force:
@@ -457,7 +460,7 @@ class StepCache:
             reused = self._reuse(stream)
             return h.to(reused.device) + reused
         h1, y1 = dit.run_blocks(h, y, c, rope, packed, 0, 1)
-        first = h1 - h
+        first = h1 - h.to(h1.device)  # h1 is on block 0's device (--devices)
         self._change = self._relative_l1(first, stream.probe)
         if self._force or threshold == 0 or self._change >= threshold:
             stream.probe = first

@@ -60,9 +60,16 @@ def held(stored: tuple[str, str], quantize: str | None) -> tuple[str, str]:
 
 def job_of(request: GenerationRequest) -> Job:
     """The planner's job for a resolved request (batched guidance unless guidance is off)."""
-    guided = request.guidance != 1.0 if not isinstance(request.guidance, list) else True
+    scales = request.guidance if isinstance(request.guidance, list) else [request.guidance]
+    guided, cond_only = any(g != 1.0 for g in scales), any(g == 1.0 for g in scales)
     return Job.from_request(
-        request.frames, request.height, request.width, guided, request.cache, request.cache_threshold
+        request.frames,
+        request.height,
+        request.width,
+        guided,
+        request.cache,
+        request.cache_threshold,
+        cond_only,
     )
 
 

@@ -24,22 +24,20 @@ def place_blocks(
     budgets: Sequence[int],
     rest: int,
     activations: int,
-    cache: tuple[int, int, int] = (0, 0, 0),
+    cache: tuple[int, int] = (0, 0),
 ) -> list[int]:
     """The device index of each block, consecutive blocks per device, in device order.
 
     block_bytes: weight bytes of each block; budgets: bytes usable on each device; rest: the non-block
     weights (on device 0); activations: a forward's peak activation bytes (needed on every device that
-    holds blocks); cache: the step cache's bytes kept between steps beside the non-block layers, the first
-    block and the last block (``cache_shares``). ValueError when the blocks do not fit, saying how many
-    bytes are missing.
+    holds blocks); cache: the step cache's bytes kept between steps beside the first block and beside the
+    last block (``cache_shares``). ValueError when the blocks do not fit, saying how many bytes are missing.
     """
     if not budgets:
         raise ValueError("no devices to place the DiT's blocks on")
     if any(cache) and block_bytes:
-        rest += cache[0]
-        block_bytes = [block_bytes[0] + cache[1], *block_bytes[1:]]
-        block_bytes[-1] += cache[2]
+        block_bytes = [block_bytes[0] + cache[0], *block_bytes[1:]]
+        block_bytes[-1] += cache[1]
     free = [b - activations for b in budgets]
     free[0] -= rest
     if free[0] < 0:  # device 0 holds the layers around the blocks and runs them, whatever it gets of these
@@ -65,18 +63,17 @@ def place_blocks(
     return out
 
 
-def cache_shares(cfg, job, dtype: torch.dtype) -> tuple[int, int, int]:  # noqa: ANN001 - DiTConfig, Job
+def cache_shares(cfg, job, dtype: torch.dtype) -> tuple[int, int]:  # noqa: ANN001 - DiTConfig, Job
     """Where the step cache of ``job`` (`mochi.memory.planner.Job`: its ``cache_tensors``) keeps its bytes
-    between steps under ``--devices``, as ``place_blocks``' ``cache``: TeaCache's probe (block 0's modulated
-    input) beside the non-block layers, FBCache's (the first block's residual) beside the first block, the
-    blocks' residual (and with ``extrapolate`` the one before) beside the last block, whose output it is."""
+    between steps under ``--devices``, as ``place_blocks``' ``cache``: the probe (TeaCache's modulated input
+    of block 0, FBCache's first-block residual) beside the first block, the blocks' residual (and with
+    ``extrapolate`` the one before) beside the last block, whose output it is."""
     from mochi.memory.estimate import cache_bytes
 
     if not job.cache_tensors:
-        return (0, 0, 0)
-    one = cache_bytes(cfg, job.latent, job.batch, dtype, 1)
-    probe = (one, 0) if job.cache_kind == "teacache" else (0, one)
-    return (*probe, (job.cache_tensors - 1) * one)
+        return (0, 0)
+    one = cache_bytes(cfg, job.latent, job.cache_rows, dtype, 1)
+    return (one, (job.cache_tensors - 1) * one)
 
 
 def _to(value: object, device: torch.device) -> object:
@@ -133,7 +130,7 @@ def spread_dit(
     devices: Sequence[str | torch.device],
     budgets: Sequence[int],
     activations: int,
-    cache: tuple[int, int, int] = (0, 0, 0),
+    cache: tuple[int, int] = (0, 0),
 ) -> SpreadDiT:
     """Place ``dit``'s blocks over ``devices`` within ``budgets`` bytes each (``place_blocks``, from the
     blocks' actual weight bytes, with the step cache's ``cache`` shares) and hook the forward to follow

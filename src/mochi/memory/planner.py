@@ -67,7 +67,14 @@ class Job:
     cache_tensors: int = (
         0  # visual-stream tensors a step cache keeps between steps (`estimate.cache_tensors`)
     )
-    cache_kind: str = "none"  # the step cache's kind: none, teacache or fbcache (where its probe lives)
+    # A guidance schedule with cond-only steps (1.0) among guided ones: those run the cond batch alone, and
+    # a step cache keeps a stream of its own for them beside the guided batch's.
+    cond_only_steps: bool = False
+
+    @property
+    def cache_rows(self) -> int:
+        """The batch rows each of a step cache's kept tensors spans, over all its streams."""
+        return self.batch + (1 if self.cond_only_steps and self.batch > 1 else 0)
 
     @classmethod
     def from_request(
@@ -78,13 +85,17 @@ class Job:
         guidance: bool = True,
         cache: str | None = None,
         cache_threshold: float | None = None,
+        cond_only_steps: bool = False,
     ) -> Job:
-        from mochi.accel.cache import CacheSetting
+        """guidance: any step guided (batched with the negative prompt); cond_only_steps: also steps at
+        guidance 1.0 (a guidance schedule)."""
         from mochi.models.vae import num_latents_for_frames
 
         latent = (num_latents_for_frames(frames), height // 8, width // 8)
-        kept, kind = cache_tensors(cache, cache_threshold), CacheSetting.parse(cache, cache_threshold).kind
-        return cls(latent, 2, (256, 0), kept, kind) if guidance else cls(latent, 1, (256,), kept, kind)
+        kept = cache_tensors(cache, cache_threshold)
+        if not guidance:
+            return cls(latent, 1, (256,), kept)
+        return cls(latent, 2, (256, 0), kept, cond_only_steps)
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,9 @@ def stage_peaks(
     t5 = t5_weights(models.t5, quant if t5_quant is None else t5_quant)
     vae = decoder_weights(models.decoder, vae_dtype)
     dit_act = dit_activations(models.dit, job.latent, job.batch, tuple(job.text_tokens), dtype)
-    dit_act += cache_bytes(models.dit, job.latent, job.batch, dtype, job.cache_tensors)  # held across steps
+    dit_act += cache_bytes(
+        models.dit, job.latent, job.cache_rows, dtype, job.cache_tensors
+    )  # kept between steps
     t5_act = t5_activations(models.t5, len(job.text_tokens))
     if offload.kind == "none":
         resident = {s: dit.total + t5.total + vae for s in STAGES}
