@@ -309,6 +309,10 @@ def test_the_greyed_eta_follows_the_step_cache(tab):
     assert tab.evaluate(placeholders) == ["1", "0.3"]
     tab.select_option("#cache", "teacache:fast")
     assert tab.evaluate(placeholders) == ["0", "0"]
+    tab.fill("#eta", "0.5")  # a cached request naming η keeps the model's σ bound (as resolved does)
+    assert tab.evaluate(placeholders)[1] == "0.3"
+    tab.fill("#eta", "")
+    assert tab.evaluate(placeholders) == ["0", "0"]
     tab.select_option("#cache", "none")
     assert tab.evaluate(placeholders) == ["1", "0.3"]
 

@@ -50,7 +50,7 @@ def _add_generate(sub: Subparsers) -> None:
         "--eta-above",
         type=float,
         help="ancestral sampling only at steps from σ above this, in [0, 1) (default: the model's, 0.3 for "
-        "the embedded model; 0 with --cache)",
+        "the embedded model; 0 with --cache unless --eta is given)",
     )
     add_model_options(p, runtime=True)
     p.add_argument(
