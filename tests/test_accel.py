@@ -501,6 +501,7 @@ def test_cli_calibrate_fits_the_dit_as_generate_will_run_it(tmp_path, capsys):
     assert "mochi: note: dit: 37 Linear layers quantized to q8_0; t5: 14" in capsys.readouterr().out
     fits = [json.loads(p.read_text()) for p in (plain, quantized)]
     assert fits[0]["fit"]["quantize"] is None and fits[1]["fit"]["quantize"] == "q8_0"
+    assert fits[0]["fit"]["dtype"] == fits[1]["fit"]["dtype"] == "float32"  # the CPU's default
     assert fits[0]["coefficients"] != fits[1]["coefficients"]  # the quantized DiT's own fit
 
 

@@ -170,6 +170,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "prompts": result["prompts"],  # those of the runs made, not every --prompt given
         "lora": args.lora,
         "quantize": args.quantize,
+        "dtype": str(pipe.dit_dtype).removeprefix("torch."),  # the DiT's compute dtype
         **{k: result[k] for k in ("steps", "guidance", "frames", "width", "height")},  # as resolved
     }
     name = Path(source).name if source else "custom"
