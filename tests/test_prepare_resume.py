@@ -236,6 +236,23 @@ def test_info_on_a_run_resumed_with_more_steps_names_its_newest_lora(data, tmp_p
     assert info["lora"] == str(run / "lora.safetensors") and info["use"].startswith("mochi generate")
 
 
+def test_info_on_a_finished_run_whose_states_were_deleted_names_its_lora(data, tmp_path, capsys):
+    """The step-*.pt states hold the optimizer (the run's largest files): deleted after a finished run,
+    `mochi info` read step 0 and said "lora: none yet ... (resumes)" beside the run's lora.safetensors."""
+    run = tmp_path / "run"
+    _train(data, run)
+    for state in list_states(run):
+        state.unlink()
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == "2 of 2" and info["lora"] == str(run / "lora.safetensors")
+    assert info["use"] == f"mochi generate PROMPT --lora {run / 'lora.safetensors'}"
+    (run / "lora.safetensors").unlink()  # only the periodic LoRAs left: the newest names the step
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == "2 of 2" and info["lora"] == str(run / "lora-step-000002.safetensors")
+
+
 def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys, monkeypatch):
     _train(data, tmp_path / "run")
     for state in list_states(tmp_path / "run"):

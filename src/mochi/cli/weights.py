@@ -124,7 +124,6 @@ def _run_folder_info(path: str) -> dict | None:
     with contextlib.suppress(Exception):  # anything that does not read as a run keeps the model's error
         config = json.loads((folder / "config.json").read_text())
         state = load_latest_state(folder, tidy=False)  # a reading command changes nothing
-        step = state["step"] if state else 0
         # By step number: lora-step-1000000 sorts before lora-step-200000 as text.
         checkpoints = sorted(
             (int(m.group(1)), p)
@@ -132,6 +131,10 @@ def _run_folder_info(path: str) -> dict | None:
             if (m := re.fullmatch(r"lora-step-(\d+)\.safetensors", p.name))
         )
         final = folder / "lora.safetensors"
+        if state:
+            step = state["step"]
+        else:  # the states (optimizer and all) deleted after the run: the LoRA files' own steps
+            step = max([_lora_step(final) or 0 if final.is_file() else 0] + [n for n, _ in checkpoints])
         # lora.safetensors is the run's result only once the run is finished: resumed with more --steps, the
         # earlier run's stays until the new end, and was named as this run's.
         done = final.is_file() and step >= config.get("steps", step) and _lora_step(final) in (step, None)
