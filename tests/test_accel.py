@@ -606,7 +606,8 @@ def test_error_at_first_compiled_call_keeps_compilation(fake_inductor, capsys):
 
 def test_compiled_dit_follows_loras_hooked_after_its_first_call(fake_inductor, monkeypatch):
     """A LoRA hooked in after the first compiled call (a later request's), taken off again or applied at
-    another scale ran the graph traced before: dynamo skipped guarding on the traced layers' hooks."""
+    another scale ran the graph traced before: dynamo skipped guarding on the traced layers' hooks. (The fix
+    then set that for the whole process.)"""
     from mochi.accel.compile import compile_dit
 
     monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # torch's default
@@ -627,6 +628,8 @@ def test_compiled_dit_follows_loras_hooked_after_its_first_call(fake_inductor, m
         torch.testing.assert_close(_run(dit, sigmas), want[scale])
         handle.remove()
     torch.testing.assert_close(_run(dit, sigmas), base)
+    # Set around the DiT's compiled calls only: a user's own compiled models keep torch's default.
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is True
 
 
 @pytest.mark.slow

@@ -80,17 +80,31 @@ def compile_dit(dit: nn.Module, device: str | torch.device = "cpu", mode: str | 
     if problem is not None:
         print(f"mochi: --compile unavailable here ({problem}); running uncompiled", file=sys.stderr)
         return False
-    # Dynamo does not guard on the hooks of the layers it traces through by default: a LoRA hooked into the
-    # blocks' Linears after the first compiled call (a later request's, ``MochiPipeline.generate``), taken
-    # off or applied at another scale ran the graph traced before, silently without it or with the old one.
-    # With hook guards, a change of hooks recompiles once (the graphs of each set of hooks are kept).
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for module in [*dit.blocks, dit.final_layer]:
         # forward, not the module call (Module.compile): hooks put on the blocks from outside (sequence
         # parallelism, offloading, stop checks) run eager around the graphs, so their per-call state never
         # becomes a guard that fails at the next call.
-        module.forward = torch.compile(module.forward, dynamic=False, mode=mode)
+        module.forward = _with_hook_guards(torch.compile(module.forward, dynamic=False, mode=mode))
     return True
+
+
+def _with_hook_guards(compiled: Callable) -> Callable:
+    """``compiled`` called with dynamo guarding on the hooks of the layers it traces through.
+
+    By default it does not: a LoRA hooked into the blocks' Linears after the first compiled call (a later
+    request's, ``MochiPipeline.generate``), taken off or applied at another scale ran the graph traced
+    before, silently without it or with the old one. With hook guards a change of hooks recompiles once
+    (the graphs of each set of hooks are kept). The setting is read while a graph is traced and its guards
+    built, so it is set around these calls only: other code compiled in the same process keeps torch's
+    default (setting it process-wide put hook guards on a user's own compiled models too).
+    """
+
+    def forward(*args: object, **kwargs: object) -> object:
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return compiled(*args, **kwargs)
+
+    forward.mochi_compiled = compiled
+    return forward
 
 
 def uncompile_dit(dit: nn.Module) -> None:
@@ -105,7 +119,7 @@ def is_compiled(dit: nn.Module) -> bool:
 
 
 def _compiled_forward(module: nn.Module) -> bool:
-    return hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable")
+    return hasattr(vars(module).get("forward"), "mochi_compiled")
 
 
 class CallTimer:
