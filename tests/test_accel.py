@@ -505,6 +505,27 @@ def test_cli_calibrate_fits_the_dit_as_generate_will_run_it(tmp_path, capsys):
     assert fits[0]["coefficients"] != fits[1]["coefficients"]  # the quantized DiT's own fit
 
 
+def test_cli_calibrate_hooks_a_lora_into_a_dit_kept_quantized_as_stored(tmp_path, capsys, monkeypatch):
+    """A DiT kept in its stored fp8 or GGUF form is quantized though no --quantize was given (the pipeline's
+    ``quantization`` note is None): calibrate-cache --lora merged into it and failed after loading."""
+    import mochi.pipeline
+    import mochi.weights.components
+    from mochi.cli import main
+    from mochi.weights.lora import save_lora
+    from mochi.weights.quantize import quantize_model
+
+    c = tiny_components()
+    lora = tmp_path / "style.safetensors"
+    save_lora(random_lora(c.dit, seed=1), lora)
+    quantize_model(c.dit, "fp8")  # as a kept fp8 checkpoint loads: Linears stored quantized, no note
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: c)
+    monkeypatch.setattr(mochi.weights.components, "model_defaults", lambda model: c.defaults)
+    out = tmp_path / "fit.json"
+    argv = ["calibrate-cache", "--runs", "2", "--steps", "6", "--lora", str(lora), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["fit"]["lora"] == str(lora)
+
+
 def test_embedded_model_ships_calibrated():
     from mochi.weights.bundle import embedded_path, load_embedded
 

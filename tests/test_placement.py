@@ -187,8 +187,8 @@ def test_devices_that_cannot_hold_the_dit_are_refused_before_loading(monkeypatch
 
 def test_the_step_cache_is_placed_where_its_tensors_live(monkeypatch, capsys):
     """--devices counted no step cache: its probe and residuals (0.55 GB each in bf16 at 163 frames of
-    848x480) stay on the devices between steps. TeaCache's probe sits beside the non-block layers, FBCache's
-    beside the first block, the residuals beside the last block, before and after loading alike."""
+    848x480) stay on the devices between steps. The probe (TeaCache's or FBCache's) sits beside the first
+    block, the residuals beside the last block, before and after loading alike."""
     from mochi.memory.estimate import cache_bytes
     from mochi.memory.placement import cache_shares, spread_pipeline
     from mochi.memory.planner import Job

@@ -251,6 +251,9 @@ def test_info_on_a_finished_run_whose_states_were_deleted_names_its_lora(data, t
     assert main(["info", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == "2 of 2" and info["lora"] == str(run / "lora-step-000002.safetensors")
+    newest = run / "lora-step-000002.safetensors"  # nothing resumes without a state
+    gone = "(the training states are gone: train-lora would start over from step 0)"
+    assert info["use"] == f"mochi generate PROMPT --lora {newest} {gone}"
 
 
 def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys, monkeypatch):

@@ -148,8 +148,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.lora:
         # Merged for speed, keeping no copy of the weights it changes (nothing takes it off again); hooked
         # in unmerged where the weights are quantized, as generate applies it.
+        from mochi.weights.quantize import is_quantized
+
+        # Quantized by --quantize or kept as a checkpoint stores them (fp8, GGUF: pipe.quantization is None).
+        quantized = any(is_quantized(m) for m in pipe.components.dit.modules())
         pipe.lora_keep_originals = False
-        pipe.load_lora(args.lora, merge=pipe.quantization is None)
+        pipe.load_lora(args.lora, merge=not quantized)
     if pipe.quantization:
         print(f"mochi: note: {pipe.quantization}")
     request = {k: getattr(args, k) for k in ("steps", "guidance", "frames", "width", "height")}

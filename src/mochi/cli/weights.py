@@ -148,7 +148,10 @@ def _run_folder_info(path: str) -> dict | None:
             "lora": str(lora) if lora else "none yet",
             "use": f"mochi generate PROMPT --lora {final}"
             if done
-            else f"mochi train-lora DATA --out {path} (resumes)",
+            else f"mochi train-lora DATA --out {path} (resumes)"
+            if state or not lora
+            else f"mochi generate PROMPT --lora {lora} (the training states are gone: train-lora would "
+            "start over from step 0)",
         }
     return None
 
