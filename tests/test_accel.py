@@ -523,7 +523,8 @@ def test_cli_calibrate_hooks_a_lora_into_a_dit_kept_quantized_as_stored(tmp_path
     out = tmp_path / "fit.json"
     argv = ["calibrate-cache", "--runs", "2", "--steps", "6", "--lora", str(lora), "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
-    assert json.loads(out.read_text())["fit"]["lora"] == str(lora)
+    fit = json.loads(out.read_text())["fit"]
+    assert fit["lora"] == str(lora) and fit["quantize"] == "fp8"  # what the DiT held, asked for or not
 
 
 def test_embedded_model_ships_calibrated():

@@ -162,6 +162,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         pipe, prompts, args.runs, seed=args.seed, **{k: v for k, v in request.items() if v is not None}
     )
     coefficients = result["coefficients"]
+    from mochi.memory.auto import quantization_of
+
     xs = [x for x, _ in result["trace"]]
     print(f"fitted on {result['points']} steps of {args.runs} runs: R² {result['r2']:.4f}")
     print("coefficients (highest power first): [" + ", ".join(f"{c:.8e}" for c in coefficients) + "]")
@@ -173,7 +175,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prompts": result["prompts"],  # those of the runs made, not every --prompt given
         "lora": args.lora,
-        "quantize": args.quantize,
+        # What the DiT's weights were (--quantize as the device ran it, or kept as stored), not what was asked
+        "quantize": None if (held := quantization_of(pipe.components.dit)) == "none" else held,
         "dtype": str(pipe.dit_dtype).removeprefix("torch."),  # the DiT's compute dtype
         **{k: result[k] for k in ("steps", "guidance", "frames", "width", "height")},  # as resolved
     }
