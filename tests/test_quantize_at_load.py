@@ -132,8 +132,18 @@ def test_fp8_layers_kept_or_widened_with_quantize(model, tmp_path):
     path = write_fp8_scaled(tmp_path / "fp8.safetensors", fp32, layout="legacy", all_in_one=False)
     kept, done = load_dit_quantized(path, "int8", dtype=torch.float32)  # fp8 stays fp8: not quantized again
     assert done.layers == [] and len(done.kept) == 37
-    widened, done = load_dit_quantized(path, "int8", dtype=torch.float32, fp8="dequantize")
+    with LiveBytes("cpu") as streamed:
+        widened, done = load_dit_quantized(path, "int8", dtype=torch.float32, fp8="dequantize")
     assert len(done.layers) == 37 and done.kept == []  # widened at load, then quantized like the rest
+    with LiveBytes("cpu") as whole:
+        after = load_dit(path, dtype=torch.float32, fp8="dequantize")
+        quantize_model(after, "int8")
+    x = inputs(widened)
+    assert torch.equal(widened(*x), after(*x))
+    # Each fp8 layer widened and quantized in turn: the whole widened model (fp32 here) never exists.
+    layer = 4 * max(p.numel() for p in model.parameters())
+    assert whole.peak >= 4 * sum(p.numel() for p in model.parameters())
+    assert streamed.peak <= stored_bytes(widened) + 3 * layer, (streamed.peak, stored_bytes(widened), layer)
 
 
 @pytest.mark.parametrize("layout", ["legacy", "new"])

@@ -363,7 +363,17 @@ def load_dit_quantized(
             model = AsymmDiT(config)
         what = f"DiT checkpoint (detected format: {fmt})"
         quantizer = AtLoad(model, quantize, lambda key, t: check_finite({key: t}, what))
-    sd, scales = read_dit(det, dtype=dtype, device=device, fp8=fp8, take=quantizer)
+    # fp8 layers to widen and quantize: read kept, then each widened and quantized in turn, so the load
+    # never holds the whole widened model (twice the fp8 file in bf16) before quantizing it.
+    widen = quantizer is not None and fp8 == "dequantize"
+    sd, scales = read_dit(det, dtype=dtype, device=device, fp8="keep" if widen else fp8, take=quantizer)
+    if widen:
+        wide = _target_dtype(det, dtype) or torch.bfloat16  # as read_dit widens them
+        for layer in list(scales):
+            key = f"{layer}.weight"
+            w = dequantize(sd.pop(key), scales.pop(layer), wide)
+            if not quantizer(key, w):
+                sd[key] = w
     if config is None:
         config = _inferred(logical_shapes({k: tuple(v.shape) for k, v in sd.items()}), fmt)
     if model is None:
