@@ -197,7 +197,16 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(data, tmp_path, monkeypat
     assert (tmp_path / "cut" / "lora-step-000004.safetensors").is_file()
 
 
-def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(data, tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python sets it up in a process started in the foreground (a job started in the background
+    by a non-interactive shell, CI's for one, inherits it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_the_finished_step_and_resumes_exactly(data, tmp_path, monkeypatch, python_sigint):
     out, _ = data
     cfg = LoraTrainConfig(**{**CFG.__dict__, "checkpoint_every": 0})  # only the final and Ctrl-C ones
     whole = read_lora(train_lora(pipe(), out, tmp_path / "whole", cfg, progress=False))
@@ -545,7 +554,7 @@ def test_a_lock_taken_on_a_removed_lock_file_is_not_held(tmp_path, monkeypatch):
 
 
 def test_sigterm_checkpoints_exits_143_and_a_second_signal_of_either_kind_stops_at_once(
-    data, tmp_path, monkeypatch
+    data, tmp_path, monkeypatch, python_sigint
 ):
     """SIGTERM during train-lora exited 130 ("interrupted"), and after it a Ctrl-C only set the stop flag
     again instead of interrupting at once."""
@@ -586,6 +595,29 @@ def test_sigterm_checkpoints_exits_143_and_a_second_signal_of_either_kind_stops_
     assert not isinstance(caught.value, Terminated) and "stopped after" not in str(caught.value)
     assert list_states(tmp_path / "cut2") == []  # interrupted at once, inside step 2
     assert cli.Terminated is Terminated  # what the CLI turns into "mochi: terminated", exit 143
+
+
+def test_signals_ignored_by_the_parent_stay_ignored(data, tmp_path, monkeypatch):
+    """Started with SIGINT and SIGTERM ignored (nohup, `mochi train-lora ... &` in a script), train-lora
+    put its own handlers in: a Ctrl-C meant for the shell's foreground job stopped the run."""
+    out, _ = data
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "checkpoint_every": 0})
+    real = lora_train.flow_matching_loss
+
+    def signals_in_every_step(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "flow_matching_loss", signals_in_every_step)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train_lora(pipe(), out, tmp_path / "run", cfg, progress=False)  # runs to its end
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
 def test_resuming_past_the_asked_steps_is_refused(data, tmp_path):

@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # ignored by the parent: stays ignored
+            previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the boundary, not at exit

@@ -212,7 +212,9 @@ class _StopRequest:
         self.requested, self.signum, self._old = False, None, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._old[sig] = signal.signal(sig, self._handle)
+                # Ignored by whoever started the process (nohup, `cmd &` in a script): it stays ignored.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
