@@ -153,8 +153,27 @@ def test_empty_init_video(tiny, tmp_path, capsys):
     bad = tmp_path / "empty.mp4"
     bad.write_bytes(b"")
     assert main(["generate", "x", "--init-video", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mochi: error: cannot read video") and err.count("\n") == 1
+    # It was "cannot read video ...: Invalid data ... (frames above 33,177,600 pixels ... are not decoded)".
+    assert capsys.readouterr().err == f"mochi: error: video file {str(bad)!r} is empty (0 bytes)\n"
+
+
+def test_the_output_cannot_be_the_init_video(tiny, tmp_path, capsys, monkeypatch):
+    """--out naming the --init-video file replaced the user's clip with the result (and its sidecar named
+    the result as its own init video)."""
+    src = tmp_path / "clip.mp4"
+    write_video(np.full((13, 48, 64, 3), 128, np.uint8), src)
+    before = src.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for out in (str(src), "clip.mp4", f"../{tmp_path.name}/clip.mp4"):
+        assert main(["generate", "x", "--init-video", str(src), "--steps", "2", "--out", out]) == 2
+        assert capsys.readouterr().err == (
+            f"mochi: error: output {out!r} is the --init-video file: it would be overwritten by the result; "
+            f"choose another --out, e.g. {out[: -len('clip.mp4')] + 'clip-v2v.mp4'!r}\n"
+        )
+    (tmp_path / "link.mp4").symlink_to(src)
+    assert main(["generate", "x", "--init-video", "link.mp4", "--steps", "2", "--out", str(src)]) == 2
+    assert "is the --init-video file" in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "clip.json").exists()
 
 
 def test_interrupt_leaves_no_partial_file(tiny, tmp_path, monkeypatch):

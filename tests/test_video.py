@@ -110,7 +110,7 @@ def test_read_errors(tmp_path):
     with pytest.raises(VideoError, match="does not exist"):
         read_video(tmp_path / "none.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
-    with pytest.raises(VideoError, match="cannot read video"):
+    with pytest.raises(VideoError, match=r"is empty \(0 bytes\)"):
         read_video(tmp_path / "empty.mp4")
     (tmp_path / "text.mp4").write_text("not a video at all " * 20)
     with pytest.raises(VideoError, match="cannot read video"):
@@ -317,3 +317,49 @@ def test_a_container_without_streams_before_its_probe_is_refused_naming_the_conv
         f"{name!r} is {kind}, which is not read: its decoder cannot be given the frame-size cap before it is "
         f"probed; convert it, e.g. ffmpeg -i {name} old.mp4"
     )
+
+
+def test_non_square_pixels_are_taken_as_players_show_them(tmp_path):
+    """A 32x32 clip of sample aspect 2:1 is shown 64x32: fitted to 64x32 it keeps its whole frame (it was
+    cropped to its middle rows as if square, stretching every shape up), and video_size says (32, 64)."""
+    from fractions import Fraction
+
+    import av
+
+    image = np.full((32, 32, 3), 128, np.uint8)
+    image[:6] = (255, 0, 0)  # a red band at the top and a blue one at the bottom
+    image[-6:] = (0, 0, 255)
+    path = tmp_path / "anamorphic.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv444p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        stream.options = {"crf": "0"}
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    assert video_size(path) == (32, 64)
+    frames, _ = read_video(path, size=(32, 64))
+    assert frames.shape == (3, 32, 64, 3)
+    top, bottom = frames[0, 1].astype(int).mean(0), frames[0, -2].astype(int).mean(0)
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+    assert read_video(path)[0].shape == (3, 32, 32, 3)  # unfitted: the stored pixels
+
+
+def test_only_a_frame_over_the_cap_is_said_to_be_over_it(tmp_path):
+    """Every FFmpeg error (an empty download, a cut or foreign file) ended "(frames above 33,177,600
+    pixels, 7680x4320, are not decoded)"."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"")
+    with pytest.raises(VideoError, match=r"^video file .*clip.mp4' is empty \(0 bytes\)$"):
+        read_video(path)
+    with pytest.raises(VideoError, match="is empty"):
+        video_size(path)
+    write_video(np.zeros((7, 32, 32, 3), np.uint8), path)
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) // 3], b"print('not a video')\n" * 10):
+        path.write_bytes(damaged)
+        with pytest.raises(VideoError) as e:
+            read_video(path)
+        assert str(e.value).startswith(f"cannot read video {str(path)!r} at frame 1: ")
+        assert "pixels" not in str(e.value)

@@ -197,6 +197,9 @@ def open_video(
     stream, FLV): its decoder cannot be given the cap in time."""
     import av
 
+    with contextlib.suppress(OSError):  # a missing file: av.open's own error
+        if os.path.getsize(path) == 0:  # a failed download or copy; FFmpeg says "invalid data"
+            raise VideoError(f"video file {str(path)!r} is empty (0 bytes)")
     options = {"max_pixels": str(int(max_pixels or MAX_FRAME_PIXELS))}
     try:
         opened = av.open(str(path), stream_options=[dict(options) for _ in range(_PROBED_STREAMS)])
@@ -240,13 +243,22 @@ def read_video(
                 raise VideoError(f"{str(path)!r} has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            sar = sample_aspect(stream)
             for frame in container.decode(stream):
                 image = upright(frame)
-                images.append(image if size is None else fit_frames(image[None], 1, *size)[0])
+                if size is not None:
+                    aspect = sar if _quarter_turns(frame) % 2 == 0 else 1 / sar
+                    image = fit_frames(image[None], 1, *size, pixel_aspect=aspect)[0]
+                images.append(image)
                 if max_frames is not None and len(images) >= max_frames:
                     break
     except av.error.FFmpegError as e:
-        big = f" (frames above {MAX_FRAME_PIXELS:,} pixels, 7680x4320, are not decoded)"
+        # The decoder refuses a frame above the cap with EINVAL; damaged, cut or foreign data says otherwise.
+        big = (
+            f" (frames above {MAX_FRAME_PIXELS:,} pixels, 7680x4320, are not decoded)"
+            if e.errno == errno.EINVAL
+            else ""
+        )
         raise VideoError(f"cannot read video {str(path)!r} at frame {len(images) + 1}: {e}{big}") from None
     if not images:
         raise VideoError(f"video {str(path)!r} has no frames")
@@ -282,9 +294,20 @@ def upright(frame) -> np.ndarray:  # noqa: ANN001 - av.VideoFrame
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
-def display_size(frame) -> tuple[int, int]:  # noqa: ANN001 - av.VideoFrame
-    """(height, width) of a decoded frame as it is shown (a quarter turn swaps them)."""
-    h, w = frame.height, frame.width
+def sample_aspect(stream) -> Fraction:  # noqa: ANN001 - av.VideoStream
+    """The width of a stored pixel as shown, over its height (the stream's sample aspect ratio: 2 for a
+    64x64 anamorphic clip shown at 128x64; DV, DVD and HDV sources have them). 1 where the file gives none
+    or an implausible one (outside 1/8 to 8)."""
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if sar and Fraction(1, 8) <= sar <= 8:
+            return Fraction(sar)
+    return Fraction(1)
+
+
+def display_size(frame, sar: Fraction = Fraction(1)) -> tuple[int, int]:  # noqa: ANN001 - av.VideoFrame
+    """(height, width) of a decoded frame as it is shown: stored pixels of sample aspect ``sar`` widened
+    (or narrowed) to square ones, then a quarter turn swaps them."""
+    h, w = frame.height, max(1, round(frame.width * sar))
     return (w, h) if _quarter_turns(frame) % 2 else (h, w)
 
 
@@ -296,19 +319,21 @@ def video_size(path: str | os.PathLike) -> tuple[int, int]:
         with open_video(path) as container:
             if not container.streams.video:  # an audio-only file said "tuple index out of range"
                 raise VideoError(f"{str(path)!r} has no video stream")
-            return display_size(next(container.decode(video=0)))
+            return display_size(next(container.decode(video=0)), sample_aspect(container.streams.video[0]))
     except (av.error.FFmpegError, IndexError, StopIteration) as e:
         raise VideoError(f"cannot read video {str(path)!r}: {e or 'no frames'}") from None
 
 
-def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+def crop_box(h: int, w: int, height: int, width: int, pixel_aspect: float = 1.0) -> tuple[int, int, int, int]:
     """(top, left, rows, columns) of the centred crop of an h×w frame to the aspect of a ``width``×``height``
-    output (``fit_frames``). VideoError when the crop would keep no row or no column: a clip a few pixels
-    high, fitted to a wide output (2x2 to 128x16 keeps round(0.25) = 0 rows), cannot be resized."""
-    if h * width > w * height:  # too tall: crop rows
-        rows, cols = round(w * height / width), w
+    output (``fit_frames``), whose pixels are ``pixel_aspect`` times as wide as high as shown (a sample
+    aspect ratio: the crop is taken to the shown aspect, in stored pixels). VideoError when the crop would
+    keep no row or no column: a clip a few pixels high, fitted to a wide output (2x2 to 128x16 keeps
+    round(0.25) = 0 rows), cannot be resized."""
+    if h * width > w * pixel_aspect * height:  # too tall: crop rows
+        rows, cols = round(w * pixel_aspect * height / width), w
     else:  # too wide: crop columns
-        rows, cols = h, round(h * width / height)
+        rows, cols = h, min(w, round(h * width / (height * pixel_aspect)))
     if rows < 1 or cols < 1:
         raise VideoError(
             f"the video's {w}x{h} frames are too small to crop to the shape of the {width}x{height} output "
@@ -318,15 +343,18 @@ def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, in
     return (h - rows) // 2, (w - cols) // 2, rows, cols
 
 
-def fit_frames(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+def fit_frames(
+    video: np.ndarray, frames: int, height: int, width: int, pixel_aspect: float = 1.0
+) -> np.ndarray:
     """The first ``frames`` frames of ``video`` (T, H, W, 3) uint8, centre-cropped to the aspect of
-    ``width``×``height`` and resized to it (antialiased area resampling). Raises VideoError if too short,
-    or too small or thin to crop to that aspect (``crop_box``).
+    ``width``×``height`` and resized to it (antialiased area resampling); ``pixel_aspect``: the shown width
+    of a stored pixel over its height (``sample_aspect``), so that shapes come out as players show them.
+    Raises VideoError if too short, or too small or thin to crop to that aspect (``crop_box``).
     """
     if video.shape[0] < frames:
         raise VideoError(f"video has {video.shape[0]} frames, fewer than the {frames} asked for")
     clip = torch.from_numpy(np.ascontiguousarray(video[:frames])).permute(0, 3, 1, 2).float()  # T C H W
-    top, left, rows, cols = crop_box(clip.shape[-2], clip.shape[-1], height, width)
+    top, left, rows, cols = crop_box(clip.shape[-2], clip.shape[-1], height, width, pixel_aspect)
     clip = clip[:, :, top : top + rows, left : left + cols]
     if clip.shape[-2:] != (height, width):
         clip = torch.nn.functional.interpolate(

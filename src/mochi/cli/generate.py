@@ -119,7 +119,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     problem = None
     if main:  # the output is rank 0's to write; on several nodes its folder may exist on rank 0's alone
         try:
-            check_output(out)
+            check_output(out, args.init_video)
         except ValueError as e:
             problem = str(e)
     if world is not None:  # every rank stops on rank 0's verdict before the first collective of the run

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from mochi.files import partial_name, sweep_once
 from mochi.serve.errors import documented
 from mochi.serve.history import JOB_ID
-from mochi.video import MAX_FRAME_PIXELS, UncappedContainer, display_size, open_video
+from mochi.video import MAX_FRAME_PIXELS, UncappedContainer, display_size, open_video, sample_aspect
 
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes
 # What the uploads folder may hold, kept uploads and those arriving together: uploads stay until deleted,
@@ -170,6 +170,7 @@ def probe(path: Path) -> dict:
             # Read while the container is open: the stream's fields point into it.
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             declared = (stream.codec_context.width, stream.codec_context.height)  # the header's, if it says
+            sar = sample_aspect(stream)
             for packet in container.demux(stream):  # ends with an empty packet, which flushes the decoder
                 packets += 1 if packet.size else 0
                 if damaged or frames >= LIMITS["frames"]:
@@ -198,7 +199,7 @@ def probe(path: Path) -> dict:
             "the upload is not a video that can be decoded (mp4, webm, mov, ...), or its frames are larger "
             f"than {MAX_UPLOAD_PIXELS:,} pixels (7680x4320)",
         )
-    height, width = display_size(first)  # as players show it (a phone's portrait clip is turned)
+    height, width = display_size(first, sar)  # as players show it (turned, non-square pixels widened)
     frames = frames if damaged or frames < LIMITS["frames"] else max(frames, packets)
     return {"frames": frames, "width": width, "height": height, "fps": rate}
 
