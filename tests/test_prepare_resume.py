@@ -10,6 +10,7 @@ import torch
 
 import mochi.pipeline
 import mochi.train.data as data_module
+import mochi.weights.components
 from mochi.cli import main
 from mochi.errors import OutputError
 from mochi.pipeline import MochiPipeline
@@ -98,7 +99,7 @@ def test_a_folder_without_videos_is_an_error_naming_what_it_holds(tmp_path, comp
 
 
 def test_cli_fails_when_no_clip_could_be_prepared(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "a.mp4").write_bytes(b"not a video")
     (tmp_path / "v" / "a.txt").write_text("a clip")
@@ -107,8 +108,99 @@ def test_cli_fails_when_no_clip_could_be_prepared(tmp_path, monkeypatch, capsys)
     out, err = capsys.readouterr()
     assert "0 encoded, 0 already cached, 1 skipped" in out
     assert err.endswith(
-        f"mochi: error: no clip of {str(tmp_path / 'v')!r} could be prepared (reasons above)\n"
+        f"mochi: error: no clip of {str(tmp_path / 'v')!r} could be prepared (reasons above); the clips "
+        f"already in {str(tmp_path / 'd')!r} were left as they were\n"
     )
+
+
+def test_a_run_that_prepares_nothing_keeps_the_clips_cached_before(tmp_path, comps):
+    """A mistyped --frames (or size) skipped every video alike, and the run then removed every clip an
+    earlier run had cached (hours of encoding with the released VAE) before failing."""
+    videos, out = _videos(tmp_path / "v", n=2), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    report = prepare_data(videos, out, comps, **{**SIZE, "frames": 73})  # the clips have 7 frames
+    assert report.encoded == report.cached == report.removed == []
+    assert [why for _, why in report.skipped] == ["too short: 7 frames, need 73"] * 2
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
+    # A run that prepares some clips still removes the ones it cannot make any more.
+    write_video(np.zeros((4, 32, 32, 3), np.uint8), videos / "c1.mp4")
+    assert prepare_data(videos, out, comps, **SIZE).removed == ["c1.safetensors"]
+
+
+def test_temporaries_left_by_a_killed_write_are_not_clips(tmp_path, comps):
+    """A prepare-data killed while writing a clip (SIGKILL, the OOM killer) leaves .<stem>.<pid>.<rand>
+    .partial.safetensors: pathlib's glob matches dot-names, and train-lora read it as a clip (a truncated
+    one: "not a readable safetensors file"); a folder holding only one passed as holding clips."""
+    from argparse import Namespace
+
+    from mochi.cli.checks import check_train_lora
+
+    videos, out = _videos(tmp_path / "v", n=2), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    partial = out / ".c0.999999.x1y2.partial.safetensors"
+    partial.write_bytes((out / "c0.safetensors").read_bytes()[:100])  # cut short, as a kill leaves it
+    assert [e.name for e in LatentDataset(out).examples] == ["c0", "c1"]
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(partial, only / partial.name)
+    args = Namespace(data=str(only), out=str(tmp_path / "run"), model=None, vae=None, t5=None, tokenizer=None)
+    with pytest.raises(ValueError, match="holds no clips; run `mochi prepare-data` first"):
+        check_train_lora(args)
+
+
+def test_a_caption_that_is_a_folder_or_a_broken_link_is_named_as_such(tmp_path, comps):
+    """Both were reported as "capdir.txt is missing (capdir.txt is there: name it capdir.txt)"."""
+    videos = _videos(tmp_path / "v", n=3)
+    (videos / "c0.txt").unlink()
+    (videos / "c0.txt").mkdir()
+    (videos / "c1.txt").unlink()
+    (videos / "c1.txt").symlink_to(tmp_path / "gone.txt")
+    skipped = dict(prepare_data(videos, tmp_path / "d", comps, **SIZE).skipped)
+    assert skipped == {
+        "c0.mp4": "no caption: c0.txt is a folder, not a text file",
+        "c1.mp4": "no caption: c1.txt is a broken link",
+    }
+
+
+def test_cli_reads_no_dit_and_refuses_a_folder_without_videos_before_loading(tmp_path, monkeypatch, capsys):
+    """prepare-data loaded the whole pipeline, DiT included (40 GB in fp32 for the released model), to use
+    the VAE encoder and T5; and a folder holding no video was said only after that load."""
+    import mochi.weights.components as components_module
+
+    from .test_components import WORDS, _write_diffusers, _write_tokenizer
+
+    model = tmp_path / "model"
+    _write_diffusers(model, tiny_components(seed=1))
+    _write_tokenizer(model / "tokenizer", WORDS)
+    (model / "model_index.json").write_text('{"_class_name": "MochiPipeline"}')
+    full = components_module.load_components(str(model))
+    videos = _videos(tmp_path / "v", n=2)
+    for name in ("c0", "c1"):
+        (videos / f"{name}.txt").write_text("a red circle")  # the test tokenizer's words
+    prepare_data(videos, tmp_path / "full", full, **SIZE)
+
+    def no_dit(*args, **kwargs):
+        raise AssertionError("prepare-data read the DiT")
+
+    monkeypatch.setattr(components_module, "load_dit", no_dit)
+    size = ["--frames", "7", "--width", "32", "--height", "32", "--model", str(model), "--device", "cpu"]
+    assert main(["prepare-data", str(videos), str(tmp_path / "d"), *size]) == 0
+    for name in ("c0", "c1"):
+        got, want = (
+            read_state_dict(tmp_path / "d" / f"{name}.safetensors"),
+            read_state_dict(tmp_path / "full" / f"{name}.safetensors"),
+        )
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was looked at")
+
+    monkeypatch.setattr(components_module, "load_components", no_load)
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare-data", str(tmp_path / "empty"), str(tmp_path / "d2"), *size]) == 2
+    assert "holds no video (.mp4" in capsys.readouterr().err
 
 
 def test_a_disk_error_stops_the_run_at_once(tmp_path, comps, monkeypatch):

@@ -83,6 +83,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_partial(name: str) -> bool:
+    """Whether ``name`` is a temporary that ``atomic_path`` makes (a write under way, or one killed)."""
+    return _PARTIAL.match(name) is not None
+
+
+def safetensors_in(folder: str | os.PathLike) -> list[Path]:
+    """The ``.safetensors`` files of ``folder``, sorted, without the temporaries of writes under way or
+    killed (``pathlib``'s glob matches their dot-names)."""
+    return sorted(p for p in Path(folder).glob("*.safetensors") if not is_partial(p.name))
+
+
 def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that killed mochi processes left in ``directory``; returns those removed.
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 
-def check_output(out: Path) -> None:
-    """``out`` can take a video, and its sidecar (``out`` with ``.json``) can be written beside it."""
+def check_output(out: Path, init_video: str | None = None) -> None:
+    """``out`` can take a video, and its sidecar (``out`` with ``.json``) can be written beside it, and it
+    is not the video ``init_video`` read (it would be replaced by the output, its sidecar naming it)."""
     from mochi.files import check_folder
     from mochi.outputs import sidecar_path
     from mochi.video import CONTAINERS
@@ -25,6 +26,11 @@ def check_output(out: Path) -> None:
         )
     if out.is_dir():
         raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")
+    if init_video and (Path(init_video).absolute() == out.absolute() or _same_file(Path(init_video), out)):
+        raise ValueError(
+            f"output {str(out)!r} is the --init-video file: it would be overwritten by the result; choose "
+            f"another --out, e.g. {str(out.with_name(out.stem + '-v2v' + out.suffix))!r}"
+        )
     check_folder(out)
     sidecar = sidecar_path(out)
     if sidecar.is_dir():
@@ -247,6 +253,7 @@ def check_decode_budget(args: argparse.Namespace, request, max_memory: int) -> N
 def check_prepare_data(args: argparse.Namespace) -> None:
     """The videos folder exists, OUT_DIR can be made and the model paths are usable, before loading."""
     from mochi.files import folder_problem, not_a_folder
+    from mochi.train.data import _inputs
     from mochi.weights.components import check_model_paths
 
     if not Path(args.videos).is_dir():
@@ -254,17 +261,18 @@ def check_prepare_data(args: argparse.Namespace) -> None:
     if problem := folder_problem(args.out):
         raise ValueError(f"OUT_DIR {str(args.out)!r} {problem}; give a folder for the prepared clips")
     check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
+    _inputs(Path(args.videos))  # a folder with no video at all: said before the model loads
 
 
 def check_train_lora(args: argparse.Namespace) -> None:
     """The data folder holds clips and the run folder can be made, before the model loads."""
-    from mochi.files import folder_problem
+    from mochi.files import folder_problem, safetensors_in
     from mochi.weights.components import check_model_paths
 
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise ValueError(f"data folder {str(data)!r} does not exist; make it with `mochi prepare-data`")
-    if not any(data.glob("*.safetensors")):
+    if not safetensors_in(data):
         raise ValueError(f"data folder {str(data)!r} holds no clips; run `mochi prepare-data` first")
     if problem := folder_problem(out):
         raise ValueError(f"--out {str(out)!r} {problem}; give a folder for the run")

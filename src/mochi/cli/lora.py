@@ -23,7 +23,8 @@ def _add_prepare_data(sub: Subparsers) -> None:
             "log-variance and the caption's T5 features as OUT_DIR/<stem>.safetensors. Bad files "
             "(unreadable, too short, too small, no caption, two videos of one stem) are skipped and listed "
             "at the end; a re-run reuses a cached clip only if its video bytes, caption, settings and model "
-            "are unchanged, and removes cache files of videos gone or skipped. A full disk stops the run."
+            "are unchanged, and removes cache files of videos gone or skipped (a run that prepares no clip "
+            "removes none). A full disk stops the run."
         ),
     )
     p.add_argument("videos", metavar="VIDEOS_DIR", help="folder of videos and their .txt captions")
@@ -47,7 +48,14 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
     from mochi.cli.checks import check_prepare_data
 
     check_prepare_data(args)  # before the model loads
-    pipe = pipeline_from_args(args)
+    from mochi.devices import parse_device
+    from mochi.weights.components import load_components
+
+    device = parse_device(args.device)
+    # Only the VAE encoder and T5 encode: the DiT (40 GB in fp32 for the released model) is not read.
+    components = load_components(
+        args.model, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, with_dit=False
+    )
     with tqdm(unit="video", dynamic_ncols=True) as bar:
 
         def progress(done: int, total: int, name: str) -> None:
@@ -59,16 +67,19 @@ def _run_prepare_data(args: argparse.Namespace) -> int:
         report = prepare_data(
             args.videos,
             args.out,
-            pipe.components,
+            components,
             args.frames,
             args.width,
             args.height,
-            pipe.device,
+            device,
             progress,
         )
     print(report.summary())
     if not report.encoded and not report.cached:
-        raise ValueError(f"no clip of {args.videos!r} could be prepared (reasons above)")
+        raise ValueError(
+            f"no clip of {args.videos!r} could be prepared (reasons above); the clips already in "
+            f"{args.out!r} were left as they were"
+        )
     return 0
 
 

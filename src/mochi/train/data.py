@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mochi.errors import DISK_ERRNOS, OutputError
-from mochi.files import atomic_write_text
+from mochi.files import atomic_write_text, safetensors_in
 from mochi.models.tokenizer import truncations
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.video import UNCAPPED_SUFFIXES, UncappedContainer
@@ -182,6 +182,22 @@ def _inputs(src: Path) -> tuple[list[Path], dict[Path, str]]:
     return videos, clashes
 
 
+def _no_caption(caption_file: Path) -> str:
+    """Why ``caption_file``, which is no file, is not a caption: missing (naming a caption of another case
+    of its suffix that is there), a folder, or a broken link."""
+    name = caption_file.name
+    if caption_file.is_symlink() and not caption_file.exists():
+        return f"{name} is a broken link"
+    if caption_file.exists():
+        return f"{name} is a folder, not a text file"
+    near = sorted(
+        p.name
+        for p in caption_file.parent.glob(f"{glob.escape(caption_file.stem)}.*")
+        if p.suffix.lower() == ".txt" and p.name != name and p.is_file()
+    )
+    return f"{name} is missing" + (f" ({near[0]} is there: name it {name})" if near else "")
+
+
 def _clip(video: Path, frames: int, width: int, height: int) -> torch.Tensor:
     """The first ``frames`` frames, cropped and resized: uint8 (T, H, W, 3). Raises ValueError why not."""
     from mochi.video import read_video, video_size
@@ -242,11 +258,7 @@ def prepare_data(
                 continue
             caption_file = video.with_suffix(".txt")
             if not caption_file.is_file():
-                near = sorted(
-                    p.name for p in src.glob(f"{glob.escape(video.stem)}.*") if p.suffix.lower() == ".txt"
-                )
-                hint = f" ({near[0]} is there: name it {caption_file.name})" if near else ""
-                raise ValueError(f"no caption: {caption_file.name} is missing{hint}")
+                raise ValueError(f"no caption: {_no_caption(caption_file)}")
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
                 caption = caption_file.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError as e:
@@ -286,8 +298,10 @@ def prepare_data(
             if progress is not None:
                 progress(done, len(videos), video.name)
     # A clip cached by an earlier run whose video is now skipped, gone or renamed must not be trained on.
+    # A run that prepared nothing removes nothing: it fails (a mistyped --frames or size skips every video
+    # alike), and the clips an earlier run cached, hours of encoding with the released VAE, stay.
     current = {out / f"{v.stem}.safetensors" for v in videos if v.name not in dict(report.skipped)}
-    for old in sorted(out.glob("*.safetensors")):
+    for old in safetensors_in(out) if report.encoded or report.cached else ():
         if old not in current and _remove_stale(old):
             report.removed.append(old.name)
     atomic_write_text(out / REPORT_NAME, json.dumps(asdict(report), indent=2) + "\n")
@@ -312,7 +326,7 @@ class LatentDataset:
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"data folder {str(folder)!r} does not exist; make it with `mochi prepare-data`")
-        files = sorted(folder.glob("*.safetensors"))
+        files = safetensors_in(folder)
         if not files:
             raise ValueError(f"data folder {str(folder)!r} holds no clips; run `mochi prepare-data` first")
         self.examples: list[Example] = []

@@ -40,7 +40,7 @@ class Components:
 
     tokenizer: Tokenizer
     text_encoder: T5Encoder
-    dit: AsymmDiT
+    dit: AsymmDiT | None  # None only where loaded to encode (``load_components(with_dit=False)``)
     decoder: Decoder
     encoder: Encoder | None = None
     defaults: dict = field(default_factory=lambda: dict(RELEASED_DEFAULTS))
@@ -77,7 +77,9 @@ def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) 
     )
 
 
-def _check_text_pair(tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT, tok_source, t5_source) -> None:  # noqa: ANN001
+def _check_text_pair(  # noqa: ANN001
+    tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT | None, tok_source, t5_source
+) -> None:
     """The tokenizer's ids must index the T5's embedding, and the T5's width must be the DiT's text width:
     parts from different models are named here, at load, not by an index error at the first prompt."""
     embeds = text_encoder.config.vocab_size
@@ -86,6 +88,8 @@ def _check_text_pair(tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT, tok
             f"the tokenizer of {str(tok_source)!r} has {tok.vocab_size} ids but the T5 of {str(t5_source)!r} "
             f"embeds {embeds}: they belong to different models; pass the T5's own tokenizer (--tokenizer)"
         )
+    if dit is None:
+        return
     width, wanted = text_encoder.config.d_model, dit.config.t5_feat_dim
     if width != wanted:
         raise ValueError(
@@ -187,6 +191,7 @@ def load_components(
     text_encoder: T5Encoder | None = None,
     quantize: str | None = None,
     dit_dtype: torch.dtype | None = None,
+    with_dit: bool = True,
 ) -> Components:
     """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
 
@@ -199,6 +204,8 @@ def load_components(
     compute dtype), T5 in fp32, so that neither exists at full width at once
     (`mochi.weights.dit.load_dit_quantized`, `mochi.weights.t5.load_t5_quantized`); the components'
     ``quantized`` says what was done. The embedded model and bundles are not quantized here.
+    with_dit: False leaves a checkpoint's DiT unread (``dit`` None), for what only encodes (prepare-data):
+    the released DiT is 40 GB in fp32. Bundles, a few MB, are read whole.
     """
     check_model_paths(model, vae, t5, tokenizer)
     if model is None:
@@ -212,13 +219,13 @@ def load_components(
         bundle.source = str(model)
         return bundle
     det = detect(model)
-    if "dit" not in det.files:
+    if with_dit and "dit" not in det.files:
         raise ValueError(f"{str(model)!r} holds no DiT weights (found: {det.describe()})")
     quantized = {}
     if dit is None and quantize is not None:
         dit, done = load_dit_quantized(det, quantize, dtype=dit_dtype, fp8=fp8)
         quantized["dit"] = done.note("dit")
-    elif dit is None:
+    elif dit is None and with_dit:
         # Read straight into the compute dtype: fp8 (and GGUF) weights widened at load are rounded once, as
         # Fp8Linear computes with "keep" (through the file's bf16 first, the CPU's fp32 model differed).
         dit = load_dit(det, fp8=fp8, dtype=dit_dtype)

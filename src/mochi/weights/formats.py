@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mochi.files import safetensors_in
 from mochi.weights.ggml import QWEIGHT
 from mochi.weights.io import (
     TORCH_SUFFIXES,
@@ -372,7 +373,7 @@ def _weight_sets(folder: Path) -> dict[str | None, Path | tuple[Path, ...]]:
         if m:
             sets.setdefault(m["v1"] or m["v2"], index)
     shards: dict[str | None, list[Path]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in safetensors_in(folder):
         m = _SHARD.match(file.name)
         if m:
             shards.setdefault(m["variant"], []).append(file)
@@ -414,7 +415,7 @@ def _detect_folder(path: Path, variant: str | None) -> Detected:
         files, chosen = _pick(path, variant)
         det = _classify(path, files, _headers(files))
         return dataclasses.replace(det, format="diffusers", variant=chosen)
-    sets = list(path.glob("*.safetensors"))
+    sets = safetensors_in(path)
     if len(sets) == 1:
         return _detect_file(sets[0])
     listing = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mochi.errors import MochiError, one_line
-from mochi.files import atomic_path
+from mochi.files import atomic_path, safetensors_in
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -74,7 +74,7 @@ def _shard_files(path: Path) -> list[Path]:
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
             return _shard_files(indexes[0])
-        files = sorted(path.glob("*.safetensors"))
+        files = safetensors_in(path)
         if not files:
             raise WeightsError(f"no .safetensors files in folder {str(path)!r}")
         return files

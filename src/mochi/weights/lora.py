@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.files import safetensors_in
 from mochi.finite import NonFiniteError, check_finite
 from mochi.models.dit import DIT_PRESETS
 from mochi.models.lora import BLOCK_LINEARS, LoraLayer, target_of
@@ -240,7 +241,7 @@ def _lora_file(path: Path) -> Path:
     for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
         if (path / name).is_file():
             return path / name
-    files = sorted(path.glob("*.safetensors"))
+    files = safetensors_in(path)
     if len(files) != 1:
         # A train-lora run folder holds lora.safetensors, its result, beside each checkpoint's LoRA.
         pick = (

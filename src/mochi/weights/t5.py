@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.files import safetensors_in
 from mochi.models.t5 import T5Config, T5Encoder
 from mochi.weights.formats import Detected, iter_component
 from mochi.weights.io import (
@@ -56,7 +57,7 @@ def _folder_files(folder: Path) -> list[Path]:
     indexes = sorted(folder.glob("*.index*.json"))
     if len(indexes) == 1:
         return list(index_shards(indexes[0]))
-    files = sorted(folder.glob("*.safetensors"))
+    files = safetensors_in(folder)
     if len(files) == 1:
         return files
     raise WeightsError(
