@@ -145,9 +145,29 @@ def test_the_planned_step_cache_is_what_the_cache_keeps(monkeypatch, guidance, c
 def test_nothing_fits_names_the_closest_and_the_gap():
     job = Job.from_request(163, 480, 848)
     options = plan(Models(), job, 6 * GB, quants=("none",), reserve=GB)
-    closest = r"the closest, bf16, offload blocks:0, needs about 9\.1 GB in its denoise stage, 3\.1 GB more"
+    # Rounded up (9.149 GB): a budget of the figure named is never short by the rounding.
+    closest = r"the closest, bf16, offload blocks:0, needs about 9\.2 GB in its denoise stage, 3\.2 GB more"
     with pytest.raises(ValueError, match=r"no setting fits 6\.0 GB: " + closest):
         choose(options, 6 * GB)
+
+
+def test_the_closest_miss_counts_what_its_decode_split_needs(capsys):
+    """The closest setting was the one of the lowest stage peak, whose decode no split fit: "needs about
+    2.7 GB in its decode stage, 0.1 GB more" at 2.6 GB, where 2.7 GB did not fit either (2.8 GB does); and
+    a gap under 0.05 GB read "0.0 GB more"."""
+    args = ["plan", "--frames", "163", "--width", "256", "--height", "256", "--quantize", "q4_0"]
+    assert main([*args, "--gpu-memory", "2.6GB"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "no setting fits 2.6 GB: the closest, bf16 q4_0, offload blocks:0, peaks at about 2.7 GB, and no "
+        "decode split fits 80% of the 149.9MB left beside the decoder (the pipeline's rule); the smallest "
+        "needs about 210.6MB, so about 2.8GB free"
+    )
+    assert main([*args, "--gpu-memory", "2.8GB"]) == 0
+    assert "fastest that fits: bf16 q4_0, offload blocks:1" in capsys.readouterr().out
+    job = Job.from_request(163, 480, 848)
+    peak = plan(Models(), job, 6 * GB, quants=("none",), reserve=GB)[-1].peak
+    with pytest.raises(ValueError, match=r", 0\.1 GB more$"):  # 0.01 GB short
+        choose(plan(Models(), job, peak - 10**7, quants=("none",), reserve=GB), peak - 10**7)
 
 
 def test_a_miss_only_at_the_decode_names_the_split_and_a_value_that_fits(capsys):
@@ -208,6 +228,21 @@ def test_plan_command(capsys):
     )
     assert main(["plan", "--gpu-memory", "0"]) == 2
     assert "--gpu-memory '0' must be a positive size" in capsys.readouterr().err
+    # A plain 24 was planned as 24 bytes ("no setting fits 0.0 GB"); 24G was "not understood".
+    for text, said in (
+        ("24", "--gpu-memory '24' would be 24 bytes (a size without a unit counts bytes), less than any "
+         "device holds; did you mean 24GB?"),
+        ("24G", "--gpu-memory '24G' is not understood: units end in B (powers of 1000); nearest valid: 24GB"),
+    ):  # fmt: skip
+        assert main(["plan", "--gpu-memory", text]) == 2
+        assert capsys.readouterr().err == f"mochi: error: {said}\n"
+    assert main(["plan", "--gpu-memory", "2000000"]) == 0  # a plain count of a megabyte and up: bytes
+    if not torch.cuda.is_available():  # it said "use --device cpu", which plan then refused
+        assert main(["plan", "--device", "cuda:1"]) == 2
+        assert capsys.readouterr().err == (
+            "mochi: error: --device cuda:1: this machine has no CUDA device to read the free memory of; give "
+            "the budget instead, e.g. --gpu-memory 24GB\n"
+        )
 
 
 def test_generate_memory_auto_on_cpu_says_so(tmp_path, capsys, monkeypatch):

@@ -30,9 +30,10 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def parse_size(text: str, name: str = "size") -> int:
+def parse_size(text: str, name: str = "size", budget: bool = False) -> int:
     """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts); the
-    error calls the value ``name`` (an option's name)."""
+    error calls the value ``name`` (an option's name). ``budget``: a memory budget, where a plain count under
+    a megabyte ("24", meaning 24GB) is refused rather than read as bytes."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1, "": 1}
     # ASCII digits only: str.isdigit() also takes "²" and other digits that int() and float() refuse.
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?B)?\s*", text.upper())
@@ -41,6 +42,11 @@ def parse_size(text: str, name: str = "size") -> int:
         if value >= 10**18:  # an exabyte: no budget is that large (float() gave inf, then a traceback)
             shown = text if len(text) <= 40 else f"{text[:40]}…"
             raise ValueError(f"{name} {shown!r} is larger than any device; write it like 24GB")
+        if budget and not match.group(2) and 0 < value < 10**6:
+            raise ValueError(
+                f"{name} {text!r} would be {int(value)} bytes (a size without a unit counts bytes), less "
+                f"than any device holds; did you mean {text.strip()}GB?"
+            )
         return int(value)
     binary = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT])IB\s*", text.upper())
     if binary:  # 24GiB: 2**30-byte units, which mochi does not read; say the decimal size
@@ -52,6 +58,12 @@ def parse_size(text: str, name: str = "size") -> int:
                 f"{name} {text!r} is in binary units, which are not read; sizes count powers of 1000: "
                 f"nearest valid: {near}"
             )
+    short = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT])\s*", text.upper())
+    if short:  # 24G: the B is part of the unit (and G alone could mean 2**30, which mochi does not read)
+        raise ValueError(
+            f"{name} {text!r} is not understood: units end in B (powers of 1000); nearest valid: "
+            f"{short.group(1)}{short.group(2)}B"
+        )
     raise ValueError(f"{name} {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 

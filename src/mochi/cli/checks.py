@@ -78,7 +78,7 @@ def parse_max_memory(text: str | None) -> int | None:
 
     if text is None:
         return None
-    size = parse_size(text, "--max-memory")
+    size = parse_size(text, "--max-memory", budget=True)
     if size <= 0:
         raise ValueError(
             f"--max-memory {text!r} must be a positive size such as 8GB; leave it out for the default"

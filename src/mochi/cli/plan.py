@@ -22,7 +22,9 @@ def _add_plan(sub: Subparsers) -> None:
     p.add_argument(
         "--gpu-memory", metavar="SIZE", help="budget, e.g. 24GB (default: free memory of --device)"
     )
-    p.add_argument("--device", default="auto", help="device whose free memory is the budget (default: cuda)")
+    p.add_argument(
+        "--device", default="auto", help="device whose free memory is the budget (default: the first GPU)"
+    )
     p.add_argument("--frames", type=int, default=163, help="frame count, 6k+1 (163)")
     p.add_argument("--width", type=int, default=848, help="width in pixels (848)")
     p.add_argument("--height", type=int, default=480, help="height in pixels (480)")

@@ -177,7 +177,7 @@ def parse_budgets(text: str | None, devices: Sequence[torch.device], reserve: in
 
     if text is None:
         return [available_memory(d) - reserve for d in devices]
-    sizes = [parse_size(t, "--max-memory") for t in text.split(",")]
+    sizes = [parse_size(t, "--max-memory", budget=True) for t in text.split(",")]
     if len(sizes) == 1:
         return sizes * len(devices)
     if len(sizes) != len(devices):

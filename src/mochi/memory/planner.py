@@ -112,6 +112,13 @@ class Option:
     miss: str | None = None  # why no decode split fits (None: one does), naming a value that would
     # the mode of a stored-quantized DiT's other block Linears, where --quantize quantizes some (else None)
     dit_rest: str | None = None
+    # the free memory the decode rule needs where no split fits (None: one does, or --max-memory refuses)
+    decode_need: int | None = None
+
+    @property
+    def need(self) -> int:
+        """The budget this setting needs at every stage, its decode split included (as far as known)."""
+        return max(self.peak, self.decode_need or 0)
 
     @property
     def peak(self) -> int:
@@ -222,10 +229,11 @@ def plan(
                     rest or "none",
                 )  # fmt: skip
                 fits = tile is not None and max(peaks.values()) <= budget
-                miss = None
+                miss = need = None
                 if tile is None:
                     miss = decode_miss(models, job, peaks["decode"], budget, vae_dtype, max_memory)
-                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss, rest)
+                    need = decode_need(models, job, peaks["decode"], vae_dtype, max_memory)
+                option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss, rest, need)
                 if mode.kind != "blocks" or all_blocks:
                     out.append(option)
                 else:
@@ -235,6 +243,22 @@ def plan(
             if blocks and not all_blocks:
                 out.append(blocks[-1])
     return out
+
+
+def decode_need(
+    models: Models,
+    job: Job,
+    decode_peak: int,
+    vae_dtype: torch.dtype = torch.float32,
+    max_memory: int | None = None,
+) -> int | None:
+    """The free memory under which the pipeline's rule (a split within 80% of what is left beside the
+    decoder) takes the smallest decode split of a setting peaking at ``decode_peak`` in its decode stage;
+    None where ``max_memory`` is what refuses every split."""
+    smallest = pipeline_decode_plan(models.decoder, (1, *job.latent), 0, vae_dtype)[1]
+    if max_memory is not None and max_memory < smallest:
+        return None
+    return math.ceil(smallest / 0.8) + decode_peak - smallest
 
 
 def decode_miss(
@@ -274,10 +298,21 @@ def choose(options: list[Option], budget: int) -> Option:
                 f"no setting fits {budget / GB:.1f} GB: {option.describe()} is within it at every stage, "
                 f"but {option.miss}"
             )
-    closest = min(options, key=lambda o: o.peak)
+    # Ranked by the budget each needs, its decode split's included: the lowest stage peak alone named a
+    # setting whose decode no split fits ("needs about 3.3 GB, 0.1 GB more", where 3.6 GB was needed).
+    closest = min(options, key=lambda o: o.need)
+    if closest.decode_tile is None:
+        raise ValueError(
+            f"no setting fits {budget / GB:.1f} GB: the closest, {closest.describe()}, peaks at about "
+            f"{_tenths_up(closest.peak)} GB, and {closest.miss}"
+        )
     stage = max(closest.peaks, key=closest.peaks.__getitem__)
-    return_closest = closest.describe()
     raise ValueError(
-        f"no setting fits {budget / GB:.1f} GB: the closest, {return_closest}, needs about "
-        f"{closest.peak / GB:.1f} GB in its {stage} stage, {(closest.peak - budget) / GB:.1f} GB more"
+        f"no setting fits {budget / GB:.1f} GB: the closest, {closest.describe()}, needs about "
+        f"{_tenths_up(closest.peak)} GB in its {stage} stage, {_tenths_up(closest.peak - budget)} GB more"
     )
+
+
+def _tenths_up(n: int) -> str:
+    """Bytes as GB, rounded up to a tenth (at least 0.1): a gap never reads "0.0 GB more"."""
+    return f"{max(math.ceil(n * 10 / GB), 1) / 10:.1f}"

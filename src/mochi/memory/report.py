@@ -57,11 +57,19 @@ def plan_command(args: argparse.Namespace) -> str:
                 f"--device {args.device} is whose free memory is the budget, and --gpu-memory "
                 f"{args.gpu_memory} gives it; give one of them"
             )
-        budget, where = parse_size(args.gpu_memory, "--gpu-memory"), "the given budget"
+        budget, where = parse_size(args.gpu_memory, "--gpu-memory", budget=True), "the given budget"
         if budget <= 0:
             raise ValueError(f"--gpu-memory {args.gpu_memory!r} must be a positive size such as 24GB")
     else:
-        device = parse_device(args.device)
+        try:
+            device = parse_device(args.device)
+        except ValueError as e:
+            if "has no CUDA" not in str(e):  # parse_device's remedy, "use --device cpu", plans nothing here
+                raise
+            raise ValueError(
+                f"--device {args.device}: this machine has no CUDA device to read the free memory of; give "
+                "the budget instead, e.g. --gpu-memory 24GB"
+            ) from None
         if device.type != "cuda":
             raise ValueError(
                 "no CUDA device to read the free memory of; give the budget, e.g. --gpu-memory 24GB"
