@@ -275,3 +275,53 @@ def test_what_would_fail_after_sampling_fails_before_it(pipe):
         ValueError, match=r"negative_prompt='a blue square' needs guidance other than 1.0, and the 1 steps"
     ):
         pipe.generate(request, init_frames=clip)
+
+
+def test_results_are_ordinary_tensors_and_record_the_loras_that_ran(tmp_path):
+    """generate ran under ``torch.inference_mode()``: its frames and latents refused in-place edits and
+    autograd outside it. A request naming no LoRA, after one that named one, ran with it applied (loaded
+    LoRAs stay, docs/lora.md) but its request and run record said none."""
+    from mochi.weights.lora import save_lora
+
+    from .test_lora import random_lora
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    request = GenerationRequest("x", seed=3, steps=2, frames=7)
+    result = pipe.generate(request)
+    assert not result.frames.is_inference() and not result.latents.is_inference()
+    result.frames[:, :, :2] = 255  # in place, outside inference mode
+    weight = torch.ones_like(result.latents, requires_grad=True)
+    (result.latents * weight).sum().backward()
+    assert torch.equal(weight.grad, result.latents)
+    path = save_lora(random_lora(pipe.components.dit, seed=4), tmp_path / "style.safetensors")
+    with_lora = pipe.generate(dataclasses.replace(request, loras=[(str(path), 1.0)]))
+    after = pipe.generate(request)
+    assert after.request.loras == [(str(path), 1.0)] and pipe.run_record(after)["lora_merge"] is False
+    assert torch.equal(after.latents, with_lora.latents)
+
+
+def test_inputs_of_generate_are_checked_before_any_work(tmp_path):
+    """Wrong init_frames were refused only after the request's LoRAs went on and T5 ran; a progress or
+    denoised that is no function failed after the text stage or the first DiT step; encode_frames read
+    float frames in [0, 1] as 0-255 levels and a 4-D clip failed in permute."""
+    from mochi.weights.lora import save_lora
+
+    from .test_lora import random_lora
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    path = save_lora(random_lora(pipe.components.dit, seed=4), tmp_path / "style.safetensors")
+    seen = []
+    request = GenerationRequest("x", seed=3, steps=2, frames=13, loras=[(str(path), 1.0)])
+    with pytest.raises(ValueError, match=r"init_frames have shape \(7, 64, 64, 3\); this request needs"):
+        pipe.generate(
+            request, lambda *a: seen.append(a), init_frames=torch.zeros(7, 64, 64, 3, dtype=torch.uint8)
+        )
+    assert seen == [] and pipe.loras == []
+    for name in ("progress", "denoised"):
+        with pytest.raises(TypeError, match=rf"^{name}=True is not callable; give a function {name}\("):
+            pipe.generate(request, **{name: True})
+    assert pipe.loras == []
+    with pytest.raises(ValueError, match="frames are float32; give uint8 RGB frames"):
+        pipe.encode_frames(torch.rand(1, 7, 64, 64, 3))
+    with pytest.raises(ValueError, match=r"frames have shape \(7, 64, 64, 3\); give \(batch, frames"):
+        pipe.encode_frames(torch.zeros(7, 64, 64, 3, dtype=torch.uint8))

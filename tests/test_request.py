@@ -125,7 +125,7 @@ def test_resolved_takes_the_models_sampler_unless_the_request_names_one():
         ({"seed": "1"}, "seed='1' must be a whole number, not str"),
         ({"steps": True}, "steps=True must be a whole number, not bool"),
         ({"guidance": True}, "guidance=True must be a number, not bool"),
-        ({"guidance": (2.0, 3.0)}, r"guidance=\(2.0, 3.0\) must be a number, not tuple"),
+        ({"guidance": {"a": 2.0}}, r"guidance=\{'a': 2.0\} must be a number, not dict"),
         ({"guidance": [2.0, "3"], "steps": 2}, "guidance.1.='3' must be a number, not str"),
         # A one-value schedule is named as such, not as steps=0.
         ({"sigmas": [1.0]}, r"a sigma schedule needs at least 2 values \(one step\), got \[1.0\]"),
@@ -315,3 +315,35 @@ def test_a_whitespace_negative_prompt_with_guidance_one_is_refused_as_other_text
         GenerationRequest("x", negative_prompt=negative, steps=8, strength=0.3, guidance=steps).validate(True)
     GenerationRequest("x", negative_prompt="", guidance=1.0).validate()  # "" is no negative prompt
     GenerationRequest("x", negative_prompt=negative, guidance=4.0).validate()
+
+
+def test_diffusers_style_values_are_read_or_named():
+    """negative_prompt=None (diffusers' default) was "prompts must be strings, got NoneType"; a tuple or
+    array of per-step guidance was "must be a number"; sigmas stopping above 0 (diffusers' scheduler appends
+    the 0) ran a step short and decoded a noisy latent; the caller's prompt list, edited later, changed the
+    returned record."""
+    import numpy as np
+
+    assert GenerationRequest("x", negative_prompt=None).negative_prompt == ""
+    assert GenerationRequest("x", guidance=(4.0, 2.0)).guidance == [4.0, 2.0]
+    assert GenerationRequest("x", guidance=np.linspace(4, 2, 3)).guidance == [4.0, 3.0, 2.0]
+    prompts = ["a", "b"]
+    request = GenerationRequest(prompts)
+    prompts.append("c")
+    assert request.prompts == ["a", "b"]
+    for kwargs, message in (
+        ({"prompt": ["a", 3]}, "prompt[1]=3 must be a string, not int"),
+        (
+            {"prompt": "a", "negative_prompt": ["b"]},
+            "negative_prompt=['b'] must be a string (one for the whole batch; \"\" or None for none), "
+            "not list",
+        ),
+        (
+            {"prompt": "a", "sigmas": [1.0, 0.5, 0.25]},
+            "sigmas end at 0.25, but a schedule falls to 0.0 (its last step lands on the clean latent); "
+            "append 0.0 (diffusers' scheduler appends it to the sigmas it is given)",
+        ),
+    ):
+        with pytest.raises(ValueError) as e:
+            GenerationRequest(**kwargs).validate()
+        assert str(e.value) == message

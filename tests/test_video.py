@@ -363,3 +363,31 @@ def test_only_a_frame_over_the_cap_is_said_to_be_over_it(tmp_path):
             read_video(path)
         assert str(e.value).startswith(f"cannot read video {str(path)!r} at frame 1: ")
         assert "pixels" not in str(e.value)
+
+
+def test_write_settings_are_checked_before_writing(tmp_path):
+    """lossless="no" wrote a lossless RGB file; crf="18", crf=True and metadata={"comment": 5} failed inside
+    PyAV; bf16 frames failed in .numpy(); write_video_and_sidecar wrote a 0-byte video for no frames and
+    failed in the encoder for an odd size or a .gif path."""
+    from mochi.outputs import write_video_and_sidecar
+
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    for kwargs, message in (
+        ({"lossless": "no"}, "lossless='no' must be True or False"),
+        ({"crf": "18"}, "crf='18' must be a whole number from 0 to 51, not str"),
+        ({"crf": True}, "crf=True must be a whole number from 0 to 51, not bool"),
+        ({"metadata": {"comment": 5}}, "metadata={'comment': 5} must be a dict of strings to strings"),
+    ):
+        with pytest.raises(VideoError) as e:
+            write_video(frames, tmp_path / "a.mp4", **kwargs)
+        assert str(e.value).startswith(message)
+    write_video(torch.full((2, 32, 32, 3), 0.5, dtype=torch.bfloat16), tmp_path / "b.mp4")
+    assert read_video(tmp_path / "b.mp4")[0].shape == (2, 32, 32, 3)
+    for pixels, name, message in (
+        (frames[:0], "c.mp4", "cannot write a video with no frames"),
+        (np.zeros((2, 31, 32, 3), np.uint8), "c.mp4", "frame size 32x31 must be even"),
+        (frames, "c.gif", "must end in one of .mp4"),
+    ):
+        with pytest.raises(VideoError, match=message):
+            write_video_and_sidecar(pixels, tmp_path / name, 30, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mp4"]

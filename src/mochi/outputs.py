@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mochi.files import atomic_paths
-from mochi.video import encode_video, to_uint8, video_rate
+from mochi.video import check_writable, encode_video, video_rate
 
 # Sidecar entries that vary between identical runs, kept out of the video's own copy: the timings, and the
 # server's job id and clock times (so that the same request and seed give the same bytes there too).
@@ -43,7 +43,7 @@ def write_video_and_sidecar(
     path = Path(path)
     rate = video_rate(fps)
     sidecar = {**sidecar, "fps": float(rate)}
-    pixels = to_uint8(frames)
+    pixels = check_writable(frames, path)  # as write_video checks (an empty video was written, 0 bytes)
     with atomic_paths([sidecar_path(path), path]) as (tmp_json, tmp_video):
         encode_video(pixels, tmp_video, rate, metadata={"comment": embedded_parameters(sidecar)})
         tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -7,6 +7,7 @@ decoder as configured. With ``offload`` each component is on the accelerator onl
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import numbers
@@ -231,6 +232,18 @@ class MochiPipeline:
         encoder = self.components.encoder
         if encoder is None:
             raise ValueError("video-to-video needs the VAE encoder, and this model has none")
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames is a {type(frames).__name__}; give a uint8 tensor (B, T, H, W, 3)")
+        if frames.dtype != torch.uint8:  # floats in [0, 1] were read as 0-255 levels
+            raise ValueError(
+                f"frames are {str(frames.dtype).removeprefix('torch.')}; give uint8 RGB frames (0-255), "
+                "e.g. torch.from_numpy(mochi.video.to_uint8(frames)) for floats in [0, 1]"
+            )
+        if frames.dim() != 5 or frames.shape[-1] != 3:
+            raise ValueError(
+                f"frames have shape {tuple(frames.shape)}; give (batch, frames, height, width, 3), e.g. "
+                "frames[None] for one clip"
+            )
         with offloaded(encoder, self.device, self.offload_mode):
             # fp32 whatever the VAE's dtype: the encoder's Fourier features multiply pixels by 2π·2^7, so
             # bf16's rounding of x (up to 2^-9) would turn their phases by radians (genmo-mochi.md §2.3).
@@ -298,7 +311,6 @@ class MochiPipeline:
 
     # -- the whole request ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate(
         self,
         request: GenerationRequest,
@@ -316,6 +328,9 @@ class MochiPipeline:
 
         One request runs at a time per pipeline: a call from another thread waits for the running one (a
         request's LoRAs are applied to the shared DiT, so two at once gave one of them the other's LoRA).
+
+        The result's ``frames`` and ``latents`` are ordinary tensors (the work runs under
+        ``torch.inference_mode``, whose tensors refuse in-place edits and autograd outside it).
         """
         if not isinstance(request, GenerationRequest):
             hint = (
@@ -324,8 +339,16 @@ class MochiPipeline:
                 else "GenerationRequest(prompt, ...)"
             )
             raise TypeError(f"generate takes a GenerationRequest, not {type(request).__name__}; give {hint}")
-        with self._running:
-            return self._generate(request, progress, init_frames, denoised)
+        for name, fn, signature in (
+            ("progress", progress, "progress(stage, done, total)"),
+            ("denoised", denoised, "denoised(step, total, x0)"),
+        ):
+            if fn is not None and not callable(fn):  # found after the text stage or the first DiT step
+                raise TypeError(f"{name}={fn!r:.40} is not callable; give a function {signature} or None")
+        with self._running, torch.inference_mode():
+            result = self._generate(request, progress, init_frames, denoised)
+        result.frames, result.latents = result.frames.clone(), result.latents.clone()  # outside: ordinary
+        return result
 
     def _generate(
         self,
@@ -349,7 +372,18 @@ class MochiPipeline:
             )
         from_clip = init_frames is not None or request.init_video is not None
         req = request.resolved(self.components.defaults, from_clip)
+        if init_frames is None and req.init_video is not None:  # read and checked before any work
+            from mochi.video import VideoError, read_video
+
+            clip, _ = read_video(req.init_video, max_frames=req.frames, size=(req.height, req.width))
+            if clip.shape[0] < req.frames:
+                raise VideoError(f"video has {clip.shape[0]} frames, fewer than the {req.frames} asked for")
+            init_frames = torch.from_numpy(clip)
+        if init_frames is not None:
+            _check_init_frames(init_frames, (req.frames, req.height, req.width, 3))
         self._use_loras(req.loras)
+        if not req.loras and self.loras:  # loaded LoRAs stay for a request naming none: recorded as run
+            req = dataclasses.replace(req, loras=[(path, scale) for path, scale, _ in self.loras])
         self.vae_plans = {}
         report = progress or (lambda stage, done, total: None)
         seconds: dict[str, float] = {}
@@ -372,15 +406,7 @@ class MochiPipeline:
         t0 = time.perf_counter()
         shape = (batch, 12, check_frames(req.frames), req.height // 8, req.width // 8)
         noise = initial_noise(shape, req.seed, device=self.device)
-        if init_frames is None and req.init_video is not None:
-            from mochi.video import VideoError, read_video
-
-            clip, _ = read_video(req.init_video, max_frames=req.frames, size=(req.height, req.width))
-            if clip.shape[0] < req.frames:
-                raise VideoError(f"video has {clip.shape[0]} frames, fewer than the {req.frames} asked for")
-            init_frames = torch.from_numpy(clip)
         if init_frames is not None:
-            _check_init_frames(init_frames, (req.frames, req.height, req.width, 3))
             report("encode", 0, 1)
             z0 = self.encode_frames(init_frames.unsqueeze(0)).expand(batch, -1, -1, -1, -1)
             sigmas = truncate_schedule(sigmas, req.strength)

@@ -156,6 +156,16 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if self.strength is None:  # as a sidecar records it without a clip (null): the default
             self.strength = 0.7
+        if self.negative_prompt is None:  # diffusers' default for "no negative prompt"
+            self.negative_prompt = ""
+        # A batch's prompts and a per-step guidance are copied: the caller's list, edited after the call,
+        # changed the returned record of what ran. A tuple or 1-D array of guidance values is such a list.
+        if isinstance(self.prompt, list | tuple):
+            self.prompt = list(self.prompt)
+        if isinstance(self.guidance, list | tuple):
+            self.guidance = list(self.guidance)
+        elif getattr(self.guidance, "ndim", None) == 1 and hasattr(self.guidance, "tolist"):  # numpy, torch
+            self.guidance = self.guidance.tolist()
 
     @property
     def prompts(self) -> list[str]:
@@ -310,9 +320,15 @@ class GenerationRequest:
         prompts = self.prompts
         if not prompts:
             raise ValueError("prompt list is empty; give at least one prompt")
-        for p in [*prompts, self.negative_prompt]:
+        for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise ValueError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+                name = "prompt" if isinstance(self.prompt, str) else f"prompt[{i}]"
+                raise ValueError(f"{name}={p!r:.60} must be a string, not {type(p).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(
+                f"negative_prompt={self.negative_prompt!r:.60} must be a string (one for the whole batch; "
+                f'"" or None for none), not {type(self.negative_prompt).__name__}'
+            )
         for i, p in enumerate(prompts):
             check_utf8(p, "prompt" if isinstance(self.prompt, str) else f"prompt[{i}]")
         check_utf8(self.negative_prompt, "negative_prompt")
@@ -329,6 +345,11 @@ class GenerationRequest:
                 )
 
             sigmas = validate_sigmas(self.sigmas)
+            if sigmas[-1] != 0.0:  # a diffusers schedule (its scheduler appends the 0) decoded a noisy latent
+                raise ValueError(
+                    f"sigmas end at {sigmas[-1]:g}, but a schedule falls to 0.0 (its last step lands on the "
+                    "clean latent); append 0.0 (diffusers' scheduler appends it to the sigmas it is given)"
+                )
             from_clip = self.init_video is not None if video_to_video is None else video_to_video
             if sigmas[0] != 1.0 and not from_clip:
                 raise ValueError(

@@ -72,6 +72,8 @@ def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float]
     frames, (−1, 1) for raw VAE output) to [0, 255], clipped, and *rounded* to nearest (ties to even), not
     truncated: truncation darkens every pixel by half a level on average.
     """
+    if isinstance(frames, torch.Tensor) and frames.dtype in (torch.bfloat16, torch.float16):
+        frames = frames.float()  # numpy has no bfloat16: .numpy() raised "unsupported ScalarType"
     array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.ndim != 4 or array.shape[-1] != 3:
         raise VideoError(f"frames must have shape (T, H, W, 3), got {tuple(array.shape)}")
@@ -135,11 +137,38 @@ def write_video(
     metadata give the same bytes on every run. ``fps`` must lie within [MIN_FPS, MAX_FPS] (``video_rate``).
     """
     path = Path(path)
+    rate = video_rate(fps)
+    pixels = check_writable(frames, path, value_range, crf, lossless, metadata)
+    with atomic_path(path) as tmp:
+        encode_video(pixels, tmp, rate, crf=crf, lossless=lossless, metadata=metadata)
+    return path
+
+
+def check_writable(
+    frames: torch.Tensor | np.ndarray,
+    path: Path,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    crf: int = 18,
+    lossless: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> np.ndarray:
+    """``frames`` as uint8 (``to_uint8``), once ``path`` and every setting is one ``encode_video`` can write:
+    VideoError naming the first that is not (checked before any file is opened)."""
     if path.suffix.lower() not in CONTAINERS:
         raise VideoError(f"video path {str(path)!r} must end in one of {', '.join(CONTAINERS)} (e.g. .mp4)")
-    rate = video_rate(fps)
+    if not isinstance(lossless, bool | np.bool_):  # "no" is truthy: it wrote a lossless RGB file
+        raise VideoError(f"lossless={lossless!r} must be True or False")
+    if isinstance(crf, bool | np.bool_) or not isinstance(crf, numbers.Integral):
+        raise VideoError(
+            f"crf={crf!r} must be a whole number from 0 to 51, not {type(crf).__name__}; e.g. 18"
+        )
     if not 0 <= crf <= 51:
         raise VideoError(f"crf must be between 0 and 51, got {crf}; 18 is near-lossless, 23 x264's default")
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise VideoError(f"metadata={metadata!r:.60} must be a dict of strings to strings (container tags)")
     pixels = to_uint8(frames, value_range)
     t, h, w, _ = pixels.shape
     if t == 0:
@@ -153,9 +182,7 @@ def write_video(
         raise VideoError(
             f"frame size {w}x{h} must be even in both dimensions for yuv420p; crop to {w - w % 2}x{h - h % 2}"
         )
-    with atomic_path(path) as tmp:
-        encode_video(pixels, tmp, rate, crf=crf, lossless=lossless, metadata=metadata)
-    return path
+    return pixels
 
 
 def encode_video(
