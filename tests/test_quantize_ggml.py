@@ -299,3 +299,20 @@ def test_a_gguf_header_claiming_more_than_the_file_holds_is_refused(tmp_path, te
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, tensors, 1 if entries else 0) + entries + bytes(64))
     with pytest.raises(WeightsError, match=f"'{path}' is not a readable .gguf file \\(.*{message}"):
         gguf_header(path)
+
+
+def test_a_gguf_cut_short_in_its_data_says_so(tmp_path, sd):
+    """A .gguf whose download stopped inside the tensor data failed in the reader with numpy's "cannot
+    reshape array of size 1328 into shape (32,85)"; a whole file (and one naming its own alignment) reads."""
+    from mochi.weights.gguf_file import gguf_header
+    from mochi.weights.io import WeightsError
+
+    from .gguf_files import block_layers, write_gguf
+
+    whole = write_gguf(tmp_path / "whole.gguf", sd, {k + ".weight": "Q8_0" for k in block_layers(sd)})
+    assert gguf_header(whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(WeightsError, match=r"past the file's \d+: the file is cut short \(a download"):
+        gguf_header(cut)

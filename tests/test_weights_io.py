@@ -39,6 +39,28 @@ def test_sharded_index(tmp_path):
     assert read_state_dict(tmp_path / "a.safetensors.index.json").keys() == sd.keys()
 
 
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    """The last shard read won silently, whatever the index named (a stale shard left by an earlier save)."""
+    import json
+
+    from mochi.weights.formats import detect
+    from mochi.weights.io import iter_safetensors
+
+    sd = _model().state_dict()
+    keys = sorted(sd)
+    save_state_dict({k: sd[k] for k in keys[:2]}, tmp_path / "a-00001.safetensors")
+    save_state_dict({k: sd[k] + 7 for k in keys[1:]}, tmp_path / "a-00002.safetensors")  # keys[1] again
+    wm = {k: "a-00001.safetensors" if k in keys[:2] else "a-00002.safetensors" for k in keys}
+    (tmp_path / "a.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    message = f"tensor '{keys[1]}' is stored in two shards, a-00001.safetensors and a-00002.safetensors"
+    with pytest.raises(WeightsError, match=message):
+        read_state_dict(tmp_path / "a.safetensors.index.json")
+    with pytest.raises(WeightsError, match=message):
+        dict(iter_safetensors(sorted(tmp_path.glob("*.safetensors"))))
+    with pytest.raises(WeightsError, match=message):
+        detect(tmp_path / "a.safetensors.index.json")
+
+
 def test_torch_files_are_weights_only(tmp_path):
     sd = _model().state_dict()
     torch.save(sd, tmp_path / "m.pt")
@@ -96,3 +118,14 @@ def test_equal_inputs_give_equal_bytes_whatever_the_metadata_order(tmp_path):
     assert len(ours) == 1
     assert read_metadata(tmp_path / "ours0.safetensors") == metadata
     assert read_state_dict(tmp_path / "ours0.safetensors")["a"].equal(tensors["a"])
+
+
+def test_a_wrapped_torch_checkpoint_names_the_key_holding_its_tensors(tmp_path):
+    """{"model": state_dict} was refused as "does not hold a flat mapping" with no hint where the weights are
+    ({"state_dict": ...}, Lightning's, is read)."""
+    sd = _model().state_dict()
+    torch.save({"model": sd, "step": 3}, tmp_path / "wrapped.pt")
+    with pytest.raises(WeightsError, match=r"does not hold a flat mapping .*; its tensors are under 'model'"):
+        read_state_dict(tmp_path / "wrapped.pt")
+    torch.save({"state_dict": sd}, tmp_path / "lightning.ckpt")
+    assert read_state_dict(tmp_path / "lightning.ckpt").keys() == sd.keys()

@@ -36,6 +36,7 @@ from mochi.weights.ggml import QWEIGHT
 from mochi.weights.io import (
     TORCH_SUFFIXES,
     WeightsError,
+    check_once,
     index_shards,
     open_safetensors,
     quantization_layers,
@@ -204,8 +205,12 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _headers(files: tuple[Path, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    seen: dict[str, Path] = {}
     for f in files:
-        out.update(_header(f))
+        header = _header(f)
+        for key in header:
+            check_once(key, f, seen)
+        out.update(header)
     return out
 
 

@@ -108,6 +108,7 @@ def _layout_problem(path: Path) -> str | None:
                 return "it does not start with the GGUF magic"
             tensors, kvs = struct.unpack_from("<QQ", data, 8)
             pos = 24
+            infos: list[tuple[tuple[int, ...], int, int]] = []  # each tensor's shape, type, data offset
 
             def take(n: int, what: str) -> int:
                 nonlocal pos
@@ -138,9 +139,14 @@ def _layout_problem(path: Path) -> str | None:
                 if tensors > size // 24 or kvs > size // 12:  # the least bytes of a tensor / a value entry
                     claims = f"it claims {tensors} tensors and {kvs} metadata entries"
                     return f"{claims}: more than {size} bytes hold"
+                alignment = 32  # GGUF's default, unless general.alignment (a uint32) says otherwise
                 for _ in range(kvs):
-                    take(struct.unpack_from("<Q", data, take(8, "a key's length"))[0], "a key")
-                    value(struct.unpack_from("<I", data, take(4, "a value's type"))[0])
+                    length = struct.unpack_from("<Q", data, take(8, "a key's length"))[0]
+                    key = data[take(length, "a key") : pos]
+                    kind = struct.unpack_from("<I", data, take(4, "a value's type"))[0]
+                    if key == b"general.alignment" and kind == 4:
+                        alignment = struct.unpack_from("<I", data, pos)[0] or 32
+                    value(kind)
                 for _ in range(tensors):
                     take(
                         struct.unpack_from("<Q", data, take(8, "a tensor name's length"))[0], "a tensor name"
@@ -148,9 +154,36 @@ def _layout_problem(path: Path) -> str | None:
                     dims = struct.unpack_from("<I", data, take(4, "a tensor's rank"))[0]
                     if dims > _MAX_DIMS:
                         return f"a tensor claims {dims} dimensions (GGUF allows {_MAX_DIMS})"
-                    take(8 * dims + 12, "a tensor's shape, type and offset")
+                    at = take(8 * dims + 12, "a tensor's shape, type and offset")
+                    shape = struct.unpack_from(f"<{dims}Q", data, at)
+                    kind, offset = struct.unpack_from("<IQ", data, at + 8 * dims)
+                    infos.append((shape, kind, offset))
             except (ValueError, struct.error) as e:
                 return str(e)
+            return _data_problem(pos, size, infos, alignment)
+    return None
+
+
+def _data_problem(end_of_infos: int, size: int, infos: list, alignment: int) -> str | None:
+    """Why the tensors' data cannot lie in a file of ``size`` bytes, or None: a file cut short in its data
+    failed in the reader with numpy's "cannot reshape array of size 1328 into shape (32,85)"."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    start = -(-end_of_infos // alignment) * alignment
+    for shape, kind, offset in infos:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (KeyError, ValueError):
+            continue  # a type this gguf does not know: its reader names it
+        count = 1
+        for n in shape:
+            count *= n
+        end = start + offset + count // block * block_bytes
+        if end > size:
+            return (
+                f"a tensor's data ends at byte {end}, past the file's {size}: the file is cut short (a "
+                "download or copy that did not finish)"
+            )
     return None
 
 

@@ -124,7 +124,18 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise WeightsError(f"{str(path)!r} does not hold a flat mapping of tensor names to tensors")
+            inner = [
+                k
+                for k, v in (sd.items() if isinstance(sd, Mapping) else ())
+                if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())
+            ]
+            hint = (
+                f"; its tensors are under {inner[0]!r} (a training checkpoint): save that mapping alone: "
+                f"torch.save(torch.load(path, weights_only=True)[{inner[0]!r}], 'weights.pt')"
+                if inner
+                else ""
+            )
+            raise WeightsError(f"{str(path)!r} does not hold a flat mapping of tensor names to tensors{hint}")
         if odd := [k for k in sd if not isinstance(k, str)]:
             raise WeightsError(
                 f"{str(path)!r} does not hold a flat mapping of tensor names to tensors: key {odd[0]!r} is "
@@ -132,11 +143,24 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
             )
         return dict(sd)
     out: dict[str, torch.Tensor] = {}
+    seen: dict[str, Path] = {}
     for file in _shard_files(path):
         with open_safetensors(file, device) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                check_once(key, file, seen)
                 out[key] = f.get_tensor(key)
     return out
+
+
+def check_once(key: str, file: Path, seen: dict[str, Path]) -> None:
+    """WeightsError when ``key`` was already read from another shard (recorded in ``seen``): the last shard
+    read won silently, whatever the index said."""
+    if key in seen and seen[key] != file:
+        raise WeightsError(
+            f"tensor {key!r} is stored in two shards, {seen[key].name} and {file.name}; a checkpoint holds "
+            "each tensor once: remove the stale shard or write the checkpoint again"
+        )
+    seen[key] = file
 
 
 def iter_safetensors(
@@ -148,10 +172,12 @@ def iter_safetensors(
     open file stay resident until it is closed: a reader that converts or quantizes each tensor as it
     arrives would still end up holding the whole file. Opened per tensor, only what the caller keeps stays.
     """
+    seen: dict[str, Path] = {}
     for file in files:
         with open_safetensors(file) as f:
             keys = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118
         for key in keys:
+            check_once(key, file, seen)
             with open_safetensors(file, device) as f:
                 yield key, f.get_tensor(key)
 
