@@ -69,6 +69,7 @@ def junk(tmp_path_factory):
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
 
 
 def _one_line(capsys, code, *names):
@@ -327,6 +328,7 @@ def test_misnamed_paths_and_options_that_need_another_are_one_line(tiny, tmp_pat
     with monkeypatch.context() as patch:
         patch.setattr(components, "load_components", no_load)
         patch.setattr(mochi.pipeline, "load_components", no_load)
+        patch.setattr(mochi.weights.components, "load_components", no_load)
         for model in ([], ["--model", str(tmp_path / "deep")]):
             code = main([*gen, *model, "--offload", "blocks:99", *out])
             _one_line(capsys, code, "offload blocks:99 keeps more blocks on the device than the DiT's")
@@ -384,6 +386,7 @@ def test_devices_with_offload_is_refused_first(tiny, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(components, "load_components", no_load)
     monkeypatch.setattr(mochi.pipeline, "load_components", no_load)
+    monkeypatch.setattr(mochi.weights.components, "load_components", no_load)
     flags = ["--offload"] if offload is None else ["--offload", offload]  # a bare --offload means model
     out = ["--out", str(tmp_path / "v.mp4")]
     code = main(["generate", "x", "--steps", "1", "--devices", "cpu,cpu", *flags, *more, *out])
@@ -611,6 +614,9 @@ def test_lora_merge_into_a_checkpoint_kept_quantized_is_refused_before_loading(t
     from .gguf_files import write_kijai
 
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    monkeypatch.setattr(
+        mochi.weights.components, "load_components", lambda *a, **k: pytest.fail("loaded first")
+    )
     fp8 = write_fp8_scaled(tmp_path / "fp8.safetensors", tiny_model(), layout="legacy", all_in_one=False)
     q8 = write_kijai(tmp_path / "q8.safetensors", state_dict(tiny_model()), "Q8_0")
     lora = ["--lora", str(tmp_path / "l.safetensors"), "--lora-merge", "--out", str(tmp_path / "o.mp4")]
@@ -653,6 +659,9 @@ def test_a_max_memory_no_decode_split_fits_is_refused_before_loading(tmp_path, c
     """It was refused only after the model loaded and the text stage began, in the pipeline's words
     ("max_memory 1000 bytes is too small ... nearest: 8986624")."""
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded first"))
+    monkeypatch.setattr(
+        mochi.weights.components, "load_components", lambda *a, **k: pytest.fail("loaded first")
+    )
     argv = ["generate", "a red circle", "--steps", "1", "--out", str(tmp_path / "o.mp4"), "--device", "cpu"]
     # The embedded model at its 25 frames, 64x64 on the CPU, where its small fp32 convs take PyTorch's own
     # kernel and column buffer: the smallest split (tile 7x7, chunk 5) is 23721984 B.

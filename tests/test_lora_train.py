@@ -16,6 +16,7 @@ import torch
 import mochi.pipeline
 import mochi.train.lora_state
 import mochi.train.lora_train as lora_train
+import mochi.weights.components
 from mochi.cli import main
 from mochi.models.lora import LoraLayer, target_modules
 from mochi.pipeline import MochiPipeline
@@ -401,6 +402,7 @@ def test_a_lora_file_replaced_between_requests_is_read_again(tmp_path):
 
 def test_cli_generate_with_lora_and_convert_lora(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
     lora = _lora_file(tmp_path / "l.safetensors")
     out = tmp_path / "v.mp4"
     args = ["generate", "x", "--seed", "1", "--steps", "1", "--out", str(out), "--lora", str(lora)]
@@ -429,6 +431,7 @@ def test_cli_generate_with_lora_and_convert_lora(tmp_path, monkeypatch, capsys):
 
 def test_cli_prepare_data_and_train_lora(videos, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
     data = tmp_path / "data"
     assert (
         main(["prepare-data", str(videos), str(data), "--frames", "7", "--width", "32", "--height", "32"])
@@ -638,3 +641,103 @@ def test_identical_runs_write_identical_state_files(data, tmp_path):
         train_lora(pipe(), out, tmp_path / name, CFG, progress=False)
     states = [sorted((tmp_path / name / "state").glob("step-*.pt")) for name in ("a", "b")]
     assert states[0] and [p.read_bytes() for p in states[0]] == [p.read_bytes() for p in states[1]]
+
+
+def test_a_kill_between_a_checkpoints_files_or_during_its_samples_loses_neither(data, tmp_path, monkeypatch):
+    """The state was written before its lora-step file: a kill between the two left a state whose LoRA file
+    never came (a resume continued past it). Samples cut short by a stop or a kill were never rendered: the
+    resume started after their step."""
+    out, _ = data
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "sample_every": 2, "sample_steps": 2})
+    whole = tmp_path / "whole"
+    train_lora(pipe(), out, whole, cfg, progress=False)
+    real = lora_train.save_state
+
+    def killed_at_step_two(out_dir, step, *args, **kwargs):
+        if step == 2:
+            raise SystemExit("killed")
+        return real(out_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "save_state", killed_at_step_two)
+    with pytest.raises(SystemExit):
+        train_lora(pipe(), out, tmp_path / "cut", cfg, progress=False)
+    monkeypatch.setattr(lora_train, "save_state", real)
+    assert (tmp_path / "cut" / "lora-step-000002.safetensors").is_file() and not list_states(tmp_path / "cut")
+    cut_short = LoraTrainConfig(**{**cfg.__dict__, "steps": 2})
+    train_lora(pipe(), out, tmp_path / "cut", cut_short, progress=False)
+    (tmp_path / "cut" / "samples" / "step-000002-1.mp4").unlink()  # as a kill while rendering leaves it
+    train_lora(pipe(), out, tmp_path / "cut", cfg, progress=False)
+    for name in (
+        "lora-step-000002.safetensors",
+        "lora.safetensors",
+        *(f"samples/step-00000{s}-{i}.mp4" for s in (2, 4) for i in (0, 1)),
+    ):
+        assert (tmp_path / "cut" / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_stop_during_samples_ends_them_and_the_largest_seed_samples(data, tmp_path):
+    """Ctrl-C during sampling waited for every sample; --seed 2**63-1 failed at its second sample (the seed
+    plus one was refused), and again at every resume."""
+    out, _ = data
+
+    class StopAfterOne:
+        calls = 0
+
+        @property
+        def requested(self) -> bool:
+            StopAfterOne.calls += 1
+            return StopAfterOne.calls > 1
+
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "sample_every": 2, "sample_steps": 2, "seed": 2**63 - 1})
+    folder = tmp_path / "samples"
+    lora_train._write_samples(
+        pipe(), ["a", "b"], cfg, {"frames": 7, "width": 32, "height": 32}, folder, 2, True, StopAfterOne()
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002-0.mp4"]
+    lora_train._write_samples(pipe(), ["a", "b"], cfg, {"frames": 7, "width": 32, "height": 32}, folder, 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002-0.mp4", "step-000002-1.mp4"]
+
+
+def test_resume_allows_what_changes_no_result_and_says_what_does(data, tmp_path, capsys):
+    """--gradient-checkpointing (memory only: the same bytes) could not be turned on to resume a run out of
+    memory; a --sigma-shift change was refused under uniform sampling, which never reads it; a changed
+    --steps re-spanned the cosine silently; a --warmup not below --steps trained at a fraction of --lr."""
+    out, _ = data
+    train_lora(pipe(), out, tmp_path / "run", CFG, progress=False)
+    more = LoraTrainConfig(
+        **{**CFG.__dict__, "steps": CFG.steps + 2, "gradient_checkpointing": True, "sigma_shift": 5.0}
+    )
+    train_lora(pipe(), out, tmp_path / "run", more, progress=True)
+    err = capsys.readouterr().err
+    assert (
+        f"--steps {CFG.steps + 2} where the run was started with {CFG.steps}: the learning rate's cosine"
+        in err
+    )
+    short = LoraTrainConfig(**{**CFG.__dict__, "warmup": 10, "steps": 4})
+    train_lora(pipe(), out, tmp_path / "short", short, progress=True)
+    assert "warning: --warmup 10 is not below --steps 4: the learning rate rises for the whole run" in (
+        capsys.readouterr().err
+    )
+    shifted = LoraTrainConfig(**{**CFG.__dict__, "sigma_sampling": "shifted"})
+    train_lora(pipe(), out, tmp_path / "shifted", shifted, progress=False)
+    other = LoraTrainConfig(**{**shifted.__dict__, "steps": CFG.steps + 2, "sigma_shift": 5.0})
+    with pytest.raises(ValueError, match="holds a run with sigma_shift=3.0, not 5.0"):
+        train_lora(pipe(), out, tmp_path / "shifted", other, progress=False)
+    sigmas = lora_train.sample_sigmas(10000, "shifted", 1000.0, torch.Generator().manual_seed(0))
+    assert sigmas.isfinite().all() and sigmas.max() < 1.0
+
+
+def test_a_run_folder_with_one_checkpoint_is_described_as_a_run(data, tmp_path, capsys):
+    """With one lora-step file (after the first checkpoint of a run cut short) `mochi info RUN` called the
+    folder a plain LoRA ("use mochi generate PROMPT --lora RUN"), and --lora RUN used that checkpoint."""
+    from mochi.weights.lora import read_lora as read
+
+    out, _ = data
+    cfg = LoraTrainConfig(**{**CFG.__dict__, "steps": 2, "checkpoint_every": 2, "keep": 1})
+    train_lora(pipe(), out, tmp_path / "run", cfg, progress=False)
+    (tmp_path / "run" / "lora.safetensors").unlink()  # as a run stopped after its first checkpoint
+    assert main(["info", str(tmp_path / "run")]) == 0
+    said = capsys.readouterr().out
+    assert "train-lora run" in said and "--lora" not in said.split("use")[-1], said
+    with pytest.raises(Exception, match="is a train-lora run that has not finished .*lora-step-000002"):
+        read(tmp_path / "run")

@@ -355,6 +355,7 @@ def test_all_states_unreadable_is_refused_without_restart(data, tmp_path, capsys
     with pytest.raises(ResumeError, match="none is readable .*step-000002.pt.*step-000001.pt.*--restart"):
         _train(data, tmp_path / "run")  # before: silently trained from step 0
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
     run = ["train-lora", str(data), "--out", str(tmp_path / "run"), "--rank", "2", "--steps", "2"]
     run += ["--warmup", "0", "--checkpoint-every", "1", "--sample-every", "0", "--targets", "qkv_x"]
     capsys.readouterr()

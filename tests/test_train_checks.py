@@ -9,6 +9,7 @@ import torch
 import mochi.cli.lora
 import mochi.pipeline
 import mochi.train.lora_train as lora_train
+import mochi.weights.components
 from mochi.cli import main
 from mochi.train.lora_state import list_states
 from mochi.weights.io import save_state_dict
@@ -40,7 +41,8 @@ def data(tmp_path):
         ("lr", math.nan, "lr=nan must be in (0, 1]"),
         ("alpha", math.nan, "alpha=nan must be in (0, 64·rank] = (0, 1024]"),
         ("weight_decay", math.nan, "weight_decay=nan must be a finite number ≥ 0"),
-        ("sigma_shift", math.inf, "sigma_shift=inf must be positive"),
+        ("sigma_shift", math.inf, "sigma_shift=inf must lie in [0.001, 1000] (1 = uniform; Genmo's shifted "),
+        ("sigma_shift", 1e39, "sigma_shift=1e+39 must lie in [0.001, 1000] (1 = uniform; Genmo's shifted "),
     ],
 )
 def test_non_finite_training_settings_are_refused_by_the_library(field, value, message):
@@ -97,6 +99,7 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
     real, calls = lora_train.flow_matching_loss, []
 
     def diverges_in_step_three(*args, **kwargs):
@@ -112,7 +115,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert last == (
         "mochi: error: training diverged: the loss at step 3 is nan (or its gradients are not finite); "
         "stopped without saving it, the last good checkpoint, step-000002.pt (and its "
-        "lora-step-*.safetensors), is kept. Lower --lr or --alpha and train into a new --out"
+        "lora-step-*.safetensors), is kept. Lower --lr or --alpha and train into a new --out (or this one "
+        "with --restart)"
     )
     assert [p.name for p in list_states(out)] == ["step-000002.pt"]
     assert not (out / "lora.safetensors").exists() and (out / "lora-step-000002.safetensors").is_file()

@@ -54,7 +54,19 @@ MAX_LR, MAX_SCALING = 1.0, 64
 MAX_CLIPS_PER_STEP, MAX_STEPS = 4096, 10**7
 LATENTS = ("sample", "mean")
 # Settings a resumed run may change; any other difference means another run and is refused.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "sample_every", "sample_prompts", "sample_steps", "keep")
+# gradient_checkpointing changes memory only (the same LoRA bytes, tested): a run out of memory turns it on.
+RESUMABLE_CHANGES = (
+    "steps",
+    "checkpoint_every",
+    "sample_every",
+    "sample_prompts",
+    "sample_steps",
+    "keep",
+    "gradient_checkpointing",
+)
+# Bounds of --sigma-shift: beyond them every sigma is within a float's rounding of 0 or 1 (a shift of 1e39
+# made NaN sigmas, found after the model loaded).
+MAX_SIGMA_SHIFT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +137,12 @@ class LoraTrainConfig:
             check_prompt(prompt, "sample prompt")
         if self.sigma_sampling not in SIGMA_SAMPLING:
             raise ValueError(f"sigma_sampling={self.sigma_sampling!r} must be one of {list(SIGMA_SAMPLING)}")
-        if not 0 < self.sigma_shift < math.inf:
-            raise ValueError(f"sigma_shift={self.sigma_shift} must be positive (1 = uniform)")
+        if not 1 / MAX_SIGMA_SHIFT <= self.sigma_shift <= MAX_SIGMA_SHIFT:
+            nearest = MAX_SIGMA_SHIFT if self.sigma_shift > 1 else 1 / MAX_SIGMA_SHIFT
+            raise ValueError(
+                f"sigma_shift={self.sigma_shift} must lie in [{1 / MAX_SIGMA_SHIFT:g}, {MAX_SIGMA_SHIFT:g}] "
+                f"(1 = uniform; Genmo's shifted sampling uses 3); nearest valid: {nearest:g}"
+            )
         if self.latents is not None and self.latents not in LATENTS:
             raise ValueError(f"latents={self.latents!r} must be one of {list(LATENTS)}")
         check_seed(self.seed)  # as a generation's seed
@@ -145,7 +161,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def sample_sigmas(n: int, mode: str, shift: float, generator: torch.Generator) -> torch.Tensor:
     """(n,) noise levels in [0, 1): uniform, or uniform then shifted towards 1 by ``shift``."""
     u = torch.rand(n, generator=generator)
-    return u if mode == "uniform" else shift * u / (1 + (shift - 1) * u)
+    if mode == "uniform":
+        return u
+    shifted = shift * u.double() / (1 + (shift - 1) * u.double())  # float64: no overflow for a large shift
+    return shifted.clamp(max=1 - 2**-24).float()  # σ stays below 1, as uniform's
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -244,7 +263,10 @@ def _check_resumable(saved: dict, cfg: LoraTrainConfig, out: Path) -> None:
     now = cfg.as_json()
     if isinstance(saved.get("targets"), list):  # a run saved before targets had one order
         saved = {**saved, "targets": list(canonical_targets(saved["targets"]))}
+    uniform = saved.get("sigma_sampling") == now.get("sigma_sampling") == "uniform"
     for key in sorted(set(saved) | set(now)):
+        if key == "sigma_shift" and uniform:  # uniform sampling never reads the shift
+            continue
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise ValueError(
                 f"{str(out)!r} holds a run with {key}={saved.get(key)!r}, not {now.get(key)!r}; "
@@ -346,6 +368,13 @@ def _resume_decision(  # noqa: ANN202
             "pass --restart to train from step 0"
         )
     _say(f"resuming from {Path(state['path']).name} (step {state['step']} of {cfg.steps})", show)
+    before = state["config"].get("steps")
+    if before is not None and before != cfg.steps and state["step"] < cfg.steps:
+        _say(
+            f"--steps {cfg.steps} where the run was started with {before}: the learning rate's cosine now "
+            f"ends at step {cfg.steps}, from step {state['step']} on",
+            show,
+        )
     return state
 
 
@@ -440,6 +469,13 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
     )
     if writes:
         atomic_write_text(out / "config.json", json.dumps(cfg.as_json(), indent=2) + "\n")
+    if cfg.warmup >= cfg.steps:
+        _say(
+            f"warning: --warmup {cfg.warmup} is not below --steps {cfg.steps}: the learning rate rises for "
+            f"the whole run and ends at {lr_factor(cfg.steps - 1, cfg.warmup, cfg.steps):.0%} of --lr; "
+            f"give a smaller --warmup (e.g. {max(cfg.steps // 10, 0)})",
+            writes and progress,
+        )
 
     dit.to(pipe.device)  # an offloading pipeline keeps it elsewhere between stages; training needs it here
     torch.manual_seed(cfg.seed)
@@ -461,8 +497,10 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
         if not writes:
             return
         lora = trainable_lora_state_dict(dit)
-        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep, data.fingerprint, model)
+        # The LoRA file first: a kill between the two resumes from the state before, which writes this
+        # step's file again (the same bytes); the other order left a state whose file never came.
         save_lora(read_layers(lora), out / f"lora-step-{step:06d}.safetensors", extra={"step": step})
+        save_state(out, step, lora, optimizer.state_dict(), cfg.as_json(), cfg.keep, data.fingerprint, model)
 
     def read_layers(lora: dict) -> dict:
         from mochi.models.lora import LoraLayer
@@ -480,8 +518,11 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
         total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and writes)
     )
     avg = None
-    dit.train()
     with _StopRequest() as stop:
+        if start and cfg.sample_every and start % cfg.sample_every == 0 and parallel is None:
+            # Samples of the step resumed from that a stop or a kill cut short: rendered now, or never.
+            _write_samples(pipe, prompts, cfg, data.settings, out / "samples", start, writes, stop, True)
+        dit.to(pipe.device).train()
         for step in range(start, cfg.steps):
             gen = _generator(cfg.seed, 2, step)
             torch.manual_seed(hash((cfg.seed, 3, step)) % 2**63)  # LoRA dropout, if any
@@ -507,7 +548,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
             if saved:
                 checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0:
-                _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done, writes)
+                _write_samples(pipe, prompts, cfg, data.settings, out / "samples", done, writes, stop)
                 dit.to(pipe.device).train()
             requested = stop.requested if parallel is None else parallel.any_rank(stop.requested)
             if requested:  # checked last: a stop during sampling is honoured too
@@ -536,7 +577,8 @@ def _diverged(step: int, loss: float, out: Path) -> str:
     )
     return (
         f"training diverged: the loss at step {step} is {loss} (or its gradients are not finite); stopped "
-        f"without saving it, {kept}. Lower --lr or --alpha and train into a new --out"
+        f"without saving it, {kept}. Lower --lr or --alpha and train into a new --out (or this one with "
+        "--restart)"
     )
 
 
@@ -548,9 +590,13 @@ def _write_samples(  # noqa: PLR0913
     folder: Path,
     step: int,
     writes: bool = True,
+    stop=None,  # noqa: ANN001 - _StopRequest
+    missing_only: bool = False,
 ) -> None:
-    """Render the sample prompts with the LoRA as it is now (seed ``cfg.seed + i``); ``writes``: this
-    process writes the videos (under torchrun every rank renders, rank 0 writes)."""
+    """Render the sample prompts with the LoRA as it is now (seed ``cfg.seed + i``, wrapped below 2**63);
+    ``writes``: this process writes the videos (under torchrun every rank renders, rank 0 writes). A stop
+    requested (``stop``) ends it between samples: the rest come when the run resumes at this step.
+    ``missing_only``: render only the samples whose file is not there."""
     from mochi.request import GenerationRequest
     from mochi.video import write_video
 
@@ -558,7 +604,13 @@ def _write_samples(  # noqa: PLR0913
         folder.mkdir(parents=True, exist_ok=True)
     pipe.components.dit.eval()
     for i, prompt in enumerate(prompts):
-        req = GenerationRequest(prompt, seed=cfg.seed + i, steps=cfg.sample_steps, **size)
+        path = folder / f"step-{step:06d}-{i}.mp4"
+        if stop is not None and stop.requested:
+            return
+        if missing_only and path.exists():
+            continue
+        seed = (cfg.seed + i) % 2**63  # the largest --seed, plus one, was refused after the first sample
+        req = GenerationRequest(prompt, seed=seed, steps=cfg.sample_steps, **size)
         result = pipe.generate(req)
         if writes:
-            write_video(result.frames[0], folder / f"step-{step:06d}-{i}.mp4")
+            write_video(result.frames[0], path)

@@ -258,6 +258,11 @@ def _lora_file(path: Path) -> Path:
         raise WeightsError(
             f"folder {str(path)!r} holds {len(files)} .safetensors files{listed}; name the LoRA file{hint}"
         )
+    if files[0].name.startswith("lora-step-"):  # a train-lora run cut short after its first checkpoint
+        raise WeightsError(
+            f"folder {str(path)!r} is a train-lora run that has not finished (no lora.safetensors yet); name "
+            f"its checkpoint's LoRA to use it, {str(files[0])!r}, or resume the run"
+        )
     return files[0]
 
 
