@@ -220,6 +220,31 @@ def test_a_dit_that_would_not_load_is_not_converted(tmp_path, model, capsys, dam
         assert f"{message}; it would not load" in _run(capsys, "info", src)[1]
 
 
+def test_a_dit_holding_nan_or_overflowing_the_dtype_asked_for_is_not_converted(tmp_path, model, capsys):
+    """A NaN in the source, or a value beyond fp16's range with --dtype fp16, was written (exit 0) into a
+    DiT that load then refused as non-finite."""
+    key = "blocks.0.attn.proj_x.bias"
+    src = _damaged(tmp_path, model, lambda sd: sd[key].view(-1)[0].fill_(float("nan")))
+    code, out, err = _run(capsys, "convert", src, tmp_path / "out", "--to", "diffusers")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "holds NaN or infinite values in 1 of" in err and f"({key}) read (it is damaged" in err
+    assert not (tmp_path / "out").exists()
+    big = tmp_path / "big"
+    big.mkdir()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd[key].view(-1)[0] = 1e6
+    save_file(sd, big / "dit.safetensors")
+    code, out, err = _run(
+        capsys, "convert", big, tmp_path / "big16.safetensors", "--to", "genmo", "--dtype", "fp16"
+    )
+    assert code == 2 and f"({key}) read as float16 (values beyond its range overflow: use --dtype bf16" in err
+    assert not (tmp_path / "big16.safetensors").exists()
+    assert (
+        _run(capsys, "convert", big, tmp_path / "big_bf16.safetensors", "--to", "genmo", "--dtype", "bf16")[0]
+        == 0
+    )
+
+
 def test_heads_that_disagree_with_the_widths_are_named(tmp_path, model, capsys):
     """info and convert accepted 3 heads of 16 on a 32-wide DiT; plan failed inside einops."""
     src = _damaged(tmp_path, model, lambda sd: sd.update({"pos_frequencies": torch.zeros(3, 3, 8)}))

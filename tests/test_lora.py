@@ -472,6 +472,28 @@ def test_peft_alpha_sources(tmp_path):
     assert read_lora(tmp_path / "plain.safetensors").layers["blocks.0.attn.proj_x"].alpha == 4.0
 
 
+def test_a_diffusers_lora_written_beside_a_peft_config_is_not_scaled_again(tmp_path):
+    """convert-lora --to diffusers into a PEFT folder wrote pytorch_lora_weights.safetensors (scaling folded
+    into B, no alpha) beside adapter_config.json, whose lora_alpha the reader then applied a second time (4x
+    here)."""
+    from mochi.cli import main
+
+    a, b = torch.randn(4, 32), torch.randn(32, 4)
+    sd = {
+        f"base_model.model.transformer_blocks.0.attn1.to_out.0.lora_{k}.weight": v
+        for k, v in (("A", a), ("B", b))
+    }
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(sd, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    source = read_lora(folder).layers["blocks.0.attn.proj_x"]
+    assert main(["convert-lora", str(folder), str(folder), "--to", "diffusers"]) == 0
+    written = read_lora(folder / "pytorch_lora_weights.safetensors").layers["blocks.0.attn.proj_x"]
+    delta = (source.B @ source.A) * source.alpha / 4
+    assert torch.allclose((written.B @ written.A) * written.alpha / written.rank, delta, rtol=1e-6, atol=1e-6)
+
+
 def test_peft_alpha_pattern_and_rslora_give_peft_s_scaling(tmp_path):
     r"""alpha_pattern keys matched as name suffixes ('proj' gave add_q_proj, add_k_proj and add_v_proj the
     alpha meant for ff.net.0.proj; a regular expression such as r'.*\.to_out\.0' matched nothing), and

@@ -230,13 +230,19 @@ def test_plan_command(capsys):
     assert "--gpu-memory '0' must be a positive size" in capsys.readouterr().err
     # A plain 24 was planned as 24 bytes ("no setting fits 0.0 GB"); 24G was "not understood".
     for text, said in (
-        ("24", "--gpu-memory '24' would be 24 bytes (a size without a unit counts bytes), less than any "
-         "device holds; did you mean 24GB?"),
+        ("24", "--gpu-memory '24' would be 24 bytes (a size without a unit counts bytes); did you mean "
+         "24GB?"),
         ("24G", "--gpu-memory '24G' is not understood: units end in B (powers of 1000); nearest valid: 24GB"),
     ):  # fmt: skip
         assert main(["plan", "--gpu-memory", text]) == 2
         assert capsys.readouterr().err == f"mochi: error: {said}\n"
     assert main(["plan", "--gpu-memory", "2000000"]) == 0  # a plain count of a megabyte and up: bytes
+    capsys.readouterr()
+    assert main(["convert", "x", "y", "--to", "genmo", "--max-shard-size", "10"]) == 2  # one tensor a shard
+    assert (
+        "--max-shard-size '10' would be 10 bytes (a size without a unit counts bytes); did you mean 10GB?"
+        in (capsys.readouterr().err)
+    )
     if not torch.cuda.is_available():  # it said "use --device cpu", which plan then refused
         assert main(["plan", "--device", "cuda:1"]) == 2
         assert capsys.readouterr().err == (

@@ -32,8 +32,8 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def parse_size(text: str, name: str = "size", budget: bool = False) -> int:
     """ "10GB", "500MB", "20KB" or a plain byte count → bytes (powers of 1000, as diffusers counts); the
-    error calls the value ``name`` (an option's name). ``budget``: a memory budget, where a plain count under
-    a megabyte ("24", meaning 24GB) is refused rather than read as bytes."""
+    error calls the value ``name`` (an option's name). ``budget``: a memory budget or a shard size, where a
+    plain count under a megabyte ("24", meaning 24GB) is refused rather than read as bytes."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1, "": 1}
     # ASCII digits only: str.isdigit() also takes "²" and other digits that int() and float() refuse.
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?B)?\s*", text.upper())
@@ -44,8 +44,8 @@ def parse_size(text: str, name: str = "size", budget: bool = False) -> int:
             raise ValueError(f"{name} {shown!r} is larger than any device; write it like 24GB")
         if budget and not match.group(2) and 0 < value < 10**6:
             raise ValueError(
-                f"{name} {text!r} would be {int(value)} bytes (a size without a unit counts bytes), less "
-                f"than any device holds; did you mean {text.strip()}GB?"
+                f"{name} {text!r} would be {int(value)} bytes (a size without a unit counts bytes); did you "
+                f"mean {text.strip()}GB?"
             )
         return int(value)
     binary = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT])IB\s*", text.upper())

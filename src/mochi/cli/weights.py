@@ -270,7 +270,7 @@ def _shard_bytes(text: str | None) -> int:
 
     if text is None:
         return DEFAULT_SHARD_BYTES
-    size = parse_size(text, "--max-shard-size")
+    size = parse_size(text, "--max-shard-size", budget=True)  # "10" wrote one tensor per shard
     if size <= 0:
         raise ValueError(
             f"--max-shard-size {text!r} must be a positive size such as 5GB (diffusers' default)"

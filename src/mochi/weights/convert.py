@@ -25,6 +25,7 @@ import torch
 
 from mochi.errors import OutputError
 from mochi.files import atomic_write_text, umask
+from mochi.finite import NonFiniteError, all_finite
 from mochi.weights import ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
 from mochi.weights.dit import Consumed, check_dit_tensors, read_dit, shape_facts
@@ -184,6 +185,20 @@ def _checked_dit(det: Detected, dtype: torch.dtype | None) -> dict[str, torch.Te
     round trip keeps every dtype), refused when they would not load."""
     sd, _ = read_dit(det, dtype=dtype, fp8="dequantize", fp32_islands=dtype is not None)
     check_dit_tensors(sd, det.describe())  # what would not load is not written
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not all_finite(t)]
+    if bad:  # load refuses NaN and infinities (check_finite): the file written would not load
+        shown = ", ".join(bad[:3]) + (f", … ({len(bad) - 3} more)" if len(bad) > 3 else "")
+        cast = (
+            f" as {str(dtype).removeprefix('torch.')} (values beyond its range overflow: "
+            f"{'use --dtype bf16, or ' if dtype == torch.float16 else ''}leave --dtype out; or the source is "
+            "damaged)"
+            if dtype is not None
+            else " (it is damaged, e.g. written by a run that diverged)"
+        )
+        raise NonFiniteError(
+            f"{det.describe()} holds NaN or infinite values in {len(bad)} of {len(sd)} tensors ({shown}) read"
+            f"{cast}; nothing was written"
+        )
     return sd
 
 

@@ -310,12 +310,17 @@ def _alpha_map(value: object, where: str) -> dict[str, float]:
     return {k: _alpha(v, f"{where}[{k!r}]") for k, v in value.items()}
 
 
+FOLDED_KEY = "mochi_lora_scaling_folded"  # header key of a diffusers-format file whose B holds its scaling
+
+
 def _peft_alphas(file: Path, metadata: Mapping[str, str]) -> tuple[float | None, dict[str, float], bool]:
     """(global alpha, per-module alpha pattern, use_rslora) from diffusers' header metadata or
     adapter_config.json."""
     conf: dict = {}
     where = ""
     config = file.parent / "adapter_config.json"
+    if metadata.get(FOLDED_KEY) == "true":  # written by save_lora: scaling in B, whatever lies beside it
+        return None, {}, False
     if "lora_adapter_metadata" in metadata:
         where = f"{str(file)!r}: metadata 'lora_adapter_metadata'"
         raw = json_object(metadata["lora_adapter_metadata"], where)
@@ -490,7 +495,9 @@ def save_lora(
         raise ValueError(f"LoRA format {format!r} is unknown; choose one of {list(FORMATS)}")
     path = Path(path)
     if format == "diffusers":
-        save_state_dict(to_diffusers(layers, depth), path, {"format": "pt"})
+        # The scaling is folded into B (no alpha); the header says so, so that an adapter_config.json beside
+        # the file (a PEFT folder converted in place) is not read as its alpha, scaling it twice.
+        save_state_dict(to_diffusers(layers, depth), path, {"format": "pt", FOLDED_KEY: "true"})
         return path
     # Genmo's loader uses one alpha per group (qkv_x and qkv_y; proj_x and proj_y), ours one per target; a
     # layer with another alpha than its group's first (files converted from elsewhere, or trained with
