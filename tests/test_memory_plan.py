@@ -238,7 +238,7 @@ def test_plan_command(capsys):
         assert capsys.readouterr().err == f"mochi: error: {said}\n"
     assert main(["plan", "--gpu-memory", "2000000"]) == 0  # a plain count of a megabyte and up: bytes
     capsys.readouterr()
-    assert main(["convert", "x", "y", "--to", "genmo", "--max-shard-size", "10"]) == 2  # one tensor a shard
+    assert main(["convert", "x", "y", "--to", "diffusers", "--max-shard-size", "10"]) == 2  # a tensor a shard
     assert (
         "--max-shard-size '10' would be 10 bytes (a size without a unit counts bytes); did you mean 10GB?"
         in (capsys.readouterr().err)
