@@ -272,9 +272,10 @@ def test_lora_applies_to_its_job_only(url, pipe, live, tmp_path):
     styled = video_of(url, {**plain, "lora": "style.safetensors", "lora_scale": 0.8}, tmp_path)
     assert [(p.rsplit("/", 1)[-1], s) for p, s, _ in pipe.pipe.loras] == [("style.safetensors", 0.8)]
     (job,) = [j for j in live.jobs.jobs() if j.lora][:1]
-    assert job.parameters()["lora"] == "style.safetensors" and job.parameters()["lora_scale"] == 0.8
+    assert job.parameters()["loras"] == [{"name": "style.safetensors", "scale": 0.8}]
+    assert job.parameters()["lora"] is None and job.parameters()["lora_scale"] is None  # said once, in loras
     sidecar = json.loads((live.jobs.out_dir / f"{job.id}.json").read_text())
-    assert (sidecar["lora"], sidecar["lora_scale"]) == ("style.safetensors", 0.8)
+    assert sidecar["loras"] == [{"name": "style.safetensors", "scale": 0.8}] and sidecar["lora"] is None
     after = video_of(url, plain, tmp_path)  # the next job without a LoRA must not inherit it
     assert pipe.pipe.loras == []
     assert np.abs(after - before).mean() < 4 < np.abs(styled - before).mean()

@@ -235,8 +235,15 @@ def test_several_loras_per_job(url, live):
         {"name": "a.safetensors", "scale": 0.5},
         {"name": "b.safetensors", "scale": 1.0},
     ]
-    assert job["parameters"]["lora"] == "a.safetensors" and job["parameters"]["lora_scale"] == 0.5
+    # Every LoRA once, in loras: submitted again, the first one was applied twice (it was in lora too).
+    assert job["parameters"]["lora"] is None and job["parameters"]["lora_scale"] is None
     assert wait_for(url, job["id"], FINAL)["status"] == "done"
+    status, again = call_json("POST", f"{url}/api/jobs", job["parameters"])  # strength null was a 422
+    assert status == 202, again
+    assert again["parameters"] == job["parameters"]
+    assert wait_for(url, again["id"], FINAL)["status"] == "done"
+    first, second = (call("GET", f"{url}/api/jobs/{j['id']}/video")[2] for j in (job, again))
+    assert first == second
     (applied,) = [j for j in live.jobs.jobs() if j.id == job["id"]]
     assert [(p.rsplit("/", 1)[1], s) for p, s in applied.request.loras] == [
         ("a.safetensors", 0.5),
@@ -587,3 +594,44 @@ def test_uploads_are_kept_within_their_space_and_deleting_makes_room(url, live, 
     status, error = send()  # the bytes would pass the space: refused while arriving, nothing kept
     assert status == 507 and "upload space is full" in error["detail"]
     assert {p.name for p in folder.iterdir()} == {second["id"], third["id"]}  # no partial left
+
+
+def test_delete_says_what_it_did_and_the_queue_keeps_the_jobs_that_ended_last(url, pipe):
+    """DELETE on a queued job and on the cancelled job it left gave one body (the first kept the job, the
+    second forgot it); /api/queue kept the 10 finished jobs created last, not those that ended last, so a
+    job cancelled last but created first vanished from it."""
+    held = hold(pipe, url)
+    status, first = call_json("POST", f"{url}/api/jobs", {"prompt": "queued first", "seed": 2})
+    assert status == 202
+    for i in range(10):
+        status, job = call_json("POST", f"{url}/api/jobs", {"prompt": f"later {i}", "seed": 3})
+        assert status == 202, job
+        assert call_json("DELETE", f"{url}/api/jobs/{job['id']}")[1]["deleted"] is False
+    status, cancelled = call_json("DELETE", f"{url}/api/jobs/{first['id']}")
+    assert status == 200 and cancelled["status"] == "cancelled" and cancelled["deleted"] is False
+    queue = call_json("GET", f"{url}/api/queue")[1]["jobs"]
+    assert first["id"] in [j["id"] for j in queue]
+    status, forgotten = call_json("DELETE", f"{url}/api/jobs/{first['id']}")
+    assert status == 200 and forgotten["deleted"] is True
+    assert call_json("GET", f"{url}/api/jobs/{first['id']}")[0] == 404
+    pipe.gate.set()
+    assert wait_for(url, held, FINAL)["status"] == "done"
+
+
+def test_a_cancel_while_the_video_is_written_is_honoured(url, live, monkeypatch):
+    """A cancel answered 200 while the job wrote its video was dropped: the job ended done, files kept."""
+    import mochi.serve.jobs as jobs_module
+
+    real = jobs_module.write_video_and_sidecar
+
+    def cancelled_meanwhile(frames, path, fps, sidecar):
+        live.jobs.cancel(sidecar["id"])  # as a DELETE arriving during the encode
+        return real(frames, path, fps, sidecar)
+
+    monkeypatch.setattr(jobs_module, "write_video_and_sidecar", cancelled_meanwhile)
+    status, job = call_json("POST", f"{url}/api/jobs", {"prompt": "written", "seed": 4})
+    assert status == 202
+    final = wait_for(url, job["id"], FINAL)
+    assert final["status"] == "cancelled", final
+    assert not (live.jobs.out_dir / f"{job['id']}.mp4").exists()
+    assert not (live.jobs.out_dir / f"{job['id']}.json").exists()

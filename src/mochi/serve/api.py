@@ -90,7 +90,7 @@ class JobRequest(extras.JobExtras):
     lora: str | None = Field(
         None, min_length=1, max_length=255, description="a file name from GET /api/info's loras"
     )
-    lora_scale: extras.Number = Field(1.0, ge=-10, le=10, description="strength of the LoRA")
+    lora_scale: extras.Number | None = Field(1.0, ge=-10, le=10, description="strength of the LoRA; null = 1")
     cache: str = Field(
         "none",
         max_length=80,
@@ -244,14 +244,15 @@ def create_app(
 
     @app.delete("/api/jobs/{job_id}", dependencies=auth, responses=one)
     def cancel_or_delete(job_id: str) -> dict:
-        """Cancel a queued or running job; forget a finished one and delete its video and parameters."""
+        """Cancel a queued or running job; forget a finished one and delete its video and parameters.
+        ``deleted`` says which was done: a queued job cancelled is kept (as cancelled) until deleted again."""
         job = found(job_id)
         if job.status in FINAL:
             summary = jobs.summary(job)
             if not jobs.remove(job_id):  # removed meanwhile by another request
                 raise HTTPException(404, f"no job {quote(job_id)} on this server")
-            return summary
-        return jobs.summary(jobs.cancel(job_id))
+            return {**summary, "deleted": True}
+        return {**jobs.summary(jobs.cancel(job_id)), "deleted": False}
 
     @app.post("/api/jobs/{job_id}/cancel", dependencies=auth, responses=change)
     def cancel(job_id: str) -> dict:

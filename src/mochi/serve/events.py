@@ -75,7 +75,10 @@ def snapshot(jobs: JobManager) -> dict:
     eta = estimates(table, now)
     active = [j for j in table if j.status not in FINAL]
     active.sort(key=lambda j: (j.status != "running", j.created))
-    finished = [j for j in table if j.status in FINAL][:RECENT]
+    # The latest to finish (a job cancelled last, though created first, is one): a client following its own
+    # job sees it end.
+    finished = sorted((j for j in table if j.status in FINAL), key=lambda j: j.finished or 0, reverse=True)
+    finished = finished[:RECENT]
     out = []
     for job in active + finished:
         summary = jobs.summary(job)

@@ -38,7 +38,7 @@ import torch
 from mochi.accel.calibrate import UNCALIBRATED, coefficients_path, uncalibrated_message
 from mochi.errors import out_of_memory
 from mochi.interrupt import Interrupted, stop_checks
-from mochi.outputs import write_video_and_sidecar
+from mochi.outputs import sidecar_path, write_video_and_sidecar
 from mochi.request import GenerationRequest
 from mochi.serve import history as sidecars
 from mochi.serve import preview
@@ -135,8 +135,10 @@ class Job:
         """The request's API fields as JSON-ready values (seed included: it is drawn at submission)."""
         values = {k: getattr(self.request, k) for k in PARAMETERS}
         names = self.lora_names or ((self.lora,) if self.lora else ())
-        values["lora"] = names[0] if names else None
-        values["lora_scale"] = self.request.loras[0][1] if self.request.loras else None
+        # Every LoRA once, in ``loras``: a job's parameters submitted again make the same job (the first one
+        # also in ``lora`` applied it twice).
+        values["lora"] = None
+        values["lora_scale"] = None
         values["loras"] = [{"name": n, "scale": s} for n, (_, s) in zip(names, self.request.loras)]
         values["init_video"] = self.init_video
         values["strength"] = self.request.strength if self.init_video else None
@@ -416,11 +418,18 @@ class JobManager:
             absent = last_component(str(coefficients_path(model)))  # clients are not shown server paths
             with self._cond:
                 job.warnings.append(uncalibrated_message(absent))
-        sidecar.update(created=job.created, started=job.started, finished=time.time())
+        finished = time.time()  # one time for the sidecar and the job (a restart read an earlier one)
+        sidecar.update(created=job.created, started=job.started, finished=finished)
         sidecar.update(prompt_tokens=job.tokens, warnings=job.warnings)
         write_video_and_sidecar(result.frames[0], video, self.fps, sidecar)  # the sidecar first
-        job.video = video
-        self._finish(job, DONE, None)
+        with self._cond:  # a cancel answered while the video was written is honoured, not dropped
+            if not job.cancel_requested:
+                job.video = video
+                self._finish(job, DONE, None, finished)
+                return
+        for path in (video, sidecar_path(video)):
+            path.unlink(missing_ok=True)
+        raise JobCancelled(job.id)
 
     def _apply_loras(self, job: Job) -> None:
         """Make the pipeline's LoRAs exactly the job's (none included), naming the file that fails to load.
@@ -441,9 +450,9 @@ class JobManager:
                 name = Path(path).name
                 raise ValueError(f"LoRA {name!r} cannot be applied: {type(e).__name__}: {e}") from e
 
-    def _finish(self, job: Job, status: str, error: str | None) -> None:
+    def _finish(self, job: Job, status: str, error: str | None, finished: float | None = None) -> None:
         with self._cond:
-            job.status, job.error, job.finished = status, error, time.time()
+            job.status, job.error, job.finished = status, error, finished or time.time()
             if status == DONE:
                 job.stage, job.fraction = "done", 1.0
             self._touch()

@@ -54,8 +54,11 @@ class JobExtras(BaseModel):
     init_video: str | None = Field(
         None, description="video-to-video: an id from POST /api/uploads; unset = text-to-video"
     )
-    strength: Number = Field(
-        0.7, gt=0, le=1, description="video-to-video: how much of the schedule runs (1 = ignore the video)"
+    strength: Number | None = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="video-to-video: how much of the schedule runs (1 = ignore the video); null = 0.7",
     )
 
 
@@ -71,7 +74,9 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
 
     # A value that only applies with another field is refused without it (as the CLI's options are), rather
     # than silently dropped: the client meant something the job would not do.
-    given = body.model_fields_set
+    # A field sent as null is not given: a job's parameters (strength null without init_video, lora_scale
+    # null without lora) are a body to submit again.
+    given = {k for k in body.model_fields_set if getattr(body, k) is not None}
     try:
         check_prompt(body.prompt)
     except ValueError as e:
@@ -80,7 +85,8 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
         raise HTTPException(422, "strength applies only to video-to-video; give init_video or leave it out")
     if "lora_scale" in given and getattr(body, "lora", None) is None:
         raise HTTPException(422, "lora_scale applies only with lora; name the LoRA or leave lora_scale out")
-    choices = ([LoraChoice(name=body.lora, scale=body.lora_scale)] if body.lora else []) + list(body.loras)
+    scale = 1.0 if body.lora_scale is None else body.lora_scale
+    choices = ([LoraChoice(name=body.lora, scale=scale)] if body.lora else []) + list(body.loras)
     if len(choices) > MAX_LORAS:
         raise HTTPException(422, f"{len(choices)} LoRAs given; at most {MAX_LORAS} per job")
     loras = []
@@ -125,7 +131,7 @@ def build_request(body: Any, jobs: Any, lora_dir: Path | None) -> tuple[Generati
                 raise HTTPException(422, f"init_video={quote(body.init_video)}: {e}") from None
     values = body.model_dump(include=set(PARAMETERS))  # the request fields a job records
     request = GenerationRequest(
-        **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength
+        **values, loras=loras, init_video=None if init is None else str(init), strength=body.strength or 0.7
     )
     details = {"lora_names": tuple(c.name for c in choices), "init_video": body.init_video}
     return request, details
