@@ -270,8 +270,14 @@ def test_unequal_qkv_factors_fuse_to_triple_rank():
     fused = from_diffusers(same_a)["blocks.0.attn.qkv_x"]
     assert fused.rank == 2 and fused.A.equal(shared)
     assert fused.B.equal(torch.cat([v.B for v in same_a.values()]))
-    with pytest.raises(WeightsError, match="covers only"):
-        from_diffusers({"transformer_blocks.0.attn1.to_q": parts["transformer_blocks.0.attn1.to_q"]})
+    # to_q and to_v only (PEFT's usual target_modules): refused ("covers only"); the missing k adds nothing.
+    q, v = (parts[f"transformer_blocks.0.attn1.to_{n}"] for n in ("q", "v"))
+    fused = from_diffusers({"transformer_blocks.0.attn1.to_q": q, "transformer_blocks.0.attn1.to_v": v})
+    expected = torch.cat([q.delta_weight(), torch.zeros(32, 32), v.delta_weight()])
+    torch.testing.assert_close(fused["blocks.0.attn.qkv_x"].delta_weight(), expected, rtol=1e-5, atol=1e-5)
+    one = {k: LoraLayer(shared, torch.randn(32, 2, generator=g), 2.0) for k in list(parts)[:2]}
+    fused = from_diffusers(one)["blocks.0.attn.qkv_x"]  # one A and alpha: fused exactly at rank 2
+    assert fused.rank == 2 and fused.B.equal(torch.cat([*(x.B for x in one.values()), torch.zeros(32, 2)]))
 
 
 def test_convert_round_trip_and_unequal_a_file(tmp_path):

@@ -223,12 +223,12 @@ def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
             b = _swap(layer.B) if op == "swap" else layer.B
             out[head + genmo] = LoraLayer(layer.A, b, layer.alpha)
     for name, (mods, parts) in pending.items():
-        if len(parts) != len(mods):
-            raise WeightsError(
-                f"LoRA for {name!r} covers only {sorted(parts)} of {list(mods)}; a fused Genmo layer needs "
-                "all three (a missing one is not representable without knowing its width)"
-            )
-        out[name] = _fuse([parts[mod] for mod in mods])
+        # A part the LoRA leaves out (PEFT's common target_modules=["to_q", "to_v"]) changes nothing: a zero
+        # B of the width of those present (q, k and v are equally wide: the key map splits them in three),
+        # on their shared A, so that a LoRA of one A and alpha still fuses exactly.
+        present = next(iter(parts.values()))
+        zero = LoraLayer(present.A, torch.zeros_like(present.B), present.alpha)
+        out[name] = _fuse([parts.get(mod, zero) for mod in mods])
     return out
 
 
