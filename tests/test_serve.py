@@ -194,7 +194,8 @@ def test_progress_while_running_then_cancel_at_the_next_step(url, pipe):
     job = wait_for(url, job_id, ("done", "failed", "cancelled"))
     assert job["status"] == "cancelled" and job["error"] == "cancelled while running"
     assert job["progress"]["step"] == 1  # step 2 never reported: the job stopped there
-    assert call("GET", f"{url}/api/jobs/{job_id}/video")[0] == 409
+    status, _, body = call("GET", f"{url}/api/jobs/{job_id}/video")  # 409 invited retries forever
+    assert status == 410 and b"is cancelled: it has no video, and never will" in body
 
 
 def test_full_queue_is_429_and_queued_jobs_cancel_at_once(url, pipe):

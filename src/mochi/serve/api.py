@@ -211,13 +211,15 @@ def create_app(
     def status(job_id: str) -> dict:
         return jobs.summary(found(job_id))
 
-    video_responses = {**one, **documented(409), 200: {"content": {"video/mp4": {}}}}
+    video_responses = {**one, **documented(409, 410), 200: {"content": {"video/mp4": {}}}}
 
     @app.get(
         "/api/jobs/{job_id}/video", dependencies=auth, response_class=FileResponse, responses=video_responses
     )
     def video(job_id: str, request: Request, download: bool = False) -> FileResponse:
         job = found(job_id)
+        if job.status in FINAL and job.status != DONE:  # 409 invited retries of a job that never will be
+            raise HTTPException(410, f"job {job_id!r} is {job.status}: it has no video, and never will")
         if job.status != DONE or job.video is None:
             raise HTTPException(409, f"job {job_id!r} is {job.status}; its video exists once status is done")
         try:  # opened here: a DELETE from now on unlinks a name, not the file being sent

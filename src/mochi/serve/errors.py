@@ -28,6 +28,7 @@ STATUS_MEANING = {
     404: "no such job (or its video was removed)",
     408: "the request was not received in time",
     409: "the job's video does not exist yet",
+    410: "the job failed or was cancelled: it has no video, and never will",
     413: "the request body is larger than the server accepts",
     415: "a request with a body must be sent as Content-Type: application/json",
     422: "invalid values: detail names each field, the rule and the nearest valid choice",

@@ -168,6 +168,12 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
         if job is None:
             raise HTTPException(404, f"no job {quote(job_id)} on this server")
         png = job.preview
+        if png is None and job.finished is not None:  # "yet" invited retries
+            raise HTTPException(
+                404,
+                f"job {quote(job_id)} has no preview (status {job.status}): previews are kept in memory, so "
+                "a job that ended before its first, or one read back after a restart, has none",
+            )
         if png is None:
             raise HTTPException(404, f"job {quote(job_id)} has no preview yet (status {job.status})")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
