@@ -739,3 +739,15 @@ def test_a_missing_lora_is_named_as_a_lora(tmp_path, capsys):
     assert main(["convert-lora", str(missing), str(tmp_path / "out.safetensors"), "--to", "diffusers"]) == 2
     assert capsys.readouterr().err == f"mochi: error: LoRA '{missing}' does not exist\n"
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_lora_takes_an_upper_case_suffix_and_names_a_gguf_as_a_model(tmp_path):
+    """OUT.SAFETENSORS was refused as not ending in .safetensors (convert takes it); a .gguf source was
+    "damaged, truncated or of another format"."""
+    layers = random_lora(model(), rank=2, alpha=2)
+    save_lora(layers, tmp_path / "g.safetensors")
+    dst, _ = convert_lora(tmp_path / "g.safetensors", tmp_path / "D.SAFETENSORS", "diffusers")
+    assert read_lora(dst).format == "diffusers"
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(WeightsError, match=r"is a GGUF file, a quantized model .*; a LoRA is a .safetensors"):
+        convert_lora(tmp_path / "m.gguf", tmp_path / "x.safetensors", "genmo")

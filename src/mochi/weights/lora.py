@@ -357,6 +357,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     file = _lora_file(Path(path))
     if not file.exists():  # else read_state_dict's "checkpoint ... does not exist" (convert-lora, info)
         raise WeightsError(f"LoRA {str(file)!r} does not exist")
+    if file.suffix.lower() == ".gguf":  # it was "damaged, truncated or of another format"
+        raise WeightsError(
+            f"{str(file)!r} is a GGUF file, a quantized model (mochi info describes it); a LoRA is a "
+            ".safetensors file (or a PEFT folder)"
+        )
     # Copies, not views of the file's memory map: a LoRA is small, and one applied unmerged is read again at
     # every step, so a file written over in place (cp onto it) changed the next video or, cut short, killed
     # the process with SIGBUS.
@@ -529,7 +534,7 @@ def convert_lora(
     dst = Path(dst)
     if dst.is_dir():
         dst = dst / ("pytorch_lora_weights.safetensors" if to == "diffusers" else "lora.safetensors")
-    if dst.suffix != ".safetensors":
+    if dst.suffix.lower() != ".safetensors":  # as convert accepts OUT.SAFETENSORS
         raise ValueError(f"LoRA output {str(dst)!r} must end in .safetensors, e.g. {dst.stem}.safetensors")
     source = _lora_file(Path(src))
     if dst.exists() and source.exists() and os.path.samefile(dst, source):  # a link to it as well
