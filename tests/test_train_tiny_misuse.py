@@ -311,3 +311,41 @@ def test_the_decoder_stage_names_a_source_that_is_a_folder(tmp_path, capsys):
         f"({str(folder / 'vae.ckpt')!r}) or a bundle file\n"
     )
     assert not (tmp_path / "new").exists()
+
+
+def test_the_decoder_stage_can_focus_on_one_composition(run, tmp_path, capsys):
+    """--focus COLOR:SHAPE --focus-share S draws that share of the decoder stage's clips as the composition
+    (each clip keeping its place, size, motion and background), replayed on resume and recorded."""
+    from mochi.train.tiny import main
+    from mochi.train.train_decoder import DecoderRecipe, focused_specs
+    from mochi.train.train_vae import batch_specs
+
+    recipe = DecoderRecipe(focus="green:triangle", focus_share=0.25)
+    specs = [s for step in range(300) for s in focused_specs(recipe, step)]
+    plain = [s for step in range(300) for s in batch_specs(recipe, step)]
+    focused = [(s, p) for s, p in zip(specs, plain) if s != p]
+    assert 0.2 < len(focused) / len(specs) < 0.3
+    assert all((s.color, s.shape) == ("green", "triangle") and s.start == p.start for s, p in focused)
+    assert focused_specs(recipe, 7) == focused_specs(recipe, 7)  # a resume replays it
+    assert focused_specs(DecoderRecipe(), 7) == batch_specs(DecoderRecipe(), 7)
+    for argv, message in (
+        (["--focus", "green:triangle"], "--focus COLOR:SHAPE and --focus-share S go together"),
+        (["--focus", "blue:star", "--focus-share", "0.2"], "--focus 'blue:star' must be COLOR:SHAPE of"),
+        (["--focus", "red:circle", "--focus-share", "0"], "--focus-share must lie in (0, 1], got 0.0"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["decoder", "--out", str(tmp_path / "new"), *argv])
+        assert message in capsys.readouterr().err
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    state = train_decoder(out, PRESET, replace(DECODER, steps=1), log=_quiet)  # a run without focus resumes
+    focus = replace(DECODER, steps=2, focus="red:circle", focus_share=0.5)
+    new = tmp_path / "focused"
+    shutil.copytree(run, new)
+    (new / DECODER_CHECKPOINT).unlink()
+    state = train_decoder(new, PRESET, replace(focus, steps=1), log=_quiet)
+    assert (state["focus"], state["focus_share"]) == ("red:circle", 0.5)
+    with pytest.raises(
+        ValueError, match=re.escape("trained with focus red:circle, but this run asks for focus")
+    ):
+        train_decoder(new, PRESET, replace(focus, focus="green:square"), log=_quiet)

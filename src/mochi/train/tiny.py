@@ -22,6 +22,7 @@ import torch
 
 from mochi.files import folder_problem
 from mochi.presets import MODEL_PRESETS, ModelPreset, model_preset
+from mochi.train import shapes
 from mochi.train.train_vae import VAERecipe
 
 DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "mochi-tiny.safetensors"
@@ -103,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="decoder: share of the steps (0 to 1) that train on latents the frozen DiT refined from sigma "
         "<= --refine-sigma (0 = off; needs OUT's dit stage or a bundle --source)",
+    )
+    parser.add_argument(
+        "--focus",
+        metavar="COLOR:SHAPE",
+        help="decoder: draw a share (--focus-share) of the clips as this composition, e.g. green:triangle",
+    )
+    parser.add_argument(
+        "--focus-share", type=float, help="decoder: the share of clips --focus redraws (0 < S <= 1)"
     )
     parser.add_argument(
         "--refine-sigma", type=float, help="decoder: the largest sigma of a refined latent (0 < S <= 1)"
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ("seed", ("vae", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("refine_share", ("decoder",), lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
         ("refine_sigma", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
+        ("focus_share", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
     ):
         value = getattr(args, key)
         if value is not None:
@@ -203,6 +213,22 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     if overrides.get("contrast_steps") is not None and not overrides.get("contrast_power"):
         parser.error("--contrast-steps needs --contrast-power P (P > 0): it ends that weighting")
+    if (args.focus is None) != (args.focus_share is None):
+        parser.error(
+            "--focus COLOR:SHAPE and --focus-share S go together, e.g. --focus green:triangle "
+            "--focus-share 0.25"
+        )
+    if args.focus is not None:
+        if args.stage != "decoder":
+            parser.error("--focus is an option of the decoder stage")
+        color, _, shape = args.focus.partition(":")
+        if color not in shapes.DEFAULT_VOCAB.colors or shape not in shapes.DEFAULT_VOCAB.shapes:
+            parser.error(
+                f"--focus {args.focus!r} must be COLOR:SHAPE of the world's palette "
+                f"({', '.join(shapes.DEFAULT_VOCAB.colors)}) and shapes "
+                f"({', '.join(shapes.DEFAULT_VOCAB.shapes)}), e.g. green:triangle"
+            )
+        overrides["focus"] = args.focus
     if args.heldout_pixels is not None:
         if args.stage not in ("vae", "decoder"):
             parser.error("--heldout-pixels/--no-heldout-pixels is an option of the vae and decoder stages")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,12 @@ class DecoderRecipe:
     # guidance refine_guidance. Captions obey the held-out rule as the DiT's training captions do
     # (``allowed_caption``): the DiT reads no held-out line here either.
     refine_share: float = 0.0
+    # A share of the clips drawn again as one composition ("green:triangle"): its colour and shape, each clip
+    # keeping its own place, size, motion and background (a draw of its own per clip, so resuming replays
+    # it). For a decoder that draws one composition worse than the rest (H15's green triangles,
+    # docs/embedded-model.md). None: off.
+    focus: str | None = None
+    focus_share: float = 0.0
     refine_sigma: float = 0.4
     refine_steps: int = 24
     refine_guidance: float = 2.0
@@ -151,12 +157,27 @@ def refines(recipe: DecoderRecipe, step: int) -> bool:
     )
 
 
+def focused_specs(recipe: DecoderRecipe, step: int) -> list[shapes.ClipSpec]:
+    """``batch_specs``, with clip ``i`` drawn as ``recipe.focus`` when the draw (seed, step, i, 9) falls
+    below ``focus_share``."""
+    specs = batch_specs(recipe, step)
+    if not recipe.focus or not recipe.focus_share:
+        return specs
+    color, shape = recipe.focus.split(":")
+    return [
+        replace(spec, color=color, shape=shape)
+        if float(np.random.default_rng([recipe.seed, step, i, 9]).random()) < recipe.focus_share
+        else spec
+        for i, spec in enumerate(specs)
+    ]
+
+
 def decoder_batch(recipe: DecoderRecipe, step: int, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The pixels of step ``step``, (batch, 3, frames, H, W) in [−1, 1] (``clip_frames`` when ``whole``),
     and each clip's loss weight (``contrast_weight``), (batch,)."""
     gen = np.random.default_rng([recipe.seed, step, 7])
     videos, weights = [], []
-    for spec in batch_specs(recipe, step):
+    for spec in focused_specs(recipe, step):
         video = shapes.render(spec, recipe.clip_frames, recipe.height, recipe.width)
         start = int(gen.integers(0, recipe.clip_frames - recipe.frames + 1))
         videos.append(video if whole else video[start : start + recipe.frames])
@@ -252,6 +273,8 @@ def train_decoder(
         # Checkpoints written before these were recorded have none: they resume as they always did.
         stored_own = state.get("source") == "OUT/vae.ckpt"
         settings = {
+            "focus": (recipe.focus, "--focus {}"),
+            "focus_share": (recipe.focus_share, "--focus-share {}"),
             "seed": (recipe.seed, "seed {} (DecoderRecipe.seed)"),
             "batch": (recipe.batch, "--batch {}"),
             "source": (source_name, "no --source" if stored_own else "--source {}"),
@@ -281,6 +304,7 @@ def train_decoder(
             "loss": last,
             "seed": recipe.seed,
             "batch": recipe.batch,
+            **({"focus": recipe.focus, "focus_share": recipe.focus_share} if recipe.focus else {}),
             "source": source_name,
             "configs": preset_configs(preset, ("decoder",)),
         }
