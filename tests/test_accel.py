@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +150,7 @@ def pipe():
 
 def test_pipeline_cache_stats_and_exactness(pipe):
     plain = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8))
-    assert plain.stats == {"cache": "none", "dit_forwards": 8, "skipped_steps": []}
+    assert plain.stats == {"cache": "none", "dit_forwards": 8, "skipped_steps": [], "compile": False}
     tea = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="teacache", cache_threshold=TEA[1]))
     assert tea.stats["cache"] == "teacache:0.5" and tea.stats["cache_coefficients"].startswith("identity")
     assert tea.stats["dit_forwards"] == 8 - len(tea.stats["skipped_steps"]) < 8
@@ -307,15 +306,23 @@ def test_cli_generate_records_the_cache_in_the_sidecar(tmp_path, capsys):
     assert main(["generate", PROMPT, "--seed", "1", "--cache", "teacache:fast", "--out", str(out)]) == 0
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["cache"] == "teacache:0.09" and side["cache_threshold"] == 0.09
-    assert side["cache_coefficients"].endswith("mochi-tiny.teacache.json")
+    # The embedded model's file by name (its install path made one request's bytes differ between installs),
+    # and the polynomial used (a file fitted again under one name changed the video under one record).
+    assert side["cache_coefficients"] == "embedded:mochi-tiny.teacache.json"
+    from mochi.weights.bundle import embedded_path
+
+    shipped = json.loads(embedded_path().with_suffix(".teacache.json").read_text())
+    assert side["cache_polynomial"] == shipped["coefficients"] and side["compile"] is False
     assert side["dit_forwards"] + len(side["skipped_steps"]) == side["steps"] and side["skipped_steps"]
     assert side["lora_merge"] is None  # no LoRA
-    # Coefficients given by file: the sidecar names that file, so the run can be repeated from it.
+    # Coefficients given by file: the sidecar names that file (absolute), so the run can be repeated from it.
     coefficients = tmp_path / "own.json"
-    coefficients.write_text(Path(side["cache_coefficients"]).read_text())
+    coefficients.write_text(embedded_path().with_suffix(".teacache.json").read_text())
     args = ["generate", PROMPT, "--seed", "1", "--cache", "teacache:fast", "--out", str(out)]
     assert main([*args, "--cache-coefficients", str(coefficients)]) == 0
-    assert json.loads(out.with_suffix(".json").read_text())["cache_coefficients"] == str(coefficients)
+    assert json.loads(out.with_suffix(".json").read_text())["cache_coefficients"] == str(
+        coefficients.resolve()
+    )
     bad = tmp_path / "w.mp4"
     assert main(["generate", PROMPT, "--cache", "fbcache", "--cache-threshold", "0", "--out", str(bad)]) == 2
     assert "cache threshold 0.0 must be a finite number > 0" in capsys.readouterr().err

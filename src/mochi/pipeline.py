@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -521,8 +522,14 @@ class MochiPipeline:
                 forwards, skipped, partly = cache.stats.by_step()
                 out.update(dit_forwards=forwards, skipped_steps=skipped, partly_skipped_steps=partly)
             if source is not None:
-                out["cache_coefficients"] = source
-            if self.compiled:  # not after a compile failure put the DiT back to eager
+                # What the cache used, not only where from: a file fitted again under the same name (the
+                # default teacache.json beside a model) changed the video under the same record.
+                out["cache_coefficients"] = _coefficients_name(source)
+                out["cache_polynomial"] = [float(c) for c in coefficients]
+            # Compiled kernels round differently from eager ones (a level or two in a frame, more after
+            # the mp4 encode): the record says which ran (False after a failed compile fell back to eager).
+            out["compile"] = bool(self.compiled)
+            if self.compiled:
                 out["compile_seconds"] = timer.compile_seconds
             return out
 
@@ -533,6 +540,20 @@ class MochiPipeline:
         if req.sigmas is not None:
             return validate_sigmas(req.sigmas)
         return linear_quadratic_schedule(req.steps, req.threshold_noise, req.linear_steps)
+
+
+def _coefficients_name(source: str) -> str:
+    """A TeaCache coefficient source as the record names it: the embedded model's file as
+    "embedded:<name>" (its install path made the same request's bytes differ between installs), another file
+    by its absolute path, anything else ("published (TeaCache4Mochi)") as it is."""
+    from mochi.weights.bundle import embedded_path
+
+    path = Path(source)
+    if not path.is_file():
+        return source
+    if path.resolve().parent == embedded_path().resolve().parent:
+        return f"embedded:{path.name}"
+    return str(path.resolve())
 
 
 def _check_init_frames(frames: torch.Tensor, shape: tuple[int, ...]) -> None:
