@@ -455,8 +455,8 @@ def test_released_size_lora_keys_match_genmo():
     assert "blocks.47.attn.proj_y.lora_A" not in sd
 
 
-def test_peft_alpha_sources(tmp_path):
-    """Alpha of a diffusers/PEFT file: .alpha keys, adapter_config.json, diffusers' header metadata."""
+def _peft_folder(tmp_path, alpha: float):  # noqa: ANN202
+    """A PEFT folder: one rank-4 LoRA on block 0's to_out.0 and adapter_config.json's lora_alpha."""
     a, b = torch.randn(4, 32), torch.randn(32, 4)
     sd = {
         f"base_model.model.transformer_blocks.0.attn1.to_out.0.lora_{k}.weight": v
@@ -465,7 +465,13 @@ def test_peft_alpha_sources(tmp_path):
     folder = tmp_path / "peft"
     folder.mkdir()
     save_file(sd, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": alpha}))
+    return folder, sd, a, b
+
+
+def test_peft_alpha_sources(tmp_path):
+    """Alpha of a diffusers/PEFT file: .alpha keys, adapter_config.json, diffusers' header metadata."""
+    folder, sd, a, b = _peft_folder(tmp_path, 2)
     layer = read_lora(folder).layers["blocks.0.attn.proj_x"]
     assert layer.alpha == 2.0 and layer.A.equal(a) and layer.B.equal(b)
     kohya = {**sd, "transformer_blocks.0.attn1.to_out.0.alpha": torch.tensor(1.0)}
@@ -484,15 +490,7 @@ def test_a_diffusers_lora_written_beside_a_peft_config_is_not_scaled_again(tmp_p
     here)."""
     from mochi.cli import main
 
-    a, b = torch.randn(4, 32), torch.randn(32, 4)
-    sd = {
-        f"base_model.model.transformer_blocks.0.attn1.to_out.0.lora_{k}.weight": v
-        for k, v in (("A", a), ("B", b))
-    }
-    folder = tmp_path / "peft"
-    folder.mkdir()
-    save_file(sd, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    folder = _peft_folder(tmp_path, 16)[0]
     source = read_lora(folder).layers["blocks.0.attn.proj_x"]
     assert main(["convert-lora", str(folder), str(folder), "--to", "diffusers"]) == 0
     written = read_lora(folder / "pytorch_lora_weights.safetensors").layers["blocks.0.attn.proj_x"]
