@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -85,8 +86,17 @@ def test_diffusers_pipeline_with_variants(tmp_path, model):
     assert {v[0] for v in component_keys(bf16, "dit").values()} == {"BF16"}
     # The transformer folder alone is a diffusers checkpoint too.
     assert detect(tmp_path / "transformer").files["dit"] == shards
-    with pytest.raises(WeightsError, match=r"no 'fp16' weight variant .* \(variants present: None, bf16\)"):
+    with pytest.raises(
+        WeightsError, match=r"no 'fp16' weight variant .* \(it holds: the plain weights, bf16\)"
+    ):
         detect(tmp_path, variant="fp16")
+    # A folder without variants said "(variants present: None)".
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path / "transformer", plain)
+    for extra in [p for p in plain.iterdir() if ".bf16" in p.name]:
+        extra.unlink()
+    with pytest.raises(WeightsError, match=r"it holds only the plain weights; leave --variant out"):
+        detect(plain, variant="fp16")
 
 
 def test_diffusers_variant_alone_and_alternative_index_name(tmp_path, model):

@@ -395,8 +395,14 @@ def _pick(folder: Path, variant: str | None) -> tuple[tuple[Path, ...], str | No
     sets = _weight_sets(folder)
     if variant is not None:
         if variant not in sets:
-            have = ", ".join(sorted(str(v) for v in sets)) or "none"
-            raise WeightsError(f"no {variant!r} weight variant in {str(folder)!r} (variants present: {have})")
+            named = sorted(v for v in sets if v is not None)
+            if not named:  # "(variants present: None)" read as if nothing were there
+                raise WeightsError(
+                    f"no {variant!r} weight variant in {str(folder)!r}: it holds only the plain weights; "
+                    "leave --variant out"
+                )
+            have = ", ".join((["the plain weights"] if None in sets else []) + named)
+            raise WeightsError(f"no {variant!r} weight variant in {str(folder)!r} (it holds: {have})")
         choice = variant
     elif None in sets:
         choice = None
