@@ -235,11 +235,7 @@ class MochiPipeline:
             raise ValueError("video-to-video needs the VAE encoder, and this model has none")
         if not isinstance(frames, torch.Tensor):
             raise TypeError(f"frames is a {type(frames).__name__}; give a uint8 tensor (B, T, H, W, 3)")
-        if frames.dtype != torch.uint8:  # floats in [0, 1] were read as 0-255 levels
-            raise ValueError(
-                f"frames are {str(frames.dtype).removeprefix('torch.')}; give uint8 RGB frames (0-255), "
-                "e.g. torch.from_numpy(mochi.video.to_uint8(frames)) for floats in [0, 1]"
-            )
+        _check_uint8(frames, "frames")  # floats in [0, 1] were read as 0-255 levels
         if frames.dim() != 5 or frames.shape[-1] != 3:
             raise ValueError(
                 f"frames have shape {tuple(frames.shape)}; give (batch, frames, height, width, 3), e.g. "
@@ -556,13 +552,18 @@ def _coefficients_name(source: str) -> str:
     return str(path.resolve())
 
 
-def _check_init_frames(frames: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """Video-to-video frames are uint8 (T, H, W, 3) at the request's frame count and size."""
+def _check_uint8(frames: torch.Tensor, name: str) -> None:
+    """ValueError unless ``frames`` (called ``name``) are uint8 levels, naming the conversion of floats."""
     if frames.dtype != torch.uint8:
         raise ValueError(
-            f"init_frames are {str(frames.dtype).removeprefix('torch.')}; give uint8 RGB frames (0-255), "
+            f"{name} are {str(frames.dtype).removeprefix('torch.')}; give uint8 RGB frames (0-255), "
             "e.g. torch.from_numpy(mochi.video.to_uint8(frames)) for floats in [0, 1]"
         )
+
+
+def _check_init_frames(frames: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Video-to-video frames are uint8 (T, H, W, 3) at the request's frame count and size."""
+    _check_uint8(frames, "init_frames")
     if tuple(frames.shape) != shape:
         raise ValueError(
             f"init_frames have shape {tuple(frames.shape)}; this request needs {shape} (frames, height, "

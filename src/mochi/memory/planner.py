@@ -231,8 +231,7 @@ def plan(
                 fits = tile is not None and max(peaks.values()) <= budget
                 miss = need = None
                 if tile is None:
-                    miss = decode_miss(models, job, peaks["decode"], budget, vae_dtype, max_memory)
-                    need = decode_need(models, job, peaks["decode"], vae_dtype, max_memory)
+                    miss, need = decode_miss(models, job, peaks["decode"], budget, vae_dtype, max_memory)
                 option = Option(dtype, quant, mode, peaks, fits, tile, t5_quant, miss, rest, need)
                 if mode.kind != "blocks" or all_blocks:
                     out.append(option)
@@ -245,22 +244,6 @@ def plan(
     return out
 
 
-def decode_need(
-    models: Models,
-    job: Job,
-    decode_peak: int,
-    vae_dtype: torch.dtype = torch.float32,
-    max_memory: int | None = None,
-) -> int | None:
-    """The free memory under which the pipeline's rule (a split within 80% of what is left beside the
-    decoder) takes the smallest decode split of a setting peaking at ``decode_peak`` in its decode stage;
-    None where ``max_memory`` is what refuses every split."""
-    smallest = pipeline_decode_plan(models.decoder, (1, *job.latent), 0, vae_dtype)[1]
-    if max_memory is not None and max_memory < smallest:
-        return None
-    return math.ceil(smallest / 0.8) + decode_peak - smallest
-
-
 def decode_miss(
     models: Models,
     job: Job,
@@ -268,22 +251,24 @@ def decode_miss(
     budget: int,
     vae_dtype: torch.dtype = torch.float32,
     max_memory: int | None = None,
-) -> str:
+) -> tuple[str, int | None]:
     """Why no decode split fits a setting whose decode stage peaks at ``decode_peak`` bytes (the smallest
     split's activations counted), and what would: a larger ``--max-memory`` when that is what refuses it,
-    else the free memory the pipeline's rule (a split within 80% of what is left) needs."""
+    else the free memory the pipeline's rule (a split within 80% of what is left) needs; with that free
+    memory in bytes (None where ``--max-memory`` refuses every split)."""
     smallest = pipeline_decode_plan(models.decoder, (1, *job.latent), 0, vae_dtype)[1]
     if max_memory is not None and max_memory < smallest:
         return (
             f"no decode split fits --max-memory {size_text(max_memory)}: the smallest needs about "
             f"{size_text(smallest)}; nearest valid: --max-memory {size_text(smallest)}"
-        )
+        ), None
     beside = decode_peak - smallest  # the decoder's weights, what else stays resident, the reserve
+    need = math.ceil(smallest / 0.8) + beside
     return (
         f"no decode split fits 80% of the {size_text(max(budget - beside, 0))} left beside the decoder "
         f"(the pipeline's rule); the smallest needs about {size_text(smallest)}, so about "
-        f"{size_text(math.ceil(smallest / 0.8) + beside)} free"
-    )
+        f"{size_text(need)} free"
+    ), need
 
 
 def choose(options: list[Option], budget: int) -> Option:

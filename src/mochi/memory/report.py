@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from mochi.devices import DTYPES, available_memory, parse_device, parse_size
 from mochi.memory.auto import held
 from mochi.memory.estimate import QUANT_MODES
@@ -61,15 +63,13 @@ def plan_command(args: argparse.Namespace) -> str:
         if budget <= 0:
             raise ValueError(f"--gpu-memory {args.gpu_memory!r} must be a positive size such as 24GB")
     else:
-        try:
-            device = parse_device(args.device)
-        except ValueError as e:
-            if "has no CUDA" not in str(e):  # parse_device's remedy, "use --device cpu", plans nothing here
-                raise
+        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+            # parse_device's remedy, "use --device cpu", plans nothing here
             raise ValueError(
                 f"--device {args.device}: this machine has no CUDA device to read the free memory of; give "
                 "the budget instead, e.g. --gpu-memory 24GB"
-            ) from None
+            )
+        device = parse_device(args.device)
         if device.type != "cuda":
             raise ValueError(
                 "no CUDA device to read the free memory of; give the budget, e.g. --gpu-memory 24GB"
