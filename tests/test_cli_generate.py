@@ -434,3 +434,20 @@ def test_an_uncalibrated_teacache_is_a_mochi_warning_and_in_the_sidecar(monkeypa
     expected = f"no TeaCache calibration for this model ({tmp_path / 'finetune.teacache.json'} is absent)"
     assert f"mochi: warning: {expected}" in err and "UserWarning" not in err
     assert any(w.startswith(expected) for w in json.loads(out.with_suffix(".json").read_text())["warnings"])
+
+
+def test_the_sidecars_model_name_for_the_embedded_model_can_be_passed_back(monkeypatch, tmp_path, capsys):
+    loaded = []
+    load = lambda m, **k: loaded.append(m) or tiny_components()  # noqa: E731
+    monkeypatch.setattr(mochi.pipeline, "load_components", load)
+    monkeypatch.setattr(mochi.weights.components, "model_defaults", lambda model: tiny_components().defaults)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "a red circle", "--steps", "2", "--model", "embedded:mochi-tiny", "--out", str(out)]
+    assert main(argv) == 0 and loaded == [None]
+    assert main([*argv[:5], "embedded:mochi-big", *argv[6:]]) == 2
+    assert capsys.readouterr().err.endswith(
+        "mochi: error: --model 'embedded:mochi-big' names no embedded model; the one packaged is "
+        "'embedded:mochi-tiny' (or leave --model out)\n"
+    )
+    with pytest.raises(ValueError, match="model 'embedded:x' names no embedded model"):
+        mochi.pipeline.MochiPipeline.from_pretrained("embedded:x")

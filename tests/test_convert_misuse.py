@@ -340,3 +340,13 @@ def test_info_counts_the_bytes_of_every_dtype(tmp_path, model, capsys):
     info = json.loads(_run(capsys, "info", tmp_path / "f64", "--json")[1])
     n = sum(v.numel() for v in model.state_dict().values())
     assert info["components"]["dit"]["bytes"] == 8 * n
+
+
+def test_info_takes_the_embedded_models_name_as_records_write_it(capsys):
+    names = (embedded_path(), "embedded:mochi-tiny")
+    by_path, by_name = (_run(capsys, "info", m, "--json")[1] for m in names)
+    assert json.loads(by_name) == json.loads(by_path)
+    code, _, err = _run(capsys, "info", "embedded:tiny")
+    assert code == 2 and err.endswith(
+        "info 'embedded:tiny' names no embedded model; the one packaged is 'embedded:mochi-tiny'\n"
+    )

@@ -204,7 +204,11 @@ def test_plan_command(capsys):
     assert "bf16 fp8, offload model" in out and "fastest that fits: bf16 fp8, offload model" in out
     bundle = str(ROOT / "src" / "mochi" / "assets" / "mochi-tiny.safetensors")  # every architecture inside
     assert main(["plan", "--gpu-memory", "8GB", "--model", bundle, *TINY_SIZE]) == 0
-    assert "fastest that fits: bf16, offload none (peak 1.0 GB)" in capsys.readouterr().out
+    by_file = capsys.readouterr().out
+    assert "fastest that fits: bf16, offload none (peak 1.0 GB)" in by_file
+    # The sidecar's name for the embedded model plans it, not the released one plan sizes without --model.
+    assert main(["plan", "--gpu-memory", "8GB", "--model", "embedded:mochi-tiny", *TINY_SIZE]) == 0
+    assert capsys.readouterr().out == by_file
     assert main(["plan", "--gpu-memory", "16GB", "--frames", "30"]) == 2
     assert "frames" in capsys.readouterr().err
     # The request's rules hold here as in generate: guidance's range, and a size whose token count would

@@ -167,6 +167,9 @@ class MochiPipeline:
             )
         if fp8 not in FP8_MODES:
             raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
+        from mochi.weights.bundle import model_alias
+
+        model = model_alias(model, "model")
         if options.get("offload") is not None:
             from mochi.weights.components import dit_depth
 

@@ -119,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # ignored by the parent: stays ignored
             previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if isinstance(getattr(args, "model", None), str) and args.model.startswith("embedded:"):
+            from mochi.weights.bundle import embedded_path, model_alias
+
+            # A sidecar's "model", passed back: the embedded model (None, or its file where None means else).
+            if model_alias(args.model) is None:
+                args.model = str(embedded_path()) if getattr(args, "embedded_as_file", False) else None
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the boundary, not at exit
         return code

@@ -13,7 +13,8 @@ def add_model_options(p: argparse.ArgumentParser, runtime: bool = False) -> None
     p.add_argument(
         "--model",
         metavar="PATH",
-        help="Genmo folder, diffusers folder, ComfyUI file or mochi bundle (default: the embedded model)",
+        help="Genmo folder, diffusers folder, ComfyUI file or mochi bundle (default: the embedded model, "
+        "which records name embedded:mochi-tiny)",
     )
     p.add_argument("--vae", metavar="PATH", help="VAE weights, when --model has none")
     p.add_argument(

@@ -56,7 +56,8 @@ def _add_plan(sub: Subparsers) -> None:
         "keeps between steps count in the denoise stage (none)",
     )
     p.add_argument("--all-blocks", action="store_true", help="list block offload for every resident count")
-    p.set_defaults(run=_run_plan)
+    # Without --model, plan sizes the released model: the embedded one's name stands for its file here.
+    p.set_defaults(run=_run_plan, embedded_as_file=True)
 
 
 def _run_plan(args: argparse.Namespace) -> int:

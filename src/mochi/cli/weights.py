@@ -39,6 +39,11 @@ def _run_info(args: argparse.Namespace) -> int:
     from mochi.weights.info import checkpoint_info, format_info
     from mochi.weights.io import WeightsError
 
+    if args.checkpoint.startswith("embedded:"):
+        from mochi.weights.bundle import embedded_path, model_alias
+
+        if model_alias(args.checkpoint, "info") is None:
+            args.checkpoint = str(embedded_path())
     try:
         info = checkpoint_info(args.checkpoint, variant=args.variant)
     except WeightsError:

@@ -221,6 +221,22 @@ def load_bundle(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     )
 
 
+EMBEDDED_ALIAS = "embedded:" + EMBEDDED.removesuffix(".safetensors")
+
+
+def model_alias(model: str | os.PathLike | None, flag: str = "--model") -> str | os.PathLike | None:
+    """None (the embedded model) for its name as records write it ("embedded:mochi-tiny"), so that a
+    sidecar's "model" can be passed back; any other value as given. A path that exists wins."""
+    if not isinstance(model, str) or not model.startswith("embedded:") or Path(model).exists():
+        return model
+    if model != EMBEDDED_ALIAS:
+        raise ValueError(
+            f"{flag} {model!r} names no embedded model; the one packaged is {EMBEDDED_ALIAS!r}"
+            + (f" (or leave {flag} out)" if flag.startswith("--") else "")
+        )
+    return None
+
+
 def embedded_path() -> Path:
     """Where the packaged tiny model lives (it may be absent in a source checkout without the asset)."""
     return Path(str(resources.files("mochi") / "assets" / EMBEDDED))
