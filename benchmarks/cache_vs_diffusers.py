@@ -11,7 +11,8 @@ prompts of ``benchmarks/adherence.py`` (every colour, shape and direction, and e
 at ``--seeds`` seeds (repeat r uses seed SEED + r, prompt i of a batch of 8 adds i). Per setting: DiT
 forwards per trajectory (full passes that reached the last block; a batched CFG forward counts once), the
 DiT's seconds per trajectory (the denoiser calls only; decode excluded), the speed-up over the same
-implementation uncached, the frame PSNR against that uncached video (same seed, mean over videos) and the
+implementation uncached, the frame PSNR against that uncached video (same seed; the mean over the videos that
+differ from it, the identical ones, whose PSNR is infinite, counted in column "same") and the
 pixel judge's adherence pooled over all seeds. Ours: TeaCache with the embedded model's shipped calibration
 (``mochi/assets/mochi-tiny.teacache.json``, fitted on seeds 0-7 of four other prompts), first-block cache.
 Diffusers: FirstBlockCache, MagCache (calibrated first with ``MagCacheConfig(calibrate=True)`` on one
@@ -226,7 +227,8 @@ def print_rows(rows: dict, prompts: list[str]) -> None:
         o, h = r["overall"], r["heldout"]
         print(
             f"{impl:<9} {label:<32} {forwards:8.1f} {seconds:7.3f} {float(ref['seconds']) / seconds:7.2f}× "
-            f"{mean_db:8.2f} {min(values):7.2f} {sum(v < 28 for v in values):5d} | "
+            f"{mean_db:8.2f} {len(values) - len(finite):5d} {min(values):7.2f} "
+            f"{sum(v < 28 for v in values):5d} | "
             f"{100 * o['color']:5.1f}% {100 * o['shape']:5.1f}% "
             f"{100 * o['direction']:5.1f}% {100 * o['all']:5.1f}% | "
             + "/".join(f"{100 * h[k]:.1f}" for k in ("color", "shape", "direction") if k in h),
@@ -252,7 +254,7 @@ def report(args: argparse.Namespace) -> None:
 
 
 HEADER = (
-    f"{'impl':<9} {'setting':<32} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} "
+    f"{'impl':<9} {'setting':<32} {'forwards':>8} {'DiT s':>7} {'speed-up':>8} {'PSNR dB':>8} {'same':>5} "
     f"{'min dB':>7} {'<28dB':>5} | {'color':>6} {'shape':>6} {'dir':>6} {'all':>6} | held-out c/s/d"
 )
 

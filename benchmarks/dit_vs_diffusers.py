@@ -10,7 +10,9 @@ Printed per case:
   other processes hits both alike; speed-up = diffusers' time / ours. On a shared, busy host,
   ``--threads 1 --clock cpu`` (process CPU time of one thread) is far steadier than wall time.
 * peak memory: the peak bytes of live tensors created during one forward (weights and inputs excluded),
-  counted exactly by a TorchDispatchMode that tracks every op's output storages until they are freed. It
+  counted exactly by ``mochi.memory.trace.LiveBytes``, a TorchDispatchMode that tracks every op's new output
+  storages until they are freed (views of the inputs, which ours takes and diffusers' does not, are not new
+  storage: the tracker used before counted them, charging ours the text input, 8 MB at B=1 fp32). It
   works on CPU, is deterministic and ignores the allocator's caching (which makes RSS-based deltas unreliable
   within one process); kernel-internal scratch buffers are not seen.
 * FLOPs of our forward counted from the config (matmuls and attention, valid tokens only), the throughput
@@ -30,39 +32,12 @@ from dataclasses import replace
 
 import diffusers
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from mochi.memory.trace import LiveBytes
 from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
 from mochi.weights.keymaps.dit_diffusers import diffusers_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the context."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for key, (ref, size) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.current -= size
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def forward_flops(
@@ -142,7 +117,7 @@ def run_size(name: str, cfg: DiTConfig, shape: tuple[int, int, int], args: argpa
                         times[k].append(_timed(fn, CLOCKS[args.clock]))
                 mem = {}
                 for k in ("ours", "ref"):
-                    with PeakTensorMemory() as tracker:
+                    with LiveBytes() as tracker:
                         fns[k]()
                     mem[k] = tracker.peak
             best = {k: min(v) for k, v in times.items()}
@@ -188,6 +163,11 @@ def main() -> None:
         help="cpu: process CPU time, steadier on a busy host",
     )
     args = ap.parse_args()
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--prompt-len", args.prompt_len, 0)):
+        if value < least:
+            ap.error(f"{flag} {value}: must be at least {least}")
+    if not 0 <= args.prompt_len <= args.text_len:
+        ap.error(f"--prompt-len {args.prompt_len}: must be at most --text-len ({args.text_len})")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="In CPU autocast")

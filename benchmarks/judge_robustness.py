@@ -56,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     conditions = {
         "clean": lambda v, rng: v,
         "blur 1.0 + noise 6": lambda v, rng: blur_noise(v, 1.0, 6.0, rng),

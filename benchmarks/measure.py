@@ -5,6 +5,10 @@ itself with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB (every tensor buffer 
 to the OS when freed, so the resident set follows live tensors); before a call the high-water mark is
 reset (`echo 5 > /proc/self/clear_refs`), after it peak = VmHWM − VmRSS before the call. Memory resident
 before the call (weights) is excluded; everything the call allocates (activations, outputs) counts.
+
+VmHWM also counts the pages of files the call maps and reads (a safetensors checkpoint being loaded): clean
+page cache the kernel can drop, which a library that keeps its checkpoint mapped holds in its resident set.
+``private_peak`` samples RssAnon (the process's own memory) while the call runs, to tell the two apart.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import gc
 import os
 import re
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -46,8 +52,28 @@ def measure(fn: Callable[[], T], repeats: int = 1) -> tuple[T, float, int]:
         out = fn()
         times.append(time.perf_counter() - t0)
         peak = max(peak, _status("VmHWM") - base)
-    times.sort()
-    return out, times[len(times) // 2], peak
+    return out, statistics.median(times), peak
+
+
+def private_peak(fn: Callable[[], T], every: float = 0.002) -> tuple[T, int]:
+    """(result, the most RssAnon above its value before the call), RssAnon sampled every ``every`` s."""
+    gc.collect()
+    base = _status("RssAnon")
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _status("RssAnon"))
+            time.sleep(every)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        thread.join()
+    return out, max(peak[0], _status("RssAnon")) - base
 
 
 def ratio_line(name: str, ours: tuple[float, int], theirs: tuple[float, int]) -> str:

@@ -112,6 +112,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--steps", args.steps, 2)):
+        if value < least:  # one step: diffusers' linear-quadratic schedule divides by zero
+            p.error(f"{flag} {value}: must be at least {least}")
     torch.set_num_threads(args.threads)
     if args.dit == "mochi-1-preview":
         raise SystemExit("the 10B preset does not fit this benchmark; use small or full-width-2")
