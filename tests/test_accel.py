@@ -420,7 +420,26 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     assert "without --out it would replace the model's own coefficient file" in capsys.readouterr().err
     assert main(["calibrate-cache", "--prompt", "a cat", "--prompt", " ", "--out", str(out)]) == 2
     assert "--prompt: is blank (only whitespace); describe what the video shows" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "plain"]
+    # Without --out the embedded model's packaged fit was replaced (by name, or by its file's path).
+    from mochi.weights.bundle import embedded_path
+
+    packaged = embedded_path().with_suffix(".teacache.json").read_bytes()
+    for model in ([], ["--model", "embedded:mochi-tiny"], ["--model", str(embedded_path())]):
+        assert main(["calibrate-cache", "--runs", "2", "--steps", "4", *model]) == 2
+        assert "without --out the fit would replace the embedded model's packaged" in capsys.readouterr().err
+    assert embedded_path().with_suffix(".teacache.json").read_bytes() == packaged
+    # An --out, or the file beside a model, that is another JSON (a sidecar, a config.json) was replaced.
+    sidecar = tmp_path / "clip.json"
+    sidecar.write_text('{"prompt": "a cat"}')
+    assert main(["calibrate-cache", "--runs", "2", "--out", str(sidecar)]) == 2
+    assert f"--out {str(sidecar)!r} exists and is not a mochi-teacache coefficient file" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "teacache.json").write_text("[]")
+    assert main(["calibrate-cache", "--runs", "2", "--model", str(tmp_path / "m")]) == 2
+    assert "the coefficient file beside the model" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "d.json", "m", "plain"]
 
 
 @pytest.mark.parametrize(

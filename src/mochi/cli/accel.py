@@ -87,7 +87,12 @@ def _add_calibrate(sub: Subparsers) -> None:
     p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="run i uses seed SEED + i (default 0)")
     p.add_argument("--lora", metavar="FILE", help="calibrate with this LoRA merged in")
-    p.add_argument("--out", metavar="FILE.json", help="where to write (default: beside the model)")
+    p.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="where to write (default: beside the model; needed for the embedded model, whose packaged fit "
+        "it would replace)",
+    )
     p.set_defaults(run=_run_calibrate)
 
 
@@ -122,7 +127,19 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             "give --out FILE.json and pass that file with --cache-coefficients"
         )
     if args.out:
-        _check_out(Path(args.out))
+        out = Path(args.out)
+        _check_out(out, "--out")
+    elif args.model is None or _is_embedded(
+        args.model
+    ):  # the packaged fit: replacing it would change every later embedded cache run
+        raise ValueError(
+            "without --out the fit would replace the embedded model's packaged coefficient file (used by "
+            "every --cache teacache run of the embedded model); give --out FILE.json and pass that file "
+            "with --cache-coefficients"
+        )
+    else:
+        out = coefficients_path(args.model)
+        _check_out(out, "the coefficient file beside the model", hint="give --out FILE.json")
     # The request, the fit's size and the LoRA, before the model loads (minutes for the released one).
     from mochi.cli.checks import check_loras
     from mochi.request import GenerationRequest
@@ -141,10 +158,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     }
     pipe = MochiPipeline.from_pretrained(args.model, device=args.device, dit_dtype=args.dtype, **options)
     source = pipe.components.source
-    out = Path(args.out) if args.out else coefficients_path(source) if source else None
-    if out is None:
-        raise ValueError("this model has no file to store the coefficients beside; pass --out FILE.json")
-    _check_out(out)
     if args.lora:
         # Merged for speed, keeping no copy of the weights it changes (nothing takes it off again); hooked
         # in unmerged where the weights are quantized, as generate applies it.
@@ -186,14 +199,35 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path) -> None:
-    """``out`` can take the coefficient file: a .json name, not a folder, in a writable folder."""
+def _is_embedded(model: str) -> bool:
+    from mochi.weights.bundle import embedded_path
+
+    return Path(model).resolve() == embedded_path().resolve()
+
+
+def _check_out(out: Path, what: str, hint: str = "") -> None:
+    """``out`` (called ``what``) can take the coefficient file: a .json name, not a folder, in a writable
+    folder, and not a file other than an earlier fit (a sidecar or a checkpoint's config.json, replaced)."""
+    import json
+
+    from mochi.accel.calibrate import FORMAT
     from mochi.files import check_folder
 
+    hint = hint or f"give a file name such as {out / 'teacache.json'}"
     if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {out / 'teacache.json'}")
+        raise ValueError(f"{what} {str(out)!r} is a folder; {hint}")
     if out.suffix != ".json":
-        raise ValueError(f"--out {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+        raise ValueError(f"{what} {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_bytes())
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or earlier.get("format") != FORMAT:
+            raise ValueError(
+                f"{what} {str(out)!r} exists and is not a {FORMAT} coefficient file; it would be replaced: "
+                "give another name"
+            )
     check_folder(out)
 
 

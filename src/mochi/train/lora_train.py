@@ -108,7 +108,7 @@ class LoraTrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.steps > MAX_STEPS:
-            raise ValueError(f"steps={self.steps} is more than {MAX_STEPS:,}; Genmo's recipe runs 2400")
+            raise ValueError(f"steps={self.steps} is more than {MAX_STEPS:,}; Genmo's recipe runs 2000")
         if self.batch_size * self.grad_accum > MAX_CLIPS_PER_STEP:
             raise ValueError(
                 f"batch_size={self.batch_size} x grad_accum={self.grad_accum} clips per step is more than "
