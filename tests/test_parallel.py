@@ -160,6 +160,15 @@ def _job(out: str) -> None:
     with torch.no_grad():
         res["dit"] = dit(x, sigma, text, mask)
         res["dit_odd"] = dit(x_odd, sigma[:1], text[:1], mask[:1])
+    # bf16 (the GPU default) with its fp32 islands: sharding failed FSDP's one-dtype assertion at the forward.
+    dit = _dit4().to(torch.bfloat16)
+    enable_sequence_parallel(dit)
+    half = (x.bfloat16(), sigma, text.bfloat16(), mask)
+    with torch.no_grad():
+        res["dit_bf16"] = dit(*half)
+        shard_dit(dit, world)
+        res["dit_bf16_shard"] = dit(*half)
+    res["dit_bf16_fp32"] = sorted(n for n, p in dit.named_parameters() if p.dtype == torch.float32)
     dit = _dit4(lora=True)
     enable_sequence_parallel(dit)
     grads = _lora_grads(dit)
@@ -318,6 +327,13 @@ def test_sequence_split_dit_output_even_and_padded(results):
         torch.testing.assert_close(
             results["dit_odd"], dit(x_odd, sigma[:1], text[:1], mask[:1]), atol=1e-5, rtol=0
         )
+
+
+def test_a_bf16_dit_shards_with_its_fp32_islands_kept_whole(results):
+    assert torch.equal(results["dit_bf16_shard"], results["dit_bf16"])
+    assert results["dit_bf16"].dtype == torch.bfloat16
+    assert results["dit_bf16_fp32"] == sorted(n for n in _dit4().state_dict() if AsymmDiT.is_fp32_param(n))
+    assert len(results["dit_bf16_fp32"]) == 1 + 4 * DIT4.depth  # RoPE frequencies, q/k norms of x and y
 
 
 @pytest.mark.parametrize("weights", ["grads", "grads_sharded", "grads_lora_after_shard"])

@@ -10,6 +10,7 @@ left).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 
@@ -61,10 +62,35 @@ def shard_blocks(module: nn.Module, blocks: Iterable[nn.Module], world: World) -
     # nothing modifies it in place, so the warning is noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(world.device.type, (world.size,))
+    # FSDP2 gathers a unit's parameters in one dtype: the fp32 islands of a bf16 DiT (RoPE frequencies,
+    # q/k norm weights) failed its assertion at the first forward. They are a few KB: every rank keeps
+    # them whole, outside FSDP, where the rest of the unit is sharded.
+    islands = _islands(module)
+    if islands and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(
+            "--parallel-weights shard with a DiT in bf16 or fp16 needs torch 2.7 or later (fully_shard's "
+            f"ignored_params, for its fp32 norms and RoPE), this is {torch.__version__}; use "
+            "--parallel-weights replicate or --dtype fp32"
+        )
+    options = {"ignored_params": islands} if islands else {}
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(module, mesh=mesh, reshard_after_forward=True)  # the root too: freed between calls
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, **options)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, **options)  # the root too: freed between calls
+    for p in islands:  # not moved by FSDP: where the sharded parameters went
+        p.data = p.data.to(world.device)
     return module
+
+
+def _islands(module: nn.Module) -> set[nn.Parameter]:
+    """Parameters whose dtype is not that of most of ``module``'s parameter bytes (the DiT's fp32 islands
+    when it runs in bf16); none where every parameter has one dtype."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+    if len(by_dtype) < 2:
+        return set()
+    main = max(by_dtype, key=by_dtype.get)
+    return {p for p in module.parameters() if p.dtype != main}
 
 
 def shard_dit(dit: nn.Module, world: World) -> nn.Module:
