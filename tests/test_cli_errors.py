@@ -244,7 +244,7 @@ def test_float_options_written_with_underscores_are_refused(capsys, flag, value)
     assert f"argument {flag}: {value!r} is not a plain decimal number: '_' is not allowed" in err
 
 
-@pytest.mark.parametrize("device", ["meta", "mps", "xla", "cuda:99"])
+@pytest.mark.parametrize("device", ["meta", "mps", "xla", "cuda:99", "cpu:7"])
 def test_unsupported_devices_are_one_line(tiny, tmp_path, capsys, device):
     code = main(["generate", "x", "--device", device, "--out", str(tmp_path / "v.mp4")])
     err = _one_line(capsys, code, repr(device))

@@ -535,3 +535,25 @@ def test_dist_timeout_is_one_torch_can_take(monkeypatch, text, nearest):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=r"^timeout_s must be a number of seconds from 1 to 2147483"):
         init_world("cpu", timeout_s=1e10)  # refused before any process group is made
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of cuda on machines without CUDA")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", "device 'bogus' is not a device name; use cpu, cuda or cuda:N"),
+        ("cuda", "device 'cuda' asked for, but this machine has no CUDA; use --device cpu"),
+        ("mps", "device 'mps' is not supported"),
+    ],
+)
+def test_under_torchrun_the_device_is_checked_as_in_one_process(monkeypatch, device, message):
+    """Under torchrun a bad name was torch's traceback, and cuda without CUDA ran on the CPU unsaid."""
+    import torch.distributed as dist
+
+    from mochi.parallel.context import init_world
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        init_world(device)

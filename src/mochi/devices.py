@@ -92,6 +92,8 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from e
     if device.type not in DEVICE_TYPES:
         raise ValueError(f"device {name!r} is not supported: mochi runs on cpu or cuda (cuda:N)")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes any index and runs on the CPU
+        raise ValueError(f"device {name!r}: there is one CPU device; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but this machine has no CUDA; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -57,7 +57,8 @@ def launched_by_torchrun() -> bool:
 def init_world(device: str | torch.device | None = None, timeout_s: float | None = None) -> World | None:
     """Join the process group torchrun describes; None when not launched by torchrun.
 
-    device: "cpu" forces gloo; otherwise CUDA (NCCL, the device LOCAL_RANK) when present, else CPU (gloo).
+    device: "cpu" forces gloo; "cuda" (ValueError without CUDA) or None/"auto" take CUDA (NCCL, the device
+    LOCAL_RANK) when present, None/"auto" else the CPU (gloo).
     timeout_s: bound on any collective, ``MIN_TIMEOUT_S`` to ``MAX_TIMEOUT_S`` seconds (default
     ``MOCHI_DIST_TIMEOUT`` or 60 s).
     """
@@ -66,7 +67,10 @@ def init_world(device: str | torch.device | None = None, timeout_s: float | None
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ["LOCAL_RANK"])
     timeout = check_timeout(timeout_s, "timeout_s") if timeout_s is not None else _env_timeout()
-    wanted = None if device in (None, "auto") else torch.device(device)
+    from mochi.devices import parse_device
+
+    # Checked as in one process: an unknown name raised from torch, and cuda without CUDA ran on the CPU.
+    wanted = None if device in (None, "auto") else parse_device(device)
     if (wanted is None or wanted.type == "cuda") and torch.cuda.is_available():
         dev = torch.device("cuda", local if wanted is None or wanted.index is None else wanted.index)
         torch.cuda.set_device(dev)
