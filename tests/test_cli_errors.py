@@ -672,3 +672,25 @@ def test_a_max_memory_no_decode_split_fits_is_refused_before_loading(tmp_path, c
             f"--max-memory '{size}' is too small to decode a 25-frame 64x64 video: the smallest split needs "
             "about 23.8MB; nearest valid: 23.8MB",
         )
+
+
+def test_guidance_parallel_without_a_negative_pass_is_refused_before_loading(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    """With guidance 1.0 both halves of the ranks ran the same pass; the sidecar said the split ran."""
+    import torch
+
+    import mochi.parallel.context
+    from mochi.parallel.context import World
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    world = World(rank=0, size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setattr(mochi.parallel.context, "init_world", lambda device: world)
+    monkeypatch.setattr(mochi.parallel.context, "broadcast_int", lambda value, world: value)  # a world of
+    monkeypatch.setattr(mochi.parallel.context, "broadcast_text", lambda value, world: value)  # one here
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded"))
+    argv = ["generate", "x", "--guidance-parallel", "--out", str(tmp_path / "v.mp4")]
+    code = main([*argv, "--guidance", "1"])
+    _one_line(capsys, code, "--guidance-parallel runs the prompt's and the negative prompt's passes")
+    assert not any(tmp_path.iterdir())

@@ -165,6 +165,15 @@ def check_generate(args: argparse.Namespace, request) -> dict:  # noqa: ANN001 -
     # pipeline checks again once loaded: without this a --frames or --linear-steps that does not fit was
     # refused only after minutes of loading. The later checks plan this resolved request.
     resolved = request.resolved(model_defaults(args.model))
+    if getattr(args, "guidance_parallel", False):
+        from mochi.sampling.sampler import guidance_schedule
+
+        if all(g == 1.0 for g in guidance_schedule(resolved.guidance, resolved.steps)):
+            raise ValueError(
+                "--guidance-parallel runs the prompt's and the negative prompt's passes on two halves of the "
+                "ranks, and guidance 1.0 runs no negative pass: each half would repeat the other's work on "
+                "half the ranks; leave --guidance-parallel out (every rank then splits the video's tokens)"
+            )
     if getattr(args, "offload", None):  # blocks:N beyond the depth, from headers (it was found after loading)
         from mochi.offload import check_resident, parse_offload
         from mochi.weights.components import dit_depth
