@@ -170,6 +170,12 @@ def test_keep_takes_the_schedules_sigmas_at_its_bounds(kind):
     kept = StepCache(_dit(), CacheSetting(kind, 1e9, keep=(0.85, 0.975)), sigmas=sigmas)
     _run(kept, sigmas)
     assert [i for i in range(50) if i not in kept.stats.skipped_steps] == [0, *range(25, 34), 49]
+    # ... and the 0.9750000000000001 that ends the linear part of most schedules (20, 24, 64 steps).
+    sigmas = linear_quadratic_schedule(20)
+    assert sigmas[10] == 0.9750000000000001
+    kept = StepCache(_dit(), CacheSetting(kind, 1e9, keep=(0.85, 0.975)), sigmas=sigmas)
+    _run(kept, sigmas)
+    assert [i for i in range(20) if i not in kept.stats.skipped_steps] == [0, *range(10, 14), 19]
 
 
 def test_extrapolation_is_the_line_through_the_last_two_residuals():

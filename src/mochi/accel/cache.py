@@ -183,6 +183,9 @@ def _plain_number(text: str, what: str) -> float:
     return value
 
 
+KEEP_TOLERANCE = 1e-6  # float32's spacing near 1 is 6e-8: a bound written in decimals includes its σ
+
+
 def _parse_options(options: list[str]) -> dict:
     """``["max-skips=3", "keep=0.85-0.975", "extrapolate"]`` → CacheSetting's keyword arguments."""
     out: dict = {}
@@ -419,10 +422,15 @@ class StepCache:
         return next((i for i in range(start, len(self.sigmas)) if self.sigmas[i] == sigma), None)
 
     def _kept(self, stream: _Stream, sigma: float) -> bool:
-        """Whether the options force a full pass here: the skip cap is reached or σ lies in ``keep``."""
+        """Whether the options force a full pass here: the skip cap is reached or σ lies in ``keep``, bounds
+        included to float32's rounding (the linear part of the schedule ends at 1 − 0.025 =
+        0.9750000000000001, 0.97500002 as a float32: it fell outside keep=0.85-0.975 and was skipped)."""
         setting = self.setting
         capped = setting.max_skips is not None and stream.skips >= setting.max_skips
-        return capped or (setting.keep is not None and setting.keep[0] <= sigma <= setting.keep[1])
+        if capped or setting.keep is None:
+            return capped
+        lo, hi = setting.keep
+        return lo - KEEP_TOLERANCE <= sigma <= hi + KEEP_TOLERANCE
 
     def _relative_l1(self, a: torch.Tensor, b: torch.Tensor | None, local: bool = True) -> float | None:
         """mean |a − b| / mean |b| over every real token of every rank; None without a previous ``b``."""
