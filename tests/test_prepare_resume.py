@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import shutil
 
 import numpy as np
@@ -551,3 +552,23 @@ def test_gif_clips_are_read_and_mpeg_program_streams_are_named_as_not_read(tmp_p
         "'old.mpg' is an MPEG program stream (.mpg, .mpeg, .vob), which is not read: its decoder cannot be "
         "given the frame-size cap before it is probed; convert it, e.g. ffmpeg -i old.mpg old.mp4"
     )
+
+
+def test_clips_this_dit_cannot_take_are_refused_before_the_run_folder(tmp_path, comps):
+    """Another model family's clips (a T5 of another width) only warned, then failed inside the first step
+    with the run's config.json already written."""
+    import dataclasses
+
+    from mochi.models.dit import AsymmDiT
+
+    videos, out = _videos(tmp_path / "v"), tmp_path / "d"
+    prepare_data(videos, out, comps, **SIZE)
+    other = tiny_components(seed=1)
+    width = other.dit.config.t5_feat_dim
+    other.dit = AsymmDiT(dataclasses.replace(other.dit.config, t5_feat_dim=2 * width)).eval()
+    cfg = LoraTrainConfig(rank=2, alpha=2, steps=1, warmup=0, sample_every=0)
+    run = tmp_path / "run"
+    message = f"the clips' text features are {width} wide and this model's DiT takes {2 * width}"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*run prepare-data again with this model"):
+        train_lora(MochiPipeline(other, device="cpu"), out, run, cfg, progress=False)
+    assert not run.exists() or not any(run.iterdir())

@@ -460,6 +460,19 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
             "features this model did not make; run prepare-data again with this model",
             writes and progress,
         )
+    # Clips whose text features or latents this DiT cannot take at all (another model family's T5 or VAE)
+    # failed inside the first step, after config.json was written: refused here, before any file.
+    first = data.examples[0]
+    for what, have, want in (
+        ("text features", first.text.shape[-1], dit.config.t5_feat_dim),
+        ("latent channels", first.mean.shape[0], dit.config.in_channels),
+    ):
+        if have != want:
+            raise ValueError(
+                f"the clips' {what} are {have} wide and this model's DiT takes {want}: they were prepared "
+                f"with another model{f' ({data.model})' if data.model else ''}; run prepare-data again "
+                "with this model"
+            )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     # --restart: the earlier run's files are rank 0's to remove; the other ranks start at step 0 with it.
     state = (
