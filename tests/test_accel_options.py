@@ -376,3 +376,27 @@ def test_cli_refuses_a_malformed_coefficient_file_before_loading(tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith("mochi: error: ") and message in err and err.count("\n") == 1
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: CacheSetting.parse("teacache,max-skips=3.0"),
+            "cache option max-skips=3.0 must be a whole number ≥ 1; nearest: 3",
+        ),
+        (
+            lambda: CacheSetting.parse("teacache,max-skips=x"),
+            "cache option max-skips=x must be a whole number ≥ 1; nearest: 1",
+        ),
+        (lambda: CacheSetting.parse("teacache:1e-400"), "cache threshold 1e-400 must be a finite number > 0"),
+        (
+            lambda: GenerationRequest(PROMPT, cache="teacache", cache_threshold=10**400).validate(),
+            "cache threshold 100000… (an integer of 401 digits) must be a finite number > 0",
+        ),
+    ],
+)
+def test_option_values_are_named_as_written_with_the_nearest_valid(make, message):
+    """max-skips=3.0 was told "nearest: 1", 1e-400 was named "0.0", and 10**400 raised OverflowError."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        make()

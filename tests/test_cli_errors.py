@@ -694,3 +694,10 @@ def test_guidance_parallel_without_a_negative_pass_is_refused_before_loading(
     code = main([*argv, "--guidance", "1"])
     _one_line(capsys, code, "--guidance-parallel runs the prompt's and the negative prompt's passes")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_empty_cache_is_refused_not_run_uncached(capsys):
+    """`--cache "$CACHE"` with the variable unset ran without a cache and said nothing."""
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "x", "--cache", ""])
+    assert stop.value.code == 2 and "argument --cache: '' is empty; give a value" in capsys.readouterr().err

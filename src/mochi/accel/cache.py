@@ -37,6 +37,7 @@ all ranks take the same decision, and padding rows of a sequence split are left 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -106,8 +107,8 @@ class CacheSetting:
         if kind_part in KINDS and kind_part != "none" and _is_number(number):
             # "teacache:0.15": a kind with its threshold, as the sidecar's "cache" entry (str(setting)) reads.
             value = _plain_number(number, f"cache {head!r}: threshold")
-            if not math.isfinite(value):
-                check_threshold(number)  # refused naming the number as written ("1e400", not "inf")
+            if not math.isfinite(value) or value <= 0:
+                check_threshold(number)  # refused naming the number as written ("1e-400", not "0.0")
             if threshold is not None and threshold != value:
                 raise ValueError(
                     f"cache {head!r} names threshold {number} and the cache threshold is "
@@ -197,7 +198,12 @@ def _parse_options(options: list[str]) -> dict:
         named.add(key)
         if key == "max-skips":
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
-                raise ValueError(f"cache option max-skips={value} must be a whole number ≥ 1; nearest: 1")
+                nearest = 1
+                with contextlib.suppress(ValueError, OverflowError):  # "3.0", "2.5": the whole number near it
+                    nearest = max(1, round(float(value))) if math.isfinite(float(value)) else 1
+                raise ValueError(
+                    f"cache option max-skips={value} must be a whole number ≥ 1; nearest: {nearest}"
+                )
             out["max_skips"] = int(value)
         elif key == "keep":
             lo, _, hi = value.partition("-")
@@ -243,10 +249,14 @@ def _is_number(text: str) -> bool:
 
 def check_threshold(threshold: float) -> float:
     """A cache threshold must be a finite number > 0 (useful values lie around 0.02 to 0.3)."""
-    value = float(threshold)
+    shown = threshold
+    try:
+        value = float(threshold)
+    except OverflowError:  # an int beyond float's range (10**400)
+        value, shown = math.inf, f"{str(threshold)[:6]}… (an integer of {len(str(threshold))} digits)"
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f"cache threshold {threshold} must be a finite number > 0 (useful: 0.02 to 0.3); "
+            f"cache threshold {shown} must be a finite number > 0 (useful: 0.02 to 0.3); "
             "nearest valid: 0.02, or --cache none for exact results"
         )
     return value

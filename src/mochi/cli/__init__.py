@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options and arguments whose value names something (a path, a device, a host): never empty.
 NAMED_VALUES = frozenset(
-    {"cache_coefficients", "checkpoint", "data", "device", "devices", "dst", "host", "init_video", "lora"}
-    | {"lora_dir", "model", "out", "out_dir", "src", "t5", "tokenizer", "vae", "variant", "videos"}
+    {"cache", "cache_coefficients", "checkpoint", "data", "device", "devices", "dst", "host", "init_video"}
+    | {"lora", "lora_dir", "model", "out", "out_dir", "src", "t5", "tokenizer", "vae", "variant", "videos"}
 )
 
 
