@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -740,3 +741,25 @@ def test_threshold_zero_is_exact_on_every_cuda_backend(backend, kind):
     cache = StepCache(dit, CacheSetting(kind, 1e9), sigmas=SIGMAS)
     sample(cache, *args, guidance=3.0)
     assert cache.stats.forwards == 2
+
+
+def test_a_fit_negative_inside_its_range_is_warned_of(tmp_path, capsys, monkeypatch):
+    """Six points for five coefficients fitted a polynomial below zero inside the measured range (a LoRA's
+    fit: −2.57 around 0.7), saved without a word; TeaCache adds it, so big changes brought skips nearer."""
+    import mochi.accel.calibrate as calibrate
+    from mochi.accel.calibrate import negative_span
+    from mochi.cli import main
+
+    assert negative_span([1.0, 0.0], 0.1, 0.7) is None  # y = x
+    lo, hi = negative_span([1.0, -1.0, 0.16], 0.0, 1.0)  # (x − 0.2)(x − 0.8)
+    assert abs(lo - 0.2) < 2e-3 and abs(hi - 0.8) < 2e-3
+    trace = [(0.1, 0.5), (0.5, 0.1), (0.9, 0.5)]
+    fit = {"coefficients": [1.0, -1.0, 0.16], "r2": 0.9, "points": 3, "trace": trace, "prompts": ["x"]}
+    fit |= {"steps": 4, "guidance": 2.0, "frames": 25, "width": 64, "height": 64}
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: fit)
+    assert main(["calibrate-cache", "--runs", "2", "--out", str(tmp_path / "c.json")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(
+        r"mochi: warning: the fitted polynomial is negative for input changes 0\.2\d* to 0\.(8|79)", err
+    )
+    assert "inside the range it was fitted on" in err

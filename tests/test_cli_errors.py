@@ -701,3 +701,16 @@ def test_an_empty_cache_is_refused_not_run_uncached(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["generate", "x", "--cache", ""])
     assert stop.value.code == 2 and "argument --cache: '' is empty; give a value" in capsys.readouterr().err
+
+
+def test_a_broken_coefficient_file_beside_the_model_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """--cache-coefficients was checked before the load (minutes for the released model), the file that
+    generate finds beside the model only after it and the text encoding."""
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: pytest.fail("loaded"))
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    (tmp_path / "m.teacache.json").write_text("garbage")
+    code = main(
+        ["generate", "x", "--model", str(model), "--cache", "teacache", "--out", str(tmp_path / "v.mp4")]
+    )
+    _one_line(capsys, code, "m.teacache.json' is not a mochi-teacache coefficient file")

@@ -162,6 +162,15 @@ def find_coefficients(model: str | os.PathLike | None, config: DiTConfig) -> tup
     return [1.0, 0.0], UNCALIBRATED
 
 
+def negative_span(coefficients: Sequence[float], lo: float, hi: float) -> tuple[float, float] | None:
+    """The part of [lo, hi] where the polynomial is below zero (first to last such point of 1001), or None.
+    TeaCache adds the polynomial's value up to a threshold: negative there, a large change of the input
+    would bring a skip nearer instead of forcing a pass."""
+    xs = np.linspace(lo, hi, 1001)
+    below = xs[np.polyval(np.asarray(coefficients, dtype=np.float64), xs) < 0]
+    return (float(below[0]), float(below[-1])) if below.size else None
+
+
 def save_coefficients(
     path: str | os.PathLike, coefficients: Sequence[float], config: DiTConfig, model: str, fit: dict
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mochi.cli.options import DTYPES, Subparsers, add_dit_options, add_model_options
@@ -33,11 +34,18 @@ def check_cache_options(args: argparse.Namespace) -> None:
     naming no file, or naming a file that is no coefficient file (before the model loads; whether it was
     fitted for this model is checked once it is loaded)."""
     path = getattr(args, "cache_coefficients", None)
-    if path is None:
-        return
     from mochi.accel.cache import CacheSetting
 
     cache = getattr(args, "cache", None) or "none"
+    if path is None:
+        model = getattr(args, "model", None)
+        if model is not None and CacheSetting.parse(cache).kind == "teacache":
+            # The file beside the model, which generate reads: a malformed one was refused after the load.
+            from mochi.accel.calibrate import coefficients_path, load_coefficients
+
+            if (beside := coefficients_path(model)).is_file():
+                load_coefficients(beside, None)
+        return
     if CacheSetting.parse(cache).kind != "teacache":
         raise ValueError(
             f"--cache-coefficients {path!r} applies only to TeaCache, not --cache {cache}; add --cache "
@@ -181,6 +189,16 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     print(f"fitted on {result['points']} steps of {args.runs} runs: R² {result['r2']:.4f}")
     print("coefficients (highest power first): [" + ", ".join(f"{c:.8e}" for c in coefficients) + "]")
     print(f"input change range: {min(xs):.4g} to {max(xs):.4g}")
+    from mochi.accel.calibrate import negative_span
+
+    if (span := negative_span(coefficients, min(xs), max(xs))) is not None:
+        print(
+            f"mochi: warning: the fitted polynomial is negative for input changes {span[0]:.4g} to "
+            f"{span[1]:.4g}, inside the range it was fitted on: there a large change would make TeaCache "
+            f"skip sooner, not later. {result['points']} points fit its 5 coefficients; calibrate with more "
+            "--runs (or more --prompt) for a steadier fit",
+            file=sys.stderr,
+        )
     fit = {
         "runs": args.runs,
         "points": result["points"],
