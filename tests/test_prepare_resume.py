@@ -572,3 +572,19 @@ def test_clips_this_dit_cannot_take_are_refused_before_the_run_folder(tmp_path, 
     with pytest.raises(ValueError, match=re.escape(message) + ".*run prepare-data again with this model"):
         train_lora(MochiPipeline(other, device="cpu"), out, run, cfg, progress=False)
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_info_names_what_a_damaged_data_or_run_folder_cannot_read(data, tmp_path, capsys):
+    """One truncated clip, or an unreadable config.json of a run, and info said the folder held no
+    recognised checkpoint (or no Mochi component), never naming the file at fault."""
+    damaged = tmp_path / "d"
+    shutil.copytree(data, damaged)
+    clip = sorted(damaged.glob("*.safetensors"))[-1]
+    clip.write_bytes(clip.read_bytes()[:200])
+    assert main(["info", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(damaged)!r} is a prepare-data folder that cannot be read: " in err and clip.name in err
+    _train(data, tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("{broken")
+    assert main(["info", str(tmp_path / "run")]) == 2
+    assert "train-lora run folder that cannot be read: its config.json is not JSON" in capsys.readouterr().err

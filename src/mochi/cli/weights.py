@@ -94,10 +94,16 @@ def _data_info(path: str) -> dict | None:
     """What ``mochi info`` says of a folder ``mochi prepare-data`` wrote, or None if it is not one."""
     import contextlib
 
-    from mochi.train.data import LatentDataset
+    from mochi.errors import MochiError
+    from mochi.train.data import REPORT_NAME, LatentDataset
 
     if not Path(path).is_dir():
         return None
+    if (Path(path) / REPORT_NAME).is_file():  # prepare-data's folder: what it cannot read is the answer
+        try:
+            LatentDataset(path)
+        except (MochiError, ValueError, OSError) as e:
+            raise ValueError(f"{str(path)!r} is a prepare-data folder that cannot be read: {e}") from None
     with contextlib.suppress(Exception):  # anything that does not read as prepared data keeps the error
         data = LatentDataset(path)
         shape = "x".join(str(n) for n in data.examples[0].mean.shape)
@@ -118,46 +124,64 @@ def _data_info(path: str) -> dict | None:
 
 def _run_folder_info(path: str) -> dict | None:
     """What ``mochi info`` says of a ``train-lora`` run folder, or None if it is not one."""
-    import contextlib
-    import json
-
-    from mochi.train.lora_state import load_latest_state
+    from mochi.train.lora_state import list_states
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         return None
-    with contextlib.suppress(Exception):  # anything that does not read as a run keeps the model's error
-        config = json.loads((folder / "config.json").read_text())
-        state = load_latest_state(folder, tidy=False)  # a reading command changes nothing
-        # By step number: lora-step-1000000 sorts before lora-step-200000 as text.
-        checkpoints = sorted(
-            (int(m.group(1)), p)
-            for p in folder.glob("lora-step-*.safetensors")
-            if (m := re.fullmatch(r"lora-step-(\d+)\.safetensors", p.name))
-        )
-        final = folder / "lora.safetensors"
-        if state:
-            step = state["step"]
-        else:  # the states (optimizer and all) deleted after the run: the LoRA files' own steps
-            step = max([_lora_step(final) or 0 if final.is_file() else 0] + [n for n, _ in checkpoints])
-        # lora.safetensors is the run's result only once the run is finished: resumed with more --steps, the
-        # earlier run's stays until the new end, and was named as this run's.
-        done = final.is_file() and step >= config.get("steps", step) and _lora_step(final) in (step, None)
-        lora = final if done else (checkpoints[-1][1] if checkpoints else None)
-        return {
-            "path": str(path),
-            "format": "train-lora run",
-            "step": f"{step} of {config.get('steps', '?')}",
-            "settings": f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, "
-            f"targets {','.join(config.get('targets', []))}",
-            "lora": str(lora) if lora else "none yet",
-            "use": f"mochi generate PROMPT --lora {final}"
-            if done
-            else f"mochi train-lora DATA --out {path} (resumes)"
-            if state or not lora
-            else f"mochi generate PROMPT --lora {lora} (the training states are gone: train-lora would "
-            "start over from step 0)",
-        }
+    # A run's own files beside config.json (a diffusers component folder has a config.json too): what
+    # cannot be read is the answer, not the model's "no Mochi component recognised".
+    ran = list_states(folder) or any(folder.glob("lora*.safetensors"))
+    try:
+        info = _read_run_folder(folder, path)
+    except Exception as e:
+        if not ran:
+            return None
+        raise ValueError(f"{str(path)!r} is a train-lora run folder that cannot be read: {e}") from None
+    return info
+
+
+def _read_run_folder(folder: Path, path: str) -> dict:
+    import json
+
+    from mochi.train.lora_state import load_latest_state
+
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except ValueError as e:
+        raise ValueError(f"its config.json is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError("its config.json is not a JSON object of train-lora settings")
+    state = load_latest_state(folder, tidy=False)  # a reading command changes nothing
+    # By step number: lora-step-1000000 sorts before lora-step-200000 as text.
+    checkpoints = sorted(
+        (int(m.group(1)), p)
+        for p in folder.glob("lora-step-*.safetensors")
+        if (m := re.fullmatch(r"lora-step-(\d+)\.safetensors", p.name))
+    )
+    final = folder / "lora.safetensors"
+    if state:
+        step = state["step"]
+    else:  # the states (optimizer and all) deleted after the run: the LoRA files' own steps
+        step = max([_lora_step(final) or 0 if final.is_file() else 0] + [n for n, _ in checkpoints])
+    # lora.safetensors is the run's result only once the run is finished: resumed with more --steps, the
+    # earlier run's stays until the new end, and was named as this run's.
+    done = final.is_file() and step >= config.get("steps", step) and _lora_step(final) in (step, None)
+    lora = final if done else (checkpoints[-1][1] if checkpoints else None)
+    return {
+        "path": str(path),
+        "format": "train-lora run",
+        "step": f"{step} of {config.get('steps', '?')}",
+        "settings": f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, "
+        f"targets {','.join(config.get('targets', []))}",
+        "lora": str(lora) if lora else "none yet",
+        "use": f"mochi generate PROMPT --lora {final}"
+        if done
+        else f"mochi train-lora DATA --out {path} (resumes)"
+        if state or not lora
+        else f"mochi generate PROMPT --lora {lora} (the training states are gone: train-lora would "
+        "start over from step 0)",
+    }
     return None
 
 
