@@ -78,9 +78,11 @@ def media_type(headers: dict[bytes, bytes]) -> str:
     return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
 
 
-async def reply(send: Send, status: int, detail: str, headers: list | None = None) -> None:
+async def reply(
+    send: Send, status: int, detail: str, headers: list | None = None, errors: list | None = None
+) -> None:
     """Send an ErrorBody reply and close the connection (the unread body is never drained)."""
-    body = error_json(detail)
+    body = error_json(detail, errors)
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     head += [(b"connection", b"close"), *(headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": head})
@@ -202,8 +204,11 @@ class RequestGuard:
             ), receive
         if length is not None and length.strip().isdigit() and int(length) > limit:
             return (413, _too_large(f"{int(length)} bytes", limit)), receive
-        if chunked and upload is None:
-            return await _buffered(receive, limit)
+        if upload is None and (method in BODY_METHODS or has_body):
+            # Read whole (JSON bodies are small): to hold a chunked one to the limit, and to take JSON as
+            # UTF-8 only (RFC 8259), which FastAPI's json.loads(bytes) did not: it read UTF-16 and UTF-32.
+            refusal, receive, body = await _buffered(receive, limit)
+            return refusal or _not_utf8(body), receive
         # An upload route streams its body to disk and stops at its own limit: holding up to that many
         # bytes in memory here would defeat it.
         return None, receive
@@ -213,19 +218,34 @@ def _too_large(size: str, limit: int) -> str:
     return f"request body of {size} refused: at most {limit} bytes are accepted"
 
 
-async def _buffered(receive: Receive, limit: int) -> tuple[tuple | None, Receive]:
-    """Read a chunked body up to ``limit`` bytes (413 beyond), then hand it on as one message."""
+async def _buffered(receive: Receive, limit: int) -> tuple[tuple | None, Receive, bytes]:
+    """Read a body up to ``limit`` bytes (413 beyond), then hand it on as one message; also the bytes."""
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client left; let the app see it
-            return None, _replay([message], receive)
+            return None, _replay([message], receive), b""
         size += len(message.get("body", b""))
         if size > limit:
-            return (413, _too_large(f"more than {limit} bytes", limit)), receive
+            return (413, _too_large(f"more than {limit} bytes", limit)), receive, b""
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            return None, _replay([{"type": "http.request", "body": b"".join(chunks)}], receive)
+            body = b"".join(chunks)
+            return None, _replay([{"type": "http.request", "body": body}], receive), body
+
+
+def _not_utf8(body: bytes) -> tuple[int, str] | None:
+    """422 for a JSON body that is not UTF-8: bytes that do not decode, or a NUL byte (no JSON text holds
+    one raw: UTF-16 or UTF-32, which json.loads would have read)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        why = f"not UTF-8 (byte {body[e.start]:#04x} at offset {e.start}); send JSON as UTF-8"
+    else:
+        if (at := body.find(b"\x00")) < 0:
+            return None
+        why = f"not UTF-8 (a NUL byte at offset {at}: UTF-16 or UTF-32?); send JSON as UTF-8"
+    return 422, f"body: {why}", None, [{"field": "body", "message": why}]
 
 
 def _replay(messages: list[dict], receive: Receive) -> Receive:
