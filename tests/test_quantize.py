@@ -308,3 +308,16 @@ def test_the_int8_note_says_which_implementation_ran(monkeypatch, torchao):
     expected = "int8 (torchao)" if torchao else "int8 (mochi's Int8Linear)"
     assert done.note("dit").startswith(f"dit: {len(done.layers)} Linear layers quantized to {expected}")
     assert all(isinstance(c.dit.get_submodule(n), Int8Linear) != torchao for n in done.layers)
+
+
+@pytest.mark.skipif(not quantize_mod.torchao_installed(), reason="torchao is not installed")
+def test_importing_torchao_prints_nothing_of_its_own():
+    """Newer torch logs a warning line per torchao enum it registers ("register_constant() on Enum
+    subclasses is deprecated"): they came above every --quantize int8 run."""
+    import subprocess
+    import sys
+
+    code = "import mochi.weights.quantize as q; assert q.torchao_available()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "register_constant" not in done.stderr and "W1" not in done.stderr, done.stderr[-2000:]

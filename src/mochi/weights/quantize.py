@@ -30,6 +30,7 @@ LoRA applies to quantized layers unmerged (forward hooks on the Linear); merging
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -173,15 +174,30 @@ def torchao_installed() -> bool:
 
 def torchao_available() -> bool:
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: F401
+        _import_torchao()
     except ImportError:
         return False
     return True
 
 
+def _import_torchao():  # noqa: ANN202 - torchao.quantization
+    """torchao's quantization module, imported without the warnings newer torch logs about how torchao
+    registers its enums for torch.compile ("W... register_constant() on Enum subclasses is deprecated"):
+    printed above every --quantize int8 run, they were about torchao's code, not the user's."""
+    logger = logging.getLogger("torch.utils._pytree")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization
+    finally:
+        logger.setLevel(level)
+    return torchao.quantization
+
+
 def _torchao_int8(linear: nn.Linear) -> nn.Linear:
     """torchao's int8 weight-only tensor (per-row symmetric scales) swapped into ``linear`` in place."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    ao = _import_torchao()
+    Int8WeightOnlyConfig, quantize_ = ao.Int8WeightOnlyConfig, ao.quantize_  # noqa: N806 - torchao's names
 
     linear.requires_grad_(False)
     with warnings.catch_warnings():
