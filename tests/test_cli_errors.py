@@ -8,6 +8,7 @@ the actual writers (safetensors' Rust code, torch.save's C++ code, PyAV) meet a 
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -714,3 +715,15 @@ def test_a_broken_coefficient_file_beside_the_model_is_refused_before_loading(tm
         ["generate", "x", "--model", str(model), "--cache", "teacache", "--out", str(tmp_path / "v.mp4")]
     )
     _one_line(capsys, code, "m.teacache.json' is not a mochi-teacache coefficient file")
+
+
+def test_the_python_api_names_its_arguments_and_the_cli_its_flags(tmp_path, capsys):
+    """from_pretrained's errors named CLI flags (--model, --vae) a Python caller never wrote."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=f"^model {re.escape(repr(missing))} does not exist$"):
+        mochi.pipeline.MochiPipeline.from_pretrained(missing)
+    with pytest.raises(
+        ValueError, match="^vae cannot be used with the embedded model.*use a model that lacks"
+    ):
+        mochi.pipeline.MochiPipeline.from_pretrained(vae=str(tmp_path))
+    _one_line(capsys, main(["serve", "--model", missing]), f"--model {missing!r} does not exist")

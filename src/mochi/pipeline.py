@@ -170,6 +170,9 @@ class MochiPipeline:
         from mochi.weights.bundle import model_alias
 
         model = model_alias(model, "model")
+        from mochi.weights.components import check_model_paths
+
+        check_model_paths(model, vae, t5, tokenizer, prefix="")  # named as this call's arguments
         if options.get("offload") is not None:
             from mochi.weights.components import dit_depth
 

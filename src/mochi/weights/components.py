@@ -154,13 +154,16 @@ def check_model_paths(
     vae: str | os.PathLike | None = None,
     t5: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
+    prefix: str = "--",
 ) -> None:
     """Every path given must exist, and the embedded model or a bundle (which carry all their parts)
-    takes no ``vae``/``t5``/``tokenizer``: ValueError rather than silently not using them."""
-    for flag, value in (("--model", model), ("--vae", vae), ("--t5", t5), ("--tokenizer", tokenizer)):
+    takes no ``vae``/``t5``/``tokenizer``: ValueError rather than silently not using them. ``prefix``: how
+    the messages name the values ("--" for the CLI's flags, "" for the Python API's arguments)."""
+    m, v, t, k = (f"{prefix}{name}" for name in ("model", "vae", "t5", "tokenizer"))
+    for flag, value in ((m, model), (v, vae), (t, t5), (k, tokenizer)):
         if value is not None and not Path(value).exists():
             raise ValueError(f"{flag} {str(value)!r} does not exist")
-    extras = (("--vae", vae), ("--t5", t5), ("--tokenizer", tokenizer))
+    extras = ((v, vae), (t, t5), (k, tokenizer))
     given = [flag for flag, value in extras if value is not None]
     if given:
         from mochi.weights.bundle import is_bundle
@@ -169,13 +172,13 @@ def check_model_paths(
             what = "the embedded model" if model is None else f"the mochi bundle {str(model)!r}"
             raise ValueError(
                 f"{' and '.join(given)} cannot be used with {what}, which carries its own VAE, T5 and "
-                f"tokenizer; leave {'them' if len(given) > 1 else 'it'} out, or use a --model that lacks them"
+                f"tokenizer; leave {'them' if len(given) > 1 else 'it'} out, or use a {m} that lacks them"
             )
         for flag, value in extras:
             if value is not None and Path(value).is_file() and is_bundle(value):
                 raise ValueError(
                     f"{flag} {str(value)!r} is a mochi bundle, a whole model whose parts fit only each "
-                    f"other; pass it as --model (without {flag})"
+                    f"other; pass it as {m} (without {flag})"
                 )
 
 
