@@ -169,6 +169,17 @@ def _job(out: str) -> None:
         shard_dit(dit, world)
         res["dit_bf16_shard"] = dit(*half)
     res["dit_bf16_fp32"] = sorted(n for n, p in dit.named_parameters() if p.dtype == torch.float32)
+    # ... and read rank by rank into a meta model (--parallel-weights shard from a checkpoint).
+    from mochi.parallel.sharded_load import load_dit_sharded
+    from mochi.weights.formats import detect
+    from mochi.weights.io import save_state_dict
+
+    path = Path(out) / f"dit-rank{world.rank}.safetensors"  # each rank its own file: no race
+    save_state_dict(_dit4().state_dict(), path)
+    loaded, _ = load_dit_sharded(detect(path), world, torch.bfloat16)
+    enable_sequence_parallel(loaded)
+    with torch.no_grad():
+        res["dit_bf16_read_sharded"] = loaded(*half)
     dit = _dit4(lora=True)
     enable_sequence_parallel(dit)
     grads = _lora_grads(dit)
@@ -331,6 +342,7 @@ def test_sequence_split_dit_output_even_and_padded(results):
 
 def test_a_bf16_dit_shards_with_its_fp32_islands_kept_whole(results):
     assert torch.equal(results["dit_bf16_shard"], results["dit_bf16"])
+    assert torch.equal(results["dit_bf16_read_sharded"], results["dit_bf16"])
     assert results["dit_bf16"].dtype == torch.bfloat16
     assert results["dit_bf16_fp32"] == sorted(n for n in _dit4().state_dict() if AsymmDiT.is_fp32_param(n))
     assert len(results["dit_bf16_fp32"]) == 1 + 4 * DIT4.depth  # RoPE frequencies, q/k norms of x and y

@@ -76,21 +76,20 @@ def shard_blocks(module: nn.Module, blocks: Iterable[nn.Module], world: World) -
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True, **options)
     fully_shard(module, mesh=mesh, reshard_after_forward=True, **options)  # the root too: freed between calls
-    for p in islands:  # not moved by FSDP: where the sharded parameters went
-        p.data = p.data.to(world.device)
+    for p in islands:  # not moved by FSDP: where the sharded parameters went (a meta model: filled later)
+        if not p.is_meta:
+            p.data = p.data.to(world.device)
     return module
 
 
 def _islands(module: nn.Module) -> set[nn.Parameter]:
-    """Parameters whose dtype is not that of most of ``module``'s parameter bytes (the DiT's fp32 islands
-    when it runs in bf16); none where every parameter has one dtype."""
-    by_dtype: dict[torch.dtype, int] = {}
-    for p in module.parameters():
-        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-    if len(by_dtype) < 2:
+    """The fp32 islands a model names (``is_fp32_param``: the DiT's RoPE frequencies and q/k norms) when its
+    other weights are in bf16 or fp16; none otherwise (fp32, or fp8 and ggml blocks kept as stored at fp32
+    compute, which FSDP took as they were)."""
+    named = getattr(type(module), "is_fp32_param", None)
+    if named is None or not any(p.dtype in (torch.bfloat16, torch.float16) for p in module.parameters()):
         return set()
-    main = max(by_dtype, key=by_dtype.get)
-    return {p for p in module.parameters() if p.dtype != main}
+    return {p for name, p in module.named_parameters() if named(name) and p.dtype == torch.float32}
 
 
 def shard_dit(dit: nn.Module, world: World) -> nn.Module:
