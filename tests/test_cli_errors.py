@@ -697,10 +697,10 @@ def test_guidance_parallel_without_a_negative_pass_is_refused_before_loading(
     assert not any(tmp_path.iterdir())
 
 
-def test_an_empty_cache_is_refused_not_run_uncached(capsys):
+def test_an_empty_cache_is_refused_not_run_uncached(tmp_path, capsys):
     """`--cache "$CACHE"` with the variable unset ran without a cache and said nothing."""
     with pytest.raises(SystemExit) as stop:
-        main(["generate", "x", "--cache", ""])
+        main(["generate", "x", "--cache", "", "--out", str(tmp_path / "v.mp4")])
     assert stop.value.code == 2 and "argument --cache: '' is empty; give a value" in capsys.readouterr().err
 
 

@@ -451,3 +451,7 @@ def test_the_sidecars_model_name_for_the_embedded_model_can_be_passed_back(monke
     )
     with pytest.raises(ValueError, match="model 'embedded:x' names no embedded model"):
         mochi.pipeline.MochiPipeline.from_pretrained("embedded:x")
+    from mochi.weights.bundle import model_alias
+
+    # What a source checkout without the asset records (its random-weight stand-in) passes back too.
+    assert model_alias("embedded:mochi-tiny (random weights)") is None

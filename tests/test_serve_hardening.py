@@ -620,6 +620,9 @@ def test_a_body_that_cannot_be_parsed_says_why(live, sent, message):
     status, body = call_json("POST", f"{live.url}/api/jobs", raw=sent)
     assert status == 422
     assert body == {"detail": f"body: {message}", "errors": [{"field": "body", "message": message}]}
+    # A path no route serves is still the router's 404, whatever the body.
+    status, body = call_json("POST", f"{live.url}/api/job", raw=sent)
+    assert status == 404 and body["detail"].startswith("no route '/api/job'")
 
 
 @pytest.mark.parametrize(

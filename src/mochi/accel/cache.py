@@ -253,7 +253,8 @@ def check_threshold(threshold: float) -> float:
     try:
         value = float(threshold)
     except OverflowError:  # an int beyond float's range (10**400)
-        value, shown = math.inf, f"{str(threshold)[:6]}… (an integer of {len(str(threshold))} digits)"
+        digits = int(threshold.bit_length() * math.log10(2)) + 1  # str() of > 4300 digits raises
+        value, shown = math.inf, f"an integer of about {digits} digits"
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"cache threshold {shown} must be a finite number > 0 (useful: 0.02 to 0.3); "

@@ -1,4 +1,5 @@
-"""The checks in front of the app, done on the request line and headers, before any body is read.
+"""The checks in front of the app: on the request line and headers before any body is read, then on a
+JSON body (read whole, at most ``max_body`` bytes) before the app sees it.
 
 ``RequestGuard`` (ASGI middleware, outermost) refuses, in this order:
   400  a Host that is not a loopback name, when the server has no token (DNS rebinding; see ``host_refusal``);
@@ -12,7 +13,9 @@
        ``navigator.sendBeacon``) cross-site without a CORS preflight; FastAPI before 0.132 parsed such bodies
        as JSON, so this check, not FastAPI's, is what stops a page elsewhere from starting jobs;
   413  a body larger than ``max_body`` bytes: a declared Content-Length at once, a chunked body as soon as
-       it passes the limit (at most ``max_body`` bytes are ever held).
+       it passes the limit (at most ``max_body`` bytes are ever held);
+  422  a JSON body (to a served path) that is not UTF-8: bytes that do not decode, or a NUL byte (UTF-16 or
+       UTF-32, which FastAPI's json.loads(bytes) would read; RFC 8259 asks for UTF-8).
 A route taking another type (a video upload) is named in ``uploads``: path prefix → (accepted media types,
 largest body); such a route streams its body and enforces that limit itself for chunked bodies. The
 types browsers send cross-site without a preflight (``CORS_SAFELISTED``) are never
@@ -204,7 +207,7 @@ class RequestGuard:
             ), receive
         if length is not None and length.strip().isdigit() and int(length) > limit:
             return (413, _too_large(f"{int(length)} bytes", limit)), receive
-        if upload is None and (method in BODY_METHODS or has_body):
+        if upload is None and served is not None and (method in BODY_METHODS or has_body):
             # Read whole (JSON bodies are small): to hold a chunked one to the limit, and to take JSON as
             # UTF-8 only (RFC 8259), which FastAPI's json.loads(bytes) did not: it read UTF-16 and UTF-32.
             refusal, receive, body = await _buffered(receive, limit)
@@ -234,7 +237,7 @@ async def _buffered(receive: Receive, limit: int) -> tuple[tuple | None, Receive
             return None, _replay([{"type": "http.request", "body": body}], receive), body
 
 
-def _not_utf8(body: bytes) -> tuple[int, str] | None:
+def _not_utf8(body: bytes) -> tuple[int, str, None, list[dict]] | None:
     """422 for a JSON body that is not UTF-8: bytes that do not decode, or a NUL byte (no JSON text holds
     one raw: UTF-16 or UTF-32, which json.loads would have read)."""
     try:

@@ -229,7 +229,8 @@ def model_alias(model: str | os.PathLike | None, flag: str = "--model") -> str |
     sidecar's "model" can be passed back; any other value as given. A path that exists wins."""
     if not isinstance(model, str) or not model.startswith("embedded:") or Path(model).exists():
         return model
-    if model != EMBEDDED_ALIAS:
+    # "embedded:mochi-tiny (random weights)": the record of a source checkout without the asset.
+    if model != EMBEDDED_ALIAS and not model.startswith(EMBEDDED_ALIAS + " ("):
         raise ValueError(
             f"{flag} {model!r} names no embedded model; the one packaged is {EMBEDDED_ALIAS!r}"
             + (f" (or leave {flag} out)" if flag.startswith("--") else "")
