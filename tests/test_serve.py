@@ -510,9 +510,11 @@ def test_cli_serve_wires_its_options_into_the_server(monkeypatch, tmp_path, caps
     (tmp_path / "loras" / "a.safetensors").write_bytes(b"")
     out = tmp_path / "videos"
     argv = ["serve", "--host", "0.0.0.0", "--port", "8123", "--out-dir", str(out), "--queue-size", "3"]
-    argv += ["--lora-dir", str(tmp_path / "loras"), "--device", "cpu", "--model", "some/path", "--fps", "24"]
+    model = tmp_path / "model"  # a path that exists: serve checks --model before loading
+    model.mkdir()
+    argv += ["--lora-dir", str(tmp_path / "loras"), "--device", "cpu", "--model", str(model), "--fps", "24"]
     assert main(argv) == 0
-    assert loaded["model"] == "some/path" and loaded["device"] == "cpu" and loaded["offload"] is False
+    assert loaded["model"] == str(model) and loaded["device"] == "cpu" and loaded["offload"] is False
     assert seen["checked"] == ("0.0.0.0", 8123)
     assert seen["host"] == "0.0.0.0" and seen["port"] == 8123 and seen["unauthorised"] == 401
     assert seen["job"]["status"] == "done" and seen["info"]["queue_size"] == 3
