@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import diffusers
 import torch
+from measure import at_least  # a sibling script module
 
 from mochi.memory.trace import LiveBytes
 from mochi.models.dit import DIT_PRESETS, AsymmDiT, DiTConfig
@@ -163,11 +164,9 @@ def main() -> None:
         help="cpu: process CPU time, steadier on a busy host",
     )
     args = ap.parse_args()
-    for flag, value, least in (("--repeats", args.repeats, 1), ("--prompt-len", args.prompt_len, 0)):
-        if value < least:
-            ap.error(f"{flag} {value}: must be at least {least}")
+    at_least(ap, ("--repeats", args.repeats, 1))
     if not 0 <= args.prompt_len <= args.text_len:
-        ap.error(f"--prompt-len {args.prompt_len}: must be at most --text-len ({args.text_len})")
+        ap.error(f"--prompt-len {args.prompt_len}: must be in [0, --text-len {args.text_len}]")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="In CPU autocast")

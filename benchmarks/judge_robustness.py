@@ -16,6 +16,7 @@ import math
 from collections import Counter
 
 import numpy as np
+from measure import at_least  # a sibling script module
 
 from mochi.train import judge as J
 from mochi.train import shapes as S
@@ -56,8 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    at_least(parser, ("--repeats", args.repeats, 1))
     conditions = {
         "clean": lambda v, rng: v,
         "blur 1.0 + noise 6": lambda v, rng: blur_noise(v, 1.0, 6.0, rng),

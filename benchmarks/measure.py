@@ -76,6 +76,13 @@ def private_peak(fn: Callable[[], T], every: float = 0.002) -> tuple[T, int]:
     return out, max(peak[0], _status("RssAnon")) - base
 
 
+def at_least(parser, *checks: tuple[str, int, int]) -> None:  # noqa: ANN001 - argparse.ArgumentParser
+    """``parser.error`` for the first (flag, value, least) whose value is below its least."""
+    for flag, value, least in checks:
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
+
+
 def ratio_line(name: str, ours: tuple[float, int], theirs: tuple[float, int]) -> str:
     (t_o, m_o), (t_t, m_t) = ours, theirs
     return (

@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from measure import measure, ratio_line, reexec_with_mmap_malloc
+from measure import at_least, measure, ratio_line, reexec_with_mmap_malloc
 
 reexec_with_mmap_malloc()
 
@@ -112,9 +112,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
-    for flag, value, least in (("--repeats", args.repeats, 1), ("--steps", args.steps, 2)):
-        if value < least:  # one step: diffusers' linear-quadratic schedule divides by zero
-            p.error(f"{flag} {value}: must be at least {least}")
+    # One step: diffusers' linear-quadratic schedule divides by zero.
+    at_least(p, ("--repeats", args.repeats, 1), ("--steps", args.steps, 2))
     torch.set_num_threads(args.threads)
     if args.dit == "mochi-1-preview":
         raise SystemExit("the 10B preset does not fit this benchmark; use small or full-width-2")

@@ -34,7 +34,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from measure import MB, _status, measure, private_peak, reexec_with_mmap_malloc
+from measure import MB, _status, at_least, measure, private_peak, reexec_with_mmap_malloc
 
 reexec_with_mmap_malloc()
 
@@ -71,7 +71,7 @@ def theirs_loaded(folder: Path, matched: bool) -> torch.nn.Module:
 
 def side(name: str, load, forward, repeats: int) -> dict:  # noqa: ANN001
     gc.collect()
-    before = {f: _status(f) for f in ("VmRSS", "RssAnon", "RssFile")}
+    before = {f: _status(f) for f in ("RssAnon", "RssFile")}
     (model, p_load_private), t_load, p_load = measure(lambda: private_peak(load))
     weights = _status("RssAnon") - before["RssAnon"]
     mapped = _status("RssFile") - before["RssFile"]
@@ -107,9 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    for flag, value in (("--frames", args.frames), ("--size", args.size), ("--repeats", args.repeats)):
-        if value < 1:
-            parser.error(f"{flag} {value}: must be at least 1")
+    at_least(parser, ("--frames", args.frames, 1), ("--size", args.size, 1), ("--repeats", args.repeats, 1))
     if args.size % 2:
         parser.error(f"--size {args.size}: the DiT's 2x2 patches need an even size; try {args.size + 1}")
     torch.set_num_threads(args.threads)

@@ -200,7 +200,7 @@ def _parse_options(options: list[str]) -> dict:
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 nearest = 1
                 with contextlib.suppress(ValueError, OverflowError):  # "3.0", "2.5": the whole number near it
-                    nearest = max(1, round(float(value))) if math.isfinite(float(value)) else 1
+                    nearest = max(1, round(float(value)))  # inf: OverflowError, nan: ValueError
                 raise ValueError(
                     f"cache option max-skips={value} must be a whole number ≥ 1; nearest: {nearest}"
                 )

@@ -137,9 +137,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         _check_out(out, "--out")
-    elif args.model is None or _is_embedded(
-        args.model
-    ):  # the packaged fit: replacing it would change every later embedded cache run
+    elif args.model is None or _is_embedded(args.model):
+        # The packaged fit: replacing it would change every later cache run of the embedded model.
         raise ValueError(
             "without --out the fit would replace the embedded model's packaged coefficient file (used by "
             "every --cache teacache run of the embedded model); give --out FILE.json and pass that file "

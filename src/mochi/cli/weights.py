@@ -99,13 +99,14 @@ def _data_info(path: str) -> dict | None:
 
     if not Path(path).is_dir():
         return None
-    if (Path(path) / REPORT_NAME).is_file():  # prepare-data's folder: what it cannot read is the answer
-        try:
-            LatentDataset(path)
-        except (MochiError, ValueError, OSError) as e:
-            raise ValueError(f"{str(path)!r} is a prepare-data folder that cannot be read: {e}") from None
-    with contextlib.suppress(Exception):  # anything that does not read as prepared data keeps the error
+    try:
         data = LatentDataset(path)
+    except Exception as e:
+        if (Path(path) / REPORT_NAME).is_file() and isinstance(e, MochiError | ValueError | OSError):
+            # prepare-data's folder: what it cannot read is the answer
+            raise ValueError(f"{str(path)!r} is a prepare-data folder that cannot be read: {e}") from None
+        return None  # anything else that does not read as prepared data keeps the model's error
+    with contextlib.suppress(Exception):
         shape = "x".join(str(n) for n in data.examples[0].mean.shape)
         size = "{} frames, {}x{}".format(*(data.settings.get(k, "?") for k in ("frames", "width", "height")))
         captions = [e.caption for e in data.examples if e.caption.strip()]
@@ -182,7 +183,6 @@ def _read_run_folder(folder: Path, path: str) -> dict:
         else f"mochi generate PROMPT --lora {lora} (the training states are gone: train-lora would "
         "start over from step 0)",
     }
-    return None
 
 
 def _lora_step(path: Path) -> int | None:
