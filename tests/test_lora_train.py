@@ -24,7 +24,14 @@ from mochi.request import GenerationRequest
 from mochi.train import shapes
 from mochi.train.data import LatentDataset, prepare_data
 from mochi.train.lora_state import list_states, load_latest_state
-from mochi.train.lora_train import LoraTrainConfig, lr_factor, micro_batches, sample_sigmas, train_lora
+from mochi.train.lora_train import (
+    LoraTrainConfig,
+    lr_factor,
+    micro_batches,
+    sample_sigmas,
+    stream_seed,
+    train_lora,
+)
 from mochi.video import write_video
 from mochi.weights.io import WeightsError, read_metadata, read_state_dict
 from mochi.weights.lora import read_lora, save_lora
@@ -111,6 +118,16 @@ def test_schedule_sigmas_and_data_order():
     seen = [i for step in range(5) for mb in micro_batches(step, 5, cfg) for i in mb]
     assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
     assert micro_batches(3, 5, cfg) == micro_batches(3, 5, cfg) and len(micro_batches(3, 5, cfg)) == 2
+
+
+def test_seeds_that_python_hash_folds_together_draw_different_batches():
+    # hash(2**61 - 1) == hash(0): the batch order and the noise were drawn from Python's hash of the seed
+    orders = {
+        seed: [micro_batches(step, 50, LoraTrainConfig(batch_size=4, seed=seed)) for step in range(3)]
+        for seed in (0, 2**61 - 1)
+    }
+    assert orders[0] != orders[2**61 - 1]
+    assert stream_seed(0, 2, 7) != stream_seed(2**61 - 1, 2, 7) and 0 <= stream_seed(2**63 - 1, 3, 1) < 2**63
 
 
 CFG = LoraTrainConfig(rank=2, alpha=4, lr=1e-2, steps=4, warmup=1, checkpoint_every=2, sample_every=0, seed=3)

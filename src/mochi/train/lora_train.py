@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -167,8 +168,15 @@ def sample_sigmas(n: int, mode: str, shift: float, generator: torch.Generator) -
     return shifted.clamp(max=1 - 2**-24).float()  # σ stays below 1, as uniform's
 
 
+def stream_seed(seed: int, *keys: int) -> int:
+    """A seed for one random stream of a run (which stream: ``keys``), below 2**63. A keyed hash rather than
+    Python's ``hash``, which folds integers modulo 2**61 − 1 (seeds 0 and 2**61 − 1 drew the same batches)."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
 def _generator(seed: int, *keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, *keys)) % 2**63)
+    return torch.Generator().manual_seed(stream_seed(seed, *keys))
 
 
 def micro_batches(step: int, n: int, cfg: LoraTrainConfig) -> list[list[int]]:
@@ -538,7 +546,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
         dit.to(pipe.device).train()
         for step in range(start, cfg.steps):
             gen = _generator(cfg.seed, 2, step)
-            torch.manual_seed(hash((cfg.seed, 3, step)) % 2**63)  # LoRA dropout, if any
+            torch.manual_seed(stream_seed(cfg.seed, 3, step))  # LoRA dropout, if any
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps)
             optimizer.zero_grad(set_to_none=True)
