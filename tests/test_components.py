@@ -7,6 +7,7 @@ import torch
 
 from mochi.pipeline import MochiPipeline
 from mochi.request import GenerationRequest
+from mochi.weights.components import load_components
 from mochi.weights.io import save_state_dict
 
 from .test_pipeline import DEFAULTS, tiny_components
@@ -76,7 +77,7 @@ def test_diffusers_pipeline_folder(tmp_path):
     _same_video(pipe)
 
 
-def test_genmo_folder_with_separate_t5(tmp_path):
+def test_genmo_folder_with_separate_t5(tmp_path, capsys):
     c = tiny_components(seed=1)
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -85,8 +86,14 @@ def test_genmo_folder_with_separate_t5(tmp_path):
     save_state_dict(c.encoder.state_dict(), weights / "encoder.safetensors")
     _write_t5(tmp_path / "t5", c.text_encoder)
     _write_tokenizer(tmp_path / "t5", WORDS)
-    with pytest.raises(ValueError, match="holds no T5 text encoder .* pass --t5 PATH"):
-        MochiPipeline.from_pretrained(str(weights), device="cpu")
+    with pytest.raises(ValueError, match=r"holds no T5 text encoder .* pass t5=PATH \("):
+        MochiPipeline.from_pretrained(str(weights), device="cpu")  # named as the call's argument
+    from mochi.cli import main
+
+    assert main(["generate", "x", "--model", str(weights), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "pass --t5 PATH (" in capsys.readouterr().err  # the CLI names its flag
+    with pytest.raises(ValueError, match=r"holds no T5 text encoder .* pass t5=PATH \("):
+        load_components(str(weights))
     _same_video(MochiPipeline.from_pretrained(str(weights), t5=str(tmp_path / "t5"), device="cpu"))
 
 
@@ -110,7 +117,10 @@ def test_the_tokenizer_named_is_used_and_the_text_parts_must_pair(tmp_path):
     # More ids than the T5 embeds: refused at load, naming both (it was an IndexError at the first prompt).
     vocab = c.text_encoder.config.vocab_size
     _write_tokenizer(tmp_path / "big", [f"w{i}" for i in range(vocab)])
-    with pytest.raises(ValueError, match=rf"big' has {vocab + 3} ids but the T5 of '.*t5' embeds {vocab}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"big' has {vocab + 3} ids but the T5 of '.*t5' embeds {vocab}.*\(tokenizer=PATH\)$",
+    ):
         MochiPipeline.from_pretrained(str(weights), t5=t5, tokenizer=str(tmp_path / "big"), device="cpu")
     # A T5 of another width than the DiT reads: refused at load (it failed at the first denoising step).
     wide = tiny_components(seed=1)
@@ -121,7 +131,8 @@ def test_the_tokenizer_named_is_used_and_the_text_parts_must_pair(tmp_path):
     _write_t5(tmp_path / "t5wide", other)
     _write_tokenizer(tmp_path / "t5wide", WORDS)
     with pytest.raises(
-        ValueError, match=rf"gives {cfg.d_model * 2}-wide features but the DiT reads {cfg.d_model}"
+        ValueError,
+        match=rf"gives {cfg.d_model * 2}-wide features but the DiT reads {cfg.d_model}.*\(t5=PATH\)$",
     ):
         MochiPipeline.from_pretrained(str(weights), t5=str(tmp_path / "t5wide"), device="cpu")
 
@@ -155,7 +166,7 @@ def test_comfyui_dit_file_names_what_is_missing(tmp_path):
     c = tiny_components(seed=1)
     sd = {"model.diffusion_model." + k: v for k, v in c.dit.state_dict().items()}
     save_state_dict(sd, tmp_path / "mochi_dit.safetensors")
-    with pytest.raises(ValueError, match=r"holds no VAE decoder .*pass --vae PATH"):
+    with pytest.raises(ValueError, match=r"holds no VAE decoder .*pass vae=PATH \("):
         MochiPipeline.from_pretrained(str(tmp_path / "mochi_dit.safetensors"), device="cpu")
 
 
@@ -188,7 +199,7 @@ def test_a_vae_of_another_model_or_a_bundle_as_a_part_is_named(tmp_path):
         ):
             MochiPipeline.from_pretrained(str(weights), device="cpu", **parts)
     save_state_dict(load_embedded().decoder.state_dict(), tmp_path / "other-decoder.safetensors")
-    with pytest.raises(ValueError, match=r"^--vae '.*other-decoder\.safetensors': .*does not fit the model"):
+    with pytest.raises(ValueError, match=r"^vae '.*other-decoder\.safetensors': .*does not fit the model"):
         MochiPipeline.from_pretrained(str(weights), vae=str(tmp_path / "other-decoder.safetensors"), t5=t5)
 
 

@@ -14,6 +14,7 @@ naming the file and that cause; otherwise the original exception goes on unchang
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -30,6 +31,9 @@ DISK_ERRNOS = {
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # Below this many free bytes a failed write is put down to a full disk.
 LOW_SPACE_BYTES = 16 * 2**20
+# How messages name a value the user passes: as the CLI's flag ("--vae PATH") while a `mochi` command runs
+# (`mochi.cli.main` sets "--"), as the Python API's argument ("vae=PATH") otherwise.
+ARG_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("mochi_arg_prefix", default="")
 
 
 class MochiError(Exception):

@@ -172,7 +172,7 @@ class MochiPipeline:
         model = model_alias(model, "model")
         from mochi.weights.components import check_model_paths
 
-        check_model_paths(model, vae, t5, tokenizer, prefix="")  # named as this call's arguments
+        check_model_paths(model, vae, t5, tokenizer)  # named as this call's arguments (flags under `mochi`)
         if options.get("offload") is not None:
             from mochi.weights.components import dit_depth
 

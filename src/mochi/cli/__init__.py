@@ -112,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    from mochi.errors import user_message
+    from mochi.errors import ARG_PREFIX, user_message
 
+    naming = ARG_PREFIX.set("--")  # messages name the flags, not from_pretrained's arguments
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # ignored by the parent: stays ignored
@@ -150,5 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mochi: error: {message}", file=sys.stderr)
         return 2
     finally:
+        ARG_PREFIX.reset(naming)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -117,10 +117,6 @@ def pipeline_options(args: argparse.Namespace) -> dict:
 
 def pipeline_from_args(args: argparse.Namespace):  # noqa: ANN202 - MochiPipeline
     from mochi.pipeline import MochiPipeline
-    from mochi.weights.components import check_model_paths
-
-    # Named as flags here, not as from_pretrained's arguments (its own check names those).
-    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
 
     # Offload (a no-op on CPU): T5 and the VAE visit the GPU only when used; training keeps the DiT there.
     return MochiPipeline.from_pretrained(

@@ -77,10 +77,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     video_rate(args.fps)  # now, not at the first job
 
     from mochi.pipeline import MochiPipeline
-    from mochi.weights.components import check_model_paths
 
-    # Named as flags here, not as from_pretrained's arguments (its own check names those).
-    check_model_paths(args.model, args.vae, args.t5, args.tokenizer)
     pipe = MochiPipeline.from_pretrained(args.model, device=args.device, **pipeline_options(args))
     limits = {"max_pixels": args.max_pixels, "max_pixel_steps": args.max_pixel_steps}
     jobs = JobManager(pipe, args.out_dir, queue_size=args.queue_size, fps=args.fps, **limits)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mochi.errors import ARG_PREFIX
 from mochi.models.dit import AsymmDiT
 from mochi.models.t5 import T5Encoder
 from mochi.models.tokenizer import Tokenizer, load_tokenizer
@@ -58,7 +59,14 @@ class Components:
         return [m for m in found if m is not None]
 
 
-def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) -> Tokenizer:
+def _pass(prefix: str, name: str) -> str:
+    """How a message asks for a part: "--vae PATH" to the CLI (``prefix`` "--"), "vae=PATH" to Python ("")."""
+    return f"{prefix}{name} PATH" if prefix else f"{name}=PATH"
+
+
+def _tokenizer_for(
+    det: Detected | None, t5: str | None, tokenizer: str | None, prefix: str = "--"
+) -> Tokenizer:
     if tokenizer is not None:  # named by the user: this one (a folder or a file), or its own error
         return load_tokenizer(tokenizer)
     candidates = [t5]
@@ -72,13 +80,13 @@ def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None) 
         except (ValueError, FileNotFoundError):
             continue
     raise ValueError(
-        "no T5 tokenizer found (spiece.model or tokenizer.json); pass --tokenizer PATH or a --t5 folder "
-        "that holds one (e.g. google/t5-v1_1-xxl)"
+        f"no T5 tokenizer found (spiece.model or tokenizer.json); pass {_pass(prefix, 'tokenizer')}, or as "
+        f"{_pass(prefix, 't5')} a folder that holds one (e.g. google/t5-v1_1-xxl)"
     )
 
 
 def _check_text_pair(  # noqa: ANN001
-    tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT | None, tok_source, t5_source
+    tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT | None, tok_source, t5_source, prefix: str = "--"
 ) -> None:
     """The tokenizer's ids must index the T5's embedding, and the T5's width must be the DiT's text width:
     parts from different models are named here, at load, not by an index error at the first prompt."""
@@ -86,7 +94,8 @@ def _check_text_pair(  # noqa: ANN001
     if tok.vocab_size > embeds:
         raise ValueError(
             f"the tokenizer of {str(tok_source)!r} has {tok.vocab_size} ids but the T5 of {str(t5_source)!r} "
-            f"embeds {embeds}: they belong to different models; pass the T5's own tokenizer (--tokenizer)"
+            f"embeds {embeds}: they belong to different models; pass the T5's own tokenizer "
+            f"({_pass(prefix, 'tokenizer')})"
         )
     if dit is None:
         return
@@ -94,7 +103,7 @@ def _check_text_pair(  # noqa: ANN001
     if width != wanted:
         raise ValueError(
             f"the T5 of {str(t5_source)!r} gives {width}-wide features but the DiT reads {wanted}-wide "
-            "ones (t5_feat_dim): pass the T5 this DiT was trained with (--t5)"
+            f"ones (t5_feat_dim): pass the T5 this DiT was trained with ({_pass(prefix, 't5')})"
         )
 
 
@@ -154,11 +163,13 @@ def check_model_paths(
     vae: str | os.PathLike | None = None,
     t5: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
-    prefix: str = "--",
+    prefix: str | None = None,
 ) -> None:
     """Every path given must exist, and the embedded model or a bundle (which carry all their parts)
     takes no ``vae``/``t5``/``tokenizer``: ValueError rather than silently not using them. ``prefix``: how
-    the messages name the values ("--" for the CLI's flags, "" for the Python API's arguments)."""
+    the messages name the values ("--" for the CLI's flags, "" for the Python API's arguments; None:
+    `mochi.errors.ARG_PREFIX`, which the CLI sets)."""
+    prefix = ARG_PREFIX.get() if prefix is None else prefix
     m, v, t, k = (f"{prefix}{name}" for name in ("model", "vae", "t5", "tokenizer"))
     for flag, value in ((m, model), (v, vae), (t, t5), (k, tokenizer)):
         if value is not None and not Path(value).exists():
@@ -195,6 +206,7 @@ def load_components(
     quantize: str | None = None,
     dit_dtype: torch.dtype | None = None,
     with_dit: bool = True,
+    prefix: str | None = None,
 ) -> Components:
     """Load every component from ``model`` (or the embedded default when None), filling gaps from the others.
 
@@ -209,8 +221,11 @@ def load_components(
     ``quantized`` says what was done. The embedded model and bundles are not quantized here.
     with_dit: False leaves a checkpoint's DiT unread (``dit`` None), for what only encodes (prepare-data):
     the released DiT is 40 GB in fp32. Bundles, a few MB, are read whole.
+    prefix: how messages name the parts to pass ("--" the CLI's flags, "" the Python API's arguments; None:
+    `mochi.errors.ARG_PREFIX`, which the CLI sets).
     """
-    check_model_paths(model, vae, t5, tokenizer)
+    prefix = ARG_PREFIX.get() if prefix is None else prefix
+    check_model_paths(model, vae, t5, tokenizer, prefix)
     if model is None:
         from mochi.weights.bundle import load_embedded
 
@@ -238,7 +253,7 @@ def load_components(
     vae_source = vae if vae is not None else (det if "vae_decoder" in det.files else None)
     if vae_source is None:
         raise ValueError(
-            f"{str(model)!r} holds no VAE decoder ({det.describe()}); pass --vae PATH (Genmo "
+            f"{str(model)!r} holds no VAE decoder ({det.describe()}); pass {_pass(prefix, 'vae')} (Genmo "
             "decoder.safetensors, a diffusers vae/ folder or a ComfyUI VAE file)"
         )
     try:
@@ -246,7 +261,7 @@ def load_components(
     except WeightsError as e:
         if vae is None:
             raise
-        raise WeightsError(f"--vae {str(vae)!r}: {e}") from None
+        raise WeightsError(f"{prefix}vae {str(vae)!r}: {e}") from None
     vae_encoder = None
     enc_source = vae if vae is not None else (det if "vae_encoder" in det.files else None)
     if encoder and enc_source is not None:
@@ -258,7 +273,7 @@ def load_components(
     t5_source = t5 if t5 is not None else (det if "t5" in det.files else None)
     if t5_source is None and text_encoder is None:
         raise ValueError(
-            f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass --t5 PATH (a "
+            f"{str(model)!r} holds no T5 text encoder ({det.describe()}); pass {_pass(prefix, 't5')} (a "
             "google/t5-v1_1-xxl folder or a ComfyUI t5xxl file)"
         )
     if text_encoder is None and quantize is not None:
@@ -266,8 +281,8 @@ def load_components(
         quantized["t5"] = done.note("t5")
     elif text_encoder is None:
         text_encoder = load_t5(t5_source, dtype=torch.float32)
-    tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None)
-    _check_text_pair(tok, text_encoder, dit, tokenizer or t5 or model, t5 or model)
+    tok = _tokenizer_for(det, str(t5) if t5 else None, str(tokenizer) if tokenizer else None, prefix)
+    _check_text_pair(tok, text_encoder, dit, tokenizer or t5 or model, t5 or model, prefix)
     return Components(
         tok,
         text_encoder,
