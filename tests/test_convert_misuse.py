@@ -350,3 +350,21 @@ def test_info_takes_the_embedded_models_name_as_records_write_it(capsys):
     assert code == 2 and err.endswith(
         "info 'embedded:tiny' names no embedded model; the one packaged is 'embedded:mochi-tiny'\n"
     )
+
+
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_one_vae_part_into_diffusers_says_the_other_is_missing(vae, tmp_path, capsys, part):
+    """diffusers' AutoencoderKLMochi builds the part a vae/ folder lacks at random (with a warning only)."""
+    _, root = vae
+    assert _run(capsys, "convert", root / "hub", tmp_path / "genmo", "--to", "genmo")[0] == 0
+    other = "encoder" if part == "decoder" else "decoder"
+    (tmp_path / "genmo" / f"{other}.safetensors").unlink()
+    code, out, _ = _run(capsys, "convert", tmp_path / "genmo", tmp_path / "back", "--to", "diffusers")
+    assert code == 0 and out.splitlines() == [
+        f"mochi: note: {tmp_path / 'genmo'} holds no VAE {other}, so vae/ holds the {part} alone: diffusers' "
+        f"AutoencoderKLMochi would make up a random {other} for it (with a warning); mochi loads vae/ as the "
+        f"{part} only",
+        f"wrote {tmp_path / 'back' / 'vae'}",
+    ]
+    keys = load_file(tmp_path / "back" / "vae" / "diffusion_pytorch_model.safetensors").keys()
+    assert {k.split(".")[0] for k in keys} == {part}

@@ -349,6 +349,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         max_shard_bytes=shard_bytes,
         quantize=args.quantize,
     )
+    held = [p for p in ("decoder", "encoder") if f"vae_{p}" in det.files]
+    if args.to == "diffusers" and len(held) == 1:
+        missing = "encoder" if held == ["decoder"] else "decoder"
+        print(
+            f"mochi: note: {args.src} holds no VAE {missing}, so vae/ holds the {held[0]} alone: diffusers' "
+            f"AutoencoderKLMochi would make up a random {missing} for it (with a warning); mochi loads vae/ "
+            f"as the {held[0]} only"
+        )
     if left:
         print(
             f"mochi: note: {args.src} holds a VAE too ({', '.join(left)}), which a single .safetensors DST "
