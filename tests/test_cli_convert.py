@@ -325,3 +325,24 @@ def test_the_default_shard_size_is_diffusers_10gb_in_the_cli_and_the_api():
     from mochi.weights.convert import DEFAULT_SHARD_BYTES
 
     assert DEFAULT_SHARD_BYTES == _shard_bytes(None) == 10 * 10**9
+
+
+def test_convert_lora_to_genmo_refuses_layers_the_dit_does_not_have(tmp_path, capsys):
+    """Genmo → Genmo copied any layer name (a typo, another model's LoRA) into a file that no DiT takes;
+    the diffusers output already failed on such names."""
+    from mochi.models.lora import LoraLayer
+    from mochi.weights.lora import save_lora
+
+    names = ("blocks.0.attn.proj_y", "blocks.3.attn.qkv_z", "t5_y_embedder.to_kv")
+    layers = {name: LoraLayer(torch.randn(4, 32), torch.randn(16, 4), 4.0) for name in names}
+    src = save_lora(layers, tmp_path / "p.safetensors")
+    code, out, err = _run(capsys, "convert-lora", src, tmp_path / "g.safetensors", "--to", "genmo")
+    assert code == 2 and out == "" and not (tmp_path / "g.safetensors").exists()
+    assert err == (
+        f"mochi: error: {str(src)!r} holds 1 layer that Mochi's DiT does not have (blocks.3.attn.qkv_z); a "
+        "Genmo LoRA names Linear layers such as blocks.0.attn.qkv_x or t5_y_embedder.to_kv (nothing was "
+        "written)\n"
+    )
+    del layers["blocks.3.attn.qkv_z"]
+    save_lora(layers, src)
+    assert _run(capsys, "convert-lora", src, tmp_path / "g.safetensors", "--to", "genmo")[0] == 0

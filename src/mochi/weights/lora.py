@@ -205,6 +205,18 @@ def _fuse(parts: list[LoraLayer]) -> LoraLayer:
     return LoraLayer(a, b.to(parts[0].B.dtype), float(a.shape[0]))
 
 
+def foreign_layers(layers: Mapping[str, LoraLayer]) -> list[str]:
+    """The Genmo-named layers of ``layers`` that Mochi's DiT does not have (not in the DiT key map)."""
+    known = {(rule[0], rule[4]) for rule in _module_rules()}  # (module, in a block)
+    out = []
+    for name in layers:
+        m = _BLOCK.match(name)
+        where = (m.group("rel"), True) if m else (name, False)
+        if where not in known:
+            out.append(name)
+    return out
+
+
 def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
     """diffusers module paths (no prefix) → Genmo module paths; q/k/v fused as the module docstring says."""
     rules = _module_rules()
@@ -545,5 +557,13 @@ def convert_lora(
     if dst.exists() and not overwrite:
         raise ValueError(f"{str(dst)!r} exists; pass --overwrite to replace it")
     lora = read_lora(src)
+    foreign = foreign_layers(lora.layers) if to == "genmo" else []  # diffusers' names fail to_diffusers
+    if foreign:
+        raise WeightsError(
+            f"{str(source)!r} holds {len(foreign)} layer{'s' if len(foreign) > 1 else ''} that Mochi's DiT "
+            "does not have "
+            f"({', '.join(sorted(foreign)[:3])}); a Genmo LoRA names Linear layers such as "
+            "blocks.0.attn.qkv_x or t5_y_embedder.to_kv (nothing was written)"
+        )
     save_lora(lora.layers, dst, to, depth=depth)
     return dst, lora
