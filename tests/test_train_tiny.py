@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -323,6 +324,33 @@ def test_another_dit_seed_draws_another_dit_and_a_run_folder_keeps_its_seed(vae_
         f"{DIT.seed}",
     ):
         train_dit(a, PRESET, seeded, log=lambda line: None)
+
+
+def test_a_dit_run_resumes_and_exports_only_with_its_preset(vae_run, tmp_path):
+    """Another preset's DiT was torch's list of every mismatched tensor, at resume and at export."""
+    from mochi.train.checkpoint import load_checkpoint, save_checkpoint
+    from mochi.train.train_dit import DIT_CHECKPOINT
+
+    a = _with_vae(tmp_path / "a", vae_run[0])
+    train_dit(a, PRESET, DIT, log=lambda line: None)
+    deeper = replace(PRESET, dit=replace(PRESET.dit, depth=PRESET.dit.depth + 1))
+    named = (
+        "was trained with another text_encoder and dit than this preset's (that of --preset test-micro): "
+        "give --preset test-micro to "
+    )
+    with pytest.raises(ValueError, match=re.escape(named + "resume it, or start this preset in another")):
+        train_dit(a, deeper, DIT, log=lambda line: None)
+    with pytest.raises(ValueError, match=re.escape(named + "export it") + "$"):
+        export_bundle(a, deeper, tmp_path / "x.safetensors")
+    # A checkpoint written before the configs were recorded: its weights tell, in one line.
+    state = load_checkpoint(a / DIT_CHECKPOINT)
+    save_checkpoint({k: v for k, v in state.items() if k != "configs"}, a / DIT_CHECKPOINT)
+    shape = r"^the DiT of '.*dit\.ckpt' does not fit this preset's \(its weights have other shapes or keys\)"
+    with pytest.raises(ValueError, match=shape + ": give the --preset it was trained with, or start"):
+        train_dit(a, deeper, DIT, log=lambda line: None)
+    with pytest.raises(ValueError, match=shape + ": give the --preset it was trained with$"):
+        export_bundle(a, deeper, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_tiny_cli_passes_the_tuning_phase_to_the_dit_recipe(tmp_path, monkeypatch, capsys):

@@ -57,31 +57,36 @@ def preset_configs(preset: ModelPreset, parts: Iterable[str]) -> dict[str, dict]
     return {part: asdict(getattr(preset, part)) for part in parts}
 
 
-def check_preset(state: dict, path: str | os.PathLike, preset: ModelPreset) -> None:
-    """Refuse to resume ``state`` with a preset whose parts differ from the configs it recorded
-    (``preset_configs``, key "configs"); presets that share those parts are all accepted. A checkpoint
-    without them (written before they were recorded) is accepted. ValueError names the presets that fit."""
+def check_preset(state: dict, path: str | os.PathLike, preset: ModelPreset, export: bool = False) -> None:
+    """Refuse to resume (or ``export``) ``state`` with a preset whose parts differ from the configs it
+    recorded (``preset_configs``, key "configs"); presets that share those parts are all accepted. A
+    checkpoint without them (written before they were recorded) is accepted. ValueError names the presets
+    that fit."""
     stored = state.get("configs")
     if stored is None or stored == preset_configs(preset, stored):
         return
     names = [name for name, p in MODEL_PRESETS.items() if preset_configs(p, stored) == stored]
     which = f"--preset {' or '.join(names)}" if names else "the preset it was trained with"
+    remedy = "export it" if export else "resume it, or start this preset in another run folder"
     raise ValueError(
         f"{str(path)!r} was trained with another {' and '.join(stored)} than this preset's (that of "
-        f"{which}): give {which} to resume it, or start this preset in another run folder"
+        f"{which}): give {which} to {remedy}"
     )
 
 
-def load_parts(path: str | os.PathLike, modules: Mapping[str, torch.nn.Module], state: dict) -> None:
+def load_parts(
+    path: str | os.PathLike, modules: Mapping[str, torch.nn.Module], state: dict, export: bool = False
+) -> None:
     """Load ``state[name]`` into each of ``modules``; weights of other shapes (a checkpoint of another preset,
     written before presets were recorded) are a one-line ValueError rather than torch's list of them."""
     for name, module in modules.items():
         try:
             module.load_state_dict(state[name])
         except RuntimeError:
+            remedy = "" if export else ", or start this preset in another run folder"
             raise ValueError(
                 f"the {name} of {str(path)!r} does not fit this preset's (its weights have other shapes or "
-                "keys): give the --preset it was trained with, or start this preset in another run folder"
+                f"keys): give the --preset it was trained with{remedy}"
             ) from None
 
 

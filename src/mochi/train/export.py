@@ -18,7 +18,7 @@ from mochi.models.dit import AsymmDiT
 from mochi.models.t5 import T5Encoder
 from mochi.models.vae import Decoder, Encoder
 from mochi.presets import ModelPreset
-from mochi.train.checkpoint import load_checkpoint
+from mochi.train.checkpoint import check_preset, load_checkpoint, load_parts
 from mochi.train.train_decoder import DECODER_CHECKPOINT
 from mochi.train.train_dit import DIT_CHECKPOINT
 from mochi.train.train_vae import VAE_CHECKPOINT
@@ -32,17 +32,25 @@ def trained_parts(out: str | os.PathLike, preset: ModelPreset, ema: bool = True)
     for name, state in ((VAE_CHECKPOINT, vae), (DIT_CHECKPOINT, dit_state)):
         if state is None:
             raise ValueError(f"no {name} in {str(out)!r}: run the vae and dit stages first")
+        check_preset(state, out / name, preset, export=True)  # a run of another preset: named, not torch's
     encoder, decoder = Encoder(preset.encoder), Decoder(preset.decoder)
-    encoder.load_state_dict(vae["encoder"])
+    load_parts(out / VAE_CHECKPOINT, {"encoder": encoder}, vae, export=True)
     sharpened = load_checkpoint(out / DECODER_CHECKPOINT)
-    decoder.load_state_dict((sharpened or vae)["decoder"])
+    if sharpened is not None:
+        check_preset(sharpened, out / DECODER_CHECKPOINT, preset, export=True)
+    load_parts(
+        out / (DECODER_CHECKPOINT if sharpened else VAE_CHECKPOINT),
+        {"decoder": decoder},
+        sharpened or vae,
+        export=True,
+    )
     models = torch.nn.ModuleDict(
         {"text_encoder": T5Encoder(preset.text_encoder), "dit": AsymmDiT(preset.dit)}
     )
     weights = dict(dit_state["model"])
     if ema:
         weights.update(dit_state["ema"])
-    models.load_state_dict(weights)
+    load_parts(out / DIT_CHECKPOINT, {"DiT": models}, {"DiT": weights}, export=True)
     return {
         "dit": models["dit"].eval(),
         "text_encoder": models["text_encoder"].eval(),

@@ -40,11 +40,20 @@ from mochi.models.t5 import T5Encoder
 from mochi.models.tokenizer import ByteTokenizer, tokenize_prompts
 from mochi.presets import ModelPreset
 from mochi.train import shapes
-from mochi.train.checkpoint import check_resumable, ema_update, load_checkpoint, save_checkpoint
+from mochi.train.checkpoint import (
+    check_preset,
+    check_resumable,
+    ema_update,
+    load_checkpoint,
+    load_parts,
+    preset_configs,
+    save_checkpoint,
+)
 from mochi.train.train_vae import VAE_CHECKPOINT, contrast_weight, foreground_weights, lr_at, to_pixels
 from mochi.weights.io import read_metadata, read_state_dict, save_state_dict
 
 DIT_CHECKPOINT = "dit.ckpt"
+DIT_PARTS = ("text_encoder", "dit")  # the preset's parts a DiT checkpoint holds (and records the configs of)
 CACHE_DIR = "latents"
 TUNE_CACHE_DIR = "latents-tune"
 
@@ -424,7 +433,8 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
     state = load_checkpoint(out / DIT_CHECKPOINT)
     if state is not None:
         check_resumable(state, out / DIT_CHECKPOINT, {"seed": (recipe.seed, "--seed {}")})
-        models.load_state_dict(state["model"])
+        check_preset(state, out / DIT_CHECKPOINT, preset)
+        load_parts(out / DIT_CHECKPOINT, {"DiT": models}, {"DiT": state["model"]})
         ema = state["ema"]
         opt.load_state_dict(state["optimizer"])
         step, last = int(state["step"]), float(state["loss"])
@@ -442,6 +452,7 @@ def train_dit(out: str | Path, preset: ModelPreset, recipe: DiTRecipe = DiTRecip
             "optimizer": opt.state_dict(),
             "step": step,
             "seed": recipe.seed,
+            "configs": preset_configs(preset, DIT_PARTS),
             "loss": last,
             "latent_mean": stats[0].tolist(),
             "latent_std": stats[1].tolist(),
@@ -578,6 +589,7 @@ def init_from_bundle(
         "model": weights,
         "ema": {n: p.detach().clone() for n, p in models.named_parameters()},
         "optimizer": opt.state_dict(),
+        "configs": preset_configs(preset, DIT_PARTS),
         "step": recipe.steps + recipe.tune_steps,
         "loss": float("nan"),
         "latent_mean": [float(v) for v in components.latent_mean],
