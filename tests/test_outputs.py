@@ -103,6 +103,21 @@ def test_vae_split_comes_from_the_request_not_free_memory(monkeypatch):
     assert fallback["budget"] == int(0.8 * need)
 
 
+def test_decode_latents_names_what_it_was_given():
+    """A numpy array was numpy's AttributeError; NaN latents were blamed on the VAE decoder."""
+    from mochi.finite import NonFiniteError
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    latents = torch.zeros(1, 12, 2, 4, 4)
+    with pytest.raises(
+        TypeError, match=r"^latents must be a torch.Tensor \(B, 12, t, h, w\), not numpy.ndarray \(torch.from"
+    ):
+        pipe.decode_latents(latents.numpy())
+    latents[0, 3, 1, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match="^the latents to decode hold NaN or infinite values"):
+        pipe.decode_latents(latents)
+
+
 def test_default_vae_budget_doubles_for_videos_larger_than_it(monkeypatch):
     decoder = tiny_components().decoder
     monkeypatch.setattr(mochi.models.vae_plan, "DEFAULT_VAE_BUDGET", 4 * 10**6)  # below any split of 8x8

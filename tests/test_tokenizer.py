@@ -87,6 +87,8 @@ def test_truncation_warns_with_the_count():
         assert tokenize_prompts(["y" * 255], ByteTokenizer())[1].all()  # exactly fits: no warning
     with pytest.raises(ValueError, match="wrap it"):
         tokenize_prompts("a prompt", ByteTokenizer())
+    with pytest.raises(TypeError, match=r"^prompts must be a list of strings, but prompt 1 is 3 \(int\)$"):
+        tokenize_prompts(["a prompt", 3], ByteTokenizer())  # was int's AttributeError from the tokenizer
 
 
 def test_truncation_warnings_are_kept_in_no_registry():

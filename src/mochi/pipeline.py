@@ -223,6 +223,14 @@ class MochiPipeline:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """DiT-space latents (B, 12, t, h, w) → frames (B, 6t−5, 8h, 8w, 3) uint8."""
+        if not isinstance(latents, torch.Tensor):
+            kind = type(latents)
+            raise TypeError(
+                f"latents must be a torch.Tensor (B, 12, t, h, w), not {kind.__module__}.{kind.__name__}"
+                f"{' (torch.from_numpy converts an array)' if kind.__module__ == 'numpy' else ''}"
+            )
+        if latents.is_floating_point() and not all_finite(latents):  # not the decoder's fault, as it said
+            raise NonFiniteError("the latents to decode hold NaN or infinite values; no video written")
         decoder = self.components.decoder
         with offloaded(decoder, self.device, self.offload_mode):
             z = dit_to_vae(latents.float(), self._latent_stats).to(self.device, self.vae_dtype)

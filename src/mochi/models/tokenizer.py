@@ -170,6 +170,12 @@ def tokenize_prompts(
         raise ValueError(
             f"prompts must be a list of strings, got the string {prompts!r}; wrap it: [{prompts!r}]"
         )
+    wrong = next(((row, p) for row, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"prompts must be a list of strings, but prompt {wrong[0]} is {wrong[1]!r} "
+            f"({type(wrong[1]).__name__})"
+        )
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1 (room for the end token), got {max_length}")
     ids = torch.full((len(prompts), max_length), tokenizer.pad_id, dtype=torch.int64)
