@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mochi.models.dit import AsymmDiT, DiTConfig
 from mochi.models.lora import (
@@ -202,6 +202,11 @@ def test_genmo_file_round_trip_and_metadata(tmp_path):
     with safe_open(path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert "blocks.0.attn.qkv_x.lora_A" in keys and "blocks.1.attn.proj_y.lora_B" in keys
+    # Each layer's alpha as a tensor too: ComfyUI reads only these (without them it ran this file at half
+    # strength: alpha 8, rank 4), Genmo's loader ignores them (non-strict), ours reads them first.
+    assert keys == {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B", "alpha")}
+    with safe_open(path, "pt") as f:
+        assert {f.get_tensor(f"{n}.alpha").item() for n in layers} == {8.0}
     kwargs = json.loads(meta["kwargs"])
     assert kwargs == {
         "qkv_proj_lora_rank": 4,
@@ -228,6 +233,7 @@ def test_genmo_file_folds_alphas_that_differ_within_a_group(tmp_path):
     back = read_lora(tmp_path / "l.safetensors").layers
     assert json.loads(read_metadata(tmp_path / "l.safetensors")["kwargs"])["qkv_proj_lora_alpha"] == 8.0
     assert back["blocks.1.attn.qkv_y"].alpha == 8.0
+    assert load_file(tmp_path / "l.safetensors")["blocks.1.attn.qkv_y.alpha"].item() == 8.0  # what B folds
     for name, layer in layers.items():
         torch.testing.assert_close(back[name].delta_weight(), layer.delta_weight(), rtol=1e-6, atol=1e-6)
 

@@ -505,7 +505,8 @@ def save_lora(
 ) -> Path:
     """Write ``layers`` (Genmo module paths) as one safetensors file, atomically, in ``format``.
 
-    Genmo's format holds one alpha per target in the metadata; diffusers' holds none (scaling folded into B).
+    Genmo's format holds one alpha per target in the metadata and each layer's as ``<layer>.alpha`` (what
+    ComfyUI reads); diffusers' holds none (scaling folded into B).
     ``depth``, the DiT's block count, names the last block's layers in diffusers' format (``to_diffusers``).
     """
     if format not in FORMATS:
@@ -530,6 +531,10 @@ def save_lora(
     sd = {}
     for name, layer in fixed.items():
         sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = layer.A, layer.B
+        # ComfyUI reads a LoRA's alpha only from "<layer>.alpha" tensors (Genmo's metadata is read by Genmo
+        # and by us): without them a file whose alpha is not its rank ran there at rank/alpha times its
+        # strength. Genmo's loader ignores them (it loads the LoRA non-strict).
+        sd[f"{name}.alpha"] = torch.tensor(float(layer.alpha))
     save_state_dict(sd, path, genmo_metadata(fixed, dropout, extra))
     return path
 
