@@ -35,15 +35,13 @@ def trained_parts(out: str | os.PathLike, preset: ModelPreset, ema: bool = True)
         check_preset(state, out / name, preset, export=True)  # a run of another preset: named, not torch's
     encoder, decoder = Encoder(preset.encoder), Decoder(preset.decoder)
     load_parts(out / VAE_CHECKPOINT, {"encoder": encoder}, vae, export=True)
-    sharpened = load_checkpoint(out / DECODER_CHECKPOINT)
-    if sharpened is not None:
-        check_preset(sharpened, out / DECODER_CHECKPOINT, preset, export=True)
-    load_parts(
-        out / (DECODER_CHECKPOINT if sharpened else VAE_CHECKPOINT),
-        {"decoder": decoder},
-        sharpened or vae,
-        export=True,
-    )
+    # The decoder stage's decoder when it ran, else the vae stage's.
+    name, state = DECODER_CHECKPOINT, load_checkpoint(out / DECODER_CHECKPOINT)
+    if state is None:
+        name, state = VAE_CHECKPOINT, vae
+    else:
+        check_preset(state, out / name, preset, export=True)
+    load_parts(out / name, {"decoder": decoder}, state, export=True)
     models = torch.nn.ModuleDict(
         {"text_encoder": T5Encoder(preset.text_encoder), "dit": AsymmDiT(preset.dit)}
     )

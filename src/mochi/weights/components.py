@@ -64,9 +64,7 @@ def _pass(prefix: str, name: str) -> str:
     return f"{prefix}{name} PATH" if prefix else f"{name}=PATH"
 
 
-def _tokenizer_for(
-    det: Detected | None, t5: str | None, tokenizer: str | None, prefix: str = "--"
-) -> Tokenizer:
+def _tokenizer_for(det: Detected | None, t5: str | None, tokenizer: str | None, prefix: str) -> Tokenizer:
     if tokenizer is not None:  # named by the user: this one (a folder or a file), or its own error
         return load_tokenizer(tokenizer)
     candidates = [t5]
@@ -86,7 +84,7 @@ def _tokenizer_for(
 
 
 def _check_text_pair(  # noqa: ANN001
-    tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT | None, tok_source, t5_source, prefix: str = "--"
+    tok: Tokenizer, text_encoder: T5Encoder, dit: AsymmDiT | None, tok_source, t5_source, prefix: str
 ) -> None:
     """The tokenizer's ids must index the T5's embedding, and the T5's width must be the DiT's text width:
     parts from different models are named here, at load, not by an index error at the first prompt."""
