@@ -15,7 +15,7 @@ from mochi.models.vae import Decoder, Encoder
 from mochi.presets import model_preset
 from mochi.weights import bundle
 from mochi.weights.bundle import is_bundle, load_bundle, load_embedded, save_bundle
-from mochi.weights.io import WeightsError, read_keys, read_metadata, save_state_dict
+from mochi.weights.io import WeightsError, read_keys, read_metadata, read_state_dict, save_state_dict
 
 
 def _parts(name: str = "test-micro", seed: int = 0) -> dict:
@@ -83,6 +83,16 @@ def test_half_storage_keeps_fp32_islands_and_loads_as_fp32(tmp_path):
     assert loaded.dit.blocks[0].attn.qkv_x.weight.dtype == torch.float32
 
 
+def test_tied_tensors_are_saved_as_copies(tmp_path):
+    """safetensors refuses tensors that share memory (API users with tied weights got its RuntimeError)."""
+    w = torch.arange(6.0).reshape(2, 3)
+    path = tmp_path / "tied.safetensors"
+    save_state_dict({"a": w, "b": w, "c": w.t(), "d": w[1]}, path)
+    got = read_state_dict(path)
+    assert torch.equal(got["a"], w) and torch.equal(got["b"], w)
+    assert torch.equal(got["c"], w.t()) and torch.equal(got["d"], w[1])
+
+
 def test_not_a_bundle(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_state_dict({"x": torch.zeros(2)}, plain)
@@ -99,8 +109,6 @@ def test_not_a_bundle(tmp_path):
 def test_strict_loading_names_the_missing_key(tmp_path):
     path = tmp_path / "micro.safetensors"
     save_bundle(_parts(), path)
-    from mochi.weights.io import read_state_dict
-
     sd = read_state_dict(path)
     del sd["decoder.output_proj.weight"]
     broken = tmp_path / "broken.safetensors"

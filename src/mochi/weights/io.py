@@ -206,8 +206,15 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temporary file, then rename). Tensors are made contiguous, and
-    the header's metadata is written in sorted key order, so that equal inputs give equal bytes."""
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    the header's metadata is written in sorted key order, so that equal inputs give equal bytes. Tensors
+    that share memory (tied weights) are written once each, as copies: safetensors refuses shared ones."""
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().contiguous()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
         if metadata and len(metadata) > 1:
