@@ -419,6 +419,13 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     # A LoRA-merged fit without --out replaced the model's own coefficient file (the embedded model's too).
     assert main(["calibrate-cache", "--lora", str(tmp_path / "any.safetensors")]) == 2
     assert "without --out it would replace the model's own coefficient file" in capsys.readouterr().err
+    # So did a fit of the quantized DiT, read after by unquantized runs too: refused, --out names the file.
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    assert main(["calibrate-cache", "--model", str(tmp_path / "m.safetensors"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize int8: the fit is of the quantized DiT, and without --out it would replace" in err
+    assert f"or --out {tmp_path / 'm.teacache.json'} to make it the model's fit" in err
+    (tmp_path / "m.safetensors").unlink()
     assert main(["calibrate-cache", "--prompt", "a cat", "--prompt", " ", "--out", str(out)]) == 2
     assert "--prompt: is blank (only whitespace); describe what the video shows" in capsys.readouterr().err
     # Without --out the embedded model's packaged fit was replaced (by name, or by its file's path).

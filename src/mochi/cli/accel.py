@@ -99,7 +99,7 @@ def _add_calibrate(sub: Subparsers) -> None:
         "--out",
         metavar="FILE.json",
         help="where to write (default: beside the model; needed for the embedded model, whose packaged fit "
-        "it would replace)",
+        "it would replace, and with --lora or --quantize)",
     )
     p.set_defaults(run=_run_calibrate)
 
@@ -143,6 +143,16 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             "without --out the fit would replace the embedded model's packaged coefficient file (used by "
             "every --cache teacache run of the embedded model); give --out FILE.json and pass that file "
             "with --cache-coefficients"
+        )
+    elif args.quantize:
+        # A fit of the quantized DiT would become the model's own, read by every later --cache teacache
+        # run of it, quantized or not; writing it there is the user's call, so ask for the file by name.
+        own = coefficients_path(args.model)
+        raise ValueError(
+            f"--quantize {args.quantize}: the fit is of the quantized DiT, and without --out it would "
+            "replace the model's own coefficient file (used by every later --cache teacache run, unquantized "
+            f"ones too); give --out FILE.json and pass it with --cache-coefficients, or --out {own} to make "
+            "it the model's fit"
         )
     else:
         out = coefficients_path(args.model)
