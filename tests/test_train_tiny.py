@@ -50,9 +50,12 @@ from mochi.train.train_vae import (
     contrast,
     foreground_weights,
     lr_at,
+    separation_loss,
     to_pixels,
     train_vae,
+    twin_specs,
     vae_batch,
+    vae_twins,
 )
 from mochi.weights.bundle import bundle_config, load_bundle
 from mochi.weights.io import read_state_dict
@@ -634,6 +637,68 @@ def test_vae_heldout_pixels_draw_held_out_compositions_only_when_set():
     assert not any(shapes.is_heldout(shapes.caption(shapes.spec_at(plain.seed, i))) for i in range(60))
 
 
+def test_twins_change_the_shape_only_and_keep_held_out_compositions_out():
+    """A twin is its clip with another shape (colour, place, motion, background kept), rendered in the
+    clip's window; without ``heldout_pixels`` no twin is a held-out composition, and a clip whose every
+    other shape would be one has none."""
+    recipe = replace(VAE, batch=4, steps=50)
+    clips = twins = 0
+    for step in range(40):
+        specs = batch_specs(recipe, step)
+        for spec, twin in zip(specs, twin_specs(recipe, step), strict=True):
+            clips += 1
+            if twin is None:
+                assert all(
+                    shapes.is_heldout(shapes.caption(replace(spec, shape=s)))
+                    for s in shapes.DEFAULT_VOCAB.shapes
+                    if s != spec.shape
+                )
+                continue
+            twins += 1
+            assert twin.shape != spec.shape and replace(twin, shape=spec.shape) == spec
+            assert not shapes.is_heldout(shapes.caption(twin))
+    assert twins > 0.7 * clips
+    held = replace(recipe, heldout_pixels=True)
+    assert all(t is not None for step in range(10) for t in twin_specs(held, step))
+    step = next(s for s in range(40) if None not in twin_specs(recipe, s))
+    pixels, empty, keep = vae_twins(recipe, step)
+    frames, batch = recipe.frames, vae_batch(recipe, step)
+    assert keep == [0, 1, 2, 3] and pixels.shape == batch.shape == empty.shape
+    start = int(np.random.default_rng([recipe.seed, step, 7]).integers(0, recipe.clip_frames - frames + 1))
+    twin = twin_specs(recipe, step)[0]
+    video = shapes.render(twin, recipe.clip_frames, recipe.height, recipe.width)[start : start + frames]
+    assert torch.equal(pixels[0], to_pixels(video))
+    background = torch.tensor(shapes.BACKGROUNDS[twin.background]) / 127.5 - 1.0
+    assert torch.equal(empty[0], background.view(3, 1, 1, 1).expand_as(empty[0]))
+
+
+def test_separation_loss_is_the_margin_on_the_ratio_to_the_empty_background():
+    mean = torch.zeros(2, 1, 1, 1, 2)
+    empty = torch.tensor([3.0, 4.0]).view(1, 1, 1, 1, 2).expand(2, 1, 1, 1, 2)  # 5 from each clip
+    twin = torch.tensor([[0.0, 1.0], [0.0, 4.0]]).view(2, 1, 1, 1, 2)  # ratios 0.2 and 0.8
+    twin.requires_grad_(True)
+    loss, ratio = separation_loss(mean, twin, empty, 0.5)
+    assert ratio.tolist() == pytest.approx([0.2, 0.8])
+    assert float(loss.detach()) == pytest.approx((0.5 - 0.2) / 2)
+    loss.backward()
+    # Only the clip under the margin is pushed, away from its clip (the gradient of −‖twin‖/5 / 2).
+    assert twin.grad.flatten().tolist() == pytest.approx([0.0, -0.1, 0.0, 0.0])
+
+
+def test_separation_weight_trains_the_encoder_differently_and_resumes_exactly(vae_run, tmp_path):
+    """Weight 0 is the plain recipe (vae_run); a weight changes the encoder's first update (the term runs
+    in the encoder phase only) and its log line, and a run resumes bit for bit."""
+    _, plain = vae_run
+    recipe = replace(VAE, separation_weight=1.0, separation_margin=10.0, heldout_pixels=True)
+    lines = []
+    separated = train_vae(tmp_path / "a", PRESET, recipe, log=lines.append)
+    assert not torch.equal(plain["encoder"]["layers.0.weight"], separated["encoder"]["layers.0.weight"])
+    assert " sep " in lines[0] and " sep " not in lines[-1]
+    with pytest.raises(Interrupted):
+        train_vae(tmp_path / "b", PRESET, recipe, log=_interrupt_at("vae step 2/"))
+    _assert_same(separated, train_vae(tmp_path / "b", PRESET, recipe, log=lambda line: None))
+
+
 def test_latent_object_mask_marks_the_object_per_latent_frame_and_block():
     video = np.full((13, 16, 16, 3), shapes.BACKGROUNDS["black"], np.uint8)
     video[0, 0:2, 8:10] = 255  # frame 0: latent frame 0, block (0, 1)
@@ -762,6 +827,8 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
     assert seen["r"] == replace(VAERecipe(), contrast_power=1.0, contrast_steps=1000)
     main(["vae", "--out", str(tmp_path), "--seed", "4"])
     assert seen["r"] == replace(VAERecipe(), seed=4)
+    main(["vae", "--out", str(tmp_path), "--separation-weight", "0.5", "--separation-margin", "0.4"])
+    assert seen["r"] == replace(VAERecipe(), separation_weight=0.5, separation_margin=0.4)
     for argv, message in (
         (["vae", "--seed", "-2"], "--seed must be 0 or more, got -2"),
         (["decoder", "--seed", "4"], "--seed is an option of the vae and dit stages"),
@@ -773,6 +840,12 @@ def test_tiny_cli_passes_the_early_foreground_weight_to_the_vae_recipe(tmp_path,
             "--contrast-steps needs --contrast-power P (P > 0)",
         ),
         (["vae", "--checkpoint-every", "0"], "--checkpoint-every must be 1 or more, got 0"),
+        (["vae", "--separation-margin", "0.4"], "--separation-margin needs --separation-weight W (W > 0)"),
+        (
+            ["vae", "--separation-weight", "1", "--separation-margin", "0"],
+            "--separation-margin must be above 0",
+        ),
+        (["dit", "--separation-weight", "1"], "--separation-weight is an option of the vae stage"),
         (["vae", "--early-foreground-weight", "-1"], "--early-foreground-weight must be 0 or more, got -1.0"),
         (["vae", "--early-foreground-weight", "nan"], "--early-foreground-weight must be 0 or more, got nan"),
         (["vae", "--object-weight", "3"], "--object-weight is an option of the dit stage"),

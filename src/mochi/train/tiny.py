@@ -76,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         help="vae: weight the object's pixels 1 + W times in the joint and decoder-only phases too (0 = off)",
     )
     parser.add_argument(
+        "--separation-weight",
+        type=float,
+        help="vae: weight of the shape-separation margin in the encoder phase (0 = off; each clip is "
+        "rendered again with another shape and their latents held apart)",
+    )
+    parser.add_argument(
+        "--separation-margin",
+        type=float,
+        help="vae: the least distance between a clip's latent and its twin's, relative to the clip's "
+        "distance from its empty background (default 0.5)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         help="vae, dit: the stage's seed (initial weights, clips, noise; default: the recipe's, 1 for the "
@@ -193,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         ("early_foreground_weight", ("vae",), lambda v: v >= 0, "be 0 or more"),
         ("contrast_power", ("vae", "decoder", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("contrast_steps", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("separation_weight", ("vae",), lambda v: v >= 0, "be 0 or more"),
+        ("separation_margin", ("vae",), lambda v: v > 0, "be above 0"),
         ("seed", ("vae", "dit"), lambda v: v >= 0, "be 0 or more"),
         ("refine_share", ("decoder",), lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]"),
         ("refine_sigma", ("decoder",), lambda v: 0.0 < v <= 1.0, "lie in (0, 1]"),
@@ -213,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     if overrides.get("contrast_steps") is not None and not overrides.get("contrast_power"):
         parser.error("--contrast-steps needs --contrast-power P (P > 0): it ends that weighting")
+    if overrides.get("separation_margin") is not None and not overrides.get("separation_weight"):
+        parser.error("--separation-margin needs --separation-weight W (W > 0): it sets that term's margin")
     if (args.focus is None) != (args.focus_share is None):
         parser.error(
             "--focus COLOR:SHAPE and --focus-share S go together, e.g. --focus green:triangle "
