@@ -224,6 +224,31 @@ def test_reload_mid_job_reattaches_and_shows_the_preview(tab, server):
     assert tab.locator("#preview").is_hidden()
 
 
+def test_the_queue_stays_put_while_the_preview_and_the_video_come_and_go(tab, server):
+    """The preview and the video sized the box above the queue (an empty player 120 px high, a preview as
+    high as its shape made it at full width): the table jumped when a preview arrived or a video replaced
+    it, and a click on a queue button landed beside it when that happened under the pointer."""
+
+    def queue_top() -> float:
+        return tab.evaluate("document.getElementById('queue').getBoundingClientRect().top")
+
+    empty = queue_top()
+    hold(server, tab, "a job whose preview arrives " + "and a long prompt " * 12)
+    tab.wait_for_function(
+        "(() => { const i = document.getElementById('preview');"
+        " return !i.hidden && i.complete && i.naturalWidth; })()"
+    )
+    assert tab.locator("#shown").text_content().startswith("preview, step 1:")
+    assert queue_top() == empty
+    server.jobs.pipeline.gate.set()
+    wait_status(tab, "done")
+    tab.wait_for_function(
+        "(() => { const v = document.getElementById('video'); return !v.hidden && v.readyState >= 2; })()"
+    )
+    assert not tab.locator("#download").is_hidden()
+    assert queue_top() == empty
+
+
 def test_two_tabs_see_one_queue_and_either_cancels(tab, context, server):
     hold(server, tab, "a job both tabs see")
     other = open_tab(context, server)
@@ -621,7 +646,8 @@ def press_on(tab, target, tries: int = 5) -> None:
     press lands on ``target``, each miss released over the header (a click there does nothing)."""
     tab.evaluate(
         "window.pressed = null; if (!window.watching) { window.watching = true;"
-        " document.addEventListener('mousedown', (e) => { window.pressed = e.target; }, true); }"
+        " document.addEventListener('mousedown', (e) => { window.pressed = e.target; }, true);"
+        " document.addEventListener('mouseup', (e) => { window.released = e.target; }, true); }"
     )
     for _ in range(tries):
         target.hover()
@@ -631,6 +657,16 @@ def press_on(tab, target, tries: int = 5) -> None:
         tab.mouse.move(5, 5)
         tab.mouse.up()
     raise AssertionError(f"the press never landed on {target} in {tries} tries")
+
+
+def release_on(tab, target) -> None:
+    """Release the held mouse button over ``target`` wherever it is now, and check that the release landed
+    on it (a miss is a layout that moved under the pointer, not a lost click: said so)."""
+    box = target.bounding_box()
+    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tab.mouse.up()
+    landed = tab.evaluate("window.released && window.released.outerHTML.slice(0, 80)")
+    assert target.evaluate("(b) => window.released === b"), f"the release landed on {landed}, not on {target}"
 
 
 def test_a_slow_click_on_a_queue_button_survives_queue_updates(tab, server):
@@ -653,11 +689,7 @@ def test_a_slow_click_on_a_queue_button_survives_queue_updates(tab, server):
     for i in range(2):  # other clients' jobs: queue updates while the button is held
         assert call_json("POST", f"{server.url}/api/jobs", {"prompt": f"other {i}", "steps": 1})[0] == 202
         tab.wait_for_function(f"document.querySelectorAll('#queue tr').length >= {i + 3}")
-    # Released over the button wherever it is now: content above the queue (a late preview, a status
-    # line) may have moved it under a still pointer on a loaded machine, which is not what is tested here.
-    box = button.bounding_box()
-    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    tab.mouse.up()
+    release_on(tab, button)
     until(tab, lambda: waiting.status == "cancelled")
 
 
@@ -681,7 +713,5 @@ def test_a_held_click_survives_another_client_cancelling_a_job_above_it(tab, ser
     tab.wait_for_function(
         f"document.querySelector(\"#queue tr[data-id='{above['id']}']\").sectionRowIndex === 2"
     )
-    box = tab.locator(f"{row} button", has_text="cancel").bounding_box()
-    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    tab.mouse.up()
+    release_on(tab, tab.locator(f"{row} button", has_text="cancel"))
     until(tab, lambda: held.status == "cancelled")
