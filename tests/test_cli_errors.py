@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import mochi.errors
 import mochi.pipeline
-from mochi.cli import main
+from mochi.cli import build_parser, main
 from mochi.errors import OutputError, write_errors
 from mochi.files import atomic_write_bytes
 from mochi.train import shapes
@@ -464,7 +464,7 @@ import torch
 import mochi.pipeline
 from tests.test_pipeline import tiny_components
 mochi.pipeline.load_components = lambda *a, **k: tiny_components()
-from mochi.cli import main
+from mochi.cli import build_parser, main
 from mochi.train.lora_state import save_state
 resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 results = []
@@ -727,3 +727,27 @@ def test_the_python_api_names_its_arguments_and_the_cli_its_flags(tmp_path, caps
     ):
         mochi.pipeline.MochiPipeline.from_pretrained(vae=str(tmp_path))
     _one_line(capsys, main(["serve", "--model", missing]), f"--model {missing!r} does not exist")
+
+
+def test_a_value_that_starts_with_a_minus_and_a_digit_reaches_its_options_own_check(capsys):
+    """argparse takes only a plain negative number as a value: `--gpu-memory -5GB` was "expected one
+    argument" (the value read as an unknown option) instead of the size's own message."""
+    from mochi.cli.options import dashed_values
+
+    code = main(["plan", "--gpu-memory", "-5GB"])
+    _one_line(capsys, code, "--gpu-memory '-5GB' is negative: a size counts up from 0 (5GB?)")
+    code = main(["plan", "--gpu-memory=-x"])
+    _one_line(capsys, code, "--gpu-memory '-x' is not understood; write it like 10GB, 500MB or 20000")
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a prompt", "--guidance", "-1.5x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --guidance: invalid finite_float value: '-1.5x'" in err, err
+    options = build_parser()._subparsers._group_actions[0].choices["plan"]._option_string_actions
+    # Only a value-taking option's next word, only '-' then a digit or a point, never past '--'.
+    assert dashed_values(["--gpu-memory", "-.5GB", "--all-blocks", "-1"], options) == [
+        "--gpu-memory=-.5GB",
+        "--all-blocks",
+        "-1",
+    ]
+    assert dashed_values(["--gpu-memory", "--device", "-1"], options) == ["--gpu-memory", "--device=-1"]
+    assert dashed_values(["--", "--gpu-memory", "-5GB"], options) == ["--", "--gpu-memory", "-5GB"]

@@ -64,6 +64,14 @@ def parse_size(text: str, name: str = "size", budget: bool = False) -> int:
             f"{name} {text!r} is not understood: units end in B (powers of 1000); nearest valid: "
             f"{short.group(1)}{short.group(2)}B"
         )
+    unsigned = text.strip()[1:]
+    if text.strip().startswith("-") and unsigned:
+        try:
+            parse_size(unsigned, name, budget)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"{name} {text!r} is negative: a size counts up from 0 ({unsigned}?)")
     raise ValueError(f"{name} {text!r} is not understood; write it like 10GB, 500MB or 20000")
 
 

@@ -32,9 +32,10 @@ COMMAND_MODULES = (generate, plan, serve, lora, weights, accel)
 
 class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's signature
-        from mochi.cli.options import bare_offload  # a bare --offload leaves the prompt alone
+        from mochi.cli.options import bare_offload, dashed_values
 
-        argv, self._freed = bare_offload(sys.argv[1:] if args is None else args)
+        argv = dashed_values(sys.argv[1:] if args is None else args, self._option_string_actions)
+        argv, self._freed = bare_offload(argv)  # a bare --offload leaves the prompt alone
         return super().parse_known_args(argv, namespace)
 
     def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's signature

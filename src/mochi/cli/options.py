@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 
 Subparsers = argparse._SubParsersAction
@@ -61,6 +62,32 @@ def add_dit_options(p: argparse.ArgumentParser) -> None:
         help="model (the default when given alone: each model on the GPU only for its stage), blocks or "
         "blocks:N (stream DiT blocks and T5 layers from pinned host memory, N DiT blocks resident), none",
     )
+
+
+def dashed_values(argv: Sequence[str], options: dict[str, argparse.Action]) -> list[str]:
+    """``argv`` with a value that starts with '-' and a digit joined to its option (``--gpu-memory -5GB``
+    becomes ``--gpu-memory=-5GB``).
+
+    argparse takes only a plain negative number for a value: ``-5GB`` or ``-1e-3x`` looked like an unknown
+    option and the error was "expected one argument", instead of the option's own message on the value.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return out + list(argv[i:])
+        action = options.get(word)
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if action is not None and action.nargs is None and value is not None and _DASHED.match(value):
+            out.append(f"{word}={value}")
+            i += 2
+        else:
+            out.append(word)
+            i += 1
+    return out
+
+
+_DASHED = re.compile(r"-\.?[0-9]")
 
 
 def bare_offload(argv: Sequence[str]) -> tuple[list[str], list[str]]:
