@@ -699,6 +699,28 @@ def test_separation_weight_trains_the_encoder_differently_and_resumes_exactly(va
     _assert_same(separated, train_vae(tmp_path / "b", PRESET, recipe, log=lambda line: None))
 
 
+def test_the_separation_term_encodes_each_empty_background_once(tmp_path, monkeypatch):
+    """The empty backgrounds (the ratio's denominator, no gradient) are encoded once each, two at most, not
+    once per clip."""
+    recipe = replace(
+        VAE, batch=6, encoder_steps=2, separation_weight=1.0, separation_margin=10.0, heldout_pixels=True
+    )
+    unweighed, forward = [], Encoder.forward
+
+    def counted(self, x):
+        if not torch.is_grad_enabled():
+            unweighed.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(Encoder, "forward", counted)
+    train_vae(tmp_path, PRESET, recipe, log=lambda line: None)
+    # One encoding of the backgrounds per encoder step, each of its clips' backgrounds once; then the frozen
+    # encoder's steps (the decoder phase), one encoding of the batch each.
+    seen = [len({twin.background for twin in twin_specs(recipe, step)}) for step in range(2)]
+    assert unweighed[:2] == seen and max(seen) <= len(shapes.BACKGROUNDS)
+    assert unweighed[2:] == [recipe.batch] * (recipe.steps + recipe.decoder_steps + recipe.tune_steps - 2)
+
+
 def test_latent_object_mask_marks_the_object_per_latent_frame_and_block():
     video = np.full((13, 16, 16, 3), shapes.BACKGROUNDS["black"], np.uint8)
     video[0, 0:2, 8:10] = 255  # frame 0: latent frame 0, block (0, 1)

@@ -306,8 +306,9 @@ def train_vae(out: str | Path, preset: ModelPreset, recipe: VAERecipe = VAERecip
             twins, empty, keep = vae_twins(recipe, step)
             if keep:
                 twin_mean, _ = encoder(twins)
-                with torch.no_grad():
-                    empty_mean, _ = encoder(empty)
+                with torch.no_grad():  # each background once (two at most), not once per clip
+                    unique, which = torch.unique(empty.flatten(1), dim=0, return_inverse=True)
+                    empty_mean = encoder(unique.view(-1, *empty.shape[1:]))[0][which]
                 sep, ratio = separation_loss(mean[keep], twin_mean, empty_mean, recipe.separation_margin)
                 loss = loss + recipe.separation_weight * sep
                 seps += (float(sep.detach()), float(ratio.min()), 1)
