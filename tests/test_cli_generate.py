@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,25 @@ def test_generate_draws_and_records_a_seed(tiny, tmp_path, monkeypatch):
     (video,) = tmp_path.glob("*.mp4")
     meta = json.loads(video.with_suffix(".json").read_text())
     assert video.name == f"a-blue-square-{meta['seed']}.mp4"
+
+
+def test_out_may_name_a_folder_for_the_default_name(tiny, tmp_path, monkeypatch, capsys):
+    """`--out videos/` (or an existing folder, with or without the slash) writes PROMPT-SEED.mp4 in it;
+    a missing folder is refused before the model loads, and a name without a suffix says both ways."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "videos").mkdir()
+    for given in ("videos", "videos/", str(tmp_path / "videos")):
+        assert main(["generate", "A Blue Square!", "--steps", "1", "--seed", "5", "--out", given]) == 0
+        assert f"wrote {Path(given) / 'a-blue-square-5.mp4'} (" in capsys.readouterr().out
+        assert (tmp_path / "videos" / "a-blue-square-5.json").is_file()
+        (tmp_path / "videos" / "a-blue-square-5.json").unlink()
+        (tmp_path / "videos" / "a-blue-square-5.mp4").unlink()
+    assert main(["generate", "x", "--out", "missing/"]) == 2
+    assert "folder 'missing' does not exist" in capsys.readouterr().err
+    assert main(["generate", "x", "--out", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "output 'clip' must end in one of .mp4, .mov, .mkv; e.g. clip.mp4, or clip/ for a folder" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["videos"]
 
 
 def test_video_to_video(tiny, tmp_path):

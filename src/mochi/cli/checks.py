@@ -21,8 +21,9 @@ def check_output(out: Path, init_video: str | None = None) -> None:
     from mochi.video import CONTAINERS
 
     if out.suffix.lower() not in CONTAINERS:
+        folder = f", or {out}/ for a folder" if not out.suffix else ""
         raise ValueError(
-            f"output {str(out)!r} must end in one of {', '.join(CONTAINERS)}; e.g. {out.stem}.mp4"
+            f"output {str(out)!r} must end in one of {', '.join(CONTAINERS)}; e.g. {out.stem}.mp4{folder}"
         )
     if out.is_dir():
         raise ValueError(f"output {str(out)!r} is a folder; give a file name such as {out / 'video.mp4'}")

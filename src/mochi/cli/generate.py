@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from mochi.cli.accel import add_cache_options, apply_cache_options
 from mochi.cli.checks import check_generate, check_output, read_init_video
@@ -66,11 +68,27 @@ def _add_generate(sub: Subparsers) -> None:
     p.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this clip")
     p.add_argument("--strength", type=float, help="video-to-video: how much to change, (0-1] (0.7)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the written video, 0.1-1000 (30)")
-    p.add_argument("--out", metavar="FILE.mp4", help="output video (default: PROMPT-SEED.mp4 here)")
+    p.add_argument(
+        "--out",
+        metavar="FILE.mp4",
+        help="output video, or a folder (an existing one, or a path ending in /) to write PROMPT-SEED.mp4 "
+        "in (default: PROMPT-SEED.mp4 here)",
+    )
     add_lora_options(p)
     add_cache_options(p)
     add_parallel_options(p)
     p.set_defaults(run=_run_generate)
+
+
+def output_path(given: str | None, prompt: str, seed: int) -> Path:
+    """``--out``: a file, else a folder (an existing one, or a path ending in a separator) to write the
+    default name in, PROMPT-SEED.mp4 (the prompt's words, lowercased, joined by '-')."""
+    name = f"{_slug(prompt)}-{seed}.mp4"
+    if not given:
+        return Path(name)
+    if Path(given).is_dir() or given.endswith(("/", os.sep)):
+        return Path(given) / name
+    return Path(given)
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -81,7 +99,6 @@ def _slug(text: str, limit: int = 48) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     import secrets
     import time
-    from pathlib import Path
 
     from mochi.request import GenerationRequest, check_prompt, check_seed
 
@@ -115,7 +132,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         cache_threshold=args.cache_threshold,
     )
     request.validate()
-    out = Path(args.out) if args.out else Path(f"{_slug(args.prompt)}-{seed}.mp4")
+    out = output_path(args.out, args.prompt, seed)
     problem = None
     if main:  # the output is rank 0's to write; on several nodes its folder may exist on rank 0's alone
         try:
