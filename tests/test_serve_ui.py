@@ -249,6 +249,41 @@ def test_the_queue_stays_put_while_the_preview_and_the_video_come_and_go(tab, se
     assert queue_top() == empty
 
 
+def test_a_job_followed_while_the_queue_stands_still_gets_its_buttons_at_once(tab, server):
+    """A row's buttons depend on whether the page follows its job, but were made again only at the next
+    queue snapshot: when the snapshot with a new job came before the page's submission returned and the
+    queue then stood still (the worker held), the row kept a "follow" button for the job the page followed
+    (the wait for it timed out in a loaded full run)."""
+
+    def after_the_snapshot(route):  # the reply reaches the page a second after the job is on the server
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        response = route.fetch()
+        time.sleep(1)
+        route.fulfill(response=response)
+
+    hold(server, tab, "runs on")
+    wait_status(tab, "denoising 1/3")
+    tab.route("**/api/jobs", after_the_snapshot)
+    try:
+        tab.fill("#prompt", "followed late")
+        tab.click("#generate")
+        until(tab, lambda: any(j.status == "queued" for j in server.jobs.jobs()))
+        job = next(j for j in server.jobs.jobs() if j.status == "queued")
+        row = f"#queue tr[data-id='{job.id}']"
+        tab.wait_for_function(
+            f'document.querySelector("{row}")?.dataset.offer === "queued true"', timeout=10_000
+        )
+        assert tab.locator(f"{row} button").all_text_contents() == ["cancel", "reuse", "seed"]
+        # The running job, no longer followed, offers "follow" again.
+        running = next(j for j in server.jobs.jobs() if j.status == "running")
+        buttons = tab.locator(f"#queue tr[data-id='{running.id}'] button").all_text_contents()
+        assert buttons == ["cancel", "follow", "reuse", "seed"]
+    finally:
+        tab.unroute("**/api/jobs")
+
+
 def test_two_tabs_see_one_queue_and_either_cancels(tab, context, server):
     hold(server, tab, "a job both tabs see")
     other = open_tab(context, server)
