@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from measure import at_least, measure, ratio_line, reexec_with_mmap_malloc
@@ -102,6 +103,28 @@ def build(args: argparse.Namespace, folder: Path):
     return ours, theirs
 
 
+def timed_stages(pipe) -> dict[str, float]:
+    """Wrap diffusers' pipeline so that its runs add their seconds per stage into the dict returned: text
+    (``encode_prompt``), denoise (every transformer call), decode (``vae.decode``); the rest of a run
+    (scheduler, latents, post-processing) is what the whole run took beyond them."""
+    seconds = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+
+    def timed(stage, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[stage] += time.perf_counter() - start
+
+        return run
+
+    pipe.encode_prompt = timed("text", pipe.encode_prompt)
+    pipe.transformer.forward = timed("denoise", pipe.transformer.forward)
+    pipe.vae.decode = timed("decode", pipe.vae.decode)
+    return seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dit", default="small", choices=sorted(DIT_PRESETS), help="DiT preset (not the 10B one)")
@@ -150,7 +173,17 @@ def main() -> None:
     )
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(ratio_line("end to end (fp32, CPU)", (t_o, m_o), (t_t, m_t)))
-    print("ours per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in out_o.seconds.items()))
+    # Per stage: one more run of each, diffusers' with its stages timed (ours records its own).
+    stages = timed_stages(theirs)
+    started = time.perf_counter()
+    run_theirs()
+    stages["other"] = time.perf_counter() - started - sum(stages.values())
+    ours_stages = run_ours().seconds
+    print("per stage (s), ours / diffusers:")
+    for stage in ("text", "denoise", "decode"):
+        o, t = ours_stages.get(stage, 0.0), stages[stage]
+        print(f"  {stage:8s} {o:7.2f} / {t:7.2f}  ({t / o:.2f}x)" if o else f"  {stage:8s} - / {t:7.2f}")
+    print(f"  other    {'':7s}   {stages['other']:7.2f}  (diffusers: scheduler, latents, post-processing)")
     # Reported for the record, not asserted. Diffusers encodes "" as one end token where Genmo (and we) use
     # zero tokens, so guided latents differ by design; unguided ones agree up to rounding.
     theirs_latents = run_theirs("latent")
