@@ -52,6 +52,31 @@ def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, model, capsys
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize(
+    ("src", "dst", "to", "there"),
+    [
+        ("g", "g", "diffusers", "genmo"),  # a folder into itself, as the other layout
+        ("d", "d", "genmo", "diffusers"),
+        ("aio.safetensors", "d", "genmo", "diffusers"),  # into a folder that holds another checkpoint
+    ],
+)
+def test_a_folder_is_never_given_a_second_layout(tmp_path, model, capsys, src, dst, to, there, overwrite):
+    """A folder converted into itself as the other layout (or into a folder holding another checkpoint)
+    held two layouts without a word, of which a load reads one."""
+    write_genmo(tmp_path / "g", model)
+    write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, out, err = _run(capsys, "convert", tmp_path / src, tmp_path / dst, "--to", to, *overwrite)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"DST {str(tmp_path / dst)!r} already holds a checkpoint ({there}" in err
+    assert f"choose a new or empty folder, e.g. {str(tmp_path / (dst + '-' + to))!r}" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # The same layout again is what --overwrite is for.
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers", "--overwrite")[0] == 0
+
+
 def test_every_output_is_checked_before_the_first_is_written(tmp_path, model, capsys):
     src = write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
     out = tmp_path / "out"

@@ -101,6 +101,7 @@ def convert(
         )
     outputs = _outputs(det, dst, to, parts)
     _check_outputs(outputs, det, overwrite)
+    _refuse_mixed_layouts(dst, to)
     # Each output is written whole (temporary, then renamed); should a later part fail (a VAE that is not
     # the released size has no diffusers config), the ones this call created are taken away again, so a
     # failed conversion leaves no half of a model behind.
@@ -145,6 +146,23 @@ def _outputs(det: Detected, dst: Path, to: str, parts: list[str]) -> list[tuple[
         return [("dit" if "dit" in det.files else "vae", dst)]
     out = [("dit", dst / GENMO_FILES["dit"])] if "dit" in det.files else []
     return out + [(p, dst / GENMO_FILES[f"vae_{p}"]) for p in parts]
+
+
+def _refuse_mixed_layouts(dst: Path, to: str) -> None:
+    """A folder that already holds a checkpoint of another layout (the source folder itself, converted into
+    itself) would hold two, of which a load reads one: refused, whatever ``overwrite`` says."""
+    if not dst.is_dir():
+        return
+    try:
+        there = detect(dst)
+    except WeightsError:  # no checkpoint there
+        return
+    if there.format != to:
+        raise ValueError(
+            f"DST {str(dst)!r} already holds a checkpoint ({there.describe()}); writing the {to} layout "
+            f"beside it would make one folder of two layouts, of which a load reads one: choose a new or "
+            f"empty folder, e.g. {str(dst.with_name(dst.name + '-' + to))!r}"
+        )
 
 
 def _check_outputs(outputs: list[tuple[str, Path]], det: Detected, overwrite: bool) -> None:
