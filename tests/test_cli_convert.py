@@ -204,6 +204,17 @@ def test_info_describes_a_lora_file_as_one(tmp_path, capsys):
     code, out, _ = _run(capsys, "info", diffusers, "--json")
     info = json.loads(out)
     assert code == 0 and info["format"] == "lora (diffusers)" and info["alphas"] == [2.0]
+    # A layer Mochi's DiT does not have: generate and convert-lora refuse the file, so info does not
+    # suggest using it but names the layer.
+    tensors = load_file(str(lora)) | {
+        "blocks.0.attn.bogus.lora_A": torch.zeros(2, 8),
+        "blocks.0.attn.bogus.lora_B": torch.zeros(8, 2),
+    }
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    code, out, _ = _run(capsys, "info", tmp_path / "odd.safetensors", "--json")
+    info = json.loads(out)
+    assert code == 0 and "use" not in info
+    assert info["unusable"] == "1 layer(s) that Mochi's DiT does not have: blocks.0.attn.bogus"
     # Anything else keeps the model error.
     (tmp_path / "junk.safetensors").write_bytes(b"{}")
     code, _, err = _run(capsys, "info", tmp_path / "junk.safetensors")

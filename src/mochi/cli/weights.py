@@ -220,7 +220,7 @@ def _lora_info(path: str) -> dict | None:
     """What ``mochi info`` says of a LoRA file (Genmo or diffusers/PEFT), or None if it is not one."""
     import contextlib
 
-    from mochi.weights.lora import read_lora
+    from mochi.weights.lora import foreign_layers, read_lora
 
     lora = None
     with contextlib.suppress(Exception):  # anything that does not read as a LoRA keeps the model's error
@@ -246,7 +246,12 @@ def _lora_info(path: str) -> dict | None:
     }
     if fused != (count, ranks, alphas):
         out["applied as"] = f"{fused[0]} Genmo layers (q, k, v fused), ranks {fused[1]}, alphas {fused[2]}"
-    return out | {"targets": list(lora.targets), "use": f"mochi generate PROMPT --lora {path}"}
+    out["targets"] = list(lora.targets)
+    foreign = foreign_layers(lora.layers)
+    if foreign:  # generate and convert-lora refuse the file: say so here rather than suggest using it
+        shown = ", ".join(foreign[:3]) + (f", … ({len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        return out | {"unusable": f"{len(foreign)} layer(s) that Mochi's DiT does not have: {shown}"}
+    return out | {"use": f"mochi generate PROMPT --lora {path}"}
 
 
 def _add_convert(sub: Subparsers) -> None:
