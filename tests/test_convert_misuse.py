@@ -30,6 +30,23 @@ def model():
     return tiny_model()
 
 
+def _contents(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _refused(tmp_path, model, capsys, argv):
+    """A Genmo folder g, an all-in-one file aio.safetensors and g converted to diffusers in d; then
+    ``argv`` (paths relative to tmp_path) run, and refused in one line: its output and the files before."""
+    write_genmo(tmp_path / "g", model)
+    write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
+    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
+    before = _contents(tmp_path)
+    paths = {1, 2}  # SRC and DST
+    code, out, err = _run(capsys, *[tmp_path / a if i in paths else a for i, a in enumerate(argv)])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    return code, out, err, before
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 @pytest.mark.parametrize(
     ("src", "dst", "to"),
@@ -42,14 +59,9 @@ def model():
     ],
 )
 def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, model, capsys, src, dst, to, overwrite):
-    write_genmo(tmp_path / "g", model)
-    write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
-    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    code, out, err = _run(capsys, "convert", tmp_path / src, tmp_path / dst, "--to", to, *overwrite)
-    assert code == 2 and out == "" and err.count("\n") == 1
+    code, out, err, before = _refused(tmp_path, model, capsys, ["convert", src, dst, "--to", to, *overwrite])
     assert "would replace the source" in err and "--overwrite does not allow this" in err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert _contents(tmp_path) == before
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
@@ -64,15 +76,10 @@ def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, model, capsys
 def test_a_folder_is_never_given_a_second_layout(tmp_path, model, capsys, src, dst, to, there, overwrite):
     """A folder converted into itself as the other layout (or into a folder holding another checkpoint)
     held two layouts without a word, of which a load reads one."""
-    write_genmo(tmp_path / "g", model)
-    write_fp8_scaled(tmp_path / "aio.safetensors", model, layout="new")
-    assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers")[0] == 0
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    code, out, err = _run(capsys, "convert", tmp_path / src, tmp_path / dst, "--to", to, *overwrite)
-    assert code == 2 and out == "" and err.count("\n") == 1
+    code, out, err, before = _refused(tmp_path, model, capsys, ["convert", src, dst, "--to", to, *overwrite])
     assert f"DST {str(tmp_path / dst)!r} already holds a checkpoint ({there}" in err
     assert f"choose a new or empty folder, e.g. {str(tmp_path / (dst + '-' + to))!r}" in err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert _contents(tmp_path) == before
     # The same layout again is what --overwrite is for.
     assert _run(capsys, "convert", tmp_path / "g", tmp_path / "d", "--to", "diffusers", "--overwrite")[0] == 0
 
