@@ -276,6 +276,7 @@ def test_a_job_followed_while_the_queue_stands_still_gets_its_buttons_at_once(ta
             f'document.querySelector("{row}")?.dataset.offer === "queued true"', timeout=10_000
         )
         assert tab.locator(f"{row} button").all_text_contents() == ["cancel", "reuse", "seed"]
+        assert "mine" in tab.get_attribute(row, "class")  # marked as this tab's job in the same redraw
         # The running job, no longer followed, offers "follow" again.
         running = next(j for j in server.jobs.jobs() if j.status == "running")
         buttons = tab.locator(f"#queue tr[data-id='{running.id}'] button").all_text_contents()
