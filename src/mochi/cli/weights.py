@@ -220,6 +220,7 @@ def _lora_info(path: str) -> dict | None:
     """What ``mochi info`` says of a LoRA file (Genmo or diffusers/PEFT), or None if it is not one."""
     import contextlib
 
+    from mochi.weights.io import listing
     from mochi.weights.lora import foreign_layers, read_lora
 
     lora = None
@@ -249,7 +250,7 @@ def _lora_info(path: str) -> dict | None:
     out["targets"] = list(lora.targets)
     foreign = foreign_layers(lora.layers)
     if foreign:  # generate and convert-lora refuse the file: say so here rather than suggest using it
-        shown = ", ".join(foreign[:3]) + (f", … ({len(foreign) - 3} more)" if len(foreign) > 3 else "")
+        shown = listing(foreign, 3)
         return out | {"unusable": f"{len(foreign)} layer(s) that Mochi's DiT does not have: {shown}"}
     return out | {"use": f"mochi generate PROMPT --lora {path}"}
 

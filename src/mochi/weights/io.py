@@ -236,7 +236,8 @@ def _sort_metadata(path: Path) -> None:
         f.write(text + b" " * (size - len(text)))
 
 
-def _listing(keys: Iterable[str], limit: int = 12) -> str:
+def listing(keys: Iterable[str], limit: int = 12) -> str:
+    """``keys`` sorted and joined by commas, the first ``limit`` of them, then how many more."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -312,9 +313,9 @@ def check_state_dict(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} mis-shaped: " + "; ".join(wrong[:8]))
     if not_float:
