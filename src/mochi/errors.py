@@ -18,7 +18,7 @@ import contextvars
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # errno values that mean "this storage cannot take the write", whatever the writer.
@@ -56,6 +56,13 @@ class Terminated(KeyboardInterrupt):
 def one_line(text: str) -> str:
     """``text`` with its lines joined, so that a message from a library never spans several lines."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def listing(keys: Iterable[str], limit: int = 12) -> str:
+    """``keys`` sorted and joined by commas, the first ``limit`` of them, then how many more."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def user_message(exc: BaseException) -> str | None:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
+from mochi.errors import listing
+
 # dtype → (integer view, mask): a value is non-finite when (bits & mask) == mask.
 _EXPONENT = {
     torch.float32: (torch.int32, 0x7F800000),
@@ -48,8 +50,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise NonFiniteError naming the tensors of ``what`` (e.g. "LoRA 'x.safetensors'") that hold NaN/inf."""
     bad = [name for name, t in tensors.items() if not all_finite(t)]
     if bad:
-        shown = ", ".join(bad[:5]) + (f", … ({len(bad) - 5} more)" if len(bad) > 5 else "")
         raise NonFiniteError(
-            f"{what} holds NaN or infinite values in {len(bad)} of {len(tensors)} tensors ({shown}); "
-            "it is damaged (e.g. written by a run that diverged) and cannot be used"
+            f"{what} holds NaN or infinite values in {len(bad)} of {len(tensors)} tensors "
+            f"({listing(bad, 5)}); it is damaged (e.g. written by a run that diverged) and cannot be used"
         )

@@ -220,7 +220,7 @@ def _lora_info(path: str) -> dict | None:
     """What ``mochi info`` says of a LoRA file (Genmo or diffusers/PEFT), or None if it is not one."""
     import contextlib
 
-    from mochi.weights.io import listing
+    from mochi.errors import listing
     from mochi.weights.lora import foreign_layers, read_lora
 
     lora = None

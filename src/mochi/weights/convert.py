@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mochi.errors import OutputError
+from mochi.errors import OutputError, listing
 from mochi.files import atomic_write_text, umask
 from mochi.finite import NonFiniteError, all_finite
 from mochi.weights import ggml
@@ -205,7 +205,7 @@ def _checked_dit(det: Detected, dtype: torch.dtype | None) -> dict[str, torch.Te
     check_dit_tensors(sd, det.describe())  # what would not load is not written
     bad = [k for k, t in sd.items() if t.is_floating_point() and not all_finite(t)]
     if bad:  # load refuses NaN and infinities (check_finite): the file written would not load
-        shown = ", ".join(bad[:3]) + (f", … ({len(bad) - 3} more)" if len(bad) > 3 else "")
+        shown = listing(bad, 3)
         cast = (
             f" as {str(dtype).removeprefix('torch.')} (values beyond its range overflow: "
             f"{'use --dtype bf16, or ' if dtype == torch.float16 else ''}leave --dtype out; or the source is "

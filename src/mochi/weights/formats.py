@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mochi.errors import listing
 from mochi.files import safetensors_in
 from mochi.weights.ggml import QWEIGHT
 from mochi.weights.io import (
@@ -429,9 +430,9 @@ def _detect_folder(path: Path, variant: str | None) -> Detected:
     sets = safetensors_in(path)
     if len(sets) == 1:
         return _detect_file(sets[0])
-    listing = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    held = listing((p.name for p in path.iterdir()), 8) or "nothing"
     raise WeightsError(
-        f"folder {str(path)!r} holds no recognised checkpoint (it holds: {listing}); {LOOKED_FOR}"
+        f"folder {str(path)!r} holds no recognised checkpoint (it holds: {held}); {LOOKED_FOR}"
     )
 
 

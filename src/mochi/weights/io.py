@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mochi.errors import MochiError, one_line
+from mochi.errors import MochiError, listing, one_line
 from mochi.files import atomic_path, safetensors_in
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -234,13 +234,6 @@ def _sort_metadata(path: Path) -> None:
             return
         f.seek(8)
         f.write(text + b" " * (size - len(text)))
-
-
-def listing(keys: Iterable[str], limit: int = 12) -> str:
-    """``keys`` sorted and joined by commas, the first ``limit`` of them, then how many more."""
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def json_object(text: str | bytes, where: str) -> dict:
