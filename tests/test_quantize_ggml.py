@@ -270,8 +270,46 @@ def test_convert_quantize_bad_input(tmp_path, sd, capsys):
     out = tmp_path / "q4.safetensors"
     assert main(["convert", str(q8), str(out), "--to", "genmo", "--quantize", "q4_0"]) == 0
     text = capsys.readouterr().out
-    assert "is already quantized (gguf Q8_0); its weights are dequantized and quantized again to q4_0" in text
+    assert (
+        "is already quantized (gguf Q8_0); its weights are dequantized (in fp32) and quantized again to q4_0"
+        in text
+    )
     assert detect(out).quant["dit"] == "gguf Q4_0"
+
+
+@pytest.mark.parametrize("rest", [torch.bfloat16, torch.float16])
+def test_requantizing_keeps_blocks_of_the_asked_type_and_widens_others_to_fp32(tmp_path, sd, capsys, rest):
+    """A Q8_0 file (its other tensors bf16, as Kijai's are) converted with --quantize q8_0 was dequantized
+    to bf16 and rounded again, changing about 3% of its bytes; to q4_0, its weights were rounded to bf16
+    before the second quantization. Now blocks of the asked type are kept byte for byte and the others are
+    dequantized in fp32."""
+    src = write_kijai(tmp_path / "q8.safetensors", sd, "Q8_0", rest)
+    stored = load_file(src)
+    layers = block_layers(sd)
+    same, other = tmp_path / "same.safetensors", tmp_path / "q4.safetensors"
+    assert main(["convert", str(src), str(same), "--to", "genmo", "--quantize", "q8_0"]) == 0
+    assert main(["convert", str(src), str(other), "--to", "genmo", "--quantize", "q4_0"]) == 0
+    text = capsys.readouterr().out
+    assert "its Q8_0 blocks are kept as they are" in text
+    assert "its weights are dequantized (in fp32) and quantized again to q4_0" in text
+    assert load_file(same).keys() == stored.keys()
+    assert all(torch.equal(t, stored[k]) for k, t in load_file(same).items())  # the same file's tensors
+    q4 = load_file(other)
+    for n in layers:
+        wide = ggml.dequantize(stored[f"{n}.Q8_0_qweight"], "Q8_0", torch.float32)
+        assert torch.equal(q4[f"{n}.Q4_0_qweight"], ggml.quantize(wide, "Q4_0"))
+    assert all(torch.equal(q4[k], t) for k, t in stored.items() if not k.endswith("_qweight"))
+    # A kept block's scale is still read: a NaN one is refused as the dequantized weight was.
+    key = f"{layers[0]}.Q8_0_qweight"
+    stored[key][0, :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # fp16 NaN (0x7E00)
+    save_file(stored, tmp_path / "bad.safetensors")
+    out = tmp_path / "bad_q8.safetensors"
+    assert (
+        main(["convert", str(tmp_path / "bad.safetensors"), str(out), "--to", "genmo", "--quantize", "q8_0"])
+        == 2
+    )
+    assert f"holds NaN or infinite values in 1 of {len(stored)} tensors ({key})" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

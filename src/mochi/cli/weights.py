@@ -299,6 +299,18 @@ def _add_convert(sub: Subparsers) -> None:
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".gguf", ".sft", ".json")
 
 
+def _requantized(quant: str, kind: str) -> str:
+    """What convert --quantize KIND does to a source quantized as ``quant`` ("gguf Q8_0+Q4_0", "scaled")."""
+    kind = kind.upper()
+    kinds = quant.removeprefix("gguf ").split("+") if quant.startswith("gguf") else []
+    if kinds == [kind]:
+        return f"its {kind} blocks are kept as they are"
+    again = f"quantized again to {kind.lower()} (the two roundings add up)"
+    if kind in kinds:
+        return f"its {kind} blocks are kept as they are, its other weights dequantized (in fp32) and {again}"
+    return f"its weights are dequantized{' (in fp32)' if kinds else ''} and {again}"
+
+
 def _shard_bytes(text: str | None) -> int:
     from mochi.devices import parse_size
     from mochi.weights.convert import DEFAULT_SHARD_BYTES
@@ -339,10 +351,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise
     quant = det.quant.get("dit")
     if args.quantize and quant:
-        print(
-            f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); its weights are "
-            f"dequantized and quantized again to {args.quantize} (the two roundings add up)"
-        )
+        done = _requantized(quant, args.quantize)
+        print(f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); {done}")
     one_file = args.to == "genmo" and Path(args.dst).suffix.lower() == ".safetensors" and "dit" in det.files
     left = [c for c in det.files if c.startswith("vae_")] if one_file else []
     out = convert(

@@ -28,7 +28,7 @@ from mochi.files import atomic_write_text, umask
 from mochi.finite import NonFiniteError, all_finite
 from mochi.weights import ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
-from mochi.weights.dit import Consumed, check_dit_tensors, read_dit, shape_facts
+from mochi.weights.dit import Consumed, check_dit_tensors, read_dit, shape_facts, target_dtype
 from mochi.weights.formats import GENMO_FILES, Detected, detect
 from mochi.weights.io import WeightsError, save_state_dict
 
@@ -56,8 +56,9 @@ def convert(
     keeps its stored dtype. variant: the diffusers variant to read when ``src`` holds several. Returns the
     main path written (``dit.safetensors`` or ``transformer``; for a VAE-only source the folder, or the
     file). Converting and converting back is bit-exact when no dtype change is asked for. quantize: "q8_0"
-    or "q4_0" block-quantizes the blocks' Linear weights (Genmo output only); a quantized source (fp8, GGUF)
-    is dequantized first, then quantized again.
+    or "q4_0" block-quantizes the blocks' Linear weights (Genmo output only); a quantized source's blocks
+    of that type are kept as stored, its other quantized weights (fp8, other GGUF types) dequantized, then
+    quantized.
 
     Every output path is checked before the first is written: none may exist (unless ``overwrite``) and
     none may be, or hold, a file of ``src``. A mochi bundle is refused: see `_refuse_bundle`.
@@ -184,9 +185,12 @@ def _to_genmo(
     for kind, path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "dit":
-            sd = _checked_dit(det, dtype)
-            if quantize is not None:
-                sd = quantize_state_dict(sd, CONVERT_QUANT[quantize])
+            if quantize is None:
+                sd = _checked_dit(det, dtype)
+            else:
+                sd = quantize_state_dict(
+                    _checked_dit(det, dtype, CONVERT_QUANT[quantize]), CONVERT_QUANT[quantize]
+                )
             save_state_dict(sd, path, metadata={"format": "pt"})
         elif kind == "vae":  # a VAE-only source into one file
             tensors = {
@@ -198,12 +202,35 @@ def _to_genmo(
     return outputs[0][1] if outputs[0][0] == "dit" or len(outputs) == 1 else outputs[0][1].parent
 
 
-def _checked_dit(det: Detected, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _checked_dit(
+    det: Detected, dtype: torch.dtype | None, kind: str | None = None
+) -> dict[str, torch.Tensor]:
     """The DiT's tensors as the output gets them: fp32 islands as stored unless a dtype is asked for (so a
-    round trip keeps every dtype), refused when they would not load."""
-    sd, _ = read_dit(det, dtype=dtype, fp8="dequantize", fp32_islands=dtype is not None)
+    round trip keeps every dtype), refused when they would not load.
+
+    ``kind`` (a ggml block type about to be written): a source's blocks of that type are kept byte for byte
+    (quantizing their dequantization again would move some of them a step), and those of another type that
+    `quantize_state_dict` quantizes are dequantized in fp32, not in the file's dtype, before that."""
+    gguf = det.quant.get("dit", "").startswith("gguf")
+    sd, _ = read_dit(
+        det, dtype=dtype, fp8="keep" if kind and gguf else "dequantize", fp32_islands=dtype is not None
+    )
+    for layer, k in ggml.block_kinds(sd).items():
+        if k != kind:
+            q = sd.pop(f"{layer}.{k}_qweight")
+            shape = ggml.weight_shape(tuple(q.shape), k)
+            wide = _requantized(f"{layer}.weight", shape)
+            sd[f"{layer}.weight"] = ggml.dequantize(
+                q, k, torch.float32 if wide else target_dtype(det, dtype) or torch.bfloat16
+            )
     check_dit_tensors(sd, det.describe())  # what would not load is not written
-    bad = [k for k, t in sd.items() if t.is_floating_point() and not all_finite(t)]
+    kept = {f"{layer}.{k}_qweight": k for layer, k in ggml.block_kinds(sd).items()}
+    bad = [
+        key
+        for key, t in sd.items()
+        if (t.is_floating_point() and not all_finite(t))
+        or (key in kept and not all_finite(ggml.block_scales(t, kept[key])))
+    ]
     if bad:  # load refuses NaN and infinities (check_finite): the file written would not load
         shown = listing(bad, 3)
         cast = (
@@ -245,16 +272,21 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], kind: str) -> dict[str, tor
     out = {}
     for key in list(sd):
         t = sd.pop(key)
-        if (
-            key.startswith("blocks.")
-            and key.endswith(".weight")
-            and t.ndim == 2
-            and t.shape[1] % ggml.BLOCK == 0
-        ):
+        if _requantized(key, tuple(t.shape)):
             out[f"{key.removesuffix('.weight')}.{kind}_qweight"] = ggml.quantize(t, kind)
         else:
             out[key] = t
     return out
+
+
+def _requantized(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether `quantize_state_dict` writes the tensor ``key`` of ``shape`` as ggml blocks."""
+    return (
+        key.startswith("blocks.")
+        and key.endswith(".weight")
+        and len(shape) == 2
+        and shape[1] % ggml.BLOCK == 0
+    )
 
 
 def save_diffusers(

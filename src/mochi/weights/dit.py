@@ -189,7 +189,7 @@ def _check_fits(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], fmt
     check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, tensors, fmt, dtypes)
 
 
-def _target_dtype(det: Detected, dtype: torch.dtype | None) -> torch.dtype | None:
+def target_dtype(det: Detected, dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype non-fp8 tensors are cast to: ``dtype``; for fp8 files by default the dtype of the rest."""
     if dtype is not None or "dit" not in det.quant:
         return dtype
@@ -224,7 +224,7 @@ def read_dit(
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r} is not a valid mode; choose one of {', '.join(FP8_MODES)}")
     _check_has_dit(det)
-    target = _target_dtype(det, dtype)
+    target = target_dtype(det, dtype)
     sd: dict[str, torch.Tensor] = {}
     stream = take is not None and streamable(det)
     for key, t in iter_genmo(det, device) if stream else iter_component(det, "dit", device):
@@ -368,7 +368,7 @@ def load_dit_quantized(
     widen = quantizer is not None and fp8 == "dequantize"
     sd, scales = read_dit(det, dtype=dtype, device=device, fp8="keep" if widen else fp8, take=quantizer)
     if widen:
-        wide = _target_dtype(det, dtype) or torch.bfloat16  # as read_dit widens them
+        wide = target_dtype(det, dtype) or torch.bfloat16  # as read_dit widens them
         for layer in list(scales):
             key = f"{layer}.weight"
             w = dequantize(sd.pop(key), scales.pop(layer), wide)
@@ -394,7 +394,7 @@ def load_dit_quantized(
     swapped = swap_in_fp8(model, in_blocks, {layer: sd[layer + ".weight"].dtype for layer in in_blocks})
     for layer in set(scales) - set(swapped):
         w = sd[layer + ".weight"]
-        sd[layer + ".weight"] = dequantize(w, scales.pop(layer), _target_dtype(det, dtype) or torch.bfloat16)
+        sd[layer + ".weight"] = dequantize(w, scales.pop(layer), target_dtype(det, dtype) or torch.bfloat16)
     for layer, scale in scales.items():
         sd[layer + ".weight_scale"] = scale.to(sd[layer + ".weight"].device)
     result = model.load_state_dict(sd, strict=not taken, assign=True)
