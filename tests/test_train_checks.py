@@ -136,3 +136,71 @@ def test_targets_have_one_order_and_each_appears_once(tmp_path):
         _check_resumable({**saved, "targets": ["proj_y", "qkv_x"]}, cfg, tmp_path)
     with pytest.raises(ValueError, match="unknown LoRA target 'bogus'"):
         lora_train.LoraTrainConfig(targets=("bogus", "qkv_x")).validate()
+
+
+def _latents(sd, f):
+    return {**sd, "mean": f(sd["mean"]), "logvar": f(sd["logvar"])}
+
+
+@pytest.mark.parametrize(
+    "edit, message, every",
+    [
+        (
+            lambda sd: {**sd, "mean": sd["mean"] * math.nan},
+            "NaN or infinite values in 1 of 3 tensors (mean)",
+            0,
+        ),
+        (
+            lambda sd: {**sd, "mean": sd["mean"].int()},
+            "mean is int32; a prepared clip holds floating point",
+            0,
+        ),
+        (lambda sd: {**sd, "text": sd["text"][0]}, "text (32,); a prepared clip holds mean and logvar", 0),
+        (lambda sd: _latents(sd, lambda t: t[:, :0]), "holds mean (12, 0, 4, 4), logvar (12, 0, 4, 4)", 0),
+        (
+            lambda sd: {**sd, "logvar": sd["logvar"][:, :1]},
+            "holds mean (12, 2, 4, 4), logvar (12, 1, 4, 4)",
+            0,
+        ),
+        (lambda sd: {**sd, "text": torch.randn(3, 17)}, "mixes text features of widths [17, 32]", 0),
+        (lambda sd: _latents(sd, lambda t: t[:, :, :3, :3]), "latents are 3x3 (height x width)", 1),
+    ],
+    ids=["nan", "int", "text-1d", "no-frames", "logvar-shape", "text-width", "odd-size"],
+)
+def test_a_malformed_prepared_clip_is_refused_before_the_run_writes(
+    data, tmp_path, monkeypatch, capsys, edit, message, every
+):
+    """Such clips failed inside the first step (IndexError, ZeroDivisionError: a traceback) after config.json
+    was written, or trained: NaN latents as a "diverged" run, a logvar broadcast, a width met steps later.
+    ``every``: edit every clip (a mix of latent sizes is refused as such), not only the last."""
+    from mochi.weights.io import read_metadata, read_state_dict
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
+    for clip in sorted(data.iterdir())[0 if every else -1 :]:
+        sd = {k: v.contiguous() for k, v in edit(read_state_dict(clip)).items()}
+        save_state_dict(sd, clip, read_metadata(clip))
+    out = tmp_path / "run"
+    argv = ["train-lora", str(data), "--out", str(out), "--rank", "2", "--steps", "4", "--sample-every", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.split("\r")[-1]
+    assert err.startswith("mochi: error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_prepared_clip_whose_settings_are_not_numbers_is_named(data, tmp_path, monkeypatch, capsys):
+    """int()'s "invalid literal for int() with base 10: 'abc'" named neither the clip nor the field."""
+    from mochi.weights.io import read_metadata, read_state_dict
+
+    monkeypatch.setattr(mochi.pipeline, "load_components", lambda *a, **k: tiny_components())
+    monkeypatch.setattr(mochi.weights.components, "load_components", lambda *a, **k: tiny_components())
+    clip = data / "clip0.safetensors"
+    save_state_dict(read_state_dict(clip), clip, {**read_metadata(clip), "frames": "abc"})
+    out = tmp_path / "run"
+    assert main(["train-lora", str(data), "--out", str(out), "--rank", "2", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "clip0.safetensors': metadata 'frames' is 'abc'; a prepared clip" in err
+    ), err
+    assert not out.exists()

@@ -29,6 +29,7 @@ import torch
 
 from mochi.errors import DISK_ERRNOS, OutputError
 from mochi.files import atomic_write_text, safetensors_in
+from mochi.finite import check_finite
 from mochi.models.tokenizer import truncations
 from mochi.request import SPATIAL_MULTIPLE, check_frames, check_multiple
 from mochi.video import UNCAPPED_SUFFIXES, UncappedContainer
@@ -308,6 +309,26 @@ def prepare_data(
     return report
 
 
+def _check_clip(file: Path, sd: dict[str, torch.Tensor]) -> None:
+    """``sd`` holds what ``prepare_data`` writes: float ``mean`` and ``logvar`` of one shape (channels, t, h,
+    w), none of them empty, and float ``text`` (tokens, width), all finite; WeightsError naming ``file``
+    otherwise (such a clip failed inside the first step, or trained on NaN as a "diverged" run)."""
+    for name in sorted(CLIP_TENSORS):
+        if not sd[name].is_floating_point():
+            raise WeightsError(
+                f"{str(file)!r}: {name} is {str(sd[name].dtype).removeprefix('torch.')}; a prepared clip "
+                "holds floating point tensors (prepare it again)"
+            )
+    mean, logvar, text = sd["mean"], sd["logvar"], sd["text"]
+    if mean.ndim != 4 or mean.numel() == 0 or logvar.shape != mean.shape or text.ndim != 2:
+        raise WeightsError(
+            f"{str(file)!r} holds mean {tuple(mean.shape)}, logvar {tuple(logvar.shape)} and text "
+            f"{tuple(text.shape)}; a prepared clip holds mean and logvar of one shape (channels, t, h, w), "
+            "none of them 0, and text (tokens, width) (prepare it again)"
+        )
+    check_finite({k: sd[k] for k in sorted(CLIP_TENSORS)}, f"prepared clip {str(file)!r}")
+
+
 @dataclass
 class Example:
     """One cached clip: raw VAE mean/logvar (12, t, h, w), T5 tokens (n, D), its caption and name."""
@@ -339,6 +360,7 @@ class LatentDataset:
             digest.update(f"{f.name}\0{meta.get('key') or _file_hash(f)}\0".encode())
             if not sd.keys() >= CLIP_TENSORS:
                 raise WeightsError(f"{str(f)!r} is not a prepared clip (needs mean, logvar and text)")
+            _check_clip(f, sd)
             self.examples.append(
                 Example(sd["mean"], sd["logvar"], sd["text"], meta.get("caption", ""), f.stem)
             )
@@ -354,12 +376,24 @@ class LatentDataset:
                 f"data folder {str(folder)!r} mixes latent shapes {sorted(shapes)}; prepare every clip "
                 "with the same --frames/--width/--height"
             )
+        widths = {e.text.shape[1] for e in self.examples}
+        if len(widths) != 1:  # other T5s: the batch failed in the DiT at the first step drawing both
+            raise ValueError(
+                f"data folder {str(folder)!r} mixes text features of widths {sorted(widths)}; prepare every "
+                "clip with the model you train"
+            )
         # Which clips, with which content: a resumed run checks that its data did not change under it.
         self.fingerprint = f"{len(files)} clips, sha256 {digest.hexdigest()[:16]}"
         self.names = [f.name for f in files]
-        self.settings = {
-            k: int(v) for k, v in read_metadata(files[0]).items() if k in ("frames", "width", "height")
-        }
+        self.settings = {}
+        for k, v in read_metadata(files[0]).items():
+            if k in ("frames", "width", "height"):
+                if not v.isdecimal():  # int() named neither the file nor the field
+                    raise WeightsError(
+                        f"{str(files[0])!r}: metadata {k!r} is {v!r}; a prepared clip records it as a whole "
+                        "number (prepare it again)"
+                    )
+                self.settings[k] = int(v)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -481,6 +481,13 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
                 f"with another model{f' ({data.model})' if data.model else ''}; run prepare-data again "
                 "with this model"
             )
+    height, width = first.mean.shape[2:]
+    if height % dit.config.patch_size or width % dit.config.patch_size:
+        raise ValueError(
+            f"the clips' latents are {height}x{width} (height x width), and this model's DiT takes multiples "
+            f"of its patch size {dit.config.patch_size}; run prepare-data again (its --width and --height, "
+            "multiples of 16, give such latents)"
+        )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     # --restart: the earlier run's files are rank 0's to remove; the other ranks start at step 0 with it.
     state = (
