@@ -755,3 +755,58 @@ def test_convert_lora_takes_an_upper_case_suffix_and_names_a_gguf_as_a_model(tmp
     (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(WeightsError, match=r"is a GGUF file, a quantized model .*; a LoRA is a .safetensors"):
         convert_lora(tmp_path / "m.gguf", tmp_path / "x.safetensors", "genmo")
+
+
+_Q = "transformer.transformer_blocks.0.attn1.to_"
+
+
+@pytest.mark.parametrize(
+    "tensors, to, message",
+    [
+        (  # q and k read inputs of other widths: torch.cat's RuntimeError, a traceback
+            {f"{_Q}q.lora_A.weight": (2, 8), f"{_Q}q.lora_B.weight": (8, 2)}
+            | {f"{_Q}k.lora_A.weight": (2, 12), f"{_Q}k.lora_B.weight": (8, 2)},
+            "genmo",
+            "attn1.to_k (in 12, out 8), transformer_blocks.0.attn1.to_q (in 8, out 8) adapt the q, k and v",
+        ),
+        (  # q and k of other output widths: fused into a qkv_x of 22 rows, written
+            {f"{_Q}q.lora_A.weight": (2, 8), f"{_Q}q.lora_B.weight": (8, 2)}
+            | {f"{_Q}k.lora_A.weight": (2, 8), f"{_Q}k.lora_B.weight": (6, 2)},
+            "genmo",
+            "attn1.to_k (in 8, out 6), transformer_blocks.0.attn1.to_q (in 8, out 8) adapt the q, k and v",
+        ),
+        (  # chunk(3) of 4 rows gave two parts: to_v was dropped, to_q and to_k written 2 rows each
+            {"blocks.0.attn.qkv_x.lora_A": (2, 8), "blocks.0.attn.qkv_x.lora_B": (4, 2)},
+            "diffusers",
+            "'blocks.0.attn.qkv_x' has B with 4 rows; its layer outputs q, k and v stacked, so B's rows must "
+            "be a multiple of 3",
+        ),
+        (  # SwiGLU's halves swapped at an odd row count: rows moved across the halves, written
+            {"blocks.0.mlp_x.w1.lora_A": (2, 8), "blocks.0.mlp_x.w1.lora_B": (5, 2)},
+            "diffusers",
+            "'blocks.0.mlp_x.w1' has B with 5 rows; its layer outputs two halves that Genmo and diffusers "
+            "store swapped, so B's rows must be a multiple of 2",
+        ),
+        (
+            {
+                "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight": (2, 8),
+                "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight": (5, 2),
+            },
+            "genmo",
+            "'transformer_blocks.0.ff.net.0.proj' has B with 5 rows; its layer outputs two halves",
+        ),
+    ],
+    ids=["qkv-inputs", "qkv-outputs", "qkv-rows", "swap-rows", "swap-rows-diffusers"],
+)
+def test_a_lora_whose_shapes_no_mochi_layer_has_is_one_line_and_not_converted(
+    tmp_path, capsys, tensors, to, message
+):
+    from mochi.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(*s, generator=g) for k, s in tensors.items()}, tmp_path / "l.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert-lora", str(tmp_path / "l.safetensors"), str(out), "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mochi: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors"]

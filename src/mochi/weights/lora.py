@@ -88,6 +88,20 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a])
 
 
+def _check_rows(name: str, layer: LoraLayer, op: str) -> None:
+    """A LoRA on a layer whose output is stacked parts (``split``: q, k and v; ``swap``: two halves that the
+    formats store in opposite order) has B rows that divide into them: chunking them otherwise dropped or
+    shifted rows, and the file was written without a word."""
+    parts = {"split": 3, "swap": 2}.get(op)
+    rows = layer.B.shape[0]
+    if parts and rows % parts:
+        what = "q, k and v stacked" if op == "split" else "two halves that Genmo and diffusers store swapped"
+        raise WeightsError(
+            f"LoRA layer {name!r} has B with {rows} rows; its layer outputs {what}, so B's rows must be a "
+            f"multiple of {parts}: the LoRA was not made for Mochi's DiT"
+        )
+
+
 def _folded(layer: LoraLayer) -> torch.Tensor:
     """B with the scaling alpha/r multiplied in (computed in fp32, stored in B's dtype)."""
     if layer.scaling == 1.0:
@@ -180,6 +194,7 @@ def to_diffusers(layers: Mapping[str, LoraLayer], depth: int | None = None) -> d
                 "(only the blocks before it have one); give the depth of the DiT the LoRA was trained for"
             )
         _, mods, op, _, _ = rule
+        _check_rows(name, layer, op)
         b = _folded(layer)
         if op == "split":
             parts = list(zip(mods, b.chunk(3, dim=0)))
@@ -232,6 +247,7 @@ def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
         if op == "split":
             pending.setdefault(head + genmo, (mods, {}))[1][rel] = layer
         else:
+            _check_rows(name, layer, op)
             b = _swap(layer.B) if op == "swap" else layer.B
             out[head + genmo] = LoraLayer(layer.A, b, layer.alpha)
     for name, (mods, parts) in pending.items():
@@ -239,6 +255,15 @@ def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
         # B of the width of those present (q, k and v are equally wide: the key map splits them in three),
         # on their shared A, so that a LoRA of one A and alpha still fuses exactly.
         present = next(iter(parts.values()))
+        if (
+            len({(p.A.shape[1], p.B.shape[0]) for p in parts.values()}) > 1
+        ):  # torch.cat failed, or fused wrong
+            head = f"transformer_blocks.{_BLOCK.match(name).group('i')}."  # q, k and v are block layers
+            shapes = ", ".join(f"{head}{m} (in {p.A.shape[1]}, out {p.B.shape[0]})" for m, p in parts.items())
+            raise WeightsError(
+                f"LoRA layers {shapes} adapt the q, k and v of one Linear of Mochi's DiT ({name}), which are "
+                "equally wide and read one input; these differ, so the LoRA was not made for Mochi's DiT"
+            )
         zero = LoraLayer(present.A, torch.zeros_like(present.B), present.alpha)
         out[name] = _fuse([parts.get(mod, zero) for mod in mods])
     return out
