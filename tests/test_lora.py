@@ -810,3 +810,23 @@ def test_a_lora_whose_shapes_no_mochi_layer_has_is_one_line_and_not_converted(
     err = capsys.readouterr().err
     assert err.startswith("mochi: error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors"]
+
+
+def test_a_genmo_lora_whose_group_has_alpha_0_converts(tmp_path, capsys):
+    """A group's first alpha of 0 beside another alpha divided by 0 (ZeroDivisionError, a traceback)."""
+    from mochi.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for target, alpha in (("qkv_x", 0.0), ("qkv_y", 2.0)):
+        sd[f"blocks.0.attn.{target}.lora_A"] = torch.randn(2, 8, generator=g)
+        sd[f"blocks.0.attn.{target}.lora_B"] = torch.randn(6, 2, generator=g)
+        sd[f"blocks.0.attn.{target}.alpha"] = torch.tensor(alpha)
+    save_file(sd, tmp_path / "l.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert-lora", str(tmp_path / "l.safetensors"), str(out), "--to", "genmo"]) == 0
+    before, after = read_lora(tmp_path / "l.safetensors").layers, read_lora(out).layers
+    for name, layer in before.items():  # the same deltas: qkv_x's is 0
+        delta = (after[name].B @ after[name].A) * after[name].scaling
+        torch.testing.assert_close(delta, (layer.B @ layer.A) * layer.scaling)
+    assert {layer.alpha for layer in after.values()} == {2.0}

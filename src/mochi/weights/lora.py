@@ -543,12 +543,17 @@ def save_lora(
         save_state_dict(to_diffusers(layers, depth), path, {"format": "pt", FOLDED_KEY: "true"})
         return path
     # Genmo's loader uses one alpha per group (qkv_x and qkv_y; proj_x and proj_y), ours one per target; a
-    # layer with another alpha than its group's first (files converted from elsewhere, or trained with
-    # per-target alphas) gets the ratio folded into its B, so both loaders compute the same delta.
+    # layer with another alpha than its group's first non-zero one (files converted from elsewhere, or trained
+    # with per-target alphas) gets the ratio folded into its B, so both loaders compute the same delta. (A
+    # group's first alpha of 0 divided by 0: ZeroDivisionError.)
     alpha: dict[str, float] = {}
+    for name, layer in layers.items():
+        group = _group(target_of(name) or name)
+        if not alpha.get(group):
+            alpha[group] = layer.alpha
     fixed: dict[str, LoraLayer] = {}
     for name, layer in layers.items():
-        want = alpha.setdefault(_group(target_of(name) or name), layer.alpha)
+        want = alpha[_group(target_of(name) or name)]
         if layer.alpha != want:
             b = (layer.B.float() * (layer.alpha / want)).to(layer.B.dtype)
             layer = LoraLayer(layer.A, b, want)
