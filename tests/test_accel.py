@@ -408,6 +408,17 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     # an --out in a missing folder or naming a folder.
     assert main(["calibrate-cache", "--runs", "3", "--seed", str(2**63 - 2), "--out", str(out)]) == 2
     assert f"so with --runs 3 it must be in [0, {2**63 - 3}]" in capsys.readouterr().err
+    # More runs than seeds: "--seed 0 ... must be in [0, -99990776627963145224191]"; a huge count ran on.
+    for runs in ("99999999999999999999999", "10001"):
+        assert main(["calibrate-cache", "--runs", runs, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        want = (
+            f"--runs {runs}: more than 10,000 uncached runs (the packaged fit used 8); nearest valid: 10000"
+        )
+        assert err == f"mochi: error: {want}\n"
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"calibration runs 10,001 uncached runs, more than 10,000"):
+        calibrate(None, ["a red circle"], runs=10_001)  # the library refuses before it reads the pipeline
     assert main(["calibrate-cache", "--out", str(tmp_path / "nodir" / "c.json")]) == 2
     assert "folder" in (err := capsys.readouterr().err) and "nodir' does not exist" in err
     (tmp_path / "d.json").mkdir()

@@ -39,6 +39,9 @@ from mochi.models.dit import DiTConfig
 FORMAT = "mochi-teacache"
 DEGREE = 4
 MIN_RUNS = 2
+# Each run is a whole uncached generation; the packaged fit took 8. More than this is a typo (and past 2**63
+# the seeds seed + i ran out, which was reported as a --seed range [0, negative]).
+MAX_RUNS = 10_000
 DEFAULT_PROMPTS = (
     "a red circle moving right",
     "a blue square moving up on a gray background",
@@ -225,6 +228,11 @@ def calibrate(pipe, prompts: Sequence[str], runs: int, seed: int = 0, **request:
         raise ValueError(
             f"calibration needs at least {MIN_RUNS} uncached runs (one run gives one noisy curve), got "
             f"{runs}; nearest valid: {MIN_RUNS}"
+        )
+    if runs > MAX_RUNS:
+        raise ValueError(
+            f"calibration runs {runs:,} uncached runs, more than {MAX_RUNS:,} (the packaged fit used 8); "
+            f"nearest valid: {MAX_RUNS}"
         )
     if not prompts:
         raise ValueError("calibration needs at least one prompt")

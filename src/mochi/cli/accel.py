@@ -107,6 +107,7 @@ def _add_calibrate(sub: Subparsers) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from mochi.accel.calibrate import (
         DEFAULT_PROMPTS,
+        MAX_RUNS,
         MIN_RUNS,
         calibrate,
         check_points,
@@ -118,6 +119,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--runs {args.runs}: calibration needs at least {MIN_RUNS} uncached runs; "
             f"nearest valid: {MIN_RUNS}"
+        )
+    if args.runs > MAX_RUNS:  # each run is a whole generation; past 2**63 the --seed range came out empty
+        raise ValueError(
+            f"--runs {args.runs}: more than {MAX_RUNS:,} uncached runs (the packaged fit used 8); "
+            f"nearest valid: {MAX_RUNS}"
         )
     from mochi.request import MAX_SEED, check_prompt
 
