@@ -69,6 +69,10 @@ def test_junk_train_lora_arguments_fail_before_loading(data, tmp_path, monkeypat
         (["--alpha", "1e10", "--rank", "4"], "alpha=10000000000.0 must be in (0, 64·rank] = (0, 256]"),
         (["--sample-steps", "0"], "sample_steps=0 must be at least 1"),
         (
+            ["--sample-steps", "10001"],
+            "sample_steps=10001 is more than 10,000, the most a video is sampled with",
+        ),
+        (
             ["--sample-every", "0", "--sample-prompt", "a cat"],
             "sample_prompts applies only to samples, and sample_every=0 renders none",
         ),

@@ -41,6 +41,7 @@ from mochi.models.lora import (
     target_modules,
     trainable_lora_state_dict,
 )
+from mochi.request import MAX_STEPS as MAX_SAMPLE_STEPS
 from mochi.request import check_prompt, check_seed
 from mochi.train.data import LatentDataset, model_fingerprint
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
@@ -129,6 +130,13 @@ class LoraTrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay} must be a finite number ≥ 0; Genmo uses 0.01")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ValueError(f"sample_steps={self.sample_steps} must be at least 1 (or unset: the model's)")
+        if self.sample_steps is not None and self.sample_steps > MAX_SAMPLE_STEPS:
+            # generate's limit: it was found at the first sample, named "steps" (train-lora's --steps), and
+            # the steps trained since the last checkpoint were lost
+            raise ValueError(
+                f"sample_steps={self.sample_steps} is more than {MAX_SAMPLE_STEPS:,}, the most a video is "
+                f"sampled with (Mochi uses 64); nearest valid: {MAX_SAMPLE_STEPS}"
+            )
         if self.sample_every == 0 and (self.sample_prompts or self.sample_steps is not None):
             given = "sample_prompts" if self.sample_prompts else "sample_steps"
             raise ValueError(
