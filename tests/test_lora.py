@@ -830,3 +830,41 @@ def test_a_genmo_lora_whose_group_has_alpha_0_converts(tmp_path, capsys):
         delta = (after[name].B @ after[name].A) * after[name].scaling
         torch.testing.assert_close(delta, (layer.B @ layer.A) * layer.scaling)
     assert {layer.alpha for layer in after.values()} == {2.0}
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (  # a diverged run's LoRA
+            {
+                "blocks.0.attn.qkv_x.lora_A": torch.full((2, 8), math.nan),
+                "blocks.0.attn.qkv_x.lora_B": (6, 2),
+            },
+            "holds NaN or infinite values in 1 of 2 tensors (blocks.0.attn.qkv_x.lora_A)",
+        ),
+        (
+            {"blocks.0.attn.qkv_x.lora_A": (2, 8, 1), "blocks.0.attn.qkv_x.lora_B": (6, 2)},
+            "has A (2, 8, 1) and B (6, 2); need A (r, in) and B (out, r)",
+        ),
+        (
+            {f"{_Q}q.lora_A.weight": (2, 8), f"{_Q}q.lora_B.weight": (8, 2)}
+            | {f"{_Q}k.lora_A.weight": (2, 12), f"{_Q}k.lora_B.weight": (8, 2)},
+            "adapt the q, k and v of one Linear of Mochi's DiT",
+        ),
+    ],
+    ids=["nan", "shape", "qkv"],
+)
+def test_info_on_a_lora_it_cannot_use_says_why(tmp_path, capsys, tensors, message):
+    """info said "no Mochi component recognised in ... (keys: ...lora_A, ...lora_B)": the model's error, for a
+    file that is a LoRA, while generate and convert-lora named what is wrong with it."""
+    from mochi.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v if isinstance(v, torch.Tensor) else torch.randn(*v, generator=g) for k, v in tensors.items()}
+    save_file(sd, tmp_path / "l.safetensors")
+    assert main(["info", str(tmp_path / "l.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"mochi: error: {str(tmp_path / 'l.safetensors')!r} is a LoRA that cannot be used: "
+    )
+    assert err.count("\n") == 1 and message in err and "no Mochi component" not in err, err

@@ -218,14 +218,17 @@ def _state_info(path: str) -> dict | None:
 
 def _lora_info(path: str) -> dict | None:
     """What ``mochi info`` says of a LoRA file (Genmo or diffusers/PEFT), or None if it is not one."""
-    import contextlib
-
-    from mochi.errors import listing
-    from mochi.weights.lora import foreign_layers, read_lora
+    from mochi.errors import MochiError, listing
+    from mochi.weights.lora import foreign_layers, is_lora_shaped, read_lora
 
     lora = None
-    with contextlib.suppress(Exception):  # anything that does not read as a LoRA keeps the model's error
+    try:
         lora = read_lora(path)
+    except Exception as e:
+        if isinstance(e, MochiError | ValueError | OSError) and is_lora_shaped(path):
+            # Named as a LoRA's keys are: what is wrong with it is the answer, not "no Mochi component"
+            raise ValueError(f"{str(path)!r} is a LoRA that cannot be used: {e}") from None
+        # anything else that does not read as a LoRA keeps the model's error
     if lora is None or not lora.layers:
         return None
 

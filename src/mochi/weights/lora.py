@@ -303,6 +303,18 @@ def _lora_file(path: Path) -> Path:
     return files[0]
 
 
+def is_lora_shaped(path: str | os.PathLike) -> bool:
+    """Whether every key of the safetensors file at ``path`` (a LoRA folder's file) is named as a LoRA's
+    (factors and alphas, any prefix), whether or not its tensors are usable; False for anything unreadable."""
+    from mochi.weights.io import read_keys
+
+    try:
+        keys = [_strip(k) for k in read_keys(_lora_file(Path(path)))]
+    except (WeightsError, OSError, ValueError):
+        return False
+    return any(_KEY.match(k) for k in keys) and all(k.endswith(".alpha") or _KEY.match(k) for k in keys)
+
+
 def lora_stamp(path: str | os.PathLike) -> tuple:
     """What identifies the current content of the LoRA at ``path`` without reading it: device, inode, size and
     modification time of its file (and of a PEFT ``adapter_config.json`` beside it, which may hold its
