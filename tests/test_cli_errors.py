@@ -751,3 +751,41 @@ def test_a_value_that_starts_with_a_minus_and_a_digit_reaches_its_options_own_ch
     ]
     assert dashed_values(["--gpu-memory", "--device", "-1"], options) == ["--gpu-memory", "--device=-1"]
     assert dashed_values(["--", "--gpu-memory", "-5GB"], options) == ["--", "--gpu-memory", "-5GB"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert-lora", "/dev/null", "{tmp}/out.safetensors", "--to", "genmo"],
+        ["generate", "x", "--lora", "/dev/null", "--out", "{tmp}/v.mp4"],
+        ["convert-lora", "{tmp}/pipe.safetensors", "{tmp}/out.safetensors", "--to", "diffusers"],
+        ["info", "{tmp}/pipe.safetensors"],
+        ["info", "{tmp}/pipe.pt"],
+        ["plan", "--model", "{tmp}/pipe.safetensors", "--gpu-memory", "24GB"],
+    ],
+    ids=["convert-lora-device", "generate-lora-device", "convert-lora-pipe", "info", "info-pt", "plan"],
+)
+def test_a_device_or_pipe_given_as_weights_is_one_line(tmp_path, capsys, argv):
+    """safetensors said "No such device (os error 19)", naming nothing; a named pipe (a shell's <(…) is one)
+    waited for a writer, deaf to Ctrl-C and SIGTERM (here a writer is at hand, so that the old code ends)."""
+    import threading
+
+    done = threading.Event()
+
+    def writer(path: Path) -> None:  # an empty write for every open of the pipe, until the test is done
+        while not done.is_set():
+            open(path, "wb").close()
+
+    for name in ("pipe.safetensors", "pipe.pt"):
+        os.mkfifo(tmp_path / name)
+        threading.Thread(target=writer, args=(tmp_path / name,), daemon=True).start()
+    try:
+        args = [a.format(tmp=tmp_path) for a in argv]
+        named = next(a for a in args if a.startswith("/dev/") or "pipe" in a)
+        err = _one_line(capsys, main(args), f"{named!r} is not a regular file (a device, pipe or socket)")
+    finally:
+        done.set()
+        for name in ("pipe.safetensors", "pipe.pt"):  # the writers waiting for a reader: let them end
+            os.close(os.open(tmp_path / name, os.O_RDONLY | os.O_NONBLOCK))
+    assert "os error" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.pt", "pipe.safetensors"]  # nothing written

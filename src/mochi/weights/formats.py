@@ -38,6 +38,7 @@ from mochi.weights.io import (
     TORCH_SUFFIXES,
     WeightsError,
     check_once,
+    check_regular,
     index_shards,
     open_safetensors,
     quantization_layers,
@@ -186,6 +187,7 @@ def read_component(
 
 
 def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    check_regular(file)  # a pipe's open waited for a writer; a device was read without end
     if file.suffix == ".gguf":
         from mochi.weights.gguf_file import gguf_header
 

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,8 +30,25 @@ class WeightsError(MochiError, ValueError):
     """A checkpoint does not fit the model or cannot be read: names the file, keys, shapes or format."""
 
 
+def check_regular(path: str | os.PathLike) -> None:
+    """WeightsError for a path that exists but is neither a file nor a folder: a device, a socket, or a pipe
+    (``<(curl …)`` is one). safetensors memory-maps its file and said only "No such device (os error 19)",
+    opening a named pipe waited for a writer (deaf to Ctrl-C and SIGTERM), and /dev/zero was read without
+    end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the reader says so, naming it
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise WeightsError(
+            f"{os.fspath(path)!r} is not a regular file (a device, pipe or socket); weights are read from a "
+            "file: save them to one first"
+        )
+
+
 def open_safetensors(file: str | os.PathLike, device: str | torch.device = "cpu"):  # noqa: ANN201 - safe_open
     """``safe_open`` with a damaged, truncated or foreign file reported as a WeightsError naming it."""
+    check_regular(file)
     try:
         return safe_open(os.fspath(file), framework="pt", device=str(device))
     except SafetensorError as e:
@@ -46,6 +64,7 @@ def torch_load(path: str | os.PathLike, device: str | torch.device = "cpu", mmap
     Never unpickles arbitrary objects: a file that needs that is refused, with no advice to allow it.
     """
     name = os.fspath(path)
+    check_regular(name)
     if not zipfile.is_zipfile(name):
         raise WeightsError(
             f"{name!r} is not a zip-format PyTorch file: it is truncated, in the legacy torch.save format "
