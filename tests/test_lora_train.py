@@ -288,14 +288,18 @@ def test_resume_refuses_other_settings(data, tmp_path):
 
 def test_a_rank_wider_than_the_layers_is_refused_before_anything_is_written(data, tmp_path):
     """rank 100000 on the tiny model wrote 2 GB LoRA files and a 6.5 GB state for nothing: a rank above the
-    narrowest targeted layer's features adds no capacity."""
+    narrowest targeted layer's features adds no capacity. The folders the call made are taken away again
+    (an empty --out was left behind); one that was there stays."""
     out, _ = data
     wide = LoraTrainConfig(**{**CFG.__dict__, "rank": 100000, "alpha": 1.0})
-    with pytest.raises(
-        ValueError, match=r"rank=100000 is more than the (\d+) features .*; choose at most \1"
-    ):
-        train_lora(pipe(), out, tmp_path / "run", wide, progress=False)
-    assert not list((tmp_path / "run").iterdir())
+    (tmp_path / "there").mkdir()
+    for run in (tmp_path / "new" / "run", tmp_path / "there"):
+        with pytest.raises(
+            ValueError, match=r"rank=100000 is more than the (\d+) features .*; choose at most \1"
+        ):
+            train_lora(pipe(), out, run, wide, progress=False)
+    assert not (tmp_path / "new").exists()
+    assert not list((tmp_path / "there").iterdir())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

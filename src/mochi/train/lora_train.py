@@ -427,20 +427,31 @@ def train_lora(
         )
     out = Path(out_dir)
     writes = parallel is None or parallel.is_main
+    # The folders this call makes: a run refused before it writes a file (a rank wider than the layers,
+    # clips of another model) takes them away again rather than leave an empty --out behind.
+    made = [d for d in (out, *out.parents) if not d.exists()] if writes else []
     if writes:
         out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as held:
-        refused = None
-        if writes:
+    try:
+        with contextlib.ExitStack() as held:
+            refused = None
+            if writes:
+                try:
+                    held.enter_context(_run_lock(out))
+                except ValueError as e:
+                    refused = str(e)
+            if parallel is not None:  # the other ranks must not touch (nor --restart clear) a folder in use
+                refused = parallel.main_verdict(refused)
+            if refused is not None:
+                raise ValueError(refused)
+            return _train(pipe, cfg, data, out, writes, progress, parallel, restart)
+    except BaseException:
+        for d in made:  # deepest first; one that holds anything stays, and so do those above it
             try:
-                held.enter_context(_run_lock(out))
-            except ValueError as e:
-                refused = str(e)
-        if parallel is not None:  # the other ranks must not touch (nor --restart clear) a folder in use
-            refused = parallel.main_verdict(refused)
-        if refused is not None:
-            raise ValueError(refused)
-        return _train(pipe, cfg, data, out, writes, progress, parallel, restart)
+                d.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _train(  # noqa: PLR0913 - train_lora's settings, checked
