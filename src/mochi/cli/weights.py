@@ -302,7 +302,7 @@ def _add_convert(sub: Subparsers) -> None:
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".gguf", ".sft", ".json")
 
 
-def _requantized(quant: str, kind: str) -> str:
+def _requantize_note(quant: str, kind: str) -> str:
     """What convert --quantize KIND does to a source quantized as ``quant`` ("gguf Q8_0+Q4_0", "scaled")."""
     kind = kind.upper()
     kinds = quant.removeprefix("gguf ").split("+") if quant.startswith("gguf") else []
@@ -354,7 +354,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise
     quant = det.quant.get("dit")
     if args.quantize and quant:
-        done = _requantized(quant, args.quantize)
+        done = _requantize_note(quant, args.quantize)
         print(f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); {done}")
     one_file = args.to == "genmo" and Path(args.dst).suffix.lower() == ".safetensors" and "dit" in det.files
     left = [c for c in det.files if c.startswith("vae_")] if one_file else []

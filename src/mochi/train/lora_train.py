@@ -42,7 +42,7 @@ from mochi.models.lora import (
     trainable_lora_state_dict,
 )
 from mochi.request import MAX_STEPS as MAX_SAMPLE_STEPS
-from mochi.request import check_prompt, check_seed
+from mochi.request import SPATIAL_MULTIPLE, check_prompt, check_seed
 from mochi.train.data import LatentDataset, model_fingerprint
 from mochi.train.lora_state import ResumeError, clear_states, load_latest_state, save_state
 from mochi.train.lr import warmup_cosine
@@ -505,7 +505,7 @@ def _train(  # noqa: PLR0913 - train_lora's settings, checked
         raise ValueError(
             f"the clips' latents are {height}x{width} (height x width), and this model's DiT takes multiples "
             f"of its patch size {dit.config.patch_size}; run prepare-data again (its --width and --height, "
-            "multiples of 16, give such latents)"
+            f"multiples of {SPATIAL_MULTIPLE}, give such latents)"
         )
     stats = None if c.latent_mean is None else (c.latent_mean, c.latent_std)
     # --restart: the earlier run's files are rank 0's to remove; the other ranks start at step 0 with it.

@@ -215,7 +215,8 @@ def _checked_dit(
     sd, _ = read_dit(
         det, dtype=dtype, fp8="keep" if kind and gguf else "dequantize", fp32_islands=dtype is not None
     )
-    for layer, k in ggml.block_kinds(sd).items():
+    kinds = ggml.block_kinds(sd)
+    for layer, k in kinds.items():
         if k != kind:
             q = sd.pop(f"{layer}.{k}_qweight")
             shape = ggml.weight_shape(tuple(q.shape), k)
@@ -224,7 +225,7 @@ def _checked_dit(
                 q, k, torch.float32 if wide else target_dtype(det, dtype) or torch.bfloat16
             )
     check_dit_tensors(sd, det.describe())  # what would not load is not written
-    kept = {f"{layer}.{k}_qweight": k for layer, k in ggml.block_kinds(sd).items()}
+    kept = {f"{layer}.{k}_qweight": k for layer, k in kinds.items() if k == kind}
     bad = [
         key
         for key, t in sd.items()
