@@ -427,6 +427,11 @@ def test_cli_calibrate_rejects_too_few_runs_and_writes_nothing(tmp_path, capsys)
     (tmp_path / "plain").mkdir()  # a folder named without .json was told to end in .json
     assert main(["calibrate-cache", "--out", str(tmp_path / "plain")]) == 2
     assert "plain' is a folder; give a file name such as" in capsys.readouterr().err
+    # A dot-file ".json" has no suffix to Path; its suggestion was ".json.json".
+    for name, nearest in ((".json", "teacache.json"), ("fit.txt", "fit.json"), ("fit", "fit.json")):
+        assert main(["calibrate-cache", "--out", str(tmp_path / name)]) == 2
+        want = f"{str(tmp_path / name)!r} must be a name ending in .json, e.g. {tmp_path / nearest}\n"
+        assert capsys.readouterr().err.endswith(want)
     # A LoRA-merged fit without --out replaced the model's own coefficient file (the embedded model's too).
     assert main(["calibrate-cache", "--lora", str(tmp_path / "any.safetensors")]) == 2
     assert "without --out it would replace the model's own coefficient file" in capsys.readouterr().err

@@ -250,7 +250,9 @@ def _check_out(out: Path, what: str, hint: str = "") -> None:
     if out.is_dir():
         raise ValueError(f"{what} {str(out)!r} is a folder; {hint}")
     if out.suffix != ".json":
-        raise ValueError(f"{what} {str(out)!r} must end in .json, e.g. {out.with_suffix('.json')}")
+        # A bare ".json" is a dot-file without a suffix: its nearest valid name is not ".json.json".
+        named = out.with_suffix(".json") if out.name.strip(".") != "json" else out.with_name("teacache.json")
+        raise ValueError(f"{what} {str(out)!r} must be a name ending in .json, e.g. {named}")
     if out.exists():
         try:
             earlier = json.loads(out.read_bytes())
