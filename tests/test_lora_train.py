@@ -302,6 +302,14 @@ def test_a_rank_wider_than_the_layers_is_refused_before_anything_is_written(data
     assert not list((tmp_path / "there").iterdir())
 
 
+def test_a_folder_named_config_json_in_out_is_refused_with_the_rule(data, tmp_path):
+    out, _ = data
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"config.json': a folder has that name; move it away"):
+        train_lora(pipe(), out, tmp_path / "run", CFG, progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     lora = {"blocks.0.attn.qkv_x.lora_A": torch.ones(2, 3)}
     mochi.train.lora_state.save_state(tmp_path, 1, lora, {}, {"rank": 2})

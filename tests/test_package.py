@@ -73,6 +73,15 @@ def test_atomic_path_missing_folder(tmp_path):
         pass
 
 
+def test_atomic_path_onto_a_folder_is_refused_before_the_writer_runs(tmp_path):
+    """os.replace onto a folder failed after the work, with "Is a directory" and no rule."""
+    (tmp_path / "a.txt").mkdir()
+    want = f"cannot write {str(tmp_path / 'a.txt')!r}: a folder has that name; move it away or give another"
+    with pytest.raises(ValueError, match=re.escape(want)), atomic_path(tmp_path / "a.txt"):
+        raise AssertionError("the writer ran")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and (tmp_path / "a.txt").is_dir()
+
+
 def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

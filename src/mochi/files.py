@@ -157,6 +157,10 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, ...
     try:
         for path in targets:
             directory = _writable_folder(path)
+            if path.is_dir():  # os.replace onto it fails late, with "Is a directory" and no rule
+                raise ValueError(
+                    f"cannot write {str(path)!r}: a folder has that name; move it away or give another name"
+                )
             sweep_once(directory)
             # The stem is cut: a name the file system takes (255 bytes) must not fail as a longer temporary.
             stem = path.stem.encode()[:100].decode(errors="ignore")
