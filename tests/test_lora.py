@@ -648,6 +648,18 @@ def test_read_lora_rejects_alpha_tensor_not_one_value(tmp_path, alpha):
         read_lora(tmp_path / "a.safetensors")
 
 
+def test_read_lora_refuses_an_alpha_without_its_factors(tmp_path):
+    """An alpha whose layer has no A and B (a cut file, or factors under other names) was ignored."""
+    stray = {"blocks.0.attn.qkv_y.alpha": torch.tensor(4.0), "blocks.1.attn.proj_x.alpha": torch.tensor(2.0)}
+    save_file({**GENMO_SD, **stray}, tmp_path / "a.safetensors")
+    with pytest.raises(
+        WeightsError,
+        match=r"a\.safetensors': alpha for 2 layers without A and B \(blocks\.0\.attn\.qkv_y, "
+        r"blocks\.1\.attn\.proj_x\); every \.alpha key goes with the lora_A and lora_B of its layer",
+    ):
+        read_lora(tmp_path / "a.safetensors")
+
+
 def test_read_lora_refuses_integer_factors_and_two_names_for_one_tensor(tmp_path):
     a, b = torch.randn(4, 32), torch.randn(96, 4)
     save_file(
@@ -795,8 +807,26 @@ _Q = "transformer.transformer_blocks.0.attn1.to_"
             "genmo",
             "'transformer_blocks.0.ff.net.0.proj' has B with 5 rows; its layer outputs two halves",
         ),
+        (  # Genmo to Genmo: copied unchecked, the shape refused only later by generate
+            {"blocks.0.attn.qkv_x.lora_A": (2, 8), "blocks.0.attn.qkv_x.lora_B": (4, 2)},
+            "genmo",
+            "'blocks.0.attn.qkv_x' has B with 4 rows; its layer outputs q, k and v stacked",
+        ),
+        (
+            {"blocks.0.mlp_x.w1.lora_A": (2, 8), "blocks.0.mlp_x.w1.lora_B": (5, 2)},
+            "genmo",
+            "'blocks.0.mlp_x.w1' has B with 5 rows; its layer outputs two halves",
+        ),
     ],
-    ids=["qkv-inputs", "qkv-outputs", "qkv-rows", "swap-rows", "swap-rows-diffusers"],
+    ids=[
+        "qkv-inputs",
+        "qkv-outputs",
+        "qkv-rows",
+        "swap-rows",
+        "swap-rows-diffusers",
+        "qkv-rows-genmo",
+        "swap-rows-genmo",
+    ],
 )
 def test_a_lora_whose_shapes_no_mochi_layer_has_is_one_line_and_not_converted(
     tmp_path, capsys, tensors, to, message

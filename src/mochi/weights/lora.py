@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mochi.errors import listing
 from mochi.files import safetensors_in
 from mochi.finite import NonFiniteError, check_finite
 from mochi.models.dit import DIT_PRESETS
@@ -230,6 +231,17 @@ def foreign_layers(layers: Mapping[str, LoraLayer]) -> list[str]:
         if where not in known:
             out.append(name)
     return out
+
+
+def check_stacked_rows(layers: Mapping[str, LoraLayer]) -> None:
+    """``_check_rows`` for every Genmo-named layer of ``layers`` on a layer with stacked outputs."""
+    rules = _module_rules()
+    for name, layer in layers.items():
+        m = _BLOCK.match(name)
+        rel = m.group("rel") if m else name
+        ops = {r[2] for r in rules if r[0] == rel and r[4] == bool(m)}
+        if len(ops) == 1:
+            _check_rows(name, layer, ops.pop())
 
 
 def from_diffusers(layers: Mapping[str, LoraLayer]) -> dict[str, LoraLayer]:
@@ -456,6 +468,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     incomplete = sorted(n for n, f in factors.items() if len(f) != 2)
     if incomplete:
         raise WeightsError(f"{str(file)!r}: LoRA layers without both A and B: {incomplete[:5]}")
+    if stray := sorted(set(alphas) - set(factors)):  # was ignored: a cut file, or factors under other names
+        raise WeightsError(
+            f"{str(file)!r}: alpha for {len(stray)} layer{'s' if len(stray) > 1 else ''} without A and B "
+            f"({listing(stray, 3)}); every .alpha key goes with the lora_A and lora_B of its layer"
+        )
     if fmt == "genmo":
         group_alpha = _genmo_alphas(file, metadata)
     else:
@@ -612,5 +629,7 @@ def convert_lora(
             f"({', '.join(sorted(foreign)[:3])}); a Genmo LoRA names Linear layers such as "
             "blocks.0.attn.qkv_x or t5_y_embedder.to_kv (nothing was written)"
         )
+    if to == "genmo":  # to_diffusers checks these rows on the way; a Genmo file was copied unchecked
+        check_stacked_rows(lora.layers)
     save_lora(lora.layers, dst, to, depth=depth)
     return dst, lora
