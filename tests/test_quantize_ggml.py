@@ -354,3 +354,28 @@ def test_a_gguf_cut_short_in_its_data_says_so(tmp_path, sd):
     cut.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(WeightsError, match=r"past the file's \d+: the file is cut short \(a download"):
         gguf_header(cut)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "new"])
+def test_requantizing_an_fp8_file_widens_its_weights_to_fp32_first(tmp_path, capsys, layout):
+    """An fp8 file's weights were dequantized to the file's bf16 before the blocks were formed: the
+    product of an fp8 value and its fp32 scale was rounded to 8 bits first, moving some blocks a step."""
+    from mochi.weights import fp8
+
+    from .dit_checkpoints import tiny_model, write_fp8_scaled
+
+    src = write_fp8_scaled(tmp_path / "f8.safetensors", tiny_model(), layout=layout, all_in_one=False)
+    stored = {k.removeprefix("model.diffusion_model."): t for k, t in load_file(src).items()}
+    scale = "scale_weight" if layout == "legacy" else "weight_scale"
+    out = tmp_path / "q8.safetensors"
+    assert main(["convert", str(src), str(out), "--to", "genmo", "--quantize", "q8_0"]) == 0
+    assert "its weights are dequantized (in fp32) and quantized again to q8_0" in capsys.readouterr().out
+    q8 = load_file(out)
+    layers = [k.removesuffix(".Q8_0_qweight") for k in q8 if k.endswith("_qweight")]
+    assert layers
+    moved = 0
+    for n in layers:
+        wide = fp8.dequantize(stored[f"{n}.weight"], stored[f"{n}.{scale}"], torch.float32)
+        assert torch.equal(q8[f"{n}.Q8_0_qweight"], ggml.quantize(wide, "Q8_0"))
+        moved += not torch.equal(q8[f"{n}.Q8_0_qweight"], ggml.quantize(wide.bfloat16(), "Q8_0"))
+    assert moved  # the bf16 detour gives other blocks: the test tells the two apart

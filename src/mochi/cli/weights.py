@@ -302,8 +302,9 @@ def _add_convert(sub: Subparsers) -> None:
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".gguf", ".sft", ".json")
 
 
-def _requantize_note(quant: str, kind: str) -> str:
-    """What convert --quantize KIND does to a source quantized as ``quant`` ("gguf Q8_0+Q4_0", "scaled")."""
+def _requantize_note(quant: str, kind: str, layout: str = "genmo") -> str:
+    """What convert --quantize KIND does to a source quantized as ``quant`` ("gguf Q8_0+Q4_0", "scaled")
+    whose DiT keys are named in ``layout`` (fp8 in diffusers' naming is dequantized in the file's dtype)."""
     kind = kind.upper()
     kinds = quant.removeprefix("gguf ").split("+") if quant.startswith("gguf") else []
     if kinds == [kind]:
@@ -311,7 +312,7 @@ def _requantize_note(quant: str, kind: str) -> str:
     again = f"quantized again to {kind.lower()} (the two roundings add up)"
     if kind in kinds:
         return f"its {kind} blocks are kept as they are, its other weights dequantized (in fp32) and {again}"
-    return f"its weights are dequantized{' (in fp32)' if kinds else ''} and {again}"
+    return f"its weights are dequantized{' (in fp32)' if kinds or layout == 'genmo' else ''} and {again}"
 
 
 def _shard_bytes(text: str | None) -> int:
@@ -354,7 +355,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise
     quant = det.quant.get("dit")
     if args.quantize and quant:
-        done = _requantize_note(quant, args.quantize)
+        done = _requantize_note(quant, args.quantize, det.layouts["dit"])
         print(f"mochi: note: {args.src} is already quantized ({quant_label(quant)}); {done}")
     one_file = args.to == "genmo" and Path(args.dst).suffix.lower() == ".safetensors" and "dit" in det.files
     left = [c for c in det.files if c.startswith("vae_")] if one_file else []

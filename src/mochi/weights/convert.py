@@ -26,7 +26,7 @@ import torch
 from mochi.errors import OutputError, listing
 from mochi.files import atomic_write_text, umask
 from mochi.finite import NonFiniteError, all_finite
-from mochi.weights import ggml
+from mochi.weights import fp8, ggml
 from mochi.weights.convert_vae import diffusers_vae, read_vae_part, vae_parts
 from mochi.weights.dit import Consumed, check_dit_tensors, read_dit, shape_facts, target_dtype
 from mochi.weights.formats import GENMO_FILES, Detected, detect
@@ -57,8 +57,8 @@ def convert(
     main path written (``dit.safetensors`` or ``transformer``; for a VAE-only source the folder, or the
     file). Converting and converting back is bit-exact when no dtype change is asked for. quantize: "q8_0"
     or "q4_0" block-quantizes the blocks' Linear weights (Genmo output only); a quantized source's blocks
-    of that type are kept as stored, its other quantized weights (fp8, other GGUF types) dequantized, then
-    quantized.
+    of that type are kept as stored, its other quantized weights (fp8, other GGUF types) dequantized in
+    fp32, then quantized.
 
     Every output path is checked before the first is written: none may exist (unless ``overwrite``) and
     none may be, or hold, a file of ``src``. A mochi bundle is refused: see `_refuse_bundle`.
@@ -211,19 +211,23 @@ def _checked_dit(
     ``kind`` (a ggml block type about to be written): a source's blocks of that type are kept byte for byte
     (quantizing their dequantization again would move some of them a step), and those of another type that
     `quantize_state_dict` quantizes are dequantized in fp32, not in the file's dtype, before that."""
-    gguf = det.quant.get("dit", "").startswith("gguf")
-    sd, _ = read_dit(
-        det, dtype=dtype, fp8="keep" if kind and gguf else "dequantize", fp32_islands=dtype is not None
+    # fp8 weights kept too (Genmo names only: read_dit refuses fp8 in diffusers' naming), to widen here.
+    keep = kind is not None and (det.quant.get("dit", "").startswith("gguf") or det.layouts["dit"] == "genmo")
+    sd, scales = read_dit(
+        det, dtype=dtype, fp8="keep" if keep else "dequantize", fp32_islands=dtype is not None
     )
+    narrow = target_dtype(det, dtype) or torch.bfloat16
+    for layer, scale in scales.items():
+        w = sd[f"{layer}.weight"]
+        wide = _requantized(f"{layer}.weight", tuple(w.shape))
+        sd[f"{layer}.weight"] = fp8.dequantize(w, scale, torch.float32 if wide else narrow)
     kinds = ggml.block_kinds(sd)
     for layer, k in kinds.items():
         if k != kind:
             q = sd.pop(f"{layer}.{k}_qweight")
             shape = ggml.weight_shape(tuple(q.shape), k)
             wide = _requantized(f"{layer}.weight", shape)
-            sd[f"{layer}.weight"] = ggml.dequantize(
-                q, k, torch.float32 if wide else target_dtype(det, dtype) or torch.bfloat16
-            )
+            sd[f"{layer}.weight"] = ggml.dequantize(q, k, torch.float32 if wide else narrow)
     check_dit_tensors(sd, det.describe())  # what would not load is not written
     kept = {f"{layer}.{k}_qweight": k for layer, k in kinds.items() if k == kind}
     bad = [
