@@ -391,3 +391,45 @@ def test_write_settings_are_checked_before_writing(tmp_path):
         with pytest.raises(VideoError, match=message):
             write_video_and_sidecar(pixels, tmp_path / name, 30, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mp4"]
+
+
+def test_fit_frames_refuses_what_it_would_fit_wrongly_or_fail_on_deep_inside(tmp_path):
+    """Float frames in [0, 1] came out black (cast to uint8 after resizing), frames=-1 kept all but the
+    last frame, and a float count, a 3-D frame or read_video's size=(0, 0) failed in numpy, torch or
+    Fraction: each is one VideoError naming the value."""
+    from mochi.video import fit_frames
+
+    clip = np.full((7, 32, 32, 3), 200, np.uint8)
+    refused = {
+        "video must be a uint8 array (T, H, W, 3), got float32 of shape (7, 32, 32, 3) (frame[None] is one "
+        "frame's clip; mochi.video.to_uint8 converts floats in [0, 1])": (clip / 255.0).astype(np.float32),
+        "video must be a uint8 array (T, H, W, 3), got uint8 of shape (32, 32, 3) (frame[None] is one "
+        "frame's clip; mochi.video.to_uint8 converts floats in [0, 1])": clip[0],
+    }
+    for message, video in refused.items():
+        with pytest.raises(VideoError) as e:
+            fit_frames(video, 7, 16, 16)
+        assert str(e.value) == message
+    for args, message in (
+        ((-1, 16, 16), "frames=-1 must be a whole number ≥ 1; nearest valid: 1"),
+        ((2.0, 16, 16), "frames=2.0 must be a whole number ≥ 1; nearest valid: 2"),
+        ((7, 0, 16), "height=0 must be a whole number ≥ 1; nearest valid: 1"),
+        ((7, 16, 16.5), "width=16.5 must be a whole number ≥ 1; nearest valid: 16"),
+    ):
+        with pytest.raises(VideoError) as e:
+            fit_frames(clip, *args)
+        assert str(e.value) == message
+    with pytest.raises(VideoError) as e:
+        fit_frames(clip, 7, 16, 16, pixel_aspect=0)
+    assert str(e.value) == "pixel_aspect=0 must be a finite number > 0 (1 for square pixels)"
+    assert fit_frames(torch.from_numpy(clip), 7, 16, 16).shape == (7, 16, 16, 3)  # as it read before
+    path = write_video(clip, tmp_path / "a.mp4")
+    with pytest.raises(VideoError) as e:
+        read_video(path, size=(0, 0))
+    assert str(e.value) == "height=0 must be a whole number ≥ 1; nearest valid: 1"
+    with pytest.raises(VideoError) as e:
+        read_video(path, size=(16,))
+    assert str(e.value) == "size=(16,) must be (height, width), e.g. (480, 848), or None"
+    with pytest.raises(VideoError) as e:
+        read_video(path, max_frames=2.5)  # read 3 frames
+    assert str(e.value) == "max_frames must be at least 1 or None (all frames), a whole number; got 2.5"

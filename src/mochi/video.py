@@ -259,8 +259,18 @@ def read_video(
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"video file {str(path)!r} {_not_a_file(path)}")
-    if max_frames is not None and max_frames < 1:
-        raise VideoError(f"max_frames must be at least 1 or None (all frames), got {max_frames}")
+    if max_frames is not None and (
+        isinstance(max_frames, bool | np.bool_)
+        or not isinstance(max_frames, numbers.Integral)
+        or max_frames < 1
+    ):
+        raise VideoError(
+            f"max_frames must be at least 1 or None (all frames), a whole number; got {max_frames!r}"
+        )
+    if size is not None:  # checked before decoding: (0, 0) divided by zero at the first frame
+        if not isinstance(size, tuple | list) or len(size) != 2:
+            raise VideoError(f"size={size!r} must be (height, width), e.g. (480, 848), or None")
+        _check_fit(1, *size)
     import av
 
     images: list[np.ndarray] = []
@@ -370,6 +380,23 @@ def crop_box(h: int, w: int, height: int, width: int, pixel_aspect: float = 1.0)
     return (h - rows) // 2, (w - cols) // 2, rows, cols
 
 
+def _check_fit(frames: int, height: int, width: int, pixel_aspect: float = 1.0) -> None:
+    """VideoError unless ``frames``, ``height`` and ``width`` are whole numbers ≥ 1 and ``pixel_aspect`` a
+    finite number > 0 (a float frame count sliced deep in numpy, a negative one kept all but the last frames,
+    and a size of 0 divided by zero)."""
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) or value < 1:
+            real = isinstance(value, numbers.Real) and math.isfinite(value)
+            nearest = max(1, round(value)) if real else 1
+            raise VideoError(f"{name}={value!r} must be a whole number ≥ 1; nearest valid: {nearest}")
+    if (
+        isinstance(pixel_aspect, bool | np.bool_)
+        or not isinstance(pixel_aspect, numbers.Real)
+        or not (math.isfinite(pixel_aspect) and pixel_aspect > 0)
+    ):
+        raise VideoError(f"pixel_aspect={pixel_aspect!r} must be a finite number > 0 (1 for square pixels)")
+
+
 def fit_frames(
     video: np.ndarray, frames: int, height: int, width: int, pixel_aspect: float = 1.0
 ) -> np.ndarray:
@@ -378,6 +405,21 @@ def fit_frames(
     of a stored pixel over its height (``sample_aspect``), so that shapes come out as players show them.
     Raises VideoError if too short, or too small or thin to crop to that aspect (``crop_box``).
     """
+    _check_fit(frames, height, width, pixel_aspect)
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    if (
+        not isinstance(video, np.ndarray)
+        or video.ndim != 4
+        or video.shape[-1] != 3
+        or video.dtype != np.uint8
+    ):
+        shape = tuple(getattr(video, "shape", ()))
+        kind = getattr(video, "dtype", type(video).__name__)
+        raise VideoError(
+            f"video must be a uint8 array (T, H, W, 3), got {kind} of shape {shape} (frame[None] is one "
+            "frame's clip; mochi.video.to_uint8 converts floats in [0, 1])"
+        )
     if video.shape[0] < frames:
         raise VideoError(f"video has {video.shape[0]} frames, fewer than the {frames} asked for")
     clip = torch.from_numpy(np.ascontiguousarray(video[:frames])).permute(0, 3, 1, 2).float()  # T C H W
