@@ -433,3 +433,15 @@ def test_fit_frames_refuses_what_it_would_fit_wrongly_or_fail_on_deep_inside(tmp
     with pytest.raises(VideoError) as e:
         read_video(path, max_frames=2.5)  # read 3 frames
     assert str(e.value) == "max_frames must be at least 1 or None (all frames), a whole number; got 2.5"
+
+
+@pytest.mark.parametrize("value_range", [(0.0, float("inf")), ("0", "1"), (0, 1, 2), None])
+def test_a_value_range_that_is_not_two_finite_numbers_is_refused(tmp_path, value_range):
+    """(0, inf) scaled every pixel to 0 and wrote a black video; strings, three values or None failed in
+    numpy or in unpacking. Nothing is written."""
+    with pytest.raises(VideoError) as e:
+        write_video(smooth_frames(t=2), tmp_path / "a.mp4", value_range=value_range)
+    assert str(e.value) == (
+        f"value_range={value_range!r} must be two finite numbers (low, high), e.g. (0.0, 1.0)"
+    )
+    assert list(tmp_path.iterdir()) == []

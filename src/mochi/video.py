@@ -89,6 +89,15 @@ def to_uint8(frames: torch.Tensor | np.ndarray, value_range: tuple[float, float]
             f"frames hold {bad.size} non-finite values ({kinds}) of {array.size}; every value must be finite "
             "(a NaN or inf frame comes from a failed run, never a video to write)"
         )
+    # A range of strings failed in numpy; one ending at inf scaled every pixel to 0 and wrote a black video.
+    pair = isinstance(value_range, tuple | list) and len(value_range) == 2
+    if not pair or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v)
+        for v in value_range
+    ):
+        raise VideoError(
+            f"value_range={value_range!r} must be two finite numbers (low, high), e.g. (0.0, 1.0)"
+        )
     low, high = value_range
     if not high > low:
         raise VideoError(f"value_range must be (low, high) with high > low, got {value_range}")
