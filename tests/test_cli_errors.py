@@ -729,6 +729,22 @@ def test_the_python_api_names_its_arguments_and_the_cli_its_flags(tmp_path, caps
     _one_line(capsys, main(["serve", "--model", missing]), f"--model {missing!r} does not exist")
 
 
+def test_from_pretrained_refuses_an_empty_path_and_one_that_is_not_a_path(tmp_path, monkeypatch):
+    """model="" was Path(""), the current folder, loaded as the checkpoint (a folder holding one loaded it
+    silently); model=3 or t5=3 failed in pathlib with a TypeError that named no argument."""
+    monkeypatch.chdir(tmp_path)
+    load = mochi.pipeline.MochiPipeline.from_pretrained
+    for kwargs, message in (
+        ({"model": ""}, "model '' is empty; give a path, or give None for the embedded model"),
+        ({"model": str(tmp_path), "t5": " "}, "t5 ' ' is empty; give a path, or give None for none"),
+        ({"model": 3}, "model 3 must be a path (a string), not int"),
+        ({"model": str(tmp_path), "t5": 3}, "t5 3 must be a path (a string), not int"),
+    ):
+        with pytest.raises(ValueError) as e:
+            load(**kwargs)
+        assert str(e.value) == message
+
+
 def test_a_value_that_starts_with_a_minus_and_a_digit_reaches_its_options_own_check(capsys):
     """argparse takes only a plain negative number as a value: `--gpu-memory -5GB` was "expected one
     argument" (the value read as an unknown option) instead of the size's own message."""

@@ -170,7 +170,15 @@ def check_model_paths(
     prefix = ARG_PREFIX.get() if prefix is None else prefix
     m, v, t, k = (f"{prefix}{name}" for name in ("model", "vae", "t5", "tokenizer"))
     for flag, value in ((m, model), (v, vae), (t, t5), (k, tokenizer)):
-        if value is not None and not Path(value).exists():
+        if value is None:
+            continue
+        if not isinstance(value, str | os.PathLike):  # pathlib's TypeError named no argument
+            raise ValueError(f"{flag} {value!r} must be a path (a string), not {type(value).__name__}")
+        if not os.fspath(value).strip():  # Path("") is ".": the current folder was loaded as the checkpoint
+            leave = f"leave {flag} out" if prefix else "give None"
+            what = "the embedded model" if flag == m else "none"
+            raise ValueError(f"{flag} {os.fspath(value)!r} is empty; give a path, or {leave} for {what}")
+        if not Path(value).exists():
             raise ValueError(f"{flag} {str(value)!r} does not exist")
     extras = ((v, vae), (t, t5), (k, tokenizer))
     given = [flag for flag, value in extras if value is not None]
