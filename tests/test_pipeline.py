@@ -197,6 +197,9 @@ def test_bad_request_fails_before_any_work(pipe):
         ({"vae_dtype": 16}, ValueError, r"dtype 16 is not a dtype; choose one of fp32"),
         ({"offload": "blocks:²"}, ValueError, r"offload 'blocks:²' is not understood"),
         ({"compile": "no"}, ValueError, r"compile='no' must be True or False"),
+        # torch.device's own many-line TypeError ("received an invalid combination of arguments")
+        ({"device": 1.5}, ValueError, r"^device 1.5 is not a device name; use cpu, cuda or cuda:N$"),
+        ({"device": True}, ValueError, r"^device True is not a device name; use cpu, cuda or cuda:N$"),
     ],
 )
 def test_from_pretrained_checks_its_options_before_loading(monkeypatch, options, error, message):

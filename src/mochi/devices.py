@@ -96,7 +96,7 @@ def parse_device(name: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # TypeError: a float, a bool, a list (torch's many-line message)
         raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from e
     if device.type not in DEVICE_TYPES:
         raise ValueError(f"device {name!r} is not supported: mochi runs on cpu or cuda (cuda:N)")
