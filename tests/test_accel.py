@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -786,3 +787,26 @@ def test_a_fit_negative_inside_its_range_is_warned_of(tmp_path, capsys, monkeypa
         r"mochi: warning: the fitted polynomial is negative for input changes 0\.2\d* to 0\.(8|79)", err
     )
     assert "inside the range it was fitted on" in err
+
+
+@pytest.mark.parametrize("coefficients", [[float("nan")] * 5, "abc", []])
+def test_coefficients_set_on_the_pipeline_are_checked_before_any_work(coefficients):
+    """NaN coefficients skipped every step but the first and last without a word, a string failed in numpy
+    after the text stage; an array (np.polyfit's) and the cache's own kind in capitals are as a list is."""
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    stages = []
+    pipe.cache_coefficients = coefficients
+    with pytest.raises(ValueError) as e:
+        pipe.generate(
+            GenerationRequest(PROMPT, seed=3, steps=8, cache="TeaCache"),
+            progress=lambda stage, done, total: stages.append(stage),
+        )
+    assert str(e.value) == (
+        f"cache_coefficients={coefficients!r:.60} must be a list of finite numbers (TeaCache's polynomial, "
+        "highest power first, as mochi.accel.calibrate.load_coefficients reads it), or None for the model's "
+        "own"
+    )
+    assert stages == ["text"]  # the bar's start only: nothing was encoded
+    pipe.cache_coefficients = np.array([1.0, 0.0])
+    out = pipe.generate(GenerationRequest(PROMPT, seed=3, steps=8, cache="teacache", cache_threshold=0.5))
+    assert out.stats["cache_polynomial"] == [1.0, 0.0] and out.stats["skipped_steps"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import numbers
 import threading
 import time
@@ -498,7 +499,24 @@ class MochiPipeline:
 
     def _check_before_sampling(self, req: GenerationRequest, batch: int) -> None:
         """What would fail only after sampling, found before it: a ``max_memory`` too small for any decode
-        split (a request's own rules, an unguided negative prompt included, are ``GenerationRequest``'s)."""
+        split, and ``cache_coefficients`` that are no polynomial (a request's own rules, an unguided negative
+        prompt included, are ``GenerationRequest``'s)."""
+        from mochi.accel.cache import CacheSetting
+
+        coefficients = self.cache_coefficients
+        if coefficients is not None and CacheSetting.parse(req.cache, req.cache_threshold).kind == "teacache":
+            # NaN ones skipped every step but the first and last without a word; a string failed in numpy.
+            values = list(coefficients) if isinstance(coefficients, list | tuple) else None
+            if getattr(coefficients, "ndim", None) == 1 and hasattr(coefficients, "tolist"):  # np.polyfit's
+                values = coefficients.tolist()
+            if not values or not all(
+                isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c) for c in values
+            ):
+                raise ValueError(
+                    f"cache_coefficients={coefficients!r:.60} must be a list of finite numbers (TeaCache's "
+                    "polynomial, highest power first, as mochi.accel.calibrate.load_coefficients reads "
+                    "it), or None for the model's own"
+                )
         if self.max_memory is not None:  # the default budget grows until a split fits; the user's does not
             shape = (batch, check_frames(req.frames), req.height // 8, req.width // 8)
             choose_plan(self.components.decoder, shape, self.max_memory, cpu=self.device.type == "cpu")
