@@ -328,3 +328,36 @@ def test_inputs_of_generate_are_checked_before_any_work(tmp_path):
         pipe.encode_frames(torch.rand(1, 7, 64, 64, 3))
     with pytest.raises(ValueError, match=r"frames have shape \(7, 64, 64, 3\); give \(batch, frames"):
         pipe.encode_frames(torch.zeros(7, 64, 64, 3, dtype=torch.uint8))
+
+
+def test_a_lora_path_that_names_nothing_and_a_merge_that_is_no_bool_are_refused(tmp_path, monkeypatch):
+    """A LoRA path "" was Path(""), the current folder, whose one .safetensors file was read as the LoRA (a
+    model's file would have failed, another LoRA applied silently); merge="no" is truthy and merged, and the
+    run record said lora_merge "no"."""
+    from mochi.weights.io import WeightsError
+    from mochi.weights.lora import save_lora
+
+    from .test_lora import random_lora
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    save_lora(random_lora(pipe.components.dit, seed=4), tmp_path / "other.safetensors")
+    monkeypatch.chdir(tmp_path)  # a folder holding one LoRA: "" read it
+    for path, message in (
+        ("", "LoRA path '' is empty; name the LoRA file (or its PEFT folder)"),
+        (3, "LoRA path 3 must be a path (a string), not int"),
+    ):
+        with pytest.raises(WeightsError) as e:
+            pipe.load_lora(path)
+        assert str(e.value) == message
+    request = GenerationRequest("x", seed=3, steps=2, frames=7, loras=[("", 1.0)])
+    with pytest.raises(ValueError) as e:
+        pipe.generate(request)
+    assert str(e.value) == "loras entry ('', 1.0): the path is empty; name the LoRA file"
+    with pytest.raises(ValueError) as e:
+        pipe.load_lora("other.safetensors", merge="no")
+    assert str(e.value) == "merge='no' must be True or False"
+    pipe.lora_merge = "no"
+    with pytest.raises(ValueError) as e:
+        pipe.generate(dataclasses.replace(request, loras=[("other.safetensors", 1.0)]))
+    assert str(e.value) == "lora_merge='no' must be True or False"
+    assert pipe.loras == []

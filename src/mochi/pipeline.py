@@ -277,9 +277,13 @@ class MochiPipeline:
         it off then subtracts it, as exact as float rounding allows).
         """
         from mochi.models.lora import apply_lora
-        from mochi.weights.lora import lora_stamp, read_lora
+        from mochi.weights.lora import check_lora_path, lora_stamp, read_lora
 
-        merge = self.lora_merge if merge is None else merge
+        check_lora_path(path)
+        # "no" is truthy: it merged, and the run record said lora_merge "no".
+        name, merge = ("lora_merge", self.lora_merge) if merge is None else ("merge", merge)
+        if not isinstance(merge, bool):
+            raise ValueError(f"{name}={merge!r} must be True or False")
         stamp = lora_stamp(path)  # before reading: a file replaced meanwhile is read again next time
         layers = read_lora(path).layers
         handle = apply_lora(

@@ -428,4 +428,6 @@ class GenerationRequest:
                 raise ValueError(
                     f"loras entry {entry!r}: the path must be a string, not {type(path).__name__}"
                 )
+            if not os.fspath(path).strip():  # read as the current folder, and a lone file there as the LoRA
+                raise ValueError(f"loras entry {entry!r}: the path is empty; name the LoRA file")
             check_scale(scale, f"LoRA {str(path)!r}")

@@ -413,9 +413,19 @@ def _pattern_alpha(name: str, pattern: Mapping[str, float]) -> float | None:
     return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), None)
 
 
+def check_lora_path(path: object, source: str = "LoRA path") -> str | os.PathLike:
+    """``path`` when it names something: a string or path-like, not empty. "" was Path(""), the current
+    folder, whose one .safetensors file (a model, say) was read as the LoRA; 3 failed in pathlib."""
+    if not isinstance(path, str | os.PathLike):
+        raise WeightsError(f"{source} {path!r} must be a path (a string), not {type(path).__name__}")
+    if not os.fspath(path).strip():
+        raise WeightsError(f"{source} {os.fspath(path)!r} is empty; name the LoRA file (or its PEFT folder)")
+    return path
+
+
 def read_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA in Genmo's or the diffusers/PEFT format (detected from its keys) as Genmo-named layers."""
-    file = _lora_file(Path(path))
+    file = _lora_file(Path(check_lora_path(path)))
     if not file.exists():  # else read_state_dict's "checkpoint ... does not exist" (convert-lora, info)
         raise WeightsError(f"LoRA {str(file)!r} does not exist")
     if file.suffix.lower() == ".gguf":  # it was "damaged, truncated or of another format"
