@@ -1,4 +1,5 @@
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -361,3 +362,33 @@ def test_a_lora_path_that_names_nothing_and_a_merge_that_is_no_bool_are_refused(
         pipe.generate(dataclasses.replace(request, loras=[("other.safetensors", 1.0)]))
     assert str(e.value) == "lora_merge='no' must be True or False"
     assert pipe.loras == []
+
+
+def test_a_lora_loaded_from_another_thread_waits_for_the_running_request(tmp_path):
+    """load_lora took no lock: from another thread, while a request ran, it went on between two of the
+    request's steps, which then ran with it (a video neither with nor without the LoRA)."""
+    import threading
+
+    from mochi.weights.lora import save_lora
+
+    from .test_lora import random_lora
+
+    pipe = MochiPipeline(tiny_components(), device="cpu")
+    path = save_lora(random_lora(pipe.components.dit, seed=4), tmp_path / "style.safetensors")
+    request = GenerationRequest("x", seed=3, steps=3, frames=7)
+    base = pipe.generate(request)
+    loaders = []
+
+    def denoised(step, total, x0):
+        if step == 1:
+            loader = threading.Thread(target=pipe.load_lora, args=(str(path), 2.0))
+            loader.start()
+            loader.join(0.5)  # it waits for the request: still running
+            loaders.append(loader.is_alive())
+
+    out = pipe.generate(request, denoised=denoised)
+    assert loaders == [True] and torch.equal(out.latents, base.latents)
+    deadline = time.monotonic() + 30
+    while not pipe.loras and time.monotonic() < deadline:  # then it goes on
+        time.sleep(0.01)
+    assert [(p, s) for p, s, _ in pipe.loras] == [(str(path), 2.0)]

@@ -110,7 +110,10 @@ class MochiPipeline:
         # Merged LoRAs keep a CPU copy of each weight they touch, so that they come off bit for bit; a
         # caller that never takes them off (one `mochi generate`) turns this off and holds no copies.
         self.lora_keep_originals = True
-        self._running = threading.Lock()  # one generate() at a time: it changes the shared DiT (LoRAs)
+        # One generate() at a time: it changes the shared DiT (LoRAs). load_lora and unload_loras take it too
+        # (re-entered from generate's own _use_loras): from another thread they changed a running request's
+        # DiT between two of its steps.
+        self._running = threading.RLock()
         self.loras: list = []  # (path, scale, LoraHandle) in the order applied
         # Set by mochi.parallel.parallelize under torchrun: .denoiser(dit) and .decode(decoder, z, …).
         self.parallel = None
@@ -284,24 +287,26 @@ class MochiPipeline:
         name, merge = ("lora_merge", self.lora_merge) if merge is None else ("merge", merge)
         if not isinstance(merge, bool):
             raise ValueError(f"{name}={merge!r} must be True or False")
-        stamp = lora_stamp(path)  # before reading: a file replaced meanwhile is read again next time
-        layers = read_lora(path).layers
-        handle = apply_lora(
-            self.components.dit,
-            layers,
-            scale,
-            merge,
-            keep_original=merge and self.lora_keep_originals,
-            source=f"LoRA {str(path)!r}",
-        )
-        handle.stamp = stamp  # what _use_loras compares: the file the LoRA was read from, unchanged
-        self.loras.append((str(path), handle.scale, handle))
+        with self._running:
+            stamp = lora_stamp(path)  # before reading: a file replaced meanwhile is read again next time
+            layers = read_lora(path).layers
+            handle = apply_lora(
+                self.components.dit,
+                layers,
+                scale,
+                merge,
+                keep_original=merge and self.lora_keep_originals,
+                source=f"LoRA {str(path)!r}",
+            )
+            handle.stamp = stamp  # what _use_loras compares: the file the LoRA was read from, unchanged
+            self.loras.append((str(path), handle.scale, handle))
         return handle
 
     def unload_loras(self) -> None:
         """Take every applied LoRA off again, newest first (merged weights are restored from their copies)."""
-        while self.loras:
-            self.loras.pop()[2].remove()
+        with self._running:
+            while self.loras:
+                self.loras.pop()[2].remove()
 
     def _use_loras(self, loras: list[tuple[str, float]]) -> None:
         """Make exactly ``loras`` applied, unless the request names none (then leave what is loaded).
