@@ -89,3 +89,12 @@ def test_readme_test_command_is_what_ci_runs():
     test_cmd = [b.strip() for b in blocks if "pytest" in b]
     assert test_cmd, "README has no test command"
     assert test_cmd[0] in ci
+
+
+def test_dir_lists_the_lazily_loaded_public_api():
+    """The public names are loaded on first use (PEP 562); dir(mochi), and with it tab completion, listed
+    none of them."""
+    import mochi
+
+    assert set(mochi.__all__) <= set(dir(mochi))
+    assert dir(mochi) == sorted(dir(mochi)) and "__version__" in dir(mochi)

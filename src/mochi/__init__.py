@@ -25,3 +25,8 @@ def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'mochi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too: without this, dir(mochi) and tab completion listed none of the public API.
+    return sorted({*globals(), *_PUBLIC})
