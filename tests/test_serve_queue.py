@@ -635,3 +635,37 @@ def test_a_cancel_while_the_video_is_written_is_honoured(url, live, monkeypatch)
     assert final["status"] == "cancelled", final
     assert not (live.jobs.out_dir / f"{job['id']}.mp4").exists()
     assert not (live.jobs.out_dir / f"{job['id']}.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"finished": "yesterday"},
+        {"started": "noon"},
+        {"created": float("nan")},
+        {"frames": "25"},
+        {"seconds": {"denoise": "slow"}},
+        {"seconds": {"denoise": float("nan")}},
+        {"prompt_tokens": "many"},
+        {"warnings": "oops"},
+        {"init_video": ["x"]},
+        {"eta": "0.5"},
+    ],
+)
+def test_a_sidecar_with_a_field_of_the_wrong_type_is_skipped(url, live, pipe, tmp_path, damage):
+    """A sidecar whose field has the wrong type (edited, or another program's) is not a job's: read back as
+    it stood, a string ``finished`` or ``frames`` made every /api/queue (and the event stream) a 500."""
+    job = call_json("POST", f"{url}/api/jobs", {"prompt": "kept", "seed": 9, "steps": 2})[1]
+    wait_for(url, job["id"], FINAL)
+    sidecar = json.loads((live.jobs.out_dir / f"{job['id']}.json").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, values in (("GoodGoodGoodGood", {}), ("BadBadBadBadBadB", damage)):
+        (out / f"{name}.json").write_text(json.dumps({**sidecar, "id": name, **values}))
+        shutil.copy(live.jobs.out_dir / f"{job['id']}.mp4", out / f"{name}.mp4")
+    with LiveServer(pipe, out) as restarted:
+        status, queue = call_json("GET", f"{restarted.url}/api/queue")
+        assert status == 200 and [j["id"] for j in queue["jobs"]] == ["GoodGoodGoodGood"]
+        status, page = call_json("GET", f"{restarted.url}/api/history")
+        assert status == 200 and page["total"] == 1
+        assert call("GET", f"{restarted.url}/api/jobs/BadBadBadBadBadB")[0] == 404

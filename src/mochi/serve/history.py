@@ -10,6 +10,7 @@ client-given id can never name another file. A sidecar that is not a job's (unre
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -26,46 +27,72 @@ if TYPE_CHECKING:
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16}")
 PAGE_LIMIT = 200  # most jobs one page returns
+NUMBER = (int, float)
+
+
+def _valid(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """Whether ``value`` is of ``kind``, a number never a bool and always finite."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    return isinstance(value, kind) and not isinstance(value, bool) and finite
+
+
+def _field(data: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``data[key]`` if it is of ``kind`` (see ``_valid``), else TypeError: the file is not a job's sidecar.
+    With a ``default``, a missing key or null gives it."""
+    value = data[key] if default is ... else data.get(key)
+    if value is None and default is not ...:
+        return default
+    if not _valid(value, kind):
+        raise TypeError(f"{key}={value!r:.60} is not a {kind}")
+    return value
 
 
 def job_from_sidecar(data: dict, video: Path) -> Job:
-    """A finished job as its sidecar describes it (raises KeyError/TypeError/ValueError if it is not one)."""
+    """A finished job as its sidecar describes it (raises KeyError/TypeError/ValueError if it is not one).
+
+    Every field the job reports is checked for its type: a sidecar read back as it stood (a ``finished``
+    that is a string, ``frames`` as "25", a NaN) broke every later snapshot of the queue (a 500, and the
+    page's event stream with it), not only that job's."""
     from mochi.serve.jobs import DONE, Job
 
-    values = {k: data[k] for k in ("prompt", "frames", "height", "width", "steps", "guidance", "seed")}
+    values = {k: _field(data, k, int) for k in ("frames", "height", "width", "steps", "seed")}
+    values.update(prompt=_field(data, "prompt", str), guidance=_field(data, "guidance", NUMBER))
+    times = {k: _field(data, k, NUMBER, None) for k in ("created", "started", "finished")}
+    seconds = _field(data, "seconds", dict, {})
+    warnings = _field(data, "warnings", list, [])
+    if not all(_valid(v, NUMBER) for v in seconds.values()) or not all(_valid(w, str) for w in warnings):
+        raise TypeError("seconds are not numbers, or warnings not strings")
     loras = data.get("loras") or (
         [{"name": data["lora"], "scale": data.get("lora_scale")}] if data.get("lora") else []
     )
     request = GenerationRequest(
         **values,
-        negative_prompt=str(data.get("negative_prompt", "")),
-        loras=[(str(x["name"]), float(x["scale"])) for x in loras],
-        strength=float(data.get("strength") or 0.7),
-        eta=float(data.get("eta") or 0.0),
-        eta_above=float(data.get("eta_above") or 0.0),
-        cache=str(data.get("cache") or "none"),
-        cache_threshold=None if data.get("cache_threshold") is None else float(data["cache_threshold"]),
+        negative_prompt=_field(data, "negative_prompt", str, ""),
+        loras=[(_field(x, "name", str), _field(x, "scale", NUMBER, 1.0)) for x in loras],
+        strength=_field(data, "strength", NUMBER, 0.7),
+        eta=_field(data, "eta", NUMBER, 0.0),
+        eta_above=_field(data, "eta_above", NUMBER, 0.0),
+        cache=_field(data, "cache", str, "none"),
+        cache_threshold=_field(data, "cache_threshold", NUMBER, None),
     )
-    if not isinstance(request.prompt, str):
-        raise TypeError("prompt is not a string")
-    created = float(data.get("created") or video.stat().st_mtime)
+    created = float(times["created"] or video.stat().st_mtime)
     job = Job(
         id=str(data["id"]),
         request=request,
         status=DONE,
         created=created,
-        started=data.get("started"),
-        finished=data.get("finished") or created,
+        started=times["started"],
+        finished=times["finished"] or created,
         stage="done",
         step=1,
         total=1,
         fraction=1.0,
-        seconds=dict(data.get("seconds") or {}),
+        seconds=dict(seconds),
         video=video,
-        lora_names=tuple(str(x["name"]) for x in loras),
-        init_video=data.get("init_video"),
-        tokens=data.get("prompt_tokens"),
-        warnings=list(data.get("warnings") or []),
+        lora_names=tuple(name for name, _ in request.loras),
+        init_video=_field(data, "init_video", str, None),
+        tokens=_field(data, "prompt_tokens", int, None),
+        warnings=list(warnings),
     )
     job.lora = job.lora_names[0] if job.lora_names else None
     return job
