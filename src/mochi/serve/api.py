@@ -230,12 +230,12 @@ def create_app(
             ) from None
         try:
             info = os.fstat(fd)
-            check_range(request.headers.get("range"), info.st_size)
+            spans = check_range(request.headers.get("range"), info.st_size)
         except BaseException:
             os.close(fd)
             raise
         name = f"mochi-{job.request.seed}-{job_id}.mp4" if download else None
-        return OpenFileResponse(fd, job.video, info, media_type="video/mp4", filename=name)
+        return OpenFileResponse(fd, job.video, info, media_type="video/mp4", filename=name, spans=spans)
 
     # Players and download managers ask HEAD first (size, type, ranges); Starlette sends headers only.
     @app.head(
@@ -270,11 +270,15 @@ def create_app(
 class OpenFileResponse(FileResponse):
     """A FileResponse that sends a file opened beforehand (``fd``, closed when the response ends), so that
     the file being deleted between the route and the transfer gives neither a 500 nor a cut-off body.
-    ``path`` only names it (Content-Disposition, ETag: as for the path)."""
+    ``path`` only names it (Content-Disposition, ETag: as for the path). ``spans``: the Range header to
+    serve in place of the request's (``check_range``), or None."""
 
-    def __init__(self, fd: int, path: Path, info: os.stat_result, **kwargs: object) -> None:
+    def __init__(
+        self, fd: int, path: Path, info: os.stat_result, *, spans: str | None = None, **kwargs: object
+    ) -> None:
         super().__init__(path, stat_result=info, **kwargs)
         self.fd = fd
+        self.spans = spans
 
     @asynccontextmanager
     async def _open_file(self):  # noqa: ANN202 - Starlette's hook: each transfer reads a copy of the handle
@@ -287,6 +291,9 @@ class OpenFileResponse(FileResponse):
                 await file.aclose()
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if self.spans is not None:
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+            scope = {**scope, "headers": [*headers, (b"range", self.spans.encode("latin-1"))]}
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -132,12 +132,14 @@ def body_refusal(exc: StarletteHTTPException) -> str | None:
 _SPAN = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
-def check_range(header: str | None, size: int) -> None:
+def check_range(header: str | None, size: int) -> str | None:
     """Refuse a ``Range`` header Starlette's FileResponse would refuse, as ``ErrorBody`` (400 malformed,
     416 with ``Content-Range: bytes */size`` when no span starts inside the file) rather than its plain
-    text; a valid one is left to FileResponse."""
+    text; a valid one is left to FileResponse. Returns the header FileResponse is to see instead, or None
+    to leave it: the spans that start inside the file, when some do not (RFC 9110 serves a set of ranges
+    of which one is satisfiable; Starlette answered such a set 416 with an empty text/plain body)."""
     if header is None:
-        return
+        return None
     unit, _, spans = header.partition("=")
     parsed = [_SPAN.match(part) for part in spans.split(",")] if unit.strip().lower() == "bytes" else [None]
     if any(m is None or m.groups() == ("", "") for m in parsed):
@@ -146,8 +148,12 @@ def check_range(header: str | None, size: int) -> None:
     if any(a is not None and b is not None and a > b for a, b in bounds):
         raise StarletteHTTPException(400, f"Range {quote(header)} has a span that ends before it starts")
     # A suffix span (bytes=-N) starts N bytes before the end: bytes=-0 starts past it, as Starlette sees it.
-    if all((a if a is not None else size - b) >= size for a, b in bounds):
+    inside = [(a if a is not None else size - b) < size for a, b in bounds]
+    if not any(inside):
         raise StarletteHTTPException(
             416, f"Range {quote(header)} starts past the video's {size} bytes",
             headers={"Content-Range": f"bytes */{size}"},
         )  # fmt: skip
+    if all(inside):
+        return None
+    return "bytes=" + ",".join(m.group(0).strip() for m, kept in zip(parsed, inside) if kept)
