@@ -553,6 +553,20 @@ def test_a_taken_port_is_refused_with_a_clear_error():
         check_port("127.0.0.1", 70000)
 
 
+def test_the_port_check_takes_the_host_as_run_binds_it():
+    """``run`` binds ``--host [::1]`` (brackets stripped); the check before it refused that host as a name
+    that does not resolve, and blamed the port for a host that is not this machine's."""
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on \[::1\]:{port}: .*pick another --port"):
+            check_port("[::1]", port)
+    check_port("[::1]", 0)
+    with pytest.raises(ValueError, match=r"cannot listen on 192.0.2.1:0: .*pick an address of this machine"):
+        check_port("192.0.2.1", 0)  # TEST-NET-1: never a local address
+    with pytest.raises(ValueError, match=r"cannot listen on nowhere.invalid:0: .*pick an address of this"):
+        check_port("nowhere.invalid", 0)
+
+
 def test_one_lock_per_device():
     from mochi.serve.jobs import device_lock
 

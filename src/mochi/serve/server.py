@@ -13,6 +13,7 @@ that long between its pieces), then answers 408 and closes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import math
 import socket
@@ -60,11 +61,16 @@ def check_port(host: str, port: int) -> None:
     """Refuse (ValueError) a port out of range or already taken, before any model is loaded."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} must be in 0..65535 (7860 is the default)")
-    try:
-        with socket.create_server((host, port), family=_family(host)):
+    try:  # bracketed as run() binds it: --host [::1] was refused here ("Name or service not known")
+        with socket.create_server((host.strip("[]"), port), family=_family(host)):
             pass
     except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from e
+        # Only a taken port is the port's fault: a name that does not resolve (a resolver's error: a negative
+        # errno, create_server re-raises it as a plain OSError), or an address this machine does not have,
+        # was told to pick another --port.
+        not_here = e.errno is not None and (e.errno < 0 or e.errno == errno.EADDRNOTAVAIL)
+        hint = "an address of this machine, e.g. 127.0.0.1" if not_here else "another --port"
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick {hint}") from e
 
 
 def check_options(out_dir: str, queue_size: int, fps: float) -> None:
