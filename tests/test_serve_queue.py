@@ -669,3 +669,19 @@ def test_a_sidecar_with_a_field_of_the_wrong_type_is_skipped(url, live, pipe, tm
         status, page = call_json("GET", f"{restarted.url}/api/history")
         assert status == 200 and page["total"] == 1
         assert call("GET", f"{restarted.url}/api/jobs/BadBadBadBadBadB")[0] == 404
+
+
+def test_a_dangling_link_among_the_sidecars_is_skipped(url, live, pipe, tmp_path):
+    """A ``<id>.json`` that cannot be stat'ed (a dangling link; a sidecar deleted between the folder's scan
+    and its stat) stopped the server from starting ("No such file or directory"), and /api/history with
+    it."""
+    job = call_json("POST", f"{url}/api/jobs", {"prompt": "kept", "seed": 9, "steps": 2})[1]
+    wait_for(url, job["id"], FINAL)
+    out = tmp_path / "out"
+    out.mkdir()
+    for suffix in (".json", ".mp4"):
+        shutil.copy(live.jobs.out_dir / f"{job['id']}{suffix}", out)
+    (out / "BrokenLinkBroken.json").symlink_to(tmp_path / "gone.json")
+    with LiveServer(pipe, out) as restarted:
+        status, page = call_json("GET", f"{restarted.url}/api/history")
+        assert status == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]

@@ -128,7 +128,10 @@ class Archive:
                 for entry in found:
                     if not entry.name.endswith(".json") or not JOB_ID.fullmatch(entry.name[:-5]):
                         continue
-                    mtime = entry.stat().st_mtime
+                    try:  # a dangling link, or a sidecar deleted since the scan, is no job's
+                        mtime = entry.stat().st_mtime
+                    except OSError:
+                        continue
                     known = self._seen.get(entry.name)
                     if known is not None and known[0] == mtime:
                         current[entry.name] = known
