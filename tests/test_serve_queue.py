@@ -477,6 +477,17 @@ def test_an_upload_on_a_full_disk_is_507_and_leaves_no_file(url, live, monkeypat
     assert not [p for p in (live.jobs.out_dir / "uploads").iterdir() if p.name.endswith(".partial")]
 
 
+def test_an_upload_with_a_file_where_its_folder_goes_is_a_json_500(pipe, tmp_path):
+    (tmp_path / "uploads").write_text("not a folder")
+    with LiveServer(pipe, tmp_path) as server:
+        status, _, reply = call("POST", f"{server.url}/api/uploads", raw=b"x" * 10, content_type="video/mp4")
+    assert (status, json.loads(reply)["detail"]) == (
+        500,
+        "upload refused: the server cannot store it (its 'uploads' folder: a file has its name)",
+    )
+    assert (tmp_path / "uploads").read_text() == "not a folder"
+
+
 def test_a_video_deleted_while_it_is_sent_arrives_whole(tmp_path):
     """The file is opened by the route: unlinking it afterwards (a DELETE racing a download) leaves the
     transfer whole, a range included (it was a 500 or a cut-off body)."""

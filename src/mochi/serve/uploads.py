@@ -94,7 +94,13 @@ def add_routes(app: Any, jobs: Any, auth: list) -> None:
                 415, f"Content-Type {kind or 'none'!r}: send the video file as video/mp4 (or video/*)"
             )
         folder = upload_dir(jobs.out_dir)
-        folder.mkdir(exist_ok=True)
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as e:  # a file of that name in the output folder (it was a 500 with a traceback)
+            why = "a file has its name" if folder.is_file() else e.strerror
+            raise HTTPException(
+                500, f"upload refused: the server cannot store it (its {folder.name!r} folder: {why})"
+            ) from None
         kept, kept_bytes = _kept(folder)
         if kept + arriving["count"] >= MAX_UPLOADS:
             raise _full(kept + arriving["count"], kept_bytes + arriving["bytes"])
