@@ -612,8 +612,13 @@ def test_an_unknown_path_names_where_the_routes_are(live):
             "not UTF-8 (a NUL byte at offset 1: UTF-16 or UTF-32?); send JSON as UTF-8",
         ),
         (b"[" * 10**5 + b"]" * 10**5, "JSON nested too deeply to parse; the API's requests are flat objects"),
+        (
+            b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+            "a number has more than 4300 digits, too long to parse; the API's whole numbers are at most "
+            "2**63-1 (19 digits)",
+        ),
     ],
-    ids=["not-utf8", "utf16-bom", "utf16-le", "nested"],
+    ids=["not-utf8", "utf16-bom", "utf16-le", "nested", "long-integer"],
 )
 def test_a_body_that_cannot_be_parsed_says_why(live, sent, message):
     """FastAPI answered both with a 400 "There was an error parsing the body"."""

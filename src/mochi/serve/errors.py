@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -117,7 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def body_refusal(exc: StarletteHTTPException) -> str | None:
     """What was wrong with a JSON body FastAPI could not parse, when ``exc`` is its catch-all "error parsing
-    the body" (400) over a cause it does not name: bytes that are not UTF-8, or nesting too deep to parse."""
+    the body" (400) over a cause it does not name: bytes that are not UTF-8, nesting too deep to parse, or
+    an integer longer than Python converts."""
     cause = exc.__cause__
     if exc.status_code != 400 or cause is None:
         return None
@@ -126,6 +128,11 @@ def body_refusal(exc: StarletteHTTPException) -> str | None:
         return f"not UTF-8 (byte {bad:#04x} at offset {cause.start}); send JSON as UTF-8"
     if isinstance(cause, RecursionError):
         return "JSON nested too deeply to parse; the API's requests are flat objects"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):  # sys.int_max_str_digits
+        return (
+            f"a number has more than {sys.get_int_max_str_digits()} digits, too long to parse; the API's "
+            "whole numbers are at most 2**63-1 (19 digits)"
+        )
     return None
 
 
