@@ -586,3 +586,36 @@ def test_without_a_token_only_loopback_host_names_are_served(url):
     assert b"host 'evil.example' is not this machine" in replies["evil.example"]
     assert replies["localhost"].startswith(b"HTTP/1.1 200")
     assert replies[f"[::1]:{port}"].startswith(b"HTTP/1.1 200")
+
+
+def test_ctrl_c_with_a_page_open_stops_at_once(tmp_path):
+    """`mochi serve` (the embedded model) interrupted while a client holds the event stream, as every open
+    page does: the stream ends as the shutdown begins. uvicorn waited its 5 s grace for it, then cancelled
+    it with "Exception in ASGI application" and a CancelledError traceback in the log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "mochi", "serve", "--port", "0", "--out-dir", str(tmp_path / "out")]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "open http://127.0.0.1:" in line, (line, server.stderr.read() if server.poll() else "")
+        host, port = line.rsplit("http://", 1)[1].strip().rstrip("/").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as stream:
+            stream.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            seen = b""
+            while b"event: queue" not in seen:  # the head may come alone
+                seen += stream.recv(65536)
+            started = time.monotonic()
+            server.send_signal(signal.SIGINT)
+            _, err = server.communicate(timeout=30)
+            took = time.monotonic() - started
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 130 and took < 4, (took, err)  # 130: "mochi: interrupted"
+    assert "Traceback" not in err and "timeout graceful shutdown exceeded" not in err, err

@@ -87,7 +87,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"mochi serve: model {pipe.components.name} on {pipe.device}; open {address}", flush=True)
 
     try:
-        run(app, args.host, args.port, ready=ready)
+        # Event streams end and queued jobs are cancelled as the shutdown begins, not after it.
+        run(app, args.host, args.port, ready=ready, stopping=lambda: jobs.close(timeout=0))
     finally:
         jobs.close()
     return 0

@@ -160,11 +160,26 @@ def url(host: str, port: int) -> str:
 
 
 def run(
-    app: object, host: str, port: int, *, log_level: str = "info", ready: Callable[[str], None] | None = None
+    app: object,
+    host: str,
+    port: int,
+    *,
+    log_level: str = "info",
+    ready: Callable[[str], None] | None = None,
+    stopping: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` with uvicorn until interrupted (the caller ran ``check_binding`` and ``check_port``).
-    ``ready(url)`` is told the address once the socket listens (port 0: the one the system chose)."""
+    ``ready(url)`` is told the address once the socket listens (port 0: the one the system chose);
+    ``stopping()`` is called as the shutdown begins, before uvicorn waits for open connections to end."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn waits up to timeout_graceful_shutdown for every response to end: an event stream (every
+            # open page holds one) ends only once told, so a Ctrl-C took 5 s and logged a CancelledError.
+            if stopping is not None:
+                stopping()
+            await super().shutdown(sockets)
 
     sock = socket.create_server((host.strip("[]"), port), family=_family(host))
     try:
@@ -177,7 +192,7 @@ def run(
             http=slow_request_protocol(),
             timeout_keep_alive=5,
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     finally:
         sock.close()
 
