@@ -696,3 +696,27 @@ def test_a_dangling_link_among_the_sidecars_is_skipped(url, live, pipe, tmp_path
     with LiveServer(pipe, out) as restarted:
         status, page = call_json("GET", f"{restarted.url}/api/history")
         assert status == 200 and [j["id"] for j in page["jobs"]] == [job["id"]]
+
+
+def test_a_folder_where_a_jobs_video_goes_is_not_sent_nor_deleted(url, live, pipe, tmp_path):
+    """A folder named ``<id>.mp4`` beside a job's sidecar opened like a file: GET answered 200 with a
+    4096-byte length and no body (IsADirectoryError mid-transfer), and DELETE was a 500 that left the
+    sidecar."""
+    job = call_json("POST", f"{url}/api/jobs", {"prompt": "kept", "seed": 9, "steps": 2})[1]
+    wait_for(url, job["id"], FINAL)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(live.jobs.out_dir / f"{job['id']}.json", out)
+    (out / f"{job['id']}.mp4").mkdir()
+    with LiveServer(pipe, out) as restarted:
+        video = f"{restarted.url}/api/jobs/{job['id']}/video"
+        status, error = call_json("GET", video)
+        assert (status, error["detail"]) == (
+            404,
+            f"the video of job {job['id']!r} is not a file in the output folder",
+        )
+        assert call("HEAD", video)[0] == 404
+        status, gone = call_json("DELETE", f"{restarted.url}/api/jobs/{job['id']}")
+        assert status == 200 and gone["deleted"] is True
+        assert not (out / f"{job['id']}.json").exists() and (out / f"{job['id']}.mp4").is_dir()
+        assert call("GET", f"{restarted.url}/api/jobs/{job['id']}")[0] == 404

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import weakref
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -230,6 +231,8 @@ def create_app(
             ) from None
         try:
             info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a folder of that name opens too, then fails mid-transfer
+                raise HTTPException(404, f"the video of job {job_id!r} is not a file in the output folder")
             spans = check_range(request.headers.get("range"), info.st_size)
         except BaseException:
             os.close(fd)

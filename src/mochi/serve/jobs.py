@@ -312,7 +312,8 @@ class JobManager:
                 del self._jobs[job_id]
             self._touch()
         for path in (self.out_dir / f"{job_id}.mp4", self.out_dir / f"{job_id}.json"):
-            path.unlink(missing_ok=True)
+            if not path.is_dir():  # a folder of that name is not the job's: left (unlink was a 500)
+                path.unlink(missing_ok=True)
         return True
 
     def close(self, timeout: float = 10.0) -> None:
