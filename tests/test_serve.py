@@ -617,5 +617,6 @@ def test_ctrl_c_with_a_page_open_stops_at_once(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
-    assert server.returncode == 130 and took < 4, (took, err)  # 130: "mochi: interrupted"
+    # 130 ("mochi: interrupted") when the signal lands inside serve, 0 when uvicorn took it first.
+    assert server.returncode in (0, 130) and took < 4, (took, err)
     assert "Traceback" not in err and "timeout graceful shutdown exceeded" not in err, err
